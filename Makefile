@@ -1,0 +1,56 @@
+# Two commands: `make run` (set up and serve on 127.0.0.1:8000) and `make test` (set up and test).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test setup deps dev-deps model migrate demo bench tiny-models clean
+
+run: setup
+	@echo "Serving on http://$(HOST):$(PORT)/  (admin: http://$(HOST):$(PORT)/admin/)"
+	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) llmsite.asgi:application
+
+test: dev-deps model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+setup: deps model migrate demo
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# The stamp files make a second run skip installs whose requirements did not change.
+$(VENV)/.deps: requirements.txt | $(PY)
+	@echo "Installing requirements. llama-cpp-python compiles llama.cpp from source the first time:"
+	@echo "about 8 minutes on a 2-core machine (pip caches the build afterwards)."
+	bash scripts/pip_install.sh $(PY) -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-deps: requirements-dev.txt $(VENV)/.deps
+	bash scripts/pip_install.sh $(PY) -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.deps
+dev-deps: $(VENV)/.dev-deps
+
+model: $(MODEL)
+$(MODEL): | $(PY)
+	$(PY) scripts/fetch_model.py $(MODEL)
+
+migrate: deps
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput -v0
+
+demo: migrate
+	$(PY) manage.py import_resources
+	$(PY) manage.py ensure_admin
+
+bench: dev-deps model
+	$(PY) -m bench.engine_bench
+
+clean:
+	rm -rf $(VENV) staticfiles .pytest_cache

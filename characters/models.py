@@ -1,0 +1,125 @@
+"""Personas and system prompts that editors shape in the admin.
+
+Character fields follow the Character Card V2 format so cards import and export without loss.
+"""
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+
+class SystemPrompt(models.Model):
+    name = models.CharField(max_length=100, unique=True, help_text="A short name editors recognise.")
+    content = models.TextField(help_text="Instructions placed first in every prompt that uses this system prompt.")
+    is_default = models.BooleanField(
+        default=False,
+        help_text="Used for characters without a system prompt of their own. Exactly one prompt is the "
+        "default; with none, the system_prompt from config.yaml is used.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-is_default", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_default"], condition=Q(is_default=True), name="one_default_system_prompt")
+        ]
+
+    def __str__(self):
+        return f"{self.name} (default)" if self.is_default else self.name
+
+    def clean(self):
+        if not self.content or not self.content.strip():
+            raise ValidationError({"content": "A system prompt needs some text."})
+        if self.is_default:
+            other = SystemPrompt.objects.filter(is_default=True).exclude(pk=self.pk).first()
+            if other is not None:
+                raise ValidationError(
+                    {"is_default": f"“{other.name}” is already the default system prompt. "
+                     "Untick it there first: only one prompt can be the default."}
+                )
+
+
+class Character(models.Model):
+    name = models.CharField(max_length=100, help_text="The name the character answers to; replaces {{char}}.")
+    slug = models.SlugField(
+        max_length=100, unique=True, blank=True,
+        help_text="Identifies the character in the API and URLs, e.g. 'captain-mira'. Letters, digits, - and _.",
+    )
+    description = models.TextField(
+        help_text="The profile: who the character is, looks, background. Always part of the prompt."
+    )
+    personality = models.TextField(blank=True, help_text="A short summary of temperament and voice.")
+    setting = models.TextField(
+        blank=True, help_text="The standing situation of every chat (the card's 'scenario' field)."
+    )
+    greeting = models.TextField(blank=True, help_text="The character's first message in a new conversation.")
+    alternate_greetings = models.JSONField(
+        default=list, blank=True, help_text="Other first messages, as a JSON list of strings."
+    )
+    example_dialogue = models.TextField(
+        blank=True, help_text="Sample exchanges showing the voice; dropped first when the context is full."
+    )
+    system_prompt = models.TextField(
+        blank=True, help_text="Replaces the default system prompt for this character when set."
+    )
+    post_history_instructions = models.TextField(
+        blank=True, help_text="Placed after the conversation, just before the reply (e.g. style reminders)."
+    )
+    tags = models.CharField(max_length=500, blank=True, help_text="Comma-separated, e.g. 'pirate, adventure'.")
+    creator = models.CharField(max_length=200, blank=True)
+    character_version = models.CharField(max_length=50, blank=True)
+    creator_notes = models.TextField(blank=True, help_text="Notes for editors and users; never sent to the model.")
+    avatar = models.ImageField(upload_to="avatars/", blank=True, help_text="Shown in the chat page.")
+
+    temperature = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)],
+        help_text="Sampling default for this character (0–2); empty uses config.yaml.",
+    )
+    top_p = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Nucleus sampling default (0–1); empty uses config.yaml.",
+    )
+    repetition_penalty = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.5), MaxValueValidator(2.0)],
+        help_text="Default repetition penalty (0.5–2, 1 = none); empty uses config.yaml.",
+    )
+    max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(8192)],
+        help_text="Default reply length limit in tokens; empty uses config.yaml.",
+    )
+
+    is_active = models.BooleanField(default=True, help_text="Inactive characters cannot be chatted with.")
+    extensions = models.JSONField(
+        default=dict, blank=True, help_text="Card extensions from other tools, kept untouched (JSON object)."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name if self.is_active else f"{self.name} (inactive)"
+
+    @property
+    def tag_list(self) -> list[str]:
+        return [tag.strip() for tag in self.tags.split(",") if tag.strip()]
+
+    def clean(self):
+        errors = {}
+        if not self.slug or not self.slug.strip():
+            errors["slug"] = "A slug is required: it names the character in the API (e.g. 'captain-mira')."
+        if not self.name or not self.name.strip():
+            errors["name"] = "A character needs a name."
+        if not self.description or not self.description.strip():
+            errors["description"] = "A character needs a description: it is the heart of the prompt."
+        if not isinstance(self.alternate_greetings, list) or not all(
+            isinstance(item, str) for item in self.alternate_greetings
+        ):
+            errors["alternate_greetings"] = 'Alternate greetings must be a JSON list of strings, e.g. ["Hi!"].'
+        if not isinstance(self.extensions, dict):
+            errors["extensions"] = "Extensions must be a JSON object, e.g. {}."
+        if errors:
+            raise ValidationError(errors)

@@ -1,0 +1,112 @@
+"""Rendering chat messages into a prompt with the model's own Jinja2 chat template (as Hugging Face does)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from functools import lru_cache
+
+from .errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+# Used for GGUF files that carry no tokenizer.chat_template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TemplateRejected(Exception):
+    """Raised by a template's own `raise_exception(...)` call (e.g. "System role not supported")."""
+
+
+def _raise_exception(message: str):
+    raise TemplateRejected(message)
+
+
+def _tojson(value, indent=None):
+    # Hugging Face's variant: no HTML escaping, non-ASCII kept as is.
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    # Imported here: jinja2 is only needed once a model is used, not when the engine is imported.
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # Same settings as transformers' apply_chat_template; sandboxed because templates come from files.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+class ChatTemplate:
+    """A compiled chat template plus the BOS/EOS texts it may refer to."""
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = ""):
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = _environment().from_string(source)  # raises jinja2.TemplateSyntaxError
+
+    @classmethod
+    def for_model(cls, source: str | None, *, bos_token: str = "", eos_token: str = "", model: str = "") -> ChatTemplate:
+        """The model's template, or ChatML when it has none or its template does not compile."""
+        if source:
+            try:
+                return cls(source, bos_token=bos_token, eos_token=eos_token)
+            except Exception:  # a broken template in a downloaded file should not make the model unusable
+                logger.warning("model %r: chat template does not compile; using ChatML instead", model, exc_info=True)
+        return cls(CHATML_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        messages = _validated(messages)
+        try:
+            return self._render(messages, add_generation_prompt)
+        except TemplateRejected as rejection:
+            if not any(m["role"] == "system" for m in messages):
+                raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
+        # Templates such as Gemma's or Mistral's refuse a system role: fold it into the first user turn.
+        try:
+            return self._render(fold_system_into_first_user(messages), add_generation_prompt)
+        except TemplateRejected as rejection:
+            raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+
+def fold_system_into_first_user(messages: list[dict]) -> list[dict]:
+    """Move the text of system messages to the front of the first user message."""
+    system_text = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    for message in rest:
+        if message["role"] == "user":
+            message["content"] = f"{system_text}\n\n{message['content']}" if message["content"] else system_text
+            return rest
+    return [{"role": "user", "content": system_text}, *rest]
+
+
+def _validated(messages: list[dict]) -> list[dict]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequest("messages must be a non-empty list.")
+    cleaned = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
+            message.get("content"), str
+        ):
+            raise InvalidRequest("each message must be a dict with string 'role' and 'content'.")
+        cleaned.append(dict(message))
+    return cleaned

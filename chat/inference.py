@@ -1,0 +1,48 @@
+"""The process's model registry, built from config.yaml on first use (never at import or in ready()).
+
+Django code gets engines through `get_engine(name)`; chat/engine itself knows nothing of Django.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+_registry = None
+_registry_lock = threading.Lock()
+
+
+def get_registry():
+    global _registry
+    if _registry is None:
+        with _registry_lock:
+            if _registry is None:
+                from chat.engine import ModelRegistry, ModelSpec
+
+                config = settings.LLMSITE
+                specs = [ModelSpec(**vars(model)) for model in config.models]
+                _registry = ModelRegistry(specs, default=config.default_model)
+    return _registry
+
+
+def get_engine(name: str | None = None):
+    """The loaded engine for a model name (the default when None); raises UnknownModel / ModelUnavailable."""
+    return get_registry().get(name)
+
+
+def reset_registry() -> None:
+    """Close every loaded model; the next get_engine() reads the settings again (tests, reconfiguration)."""
+    global _registry
+    with _registry_lock:
+        if _registry is not None:
+            _registry.close()
+        _registry = None
+
+
+@receiver(setting_changed)
+def _reset_on_config_change(*, setting, **kwargs):
+    if setting == "LLMSITE":
+        reset_registry()

@@ -1,0 +1,60 @@
+"""Server-side chat history: conversations with a character, and their messages."""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Conversation(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    character = models.ForeignKey(
+        "characters.Character", on_delete=models.PROTECT, related_name="conversations",
+        help_text="Characters with conversations cannot be deleted; deactivate them instead.",
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations",
+        help_text="Only the owner can read or continue the conversation.",
+    )
+    title = models.CharField(max_length=200, blank=True, help_text="Shown in the list of past conversations.")
+    user_name = models.CharField(max_length=100, default="User", help_text="Replaces {{user}} in prompts.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+
+    def __str__(self):
+        return self.title or f"Chat with {self.character.name} ({self.created_at:%Y-%m-%d %H:%M})"
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        SYSTEM = "system", "System"
+        USER = "user", "User"
+        ASSISTANT = "assistant", "Assistant"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField()
+    prompt_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tokens of the prompt that produced this reply (assistant messages)."
+    )
+    completion_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tokens of this message's text as the model counts them."
+    )
+    finish_reason = models.CharField(max_length=16, blank=True, help_text="Why generation stopped: stop or length.")
+    model_name = models.CharField(max_length=100, blank=True, help_text="The model that wrote this reply.")
+    scenarios = models.ManyToManyField(
+        "scenarios.Scenario", blank=True, related_name="messages",
+        help_text="Scenarios that were inserted into the prompt for this reply.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        # The id is monotonic, so it orders messages even when two share a timestamp.
+        ordering = ["id"]
+
+    def __str__(self):
+        preview = self.content if len(self.content) <= 60 else self.content[:57] + "..."
+        return f"{self.get_role_display()}: {preview}"
