@@ -1,6 +1,7 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
-from .models import Conversation, Message
+from .api_keys import api_key_issue, api_keys_revoke
+from .models import ApiKey, Conversation, Message
 
 
 class MessageInline(admin.TabularInline):
@@ -28,3 +29,27 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ["content"]
     raw_id_fields = ["conversation"]
     filter_horizontal = ["scenarios"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["name", "prefix", "user", "created_at", "expires_at", "revoked_at", "last_used_at"]
+    list_filter = ["revoked_at", "expires_at"]
+    search_fields = ["name", "prefix", "user__username"]
+    readonly_fields = ["prefix", "created_at", "revoked_at", "last_used_at"]
+    raw_id_fields = ["user"]
+    actions = ["revoke"]
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            raw_key = api_key_issue(api_key=obj)
+            obj.save()
+            messages.warning(request, f"The new API key is {raw_key} — copy it now: it is stored hashed and "
+                                      "cannot be shown again.")
+            return
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request, queryset):
+        count = api_keys_revoke(queryset=queryset)
+        messages.success(request, f"Revoked {count} key(s).")

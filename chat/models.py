@@ -58,3 +58,27 @@ class Message(models.Model):
     def __str__(self):
         preview = self.content if len(self.content) <= 60 else self.content[:57] + "..."
         return f"{self.get_role_display()}: {preview}"
+
+
+class ApiKey(models.Model):
+    """A key for the REST API. Only a SHA-256 hash is stored; the key itself is shown once."""
+
+    name = models.CharField(max_length=100, help_text="What the key is for, e.g. 'mobile app'.")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys",
+        help_text="Requests with this key act as this user and see only this user's conversations.",
+    )
+    prefix = models.CharField(max_length=16, editable=False, help_text="The key's first characters, to recognise it.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+    revoked_at = models.DateTimeField(null=True, blank=True, help_text="Set by the 'revoke' action; revoked keys fail.")
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self):
+        state = " (revoked)" if self.revoked_at else ""
+        return f"{self.name} ({self.prefix}…){state}"

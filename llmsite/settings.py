@@ -53,6 +53,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "chat.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -161,8 +162,28 @@ RESOURCES_DIR = BASE_DIR / "resources"
 
 # --- API ------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "chat.authentication.ApiKeyAuthentication",
+        # The browsable API and the chat page use the login session.
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": ["chat.throttling.ApiKeyRateThrottle"],
+    "DEFAULT_PARSER_CLASSES": ["chat.parsers.StrictJSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer",
+                                 "rest_framework.renderers.BrowsableAPIRenderer"],
+    "EXCEPTION_HANDLER": "chat.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+API_RATE_LIMIT = os.environ.get("API_RATE_LIMIT", "120/min")  # per key; empty = no limit
+API_MAX_TOKENS = env_int("API_MAX_TOKENS", 2048)              # cap on max_tokens per request
+API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200)           # cap on messages per request
+API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000)
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
+SSE_KEEPALIVE_SECONDS = float(os.environ.get("SSE_KEEPALIVE_SECONDS", "10"))
 SPECTACULAR_SETTINGS = {
     "TITLE": "llmsite API",
     "DESCRIPTION": "OpenAI-compatible chat completions with characters and scenarios.",

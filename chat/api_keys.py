@@ -1,0 +1,49 @@
+"""Issuing and checking API keys: random secrets, stored only as SHA-256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.db.models import Q
+from django.utils import timezone
+
+from .models import ApiKey
+
+KEY_PREFIX = "llms-"
+
+
+def hash_key(raw_key: str) -> str:
+    # Keys are 256-bit random secrets, so a plain SHA-256 is enough (no salt/stretching needed).
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_issue(*, api_key: ApiKey) -> str:
+    """Give an unsaved key row a fresh secret; returns the raw key, which is never stored."""
+    raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
+    api_key.prefix = raw_key[:12]
+    api_key.key_hash = hash_key(raw_key)
+    return raw_key
+
+
+def api_key_create(*, user, name: str, expires_at=None) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the raw key, which cannot be shown again."""
+    api_key = ApiKey(user=user, name=name, expires_at=expires_at)
+    raw_key = api_key_issue(api_key=api_key)
+    api_key.save()
+    return api_key, raw_key
+
+
+def api_key_find_valid(*, raw_key: str) -> ApiKey | None:
+    now = timezone.now()
+    api_key = (ApiKey.objects.select_related("user")
+               .filter(key_hash=hash_key(raw_key), revoked_at__isnull=True, user__is_active=True)
+               .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now)).first())
+    if api_key is not None and (api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60):
+        # Touch at most once a minute: a write per request would serialise SQLite under load.
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    return api_key
+
+
+def api_keys_revoke(*, queryset) -> int:
+    return queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())

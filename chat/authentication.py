@@ -1,0 +1,24 @@
+"""DRF authentication by `Authorization: Bearer <key>`, as the OpenAI client sends it."""
+
+from rest_framework import authentication, exceptions
+
+from .api_keys import api_key_find_valid
+
+
+class ApiKeyAuthentication(authentication.BaseAuthentication):
+    keyword = "bearer"
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request).decode("latin-1").strip()
+        if not header:
+            return None
+        scheme, _, raw_key = header.partition(" ")
+        if scheme.lower() != self.keyword or not raw_key.strip():
+            raise exceptions.AuthenticationFailed("Send the API key as 'Authorization: Bearer <key>'.")
+        api_key = api_key_find_valid(raw_key=raw_key.strip())
+        if api_key is None:
+            raise exceptions.AuthenticationFailed("Invalid, expired or revoked API key.")
+        return api_key.user, api_key
+
+    def authenticate_header(self, request):
+        return 'Bearer realm="api"'

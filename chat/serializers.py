@@ -1,0 +1,190 @@
+"""Request and response shapes of the OpenAI-compatible API (validation only; no logic)."""
+
+from django.conf import settings
+from rest_framework import serializers
+
+from characters.models import Character
+from scenarios.models import Scenario
+
+from .models import Conversation, Message
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class MessageContentField(serializers.Field):
+    """A message's content: a string, or the list-of-parts form with text parts."""
+
+    default_error_messages = {
+        "type": "must be a string or a list of text parts.",
+        "part": "only text parts ({\"type\": \"text\", \"text\": \"...\"}) are supported.",
+    }
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            return data
+        if isinstance(data, list):
+            texts = []
+            for part in data:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    self.fail("part")
+                texts.append(part["text"])
+            return "\n".join(texts)
+        self.fail("type")
+
+    def to_representation(self, value):
+        return value
+
+
+class ChatMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=CHAT_ROLES, error_messages={
+        "invalid_choice": "'{input}' is not a supported role (system, developer, user, assistant)."})
+    content = MessageContentField()
+    name = serializers.CharField(required=False, max_length=64)
+
+
+class StopField(serializers.Field):
+    default_error_messages = {"type": "must be a string or a list of up to 4 strings."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            return [data] if data else []
+        if isinstance(data, list) and len(data) <= 4 and all(isinstance(item, str) for item in data):
+            return [item for item in data if item]
+        self.fail("type")
+
+    def to_representation(self, value):
+        return value
+
+
+class StreamOptionsSerializer(serializers.Serializer):
+    include_usage = serializers.BooleanField(required=False, default=False)
+
+
+class ResponseFormatSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=("text", "json_object", "json_schema"))
+    json_schema = serializers.DictField(required=False)
+
+    def validate(self, attrs):
+        if attrs["type"] == "json_schema":
+            schema = (attrs.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise serializers.ValidationError({"json_schema": "json_schema.schema must be a JSON Schema object."})
+        return attrs
+
+
+class SamplingFieldsMixin(serializers.Serializer):
+    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
+    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
+    top_k = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=1000)
+    repetition_penalty = serializers.FloatField(required=False, allow_null=True, min_value=0.5, max_value=2)
+    presence_penalty = serializers.FloatField(required=False, allow_null=True, min_value=-2, max_value=2)
+    frequency_penalty = serializers.FloatField(required=False, allow_null=True, min_value=-2, max_value=2)
+    seed = serializers.IntegerField(required=False, allow_null=True, min_value=-(2**63), max_value=2**64 - 1)
+    stop = StopField(required=False, allow_null=True)
+    n = serializers.IntegerField(required=False, allow_null=True)
+    stream = serializers.BooleanField(required=False, default=False)
+    stream_options = StreamOptionsSerializer(required=False, allow_null=True)
+    user = serializers.CharField(required=False, allow_blank=True, max_length=256)
+    model = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+    def validate_n(self, value):
+        if value not in (None, 1):
+            raise serializers.ValidationError("only n=1 is supported: this server returns one choice per request.")
+        return value
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        limit = settings.API_MAX_TOKENS
+        for name in ("max_tokens", "max_completion_tokens"):
+            if attrs.get(name) is not None and attrs[name] > limit:
+                raise serializers.ValidationError({name: f"must be at most {limit} on this server."})
+        return attrs
+
+
+class ChatCompletionRequestSerializer(SamplingFieldsMixin):
+    messages = ChatMessageSerializer(many=True, required=False)
+    prompt = serializers.CharField(required=False, allow_blank=False, trim_whitespace=False,
+                                   help_text="Shorthand of the original design: one user message.")
+    response_format = ResponseFormatSerializer(required=False, allow_null=True)
+    character = serializers.SlugField(required=False, allow_null=True, help_text="A character's slug.")
+    character_id = serializers.CharField(required=False, allow_null=True,
+                                         help_text="Shorthand: a character's slug or numeric id.")
+    conversation = serializers.UUIDField(required=False, allow_null=True,
+                                         help_text="Continue this stored conversation.")
+    scenario = serializers.IntegerField(required=False, allow_null=True, help_text="Force this scenario (id).")
+    store = serializers.BooleanField(required=False, default=True,
+                                     help_text="Store the exchange as a conversation (with a character).")
+    background = serializers.BooleanField(required=False, default=False)
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        messages = attrs.get("messages")
+        if messages is None and "prompt" not in attrs:
+            raise serializers.ValidationError({"messages": "This field is required (or send 'prompt')."})
+        if messages is not None and "prompt" in attrs:
+            raise serializers.ValidationError({"prompt": "send either 'messages' or 'prompt', not both."})
+        if "prompt" in attrs:
+            messages = attrs["messages"] = [{"role": "user", "content": attrs.pop("prompt")}]
+            attrs["shorthand"] = True
+        if not messages:
+            raise serializers.ValidationError({"messages": "must hold at least one message."})
+        if len(messages) > settings.API_MAX_MESSAGES:
+            raise serializers.ValidationError(
+                {"messages": f"at most {settings.API_MAX_MESSAGES} messages are accepted per request."})
+        if not any(message["role"] == "user" for message in messages):
+            raise serializers.ValidationError({"messages": "must include a user message."})
+        if messages[-1]["role"] != "user":
+            raise serializers.ValidationError({"messages": "the last message must come from the user."})
+        if not messages[-1]["content"].strip():
+            raise serializers.ValidationError({"messages": "the last user message is empty."})
+        if attrs.get("character") and attrs.get("character_id"):
+            raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
+        return attrs
+
+
+class CompletionRequestSerializer(SamplingFieldsMixin):
+    prompt = serializers.CharField(trim_whitespace=False, allow_blank=False)
+
+    def validate_prompt(self, value):
+        if not value.strip():
+            raise serializers.ValidationError("must not be empty.")
+        return value
+
+
+# --- Read endpoints --------------------------------------------------------------------------------
+
+
+class CharacterSerializer(serializers.ModelSerializer):
+    tags = serializers.ListField(source="tag_list", child=serializers.CharField(), read_only=True)
+    avatar = serializers.ImageField(read_only=True, use_url=True)
+
+    class Meta:
+        model = Character
+        fields = ["slug", "name", "description", "personality", "greeting", "alternate_greetings", "tags",
+                  "avatar", "creator_notes", "updated_at"]
+
+
+class ScenarioRefSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Scenario
+        fields = ["id", "title"]
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    scenarios = ScenarioRefSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Message
+        fields = ["id", "role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "model_name",
+                  "scenarios", "created_at"]
+
+
+class ConversationSerializer(serializers.ModelSerializer):
+    character = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    message_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Conversation
+        fields = ["id", "title", "character", "user_name", "message_count", "created_at", "updated_at"]

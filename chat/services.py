@@ -1,0 +1,218 @@
+"""Chat business logic: turn a validated request into a prompt, run it, store the exchange.
+
+Views call `chat_request_prepare` (which may raise ApiError or engine errors before anything is
+generated), then either `chat_completion_run` (blocking) or the streaming path in
+chat/streaming.py, and both end in `chat_exchange_store`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import transaction
+
+from characters.models import Character
+from chat.engine import Completion, SamplingParams
+from scenarios.models import Scenario
+
+from .errors import ApiError, NotFound
+from .grammars import grammar_for_response_format
+from .inference import get_engine
+from .models import Conversation, Message
+from .selectors import character_get_active, conversation_get_owned
+
+CLIENT_TURN_ROLES = ("user", "assistant")
+CLIENT_SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass
+class ChatPlan:
+    """Everything decided before generation starts."""
+
+    engine: object
+    prompt: object                      # chat.prompting.ComposedPrompt
+    params: SamplingParams
+    character: Character | None
+    conversation: Conversation | None
+    new_turns: list[dict]               # client turns to store with the reply
+    store: bool
+    user: object
+    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    shorthand: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.spec.name
+
+
+def chat_request_prepare(*, user, data: dict) -> ChatPlan:
+    """Resolve character, conversation, model and sampling, and compose the prompt."""
+    conversation = None
+    if data.get("conversation"):
+        conversation = conversation_get_owned(user=user, conversation_id=data["conversation"])
+    character = _character_for(data, conversation)
+
+    client_messages = data["messages"]
+    client_system = "\n\n".join(m["content"] for m in client_messages if m["role"] in CLIENT_SYSTEM_ROLES
+                                and m["content"].strip())
+    client_turns = [{"role": m["role"], "content": m["content"]} for m in client_messages
+                    if m["role"] in CLIENT_TURN_ROLES]
+    if conversation is not None:
+        # The stored history is authoritative: only the request's last user message is new.
+        history = [{"role": m.role, "content": m.content}
+                   for m in conversation.messages.filter(role__in=CLIENT_TURN_ROLES).order_by("id")]
+        new_turns = [client_turns[-1]]
+    else:
+        history, new_turns = client_turns[:-1], client_turns
+
+    engine = get_engine(data.get("model") or None)
+    params = sampling_params_for(data=data, character=character, engine=engine)
+    forced = _forced_scenarios(data.get("scenario"), character)
+
+    # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
+    # character's system prompt (prompt injection); without one, they replace the default prompt.
+    from .prompting import prompt_compose  # TEMPORARY until chat/prompting.py lands; move to top
+
+    system_override = None
+    if character is None and client_system:
+        system_override = client_system
+    prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
+                            user_name=conversation.user_name if conversation else "User",
+                            max_tokens=params.max_tokens, forced_scenarios=forced,
+                            system_override=system_override)
+    # A continued conversation is always stored; a new one when a character is set, unless store=false.
+    store = conversation is not None or (character is not None and data.get("store", True))
+    return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
+                    new_turns=new_turns, store=store, user=user, shorthand=data.get("shorthand", False))
+
+
+def sampling_params_for(*, data: dict, character: Character | None, engine) -> SamplingParams:
+    """Request values first, then the character's defaults, then config.yaml's."""
+    defaults = settings.LLMSITE.sampling
+
+    def pick(name, character_field=None):
+        if data.get(name) is not None:
+            return data[name]
+        if character is not None and character_field and getattr(character, character_field) is not None:
+            return getattr(character, character_field)
+        return defaults.get(name)
+
+    max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = character.max_tokens if character and character.max_tokens else defaults["max_tokens"]
+    return SamplingParams(
+        max_tokens=int(max_tokens),
+        temperature=float(pick("temperature", "temperature")),
+        top_p=float(pick("top_p", "top_p")),
+        top_k=int(data["top_k"]) if data.get("top_k") is not None else 40,
+        repetition_penalty=float(pick("repetition_penalty", "repetition_penalty")),
+        presence_penalty=float(data.get("presence_penalty") or 0.0),
+        frequency_penalty=float(data.get("frequency_penalty") or 0.0),
+        seed=data.get("seed"),
+        stop=tuple(data.get("stop") or ()),
+        grammar=grammar_for_response_format(data.get("response_format")),
+    )
+
+
+def chat_completion_run(*, plan: ChatPlan) -> dict:
+    """Generate the whole reply (blocking), store it, and return the chat.completion object."""
+    completion = plan.engine.generate(plan.prompt.text, plan.params)
+    conversation = chat_exchange_store(plan=plan, completion=completion)
+    return chat_completion_body(plan=plan, completion=completion, conversation=conversation)
+
+
+def chat_exchange_store(*, plan: ChatPlan, completion: Completion) -> Conversation | None:
+    """Store the new turns and the reply together, or nothing (a cancelled reply is not stored)."""
+    if not plan.store or completion.finish_reason not in ("stop", "length"):
+        return plan.conversation
+    with transaction.atomic():
+        conversation = plan.conversation
+        if conversation is None:
+            first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
+            conversation = Conversation.objects.create(character=plan.character, owner=plan.user,
+                                                       title=_title_from(first_user))
+        for turn in plan.new_turns:
+            Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
+                                   completion_tokens=plan.engine.count_tokens(turn["content"]))
+        reply = Message.objects.create(
+            conversation=conversation, role=Message.Role.ASSISTANT, content=completion.text,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            finish_reason=completion.finish_reason, model_name=plan.model_name)
+        reply.scenarios.set(plan.prompt.scenarios)
+        conversation.save(update_fields=["updated_at"])
+    plan.conversation = conversation
+    return conversation
+
+
+def chat_completion_body(*, plan: ChatPlan, completion: Completion, conversation: Conversation | None) -> dict:
+    body = {
+        "id": plan.completion_id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": plan.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                     "finish_reason": completion.finish_reason, "logprobs": None}],
+        "usage": usage_of(completion),
+        "system_fingerprint": None,
+        "scenarios": scenarios_used(plan),
+        "conversation": str(conversation.pk) if conversation else None,
+    }
+    if plan.shorthand:
+        body["text"] = completion.text
+    return body
+
+
+def usage_of(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def scenarios_used(plan: ChatPlan) -> list[dict]:
+    reasons = getattr(plan.prompt, "reasons", {}) or {}
+    return [{"id": s.pk, "title": s.title, "reason": reasons.get(s.pk, "")} for s in plan.prompt.scenarios]
+
+
+def text_completion_run(*, data: dict) -> dict:
+    """POST /v1/completions: plain text continuation of `prompt`, no character or template."""
+    engine = get_engine(data.get("model") or None)
+    params = sampling_params_for(data=data, character=None, engine=engine)
+    completion = engine.generate(data["prompt"], params)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        "model": engine.spec.name,
+        "choices": [{"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
+                     "logprobs": None}],
+        "usage": usage_of(completion),
+    }
+
+
+def _character_for(data: dict, conversation: Conversation | None) -> Character | None:
+    requested = data.get("character") or data.get("character_id")
+    if conversation is not None:
+        if requested and requested not in (conversation.character.slug, str(conversation.character.pk)):
+            raise ApiError("This conversation belongs to another character.", param="character",
+                           code="character_mismatch")
+        if not conversation.character.is_active:
+            raise NotFound(f"No active character {conversation.character.slug!r}.", param="character",
+                           code="character_not_found")
+        return conversation.character
+    return character_get_active(slug_or_id=str(requested)) if requested else None
+
+
+def _forced_scenarios(scenario_id, character: Character | None) -> list[Scenario] | None:
+    if scenario_id is None:
+        return None
+    scenario = Scenario.objects.filter(pk=scenario_id, enabled=True).first()
+    if scenario is None or (scenario.character_id and (character is None or scenario.character_id != character.pk)):
+        raise NotFound(f"No enabled scenario {scenario_id} for this character.", param="scenario",
+                       code="scenario_not_found")
+    return [scenario]
+
+
+def _title_from(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,14 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("chat/completions", views.ChatCompletionsView.as_view(), name="chat-completions"),
+    path("completions", views.CompletionsView.as_view(), name="completions"),
+    path("models", views.ModelListView.as_view(), name="models"),
+    path("characters/", views.CharacterListView.as_view(), name="character-list"),
+    path("characters/<slug:slug>/", views.CharacterDetailView.as_view(), name="character-detail"),
+    path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
+    path("conversations/<uuid:pk>/", views.ConversationDetailView.as_view(), name="conversation-detail"),
+    path("conversations/<uuid:pk>/messages/", views.ConversationMessagesView.as_view(), name="conversation-messages"),
+]

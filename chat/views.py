@@ -1,0 +1,108 @@
+"""The OpenAI-compatible API: thin views that validate, authorise, call a service and shape the reply."""
+
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import generics
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from characters.models import Character
+
+from . import serializers as s
+from .errors import ApiError
+from .inference import get_registry
+from .selectors import conversation_get_owned, conversations_of
+from .services import chat_completion_run, chat_request_prepare, text_completion_run
+from .streaming import chat_completion_events
+
+ERRORS = {code: OpenApiResponse(description=text) for code, text in {
+    400: "Invalid request (the error names the field), or context_length_exceeded.",
+    401: "Missing or invalid API key.", 404: "Unknown model, character, conversation or scenario.",
+    413: "Request body too large.", 429: "Rate limit reached.", 503: "Model unavailable."}.items()}
+
+
+def sse_response(events) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
+    return response
+
+
+class ChatCompletionsView(APIView):
+    """Create a chat completion (OpenAI-compatible), optionally streamed as server-sent events."""
+
+    @extend_schema(request=s.ChatCompletionRequestSerializer, responses={200: dict, **ERRORS})
+    def post(self, request):
+        serializer = s.ChatCompletionRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        plan = chat_request_prepare(user=request.user, data=data)
+        if data.get("stream"):
+            generation = plan.engine.submit(plan.prompt.text, plan.params)
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            return sse_response(chat_completion_events(plan=plan, generation=generation, include_usage=include_usage))
+        return Response(chat_completion_run(plan=plan))
+
+
+class CompletionsView(APIView):
+    """Plain text completion of a prompt (no character, no chat template)."""
+
+    @extend_schema(request=s.CompletionRequestSerializer, responses={200: dict, **ERRORS})
+    def post(self, request):
+        serializer = s.CompletionRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        if serializer.validated_data.get("stream"):
+            raise ApiError("stream is not supported on /v1/completions; use /v1/chat/completions.", param="stream")
+        return Response(text_completion_run(data=serializer.validated_data))
+
+
+class ModelListView(APIView):
+    """The configured models (loaded lazily on first use)."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request):
+        registry = get_registry()
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "llmsite",
+                 "default": name == registry.default_name, "loaded": registry.is_loaded(name)}
+                for name in registry.names()]
+        return Response({"object": "list", "data": data})
+
+
+class CharacterListView(generics.ListAPIView):
+    """Active characters."""
+
+    serializer_class = s.CharacterSerializer
+    queryset = Character.objects.filter(is_active=True)
+
+
+class CharacterDetailView(generics.RetrieveAPIView):
+    serializer_class = s.CharacterSerializer
+    queryset = Character.objects.filter(is_active=True)
+    lookup_field = "slug"
+
+
+class ConversationListView(generics.ListAPIView):
+    """The caller's own conversations, newest first."""
+
+    serializer_class = s.ConversationSerializer
+
+    def get_queryset(self):
+        return conversations_of(user=self.request.user)
+
+
+class ConversationDetailView(generics.RetrieveAPIView):
+    serializer_class = s.ConversationSerializer
+
+    def get_object(self):
+        conversation_get_owned(user=self.request.user, conversation_id=self.kwargs["pk"])
+        return conversations_of(user=self.request.user).get(pk=self.kwargs["pk"])
+
+
+class ConversationMessagesView(generics.ListAPIView):
+    """A conversation's messages, oldest first, with the scenarios used for each reply."""
+
+    serializer_class = s.MessageSerializer
+
+    def get_queryset(self):
+        conversation = conversation_get_owned(user=self.request.user, conversation_id=self.kwargs["pk"])
+        return conversation.messages.prefetch_related("scenarios").order_by("id")
