@@ -59,10 +59,12 @@ class ChatTemplate:
     @classmethod
     def for_model(cls, source: str | None, *, bos_token: str = "", eos_token: str = "", model: str = "") -> ChatTemplate:
         """The model's template, or ChatML when it has none or its template does not compile."""
+        from jinja2 import TemplateError
+
         if source:
             try:
                 return cls(source, bos_token=bos_token, eos_token=eos_token)
-            except Exception:  # a broken template in a downloaded file should not make the model unusable
+            except TemplateError:  # a broken template in a downloaded file should not make the model unusable
                 logger.warning("model %r: chat template does not compile; using ChatML instead", model, exc_info=True)
         return cls(CHATML_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
 

@@ -1,0 +1,70 @@
+"""The interface every backend offers to the engine and its scheduler."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ..sequence import Sequence
+from ..types import SamplingParams
+
+# Tokens looked at by the repetition/presence/frequency penalties (llama.cpp's and ctransformers' default).
+PENALTY_LAST_N = 64
+
+
+class Backend(ABC):
+    """One loaded model.
+
+    tokenize/detokenize/token_bytes/is_end_of_generation are safe from any thread; start, step,
+    release and close are called only by the model's scheduler thread.
+    """
+
+    name: str  # "llama_cpp" | "ctransformers"
+    context_length: int  # max tokens of one sequence
+    max_sequences: int  # how many sequences step() decodes together
+    add_bos: bool  # the model expects a BOS token at the start of a prompt
+    bos_token_id: int | None
+    bos_text: str
+    eos_text: str
+    chat_template_source: str | None  # tokenizer.chat_template of the file, if any
+
+    # -- any thread --------------------------------------------------------------------------
+
+    @abstractmethod
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Tokens of `text`, no BOS added; `special` parses control-token texts such as "<|im_end|>"."""
+
+    @abstractmethod
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a generated token adds to the reply (empty for control tokens)."""
+
+    @abstractmethod
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise UnsupportedFeature/InvalidRequest for parameters this backend cannot honour."""
+
+    # -- scheduler thread only ---------------------------------------------------------------
+
+    @abstractmethod
+    def start(self, seq: Sequence) -> None:
+        """Give `seq` a sequence slot (reusing a cached prefix where possible); sets seq.cached_prompt_tokens."""
+
+    @abstractmethod
+    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Advance every started sequence by one decode; return the tokens sampled in this step.
+
+        A sequence still pre-filling its prompt may sample nothing in a step.
+        """
+
+    @abstractmethod
+    def release(self, seq: Sequence) -> None:
+        """`seq` is finished or cancelled: free its slot."""
+
+    def stats(self) -> dict:
+        return {}
+
+    @abstractmethod
+    def close(self) -> None: ...

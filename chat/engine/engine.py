@@ -1,0 +1,98 @@
+"""Engine: the public face of one loaded model (tokenizer, chat template, request submission)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from .backends import Backend
+from .chat_template import ChatTemplate
+from .errors import ContextOverflow, ModelUnavailable
+from .generation import Generation
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .text import TextAssembler
+from .types import Completion, ModelSpec, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """One loaded model and the scheduler thread that serves it. Thread-safe."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend):
+        self.spec = spec
+        self.context_length = backend.context_length
+        self._backend = backend
+        # A template set in the spec must compile (configuration error otherwise); the file's own
+        # template falls back to ChatML if it does not.
+        if spec.chat_template:
+            from jinja2 import TemplateError
+
+            try:
+                self._template = ChatTemplate(spec.chat_template, bos_token=backend.bos_text, eos_token=backend.eos_text)
+            except TemplateError as error:
+                raise ModelUnavailable(spec.name, spec.path, f"its chat_template setting does not compile: {error}") from None
+        else:
+            self._template = ChatTemplate.for_model(
+                backend.chat_template_source, bos_token=backend.bos_text, eos_token=backend.eos_text, model=spec.name
+            )
+        self._scheduler = Scheduler(backend, spec.name)
+
+    def __repr__(self) -> str:
+        return f"<Engine {self.spec.name} ({self.spec.backend})>"
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Tokens of `text` without BOS; `special` parses control-token texts such as "<|im_end|>"."""
+        return self._backend.tokenize(text, special=special)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._backend.tokenize(text, special=True))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._backend.detokenize(list(tokens))
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """Prompt text for `messages` ({"role", "content"} dicts) in the model's chat format."""
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """The tokens `submit` would decode for `prompt`: BOS added only if the model wants one and it is missing."""
+        tokens = self._backend.tokenize(prompt, special=True)
+        bos = self._backend.bos_token_id
+        if self._backend.add_bos and bos is not None and bos >= 0 and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        return tokens
+
+    def submit(self, prompt: str, params: SamplingParams) -> Generation:
+        """Queue a request; returns at once. Raises ContextOverflow, UnsupportedFeature, InvalidRequest."""
+        self._backend.check_params(params)
+        tokens = self.prompt_tokens(prompt)
+        if len(tokens) + 1 > self.context_length:
+            raise ContextOverflow(len(tokens), self.context_length)
+        generation = Generation(uuid.uuid4().hex, on_cancel=self._scheduler.wake)
+        seq = Sequence(
+            generation=generation,
+            prompt_tokens=tokens,
+            params=params,
+            max_new_tokens=min(params.max_tokens, self.context_length - len(tokens)),
+            assembler=TextAssembler(params.stop),
+        )
+        self._scheduler.submit(seq)
+        return generation
+
+    def generate(self, prompt: str, params: SamplingParams) -> Completion:
+        """Blocking convenience: submit and wait for the whole completion."""
+        generation = self.submit(prompt, params)
+        for _ in generation:
+            pass
+        return generation.result
+
+    def stats(self) -> dict:
+        """{"active", "queued", "prefix_hits", "prefix_misses", "tokens_generated", "prompt_tokens", ...}"""
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        """Stop the scheduler (pending requests fail with EngineClosed) and free the model."""
+        self._scheduler.close()
+        self._backend.close()

@@ -1,0 +1,142 @@
+"""A handle on one running request: text deltas flow from the scheduler thread to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import AsyncIterator, Callable, Iterator
+
+from .errors import EngineError
+from .types import Completion
+
+_TEXT, _DONE, _ERROR = "text", "done", "error"
+
+
+class Generation:
+    """Stream of text deltas of one request, readable from sync code (iterate) or async code.
+
+    The scheduler thread pushes events; the reader pops them. Async readers wait on a future that
+    the scheduler resolves through the reader's own event loop, so the loop is never blocked.
+    Stopping iteration early (break, a closed async generator) cancels the request.
+    """
+
+    def __init__(self, id: str, *, on_cancel: Callable[[], None] = lambda: None):
+        self.id = id
+        self.result: Completion | None = None
+        self._on_cancel = on_cancel
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._events: deque[tuple[str, object]] = deque()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._cancel_requested = False
+        self._closed = False  # a final event (done or error) was pushed
+
+    def __repr__(self) -> str:
+        state = self.result.finish_reason if self.result else ("cancelling" if self._cancel_requested else "running")
+        return f"<Generation {self.id} {state}>"
+
+    # -- reader side -------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request; idempotent, returns at once."""
+        with self._lock:
+            if self._cancel_requested or self._closed:
+                return
+            self._cancel_requested = True
+        self._on_cancel()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested
+
+    @property
+    def done(self) -> bool:
+        return self._closed
+
+    def __iter__(self) -> Iterator[str]:
+        finished = False
+        try:
+            while True:
+                with self._ready:
+                    while not self._events:
+                        self._ready.wait()
+                    kind, value = self._pop_locked()
+                if kind == _TEXT:
+                    yield value
+                    continue
+                finished = True
+                if kind == _ERROR:
+                    raise value
+                return
+        finally:
+            if not finished:
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        finished = False
+        try:
+            while True:
+                waiter = None
+                with self._lock:
+                    if self._events:
+                        kind, value = self._pop_locked()
+                    else:
+                        waiter = loop.create_future()
+                        self._async_waiters.append((loop, waiter))
+                if waiter is not None:
+                    await waiter
+                    continue
+                if kind == _TEXT:
+                    yield value
+                    continue
+                finished = True
+                if kind == _ERROR:
+                    raise value
+                return
+        finally:
+            if not finished:
+                self.cancel()
+
+    def _pop_locked(self) -> tuple[str, object]:
+        kind, value = self._events[0]
+        if kind != _TEXT:
+            return kind, value  # final events stay, so iterating again ends (or raises) again
+        # Deltas that piled up while the reader was busy are handed over as one.
+        parts = []
+        while self._events and self._events[0][0] == _TEXT:
+            parts.append(self._events.popleft()[1])
+        return _TEXT, "".join(parts)
+
+    # -- scheduler side ----------------------------------------------------------------------
+
+    def _push_text(self, text: str) -> None:
+        if text:
+            self._push(_TEXT, text)
+
+    def _push_done(self, completion: Completion) -> None:
+        self.result = completion
+        self._push(_DONE, completion)
+
+    def _push_error(self, error: EngineError) -> None:
+        self._push(_ERROR, error)
+
+    def _push(self, kind: str, value: object) -> None:
+        with self._ready:
+            if self._closed:
+                return
+            self._events.append((kind, value))
+            self._closed = kind != _TEXT
+            self._ready.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, waiter in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, waiter)
+            except RuntimeError:  # that loop is closed; nobody is waiting any more
+                pass
+
+
+def _resolve(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,163 @@
+"""One thread per model that owns its backend: admits requests, decodes them together, routes tokens.
+
+Continuous batching: every loop iteration is one backend step over all active sequences; new
+requests join between steps and finished or cancelled ones leave, freeing their slot at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from .backends import Backend
+from .errors import EngineClosed, EngineError, GenerationFailed
+from .sequence import Sequence
+from .types import Completion
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, model_name: str):
+        self._backend = backend
+        self._model_name = model_name
+        self._wakeup = threading.Condition()
+        self._queued: deque[Sequence] = deque()
+        self._active: list[Sequence] = []  # touched by the scheduler thread only
+        self._closing = False
+        self._counters = dict(prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0)
+        self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}", daemon=True)
+        self._thread.start()
+
+    # -- any thread --------------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        with self._wakeup:
+            if self._closing:
+                raise EngineClosed(f"Model {self._model_name!r} is shutting down.")
+            self._queued.append(seq)
+            self._wakeup.notify()
+
+    def wake(self) -> None:
+        """Make the thread look at cancellations now, even when it is idle."""
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def stats(self) -> dict:
+        with self._wakeup:
+            queued = len(self._queued)
+        return {"active": len(self._active), "queued": queued, **self._counters, **self._backend.stats()}
+
+    def close(self) -> None:
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()  # a step is short; the backend must not be freed under it
+
+    # -- scheduler thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._next_step():
+                pass
+        except Exception:  # a bug here must not leave callers waiting forever
+            logger.exception("scheduler of model %r crashed", self._model_name)
+            self._fail_all(GenerationFailed(self._model_name))
+        else:
+            self._fail_all(EngineClosed(f"Model {self._model_name!r} was shut down."))
+
+    def _next_step(self) -> bool:
+        newcomers = self._take_newcomers()
+        if newcomers is None:
+            return False
+        for seq in newcomers:
+            self._start(seq)
+        for seq in [s for s in self._active if s.generation.cancel_requested]:
+            self._finish(seq, "cancelled")
+        if not self._active:
+            return True
+        try:
+            sampled = self._backend.step(self._active)
+        except Exception:
+            logger.exception("decode step of model %r failed", self._model_name)
+            for seq in list(self._active):
+                self._finish(seq, error=GenerationFailed(self._model_name))
+            return True
+        for seq, token in sampled:
+            self._accept(seq, token)
+        return True
+
+    def _take_newcomers(self) -> list[Sequence] | None:
+        """Queued requests that fit into free slots; blocks while there is nothing to do. None = stop."""
+        with self._wakeup:
+            while True:
+                if self._closing:
+                    return None
+                # Requests cancelled while still queued leave without ever taking a slot.
+                for seq in [s for s in self._queued if s.generation.cancel_requested]:
+                    self._queued.remove(seq)
+                    seq.generation._push_done(self._completion(seq, "cancelled"))
+                if self._active or self._queued:
+                    break
+                self._wakeup.wait()
+            room = self._backend.max_sequences - len(self._active)
+            return [self._queued.popleft() for _ in range(min(room, len(self._queued)))]
+
+    def _start(self, seq: Sequence) -> None:
+        try:
+            self._backend.start(seq)
+        except Exception as error:
+            if not isinstance(error, EngineError):
+                logger.exception("model %r could not start a sequence", self._model_name)
+                error = GenerationFailed(self._model_name)
+            seq.generation._push_error(error)
+            return
+        self._active.append(seq)
+        self._counters["prompt_tokens"] += len(seq.prompt_tokens)
+        self._counters["cached_prompt_tokens"] += seq.cached_prompt_tokens
+        self._counters["prefix_hits" if seq.cached_prompt_tokens else "prefix_misses"] += 1
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        if self._backend.is_end_of_generation(token):
+            self._finish(seq, "stop")
+            return
+        seq.completion_tokens += 1
+        self._counters["tokens_generated"] += 1
+        seq.generation._push_text(seq.assembler.feed(self._backend.token_bytes(token)))
+        if seq.assembler.stopped:
+            self._finish(seq, "stop")
+        elif seq.completion_tokens >= seq.max_new_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str = "", error: EngineError | None = None) -> None:
+        self._active.remove(seq)
+        try:
+            self._backend.release(seq)
+        except Exception:
+            logger.exception("model %r could not release a sequence", self._model_name)
+        if error is not None:
+            seq.generation._push_error(error)
+            return
+        if reason != "cancelled":  # a cancelled reader is gone; held-back text would go nowhere
+            seq.generation._push_text(seq.assembler.finish())
+        seq.generation._push_done(self._completion(seq, reason))
+
+    def _completion(self, seq: Sequence, reason: str) -> Completion:
+        return Completion(
+            text=seq.assembler.text,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_tokens),
+            completion_tokens=seq.completion_tokens,
+            cached_prompt_tokens=seq.cached_prompt_tokens,
+        )
+
+    def _fail_all(self, error: EngineError) -> None:
+        for seq in list(self._active):
+            self._finish(seq, error=error)
+        with self._wakeup:
+            self._closing = True
+            queued, self._queued = list(self._queued), deque()
+        for seq in queued:
+            seq.generation._push_error(error)

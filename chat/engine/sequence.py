@@ -1,0 +1,22 @@
+"""The scheduler's record of one request while it waits and while it decodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .generation import Generation
+from .text import TextAssembler
+from .types import SamplingParams
+
+
+@dataclass(eq=False)  # identity semantics: sequences are dict keys and list members
+class Sequence:
+    generation: Generation
+    prompt_tokens: list[int]
+    params: SamplingParams
+    max_new_tokens: int  # params.max_tokens clipped to the room left in the context
+    assembler: TextAssembler
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    backend_state: Any = field(default=None, repr=False)  # owned by the backend between start and release
