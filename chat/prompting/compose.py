@@ -1,0 +1,241 @@
+"""Composing the prompt of one reply: system prompt, profile, scenarios, examples, history, fitted to the context.
+
+Message order (docs/PROMPTS.md). The first message never changes between turns of a chat, so the
+engine's prefix cache reuses it; whatever varies comes after it:
+
+1. system: the system prompt and the character's profile (description, personality, setting);
+2. system: example dialogue, then the scenarios that fired, then the request's own system text;
+3. the conversation so far, then the user's new message;
+4. system: the character's post-history instructions.
+
+When the prompt and the reply (`max_tokens`) do not fit the model's context, parts are dropped in
+this order: the example dialogue, the oldest turns, the lowest-ranked scenarios. The system prompt,
+the profile and the new message are never dropped: if they alone do not fit, ContextOverflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from chat.engine import ContextOverflow
+from scenarios.models import Scenario
+from scenarios.selectors import ScenarioMatch, scenarios_matching, scenarios_within_budget
+
+from .placeholders import example_dialogue_blocks, placeholders_replace
+
+ROLES = ("user", "assistant")
+FORCED_REASON = "chosen by the request"
+
+
+@dataclass
+class ComposedPrompt:
+    """The prompt of one reply and how it was made (shown in the admin preview, stored with replies)."""
+
+    messages: list[dict]
+    text: str
+    prompt_tokens: int
+    context_length: int
+    max_tokens: int
+    scenarios: list[Scenario] = field(default_factory=list)  # inserted, in rank order
+    reasons: dict[int, str] = field(default_factory=dict)  # scenario id -> why it was inserted
+    dropped: list[str] = field(default_factory=list)  # what was left out, e.g. "3 oldest turns"
+    dropped_turns: int = 0  # how many of the oldest history messages were left out
+
+    @property
+    def available_tokens(self) -> int:
+        """Room the prompt may use: the context minus the reply."""
+        return self.context_length - self.max_tokens
+
+
+def system_prompt_default() -> str:
+    """The default system prompt: the DB's default SystemPrompt, else config.yaml's system_prompt."""
+    from characters.models import SystemPrompt
+
+    default = SystemPrompt.objects.filter(is_default=True).values_list("content", flat=True).first()
+    return default if default and default.strip() else settings.LLMSITE.system_prompt
+
+
+def prompt_greeting(*, character, user_name: str = "User") -> str:
+    """The character's greeting with its placeholders replaced (the first message of a new chat)."""
+    return placeholders_replace(character.greeting, char_name=character.name, user_name=user_name)
+
+
+def prompt_compose(
+    *,
+    engine,
+    character,
+    turns: Sequence[dict],
+    user_name: str = "User",
+    max_tokens: int,
+    forced_scenarios: Iterable[Scenario] | None = None,
+    extra_system: str = "",
+) -> ComposedPrompt:
+    """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
+
+    `character` None composes with the default system prompt and global scenarios only.
+    `forced_scenarios` replaces scenario matching (and its token budget) with the given scenarios.
+    Raises ContextOverflow when even the minimum prompt leaves no room for `max_tokens`, and
+    ValueError for malformed turns.
+    """
+    turns = _checked_turns(turns)
+    parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
+                         forced_scenarios=forced_scenarios, extra_system=extra_system)
+    return _fit(engine=engine, parts=parts, max_tokens=max_tokens)
+
+
+def _checked_turns(turns: Sequence[dict]) -> list[dict]:
+    if not turns:
+        raise ValueError("turns must hold at least the user's new message.")
+    checked = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise ValueError("each turn must be a dict with role 'user' or 'assistant' and string content.")
+        checked.append({"role": turn["role"], "content": turn["content"]})
+    if checked[-1]["role"] != "user":
+        raise ValueError("the last turn must be the user's new message.")
+    return checked
+
+
+@dataclass
+class _Parts:
+    """Everything that may go into the prompt, placeholders already replaced."""
+
+    stable: str
+    examples: list[str]
+    matches: list[ScenarioMatch]
+    scenario_texts: dict[int, str]  # id(match) -> inserted text
+    extra_system: str
+    history: list[dict]
+    new_message: dict
+    post_history: str
+    dropped: list[str]
+
+    @classmethod
+    def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system) -> _Parts:
+        char_name = character.name if character is not None else "Assistant"
+
+        def fill(text: str) -> str:
+            return placeholders_replace(text, char_name=char_name, user_name=user_name).strip()
+
+        dropped: list[str] = []
+        if forced_scenarios is not None:
+            matches = [ScenarioMatch(scenario=scenario, reason=FORCED_REASON) for scenario in forced_scenarios]
+        else:
+            found = scenarios_matching(character=character, texts=[turn["content"] for turn in turns])
+            matches, over_budget = scenarios_within_budget(
+                matches=found, cost=lambda scenario: engine.count_tokens(fill(scenario.content)))
+            dropped += [f"scenario '{m.scenario.title}' (over the scenario token budget)" for m in over_budget]
+        return cls(
+            stable=_stable_text(character, fill),
+            examples=[fill(block) for block in example_dialogue_blocks(character.example_dialogue)]
+            if character is not None else [],
+            matches=matches,
+            scenario_texts={id(match): fill(match.scenario.content) for match in matches},
+            extra_system=(extra_system or "").strip(),
+            history=turns[:-1],
+            new_message=turns[-1],
+            post_history=fill(character.post_history_instructions) if character is not None else "",
+            dropped=dropped,
+        )
+
+    def messages(self, *, with_examples: bool, cut: int, matches: list[ScenarioMatch]) -> list[dict]:
+        messages = [{"role": "system", "content": self.stable}]
+        context = []
+        if with_examples and self.examples:
+            context.append("Example dialogue (how the character speaks; not part of this chat):\n\n"
+                           + "\n\n".join(self.examples))
+        if matches:
+            context.append("Context for this reply:\n\n" + "\n\n".join(self.scenario_texts[id(m)] for m in matches))
+        if self.extra_system:
+            context.append(self.extra_system)
+        if context:
+            messages.append({"role": "system", "content": "\n\n".join(context)})
+        messages += [dict(turn) for turn in self.history[cut:]]
+        messages.append(dict(self.new_message))
+        if self.post_history:
+            messages.append({"role": "system", "content": self.post_history})
+        return messages
+
+
+def _stable_text(character, fill) -> str:
+    default = system_prompt_default()
+    if character is None:
+        return default.strip()
+    own = character.system_prompt.strip()
+    # As in Character Card V2, {{original}} in a character's own system prompt stands for the default.
+    system = fill(own.replace("{{original}}", default)) if own else fill(default)
+    sections = [system, fill(character.description)]
+    if character.personality.strip():
+        sections.append(f"{character.name}'s personality: {fill(character.personality)}")
+    if character.setting.strip():
+        sections.append(f"Scenario: {fill(character.setting)}")
+    return "\n\n".join(section for section in sections if section)
+
+
+def _fit(*, engine, parts: _Parts, max_tokens: int) -> ComposedPrompt:
+    context_length = engine.context_length
+    room = context_length - max_tokens
+    dropped = list(parts.dropped)
+    with_examples, cut, matches = bool(parts.examples), 0, list(parts.matches)
+
+    def measure() -> tuple[list[dict], str, int]:
+        messages = parts.messages(with_examples=with_examples, cut=cut, matches=matches)
+        text = engine.render_chat(messages, add_generation_prompt=True)
+        return messages, text, len(engine.prompt_tokens(text))
+
+    cuts = _cut_points(parts.history)
+    # Turns older than this cannot fit whatever else is dropped: their text alone is too long.
+    least_cut = _least_cut(engine, parts.history, room)
+    if least_cut == 0:
+        messages, text, tokens = measure()
+    else:
+        tokens = room + 1
+    if tokens > room and with_examples:
+        with_examples = False
+        dropped.append("example dialogue")
+        if least_cut == 0:
+            messages, text, tokens = measure()
+    if tokens > room and parts.history:
+        candidates = [point for point in cuts if point >= least_cut]
+        low, high = 0, len(candidates) - 1  # find the first candidate cut that fits (or drop all turns)
+        while low < high:
+            middle = (low + high) // 2
+            cut = candidates[middle]
+            if measure()[2] <= room:
+                high = middle
+            else:
+                low = middle + 1
+        cut = candidates[low]
+        messages, text, tokens = measure()
+        dropped.append("1 oldest turn" if cut == 1 else f"{cut} oldest turns")
+    while tokens > room and matches:
+        left_out = matches.pop()
+        dropped.append(f"scenario '{left_out.scenario.title}' (context full)")
+        messages, text, tokens = measure()
+    if tokens > room:
+        raise ContextOverflow(tokens, context_length)
+    return ComposedPrompt(
+        messages=messages, text=text, prompt_tokens=tokens, context_length=context_length, max_tokens=max_tokens,
+        scenarios=[match.scenario for match in matches],
+        reasons={match.scenario.pk: match.reason for match in matches},
+        dropped=dropped, dropped_turns=cut,
+    )
+
+
+def _cut_points(history: list[dict]) -> list[int]:
+    """Where the kept history may start: at a user message (or nothing kept), so roles still alternate."""
+    return [0] + [i for i in range(1, len(history)) if history[i]["role"] == "user"] + [len(history)] \
+        if history else [0]
+
+
+def _least_cut(engine, history: list[dict], room: int) -> int:
+    """The first history index whose turns' texts, newest back to it, still fit in `room` tokens."""
+    total = 0
+    for index in range(len(history) - 1, -1, -1):
+        total += engine.count_tokens(history[index]["content"])
+        if total > room:
+            return index + 1
+    return 0

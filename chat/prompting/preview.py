@@ -1,0 +1,51 @@
+"""The composed prompt for a sample message, as the character admin page shows it to editors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from chat.engine import ContextOverflow, EngineError
+
+from .compose import ComposedPrompt, prompt_compose, prompt_greeting
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptPreview:
+    user_message: str
+    composed: ComposedPrompt | None = None
+    model_name: str = ""
+    error: str = ""  # why there is no composed prompt (model not loadable, context overflow)
+
+
+def prompt_preview(*, character, user_message: str, user_name: str = "User") -> PromptPreview:
+    """Compose the prompt the default model would get for `user_message` in a new chat with `character`.
+
+    The chat opens with the character's greeting, as a new conversation does. Never raises for an
+    unusable model: the preview's `error` says what is wrong instead.
+    """
+    from chat.inference import get_engine
+
+    preview = PromptPreview(user_message=user_message)
+    try:
+        engine = get_engine()
+    except (EngineError, ValueError, ImportError, OSError) as exc:
+        logger.warning("prompt preview: the model cannot be loaded: %s", exc)
+        preview.error = f"The model cannot be loaded, so there is no preview: {exc}"
+        return preview
+    preview.model_name = engine.spec.name
+    turns = [{"role": "user", "content": user_message}]
+    greeting = prompt_greeting(character=character, user_name=user_name)
+    if greeting.strip():
+        turns.insert(0, {"role": "assistant", "content": greeting})
+    max_tokens = character.max_tokens or settings.LLMSITE.sampling["max_tokens"]
+    try:
+        preview.composed = prompt_compose(engine=engine, character=character, turns=turns, user_name=user_name,
+                                          max_tokens=int(max_tokens))
+    except ContextOverflow as exc:
+        preview.error = str(exc)
+    return preview
