@@ -1,5 +1,6 @@
 """DRF authentication by `Authorization: Bearer <key>`, as the OpenAI client sends it."""
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
 from .api_keys import api_key_find_valid
@@ -22,3 +23,13 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request):
         return 'Bearer realm="api"'
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Documents the key in the OpenAPI schema (Swagger UI's Authorize button)."""
+
+    target_class = ApiKeyAuthentication
+    name = "ApiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "description": "An API key: Authorization: Bearer <key>"}

@@ -1,6 +1,7 @@
 """Request and response shapes of the OpenAI-compatible API (validation only; no logic)."""
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from characters.models import Character
@@ -11,12 +12,17 @@ from .models import Conversation, Message
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
+TEXT_PART = {"type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+             "required": ["type", "text"]}
+
+
+@extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]})
 class MessageContentField(serializers.Field):
     """A message's content: a string, or the list-of-parts form with text parts."""
 
     default_error_messages = {
         "type": "must be a string or a list of text parts.",
-        "part": "only text parts ({\"type\": \"text\", \"text\": \"...\"}) are supported.",
+        "part": "only text parts ({{\"type\": \"text\", \"text\": \"...\"}}) are supported.",
     }
 
     def to_internal_value(self, data):
@@ -42,6 +48,7 @@ class ChatMessageSerializer(serializers.Serializer):
     name = serializers.CharField(required=False, max_length=64)
 
 
+@extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]})
 class StopField(serializers.Field):
     default_error_messages = {"type": "must be a string or a list of up to 4 strings."}
 
@@ -188,3 +195,84 @@ class ConversationSerializer(serializers.ModelSerializer):
     class Meta:
         model = Conversation
         fields = ["id", "title", "character", "user_name", "message_count", "created_at", "updated_at"]
+
+
+# --- Response shapes (documentation of what the views return) -------------------------------------
+
+
+class UsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class AssistantMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["assistant"])
+    content = serializers.CharField()
+
+
+class ChatChoiceSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    message = AssistantMessageSerializer()
+    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    logprobs = serializers.JSONField(allow_null=True)
+
+
+class ScenarioUsedSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    title = serializers.CharField()
+    reason = serializers.CharField(help_text="Why the scenario fired.")
+
+
+class ChatCompletionSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.ChoiceField(choices=["chat.completion"])
+    created = serializers.IntegerField()
+    model = serializers.CharField()
+    choices = ChatChoiceSerializer(many=True)
+    usage = UsageSerializer()
+    system_fingerprint = serializers.CharField(allow_null=True)
+    scenarios = ScenarioUsedSerializer(many=True, help_text="Scenarios inserted into the prompt.")
+    conversation = serializers.UUIDField(allow_null=True, help_text="The stored conversation, if any.")
+    text = serializers.CharField(required=False, help_text="The reply again, for the shorthand request.")
+
+
+class TextChoiceSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    text = serializers.CharField()
+    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    logprobs = serializers.JSONField(allow_null=True)
+
+
+class TextCompletionSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.ChoiceField(choices=["text_completion"])
+    created = serializers.IntegerField()
+    model = serializers.CharField()
+    choices = TextChoiceSerializer(many=True)
+    usage = UsageSerializer()
+
+
+class ModelInfoSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.ChoiceField(choices=["model"])
+    created = serializers.IntegerField()
+    owned_by = serializers.CharField()
+    default = serializers.BooleanField()
+    loaded = serializers.BooleanField()
+
+
+class ModelListSerializer(serializers.Serializer):
+    object = serializers.ChoiceField(choices=["list"])
+    data = ModelInfoSerializer(many=True)
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    message = serializers.CharField()
+    type = serializers.CharField()
+    param = serializers.CharField(allow_null=True)
+    code = serializers.CharField(allow_null=True)
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = ErrorDetailSerializer()

@@ -15,7 +15,7 @@ from .selectors import conversation_get_owned, conversations_of
 from .services import chat_completion_run, chat_request_prepare, text_completion_run
 from .streaming import chat_completion_events
 
-ERRORS = {code: OpenApiResponse(description=text) for code, text in {
+ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, text in {
     400: "Invalid request (the error names the field), or context_length_exceeded.",
     401: "Missing or invalid API key.", 404: "Unknown model, character, conversation or scenario.",
     413: "Request body too large.", 429: "Rate limit reached.", 503: "Model unavailable."}.items()}
@@ -31,7 +31,11 @@ def sse_response(events) -> StreamingHttpResponse:
 class ChatCompletionsView(APIView):
     """Create a chat completion (OpenAI-compatible), optionally streamed as server-sent events."""
 
-    @extend_schema(request=s.ChatCompletionRequestSerializer, responses={200: dict, **ERRORS})
+    @extend_schema(request=s.ChatCompletionRequestSerializer, responses={
+        200: OpenApiResponse(s.ChatCompletionSerializer,
+                             description="A chat.completion object; with stream=true, text/event-stream of "
+                                         "chat.completion.chunk objects ending in 'data: [DONE]'."),
+        **ERRORS})
     def post(self, request):
         serializer = s.ChatCompletionRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -47,7 +51,7 @@ class ChatCompletionsView(APIView):
 class CompletionsView(APIView):
     """Plain text completion of a prompt (no character, no chat template)."""
 
-    @extend_schema(request=s.CompletionRequestSerializer, responses={200: dict, **ERRORS})
+    @extend_schema(request=s.CompletionRequestSerializer, responses={200: s.TextCompletionSerializer, **ERRORS})
     def post(self, request):
         serializer = s.CompletionRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -59,7 +63,7 @@ class CompletionsView(APIView):
 class ModelListView(APIView):
     """The configured models (loaded lazily on first use)."""
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(responses={200: s.ModelListSerializer})
     def get(self, request):
         registry = get_registry()
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "llmsite",

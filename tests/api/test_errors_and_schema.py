@@ -1,0 +1,134 @@
+"""In-process checks: every bad request gets a 4xx in the one error shape; the schema and browsable API work."""
+
+import json
+
+import pytest
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from chat.api_keys import api_key_create
+
+pytestmark = pytest.mark.django_db
+
+URL = "/v1/chat/completions"
+
+
+@pytest.fixture
+def client(django_user_model):
+    user = django_user_model.objects.create_user("dev")
+    _, raw_key = api_key_create(user=user, name="test")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    return api
+
+
+def assert_error(response, status, *, param=None, code=None, says=None):
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    if says is not None:
+        assert says in body["error"]["message"]
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def post_raw(client, body: bytes):
+    return client.generic("POST", URL, body, content_type="application/json")
+
+
+@pytest.mark.parametrize(("payload", "param", "says"), [
+    ({}, "messages", "required"),
+    ({"messages": []}, "messages", "at least one"),
+    ({"messages": "hi"}, "messages", None),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "not a supported role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "required"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content", "string or a list"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content", "only text parts"),
+    ({"messages": [{"role": "user", "content": "   "}]}, "messages", "empty"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "user message"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12}, "max_tokens", "at most"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n", "only n=1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, "stop", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "response_format.type", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "conversation": "not-a-uuid"}, "conversation", None),
+    ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt", "either"),
+])
+def test_invalid_fields_are_400_naming_the_field(client, payload, param, says):
+    assert_error(client.post(URL, payload, format="json"), 400, param=param, says=says)
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"messages": NaN}', "JSON does not allow"),
+])
+def test_malformed_bodies_are_400(client, body, says):
+    assert_error(post_raw(client, body), 400, says=says)
+
+
+def test_non_object_body_is_400(client):
+    assert_error(post_raw(client, b"[1, 2]"), 400)
+
+
+def test_oversized_body_is_413(client, settings):
+    settings.API_MAX_REQUEST_BYTES = 1000
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+    assert_error(post_raw(client, body), 413, code="request_too_large")
+
+
+def test_missing_or_bad_key_is_401():
+    anonymous = APIClient()
+    error = assert_error(anonymous.post(URL, {"messages": []}, format="json"), 401, code="invalid_api_key")
+    assert "Bearer" in error["message"]
+    anonymous.credentials(HTTP_AUTHORIZATION="Token abc")
+    assert_error(anonymous.get("/v1/models"), 401)
+
+
+def test_unknown_character_and_scenario_are_404(client):
+    call_command("import_resources", stdout=open("/dev/null", "w"))
+    message = [{"role": "user", "content": "hi"}]
+    assert_error(client.post(URL, {"messages": message, "character": "ghost"}, format="json"), 404,
+                 code="character_not_found")
+    assert_error(client.post(URL, {"messages": message, "character": "byte", "scenario": 99999}, format="json"), 404,
+                 code="scenario_not_found")
+
+
+def test_unknown_endpoint_and_method_use_the_error_shape(client):
+    assert_error(client.get("/v1/nothing-here"), 404)
+    assert_error(client.get(URL), 405)
+
+
+def test_stream_on_plain_completions_is_refused(client):
+    assert_error(client.post("/v1/completions", {"prompt": "Once", "stream": True}, format="json"), 400,
+                 param="stream")
+
+
+def test_schema_validates_and_describes_the_chat_request(tmp_path):
+    out = tmp_path / "schema.json"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--format", "openapi-json", "--file", str(out))
+    schema = json.loads(out.read_text())
+    assert "/v1/chat/completions" in schema["paths"]
+    request = schema["components"]["schemas"]["ChatCompletionRequestRequest"]["properties"]
+    assert {"messages", "max_tokens", "temperature", "stream", "character", "conversation"} <= set(request)
+
+
+def test_browsable_api_and_swagger_render_for_a_logged_in_developer(django_user_model):
+    django_user_model.objects.create_user("dev2", password="pw-123456789")
+    browser = APIClient()
+    assert browser.login(username="dev2", password="pw-123456789")
+    for url in ("/v1/characters/", "/v1/models", "/v1/conversations/", URL):
+        page = browser.get(url, HTTP_ACCEPT="text/html")
+        assert page.status_code in (200, 405), url
+        assert b"Django REST framework" in page.content
+    assert browser.get("/api/docs/").status_code == 200

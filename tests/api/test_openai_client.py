@@ -1,0 +1,179 @@
+"""The official `openai` client against a live daphne server running the real SmolLM2 model."""
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.api.conftest import RATE_LIMIT_PER_MINUTE
+
+pytestmark = pytest.mark.smollm2
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_non_streamed_completion_has_the_openai_shape(live_api):
+    reply = live_api.client().chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION,
+                                                      max_tokens=24, temperature=0)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.model == "smollm2-135m-instruct"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5 and 0 < reply.usage.completion_tokens <= 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.model_extra["conversation"] is None  # no character: nothing stored
+
+
+def test_streamed_completion_with_usage(live_api):
+    stream = live_api.client("alice-stream").chat.completions.create(
+        messages=QUESTION, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert "Paris" in text
+    # The streamed text equals the non-streamed reply for the same greedy request.
+    reply = live_api.client().chat.completions.create(messages=QUESTION, max_tokens=16, temperature=0)
+    assert reply.choices[0].message.content == text
+
+
+def test_stop_strings_end_the_reply(live_api):
+    reply = live_api.client().chat.completions.create(
+        messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+        max_tokens=40, temperature=0, stop=["5"])
+    assert reply.choices[0].finish_reason == "stop"
+    content = reply.choices[0].message.content
+    assert "5" not in content and "4" in content
+
+
+def test_seed_makes_sampling_reproducible(live_api):
+    def ask(seed):
+        return live_api.client().chat.completions.create(
+            messages=[{"role": "user", "content": "Tell me a short story about a cat."}],
+            max_tokens=20, temperature=1.0, seed=seed).choices[0].message.content
+
+    assert ask(1234) == ask(1234)
+    assert len({ask(1234), ask(1), ask(2)}) > 1
+
+
+def test_character_conversation_across_three_turns(live_api):
+    client = live_api.client()
+    first = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Hello Captain! Is a storm coming?"}],
+        max_tokens=24, temperature=0, extra_body={"character": "captain-mira"})
+    conversation_id = first.model_extra["conversation"]
+    assert conversation_id
+    assert any(s["title"] == "A storm is coming" for s in first.model_extra["scenarios"])
+    for question in ("Where are we sailing?", "What is for dinner?"):
+        client.chat.completions.create(messages=[{"role": "user", "content": question}], max_tokens=16,
+                                       temperature=0, extra_body={"conversation": conversation_id})
+    http = httpx.Client(base_url=live_api.server.url, headers={"Authorization": f"Bearer {live_api.keys['alice']}"})
+    messages = http.get(f"/v1/conversations/{conversation_id}/messages/").json()["results"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert messages[0]["content"] == "Hello Captain! Is a storm coming?"
+    assert messages[4]["content"] == "What is for dinner?"
+    assert messages[1]["scenarios"][0]["title"] == "A storm is coming"
+    assert all(m["completion_tokens"] for m in messages)
+    assert messages[5]["prompt_tokens"] > messages[1]["prompt_tokens"]  # the history grew into the prompt
+    conversation = http.get(f"/v1/conversations/{conversation_id}/").json()
+    assert conversation["character"] == "captain-mira" and conversation["message_count"] == 6
+
+
+def test_shorthand_request_of_the_original_design(live_api):
+    response = httpx.post(live_api.base_url + "/chat/completions?character_id=byte",
+                          headers={"Authorization": f"Bearer {live_api.keys['alice']}"},
+                          json={"prompt": "Hello! What are your opening hours?", "max_tokens": 20}, timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["text"] and body["text"] == body["choices"][0]["message"]["content"]
+    assert any(s["title"] == "Library opening hours" for s in body["scenarios"])
+
+
+def test_two_keys_cannot_read_each_others_conversations(live_api):
+    reply = live_api.client("alice").chat.completions.create(
+        messages=[{"role": "user", "content": "Ciao!"}], max_tokens=8, extra_body={"character": "chef-luca"})
+    conversation_id = reply.model_extra["conversation"]
+    bob = httpx.Client(base_url=live_api.server.url, headers={"Authorization": f"Bearer {live_api.keys['bob']}"})
+    assert bob.get(f"/v1/conversations/{conversation_id}/messages/").status_code == 404
+    assert conversation_id not in {c["id"] for c in bob.get("/v1/conversations/").json()["results"]}
+    with pytest.raises(openai.NotFoundError):
+        live_api.client("bob").chat.completions.create(
+            messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body={"conversation": conversation_id})
+
+
+def test_revoked_key_fails(live_api):
+    client = live_api.client("carol-revoked")
+    assert client.models.list().data
+    live_api.server.manage("from chat.models import ApiKey\nfrom chat.api_keys import api_keys_revoke\n"
+                           "api_keys_revoke(queryset=ApiKey.objects.filter(name='carol-revoked'))")
+    with pytest.raises(openai.AuthenticationError) as error:
+        client.models.list()
+    assert "revoked" in error.value.message
+
+
+def test_models_list(live_api):
+    models = live_api.client().models.list().data
+    assert [m.id for m in models] == ["smollm2-135m-instruct"]
+
+
+def test_errors_map_to_the_clients_exceptions(live_api):
+    client = live_api.client()
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(messages=QUESTION, temperature=5)
+    assert error.value.body["param"] == "temperature" and "temperature" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(messages=QUESTION, n=2)
+    assert error.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(messages=[{"role": "user", "content": "word " * 2500}], max_tokens=10)
+    assert error.value.code == "context_length_exceeded"
+    assert "2048" in error.value.message
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=live_api.base_url, api_key="llms-wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(messages=QUESTION, model="gpt-17")
+    assert error.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(messages=QUESTION, extra_body={"character": "nobody"})
+    assert error.value.code == "character_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(messages=QUESTION,
+                                       extra_body={"conversation": "00000000-0000-0000-0000-000000000000"})
+    with pytest.raises(openai.APIStatusError) as error:
+        client.chat.completions.create(messages=[{"role": "user", "content": "x" * 300_000}])
+    assert error.value.status_code == 413 and error.value.code == "request_too_large"
+
+
+def test_rate_limit_gives_429(live_api):
+    # Fire the burst early in a minute so it cannot straddle two fixed windows.
+    if time.time() % 60 > 45:
+        time.sleep(61 - time.time() % 60)
+    client = live_api.client("dave-limited")
+    with pytest.raises(openai.RateLimitError) as error:
+        for _ in range(RATE_LIMIT_PER_MINUTE + 5):
+            client.models.list()
+    assert error.value.code == "rate_limit_exceeded"
+    assert error.value.response.headers.get("Retry-After")
+
+
+def test_model_unavailable_is_503_naming_the_model(tmp_path_factory):
+    from tests.live import LiveServer, prepare_database
+
+    server = LiveServer(workdir=tmp_path_factory.mktemp("no-model"),
+                        env={"LLMSITE_MODEL_PATH": "/nonexistent/missing-model.gguf"})
+    keys = prepare_database(server, {"erin": ["erin"]})
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=keys["erin"], max_retries=0)
+        with pytest.raises(openai.InternalServerError) as error:
+            client.chat.completions.create(messages=QUESTION, max_tokens=4)
+        assert error.value.status_code == 503 and error.value.code == "model_unavailable"
+        assert "missing-model.gguf" in error.value.message
+    finally:
+        server.stop()

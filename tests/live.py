@@ -1,0 +1,108 @@
+"""A real daphne server in a child process, with its own SQLite file, for end-to-end tests.
+
+The child reads settings from its environment like any deployment; the test talks to it over
+HTTP/WebSocket only, and prepares or inspects its database through `manage()`, a separate
+Django process on the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.subprocess_helpers import CLEARED, ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    workdir: Path
+    env: dict = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def child_env(self) -> dict:
+        env = {key: value for key, value in os.environ.items() if key not in CLEARED}
+        env.update({"DJANGO_SETTINGS_MODULE": "llmsite.settings", "SQLITE_PATH": str(self.workdir / "db.sqlite3"),
+                    "MEDIA_ROOT": str(self.workdir / "media"), "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        return env
+
+    def manage(self, code: str, timeout: float = 120) -> str:
+        """Run Python with Django set up against the server's database; returns stdout."""
+        script = "import django\ndjango.setup()\n" + code
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=self.child_env(), capture_output=True,
+                                text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"manage() failed:\n{result.stderr[-3000:]}")
+        return result.stdout
+
+    def start(self, timeout: float = 60) -> None:
+        self.port = self.port or free_port()
+        log = open(self.workdir / f"daphne-{self.port}.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "llmsite.asgi:application"],
+            cwd=ROOT, env=self.child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daphne exited early; log:\n{self.log()[-3000:]}")
+            try:
+                httpx.get(self.url + "/admin/login/", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"daphne did not answer within {timeout}s; log:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        path = self.workdir / f"daphne-{self.port}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+
+
+SETUP_SCRIPT = """
+import json
+from django.core.management import call_command
+from django.contrib.auth import get_user_model
+from chat.api_keys import api_key_create
+call_command("migrate", verbosity=0)
+call_command("import_resources", verbosity=0, stdout=open("/dev/null", "w"), stderr=open("/dev/null", "w"))
+users = get_user_model().objects
+keys = {}
+for username, key_names in %s.items():
+    user, _ = users.get_or_create(username=username)
+    for key_name in key_names:
+        keys[key_name] = api_key_create(user=user, name=key_name)[1]
+print(json.dumps(keys))
+"""
+
+
+def prepare_database(server: LiveServer, keys_by_user: dict[str, list[str]]) -> dict[str, str]:
+    """Migrate, load the demo content, and create API keys; returns {key name: raw key}."""
+    return json.loads(server.manage(SETUP_SCRIPT % json.dumps(keys_by_user)).strip().splitlines()[-1])
