@@ -119,7 +119,7 @@ def test_schema_validates_and_describes_the_chat_request(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--format", "openapi-json", "--file", str(out))
     schema = json.loads(out.read_text())
     assert "/v1/chat/completions" in schema["paths"]
-    request = schema["components"]["schemas"]["ChatCompletionRequestRequest"]["properties"]
+    request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"messages", "max_tokens", "temperature", "stream", "character", "conversation"} <= set(request)
 
 
