@@ -1,8 +1,23 @@
-from django.contrib import admin
+import io
+import zipfile
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 
 from scenarios.models import Scenario
 
+from .cards import CardError
 from .models import Character, SystemPrompt
+from .services_cards import EXPORT_FORMATS, card_max_bytes, character_card_export, character_card_import
+
+PREVIEW_PARAM = "preview_message"
+PREVIEW_MAX_CHARS = 2000
 
 
 @admin.register(SystemPrompt)
@@ -19,8 +34,34 @@ class ScenarioInline(admin.StackedInline):
     show_change_link = True
 
 
+class CardImportForm(forms.Form):
+    card = forms.FileField(
+        label="Card file",
+        help_text="A Character Card V2 or V1: a .json file, or a .png with the card in its 'chara' chunk.",
+    )
+    update = forms.BooleanField(
+        required=False, label="Update the existing character",
+        help_text="When a character with the card's slug exists, update it (and its scenarios, matched by "
+                  "title) instead of adding a copy.",
+    )
+
+    def clean_card(self):
+        upload = self.cleaned_data["card"]
+        limit = card_max_bytes()
+        if upload.size > limit:
+            raise forms.ValidationError(f"The file is {upload.size:,} bytes; cards may be at most {limit:,} bytes.")
+        return upload
+
+
+def _download(card) -> HttpResponse:
+    response = HttpResponse(card.content, content_type=card.content_type)
+    response["Content-Disposition"] = f'attachment; filename="{card.filename}"'
+    return response
+
+
 @admin.register(Character)
 class CharacterAdmin(admin.ModelAdmin):
+    actions = ["export_cards_json", "export_cards_png"]
     list_display = ["name", "slug", "tags", "is_active", "updated_at"]
     list_filter = ["is_active", "created_at"]
     search_fields = ["name", "slug", "description", "personality", "tags"]
@@ -36,3 +77,82 @@ class CharacterAdmin(admin.ModelAdmin):
         ("Card metadata", {"classes": ["collapse"],
                            "fields": ["creator", "character_version", "creator_notes", "extensions"]}),
     ]
+
+    # --- Character Cards -------------------------------------------------------------------------------
+
+    def get_urls(self):
+        own = [
+            path("import-card/", self.admin_site.admin_view(self.import_card_view),
+                 name="characters_character_import_card"),
+            path("<path:object_id>/export-card/<str:fmt>/", self.admin_site.admin_view(self.export_card_view),
+                 name="characters_character_export_card"),
+        ]
+        return own + super().get_urls()
+
+    def import_card_view(self, request):
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = CardImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            if form.cleaned_data["update"] and not self.has_change_permission(request):
+                raise PermissionDenied
+            try:
+                result = character_card_import(raw=form.cleaned_data["card"].read(),
+                                               update=form.cleaned_data["update"])
+            except CardError as exc:
+                form.add_error("card", f"{exc} Nothing was imported.")
+            else:
+                self.message_user(request, result.summary(), messages.SUCCESS)
+                return redirect(reverse("admin:characters_character_change", args=[result.character.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Import a character card",
+            "form": form,
+            "max_bytes": card_max_bytes(),
+        }
+        return TemplateResponse(request, "admin/characters/character/import_card.html", context)
+
+    def export_card_view(self, request, object_id, fmt):
+        character = self.get_object(request, unquote(object_id))
+        if character is None or fmt not in EXPORT_FORMATS:
+            raise Http404("No such character or card format.")
+        if not self.has_view_or_change_permission(request, character):
+            raise PermissionDenied
+        return _download(character_card_export(character=character, fmt=fmt))
+
+    def _export_cards(self, queryset, fmt: str) -> HttpResponse:
+        characters = list(queryset)
+        if len(characters) == 1:
+            return _download(character_card_export(character=characters[0], fmt=fmt))
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for character in characters:
+                card = character_card_export(character=character, fmt=fmt)
+                archive.writestr(card.filename, card.content)
+        response = HttpResponse(buffer.getvalue(), content_type="application/zip")
+        response["Content-Disposition"] = f'attachment; filename="character-cards-{fmt}.zip"'
+        return response
+
+    @admin.action(description="Export selected as Character Card V2 (JSON)", permissions=["view"])
+    def export_cards_json(self, request, queryset):
+        return self._export_cards(queryset, "json")
+
+    @admin.action(description="Export selected as Character Card V2 (PNG)", permissions=["view"])
+    def export_cards_png(self, request, queryset):
+        return self._export_cards(queryset, "png")
+
+    # --- Prompt preview ----------------------------------------------------------------------------------
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        message = request.GET.get(PREVIEW_PARAM, "").strip()[:PREVIEW_MAX_CHARS]
+        extra_context["preview_param"] = PREVIEW_PARAM
+        extra_context["preview_message"] = message
+        if message and request.method == "GET":
+            character = self.get_object(request, unquote(object_id))
+            if character is not None:
+                from chat.prompting import prompt_preview  # the admin is the only content-app page that needs it
+
+                extra_context["prompt_preview"] = prompt_preview(character=character, user_message=message)
+        return super().change_view(request, object_id, form_url, extra_context)

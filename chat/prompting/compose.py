@@ -45,6 +45,11 @@ class ComposedPrompt:
     dropped_turns: int = 0  # how many of the oldest history messages were left out
 
     @property
+    def explained_scenarios(self) -> list[tuple[Scenario, str]]:
+        """(scenario, why it was inserted) pairs in rank order."""
+        return [(scenario, self.reasons.get(scenario.pk, "")) for scenario in self.scenarios]
+
+    @property
     def available_tokens(self) -> int:
         """Room the prompt may use: the context minus the reply."""
         return self.context_length - self.max_tokens

@@ -1,0 +1,277 @@
+"""chat/prompting: composing the prompt with the real SmolLM2 model's tokenizer and chat template."""
+
+import pytest
+
+from characters.models import Character, SystemPrompt
+from chat.engine import ContextOverflow, SamplingParams
+from chat.prompting import placeholders_replace, prompt_compose, prompt_greeting, system_prompt_default
+from chat.prompting.placeholders import example_dialogue_blocks
+from scenarios.models import Scenario
+
+pytestmark = [pytest.mark.django_db, pytest.mark.smollm2]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path):
+    from chat.inference import get_engine
+
+    return get_engine()
+
+
+def make_character(**fields):
+    values = {
+        "name": "Ada", "slug": "ada",
+        "description": "{{char}} keeps the lighthouse on Gannet Rock and calls {{user}} 'love'.",
+        "personality": "Dry, patient.",
+        "setting": "The lamp room at night; <USER> has climbed the stairs.",
+        "greeting": "Mind the step, {{USER}}. <bot> has tea.",
+        "example_dialogue": "<START>\n{{user}}: Is the lamp ever off?\n{{char}}: Never, love.\n"
+                            "<START>\n{{user}}: Cold?\n{{char}}: Always.",
+        "post_history_instructions": "Answer as {{char}} in one sentence.",
+    }
+    return Character.objects.create(**{**values, **fields})
+
+
+def make_scenario(title, **fields):
+    values = {"content": f"{title} content.", "keywords": ""}
+    return Scenario.objects.create(title=title, **{**values, **fields})
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def compose(engine, character, turns, **options):
+    options.setdefault("max_tokens", 64)
+    return prompt_compose(engine=engine, character=character, turns=turns, user_name="Sam", **options)
+
+
+# --- composition -----------------------------------------------------------------------------------
+
+
+def test_parts_in_order_and_rendered_with_the_models_template(engine):
+    ada = make_character()
+    storm = make_scenario("Storm", character=ada, keywords="storm", content="A storm hits {{char}}'s rock.")
+    composed = compose(engine, ada, [assistant("Hello."), user("Is a storm coming?")])
+
+    roles = [message["role"] for message in composed.messages]
+    assert roles == ["system", "system", "assistant", "user", "system"]
+    stable, context = composed.messages[0]["content"], composed.messages[1]["content"]
+    assert stable.startswith(system_prompt_default())
+    assert "Ada keeps the lighthouse on Gannet Rock" in stable
+    assert "Ada's personality: Dry, patient." in stable
+    assert "Scenario: The lamp room at night; Sam has climbed the stairs." in stable
+    assert context.index("Sam: Is the lamp ever off?") < context.index("A storm hits Ada's rock.")
+    assert "<START>" not in context
+    assert composed.messages[-2] == user("Is a storm coming?")
+    assert composed.messages[-1]["content"] == "Answer as Ada in one sentence."
+
+    assert composed.text == engine.render_chat(composed.messages, add_generation_prompt=True)
+    assert composed.text.startswith("<|im_start|>system\n")
+    assert composed.prompt_tokens == len(engine.prompt_tokens(composed.text))
+    assert composed.context_length == engine.context_length == 2048
+    assert composed.scenarios == [storm]
+    assert composed.reasons == {storm.pk: "keyword 'storm' in the user's message"}
+    assert composed.dropped == []
+
+
+def test_the_stable_part_comes_first_and_is_byte_identical_between_turns(engine):
+    ada = make_character()
+    make_scenario("Storm", character=ada, keywords="storm")
+    make_scenario("Ship", character=ada, keywords="ship")
+    first = compose(engine, ada, [user("Is a storm coming?")])
+    second = compose(engine, ada, [user("Is a storm coming?"), assistant("Aye."), user("And that ship?")])
+    assert first.messages[0] == second.messages[0]
+    assert [s.title for s in first.scenarios] != [s.title for s in second.scenarios]
+    stable_prefix = first.text[: first.text.index("<|im_end|>") + len("<|im_end|>")]
+    assert second.text.startswith(stable_prefix)
+    assert "Storm content." not in stable_prefix and "Ship content." not in stable_prefix
+
+
+def test_system_prompt_precedence(engine, settings):
+    ada = make_character()
+    config_prompt = settings.LLMSITE.system_prompt
+    assert compose(engine, ada, [user("hi")]).messages[0]["content"].startswith(config_prompt)
+
+    SystemPrompt.objects.create(name="House", content="House rules for {{char}}.", is_default=True)
+    assert compose(engine, ada, [user("hi")]).messages[0]["content"].startswith("House rules for Ada.")
+
+    ada.system_prompt = "You are {{char}}. {{original}}"
+    assert compose(engine, ada, [user("hi")]).messages[0]["content"].startswith("You are Ada. House rules for Ada.")
+
+
+def test_without_a_character_only_the_system_prompt_and_global_scenarios(engine):
+    ada = make_character()
+    make_scenario("Own", character=ada, keywords="storm")
+    shared = make_scenario("Shared", keywords="storm")
+    composed = compose(engine, None, [user("storm?")])
+    assert composed.messages[0] == {"role": "system", "content": system_prompt_default()}
+    assert composed.scenarios == [shared]
+    assert [m["role"] for m in composed.messages] == ["system", "system", "user"]
+
+
+def test_placeholders_everywhere_but_the_users_own_words(engine):
+    ada = make_character()
+    make_scenario("Storm", character=ada, keywords="storm", content="<Bot> shelters {{ user }} from the storm.")
+    composed = compose(engine, ada, [user("storm? {{char}}")])
+    everything = "\n".join(m["content"] for m in composed.messages[:-2]) + composed.messages[-1]["content"]
+    for placeholder in ("{{char}}", "{{user}}", "{{USER}}", "<BOT>", "<bot>", "<USER>", "{{ user }}"):
+        assert placeholder not in everything
+    assert "Ada shelters Sam from the storm." in everything
+    assert composed.messages[-2] == user("storm? {{char}}")
+    assert prompt_greeting(character=ada, user_name="Sam") == "Mind the step, Sam. Ada has tea."
+
+
+def test_placeholder_spellings():
+    text = "{{char}} {{CHAR}} {{ Char }} <BOT> <bot> {{user}} {{User}} <USER> <user> {{other}}"
+    assert placeholders_replace(text, char_name="Ada", user_name="Sam") == \
+        "Ada Ada Ada Ada Ada Sam Sam Sam Sam {{other}}"
+    assert example_dialogue_blocks("<START>\na\n<start>\nb\n") == ["a", "b"]
+
+
+def test_forced_scenarios_bypass_matching(engine):
+    ada = make_character()
+    make_scenario("Storm", character=ada, keywords="storm")
+    ship = make_scenario("Ship", character=ada, keywords="ship")
+    composed = compose(engine, ada, [user("storm?")], forced_scenarios=[ship])
+    assert composed.scenarios == [ship]
+    assert composed.reasons == {ship.pk: "chosen by the request"}
+
+
+def test_scenario_budget_leaves_out_what_does_not_fit(engine, settings):
+    ada = make_character()
+    make_scenario("Short", character=ada, keywords="storm", priority=9, content="A storm.")
+    make_scenario("Long", character=ada, keywords="storm", priority=1, content="Rain and wind. " * 40)
+    settings.SCENARIO_TOKEN_BUDGET = 20
+    composed = compose(engine, ada, [user("storm?")])
+    assert [s.title for s in composed.scenarios] == ["Short"]
+    assert composed.dropped == ["scenario 'Long' (over the scenario token budget)"]
+
+
+def test_extra_system_text_follows_the_scenarios(engine):
+    ada = make_character()
+    make_scenario("Storm", character=ada, keywords="storm")
+    composed = compose(engine, ada, [user("storm?")], extra_system="Reply in French.")
+    context = composed.messages[1]["content"]
+    assert context.index("Storm content.") < context.index("Reply in French.")
+
+
+def test_malformed_turns_are_refused(engine):
+    ada = make_character()
+    for turns in ([], [assistant("hi")], [{"role": "system", "content": "x"}, user("hi")], [{"role": "user"}]):
+        with pytest.raises(ValueError):
+            compose(engine, ada, turns)
+
+
+# --- fitting the context --------------------------------------------------------------------------
+
+
+def history(exchanges):
+    turns = []
+    for number in range(exchanges):
+        turns += [user(f"Question {number} about the lamp and the sea?"), assistant(f"Answer {number}, love.")]
+    return turns
+
+
+def room_for(engine, tokens):
+    """max_tokens that leaves exactly `tokens` for the prompt."""
+    return engine.context_length - tokens
+
+
+def fit_setup(engine):
+    ada = make_character(example_dialogue="<START>\n" + "{{user}}: Tell me.\n{{char}}: Listen well. " * 30)
+    make_scenario("High", character=ada, keywords="storm", priority=9, content="The storm is here. " * 10)
+    make_scenario("Low", character=ada, keywords="storm", priority=1, content="Gulls cry in the storm. " * 10)
+    turns = history(6) + [user("Is the storm here?")]
+    return ada, turns
+
+
+def test_everything_fits_nothing_dropped(engine):
+    ada, turns = fit_setup(engine)
+    composed = compose(engine, ada, turns, max_tokens=256)
+    assert composed.dropped == [] and composed.dropped_turns == 0
+    assert composed.prompt_tokens <= composed.available_tokens
+
+
+def test_example_dialogue_goes_first(engine):
+    ada, turns = fit_setup(engine)
+    full = compose(engine, ada, turns)
+    ada.example_dialogue = ""
+    without_examples = compose(engine, ada, turns)
+    ada.refresh_from_db()
+    composed = compose(engine, ada, turns, max_tokens=room_for(engine, without_examples.prompt_tokens))
+    assert full.prompt_tokens > without_examples.prompt_tokens
+    assert composed.dropped == ["example dialogue"]
+    assert composed.messages == without_examples.messages
+    assert composed.prompt_tokens == without_examples.prompt_tokens
+
+
+def test_then_the_oldest_turns_never_the_new_message(engine):
+    ada, turns = fit_setup(engine)
+    ada.example_dialogue = ""
+    room = compose(engine, ada, turns).prompt_tokens - 20
+    ada.refresh_from_db()
+    composed = compose(engine, ada, turns, max_tokens=room_for(engine, room))
+    cut = composed.dropped_turns
+    assert composed.dropped == ["example dialogue", f"{cut} oldest turns"]
+    assert cut % 2 == 0 and 0 < cut < len(turns) - 1
+    kept = [m for m in composed.messages if m["role"] != "system"]
+    assert kept == turns[cut:]  # the newest turns, starting with a user message, the new message last
+    assert [s.title for s in composed.scenarios] == ["High", "Low"]
+    assert composed.prompt_tokens <= room
+    # No more was dropped than needed: keeping one more exchange would not fit.
+    ada.example_dialogue = ""
+    assert compose(engine, ada, turns[cut - 2:]).prompt_tokens > room
+
+
+def test_then_the_lowest_ranked_scenarios(engine):
+    ada, turns = fit_setup(engine)
+    ada.example_dialogue = ""
+    bare = compose(engine, ada, turns[-1:])
+    ada.refresh_from_db()
+    composed = compose(engine, ada, turns, max_tokens=room_for(engine, bare.prompt_tokens - 5))
+    assert composed.dropped == ["example dialogue", f"{len(turns) - 1} oldest turns", "scenario 'Low' (context full)"]
+    assert [s.title for s in composed.scenarios] == ["High"]
+    assert [m for m in composed.messages if m["role"] != "system"] == turns[-1:]
+
+
+def test_context_overflow_when_the_essentials_do_not_fit(engine):
+    ada, turns = fit_setup(engine)
+    ada.description = "The rock is old. " * 600
+    with pytest.raises(ContextOverflow) as caught:
+        compose(engine, ada, turns, max_tokens=256)
+    assert caught.value.context_length == engine.context_length
+    assert caught.value.prompt_tokens > engine.context_length - 256
+
+
+def test_a_very_long_history_is_cut_without_rendering_all_of_it(engine):
+    ada, _ = fit_setup(engine)
+    turns = history(2000) + [user("storm?")]
+    composed = compose(engine, ada, turns, max_tokens=256)
+    assert composed.prompt_tokens <= composed.available_tokens
+    assert composed.messages[-2] == user("storm?")
+    assert composed.dropped_turns > 3000
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+def test_compose_and_generate_with_the_real_model(engine):
+    ada = make_character()
+    storm = make_scenario("A storm is coming", character=ada, keywords="storm, gale",
+                          content="A gale is rolling in from the west; {{char}} has lit the spare lamp.")
+    make_scenario("Wreck", character=ada, keywords="wreck")
+    turns = [assistant(prompt_greeting(character=ada, user_name="Sam")), user("Will the storm reach us tonight?")]
+    composed = compose(engine, ada, turns, max_tokens=16)
+    assert composed.scenarios == [storm]
+    assert "keyword 'storm'" in composed.reasons[storm.pk]
+
+    completion = engine.generate(composed.text, SamplingParams(max_tokens=16, temperature=0.0, seed=1))
+    assert completion.prompt_tokens == composed.prompt_tokens
+    assert 0 < completion.completion_tokens <= 16
+    assert completion.finish_reason in ("stop", "length")
+    assert completion.text.strip()
