@@ -173,6 +173,8 @@ def _checked_entry(entry, index: int) -> dict:
     checked = dict(entry)
     for name in ("keys", "secondary_keys"):
         value = entry.get(name)
+        if name not in entry:
+            continue  # left out, so that export does not add it
         if isinstance(value, str):  # some tools write one comma-separated string
             checked[name] = [part.strip() for part in value.split(",") if part.strip()]
         else:
@@ -242,14 +244,15 @@ def scenario_fields_from_entry(entry: dict, *, index: int) -> dict:
     """Scenario field values (no character) for a checked lorebook entry."""
     extensions = dict(entry["extensions"])
     extensions.pop(RESERVED, None)
-    title = entry.get("name") or entry.get("comment") or (entry["keys"][0] if entry["keys"] else "")
+    keys, secondary_keys = entry.get("keys") or [], entry.get("secondary_keys") or []
+    title = entry.get("name") or entry.get("comment") or (keys[0] if keys else "")
     whole_words = extensions.get("match_whole_words")
     priority = entry.get("priority") if entry.get("priority") is not None else entry.get("insertion_order")
     values = {
         "title": (title.strip() or f"Lorebook entry {index + 1}")[:200],
         "content": entry.get("content", ""),
-        "keywords": join_list(entry["keys"]),
-        "secondary_keywords": join_list(entry["secondary_keys"]) if entry.get("selective") else "",
+        "keywords": join_list(keys),
+        "secondary_keywords": join_list(secondary_keys) if entry.get("selective") else "",
         "always_on": bool(entry.get("constant")),
         "priority": int(priority) if priority is not None else 100,
         "enabled": entry.get("enabled") is not False,
