@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import PurePath
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, JsonResponse
@@ -77,8 +78,9 @@ def error_from_exception(exc: Exception, request=None) -> tuple[int, dict, dict]
     if isinstance(exc, UnknownModel):
         return 404, error_body(str(exc), type="invalid_request_error", param="model", code="model_not_found"), headers
     if isinstance(exc, ModelUnavailable):
-        return 503, error_body(f"Model {exc.model!r} is unavailable: {exc.reason}", type="service_unavailable",
-                               code="model_unavailable"), headers
+        # The file's name, not its full path: enough for an operator, nothing about the server's layout.
+        message = f"Model {exc.model!r} ({PurePath(exc.path).name}) is unavailable: {exc.reason}"
+        return 503, error_body(message, type="service_unavailable", code="model_unavailable"), headers
     if isinstance(exc, (UnsupportedFeature, InvalidRequest)):
         return 400, error_body(str(exc), type="invalid_request_error", code="unsupported"), headers
     if isinstance(exc, drf_exceptions.ValidationError):

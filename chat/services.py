@@ -22,6 +22,7 @@ from .errors import ApiError, NotFound
 from .grammars import grammar_for_response_format
 from .inference import get_engine
 from .models import Conversation, Message
+from .prompting import prompt_compose
 from .selectors import character_get_active, conversation_get_owned
 
 CLIENT_TURN_ROLES = ("user", "assistant")
@@ -75,15 +76,11 @@ def chat_request_prepare(*, user, data: dict) -> ChatPlan:
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
     # character's system prompt (prompt injection); without one, they replace the default prompt.
-    from .prompting import prompt_compose  # TEMPORARY until chat/prompting.py lands; move to top
-
-    system_override = None
-    if character is None and client_system:
-        system_override = client_system
+    extra_system = client_system if character is None else ""
     prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
                             user_name=conversation.user_name if conversation else "User",
                             max_tokens=params.max_tokens, forced_scenarios=forced,
-                            system_override=system_override)
+                            extra_system=extra_system)
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,

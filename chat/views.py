@@ -37,7 +37,11 @@ class ChatCompletionsView(APIView):
                                          "chat.completion.chunk objects ending in 'data: [DONE]'."),
         **ERRORS})
     def post(self, request):
-        serializer = s.ChatCompletionRequestSerializer(data=request.data)
+        payload = request.data
+        if "character_id" in request.query_params and isinstance(payload, dict):
+            # The original design passed the character as a query parameter.
+            payload = {**payload, "character_id": request.query_params["character_id"]}
+        serializer = s.ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         plan = chat_request_prepare(user=request.user, data=data)

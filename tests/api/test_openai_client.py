@@ -10,11 +10,12 @@ from tests.api.conftest import RATE_LIMIT_PER_MINUTE
 
 pytestmark = pytest.mark.smollm2
 
+MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_non_streamed_completion_has_the_openai_shape(live_api):
-    reply = live_api.client().chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION,
+    reply = live_api.client().chat.completions.create(model=MODEL, messages=QUESTION,
                                                       max_tokens=24, temperature=0)
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     assert reply.model == "smollm2-135m-instruct"
@@ -27,7 +28,7 @@ def test_non_streamed_completion_has_the_openai_shape(live_api):
 
 
 def test_streamed_completion_with_usage(live_api):
-    stream = live_api.client("alice-stream").chat.completions.create(
+    stream = live_api.client("alice-stream").chat.completions.create(model=MODEL, 
         messages=QUESTION, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert len({chunk.id for chunk in chunks}) == 1
@@ -38,22 +39,28 @@ def test_streamed_completion_with_usage(live_api):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert "Paris" in text
     # The streamed text equals the non-streamed reply for the same greedy request.
-    reply = live_api.client().chat.completions.create(messages=QUESTION, max_tokens=16, temperature=0)
+    reply = live_api.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
     assert reply.choices[0].message.content == text
 
 
 def test_stop_strings_end_the_reply(live_api):
-    reply = live_api.client().chat.completions.create(
-        messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
-        max_tokens=40, temperature=0, stop=["5"])
-    assert reply.choices[0].finish_reason == "stop"
-    content = reply.choices[0].message.content
-    assert "5" not in content and "4" in content
+    def ask(**options):
+        return live_api.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Describe the sea in two sentences."}],
+            max_tokens=40, temperature=0, **options).choices[0]
+
+    full = ask().message.content
+    words = full.split()
+    assert len(words) > 6, full
+    stop_word = words[len(words) // 2]
+    stopped = ask(stop=["zzzz-never", stop_word])
+    assert stopped.finish_reason == "stop"
+    assert stopped.message.content == full[:full.index(stop_word)]
 
 
 def test_seed_makes_sampling_reproducible(live_api):
     def ask(seed):
-        return live_api.client().chat.completions.create(
+        return live_api.client().chat.completions.create(model=MODEL, 
             messages=[{"role": "user", "content": "Tell me a short story about a cat."}],
             max_tokens=20, temperature=1.0, seed=seed).choices[0].message.content
 
@@ -63,14 +70,14 @@ def test_seed_makes_sampling_reproducible(live_api):
 
 def test_character_conversation_across_three_turns(live_api):
     client = live_api.client()
-    first = client.chat.completions.create(
+    first = client.chat.completions.create(model=MODEL, 
         messages=[{"role": "user", "content": "Hello Captain! Is a storm coming?"}],
         max_tokens=24, temperature=0, extra_body={"character": "captain-mira"})
     conversation_id = first.model_extra["conversation"]
     assert conversation_id
     assert any(s["title"] == "A storm is coming" for s in first.model_extra["scenarios"])
     for question in ("Where are we sailing?", "What is for dinner?"):
-        client.chat.completions.create(messages=[{"role": "user", "content": question}], max_tokens=16,
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=16,
                                        temperature=0, extra_body={"conversation": conversation_id})
     http = httpx.Client(base_url=live_api.server.url, headers={"Authorization": f"Bearer {live_api.keys['alice']}"})
     messages = http.get(f"/v1/conversations/{conversation_id}/messages/").json()["results"]
@@ -96,14 +103,14 @@ def test_shorthand_request_of_the_original_design(live_api):
 
 
 def test_two_keys_cannot_read_each_others_conversations(live_api):
-    reply = live_api.client("alice").chat.completions.create(
+    reply = live_api.client("alice").chat.completions.create(model=MODEL, 
         messages=[{"role": "user", "content": "Ciao!"}], max_tokens=8, extra_body={"character": "chef-luca"})
     conversation_id = reply.model_extra["conversation"]
     bob = httpx.Client(base_url=live_api.server.url, headers={"Authorization": f"Bearer {live_api.keys['bob']}"})
     assert bob.get(f"/v1/conversations/{conversation_id}/messages/").status_code == 404
     assert conversation_id not in {c["id"] for c in bob.get("/v1/conversations/").json()["results"]}
     with pytest.raises(openai.NotFoundError):
-        live_api.client("bob").chat.completions.create(
+        live_api.client("bob").chat.completions.create(model=MODEL, 
             messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body={"conversation": conversation_id})
 
 
@@ -125,13 +132,13 @@ def test_models_list(live_api):
 def test_errors_map_to_the_clients_exceptions(live_api):
     client = live_api.client()
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(messages=QUESTION, temperature=5)
+        client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5)
     assert error.value.body["param"] == "temperature" and "temperature" in error.value.body["message"]
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(messages=QUESTION, n=2)
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=2)
     assert error.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(messages=[{"role": "user", "content": "word " * 2500}], max_tokens=10)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 2500}], max_tokens=10)
     assert error.value.code == "context_length_exceeded"
     assert "2048" in error.value.message
     with pytest.raises(openai.AuthenticationError):
@@ -140,13 +147,13 @@ def test_errors_map_to_the_clients_exceptions(live_api):
         client.chat.completions.create(messages=QUESTION, model="gpt-17")
     assert error.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError) as error:
-        client.chat.completions.create(messages=QUESTION, extra_body={"character": "nobody"})
+        client.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"character": "nobody"})
     assert error.value.code == "character_not_found"
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(messages=QUESTION,
+        client.chat.completions.create(model=MODEL, messages=QUESTION,
                                        extra_body={"conversation": "00000000-0000-0000-0000-000000000000"})
     with pytest.raises(openai.APIStatusError) as error:
-        client.chat.completions.create(messages=[{"role": "user", "content": "x" * 300_000}])
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 300_000}])
     assert error.value.status_code == 413 and error.value.code == "request_too_large"
 
 
@@ -172,7 +179,7 @@ def test_model_unavailable_is_503_naming_the_model(tmp_path_factory):
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=keys["erin"], max_retries=0)
         with pytest.raises(openai.InternalServerError) as error:
-            client.chat.completions.create(messages=QUESTION, max_tokens=4)
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
         assert error.value.status_code == 503 and error.value.code == "model_unavailable"
         assert "missing-model.gguf" in error.value.message
     finally:
