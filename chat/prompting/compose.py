@@ -232,8 +232,9 @@ def _fit(*, engine, parts: _Parts, max_tokens: int) -> ComposedPrompt:
 
 def _cut_points(history: list[dict]) -> list[int]:
     """Where the kept history may start: at a user message (or nothing kept), so roles still alternate."""
-    return [0] + [i for i in range(1, len(history)) if history[i]["role"] == "user"] + [len(history)] \
-        if history else [0]
+    if not history:
+        return [0]
+    return [0, *(index for index in range(1, len(history)) if history[index]["role"] == "user"), len(history)]
 
 
 def _least_cut(engine, history: list[dict], room: int) -> int:
