@@ -14,7 +14,7 @@ import base64
 import binascii
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
@@ -23,6 +23,7 @@ SPEC_VERSION = "2.0"
 RESERVED = "llmsite"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHUNK = "chara"
+MAX_PIXELS = 25_000_000
 
 # Card data field -> Character field, for the plain text fields.
 TEXT_FIELDS = {
@@ -53,7 +54,6 @@ class Card:
     data: dict
     spec_version: int  # 1 or 2, as read
     image: bytes | None = None  # the PNG the card came in, as uploaded
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def entries(self) -> list[dict]:
@@ -109,6 +109,10 @@ def _png_chunk_text(raw: bytes) -> str:
         with Image.open(io.BytesIO(raw)) as image:
             if image.format != "PNG":
                 raise CardError("The file is not a PNG image.")
+            width, height = image.size
+            if width * height > MAX_PIXELS:  # reading the text chunks decodes the pixels: refuse bombs first
+                raise CardError(f"The PNG picture is {width}×{height} pixels; cards may have at most "
+                                f"{MAX_PIXELS:,} pixels.")
             texts = dict(image.text)  # loads the image: text chunks may follow the pixel data
     except CardError:
         raise

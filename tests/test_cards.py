@@ -227,6 +227,13 @@ def test_png_chunk_that_is_not_a_card():
         card_read(buffer.getvalue(), max_bytes=10_000)
 
 
+def test_png_bombs_are_refused_before_decoding():
+    buffer = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(buffer, format="PNG")  # a few kB, 36 million pixels
+    with pytest.raises(CardError, match="6000×6000 pixels"):
+        card_read(buffer.getvalue(), max_bytes=10**7)
+
+
 def test_oversized_cards_are_refused(settings):
     settings.CARD_MAX_BYTES = 1000
     with pytest.raises(CardError, match="at most 1,000 bytes"):
