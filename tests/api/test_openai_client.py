@@ -184,3 +184,29 @@ def test_model_unavailable_is_503_naming_the_model(tmp_path_factory):
         assert "missing-model.gguf" in error.value.message
     finally:
         server.stop()
+
+
+def test_json_mode_constrains_the_reply_with_a_grammar(live_api):
+    import json
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    reply = live_api.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Which city is the capital of France? Answer in JSON."}],
+        max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert set(json.loads(reply.choices[0].message.content)) == {"city"}
+    reply = live_api.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with a key 'ok' set to true."}],
+        max_tokens=60, temperature=0, response_format={"type": "json_object"})
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:  # cut by max_tokens: still the start of a JSON object
+        assert reply.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_plain_text_completion(live_api):
+    reply = live_api.client().completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                                 temperature=0)
+    assert reply.object == "text_completion" and "Paris" in reply.choices[0].text
+    assert reply.usage.completion_tokens > 0

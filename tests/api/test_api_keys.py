@@ -1,0 +1,63 @@
+"""API keys: stored hashed, shown once, revocable, expiring; the command prints a working key."""
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from chat.api_keys import api_key_create, hash_key
+from chat.models import ApiKey
+
+pytestmark = pytest.mark.django_db
+
+
+def status_with(raw_key):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    return client.get("/v1/characters/").status_code
+
+
+def test_keys_are_stored_hashed(django_user_model):
+    _, raw_key = api_key_create(user=django_user_model.objects.create_user("u"), name="k")
+    row = ApiKey.objects.get()
+    assert raw_key not in (row.key_hash, row.prefix) and row.key_hash == hash_key(raw_key)
+    assert raw_key.startswith(row.prefix)
+    assert status_with(raw_key) == 200
+
+
+def test_expired_revoked_and_inactive_user_keys_fail(django_user_model):
+    user = django_user_model.objects.create_user("u")
+    _, expired = api_key_create(user=user, name="old", expires_at=timezone.now() - timedelta(seconds=1))
+    assert status_with(expired) == 401
+    key, revoked = api_key_create(user=user, name="revoked")
+    key.revoked_at = timezone.now()
+    key.save()
+    assert status_with(revoked) == 401
+    _, valid = api_key_create(user=user, name="valid")
+    user.is_active = False
+    user.save()
+    assert status_with(valid) == 401
+
+
+def test_create_api_key_command_prints_a_working_key():
+    out = StringIO()
+    call_command("create_api_key", "--name", "ops script", stdout=out)
+    raw_key = out.getvalue().strip()
+    assert status_with(raw_key) == 200
+    assert ApiKey.objects.get().user.username == "api"
+
+
+def test_admin_shows_a_new_key_once_and_revokes(admin_client):
+    response = admin_client.post("/admin/chat/apikey/add/", {"name": "mobile", "user": admin_client.session["_auth_user_id"]},
+                                 follow=True)
+    shown = [str(m) for m in response.context["messages"]]
+    raw_key = next(word for message in shown for word in message.split() if word.startswith("llms-"))
+    assert status_with(raw_key) == 200
+    key = ApiKey.objects.get(name="mobile")
+    page = admin_client.get(f"/admin/chat/apikey/{key.pk}/change/")
+    assert raw_key.encode() not in page.content
+    admin_client.post("/admin/chat/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
+    assert status_with(raw_key) == 401
