@@ -82,3 +82,38 @@ class ApiKey(models.Model):
     def __str__(self):
         state = " (revoked)" if self.revoked_at else ""
         return f"{self.name} ({self.prefix}…){state}"
+
+
+class Job(models.Model):
+    """A chat completion generated in the background by a Celery worker."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs",
+                                help_text="The key that created the job; only it can read or cancel the job.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    request = models.JSONField(help_text="The chat completion request as the client sent it.")
+    result = models.JSONField(null=True, blank=True, help_text="The chat.completion object when done.")
+    error = models.JSONField(null=True, blank=True, help_text="The error object when failed.")
+    completion_tokens = models.PositiveIntegerField(default=0, help_text="Tokens generated so far.")
+    partial_text = models.TextField(blank=True, help_text="The reply so far, while running.")
+    attempts = models.PositiveIntegerField(default=0)
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(help_text="After this the job and its result are gone.")
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"Job {self.pk} ({self.status})"

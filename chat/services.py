@@ -23,6 +23,7 @@ from .grammars import grammar_for_response_format
 from .inference import get_engine
 from .models import Conversation, Message
 from .prompting import prompt_compose
+from .response_cache import BYPASS, cached_completion, remember_completion
 from .selectors import character_get_active, conversation_get_owned
 
 CLIENT_TURN_ROLES = ("user", "assistant")
@@ -44,6 +45,7 @@ class ChatPlan:
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     shorthand: bool = False
+    cache_status: str = BYPASS
 
     @property
     def model_name(self) -> str:
@@ -76,11 +78,11 @@ def chat_request_prepare(*, user, data: dict) -> ChatPlan:
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
     # character's system prompt (prompt injection); without one, they replace the default prompt.
-    extra_system = client_system if character is None else ""
+    system_override = client_system if character is None else ""
     prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
                             user_name=conversation.user_name if conversation else "User",
                             max_tokens=params.max_tokens, forced_scenarios=forced,
-                            extra_system=extra_system)
+                            system_override=system_override)
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
@@ -117,7 +119,10 @@ def sampling_params_for(*, data: dict, character: Character | None, engine) -> S
 
 def chat_completion_run(*, plan: ChatPlan) -> dict:
     """Generate the whole reply (blocking), store it, and return the chat.completion object."""
-    completion = plan.engine.generate(plan.prompt.text, plan.params)
+    completion = cached_completion(plan)
+    if completion is None:
+        completion = plan.engine.generate(plan.prompt.text, plan.params)
+        remember_completion(plan, completion)
     conversation = chat_exchange_store(plan=plan, completion=completion)
     return chat_completion_body(plan=plan, completion=completion, conversation=conversation)
 

@@ -14,6 +14,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from .errors import error_from_exception
+from .response_cache import MISS, remember_completion
 from .services import ChatPlan, chat_exchange_store, scenarios_used, usage_of
 
 logger = logging.getLogger("llmsite.api")
@@ -61,6 +62,8 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
                 yield sse(chunk({"content": delta}))
         completion = generation.result
         finished = True
+        if plan.cache_status == MISS:
+            await sync_to_async(remember_completion)(plan, completion)
         conversation = await sync_to_async(chat_exchange_store)(plan=plan, completion=completion)
         yield sse(chunk({}, completion.finish_reason, scenarios=scenarios_used(plan),
                         conversation=str(conversation.pk) if conversation else None))

@@ -5,6 +5,7 @@ from . import views
 urlpatterns = [
     path("chat/completions", views.ChatCompletionsView.as_view(), name="chat-completions"),
     path("completions", views.CompletionsView.as_view(), name="completions"),
+    path("jobs/<uuid:pk>", views.JobView.as_view(), name="job"),
     path("models", views.ModelListView.as_view(), name="models"),
     path("characters/", views.CharacterListView.as_view(), name="character-list"),
     path("characters/<slug:slug>/", views.CharacterDetailView.as_view(), name="character-detail"),

@@ -11,6 +11,8 @@ from characters.models import Character
 from . import serializers as s
 from .errors import ApiError
 from .inference import get_registry
+from .jobs import api_key_of, job_body, job_cancel, job_get_visible, job_submit, job_url, wants_background
+from .response_cache import ReplayedGeneration, cached_completion
 from .selectors import conversation_get_owned, conversations_of
 from .services import chat_completion_run, chat_request_prepare, text_completion_run
 from .streaming import chat_completion_events
@@ -45,11 +47,33 @@ class ChatCompletionsView(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         plan = chat_request_prepare(user=request.user, data=data)
+        if wants_background(data):
+            job = job_submit(user=request.user, api_key=api_key_of(request), payload=serializer.initial_data)
+            job.refresh_from_db()  # inline mode (no broker) has already run it
+            return Response(job_body(job), status=202, headers={"Location": job_url(job)})
         if data.get("stream"):
-            generation = plan.engine.submit(plan.prompt.text, plan.params)
+            cached = cached_completion(plan)
+            generation = ReplayedGeneration(cached) if cached else plan.engine.submit(plan.prompt.text, plan.params)
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            return sse_response(chat_completion_events(plan=plan, generation=generation, include_usage=include_usage))
-        return Response(chat_completion_run(plan=plan))
+            response = sse_response(chat_completion_events(plan=plan, generation=generation,
+                                                           include_usage=include_usage))
+        else:
+            response = Response(chat_completion_run(plan=plan))
+        response["X-Cache"] = plan.cache_status
+        return response
+
+
+class JobView(APIView):
+    """A background chat completion: its state, and DELETE to cancel it."""
+
+    @extend_schema(responses={200: dict, 404: ERRORS[404]})
+    def get(self, request, pk):
+        return Response(job_body(job_get_visible(user=request.user, api_key=api_key_of(request), job_id=pk)))
+
+    @extend_schema(responses={200: dict, 404: ERRORS[404]})
+    def delete(self, request, pk):
+        job = job_get_visible(user=request.user, api_key=api_key_of(request), job_id=pk)
+        return Response(job_body(job_cancel(job=job)))
 
 
 class CompletionsView(APIView):

@@ -136,6 +136,8 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A message unacknowledged this long (its worker died) is delivered again to another worker.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -184,6 +186,16 @@ API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200)           # cap on messages 
 API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
 SSE_KEEPALIVE_SECONDS = float(os.environ.get("SSE_KEEPALIVE_SECONDS", "10"))
+
+# Deterministic replies (temperature 0 or a seed) answered from the cache; see chat/response_cache.py.
+RESPONSE_CACHE_ENABLED = env_bool("RESPONSE_CACHE_ENABLED", True)
+RESPONSE_CACHE_TTL = env_int("RESPONSE_CACHE_TTL", 3600)
+
+# Background jobs (Celery): requests with background=true, or asking for more tokens than this.
+BACKGROUND_MAX_TOKENS_THRESHOLD = env_int("BACKGROUND_MAX_TOKENS_THRESHOLD", 1024)
+JOB_TTL_SECONDS = env_int("JOB_TTL_SECONDS", 24 * 3600)
+# A running job whose worker has not reported for this long is marked failed (worker lost).
+JOB_HEARTBEAT_TIMEOUT = env_int("JOB_HEARTBEAT_TIMEOUT", 60)
 SPECTACULAR_SETTINGS = {
     "TITLE": "llmsite API",
     "DESCRIPTION": "OpenAI-compatible chat completions with characters and scenarios.",

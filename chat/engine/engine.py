@@ -89,7 +89,8 @@ class Engine:
         return generation.result
 
     def stats(self) -> dict:
-        """{"active", "queued", "prefix_hits", "prefix_misses", "tokens_generated", "prompt_tokens", ...}"""
+        """Counters: active, queued, prefix_hits, prefix_misses, tokens_generated, prompt_tokens (since load),
+        plus cached_prompt_tokens, peak_active and backend details (prefix cache size)."""
         return self._scheduler.stats()
 
     def close(self) -> None:

@@ -26,7 +26,9 @@ class Scheduler:
         self._queued: deque[Sequence] = deque()
         self._active: list[Sequence] = []  # touched by the scheduler thread only
         self._closing = False
-        self._counters = dict(prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0)
+        self._counters = dict(
+            prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0, peak_active=0
+        )
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}", daemon=True)
         self._thread.start()
 
@@ -115,6 +117,7 @@ class Scheduler:
             seq.generation._push_error(error)
             return
         self._active.append(seq)
+        self._counters["peak_active"] = max(self._counters["peak_active"], len(self._active))
         self._counters["prompt_tokens"] += len(seq.prompt_tokens)
         self._counters["cached_prompt_tokens"] += seq.cached_prompt_tokens
         self._counters["prefix_hits" if seq.cached_prompt_tokens else "prefix_misses"] += 1

@@ -77,17 +77,21 @@ def prompt_compose(
     max_tokens: int,
     forced_scenarios: Iterable[Scenario] | None = None,
     extra_system: str = "",
+    system_override: str = "",
 ) -> ComposedPrompt:
     """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
 
     `character` None composes with the default system prompt and global scenarios only.
     `forced_scenarios` replaces scenario matching (and its token budget) with the given scenarios.
+    `system_override` replaces the default system prompt when there is no character (API clients'
+    own system messages).
     Raises ContextOverflow when even the minimum prompt leaves no room for `max_tokens`, and
     ValueError for malformed turns.
     """
     turns = _checked_turns(turns)
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
-                         forced_scenarios=forced_scenarios, extra_system=extra_system)
+                         forced_scenarios=forced_scenarios, extra_system=extra_system,
+                         system_override=system_override)
     return _fit(engine=engine, parts=parts, max_tokens=max_tokens)
 
 
@@ -119,7 +123,8 @@ class _Parts:
     dropped: list[str]
 
     @classmethod
-    def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system) -> _Parts:
+    def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system,
+              system_override="") -> _Parts:
         char_name = character.name if character is not None else "Assistant"
 
         def fill(text: str) -> str:
@@ -134,7 +139,8 @@ class _Parts:
                 matches=found, cost=lambda scenario: engine.count_tokens(fill(scenario.content)))
             dropped += [f"scenario '{m.scenario.title}' (over the scenario token budget)" for m in over_budget]
         return cls(
-            stable=_stable_text(character, fill),
+            stable=system_override.strip() if character is None and system_override.strip()
+            else _stable_text(character, fill),
             examples=[fill(block) for block in example_dialogue_blocks(character.example_dialogue)]
             if character is not None else [],
             matches=matches,
