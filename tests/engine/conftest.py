@@ -1,0 +1,92 @@
+"""Engine fixtures: tiny random GGUF models written once per session, and one shared registry.
+
+The registry is session-scoped so each model loads once for the whole suite; tests that need an
+engine with special settings get their own spec in it. Nothing here imports an inference library:
+backends are imported when a model is first used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from chat.engine import ModelRegistry, ModelSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOLLM2_PATH = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_CONTEXT = 256
+
+# Like Gemma's template: refuses a system role.
+SYSTEM_REJECTING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _tiny_gguf_writer():
+    spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "scripts" / "make_tiny_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_tiny_gguf
+
+
+@pytest.fixture(scope="session")
+def write_tiny_gguf():
+    return _tiny_gguf_writer()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, write_tiny_gguf) -> Path:
+    """A tiny llama model with a ChatML chat template."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_without_template(tmp_path_factory, write_tiny_gguf) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-plain.gguf", seed=1, with_chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    if not SMOLLM2_PATH.exists():
+        pytest.fail(f"{SMOLLM2_PATH} is missing: run `make model` (make test does it first)")
+    return SMOLLM2_PATH
+
+
+@pytest.fixture(scope="session")
+def registry(tiny_gguf, tiny_gguf_without_template):
+    tiny = str(tiny_gguf)
+    specs = [
+        ModelSpec("tiny-llama", tiny, context_length=TINY_CONTEXT, parallel=4),
+        # One thread: ctransformers' old ggml spins its worker threads, which costs more than a tiny model computes.
+        ModelSpec("tiny-ct", tiny, backend="ctransformers", context_length=TINY_CONTEXT, threads=1),
+        # Separate engines where a test needs to know exactly what ran in them.
+        ModelSpec("tiny-batch", tiny, context_length=TINY_CONTEXT, parallel=4),
+        ModelSpec("tiny-prefix", tiny, context_length=TINY_CONTEXT, parallel=1, prefix_cache_mb=8),
+        ModelSpec("tiny-plain", str(tiny_gguf_without_template), context_length=TINY_CONTEXT, parallel=1),
+        ModelSpec("tiny-folding", tiny, context_length=TINY_CONTEXT, parallel=1, chat_template=SYSTEM_REJECTING_TEMPLATE),
+        ModelSpec("smollm2", str(SMOLLM2_PATH), context_length=1024, parallel=4),
+        ModelSpec("smollm2-ct", str(SMOLLM2_PATH), backend="ctransformers"),
+        ModelSpec("missing", str(ROOT / "models" / "does-not-exist.gguf")),
+    ]
+    registry = ModelRegistry(specs)
+    yield registry
+    registry.close()
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-ct"])
+def tiny_engine(request, registry):
+    """The tiny model under each backend."""
+    return registry.get(request.param)
+
+
+@pytest.fixture
+def smollm2(registry, smollm2_gguf):
+    return registry.get("smollm2")

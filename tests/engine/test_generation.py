@@ -1,0 +1,217 @@
+"""Generation on both backends with the tiny model: limits, stop strings, seeds, cancellation, async, errors."""
+
+import asyncio
+
+import pytest
+
+from chat.engine import ContextOverflow, InvalidRequest, SamplingParams, UnsupportedFeature
+
+from .conftest import TINY_CONTEXT
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+PROMPT = "hello world, the capital of france is"
+
+
+def test_generate_returns_a_completion(tiny_engine):
+    completion = tiny_engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0.8, seed=1))
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 12
+    assert completion.prompt_tokens == len(tiny_engine.tokenize(PROMPT)) + 1  # + BOS, which this model wants
+    assert completion.text
+
+
+def test_streamed_deltas_add_up_to_the_completion_text(tiny_engine):
+    generation = tiny_engine.submit(PROMPT, SamplingParams(max_tokens=16, seed=7))
+    deltas = list(generation)
+    assert "".join(deltas) == generation.result.text
+    assert generation.done and generation.id
+
+
+def test_bos_is_not_doubled_when_the_prompt_already_starts_with_it(tiny_engine):
+    tokens = tiny_engine.prompt_tokens("<s>" + PROMPT)
+    assert tokens == tiny_engine.prompt_tokens(PROMPT)
+    assert tokens.count(tokens[0]) == 1
+
+
+def test_stop_string_ends_generation_and_is_not_returned(tiny_engine):
+    full = tiny_engine.generate(PROMPT, GREEDY).text
+    # Pick a stop string from the middle of the greedy reply; greedy decoding repeats it exactly.
+    start = next(i for i in range(len(full) // 3, len(full) - 3) if full.find(full[i : i + 3]) == i)
+    stop = full[start : start + 3]
+    completion = tiny_engine.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0, stop=(stop, "\x00never")))
+    assert completion.finish_reason == "stop"
+    assert completion.text == full[:start]
+    assert stop not in completion.text
+
+
+def test_same_seed_same_text_at_positive_temperature(tiny_engine):
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=1234)
+    first = tiny_engine.generate(PROMPT, params).text
+    assert tiny_engine.generate(PROMPT, params).text == first
+    others = {tiny_engine.generate(PROMPT, SamplingParams(max_tokens=20, temperature=1.0, seed=s)).text for s in (1, 2, 3)}
+    assert others - {first}, "different seeds should give different samples"
+
+
+def test_every_delta_is_valid_utf8(tiny_engine):
+    # The tiny vocabulary has raw byte tokens, so random sampling produces partial and invalid sequences.
+    generation = tiny_engine.submit(PROMPT, SamplingParams(max_tokens=120, temperature=1.5, top_k=0, top_p=1.0, seed=5))
+    deltas = list(generation)
+    for delta in deltas:
+        assert isinstance(delta, str)
+        delta.encode("utf-8")  # raises on lone surrogates
+    assert "".join(deltas) == generation.result.text
+
+
+def test_cancel_frees_the_sequence(tiny_engine):
+    generation = tiny_engine.submit(PROMPT, SamplingParams(max_tokens=TINY_CONTEXT, temperature=1.0, seed=3))
+    stream = iter(generation)
+    next(stream)
+    generation.cancel()
+    generation.cancel()  # idempotent
+    rest = list(stream)
+    assert generation.result.finish_reason == "cancelled"
+    assert generation.result.completion_tokens < TINY_CONTEXT - 20
+    assert generation.result.text.startswith("".join(rest)[:0])
+    assert tiny_engine.stats()["active"] == 0
+    # The freed slot serves the next request.
+    assert tiny_engine.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0)).finish_reason == "length"
+
+
+def test_leaving_the_loop_early_cancels(tiny_engine):
+    generation = tiny_engine.submit(PROMPT, SamplingParams(max_tokens=TINY_CONTEXT, temperature=1.0, seed=3))
+    for _ in generation:
+        break
+    for _ in generation:  # iterating again waits for the end
+        pass
+    assert generation.result.finish_reason == "cancelled"
+    assert tiny_engine.stats()["active"] == 0
+
+
+def test_cancelling_a_queued_request_never_starts_it(registry):
+    engine = registry.get("tiny-ct")  # one sequence at a time: the second request waits in the queue
+    running = engine.submit(PROMPT, SamplingParams(max_tokens=60, temperature=0))
+    queued = engine.submit(PROMPT, SamplingParams(max_tokens=60, temperature=0))
+    queued.cancel()
+    assert list(queued) == [] or queued.result.finish_reason == "cancelled"
+    assert queued.result.finish_reason == "cancelled"
+    list(running)
+    assert running.result.finish_reason == "length"
+
+
+def test_ctransformers_serves_requests_one_at_a_time_in_order(registry):
+    engine = registry.get("tiny-ct")
+    generations = [engine.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0)) for _ in range(3)]
+    list(generations[2])
+    assert generations[0].done and generations[1].done
+    assert engine.stats()["peak_active"] == 1
+
+
+def test_context_overflow_is_raised_at_submit(tiny_engine):
+    words = "the " * (TINY_CONTEXT + 10)
+    queued_before = tiny_engine.stats()["queued"]
+    with pytest.raises(ContextOverflow) as raised:
+        tiny_engine.submit(words, GREEDY)
+    assert raised.value.context_length == TINY_CONTEXT == tiny_engine.context_length
+    assert raised.value.prompt_tokens == len(tiny_engine.prompt_tokens(words)) > TINY_CONTEXT
+    assert tiny_engine.stats()["queued"] == queued_before
+
+
+def test_prompt_that_leaves_no_room_for_one_token_overflows(tiny_engine):
+    prompt = " ".join(["the"] * (TINY_CONTEXT - 1))  # BOS + TINY_CONTEXT - 1 tokens fill the context exactly
+    assert len(tiny_engine.prompt_tokens(prompt)) == TINY_CONTEXT
+    with pytest.raises(ContextOverflow):
+        tiny_engine.submit(prompt, GREEDY)
+
+
+def test_max_tokens_is_clipped_to_the_room_left(tiny_engine):
+    prompt = " ".join(["the"] * (TINY_CONTEXT - 4))  # leaves 3 tokens
+    completion = tiny_engine.generate(prompt, SamplingParams(max_tokens=100, temperature=0, repetition_penalty=1.0))
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 3
+    assert completion.prompt_tokens + completion.completion_tokens == TINY_CONTEXT
+
+
+async def test_async_iteration_does_not_block_the_event_loop(tiny_engine):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(ticker())
+    generation = tiny_engine.submit(PROMPT, SamplingParams(max_tokens=40, seed=11))
+    deltas = [delta async for delta in generation]
+    ticking.cancel()
+    assert "".join(deltas) == generation.result.text
+    assert generation.result.completion_tokens <= 40
+    assert ticks > len(deltas)  # the loop kept running while we waited for tokens
+    expected = tiny_engine.generate(PROMPT, SamplingParams(max_tokens=40, seed=11)).text
+    assert generation.result.text == expected
+
+
+async def test_async_task_cancellation_cancels_the_generation(tiny_engine):
+    generation = tiny_engine.submit(PROMPT, SamplingParams(max_tokens=TINY_CONTEXT, temperature=1.0, seed=2))
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in generation:
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()  # what a client disconnect does to a streaming response
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async for _ in generation:
+        pass
+    assert generation.result.finish_reason == "cancelled"
+
+
+def test_grammar_constrains_llama_cpp_output(registry):
+    engine = registry.get("tiny-llama")
+    grammar = 'root ::= ("yes" | "no") "."'
+    for seed in (1, 2, 3):
+        completion = engine.generate(PROMPT, SamplingParams(max_tokens=10, seed=seed, grammar=grammar))
+        assert completion.text in ("yes.", "no.")
+        assert completion.finish_reason == "stop"  # after the grammar completes only end-of-generation is allowed
+
+
+def test_invalid_grammar_is_rejected_at_submit(registry):
+    with pytest.raises(InvalidRequest):
+        registry.get("tiny-llama").submit(PROMPT, SamplingParams(grammar="root ::= (unclosed"))
+
+
+def test_ctransformers_refuses_what_it_cannot_do(registry):
+    engine = registry.get("tiny-ct")
+    with pytest.raises(UnsupportedFeature, match="llama_cpp"):
+        engine.submit(PROMPT, SamplingParams(grammar='root ::= "yes"'))
+    with pytest.raises(UnsupportedFeature):
+        engine.submit(PROMPT, SamplingParams(presence_penalty=0.5))
+
+
+def test_penalties_are_applied_by_llama_cpp(registry):
+    engine = registry.get("tiny-llama")
+    plain = engine.generate(PROMPT, SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.0))
+    penalised = engine.generate(
+        PROMPT,
+        SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.0, presence_penalty=2.0, frequency_penalty=2.0),
+    )
+    assert plain.text != penalised.text
+
+
+def test_invalid_sampling_params_are_client_errors():
+    with pytest.raises(InvalidRequest):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidRequest):
+        SamplingParams(stop=("",))
+    assert SamplingParams(stop="END").stop == ("END",)
+
+
+def test_stats_report_the_counters(tiny_engine):
+    tiny_engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0))
+    stats = tiny_engine.stats()
+    for key in ("active", "queued", "prefix_hits", "prefix_misses", "tokens_generated", "prompt_tokens"):
+        assert isinstance(stats[key], int)
+    assert stats["tokens_generated"] >= 3 and stats["active"] == 0

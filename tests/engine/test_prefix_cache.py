@@ -1,0 +1,89 @@
+"""Prefix reuse: evaluated prompt prefixes are reused (idle KV or saved state) and give the same output as cold."""
+
+import pytest
+
+from chat.engine import ModelRegistry, ModelSpec, SamplingParams
+from chat.engine.prefix_cache import PrefixCache, common_prefix_length
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+CHARACTER = "you are a pirate who loves the sea and tells long stories about ships and water. " * 3
+
+
+def chat_prompt(engine, system: str, question: str) -> str:
+    return engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix_length([1, 2, 3], [1, 5, 3]) == 1
+    assert common_prefix_length([], [1]) == 0
+
+
+def test_prefix_cache_finds_the_longest_match_and_evicts_least_recently_used():
+    cache = PrefixCache(budget_bytes=100)
+    cache.put([1, 2, 3], "a", 40)
+    cache.put([1, 2, 9, 9], "b", 40)
+    entry, length = cache.longest_match([1, 2, 9, 7])
+    assert entry.state == "b" and length == 3
+    cache.longest_match([1, 2, 3, 4])  # "a" is now the most recently used
+    cache.put([7, 7], "c", 40)  # over budget: "b" goes
+    assert len(cache) == 2 and cache.total_bytes == 80
+    assert cache.longest_match([1, 2, 9])[0].state == "a"
+    assert not cache.put([5], "too big", 101)
+
+
+def test_prefix_cache_drops_entries_that_a_longer_one_extends():
+    cache = PrefixCache(budget_bytes=1000)
+    cache.put([1, 2], "short", 10)
+    cache.put([1, 2, 3], "long", 10)
+    assert len(cache) == 1 and cache.covers([1, 2]) and not cache.covers([1, 2, 4])
+
+
+def test_reused_prefix_gives_the_same_output_as_cold(registry):
+    engine = registry.get("tiny-prefix")  # one slot, so other prompts push earlier ones into the saved-state cache
+    prompt = chat_prompt(engine, CHARACTER, "who are you")
+    cold = engine.generate(prompt, GREEDY)
+
+    # Another character takes the only slot; the first one's state is saved on the way out.
+    engine.generate(chat_prompt(engine, "you are a city clerk. " * 20, "hello"), GREEDY)
+    restored = engine.generate(chat_prompt(engine, CHARACTER, "who are you"), GREEDY)
+    assert restored.text == cold.text
+    assert restored.cached_prompt_tokens > len(engine.tokenize(CHARACTER)) // 2
+    assert engine.stats()["prefix_cache_entries"] >= 1
+
+    # Same character, next question: continues from the slot's own KV cells.
+    follow_up = chat_prompt(engine, CHARACTER, "where is paris")
+    resident = engine.generate(follow_up, GREEDY)
+    assert resident.cached_prompt_tokens > len(engine.tokenize(CHARACTER)) // 2
+    assert resident.text == cold_output(engine, follow_up)
+
+
+def cold_output(engine, prompt: str) -> str:
+    registry = ModelRegistry([ModelSpec("cold", engine.spec.path, context_length=engine.context_length, parallel=1, prefix_cache_mb=0)])
+    try:
+        completion = registry.get().generate(prompt, GREEDY)
+        assert completion.cached_prompt_tokens == 0
+        return completion.text
+    finally:
+        registry.close()
+
+
+def test_prefix_hits_and_misses_are_counted(registry):
+    engine = registry.get("tiny-prefix")
+    before = engine.stats()
+    prompt = chat_prompt(engine, CHARACTER + " extra", "hi")
+    engine.generate(prompt, GREEDY)
+    engine.generate(prompt, GREEDY)
+    after = engine.stats()
+    assert after["prefix_hits"] > before["prefix_hits"]
+    assert after["cached_prompt_tokens"] > before["cached_prompt_tokens"]
+
+
+@pytest.mark.smollm2
+def test_smollm2_reused_prefix_gives_the_same_output_as_cold(smollm2, smollm2_gguf):
+    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 8
+    prompt = chat_prompt(smollm2, system, "What do you like most about the sea?")
+    cold = smollm2.generate(prompt, GREEDY)
+    warm = smollm2.generate(prompt, GREEDY)
+    assert warm.cached_prompt_tokens >= len(smollm2.tokenize(system))
+    assert warm.text == cold.text
