@@ -22,7 +22,7 @@ from .errors import ApiError, NotFound
 from .grammars import grammar_for_response_format
 from .inference import get_engine
 from .models import Conversation, Message
-from .prompting import prompt_compose
+from .prompting import prompt_compose, prompt_greeting
 from .response_cache import BYPASS, cached_completion, remember_completion
 from .selectors import character_get_active, conversation_get_owned
 
@@ -52,8 +52,12 @@ class ChatPlan:
         return self.engine.spec.name
 
 
-def chat_request_prepare(*, user, data: dict) -> ChatPlan:
-    """Resolve character, conversation, model and sampling, and compose the prompt."""
+def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
+    """Resolve character, conversation, model and sampling, and compose the prompt.
+
+    `greet`: a new conversation starts with the character's greeting as its first message (the
+    chat page and WebSocket show it; API clients manage their own history).
+    """
     conversation = None
     if data.get("conversation"):
         conversation = conversation_get_owned(user=user, conversation_id=data["conversation"])
@@ -70,6 +74,8 @@ def chat_request_prepare(*, user, data: dict) -> ChatPlan:
                    for m in conversation.messages.filter(role__in=CLIENT_TURN_ROLES).order_by("id")]
         new_turns = [client_turns[-1]]
     else:
+        if greet and character is not None and character.greeting.strip():
+            client_turns = [{"role": "assistant", "content": prompt_greeting(character=character)}, *client_turns]
         history, new_turns = client_turns[:-1], client_turns
 
     engine = get_engine(data.get("model") or None)

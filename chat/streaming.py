@@ -1,7 +1,8 @@
-"""Server-sent events for streamed chat completions, served by the ASGI event loop (no thread per stream).
+"""Streaming a reply to a client, for server-sent events (HTTP) and WebSocket alike.
 
-A client that disconnects cancels the stream's task; the `finally` cancels the generation so
-the scheduler frees its sequence, and nothing is stored as a complete reply.
+Runs on the ASGI event loop (no thread per stream). A client that disconnects cancels the
+consuming task; `reply_stream` then cancels the generation so the scheduler frees its sequence,
+and nothing is stored as a complete reply.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from .errors import error_from_exception
-from .response_cache import MISS, remember_completion
+from .response_cache import MISS, ReplayedGeneration, cached_completion, remember_completion
 from .services import ChatPlan, chat_exchange_store, scenarios_used, usage_of
 
 logger = logging.getLogger("llmsite.api")
 
 
-def sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+def generation_for(plan: ChatPlan):
+    """A cached reply replayed, or a live generation submitted to the engine (sync: reads the cache)."""
+    cached = cached_completion(plan)
+    return ReplayedGeneration(cached) if cached else plan.engine.submit(plan.prompt.text, plan.params)
 
 
 async def deltas_with_keepalive(generation, interval: float):
@@ -46,40 +48,63 @@ async def deltas_with_keepalive(generation, interval: float):
             pending.cancel()
 
 
+async def reply_stream(plan: ChatPlan, generation, *, keepalive: float | None = None):
+    """Yield ("delta", text), ("keepalive", None), then ("end", (completion, conversation)) once stored."""
+    finished = False
+    try:
+        async for delta in deltas_with_keepalive(generation, keepalive or settings.SSE_KEEPALIVE_SECONDS):
+            if delta is None:
+                yield "keepalive", None
+            elif delta:
+                yield "delta", delta
+        completion = generation.result
+        finished = True
+        if plan.cache_status == MISS:
+            await sync_to_async(remember_completion)(plan, completion)
+        conversation = await sync_to_async(chat_exchange_store)(plan=plan, completion=completion)
+        yield "end", (completion, conversation)
+    except asyncio.CancelledError:
+        logger.info("client went away; generation %s cancelled", generation.id)
+        raise
+    finally:
+        if not finished:
+            generation.cancel()
+
+
+def end_fields(plan: ChatPlan, completion, conversation) -> dict:
+    return {"finish_reason": completion.finish_reason, "usage": usage_of(completion),
+            "scenarios": scenarios_used(plan), "conversation": str(conversation.pk) if conversation else None}
+
+
+# --- Server-sent events ---------------------------------------------------------------------------
+
+
+def sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
 async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: bool):
     def chunk(delta: dict, finish_reason=None, **extra) -> dict:
         return {"id": plan.completion_id, "object": "chat.completion.chunk", "created": plan.created,
                 "model": plan.model_name, "system_fingerprint": None,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
 
-    finished = False
+    yield sse(chunk({"role": "assistant", "content": ""}))
     try:
-        yield sse(chunk({"role": "assistant", "content": ""}))
-        async for delta in deltas_with_keepalive(generation, settings.SSE_KEEPALIVE_SECONDS):
-            if delta is None:
+        async for kind, value in reply_stream(plan, generation):
+            if kind == "keepalive":
                 yield b": keep-alive\n\n"
-            elif delta:
-                yield sse(chunk({"content": delta}))
-        completion = generation.result
-        finished = True
-        if plan.cache_status == MISS:
-            await sync_to_async(remember_completion)(plan, completion)
-        conversation = await sync_to_async(chat_exchange_store)(plan=plan, completion=completion)
-        yield sse(chunk({}, completion.finish_reason, scenarios=scenarios_used(plan),
-                        conversation=str(conversation.pk) if conversation else None))
-        if include_usage:
-            usage_chunk = chunk({})
-            usage_chunk["choices"] = []
-            usage_chunk["usage"] = usage_of(completion)
-            yield sse(usage_chunk)
-    except asyncio.CancelledError:
-        logger.info("client disconnected; generation %s cancelled", generation.id)
-        raise
+            elif kind == "delta":
+                yield sse(chunk({"content": value}))
+            else:
+                completion, conversation = value
+                end = end_fields(plan, completion, conversation)
+                yield sse(chunk({}, end["finish_reason"], scenarios=end["scenarios"],
+                                conversation=end["conversation"]))
+                if include_usage:
+                    yield sse({**chunk({}), "choices": [], "usage": end["usage"]})
     except Exception as exc:  # engine errors keep their message; anything else is logged, answered generically
-        finished = True
         _, body, _ = error_from_exception(exc)
         yield sse(body)
-    finally:
-        if not finished:
-            generation.cancel()
     yield sse("[DONE]")

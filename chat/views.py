@@ -12,10 +12,9 @@ from . import serializers as s
 from .errors import ApiError
 from .inference import get_registry
 from .jobs import api_key_of, job_body, job_cancel, job_get_visible, job_submit, job_url, wants_background
-from .response_cache import ReplayedGeneration, cached_completion
 from .selectors import conversation_get_owned, conversations_of
 from .services import chat_completion_run, chat_request_prepare, text_completion_run
-from .streaming import chat_completion_events
+from .streaming import chat_completion_events, generation_for
 
 ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, text in {
     400: "Invalid request (the error names the field), or context_length_exceeded.",
@@ -52,8 +51,7 @@ class ChatCompletionsView(APIView):
             job.refresh_from_db()  # inline mode (no broker) has already run it
             return Response(job_body(job), status=202, headers={"Location": job_url(job)})
         if data.get("stream"):
-            cached = cached_completion(plan)
-            generation = ReplayedGeneration(cached) if cached else plan.engine.submit(plan.prompt.text, plan.params)
+            generation = generation_for(plan)
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             response = sse_response(chat_completion_events(plan=plan, generation=generation,
                                                            include_usage=include_usage))

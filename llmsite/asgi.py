@@ -8,10 +8,19 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
 # Django must be set up before anything imports models (routing, consumers).
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.ws_auth import ApiKeyAuthMiddleware  # noqa: E402
+
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
 
-application = ProtocolTypeRouter({"http": http_app})
+application = ProtocolTypeRouter({
+    "http": http_app,
+    # Origin checked against ALLOWED_HOSTS; the session's user first, then an API key if sent.
+    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
+})

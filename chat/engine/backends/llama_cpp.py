@@ -192,11 +192,14 @@ class LlamaCppBackend(Backend):
     # -- scheduler thread --------------------------------------------------------------------
 
     def start(self, seq: Sequence) -> None:
-        slot, reused = self._claim_slot(seq.prompt_tokens)
+        sampler = self._sampler_chain(seq)  # first: if it fails, no slot is left claimed
+        try:
+            slot, reused = self._claim_slot(seq.prompt_tokens)
+        except BaseException:
+            self._llama.llama_sampler_free(sampler)
+            raise
         seq.cached_prompt_tokens = reused
-        seq.backend_state = _SequenceState(
-            slot=slot, sampler=self._sampler_chain(seq), pending=list(seq.prompt_tokens[reused:])
-        )
+        seq.backend_state = _SequenceState(slot=slot, sampler=sampler, pending=list(seq.prompt_tokens[reused:]))
 
     def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
         """A free slot holding as much of `prompt` as possible in its KV cells; returns it and that length."""

@@ -1,0 +1,90 @@
+"""WebSocket chat: ws/chat/<character>/ streams a reply's tokens as JSON events.
+
+Client sends {"type": "message", "content": "...", optional "conversation", "max_tokens",
+"temperature", "seed"}; the server answers {"type": "start"}, {"type": "token", "text"}...,
+{"type": "end", finish_reason, usage, scenarios, conversation} or {"type": "error", "error"}.
+Closing the socket cancels the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from rest_framework.exceptions import ValidationError
+
+from .errors import error_from_exception
+from .serializers import ChatCompletionRequestSerializer
+from .services import chat_request_prepare
+from .streaming import end_fields, generation_for, reply_stream
+
+logger = logging.getLogger("llmsite.ws")
+
+CLOSE_UNAUTHENTICATED = 4401
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.character_slug = self.scope["url_route"]["kwargs"]["character"]
+        self.conversation_id = None
+        self.reply_task: asyncio.Task | None = None
+        await self.accept()
+
+    async def disconnect(self, code):
+        task = getattr(self, "reply_task", None)
+        if task is not None and not task.done():
+            task.cancel()  # reply_stream's cleanup cancels the generation
+
+    async def receive_json(self, content, **kwargs):
+        if not isinstance(content, dict) or content.get("type") != "message":
+            await self.send_error(ValidationError({"type": "send {\"type\": \"message\", \"content\": \"...\"}."}))
+            return
+        if self.reply_task is not None and not self.reply_task.done():
+            await self.send_error(ValidationError({"content": "wait for the current reply to finish."}))
+            return
+        self.reply_task = asyncio.create_task(self.reply(content))
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        try:
+            await super().receive(text_data=text_data, bytes_data=bytes_data, **kwargs)
+        except ValueError:  # not JSON
+            await self.send_error(ValidationError({"message": "each message must be a JSON object."}))
+
+    async def reply(self, content: dict):
+        try:
+            payload = {"messages": [{"role": "user", "content": content.get("content")}],
+                       "character": self.character_slug,
+                       "conversation": content.get("conversation") or self.conversation_id,
+                       **{key: content[key] for key in SAMPLING_KEYS if key in content}}
+            plan = await sync_to_async(self.prepare)(payload)
+            generation = await sync_to_async(generation_for)(plan)
+            await self.send_json({"type": "start", "conversation": self.conversation_id,
+                                  "scenarios": [s.title for s in plan.prompt.scenarios]})
+            async for kind, value in reply_stream(plan, generation):
+                if kind == "delta":
+                    await self.send_json({"type": "token", "text": value})
+                elif kind == "end":
+                    completion, conversation = value
+                    self.conversation_id = str(conversation.pk) if conversation else None
+                    await self.send_json({"type": "end", "text": completion.text,
+                                          **end_fields(plan, completion, conversation)})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self.send_error(exc)
+
+    def prepare(self, payload: dict):
+        serializer = ChatCompletionRequestSerializer(data=payload)
+        serializer.is_valid(raise_exception=True)
+        return chat_request_prepare(user=self.scope["user"], data=serializer.validated_data, greet=True)
+
+    async def send_error(self, exc: Exception):
+        status, body, _ = error_from_exception(exc)
+        await self.send_json({"type": "error", "status": status, **body})
