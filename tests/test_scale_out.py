@@ -1,0 +1,167 @@
+"""Against real Redis and a real Celery worker process: background jobs, the response cache, outages."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.live import LiveServer, free_port, prepare_database
+from tests.subprocess_helpers import ROOT
+
+pytestmark = pytest.mark.smollm2
+
+ASK = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 12, "temperature": 0}
+
+
+class Worker:
+    def __init__(self, server: LiveServer):
+        self.server = server
+        self.process = None
+
+    def start(self):
+        log = open(self.server.workdir / "worker.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "llmsite", "worker", "--pool", "prefork", "--concurrency", "1",
+             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=ROOT, env=self.server.child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_url, smollm2_path):
+    """daphne + a Celery worker sharing one SQLite file, with Redis as broker, cache and channel layer."""
+    base = redis_url.rsplit("/", 1)[0]
+    server = LiveServer(workdir=tmp_path_factory.mktemp("scale-out"), env={
+        "REDIS_URL": f"{base}/14", "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "API_RATE_LIMIT": "",
+        "JOB_HEARTBEAT_TIMEOUT": "30"})
+    keys = prepare_database(server, {"ann": ["ann"], "ben": ["ben"]})
+    server.start()
+    worker = Worker(server)
+    worker.start()
+    try:
+        yield server, keys, worker
+    finally:
+        worker.stop()
+        server.stop()
+
+
+def api(server, key):
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def wait_for(client, url, predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    body = None
+    while time.monotonic() < deadline:
+        body = client.get(url).json()
+        if predicate(body):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; last state: {body}")
+
+
+def test_background_job_from_submit_to_done(stack):
+    server, keys, _ = stack
+    client = api(server, keys["ann"])
+    response = client.post("/v1/chat/completions", json={**ASK, "background": True, "max_tokens": 16})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] in ("queued", "running") and response.headers["Location"] == job["url"]
+    done = wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"))
+    assert done["status"] == "done", done
+    assert done["result"]["object"] == "chat.completion" and done["result"]["choices"][0]["message"]["content"]
+    # Jobs belong to the key that made them.
+    assert api(server, keys["ben"]).get(job["url"]).status_code == 404
+
+
+def test_long_request_goes_to_the_background_and_can_be_cancelled(stack):
+    server, keys, _ = stack
+    client = api(server, keys["ann"])
+    response = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
+        "max_tokens": 1500, "temperature": 0.8, "seed": 3})
+    assert response.status_code == 202  # over BACKGROUND_MAX_TOKENS_THRESHOLD
+    url = response.json()["url"]
+    running = wait_for(client, url, lambda b: b["status"] == "running" and b["completion_tokens"] > 0)
+    assert running["text_so_far"]
+    cancelled = client.delete(url).json()
+    assert cancelled["status"] == "cancelled"
+    time.sleep(2)
+    after = client.get(url).json()
+    assert after["status"] == "cancelled" and "result" not in after
+    # The worker is free again: the next job completes.
+    job = client.post("/v1/chat/completions", json={**ASK, "background": True}).json()
+    assert wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"))["status"] == "done"
+
+
+def test_a_killed_worker_process_leaves_the_job_re_run_not_stuck(stack):
+    server, keys, _ = stack
+    client = api(server, keys["ann"])
+    job = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
+        "max_tokens": 300, "temperature": 0.8, "seed": 5, "background": True}).json()
+    wait_for(client, job["url"], lambda b: b["status"] == "running" and b["completion_tokens"] > 0)
+    pid = int(server.manage(f"from chat.models import Job\nprint(Job.objects.get(pk='{job['id']}').worker_pid)")
+              .strip().splitlines()[-1])
+    os.kill(pid, signal.SIGKILL)  # the pool process dies mid-job
+    final = wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"), timeout=180)
+    assert final["status"] == "done" and final["attempts"] == 2, final
+
+
+def test_response_cache_hits_and_an_admin_edit_misses(stack):
+    server, keys, _ = stack
+    client = api(server, keys["ann"])
+    body = {**ASK, "character": "chef-luca", "store": False}
+    first = client.post("/v1/chat/completions", json=body)
+    second = client.post("/v1/chat/completions", json=body)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert second.json()["choices"] == first.json()["choices"]
+    assert second.json()["id"] != first.json()["id"]
+    seeded = {**body, "temperature": 0.9, "seed": 7}
+    assert client.post("/v1/chat/completions", json=seeded).headers["X-Cache"] == "MISS"
+    assert client.post("/v1/chat/completions", json=seeded).headers["X-Cache"] == "HIT"
+    sampled = {**body, "temperature": 0.9}
+    assert client.post("/v1/chat/completions", json=sampled).headers["X-Cache"] == "BYPASS"
+    # An editor changes the character: the next identical request is generated afresh.
+    server.manage("from characters.models import Character\nc = Character.objects.get(slug='chef-luca')\n"
+                  "c.personality += ' Loves opera.'\nc.save()")
+    assert client.post("/v1/chat/completions", json=body).headers["X-Cache"] == "MISS"
+    # Streams are answered from the cache too.
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+        assert stream.headers["X-Cache"] == "HIT"
+        assert "[DONE]" in stream.read().decode()
+
+
+def test_service_keeps_working_when_redis_stops(tmp_path, smollm2_path, redis_url):
+    port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    server = LiveServer(workdir=tmp_path, env={"REDIS_URL": f"redis://127.0.0.1:{port}/0", "API_RATE_LIMIT": "1000/min"})
+    try:
+        keys = prepare_database(server, {"cy": ["cy"]})
+        server.start()
+        client = api(server, keys["cy"])
+        assert client.post("/v1/chat/completions", json=ASK).headers["X-Cache"] == "MISS"
+        assert client.post("/v1/chat/completions", json=ASK).headers["X-Cache"] == "HIT"
+        redis.terminate()
+        redis.wait(timeout=10)
+        down = client.post("/v1/chat/completions", json=ASK)
+        assert down.status_code == 200 and down.headers["X-Cache"] == "MISS"
+        assert down.json()["choices"][0]["message"]["content"]
+    finally:
+        server.stop()
+        if redis.poll() is None:
+            redis.kill()
