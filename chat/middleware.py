@@ -28,14 +28,16 @@ class RequestIdMiddleware:
                 f"The request body is larger than {settings.API_MAX_REQUEST_BYTES} bytes."), request)
         return None
 
+    def _finish(self, request, response):
+        response["X-Request-ID"] = request.request_id
+        if settings.INSTANCE_NAME:  # which of several instances behind the balancer answered
+            response["X-Served-By"] = settings.INSTANCE_NAME
+        return response
+
     def __call__(self, request):
         if iscoroutinefunction(self):
             return self.__acall__(request)
-        response = self._prepare(request) or self.get_response(request)
-        response["X-Request-ID"] = request.request_id
-        return response
+        return self._finish(request, self._prepare(request) or self.get_response(request))
 
     async def __acall__(self, request):
-        response = self._prepare(request) or await self.get_response(request)
-        response["X-Request-ID"] = request.request_id
-        return response
+        return self._finish(request, self._prepare(request) or await self.get_response(request))

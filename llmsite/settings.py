@@ -224,5 +224,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
 }
 
+# Named in an X-Served-By response header when set (several instances behind a load balancer).
+INSTANCE_NAME = os.environ.get("INSTANCE_NAME", "")
+
 # daphne serves the admin's static files itself unless a proxy (deploy/nginx.conf) does.
 SERVE_STATIC = env_bool("SERVE_STATIC", True)
