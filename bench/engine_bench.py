@@ -1,0 +1,290 @@
+"""Engine benchmark: the scheduler against bare llama.cpp loops on the same model, side by side.
+
+    .venv/bin/python -m bench.engine_bench [--model PATH] [--reps 3] [--tokens 96] [--json out.json]
+
+Measures, in one run and interleaved so that machine noise hits every variant alike:
+  * backend alone, one sequence: a bare low-level decode loop (and llama-cpp-python's high-level
+    `Llama` for reference);
+  * bare batched decode of 8 sequences with the low-level API: the ceiling for the scheduler;
+  * the engine's scheduler with 1, 2, 4 and 8 concurrent requests (aggregate decode tokens/s);
+  * time to first token with a ~1,000-token shared prefix: cold, reused from an idle slot's KV
+    cells, and restored from the saved-state prefix cache.
+Decode rates exclude prompt evaluation in every variant: bare loops time decode steps only; for the
+scheduler the window starts when every request has received its first token. All variants decode
+greedily with the same llama.cpp sampler chain (top-k 40, greedy) on raw prompts that the model
+continues by counting, so that no sequence stops early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from chat.engine import ModelRegistry, ModelSpec, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+THREADS = os.cpu_count() or 1
+GREEDY_TOP_K = 40  # what the engine's greedy chain uses
+
+
+def counting_prompt(index: int) -> str:
+    """A raw (non-chat) prompt that the model continues by counting: no sequence stops early."""
+    start = 1 + 100 * index
+    return ", ".join(str(n) for n in range(start, start + 12)) + ","
+
+
+# -- bare llama.cpp loops (no engine) ------------------------------------------------------------
+
+
+class BareLlama:
+    """The minimum a caller of the low-level API must do: one context, a batch, a sampler chain per sequence."""
+
+    def __init__(self, model_path: Path, n_seq: int, n_ctx_per_seq: int = 512):
+        import llama_cpp as llama
+
+        from chat.engine.backends.llama_cpp import _llama
+
+        _llama()  # same process-wide init and quiet logging as the engine
+        self.llama = llama
+        self.model = llama.llama_model_load_from_file(os.fsencode(model_path), llama.llama_model_default_params())
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_seq * n_ctx_per_seq
+        params.n_seq_max = n_seq
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = 512
+        params.n_threads = params.n_threads_batch = THREADS
+        params.no_perf = True
+        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engine
+        self.ctx = llama.llama_init_from_model(self.model, params)
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.batch = llama.llama_batch_init(512, 0, 1)
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        buffer = (self.llama.llama_token * (len(data) + 8))()
+        count = self.llama.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), False, True)
+        return buffer[:count]
+
+    def _decode(self, items):
+        batch = self.batch
+        for i, (token, pos, seq, logits) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(items)
+        assert self.llama.llama_decode(self.ctx, batch) == 0
+
+    def _greedy_chain(self):
+        llama = self.llama
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(GREEDY_TOP_K))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+        return chain
+
+    def decode_rate(self, prompts: list[list[int]], n_tokens: int) -> float:
+        """Aggregate decode tokens/s of len(prompts) sequences decoded together (prompt evaluation untimed)."""
+        llama = self.llama
+        n = len(prompts)
+        for seq in range(n):
+            llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        items, logits_index = [], []
+        for seq, prompt in enumerate(prompts):
+            items += [(t, i, seq, i == len(prompt) - 1) for i, t in enumerate(prompt)]
+            logits_index.append(len(items) - 1)
+        self._decode(items)
+        chains = [self._greedy_chain() for _ in prompts]
+        positions = [len(p) for p in prompts]
+        started = time.perf_counter()
+        for _ in range(n_tokens):
+            tokens = [llama.llama_sampler_sample(chains[s], self.ctx, logits_index[s]) for s in range(n)]
+            self._decode([(tokens[s], positions[s], s, True) for s in range(n)])
+            positions = [p + 1 for p in positions]
+            logits_index = list(range(n))
+        elapsed = time.perf_counter() - started
+        for chain in chains:
+            llama.llama_sampler_free(chain)
+        return n * n_tokens / elapsed
+
+    def close(self):
+        self.llama.llama_batch_free(self.batch)
+        self.llama.llama_free(self.ctx)
+        self.llama.llama_model_free(self.model)
+
+
+def high_level_rate(llm, prompt: str, n_tokens: int) -> float:
+    """llama-cpp-python's high-level Llama, one sequence, decode only (first token excluded)."""
+    times = []
+    for _ in llm.create_completion(prompt, max_tokens=n_tokens, temperature=0, top_k=GREEDY_TOP_K,
+                                   repeat_penalty=1.0, stream=True):
+        times.append(time.perf_counter())
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+def scheduler_rate(engine, n_requests: int, n_tokens: int) -> tuple[float, list[int]]:
+    """Aggregate decode tokens/s of n concurrent requests, from when all have their first token."""
+    params = SamplingParams(max_tokens=n_tokens, temperature=0, repetition_penalty=1.0)
+    generations = [engine.submit(counting_prompt(i), params) for i in range(n_requests)]
+    stamps: list[list[float]] = [[] for _ in generations]
+
+    def consume(index):
+        for _ in generations[index]:
+            stamps[index].append(time.perf_counter())
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(n_requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    window_start = max(s[0] for s in stamps)
+    window_end = max(s[-1] for s in stamps)
+    tokens = sum(sum(1 for t in s if t > window_start) for s in stamps)
+    return tokens / (window_end - window_start), [g.result.completion_tokens for g in generations]
+
+
+def time_to_first_token(engine, prompt: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    generation = engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0))
+    stream = iter(generation)
+    next(stream)
+    elapsed = time.perf_counter() - started
+    for _ in stream:
+        pass
+    return elapsed, generation.result.cached_prompt_tokens
+
+
+def character_prefix(engine, session: int, target_tokens: int = 1000) -> str:
+    """A ~1,000-token system prompt, unique per session so that a cold run shares nothing cached."""
+    text = f"Session {session}. You are Captain Mara Ellison, a retired sailor from the northern isles. "
+    facts = [
+        "She sailed for forty years on merchant ships and fishing boats.",
+        "She tells stories about storms, lighthouses, whales and old harbours.",
+        "She speaks kindly, briefly, and never uses modern slang.",
+        "She keeps a journal of every port she visited and the people she met there.",
+        "She distrusts steam engines but admires a well-trimmed sail.",
+    ]
+    i = 0
+    while engine.count_tokens(text) < target_tokens:
+        text += f"Fact {i}: {facts[i % len(facts)]} "
+        i += 1
+    return text
+
+
+def ttft_runs(engine, single_slot_engine, reps: int) -> dict[str, list[float]]:
+    results = {"cold": [], "reused_idle_slot": [], "restored_saved_state": [], "prefix_tokens": []}
+    for rep in range(reps):
+        prefix = character_prefix(engine, session=1000 + rep)
+        ask = lambda question: engine.render_chat(  # noqa: E731
+            [{"role": "system", "content": prefix}, {"role": "user", "content": question}]
+        )
+        cold, cached = time_to_first_token(engine, ask("Who are you?"))
+        assert cached < 50, cached  # nothing of this session's prefix was cached
+        warm, cached = time_to_first_token(engine, ask("Where did you sail?"))
+        results["cold"].append(cold)
+        results["reused_idle_slot"].append(warm)
+        results["prefix_tokens"].append(cached)
+
+        # One slot: another character evicts this one into the saved-state cache, then it comes back.
+        other = character_prefix(engine, session=2000 + rep, target_tokens=300)
+        single_ask = lambda system, question: single_slot_engine.render_chat(  # noqa: E731
+            [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        )
+        time_to_first_token(single_slot_engine, single_ask(prefix, "Who are you?"))
+        time_to_first_token(single_slot_engine, single_ask(other, "Hello"))
+        restored, cached = time_to_first_token(single_slot_engine, single_ask(prefix, "What do you fear?"))
+        assert cached > 900, cached
+        results["restored_saved_state"].append(restored)
+    return results
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=96, help="decode steps per sequence")
+    parser.add_argument("--json", help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    model = Path(args.model)
+
+    registry = ModelRegistry([
+        ModelSpec("bench", str(model), context_length=2048, parallel=8),
+        ModelSpec("bench-1slot", str(model), context_length=2048, parallel=1),
+    ])
+    engine = registry.get("bench")
+    single_slot = registry.get("bench-1slot")
+    bare1 = BareLlama(model, n_seq=1)
+    bare8 = BareLlama(model, n_seq=8)
+    from llama_cpp import Llama
+
+    high_level = Llama(str(model), n_ctx=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+
+    prompts = [bare1.tokenize(counting_prompt(i)) for i in range(8)]
+    rates: dict[str, list[float]] = {k: [] for k in ("bare_1", "high_level_1", "bare_8", "sched_1", "sched_2", "sched_4", "sched_8")}
+    completion_counts = {}
+    print(f"model {model.name}, {THREADS} threads, {args.tokens} decode steps per sequence, {args.reps} repetitions")
+    scheduler_rate(engine, 1, 8)  # warm-up
+    for rep in range(args.reps):
+        rates["bare_1"].append(bare1.decode_rate(prompts[:1], args.tokens))
+        rates["sched_1"].append(scheduler_rate(engine, 1, args.tokens)[0])
+        rates["high_level_1"].append(high_level_rate(high_level, counting_prompt(0), args.tokens))
+        rates["bare_8"].append(bare8.decode_rate(prompts, args.tokens))
+        for n in (8, 2, 4):
+            rate, counts = scheduler_rate(engine, n, args.tokens)
+            rates[f"sched_{n}"].append(rate)
+            completion_counts[n] = counts
+        print(f"  repetition {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+    ttft = ttft_runs(engine, single_slot, args.reps)
+    bare1.close()
+    bare8.close()
+    del high_level
+    registry.close()
+
+    m = {k: median(v) for k, v in rates.items()}
+    t = {k: median(v) for k, v in ttft.items()}
+    rows = [
+        ("backend alone, 1 seq (bare low-level loop)", f"{m['bare_1']:.1f} tok/s", ""),
+        ("llama-cpp-python high-level Llama, 1 seq", f"{m['high_level_1']:.1f} tok/s", f"{m['high_level_1'] / m['bare_1']:.2f}x bare"),
+        ("bare batched decode, 8 seqs (ceiling)", f"{m['bare_8']:.1f} tok/s", f"{m['bare_8'] / m['bare_1']:.2f}x bare 1"),
+    ] + [
+        (f"scheduler, {n} concurrent", f"{m[f'sched_{n}']:.1f} tok/s",
+         f"{m[f'sched_{n}'] / m['bare_1']:.2f}x bare 1" + (f", {m['sched_8'] / m['bare_8']:.0%} of ceiling" if n == 8 else ""))
+        for n in (1, 2, 4, 8)
+    ] + [
+        (f"TTFT cold, {t['prefix_tokens']:.0f}-token prefix", f"{t['cold'] * 1000:.0f} ms", ""),
+        ("TTFT reused (idle slot KV)", f"{t['reused_idle_slot'] * 1000:.0f} ms", f"{t['reused_idle_slot'] / t['cold']:.1%} of cold"),
+        ("TTFT reused (restored saved state)", f"{t['restored_saved_state'] * 1000:.0f} ms", f"{t['restored_saved_state'] / t['cold']:.1%} of cold"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'what'.ljust(width)}  {'median':>14}  ratio")
+    for name, value, ratio in rows:
+        print(f"{name.ljust(width)}  {value:>14}  {ratio}")
+    targets = [
+        ("scheduler 1 seq within 5% of backend alone", m["sched_1"] >= 0.95 * m["bare_1"], f"{m['sched_1'] / m['bare_1']:.1%}"),
+        ("scheduler 8 seqs >= 90% of bare ceiling", m["sched_8"] >= 0.90 * m["bare_8"], f"{m['sched_8'] / m['bare_8']:.1%}"),
+        ("reused-prefix TTFT < 10% of cold (idle slot)", t["reused_idle_slot"] < 0.10 * t["cold"], f"{t['reused_idle_slot'] / t['cold']:.1%}"),
+        ("reused-prefix TTFT < 10% of cold (saved state)", t["restored_saved_state"] < 0.10 * t["cold"], f"{t['restored_saved_state'] / t['cold']:.1%}"),
+    ]
+    print()
+    for name, met, value in targets:
+        print(f"{'MET    ' if met else 'NOT MET'}  {name}: {value}")
+    print(f"completion tokens per request in the last scheduler runs: {completion_counts}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rates": rates, "ttft": ttft, "medians": m, "ttft_medians": t}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
