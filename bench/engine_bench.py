@@ -112,6 +112,15 @@ class BareLlama:
             llama.llama_sampler_free(chain)
         return n * n_tokens / elapsed
 
+    def prefill_rate(self, prompt: list[int]) -> float:
+        """Prompt evaluation tokens/s of one sequence (in chunks of 512)."""
+        self.llama.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        started = time.perf_counter()
+        for start in range(0, len(prompt), 512):
+            chunk = prompt[start : start + 512]
+            self._decode([(t, start + i, 0, start + i == len(prompt) - 1) for i, t in enumerate(chunk)])
+        return len(prompt) / (time.perf_counter() - started)
+
     def close(self):
         self.llama.llama_batch_free(self.batch)
         self.llama.llama_free(self.ctx)
@@ -206,6 +215,28 @@ def ttft_runs(engine, single_slot_engine, reps: int) -> dict[str, list[float]]:
     return results
 
 
+def weight_format_comparison(q4_1: Path, reps: int, n_tokens: int) -> dict[str, dict[str, float]]:
+    """The same model as Q4_1 and re-quantized to Q4_0 (which has repacked CPU kernels): bare decode and prefill."""
+    from chat.engine.quantize import quantize_model
+
+    q4_0 = q4_1.with_name(q4_1.name.replace("Q4_1", "Q4_0")) if "Q4_1" in q4_1.name else q4_1.with_suffix(".q4_0.gguf")
+    if not q4_0.exists():
+        quantize_model(q4_1, q4_0, "q4_0")
+    results = {}
+    bares = {name: BareLlama(path, n_seq=8, n_ctx_per_seq=1024) for name, path in (("Q4_1", q4_1), ("Q4_0", q4_0))}
+    prompts = [bares["Q4_1"].tokenize(counting_prompt(i)) for i in range(8)]
+    long_prompt = bares["Q4_1"].tokenize(" ".join(str(n) for n in range(1, 400)))[:500]
+    for _ in range(reps):
+        for name, bare in bares.items():  # interleaved, so that noise hits both alike
+            figures = results.setdefault(name, {"decode_1": [], "decode_8": [], "prefill": []})
+            figures["decode_1"].append(bare.decode_rate(prompts[:1], n_tokens))
+            figures["decode_8"].append(bare.decode_rate(prompts, n_tokens))
+            figures["prefill"].append(bare.prefill_rate(long_prompt))
+    for bare in bares.values():
+        bare.close()
+    return {name: {k: median(v) for k, v in figures.items()} for name, figures in results.items()}
+
+
 def median(values):
     return statistics.median(values)
 
@@ -216,6 +247,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=96, help="decode steps per sequence")
     parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument("--skip-formats", action="store_true", help="skip the Q4_1 vs Q4_0 comparison")
     args = parser.parse_args(argv)
     model = Path(args.model)
 
@@ -282,8 +314,21 @@ def main(argv=None):
     for name, met, value in targets:
         print(f"{'MET    ' if met else 'NOT MET'}  {name}: {value}")
     print(f"completion tokens per request in the last scheduler runs: {completion_counts}")
+
+    formats = {}
+    if not args.skip_formats:
+        formats = weight_format_comparison(model, args.reps, args.tokens)
+        print()
+        print("weight format (bare low-level loops)   decode 1 seq   decode 8 seqs   prefill")
+        for name, f in formats.items():
+            print(f"{name:<38} {f['decode_1']:>8.1f} tok/s {f['decode_8']:>9.1f} tok/s {f['prefill']:>7.0f} tok/s")
+        if {"Q4_0", "Q4_1"} <= formats.keys():
+            ratio = {k: formats["Q4_0"][k] / formats["Q4_1"][k] for k in formats["Q4_0"]}
+            print(f"{'Q4_0 / Q4_1':<38} {ratio['decode_1']:>8.2f}x      {ratio['decode_8']:>9.2f}x      {ratio['prefill']:>7.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rates": rates, "ttft": ttft, "medians": m, "ttft_medians": t}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"rates": rates, "ttft": ttft, "medians": m, "ttft_medians": t, "formats": formats}, indent=2)
+        )
 
 
 if __name__ == "__main__":
