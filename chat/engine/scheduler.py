@@ -88,7 +88,12 @@ class Scheduler:
                 self._finish(seq, error=GenerationFailed(self._model_name))
             return True
         for seq, token in sampled:
-            self._accept(seq, token)
+            try:
+                self._accept(seq, token)
+            except Exception:  # one bad sequence must not take the others down
+                logger.exception("model %r: handling a sampled token failed", self._model_name)
+                if seq in self._active:
+                    self._finish(seq, error=GenerationFailed(self._model_name))
         return True
 
     def _take_newcomers(self) -> list[Sequence] | None:
