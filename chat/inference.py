@@ -5,12 +5,15 @@ Django code gets engines through `get_engine(name)`; chat/engine itself knows no
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 
 from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+logger = logging.getLogger("llmsite.models")
 _registry = None
 _registry_lock = threading.Lock()
 
@@ -30,7 +33,20 @@ def get_registry():
 
 def get_engine(name: str | None = None):
     """The loaded engine for a model name (the default when None); raises UnknownModel / ModelUnavailable."""
-    return get_registry().get(name)
+    registry = get_registry()
+    if not registry.is_loaded(name):
+        spec = registry.spec(name)
+        size = os.path.getsize(spec.path) / 1e6 if os.path.exists(spec.path) else 0
+        logger.info("loading model %r from %s (%.0f MB, backend %s)...", spec.name, os.path.basename(spec.path),
+                    size, spec.backend)
+    return registry.get(name)
+
+
+def loaded_engines() -> list[tuple[str, object]]:
+    """(name, engine) of the models this process has loaded; loads nothing."""
+    if _registry is None:
+        return []
+    return [(name, _registry.get(name)) for name in _registry.names() if _registry.is_loaded(name)]
 
 
 def reset_registry() -> None:

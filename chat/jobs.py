@@ -20,7 +20,7 @@ from django.utils import timezone
 from .errors import NotFound, error_from_exception
 from .models import ApiKey, Job
 from .response_cache import cached_completion, remember_completion
-from .services import chat_completion_body, chat_exchange_store, chat_request_prepare
+from .services import chat_completion_body, chat_exchange_store, chat_request_prepare, generate_observed
 
 logger = logging.getLogger("llmsite.jobs")
 
@@ -110,19 +110,21 @@ def job_run(*, job_id: str) -> None:
 
 
 def _generate_with_progress(job: Job, plan):
-    generation = plan.engine.submit(plan.prompt.text, plan.params)
+    """Generate, writing progress (text so far, a heartbeat) about once a second; None when cancelled."""
     parts: list[str] = []
     last_report = time.monotonic()
-    for delta in generation:
+
+    def report(delta: str) -> bool:
+        nonlocal last_report
         parts.append(delta)
-        if time.monotonic() - last_report >= PROGRESS_INTERVAL:
-            last_report = time.monotonic()
-            still_running = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
-                heartbeat_at=timezone.now(), completion_tokens=len(parts), partial_text="".join(parts))
-            if not still_running:  # cancelled (DELETE) or failed by the stale-worker check
-                generation.cancel()
-                return None
-    return generation.result
+        if time.monotonic() - last_report < PROGRESS_INTERVAL:
+            return True
+        last_report = time.monotonic()
+        # Zero rows updated: cancelled (DELETE) or failed by the stale-worker check.
+        return bool(Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+            heartbeat_at=timezone.now(), completion_tokens=len(parts), partial_text="".join(parts)))
+
+    return generate_observed(plan, on_text=report)
 
 
 def _fail_if_worker_lost(job: Job) -> None:

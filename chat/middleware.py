@@ -1,11 +1,18 @@
-"""Request id on every request/response, and the request-size cap checked before the body is read."""
+"""Request id and size cap on the way in; a structured log line and metrics on the way out."""
 
+import json
+import logging
+import time
 import uuid
 
 from django.conf import settings
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
 from .errors import PayloadTooLarge, json_error_response
+from .metrics import http_requests
+from .models import ApiKey
+
+request_logger = logging.getLogger("llmsite.requests")
 
 
 class RequestIdMiddleware:
@@ -41,3 +48,83 @@ class RequestIdMiddleware:
 
     async def __acall__(self, request):
         return self._finish(request, self._prepare(request) or await self.get_response(request))
+
+
+class RequestLogMiddleware:
+    """One structured log line and one metrics count per request (after the stream ends, for streams).
+
+    Fields: request id, key id (never the key), user id, character, model, token counts, time to
+    first token, total time, cache result, status. Prompt and reply only when LOG_PROMPTS is on.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        started = time.perf_counter()
+        return self._observe(request, self.get_response(request), started)
+
+    async def __acall__(self, request):
+        started = time.perf_counter()
+        return self._observe(request, await self.get_response(request), started)
+
+    def _observe(self, request, response, started):
+        if not response.streaming:
+            self._record(request, response, started)
+        elif response.is_async:
+            response.streaming_content = self._after_async_stream(response.streaming_content, request, response, started)
+        else:
+            response.streaming_content = self._after_stream(response.streaming_content, request, response, started)
+        return response
+
+    async def _after_async_stream(self, content, request, response, started):
+        try:
+            async for part in content:
+                yield part
+        finally:
+            self._record(request, response, started)
+
+    def _after_stream(self, content, request, response, started):
+        try:
+            yield from content
+        finally:
+            self._record(request, response, started)
+
+    def _record(self, request, response, started):
+        match = getattr(request, "resolver_match", None)
+        endpoint = (match.url_name or match.route) if match else "unmatched"
+        http_requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        if not request.path.startswith(("/v1/", "/ws/")):
+            return
+        auth = getattr(request, "auth", None)
+        user = getattr(request, "user", None)
+        fields = {"request_id": getattr(request, "request_id", None), "method": request.method, "path": request.path,
+                  "status": response.status_code, "key_id": getattr(auth, "pk", None) if isinstance(auth, ApiKey) else None,
+                  "user_id": user.pk if user is not None and user.is_authenticated else None,
+                  "total_ms": round((time.perf_counter() - started) * 1000, 1)}
+        plan = getattr(request, "chat_plan", None)
+        if plan is not None:
+            fields.update(plan_log_fields(plan))
+        request_logger.info(json.dumps(fields, default=str))
+
+
+def plan_log_fields(plan) -> dict:
+    completion, timing = plan.completion, plan.timing
+    fields = {"character": plan.character.slug if plan.character else None, "model": plan.model_name,
+              "prompt_tokens": completion.prompt_tokens if completion else None,
+              "completion_tokens": completion.completion_tokens if completion else None,
+              "ttft_ms": round((timing.first_token_at - timing.started) * 1000, 1)
+              if timing and timing.first_token_at else None,
+              "finish_reason": completion.finish_reason if completion else None,
+              "cache": plan.cache_status, "scenarios": [s.pk for s in plan.prompt.scenarios]}
+    if settings.LOG_PROMPTS:
+        fields["prompt"] = plan.prompt.text
+        fields["reply"] = completion.text if completion else None
+    return fields

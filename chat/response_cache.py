@@ -17,6 +17,8 @@ from django.core.cache import cache
 
 from chat.engine import Completion
 
+from .metrics import response_cache as response_cache_lookups
+
 logger = logging.getLogger("llmsite.cache")
 
 HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
@@ -46,15 +48,13 @@ def cache_key(plan) -> str | None:
 def cached_completion(plan) -> Completion | None:
     """The cached reply for this plan, or None; sets plan.cache_status."""
     key = cache_key(plan)
-    if key is None:
-        plan.cache_status = BYPASS
-        return None
-    stored = cache.get(key)
+    stored = cache.get(key) if key is not None else None
+    plan.cache_status = BYPASS if key is None else MISS if stored is None else HIT
+    response_cache_lookups.labels(plan.cache_status.lower()).inc()
     if stored is None:
-        plan.cache_status = MISS
         return None
-    plan.cache_status = HIT
-    return Completion(**stored)
+    plan.completion = Completion(**stored)
+    return plan.completion
 
 
 def remember_completion(plan, completion: Completion) -> None:

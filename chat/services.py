@@ -7,6 +7,7 @@ chat/streaming.py, and both end in `chat_exchange_store`.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,14 +21,35 @@ from scenarios.models import Scenario
 
 from .errors import ApiError, NotFound
 from .grammars import grammar_for_response_format
+from .metrics import record_generation
 from .inference import get_engine
 from .models import Conversation, Message
 from .prompting import prompt_compose, prompt_greeting
 from .response_cache import BYPASS, cached_completion, remember_completion
 from .selectors import character_get_active, conversation_get_owned
 
+logger = logging.getLogger("llmsite.chat")
+
 CLIENT_TURN_ROLES = ("user", "assistant")
 CLIENT_SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass
+class GenerationTiming:
+    """When a live generation started, produced its first text, and ended (perf_counter seconds)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished: float | None = None
+
+    def saw_text(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def finish(self, *, model: str, completion: Completion) -> None:
+        self.finished = time.perf_counter()
+        record_generation(model=model, completion=completion, started=self.started,
+                          first_token_at=self.first_token_at, finished=self.finished)
 
 
 @dataclass
@@ -46,6 +68,8 @@ class ChatPlan:
     created: int = field(default_factory=lambda: int(time.time()))
     shorthand: bool = False
     cache_status: str = BYPASS
+    timing: GenerationTiming | None = None   # set when generated live (not from the cache)
+    completion: Completion | None = None     # set when finished
 
     @property
     def model_name(self) -> str:
@@ -79,6 +103,8 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
         history, new_turns = client_turns[:-1], client_turns
 
     engine = get_engine(data.get("model") or None)
+    logger.info("Received request for character %s (model %s, conversation %s)",
+                character.slug if character else "-", engine.spec.name, conversation.pk if conversation else "new")
     params = sampling_params_for(data=data, character=character, engine=engine)
     forced = _forced_scenarios(data.get("scenario"), character)
 
@@ -127,10 +153,26 @@ def chat_completion_run(*, plan: ChatPlan) -> dict:
     """Generate the whole reply (blocking), store it, and return the chat.completion object."""
     completion = cached_completion(plan)
     if completion is None:
-        completion = plan.engine.generate(plan.prompt.text, plan.params)
+        completion = generate_observed(plan)
         remember_completion(plan, completion)
     conversation = chat_exchange_store(plan=plan, completion=completion)
     return chat_completion_body(plan=plan, completion=completion, conversation=conversation)
+
+
+def generate_observed(plan: ChatPlan, *, on_text=None) -> Completion | None:
+    """Generate the reply (blocking), timing it for metrics and logs; `on_text(delta)` may return False to stop."""
+    plan.timing = GenerationTiming()
+    generation = plan.engine.submit(plan.prompt.text, plan.params)
+    for delta in generation:
+        if delta:
+            plan.timing.saw_text()
+        if on_text is not None and on_text(delta) is False:
+            generation.cancel()
+            return None
+    completion = generation.result
+    plan.timing.finish(model=plan.model_name, completion=completion)
+    plan.completion = completion
+    return completion
 
 
 def chat_exchange_store(*, plan: ChatPlan, completion: Completion) -> Conversation | None:

@@ -16,7 +16,7 @@ from django.conf import settings
 
 from .errors import error_from_exception
 from .response_cache import MISS, ReplayedGeneration, cached_completion, remember_completion
-from .services import ChatPlan, chat_exchange_store, scenarios_used, usage_of
+from .services import ChatPlan, GenerationTiming, chat_exchange_store, scenarios_used, usage_of
 
 logger = logging.getLogger("llmsite.api")
 
@@ -24,7 +24,10 @@ logger = logging.getLogger("llmsite.api")
 def generation_for(plan: ChatPlan):
     """A cached reply replayed, or a live generation submitted to the engine (sync: reads the cache)."""
     cached = cached_completion(plan)
-    return ReplayedGeneration(cached) if cached else plan.engine.submit(plan.prompt.text, plan.params)
+    if cached is not None:
+        return ReplayedGeneration(cached)
+    plan.timing = GenerationTiming()
+    return plan.engine.submit(plan.prompt.text, plan.params)
 
 
 async def deltas_with_keepalive(generation, interval: float):
@@ -56,9 +59,13 @@ async def reply_stream(plan: ChatPlan, generation, *, keepalive: float | None = 
             if delta is None:
                 yield "keepalive", None
             elif delta:
+                if plan.timing is not None:
+                    plan.timing.saw_text()
                 yield "delta", delta
-        completion = generation.result
+        completion = plan.completion = generation.result
         finished = True
+        if plan.timing is not None:
+            plan.timing.finish(model=plan.model_name, completion=completion)
         if plan.cache_status == MISS:
             await sync_to_async(remember_completion)(plan, completion)
         conversation = await sync_to_async(chat_exchange_store)(plan=plan, completion=completion)

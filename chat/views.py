@@ -46,6 +46,7 @@ class ChatCompletionsView(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         plan = chat_request_prepare(user=request.user, data=data)
+        request._request.chat_plan = plan  # for the request's log line (chat.middleware)
         if wants_background(data):
             job = job_submit(user=request.user, api_key=api_key_of(request), payload=serializer.initial_data)
             job.refresh_from_db()  # inline mode (no broker) has already run it
@@ -117,7 +118,9 @@ class ConversationListView(generics.ListAPIView):
     serializer_class = s.ConversationSerializer
 
     def get_queryset(self):
-        return conversations_of(user=self.request.user)
+        conversations = conversations_of(user=self.request.user)
+        character = self.request.query_params.get("character")
+        return conversations.filter(character__slug=character) if character else conversations
 
 
 class ConversationDetailView(generics.RetrieveAPIView):

@@ -4,7 +4,14 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from chat import ops_views, pages
+
 urlpatterns = [
+    path("", pages.chat_page, name="chat-page"),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("health", ops_views.health, name="health"),
+    path("ready", ops_views.ready, name="ready"),
+    path("metrics", ops_views.metrics, name="metrics"),
     path("admin/", admin.site.urls),
     path("v1/", include("chat.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

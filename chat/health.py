@@ -1,0 +1,54 @@
+"""Readiness checks: the database, the default model, Redis (when configured). Nothing secret in results."""
+
+from __future__ import annotations
+
+import os
+
+from django.conf import settings
+from django.db import connection
+
+from chat.engine import EngineError
+
+from .inference import get_engine, get_registry
+
+
+def check_database() -> dict:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return {"ok": True}
+    except Exception:
+        return {"ok": False, "error": "the database does not answer"}
+
+
+def check_model() -> dict:
+    registry = get_registry()
+    spec = registry.spec()
+    result = {"ok": True, "model": spec.name, "loaded": registry.is_loaded()}
+    if not result["loaded"] and not os.path.exists(spec.path):
+        return {**result, "ok": False, "error": f"model file {os.path.basename(spec.path)} is missing"}
+    try:
+        get_engine()  # loads it if needed: a ready instance can answer at once
+    except EngineError as exc:
+        return {**result, "ok": False, "error": getattr(exc, "reason", "the model cannot be loaded")}
+    return {**result, "loaded": True}
+
+
+def check_redis() -> dict | None:
+    if not settings.REDIS_URL:
+        return None
+    import redis
+
+    try:
+        redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1).ping()
+        return {"ok": True}
+    except redis.RedisError:
+        return {"ok": False, "error": "Redis does not answer"}
+
+
+def readiness() -> tuple[bool, dict]:
+    checks = {"database": check_database(), "model": check_model()}
+    redis_check = check_redis()
+    if redis_check is not None:
+        checks["redis"] = redis_check
+    return all(check["ok"] for check in checks.values()), checks

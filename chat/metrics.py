@@ -1,0 +1,77 @@
+"""Prometheus metrics (prometheus_client), exposed at /metrics; see chat/observability_views.py."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# auto_describe stays off: the collectors query the database, which must not happen at import.
+REGISTRY = CollectorRegistry()
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+http_requests = Counter("llmsite_http_requests", "HTTP requests by endpoint and status.",
+                        ["endpoint", "method", "status"], registry=REGISTRY)
+generation_seconds = Histogram("llmsite_generation_seconds", "Time from submit to the last token.",
+                               ["model"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+time_to_first_token_seconds = Histogram("llmsite_time_to_first_token_seconds", "Time from submit to the first token.",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+tokens_per_second = Histogram("llmsite_generation_tokens_per_second", "Decode speed of each generation.",
+                              ["model"], buckets=(1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400), registry=REGISTRY)
+completion_tokens = Counter("llmsite_completion_tokens", "Tokens generated.", ["model"], registry=REGISTRY)
+prompt_tokens = Counter("llmsite_prompt_tokens", "Prompt tokens processed (cached ones included).", ["model"],
+                        registry=REGISTRY)
+response_cache = Counter("llmsite_response_cache", "Response cache lookups by result.", ["result"],
+                         registry=REGISTRY)
+
+
+class EngineCollector:
+    """Scheduler and prefix-cache figures of the models loaded in this process, read at scrape time."""
+
+    def collect(self):
+        from .inference import loaded_engines
+
+        active = GaugeMetricFamily("llmsite_scheduler_active_sequences", "Sequences being decoded.", labels=["model"])
+        queued = GaugeMetricFamily("llmsite_scheduler_queued_sequences", "Sequences waiting for a slot.",
+                                   labels=["model"])
+        hits = CounterMetricFamily("llmsite_prefix_cache_hits", "Prompts that reused a cached prefix.", labels=["model"])
+        misses = CounterMetricFamily("llmsite_prefix_cache_misses", "Prompts evaluated from scratch.", labels=["model"])
+        for name, engine in loaded_engines():
+            stats = engine.stats()
+            active.add_metric([name], stats.get("active", 0))
+            queued.add_metric([name], stats.get("queued", 0))
+            hits.add_metric([name], stats.get("prefix_hits", 0))
+            misses.add_metric([name], stats.get("prefix_misses", 0))
+        yield from (active, queued, hits, misses)
+
+
+class JobCollector:
+    """Background jobs by state, from the database (shared by every instance)."""
+
+    def collect(self):
+        from django.db.models import Count
+
+        from .models import Job
+
+        family = GaugeMetricFamily("llmsite_jobs", "Background jobs by state.", labels=["state"])
+        counts = dict(Job.objects.values_list("status").annotate(n=Count("pk")))
+        for state in Job.Status.values:
+            family.add_metric([state], counts.get(state, 0))
+        yield family
+
+
+REGISTRY.register(EngineCollector())
+REGISTRY.register(JobCollector())
+
+
+def record_generation(*, model: str, completion, started: float, first_token_at: float | None, finished: float):
+    """Count one finished generation (live, not replayed from the cache)."""
+    total = max(finished - started, 1e-9)
+    generation_seconds.labels(model).observe(total)
+    if first_token_at is not None:
+        time_to_first_token_seconds.labels(model).observe(first_token_at - started)
+        decode_time = finished - first_token_at
+        if completion.completion_tokens > 1 and decode_time > 0:
+            tokens_per_second.labels(model).observe((completion.completion_tokens - 1) / decode_time)
+    completion_tokens.labels(model).inc(completion.completion_tokens)
+    prompt_tokens.labels(model).inc(completion.prompt_tokens)

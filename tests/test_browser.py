@@ -1,0 +1,89 @@
+"""The chat page in headless Chromium against a live daphne server: log in, chat, see tokens stream, reload."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import missing_service
+from tests.live import LiveServer, prepare_database
+
+pytestmark = pytest.mark.smollm2
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory, smollm2_path):
+    server = LiveServer(workdir=tmp_path_factory.mktemp("browser"))
+    prepare_database(server, {})
+    server.manage("from django.contrib.auth import get_user_model\n"
+                  "get_user_model().objects.create_user('reader', password='a-long-test-password', is_staff=True)")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_log_in_chat_with_streaming_and_reload(page_server):
+    if CHROMIUM is None:
+        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
+        page.goto(page_server.url + "/")
+        expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+        page.get_by_label("Username").fill("reader")
+        page.get_by_label("Password").fill("a-long-test-password")
+        page.get_by_role("button", name="Log in").click()
+
+        page.get_by_role("button", name="Captain Mira Vale").click()
+        expect(page.locator(".message.assistant").first).to_contain_text("Ahoy there, User")  # the greeting
+        expect(page.get_by_role("link", name="Admin")).to_be_visible()  # staff see the admin link
+        # Count how often the streaming reply's text changes: several times means tokens streamed in.
+        page.evaluate("""() => {
+            window.textChanges = 0;
+            new MutationObserver(() => { window.textChanges += 1; })
+                .observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true});
+        }""")
+        page.get_by_label("Your message").fill("Is a storm coming tonight?")
+        page.get_by_role("button", name="Send").click()
+        reply = page.locator(".message.assistant[data-complete='true']")
+        expect(reply).to_have_count(1, timeout=90_000)
+        assert page.evaluate("window.textChanges") > 4
+        expect(reply.locator(".scenarios")).to_contain_text("A storm is coming")
+        reply_text = reply.locator(".text").inner_text()
+        assert reply_text.strip()
+        page.screenshot(path=str(ARTIFACTS / "chat-page.png"), full_page=True)
+
+        page.reload()
+        expect(page.locator(".message.user")).to_contain_text("Is a storm coming tonight?")
+        expect(page.locator(".message.assistant").nth(1).locator(".text")).to_have_text(reply_text)
+        expect(page.get_by_role("list", name="Past conversations").get_by_role("button")).to_have_count(1)
+        browser.close()
+
+
+def test_errors_are_readable_not_raw_json(page_server):
+    if CHROMIUM is None:
+        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(page_server.url + "/accounts/login/")
+        page.get_by_label("Username").fill("reader")
+        page.get_by_label("Password").fill("a-long-test-password")
+        page.get_by_role("button", name="Log in").click()
+        page.get_by_role("button", name="Byte").click()
+        page.get_by_label("Your message").fill("word " * 3000)  # far beyond the context window
+        page.get_by_role("button", name="Send").click()
+        status = page.get_by_role("status")
+        expect(status).to_contain_text("too long for the model", timeout=60_000)
+        assert "{" not in status.inner_text()
+        browser.close()
