@@ -267,16 +267,19 @@ def main(argv=None):
     rates: dict[str, list[float]] = {k: [] for k in ("bare_1", "high_level_1", "bare_8", "sched_1", "sched_2", "sched_4", "sched_8")}
     completion_counts = {}
     print(f"model {model.name}, {THREADS} threads, {args.tokens} decode steps per sequence, {args.reps} repetitions")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     scheduler_rate(engine, 1, 8)  # warm-up
     for rep in range(args.reps):
+        # Each scheduler run right after the bare run it is compared with: noise on this machine
+        # changes within seconds, so the paired ratio is steadier than a ratio of medians.
         rates["bare_1"].append(bare1.decode_rate(prompts[:1], args.tokens))
         rates["sched_1"].append(scheduler_rate(engine, 1, args.tokens)[0])
-        rates["high_level_1"].append(high_level_rate(high_level, counting_prompt(0), args.tokens))
         rates["bare_8"].append(bare8.decode_rate(prompts, args.tokens))
         for n in (8, 2, 4):
             rate, counts = scheduler_rate(engine, n, args.tokens)
             rates[f"sched_{n}"].append(rate)
             completion_counts[n] = counts
+        rates["high_level_1"].append(high_level_rate(high_level, counting_prompt(0), args.tokens))
         print(f"  repetition {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
     ttft = ttft_runs(engine, single_slot, args.reps)
     bare1.close()
@@ -284,7 +287,11 @@ def main(argv=None):
     del high_level
     registry.close()
 
+    load_after = os.getloadavg()
     m = {k: median(v) for k, v in rates.items()}
+    paired = {
+        n: median([s / b for s, b in zip(rates[f"sched_{n}"], rates[f"bare_{n}"])]) for n in (1, 8)
+    }
     t = {k: median(v) for k, v in ttft.items()}
     rows = [
         ("backend alone, 1 seq (bare low-level loop)", f"{m['bare_1']:.1f} tok/s", ""),
@@ -292,7 +299,9 @@ def main(argv=None):
         ("bare batched decode, 8 seqs (ceiling)", f"{m['bare_8']:.1f} tok/s", f"{m['bare_8'] / m['bare_1']:.2f}x bare 1"),
     ] + [
         (f"scheduler, {n} concurrent", f"{m[f'sched_{n}']:.1f} tok/s",
-         f"{m[f'sched_{n}'] / m['bare_1']:.2f}x bare 1" + (f", {m['sched_8'] / m['bare_8']:.0%} of ceiling" if n == 8 else ""))
+         f"{m[f'sched_{n}'] / m['bare_1']:.2f}x bare 1"
+         + (f", paired {paired[1]:.1%} of bare 1" if n == 1 else "")
+         + (f", paired {paired[8]:.1%} of ceiling" if n == 8 else ""))
         for n in (1, 2, 4, 8)
     ] + [
         (f"TTFT cold, {t['prefix_tokens']:.0f}-token prefix", f"{t['cold'] * 1000:.0f} ms", ""),
@@ -305,8 +314,8 @@ def main(argv=None):
     for name, value, ratio in rows:
         print(f"{name.ljust(width)}  {value:>14}  {ratio}")
     targets = [
-        ("scheduler 1 seq within 5% of backend alone", m["sched_1"] >= 0.95 * m["bare_1"], f"{m['sched_1'] / m['bare_1']:.1%}"),
-        ("scheduler 8 seqs >= 90% of bare ceiling", m["sched_8"] >= 0.90 * m["bare_8"], f"{m['sched_8'] / m['bare_8']:.1%}"),
+        ("scheduler 1 seq within 5% of backend alone (median paired ratio)", paired[1] >= 0.95, f"{paired[1]:.1%}"),
+        ("scheduler 8 seqs >= 90% of bare ceiling (median paired ratio)", paired[8] >= 0.90, f"{paired[8]:.1%}"),
         ("reused-prefix TTFT < 10% of cold (idle slot)", t["reused_idle_slot"] < 0.10 * t["cold"], f"{t['reused_idle_slot'] / t['cold']:.1%}"),
         ("reused-prefix TTFT < 10% of cold (saved state)", t["restored_saved_state"] < 0.10 * t["cold"], f"{t['restored_saved_state'] / t['cold']:.1%}"),
     ]
@@ -314,6 +323,7 @@ def main(argv=None):
     for name, met, value in targets:
         print(f"{'MET    ' if met else 'NOT MET'}  {name}: {value}")
     print(f"completion tokens per request in the last scheduler runs: {completion_counts}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
 
     formats = {}
     if not args.skip_formats:
@@ -327,7 +337,10 @@ def main(argv=None):
             print(f"{'Q4_0 / Q4_1':<38} {ratio['decode_1']:>8.2f}x      {ratio['decode_8']:>9.2f}x      {ratio['prefill']:>7.2f}x")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"rates": rates, "ttft": ttft, "medians": m, "ttft_medians": t, "formats": formats}, indent=2)
+            json.dumps(
+                {"rates": rates, "paired": paired, "ttft": ttft, "medians": m, "ttft_medians": t, "formats": formats},
+                indent=2,
+            )
         )
 
 

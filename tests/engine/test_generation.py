@@ -215,3 +215,13 @@ def test_stats_report_the_counters(tiny_engine):
     for key in ("active", "queued", "prefix_hits", "prefix_misses", "tokens_generated", "prompt_tokens"):
         assert isinstance(stats[key], int)
     assert stats["tokens_generated"] >= 3 and stats["active"] == 0
+
+
+def test_characters_built_from_byte_tokens_arrive_whole(registry):
+    # "ö" is not in the tiny vocabulary: the grammar forces it out as two raw byte tokens.
+    engine = registry.get("tiny-llama")
+    generation = engine.submit(PROMPT, SamplingParams(max_tokens=10, seed=1, grammar='root ::= "ö日ö" "😀"'))
+    deltas = list(generation)
+    assert "".join(deltas) == generation.result.text == "ö日ö😀"
+    assert generation.result.completion_tokens == 6  # 2 + 1 + 2 + 1 tokens
+    assert not any("\ufffd" in delta for delta in deltas)
