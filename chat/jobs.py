@@ -112,7 +112,7 @@ def job_run(*, job_id: str) -> None:
 def _generate_with_progress(job: Job, plan):
     """Generate, writing progress (text so far, a heartbeat) about once a second; None when cancelled."""
     parts: list[str] = []
-    last_report = time.monotonic()
+    last_report = 0.0  # the first text is reported at once: clients see the job has started
 
     def report(delta: str) -> bool:
         nonlocal last_report

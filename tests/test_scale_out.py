@@ -108,15 +108,16 @@ def test_long_request_goes_to_the_background_and_can_be_cancelled(stack):
 
 
 def test_a_killed_worker_process_leaves_the_job_re_run_not_stuck(stack):
-    server, keys, _ = stack
+    server, keys, worker = stack
     client = api(server, keys["ann"])
     job = client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
-        "max_tokens": 300, "temperature": 0.8, "seed": 5, "background": True}).json()
-    wait_for(client, job["url"], lambda b: b["status"] == "running" and b["completion_tokens"] > 0)
-    pid = int(server.manage(f"from chat.models import Job\nprint(Job.objects.get(pk='{job['id']}').worker_pid)")
-              .strip().splitlines()[-1])
-    os.kill(pid, signal.SIGKILL)  # the pool process dies mid-job
+        "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
+        "max_tokens": 400, "temperature": 0.8, "seed": 3, "background": True}).json()
+    wait_for(client, job["url"], lambda b: b["status"] == "running", timeout=120)
+    # The pool process (the worker's only child) dies mid-job.
+    pool_pid = int(subprocess.run(["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True)
+                   .stdout.split()[0])
+    os.kill(pool_pid, signal.SIGKILL)
     final = wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"), timeout=180)
     assert final["status"] == "done" and final["attempts"] == 2, final
 
