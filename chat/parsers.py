@@ -24,7 +24,7 @@ class StrictJSONParser(JSONParser):
         except UnicodeDecodeError as exc:
             raise ParseError(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
         try:
-            return json.loads(text, parse_constant=_refuse_constant)
+            data = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise ParseError(f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                              f"column {exc.colno}.") from None
@@ -32,3 +32,9 @@ class StrictJSONParser(JSONParser):
             raise ParseError(f"The request body holds {exc.args[0]}, which JSON does not allow.") from None
         except RecursionError:
             raise ParseError("The request body is nested too deeply.") from None
+        try:
+            # "\ud800"-style escapes decode to lone surrogates, which no tokenizer can encode.
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ParseError("The request body holds an invalid Unicode escape (a lone surrogate).") from None
+        return data
