@@ -146,7 +146,7 @@ def test_response_cache_hits_and_an_admin_edit_misses(stack):
         assert "[DONE]" in stream.read().decode()
 
 
-def test_service_keeps_working_when_redis_stops(tmp_path, smollm2_path, redis_url):
+def test_service_keeps_working_when_redis_stops_and_recovers(tmp_path, smollm2_path, redis_url):
     port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
@@ -162,6 +162,12 @@ def test_service_keeps_working_when_redis_stops(tmp_path, smollm2_path, redis_ur
         down = client.post("/v1/chat/completions", json=ASK)
         assert down.status_code == 200 and down.headers["X-Cache"] == "MISS"
         assert down.json()["choices"][0]["message"]["content"]
+        # Redis comes back: the cache works again, with no restart of the web server.
+        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+        assert client.post("/v1/chat/completions", json=ASK).headers["X-Cache"] == "MISS"
+        assert client.post("/v1/chat/completions", json=ASK).headers["X-Cache"] == "HIT"
     finally:
         server.stop()
         if redis.poll() is None:
