@@ -8,7 +8,7 @@ MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test setup deps dev-deps model migrate demo bench tiny-models clean
+.PHONY: run test setup deps dev-deps model migrate demo bench soak clean
 
 run: setup
 	@echo "Serving on http://$(HOST):$(PORT)/  (admin: http://$(HOST):$(PORT)/admin/)"
@@ -49,8 +49,16 @@ demo: migrate
 	$(PY) manage.py import_resources
 	$(PY) manage.py ensure_admin
 
+# Benchmarks (bounded, loopback only): the engine alone, then through the API against the peer.
 bench: dev-deps model
 	$(PY) -m bench.engine_bench
+	$(PY) -m bench.api_bench
+	$(PY) -m bench.report
+
+# The long part of the reliability suite: a mixed-traffic soak (needs Redis on 127.0.0.1:6379).
+soak: dev-deps model
+	$(PY) -m bench.soak --seconds $(or $(SOAK_SECONDS),120)
+	$(PY) -m bench.report
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache
