@@ -1,6 +1,6 @@
 """Engine benchmark: the scheduler against bare llama.cpp loops on the same model, side by side.
 
-    .venv/bin/python -m bench.engine_bench [--model PATH] [--reps 3] [--tokens 96] [--json out.json]
+    .venv/bin/python -m bench.engine_bench [--model PATH] [--reps 7] [--tokens 64] [--json out.json] [--skip-formats]
 
 Measures, in one run and interleaved so that machine noise hits every variant alike:
   * backend alone, one sequence: a bare low-level decode loop (and llama-cpp-python's high-level
@@ -66,6 +66,8 @@ class BareLlama:
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(512, 0, 1)
+        self.decode_seconds = 0.0
+        self.last_outside_decode = 0.0  # share of the last timed loop spent outside llama_decode
 
     def tokenize(self, text: str) -> list[int]:
         data = text.encode()
@@ -79,7 +81,9 @@ class BareLlama:
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
             batch.seq_id[i][0] = seq
         batch.n_tokens = len(items)
+        started = time.perf_counter()
         assert self.llama.llama_decode(self.ctx, batch) == 0
+        self.decode_seconds += time.perf_counter() - started
 
     def _greedy_chain(self):
         llama = self.llama
@@ -102,12 +106,14 @@ class BareLlama:
         chains = [self._greedy_chain() for _ in prompts]
         positions = [len(p) for p in prompts]
         started = time.perf_counter()
+        self.decode_seconds = 0.0
         for _ in range(n_tokens):
             tokens = [llama.llama_sampler_sample(chains[s], self.ctx, logits_index[s]) for s in range(n)]
             self._decode([(tokens[s], positions[s], s, True) for s in range(n)])
             positions = [p + 1 for p in positions]
             logits_index = list(range(n))
         elapsed = time.perf_counter() - started
+        self.last_outside_decode = 1 - self.decode_seconds / elapsed
         for chain in chains:
             llama.llama_sampler_free(chain)
         return n * n_tokens / elapsed
@@ -139,9 +145,13 @@ def high_level_rate(llm, prompt: str, n_tokens: int) -> float:
 # -- the engine ----------------------------------------------------------------------------------
 
 
-def scheduler_rate(engine, n_requests: int, n_tokens: int) -> tuple[float, list[int]]:
-    """Aggregate decode tokens/s of n concurrent requests, from when all have their first token."""
+def scheduler_rate(engine, n_requests: int, n_tokens: int) -> tuple[float, list[int], float]:
+    """Aggregate decode tokens/s of n concurrent requests, from when all have their first token.
+
+    Also returns the share of the scheduler thread's busy time spent outside llama_decode.
+    """
     params = SamplingParams(max_tokens=n_tokens, temperature=0, repetition_penalty=1.0)
+    before = engine.stats()
     generations = [engine.submit(counting_prompt(i), params) for i in range(n_requests)]
     stamps: list[list[float]] = [[] for _ in generations]
 
@@ -157,7 +167,10 @@ def scheduler_rate(engine, n_requests: int, n_tokens: int) -> tuple[float, list[
     window_start = max(s[0] for s in stamps)
     window_end = max(s[-1] for s in stamps)
     tokens = sum(sum(1 for t in s if t > window_start) for s in stamps)
-    return tokens / (window_end - window_start), [g.result.completion_tokens for g in generations]
+    after = engine.stats()
+    busy = after["busy_seconds"] - before["busy_seconds"]
+    outside_decode = 1 - (after["decode_seconds"] - before["decode_seconds"]) / busy
+    return tokens / (window_end - window_start), [g.result.completion_tokens for g in generations], outside_decode
 
 
 def time_to_first_token(engine, prompt: str) -> tuple[float, int]:
@@ -244,8 +257,8 @@ def median(values):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=96, help="decode steps per sequence")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=64, help="decode steps per sequence")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--skip-formats", action="store_true", help="skip the Q4_1 vs Q4_0 comparison")
     args = parser.parse_args(argv)
@@ -257,8 +270,9 @@ def main(argv=None):
     ])
     engine = registry.get("bench")
     single_slot = registry.get("bench-1slot")
-    bare1 = BareLlama(model, n_seq=1)
-    bare8 = BareLlama(model, n_seq=8)
+    # The bare loops use the engine's context configuration (8 sequences x 2,048 cells), so that the
+    # comparison isolates what the scheduler adds.
+    bare1 = bare8 = BareLlama(model, n_seq=8, n_ctx_per_seq=2048)
     from llama_cpp import Llama
 
     high_level = Llama(str(model), n_ctx=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
@@ -266,6 +280,7 @@ def main(argv=None):
     prompts = [bare1.tokenize(counting_prompt(i)) for i in range(8)]
     rates: dict[str, list[float]] = {k: [] for k in ("bare_1", "high_level_1", "bare_8", "sched_1", "sched_2", "sched_4", "sched_8")}
     completion_counts = {}
+    outside: dict[str, list[float]] = {"bare_1": [], "sched_1": [], "bare_8": []}
     print(f"model {model.name}, {THREADS} threads, {args.tokens} decode steps per sequence, {args.reps} repetitions")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     scheduler_rate(engine, 1, 8)  # warm-up
@@ -273,16 +288,20 @@ def main(argv=None):
         # Each scheduler run right after the bare run it is compared with: noise on this machine
         # changes within seconds, so the paired ratio is steadier than a ratio of medians.
         rates["bare_1"].append(bare1.decode_rate(prompts[:1], args.tokens))
-        rates["sched_1"].append(scheduler_rate(engine, 1, args.tokens)[0])
+        outside["bare_1"].append(bare1.last_outside_decode)
+        rate, _, share = scheduler_rate(engine, 1, args.tokens)
+        rates["sched_1"].append(rate)
+        outside["sched_1"].append(share)
         rates["bare_8"].append(bare8.decode_rate(prompts, args.tokens))
+        outside["bare_8"].append(bare8.last_outside_decode)
         for n in (8, 2, 4):
-            rate, counts = scheduler_rate(engine, n, args.tokens)
+            rate, counts, share = scheduler_rate(engine, n, args.tokens)
             rates[f"sched_{n}"].append(rate)
+            outside.setdefault(f"sched_{n}", []).append(share)
             completion_counts[n] = counts
         rates["high_level_1"].append(high_level_rate(high_level, counting_prompt(0), args.tokens))
         print(f"  repetition {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
     ttft = ttft_runs(engine, single_slot, args.reps)
-    bare1.close()
     bare8.close()
     del high_level
     registry.close()
@@ -307,6 +326,11 @@ def main(argv=None):
         (f"TTFT cold, {t['prefix_tokens']:.0f}-token prefix", f"{t['cold'] * 1000:.0f} ms", ""),
         ("TTFT reused (idle slot KV)", f"{t['reused_idle_slot'] * 1000:.0f} ms", f"{t['reused_idle_slot'] / t['cold']:.1%} of cold"),
         ("TTFT reused (restored saved state)", f"{t['restored_saved_state'] * 1000:.0f} ms", f"{t['restored_saved_state'] / t['cold']:.1%} of cold"),
+    ]
+    o = {k: median(v) for k, v in outside.items()}
+    rows += [
+        ("time outside llama_decode, 1 seq", f"{o['sched_1']:.1%}", f"bare loop {o['bare_1']:.1%}"),
+        ("time outside llama_decode, 8 seqs", f"{o['sched_8']:.1%}", f"bare loop {o['bare_8']:.1%}"),
     ]
     width = max(len(r[0]) for r in rows)
     print()
@@ -338,7 +362,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"rates": rates, "paired": paired, "ttft": ttft, "medians": m, "ttft_medians": t, "formats": formats},
+                {"rates": rates, "paired": paired, "outside_decode": outside, "ttft": ttft, "medians": m, "ttft_medians": t, "formats": formats},
                 indent=2,
             )
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 
 from .backends import Backend
@@ -29,6 +30,7 @@ class Scheduler:
         self._counters = dict(
             prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0, peak_active=0
         )
+        self._busy_seconds = 0.0  # wall time of loop iterations that decoded something
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}", daemon=True)
         self._thread.start()
 
@@ -49,7 +51,13 @@ class Scheduler:
     def stats(self) -> dict:
         with self._wakeup:
             queued = len(self._queued)
-        return {"active": len(self._active), "queued": queued, **self._counters, **self._backend.stats()}
+        return {
+            "active": len(self._active),
+            "queued": queued,
+            **self._counters,
+            "busy_seconds": self._busy_seconds,
+            **self._backend.stats(),
+        }
 
     def close(self) -> None:
         with self._wakeup:
@@ -74,19 +82,28 @@ class Scheduler:
         newcomers = self._take_newcomers()
         if newcomers is None:
             return False
+        started = time.perf_counter()
+        try:
+            self._advance(newcomers)
+        finally:
+            self._busy_seconds += time.perf_counter() - started
+        return True
+
+    def _advance(self, newcomers: list[Sequence]) -> None:
+        """Admit newcomers, drop cancelled sequences, decode one step and route its tokens."""
         for seq in newcomers:
             self._start(seq)
         for seq in [s for s in self._active if s.generation.cancel_requested]:
             self._finish(seq, "cancelled")
         if not self._active:
-            return True
+            return
         try:
             sampled = self._backend.step(self._active)
         except Exception:
             logger.exception("decode step of model %r failed", self._model_name)
             for seq in list(self._active):
                 self._finish(seq, error=GenerationFailed(self._model_name))
-            return True
+            return
         for seq, token in sampled:
             try:
                 self._accept(seq, token)
@@ -94,7 +111,6 @@ class Scheduler:
                 logger.exception("model %r: handling a sampled token failed", self._model_name)
                 if seq in self._active:
                     self._finish(seq, error=GenerationFailed(self._model_name))
-        return True
 
     def _take_newcomers(self) -> list[Sequence] | None:
         """Queued requests that fit into free slots; blocks while there is nothing to do. None = stop."""

@@ -137,6 +137,7 @@ class LlamaCppBackend(Backend):
         self._batch = llama.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq_id) for seq_id in range(spec.parallel)]
         self._cache = PrefixCache(spec.prefix_cache_mb * 1024 * 1024)
+        self._decode_seconds = 0.0
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -314,7 +315,9 @@ class LlamaCppBackend(Backend):
                 batch.logits[n - 1] = 1
             planned.append((seq, chunk, n - 1 if completes else None))
         batch.n_tokens = n
+        started = time.perf_counter()
         result = llama.llama_decode(self._context, batch)
+        self._decode_seconds += time.perf_counter() - started
         if result != 0:
             for seq, _, _ in planned:  # what these slots hold is now unknown
                 llama.llama_memory_seq_rm(self._memory, seq.backend_state.slot.seq_id, -1, -1)
@@ -343,7 +346,11 @@ class LlamaCppBackend(Backend):
         seq.backend_state = None
 
     def stats(self) -> dict:
-        return {"prefix_cache_entries": len(self._cache), "prefix_cache_bytes": self._cache.total_bytes}
+        return {
+            "prefix_cache_entries": len(self._cache),
+            "prefix_cache_bytes": self._cache.total_bytes,
+            "decode_seconds": self._decode_seconds,  # time inside llama_decode
+        }
 
     def close(self) -> None:
         if self._context is None:
