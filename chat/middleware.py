@@ -15,8 +15,8 @@ from .models import ApiKey
 request_logger = logging.getLogger("llmsite.requests")
 
 
-class RequestIdMiddleware:
-    """Gives each request an id (or keeps a sane X-Request-ID from a proxy) and returns it in a header."""
+class HybridMiddleware:
+    """Base of middleware that runs natively under both WSGI and ASGI."""
 
     sync_capable = True
     async_capable = True
@@ -25,6 +25,10 @@ class RequestIdMiddleware:
         self.get_response = get_response
         if iscoroutinefunction(get_response):
             markcoroutinefunction(self)
+
+
+class RequestIdMiddleware(HybridMiddleware):
+    """Gives each request an id (or keeps a sane X-Request-ID from a proxy) and returns it in a header."""
 
     def _prepare(self, request):
         incoming = request.headers.get("X-Request-ID", "")
@@ -50,20 +54,12 @@ class RequestIdMiddleware:
         return self._finish(request, self._prepare(request) or await self.get_response(request))
 
 
-class RequestLogMiddleware:
+class RequestLogMiddleware(HybridMiddleware):
     """One structured log line and one metrics count per request (after the stream ends, for streams).
 
     Fields: request id, key id (never the key), user id, character, model, token counts, time to
     first token, total time, cache result, status. Prompt and reply only when LOG_PROMPTS is on.
     """
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
     def __call__(self, request):
         if iscoroutinefunction(self):

@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.live import LiveServer, free_port, prepare_database
+from tests.live import LiveServer, free_port, prepare_database, stop_process_group
 from tests.subprocess_helpers import ROOT
 
 pytestmark = pytest.mark.smollm2
@@ -31,13 +31,7 @@ class Worker:
             cwd=ROOT, env=self.server.child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, timeout=20)
 
 
 @pytest.fixture(scope="module")
