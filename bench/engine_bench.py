@@ -18,7 +18,6 @@ continues by counting, so that no sequence stops early.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
