@@ -261,11 +261,12 @@ class LlamaCppBackend(Backend):
     def _sampler_chain(self, seq: Sequence):
         """One llama.cpp sampler chain per sequence: grammar, top-k, penalties, then greedy or top-p/temperature/dist."""
         llama, params = self._llama, seq.params
+        grammar = self._grammar_sampler(params.grammar) if params.grammar is not None else None  # may raise
         chain_params = llama.llama_sampler_chain_default_params()
         chain_params.no_perf = True
-        chain = llama.llama_sampler_chain_init(chain_params)
-        if params.grammar is not None:
-            llama.llama_sampler_chain_add(chain, self._grammar_sampler(params.grammar))
+        chain = llama.llama_sampler_chain_init(chain_params)  # owns every sampler added to it
+        if grammar is not None:
+            llama.llama_sampler_chain_add(chain, grammar)
         top_k = GREEDY_TOP_K if params.greedy else params.top_k
         if top_k > 0:  # before the penalties: llama.cpp advises against penalising the full vocabulary
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(top_k))
