@@ -25,7 +25,9 @@ def check_model() -> dict:
     registry = get_registry()
     spec = registry.spec()
     result = {"ok": True, "model": spec.name, "loaded": registry.is_loaded()}
-    if not result["loaded"] and not os.path.exists(spec.path):
+    # A remote model (base_urls) has no file here; its upstreams are not probed, so that a pool outage
+    # answers 503 per request instead of taking every web instance out of the load balancer.
+    if not result["loaded"] and not spec.base_urls and not os.path.exists(spec.path):
         return {**result, "ok": False, "error": f"model file {os.path.basename(spec.path)} is missing"}
     try:
         get_engine()  # loads it if needed: a ready instance can answer at once

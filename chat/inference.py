@@ -36,9 +36,12 @@ def get_engine(name: str | None = None):
     registry = get_registry()
     if not registry.is_loaded(name):
         spec = registry.spec(name)
-        size = os.path.getsize(spec.path) / 1e6 if os.path.exists(spec.path) else 0
-        logger.info("loading model %r from %s (%.0f MB, backend %s)...", spec.name, os.path.basename(spec.path),
-                    size, spec.backend)
+        if spec.base_urls:
+            logger.info("connecting model %r to %s (backend %s)...", spec.name, ", ".join(spec.base_urls), spec.backend)
+        else:
+            size = os.path.getsize(spec.path) / 1e6 if os.path.exists(spec.path) else 0
+            logger.info("loading model %r from %s (%.0f MB, backend %s)...", spec.name, os.path.basename(spec.path),
+                        size, spec.backend)
     return registry.get(name)
 
 

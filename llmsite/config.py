@@ -1,4 +1,4 @@
-"""Reads config.yaml: which GGUF model(s) to serve, the fallback system prompt, default sampling.
+"""Reads config.yaml: which GGUF model(s) (or remote servers) to serve, the fallback system prompt, default sampling.
 
 Kept free of Django so settings can call it before Django is configured. Every problem is a
 `ConfigError` whose message is one line naming the file and what is wrong.
@@ -7,15 +7,21 @@ Kept free of Django so settings can call it before Django is configured. Every p
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
-BACKENDS = ("llama_cpp", "ctransformers")
+BACKENDS = ("llama_cpp", "ctransformers", "openai_compatible")
+REMOTE = "openai_compatible"  # an OpenAI-compatible server pool generates (vLLM, llama-server)
+REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "timeout", "connect_timeout",
+                  "max_connections")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
-                 "prefix_cache_mb", "chat_template")
-INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb")
+                 "prefix_cache_mb", "chat_template", *REMOTE_OPTIONS)
+INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "max_connections")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "max_tokens": 256}
 
 
@@ -35,6 +41,13 @@ class ModelConfig:
     parallel: int = 8
     prefix_cache_mb: int = 256
     chat_template: str | None = None
+    base_urls: tuple[str, ...] = ()
+    remote_model: str | None = None
+    api_key_env: str | None = None
+    remote_api: str = "chat"
+    timeout: float = 120.0
+    connect_timeout: float = 5.0
+    max_connections: int = 16
 
 
 @dataclass(frozen=True)
@@ -87,17 +100,23 @@ def _parse(raw: dict, path: Path, base_dir: Path) -> SiteConfig:
         fail("'system_prompt' is required and must be a non-empty string")
 
     models: list[ModelConfig] = []
-    if "model_path" in raw:
+    if raw.get("backend") == REMOTE:
+        if not (raw.get("model_name") or raw.get("remote_model")):
+            fail(f"'model_name' is required with backend {REMOTE}")
+        top_options = {key: raw[key] for key in MODEL_OPTIONS if key in raw}
+        models.append(_model(raw.get("model_name") or raw["remote_model"], None, top_options, base_dir, fail))
+    elif "model_path" in raw:
         top_options = {key: raw[key] for key in MODEL_OPTIONS if key in raw}
         models.append(_model(raw.get("model_name") or _name_from_path(raw["model_path"]),
                              raw["model_path"], top_options, base_dir, fail))
     for index, entry in enumerate(raw.get("models") or []):
-        if not isinstance(entry, dict) or "name" not in entry or "model_path" not in entry:
-            fail(f"models[{index}] needs 'name' and 'model_path'")
+        remote = isinstance(entry, dict) and entry.get("backend") == REMOTE
+        if not isinstance(entry, dict) or "name" not in entry or ("model_path" not in entry and not remote):
+            fail(f"models[{index}] needs 'name' and 'model_path' (or backend {REMOTE} and 'base_url')")
         options = {key: entry[key] for key in MODEL_OPTIONS if key in entry}
-        models.append(_model(entry["name"], entry["model_path"], options, base_dir, fail))
+        models.append(_model(entry["name"], None if remote else entry["model_path"], options, base_dir, fail))
     if not models:
-        fail("'model_path' is required (the GGUF file to serve)")
+        fail(f"'model_path' is required (the GGUF file to serve), or backend {REMOTE} with 'base_url'")
     names = [model.name for model in models]
     if len(set(names)) != len(names):
         fail(f"model names must be unique, got {names}")
@@ -123,21 +142,62 @@ def _parse(raw: dict, path: Path, base_dir: Path) -> SiteConfig:
 def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelConfig:
     if not isinstance(name, str) or not name.strip():
         fail("a model name must be a non-empty string")
-    if not isinstance(model_path, str) or not model_path.strip():
-        fail(f"model {name!r}: 'model_path' must be a non-empty string")
     backend = options.get("backend", "llama_cpp")
     if backend not in BACKENDS:
         fail(f"model {name!r}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != REMOTE and (not isinstance(model_path, str) or not model_path.strip()):
+        fail(f"model {name!r}: 'model_path' must be a non-empty string")
     for key in INTEGER_OPTIONS:
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             fail(f"model {name!r}: {key} must be a non-negative integer")
     if options.get("context_length") is not None and options["context_length"] < 16:
         fail(f"model {name!r}: context_length must be at least 16")
+    if backend == REMOTE:
+        return ModelConfig(name=name.strip(), path="", **_remote_options(name, options, fail))
+    given = [key for key in REMOTE_OPTIONS if key in options]
+    if given:
+        fail(f"model {name!r}: {given[0]} is only used with backend {REMOTE}")
     resolved = Path(model_path)
     if not resolved.is_absolute():
         resolved = base_dir / resolved
     return ModelConfig(name=name.strip(), path=str(resolved), **options)
+
+
+def _remote_options(name, options: dict, fail) -> dict:
+    """Validated options of an openai_compatible model; `base_url` (one URL or a list) becomes `base_urls`."""
+    options = dict(options)
+    urls = options.pop("base_url", None)
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not urls:
+        fail(f"model {name!r}: backend {REMOTE} needs 'base_url' (one URL or a list of URLs)")
+    for url in urls:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            fail(f"model {name!r}: base_url {url!r} must be an http:// or https:// URL")
+        if parts.username or parts.password:
+            fail(f"model {name!r}: base_url must not hold credentials; name an environment variable in api_key_env")
+    options["base_urls"] = tuple(url.strip() for url in urls)
+    env_name = options.get("api_key_env")
+    if env_name is not None and (not isinstance(env_name, str) or not ENV_NAME.fullmatch(env_name)):
+        fail(f"model {name!r}: api_key_env must be the name of an environment variable (letters, digits, _), "
+             "never the key itself")
+    remote_model = options.get("remote_model")
+    if remote_model is not None and (not isinstance(remote_model, str) or not remote_model.strip()):
+        fail(f"model {name!r}: remote_model must be a non-empty string")
+    if options.get("remote_api", "chat") not in ("chat", "completions"):
+        fail(f"model {name!r}: remote_api must be chat or completions, got {options['remote_api']!r}")
+    for key in ("timeout", "connect_timeout"):
+        value = options.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            fail(f"model {name!r}: {key} must be a positive number of seconds")
+    if options.get("max_connections") == 0:
+        fail(f"model {name!r}: max_connections must be at least 1")
+    # Options of the local backends (threads, gpu_layers...) mean nothing to a remote server.
+    return {key: options[key] for key in ("base_urls", "remote_model", "api_key_env", "remote_api", "timeout",
+                                          "connect_timeout", "max_connections", "backend", "context_length",
+                                          "chat_template") if key in options}
 
 
 def _name_from_path(model_path) -> str:

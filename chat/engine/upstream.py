@@ -1,0 +1,140 @@
+"""The upstream servers of a remote model: round-robin choice, skipping the ones that failed, error mapping.
+
+Pure Python (no httpx here): chat/engine/remote.py does the HTTP and reports each outcome back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .errors import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable
+
+RETRY_DOWN_AFTER = 5.0  # seconds a failed upstream is skipped before a request tries it again
+
+# How OpenAI-compatible servers word "the prompt does not fit": OpenAI and llama-cpp-python
+# ("This model's maximum context length is N tokens"), vLLM (same, plus "max_model_len"),
+# llama-server ("exceeds the available context size", type exceed_context_size_error).
+_CONTEXT_ERROR = re.compile(r"context length|context window|context size|max_model_len|exceed_context_size",
+                            re.IGNORECASE)
+_CONTEXT_NUMBER = re.compile(r"(?:maximum context length is|context window of|n_ctx[^0-9]*|"
+                             r"max_model_len[^0-9]*)\s*(\d+)", re.IGNORECASE)
+
+
+@dataclass
+class Upstream:
+    """One server of the pool. `label` is host:port: safe to show clients (no path, no credentials)."""
+
+    root: str  # the server's root URL: "/v1" and a trailing "/" are removed
+    label: str
+    down_until: float = 0.0  # 0 while it answers
+    failures: int = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> Upstream:
+        parts = urlsplit(url.strip())
+        root = url.strip().rstrip("/")
+        if root.endswith("/v1"):
+            root = root[: -len("/v1")]
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(root=root, label=f"{parts.hostname}:{port}")
+
+    @property
+    def up(self) -> bool:
+        return self.down_until == 0.0
+
+
+class UpstreamPool:
+    """Upstreams in round-robin order; one that fails is skipped until it answers again.
+
+    A failed upstream is tried again by one request after RETRY_DOWN_AFTER seconds (and again
+    after each further failure); when every upstream is down, the one due soonest is still tried,
+    so a recovered pool is noticed at once instead of failing requests without asking.
+    """
+
+    def __init__(self, urls, *, retry_after: float = RETRY_DOWN_AFTER):
+        self.upstreams = [Upstream.from_url(url) for url in urls]
+        if not self.upstreams:
+            raise ValueError("at least one upstream URL is needed")
+        self.retry_after = retry_after
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return ", ".join(upstream.label for upstream in self.upstreams)
+
+    def candidates(self) -> list[Upstream]:
+        """The upstreams to try for one request, in order: answering ones (rotated), then those due a retry."""
+        now = time.monotonic()
+        with self._lock:
+            start = self._next
+            self._next = (self._next + 1) % len(self.upstreams)
+            rotated = self.upstreams[start:] + self.upstreams[:start]
+            up = [upstream for upstream in rotated if upstream.up]
+            due = [upstream for upstream in rotated if not upstream.up and upstream.down_until <= now]
+            for upstream in due:  # one request at a time probes a down upstream
+                upstream.down_until = now + self.retry_after
+            if up or due:
+                return up + due
+            return [min(rotated, key=lambda upstream: upstream.down_until)]
+
+    def succeeded(self, upstream: Upstream) -> None:
+        with self._lock:
+            upstream.down_until, upstream.failures = 0.0, 0
+
+    def failed(self, upstream: Upstream) -> None:
+        with self._lock:
+            upstream.down_until = time.monotonic() + self.retry_after
+            upstream.failures += 1
+
+    def status(self) -> list[dict]:
+        with self._lock:
+            return [{"upstream": upstream.label, "up": upstream.up, "failures": upstream.failures}
+                    for upstream in self.upstreams]
+
+
+def upstream_error_message(body: bytes) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message"}} or {"detail"}), else the raw text."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body.decode("utf-8", "replace").strip()[:300]
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            for key in ("message", "detail", "msg"):
+                if isinstance(error.get(key), str):
+                    return error[key][:300]
+            return json.dumps(error)[:300]
+        if isinstance(error, str):
+            return error[:300]
+    return json.dumps(data)[:300]
+
+
+def is_context_error(status: int, body: bytes) -> bool:
+    if status not in (400, 413, 422):
+        return False
+    text = body.decode("utf-8", "replace")
+    return "context_length_exceeded" in text or bool(_CONTEXT_ERROR.search(text))
+
+
+def error_for_status(*, model: str, upstream: Upstream, status: int, body: bytes, prompt_tokens: int,
+                     context_length: int) -> EngineError:
+    """The engine error for an upstream's non-200 answer that no other upstream would answer differently (4xx)."""
+    if is_context_error(status, body):
+        found = _CONTEXT_NUMBER.search(body.decode("utf-8", "replace"))
+        return ContextOverflow(prompt_tokens, int(found.group(1)) if found else context_length)
+    if status in (401, 403):
+        return ModelUnavailable(model, upstream.label, f"the upstream server refused our API key (HTTP {status}); "
+                                                       "check api_key_env.")
+    if status == 404:
+        return ModelUnavailable(model, upstream.label, "the upstream server does not serve this model or API "
+                                                       "(HTTP 404); check remote_model and base_url.")
+    if status in (400, 422):
+        return InvalidRequest(f"The upstream server rejected the request: {upstream_error_message(body)}")
+    return ModelUnavailable(model, upstream.label, f"the upstream server answered HTTP {status}.")
