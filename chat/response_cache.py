@@ -37,7 +37,7 @@ def content_version(plan) -> str:
 
 
 def cache_key(plan) -> str | None:
-    if not settings.RESPONSE_CACHE_ENABLED or not is_deterministic(plan.params):
+    if not settings.RESPONSE_CACHE_ENABLED or not plan.cache_allowed or not is_deterministic(plan.params):
         return None
     material = json.dumps({"model": plan.model_name, "prompt": plan.prompt.text,
                            "params": dataclasses.asdict(plan.params), "content": content_version(plan)},

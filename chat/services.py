@@ -68,6 +68,7 @@ class ChatPlan:
     created: int = field(default_factory=lambda: int(time.time()))
     shorthand: bool = False
     cache_status: str = BYPASS
+    cache_allowed: bool = True               # False: the client sent Cache-Control: no-cache
     timing: GenerationTiming | None = None   # set when generated live (not from the cache)
     completion: Completion | None = None     # set when finished
 

@@ -47,6 +47,7 @@ class ChatCompletionsView(APIView):
         data = serializer.validated_data
         plan = chat_request_prepare(user=request.user, data=data)
         request._request.chat_plan = plan  # for the request's log line (chat.middleware)
+        plan.cache_allowed = "no-cache" not in request.headers.get("Cache-Control", "")
         if wants_background(data):
             job = job_submit(user=request.user, api_key=api_key_of(request), payload=serializer.initial_data)
             job.refresh_from_db()  # inline mode (no broker) has already run it
