@@ -163,6 +163,10 @@ models:
     remote_model: upstream-smollm2
     api_key_env: {KEY_ENV}
     context_length: 2048
+  - name: remote-completions      # prompt rendered here (ChatML), sent to /v1/completions
+    backend: openai_compatible
+    base_url: {proxy}
+    remote_api: completions
   - name: remote-direct
     backend: openai_compatible
     base_url: {a}
@@ -293,6 +297,22 @@ print(json.dumps(prompt.messages))
     stored = stored["results"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert stored[-1]["content"] == reply.choices[0].message.content and stored[-1]["model_name"] == "remote"
+
+
+def test_plain_prompts_and_completions_mode_go_to_v1_completions(stack):
+    before = len(stack.proxy.requests)
+    response = httpx.post(stack.server.url + "/v1/completions", headers=stack.headers(), timeout=30,
+                          json={"model": "remote", "prompt": "The capital of France is", "max_tokens": 6})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] and response.json()["usage"]["completion_tokens"] > 0
+    reply = stack.client().chat.completions.create(model="remote-completions", messages=QUESTION, max_tokens=6)
+    assert reply.choices[0].message.content
+    sent = [request.json for request in stack.proxy.sent("/v1/completions", before)]
+    assert [body["prompt"] for body in sent[:1]] == ["The capital of France is"]
+    assert len(sent) == 2 and "messages" not in sent[1]
+    assert sent[1]["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert sent[1]["prompt"].endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                      "<|im_start|>assistant\n")
 
 
 def test_an_upstream_that_is_down_answers_503_naming_it(stack):
