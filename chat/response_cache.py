@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 
 from django.conf import settings
 from django.core.cache import cache
@@ -59,8 +60,50 @@ def cached_completion(plan) -> Completion | None:
 
 def remember_completion(plan, completion: Completion) -> None:
     key = cache_key(plan)
-    if key is not None and completion.finish_reason in ("stop", "length"):
-        cache.set(key, dataclasses.asdict(completion), timeout=settings.RESPONSE_CACHE_TTL)
+    if key is None or completion.finish_reason not in ("stop", "length"):
+        return
+    cache.set(key, dataclasses.asdict(completion), timeout=settings.RESPONSE_CACHE_TTL)
+    if plan.request_key:
+        from .services import scenarios_used
+
+        cache.set(plan.request_key, {"completion": dataclasses.asdict(completion), "model": plan.model_name,
+                                     "scenarios": scenarios_used(plan)}, timeout=settings.RESPONSE_CACHE_TTL)
+
+
+# --- Fast path: identical stateless requests, answered before composing the prompt -----------------
+
+CONTENT_VERSION_KEY = "content-version"
+REQUEST_FIELDS_IGNORED = ("stream", "stream_options", "user", "store", "background")
+
+
+def request_cache_key(data: dict, *, allowed: bool) -> str | None:
+    """A key for requests whose reply depends only on the request and the content: deterministic,
+    no stored conversation to read or write. None when the request does not qualify."""
+    deterministic = data.get("temperature") == 0 or data.get("seed") is not None
+    stateless = not data.get("conversation") and (not (data.get("character") or data.get("character_id"))
+                                                  or data.get("store") is False)
+    if not (settings.RESPONSE_CACHE_ENABLED and allowed and deterministic and stateless) or data.get("background"):
+        return None
+    version = cache.get(CONTENT_VERSION_KEY)
+    if version is None:  # unknown (first use, or the cache restarted): start a fresh version
+        version = time.time_ns()
+        cache.add(CONTENT_VERSION_KEY, version, timeout=None)
+    fields = {key: value for key, value in data.items() if key not in REQUEST_FIELDS_IGNORED}
+    material = json.dumps({"request": fields, "content": version, "default_model": settings.LLMSITE.default_model},
+                          sort_keys=True, default=str)
+    return "request:" + hashlib.sha256(material.encode()).hexdigest()
+
+
+def cached_request(key: str | None) -> dict | None:
+    stored = cache.get(key) if key else None
+    if stored is not None:
+        response_cache_lookups.labels("hit").inc()
+    return stored
+
+
+def content_changed(**kwargs) -> None:
+    """Any edit of a character, scenario or system prompt retires every request-level entry at once."""
+    cache.set(CONTENT_VERSION_KEY, time.time_ns(), timeout=None)
 
 
 class ReplayedGeneration:

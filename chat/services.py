@@ -25,7 +25,7 @@ from .metrics import record_generation
 from .inference import get_engine
 from .models import Conversation, Message
 from .prompting import prompt_compose, prompt_greeting
-from .response_cache import BYPASS, cached_completion, remember_completion
+from .response_cache import BYPASS, cached_completion, cached_request, remember_completion, request_cache_key
 from .selectors import character_get_active, conversation_get_owned
 
 logger = logging.getLogger("llmsite.chat")
@@ -69,6 +69,7 @@ class ChatPlan:
     shorthand: bool = False
     cache_status: str = BYPASS
     cache_allowed: bool = True               # False: the client sent Cache-Control: no-cache
+    request_key: str | None = None           # the fast-path cache key, when the request qualifies
     timing: GenerationTiming | None = None   # set when generated live (not from the cache)
     completion: Completion | None = None     # set when finished
 
@@ -200,19 +201,40 @@ def chat_exchange_store(*, plan: ChatPlan, completion: Completion) -> Conversati
 
 
 def chat_completion_body(*, plan: ChatPlan, completion: Completion, conversation: Conversation | None) -> dict:
+    return completion_body(completion_id=plan.completion_id, created=plan.created, model=plan.model_name,
+                           completion=completion, scenarios=scenarios_used(plan),
+                           conversation_id=str(conversation.pk) if conversation else None, shorthand=plan.shorthand)
+
+
+def chat_completion_from_cache(*, data: dict, cache_allowed: bool) -> tuple[dict | None, str | None]:
+    """(body, key): the stored reply of an identical stateless deterministic request, before any prompt
+    work; key is where the slow path should remember its reply (None when the request does not qualify)."""
+    key = request_cache_key(data, allowed=cache_allowed)
+    stored = cached_request(key)
+    if stored is None:
+        return None, key
+    body = completion_body(completion_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                           model=stored["model"], completion=Completion(**stored["completion"]),
+                           scenarios=stored["scenarios"], conversation_id=None,
+                           shorthand=data.get("shorthand", False))
+    return body, key
+
+
+def completion_body(*, completion_id: str, created: int, model: str, completion: Completion, scenarios: list,
+                    conversation_id: str | None, shorthand: bool) -> dict:
     body = {
-        "id": plan.completion_id,
+        "id": completion_id,
         "object": "chat.completion",
-        "created": plan.created,
-        "model": plan.model_name,
+        "created": created,
+        "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                      "finish_reason": completion.finish_reason, "logprobs": None}],
         "usage": usage_of(completion),
         "system_fingerprint": None,
-        "scenarios": scenarios_used(plan),
-        "conversation": str(conversation.pk) if conversation else None,
+        "scenarios": scenarios,
+        "conversation": conversation_id,
     }
-    if plan.shorthand:
+    if shorthand:
         body["text"] = completion.text
     return body
 

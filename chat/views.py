@@ -13,7 +13,8 @@ from .errors import ApiError
 from .inference import get_registry
 from .jobs import api_key_of, job_body, job_cancel, job_get_visible, job_submit, job_url, wants_background
 from .selectors import conversation_get_owned, conversations_of
-from .services import chat_completion_run, chat_request_prepare, text_completion_run
+from .response_cache import HIT
+from .services import chat_completion_from_cache, chat_completion_run, chat_request_prepare, text_completion_run
 from .streaming import chat_completion_events, generation_for
 
 ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, text in {
@@ -45,9 +46,14 @@ class ChatCompletionsView(APIView):
         serializer = s.ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        cache_allowed = "no-cache" not in request.headers.get("Cache-Control", "")
+        cached_body, request_key = (None, None) if data.get("stream") else chat_completion_from_cache(
+            data=data, cache_allowed=cache_allowed)
+        if cached_body is not None:
+            return Response(cached_body, headers={"X-Cache": HIT})
         plan = chat_request_prepare(user=request.user, data=data)
         request._request.chat_plan = plan  # for the request's log line (chat.middleware)
-        plan.cache_allowed = "no-cache" not in request.headers.get("Cache-Control", "")
+        plan.cache_allowed, plan.request_key = cache_allowed, request_key
         if wants_background(data):
             job = job_submit(user=request.user, api_key=api_key_of(request), payload=serializer.initial_data)
             job.refresh_from_db()  # inline mode (no broker) has already run it

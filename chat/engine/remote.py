@@ -149,7 +149,7 @@ class RemoteTokenizer:
                 response = self._client.post(upstream.root + path, json=payload, headers=self._headers)
             except httpx.TransportError as error:
                 self._pool.failed(upstream)
-                logger.warning("upstream %s: tokenize failed: %s", upstream.label, _transport_reason(error, 0, 0))
+                logger.warning("upstream %s: tokenize failed (%s)", upstream.label, type(error).__name__)
                 continue
             if response.status_code >= 500:
                 self._pool.failed(upstream)
@@ -300,6 +300,9 @@ class RemoteEngine:
     def submit(self, prompt: str, params: SamplingParams) -> Generation:
         """Send a request upstream; returns once an idle worker's upstream accepted it (at once when queued).
 
+        Blocks for the upstream's response headers, as Engine.submit blocks for tokenizing: call it from
+        sync code (views do; consumers use sync_to_async).
+
         Raises ContextOverflow, ModelUnavailable (no upstream answers), InvalidRequest (the upstream
         rejected the parameters), EngineClosed.
         """
@@ -444,6 +447,8 @@ class RemoteEngine:
             try:
                 self._stream(request, upstream, response)
             finally:
+                with request.lock:
+                    request.response = None  # a late cancel() must not touch a connection back in the pool
                 response.close()
             return
         plural = "servers do" if len(tried) > 1 else "server does"
