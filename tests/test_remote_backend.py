@@ -391,6 +391,17 @@ def test_a_pool_with_an_upstream_that_never_answers_fails_over(stack):
     assert time.monotonic() - started < 30
 
 
+def test_a_remote_model_loads_no_inference_library(stack):
+    shown = stack.server.manage("""
+import sys
+from chat.inference import get_engine
+engine = get_engine("remote-direct")
+print(engine.count_tokens("Hello there"), engine.stats()["tokenizer"],
+      [name for name in ("llama_cpp", "ctransformers") if name in sys.modules])
+""").strip().splitlines()[-1]
+    assert shown == "2 llama_cpp_python []"  # counted by the upstream's tokenizer; nothing loaded here
+
+
 def test_the_pool_skips_a_failed_upstream_until_it_answers_again():
     pool = UpstreamPool(["http://a:1/v1", "http://b:2/"], retry_after=0.2)
     assert [u.root for u in pool.upstreams] == ["http://a:1", "http://b:2"]
