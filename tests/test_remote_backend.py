@@ -349,7 +349,7 @@ def test_a_client_that_leaves_stops_the_upstream(stack):
     # The upstream serves one request at a time: the next one is not stuck behind the abandoned story.
     started = time.monotonic()
     reply = stack.client().chat.completions.create(model="remote-direct", messages=QUESTION, max_tokens=8)
-    assert reply.choices[0].message.content and time.monotonic() - started < 8
+    assert reply.choices[0].message.content and time.monotonic() - started < 10
 
 
 def test_an_upstream_killed_mid_stream_gives_an_error_event_and_stores_nothing(stack):
