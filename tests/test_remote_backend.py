@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from chat.engine.upstream import UpstreamPool
+from llmsite.config import ConfigError, load_config
 from tests.live import LiveServer, free_port, prepare_database
 from tests.subprocess_helpers import ROOT
 
@@ -418,3 +419,39 @@ def test_the_pool_skips_a_failed_upstream_until_it_answers_again():
     for upstream in pool.upstreams:
         pool.failed(upstream)
     assert len(pool.candidates()) == 1  # all down: the one due soonest is still asked
+
+
+REMOTE = "system_prompt: hi\nmodels:\n  - name: r\n    backend: openai_compatible\n"
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("", "model 'r': backend openai_compatible needs 'base_url' (one URL or a list of URLs)"),
+    ("    base_url: gpu-1:8000\n", "model 'r': base_url 'gpu-1:8000' must be an http:// or https:// URL"),
+    ("    base_url: http://me:secret@gpu-1\n", "model 'r': base_url must not hold credentials; name an environment "
+                                               "variable in api_key_env"),
+    ("    base_url: http://gpu-1\n    api_key_env: sk-live-123\n", "model 'r': api_key_env must be the name of an "
+                                                                   "environment variable (letters, digits, _), never "
+                                                                   "the key itself"),
+    ("    base_url: http://gpu-1\n    timeout: 0\n", "model 'r': timeout must be a positive number of seconds"),
+    ("    base_url: http://gpu-1\n    max_connections: 0\n", "model 'r': max_connections must be at least 1"),
+    ("    base_url: http://gpu-1\n    remote_api: embeddings\n", "model 'r': remote_api must be chat or completions"),
+])
+def test_config_rejects_bad_remote_options_in_one_line(tmp_path, options, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(REMOTE + options)
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, base_dir=tmp_path)
+    assert str(raised.value).startswith(f"{config}: {expected}") and "\n" not in str(raised.value)
+
+
+def test_config_accepts_a_remote_model_without_model_path(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(REMOTE + "    base_url: [http://gpu-1:8000/v1, http://gpu-2:8000/v1]\n    api_key_env: POOL_KEY\n"
+                               "    remote_model: Qwen/Qwen2.5-7B-Instruct\n    threads: 4\n")
+    (model,) = load_config(config, base_dir=tmp_path).models
+    assert (model.path, model.base_urls, model.api_key_env, model.remote_model) == (
+        "", ("http://gpu-1:8000/v1", "http://gpu-2:8000/v1"), "POOL_KEY", "Qwen/Qwen2.5-7B-Instruct")
+    assert model.threads == 0  # options of the local backends are dropped
+    config.write_text("system_prompt: hi\nmodel_path: m.gguf\nbase_url: http://gpu-1\n")
+    with pytest.raises(ConfigError, match="base_url is only used with backend openai_compatible"):
+        load_config(config, base_dir=tmp_path)
