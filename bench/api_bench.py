@@ -105,10 +105,12 @@ def serving_overhead(ours, key, reps: int) -> dict:
 # -- 2. concurrency --------------------------------------------------------------------------------
 
 
-def concurrency(url: str, key: str | None, levels: list[int], requests_per_client: int) -> list[dict]:
+def concurrency(url: str, key: str | None, levels: list[int], min_requests: int) -> list[dict]:
+    """Each level runs at least `min_requests` requests in all (and at least 2 per client)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     rows = []
     for clients in levels:
+        requests_per_client = max(2, -(-min_requests // clients))
         latencies, tokens = [], []
         lock = threading.Lock()
 
@@ -240,7 +242,7 @@ def main() -> None:
     args = parser.parse_args()
     reps = 2 if args.quick else 5
     levels = [1, 4, 8, 16]
-    per_client = 1 if args.quick else 2
+    min_requests = 4 if args.quick else 16
     results = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     workdir = Path(tempfile.mkdtemp(prefix="llmsite-bench-"))
 
@@ -258,7 +260,7 @@ def main() -> None:
         print("memory under 8 streams...", flush=True)
         results["memory"].update(memory_under_streams(ours, key))
         print("concurrency, llmsite:", flush=True)
-        results["concurrency_ours"] = concurrency(ours.url, key, levels, per_client)
+        results["concurrency_ours"] = concurrency(ours.url, key, levels, min_requests)
         results["memory"]["after_runs_mb"] = rss_mb(ours.process.pid)
     finally:
         ours.stop()
@@ -267,7 +269,7 @@ def main() -> None:
     try:
         plain(peer.url, {}, {"messages": story(0), "max_tokens": 8})  # warm up, as ours was
         print("concurrency, llama_cpp.server:", flush=True)
-        results["concurrency_peer"] = concurrency(peer.url, None, levels, per_client)
+        results["concurrency_peer"] = concurrency(peer.url, None, levels, min_requests)
     finally:
         peer.stop()
     at8 = {r["clients"]: r for r in results["concurrency_ours"]}[8], {r["clients"]: r for r in results["concurrency_peer"]}[8]
