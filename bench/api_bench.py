@@ -226,6 +226,7 @@ def plot(rows_ours: list[dict], rows_peer: list[dict], path: Path) -> None:
     ax.plot([r["clients"] for r in rows_ours], [r["tokens_per_s"] for r in rows_ours], "o-", label="llmsite")
     ax.plot([r["clients"] for r in rows_peer], [r["tokens_per_s"] for r in rows_peer], "s--",
             label="llama_cpp.server")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("aggregate completion tokens/s")
     ax.set_title("SmolLM2-135M Q4_1, 2 cores")
