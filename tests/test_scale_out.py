@@ -104,15 +104,16 @@ def test_long_request_goes_to_the_background_and_can_be_cancelled(stack):
 def test_a_killed_worker_process_leaves_the_job_re_run_not_stuck(stack):
     server, keys, worker = stack
     client = api(server, keys["ann"])
-    job = client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
-        "max_tokens": 400, "temperature": 0.8, "seed": 3, "background": True}).json()
-    wait_for(client, job["url"], lambda b: b["status"] == "running", timeout=120)
-    # The pool process (the worker's only child) dies mid-job.
-    pool_pid = int(subprocess.run(["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True)
-                   .stdout.split()[0])
-    os.kill(pool_pid, signal.SIGKILL)
-    final = wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"), timeout=180)
+    for attempt in range(3):  # a job that finishes before the kill lands proves nothing: try again
+        job = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
+            "max_tokens": 400, "temperature": 0.8, "seed": 3 + attempt, "background": True}).json()
+        wait_for(client, job["url"], lambda b: b["status"] == "running", timeout=120)
+        # The pool process running the job dies mid-job (the worker's main process survives).
+        subprocess.run(["pkill", "-KILL", "-P", str(worker.process.pid)], check=False)
+        final = wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"), timeout=180)
+        if final["attempts"] > 1:
+            break
     assert final["status"] == "done" and final["attempts"] == 2, final
 
 
