@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 
+from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from .models import ApiKey
+
+logger = logging.getLogger("llmsite.api")
 
 KEY_PREFIX = "llms-"
 
@@ -40,8 +44,13 @@ def api_key_find_valid(*, raw_key: str) -> ApiKey | None:
                .filter(key_hash=hash_key(raw_key), revoked_at__isnull=True, user__is_active=True)
                .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now)).first())
     if api_key is not None and (api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60):
-        # Touch at most once a minute: a write per request would serialise SQLite under load.
-        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        # Touch at most once a minute: a write per request would serialise SQLite under load. The touch
+        # is bookkeeping: a busy database must not fail the request it belongs to.
+        try:
+            with transaction.atomic():
+                ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        except DatabaseError:
+            logger.debug("could not record the use of key %s now", api_key.prefix)
     return api_key
 
 

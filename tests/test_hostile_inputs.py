@@ -123,6 +123,13 @@ def test_login_form_and_logout_need_csrf(django_user_model):
 @pytest.mark.django_db(transaction=True)  # the threads' own connections must see the key
 def test_rate_limit_holds_under_concurrency(client, settings):
     settings.API_RATE_LIMIT = "10/hour"
+    # The once-a-minute "last used" touch is a write; the in-memory shared-cache SQLite of the test
+    # database locks whole tables on writes (a file database in WAL mode does not), so do it first.
+    from django.utils import timezone
+
+    from chat.models import ApiKey
+
+    ApiKey.objects.filter(user=client.user).update(last_used_at=timezone.now())
     statuses = []
     lock = threading.Lock()
 
