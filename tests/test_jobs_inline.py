@@ -25,3 +25,24 @@ def test_background_job_runs_inline_without_redis(django_user_model, settings, d
     _, other_key = api_key_create(user=django_user_model.objects.create_user("other"), name="k")
     other.credentials(HTTP_AUTHORIZATION=f"Bearer {other_key}")
     assert other.get(response.json()["url"]).status_code == 404
+
+
+def test_expired_jobs_are_invisible_and_purged(django_user_model):
+    from datetime import timedelta
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from chat.models import Job
+
+    user = django_user_model.objects.create_user("old")
+    key, raw_key = api_key_create(user=user, name="k")
+    job = Job.objects.create(owner=user, api_key=key, request={}, status=Job.Status.DONE,
+                             expires_at=timezone.now() - timedelta(seconds=1))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    assert client.get(f"/v1/jobs/{job.pk}").status_code == 404
+    out = StringIO()
+    call_command("purge_jobs", stdout=out)
+    assert "Deleted 1 expired job" in out.getvalue() and not Job.objects.exists()
