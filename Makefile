@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# llama-cpp-python never loads its multimodal library here (only vision chat handlers import it):
+# skipping it cuts the llama.cpp compile from 193 to 140 steps.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: run test setup deps dev-deps model migrate demo bench soak clean
 
@@ -26,7 +29,7 @@ $(PY):
 # The stamp files make a second run skip installs whose requirements did not change.
 $(VENV)/.deps: requirements.txt | $(PY)
 	@echo "Installing requirements. llama-cpp-python compiles llama.cpp from source the first time:"
-	@echo "about 8 minutes on a 2-core machine (pip caches the build afterwards)."
+	@echo "about 7 minutes on a 2-core machine (pip caches the build afterwards)."
 	bash scripts/pip_install.sh $(PY) -r requirements.txt
 	touch $@
 
