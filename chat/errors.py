@@ -17,6 +17,7 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
 from chat.engine import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable, UnknownModel, UnsupportedFeature
+from chat.engine.errors import EngineOverloaded
 
 logger = logging.getLogger("llmsite.api")
 
@@ -104,6 +105,9 @@ def error_from_exception(exc: Exception, request=None) -> tuple[int, dict, dict]
     if isinstance(exc, drf_exceptions.APIException):  # ParseError, MethodNotAllowed, UnsupportedMediaType...
         return exc.status_code, error_body(str(exc.detail), type="invalid_request_error",
                                            code=exc.default_code), headers
+    if isinstance(exc, EngineOverloaded):  # back-pressure: the client should come back, not hang
+        headers["Retry-After"] = str(exc.retry_after)
+        return 503, error_body(str(exc), type="service_unavailable", code="engine_overloaded"), headers
     if isinstance(exc, EngineError):
         logger.warning("engine error request_id=%s: %s", request_id_of(request) if request else "-", exc)
         return 503, error_body(str(exc), type="service_unavailable", code="engine_error"), headers

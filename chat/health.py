@@ -25,6 +25,10 @@ def check_model() -> dict:
     registry = get_registry()
     spec = registry.spec()
     result = {"ok": True, "model": spec.name, "loaded": registry.is_loaded()}
+    engine = registry.loaded()
+    if engine is not None and not getattr(engine, "alive", True):
+        # Not replaced here: the next request reloads it; until then this instance is not ready.
+        return {**result, "ok": False, "error": "the model's scheduler stopped; the next request reloads it"}
     # A remote model (base_urls) has no file here; its upstreams are not probed, so that a pool outage
     # answers 503 per request instead of taking every web instance out of the load balancer.
     if not result["loaded"] and not spec.base_urls and not os.path.exists(spec.path):

@@ -36,13 +36,17 @@ class EngineCollector:
                                    labels=["model"])
         hits = CounterMetricFamily("llmsite_prefix_cache_hits", "Prompts that reused a cached prefix.", labels=["model"])
         misses = CounterMetricFamily("llmsite_prefix_cache_misses", "Prompts evaluated from scratch.", labels=["model"])
+        rejected = CounterMetricFamily("llmsite_scheduler_rejected", "Requests refused with 503 (queue full or "
+                                       "waited too long).", labels=["model", "reason"])
         for name, engine in loaded_engines():
             stats = engine.stats()
             active.add_metric([name], stats.get("active", 0))
             queued.add_metric([name], stats.get("queued", 0))
             hits.add_metric([name], stats.get("prefix_hits", 0))
             misses.add_metric([name], stats.get("prefix_misses", 0))
-        yield from (active, queued, hits, misses)
+            for reason in ("queue_full", "queue_timeout"):
+                rejected.add_metric([name, reason], stats.get(f"rejected_{reason}", 0))
+        yield from (active, queued, hits, misses, rejected)
 
 
 class JobCollector:

@@ -18,9 +18,12 @@ BACKENDS = ("llama_cpp", "ctransformers", "openai_compatible")
 REMOTE = "openai_compatible"  # an OpenAI-compatible server pool generates (vLLM, llama-server)
 REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "timeout", "connect_timeout",
                   "max_connections")
+# The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
+ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
-                 "prefix_cache_mb", "chat_template", *REMOTE_OPTIONS)
-INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "max_connections")
+                 "prefix_cache_mb", "chat_template", *REMOTE_OPTIONS, *ENGINE_OPTIONS)
+INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "max_connections",
+                   *ENGINE_OPTIONS)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "max_tokens": 256}
 
@@ -48,6 +51,10 @@ class ModelConfig:
     timeout: float = 120.0
     connect_timeout: float = 5.0
     max_connections: int = 16
+    prefill_step_ms: int = 200
+    prefill_min_tokens: int = 16
+    max_queue: int = 64
+    queue_timeout: int = 60
 
 
 @dataclass(frozen=True)

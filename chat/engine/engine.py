@@ -7,7 +7,7 @@ import uuid
 
 from .backends import Backend
 from .chat_template import ChatTemplate
-from .errors import ContextOverflow, ModelUnavailable
+from .errors import ContextOverflow, InvalidRequest, ModelUnavailable
 from .generation import Generation
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -37,10 +37,15 @@ class Engine:
             self._template = ChatTemplate.for_model(
                 backend.chat_template_source, bos_token=backend.bos_text, eos_token=backend.eos_text, model=spec.name
             )
-        self._scheduler = Scheduler(backend, spec.name)
+        self._scheduler = Scheduler(backend, spec.name, max_queue=spec.max_queue, queue_timeout=spec.queue_timeout)
 
     def __repr__(self) -> str:
         return f"<Engine {self.spec.name} ({self.spec.backend})>"
+
+    @property
+    def alive(self) -> bool:
+        """False once the scheduler thread has died: the registry then replaces this engine."""
+        return self._scheduler.alive
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Tokens of `text` without BOS; `special` parses control-token texts such as "<|im_end|>"."""
@@ -65,9 +70,11 @@ class Engine:
         return tokens
 
     def submit(self, prompt: str, params: SamplingParams) -> Generation:
-        """Queue a request; returns at once. Raises ContextOverflow, UnsupportedFeature, InvalidRequest."""
+        """Queue a request; returns at once. Raises ContextOverflow, UnsupportedFeature, InvalidRequest, EngineOverloaded."""
         self._backend.check_params(params)
         tokens = self.prompt_tokens(prompt)
+        if not tokens:  # nothing to decode: there would be no logits of its own to sample from
+            raise InvalidRequest("The prompt is empty: it must contain at least one token.")
         if len(tokens) + 1 > self.context_length:
             raise ContextOverflow(len(tokens), self.context_length)
         generation = Generation(uuid.uuid4().hex, on_cancel=self._scheduler.wake)

@@ -59,3 +59,22 @@ class GenerationFailed(EngineError):
 
 class EngineClosed(EngineError):
     """The engine was closed (shutdown) before the request finished."""
+
+
+class EngineOverloaded(EngineError):
+    """The queue in front of the scheduler is full, or the request waited in it too long: retry later."""
+
+    def __init__(self, model: str, retry_after: int, *, waited: bool = False):
+        self.model = model
+        self.retry_after = retry_after
+        why = "waited too long for a free sequence slot" if waited else "found the request queue full"
+        super().__init__(f"Model {model!r} is overloaded: the request {why}. Retry in {retry_after} s.")
+
+
+class SequencesFailed(Exception):
+    """Raised by Backend.step when some sequences failed and the others went on (internal to the engine)."""
+
+    def __init__(self, failed: list, sampled: list):
+        super().__init__(f"{len(failed)} sequence(s) failed in a decode step")
+        self.failed = failed  # Sequence objects whose slot is lost
+        self.sampled = sampled  # (Sequence, token) of the step's other sequences

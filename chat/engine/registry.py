@@ -46,10 +46,19 @@ class ModelRegistry:
         """The loaded engine of `name` (default model if None), loading it on first use."""
         spec = self.spec(name)
         engine = self._engines.get(spec.name)
-        if engine is not None:
+        if engine is not None and getattr(engine, "alive", True):
             return engine
         with self._load_locks[spec.name]:
             engine = self._engines.get(spec.name)  # another thread may have loaded it meanwhile
+            if engine is not None and not getattr(engine, "alive", True):
+                logger.error("model %r: its scheduler stopped; loading a fresh engine", spec.name)
+                with self._lock:
+                    self._engines.pop(spec.name, None)
+                try:
+                    engine.close()
+                except Exception:
+                    logger.exception("model %r: closing the dead engine failed", spec.name)
+                engine = None
             if engine is None:
                 engine = self._load(spec)
                 with self._lock:
@@ -58,6 +67,10 @@ class ModelRegistry:
 
     def is_loaded(self, name: str | None = None) -> bool:
         return self.spec(name).name in self._engines
+
+    def loaded(self, name: str | None = None) -> Engine | None:
+        """The engine of `name` if loaded (alive or not); never loads."""
+        return self._engines.get(self.spec(name).name)
 
     def close(self) -> None:
         """Stop every scheduler and free every model; a later get() loads again."""

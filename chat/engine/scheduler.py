@@ -2,33 +2,46 @@
 
 Continuous batching: every loop iteration is one backend step over all active sequences; new
 requests join between steps and finished or cancelled ones leave, freeing their slot at once.
+Back-pressure: the queue in front of the slots is bounded (max_queue) and a request may wait in it
+only queue_timeout seconds; beyond either it fails with EngineOverloaded (503 + Retry-After).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 
 from .backends import Backend
-from .errors import EngineClosed, EngineError, GenerationFailed
+from .errors import EngineClosed, EngineError, EngineOverloaded, GenerationFailed, SequencesFailed
 from .sequence import Sequence
 from .types import Completion
 
 logger = logging.getLogger(__name__)
 
 
+MAX_RETRY_AFTER = 60  # seconds; a longer estimate is no better a hint to a client
+
+
 class Scheduler:
-    def __init__(self, backend: Backend, model_name: str):
+    def __init__(self, backend: Backend, model_name: str, *, max_queue: int = 0, queue_timeout: float = 0.0):
         self._backend = backend
         self._model_name = model_name
+        self._max_queue = max_queue  # 0 = unbounded
+        self._queue_timeout = queue_timeout  # seconds; 0 = no limit
+        self._queued_at: dict[Sequence, float] = {}
+        self._started_at: dict[Sequence, float] = {}  # scheduler thread only
+        self._generation_seconds: float | None = None  # moving average, for Retry-After
+        self._crashed = False
         self._wakeup = threading.Condition()
         self._queued: deque[Sequence] = deque()
         self._active: list[Sequence] = []  # touched by the scheduler thread only
         self._closing = False
         self._counters = dict(
-            prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0, peak_active=0
+            prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0, peak_active=0,
+            rejected_queue_full=0, rejected_queue_timeout=0,
         )
         self._busy_seconds = 0.0  # wall time of loop iterations that decoded something
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}", daemon=True)
@@ -40,13 +53,28 @@ class Scheduler:
         with self._wakeup:
             if self._closing:
                 raise EngineClosed(f"Model {self._model_name!r} is shutting down.")
+            if self._max_queue and len(self._queued) >= self._max_queue:
+                self._counters["rejected_queue_full"] += 1
+                raise EngineOverloaded(self._model_name, self._retry_after_locked())
             self._queued.append(seq)
+            self._queued_at[seq] = time.monotonic()
             self._wakeup.notify()
 
     def wake(self) -> None:
         """Make the thread look at cancellations now, even when it is idle."""
         with self._wakeup:
             self._wakeup.notify()
+
+    @property
+    def alive(self) -> bool:
+        """False once the scheduler thread has died or was closed: the engine must be replaced."""
+        return self._thread.is_alive() and not self._crashed and not self._closing
+
+    def _retry_after_locked(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead, served `max_sequences` at a time."""
+        per_request = self._generation_seconds or 1.0
+        waves = (len(self._queued) + 1) / max(self._backend.max_sequences, 1)
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(waves * per_request)))
 
     def stats(self) -> dict:
         with self._wakeup:
@@ -72,7 +100,8 @@ class Scheduler:
         try:
             while self._next_step():
                 pass
-        except Exception:  # a bug here must not leave callers waiting forever
+        except BaseException:  # a bug here must not leave callers waiting forever
+            self._crashed = True
             logger.exception("scheduler of model %r crashed", self._model_name)
             self._fail_all(GenerationFailed(self._model_name))
         else:
@@ -99,6 +128,10 @@ class Scheduler:
             return
         try:
             sampled = self._backend.step(self._active)
+        except SequencesFailed as partial:  # the backend could tell which sequences the failure concerns
+            for seq in partial.failed:
+                self._finish(seq, error=GenerationFailed(self._model_name))
+            sampled = partial.sampled
         except Exception:
             logger.exception("decode step of model %r failed", self._model_name)
             for seq in list(self._active):
@@ -121,12 +154,28 @@ class Scheduler:
                 # Requests cancelled while still queued leave without ever taking a slot.
                 for seq in [s for s in self._queued if s.generation.cancel_requested]:
                     self._queued.remove(seq)
+                    self._queued_at.pop(seq, None)
                     seq.generation._push_done(self._completion(seq, "cancelled"))
+                self._expire_queued_locked()
                 if self._active or self._queued:
                     break
                 self._wakeup.wait()
             room = self._backend.max_sequences - len(self._active)
-            return [self._queued.popleft() for _ in range(min(room, len(self._queued)))]
+            newcomers = [self._queued.popleft() for _ in range(min(room, len(self._queued)))]
+            for seq in newcomers:
+                self._queued_at.pop(seq, None)
+            return newcomers
+
+    def _expire_queued_locked(self) -> None:
+        """Fail requests that waited longer than queue_timeout: a clear 503 beats a hang."""
+        if not self._queue_timeout:
+            return
+        deadline = time.monotonic() - self._queue_timeout
+        for seq in [s for s in self._queued if self._queued_at.get(s, deadline) < deadline]:
+            self._queued.remove(seq)
+            self._queued_at.pop(seq, None)
+            self._counters["rejected_queue_timeout"] += 1
+            seq.generation._push_error(EngineOverloaded(self._model_name, self._retry_after_locked(), waited=True))
 
     def _start(self, seq: Sequence) -> None:
         try:
@@ -138,6 +187,7 @@ class Scheduler:
             seq.generation._push_error(error)
             return
         self._active.append(seq)
+        self._started_at[seq] = time.monotonic()
         self._counters["peak_active"] = max(self._counters["peak_active"], len(self._active))
         self._counters["prompt_tokens"] += len(seq.prompt_tokens)
         self._counters["cached_prompt_tokens"] += seq.cached_prompt_tokens
@@ -157,6 +207,11 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str = "", error: EngineError | None = None) -> None:
         self._active.remove(seq)
+        started = self._started_at.pop(seq, None)
+        if started is not None and reason in ("stop", "length"):
+            seconds = time.monotonic() - started
+            average = self._generation_seconds
+            self._generation_seconds = seconds if average is None else 0.8 * average + 0.2 * seconds
         try:
             self._backend.release(seq)
         except Exception:

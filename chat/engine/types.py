@@ -26,6 +26,14 @@ class ModelSpec:
     parallel: int = 8  # max concurrently decoded sequences (llama_cpp)
     prefix_cache_mb: int = 256  # budget for saved prefixes
     chat_template: str | None = None  # overrides the GGUF's template when set
+    # Latency budget (llama_cpp): while streams decode, a step carries about this long of prompt
+    # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens.
+    prefill_step_ms: int = 200
+    prefill_min_tokens: int = 16
+    # Back-pressure: requests waiting for a slot; beyond max_queue, or after queue_timeout seconds
+    # of waiting, a request fails with EngineOverloaded (HTTP 503 + Retry-After). 0 = unbounded.
+    max_queue: int = 64
+    queue_timeout: float = 60.0
     # openai_compatible only (a vLLM or llama-server pool); ignored by the local backends:
     base_urls: tuple[str, ...] = ()  # upstreams serving this model, used round-robin
     remote_model: str | None = None  # the upstream's name of the model (default: `name`)
@@ -47,6 +55,8 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: context_length must be at least 2")
         if self.parallel < 1:
             raise ValueError(f"model {self.name!r}: parallel must be at least 1")
+        if min(self.prefill_step_ms, self.prefill_min_tokens, self.max_queue, self.queue_timeout) < 0:
+            raise ValueError(f"model {self.name!r}: prefill and queue settings cannot be negative")
         if self.prefix_cache_mb < 0 or self.threads < 0:
             raise ValueError(f"model {self.name!r}: prefix_cache_mb and threads cannot be negative")
         if self.backend == REMOTE_BACKEND:

@@ -1,15 +1,20 @@
 """llama-cpp-python backend over the low-level API: continuous batching of several sequences per decode.
 
-Each active sequence owns a sequence id ("slot") of one llama_context. A step puts the next token of
-every decoding sequence plus chunks of newcomers' prompts into one llama_decode, then samples each
-sequence with its own llama.cpp sampler chain (C code, seeded per sequence).
+Each active sequence owns a sequence id ("slot") of one llama_context with its own KV stream
+(kv_unified=False: long distinct contexts decode about twice as fast as in a unified cache). A step
+puts the next token of every decoding sequence plus prompt chunks (limited by a latency budget while
+streams decode) into one llama_decode, grouped in increasing slot order so that llama.cpp runs it
+in one pass, then samples each sequence with its own llama.cpp sampler chain (C code, seeded).
 
 Prefix reuse: a slot keeps its KV cells after its sequence ends, so a new prompt that shares a
 prefix with an idle slot continues from it (the tail is trimmed with llama_memory_seq_rm). Before a
 slot's content is overwritten it is saved (llama_state_seq_get_data) into a memory-bounded LRU
 cache, from which a later prompt with the same prefix is restored (llama_state_seq_set_data).
-Partial llama_memory_seq_cp is never used: with per-sequence KV streams (kv_unified=False) it
-aborts the whole process.
+Prefix sharing: a prompt whose prefix a busy slot holds (or is evaluating, as in a burst of
+requests for one character) waits for it, then copies that WHOLE sequence with
+llama_memory_seq_cp and drops the tail; a partial llama_memory_seq_cp is never used: with
+per-sequence KV streams it aborts the whole process. Copies live in the slots' own cells: no
+memory beyond the fixed KV cache.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidRequest, ModelUnavailable
+from ..errors import InvalidRequest, ModelUnavailable, SequencesFailed
+from ..prefill_budget import PrefillBudget
 from ..prefix_cache import PrefixCache, common_prefix_length
 from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
@@ -34,6 +40,8 @@ BATCH_TOKENS = 512  # tokens per llama_decode: all decoding sequences plus promp
 GREEDY_TOP_K = 40  # greedy only needs the best few candidates; keeps the penalty sampler cheap
 MIN_REUSE_FROM_CACHE = 16  # restoring a saved state costs more than evaluating a handful of tokens
 MIN_SAVE_TOKENS = 64  # shorter prefixes are cheap to evaluate again: not worth a cache entry
+MIN_SHARE_TOKENS = 32  # copying a busy slot's prefix (and waiting for it) pays off only for longer prefixes
+MIN_SHARE_GAIN = 16  # share only when it gives this many more tokens than an idle slot or the saved states
 
 # ggml log levels (ggml.h): 3 = warning, 4 = error, 5 = continuation of the previous message.
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
@@ -70,7 +78,19 @@ class _Slot:
     seq_id: int
     kv_tokens: list[int] = field(default_factory=list)  # tokens at positions 0..n-1
     busy: bool = False
+    waiting: bool = False  # busy, and waiting for a prefix copied from another slot
+    prompt: list[int] = field(default_factory=list)  # the prompt of the sequence that last claimed it
+    claims: int = 0  # how many times it was claimed: tells a waiting copier that its source changed hands
     last_used: float = 0.0
+
+
+@dataclass(eq=False)
+class _Share:
+    """A prefix that a sequence will copy from a busy slot once that slot holds it."""
+
+    slot: _Slot
+    claims: int  # the source slot's claim count when the copy was planned
+    length: int
 
 
 @dataclass(eq=False)
@@ -78,6 +98,10 @@ class _SequenceState:
     slot: _Slot
     sampler: object  # llama_sampler chain (freed on release)
     pending: list[int]  # tokens to decode next: the rest of the prompt, or the last sampled token
+    prompt: list[int]
+    share: _Share | None = None  # set while waiting for a shared prefix
+    prefilling: bool = True  # until the prompt's last token is decoded
+    logits_index: int | None = None  # batch row of this sequence's logits in the current step
 
 
 class LlamaCppBackend(Backend):
@@ -138,6 +162,10 @@ class LlamaCppBackend(Backend):
         self._slots = [_Slot(seq_id) for seq_id in range(spec.parallel)]
         self._cache = PrefixCache(spec.prefix_cache_mb * 1024 * 1024)
         self._decode_seconds = 0.0
+        self._prompt_tokens_evaluated = 0  # prompt tokens that went through llama_decode (cached ones excluded)
+        self._shared_prefixes = 0  # prefixes copied from a busy slot instead of evaluated
+        self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
+        self._min_prompt_chunk = max(1, spec.prefill_min_tokens)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -193,17 +221,24 @@ class LlamaCppBackend(Backend):
     # -- scheduler thread --------------------------------------------------------------------
 
     def start(self, seq: Sequence) -> None:
+        if not seq.prompt_tokens:  # would decode nothing, then sample logits of another sequence's row
+            raise InvalidRequest("The prompt is empty: it must contain at least one token.")
         sampler = self._sampler_chain(seq)  # first: if it fails, no slot is left claimed
         try:
-            slot, reused = self._claim_slot(seq.prompt_tokens)
+            slot, reused, share = self._claim_slot(seq.prompt_tokens)
         except BaseException:
             self._llama.llama_sampler_free(sampler)
             raise
-        seq.cached_prompt_tokens = reused
-        seq.backend_state = _SequenceState(slot=slot, sampler=sampler, pending=list(seq.prompt_tokens[reused:]))
+        seq.cached_prompt_tokens = share.length if share else reused
+        seq.backend_state = state = _SequenceState(
+            slot=slot, sampler=sampler, pending=list(seq.prompt_tokens[reused:]), prompt=seq.prompt_tokens, share=share
+        )
+        slot.waiting = share is not None
+        if share is not None:
+            self._take_shared_prefix(state)  # at once if the source already holds the prefix
 
-    def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
-        """A free slot holding as much of `prompt` as possible in its KV cells; returns it and that length."""
+    def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int, _Share | None]:
+        """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from."""
         llama, memory = self._llama, self._memory
         limit = len(prompt) - 1  # the last prompt token must be decoded to get logits
         free = [slot for slot in self._slots if not slot.busy]
@@ -211,14 +246,17 @@ class LlamaCppBackend(Backend):
         resident = min(common_prefix_length(resident_slot.kv_tokens, prompt), limit)
         entry, cached = self._cache.longest_match(prompt) if self._cache.budget_bytes else (None, 0)
         cached = min(cached, limit)
+        share = self._share_source(prompt, limit)
+        if share is not None and share.length < max(resident, cached) + MIN_SHARE_GAIN:
+            share = None  # what is already here (or saved) is as good: no copy, no waiting
 
-        if resident >= max(cached, MIN_REUSE_FROM_CACHE):
+        if share is None and resident >= max(cached, MIN_REUSE_FROM_CACHE):
             slot, reused = resident_slot, resident
         else:
-            # Take an empty slot, else the least recently used one; a saved state may fill it.
+            # Take an empty slot, else the least recently used one; a saved state or a busy slot may fill it.
             slot = min(free, key=lambda s: (bool(s.kv_tokens), s.last_used))
-            reused = min(common_prefix_length(slot.kv_tokens, prompt), limit)
-            if cached >= MIN_REUSE_FROM_CACHE and cached > reused:
+            reused = 0 if share else min(common_prefix_length(slot.kv_tokens, prompt), limit)
+            if share is None and cached >= MIN_REUSE_FROM_CACHE and cached > reused:
                 reused = 0
             else:
                 entry = None
@@ -233,8 +271,52 @@ class LlamaCppBackend(Backend):
             if entry is not None and cached >= MIN_REUSE_FROM_CACHE:
                 reused = self._restore(slot, entry, cached)
         slot.busy = True
+        slot.claims += 1
+        slot.prompt = list(prompt)
         slot.last_used = time.monotonic()
-        return slot, reused
+        return slot, reused, share
+
+    def _share_source(self, prompt: list[int], limit: int) -> _Share | None:
+        """The busy slot that holds, or is evaluating, the longest prefix of `prompt` (None below MIN_SHARE_TOKENS)."""
+        best: _Share | None = None
+        for slot in self._slots:
+            if not slot.busy or slot.waiting:  # a slot waiting for its own copy is no source yet
+                continue
+            # What the slot will hold once its prompt is evaluated (or holds already, replies included).
+            planned = slot.kv_tokens if len(slot.kv_tokens) >= len(slot.prompt) else slot.prompt
+            length = min(common_prefix_length(planned, prompt), limit)
+            if length >= MIN_SHARE_TOKENS and (best is None or length > best.length):
+                best = _Share(slot, slot.claims, length)
+        return best
+
+    def _take_shared_prefix(self, state: _SequenceState) -> bool:
+        """Copy the awaited prefix into the sequence's slot once its source holds it; False while it must wait.
+
+        The copy is of the whole source sequence, then the tail is dropped: a partial llama_memory_seq_cp
+        aborts the process with per-sequence KV streams.
+        """
+        share, slot = state.share, state.slot
+        source = share.slot
+        available = min(common_prefix_length(source.kv_tokens, state.prompt), share.length)
+        still_coming = source.busy and source.claims == share.claims and available < share.length
+        if still_coming and source.kv_tokens == state.prompt[: len(source.kv_tokens)]:
+            return False
+        state.share = None
+        slot.waiting = False
+        llama, memory = self._llama, self._memory
+        if available >= MIN_SHARE_TOKENS:
+            llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            llama.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
+            if llama.llama_memory_seq_rm(memory, slot.seq_id, available, -1):
+                slot.kv_tokens = list(source.kv_tokens[:available])
+                state.pending = list(state.prompt[available:])
+                self._shared_prefixes += 1
+                return True
+            logger.warning("could not trim a copied prefix; evaluating the prompt in full")
+        llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)  # the source went away first: evaluate it all
+        slot.kv_tokens = []
+        state.pending = list(state.prompt)
+        return True
 
     def _restore(self, slot: _Slot, entry, length: int) -> int:
         llama, memory = self._llama, self._memory
@@ -291,48 +373,100 @@ class LlamaCppBackend(Backend):
         return chain
 
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-        llama, batch = self._llama, self._batch
-        # Decoding sequences (one pending token each) first, so that prompts never starve them.
-        ordered = sorted(seqs, key=lambda s: len(s.backend_state.pending) > 1)
-        budget = BATCH_TOKENS
-        planned: list[tuple[Sequence, list[int], int | None]] = []  # seq, chunk, batch index of its logits
-        n = 0
-        for seq in ordered:
-            state: _SequenceState = seq.backend_state
-            if budget == 0:
+        """One llama_decode over every ready sequence: one token per decoding sequence plus prompt chunks.
+
+        Prompt tokens are limited by the prefill budget while sequences decode, but every prompt gets
+        at least `prefill_min_tokens` per step. Tokens go into the batch grouped by slot in increasing
+        sequence-id order: with per-sequence KV streams llama.cpp runs such a batch in one pass, while
+        out-of-order ids split it into several (+35% per step measured).
+        """
+        for seq in seqs:
+            if seq.backend_state.share is not None:
+                self._take_shared_prefix(seq.backend_state)
+        ready = [seq for seq in seqs if seq.backend_state.share is None and seq.backend_state.pending]
+        decoding = [seq for seq in ready if not seq.backend_state.prefilling]
+        prefilling = [seq for seq in ready if seq.backend_state.prefilling]  # admission order: oldest first
+        chunks = {seq: 1 for seq in decoding}
+        room = BATCH_TOKENS - len(decoding)
+        allowance = self._budget.prompt_tokens(len(decoding))
+        for seq in prefilling:  # every prompt makes progress, even past the budget
+            take = min(len(seq.backend_state.pending), self._min_prompt_chunk, room)
+            if take <= 0:
                 break
-            chunk = state.pending[:budget]
-            budget -= len(chunk)
+            chunks[seq] = take
+            room -= take
+            allowance -= take
+        for seq in prefilling:  # then the budget's rest, oldest prompt first
+            extra = min(len(seq.backend_state.pending) - chunks.get(seq, 0), allowance, room)
+            if extra > 0 and seq in chunks:
+                chunks[seq] += extra
+                room -= extra
+                allowance -= extra
+        if not chunks:
+            return []
+        planned = sorted(chunks.items(), key=lambda item: item[0].backend_state.slot.seq_id)
+        prompt_chunks = {seq: size for seq, size in planned if seq.backend_state.prefilling}
+        started = time.perf_counter()
+        sampled, failed = self._decode_planned(planned)
+        elapsed = time.perf_counter() - started
+        self._decode_seconds += elapsed
+        if not failed:
+            self._budget.observe(elapsed, len(decoding), sum(prompt_chunks.values()))
+        self._prompt_tokens_evaluated += sum(size for seq, size in prompt_chunks.items() if seq not in failed)
+        if failed:
+            raise SequencesFailed(failed, sampled)
+        return sampled
+
+    def _decode_planned(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """Decode the planned chunks in one batch; if that fails, retry each sequence alone so only culprits fail."""
+        result = self._decode_batch(planned)
+        if result == 0:
+            return self._accept_decoded(planned), []
+        logger.warning("llama_decode returned %d for %d sequences; retrying them one by one", result, len(planned))
+        for seq, _ in planned:  # back to what the slot is known to hold (llama.cpp may have kept part of the batch)
+            slot = seq.backend_state.slot
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.kv_tokens), -1)
+        sampled, failed = [], []
+        for item in planned:
+            result = self._decode_batch([item])
+            if result == 0:
+                sampled.extend(self._accept_decoded([item]))
+            else:
+                logger.warning("llama_decode returned %d for slot %d", result, item[0].backend_state.slot.seq_id)
+                slot = item[0].backend_state.slot
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                slot.kv_tokens = []
+                failed.append(item[0])
+        return sampled, failed
+
+    def _decode_batch(self, planned: list[tuple[Sequence, int]]) -> int:
+        batch, n = self._batch, 0
+        for seq, size in planned:
+            state: _SequenceState = seq.backend_state
             slot, start = state.slot, len(state.slot.kv_tokens)
-            for offset, token in enumerate(chunk):
+            for offset, token in enumerate(state.pending[:size]):
                 batch.token[n] = token
                 batch.pos[n] = start + offset
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq_id
                 batch.logits[n] = 0
                 n += 1
-            completes = len(chunk) == len(state.pending)
-            if completes:
+            if size == len(state.pending):  # the prompt's last token, or a decoding sequence's token
                 batch.logits[n - 1] = 1
-            planned.append((seq, chunk, n - 1 if completes else None))
+            state.logits_index = n - 1 if size == len(state.pending) else None
         batch.n_tokens = n
-        started = time.perf_counter()
-        result = llama.llama_decode(self._context, batch)
-        self._decode_seconds += time.perf_counter() - started
-        if result != 0:
-            for seq, _, _ in planned:  # what these slots hold is now unknown
-                llama.llama_memory_seq_rm(self._memory, seq.backend_state.slot.seq_id, -1, -1)
-                seq.backend_state.slot.kv_tokens = []
-            raise RuntimeError(f"llama_decode returned {result}")
+        return self._llama.llama_decode(self._context, batch)
 
+    def _accept_decoded(self, planned: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         sampled = []
-        for seq, chunk, logits_index in planned:
+        for seq, size in planned:
             state = seq.backend_state
-            state.slot.kv_tokens.extend(chunk)
-            del state.pending[: len(chunk)]
-            if logits_index is not None:
-                token = llama.llama_sampler_sample(state.sampler, self._context, logits_index)
+            state.slot.kv_tokens.extend(state.pending[:size])
+            del state.pending[:size]
+            if state.logits_index is not None:
+                token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
                 state.pending = [token]
+                state.prefilling = False
                 sampled.append((seq, token))
         return sampled
 
@@ -341,7 +475,7 @@ class LlamaCppBackend(Backend):
         if state is None:
             return
         # The slot keeps its KV cells: the next prompt sharing a prefix with them continues from there.
-        state.slot.busy = False
+        state.slot.busy = state.slot.waiting = False
         state.slot.last_used = time.monotonic()
         self._llama.llama_sampler_free(state.sampler)
         seq.backend_state = None
@@ -351,6 +485,8 @@ class LlamaCppBackend(Backend):
             "prefix_cache_entries": len(self._cache),
             "prefix_cache_bytes": self._cache.total_bytes,
             "decode_seconds": self._decode_seconds,  # time inside llama_decode
+            "prompt_tokens_evaluated": self._prompt_tokens_evaluated,
+            "shared_prefixes": self._shared_prefixes,
         }
 
     def close(self) -> None:
