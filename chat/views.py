@@ -1,5 +1,10 @@
 """The OpenAI-compatible API: thin views that validate, authorise, call a service and shape the reply."""
 
+import asyncio
+import functools
+import weakref
+
+from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics
@@ -7,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from characters.models import Character
+from chat.engine.generation import generations_started
 
 from . import serializers as s
 from .errors import ApiError
@@ -30,7 +36,37 @@ def sse_response(events) -> StreamingHttpResponse:
     return response
 
 
-class ChatCompletionsView(APIView):
+def cancelling_abandoned_generations(view):
+    """Wrap a generating view so that no Generation outlives a client that left.
+
+    Under ASGI a disconnect cancels the request's task; a blocking (non-streamed) view keeps running in its
+    thread, so the generations it started are cancelled here. A response never sent or closed early (a
+    client gone between submit and the first chunk) cancels them when it is closed or dropped.
+    """
+    @functools.wraps(view)
+    async def wrapper(request, *args, **kwargs):
+        with generations_started() as started:
+            try:
+                response = await sync_to_async(view)(request, *args, **kwargs)
+            except asyncio.CancelledError:
+                for generation in started:
+                    generation.cancel()
+                raise
+        for generation in started:  # cancel() is a no-op for a finished generation
+            response._resource_closers.append(generation.cancel)
+            weakref.finalize(response, generation.cancel)
+        return response
+
+    return wrapper
+
+
+class GeneratingView(APIView):
+    @classmethod
+    def as_view(cls, **initkwargs):
+        return cancelling_abandoned_generations(super().as_view(**initkwargs))
+
+
+class ChatCompletionsView(GeneratingView):
     """Create a chat completion (OpenAI-compatible), optionally streamed as server-sent events."""
 
     @extend_schema(request=s.ChatCompletionRequestSerializer, responses={
@@ -82,7 +118,7 @@ class JobView(APIView):
         return Response(job_body(job_cancel(job=job)))
 
 
-class CompletionsView(APIView):
+class CompletionsView(GeneratingView):
     """Plain text completion of a prompt (no character, no chat template)."""
 
     @extend_schema(request=s.CompletionRequestSerializer, responses={200: s.TextCompletionSerializer, **ERRORS})

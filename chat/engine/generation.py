@@ -5,12 +5,28 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import AsyncIterator, Callable, Iterator
 
 from .errors import EngineError
 from .types import Completion
 
 _TEXT, _DONE, _ERROR = "text", "done", "error"
+# Generations created in the current context (see generations_started); None when nobody collects them.
+_started_here: ContextVar[list | None] = ContextVar("generations_started_here", default=None)
+
+
+@contextmanager
+def generations_started():
+    """Collect the Generations created inside this block (threads run via asgiref's sync_to_async included),
+    so that a caller that loses its client can cancel what was started on its behalf."""
+    started: list[Generation] = []
+    token = _started_here.set(started)
+    try:
+        yield started
+    finally:
+        _started_here.reset(token)
 
 
 class Generation:
@@ -31,6 +47,9 @@ class Generation:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._cancel_requested = False
         self._closed = False  # a final event (done or error) was pushed
+        collector = _started_here.get()
+        if collector is not None:
+            collector.append(self)
 
     def __repr__(self) -> str:
         state = self.result.finish_reason if self.result else ("cancelling" if self._cancel_requested else "running")

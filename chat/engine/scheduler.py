@@ -38,6 +38,7 @@ class Scheduler:
         self._wakeup = threading.Condition()
         self._queued: deque[Sequence] = deque()
         self._active: list[Sequence] = []  # touched by the scheduler thread only
+        self._admitting: list[Sequence] = []  # taken from the queue for the step being run
         self._closing = False
         self._counters = dict(
             prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0, peak_active=0,
@@ -112,10 +113,12 @@ class Scheduler:
         if newcomers is None:
             return False
         started = time.perf_counter()
+        self._admitting = newcomers  # neither queued nor active yet: _fail_all must still find them
         try:
             self._advance(newcomers)
         finally:
             self._busy_seconds += time.perf_counter() - started
+        self._admitting = []
         return True
 
     def _advance(self, newcomers: list[Sequence]) -> None:
@@ -234,7 +237,12 @@ class Scheduler:
 
     def _fail_all(self, error: EngineError) -> None:
         for seq in list(self._active):
-            self._finish(seq, error=error)
+            try:
+                self._finish(seq, error=error)
+            except Exception:  # whatever broke the loop may break this too; the callers must still hear
+                seq.generation._push_error(error)
+        for seq in self._admitting:
+            seq.generation._push_error(error)  # ignored by generations that already ended
         with self._wakeup:
             self._closing = True
             queued, self._queued = list(self._queued), deque()

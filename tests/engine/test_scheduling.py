@@ -1,0 +1,255 @@
+"""Scheduling (llama_cpp): slot order, shared prefixes, the prefill budget, back-pressure, failures, empty prompts."""
+
+import threading
+
+import pytest
+
+from chat.engine import EngineOverloaded, GenerationFailed, InvalidRequest, ModelRegistry, ModelSpec, SamplingParams
+from chat.engine.backends.llama_cpp import LlamaCppBackend
+from chat.engine.errors import SequencesFailed
+from chat.engine.generation import Generation
+from chat.engine.prefix_cache import common_prefix_length
+from chat.engine.sequence import Sequence
+from chat.engine.text import TextAssembler
+
+from .conftest import TINY_CONTEXT
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+CHARACTER = "you are a pirate who loves the sea and tells long stories about ships and water. " * 3
+QUESTIONS = ["who are you", "where is paris", "what is water", "tell me a story"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_gguf):
+    """Engines of their own, so that counters and slot contents belong to one test at a time."""
+    tiny = str(tiny_gguf)
+    registry = ModelRegistry([
+        ModelSpec("share", tiny, context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0),
+        ModelSpec("slots", tiny, context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0),
+        ModelSpec("queue", tiny, context_length=TINY_CONTEXT, parallel=1, max_queue=1),
+        ModelSpec("waits", tiny, context_length=TINY_CONTEXT, parallel=1, queue_timeout=0.01),
+        ModelSpec("crash", tiny, context_length=TINY_CONTEXT, parallel=2),
+    ])
+    yield registry
+    registry.close()
+
+
+def cold_output(path: str, prompt: str, params: SamplingParams = GREEDY) -> str:
+    """The reply of a fresh one-slot engine: nothing cached, nothing shared."""
+    registry = ModelRegistry([ModelSpec("cold", path, context_length=TINY_CONTEXT, parallel=1, prefix_cache_mb=0)])
+    try:
+        completion = registry.get().generate(prompt, params)
+        assert completion.cached_prompt_tokens == 0
+        return completion.text
+    finally:
+        registry.close()
+
+
+def chat_prompt(engine, system: str, question: str) -> str:
+    return engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
+
+
+def finish(generations) -> list:
+    return [("".join(g), g.result)[1] for g in generations]
+
+
+# -- batch order ---------------------------------------------------------------------------------
+
+
+def test_sequences_on_scattered_slots_give_the_same_tokens_as_alone(engines, tiny_gguf):
+    engine = engines.get("slots")
+    characters = [f"you are {name}, who speaks of {topic}. " * 4 for name, topic in
+                  [("anna", "rivers"), ("boris", "trains"), ("chen", "stars"), ("dora", "bread")]]
+    for character in characters:  # one per slot, in slot order: 0, 1, 2, 3
+        engine.generate(chat_prompt(engine, character, "hello"), GREEDY)
+    # Follow-ups continue from their own slot's cells, admitted out of slot order: 3, 1, 0, 2.
+    prompts = [chat_prompt(engine, characters[i], "what do you like") for i in (3, 1, 0, 2)]
+    together = finish([engine.submit(prompt, GREEDY) for prompt in prompts])
+    assert all(c.cached_prompt_tokens > len(engine.tokenize(characters[0])) // 2 for c in together)
+    assert [c.text for c in together] == [cold_output(str(tiny_gguf), prompt) for prompt in prompts]
+
+
+# -- shared prefixes -----------------------------------------------------------------------------
+
+
+def test_a_burst_with_one_prefix_evaluates_it_once_and_matches_cold_output(engines, tiny_gguf):
+    engine = engines.get("share")
+    prompts = [chat_prompt(engine, CHARACTER, question) for question in QUESTIONS]
+    tokens = [engine.prompt_tokens(prompt) for prompt in prompts]
+    before = engine.stats()
+    burst = finish([engine.submit(prompt, GREEDY) for prompt in prompts])  # queued before the next step
+    after = engine.stats()
+
+    shared = min(common_prefix_length(tokens[0], t) for t in tokens[1:])
+    assert shared > len(engine.tokenize(CHARACTER))
+    evaluated = after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"]
+    # The first prompt in full, then only what each other prompt does not share with it.
+    assert evaluated <= len(tokens[0]) + sum(len(t) - common_prefix_length(tokens[0], t) for t in tokens[1:])
+    assert after["shared_prefixes"] - before["shared_prefixes"] == len(prompts) - 1
+    assert [c.cached_prompt_tokens >= shared for c in burst[1:]] == [True] * (len(prompts) - 1)
+    assert [c.text for c in burst] == [cold_output(str(tiny_gguf), prompt) for prompt in prompts]
+
+
+def test_a_prefix_is_shared_from_a_sequence_that_is_decoding(engines, tiny_gguf):
+    engine = engines.get("share")
+    character = CHARACTER.replace("pirate", "sailor")
+    first = engine.submit(chat_prompt(engine, character, QUESTIONS[0]), SamplingParams(max_tokens=60, temperature=0))
+    stream = iter(first)
+    next(stream)  # decoding now: its slot holds the whole prefix
+    before = engine.stats()["shared_prefixes"]
+    follower_prompt = chat_prompt(engine, character, QUESTIONS[1])
+    follower = engine.generate(follower_prompt, GREEDY)
+    list(stream)
+    assert engine.stats()["shared_prefixes"] == before + 1
+    assert follower.text == cold_output(str(tiny_gguf), follower_prompt)
+
+
+@pytest.mark.smollm2
+def test_smollm2_burst_with_one_persona_matches_cold_output(smollm2_gguf):
+    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 6
+    questions = ["What do you like most about the sea?", "Name a ship.", "Where did you sail?"]
+    registry = ModelRegistry([ModelSpec("burst", str(smollm2_gguf), context_length=512, parallel=3, prefix_cache_mb=0)])
+    try:
+        engine = registry.get()
+        prompts = [chat_prompt(engine, system, question) for question in questions]
+        burst = finish([engine.submit(prompt, GREEDY) for prompt in prompts])
+        assert engine.stats()["shared_prefixes"] == len(prompts) - 1
+        cold = []
+        for prompt in prompts:
+            alone = ModelRegistry([ModelSpec("alone", str(smollm2_gguf), context_length=512, parallel=1, prefix_cache_mb=0)])
+            try:
+                cold.append(alone.get().generate(prompt, GREEDY).text)
+            finally:
+                alone.close()
+        assert [c.text for c in burst] == cold
+    finally:
+        registry.close()
+
+
+# -- prefill budget (the backend driven step by step, no scheduler thread) ------------------------
+
+
+def new_sequence(tokens: list[int], max_tokens: int = 200) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return Sequence(generation=Generation("test"), prompt_tokens=tokens, params=params, max_new_tokens=max_tokens,
+                    assembler=TextAssembler(()))
+
+
+@pytest.fixture
+def budget_backend(tiny_gguf):
+    # A 1 ms target is below any real step: prompts next to a stream advance by the minimum chunk only.
+    spec = ModelSpec("budget", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2, prefix_cache_mb=0,
+                     prefill_step_ms=1, prefill_min_tokens=8)
+    backend = LlamaCppBackend.load(spec)
+    yield backend
+    backend.close()
+
+
+def test_a_long_prompt_is_split_over_steps_while_a_stream_gets_a_token_every_step(budget_backend):
+    backend = budget_backend
+    stream = new_sequence(backend.tokenize("hello world what"))
+    backend.start(stream)
+    assert [seq for seq, _ in backend.step([stream])] == [stream]  # nothing decoding: the whole prompt at once
+
+    long_prompt = backend.tokenize("water sound people day number first who may down side been now find " * 4)
+    assert len(long_prompt) > 3 * 8
+    newcomer = new_sequence(long_prompt)
+    backend.start(newcomer)
+    steps = 0
+    while True:
+        steps += 1
+        sampled = [seq for seq, _ in backend.step([stream, newcomer])]
+        assert stream in sampled  # the stream never waits for the prompt
+        if newcomer in sampled:
+            break
+    assert steps >= len(long_prompt) // 8  # the prompt went in chunks of (about) the minimum
+    for seq in (stream, newcomer):
+        backend.release(seq)
+
+
+def test_prompts_go_at_full_batch_size_when_nothing_decodes(budget_backend):
+    backend = budget_backend
+    tokens = backend.tokenize("water sound people day number first who may down side been now find " * 4)
+    seq = new_sequence(tokens)
+    backend.start(seq)
+    before = backend.stats()["prompt_tokens_evaluated"]
+    assert [s for s, _ in backend.step([seq])] == [seq]
+    assert backend.stats()["prompt_tokens_evaluated"] - before == len(tokens)
+    backend.release(seq)
+
+
+def test_an_empty_prompt_is_refused_by_the_backend(budget_backend):
+    with pytest.raises(InvalidRequest, match="empty"):
+        budget_backend.start(new_sequence([]))
+
+
+@pytest.mark.smollm2
+def test_an_empty_prompt_is_refused_by_the_engine(smollm2):
+    assert not smollm2.prompt_tokens("")  # SmolLM2 adds no BOS: nothing would be decoded
+    with pytest.raises(InvalidRequest, match="empty"):
+        smollm2.submit("", GREEDY)
+
+
+# -- back-pressure and failures ------------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_with_a_retry_hint(engines):
+    engine = engines.get("queue")  # one slot, one queue place
+    running = engine.submit("hello world what", SamplingParams(max_tokens=200, temperature=0))
+    stream = iter(running)
+    next(stream)  # it holds the only slot
+    waiting = engine.submit("yes no stop", GREEDY)
+    with pytest.raises(EngineOverloaded) as refused:
+        engine.submit("the capital of france is", GREEDY)
+    assert refused.value.retry_after >= 1
+    assert engine.stats()["rejected_queue_full"] == 1
+    running.cancel()
+    list(stream)
+    assert "".join(waiting) == waiting.result.text and waiting.result.completion_tokens  # the queued one still runs
+
+
+def test_a_request_that_waits_too_long_in_the_queue_is_refused(engines):
+    engine = engines.get("waits")  # one slot, 10 ms of patience
+    running = engine.submit("hello world what", SamplingParams(max_tokens=200, temperature=0))
+    stream = iter(running)
+    next(stream)
+    late = engine.submit("yes no stop", GREEDY)
+    with pytest.raises(EngineOverloaded, match="waited too long"):
+        list(late)
+    running.cancel()
+    list(stream)
+    assert engine.stats()["rejected_queue_timeout"] >= 1
+
+
+def test_a_dead_scheduler_is_replaced_on_the_next_request(engines, monkeypatch):
+    engine = engines.get("crash")
+    assert engine.alive
+    crashed = threading.Event()
+
+    def crash(newcomers):
+        crashed.set()
+        raise RuntimeError("a bug in the scheduler loop")
+
+    monkeypatch.setattr(engine._scheduler, "_advance", crash)
+    with pytest.raises(GenerationFailed):
+        engine.generate("hello world what", GREEDY)
+    assert crashed.is_set() and not engine.alive
+    assert engines.loaded("crash") is engine  # still there, dead, until someone asks for it
+    fresh = engines.get("crash")
+    assert fresh is not engine and fresh.alive
+    assert fresh.generate("hello world what", GREEDY).completion_tokens > 0
+
+
+def test_a_failed_decode_fails_only_the_sequence_concerned(budget_backend):
+    backend = budget_backend
+    good, bad = new_sequence(backend.tokenize("hello world what")), new_sequence(backend.tokenize("yes no stop"))
+    for seq in (good, bad):
+        backend.start(seq)
+    assert len(backend.step([good, bad])) == 2  # both prompts evaluated, both decoding now
+    bad.backend_state.slot.kv_tokens.append(0)  # a position gap: llama_decode refuses this sequence's tokens
+    with pytest.raises(SequencesFailed) as partial:
+        backend.step([good, bad])
+    assert partial.value.failed == [bad]
+    assert [seq for seq, _ in partial.value.sampled] == [good]
+    backend.release(good)
+    backend.release(bad)
