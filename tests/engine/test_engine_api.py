@@ -1,0 +1,161 @@
+"""The engine's limits as the API shows them: 503 + Retry-After, /ready after a crash, clients that leave."""
+
+import asyncio
+import dataclasses
+import gc
+import time
+
+import httpx
+import pytest
+from django.core.management import call_command
+from django.http import JsonResponse
+from rest_framework.test import APIClient
+
+from chat.api_keys import api_key_create
+from chat.engine import GenerationFailed, ModelRegistry, ModelSpec, SamplingParams
+from chat.inference import get_engine
+from chat.views import cancelling_abandoned_generations
+from tests.live import LiveServer, prepare_database
+
+from .conftest import TINY_CONTEXT
+
+LONG = SamplingParams(max_tokens=400, temperature=0)
+ASK = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+NO_CACHE = {"HTTP_CACHE_CONTROL": "no-cache"}
+
+
+@pytest.fixture
+def api(django_user_model):
+    call_command("import_resources", stdout=open("/dev/null", "w"))
+    _, raw_key = api_key_create(user=django_user_model.objects.create_user("engine-api"), name="engine-api")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    return client
+
+
+def with_model_options(settings, **options):
+    models = tuple(dataclasses.replace(model, **options) for model in settings.LLMSITE.models)
+    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)  # the registry reloads
+
+
+@pytest.mark.smollm2
+@pytest.mark.django_db
+def test_a_full_queue_answers_503_with_retry_after(api, settings):
+    with_model_options(settings, parallel=1, max_queue=1)
+    engine = get_engine()
+    running = engine.submit(engine.render_chat([{"role": "user", "content": "Tell a long story."}]), LONG)
+    stream = iter(running)
+    next(stream)  # holds the only slot
+    queued = engine.submit("Hello", SamplingParams(max_tokens=4))  # takes the only queue place
+    try:
+        response = api.post("/v1/chat/completions", ASK, format="json", **NO_CACHE)
+        assert response.status_code == 503
+        assert int(response["Retry-After"]) >= 1
+        error = response.json()["error"]
+        assert error["code"] == "engine_overloaded" and error["type"] == "service_unavailable"
+        assert "queue" in error["message"]
+        metrics = api.get("/metrics").content.decode()
+        assert 'llmsite_scheduler_rejected_total{model="smollm2-135m-instruct",reason="queue_full"} 1.0' in metrics
+    finally:
+        running.cancel()
+        queued.cancel()
+        list(stream)
+
+
+@pytest.mark.smollm2
+@pytest.mark.django_db
+def test_a_dead_scheduler_makes_ready_503_and_the_next_request_succeeds(api, settings, monkeypatch):
+    with_model_options(settings)  # a registry of this test's own
+    engine = get_engine()
+
+    def crash(newcomers):
+        raise RuntimeError("a bug in the scheduler loop")
+
+    monkeypatch.setattr(engine._scheduler, "_advance", crash)
+    with pytest.raises(GenerationFailed):
+        engine.generate("Hello", SamplingParams(max_tokens=4))
+    ready = APIClient().get("/ready")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["model"]["error"] == "the model's scheduler stopped; the next request reloads it"
+    assert api.post("/v1/chat/completions", ASK, format="json", **NO_CACHE).status_code == 200
+    assert get_engine() is not engine and get_engine().alive
+    assert APIClient().get("/ready").status_code == 200
+
+
+# -- the view wrapper that cancels abandoned generations -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    registry = ModelRegistry([ModelSpec("tiny-abandon", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2)])
+    yield registry.get()
+    registry.close()
+
+
+async def test_a_client_leaving_a_blocking_view_cancels_its_generation(tiny):
+    started = []
+
+    def blocking_view(request):  # like a non-streamed completion: waits for the whole reply
+        generation = tiny.submit("hello world what", LONG)
+        started.append(generation)
+        list(generation)
+        return JsonResponse({"finish_reason": generation.result.finish_reason})
+
+    task = asyncio.ensure_future(cancelling_abandoned_generations(blocking_view)(None))
+    while not started:
+        await asyncio.sleep(0.01)
+    task.cancel()  # what Django's ASGI handler does when the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    generation = started[0]
+    while not generation.done:
+        await asyncio.sleep(0.01)
+    assert generation.result.finish_reason == "cancelled"
+    assert generation.result.completion_tokens < LONG.max_tokens
+
+
+async def test_a_response_dropped_before_its_first_chunk_cancels_its_generation(tiny):
+    started = []
+
+    def streaming_view(request):  # submits, then leaves the reading to a response never sent
+        started.append(tiny.submit("hello world what", LONG))
+        return JsonResponse({})
+
+    response = await cancelling_abandoned_generations(streaming_view)(None)
+    del response
+    gc.collect()
+    generation = started[0]
+    while not generation.done:
+        await asyncio.sleep(0.01)
+    assert generation.result.finish_reason == "cancelled"
+
+
+# -- through a real server -----------------------------------------------------------------------
+
+
+def active_sequences(server: LiveServer) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    line = next((ln for ln in text.splitlines() if ln.startswith("llmsite_scheduler_active_sequences{")), "x 0")
+    return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.mark.smollm2
+def test_a_non_streamed_client_that_disconnects_frees_its_sequence(tmp_path, smollm2_path):
+    server = LiveServer(workdir=tmp_path, env={"API_RATE_LIMIT": ""})
+    keys = prepare_database(server, {"fay": ["fay"]})
+    server.start()
+    try:
+        headers = {"Authorization": f"Bearer {keys['fay']}", "Cache-Control": "no-cache"}
+        body = {"messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}],
+                "max_tokens": 1500, "temperature": 0, "character": "captain-mira"}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=httpx.Timeout(60, read=4))
+        deadline = time.monotonic() + 120
+        while active_sequences(server) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert active_sequences(server) == 0
+        # A reply that ran to its end would have been stored; a cancelled one is not.
+        conversations = httpx.get(server.url + "/v1/conversations/", headers=headers).json()
+        assert conversations["count"] == 0
+    finally:
+        server.stop()
