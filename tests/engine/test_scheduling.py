@@ -69,6 +69,41 @@ def test_sequences_on_scattered_slots_give_the_same_tokens_as_alone(engines, tin
     assert [c.text for c in together] == [cold_output(str(tiny_gguf), prompt) for prompt in prompts]
 
 
+
+def test_sequences_are_packed_onto_consecutive_slots_without_changing_their_tokens(tiny_gguf):
+    spec = ModelSpec("pack", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0)
+    backend = LlamaCppBackend.load(spec)
+    try:
+        prompts = [backend.tokenize(text) for text in ("hello world what", "yes no stop", "the capital of france is")]
+        seqs = [new_sequence(prompt) for prompt in prompts]
+        for seq in seqs:  # fresh slots are taken in order: 0, 1, 2
+            backend.start(seq)
+        tokens = {seq: [] for seq in seqs}
+
+        def run(active, steps):
+            for _ in range(steps):
+                for seq, token in backend.step(active):
+                    tokens[seq].append(token)
+
+        run(seqs, 3)
+        backend.release(seqs[1])  # slots 0 and 2 stay busy: not consecutive
+        survivors = [seqs[0], seqs[2]]
+        run(survivors, 5)
+        assert sorted(seq.backend_state.slot.seq_id for seq in survivors) == [0, 1]
+        assert backend.stats()["slot_moves"] == 1
+        for seq in survivors:
+            backend.release(seq)
+        for seq, prompt in zip(survivors, (prompts[0], prompts[2])):  # each alone, never moved
+            alone = new_sequence(prompt)
+            backend.start(alone)
+            tokens[alone] = []
+            run([alone], 8)
+            backend.release(alone)
+            assert tokens[seq] == tokens[alone]
+    finally:
+        backend.close()
+
+
 # -- shared prefixes -----------------------------------------------------------------------------
 
 
