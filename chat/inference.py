@@ -49,7 +49,9 @@ def loaded_engines() -> list[tuple[str, object]]:
     """(name, engine) of the models this process has loaded; loads nothing."""
     if _registry is None:
         return []
-    return [(name, _registry.get(name)) for name in _registry.names() if _registry.is_loaded(name)]
+    # loaded(), not get(): a scrape must not replace a dead engine (that is the next request's job).
+    engines = [(name, _registry.loaded(name)) for name in _registry.names()]
+    return [(name, engine) for name, engine in engines if engine is not None]
 
 
 def reset_registry() -> None:
