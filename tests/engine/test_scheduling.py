@@ -288,3 +288,20 @@ def test_a_failed_decode_fails_only_the_sequence_concerned(budget_backend):
     assert [seq for seq, _ in partial.value.sampled] == [good]
     backend.release(good)
     backend.release(bad)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_scheduler_settings_come_from_config_yaml(tmp_path):
+    from llmsite.config import ConfigError, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("model_path: m.gguf\nsystem_prompt: hi\nprefill_step_ms: 150\nprefill_min_tokens: 8\n"
+                    "max_queue: 5\nqueue_timeout: 9\n")
+    model = load_config(path, base_dir=tmp_path).models[0]
+    spec = ModelSpec(**vars(model))
+    assert (spec.prefill_step_ms, spec.prefill_min_tokens, spec.max_queue, spec.queue_timeout) == (150, 8, 5, 9)
+    path.write_text("model_path: m.gguf\nsystem_prompt: hi\nmax_queue: -1\n")
+    with pytest.raises(ConfigError, match="max_queue must be a non-negative integer"):
+        load_config(path, base_dir=tmp_path)
