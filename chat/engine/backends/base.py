@@ -56,7 +56,9 @@ class Backend(ABC):
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
         """Advance every started sequence by one decode; return the tokens sampled in this step.
 
-        A sequence still pre-filling its prompt may sample nothing in a step.
+        A sequence still pre-filling its prompt may sample nothing in a step. When only some sequences
+        fail, raise errors.SequencesFailed(failed, sampled) so that the others go on; any other
+        exception fails every sequence of the step.
         """
 
     @abstractmethod
