@@ -148,8 +148,10 @@ def test_a_non_streamed_client_that_disconnects_frees_its_sequence(tmp_path, smo
         headers = {"Authorization": f"Bearer {keys['fay']}", "Cache-Control": "no-cache"}
         body = {"messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}],
                 "max_tokens": 1500, "temperature": 0, "character": "captain-mira"}
+        warm_up = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}  # loads the model
+        assert httpx.post(server.url + "/v1/chat/completions", json=warm_up, headers=headers, timeout=120).status_code == 200
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
-            httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=httpx.Timeout(60, read=4))
+            httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=httpx.Timeout(60, read=1))
         deadline = time.monotonic() + 120
         while active_sequences(server) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
