@@ -1,9 +1,10 @@
 """WebSocket chat: ws/chat/<character>/ streams a reply's tokens as JSON events.
 
 Client sends {"type": "message", "content": "...", optional "conversation", "max_tokens",
-"temperature", "seed"}; the server answers {"type": "start"}, {"type": "token", "text"}...,
-{"type": "end", finish_reason, usage, scenarios, conversation} or {"type": "error", "error"}.
-Closing the socket cancels the generation.
+"temperature", "top_p", "seed", "stop"}; the server answers {"type": "start"}, {"type": "token",
+"text"}..., {"type": "end", finish_reason, usage, scenarios, conversation} or {"type": "error",
+"status", "error"}. Each message spends the sender's rate limit like an HTTP request (429 error
+event with retry_after). Closing the socket cancels the generation. Auth: chat/ws_auth.py.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import logging
 
 from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import Throttled, ValidationError
 
 from .errors import error_from_exception
 from .serializers import ChatCompletionRequestSerializer
 from .services import chat_request_prepare
 from .streaming import end_fields, generation_for, reply_stream
+from .throttling import identity_of, rate_limit_wait
+from .ws_auth import CLOSE_UNAUTHENTICATED
 
 logger = logging.getLogger("llmsite.ws")
 
-CLOSE_UNAUTHENTICATED = 4401
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
 
 
@@ -48,6 +50,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if self.reply_task is not None and not self.reply_task.done():
             await self.send_error(ValidationError({"content": "wait for the current reply to finish."}))
+            return
+        wait = await sync_to_async(rate_limit_wait)(self.rate_identity())
+        if wait is not None:
+            await self.send_error(Throttled(wait=wait), retry_after=int(wait) + 1)
             return
         self.reply_task = asyncio.create_task(self.reply(content))
 
@@ -85,6 +91,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         serializer.is_valid(raise_exception=True)
         return chat_request_prepare(user=self.scope["user"], data=serializer.validated_data, greet=True)
 
-    async def send_error(self, exc: Exception):
+    def rate_identity(self) -> str:
+        client = self.scope.get("client") or ("-", 0)
+        return identity_of(api_key=self.scope.get("api_key"), user=self.scope.get("user"), address=client[0])
+
+    async def send_error(self, exc: Exception, **extra):
         status, body, _ = error_from_exception(exc)
-        await self.send_json({"type": "error", "status": status, **body})
+        await self.send_json({"type": "error", "status": status, **body, **extra})

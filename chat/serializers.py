@@ -83,7 +83,7 @@ class SamplingFieldsMixin(serializers.Serializer):
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
-    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
+    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)  # > 0: validate_top_p
     top_k = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=1000)
     repetition_penalty = serializers.FloatField(required=False, allow_null=True, min_value=0.5, max_value=2)
     presence_penalty = serializers.FloatField(required=False, allow_null=True, min_value=-2, max_value=2)
@@ -95,6 +95,12 @@ class SamplingFieldsMixin(serializers.Serializer):
     stream_options = StreamOptionsSerializer(required=False, allow_null=True)
     user = serializers.CharField(required=False, allow_blank=True, max_length=256)
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+    def validate_top_p(self, value):
+        # 0 would leave no token to sample from; the engine refuses it, so say so here, naming the field.
+        if value is not None and value <= 0:
+            raise serializers.ValidationError("must be greater than 0 and at most 1.")
+        return value
 
     def validate_n(self, value):
         if value not in (None, 1):
@@ -123,7 +129,9 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     scenario = serializers.IntegerField(required=False, allow_null=True, help_text="Force this scenario (id).")
     store = serializers.BooleanField(required=False, default=True,
                                      help_text="Store the exchange as a conversation (with a character).")
-    background = serializers.BooleanField(required=False, default=False)
+    background = serializers.BooleanField(
+        required=False, default=False,
+        help_text="Generate in the background: answered 202 with a job to poll at /v1/jobs/<id>.")
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
@@ -146,6 +154,8 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
             raise serializers.ValidationError({"messages": "the last message must come from the user."})
         if not messages[-1]["content"].strip():
             raise serializers.ValidationError({"messages": "the last user message is empty."})
+        if attrs.get("background") and attrs.get("stream"):
+            raise serializers.ValidationError({"background": "a background job cannot be streamed; poll its url."})
         if attrs.get("character") and attrs.get("character_id"):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
         return attrs

@@ -10,7 +10,6 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
@@ -21,6 +20,6 @@ http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else
 
 application = ProtocolTypeRouter({
     "http": http_app,
-    # Origin checked against ALLOWED_HOSTS; the session's user first, then an API key if sent.
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
+    # A Bearer API key, or the session's user with the Origin checked against ALLOWED_HOSTS (chat/ws_auth.py).
+    "websocket": AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns))),
 })

@@ -195,10 +195,10 @@ SSE_KEEPALIVE_SECONDS = float(os.environ.get("SSE_KEEPALIVE_SECONDS", "10"))
 RESPONSE_CACHE_ENABLED = env_bool("RESPONSE_CACHE_ENABLED", True)
 RESPONSE_CACHE_TTL = env_int("RESPONSE_CACHE_TTL", 3600)
 
-# Background jobs (Celery): requests with background=true, or asking for more tokens than this.
-BACKGROUND_MAX_TOKENS_THRESHOLD = env_int("BACKGROUND_MAX_TOKENS_THRESHOLD", 1024)
+# Background jobs (Celery): only requests with background=true (chat/jobs.py).
 JOB_TTL_SECONDS = env_int("JOB_TTL_SECONDS", 24 * 3600)
-# A running job whose worker has not reported for this long is marked failed (worker lost).
+# A running job whose worker has not written its heartbeat (every quarter of this) for this long
+# has lost its worker: it is queued again, or failed after 3 attempts.
 JOB_HEARTBEAT_TIMEOUT = env_int("JOB_HEARTBEAT_TIMEOUT", 60)
 SPECTACULAR_SETTINGS = {
     "TITLE": "llmsite API",

@@ -1,10 +1,10 @@
 from django.conf import settings
 from django.conf.urls.static import static
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from chat import ops_views, pages
+from chat import error_views, ops_views, pages
 
 urlpatterns = [
     path("", pages.chat_page, name="chat-page"),
@@ -17,6 +17,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api-auth/", include("rest_framework.urls")),
+    # Any other path under /v1/ or /api/: a JSON 404 in the API's error shape, even with DEBUG on.
+    re_path(r"^(?:v1|api)/", error_views.api_not_found, name="api-not-found"),
 ]
 if settings.DEBUG:
     urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)
