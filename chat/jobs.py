@@ -1,14 +1,16 @@
 """Background chat completions: submit, run in a Celery worker, report, cancel.
 
 Only a request with `background: true` becomes a job. Delivery: tasks are acknowledged late and
-rejected when their worker process dies, so the broker delivers them again (chat/tasks.py).
-Each delivery claims the job as a new attempt; every later write of an attempt (heartbeat,
-progress, result) is conditioned on that attempt number, so a superseded attempt can neither
-report nor store anything. While an attempt runs, a timer thread writes a heartbeat every
-JOB_HEARTBEAT_TIMEOUT / 4 seconds, prompt evaluation included. A running job with no heartbeat for
-JOB_HEARTBEAT_TIMEOUT seconds has lost its worker: it is queued again (or reported failed after
-MAX_ATTEMPTS, or at once with no broker), never left "running" and never silently dropped. The
-exchange is stored in the same transaction that marks the job done, so it is stored exactly once.
+rejected when their worker process dies, so the broker delivers them again (chat/tasks.py); that
+is the only way a job runs again, so no job runs twice at once unless it outlives the broker's
+visibility timeout. Each delivery claims the job as a new attempt, and every later write of an
+attempt (heartbeat, progress, result) is conditioned on that attempt number: a superseded attempt
+can neither report nor store anything. While an attempt runs, a timer thread writes a heartbeat
+every JOB_HEARTBEAT_TIMEOUT / 4 seconds, prompt evaluation included. A running job with no
+heartbeat for JOB_HEARTBEAT_TIMEOUT seconds has lost its worker: polls show it queued (waiting for
+its re-delivery; failed with no broker, which would never re-deliver it), and a delivery after
+MAX_ATTEMPTS reports it failed, so no job stays "running" or is silently dropped. The exchange is
+stored in the same transaction that marks the job done, so it is stored exactly once.
 """
 
 from __future__ import annotations
@@ -41,18 +43,14 @@ def api_key_of(request) -> ApiKey | None:
 
 
 def job_submit(*, user, api_key: ApiKey | None, payload: dict) -> Job:
-    payload = {key: value for key, value in payload.items() if key not in ("background", "stream", "stream_options")}
-    job = Job.objects.create(owner=user, api_key=api_key, request=payload,
-                             expires_at=timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS))
-    _enqueue(job.pk)
-    return job
-
-
-def _enqueue(job_id) -> None:
     # chat.tasks wraps job_run from this module, so it can only be imported once this module is loaded.
     from .tasks import run_chat_job
 
-    transaction.on_commit(lambda: run_chat_job.delay(str(job_id)))
+    payload = {key: value for key, value in payload.items() if key not in ("background", "stream", "stream_options")}
+    job = Job.objects.create(owner=user, api_key=api_key, request=payload,
+                             expires_at=timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS))
+    transaction.on_commit(lambda: run_chat_job.delay(str(job.pk)))
+    return job
 
 
 def job_get_visible(*, user, api_key: ApiKey | None, job_id) -> Job:
@@ -115,8 +113,11 @@ def job_run(*, job_id: str) -> None:
 
 
 def _mine(job_id, attempt: int):
-    """The job's row while this attempt still owns it (running, and no newer attempt has claimed it)."""
-    return Job.objects.filter(pk=job_id, status=Job.Status.RUNNING, attempts=attempt)
+    """The job's row while this attempt still owns it: not ended, and no newer attempt has claimed it.
+
+    It may read "queued" when a poll missed a heartbeat; the attempt's next write sets "running" again.
+    """
+    return Job.objects.filter(pk=job_id, status__in=ACTIVE, attempts=attempt)
 
 
 def _claim(job_id: str) -> int | None:
@@ -173,7 +174,8 @@ def _generate_with_progress(job: Job, attempt: int, plan, heartbeat: "Heartbeat"
             return True
         last_report = time.monotonic()
         # Zero rows updated: cancelled (DELETE), or a newer attempt took over.
-        return bool(_mine(job.pk, attempt).update(completion_tokens=len(parts), partial_text="".join(parts)))
+        return bool(_mine(job.pk, attempt).update(status=Job.Status.RUNNING, completion_tokens=len(parts),
+                                                  partial_text="".join(parts)))
 
     return generate_observed(plan, on_text=report)
 
@@ -199,7 +201,8 @@ class Heartbeat:
         try:
             while not self._stopped.wait(self.interval):
                 try:
-                    beat = _mine(self.job_id, self.attempt).update(heartbeat_at=timezone.now())
+                    beat = _mine(self.job_id, self.attempt).update(status=Job.Status.RUNNING,
+                                                                   heartbeat_at=timezone.now())
                 except DatabaseError:  # e.g. a locked database: the next beat tries again
                     logger.warning("job %s: heartbeat not written", self.job_id, exc_info=True)
                     close_old_connections()
@@ -212,22 +215,20 @@ class Heartbeat:
 
 
 def _recover_if_worker_lost(job: Job) -> None:
-    """A running job whose heartbeat stopped lost its worker: queue it again, or report it failed."""
+    """A running job whose heartbeat stopped lost its worker: show it queued for its re-delivery."""
     if job.status != Job.Status.RUNNING or job.heartbeat_at is None:
         return
     if timezone.now() - job.heartbeat_at <= timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT):
         return
     stale = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, attempts=job.attempts,
                                heartbeat_at=job.heartbeat_at)
-    # With no broker the job ran inside a web request that died with its process: nothing would
-    # run it again but a poll, and a poll should not become a long generation.
-    if job.attempts >= MAX_ATTEMPTS or settings.CELERY_TASK_ALWAYS_EAGER:
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        # No broker: the job ran inside a web request whose process died; nothing will deliver it again.
         stale.update(status=Job.Status.FAILED, finished_at=timezone.now(),
                      error={"message": "The worker running this job stopped responding.", "type": "server_error",
                             "param": None, "code": "worker_lost", "status": 503})
-    elif stale.update(status=Job.Status.QUEUED, heartbeat_at=None, partial_text="", completion_tokens=0):
-        logger.warning("job %s: worker lost during attempt %s; queued again", job.pk, job.attempts)
-        _enqueue(job.pk)
+    elif stale.update(status=Job.Status.QUEUED, partial_text="", completion_tokens=0):
+        logger.warning("job %s: no heartbeat from attempt %s; waiting for its re-delivery", job.pk, job.attempts)
     job.refresh_from_db()
 
 
