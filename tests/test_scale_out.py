@@ -38,12 +38,12 @@ class Worker:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url, smollm2_path):
     """daphne + a Celery worker sharing one SQLite file, with Redis as broker, cache and channel layer."""
-    base = redis_url.rsplit("/", 1)[0]
     import redis
 
-    redis.Redis.from_url(f"{base}/14").flushdb()  # no cached replies or queued tasks from earlier runs
+    # TEST_REDIS_URL's database, so concurrent runs can each have their own.
+    redis.Redis.from_url(redis_url).flushdb()  # no cached replies or queued tasks from earlier runs
     server = LiveServer(workdir=tmp_path_factory.mktemp("scale-out"), env={
-        "REDIS_URL": f"{base}/14", "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "API_RATE_LIMIT": "",
+        "REDIS_URL": redis_url, "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "API_RATE_LIMIT": "",
         "JOB_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT)})
     keys = prepare_database(server, {"ann": ["ann"], "ben": ["ben"]})
     server.start()
