@@ -133,6 +133,7 @@ def test_a_killed_worker_process_leaves_the_job_re_run_and_its_exchange_stored_o
     client = api(server, keys["ann"])
     first = client.post("/v1/chat/completions", json={**ASK, "character": "chef-luca"}).json()
     conversation = first["conversation"]
+    assert conversation, first
     for attempt in range(3):  # a job that finishes before the kill lands proves nothing: try again
         job = client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
@@ -148,7 +149,7 @@ def test_a_killed_worker_process_leaves_the_job_re_run_and_its_exchange_stored_o
     assert final["result"]["conversation"] == conversation
     messages = client.get(f"/v1/conversations/{conversation}/messages/").json()["results"]
     # Each exchange exactly once: the first one, and one per job that ran (the killed attempt stored nothing).
-    assert [m["role"] for m in messages] == ["user", "assistant"] * (2 + attempt)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * (2 + attempt), (attempt, messages)
     assert messages[-1]["content"] == final["result"]["choices"][0]["message"]["content"]
     assert [m["content"] for m in messages[2::2]] == ["Write a very long essay about the sea."] * (1 + attempt)
 
