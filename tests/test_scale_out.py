@@ -131,7 +131,10 @@ def test_a_job_whose_prompt_evaluation_outlasts_the_heartbeat_timeout_completes(
 def test_a_killed_worker_process_leaves_the_job_re_run_and_its_exchange_stored_once(stack):
     server, keys, worker = stack
     client = api(server, keys["ann"])
-    first = client.post("/v1/chat/completions", json={**ASK, "character": "chef-luca"}).json()
+    # Not ASK: a reply cached here would turn the response-cache test's first MISS into a HIT.
+    first = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Ciao! What shall we cook?"}], "character": "chef-luca",
+        "max_tokens": 12}).json()
     conversation = first["conversation"]
     assert conversation, first
     for attempt in range(3):  # a job that finishes before the kill lands proves nothing: try again
