@@ -24,7 +24,7 @@ from .grammars import grammar_for_response_format
 from .metrics import record_generation
 from .inference import get_engine
 from .models import Conversation, Message
-from .prompting import prompt_compose, prompt_greeting
+from .prompting import prompt_compose, prompt_greetings
 from .response_cache import BYPASS, cached_completion, cached_request, remember_completion, request_cache_key
 from .selectors import character_get_active, conversation_get_owned
 
@@ -32,6 +32,8 @@ logger = logging.getLogger("llmsite.chat")
 
 CLIENT_TURN_ROLES = ("user", "assistant")
 CLIENT_SYSTEM_ROLES = ("system", "developer")
+DEFAULT_USER_NAME = "User"
+USER_NAME_MAX = 100  # Conversation.user_name
 
 
 @dataclass
@@ -67,6 +69,7 @@ class ChatPlan:
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     shorthand: bool = False
+    user_name: str = "User"                  # {{user}}; stored with a new conversation
     cache_status: str = BYPASS
     cache_allowed: bool = True               # False: the client sent Cache-Control: no-cache
     request_key: str | None = None           # the fast-path cache key, when the request qualifies
@@ -78,11 +81,13 @@ class ChatPlan:
         return self.engine.spec.name
 
 
-def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
+def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: str = "") -> ChatPlan:
     """Resolve character, conversation, model and sampling, and compose the prompt.
 
     `greet`: a new conversation starts with the character's greeting as its first message (the
-    chat page and WebSocket show it; API clients manage their own history).
+    chat page and WebSocket show it); the request's `greeting` picks which one (0 = the main
+    greeting, 1.. = the alternates) and also makes an API request start with it.
+    `user_name`: what {{user}} becomes when the request names no one (the page's logged-in user).
     """
     conversation = None
     if data.get("conversation"):
@@ -99,9 +104,12 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
         history = [{"role": m.role, "content": m.content}
                    for m in conversation.messages.filter(role__in=CLIENT_TURN_ROLES).order_by("id")]
         new_turns = [client_turns[-1]]
+        user_name = conversation.user_name
     else:
-        if greet and character is not None and character.greeting.strip():
-            client_turns = [{"role": "assistant", "content": prompt_greeting(character=character)}, *client_turns]
+        user_name = user_name_for(data, fallback=user_name)
+        greeting = _greeting_for(data, character, greet=greet, user_name=user_name)
+        if greeting:
+            client_turns = [{"role": "assistant", "content": greeting}, *client_turns]
         history, new_turns = client_turns[:-1], client_turns
 
     engine = get_engine(data.get("model") or None)
@@ -114,13 +122,44 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
     # character's system prompt (prompt injection); without one, they replace the default prompt.
     system_override = client_system if character is None else ""
     prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
-                            user_name=conversation.user_name if conversation else "User",
+                            user_name=user_name,
                             max_tokens=params.max_tokens, forced_scenarios=forced,
                             system_override=system_override)
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
-                    new_turns=new_turns, store=store, user=user, shorthand=data.get("shorthand", False))
+                    new_turns=new_turns, store=store, user=user, shorthand=data.get("shorthand", False),
+                    user_name=user_name)
+
+
+def user_name_for(data: dict, *, fallback: str = "") -> str:
+    """{{user}} for a new chat: the last user message's `name`, else the request's `user`, else
+    `fallback` (the logged-in user on the page), else "User". Whitespace is folded so a name
+    cannot start new lines in the prompt."""
+    last_user = next((m for m in reversed(data["messages"]) if m["role"] == "user"), {})
+    for candidate in (last_user.get("name"), data.get("user"), fallback):
+        name = " ".join((candidate or "").split())[:USER_NAME_MAX]
+        if name:
+            return name
+    return DEFAULT_USER_NAME
+
+
+def _greeting_for(data: dict, character: Character | None, *, greet: bool, user_name: str) -> str:
+    """The greeting a new conversation starts with, placeholders filled; "" for none."""
+    index = data.get("greeting")
+    if character is None:
+        if index is not None:
+            raise ApiError("greeting needs a character.", param="greeting", code="greeting_without_character")
+        return ""
+    if index is None:
+        if not greet:
+            return ""
+        index = 0
+    greetings = prompt_greetings(character=character, user_name=user_name)
+    if index >= len(greetings):
+        raise ApiError(f"Character {character.slug!r} has {len(greetings)} greeting(s): greeting must be "
+                       f"0 to {len(greetings) - 1}.", param="greeting", code="greeting_not_found")
+    return greetings[index]
 
 
 def sampling_params_for(*, data: dict, character: Character | None, engine) -> SamplingParams:
@@ -186,7 +225,7 @@ def chat_exchange_store(*, plan: ChatPlan, completion: Completion) -> Conversati
         if conversation is None:
             first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
             conversation = Conversation.objects.create(character=plan.character, owner=plan.user,
-                                                       title=_title_from(first_user))
+                                                       title=_title_from(first_user), user_name=plan.user_name)
         for turn in plan.new_turns:
             Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
                                    completion_tokens=plan.engine.count_tokens(turn["content"]))
@@ -206,10 +245,11 @@ def chat_completion_body(*, plan: ChatPlan, completion: Completion, conversation
                            conversation_id=str(conversation.pk) if conversation else None, shorthand=plan.shorthand)
 
 
-def chat_completion_from_cache(*, data: dict, cache_allowed: bool) -> tuple[dict | None, str | None]:
-    """(body, key): the stored reply of an identical stateless deterministic request, before any prompt
-    work; key is where the slow path should remember its reply (None when the request does not qualify)."""
-    key = request_cache_key(data, allowed=cache_allowed)
+def chat_completion_from_cache(*, data: dict, cache_allowed: bool, user) -> tuple[dict | None, str | None]:
+    """(body, key): the stored reply of an identical stateless deterministic request of the same
+    caller, before any prompt work; key is where the slow path should remember its reply (None when
+    the request does not qualify)."""
+    key = request_cache_key(data, allowed=cache_allowed, user=user)
     stored = cached_request(key)
     if stored is None:
         return None, key

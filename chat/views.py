@@ -48,7 +48,7 @@ class ChatCompletionsView(APIView):
         data = serializer.validated_data
         cache_allowed = "no-cache" not in request.headers.get("Cache-Control", "")
         cached_body, request_key = (None, None) if data.get("stream") else chat_completion_from_cache(
-            data=data, cache_allowed=cache_allowed)
+            data=data, cache_allowed=cache_allowed, user=request.user)
         if cached_body is not None:
             return Response(cached_body, headers={"X-Cache": HIT})
         plan = chat_request_prepare(user=request.user, data=data)
