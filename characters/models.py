@@ -48,7 +48,9 @@ class Character(models.Model):
         help_text="Identifies the character in the API and URLs, e.g. 'captain-mira'. Letters, digits, - and _.",
     )
     description = models.TextField(
-        help_text="The profile: who the character is, looks, background. Always part of the prompt."
+        blank=True,
+        help_text="The profile: who the character is, looks, background. Always part of the prompt (may be "
+                  "empty when the personality and setting say it all).",
     )
     personality = models.TextField(blank=True, help_text="A short summary of temperament and voice.")
     setting = models.TextField(
@@ -129,8 +131,6 @@ class Character(models.Model):
             errors["slug"] = "A slug is required: it names the character in the API (e.g. 'captain-mira')."
         if not self.name or not self.name.strip():
             errors["name"] = "A character needs a name."
-        if not self.description or not self.description.strip():
-            errors["description"] = "A character needs a description: it is the heart of the prompt."
         if not isinstance(self.alternate_greetings, list) or not all(
             isinstance(item, str) for item in self.alternate_greetings
         ):

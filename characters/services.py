@@ -33,6 +33,9 @@ def _profile_values(block: Block) -> dict:
     slug = block.field_value("slug") or slugify(block.title)
     if not slug:
         raise BlockError(block.line, "cannot derive a slug from the title; add 'slug: ...'")
+    if not block.section("description").strip():
+        # Cards may come without one (characters/cards.py); a profile written for this file should not.
+        raise BlockError(block.line, "a profile needs a '--- description' section")
     values = {
         "name": block.title,
         "slug": slug,

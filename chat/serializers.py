@@ -121,6 +121,10 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     conversation = serializers.UUIDField(required=False, allow_null=True,
                                          help_text="Continue this stored conversation.")
     scenario = serializers.IntegerField(required=False, allow_null=True, help_text="Force this scenario (id).")
+    greeting = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0, max_value=1000,
+        help_text="Start a new conversation with this greeting of the character: 0 = its greeting, "
+                  "1.. = its alternate_greetings in order.")
     store = serializers.BooleanField(required=False, default=True,
                                      help_text="Store the exchange as a conversation (with a character).")
     background = serializers.BooleanField(required=False, default=False)

@@ -41,6 +41,14 @@ class Migration(migrations.Migration):
                 help_text="Other first messages: the chat page lets users cycle through them; API clients pick "
                           "one with the request's 'greeting' (1 = the first alternate)."),
         ),
+        migrations.AlterField(
+            model_name="character",
+            name="description",
+            field=models.TextField(
+                blank=True,
+                help_text="The profile: who the character is, looks, background. Always part of the prompt (may "
+                          "be empty when the personality and setting say it all)."),
+        ),
         migrations.AddField(
             model_name="character",
             name="scan_depth",
