@@ -10,7 +10,7 @@ from .models import Character
 from .resource_format import Block, BlockError, ImportReport, parse_blocks
 
 PROFILE_FIELDS = {"slug", "tags", "creator", "version", "active", "temperature", "top_p",
-                  "repetition_penalty", "max_tokens"}
+                  "repetition_penalty", "max_tokens", "scan_depth"}
 PROFILE_SECTIONS = {"description", "personality", "setting", "greeting", "example_dialogue",
                     "system_prompt", "post_history_instructions", "creator_notes"}
 
@@ -47,6 +47,7 @@ def _profile_values(block: Block) -> dict:
         "top_p": block.number("top_p", float),
         "repetition_penalty": block.number("repetition_penalty", float),
         "max_tokens": block.number("max_tokens", int),
+        "scan_depth": block.number("scan_depth", int),
     }
     for name in PROFILE_SECTIONS:
         values[name] = block.section(name)
