@@ -115,6 +115,8 @@ def test_a_character_picks_a_named_system_prompt_and_one_in_use_cannot_be_delete
     terse = SystemPrompt.objects.create(name="Terse", content="Be brief.")
     assert add_character(staff_client, named_system_prompt=str(terse.pk)).status_code == 302
     assert Character.objects.get(slug="tess").named_system_prompt == terse
+    listing = staff_client.get(reverse("admin:characters_systemprompt_changelist"))
+    assert listing.status_code == 200 and '<td class="field-character_count">1</td>' in listing.content.decode()
     delete = staff_client.post(reverse("admin:characters_systemprompt_delete", args=[terse.pk]), {"post": "yes"})
     assert "Cannot delete system prompt" in delete.content.decode()
     assert SystemPrompt.objects.filter(pk=terse.pk).exists()
