@@ -328,6 +328,14 @@ def test_import_and_export_commands(tmp_path, capsys):
     assert card_read((tmp_path / "ada.png").read_bytes(), max_bytes=10**7).data["name"] == "Ada Quint"
 
 
+def test_import_command_prints_each_warning(tmp_path, capsys):
+    (tmp_path / "broken.json").write_bytes(broken_entry_card())
+    call_command("import_card", str(tmp_path / "broken.json"))
+    out, err = capsys.readouterr()
+    assert "3 scenario(s) created, 1 lorebook entry(ies) skipped." in out
+    assert "warning: Lorebook entry 4 (“Smugglers”) skipped" in err
+
+
 def test_commands_report_errors(tmp_path):
     with pytest.raises(CommandError, match="no 'chara' text chunk.*Nothing was imported"):
         call_command("import_card", str(CARDS / "no_card.png"))
