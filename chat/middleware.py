@@ -101,7 +101,8 @@ class RequestLogMiddleware(HybridMiddleware):
             return
         auth = getattr(request, "auth", None)
         user = getattr(request, "user", None)
-        fields = {"request_id": getattr(request, "request_id", None), "method": request.method, "path": request.path,
+        # request_id comes with every record (llmsite/log_context.py).
+        fields = {"method": request.method, "path": request.path,
                   "status": response.status_code, "key_id": getattr(auth, "pk", None) if isinstance(auth, ApiKey) else None,
                   "user_id": user.pk if user is not None and user.is_authenticated else None,
                   "total_ms": round((time.perf_counter() - started) * 1000, 1)}

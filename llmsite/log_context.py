@@ -21,11 +21,23 @@ def bind_request_id(request_id: str | None) -> None:
     current_request_id.set(request_id)
 
 
+def _record_with_request_id(*args, **kwargs) -> logging.LogRecord:
+    record = _base_record_factory(*args, **kwargs)
+    record.request_id = current_request_id.get()
+    return record
+
+
+# Every record gets the id when it is made, so every handler (and pytest's caplog) sees it.
+_base_record_factory = logging.getLogRecordFactory()
+if getattr(_base_record_factory, "__name__", "") != _record_with_request_id.__name__:
+    logging.setLogRecordFactory(_record_with_request_id)
+
+
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to each record (None outside any request), unless the call passed its own."""
+    """Makes sure a record has `request_id` for the formatter (one made by another record factory may not)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "request_id", None) is None:
+        if not hasattr(record, "request_id"):
             record.request_id = current_request_id.get()
         return True
 
