@@ -9,7 +9,10 @@ from django.core.management import call_command
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
+from channels.testing import WebsocketCommunicator
+
 from chat.api_keys import api_key_create
+from llmsite.asgi import application  # imported first: django.setup() there re-applies LOGGING, caplog after
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db]
 
@@ -162,3 +165,20 @@ def test_prompts_are_logged_only_when_the_setting_says_so(api, caplog, settings)
                  format="json")
     line = vars(next(r for r in caplog.records if r.name == "llmsite.requests"))
     assert SECRET_WORDS in line["prompt"] and "reply" in line
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_every_log_line_of_a_websocket_connection_carries_its_request_id(api, caplog):
+    comm = WebsocketCommunicator(application, "/ws/chat/captain-mira/", headers=[
+        (b"origin", b"http://127.0.0.1:8000"), (b"authorization", f"Bearer {api.raw_key}".encode()),
+        (b"x-request-id", b"socket99")])
+    with caplog.at_level(logging.INFO):
+        connected, _ = await comm.connect()
+        assert connected
+        await comm.send_json_to({"type": "message", "content": "Hello, Captain.", "max_tokens": 4})
+        while (await comm.receive_json_from(timeout=60))["type"] not in ("end", "error"):
+            pass
+        await comm.disconnect()
+    ours = [r for r in caplog.records if r.name.startswith("llmsite.")]
+    assert {"llmsite.ws", "llmsite.chat"} <= {r.name for r in ours}
+    assert all(r.request_id == "socket99" for r in ours), [(r.name, r.request_id) for r in ours]
