@@ -109,6 +109,11 @@ def test_check_deploy_with_production_variables_reports_no_errors():
         "DEBUG": "0",
         "SECRET_KEY": "a-long-random-production-secret-key-with-enough-entropy-0123456789",
         "ALLOWED_HOSTS": "chat.example.com",
+        # The rest of a production environment (deploy/README.md): nothing in it may warn either.
+        "DATABASE_URL": "postgresql://llmsite@db.internal:5432/llmsite",
+        "REDIS_URL": "redis://redis.internal:6379/0", "CHANNEL_LAYER_URL": "redis://redis.internal:6379/1",
+        "CELERY_BROKER_URL": "redis://redis.internal:6379/1", "SERVE_STATIC": "0", "METRICS_TOKEN": "scrape",
+        "EMAIL_HOST": "smtp.example.com",
     })
     assert result.returncode == 0, result.stderr + result.stdout
 
