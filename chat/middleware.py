@@ -110,7 +110,7 @@ class RequestLogMiddleware(HybridMiddleware):
         if plan is not None:
             fields.update(plan_log_fields(plan))
         # The fields become keys of the JSON log line (python-json-logger puts `extra` at the top level).
-        request_logger.info("request", extra=fields)
+        request_logger.info("%s %s %s", request.method, request.path, response.status_code, extra=fields)
 
 
 def plan_log_fields(plan) -> dict:

@@ -232,13 +232,13 @@ def test_logs_are_one_json_object_per_line_with_the_request_id(tmp_path):
 import django, logging
 django.setup()
 from django.test import Client
-response = Client().get("/health", HTTP_X_REQUEST_ID="abc123")
-logging.getLogger("llmsite.check").warning("outside any request")
+Client().get("/v1/models", HTTP_X_REQUEST_ID="abc123")
+logging.getLogger("llmsite.check").warning("a line of its own")
 """, env={"SQLITE_PATH": str(tmp_path / "db.sqlite3"), "LOG_LEVEL": "INFO"})
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in result.stderr.strip().splitlines()]
-    outside = next(r for r in records if r["message"] == "outside any request")
-    assert outside["level"] == "WARNING" and outside["logger"] == "llmsite.check" and "time" in outside
-    # /health is not logged per request; the last request's id stays bound in this thread, so a
-    # line outside a request carries the id of the request this thread handled last, or none.
-    assert outside["request_id"] in (None, "abc123")
+    records = [json.loads(line) for line in result.stderr.strip().splitlines()]  # each line is one object
+    request = next(r for r in records if r["logger"] == "llmsite.requests")
+    assert request["request_id"] == "abc123" and request["status"] == 401 and request["path"] == "/v1/models"
+    assert request["message"] == "GET /v1/models 401" and request["level"] == "INFO" and "time" in request
+    other = next(r for r in records if r["message"] == "a line of its own")
+    assert other["level"] == "WARNING" and "request_id" in other
