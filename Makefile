@@ -13,10 +13,14 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: run test setup deps dev-deps model migrate demo bench soak clean
 
+# settings.py defaults are production's (DEBUG off, a SECRET_KEY required): the local server opts
+# into DEBUG unless the caller says otherwise (`make run DEBUG=0 SECRET_KEY=...`).
+run setup migrate demo: export DEBUG ?= 1
 run: setup
 	@echo "Serving on http://$(HOST):$(PORT)/  (admin: http://$(HOST):$(PORT)/admin/)"
 	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) llmsite.asgi:application
 
+# The tests opt into DEBUG themselves (tests/settings.py, tests/live.py) and run production in children.
 test: dev-deps model
 	$(PY) -m pytest $(PYTEST_ARGS)
 

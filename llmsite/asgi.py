@@ -16,11 +16,14 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.ws_auth import ApiKeyAuthMiddleware  # noqa: E402
+from llmsite.log_context import WebSocketRequestIdMiddleware  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
 
 application = ProtocolTypeRouter({
     "http": http_app,
-    # Origin checked against ALLOWED_HOSTS; the session's user first, then an API key if sent.
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
+    # Origin checked against ALLOWED_HOSTS; the session's user first, then an API key if sent. Every
+    # log line of a connection carries its request id.
+    "websocket": WebSocketRequestIdMiddleware(AllowedHostsOriginValidator(
+        AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns))))),
 })
