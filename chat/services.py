@@ -8,6 +8,7 @@ chat/streaming.py, and both end in `chat_exchange_store`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -115,7 +116,9 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
                 character.slug if character else "-", engine.spec.name, conversation.pk if conversation else "new")
     params = sampling_params_for(data=data, character=character, engine=engine)
     tools = data.get("tool_request")
-    params = _with_tool_grammar(params, tools, engine=engine, data=data)
+    params = _with_tools(params, tools, engine=engine)
+    # An upstream given the tools uses its own template; local models read the generic format.
+    tools_text = "" if params.tools_json else tools_system_text(tools)
     forced = _forced_scenarios(data.get("scenario"), character)
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
@@ -124,15 +127,16 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
     prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
                             user_name=conversation.user_name if conversation else "User",
                             max_tokens=params.max_tokens, forced_scenarios=forced,
-                            system_override=system_override, extra_system=tools_system_text(tools))
+                            system_override=system_override, extra_system=tools_text)
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=new_turns, store=store, user=user, shorthand=data.get("shorthand", False), tools=tools)
 
 
-def _with_tool_grammar(params: SamplingParams, tools: ToolRequest | None, *, engine, data: dict) -> SamplingParams:
-    """The sampling parameters with the grammar that makes the reply tool calls (or text, for "auto")."""
+def _with_tools(params: SamplingParams, tools: ToolRequest | None, *, engine) -> SamplingParams:
+    """The sampling parameters with the grammar that makes the reply tool calls (or text, for "auto"), or, for
+    a remote model in chat mode, with the tools to pass to its upstream."""
     if tools is None or not tools.may_call:
         return params
     if engine.spec.backend == "ctransformers":
@@ -141,6 +145,10 @@ def _with_tool_grammar(params: SamplingParams, tools: ToolRequest | None, *, eng
     if params.grammar is not None:
         raise ApiError("response_format cannot be combined with tools that may be called; send tool_choice "
                        "\"none\" or leave response_format out.", param="response_format")
+    if engine.spec.backend == "openai_compatible" and engine.spec.remote_api == "chat":
+        tools_json = json.dumps({"tools": [tool.as_openai() for tool in tools.tools], "tool_choice": tools.openai_choice,
+                                 "parallel_tool_calls": tools.parallel})
+        return dataclasses.replace(params, tools_json=tools_json)
     return dataclasses.replace(params, grammar=tool_call_grammar(tools))
 
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import re
 
+from .engine.tool_call_text import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from .errors import ApiError
 from .tools import ToolRequest
-
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL_CALLS = 8  # a small model may repeat a call until max_tokens; a bound keeps the reply finite
 
 

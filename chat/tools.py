@@ -49,6 +49,13 @@ class ToolRequest:
         return self.choice in ("required", "function")
 
     @property
+    def openai_choice(self) -> str | dict:
+        """tool_choice as the OpenAI API writes it."""
+        if self.choice == "function":
+            return {"type": "function", "function": {"name": self.function}}
+        return self.choice
+
+    @property
     def callable_tools(self) -> tuple[Tool, ...]:
         """The tools a reply may call: all of them, or only the one tool_choice names."""
         if self.choice == "function":

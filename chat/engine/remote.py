@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedFeature,
 )
 from .generation import Generation
+from .tool_call_text import ToolCallText
 from .types import Completion, ModelSpec, SamplingParams
 from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error, upstream_error_message
 
@@ -388,6 +389,8 @@ class RemoteEngine:
             body["stop"] = list(params.stop)
         if params.grammar:
             body["grammar"] = params.grammar  # llama.cpp servers; vLLM ignores it
+        if params.tools_json and chat:
+            body.update(json.loads(params.tools_json))  # the upstream's own tool calling
         return body
 
     def _work(self) -> None:
@@ -466,6 +469,7 @@ class RemoteEngine:
             return
         parts: list[str] = []
         pieces, finish, usage, done = 0, None, None, False
+        tool_text = ToolCallText()  # the upstream's tool_calls, as the text chat/tool_calls.py reads
         try:
             if "text/event-stream" in response.headers.get("content-type", ""):
                 events = _sse_events(response.iter_lines())
@@ -493,6 +497,8 @@ class RemoteEngine:
                         continue
                     message = choice.get("delta") or choice.get("message") or {}
                     piece = message.get("content") if request.chat else choice.get("text")
+                    if request.chat and isinstance(message.get("tool_calls"), list):
+                        piece = (piece or "") + tool_text.feed(message["tool_calls"])
                     if piece:
                         parts.append(piece)
                         pieces += 1
@@ -510,6 +516,10 @@ class RemoteEngine:
         if request.cancelled:
             self._finish(request, "".join(parts), "cancelled", pieces)
             return
+        closing = tool_text.close()
+        if closing:
+            parts.append(closing)
+            request.generation._push_text(closing)
         if not done and finish is None:
             self._upstream_failed(upstream, "the stream ended without a finish")
             self._fail(request, ModelUnavailable(self.spec.name, upstream.label,

@@ -6,6 +6,7 @@ import httpx
 import jsonschema
 import pytest
 
+from chat.engine.tool_call_text import ToolCallText
 from chat.tool_calls import ToolCallReader, tool_reply
 
 pytestmark = pytest.mark.smollm2
@@ -196,3 +197,16 @@ def test_reader_gives_the_same_calls_for_any_split(size):
 def test_reader_passes_plain_text_through():
     assert tool_reply("Hello <b>there</b>") == ("Hello <b>there</b>", [])
     assert tool_reply("<tool") == ("<tool", [])
+
+
+def test_an_upstreams_tool_call_deltas_read_back_as_the_same_calls():
+    upstream = [[{"index": 0, "id": "x1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}],
+                [{"index": 0, "function": {"arguments": '{"city": "Pa'}}], [{"index": 0, "function": {"arguments": 'ris"}'}}],
+                [{"index": 1, "id": "x2", "type": "function", "function": {"name": "now", "arguments": ""}}]]
+    writer, reader = ToolCallText(), ToolCallReader()
+    for deltas in upstream:
+        reader.feed(writer.feed(deltas))
+    reader.feed(writer.close())
+    reader.finish()
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reader.calls] == [
+        ("get_weather", {"city": "Paris"}), ("now", {})]
