@@ -117,8 +117,11 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
     params = sampling_params_for(data=data, character=character, engine=engine)
     tools = data.get("tool_request")
     params = _with_tools(params, tools, engine=engine)
-    # An upstream given the tools uses its own template; local models read the generic format.
-    tools_text = "" if params.tools_json else tools_system_text(tools)
+    # The tools reach the model through an upstream (remote), its own chat template when that supports tools,
+    # or else the generic text of chat/prompting/tools.py.
+    native_tools = ([tool.as_openai() for tool in tools.callable_tools]
+                    if tools is not None and tools.may_call and engine.template_supports_tools else None)
+    tools_text = "" if params.tools_json or native_tools else tools_system_text(tools)
     forced = _forced_scenarios(data.get("scenario"), character)
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
@@ -127,7 +130,8 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
     prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
                             user_name=conversation.user_name if conversation else "User",
                             max_tokens=params.max_tokens, forced_scenarios=forced,
-                            system_override=system_override, extra_system=tools_text)
+                            system_override=system_override, extra_system=tools_text,
+                            tools=native_tools)
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,

@@ -285,7 +285,10 @@ class RemoteEngine:
     def detokenize(self, tokens: list[int]) -> str:
         return self._tokenizer.detokenize(tokens)
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    template_supports_tools = False  # tools go to the upstream itself (SamplingParams.tools_json)
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
         """Chat mode: readable text carrying `messages` (the upstream applies its own template); completions
         mode: the prompt itself, rendered with chat_template (ChatML by default)."""
         text = self._template.render(messages, add_generation_prompt=add_generation_prompt)

@@ -210,3 +210,34 @@ def test_an_upstreams_tool_call_deltas_read_back_as_the_same_calls():
     reader.finish()
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reader.calls] == [
         ("get_weather", {"city": "Paris"}), ("now", {})]
+
+
+TOOLS_TEMPLATE = (  # a ChatML template that lists tools itself, as Hermes-style templates do
+    "{% if tools %}<|im_start|>system\nTools you may call:\n{% for tool in tools %}{{ tool.function.name }}: "
+    "{{ tool.function.description }}\n{% endfor %}Call one as <tool_call>{\"name\": ..., \"arguments\": ...}"
+    "</tool_call><|im_end|>\n{% endif %}{% for message in messages %}<|im_start|>{{ message.role }}\n"
+    "{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_supports_tools_renders_them_and_the_grammar_still_holds(smollm2_path):
+    from chat.engine import ModelRegistry, ModelSpec, SamplingParams
+    from chat.tool_grammar import tool_call_grammar
+    from chat.tools import tool_request_from
+
+    registry = ModelRegistry([ModelSpec(name="smol-tools", path=str(smollm2_path), chat_template=TOOLS_TEMPLATE,
+                                        parallel=1, prefix_cache_mb=0)])
+    try:
+        engine = registry.get("smol-tools")
+        request = tool_request_from(tools=[WEATHER, ADD], tool_choice="required", parallel_tool_calls=False)
+        assert engine.template_supports_tools
+        prompt = engine.render_chat(QUESTION, tools=[tool.as_openai() for tool in request.callable_tools])
+        assert "get_weather: The current weather in a city." in prompt and "add: Add two integers." in prompt
+        assert "get_weather" not in engine.render_chat(QUESTION)  # no tools, no tool text
+        completion = engine.generate(prompt, SamplingParams(max_tokens=60, temperature=0,
+                                                            grammar=tool_call_grammar(request)))
+        content, calls = tool_reply(completion.text)
+        assert content is None and len(calls) == 1
+        call = calls[0]["function"]
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+    finally:
+        registry.close()
