@@ -7,6 +7,7 @@ from rest_framework import serializers
 from characters.models import Character
 from scenarios.models import Scenario
 
+from .errors import ApiError
 from .models import Conversation, Message
 from .tools import tool_message_check, tool_request_from
 
@@ -163,10 +164,13 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
             raise serializers.ValidationError({"messages": "the last message must come from the user (or a tool)."})
         if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
             raise serializers.ValidationError({"messages": "the last user message is empty."})
-        for index, message in enumerate(messages):
-            tool_message_check(message, f"messages[{index}]")
-        attrs["tool_request"] = tool_request_from(tools=attrs.get("tools"), tool_choice=attrs.get("tool_choice"),
-                                                  parallel_tool_calls=attrs.get("parallel_tool_calls"))
+        try:
+            for index, message in enumerate(messages):
+                tool_message_check(message, f"messages[{index}]")
+            attrs["tool_request"] = tool_request_from(tools=attrs.get("tools"), tool_choice=attrs.get("tool_choice"),
+                                                      parallel_tool_calls=attrs.get("parallel_tool_calls"))
+        except ApiError as error:  # is_valid() reports it like any field error
+            raise serializers.ValidationError({error.param: error.message}) from None
         if attrs.get("logprobs") or attrs.get("top_logprobs"):
             raise serializers.ValidationError(
                 {"logprobs": "logprobs and top_logprobs are not supported by this server."})

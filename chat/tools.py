@@ -68,9 +68,7 @@ def tool_request_from(*, tools, tool_choice, parallel_tool_calls) -> ToolRequest
     if tools is None:
         if tool_choice not in (None, "none"):
             raise ApiError("tool_choice needs a non-empty 'tools' list.", param="tool_choice")
-        if parallel_tool_calls is not None:
-            raise ApiError("parallel_tool_calls needs a non-empty 'tools' list.", param="parallel_tool_calls")
-        return None
+        return None  # parallel_tool_calls alone is harmless: without tools there is nothing to call
     if not isinstance(tools, list) or not tools:
         raise ApiError("tools must be a non-empty list of function tools.", param="tools")
     if len(tools) > MAX_TOOLS:
