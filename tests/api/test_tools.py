@@ -13,6 +13,7 @@ pytestmark = pytest.mark.smollm2
 
 MODEL = "smollm2-135m-instruct"
 NO_CACHE = {"Cache-Control": "no-cache"}  # every reply is generated, so a test can fail
+TIMEOUT = 300  # grammar-constrained sampling is slow on a busy 2-core machine; no test asserts time
 WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                       "required": ["city", "unit"]}
@@ -33,11 +34,12 @@ def assert_valid_call(call):
 
 def create(live_api, **options):
     options.setdefault("max_tokens", 80)
-    return live_api.client().chat.completions.create(model=MODEL, temperature=0, extra_headers=NO_CACHE, **options)
+    return live_api.client().with_options(timeout=TIMEOUT).chat.completions.create(
+        model=MODEL, temperature=0, extra_headers=NO_CACHE, **options)
 
 
 def post(live_api, body: dict) -> httpx.Response:
-    return httpx.post(f"{live_api.base_url}/chat/completions", json={"model": MODEL, **body}, timeout=120,
+    return httpx.post(f"{live_api.base_url}/chat/completions", json={"model": MODEL, **body}, timeout=TIMEOUT,
                       headers={"Authorization": f"Bearer {live_api.keys['alice']}", **NO_CACHE})
 
 
@@ -53,7 +55,7 @@ def test_required_returns_calls_whose_arguments_validate(live_api):
 
 def test_required_streamed_with_the_sdk_stream_helper(live_api):
     events = []
-    with live_api.client().chat.completions.stream(
+    with live_api.client().with_options(timeout=TIMEOUT).chat.completions.stream(
             model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=80,
             parallel_tool_calls=False, extra_headers=NO_CACHE) as stream:  # one call: the helper refuses "length"
         for event in stream:
@@ -159,7 +161,7 @@ def test_langchain_bind_tools_two_step_loop(live_api):
         return f"Sunny and 21 degrees celsius in {city}."
 
     llm = ChatOpenAI(model=MODEL, base_url=live_api.base_url, api_key=live_api.keys["alice"], temperature=0,
-                     max_tokens=60, max_retries=0, default_headers=NO_CACHE)
+                     max_tokens=60, max_retries=0, timeout=TIMEOUT, default_headers=NO_CACHE)
     messages = [HumanMessage("What is the weather like in Paris today?")]
     first = llm.bind_tools([get_weather], tool_choice="required").invoke(messages)
     assert first.tool_calls and first.tool_calls[0]["name"] == "get_weather"
