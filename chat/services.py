@@ -7,6 +7,8 @@ chat/streaming.py, and both end in `chat_exchange_store`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -25,8 +27,12 @@ from .metrics import record_generation
 from .inference import get_engine
 from .models import Conversation, Message
 from .prompting import prompt_compose, prompt_greetings
+from .prompting.tools import tools_system_text, turns_with_tool_text
 from .response_cache import BYPASS, cached_completion, cached_request, remember_completion, request_cache_key
 from .selectors import character_get_active, conversation_get_owned
+from .tool_calls import tool_finish_reason, tool_reply
+from .tool_grammar import tool_call_grammar
+from .tools import ToolRequest
 
 logger = logging.getLogger("llmsite.chat")
 
@@ -75,6 +81,7 @@ class ChatPlan:
     request_key: str | None = None           # the fast-path cache key, when the request qualifies
     timing: GenerationTiming | None = None   # set when generated live (not from the cache)
     completion: Completion | None = None     # set when finished
+    tools: ToolRequest | None = None         # the request's tools; the reply is read for calls when it may call
 
     @property
     def model_name(self) -> str:
@@ -97,8 +104,8 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     client_messages = data["messages"]
     client_system = "\n\n".join(m["content"] for m in client_messages if m["role"] in CLIENT_SYSTEM_ROLES
                                 and m["content"].strip())
-    client_turns = [{"role": m["role"], "content": m["content"]} for m in client_messages
-                    if m["role"] in CLIENT_TURN_ROLES]
+    # Tool calls and results of the history become text turns (chat/prompting/tools.py).
+    client_turns = turns_with_tool_text(client_messages)
     if conversation is not None:
         # The stored history is authoritative: only the request's last user message is new.
         history = [{"role": m.role, "content": m.content}
@@ -116,6 +123,13 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     logger.info("Received request for character %s (model %s, conversation %s)",
                 character.slug if character else "-", engine.spec.name, conversation.pk if conversation else "new")
     params = sampling_params_for(data=data, character=character, engine=engine)
+    tools = data.get("tool_request")
+    params = _with_tools(params, tools, engine=engine)
+    # The tools reach the model through an upstream (remote), its own chat template when that supports tools,
+    # or else the generic text of chat/prompting/tools.py.
+    native_tools = ([tool.as_openai() for tool in tools.callable_tools]
+                    if tools is not None and tools.may_call and engine.template_supports_tools else None)
+    tools_text = "" if params.tools_json or native_tools else tools_system_text(tools)
     forced = _forced_scenarios(data.get("scenario"), character)
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
@@ -124,12 +138,13 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
                             user_name=user_name,
                             max_tokens=params.max_tokens, forced_scenarios=forced,
-                            system_override=system_override)
+                            system_override=system_override, extra_system=tools_text,
+                            tools=native_tools)
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=new_turns, store=store, user=user, shorthand=data.get("shorthand", False),
-                    user_name=user_name)
+                    user_name=user_name, tools=tools)
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:
@@ -160,6 +175,24 @@ def _greeting_for(data: dict, character: Character | None, *, greet: bool, user_
         raise ApiError(f"Character {character.slug!r} has {len(greetings)} greeting(s): greeting must be "
                        f"0 to {len(greetings) - 1}.", param="greeting", code="greeting_not_found")
     return greetings[index]
+
+
+def _with_tools(params: SamplingParams, tools: ToolRequest | None, *, engine) -> SamplingParams:
+    """The sampling parameters with the grammar that makes the reply tool calls (or text, for "auto"), or, for
+    a remote model in chat mode, with the tools to pass to its upstream."""
+    if tools is None or not tools.may_call:
+        return params
+    if engine.spec.backend == "ctransformers":
+        raise ApiError("Tool calling needs the llama_cpp backend; this model uses ctransformers.", param="tools",
+                       code="unsupported")
+    if params.grammar is not None:
+        raise ApiError("response_format cannot be combined with tools that may be called; send tool_choice "
+                       "\"none\" or leave response_format out.", param="response_format")
+    if engine.spec.backend == "openai_compatible" and engine.spec.remote_api == "chat":
+        tools_json = json.dumps({"tools": [tool.as_openai() for tool in tools.tools], "tool_choice": tools.openai_choice,
+                                 "parallel_tool_calls": tools.parallel})
+        return dataclasses.replace(params, tools_json=tools_json)
+    return dataclasses.replace(params, grammar=tool_call_grammar(tools))
 
 
 def sampling_params_for(*, data: dict, character: Character | None, engine) -> SamplingParams:
@@ -242,7 +275,8 @@ def chat_exchange_store(*, plan: ChatPlan, completion: Completion) -> Conversati
 def chat_completion_body(*, plan: ChatPlan, completion: Completion, conversation: Conversation | None) -> dict:
     return completion_body(completion_id=plan.completion_id, created=plan.created, model=plan.model_name,
                            completion=completion, scenarios=scenarios_used(plan),
-                           conversation_id=str(conversation.pk) if conversation else None, shorthand=plan.shorthand)
+                           conversation_id=str(conversation.pk) if conversation else None, shorthand=plan.shorthand,
+                           tools=plan.tools)
 
 
 def chat_completion_from_cache(*, data: dict, cache_allowed: bool, user) -> tuple[dict | None, str | None]:
@@ -256,19 +290,24 @@ def chat_completion_from_cache(*, data: dict, cache_allowed: bool, user) -> tupl
     body = completion_body(completion_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                            model=stored["model"], completion=Completion(**stored["completion"]),
                            scenarios=stored["scenarios"], conversation_id=None,
-                           shorthand=data.get("shorthand", False))
+                           shorthand=data.get("shorthand", False), tools=data.get("tool_request"))
     return body, key
 
 
 def completion_body(*, completion_id: str, created: int, model: str, completion: Completion, scenarios: list,
-                    conversation_id: str | None, shorthand: bool) -> dict:
+                    conversation_id: str | None, shorthand: bool, tools: ToolRequest | None = None) -> dict:
+    message, finish_reason = {"role": "assistant", "content": completion.text}, completion.finish_reason
+    if tools is not None and tools.may_call:
+        message["content"], calls = tool_reply(completion.text)
+        if calls:
+            message["tool_calls"] = calls
+        finish_reason = tool_finish_reason(finish_reason, bool(calls))
     body = {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                     "finish_reason": completion.finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
         "usage": usage_of(completion),
         "system_fingerprint": None,
         "scenarios": scenarios,

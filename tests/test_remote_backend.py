@@ -316,6 +316,35 @@ def test_plain_prompts_and_completions_mode_go_to_v1_completions(stack):
                                       "<|im_start|>assistant\n")
 
 
+def test_tools_pass_through_to_the_upstream_and_its_calls_come_back(stack):
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                                "parameters": parameters}}
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    before = len(stack.proxy.requests)
+    for stream in (False, True):
+        reply = stack.client().chat.completions.create(
+            model="remote", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[weather],
+            tool_choice=choice, max_tokens=40, temperature=0, stream=stream,
+            extra_headers={"Cache-Control": "no-cache"})
+        if stream:
+            deltas = [c.choices[0].delta.tool_calls[0] for c in reply if c.choices and c.choices[0].delta.tool_calls]
+            assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+            arguments = "".join(d.function.arguments or "" for d in deltas)
+        else:
+            assert reply.choices[0].finish_reason in ("tool_calls", "length")
+            (call,) = reply.choices[0].message.tool_calls
+            assert call.function.name == "get_weather"
+            arguments = call.function.arguments
+        assert isinstance(json.loads(arguments)["city"], str)
+    sent = stack.proxy.sent("/v1/chat/completions", before)
+    assert len(sent) == 2
+    for request in sent:  # the upstream got the tools themselves: no grammar, no tool text of ours
+        body = request.json
+        assert body["tools"][0]["function"]["name"] == "get_weather" and body["tool_choice"] == choice
+        assert "grammar" not in body and "<tool_call>" not in json.dumps(body["messages"])
+
+
 def test_an_upstream_that_is_down_answers_503_naming_it(stack):
     for stream in (False, True):
         response = httpx.post(stack.server.url + "/v1/chat/completions", headers=stack.headers(), timeout=30,

@@ -96,6 +96,7 @@ def prompt_compose(
     forced_scenarios: Iterable[Scenario] | None = None,
     extra_system: str = "",
     system_override: str = "",
+    tools: list[dict] | None = None,
 ) -> ComposedPrompt:
     """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
 
@@ -103,6 +104,7 @@ def prompt_compose(
     `forced_scenarios` replaces scenario matching (and its token budget) with the given scenarios.
     `system_override` replaces the default system prompt when there is no character (API clients'
     own system messages).
+    `tools` (OpenAI function tools) are handed to the chat template (engines whose template supports them).
     Raises ContextOverflow when even the minimum prompt leaves no room for `max_tokens`, and
     ValueError for malformed turns.
     """
@@ -110,7 +112,7 @@ def prompt_compose(
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
                          forced_scenarios=forced_scenarios, extra_system=extra_system,
                          system_override=system_override)
-    return _fit(engine=engine, parts=parts, max_tokens=max_tokens)
+    return _fit(engine=engine, parts=parts, max_tokens=max_tokens, tools=tools)
 
 
 def _checked_turns(turns: Sequence[dict]) -> list[dict]:
@@ -216,7 +218,7 @@ def _profile_text(character, fill) -> str:
     return "\n\n".join(section for section in sections if section)
 
 
-def _fit(*, engine, parts: _Parts, max_tokens: int) -> ComposedPrompt:
+def _fit(*, engine, parts: _Parts, max_tokens: int, tools: list[dict] | None = None) -> ComposedPrompt:
     context_length = engine.context_length
     room = context_length - max_tokens
     dropped = list(parts.dropped)
@@ -224,7 +226,7 @@ def _fit(*, engine, parts: _Parts, max_tokens: int) -> ComposedPrompt:
 
     def measure() -> tuple[list[dict], str, int]:
         messages = parts.messages(with_examples=with_examples, cut=cut, matches=matches)
-        text = engine.render_chat(messages, add_generation_prompt=True)
+        text = engine.render_chat(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
         return messages, text, len(engine.prompt_tokens(text))
 
     cuts = _cut_points(parts.history)
