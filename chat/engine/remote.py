@@ -451,9 +451,11 @@ class RemoteEngine:
                     request.response = None  # a late cancel() must not touch a connection back in the pool
                 response.close()
             return
-        plural = "servers do" if len(tried) > 1 else "server does"
-        self._fail(request, ModelUnavailable(self.spec.name, ", ".join(tried) or self._pool.label,
-                                             f"the upstream {plural} not answer ({reason})."))
+        # When the whole pool is down, name all of it: the ones skipped as down failed a moment ago.
+        whole_pool = not any(upstream.up for upstream in self._pool.upstreams)
+        names = self._pool.label if whole_pool or not tried else ", ".join(tried)
+        plural = "servers do" if names.count(",") else "server does"
+        self._fail(request, ModelUnavailable(self.spec.name, names, f"the upstream {plural} not answer ({reason})."))
 
     def _stream(self, request: _Request, upstream: Upstream, response: httpx.Response) -> None:
         with request.lock:
