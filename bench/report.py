@@ -63,6 +63,11 @@ def workload_tables(r: dict) -> str:
         rises = ours.get(8, 0) >= 1.1 * ours.get(4, 0)
         lines.append(f"| W1 curve: tok/s at 8 clients vs 4 (rises instead of flattening) | {_fmt(ours.get(8))} vs "
                      f"{_fmt(ours.get(4))} | | | 8 >= 1.1 x 4 | {mark(rises)} |")
+    weak = [f"{name} {w[name]['medians'][WEAK_PEER]['tokens_per_s']:.1f} tok/s (ours "
+            f"{w[name]['ratios_ours_over'][WEAK_PEER]['tokens_per_s']:.2f}x)"
+            for name in ("W1", "W3") if WEAK_PEER in w.get(name, {}).get("medians", {})]
+    if weak:
+        lines += ["", f"The weaker peer, {WEAK_PEER} (one request at a time): " + "; ".join(weak) + "."]
     lines += ["", "| Workload | server | tok/s | TTFT p50 / p95 s | latency p50 / p95 s | inter-token gap p50 / p95 / p99 / "
               "max ms | errors |", "|---|---|---:|---|---|---|---:|"]
     for name in ("W1", "W2", "W3", "W4"):
