@@ -222,6 +222,8 @@ def test_an_upstream_context_overflow_is_a_400_naming_the_problem(stack):
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["code"] == "context_length_exceeded"
+        # The sizes are llama-server's own (its n_prompt_tokens and its slot's n_ctx), not our configured 8,192.
+        assert f"the model's context holds {SLOT_CONTEXT} tokens" in error["message"]
         assert "Shorten the conversation" in error["message"]
         assert "Traceback" not in response.text
 

@@ -21,7 +21,7 @@ RETRY_DOWN_AFTER = 5.0  # seconds a failed upstream is skipped before a request 
 # llama-server ("exceeds the available context size", type exceed_context_size_error).
 _CONTEXT_ERROR = re.compile(r"context length|context window|context size|max_model_len|exceed_context_size",
                             re.IGNORECASE)
-_CONTEXT_NUMBER = re.compile(r"(?:maximum context length is|context window of|n_ctx[^0-9]*|"
+_CONTEXT_NUMBER = re.compile(r"(?:maximum context length is|context window of|context size \(|n_ctx[^0-9]*|"
                              r"max_model_len[^0-9]*)\s*(\d+)", re.IGNORECASE)
 
 
@@ -116,6 +116,20 @@ def upstream_error_message(body: bytes) -> str:
     return json.dumps(data)[:300]
 
 
+def _upstream_counts(body: bytes) -> tuple[int, int] | None:
+    """(prompt tokens, context size) from llama-server's error fields n_prompt_tokens and n_ctx, if present."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    counts = error.get("n_prompt_tokens"), error.get("n_ctx")
+    if all(isinstance(count, int) and not isinstance(count, bool) and count > 0 for count in counts):
+        return counts
+    return None
+
+
 def is_context_error(status: int, body: bytes) -> bool:
     if status not in (400, 413, 422):
         return False
@@ -127,6 +141,9 @@ def error_for_status(*, model: str, upstream: Upstream, status: int, body: bytes
                      context_length: int) -> EngineError:
     """The engine error for an upstream's non-200 answer that no other upstream would answer differently (4xx)."""
     if is_context_error(status, body):
+        counted = _upstream_counts(body)
+        if counted:  # llama-server says how many tokens it counted and how many its slot holds
+            return ContextOverflow(*counted)
         found = _CONTEXT_NUMBER.search(body.decode("utf-8", "replace"))
         return ContextOverflow(prompt_tokens, int(found.group(1)) if found else context_length)
     if status in (401, 403):
