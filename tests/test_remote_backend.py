@@ -410,6 +410,9 @@ def test_the_pool_skips_a_failed_upstream_until_it_answers_again():
     assert [u.root for u in pool.upstreams] == ["http://a:1", "http://b:2"]
     assert [u.label for u in pool.candidates()] == ["a:1", "b:2"]
     assert [u.label for u in pool.candidates()] == ["b:2", "a:1"]  # round-robin
+    assert [u.label for u in pool.candidates(rotate=False)] == ["a:1", "b:2"]  # token counting: no turn taken
+    assert [u.label for u in pool.candidates()] == ["a:1", "b:2"]
+    assert [u.label for u in pool.candidates()] == ["b:2", "a:1"]
     a = pool.upstreams[0]
     pool.failed(a)
     assert [[u.label for u in pool.candidates()] for _ in range(2)] == [["b:2"], ["b:2"]]  # skipped

@@ -144,7 +144,7 @@ class RemoteTokenizer:
 
     def _post(self, path: str, payload: dict) -> tuple[int, dict] | None:
         """(status, JSON object) from the first upstream that answers, or None when none does."""
-        for upstream in self._pool.candidates():
+        for upstream in self._pool.candidates(rotate=False):
             try:
                 response = self._client.post(upstream.root + path, json=payload, headers=self._headers)
             except httpx.TransportError as error:

@@ -68,12 +68,17 @@ class UpstreamPool:
     def label(self) -> str:
         return ", ".join(upstream.label for upstream in self.upstreams)
 
-    def candidates(self) -> list[Upstream]:
-        """The upstreams to try for one request, in order: answering ones (rotated), then those due a retry."""
+    def candidates(self, *, rotate: bool = True) -> list[Upstream]:
+        """The upstreams to try for one request, in order: answering ones (rotated), then those due a retry.
+
+        rotate=False (token counting) keeps the rotation where it is: otherwise a request's own
+        tokenize call would take every other turn, and generations would all land on one upstream.
+        """
         now = time.monotonic()
         with self._lock:
             start = self._next
-            self._next = (self._next + 1) % len(self.upstreams)
+            if rotate:
+                self._next = (self._next + 1) % len(self.upstreams)
             rotated = self.upstreams[start:] + self.upstreams[:start]
             up = [upstream for upstream in rotated if upstream.up]
             due = [upstream for upstream in rotated if not upstream.up and upstream.down_until <= now]
