@@ -119,7 +119,7 @@ def main() -> None:
             save(results, path)
         for name, workload, candidates in (("W2", w2, targets), ("W3", w3, targets + weak), ("W4", w4, targets)):
             if name in only:
-                print(f"{name}: {workload.__doc__.splitlines()[0]}", flush=True)
+                print(workload.__doc__.splitlines()[0], flush=True)
                 workloads[name] = run_paired(workload, candidates, reps, label=name, sizes=sizes)
                 save(results, path)
         if "extras" in only:
