@@ -40,7 +40,7 @@ work=$dest/work
 rm -rf "$work"
 mkdir -p "$work"
 echo "Building llama-server from llama-cpp-python $version's llama.cpp sources." >&2
-echo "The first build takes 10-15 minutes on 2 cores; later calls reuse $binary." >&2
+echo "The first build takes 10-15 minutes on 2 cores (longer on a busy machine); later calls reuse $binary." >&2
 
 echo "[1/4] downloading the llama-cpp-python $version source distribution" >&2
 "$python" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "llama-cpp-python==$version" >&2
