@@ -14,7 +14,8 @@ if [ -z "$version" ]; then
   echo "build_llama_server: no 'llama-cpp-python==<version>' pin in requirements.txt" >&2
   exit 1
 fi
-python=${PYTHON:-python3}
+# Any Python with pip can fetch the sdist; the project's venv has one even where the system's does not.
+python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/llmsite
 dest=$cache_root/llama-server-$version
 binary=$dest/llama-server
