@@ -56,10 +56,13 @@ demo: migrate
 	$(PY) manage.py import_resources
 	$(PY) manage.py ensure_admin
 
-# Benchmarks (bounded, loopback only): the engine alone, then through the API against the peer.
+# Benchmarks (bounded, loopback only): the engine alone, then W1-W4 through the API side by side with
+# llama.cpp's llama-server (built once, cached) and llama-cpp-python's server.
+# BENCH_ARGS is passed to bench.api_bench, e.g. BENCH_ARGS="--quick" or BENCH_ARGS="--only W4".
 bench: dev-deps model
 	$(PY) -m bench.engine_bench
-	$(PY) -m bench.api_bench
+	bash scripts/build_llama_server.sh >/dev/null
+	$(PY) -m bench.api_bench $(BENCH_ARGS)
 	$(PY) -m bench.report
 
 # The long part of the reliability suite: a mixed-traffic soak (needs Redis on 127.0.0.1:6379).

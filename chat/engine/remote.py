@@ -145,7 +145,7 @@ class RemoteTokenizer:
 
     def _post(self, path: str, payload: dict) -> tuple[int, dict] | None:
         """(status, JSON object) from the first upstream that answers, or None when none does."""
-        for upstream in self._pool.candidates():
+        for upstream in self._pool.candidates(rotate=False):
             try:
                 response = self._client.post(upstream.root + path, json=payload, headers=self._headers)
             except httpx.TransportError as error:
@@ -457,9 +457,11 @@ class RemoteEngine:
                     request.response = None  # a late cancel() must not touch a connection back in the pool
                 response.close()
             return
-        plural = "servers do" if len(tried) > 1 else "server does"
-        self._fail(request, ModelUnavailable(self.spec.name, ", ".join(tried) or self._pool.label,
-                                             f"the upstream {plural} not answer ({reason})."))
+        # When the whole pool is down, name all of it: the ones skipped as down failed a moment ago.
+        whole_pool = not any(upstream.up for upstream in self._pool.upstreams)
+        names = self._pool.label if whole_pool or not tried else ", ".join(tried)
+        plural = "servers do" if names.count(",") else "server does"
+        self._fail(request, ModelUnavailable(self.spec.name, names, f"the upstream {plural} not answer ({reason})."))
 
     def _stream(self, request: _Request, upstream: Upstream, response: httpx.Response) -> None:
         with request.lock:
