@@ -1,10 +1,13 @@
 """WebSocket chat: ws/chat/<character>/ streams a reply's tokens as JSON events.
 
-Client sends {"type": "message", "content": "...", optional "conversation", "max_tokens",
-"temperature", "top_p", "seed", "stop"}; the server answers {"type": "start"}, {"type": "token",
-"text"}..., {"type": "end", finish_reason, usage, scenarios, conversation} or {"type": "error",
-"status", "error"}. Each message spends the sender's rate limit like an HTTP request (429 error
-event with retry_after). Closing the socket cancels the generation. Auth: chat/ws_auth.py.
+Client sends {"type": "message", "content": "...", optional "conversation" (null: a new one),
+"greeting" (which greeting a new one opens with), "max_tokens", "temperature", "top_p", "seed",
+"stop"}; the server answers {"type": "start"}, {"type": "token", "text"}..., {"type": "end",
+finish_reason, usage, scenarios, conversation} or {"type": "error", "status", "error"}.
+{"type": "new_conversation"} makes the next message start a new conversation (answered
+{"type": "new_conversation"}). Each message spends the sender's rate limit like an HTTP request
+(429 error event with retry_after). Closing the socket cancels the generation. Auth:
+chat/ws_auth.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from rest_framework.exceptions import Throttled, ValidationError
 
 from .errors import error_from_exception
+from .selectors import user_display_name
 from .serializers import ChatCompletionRequestSerializer
 from .services import chat_request_prepare
 from .streaming import end_fields, generation_for, reply_stream
@@ -26,6 +30,7 @@ from .ws_auth import CLOSE_UNAUTHENTICATED
 logger = logging.getLogger("llmsite.ws")
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+NEW_CONVERSATION = "new_conversation"
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -45,6 +50,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             task.cancel()  # reply_stream's cleanup cancels the generation
 
     async def receive_json(self, content, **kwargs):
+        if isinstance(content, dict) and content.get("type") == NEW_CONVERSATION:
+            if self.reply_task is not None and not self.reply_task.done():
+                self.reply_task.cancel()  # the unfinished reply belongs to the old conversation
+            self.conversation_id = None
+            await self.send_json({"type": NEW_CONVERSATION})
+            return
         if not isinstance(content, dict) or content.get("type") != "message":
             await self.send_error(ValidationError({"type": "send {\"type\": \"message\", \"content\": \"...\"}."}))
             return
@@ -67,8 +78,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             payload = {"messages": [{"role": "user", "content": content.get("content")}],
                        "character": self.character_slug,
-                       "conversation": content.get("conversation") or self.conversation_id,
+                       # An explicit null starts a new conversation; leaving the key out continues this socket's.
+                       "conversation": content["conversation"] if "conversation" in content else self.conversation_id,
                        **{key: content[key] for key in SAMPLING_KEYS if key in content}}
+            if "greeting" in content:
+                payload["greeting"] = content["greeting"]
             plan = await sync_to_async(self.prepare)(payload)
             generation = await sync_to_async(generation_for)(plan)
             await self.send_json({"type": "start", "conversation": self.conversation_id,
@@ -89,7 +103,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     def prepare(self, payload: dict):
         serializer = ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
-        return chat_request_prepare(user=self.scope["user"], data=serializer.validated_data, greet=True)
+        user = self.scope["user"]
+        return chat_request_prepare(user=user, data=serializer.validated_data, greet=True,
+                                    user_name=user_display_name(user))
 
     def rate_identity(self) -> str:
         client = self.scope.get("client") or ("-", 0)

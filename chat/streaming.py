@@ -20,6 +20,7 @@ from .errors import error_from_exception
 from .inference import get_engine
 from .response_cache import MISS, ReplayedGeneration, cached_completion, remember_completion
 from .services import ChatPlan, GenerationTiming, chat_exchange_store, sampling_params_for, scenarios_used, usage_of
+from .tool_calls import ToolCallReader, tool_finish_reason
 
 logger = logging.getLogger("llmsite.api")
 
@@ -100,16 +101,23 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
                 "model": plan.model_name, "system_fingerprint": None,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
 
+    # A reply that may call tools is read as it streams: tool_calls deltas instead of its raw text.
+    tool_reader = ToolCallReader() if plan.tools is not None and plan.tools.may_call else None
     yield sse(chunk({"role": "assistant", "content": ""}))
     try:
         async for kind, value in reply_stream(plan, generation):
             if kind == "keepalive":
                 yield b": keep-alive\n\n"
             elif kind == "delta":
-                yield sse(chunk({"content": value}))
+                for delta in tool_reader.feed(value) if tool_reader else [{"content": value}]:
+                    yield sse(chunk(delta))
             else:
                 completion, conversation = value
                 end = end_fields(plan, completion, conversation)
+                if tool_reader:
+                    for delta in tool_reader.finish():
+                        yield sse(chunk(delta))
+                    end["finish_reason"] = tool_finish_reason(end["finish_reason"], bool(tool_reader.calls))
                 yield sse(chunk({}, end["finish_reason"], scenarios=end["scenarios"],
                                 conversation=end["conversation"]))
                 if include_usage:

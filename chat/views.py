@@ -50,7 +50,7 @@ class ChatCompletionsView(APIView):
         # Background only when asked for (never inferred from max_tokens): the client then expects a job.
         background = data.get("background", False)
         cached_body, request_key = (None, None) if data.get("stream") or background else chat_completion_from_cache(
-            data=data, cache_allowed=cache_allowed)
+            data=data, cache_allowed=cache_allowed, user=request.user)
         if cached_body is not None:
             return Response(cached_body, headers={"X-Cache": HIT})
         plan = chat_request_prepare(user=request.user, data=data)

@@ -15,11 +15,14 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.ws_auth import ApiKeyAuthMiddleware  # noqa: E402
+from llmsite.log_context import WebSocketRequestIdMiddleware  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
 
 application = ProtocolTypeRouter({
     "http": http_app,
-    # A Bearer API key, or the session's user with the Origin checked against ALLOWED_HOSTS (chat/ws_auth.py).
-    "websocket": AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns))),
+    # A Bearer API key, or the session's user with the Origin checked against ALLOWED_HOSTS
+    # (chat/ws_auth.py). Every log line of a connection carries its request id.
+    "websocket": WebSocketRequestIdMiddleware(
+        AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
 })
