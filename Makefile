@@ -13,10 +13,14 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: run test setup deps dev-deps model migrate demo bench soak clean
 
+# settings.py defaults are production's (DEBUG off, a SECRET_KEY required): the local server opts
+# into DEBUG unless the caller says otherwise (`make run DEBUG=0 SECRET_KEY=...`).
+run setup migrate demo: export DEBUG ?= 1
 run: setup
 	@echo "Serving on http://$(HOST):$(PORT)/  (admin: http://$(HOST):$(PORT)/admin/)"
 	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) llmsite.asgi:application
 
+# The tests opt into DEBUG themselves (tests/settings.py, tests/live.py) and run production in children.
 test: dev-deps model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -52,10 +56,13 @@ demo: migrate
 	$(PY) manage.py import_resources
 	$(PY) manage.py ensure_admin
 
-# Benchmarks (bounded, loopback only): the engine alone, then through the API against the peer.
+# Benchmarks (bounded, loopback only): the engine alone, then W1-W4 through the API side by side with
+# llama.cpp's llama-server (built once, cached) and llama-cpp-python's server.
+# BENCH_ARGS is passed to bench.api_bench, e.g. BENCH_ARGS="--quick" or BENCH_ARGS="--only W4".
 bench: dev-deps model
 	$(PY) -m bench.engine_bench
-	$(PY) -m bench.api_bench
+	bash scripts/build_llama_server.sh >/dev/null
+	$(PY) -m bench.api_bench $(BENCH_ARGS)
 	$(PY) -m bench.report
 
 # The long part of the reliability suite: a mixed-traffic soak (needs Redis on 127.0.0.1:6379).

@@ -5,6 +5,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
+from django.db.models import Count
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -13,6 +14,7 @@ from django.urls import path, reverse
 from scenarios.models import Scenario
 
 from .cards import CardError
+from .forms import CharacterAdminForm
 from .models import Character, SystemPrompt
 from .services_cards import EXPORT_FORMATS, card_max_bytes, character_card_export, character_card_import
 
@@ -22,15 +24,23 @@ PREVIEW_MAX_CHARS = 2000
 
 @admin.register(SystemPrompt)
 class SystemPromptAdmin(admin.ModelAdmin):
-    list_display = ["name", "is_default", "updated_at"]
+    list_display = ["name", "is_default", "character_count", "updated_at"]
     list_filter = ["is_default"]
     search_fields = ["name", "content"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(character_total=Count("characters"))
+
+    @admin.display(description="characters", ordering="character_total")
+    def character_count(self, obj):
+        return obj.character_total
 
 
 class ScenarioInline(admin.StackedInline):
     model = Scenario
     extra = 0
-    fields = ["title", "keywords", "secondary_keywords", "always_on", "priority", "enabled", "content"]
+    fields = ["title", "keywords", "secondary_keywords", "always_on", "priority", "enabled", "scan_depth", "position",
+              "content"]
     show_change_link = True
 
 
@@ -61,6 +71,7 @@ def _download(card) -> HttpResponse:
 
 @admin.register(Character)
 class CharacterAdmin(admin.ModelAdmin):
+    form = CharacterAdminForm
     actions = ["export_cards_json", "export_cards_png"]
     list_display = ["name", "slug", "tags", "is_active", "updated_at"]
     list_filter = ["is_active", "created_at"]
@@ -71,7 +82,9 @@ class CharacterAdmin(admin.ModelAdmin):
         (None, {"fields": ["name", "slug", "is_active", "avatar", "tags"]}),
         ("Profile", {"fields": ["description", "personality", "setting", "greeting", "alternate_greetings",
                                 "example_dialogue"]}),
-        ("Instructions", {"fields": ["system_prompt", "post_history_instructions"]}),
+        ("Instructions", {"fields": ["named_system_prompt", "system_prompt", "post_history_instructions"]}),
+        ("Lorebook", {"fields": ["scan_depth"],
+                      "description": "How the character's scenarios (its lorebook) are looked for."}),
         ("Sampling defaults", {"fields": ["temperature", "top_p", "repetition_penalty", "max_tokens"],
                                "description": "Empty fields use the defaults from config.yaml."}),
         ("Card metadata", {"classes": ["collapse"],
@@ -103,6 +116,8 @@ class CharacterAdmin(admin.ModelAdmin):
                 form.add_error("card", f"{exc} Nothing was imported.")
             else:
                 self.message_user(request, result.summary(), messages.SUCCESS)
+                for warning in result.warnings:
+                    self.message_user(request, warning, messages.WARNING)
                 return redirect(reverse("admin:characters_character_change", args=[result.character.pk]))
         context = {
             **self.admin_site.each_context(request),

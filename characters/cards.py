@@ -42,6 +42,17 @@ TEXT_FIELDS = {
 KNOWN_DATA_FIELDS = {*TEXT_FIELDS, "alternate_greetings", "tags", "extensions", "character_book"}
 BOOK_ENTRY_FIELDS_MAPPED = ("content", "extensions")  # kept in Scenario.content / Scenario.extensions
 
+# Limits that cut lists rather than refuse the card (docs/PROMPTS.md): a longer tag or key is left
+# out, and so is any that would overflow its field (Character.tags, Scenario.keywords).
+TAG_MAX_CHARS = 50
+TAGS_MAX_CHARS = 500
+KEY_MAX_CHARS = 100
+KEYS_MAX_CHARS = 1000
+SCAN_DEPTH_MAX = 1000
+POSITIONS = ("before_char", "after_char")
+# SillyTavern writes the position as a number in the entry's extensions; 0 and 1 are V2's two.
+NUMBERED_POSITIONS = {0: "before_char", 1: "after_char"}
+
 
 class CardError(ValueError):
     """The file is not an importable character card; the message says why, for an editor."""
@@ -223,11 +234,47 @@ def split_list(text: str) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
+def fit_list(items: list[str], *, item_max: int, total_max: int) -> tuple[list[str], list[str]]:
+    """(kept, left out): the items, in order, that are at most `item_max` characters and whose
+    comma-joined text stays within `total_max` characters."""
+    kept, left_out = [], []
+    for item in (item.strip() for item in items):
+        if not item:
+            continue
+        if len(item) <= item_max and len(join_list([*kept, item])) <= total_max:
+            kept.append(item)
+        else:
+            left_out.append(item)
+    return kept, left_out
+
+
+def scan_depth_value(value) -> int | None:
+    """A usable scan depth (a whole number 1..SCAN_DEPTH_MAX), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        return None
+    return int(value) if 1 <= value <= SCAN_DEPTH_MAX else None
+
+
+def entry_scan_depth(entry: dict, extensions: dict):
+    """The entry's own scan depth as written (top level, else SillyTavern's extensions), or None."""
+    return entry["scan_depth"] if entry.get("scan_depth") is not None else extensions.get("scan_depth")
+
+
+def entry_position(entry: dict, extensions: dict) -> str:
+    position = entry.get("position")
+    if position in POSITIONS:
+        return position
+    numbered = extensions.get("position")
+    return NUMBERED_POSITIONS.get(numbered, "after_char") if not isinstance(numbered, bool) else "after_char"
+
+
 def character_fields_from_card(data: dict) -> dict:
     """Character field values for checked card `data` (no slug, no avatar)."""
     values = {field_name: data[card_name] for card_name, field_name in TEXT_FIELDS.items()}
     values["alternate_greetings"] = list(data["alternate_greetings"])
-    values["tags"] = join_list(data["tags"])
+    values["tags"] = join_list(fit_list(data["tags"], item_max=TAG_MAX_CHARS, total_max=TAGS_MAX_CHARS)[0])
+    book = data.get("character_book") or {}
+    values["scan_depth"] = scan_depth_value(book.get("scan_depth"))
     reserved = {}
     unknown = {key: value for key, value in data.items() if key not in KNOWN_DATA_FIELDS}
     if unknown:
@@ -250,6 +297,8 @@ def scenario_fields_from_entry(entry: dict, *, index: int) -> dict:
     extensions.pop(RESERVED, None)
     keys, secondary_keys = entry.get("keys") or [], entry.get("secondary_keys") or []
     title = entry.get("name") or entry.get("comment") or (keys[0] if keys else "")
+    keys = fit_list(keys, item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
+    secondary_keys = fit_list(secondary_keys, item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
     whole_words = extensions.get("match_whole_words")
     priority = entry.get("priority") if entry.get("priority") is not None else entry.get("insertion_order")
     values = {
@@ -262,6 +311,8 @@ def scenario_fields_from_entry(entry: dict, *, index: int) -> dict:
         "enabled": entry.get("enabled") is not False,
         "case_sensitive": bool(entry.get("case_sensitive")),
         "whole_words": whole_words if isinstance(whole_words, bool) else True,
+        "scan_depth": scan_depth_value(entry_scan_depth(entry, extensions)),
+        "position": entry_position(entry, extensions),
     }
     original = {key: value for key, value in entry.items() if key not in BOOK_ENTRY_FIELDS_MAPPED}
     values["extensions"] = {**extensions, RESERVED: {"entry": original, "index": index}}
@@ -284,8 +335,13 @@ def card_data_from_character(character, scenarios) -> dict:
         else split_list(character.tags)
     data["extensions"] = extensions
     scenarios = list(scenarios)
-    if scenarios or "character_book" in reserved:
+    if scenarios or "character_book" in reserved or character.scan_depth is not None:
         book = dict(reserved.get("character_book") or {"extensions": {}})
+        if scan_depth_value(book.get("scan_depth")) != character.scan_depth:  # edited since import
+            if character.scan_depth is None:
+                book.pop("scan_depth", None)
+            else:
+                book["scan_depth"] = character.scan_depth
         book["entries"] = [entry_from_scenario(scenario) for scenario in scenarios]
         data["character_book"] = book
     return data
@@ -300,15 +356,20 @@ def entry_from_scenario(scenario) -> dict:
         "title": scenario.title, "keywords": scenario.keywords, "secondary_keywords": scenario.secondary_keywords,
         "always_on": scenario.always_on, "priority": scenario.priority, "enabled": scenario.enabled,
         "case_sensitive": scenario.case_sensitive, "whole_words": scenario.whole_words,
+        "scan_depth": scenario.scan_depth, "position": scenario.position,
     }
     if original is None:
-        return {
+        entry = {
             "keys": split_list(scenario.keywords), "content": scenario.content, "extensions": extensions,
             "enabled": scenario.enabled, "insertion_order": scenario.priority, "case_sensitive": scenario.case_sensitive,
             "name": scenario.title, "comment": scenario.title, "priority": scenario.priority,
             "selective": bool(split_list(scenario.secondary_keywords)),
             "secondary_keys": split_list(scenario.secondary_keywords), "constant": scenario.always_on,
+            "position": scenario.position,
         }
+        if scenario.scan_depth is not None:
+            entry["scan_depth"] = scenario.scan_depth
+        return entry
     entry = dict(original)
     # What import made of the original entry; a field that differs now was edited since.
     imported = scenario_fields_from_entry({**original, "extensions": extensions}, index=reserved.get("index", 0))
@@ -328,6 +389,16 @@ def entry_from_scenario(scenario) -> dict:
             entry["priority" if entry.get("priority") is not None else "insertion_order"] = value
         elif name == "whole_words":
             extensions["match_whole_words"] = value
+        elif name == "scan_depth":
+            where = extensions if "scan_depth" in extensions and "scan_depth" not in entry else entry
+            if value is None:
+                where.pop("scan_depth", None)
+            else:
+                where["scan_depth"] = value
+        elif name == "position":
+            entry["position"] = value
+            if extensions.get("position") in NUMBERED_POSITIONS and not isinstance(extensions["position"], bool):
+                extensions["position"] = 0 if value == "before_char" else 1
         else:  # enabled, case_sensitive
             entry[name] = value
     entry["content"] = scenario.content

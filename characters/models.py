@@ -48,7 +48,9 @@ class Character(models.Model):
         help_text="Identifies the character in the API and URLs, e.g. 'captain-mira'. Letters, digits, - and _.",
     )
     description = models.TextField(
-        help_text="The profile: who the character is, looks, background. Always part of the prompt."
+        blank=True,
+        help_text="The profile: who the character is, looks, background. Always part of the prompt (may be "
+                  "empty when the personality and setting say it all).",
     )
     personality = models.TextField(blank=True, help_text="A short summary of temperament and voice.")
     setting = models.TextField(
@@ -56,13 +58,23 @@ class Character(models.Model):
     )
     greeting = models.TextField(blank=True, help_text="The character's first message in a new conversation.")
     alternate_greetings = models.JSONField(
-        default=list, blank=True, help_text="Other first messages, as a JSON list of strings."
+        default=list, blank=True,
+        help_text="Other first messages: the chat page lets users cycle through them; API clients pick one "
+                  "with the request's 'greeting' (1 = the first alternate).",
     )
     example_dialogue = models.TextField(
         blank=True, help_text="Sample exchanges showing the voice; dropped first when the context is full."
     )
+    named_system_prompt = models.ForeignKey(
+        SystemPrompt, null=True, blank=True, on_delete=models.PROTECT, related_name="characters",
+        verbose_name="named system prompt",
+        help_text="The system prompt this character uses; empty uses the default one. A system prompt "
+                  "in use cannot be deleted.",
+    )
     system_prompt = models.TextField(
-        blank=True, help_text="Replaces the default system prompt for this character when set."
+        blank=True, verbose_name="own system prompt",
+        help_text="Replaces the named (or default) system prompt for this character when set; {{original}} "
+                  "in it stands for that prompt.",
     )
     post_history_instructions = models.TextField(
         blank=True, help_text="Placed after the conversation, just before the reply (e.g. style reminders)."
@@ -71,6 +83,12 @@ class Character(models.Model):
     creator = models.CharField(max_length=200, blank=True)
     character_version = models.CharField(max_length=50, blank=True)
     creator_notes = models.TextField(blank=True, help_text="Notes for editors and users; never sent to the model.")
+    scan_depth = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        verbose_name="lorebook scan depth",
+        help_text="How many recent messages are searched for this character's scenario keywords; empty uses "
+                  "SCENARIO_SCAN_DEPTH. A scenario's own scan depth wins.",
+    )
     avatar = models.ImageField(upload_to="avatars/", blank=True, help_text="Shown in the chat page.")
 
     temperature = models.FloatField(
@@ -113,13 +131,24 @@ class Character(models.Model):
             errors["slug"] = "A slug is required: it names the character in the API (e.g. 'captain-mira')."
         if not self.name or not self.name.strip():
             errors["name"] = "A character needs a name."
-        if not self.description or not self.description.strip():
-            errors["description"] = "A character needs a description: it is the heart of the prompt."
         if not isinstance(self.alternate_greetings, list) or not all(
             isinstance(item, str) for item in self.alternate_greetings
         ):
-            errors["alternate_greetings"] = 'Alternate greetings must be a JSON list of strings, e.g. ["Hi!"].'
+            errors["alternate_greetings"] = "Alternate greetings must be a list of texts."
         if not isinstance(self.extensions, dict):
             errors["extensions"] = "Extensions must be a JSON object, e.g. {}."
         if errors:
             raise ValidationError(errors)
+
+
+class ContentRevision(models.Model):
+    """One row counting edits of prompt content (characters, scenarios, system prompts).
+
+    Every process sees it (it lives in the database, not in a per-process cache), so a reply cached
+    under an older number is never served again, whichever process made the edit.
+    """
+
+    number = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "content revision"

@@ -10,7 +10,7 @@ from .models import Character
 from .resource_format import Block, BlockError, ImportReport, parse_blocks
 
 PROFILE_FIELDS = {"slug", "tags", "creator", "version", "active", "temperature", "top_p",
-                  "repetition_penalty", "max_tokens"}
+                  "repetition_penalty", "max_tokens", "scan_depth"}
 PROFILE_SECTIONS = {"description", "personality", "setting", "greeting", "example_dialogue",
                     "system_prompt", "post_history_instructions", "creator_notes"}
 
@@ -33,6 +33,9 @@ def _profile_values(block: Block) -> dict:
     slug = block.field_value("slug") or slugify(block.title)
     if not slug:
         raise BlockError(block.line, "cannot derive a slug from the title; add 'slug: ...'")
+    if not block.section("description").strip():
+        # Cards may come without one (characters/cards.py); a profile written for this file should not.
+        raise BlockError(block.line, "a profile needs a '--- description' section")
     values = {
         "name": block.title,
         "slug": slug,
@@ -44,6 +47,7 @@ def _profile_values(block: Block) -> dict:
         "top_p": block.number("top_p", float),
         "repetition_penalty": block.number("repetition_penalty", float),
         "max_tokens": block.number("max_tokens", int),
+        "scan_depth": block.number("scan_depth", int),
     }
     for name in PROFILE_SECTIONS:
         values[name] = block.section(name)

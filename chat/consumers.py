@@ -1,9 +1,13 @@
 """WebSocket chat: ws/chat/<character>/ streams a reply's tokens as JSON events.
 
-Client sends {"type": "message", "content": "...", optional "conversation", "max_tokens",
-"temperature", "seed"}; the server answers {"type": "start"}, {"type": "token", "text"}...,
-{"type": "end", finish_reason, usage, scenarios, conversation} or {"type": "error", "error"}.
-Closing the socket cancels the generation.
+Client sends {"type": "message", "content": "...", optional "conversation" (null: a new one),
+"greeting" (which greeting a new one opens with), "max_tokens", "temperature", "top_p", "seed",
+"stop"}; the server answers {"type": "start"}, {"type": "token", "text"}..., {"type": "end",
+finish_reason, usage, scenarios, conversation} or {"type": "error", "status", "error"}.
+{"type": "new_conversation"} makes the next message start a new conversation (answered
+{"type": "new_conversation"}). Each message spends the sender's rate limit like an HTTP request
+(429 error event with retry_after). Closing the socket cancels the generation. Auth:
+chat/ws_auth.py.
 """
 
 from __future__ import annotations
@@ -13,17 +17,20 @@ import logging
 
 from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import Throttled, ValidationError
 
 from .errors import error_from_exception
+from .selectors import user_display_name
 from .serializers import ChatCompletionRequestSerializer
 from .services import chat_request_prepare
 from .streaming import end_fields, generation_for, reply_stream
+from .throttling import identity_of, rate_limit_wait
+from .ws_auth import CLOSE_UNAUTHENTICATED
 
 logger = logging.getLogger("llmsite.ws")
 
-CLOSE_UNAUTHENTICATED = 4401
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+NEW_CONVERSATION = "new_conversation"
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -43,11 +50,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             task.cancel()  # reply_stream's cleanup cancels the generation
 
     async def receive_json(self, content, **kwargs):
+        if isinstance(content, dict) and content.get("type") == NEW_CONVERSATION:
+            if self.reply_task is not None and not self.reply_task.done():
+                self.reply_task.cancel()  # the unfinished reply belongs to the old conversation
+            self.conversation_id = None
+            await self.send_json({"type": NEW_CONVERSATION})
+            return
         if not isinstance(content, dict) or content.get("type") != "message":
             await self.send_error(ValidationError({"type": "send {\"type\": \"message\", \"content\": \"...\"}."}))
             return
         if self.reply_task is not None and not self.reply_task.done():
             await self.send_error(ValidationError({"content": "wait for the current reply to finish."}))
+            return
+        wait = await sync_to_async(rate_limit_wait)(self.rate_identity())
+        if wait is not None:
+            await self.send_error(Throttled(wait=wait), retry_after=int(wait) + 1)
             return
         self.reply_task = asyncio.create_task(self.reply(content))
 
@@ -61,8 +78,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             payload = {"messages": [{"role": "user", "content": content.get("content")}],
                        "character": self.character_slug,
-                       "conversation": content.get("conversation") or self.conversation_id,
+                       # An explicit null starts a new conversation; leaving the key out continues this socket's.
+                       "conversation": content["conversation"] if "conversation" in content else self.conversation_id,
                        **{key: content[key] for key in SAMPLING_KEYS if key in content}}
+            if "greeting" in content:
+                payload["greeting"] = content["greeting"]
             plan = await sync_to_async(self.prepare)(payload)
             generation = await sync_to_async(generation_for)(plan)
             await self.send_json({"type": "start", "conversation": self.conversation_id,
@@ -83,8 +103,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     def prepare(self, payload: dict):
         serializer = ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
-        return chat_request_prepare(user=self.scope["user"], data=serializer.validated_data, greet=True)
+        user = self.scope["user"]
+        return chat_request_prepare(user=user, data=serializer.validated_data, greet=True,
+                                    user_name=user_display_name(user))
 
-    async def send_error(self, exc: Exception):
+    def rate_identity(self) -> str:
+        client = self.scope.get("client") or ("-", 0)
+        return identity_of(api_key=self.scope.get("api_key"), user=self.scope.get("user"), address=client[0])
+
+    async def send_error(self, exc: Exception, **extra):
         status, body, _ = error_from_exception(exc)
-        await self.send_json({"type": "error", "status": status, **body})
+        await self.send_json({"type": "error", "status": status, **body, **extra})

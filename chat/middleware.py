@@ -1,12 +1,12 @@
 """Request id and size cap on the way in; a structured log line and metrics on the way out."""
 
-import json
 import logging
 import time
-import uuid
 
-from django.conf import settings
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+
+from llmsite.log_context import bind_request_id, request_id_from
 
 from .errors import PayloadTooLarge, json_error_response
 from .metrics import http_requests
@@ -31,8 +31,8 @@ class RequestIdMiddleware(HybridMiddleware):
     """Gives each request an id (or keeps a sane X-Request-ID from a proxy) and returns it in a header."""
 
     def _prepare(self, request):
-        incoming = request.headers.get("X-Request-ID", "")
-        request.request_id = incoming if incoming.isalnum() and len(incoming) <= 64 else uuid.uuid4().hex
+        request.request_id = request_id_from(request.headers.get("X-Request-ID"))
+        bind_request_id(request.request_id)  # every log line of this request names it
         length = request.META.get("CONTENT_LENGTH") or "0"
         if request.path.startswith("/v1/") and length.isdigit() and int(length) > settings.API_MAX_REQUEST_BYTES:
             return json_error_response(PayloadTooLarge(
@@ -55,7 +55,7 @@ class RequestIdMiddleware(HybridMiddleware):
 
 
 class RequestLogMiddleware(HybridMiddleware):
-    """One structured log line and one metrics count per request (after the stream ends, for streams).
+    """One JSON log line and one metrics count per request (after the stream ends, for streams).
 
     Fields: request id, key id (never the key), user id, character, model, token counts, time to
     first token, total time, cache result, status. Prompt and reply only when LOG_PROMPTS is on.
@@ -101,14 +101,16 @@ class RequestLogMiddleware(HybridMiddleware):
             return
         auth = getattr(request, "auth", None)
         user = getattr(request, "user", None)
-        fields = {"request_id": getattr(request, "request_id", None), "method": request.method, "path": request.path,
+        # request_id comes with every record (llmsite/log_context.py).
+        fields = {"method": request.method, "path": request.path,
                   "status": response.status_code, "key_id": getattr(auth, "pk", None) if isinstance(auth, ApiKey) else None,
                   "user_id": user.pk if user is not None and user.is_authenticated else None,
                   "total_ms": round((time.perf_counter() - started) * 1000, 1)}
         plan = getattr(request, "chat_plan", None)
         if plan is not None:
             fields.update(plan_log_fields(plan))
-        request_logger.info(json.dumps(fields, default=str))
+        # The fields become keys of the JSON log line (python-json-logger puts `extra` at the top level).
+        request_logger.info("%s %s %s", request.method, request.path, response.status_code, extra=fields)
 
 
 def plan_log_fields(plan) -> dict:

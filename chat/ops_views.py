@@ -28,6 +28,12 @@ def metrics(request):
         return JsonResponse({"error": {"message": "Metrics are disabled.", "type": "invalid_request_error",
                                        "param": None, "code": "not_found"}}, status=404)
     token = settings.METRICS_TOKEN
+    if not token and not settings.METRICS_OPEN_WITHOUT_TOKEN:
+        # Production (DEBUG off) never serves the figures to anyone who asks.
+        return JsonResponse({"error": {"message": "Metrics need a token: set METRICS_TOKEN on the server and send it "
+                                                  "as 'Authorization: Bearer <token>'.",
+                                       "type": "authentication_error", "param": None, "code": "metrics_token_not_set"}},
+                            status=401)
     if token:
         sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(sent.encode(), token.encode()):

@@ -5,15 +5,18 @@ from django.shortcuts import render
 
 from characters.models import Character
 
-from .prompting import prompt_greeting
+from .prompting import prompt_greetings
+from .selectors import user_display_name
 
 
 @login_required
 def chat_page(request):
-    user_name = request.user.get_short_name() or request.user.get_username()
+    user_name = user_display_name(request.user) or "User"
     characters = [
         {"slug": c.slug, "name": c.name, "avatar": c.avatar.url if c.avatar else "",
-         "greeting": prompt_greeting(character=c, user_name="User") if c.greeting.strip() else "",
+         # [index, text] of each non-empty greeting; the index goes back with the first message.
+         "greetings": [[index, text] for index, text in enumerate(prompt_greetings(character=c, user_name=user_name))
+                       if text],
          "description": c.personality or c.description[:160]}
         for c in Character.objects.filter(is_active=True)
     ]

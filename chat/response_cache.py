@@ -1,8 +1,10 @@
 """Cache of deterministic replies (temperature 0, or an explicit seed) on the shared cache (Redis).
 
-The key hashes the model, the rendered prompt, every sampling parameter and the edit stamps of
-the content that composed the prompt, so an admin edit is never answered from a stale entry. A
-cache outage reads as a miss (django-redis ignores its errors).
+The key hashes the model, the rendered prompt, every sampling parameter, the edit stamps of the
+content that composed the prompt and the loaded config.yaml, so an edit is never answered from a
+stale entry. Entries are scoped to the caller (the user the session or API key acts as): one
+caller never receives, or learns from X-Cache, what another caller asked. A cache outage reads
+as a miss (django-redis ignores its errors).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.db.models import F
 
 from chat.engine import Completion
 
@@ -37,11 +40,24 @@ def content_version(plan) -> str:
     return "|".join(stamps)
 
 
+def caller_scope(user) -> str:
+    """Whose entries these are: replies are shared only between requests of one user (any of their keys)."""
+    return f"user:{user.pk}" if user is not None and getattr(user, "pk", None) is not None else "anonymous"
+
+
+def config_fingerprint() -> str:
+    """A hash of the loaded config.yaml (models, system prompt, sampling defaults): a change is a new key."""
+    config = settings.LLMSITE
+    material = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def cache_key(plan) -> str | None:
     if not settings.RESPONSE_CACHE_ENABLED or not plan.cache_allowed or not is_deterministic(plan.params):
         return None
     material = json.dumps({"model": plan.model_name, "prompt": plan.prompt.text,
-                           "params": dataclasses.asdict(plan.params), "content": content_version(plan)},
+                           "params": dataclasses.asdict(plan.params), "content": content_version(plan),
+                           "config": config_fingerprint(), "scope": caller_scope(plan.user)},
                           sort_keys=True, default=str)
     return "reply:" + hashlib.sha256(material.encode()).hexdigest()
 
@@ -72,25 +88,23 @@ def remember_completion(plan, completion: Completion) -> None:
 
 # --- Fast path: identical stateless requests, answered before composing the prompt -----------------
 
-CONTENT_VERSION_KEY = "content-version"
-REQUEST_FIELDS_IGNORED = ("stream", "stream_options", "user", "store", "background")
+REQUEST_FIELDS_IGNORED = ("stream", "stream_options", "store", "background")
 
 
-def request_cache_key(data: dict, *, allowed: bool) -> str | None:
-    """A key for requests whose reply depends only on the request and the content: deterministic,
-    no stored conversation to read or write. None when the request does not qualify."""
+def request_cache_key(data: dict, *, allowed: bool, user=None) -> str | None:
+    """A key for requests whose reply depends only on the request, the content and the config:
+    deterministic, no stored conversation to read or write. None when the request does not qualify.
+
+    `user` scopes the entry to one caller. The request's `user` field stays in the key: it may name
+    {{user}} in the prompt."""
     deterministic = data.get("temperature") == 0 or data.get("seed") is not None
     stateless = not data.get("conversation") and (not (data.get("character") or data.get("character_id"))
                                                   or data.get("store") is False)
     if not (settings.RESPONSE_CACHE_ENABLED and allowed and deterministic and stateless) or data.get("background"):
         return None
-    version = cache.get(CONTENT_VERSION_KEY)
-    if version is None:  # unknown (first use, or the cache restarted): start a fresh version
-        version = time.time_ns()
-        cache.add(CONTENT_VERSION_KEY, version, timeout=None)
     fields = {key: value for key, value in data.items() if key not in REQUEST_FIELDS_IGNORED}
-    material = json.dumps({"request": fields, "content": version, "default_model": settings.LLMSITE.default_model},
-                          sort_keys=True, default=str)
+    material = json.dumps({"request": fields, "content": content_revision(), "config": config_fingerprint(),
+                           "scope": caller_scope(user)}, sort_keys=True, default=str)
     return "request:" + hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -101,9 +115,30 @@ def cached_request(key: str | None) -> dict | None:
     return stored
 
 
+def content_revision() -> int:
+    """The database's count of content edits (characters/models.py ContentRevision)."""
+    from characters.models import ContentRevision
+
+    return ContentRevision.objects.filter(pk=1).values_list("number", flat=True).first() or 0
+
+
 def content_changed(**kwargs) -> None:
-    """Any edit of a character, scenario or system prompt retires every request-level entry at once."""
-    cache.set(CONTENT_VERSION_KEY, time.time_ns(), timeout=None)
+    """Any edit of a character, scenario or system prompt retires every request-level entry at once.
+
+    Connected to post_save/post_delete (chat/apps.py), so it runs for the admin, the API and
+    management commands alike, in the writer's transaction: the new number is visible exactly
+    when the new content is. Kept in the database so that every process, whatever its cache
+    backend, sees it.
+    """
+    from characters.models import ContentRevision
+
+    if ContentRevision.objects.filter(pk=1).update(number=F("number") + 1):
+        return
+    try:
+        with transaction.atomic():
+            ContentRevision.objects.create(pk=1, number=1)
+    except IntegrityError:  # created meanwhile by another writer
+        ContentRevision.objects.filter(pk=1).update(number=F("number") + 1)
 
 
 class ReplayedGeneration:

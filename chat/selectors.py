@@ -29,3 +29,10 @@ def conversation_get_owned(*, user, conversation_id) -> Conversation:
     if conversation is None:
         raise NotFound(f"No conversation {conversation_id}.", param="conversation", code="conversation_not_found")
     return conversation
+
+
+def user_display_name(user) -> str:
+    """What {{user}} is for a logged-in user: their first name, else their username."""
+    if user is None or not getattr(user, "is_authenticated", False):
+        return ""
+    return (user.get_short_name() or user.get_username()).strip()

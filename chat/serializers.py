@@ -7,9 +7,11 @@ from rest_framework import serializers
 from characters.models import Character
 from scenarios.models import Scenario
 
+from .errors import ApiError
 from .models import Conversation, Message
+from .tools import tool_message_check, tool_request_from
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 TEXT_PART = {"type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
@@ -43,9 +45,19 @@ class MessageContentField(serializers.Field):
 
 class ChatMessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=CHAT_ROLES, error_messages={
-        "invalid_choice": "'{input}' is not a supported role (system, developer, user, assistant)."})
-    content = MessageContentField()
+        "invalid_choice": "'{input}' is not a supported role (system, developer, user, assistant, tool)."})
+    content = MessageContentField(required=False, allow_null=True)
     name = serializers.CharField(required=False, max_length=64)
+    tool_calls = serializers.JSONField(required=False, allow_null=True, help_text="Assistant messages: its calls.")
+    tool_call_id = serializers.CharField(required=False, max_length=200, help_text="Tool messages: the call answered.")
+
+    def validate(self, attrs):
+        # Only an assistant message that calls tools may leave out its content (null in the OpenAI API).
+        if attrs.get("content") is None:
+            if attrs["role"] != "assistant" or not attrs.get("tool_calls"):
+                raise serializers.ValidationError({"content": "This field is required."})
+            attrs["content"] = ""
+        return attrs
 
 
 @extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]})
@@ -83,7 +95,7 @@ class SamplingFieldsMixin(serializers.Serializer):
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
-    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
+    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)  # > 0: validate_top_p
     top_k = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=1000)
     repetition_penalty = serializers.FloatField(required=False, allow_null=True, min_value=0.5, max_value=2)
     presence_penalty = serializers.FloatField(required=False, allow_null=True, min_value=-2, max_value=2)
@@ -95,6 +107,12 @@ class SamplingFieldsMixin(serializers.Serializer):
     stream_options = StreamOptionsSerializer(required=False, allow_null=True)
     user = serializers.CharField(required=False, allow_blank=True, max_length=256)
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+    def validate_top_p(self, value):
+        # 0 would leave no token to sample from; the engine refuses it, so say so here, naming the field.
+        if value is not None and value <= 0:
+            raise serializers.ValidationError("must be greater than 0 and at most 1.")
+        return value
 
     def validate_n(self, value):
         if value not in (None, 1):
@@ -112,6 +130,12 @@ class SamplingFieldsMixin(serializers.Serializer):
 
 class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     messages = ChatMessageSerializer(many=True, required=False)
+    tools = serializers.JSONField(required=False, allow_null=True, help_text="Function tools (OpenAI's shape).")
+    tool_choice = serializers.JSONField(required=False, allow_null=True,
+                                        help_text='"none", "auto", "required", or {"type": "function", ...}.')
+    parallel_tool_calls = serializers.JSONField(required=False, allow_null=True)
+    logprobs = serializers.BooleanField(required=False, allow_null=True)
+    top_logprobs = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=20)
     prompt = serializers.CharField(required=False, allow_blank=False, trim_whitespace=False,
                                    help_text="Shorthand of the original design: one user message.")
     response_format = ResponseFormatSerializer(required=False, allow_null=True)
@@ -121,9 +145,15 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     conversation = serializers.UUIDField(required=False, allow_null=True,
                                          help_text="Continue this stored conversation.")
     scenario = serializers.IntegerField(required=False, allow_null=True, help_text="Force this scenario (id).")
+    greeting = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0, max_value=1000,
+        help_text="Start a new conversation with this greeting of the character: 0 = its greeting, "
+                  "1.. = its alternate_greetings in order.")
     store = serializers.BooleanField(required=False, default=True,
                                      help_text="Store the exchange as a conversation (with a character).")
-    background = serializers.BooleanField(required=False, default=False)
+    background = serializers.BooleanField(
+        required=False, default=False,
+        help_text="Generate in the background: answered 202 with a job to poll at /v1/jobs/<id>.")
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
@@ -142,10 +172,22 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
                 {"messages": f"at most {settings.API_MAX_MESSAGES} messages are accepted per request."})
         if not any(message["role"] == "user" for message in messages):
             raise serializers.ValidationError({"messages": "must include a user message."})
-        if messages[-1]["role"] != "user":
-            raise serializers.ValidationError({"messages": "the last message must come from the user."})
-        if not messages[-1]["content"].strip():
+        if messages[-1]["role"] not in ("user", "tool"):
+            raise serializers.ValidationError({"messages": "the last message must come from the user (or a tool)."})
+        if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
             raise serializers.ValidationError({"messages": "the last user message is empty."})
+        if attrs.get("background") and attrs.get("stream"):
+            raise serializers.ValidationError({"background": "a background job cannot be streamed; poll its url."})
+        try:
+            for index, message in enumerate(messages):
+                tool_message_check(message, f"messages[{index}]")
+            attrs["tool_request"] = tool_request_from(tools=attrs.get("tools"), tool_choice=attrs.get("tool_choice"),
+                                                      parallel_tool_calls=attrs.get("parallel_tool_calls"))
+        except ApiError as error:  # is_valid() reports it like any field error
+            raise serializers.ValidationError({error.param: error.message}) from None
+        if attrs.get("logprobs") or attrs.get("top_logprobs"):
+            raise serializers.ValidationError(
+                {"logprobs": "logprobs and top_logprobs are not supported by this server."})
         if attrs.get("character") and attrs.get("character_id"):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
         return attrs
@@ -206,15 +248,27 @@ class UsageSerializer(serializers.Serializer):
     total_tokens = serializers.IntegerField()
 
 
+class ToolCallFunctionSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    arguments = serializers.CharField(help_text="JSON text of the arguments.")
+
+
+class ToolCallSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    type = serializers.ChoiceField(choices=["function"])
+    function = ToolCallFunctionSerializer()
+
+
 class AssistantMessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=["assistant"])
-    content = serializers.CharField()
+    content = serializers.CharField(allow_null=True)
+    tool_calls = ToolCallSerializer(many=True, required=False, help_text="Present when the reply calls tools.")
 
 
 class ChatChoiceSerializer(serializers.Serializer):
     index = serializers.IntegerField()
     message = AssistantMessageSerializer()
-    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    finish_reason = serializers.ChoiceField(choices=["stop", "length", "tool_calls"])
     logprobs = serializers.JSONField(allow_null=True)
 
 

@@ -7,6 +7,8 @@ chat/streaming.py, and both end in `chat_exchange_store`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -24,14 +26,20 @@ from .grammars import grammar_for_response_format
 from .metrics import record_generation
 from .inference import get_engine
 from .models import Conversation, Message
-from .prompting import prompt_compose, prompt_greeting
+from .prompting import prompt_compose, prompt_greetings
+from .prompting.tools import tools_system_text, turns_with_tool_text
 from .response_cache import BYPASS, cached_completion, cached_request, remember_completion, request_cache_key
 from .selectors import character_get_active, conversation_get_owned
+from .tool_calls import tool_finish_reason, tool_reply
+from .tool_grammar import tool_call_grammar
+from .tools import ToolRequest
 
 logger = logging.getLogger("llmsite.chat")
 
 CLIENT_TURN_ROLES = ("user", "assistant")
 CLIENT_SYSTEM_ROLES = ("system", "developer")
+DEFAULT_USER_NAME = "User"
+USER_NAME_MAX = 100  # Conversation.user_name
 
 
 @dataclass
@@ -67,22 +75,26 @@ class ChatPlan:
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     shorthand: bool = False
+    user_name: str = "User"                  # {{user}}; stored with a new conversation
     cache_status: str = BYPASS
     cache_allowed: bool = True               # False: the client sent Cache-Control: no-cache
     request_key: str | None = None           # the fast-path cache key, when the request qualifies
     timing: GenerationTiming | None = None   # set when generated live (not from the cache)
     completion: Completion | None = None     # set when finished
+    tools: ToolRequest | None = None         # the request's tools; the reply is read for calls when it may call
 
     @property
     def model_name(self) -> str:
         return self.engine.spec.name
 
 
-def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
+def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: str = "") -> ChatPlan:
     """Resolve character, conversation, model and sampling, and compose the prompt.
 
     `greet`: a new conversation starts with the character's greeting as its first message (the
-    chat page and WebSocket show it; API clients manage their own history).
+    chat page and WebSocket show it); the request's `greeting` picks which one (0 = the main
+    greeting, 1.. = the alternates) and also makes an API request start with it.
+    `user_name`: what {{user}} becomes when the request names no one (the page's logged-in user).
     """
     conversation = None
     if data.get("conversation"):
@@ -92,35 +104,95 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False) -> ChatPlan:
     client_messages = data["messages"]
     client_system = "\n\n".join(m["content"] for m in client_messages if m["role"] in CLIENT_SYSTEM_ROLES
                                 and m["content"].strip())
-    client_turns = [{"role": m["role"], "content": m["content"]} for m in client_messages
-                    if m["role"] in CLIENT_TURN_ROLES]
+    # Tool calls and results of the history become text turns (chat/prompting/tools.py).
+    client_turns = turns_with_tool_text(client_messages)
     if conversation is not None:
         # The stored history is authoritative: only the request's last user message is new.
         history = [{"role": m.role, "content": m.content}
                    for m in conversation.messages.filter(role__in=CLIENT_TURN_ROLES).order_by("id")]
         new_turns = [client_turns[-1]]
+        user_name = conversation.user_name
     else:
-        if greet and character is not None and character.greeting.strip():
-            client_turns = [{"role": "assistant", "content": prompt_greeting(character=character)}, *client_turns]
+        user_name = user_name_for(data, fallback=user_name)
+        greeting = _greeting_for(data, character, greet=greet, user_name=user_name)
+        if greeting:
+            client_turns = [{"role": "assistant", "content": greeting}, *client_turns]
         history, new_turns = client_turns[:-1], client_turns
 
     engine = get_engine(data.get("model") or None)
     logger.info("Received request for character %s (model %s, conversation %s)",
                 character.slug if character else "-", engine.spec.name, conversation.pk if conversation else "new")
     params = sampling_params_for(data=data, character=character, engine=engine)
+    tools = data.get("tool_request")
+    params = _with_tools(params, tools, engine=engine)
+    # The tools reach the model through an upstream (remote), its own chat template when that supports tools,
+    # or else the generic text of chat/prompting/tools.py.
+    native_tools = ([tool.as_openai() for tool in tools.callable_tools]
+                    if tools is not None and tools.may_call and engine.template_supports_tools else None)
+    tools_text = "" if params.tools_json or native_tools else tools_system_text(tools)
     forced = _forced_scenarios(data.get("scenario"), character)
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
     # character's system prompt (prompt injection); without one, they replace the default prompt.
     system_override = client_system if character is None else ""
     prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
-                            user_name=conversation.user_name if conversation else "User",
+                            user_name=user_name,
                             max_tokens=params.max_tokens, forced_scenarios=forced,
-                            system_override=system_override)
+                            system_override=system_override, extra_system=tools_text,
+                            tools=native_tools)
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
-                    new_turns=new_turns, store=store, user=user, shorthand=data.get("shorthand", False))
+                    new_turns=new_turns, store=store, user=user, shorthand=data.get("shorthand", False),
+                    user_name=user_name, tools=tools)
+
+
+def user_name_for(data: dict, *, fallback: str = "") -> str:
+    """{{user}} for a new chat: the last user message's `name`, else the request's `user`, else
+    `fallback` (the logged-in user on the page), else "User". Whitespace is folded so a name
+    cannot start new lines in the prompt."""
+    last_user = next((m for m in reversed(data["messages"]) if m["role"] == "user"), {})
+    for candidate in (last_user.get("name"), data.get("user"), fallback):
+        name = " ".join((candidate or "").split())[:USER_NAME_MAX]
+        if name:
+            return name
+    return DEFAULT_USER_NAME
+
+
+def _greeting_for(data: dict, character: Character | None, *, greet: bool, user_name: str) -> str:
+    """The greeting a new conversation starts with, placeholders filled; "" for none."""
+    index = data.get("greeting")
+    if character is None:
+        if index is not None:
+            raise ApiError("greeting needs a character.", param="greeting", code="greeting_without_character")
+        return ""
+    if index is None:
+        if not greet:
+            return ""
+        index = 0
+    greetings = prompt_greetings(character=character, user_name=user_name)
+    if index >= len(greetings):
+        raise ApiError(f"Character {character.slug!r} has {len(greetings)} greeting(s): greeting must be "
+                       f"0 to {len(greetings) - 1}.", param="greeting", code="greeting_not_found")
+    return greetings[index]
+
+
+def _with_tools(params: SamplingParams, tools: ToolRequest | None, *, engine) -> SamplingParams:
+    """The sampling parameters with the grammar that makes the reply tool calls (or text, for "auto"), or, for
+    a remote model in chat mode, with the tools to pass to its upstream."""
+    if tools is None or not tools.may_call:
+        return params
+    if engine.spec.backend == "ctransformers":
+        raise ApiError("Tool calling needs the llama_cpp backend; this model uses ctransformers.", param="tools",
+                       code="unsupported")
+    if params.grammar is not None:
+        raise ApiError("response_format cannot be combined with tools that may be called; send tool_choice "
+                       "\"none\" or leave response_format out.", param="response_format")
+    if engine.spec.backend == "openai_compatible" and engine.spec.remote_api == "chat":
+        tools_json = json.dumps({"tools": [tool.as_openai() for tool in tools.tools], "tool_choice": tools.openai_choice,
+                                 "parallel_tool_calls": tools.parallel})
+        return dataclasses.replace(params, tools_json=tools_json)
+    return dataclasses.replace(params, grammar=tool_call_grammar(tools))
 
 
 def sampling_params_for(*, data: dict, character: Character | None, engine) -> SamplingParams:
@@ -186,7 +258,7 @@ def chat_exchange_store(*, plan: ChatPlan, completion: Completion) -> Conversati
         if conversation is None:
             first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
             conversation = Conversation.objects.create(character=plan.character, owner=plan.user,
-                                                       title=_title_from(first_user))
+                                                       title=_title_from(first_user), user_name=plan.user_name)
         for turn in plan.new_turns:
             Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
                                    completion_tokens=plan.engine.count_tokens(turn["content"]))
@@ -203,32 +275,39 @@ def chat_exchange_store(*, plan: ChatPlan, completion: Completion) -> Conversati
 def chat_completion_body(*, plan: ChatPlan, completion: Completion, conversation: Conversation | None) -> dict:
     return completion_body(completion_id=plan.completion_id, created=plan.created, model=plan.model_name,
                            completion=completion, scenarios=scenarios_used(plan),
-                           conversation_id=str(conversation.pk) if conversation else None, shorthand=plan.shorthand)
+                           conversation_id=str(conversation.pk) if conversation else None, shorthand=plan.shorthand,
+                           tools=plan.tools)
 
 
-def chat_completion_from_cache(*, data: dict, cache_allowed: bool) -> tuple[dict | None, str | None]:
-    """(body, key): the stored reply of an identical stateless deterministic request, before any prompt
-    work; key is where the slow path should remember its reply (None when the request does not qualify)."""
-    key = request_cache_key(data, allowed=cache_allowed)
+def chat_completion_from_cache(*, data: dict, cache_allowed: bool, user) -> tuple[dict | None, str | None]:
+    """(body, key): the stored reply of an identical stateless deterministic request of the same
+    caller, before any prompt work; key is where the slow path should remember its reply (None when
+    the request does not qualify)."""
+    key = request_cache_key(data, allowed=cache_allowed, user=user)
     stored = cached_request(key)
     if stored is None:
         return None, key
     body = completion_body(completion_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                            model=stored["model"], completion=Completion(**stored["completion"]),
                            scenarios=stored["scenarios"], conversation_id=None,
-                           shorthand=data.get("shorthand", False))
+                           shorthand=data.get("shorthand", False), tools=data.get("tool_request"))
     return body, key
 
 
 def completion_body(*, completion_id: str, created: int, model: str, completion: Completion, scenarios: list,
-                    conversation_id: str | None, shorthand: bool) -> dict:
+                    conversation_id: str | None, shorthand: bool, tools: ToolRequest | None = None) -> dict:
+    message, finish_reason = {"role": "assistant", "content": completion.text}, completion.finish_reason
+    if tools is not None and tools.may_call:
+        message["content"], calls = tool_reply(completion.text)
+        if calls:
+            message["tool_calls"] = calls
+        finish_reason = tool_finish_reason(finish_reason, bool(calls))
     body = {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                     "finish_reason": completion.finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
         "usage": usage_of(completion),
         "system_fingerprint": None,
         "scenarios": scenarios,

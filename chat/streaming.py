@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import uuid
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from .errors import error_from_exception
+from .inference import get_engine
 from .response_cache import MISS, ReplayedGeneration, cached_completion, remember_completion
-from .services import ChatPlan, GenerationTiming, chat_exchange_store, scenarios_used, usage_of
+from .services import ChatPlan, GenerationTiming, chat_exchange_store, sampling_params_for, scenarios_used, usage_of
+from .tool_calls import ToolCallReader, tool_finish_reason
 
 logger = logging.getLogger("llmsite.api")
 
@@ -97,16 +101,23 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
                 "model": plan.model_name, "system_fingerprint": None,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
 
+    # A reply that may call tools is read as it streams: tool_calls deltas instead of its raw text.
+    tool_reader = ToolCallReader() if plan.tools is not None and plan.tools.may_call else None
     yield sse(chunk({"role": "assistant", "content": ""}))
     try:
         async for kind, value in reply_stream(plan, generation):
             if kind == "keepalive":
                 yield b": keep-alive\n\n"
             elif kind == "delta":
-                yield sse(chunk({"content": value}))
+                for delta in tool_reader.feed(value) if tool_reader else [{"content": value}]:
+                    yield sse(chunk(delta))
             else:
                 completion, conversation = value
                 end = end_fields(plan, completion, conversation)
+                if tool_reader:
+                    for delta in tool_reader.finish():
+                        yield sse(chunk(delta))
+                    end["finish_reason"] = tool_finish_reason(end["finish_reason"], bool(tool_reader.calls))
                 yield sse(chunk({}, end["finish_reason"], scenarios=end["scenarios"],
                                 conversation=end["conversation"]))
                 if include_usage:
@@ -114,4 +125,46 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
     except Exception as exc:  # engine errors keep their message; anything else is logged, answered generically
         _, body, _ = error_from_exception(exc)
         yield sse(body)
+    yield sse("[DONE]")
+
+
+# --- /v1/completions ------------------------------------------------------------------------------
+
+
+def text_generation_start(*, data: dict):
+    """(engine, generation) for a plain text completion; raises before anything streams (sync)."""
+    engine = get_engine(data.get("model") or None)
+    params = sampling_params_for(data=data, character=None, engine=engine)
+    return engine, engine.submit(data["prompt"], params)
+
+
+async def text_completion_events(*, engine, generation, include_usage: bool):
+    """OpenAI's streamed text_completion objects, then the usage chunk if asked for, then [DONE]."""
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(text: str, finish_reason=None) -> dict:
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": engine.spec.name,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+    finished = False
+    try:
+        async for delta in deltas_with_keepalive(generation, settings.SSE_KEEPALIVE_SECONDS):
+            if delta is None:
+                yield b": keep-alive\n\n"
+            elif delta:
+                yield sse(chunk(delta))
+        finished = True
+        completion = generation.result
+        yield sse(chunk("", completion.finish_reason))
+        if include_usage:
+            yield sse({**chunk(""), "choices": [], "usage": usage_of(completion)})
+    except asyncio.CancelledError:
+        logger.info("client went away; text generation %s cancelled", generation.id)
+        raise
+    except Exception as exc:  # as for chat streams: an error event in the one shape, then [DONE]
+        _, body, _ = error_from_exception(exc)
+        yield sse(body)
+    finally:
+        if not finished:
+            generation.cancel()
     yield sse("[DONE]")

@@ -7,6 +7,7 @@ urlpatterns = [
     path("completions", views.CompletionsView.as_view(), name="completions"),
     path("jobs/<uuid:pk>", views.JobView.as_view(), name="job"),
     path("models", views.ModelListView.as_view(), name="models"),
+    path("models/<path:model_id>", views.ModelDetailView.as_view(), name="model-detail"),
     path("characters/", views.CharacterListView.as_view(), name="character-list"),
     path("characters/<slug:slug>/", views.CharacterDetailView.as_view(), name="character-detail"),
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),

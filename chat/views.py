@@ -15,13 +15,13 @@ from characters.models import Character
 from chat.engine.generation import generations_started
 
 from . import serializers as s
-from .errors import ApiError
+from .errors import NotFound
 from .inference import get_registry
-from .jobs import api_key_of, job_body, job_cancel, job_get_visible, job_submit, job_url, wants_background
+from .jobs import api_key_of, job_body, job_cancel, job_get_visible, job_submit, job_url
 from .selectors import conversation_get_owned, conversations_of
 from .response_cache import HIT
 from .services import chat_completion_from_cache, chat_completion_run, chat_request_prepare, text_completion_run
-from .streaming import chat_completion_events, generation_for
+from .streaming import chat_completion_events, generation_for, text_completion_events, text_generation_start
 
 ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, text in {
     400: "Invalid request (the error names the field), or context_length_exceeded.",
@@ -83,14 +83,16 @@ class ChatCompletionsView(GeneratingView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         cache_allowed = "no-cache" not in request.headers.get("Cache-Control", "")
-        cached_body, request_key = (None, None) if data.get("stream") else chat_completion_from_cache(
-            data=data, cache_allowed=cache_allowed)
+        # Background only when asked for (never inferred from max_tokens): the client then expects a job.
+        background = data.get("background", False)
+        cached_body, request_key = (None, None) if data.get("stream") or background else chat_completion_from_cache(
+            data=data, cache_allowed=cache_allowed, user=request.user)
         if cached_body is not None:
             return Response(cached_body, headers={"X-Cache": HIT})
         plan = chat_request_prepare(user=request.user, data=data)
         request._request.chat_plan = plan  # for the request's log line (chat.middleware)
         plan.cache_allowed, plan.request_key = cache_allowed, request_key
-        if wants_background(data):
+        if background:
             job = job_submit(user=request.user, api_key=api_key_of(request), payload=serializer.initial_data)
             job.refresh_from_db()  # inline mode (no broker) has already run it
             return Response(job_body(job), status=202, headers={"Location": job_url(job)})
@@ -121,13 +123,27 @@ class JobView(APIView):
 class CompletionsView(GeneratingView):
     """Plain text completion of a prompt (no character, no chat template)."""
 
-    @extend_schema(request=s.CompletionRequestSerializer, responses={200: s.TextCompletionSerializer, **ERRORS})
+    @extend_schema(request=s.CompletionRequestSerializer, responses={
+        200: OpenApiResponse(s.TextCompletionSerializer,
+                             description="A text_completion object; with stream=true, text/event-stream of "
+                                         "text_completion objects ending in 'data: [DONE]'."),
+        **ERRORS})
     def post(self, request):
         serializer = s.CompletionRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        if serializer.validated_data.get("stream"):
-            raise ApiError("stream is not supported on /v1/completions; use /v1/chat/completions.", param="stream")
-        return Response(text_completion_run(data=serializer.validated_data))
+        data = serializer.validated_data
+        if not data.get("stream"):
+            return Response(text_completion_run(data=data))
+        # Submitted before the response starts, so a bad prompt (too long, unknown model) is still a 4xx.
+        engine, generation = text_generation_start(data=data)
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        return sse_response(text_completion_events(engine=engine, generation=generation,
+                                                   include_usage=include_usage))
+
+
+def model_object(registry, name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmsite",
+            "default": name == registry.default_name, "loaded": registry.is_loaded(name)}
 
 
 class ModelListView(APIView):
@@ -136,10 +152,18 @@ class ModelListView(APIView):
     @extend_schema(responses={200: s.ModelListSerializer})
     def get(self, request):
         registry = get_registry()
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "llmsite",
-                 "default": name == registry.default_name, "loaded": registry.is_loaded(name)}
-                for name in registry.names()]
-        return Response({"object": "list", "data": data})
+        return Response({"object": "list", "data": [model_object(registry, name) for name in registry.names()]})
+
+
+class ModelDetailView(APIView):
+    """One configured model (what `client.models.retrieve(id)` asks for)."""
+
+    @extend_schema(operation_id="v1_models_detail", responses={200: s.ModelInfoSerializer, 404: ERRORS[404]})
+    def get(self, request, model_id):
+        registry = get_registry()
+        if model_id not in registry.names():
+            raise NotFound(f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
+        return Response(model_object(registry, model_id))
 
 
 class CharacterListView(generics.ListAPIView):

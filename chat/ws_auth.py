@@ -1,31 +1,55 @@
-"""WebSocket authentication by API key (Authorization header or ?api_key=), after the session's."""
+"""WebSocket authentication: an API key in the Authorization header, or the browser's session cookie.
+
+Policy (docs/API.md): a client that sends `Authorization: Bearer <key>` is not a browser (browsers
+cannot set that header on a WebSocket), so it needs no Origin header; a bad key is refused. A
+cookie session is what a foreign web page could ride on, so it must come from one of our origins
+(ALLOWED_HOSTS). A key in the query string is refused outright: URLs end up in proxy logs.
+"""
 
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.contrib.auth.models import AnonymousUser
 
 from .api_keys import api_key_find_valid
+
+CLOSE_UNAUTHENTICATED = 4401
 
 
 @database_sync_to_async
 def _user_for_key(raw_key: str):
     api_key = api_key_find_valid(raw_key=raw_key)
-    return (api_key.user, api_key) if api_key else (None, None)
+    return (api_key.user, api_key) if api_key else (AnonymousUser(), None)
+
+
+def bearer_key(scope) -> str | None:
+    """The key of an `Authorization: Bearer` header; None when there is no such header."""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].decode("latin-1").strip()
+    return None
+
+
+async def refuse(receive, send, code: int = CLOSE_UNAUTHENTICATED) -> None:
+    """Decline the handshake (the client sees the close code, or HTTP 403 from daphne)."""
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close", "code": code})
 
 
 class ApiKeyAuthMiddleware:
+    """Inside AuthMiddlewareStack: a Bearer key replaces the session's user and skips the origin check."""
+
     def __init__(self, app):
         self.app = app
+        self.origin_checked = AllowedHostsOriginValidator(app)
 
     async def __call__(self, scope, receive, send):
-        raw_key = ""
-        for name, value in scope.get("headers", []):
-            if name == b"authorization" and value.lower().startswith(b"bearer "):
-                raw_key = value[7:].decode("latin-1").strip()
-        if not raw_key:
-            raw_key = parse_qs(scope.get("query_string", b"").decode()).get("api_key", [""])[0]
-        if raw_key:
-            user, api_key = await _user_for_key(raw_key)
-            if user is not None:
-                scope = {**scope, "user": user, "api_key": api_key}
-        return await self.app(scope, receive, send)
+        if "api_key" in parse_qs(scope.get("query_string", b"").decode("latin-1")):
+            return await refuse(receive, send)
+        raw_key = bearer_key(scope)
+        if raw_key is None:
+            return await self.origin_checked(scope, receive, send)
+        user, api_key = await _user_for_key(raw_key)
+        # An invalid key leaves an anonymous user, whom the consumer refuses (no fallback to a session).
+        return await self.app({**scope, "user": user, "api_key": api_key}, receive, send)

@@ -10,17 +10,19 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.ws_auth import ApiKeyAuthMiddleware  # noqa: E402
+from llmsite.log_context import WebSocketRequestIdMiddleware  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
 
 application = ProtocolTypeRouter({
     "http": http_app,
-    # Origin checked against ALLOWED_HOSTS; the session's user first, then an API key if sent.
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
+    # A Bearer API key, or the session's user with the Origin checked against ALLOWED_HOSTS
+    # (chat/ws_auth.py). Every log line of a connection carries its request id.
+    "websocket": WebSocketRequestIdMiddleware(
+        AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
 })

@@ -1,7 +1,9 @@
 """Django settings: one file, values from the environment, embedded defaults that need nothing installed.
 
 Unset variables give the embedded setup (SQLite, local-memory cache, in-memory channel layer, Celery
-tasks run inline). DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis.
+tasks run inline) with production-safe defaults: DEBUG is off unless DEBUG=1 (`make run` and the tests
+opt in). DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis. Every value is checked here, so a
+typo stops start-up with one line instead of failing requests later.
 """
 
 import os
@@ -11,15 +13,16 @@ from pathlib import Path
 import dj_database_url
 
 from llmsite.config import ConfigError, load_config
-from llmsite.env import env_bool, env_int, env_list
+from llmsite.env import (SettingError, env_bool, env_float, env_int, env_list, env_log_level, env_rate, env_url,
+                        redis_database)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DEBUG = env_bool("DEBUG", True)
+DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
-        sys.exit("llmsite: configuration error: SECRET_KEY must be set when DEBUG is off")
+        raise SettingError("SECRET_KEY must be set when DEBUG is off")
     SECRET_KEY = "insecure-development-key-only-for-debug-mode"  # noqa: S105 - DEBUG only
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
@@ -46,6 +49,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc files served from here, not a CDN
     "channels",
     "characters",
     "scenarios",
@@ -86,7 +90,11 @@ TEMPLATES = [
 # --- Database -----------------------------------------------------------------------------------
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
+    try:
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL,
+                                                      conn_max_age=env_int("DB_CONN_MAX_AGE", 0, minimum=0))}
+    except ValueError:
+        raise SettingError("DATABASE_URL is not a database URL such as postgresql://user@host:5432/name") from None
 else:
     DATABASES = {
         "default": {
@@ -104,7 +112,19 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, channel layer, Celery -------------------------------------------------------
-REDIS_URL = os.environ.get("REDIS_URL", "")
+# Three roles, each its own Redis database in production: the cache may be cleared (FLUSHDB) or
+# evicted at any time, the channel layer and the broker must not be (queued jobs would be lost).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_URL = env_url("REDIS_URL", "", schemes=REDIS_SCHEMES)                        # cache, rate limits
+CHANNEL_LAYER_URL = env_url("CHANNEL_LAYER_URL", REDIS_URL, schemes=REDIS_SCHEMES)  # WebSocket groups
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL or "memory://").strip()
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND",
+                                       CELERY_BROKER_URL if REDIS_URL else "cache+memory://").strip()
+if REDIS_URL and not DEBUG:
+    for role, url in (("CHANNEL_LAYER_URL", CHANNEL_LAYER_URL), ("CELERY_BROKER_URL", CELERY_BROKER_URL)):
+        if url.startswith(REDIS_SCHEMES) and redis_database(url) == redis_database(REDIS_URL):
+            raise SettingError(f"{role} must name another Redis database than REDIS_URL (the cache, which may be "
+                               "flushed or evicted), e.g. redis://host:6379/1")
 if REDIS_URL:
     CACHES = {
         "default": {
@@ -123,14 +143,13 @@ if REDIS_URL:
     DJANGO_REDIS_IGNORE_EXCEPTIONS = True
     DJANGO_REDIS_LOG_IGNORED_EXCEPTIONS = True
     CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                    "CONFIG": {"hosts": [CHANNEL_LAYER_URL]}}
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmsite"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL or "memory://")
-CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", REDIS_URL or "cache+memory://")
 # Without a broker, tasks run inline in the web process (the embedded default).
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
@@ -138,11 +157,13 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # A message unacknowledged this long (its worker died) is delivered again to another worker.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1)}
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "llmsite")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+# Workers log through LOGGING below (JSON lines with the request id), not Celery's own plain format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # --- Auth, i18n, static ---------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -155,6 +176,18 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
+# Email: password-reset pages are routed only when mail can be sent (EMAIL_HOST or EMAIL_BACKEND set);
+# without it a user with an address would get a 500 from the SMTP connection.
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "webmaster@localhost")
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "")
+PASSWORD_RESET_ENABLED = bool(EMAIL_BACKEND)
+EMAIL_BACKEND = EMAIL_BACKEND or "django.core.mail.backends.dummy.EmailBackend"
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -163,6 +196,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 MEDIA_URL = "media/"
+# Avatars. With several instances this must be storage they all share (Nginx serves /media/ from it).
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", str(BASE_DIR / "media")))
 RESOURCES_DIR = BASE_DIR / "resources"
 
@@ -184,32 +218,41 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
-API_RATE_LIMIT = os.environ.get("API_RATE_LIMIT", "120/min")  # per key; empty = no limit
-API_MAX_TOKENS = env_int("API_MAX_TOKENS", 2048)              # cap on max_tokens per request
-API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200)           # cap on messages per request
-API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000)
+API_RATE_LIMIT = env_rate("API_RATE_LIMIT", "120/min")       # per key; empty = no limit
+API_MAX_TOKENS = env_int("API_MAX_TOKENS", 2048, minimum=1)   # cap on max_tokens per request
+API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200, minimum=1)  # cap on messages per request
+API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
-SSE_KEEPALIVE_SECONDS = float(os.environ.get("SSE_KEEPALIVE_SECONDS", "10"))
+SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
 
 # Deterministic replies (temperature 0 or a seed) answered from the cache; see chat/response_cache.py.
 RESPONSE_CACHE_ENABLED = env_bool("RESPONSE_CACHE_ENABLED", True)
-RESPONSE_CACHE_TTL = env_int("RESPONSE_CACHE_TTL", 3600)
+RESPONSE_CACHE_TTL = env_int("RESPONSE_CACHE_TTL", 3600, minimum=1)
 
-# Background jobs (Celery): requests with background=true, or asking for more tokens than this.
-BACKGROUND_MAX_TOKENS_THRESHOLD = env_int("BACKGROUND_MAX_TOKENS_THRESHOLD", 1024)
-JOB_TTL_SECONDS = env_int("JOB_TTL_SECONDS", 24 * 3600)
-# A running job whose worker has not reported for this long is marked failed (worker lost).
-JOB_HEARTBEAT_TIMEOUT = env_int("JOB_HEARTBEAT_TIMEOUT", 60)
+# Background jobs (Celery): only requests with background=true (chat/jobs.py).
+JOB_TTL_SECONDS = env_int("JOB_TTL_SECONDS", 24 * 3600, minimum=1)
+# A running job whose worker has not written its heartbeat (every quarter of this) for this long
+# has lost its worker: it is queued again, or failed after 3 attempts.
+JOB_HEARTBEAT_TIMEOUT = env_int("JOB_HEARTBEAT_TIMEOUT", 60, minimum=1)
 SPECTACULAR_SETTINGS = {
     "TITLE": "llmsite API",
     "DESCRIPTION": "OpenAI-compatible chat completions with characters and scenarios.",
     "VERSION": "0.1.0",
+    # Served by this site (drf-spectacular-sidecar), so the pages work offline and without a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Production hardening (active when DEBUG is off) ------------------------------------------------
 if not DEBUG:
+    # The proxy in front (deploy/nginx.conf.template) tells the client's scheme: the one a TLS load
+    # balancer before it sent, else its own. Without trusting it every request would look like
+    # plain HTTP and the redirect to HTTPS would loop.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    # Probes and scrapers call each instance directly over the private network, in plain HTTP.
+    SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$", r"^metrics$"]
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 60 * 60 * 24 * 30)
@@ -218,22 +261,38 @@ if not DEBUG:
     SECURE_CONTENT_TYPE_NOSNIFF = True
 
 # --- Logging --------------------------------------------------------------------------------------
-LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
+# One JSON object per line (python-json-logger), each with the request id of the HTTP request,
+# WebSocket connection or Celery task it belongs to (llmsite/log_context.py). LOG_FORMAT=plain
+# gives readable lines for a terminal.
+LOG_LEVEL = env_log_level("LOG_LEVEL", "INFO")
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "json").strip().lower()
+if LOG_FORMAT not in ("json", "plain"):
+    raise SettingError(f"LOG_FORMAT={LOG_FORMAT!r} is not json or plain")
 # Prompts and replies stay out of the logs unless this is on (they may hold personal data).
 LOG_PROMPTS = env_bool("LOG_PROMPTS", False)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "llmsite.log_context.RequestIdFilter"}},
+    "formatters": {
+        "json": {"()": "pythonjsonlogger.json.JsonFormatter",
+                 "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
+                 "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"}},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["request_id"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # Django's own per-request lines would duplicate llmsite.requests (one JSON line per request).
+    # Django's own per-request lines would duplicate llmsite.requests (one line per request).
     "loggers": {"django.request": {"level": "ERROR"}, "django.channels.server": {"level": "WARNING"}},
 }
 
-# /metrics: off, open (METRICS_TOKEN empty; fine on a private network), or behind a bearer token.
+# /metrics: off, behind a bearer token (METRICS_TOKEN), or open without one only in DEBUG.
 METRICS_ENABLED = env_bool("METRICS_ENABLED", True)
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+METRICS_OPEN_WITHOUT_TOKEN = DEBUG
+# Celery workers count their generations too; WORKER_METRICS_PORT serves them (llmsite/celery.py).
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0)
+WORKER_METRICS_HOST = os.environ.get("WORKER_METRICS_HOST", "127.0.0.1")
 
 # Named in an X-Served-By response header when set (several instances behind a load balancer).
 INSTANCE_NAME = os.environ.get("INSTANCE_NAME", "")

@@ -1,14 +1,33 @@
+"""URL routes: the chat page, accounts, operations endpoints, the admin, the API and its documentation."""
+
 from django.conf import settings
 from django.conf.urls.static import static
 from django.contrib import admin
-from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from django.contrib.auth import views as auth_views
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from chat import ops_views, pages
+from chat import error_views, ops_views, pages
+
+account_routes = [
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("password_change/", auth_views.PasswordChangeView.as_view(), name="password_change"),
+    path("password_change/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
+]
+# Password reset mails a link: without a way to send mail (EMAIL_HOST or EMAIL_BACKEND) the pages
+# would fail with a 500, so they exist only when mail can go out.
+if settings.PASSWORD_RESET_ENABLED:
+    account_routes += [
+        path("password_reset/", auth_views.PasswordResetView.as_view(), name="password_reset"),
+        path("password_reset/done/", auth_views.PasswordResetDoneView.as_view(), name="password_reset_done"),
+        path("reset/<uidb64>/<token>/", auth_views.PasswordResetConfirmView.as_view(), name="password_reset_confirm"),
+        path("reset/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"),
+    ]
 
 urlpatterns = [
     path("", pages.chat_page, name="chat-page"),
-    path("accounts/", include("django.contrib.auth.urls")),
+    path("accounts/", include(account_routes)),
     path("health", ops_views.health, name="health"),
     path("ready", ops_views.ready, name="ready"),
     path("metrics", ops_views.metrics, name="metrics"),
@@ -16,8 +35,12 @@ urlpatterns = [
     path("v1/", include("chat.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("api-auth/", include("rest_framework.urls")),
+    # Any other path under /v1/ or /api/: a JSON 404 in the API's error shape, even with DEBUG on.
+    re_path(r"^(?:v1|api)/", error_views.api_not_found, name="api-not-found"),
 ]
+# Avatars: Nginx serves /media/ in production (deploy/nginx.conf.template); daphne does in DEBUG.
 if settings.DEBUG:
     urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)
 

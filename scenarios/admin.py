@@ -13,6 +13,7 @@ class ScenarioAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["title", "character", "content"]}),
         ("When it fires", {"fields": ["keywords", "secondary_keywords", "always_on", "case_sensitive",
-                                      "whole_words", "priority", "enabled"]}),
+                                      "whole_words", "scan_depth", "priority", "enabled"]}),
+        ("Where it goes", {"fields": ["position"]}),
         ("Imported data", {"classes": ["collapse"], "fields": ["extensions"]}),
     ]

@@ -1,6 +1,7 @@
 """Scenarios: pieces of context inserted into the prompt when a chat makes them relevant (lorebook entries)."""
 
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 
@@ -9,6 +10,11 @@ def split_keywords(text: str) -> list[str]:
 
 
 class Scenario(models.Model):
+    class Position(models.TextChoices):
+        # Character Card V2 lorebook positions.
+        BEFORE_CHAR = "before_char", "Before the character's profile"
+        AFTER_CHAR = "after_char", "After the profile, with the reply's context"
+
     title = models.CharField(max_length=200, help_text="A name editors recognise; not sent to the model.")
     content = models.TextField(help_text="The text inserted into the prompt when the scenario fires.")
     keywords = models.CharField(
@@ -24,6 +30,16 @@ class Scenario(models.Model):
     enabled = models.BooleanField(default=True, help_text="Disabled scenarios never fire.")
     case_sensitive = models.BooleanField(default=False, help_text="Match keywords with exact case.")
     whole_words = models.BooleanField(default=True, help_text="Match keywords only as whole words.")
+    scan_depth = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        help_text="How many recent messages are searched for the keywords; empty uses the character's "
+                  "lorebook scan depth, else SCENARIO_SCAN_DEPTH.",
+    )
+    position = models.CharField(
+        max_length=16, choices=Position.choices, default=Position.AFTER_CHAR,
+        help_text="Where the text goes in the prompt. Before the profile changes the prompt's first message, "
+                  "so the model re-reads it whenever the scenario comes or goes (slower).",
+    )
     character = models.ForeignKey(
         "characters.Character", null=True, blank=True, on_delete=models.CASCADE, related_name="scenarios",
         help_text="Only for this character; empty makes the scenario global.",

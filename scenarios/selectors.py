@@ -2,8 +2,9 @@
 
 The rules (docs/PROMPTS.md):
 - candidates are the enabled scenarios of the chat's character plus the global ones (no character);
-- a scenario fires when one of its keywords appears in the last `SCENARIO_SCAN_DEPTH` messages
-  (the user's new message is always one of them), case-insensitively unless `case_sensitive`, as
+- a scenario fires when one of its keywords appears in the last N messages (the user's new message
+  is always one of them), N being the scenario's own `scan_depth`, else its character's lorebook
+  `scan_depth`, else `SCENARIO_SCAN_DEPTH`, case-insensitively unless `case_sensitive`, as
   whole words unless `whole_words` is off; with secondary keywords set, one of those must appear too;
 - `always_on` scenarios always fire;
 - when no keyword fires any scenario, BM25 text relevance of the user's message against each
@@ -83,7 +84,9 @@ def scenarios_matching(
     """The scenarios that fire for a conversation, best first.
 
     `texts` are the messages' contents, oldest first, the user's new message last. Only the last
-    `scan_depth` of them are scanned for keywords (at least the user's message).
+    few of them are scanned for keywords (at least the user's message): as many as the scenario's
+    own scan depth, else the character's lorebook scan depth, else `scan_depth` (default
+    SCENARIO_SCAN_DEPTH).
     """
     if scan_depth is None:
         scan_depth = getattr(settings, "SCENARIO_SCAN_DEPTH", DEFAULT_SCAN_DEPTH)
@@ -91,12 +94,16 @@ def scenarios_matching(
         bm25_threshold = getattr(settings, "SCENARIO_BM25_THRESHOLD", DEFAULT_BM25_THRESHOLD)
     texts = list(texts)
     user_message = texts[-1] if texts else ""
-    recent = texts[-max(1, scan_depth):] if texts else []
+    book_depth = getattr(character, "scan_depth", None)
+
+    def earlier_for(scenario: Scenario) -> list[str]:
+        depth = scenario.scan_depth or (book_depth if scenario.character_id else None) or scan_depth
+        return texts[-max(1, depth):-1] if texts else []
 
     matches: list[ScenarioMatch] = []
     unmatched: list[Scenario] = []  # no keyword of theirs appeared: the BM25 fallback may still pick them
     for scenario in scenarios_available(character=character):
-        match = _keyword_match(scenario, user_message=user_message, earlier=recent[:-1])
+        match = _keyword_match(scenario, user_message=user_message, earlier=earlier_for(scenario))
         if match is _NO_KEYWORD:
             unmatched.append(scenario)
         elif match is not None:

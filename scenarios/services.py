@@ -9,7 +9,7 @@ from characters.services import save_matching
 from .models import Scenario
 
 SCENARIO_FIELDS = {"character", "keywords", "secondary_keywords", "always_on", "priority", "enabled",
-                   "case_sensitive", "whole_words"}
+                   "case_sensitive", "whole_words", "scan_depth", "position"}
 SCENARIO_SECTIONS = {"content"}
 
 
@@ -46,4 +46,6 @@ def _scenario_values(block: Block) -> dict:
         "enabled": block.flag("enabled", True),
         "case_sensitive": block.flag("case_sensitive", False),
         "whole_words": block.flag("whole_words", True),
+        "scan_depth": block.number("scan_depth", int),
+        "position": block.field_value("position", Scenario.Position.AFTER_CHAR).strip() or Scenario.Position.AFTER_CHAR,
     }

@@ -85,3 +85,38 @@ def test_preview_says_so_when_the_model_cannot_load(staff_client, mira, settings
     page = response.content.decode()
     assert "The model cannot be loaded, so there is no preview" in page
     assert "missing.gguf" in page
+
+
+# --- editing: greetings as a list, named system prompts ----------------------------------------------------
+
+
+def add_character(client, **fields):
+    data = {"name": "Tess", "slug": "tess", "description": "A tinker.", "is_active": "on",
+            "scenarios-TOTAL_FORMS": "0", "scenarios-INITIAL_FORMS": "0",
+            "scenarios-MIN_NUM_FORMS": "0", "scenarios-MAX_NUM_FORMS": "1000", **fields}
+    return client.post(reverse("admin:characters_character_add"), data)
+
+
+def test_alternate_greetings_are_edited_as_a_list_of_boxes_not_json(staff_client):
+    response = add_character(staff_client, alternate_greetings=["Hi, {{user}}!", "  ", "Back\r\nagain?"])
+    assert response.status_code == 302, response.content.decode()[:3000]
+    tess = Character.objects.get(slug="tess")
+    assert tess.alternate_greetings == ["Hi, {{user}}!", "Back\nagain?"]  # the empty box is ignored
+
+    page = staff_client.get(reverse("admin:characters_character_change", args=[tess.pk])).content.decode()
+    assert page.count('<textarea name="alternate_greetings"') == 3  # two greetings and one empty box
+    assert "Add another greeting" in page and "characters/greetings.js" in page
+    assert "[&quot;Hi" not in page  # no JSON in sight
+
+
+def test_a_character_picks_a_named_system_prompt_and_one_in_use_cannot_be_deleted(staff_client):
+    from characters.models import SystemPrompt
+
+    terse = SystemPrompt.objects.create(name="Terse", content="Be brief.")
+    assert add_character(staff_client, named_system_prompt=str(terse.pk)).status_code == 302
+    assert Character.objects.get(slug="tess").named_system_prompt == terse
+    listing = staff_client.get(reverse("admin:characters_systemprompt_changelist"))
+    assert listing.status_code == 200 and '<td class="field-character_count">1</td>' in listing.content.decode()
+    delete = staff_client.post(reverse("admin:characters_systemprompt_delete", args=[terse.pk]), {"post": "yes"})
+    assert "Cannot delete system prompt" in delete.content.decode()
+    assert SystemPrompt.objects.filter(pk=terse.pk).exists()

@@ -21,7 +21,11 @@ def page_server(tmp_path_factory, smollm2_path):
     server = LiveServer(workdir=tmp_path_factory.mktemp("browser"))
     prepare_database(server, {})
     server.manage("from django.contrib.auth import get_user_model\n"
-                  "get_user_model().objects.create_user('reader', password='a-long-test-password', is_staff=True)")
+                  "from characters.models import Character\n"
+                  "get_user_model().objects.create_user('reader', password='a-long-test-password', is_staff=True)\n"
+                  "mira = Character.objects.get(slug='captain-mira')\n"
+                  "mira.alternate_greetings = ['Back on deck, {{user}}? Grab a rope.']\n"
+                  "mira.save()")
     server.start()
     yield server
     server.stop()
@@ -43,7 +47,8 @@ def test_log_in_chat_with_streaming_and_reload(page_server):
         page.get_by_role("button", name="Log in").click()
 
         page.get_by_role("button", name="Captain Mira Vale").click()
-        expect(page.locator(".message.assistant").first).to_contain_text("Ahoy there, User")  # the greeting
+        # The greeting, with {{user}} as the logged-in user's name.
+        expect(page.locator(".message.assistant").first).to_contain_text("Ahoy there, reader")
         expect(page.get_by_role("link", name="Admin")).to_be_visible()  # staff see the admin link
         # Count how often the streaming reply's text changes: several times means tokens streamed in.
         page.evaluate("""() => {
@@ -65,6 +70,25 @@ def test_log_in_chat_with_streaming_and_reload(page_server):
         expect(page.locator(".message.user")).to_contain_text("Is a storm coming tonight?")
         expect(page.locator(".message.assistant").nth(1).locator(".text")).to_have_text(reply_text)
         expect(page.get_by_role("list", name="Past conversations").get_by_role("button")).to_have_count(1)
+
+        # "New conversation" really starts one: the next message is stored in a second conversation,
+        # opened by the alternate greeting the user cycled to.
+        page.get_by_role("button", name="New conversation").click()
+        expect(page.locator(".message.user")).to_have_count(0)
+        page.get_by_role("button", name="Another greeting").click()
+        expect(page.locator(".message.assistant .text")).to_have_text(["Back on deck, reader? Grab a rope."])
+        page.get_by_label("Your message").fill("Where are we sailing?")
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator(".message.assistant[data-complete='true']")).to_have_count(1, timeout=90_000)
+        expect(page.get_by_role("button", name="Another greeting")).to_be_hidden()
+        expect(page.get_by_role("list", name="Past conversations").get_by_role("button")).to_have_count(2)
+        stored = page_server.manage(
+            "from chat.models import Conversation\n"
+            "for c in Conversation.objects.filter(owner__username='reader').order_by('created_at'):\n"
+            "    print(c.user_name, '|', ' / '.join(m.content for m in c.messages.order_by('id')[:2]))")
+        first, second = stored.strip().splitlines()
+        assert first.startswith("reader | Ahoy there, reader") and "Is a storm coming tonight?" in first
+        assert second == "reader | Back on deck, reader? Grab a rope. / Where are we sailing?"
         browser.close()
 
 

@@ -205,9 +205,8 @@ def broken_entry_card() -> bytes:
         (json.dumps({"hello": "world"}).encode(), "Not a character card"),
         ((CARDS / "no_card.png").read_bytes(), "no 'chara' text chunk"),
         (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "PNG image cannot be read"),
-        (broken_entry_card(), "Lorebook entry 4 (“Smugglers”) cannot be imported: keywords"),
-        (json.dumps({"spec": "chara_card_v2", "data": {"name": "Blank", "description": ""}}).encode(),
-         "The card cannot be imported: description:"),
+        (json.dumps({"spec": "chara_card_v2", "data": {"name": "N" * 140, "description": "x"}}).encode(),
+         "The card cannot be imported: name: Ensure this value has at most 100 characters (it has 140)."),
     ],
 )
 def test_bad_cards_are_refused_with_a_clear_message_and_nothing_is_imported(raw, message):
@@ -243,13 +242,75 @@ def test_oversized_cards_are_refused(settings):
 
 def test_a_failed_update_changes_nothing():
     ada = character_card_import(raw=V2_JSON.read_bytes()).character
-    card = json.loads(broken_entry_card())
+    card = json.loads(V2_JSON.read_text())
     card["data"]["personality"] = "Changed."
+    card["data"]["alternate_greetings"] = "not a list"
     with pytest.raises(CardError):
         character_card_import(raw=json.dumps(card).encode(), update=True)
     ada.refresh_from_db()
     assert ada.personality == "Dry humour, patient, superstitious about the sea."
     assert Scenario.objects.filter(character=ada).count() == 4
+
+
+# --- what import keeps from imperfect cards ---------------------------------------------------------------
+
+
+def test_a_card_with_one_broken_lorebook_entry_imports_with_a_warning_naming_it():
+    card = json.loads(broken_entry_card())
+    card["data"]["character_book"]["entries"][2]["content"] = "   "  # "Household": no content
+    result = character_card_import(raw=json.dumps(card).encode())
+    assert result.created and result.scenarios_created == 2 and result.scenarios_skipped == 2
+    assert sorted(result.character.scenarios.values_list("title", flat=True)) == ["The Mary Bell", "The storm"]
+    assert "Lorebook entry 4 (“Smugglers”) skipped: it has no keys and is not constant" in " ".join(result.warnings)
+    assert "Lorebook entry 3 (“Household”) skipped: it has no content." in result.warnings
+    assert "2 lorebook entry(ies) skipped" in result.summary()
+
+
+def test_empty_description_imports_with_a_warning():
+    raw = json.dumps({"spec": "chara_card_v2", "data": {"name": "Blank", "description": "",
+                                                        "personality": "Quiet."}}).encode()
+    result = character_card_import(raw=raw)
+    assert result.character.description == "" and result.character.personality == "Quiet."
+    assert any("no description" in warning for warning in result.warnings)
+
+
+def test_over_long_tags_and_keys_are_left_out_with_warnings():
+    card = json.loads(V2_JSON.read_text())
+    card["data"]["tags"] = ["sea", "t" * 60, *(f"tag{n:03}" for n in range(100))]
+    card["data"]["creator"] = "c" * 250
+    storm = card["data"]["character_book"]["entries"][0]
+    storm["keys"] = ["storm", "k" * 150, *(f"word{n:04}" for n in range(200))]
+    result = character_card_import(raw=json.dumps(card).encode())
+    ada = result.character
+    assert len(ada.tags) <= 500 and ada.tag_list[:2] == ["sea", "tag000"]
+    assert len(ada.creator) == 200
+    scenario = ada.scenarios.get(title="The storm")
+    assert len(scenario.keywords) <= 1000 and scenario.keyword_list[:2] == ["storm", "word0000"]
+    text = " ".join(result.warnings)
+    assert "Tags: " in text and "tag(s) left out: “tttttttttttttttttttttttttttttttttttttttt…”" in text
+    assert "Lorebook entry 1 (“The storm”): " in text and "key(s) left out" in text
+    assert "creator cut to 200 characters (it had 250)." in text
+
+
+def test_scan_depth_and_position_come_from_the_book_and_its_entries():
+    card = json.loads(V2_JSON.read_text())
+    card["data"]["character_book"]["entries"][2]["extensions"]["scan_depth"] = 9  # SillyTavern's place
+    card["data"]["character_book"]["entries"][3]["extensions"]["position"] = 0  # numbered: before_char
+    ada = character_card_import(raw=json.dumps(card).encode()).character
+    assert ada.scan_depth == 4
+    storm, wreck, household, smugglers = ada.scenarios.order_by("id")
+    assert (storm.position, wreck.position, smugglers.position) == ("after_char", "before_char", "before_char")
+    assert household.scan_depth == 9 and storm.scan_depth is None
+    # Edits go back where the card had them.
+    ada.scan_depth = 6
+    ada.save()
+    household.scan_depth, storm.position = 3, "before_char"
+    household.save()
+    storm.save()
+    book = character_card_data(character=ada)["character_book"]
+    assert book["scan_depth"] == 6
+    assert book["entries"][2]["extensions"]["scan_depth"] == 3 and "scan_depth" not in book["entries"][2]
+    assert book["entries"][0]["position"] == "before_char" and book["entries"][0]["extensions"]["position"] == 0
 
 
 # --- management commands ----------------------------------------------------------------------------
@@ -265,6 +326,14 @@ def test_import_and_export_commands(tmp_path, capsys):
     assert_same_card_data(json.loads((tmp_path / "ada.json").read_text())["data"], original_data())
     call_command("export_card", "ada-quint", "--format", "png", "-o", str(tmp_path / "ada.png"))
     assert card_read((tmp_path / "ada.png").read_bytes(), max_bytes=10**7).data["name"] == "Ada Quint"
+
+
+def test_import_command_prints_each_warning(tmp_path, capsys):
+    (tmp_path / "broken.json").write_bytes(broken_entry_card())
+    call_command("import_card", str(tmp_path / "broken.json"))
+    out, err = capsys.readouterr()
+    assert "3 scenario(s) created, 1 lorebook entry(ies) skipped." in out
+    assert "warning: Lorebook entry 4 (“Smugglers”) skipped" in err
 
 
 def test_commands_report_errors(tmp_path):
@@ -298,6 +367,15 @@ def test_admin_import_upload(staff_client):
     assert response.status_code == 302 and response.url == reverse("admin:characters_character_change",
                                                                     args=[ada.pk])
     assert ada.scenarios.count() == 4 and ada.avatar
+
+
+def test_admin_import_shows_each_warning(staff_client):
+    upload = io.BytesIO(broken_entry_card())
+    upload.name = "broken.json"
+    response = staff_client.post(reverse("admin:characters_character_import_card"), {"card": upload}, follow=True)
+    page = response.content.decode()
+    assert "Imported “Ada Quint” (ada-quint): 3 scenario(s) created, 1 lorebook entry(ies) skipped." in page
+    assert "Lorebook entry 4 (“Smugglers”) skipped: it has no keys and is not constant" in page
 
 
 def test_admin_import_of_a_bad_card_shows_why(staff_client):

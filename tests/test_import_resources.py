@@ -137,3 +137,14 @@ def test_scenarios_link_to_characters_and_report_problems(tmp_path):
     assert Scenario.objects.filter(title="A storm").count() == 1
     assert Scenario.objects.get(title="A storm").content == "Thunder rolls."
     assert "Scenarios: 0 created, 1 updated, 1 unchanged" in out
+
+
+def test_scan_depth_and_position_fields(tmp_path):
+    profiles = PROFILE.replace("temperature: 0.8\n", "temperature: 0.8\nscan_depth: 6\n")
+    scenarios = ("=== Deep\ncharacter: mira\nkeywords: reef\nscan_depth: 2\nposition: before_char\n"
+                 "--- content\nA reef.\n\n=== Bad place\nkeywords: x\nposition: middle\n--- content\nX.\n")
+    _, err = run_import(tmp_path, profiles, scenarios)
+    assert Character.objects.get(slug="mira").scan_depth == 6
+    deep = Scenario.objects.get(title="Deep")
+    assert (deep.scan_depth, deep.position) == (2, "before_char")
+    assert "Bad place" in err and "position" in err

@@ -1,4 +1,4 @@
-"""With no broker (the embedded default) background jobs run inline and the same endpoints work."""
+"""Background jobs in-process: inline with no broker (the embedded default), re-delivery, exactly-once storage."""
 
 import pytest
 from rest_framework.test import APIClient
@@ -6,6 +6,15 @@ from rest_framework.test import APIClient
 from chat.api_keys import api_key_create
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db]
+
+
+def test_large_max_tokens_is_answered_at_once_not_as_a_job(django_user_model):
+    _, raw_key = api_key_create(user=django_user_model.objects.create_user("big"), name="k")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
+                                                    "max_tokens": 1500, "temperature": 0.5}, format="json")
+    assert response.status_code == 200 and response.json()["object"] == "chat.completion"
 
 
 def test_background_job_runs_inline_without_redis(django_user_model, settings, django_capture_on_commit_callbacks):
@@ -46,3 +55,98 @@ def test_expired_jobs_are_invisible_and_purged(django_user_model):
     out = StringIO()
     call_command("purge_jobs", stdout=out)
     assert "Deleted 1 expired job" in out.getvalue() and not Job.objects.exists()
+
+
+def _job(user, request, **fields):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from chat.models import Job
+
+    return Job.objects.create(owner=user, request=request, expires_at=timezone.now() + timedelta(hours=1), **fields)
+
+
+CHAT_JOB = {"messages": [{"role": "user", "content": "Ciao! What do you cook today?"}], "character": "chef-luca",
+            "max_tokens": 12, "temperature": 0.9}
+
+
+def test_a_re_delivered_job_runs_again_and_its_exchange_is_stored_once(django_user_model):
+    """The broker delivers a job again when its worker died mid-attempt; a later duplicate finds it done."""
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from chat.jobs import job_run
+    from chat.models import Message
+
+    call_command("import_resources", stdout=open("/dev/null", "w"))
+    user = django_user_model.objects.create_user("redelivered")
+    # Attempt 1 claimed the job and died before storing anything.
+    job = _job(user, CHAT_JOB, status="running", attempts=1, started_at=timezone.now(), heartbeat_at=timezone.now())
+    job_run(job_id=str(job.pk))  # the re-delivery
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == ("done", 2), job.error
+    conversation = job.result["conversation"]
+    stored = list(Message.objects.filter(conversation_id=conversation).values_list("role", "content"))
+    assert stored == [("user", "Ciao! What do you cook today?"),
+                      ("assistant", job.result["choices"][0]["message"]["content"])]
+    job_run(job_id=str(job.pk))  # a duplicate delivery after the job ended changes nothing
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == ("done", 2)
+    assert Message.objects.filter(conversation_id=conversation).count() == 2
+
+
+def test_a_job_out_of_attempts_is_reported_failed_not_dropped(django_user_model):
+    from chat.jobs import MAX_ATTEMPTS, job_run
+
+    job = _job(django_user_model.objects.create_user("unlucky"), CHAT_JOB, status="running", attempts=MAX_ATTEMPTS)
+    job_run(job_id=str(job.pk))
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error["code"] == "worker_lost" and job.result is None
+
+
+@pytest.mark.parametrize(("eager", "expected"), [(False, "queued"), (True, "failed")])
+def test_a_job_without_heartbeat_waits_for_its_re_delivery(django_user_model, settings, eager, expected):
+    """With a broker the job shows queued until delivered again; without one nothing would run it: failed."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.CELERY_TASK_ALWAYS_EAGER = eager
+    settings.JOB_HEARTBEAT_TIMEOUT = 5
+    user = django_user_model.objects.create_user("lost")
+    key, raw_key = api_key_create(user=user, name="k")
+    long_ago = timezone.now() - timedelta(seconds=6)
+    job = _job(user, CHAT_JOB, api_key=key, status="running", attempts=1, heartbeat_at=long_ago)
+    fresh = _job(user, CHAT_JOB, api_key=key, status="running", attempts=1, heartbeat_at=timezone.now())
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    assert client.get(f"/v1/jobs/{job.pk}").json()["status"] == expected
+    assert client.get(f"/v1/jobs/{fresh.pk}").json()["status"] == "running"
+
+
+def test_a_cancelled_job_stores_nothing_when_its_attempt_ends(django_user_model):
+    """The attempt's result is written only while it owns the job: a cancel in between wins."""
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from chat import jobs
+    from chat.models import Conversation, Job
+    from chat.serializers import ChatCompletionRequestSerializer
+    from chat.services import chat_request_prepare, generate_observed
+
+    call_command("import_resources", stdout=open("/dev/null", "w"))
+    user = django_user_model.objects.create_user("canceller")
+    job = _job(user, CHAT_JOB, status="running", attempts=1, heartbeat_at=timezone.now())
+    serializer = ChatCompletionRequestSerializer(data=CHAT_JOB)
+    serializer.is_valid(raise_exception=True)
+    plan = chat_request_prepare(user=user, data=serializer.validated_data)
+    completion = generate_observed(plan)
+    Job.objects.filter(pk=job.pk).update(status="cancelled")  # DELETE /v1/jobs/<id> while it generated
+    assert not jobs._finish(job_id=job.pk, attempt=1, plan=plan, completion=completion)
+    assert not Conversation.objects.exists()
+    Job.objects.filter(pk=job.pk).update(status="running", attempts=2)  # or a newer attempt took over
+    assert not jobs._finish(job_id=job.pk, attempt=1, plan=plan, completion=completion)
+    assert not Conversation.objects.exists()
+    assert jobs._finish(job_id=job.pk, attempt=2, plan=plan, completion=completion)
+    assert Conversation.objects.get().messages.count() == 2

@@ -1,7 +1,6 @@
 """Management commands and test collection never load an inference library (models load on first use)."""
 
 import json
-import sys
 
 from tests.subprocess_helpers import run_python
 
@@ -26,4 +25,5 @@ def test_collecting_the_test_suite_loads_no_inference_library(tmp_path):
                         env={"LLMSITE_COLLECTION_REPORT": str(report)}, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads(report.read_text()) == {"loaded": []}
-    assert sys.executable  # the child used this interpreter
+    # The report covers a real collection, including the engine tests that use the inference libraries.
+    assert "tests/engine/test_generation.py::test_cancel_frees_the_sequence" in result.stdout

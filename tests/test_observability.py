@@ -9,7 +9,10 @@ from django.core.management import call_command
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
+from channels.testing import WebsocketCommunicator
+
 from chat.api_keys import api_key_create
+from llmsite.asgi import application  # imported first: django.setup() there re-applies LOGGING, caplog after
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db]
 
@@ -106,6 +109,36 @@ def test_metrics_can_require_a_token(settings):
     assert APIClient().get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-secret").status_code == 200
 
 
+def test_metrics_refuse_without_a_token_when_debug_is_off(settings):
+    settings.METRICS_OPEN_WITHOUT_TOKEN = False  # what settings.py derives from DEBUG=0
+    settings.METRICS_TOKEN = ""
+    response = APIClient().get("/metrics")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "metrics_token_not_set"
+    assert "llmsite_" not in response.content.decode()
+
+
+def test_every_log_line_of_a_request_carries_its_request_id(api, caplog):
+    with caplog.at_level(logging.INFO):
+        response = api.post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 4,
+            "character": "captain-mira"}, format="json", HTTP_X_REQUEST_ID="trace42")
+    assert response["X-Request-ID"] == "trace42"
+    ours = [r for r in caplog.records if r.name.startswith("llmsite.")]
+    assert {"llmsite.requests", "llmsite.chat"} <= {r.name for r in ours}
+    assert all(r.request_id == "trace42" for r in ours), [(r.name, r.request_id) for r in ours]
+
+
+def test_a_background_job_run_inline_logs_with_the_request_id(api, caplog):
+    with caplog.at_level(logging.INFO):
+        response = api.post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 4, "background": True,
+            "character": "captain-mira"}, format="json", HTTP_X_REQUEST_ID="jobtrace7")
+    assert response.status_code in (200, 202), response.content
+    during = [r for r in caplog.records if r.name.startswith("llmsite.") and r.name != "llmsite.requests"]
+    assert during and all(r.request_id == "jobtrace7" for r in during), [(r.name, r.request_id) for r in during]
+
+
 def test_one_structured_log_line_per_request_without_prompt_text(api, caplog):
     with caplog.at_level(logging.INFO):
         response = api.post("/v1/chat/completions", {
@@ -114,13 +147,13 @@ def test_one_structured_log_line_per_request_without_prompt_text(api, caplog):
     assert response.status_code == 200
     lines = [r for r in caplog.records if r.name == "llmsite.requests"]
     assert len(lines) == 1
-    fields = json.loads(lines[0].getMessage())
+    fields = vars(lines[0])  # the request's fields are the record's: top-level keys of its JSON line
     assert fields["request_id"] == response["X-Request-ID"]
     assert fields["key_id"] == api.key.pk and fields["status"] == 200
     assert fields["character"] == "captain-mira" and fields["model"] == "smollm2-135m-instruct"
     assert fields["prompt_tokens"] > 0 and fields["completion_tokens"] > 0
     assert fields["ttft_ms"] > 0 and fields["total_ms"] >= fields["ttft_ms"] and fields["cache"] == "BYPASS"
-    everything = "\n".join(r.getMessage() for r in caplog.records)
+    everything = "\n".join(r.getMessage() + json.dumps(vars(r), default=str) for r in caplog.records)
     assert SECRET_WORDS not in everything and api.raw_key not in everything
     assert "Received request for character captain-mira" in everything
 
@@ -130,5 +163,22 @@ def test_prompts_are_logged_only_when_the_setting_says_so(api, caplog, settings)
     with caplog.at_level(logging.INFO):
         api.post("/v1/chat/completions", {"messages": [{"role": "user", "content": SECRET_WORDS}], "max_tokens": 4},
                  format="json")
-    line = json.loads(next(r for r in caplog.records if r.name == "llmsite.requests").getMessage())
+    line = vars(next(r for r in caplog.records if r.name == "llmsite.requests"))
     assert SECRET_WORDS in line["prompt"] and "reply" in line
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_every_log_line_of_a_websocket_connection_carries_its_request_id(api, caplog):
+    comm = WebsocketCommunicator(application, "/ws/chat/captain-mira/", headers=[
+        (b"origin", b"http://127.0.0.1:8000"), (b"authorization", f"Bearer {api.raw_key}".encode()),
+        (b"x-request-id", b"socket99")])
+    with caplog.at_level(logging.INFO):
+        connected, _ = await comm.connect()
+        assert connected
+        await comm.send_json_to({"type": "message", "content": "Hello, Captain.", "max_tokens": 4})
+        while (await comm.receive_json_from(timeout=60))["type"] not in ("end", "error"):
+            pass
+        await comm.disconnect()
+    ours = [r for r in caplog.records if r.name.startswith("llmsite.")]
+    assert {"llmsite.ws", "llmsite.chat"} <= {r.name for r in ours}
+    assert all(r.request_id == "socket99" for r in ours), [(r.name, r.request_id) for r in ours]

@@ -4,7 +4,13 @@ import pytest
 
 from characters.models import Character, SystemPrompt
 from chat.engine import ContextOverflow, SamplingParams
-from chat.prompting import placeholders_replace, prompt_compose, prompt_greeting, system_prompt_default
+from chat.prompting import (
+    placeholders_replace,
+    prompt_compose,
+    prompt_greeting,
+    prompt_greetings,
+    system_prompt_default,
+)
 from chat.prompting.placeholders import example_dialogue_blocks
 from scenarios.models import Scenario
 
@@ -104,6 +110,44 @@ def test_system_prompt_precedence(engine, settings):
     assert compose(engine, ada, [user("hi")]).messages[0]["content"].startswith("You are Ada. House rules for Ada.")
 
 
+def test_a_character_uses_its_named_system_prompt_else_the_default(engine):
+    ada, tom = make_character(), make_character(name="Tom", slug="tom")
+    SystemPrompt.objects.create(name="House", content="House rules.", is_default=True)
+    terse = SystemPrompt.objects.create(name="Terse", content="Answer {{user}} in five words.")
+    ada.named_system_prompt = terse
+    ada.save()
+    assert compose(engine, ada, [user("hi")]).messages[0]["content"].startswith("Answer Sam in five words.")
+    assert compose(engine, tom, [user("hi")]).messages[0]["content"].startswith("House rules.")
+    # The character's own system prompt still wins, and {{original}} is the named one.
+    ada.system_prompt = "You are {{char}}. {{original}}"
+    assert compose(engine, ada, [user("hi")]).messages[0]["content"].startswith(
+        "You are Ada. Answer Sam in five words.")
+
+
+def test_before_char_scenarios_go_between_the_system_prompt_and_the_profile(engine):
+    ada = make_character()
+    make_scenario("Storm", character=ada, keywords="storm", content="STORM LORE.", position="before_char")
+    make_scenario("Ship", character=ada, keywords="ship", content="SHIP LORE.")
+    composed = compose(engine, ada, [user("A storm and a ship?")])
+    stable, context = composed.messages[0]["content"], composed.messages[1]["content"]
+    assert stable.index(system_prompt_default()) < stable.index("STORM LORE.") < stable.index("Ada keeps the")
+    assert "SHIP LORE." in context and "STORM LORE." not in context
+    assert {s.title for s in composed.scenarios} == {"Storm", "Ship"}
+
+
+def test_scan_depth_of_the_entry_then_the_character_then_the_setting(engine, settings):
+    settings.SCENARIO_SCAN_DEPTH = 1
+    ada = make_character(scan_depth=3)
+    make_scenario("Storm", character=ada, keywords="storm", content="STORM LORE.")
+    make_scenario("Ship", character=ada, keywords="ship", content="SHIP LORE.", scan_depth=1)
+    make_scenario("Fog", keywords="fog", content="FOG LORE.")  # global: the setting's depth
+    turns = [user("A storm, a ship, fog."), assistant("Aye."), user("Tea?")]
+    composed = compose(engine, ada, turns)
+    assert [s.title for s in composed.scenarios] == ["Storm"]
+    settings.SCENARIO_SCAN_DEPTH = 3
+    assert {s.title for s in compose(engine, ada, turns).scenarios} == {"Storm", "Fog"}
+
+
 def test_without_a_character_only_the_system_prompt_and_global_scenarios(engine):
     ada = make_character()
     make_scenario("Own", character=ada, keywords="storm")
@@ -124,6 +168,9 @@ def test_placeholders_everywhere_but_the_users_own_words(engine):
     assert "Ada shelters Sam from the storm." in everything
     assert composed.messages[-2] == user("storm? {{char}}")
     assert prompt_greeting(character=ada, user_name="Sam") == "Mind the step, Sam. Ada has tea."
+    ada.alternate_greetings = ["", "Back again, {{user}}?"]
+    assert prompt_greetings(character=ada, user_name="Sam") == [
+        "Mind the step, Sam. Ada has tea.", "", "Back again, Sam?"]
 
 
 def test_placeholder_spellings():

@@ -22,7 +22,9 @@ import httpx
 import openai
 import pytest
 
-from chat.engine.upstream import UpstreamPool
+from chat.engine.errors import ContextOverflow
+from chat.engine.upstream import Upstream as PoolMember
+from chat.engine.upstream import UpstreamPool, error_for_status
 from llmsite.config import ConfigError, load_config
 from tests.live import LiveServer, free_port, prepare_database
 from tests.subprocess_helpers import ROOT
@@ -316,6 +318,35 @@ def test_plain_prompts_and_completions_mode_go_to_v1_completions(stack):
                                       "<|im_start|>assistant\n")
 
 
+def test_tools_pass_through_to_the_upstream_and_its_calls_come_back(stack):
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                                "parameters": parameters}}
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    before = len(stack.proxy.requests)
+    for stream in (False, True):
+        reply = stack.client().chat.completions.create(
+            model="remote", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[weather],
+            tool_choice=choice, max_tokens=40, temperature=0, stream=stream,
+            extra_headers={"Cache-Control": "no-cache"})
+        if stream:
+            deltas = [c.choices[0].delta.tool_calls[0] for c in reply if c.choices and c.choices[0].delta.tool_calls]
+            assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+            arguments = "".join(d.function.arguments or "" for d in deltas)
+        else:
+            assert reply.choices[0].finish_reason in ("tool_calls", "length")
+            (call,) = reply.choices[0].message.tool_calls
+            assert call.function.name == "get_weather"
+            arguments = call.function.arguments
+        assert isinstance(json.loads(arguments)["city"], str)
+    sent = stack.proxy.sent("/v1/chat/completions", before)
+    assert len(sent) == 2
+    for request in sent:  # the upstream got the tools themselves: no grammar, no tool text of ours
+        body = request.json
+        assert body["tools"][0]["function"]["name"] == "get_weather" and body["tool_choice"] == choice
+        assert "grammar" not in body and "<tool_call>" not in json.dumps(body["messages"])
+
+
 def test_an_upstream_that_is_down_answers_503_naming_it(stack):
     for stream in (False, True):
         response = httpx.post(stack.server.url + "/v1/chat/completions", headers=stack.headers(), timeout=30,
@@ -408,6 +439,9 @@ def test_the_pool_skips_a_failed_upstream_until_it_answers_again():
     assert [u.root for u in pool.upstreams] == ["http://a:1", "http://b:2"]
     assert [u.label for u in pool.candidates()] == ["a:1", "b:2"]
     assert [u.label for u in pool.candidates()] == ["b:2", "a:1"]  # round-robin
+    assert [u.label for u in pool.candidates(rotate=False)] == ["a:1", "b:2"]  # token counting: no turn taken
+    assert [u.label for u in pool.candidates()] == ["a:1", "b:2"]
+    assert [u.label for u in pool.candidates()] == ["b:2", "a:1"]
     a = pool.upstreams[0]
     pool.failed(a)
     assert [[u.label for u in pool.candidates()] for _ in range(2)] == [["b:2"], ["b:2"]]  # skipped
@@ -419,6 +453,21 @@ def test_the_pool_skips_a_failed_upstream_until_it_answers_again():
     for upstream in pool.upstreams:
         pool.failed(upstream)
     assert len(pool.candidates()) == 1  # all down: the one due soonest is still asked
+
+
+@pytest.mark.parametrize("body, expected", [
+    # llama-server: its own count and its slot's size, in the error's fields.
+    (b'{"error": {"code": 400, "message": "request (1500 tokens) exceeds the available context size (1024 tokens), '
+     b'try increasing it", "n_ctx": 1024, "n_prompt_tokens": 1500, "type": "exceed_context_size_error"}}', (1500, 1024)),
+    # Only the message: the size is read from it, the prompt is our own count.
+    (b'{"error": {"message": "request (1500 tokens) exceeds the available context size (1024 tokens)"}}', (1400, 1024)),
+    (b'{"error": {"message": "This model\'s maximum context length is 4096 tokens."}}', (1400, 4096)),
+])
+def test_an_upstream_context_error_becomes_context_overflow_with_the_upstreams_sizes(body, expected):
+    error = error_for_status(model="m", upstream=PoolMember.from_url("http://gpu-1:8000"), status=400, body=body,
+                             prompt_tokens=1400, context_length=8192)
+    assert isinstance(error, ContextOverflow)
+    assert (error.prompt_tokens, error.context_length) == expected
 
 
 REMOTE = "system_prompt: hi\nmodels:\n  - name: r\n    backend: openai_compatible\n"

@@ -16,6 +16,7 @@ from tests.subprocess_helpers import ROOT
 pytestmark = pytest.mark.smollm2
 
 ASK = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 12, "temperature": 0}
+HEARTBEAT_TIMEOUT = 2  # seconds; far shorter than evaluating a long prompt on this machine
 
 
 class Worker:
@@ -37,13 +38,13 @@ class Worker:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url, smollm2_path):
     """daphne + a Celery worker sharing one SQLite file, with Redis as broker, cache and channel layer."""
-    base = redis_url.rsplit("/", 1)[0]
     import redis
 
-    redis.Redis.from_url(f"{base}/14").flushdb()  # no cached replies or queued tasks from earlier runs
+    # TEST_REDIS_URL's database, so concurrent runs can each have their own.
+    redis.Redis.from_url(redis_url).flushdb()  # no cached replies or queued tasks from earlier runs
     server = LiveServer(workdir=tmp_path_factory.mktemp("scale-out"), env={
-        "REDIS_URL": f"{base}/14", "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "API_RATE_LIMIT": "",
-        "JOB_HEARTBEAT_TIMEOUT": "30"})
+        "REDIS_URL": redis_url, "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "API_RATE_LIMIT": "",
+        "JOB_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT)})
     keys = prepare_database(server, {"ann": ["ann"], "ben": ["ben"]})
     server.start()
     worker = Worker(server)
@@ -84,13 +85,13 @@ def test_background_job_from_submit_to_done(stack):
     assert api(server, keys["ben"]).get(job["url"]).status_code == 404
 
 
-def test_long_request_goes_to_the_background_and_can_be_cancelled(stack):
+def test_a_background_job_can_be_cancelled(stack):
     server, keys, _ = stack
     client = api(server, keys["ann"])
     response = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
-        "max_tokens": 1500, "temperature": 0.8, "seed": 3})
-    assert response.status_code == 202  # over BACKGROUND_MAX_TOKENS_THRESHOLD
+        "max_tokens": 1500, "temperature": 0.8, "seed": 3, "background": True})
+    assert response.status_code == 202
     url = response.json()["url"]
     running = wait_for(client, url, lambda b: b["status"] == "running" and b["completion_tokens"] > 0)
     assert running["text_so_far"]
@@ -104,20 +105,56 @@ def test_long_request_goes_to_the_background_and_can_be_cancelled(stack):
     assert wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"))["status"] == "done"
 
 
-def test_a_killed_worker_process_leaves_the_job_re_run_not_stuck(stack):
+def test_a_job_whose_prompt_evaluation_outlasts_the_heartbeat_timeout_completes(stack):
+    server, keys, _ = stack
+    client = api(server, keys["ann"])
+    # A fresh prefix each run: nothing of this prompt is in the engine's prefix cache.
+    text = f"Log {uuid.uuid4().hex}. " + "The sea was calm and the sky was grey that morning. " * 110
+    job = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": text + "Summarise the log in one sentence."}],
+        "max_tokens": 8, "temperature": 0.8, "background": True}).json()
+    states = []  # (time, status, tokens so far) at each poll; a poll is what used to declare the job lost
+
+    def record(body):
+        states.append((time.monotonic(), body["status"], body["completion_tokens"]))
+        return body["status"] not in ("queued", "running")
+
+    final = wait_for(client, job["url"], record, timeout=300)
+    assert final["status"] == "done" and final["attempts"] == 1, final
+    statuses = [status for _, status, _ in states]
+    assert "queued" not in statuses[statuses.index("running"):], statuses  # never taken for lost
+    evaluating = [at for at, status, tokens in states if status == "running" and tokens == 0]
+    # The scenario really happened: the job sat in prompt evaluation for longer than the timeout.
+    assert evaluating and evaluating[-1] - evaluating[0] > HEARTBEAT_TIMEOUT, states
+
+
+def test_a_killed_worker_process_leaves_the_job_re_run_and_its_exchange_stored_once(stack):
     server, keys, worker = stack
     client = api(server, keys["ann"])
+    # Not ASK: a reply cached here would turn the response-cache test's first MISS into a HIT.
+    first = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Ciao! What shall we cook?"}], "character": "chef-luca",
+        "max_tokens": 12}).json()
+    conversation = first["conversation"]
+    assert conversation, first
     for attempt in range(3):  # a job that finishes before the kill lands proves nothing: try again
         job = client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
-            "max_tokens": 400, "temperature": 0.8, "seed": 3 + attempt, "background": True}).json()
+            "conversation": conversation, "max_tokens": 400, "temperature": 0.8, "seed": 3 + attempt,
+            "background": True}).json()
         wait_for(client, job["url"], lambda b: b["status"] == "running", timeout=120)
-        # The pool process running the job dies mid-job (the worker's main process survives).
+        # The pool process running the job dies mid-job, having stored nothing (the worker's main process survives).
         subprocess.run(["pkill", "-KILL", "-P", str(worker.process.pid)], check=False)
         final = wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"), timeout=180)
         if final["attempts"] > 1:
             break
     assert final["status"] == "done" and final["attempts"] == 2, final
+    assert final["result"]["conversation"] == conversation
+    messages = client.get(f"/v1/conversations/{conversation}/messages/").json()["results"]
+    # Each exchange exactly once: the first one, and one per job that ran (the killed attempt stored nothing).
+    assert [m["role"] for m in messages] == ["user", "assistant"] * (2 + attempt), (attempt, messages)
+    assert messages[-1]["content"] == final["result"]["choices"][0]["message"]["content"]
+    assert [m["content"] for m in messages[2::2]] == ["Write a very long essay about the sea."] * (1 + attempt)
 
 
 def test_response_cache_hits_and_an_admin_edit_misses(stack):

@@ -1,6 +1,9 @@
-"""WebSocket chat through the real ASGI application (origin check, auth, consumer) and the real model."""
+"""WebSocket chat through the real ASGI application (origin check, auth, consumer) and the real model,
+in process and, for a plain `websockets` client, against a live daphne server."""
 
 import asyncio
+import json
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -81,21 +84,45 @@ async def test_closing_the_socket_cancels_the_generation(api_key):
     assert not await sync_to_async(Message.objects.exists)()  # nothing stored as a complete reply
 
 
-async def test_refused_without_auth_or_with_a_foreign_origin(api_key):
+async def session_cookie(django_user_model, username="page-user") -> bytes:
+    await sync_to_async(call_command)("import_resources", stdout=open("/dev/null", "w"))
+    user = await sync_to_async(django_user_model.objects.create_user)(username)
+    client = Client()
+    await sync_to_async(client.force_login)(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+async def test_refused_without_auth_with_a_bad_key_or_with_a_key_in_the_query_string(api_key):
     comm = communicator(headers=[ORIGIN])
     connected, code = await comm.connect()
     assert not connected and code == 4401
-    comm = communicator(headers=[(b"origin", b"https://evil.example"), (b"authorization", f"Bearer {api_key}".encode())])
-    connected, _ = await comm.connect()
-    assert not connected
+    comm = communicator(headers=[(b"authorization", b"Bearer llms-not-a-key")])
+    connected, code = await comm.connect()
+    assert not connected and code == 4401
+    # Policy: a key in the URL would end up in proxy logs, so it is refused even when valid.
+    comm = communicator(f"/ws/chat/captain-mira/?api_key={api_key}", headers=[ORIGIN])
+    connected, code = await comm.connect()
+    assert not connected and code == 4401
+
+
+async def test_a_bearer_key_needs_no_origin_but_a_cookie_session_needs_ours(api_key, django_user_model):
+    bearer = (b"authorization", f"Bearer {api_key}".encode())
+    for headers in ([bearer], [bearer, (b"origin", b"https://evil.example")]):  # not a browser: no origin check
+        comm = communicator(headers=headers)
+        assert (await comm.connect())[0], headers
+        await comm.disconnect()
+    cookie = (b"cookie", await session_cookie(django_user_model, "cookie-user"))
+    comm = communicator(headers=[ORIGIN, cookie])
+    assert (await comm.connect())[0]
+    await comm.disconnect()
+    for headers in ([(b"origin", b"https://evil.example"), cookie], [cookie]):  # a foreign page, or no origin
+        comm = communicator(headers=headers)
+        connected, _ = await comm.connect()
+        assert not connected, headers
 
 
 async def test_session_login_works_and_bad_messages_get_error_events(django_user_model):
-    await sync_to_async(call_command)("import_resources", stdout=open("/dev/null", "w"))
-    user = await sync_to_async(django_user_model.objects.create_user)("page-user")
-    client = Client()
-    await sync_to_async(client.force_login)(user)
-    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    cookie = await session_cookie(django_user_model)
     comm = communicator("/ws/chat/byte/", headers=[ORIGIN, (b"cookie", cookie)])
     assert (await comm.connect())[0]
     await comm.send_to(text_data="not json")
@@ -106,3 +133,54 @@ async def test_session_login_works_and_bad_messages_get_error_events(django_user
     await comm.send_json_to({"type": "message", "content": "Hello!", "conversation": "not-a-uuid"})
     assert (await comm.receive_json_from(timeout=30))["error"]["param"] == "conversation"
     await comm.disconnect()
+
+
+# --- A plain client against a live server -------------------------------------------------------
+
+LIVE_RATE_LIMIT = 6  # per minute, for HTTP requests and WebSocket messages together
+
+
+@pytest.fixture(scope="module")
+def live_ws(tmp_path_factory, smollm2_path):
+    from tests.live import LiveServer, prepare_database
+
+    server = LiveServer(workdir=tmp_path_factory.mktemp("live-ws"), env={"API_RATE_LIMIT": f"{LIVE_RATE_LIMIT}/min"})
+    keys = prepare_database(server, {"wes": ["wes"]})
+    server.start()
+    try:
+        yield server, keys["wes"]
+    finally:
+        server.stop()
+
+
+def events_until_end(socket) -> list[dict]:
+    events = []
+    while not events or events[-1]["type"] not in ("end", "error"):
+        events.append(json.loads(socket.recv(timeout=120)))
+    return events
+
+
+def test_a_plain_websocket_client_chats_with_a_bearer_key_and_is_rate_limited_like_http(live_ws):
+    import httpx
+    from websockets.sync.client import connect
+
+    server, key = live_ws
+    if time.time() % 60 > 40:  # the whole budget must be spent inside one fixed one-minute window
+        time.sleep(61 - time.time() % 60)
+    url = server.url.replace("http://", "ws://") + "/ws/chat/captain-mira/"
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    # No Origin header: `websockets` sends none unless asked to.
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}"}, proxy=None) as socket:
+        socket.send(json.dumps({"type": "message", "content": "Is a storm coming?", "max_tokens": 12}))
+        events = events_until_end(socket)  # 1 of the budget
+        assert events[0]["type"] == "start" and events[-1]["type"] == "end", events[-1]
+        assert "".join(e["text"] for e in events if e["type"] == "token") == events[-1]["text"]
+        assert http.get("/v1/models").status_code == 200  # 2: HTTP spends the same budget
+        for _ in range(LIVE_RATE_LIMIT - 2):  # 3..6: cheap messages (refused as empty, but counted)
+            socket.send(json.dumps({"type": "message", "content": ""}))
+            assert json.loads(socket.recv(timeout=60))["status"] == 400
+        socket.send(json.dumps({"type": "message", "content": "One more?"}))
+        limited = json.loads(socket.recv(timeout=60))
+        assert limited["type"] == "error" and limited["status"] == 429, limited
+        assert limited["error"]["code"] == "rate_limit_exceeded" and limited["retry_after"] > 0
+    assert http.get("/v1/models").status_code == 429

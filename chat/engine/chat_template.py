@@ -68,25 +68,33 @@ class ChatTemplate:
                 logger.warning("model %r: chat template does not compile; using ChatML instead", model, exc_info=True)
         return cls(CHATML_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def supports_tools(self) -> bool:
+        """The template renders a `tools` list itself (Hugging Face's test: it refers to `tools`)."""
+        return "tools" in self.source
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools` (OpenAI function tools) are given to templates that support them (see supports_tools)."""
         messages = _validated(messages)
+        extra = {"tools": tools} if tools and self.supports_tools else {}
         try:
-            return self._render(messages, add_generation_prompt)
+            return self._render(messages, add_generation_prompt, **extra)
         except TemplateRejected as rejection:
             if not any(m["role"] == "system" for m in messages):
                 raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
         # Templates such as Gemma's or Mistral's refuse a system role: fold it into the first user turn.
         try:
-            return self._render(fold_system_into_first_user(messages), add_generation_prompt)
+            return self._render(fold_system_into_first_user(messages), add_generation_prompt, **extra)
         except TemplateRejected as rejection:
             raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
+            **extra,
         )
 
 

@@ -57,9 +57,15 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return self._backend.detokenize(list(tokens))
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        """Prompt text for `messages` ({"role", "content"} dicts) in the model's chat format."""
-        return self._template.render(messages, add_generation_prompt=add_generation_prompt)
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """Prompt text for `messages` ({"role", "content"} dicts) in the model's chat format; `tools` reach a
+        template that supports them."""
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    @property
+    def template_supports_tools(self) -> bool:
+        return self._template.supports_tools
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         """The tokens `submit` would decode for `prompt`: BOS added only if the model wants one and it is missing."""

@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedFeature,
 )
 from .generation import Generation
+from .tool_call_text import ToolCallText
 from .types import Completion, ModelSpec, SamplingParams
 from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error, upstream_error_message
 
@@ -144,7 +145,7 @@ class RemoteTokenizer:
 
     def _post(self, path: str, payload: dict) -> tuple[int, dict] | None:
         """(status, JSON object) from the first upstream that answers, or None when none does."""
-        for upstream in self._pool.candidates():
+        for upstream in self._pool.candidates(rotate=False):
             try:
                 response = self._client.post(upstream.root + path, json=payload, headers=self._headers)
             except httpx.TransportError as error:
@@ -284,7 +285,10 @@ class RemoteEngine:
     def detokenize(self, tokens: list[int]) -> str:
         return self._tokenizer.detokenize(tokens)
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    template_supports_tools = False  # tools go to the upstream itself (SamplingParams.tools_json)
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
         """Chat mode: readable text carrying `messages` (the upstream applies its own template); completions
         mode: the prompt itself, rendered with chat_template (ChatML by default)."""
         text = self._template.render(messages, add_generation_prompt=add_generation_prompt)
@@ -388,6 +392,8 @@ class RemoteEngine:
             body["stop"] = list(params.stop)
         if params.grammar:
             body["grammar"] = params.grammar  # llama.cpp servers; vLLM ignores it
+        if params.tools_json and chat:
+            body.update(json.loads(params.tools_json))  # the upstream's own tool calling
         return body
 
     def _work(self) -> None:
@@ -451,9 +457,11 @@ class RemoteEngine:
                     request.response = None  # a late cancel() must not touch a connection back in the pool
                 response.close()
             return
-        plural = "servers do" if len(tried) > 1 else "server does"
-        self._fail(request, ModelUnavailable(self.spec.name, ", ".join(tried) or self._pool.label,
-                                             f"the upstream {plural} not answer ({reason})."))
+        # When the whole pool is down, name all of it: the ones skipped as down failed a moment ago.
+        whole_pool = not any(upstream.up for upstream in self._pool.upstreams)
+        names = self._pool.label if whole_pool or not tried else ", ".join(tried)
+        plural = "servers do" if names.count(",") else "server does"
+        self._fail(request, ModelUnavailable(self.spec.name, names, f"the upstream {plural} not answer ({reason})."))
 
     def _stream(self, request: _Request, upstream: Upstream, response: httpx.Response) -> None:
         with request.lock:
@@ -466,6 +474,7 @@ class RemoteEngine:
             return
         parts: list[str] = []
         pieces, finish, usage, done = 0, None, None, False
+        tool_text = ToolCallText()  # the upstream's tool_calls, as the text chat/tool_calls.py reads
         try:
             if "text/event-stream" in response.headers.get("content-type", ""):
                 events = _sse_events(response.iter_lines())
@@ -493,6 +502,8 @@ class RemoteEngine:
                         continue
                     message = choice.get("delta") or choice.get("message") or {}
                     piece = message.get("content") if request.chat else choice.get("text")
+                    if request.chat and isinstance(message.get("tool_calls"), list):
+                        piece = (piece or "") + tool_text.feed(message["tool_calls"])
                     if piece:
                         parts.append(piece)
                         pieces += 1
@@ -510,6 +521,10 @@ class RemoteEngine:
         if request.cancelled:
             self._finish(request, "".join(parts), "cancelled", pieces)
             return
+        closing = tool_text.close()
+        if closing:
+            parts.append(closing)
+            request.generation._push_text(closing)
         if not done and finish is None:
             self._upstream_failed(upstream, "the stream ended without a finish")
             self._fail(request, ModelUnavailable(self.spec.name, upstream.label,

@@ -82,6 +82,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF text
+    # OpenAI tools/tool_choice/parallel_tool_calls as JSON, for engines that pass them to an upstream.
+    tools_json: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # a lone string would otherwise become one stop per character

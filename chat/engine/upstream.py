@@ -21,7 +21,7 @@ RETRY_DOWN_AFTER = 5.0  # seconds a failed upstream is skipped before a request 
 # llama-server ("exceeds the available context size", type exceed_context_size_error).
 _CONTEXT_ERROR = re.compile(r"context length|context window|context size|max_model_len|exceed_context_size",
                             re.IGNORECASE)
-_CONTEXT_NUMBER = re.compile(r"(?:maximum context length is|context window of|n_ctx[^0-9]*|"
+_CONTEXT_NUMBER = re.compile(r"(?:maximum context length is|context window of|context size \(|n_ctx[^0-9]*|"
                              r"max_model_len[^0-9]*)\s*(\d+)", re.IGNORECASE)
 
 
@@ -68,12 +68,17 @@ class UpstreamPool:
     def label(self) -> str:
         return ", ".join(upstream.label for upstream in self.upstreams)
 
-    def candidates(self) -> list[Upstream]:
-        """The upstreams to try for one request, in order: answering ones (rotated), then those due a retry."""
+    def candidates(self, *, rotate: bool = True) -> list[Upstream]:
+        """The upstreams to try for one request, in order: answering ones (rotated), then those due a retry.
+
+        rotate=False (token counting) keeps the rotation where it is: otherwise a request's own
+        tokenize call would take every other turn, and generations would all land on one upstream.
+        """
         now = time.monotonic()
         with self._lock:
             start = self._next
-            self._next = (self._next + 1) % len(self.upstreams)
+            if rotate:
+                self._next = (self._next + 1) % len(self.upstreams)
             rotated = self.upstreams[start:] + self.upstreams[:start]
             up = [upstream for upstream in rotated if upstream.up]
             due = [upstream for upstream in rotated if not upstream.up and upstream.down_until <= now]
@@ -116,6 +121,20 @@ def upstream_error_message(body: bytes) -> str:
     return json.dumps(data)[:300]
 
 
+def _upstream_counts(body: bytes) -> tuple[int, int] | None:
+    """(prompt tokens, context size) from llama-server's error fields n_prompt_tokens and n_ctx, if present."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    counts = error.get("n_prompt_tokens"), error.get("n_ctx")
+    if all(isinstance(count, int) and not isinstance(count, bool) and count > 0 for count in counts):
+        return counts
+    return None
+
+
 def is_context_error(status: int, body: bytes) -> bool:
     if status not in (400, 413, 422):
         return False
@@ -127,6 +146,9 @@ def error_for_status(*, model: str, upstream: Upstream, status: int, body: bytes
                      context_length: int) -> EngineError:
     """The engine error for an upstream's non-200 answer that no other upstream would answer differently (4xx)."""
     if is_context_error(status, body):
+        counted = _upstream_counts(body)
+        if counted:  # llama-server says how many tokens it counted and how many its slot holds
+            return ContextOverflow(*counted)
         found = _CONTEXT_NUMBER.search(body.decode("utf-8", "replace"))
         return ContextOverflow(prompt_tokens, int(found.group(1)) if found else context_length)
     if status in (401, 403):

@@ -1,6 +1,13 @@
 """Prompt composition: what the model reads for each reply (see docs/PROMPTS.md)."""
 
-from .compose import ComposedPrompt, prompt_compose, prompt_greeting, system_prompt_default
+from .compose import (
+    ComposedPrompt,
+    prompt_compose,
+    prompt_greeting,
+    prompt_greetings,
+    system_prompt_default,
+    system_prompt_of,
+)
 from .placeholders import placeholders_replace
 from .preview import PromptPreview, prompt_preview
 
@@ -10,6 +17,8 @@ __all__ = [
     "placeholders_replace",
     "prompt_compose",
     "prompt_greeting",
+    "prompt_greetings",
     "prompt_preview",
     "system_prompt_default",
+    "system_prompt_of",
 ]

@@ -3,10 +3,14 @@
 Message order (docs/PROMPTS.md). The first message never changes between turns of a chat, so the
 engine's prefix cache reuses it; whatever varies comes after it:
 
-1. system: the system prompt and the character's profile (description, personality, setting);
+1. system: the system prompt (the character's named one, else the default) and the character's
+   profile (description, personality, setting);
 2. system: example dialogue, then the scenarios that fired, then the request's own system text;
 3. the conversation so far, then the user's new message;
 4. system: the character's post-history instructions.
+
+Scenarios whose position is "before_char" go into message 1, between the system prompt and the
+profile, as lorebooks place them; this makes message 1 change when they come or go.
 
 When the prompt and the reply (`max_tokens`) do not fit the model's context, parts are dropped in
 this order: the example dialogue, the oldest turns, the lowest-ranked scenarios. The system prompt,
@@ -15,7 +19,7 @@ the profile and the new message are never dropped: if they alone do not fit, Con
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -68,6 +72,20 @@ def prompt_greeting(*, character, user_name: str = "User") -> str:
     return placeholders_replace(character.greeting, char_name=character.name, user_name=user_name)
 
 
+def prompt_greetings(*, character, user_name: str = "User") -> list[str]:
+    """Every first message a chat may open with, placeholders replaced: the greeting, then the
+    alternates, by position (what the request's `greeting` index counts); an empty one stays ""."""
+    texts = [character.greeting, *(character.alternate_greetings or [])]
+    return [placeholders_replace(text, char_name=character.name, user_name=user_name).strip()
+            if isinstance(text, str) else "" for text in texts]
+
+
+def system_prompt_of(character) -> str:
+    """The system prompt a character builds on: its named one, else the default."""
+    named = character.named_system_prompt if character.named_system_prompt_id else None
+    return named.content if named is not None and named.content.strip() else system_prompt_default()
+
+
 def prompt_compose(
     *,
     engine,
@@ -78,6 +96,7 @@ def prompt_compose(
     forced_scenarios: Iterable[Scenario] | None = None,
     extra_system: str = "",
     system_override: str = "",
+    tools: list[dict] | None = None,
 ) -> ComposedPrompt:
     """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
 
@@ -85,6 +104,7 @@ def prompt_compose(
     `forced_scenarios` replaces scenario matching (and its token budget) with the given scenarios.
     `system_override` replaces the default system prompt when there is no character (API clients'
     own system messages).
+    `tools` (OpenAI function tools) are handed to the chat template (engines whose template supports them).
     Raises ContextOverflow when even the minimum prompt leaves no room for `max_tokens`, and
     ValueError for malformed turns.
     """
@@ -92,7 +112,7 @@ def prompt_compose(
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
                          forced_scenarios=forced_scenarios, extra_system=extra_system,
                          system_override=system_override)
-    return _fit(engine=engine, parts=parts, max_tokens=max_tokens)
+    return _fit(engine=engine, parts=parts, max_tokens=max_tokens, tools=tools)
 
 
 def _checked_turns(turns: Sequence[dict]) -> list[dict]:
@@ -112,7 +132,7 @@ def _checked_turns(turns: Sequence[dict]) -> list[dict]:
 class _Parts:
     """Everything that may go into the prompt, placeholders already replaced."""
 
-    stable: str
+    stable: Callable[[list[str]], str]  # message 1, given the texts of the "before_char" scenarios
     examples: list[str]
     matches: list[ScenarioMatch]
     scenario_texts: dict[int, str]  # id(match) -> inserted text
@@ -138,9 +158,14 @@ class _Parts:
             matches, over_budget = scenarios_within_budget(
                 matches=found, cost=lambda scenario: engine.count_tokens(fill(scenario.content)))
             dropped += [f"scenario '{m.scenario.title}' (over the scenario token budget)" for m in over_budget]
+        override = system_override.strip() if character is None else ""
+        head, profile = override or _system_text(character, fill), _profile_text(character, fill)
+
+        def stable(before: list[str]) -> str:
+            return "\n\n".join(section for section in (head, *before, profile) if section)
+
         return cls(
-            stable=system_override.strip() if character is None and system_override.strip()
-            else _stable_text(character, fill),
+            stable=stable,
             examples=[fill(block) for block in example_dialogue_blocks(character.example_dialogue)]
             if character is not None else [],
             matches=matches,
@@ -153,13 +178,15 @@ class _Parts:
         )
 
     def messages(self, *, with_examples: bool, cut: int, matches: list[ScenarioMatch]) -> list[dict]:
-        messages = [{"role": "system", "content": self.stable}]
+        before = [self.scenario_texts[id(m)] for m in matches if m.scenario.position == Scenario.Position.BEFORE_CHAR]
+        after = [self.scenario_texts[id(m)] for m in matches if m.scenario.position != Scenario.Position.BEFORE_CHAR]
+        messages = [{"role": "system", "content": self.stable(before)}]
         context = []
         if with_examples and self.examples:
             context.append("Example dialogue (how the character speaks; not part of this chat):\n\n"
                            + "\n\n".join(self.examples))
-        if matches:
-            context.append("Context for this reply:\n\n" + "\n\n".join(self.scenario_texts[id(m)] for m in matches))
+        if after:
+            context.append("Context for this reply:\n\n" + "\n\n".join(after))
         if self.extra_system:
             context.append(self.extra_system)
         if context:
@@ -171,14 +198,19 @@ class _Parts:
         return messages
 
 
-def _stable_text(character, fill) -> str:
-    default = system_prompt_default()
+def _system_text(character, fill) -> str:
     if character is None:
-        return default.strip()
+        return system_prompt_default().strip()
+    base = system_prompt_of(character)
     own = character.system_prompt.strip()
-    # As in Character Card V2, {{original}} in a character's own system prompt stands for the default.
-    system = fill(own.replace("{{original}}", default)) if own else fill(default)
-    sections = [system, fill(character.description)]
+    # As in Character Card V2, {{original}} in a character's own system prompt stands for the one it replaces.
+    return fill(own.replace("{{original}}", base)) if own else fill(base)
+
+
+def _profile_text(character, fill) -> str:
+    if character is None:
+        return ""
+    sections = [fill(character.description)]
     if character.personality.strip():
         sections.append(f"{character.name}'s personality: {fill(character.personality)}")
     if character.setting.strip():
@@ -186,7 +218,7 @@ def _stable_text(character, fill) -> str:
     return "\n\n".join(section for section in sections if section)
 
 
-def _fit(*, engine, parts: _Parts, max_tokens: int) -> ComposedPrompt:
+def _fit(*, engine, parts: _Parts, max_tokens: int, tools: list[dict] | None = None) -> ComposedPrompt:
     context_length = engine.context_length
     room = context_length - max_tokens
     dropped = list(parts.dropped)
@@ -194,7 +226,7 @@ def _fit(*, engine, parts: _Parts, max_tokens: int) -> ComposedPrompt:
 
     def measure() -> tuple[list[dict], str, int]:
         messages = parts.messages(with_examples=with_examples, cut=cut, matches=matches)
-        text = engine.render_chat(messages, add_generation_prompt=True)
+        text = engine.render_chat(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
         return messages, text, len(engine.prompt_tokens(text))
 
     cuts = _cut_points(parts.history)

@@ -7,7 +7,8 @@ import pytest
 
 from tests.live import LiveServer, prepare_database
 
-KEYS = {"alice": ["alice", "alice-stream"], "bob": ["bob"], "carol": ["carol-revoked"], "dave": ["dave-limited"]}
+KEYS = {"alice": ["alice", "alice-stream"], "bob": ["bob"], "carol": ["carol-revoked"], "dave": ["dave-limited"],
+        "lena": ["langchain"]}
 RATE_LIMIT_PER_MINUTE = 60
 
 

@@ -58,6 +58,18 @@ def post_raw(client, body: bytes):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n", "only n=1"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, "stop", None),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", "greater than 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}, "top_k", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.1}, "temperature", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, "presence_penalty", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}, "frequency_penalty", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, "repetition_penalty", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": "lucky"}, "seed", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, "seed", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n", "only n=1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": 7}, "stop", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "background": True, "stream": True}, "background", None),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
      "response_format.type", None),
     ({"messages": [{"role": "user", "content": "hi"}], "conversation": "not-a-uuid"}, "conversation", None),
@@ -104,14 +116,24 @@ def test_unknown_character_and_scenario_are_404(client):
                  code="scenario_not_found")
 
 
-def test_unknown_endpoint_and_method_use_the_error_shape(client):
-    assert_error(client.get("/v1/nothing-here"), 404)
+@pytest.mark.parametrize("debug", [True, False])
+def test_unknown_paths_under_the_api_are_json_404_whatever_debug(client, settings, debug):
+    settings.DEBUG = debug
+    for path in ("/v1/nothing-here", "/v1/chat/completions/extra", "/api/nothing", "/v1/jobs/not-a-uuid"):
+        response = client.get(path)
+        assert response["Content-Type"] == "application/json", (path, response.content[:200])
+        assert path in assert_error(response, 404, code="not_found")["message"]
+    # A POST from an API client (no CSRF token) gets the same answer, not Django's CSRF page.
+    assert_error(client.post("/v1/nothing-here", {"a": 1}, format="json"), 404)
+    assert "/v1/characters/" in assert_error(client.get("/v1/characters"), 404)["message"]  # the slash hint
     assert_error(client.get(URL), 405)
+    assert b"<html" in client.get("/no-such-page/").content.lower()  # pages outside the API stay HTML
 
 
-def test_stream_on_plain_completions_is_refused(client):
-    assert_error(client.post("/v1/completions", {"prompt": "Once", "stream": True}, format="json"), 400,
-                 param="stream")
+def test_unknown_model_is_404_on_retrieve_and_on_use(client):
+    assert_error(client.get("/v1/models/gpt-17"), 404, param="model", code="model_not_found", says="gpt-17")
+    assert_error(client.post("/v1/completions", {"prompt": "Once", "model": "gpt-17"}, format="json"), 404,
+                 code="model_not_found")
 
 
 def test_schema_validates_and_describes_the_chat_request(tmp_path):

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.smollm2
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+FRESH = {"Cache-Control": "no-cache"}  # the reply must come from the model, not the response cache
 
 
 def test_non_streamed_completion_has_the_openai_shape(live_api):
@@ -28,8 +29,9 @@ def test_non_streamed_completion_has_the_openai_shape(live_api):
 
 
 def test_streamed_completion_with_usage(live_api):
-    stream = live_api.client("alice-stream").chat.completions.create(model=MODEL, 
-        messages=QUESTION, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = live_api.client("alice-stream").chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_headers=FRESH)
     chunks = list(stream)
     assert len({chunk.id for chunk in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -38,9 +40,11 @@ def test_streamed_completion_with_usage(live_api):
     assert finish in (["stop"], ["length"])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert "Paris" in text
-    # The streamed text equals the non-streamed reply for the same greedy request.
-    reply = live_api.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
-    assert reply.choices[0].message.content == text
+    # The streamed text equals the non-streamed reply for the same greedy request, both generated.
+    response = live_api.client().chat.completions.with_raw_response.create(
+        model=MODEL, messages=QUESTION, max_tokens=16, temperature=0, extra_headers=FRESH)
+    assert response.headers["X-Cache"] != "HIT"
+    assert response.parse().choices[0].message.content == text
 
 
 def test_stop_strings_end_the_reply(live_api):
@@ -60,9 +64,11 @@ def test_stop_strings_end_the_reply(live_api):
 
 def test_seed_makes_sampling_reproducible(live_api):
     def ask(seed):
-        return live_api.client().chat.completions.create(model=MODEL, 
-            messages=[{"role": "user", "content": "Tell me a short story about a cat."}],
-            max_tokens=20, temperature=1.0, seed=seed).choices[0].message.content
+        response = live_api.client().chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell me a short story about a cat."}],
+            max_tokens=20, temperature=1.0, seed=seed, extra_headers=FRESH)
+        assert response.headers["X-Cache"] != "HIT"  # each answer was sampled by the model
+        return response.parse().choices[0].message.content
 
     assert ask(1234) == ask(1234)
     assert len({ask(1234), ask(1), ask(2)}) > 1
@@ -124,9 +130,34 @@ def test_revoked_key_fails(live_api):
     assert "revoked" in error.value.message
 
 
-def test_models_list(live_api):
+def test_models_list_and_retrieve(live_api):
     models = live_api.client().models.list().data
     assert [m.id for m in models] == ["smollm2-135m-instruct"]
+    model = live_api.client().models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "llmsite")
+    with pytest.raises(openai.NotFoundError) as error:
+        live_api.client().models.retrieve("gpt-17")
+    assert error.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_large_max_tokens_is_an_ordinary_completion(live_api, stream):
+    """max_tokens=1500 is answered like any request (not turned into a background job)."""
+    client = live_api.client("alice-stream")
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+           "max_tokens": 1500, "temperature": 0.3, "seed": 11, "extra_headers": FRESH}
+    if stream:
+        chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = chunks[-1].usage
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+    else:
+        reply = client.chat.completions.create(**ask)
+        assert reply.object == "chat.completion"
+        text, finish, usage = reply.choices[0].message.content, [reply.choices[0].finish_reason], reply.usage
+    assert text.strip() and finish in (["stop"], ["length"])
+    assert 0 < usage.completion_tokens <= 1500
 
 
 def test_errors_map_to_the_clients_exceptions(live_api):
@@ -203,6 +234,18 @@ def test_json_mode_constrains_the_reply_with_a_grammar(live_api):
         assert isinstance(json.loads(reply.choices[0].message.content), dict)
     else:  # cut by max_tokens: still the start of a JSON object
         assert reply.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_streamed_plain_text_completion(live_api):
+    ask = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    chunks = list(live_api.client().completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert all(c.object == "text_completion" for c in chunks) and len({c.id for c in chunks}) == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (
+        ["stop"], ["length"])
+    assert chunks[-1].choices == [] and 0 < chunks[-1].usage.completion_tokens <= 8
+    # The same greedy request, not streamed, gives the same text (/v1/completions has no response cache).
+    assert live_api.client().completions.create(**ask).choices[0].text == text
 
 
 def test_plain_text_completion(live_api):

@@ -26,3 +26,5 @@ class Command(BaseCommand):
         except CardError as exc:
             raise CommandError(f"{path}: {exc} Nothing was imported.") from None
         self.stdout.write(self.style.SUCCESS(result.summary()))
+        for warning in result.warnings:
+            self.stderr.write(self.style.WARNING(f"  warning: {warning}"))

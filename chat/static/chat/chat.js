@@ -3,7 +3,9 @@
   "use strict";
   const characters = JSON.parse(document.getElementById("characters-data").textContent);
   const el = (id) => document.getElementById(id);
-  const state = { character: null, conversation: null, socket: null, replyNode: null, busy: false };
+  // greeting: position in character.greetings of the greeting shown; sent with a new conversation's first message.
+  const state = { character: null, conversation: null, socket: null, replyNode: null, busy: false, greeting: 0,
+                  greetingNode: null };
 
   const FRIENDLY = {
     model_unavailable: "The model is unavailable right now. Please try again later.",
@@ -79,8 +81,10 @@
       state.replyNode.setAttribute("aria-busy", "true");
       setStatus(`${state.character.name} is typing…`);
     } else if (event.type === "token") {
+      if (!state.replyNode) return;  // the tail of a reply abandoned by "New conversation"
       state.replyNode.querySelector(".text").textContent += event.text;
     } else if (event.type === "end") {
+      if (!state.replyNode) return;
       state.replyNode.querySelector(".text").textContent = event.text;
       state.replyNode.removeAttribute("aria-busy");
       state.replyNode.dataset.complete = "true";
@@ -123,6 +127,7 @@
 
   async function openConversation(id) {
     state.conversation = id;
+    showGreetingChoice(false);
     remember();
     el("messages").replaceChildren();
     try {
@@ -139,11 +144,29 @@
     loadConversations();
   }
 
+  function showGreetingChoice(visible) {
+    el("other-greeting").hidden = !visible || !state.character || state.character.greetings.length < 2;
+  }
+
+  function showGreeting(position) {
+    const greetings = state.character.greetings;
+    if (state.greetingNode) state.greetingNode.remove();
+    state.greetingNode = null;
+    if (!greetings.length) return;
+    state.greeting = position % greetings.length;
+    state.greetingNode = addMessage("assistant", greetings[state.greeting][1]);
+  }
+
   function newConversation() {
     state.conversation = null;
     remember();
     el("messages").replaceChildren();
-    if (state.character.greeting) addMessage("assistant", state.character.greeting);
+    state.greetingNode = null;
+    if (state.busy) { state.replyNode = null; setStatus(""); setBusy(false); }  // the server cancels that reply
+    showGreeting(0);
+    showGreetingChoice(true);
+    // The server's socket may still point at the previous conversation: tell it this one is new.
+    if (state.socket && state.socket.readyState === WebSocket.OPEN) state.socket.send(JSON.stringify({ type: "new_conversation" }));
     loadConversations();
   }
 
@@ -169,12 +192,16 @@
     input.value = "";
     setBusy(true);
     setStatus("Sending…");
-    state.socket.send(JSON.stringify({ type: "message", content: text, conversation: state.conversation }));
+    const message = { type: "message", content: text, conversation: state.conversation };
+    if (!state.conversation && state.character.greetings.length) message.greeting = state.character.greetings[state.greeting][0];
+    showGreetingChoice(false);
+    state.socket.send(JSON.stringify(message));
   });
   el("message-input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); el("composer").requestSubmit(); }
   });
   el("new-conversation").addEventListener("click", newConversation);
+  el("other-greeting").addEventListener("click", () => showGreeting(state.greeting + 1));
 
   for (const character of characters) {
     const item = document.createElement("li");

@@ -1,0 +1,119 @@
+"""llama.cpp's own llama-server on loopback: where its binary is, and one running instance.
+
+Used by the remote-backend tests (as a real upstream) and by the benchmarks (as the peer). The
+binary comes from scripts/build_llama_server.sh (cached per llama-cpp-python version);
+LLAMA_SERVER_BIN overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = "scripts/build_llama_server.sh"
+
+
+def pinned_llama_cpp_version() -> str:
+    found = re.search(r"^llama-cpp-python==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    return found.group(1) if found else "unknown"
+
+
+def cached_binary() -> Path:
+    """Where scripts/build_llama_server.sh keeps the binary for the pinned version."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "llmsite" / f"llama-server-{pinned_llama_cpp_version()}" / "llama-server"
+
+
+def find_llama_server() -> tuple[Path | None, str]:
+    """(the binary, "") or (None, why it is missing). LLAMA_SERVER_BIN wins over the build cache."""
+    override = os.environ.get("LLAMA_SERVER_BIN")
+    if override:
+        path = Path(override)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path, ""
+        return None, f"LLAMA_SERVER_BIN={override} is not an executable file"
+    path = cached_binary()
+    if path.is_file() and os.access(path, os.X_OK):
+        return path, ""
+    return None, f"llama-server is not built ({path} is missing): run {BUILD_SCRIPT} (10-15 minutes once)"
+
+
+class LlamaServer:
+    """One llama-server process on 127.0.0.1, in its own process group (kill() takes it down at once)."""
+
+    def __init__(self, binary: Path, model: Path, *, port: int, log_path: Path, context: int = 2048,
+                 parallel: int = 1, threads: int | None = None, alias: str | None = None, extra: tuple = ()):
+        self.binary = binary
+        self.model = model
+        self.port = port
+        self.log_path = log_path
+        self.context = context
+        self.parallel = parallel
+        self.threads = threads or os.cpu_count() or 2
+        self.alias = alias
+        self.extra = tuple(extra)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        # -c is the total KV context, split evenly over the -np slots (each slot gets context/parallel).
+        command = [str(self.binary), "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
+                   "--ctx-size", str(self.context), "--parallel", str(self.parallel),
+                   "--threads", str(self.threads), "--threads-batch", str(self.threads)]
+        if self.alias:
+            command += ["--alias", self.alias]
+        return command + list(self.extra)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_until_ready(self, timeout: float = 120) -> None:
+        """Until /health answers 200 (it answers 503 while the model loads)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"llama-server did not become ready within {timeout:g} s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.running:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
