@@ -101,8 +101,9 @@ def stream_request(base: str, key: str) -> tuple[int, str]:
 
 
 async def websocket_chat(port: int, key: str) -> int:
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/byte/?api_key={key}",
-                                  origin="http://127.0.0.1") as socket:
+    # A non-browser client: the key in the Authorization header, no Origin (query-string keys are refused).
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/byte/",
+                                  additional_headers={"Authorization": f"Bearer {key}"}) as socket:
         await socket.send(json.dumps({"type": "message", "content": "Hello Byte!", "max_tokens": 8}))
         while True:
             event = json.loads(await asyncio.wait_for(socket.recv(), 120))
