@@ -55,6 +55,8 @@ def config_fingerprint() -> str:
 def cache_key(plan) -> str | None:
     if not settings.RESPONSE_CACHE_ENABLED or not plan.cache_allowed or not is_deterministic(plan.params):
         return None
+    if plan.params.logprobs is not None:  # entries do not keep logprobs: such requests always generate
+        return None
     material = json.dumps({"model": plan.model_name, "prompt": plan.prompt.text,
                            "params": dataclasses.asdict(plan.params), "content": content_version(plan),
                            "config": config_fingerprint(), "scope": caller_scope(plan.user)},
@@ -101,6 +103,8 @@ def request_cache_key(data: dict, *, allowed: bool, user=None) -> str | None:
     stateless = not data.get("conversation") and (not (data.get("character") or data.get("character_id"))
                                                   or data.get("store") is False)
     if not (settings.RESPONSE_CACHE_ENABLED and allowed and deterministic and stateless) or data.get("background"):
+        return None
+    if data.get("logprobs"):  # entries do not keep logprobs (see cache_key)
         return None
     fields = {key: value for key, value in data.items() if key not in REQUEST_FIELDS_IGNORED}
     material = json.dumps({"request": fields, "content": content_revision(), "config": config_fingerprint(),

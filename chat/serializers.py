@@ -134,8 +134,10 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     tool_choice = serializers.JSONField(required=False, allow_null=True,
                                         help_text='"none", "auto", "required", or {"type": "function", ...}.')
     parallel_tool_calls = serializers.JSONField(required=False, allow_null=True)
-    logprobs = serializers.BooleanField(required=False, allow_null=True)
-    top_logprobs = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=20)
+    logprobs = serializers.BooleanField(required=False, allow_null=True,
+                                        help_text="Return each reply token's log-probability (llama_cpp models).")
+    top_logprobs = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=20,
+                                            help_text="With logprobs: also this many likeliest tokens per step.")
     prompt = serializers.CharField(required=False, allow_blank=False, trim_whitespace=False,
                                    help_text="Shorthand of the original design: one user message.")
     response_format = ResponseFormatSerializer(required=False, allow_null=True)
@@ -185,9 +187,12 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
                                                       parallel_tool_calls=attrs.get("parallel_tool_calls"))
         except ApiError as error:  # is_valid() reports it like any field error
             raise serializers.ValidationError({error.param: error.message}) from None
-        if attrs.get("logprobs") or attrs.get("top_logprobs"):
+        if attrs.get("top_logprobs") is not None and not attrs.get("logprobs"):
+            raise serializers.ValidationError({"top_logprobs": "top_logprobs requires logprobs: true."})
+        if attrs.get("logprobs") and attrs["tool_request"] is not None and attrs["tool_request"].may_call:
             raise serializers.ValidationError(
-                {"logprobs": "logprobs and top_logprobs are not supported by this server."})
+                {"logprobs": "logprobs cannot be combined with tools that may be called; send tool_choice \"none\" "
+                             "or leave logprobs out."})
         if attrs.get("character") and attrs.get("character_id"):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
         return attrs
@@ -195,6 +200,9 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
 
 class CompletionRequestSerializer(SamplingFieldsMixin):
     prompt = serializers.CharField(trim_whitespace=False, allow_blank=False)
+    logprobs = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=5,
+                                        help_text="Return each token's log-probability and this many likeliest "
+                                                  "tokens (legacy shape; llama_cpp models).")
 
     def validate_prompt(self, value):
         if not value.strip():

@@ -25,6 +25,7 @@ from .errors import ApiError, NotFound
 from .grammars import grammar_for_response_format
 from .metrics import record_generation
 from .inference import get_engine
+from .logprobs import LegacyLogprobs, chat_logprobs, requested_logprobs
 from .models import Conversation, Message
 from .prompting import prompt_compose, prompt_greetings
 from .prompting.tools import tools_system_text, turns_with_tool_text
@@ -195,8 +196,9 @@ def _with_tools(params: SamplingParams, tools: ToolRequest | None, *, engine) ->
     return dataclasses.replace(params, grammar=tool_call_grammar(tools))
 
 
-def sampling_params_for(*, data: dict, character: Character | None, engine) -> SamplingParams:
-    """Request values first, then the character's defaults, then config.yaml's."""
+def sampling_params_for(*, data: dict, character: Character | None, engine, legacy: bool = False) -> SamplingParams:
+    """Request values first, then the character's defaults, then config.yaml's. `legacy`: /v1/completions'
+    parameter shapes (`logprobs` is a count there)."""
     defaults = settings.LLMSITE.sampling
 
     def pick(name, character_field=None):
@@ -220,6 +222,7 @@ def sampling_params_for(*, data: dict, character: Character | None, engine) -> S
         seed=data.get("seed"),
         stop=tuple(data.get("stop") or ()),
         grammar=grammar_for_response_format(data.get("response_format")),
+        logprobs=requested_logprobs(data=data, engine=engine, legacy=legacy),
     )
 
 
@@ -307,7 +310,8 @@ def completion_body(*, completion_id: str, created: int, model: str, completion:
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
+                     "logprobs": chat_logprobs(completion.logprobs)}],
         "usage": usage_of(completion),
         "system_fingerprint": None,
         "scenarios": scenarios,
@@ -331,13 +335,14 @@ def scenarios_used(plan: ChatPlan) -> list[dict]:
 def text_completion_run(*, data: dict) -> dict:
     """POST /v1/completions: plain text continuation of `prompt`, no character or template."""
     engine = get_engine(data.get("model") or None)
-    params = sampling_params_for(data=data, character=None, engine=engine)
+    params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
     completion = engine.generate(data["prompt"], params)
+    logprobs = LegacyLogprobs().shape(completion.logprobs) if completion.logprobs is not None else None
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
         "model": engine.spec.name,
         "choices": [{"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
-                     "logprobs": None}],
+                     "logprobs": logprobs}],
         "usage": usage_of(completion),
     }
 

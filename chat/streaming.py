@@ -18,6 +18,7 @@ from django.conf import settings
 
 from .errors import error_from_exception
 from .inference import get_engine
+from .logprobs import LegacyLogprobs, chat_logprobs
 from .response_cache import MISS, ReplayedGeneration, cached_completion, remember_completion
 from .services import ChatPlan, GenerationTiming, chat_exchange_store, sampling_params_for, scenarios_used, usage_of
 from .tool_calls import ToolCallReader, tool_finish_reason
@@ -96,10 +97,14 @@ def sse(payload: dict | str) -> bytes:
 
 
 async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: bool):
-    def chunk(delta: dict, finish_reason=None, **extra) -> dict:
+    def chunk(delta: dict, finish_reason=None, logprobs=None, **extra) -> dict:
         return {"id": plan.completion_id, "object": "chat.completion.chunk", "created": plan.created,
                 "model": plan.model_name, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
+                **extra}
+
+    # Logprobs ride with the text that completes their tokens (never from the cache: those requests bypass it).
+    with_logprobs = plan.params.logprobs is not None
 
     # A reply that may call tools is read as it streams: tool_calls deltas instead of its raw text.
     tool_reader = ToolCallReader() if plan.tools is not None and plan.tools.may_call else None
@@ -109,11 +114,17 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
             if kind == "keepalive":
                 yield b": keep-alive\n\n"
             elif kind == "delta":
+                if with_logprobs:  # never with tools that may be called (refused)
+                    yield sse(chunk({"content": value}, logprobs=chat_logprobs(generation.take_logprobs())))
+                    continue
                 for delta in tool_reader.feed(value) if tool_reader else [{"content": value}]:
                     yield sse(chunk(delta))
             else:
                 completion, conversation = value
                 end = end_fields(plan, completion, conversation)
+                leftover = generation.take_logprobs() if with_logprobs else []
+                if leftover:  # tokens of a stop string's cut, or of no text at all
+                    yield sse(chunk({"content": ""}, logprobs=chat_logprobs(leftover)))
                 if tool_reader:
                     for delta in tool_reader.finish():
                         yield sse(chunk(delta))
@@ -134,17 +145,19 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
 def text_generation_start(*, data: dict):
     """(engine, generation) for a plain text completion; raises before anything streams (sync)."""
     engine = get_engine(data.get("model") or None)
-    params = sampling_params_for(data=data, character=None, engine=engine)
+    params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
     return engine, engine.submit(data["prompt"], params)
 
 
-async def text_completion_events(*, engine, generation, include_usage: bool):
+async def text_completion_events(*, engine, generation, include_usage: bool, with_logprobs: bool = False):
     """OpenAI's streamed text_completion objects, then the usage chunk if asked for, then [DONE]."""
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    legacy = LegacyLogprobs() if with_logprobs else None
 
     def chunk(text: str, finish_reason=None) -> dict:
+        logprobs = legacy.shape(generation.take_logprobs()) if legacy is not None else None
         return {"id": completion_id, "object": "text_completion", "created": created, "model": engine.spec.name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
     finished = False
     try:
@@ -155,7 +168,7 @@ async def text_completion_events(*, engine, generation, include_usage: bool):
                 yield sse(chunk(delta))
         finished = True
         completion = generation.result
-        yield sse(chunk("", completion.finish_reason))
+        yield sse(chunk("", completion.finish_reason))  # carries the logprobs of a stop string's cut, if any
         if include_usage:
             yield sse({**chunk(""), "choices": [], "usage": usage_of(completion)})
     except asyncio.CancelledError:

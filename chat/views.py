@@ -137,8 +137,8 @@ class CompletionsView(GeneratingView):
         # Submitted before the response starts, so a bad prompt (too long, unknown model) is still a 4xx.
         engine, generation = text_generation_start(data=data)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return sse_response(text_completion_events(engine=engine, generation=generation,
-                                                   include_usage=include_usage))
+        return sse_response(text_completion_events(engine=engine, generation=generation, include_usage=include_usage,
+                                                   with_logprobs=data.get("logprobs") is not None))
 
 
 def model_object(registry, name: str) -> dict:

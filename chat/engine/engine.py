@@ -9,6 +9,7 @@ from .backends import Backend
 from .chat_template import ChatTemplate
 from .errors import ContextOverflow, InvalidRequest, ModelUnavailable
 from .generation import Generation
+from .logprobs import LogprobTrack
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .text import TextAssembler
@@ -90,6 +91,7 @@ class Engine:
             params=params,
             max_new_tokens=min(params.max_tokens, self.context_length - len(tokens)),
             assembler=TextAssembler(params.stop),
+            logprob_track=LogprobTrack() if params.logprobs is not None else None,
         )
         self._scheduler.submit(seq)
         return generation

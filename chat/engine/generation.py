@@ -47,6 +47,7 @@ class Generation:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._cancel_requested = False
         self._closed = False  # a final event (done or error) was pushed
+        self._unread_logprobs: list = []  # TokenLogprob records of text already handed to the reader
         collector = _started_here.get()
         if collector is not None:
             collector.append(self)
@@ -118,6 +119,12 @@ class Generation:
             if not finished:
                 self.cancel()
 
+    def take_logprobs(self) -> list:
+        """The logprobs (TokenLogprob) of the tokens whose text this reader was handed since the last call."""
+        with self._lock:
+            taken, self._unread_logprobs = self._unread_logprobs, []
+        return taken
+
     def _pop_locked(self) -> tuple[str, object]:
         kind, value = self._events[0]
         if kind != _TEXT:
@@ -125,14 +132,17 @@ class Generation:
         # Deltas that piled up while the reader was busy are handed over as one.
         parts = []
         while self._events and self._events[0][0] == _TEXT:
-            parts.append(self._events.popleft()[1])
+            text, logprobs = self._events.popleft()[1]
+            parts.append(text)
+            self._unread_logprobs.extend(logprobs)
         return _TEXT, "".join(parts)
 
     # -- scheduler side ----------------------------------------------------------------------
 
-    def _push_text(self, text: str) -> None:
-        if text:
-            self._push(_TEXT, text)
+    def _push_text(self, text: str, logprobs=()) -> None:
+        """A text delta, with the logprobs of the tokens it completes (possibly with no text of its own)."""
+        if text or logprobs:
+            self._push(_TEXT, (text, tuple(logprobs)))
 
     def _push_done(self, completion: Completion) -> None:
         self.result = completion

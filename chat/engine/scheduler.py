@@ -202,7 +202,12 @@ class Scheduler:
             return
         seq.completion_tokens += 1
         self._counters["tokens_generated"] += 1
-        seq.generation._push_text(seq.assembler.feed(self._backend.token_bytes(token)))
+        piece = self._backend.token_bytes(token)
+        delta = seq.assembler.feed(piece)
+        track = seq.logprob_track
+        if track is not None and seq.token_logprob is not None:
+            track.add(seq.token_logprob, len(piece))
+        seq.generation._push_text(delta, track.release(delta) if track is not None else ())
         if seq.assembler.stopped:
             self._finish(seq, "stop")
         elif seq.completion_tokens >= seq.max_new_tokens:
@@ -223,7 +228,8 @@ class Scheduler:
             seq.generation._push_error(error)
             return
         if reason != "cancelled":  # a cancelled reader is gone; held-back text would go nowhere
-            seq.generation._push_text(seq.assembler.finish())
+            tail = seq.assembler.finish()
+            seq.generation._push_text(tail, seq.logprob_track.finish(tail) if seq.logprob_track is not None else ())
         seq.generation._push_done(self._completion(seq, reason))
 
     def _completion(self, seq: Sequence, reason: str) -> Completion:
@@ -233,6 +239,7 @@ class Scheduler:
             prompt_tokens=len(seq.prompt_tokens),
             completion_tokens=seq.completion_tokens,
             cached_prompt_tokens=seq.cached_prompt_tokens,
+            logprobs=tuple(seq.logprob_track.released) if seq.logprob_track is not None else None,
         )
 
     def _fail_all(self, error: EngineError) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .generation import Generation
+from .logprobs import LogprobTrack, TokenLogprob
 from .text import TextAssembler
 from .types import SamplingParams
 
@@ -20,3 +21,5 @@ class Sequence:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     backend_state: Any = field(default=None, repr=False)  # owned by the backend between start and release
+    logprob_track: LogprobTrack | None = None  # set when the request asked for logprobs
+    token_logprob: TokenLogprob | None = field(default=None, repr=False)  # the backend's record of its last sample

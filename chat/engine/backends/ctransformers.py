@@ -148,6 +148,8 @@ class CTransformersBackend(Backend):
     def check_params(self, params: SamplingParams) -> None:
         if params.grammar is not None:
             raise UnsupportedFeature("Grammars (JSON mode) need the llama_cpp backend; this model uses ctransformers.")
+        if params.logprobs is not None:
+            raise UnsupportedFeature("logprobs need the llama_cpp backend; this model uses ctransformers.")
         if params.presence_penalty or params.frequency_penalty:
             raise UnsupportedFeature(
                 "Presence and frequency penalties need the llama_cpp backend; this model uses ctransformers."

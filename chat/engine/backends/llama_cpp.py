@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidRequest, ModelUnavailable, SequencesFailed
+from ..logprobs import TokenLogprob, TopLogprob, log_softmax_top
 from ..prefill_budget import PrefillBudget
 from ..prefix_cache import PrefixCache, common_prefix_length
 from ..sequence import Sequence
@@ -508,10 +509,29 @@ class LlamaCppBackend(Backend):
             del state.pending[:size]
             if state.logits_index is not None:
                 token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
+                if seq.params.logprobs is not None:  # only sequences that asked pay for the log-softmax
+                    seq.token_logprob = self._token_logprob(state.logits_index, token, seq.params.logprobs)
                 state.pending = [token]
                 state.prefilling = False
                 sampled.append((seq, token))
         return sampled
+
+    def _token_logprob(self, index: int, token: int, top: int) -> TokenLogprob | None:
+        """The sampled token's record from the model's distribution at this step: the log-softmax of the raw
+        logits row (before penalties, grammar and temperature), read before the next decode overwrites it."""
+        pointer = self._llama.llama_get_logits_ith(self._context, index)
+        if not pointer:  # NULL for a row without logits; wrapping it would crash
+            return None
+        row = (ctypes.c_float * self._n_vocab).from_address(ctypes.addressof(pointer.contents))
+        logprob, best = log_softmax_top(row, token, top)
+        piece = self.token_bytes(token)
+        return TokenLogprob(token=piece.decode("utf-8", errors="replace"), logprob=logprob, bytes=piece,
+                            top=tuple(self._top_logprob(other, value) for other, value in best))
+
+    def _top_logprob(self, token: int, logprob: float) -> TopLogprob:
+        # A control token adds no bytes to a reply; an alternative is shown by its name ("<|im_end|>") instead.
+        piece = self.token_bytes(token) or self._token_text(token).encode("utf-8")
+        return TopLogprob(token=piece.decode("utf-8", errors="replace"), logprob=logprob, bytes=piece)
 
     def release(self, seq: Sequence) -> None:
         state: _SequenceState = seq.backend_state
