@@ -138,8 +138,6 @@ def test_history_with_a_tool_result_gets_a_text_answer(live_api):
      "tools[0].function.parameters"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "logprobs"),
     ({"messages": [*QUESTION, {"role": "tool", "content": "18 degrees"}]}, "messages[1].tool_call_id"),
     ({"messages": [*QUESTION, {"role": "assistant", "content": None}]}, "messages[1].content"),
 ])
