@@ -312,6 +312,8 @@ class RemoteEngine:
         """
         if self._closed:
             raise EngineClosed(f"Model {self.spec.name!r} is shutting down.")
+        if params.logprobs is not None:  # the upstream's logprobs are not read back: refuse rather than drop them
+            raise UnsupportedFeature("logprobs need the llama_cpp backend; this model is served by a remote upstream.")
         count = len(self.prompt_tokens(prompt))
         if count + 1 > self.context_length:
             raise ContextOverflow(count, self.context_length)

@@ -204,9 +204,9 @@ class Scheduler:
         self._counters["tokens_generated"] += 1
         piece = self._backend.token_bytes(token)
         delta = seq.assembler.feed(piece)
-        track = seq.logprob_track
-        if track is not None and seq.token_logprob is not None:
-            track.add(seq.token_logprob, len(piece))
+        track, record, seq.token_logprob = seq.logprob_track, seq.token_logprob, None  # never reused for a later token
+        if track is not None and record is not None:
+            track.add(record, len(piece))
         seq.generation._push_text(delta, track.release(delta) if track is not None else ())
         if seq.assembler.stopped:
             self._finish(seq, "stop")

@@ -508,21 +508,27 @@ class LlamaCppBackend(Backend):
             state.slot.kv_tokens.extend(state.pending[:size])
             del state.pending[:size]
             if state.logits_index is not None:
+                # Only sequences that asked pay for logprobs; the row is copied before the sampler sees it.
+                row = self._logits_row(state.logits_index) if seq.params.logprobs is not None else None
                 token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
-                if seq.params.logprobs is not None:  # only sequences that asked pay for the log-softmax
-                    seq.token_logprob = self._token_logprob(state.logits_index, token, seq.params.logprobs)
+                if row is not None:
+                    seq.token_logprob = self._token_logprob(row, token, seq.params.logprobs)
                 state.pending = [token]
                 state.prefilling = False
                 sampled.append((seq, token))
         return sampled
 
-    def _token_logprob(self, index: int, token: int, top: int) -> TokenLogprob | None:
-        """The sampled token's record from the model's distribution at this step: the log-softmax of the raw
-        logits row (before penalties, grammar and temperature), read before the next decode overwrites it."""
+    def _logits_row(self, index: int):
+        """A copy of the raw logits of batch row `index` (before penalties, grammar and temperature); None if absent."""
         pointer = self._llama.llama_get_logits_ith(self._context, index)
         if not pointer:  # NULL for a row without logits; wrapping it would crash
             return None
-        row = (ctypes.c_float * self._n_vocab).from_address(ctypes.addressof(pointer.contents))
+        row = (ctypes.c_float * self._n_vocab)()
+        ctypes.memmove(row, pointer, ctypes.sizeof(row))
+        return row
+
+    def _token_logprob(self, row, token: int, top: int) -> TokenLogprob:
+        """The sampled token's record from the model's distribution at this step: the log-softmax of `row`."""
         logprob, best = log_softmax_top(row, token, top)
         piece = self.token_bytes(token)
         return TokenLogprob(token=piece.decode("utf-8", errors="replace"), logprob=logprob, bytes=piece,
