@@ -57,6 +57,15 @@ def test_chat_logprobs_line_up_with_the_reply(live_api):
     assert_distribution(entries, 5)
 
 
+def test_the_openai_sdk_reads_the_logprobs(live_api):
+    reply = live_api.client().chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True, top_logprobs=3,
+                                                      extra_headers=NO_CACHE, **{**GREEDY, "max_tokens": 6})
+    content = reply.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+               for entry in content)
+
+
 def test_streamed_logprobs_come_with_their_text_and_match_the_unstreamed_reply(live_api):
     whole = post(live_api, "chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 2, **GREEDY})
     expected = whole.json()["choices"][0]["logprobs"]["content"]
