@@ -59,7 +59,8 @@ def test_chat_logprobs_line_up_with_the_reply(live_api):
 
 def test_the_openai_sdk_reads_the_logprobs(live_api):
     reply = live_api.client().chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True, top_logprobs=3,
-                                                      extra_headers=NO_CACHE, **{**GREEDY, "max_tokens": 6})
+                                                      temperature=0, max_tokens=6, extra_headers=NO_CACHE,
+                                                      extra_body={"repetition_penalty": 1.0})
     content = reply.choices[0].logprobs.content
     assert "".join(entry.token for entry in content) == reply.choices[0].message.content
     assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
