@@ -30,7 +30,7 @@ def chat_logprobs(records) -> dict | None:
     """`choices[].logprobs` of a chat completion (or chunk): None when none were asked for."""
     if records is None:
         return None
-    return {"content": [_entry(record, top=[_entry(other) for other in record.top]) for record in records],
+    return {"content": [_entry(record, top_logprobs=[_entry(other) for other in record.top]) for record in records],
             "refusal": None}
 
 

@@ -163,6 +163,7 @@ def other_backends(tmp_path_factory):
     spec.loader.exec_module(module)
     tiny = module.write_tiny_gguf(workdir / "tiny.gguf", seed=0)
     (workdir / "config.yaml").write_text(f"""
+system_prompt: You are a helpful assistant.
 default_model: tiny-ct
 sampling: {{temperature: 0.7, max_tokens: 8}}
 models:
