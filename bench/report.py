@@ -57,7 +57,9 @@ def workload_tables(r: dict) -> str:
         target = f"{'ratio' if kind == 'ratio' else 'ours'} {op} {bound:g}"
         met = isinstance(value, (int, float)) and _met(value, op, bound)
         verdict = mark(met)
-        if name == "W4" and not w[name]["medians"].get(OURS, {}).get("streams_running_at_arrival"):
+        if name == "W4" and any(run.get("long_error") for runs in w[name]["runs"].values() for run in runs):
+            verdict = "not measured: the long prompt was refused (see long_error in the results)"
+        elif name == "W4" and not w[name]["medians"].get(OURS, {}).get("streams_running_at_arrival"):
             verdict = "not measured: no stream was running when the long prompt arrived"
         lines.append(f"| {name}: {what} | {_fmt(ours)} | {_fmt(peer)} | {_fmt(ratio)}x | {target} | {verdict} |")
     curve = w.get("W1_curve")

@@ -21,7 +21,9 @@ def request_body(messages: list[dict], max_tokens: int) -> dict:
 
 def request_headers(key: str | None) -> dict:
     # no-cache: our response cache must never answer a benchmark request (the peers have none).
-    headers = {"Cache-Control": "no-cache"}
+    # Connection: close: llama-server drops idle keep-alive connections, and a request sent on one fails
+    # before it is read ("Server disconnected"); a fresh loopback connection per request costs nothing.
+    headers = {"Cache-Control": "no-cache", "Connection": "close"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     return headers

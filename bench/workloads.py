@@ -39,13 +39,13 @@ class Sizes:
     w1_requests_per_client: int = 3
     w1_max_tokens: int = 128
     w2_clients: int = 8
-    w2_persona_facts: int = 30      # ~1,000 tokens
+    w2_persona_facts: int = 22      # ~1,000 tokens (a fact is ~43 tokens)
     w2_max_tokens: int = 64
     w3_requests: int = 4
     w3_max_tokens: int = 128
     w4_streams: int = 4
     w4_stream_tokens: int = 256
-    w4_long_facts: int = 56         # ~1,850 tokens
+    w4_long_facts: int = 41         # ~1,850 tokens
     w4_long_max_tokens: int = 16
     w4_delay_s: float = 3.0
 
@@ -64,7 +64,7 @@ def story_messages(index: int) -> list[dict]:
 
 
 def fact_text(facts: int, nonce: str) -> str:
-    """~33 tokens per fact; the nonce first, so no server holds any of it from an earlier run."""
+    """~43 tokens per fact (SmolLM2); the nonce first, so no server holds any of it from an earlier run."""
     lines = [f"Archive session {nonce}. You are the Archivist of the east wing; answer from these records."]
     lines += [f"Fact {n}: the archivist remembers the {TOPICS[n % len(TOPICS)]} of year {1700 + n} and catalogues it "
               f"on shelf {n % 40} in the east wing, next to the maps of {TOPICS[(n * 7) % len(TOPICS)]}."
