@@ -167,6 +167,7 @@ def test_a_plain_websocket_client_chats_with_a_bearer_key_and_is_rate_limited_li
     server, key = live_ws
     if time.time() % 60 > 40:  # the whole budget must be spent inside one fixed one-minute window
         time.sleep(61 - time.time() % 60)
+    window = int(time.time() // 60)
     url = server.url.replace("http://", "ws://") + "/ws/chat/captain-mira/"
     http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     # No Origin header: `websockets` sends none unless asked to.
@@ -175,8 +176,13 @@ def test_a_plain_websocket_client_chats_with_a_bearer_key_and_is_rate_limited_li
         events = events_until_end(socket)  # 1 of the budget
         assert events[0]["type"] == "start" and events[-1]["type"] == "end", events[-1]
         assert "".join(e["text"] for e in events if e["type"] == "token") == events[-1]["text"]
-        assert http.get("/v1/models").status_code == 200  # 2: HTTP spends the same budget
-        for _ in range(LIVE_RATE_LIMIT - 2):  # 3..6: cheap messages (refused as empty, but counted)
+        spent = 1
+        if int(time.time() // 60) != window or time.time() % 60 > 50:
+            # On a loaded machine the reply can outlast the window: count afresh in the next one.
+            time.sleep(61 - time.time() % 60)
+            spent = 0
+        assert http.get("/v1/models").status_code == 200  # HTTP spends the same budget
+        for _ in range(LIVE_RATE_LIMIT - spent - 1):  # the rest: cheap messages (refused as empty, but counted)
             socket.send(json.dumps({"type": "message", "content": ""}))
             assert json.loads(socket.recv(timeout=60))["status"] == 400
         socket.send(json.dumps({"type": "message", "content": "One more?"}))
