@@ -45,11 +45,18 @@ def caller_scope(user) -> str:
     return f"user:{user.pk}" if user is not None and getattr(user, "pk", None) is not None else "anonymous"
 
 
+_fingerprinted: tuple[object, str] | None = None  # (config object, its hash): config.yaml loads once per process
+
+
 def config_fingerprint() -> str:
     """A hash of the loaded config.yaml (models, system prompt, sampling defaults): a change is a new key."""
+    global _fingerprinted
     config = settings.LLMSITE
-    material = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if _fingerprinted is None or _fingerprinted[0] is not config:
+        material = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+        digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        _fingerprinted = (config, digest)
+    return _fingerprinted[1]
 
 
 def cache_key(plan) -> str | None:
