@@ -13,13 +13,10 @@ from django.urls import path, reverse
 
 from scenarios.models import Scenario
 
-from .cards import CardError
+from .card_format import CardError
 from .forms import CharacterAdminForm
 from .models import Character, SystemPrompt
-from .services_cards import EXPORT_FORMATS, card_max_bytes, character_card_export, character_card_import
-
-PREVIEW_PARAM = "preview_message"
-PREVIEW_MAX_CHARS = 2000
+from .card_services import EXPORT_FORMATS, card_max_bytes, character_card_export, character_card_import
 
 
 @admin.register(SystemPrompt)
@@ -156,18 +153,3 @@ class CharacterAdmin(admin.ModelAdmin):
     @admin.action(description="Export selected as Character Card V2 (PNG)", permissions=["view"])
     def export_cards_png(self, request, queryset):
         return self._export_cards(queryset, "png")
-
-    # --- Prompt preview ----------------------------------------------------------------------------------
-
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = dict(extra_context or {})
-        message = request.GET.get(PREVIEW_PARAM, "").strip()[:PREVIEW_MAX_CHARS]
-        extra_context["preview_param"] = PREVIEW_PARAM
-        extra_context["preview_message"] = message
-        if message and request.method == "GET":
-            character = self.get_object(request, unquote(object_id))
-            if character is not None:
-                from chat.prompting import prompt_preview  # the admin is the only content-app page that needs it
-
-                extra_context["prompt_preview"] = prompt_preview(character=character, user_message=message)
-        return super().change_view(request, object_id, form_url, extra_context)

@@ -34,7 +34,7 @@ def _profile_values(block: Block) -> dict:
     if not slug:
         raise BlockError(block.line, "cannot derive a slug from the title; add 'slug: ...'")
     if not block.section("description").strip():
-        # Cards may come without one (characters/cards.py); a profile written for this file should not.
+        # Cards may come without one (characters/card_format.py); a profile written for this file should not.
         raise BlockError(block.line, "a profile needs a '--- description' section")
     values = {
         "name": block.title,

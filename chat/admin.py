@@ -1,7 +1,17 @@
-from django.contrib import admin, messages
+"""Chat's admin pages, and the prompt preview added to the character admin (characters cannot import chat)."""
 
-from .api_keys import api_key_issue, api_keys_revoke
+from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+
+from characters.admin import CharacterAdmin
+from characters.models import Character
+
+from .api.keys import api_key_issue, api_keys_revoke
 from .models import ApiKey, Conversation, Message
+from .prompting import prompt_preview
+
+PREVIEW_PARAM = "preview_message"
+PREVIEW_MAX_CHARS = 2000
 
 
 class MessageInline(admin.TabularInline):
@@ -53,3 +63,23 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset):
         count = api_keys_revoke(queryset=queryset)
         messages.success(request, f"Revoked {count} key(s).")
+
+
+class CharacterAdminWithPreview(CharacterAdmin):
+    """The character page with the composed prompt for a sample message (template: admin/characters/character)."""
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        message = request.GET.get(PREVIEW_PARAM, "").strip()[:PREVIEW_MAX_CHARS]
+        extra_context["preview_param"] = PREVIEW_PARAM
+        extra_context["preview_message"] = message
+        if message and request.method == "GET":
+            character = self.get_object(request, unquote(object_id))
+            if character is not None:
+                extra_context["prompt_preview"] = prompt_preview(character=character, user_message=message)
+        return super().change_view(request, object_id, form_url, extra_context)
+
+
+# chat is installed after characters, so the content app's admin is registered by now.
+admin.site.unregister(Character)
+admin.site.register(Character, CharacterAdminWithPreview)

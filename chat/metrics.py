@@ -1,9 +1,13 @@
-"""Prometheus metrics (prometheus_client), exposed at /metrics; see chat/observability_views.py."""
+"""Prometheus metrics (prometheus_client), exposed at /metrics; served by chat/ops/views.py."""
 
 from __future__ import annotations
 
+from django.db.models import Count
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .engines import loaded_engines
+from .models import Job
 
 # auto_describe stays off: the collectors query the database, which must not happen at import.
 REGISTRY = CollectorRegistry()
@@ -29,8 +33,6 @@ class EngineCollector:
     """Scheduler and prefix-cache figures of the models loaded in this process, read at scrape time."""
 
     def collect(self):
-        from .inference import loaded_engines
-
         active = GaugeMetricFamily("llmsite_scheduler_active_sequences", "Sequences being decoded.", labels=["model"])
         queued = GaugeMetricFamily("llmsite_scheduler_queued_sequences", "Sequences waiting for a slot.",
                                    labels=["model"])
@@ -53,10 +55,6 @@ class JobCollector:
     """Background jobs by state, from the database (shared by every instance)."""
 
     def collect(self):
-        from django.db.models import Count
-
-        from .models import Job
-
         family = GaugeMetricFamily("llmsite_jobs", "Background jobs by state.", labels=["state"])
         counts = dict(Job.objects.values_list("status").annotate(n=Count("pk")))
         for state in Job.Status.values:

@@ -19,6 +19,7 @@ from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import F
 
+from characters.models import ContentRevision
 from chat.engine import Completion
 
 from .metrics import response_cache as response_cache_lookups
@@ -71,16 +72,13 @@ def cache_key(plan) -> str | None:
     return "reply:" + hashlib.sha256(material.encode()).hexdigest()
 
 
-def cached_completion(plan) -> Completion | None:
-    """The cached reply for this plan, or None; sets plan.cache_status."""
+def cached_completion(plan) -> tuple[Completion | None, str]:
+    """(the cached reply for this plan or None, HIT / MISS / BYPASS)."""
     key = cache_key(plan)
     stored = cache.get(key) if key is not None else None
-    plan.cache_status = BYPASS if key is None else MISS if stored is None else HIT
-    response_cache_lookups.labels(plan.cache_status.lower()).inc()
-    if stored is None:
-        return None
-    plan.completion = Completion(**stored)
-    return plan.completion
+    status = BYPASS if key is None else MISS if stored is None else HIT
+    response_cache_lookups.labels(status.lower()).inc()
+    return (Completion(**stored) if stored is not None else None), status
 
 
 def remember_completion(plan, completion: Completion) -> None:
@@ -89,10 +87,8 @@ def remember_completion(plan, completion: Completion) -> None:
         return
     cache.set(key, dataclasses.asdict(completion), timeout=settings.RESPONSE_CACHE_TTL)
     if plan.request_key:
-        from .services import scenarios_used
-
         cache.set(plan.request_key, {"completion": dataclasses.asdict(completion), "model": plan.model_name,
-                                     "scenarios": scenarios_used(plan)}, timeout=settings.RESPONSE_CACHE_TTL)
+                                     "scenarios": plan.prompt.scenarios_used}, timeout=settings.RESPONSE_CACHE_TTL)
 
 
 # --- Fast path: identical stateless requests, answered before composing the prompt -----------------
@@ -128,8 +124,6 @@ def cached_request(key: str | None) -> dict | None:
 
 def content_revision() -> int:
     """The database's count of content edits (characters/models.py ContentRevision)."""
-    from characters.models import ContentRevision
-
     return ContentRevision.objects.filter(pk=1).values_list("number", flat=True).first() or 0
 
 
@@ -141,8 +135,6 @@ def content_changed(**kwargs) -> None:
     when the new content is. Kept in the database so that every process, whatever its cache
     backend, sees it.
     """
-    from characters.models import ContentRevision
-
     if ContentRevision.objects.filter(pk=1).update(number=F("number") + 1):
         return
     try:

@@ -1,21 +1,9 @@
-"""Reads for the API: what a user may see."""
+"""Reads of chat data for the API: what a user may see."""
 
 from django.db.models import Count
 
-from characters.models import Character
-
 from .errors import NotFound
 from .models import Conversation
-
-
-def character_get_active(*, slug_or_id: str) -> Character:
-    queryset = Character.objects.filter(is_active=True)
-    character = queryset.filter(slug=slug_or_id).first()
-    if character is None and str(slug_or_id).isdigit():
-        character = queryset.filter(pk=int(slug_or_id)).first()
-    if character is None:
-        raise NotFound(f"No active character {slug_or_id!r}.", param="character", code="character_not_found")
-    return character
 
 
 def conversations_of(*, user):

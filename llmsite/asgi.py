@@ -13,8 +13,8 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from chat.routing import websocket_urlpatterns  # noqa: E402
-from chat.ws_auth import ApiKeyAuthMiddleware  # noqa: E402
+from chat.api.routing import websocket_urlpatterns  # noqa: E402
+from chat.api.ws_auth import ApiKeyAuthMiddleware  # noqa: E402
 from llmsite.log_context import WebSocketRequestIdMiddleware  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
@@ -22,7 +22,7 @@ http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else
 application = ProtocolTypeRouter({
     "http": http_app,
     # A Bearer API key, or the session's user with the Origin checked against ALLOWED_HOSTS
-    # (chat/ws_auth.py). Every log line of a connection carries its request id.
+    # (chat/api/ws_auth.py). Every log line of a connection carries its request id.
     "websocket": WebSocketRequestIdMiddleware(
         AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
 })

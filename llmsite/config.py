@@ -1,6 +1,7 @@
 """Reads config.yaml: which GGUF model(s) (or remote servers) to serve, the fallback system prompt, default sampling.
 
-Kept free of Django so settings can call it before Django is configured. Every problem is a
+Kept free of Django so settings can call it before Django is configured; a model's entry becomes
+the engine's own `ModelSpec`. Every problem is a
 `ConfigError` whose message is one line naming the file and what is wrong.
 """
 
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
 
-BACKENDS = ("llama_cpp", "ctransformers", "openai_compatible")
-REMOTE = "openai_compatible"  # an OpenAI-compatible server pool generates (vLLM, llama-server)
+# The engine's own types: the config describes what the engine loads (chat/engine has no Django).
+from chat.engine.types import BACKENDS, REMOTE_BACKEND, ModelSpec, SamplingParams
+
+REMOTE = REMOTE_BACKEND  # an OpenAI-compatible server pool generates (vLLM, llama-server)
 REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "timeout", "connect_timeout",
                   "max_connections")
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
@@ -25,7 +28,9 @@ MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threa
 INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "max_connections",
                    *ENGINE_OPTIONS)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "max_tokens": 256}
+# The sampling config.yaml may set; their defaults are the engine's own (one place: SamplingParams).
+SAMPLING_OPTIONS = ("temperature", "top_p", "repetition_penalty", "max_tokens")
+DEFAULT_SAMPLING = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_OPTIONS}
 
 
 class ConfigError(Exception):
@@ -33,35 +38,10 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    path: str
-    backend: str = "llama_cpp"
-    model_type: str = "llama"
-    gpu_layers: int = 0
-    context_length: int = 2048
-    threads: int = 0
-    parallel: int = 8
-    prefix_cache_mb: int = 256
-    chat_template: str | None = None
-    base_urls: tuple[str, ...] = ()
-    remote_model: str | None = None
-    api_key_env: str | None = None
-    remote_api: str = "chat"
-    timeout: float = 120.0
-    connect_timeout: float = 5.0
-    max_connections: int = 16
-    prefill_step_ms: int = 200
-    prefill_min_tokens: int = 16
-    max_queue: int = 64
-    queue_timeout: int = 60
-
-
-@dataclass(frozen=True)
 class SiteConfig:
     path: Path
     system_prompt: str
-    models: tuple[ModelConfig, ...]
+    models: tuple[ModelSpec, ...]
     default_model: str
     sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
 
@@ -106,7 +86,7 @@ def _parse(raw: dict, path: Path, base_dir: Path) -> SiteConfig:
     if not isinstance(system_prompt, str) or not system_prompt.strip():
         fail("'system_prompt' is required and must be a non-empty string")
 
-    models: list[ModelConfig] = []
+    models: list[ModelSpec] = []
     if raw.get("backend") == REMOTE:
         if not (raw.get("model_name") or raw.get("remote_model")):
             fail(f"'model_name' is required with backend {REMOTE}")
@@ -146,7 +126,7 @@ def _parse(raw: dict, path: Path, base_dir: Path) -> SiteConfig:
                       default_model=default_model, sampling=sampling)
 
 
-def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelConfig:
+def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelSpec:
     if not isinstance(name, str) or not name.strip():
         fail("a model name must be a non-empty string")
     backend = options.get("backend", "llama_cpp")
@@ -161,14 +141,21 @@ def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelConfig
     if options.get("context_length") is not None and options["context_length"] < 16:
         fail(f"model {name!r}: context_length must be at least 16")
     if backend == REMOTE:
-        return ModelConfig(name=name.strip(), path="", **_remote_options(name, options, fail))
+        return _spec(fail, name=name.strip(), path="", **_remote_options(name, options, fail))
     given = [key for key in REMOTE_OPTIONS if key in options]
     if given:
         fail(f"model {name!r}: {given[0]} is only used with backend {REMOTE}")
     resolved = Path(model_path)
     if not resolved.is_absolute():
         resolved = base_dir / resolved
-    return ModelConfig(name=name.strip(), path=str(resolved), **options)
+    return _spec(fail, name=name.strip(), path=str(resolved), **options)
+
+
+def _spec(fail, **values) -> ModelSpec:
+    try:
+        return ModelSpec(**values)
+    except ValueError as exc:  # what the engine itself refuses (e.g. parallel: 0), still one line naming the file
+        fail(str(exc))
 
 
 def _remote_options(name, options: dict, fail) -> dict:

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
-# The periods chat/throttling.py understands, as "<count>/<period>".
+# The periods chat/api/throttling.py understands, as "<count>/<period>".
 RATE_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

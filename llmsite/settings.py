@@ -57,8 +57,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "chat.middleware.RequestIdMiddleware",
-    "chat.middleware.RequestLogMiddleware",
+    "chat.ops.middleware.RequestIdMiddleware",
+    "chat.ops.middleware.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -203,13 +203,13 @@ RESOURCES_DIR = BASE_DIR / "resources"
 # --- API ------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "chat.authentication.ApiKeyAuthentication",
+        "chat.api.authentication.ApiKeyAuthentication",
         # The browsable API and the chat page use the login session.
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_THROTTLE_CLASSES": ["chat.throttling.ApiKeyRateThrottle"],
-    "DEFAULT_PARSER_CLASSES": ["chat.parsers.StrictJSONParser"],
+    "DEFAULT_THROTTLE_CLASSES": ["chat.api.throttling.ApiKeyRateThrottle"],
+    "DEFAULT_PARSER_CLASSES": ["chat.api.parsers.StrictJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer",
                                  "rest_framework.renderers.BrowsableAPIRenderer"],
     "EXCEPTION_HANDLER": "chat.errors.api_exception_handler",

@@ -7,7 +7,8 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from chat import error_views, ops_views, pages
+from chat.api import error_views, pages
+from chat.ops import views as ops_views
 
 account_routes = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
@@ -32,7 +33,7 @@ urlpatterns = [
     path("ready", ops_views.ready, name="ready"),
     path("metrics", ops_views.metrics, name="metrics"),
     path("admin/", admin.site.urls),
-    path("v1/", include("chat.urls")),
+    path("v1/", include("chat.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
@@ -44,5 +45,5 @@ urlpatterns = [
 if settings.DEBUG:
     urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)
 
-handler404 = "chat.error_views.not_found"
-handler500 = "chat.error_views.server_error"
+handler404 = "chat.api.error_views.not_found"
+handler500 = "chat.api.error_views.server_error"

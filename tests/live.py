@@ -98,7 +98,7 @@ SETUP_SCRIPT = """
 import json
 from django.core.management import call_command
 from django.contrib.auth import get_user_model
-from chat.api_keys import api_key_create
+from chat.api.keys import api_key_create
 call_command("migrate", verbosity=0)
 call_command("import_resources", verbosity=0, stdout=open("/dev/null", "w"), stderr=open("/dev/null", "w"))
 users = get_user_model().objects

@@ -11,9 +11,9 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from PIL import Image, PngImagePlugin
 
-from characters.cards import CardError, card_read
+from characters.card_format import CardError, card_read
 from characters.models import Character
-from characters.services_cards import character_card_data, character_card_export, character_card_import
+from characters.card_services import character_card_data, character_card_export, character_card_import
 from scenarios.models import Scenario
 
 pytestmark = pytest.mark.django_db

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from characters.services_cards import DEFAULT_CARD_MAX_BYTES
+from characters.card_services import DEFAULT_CARD_MAX_BYTES
 from tests.conftest import missing_service
 from tests.subprocess_helpers import ROOT
 

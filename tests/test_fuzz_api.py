@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory):
 def fuzz_setup(settings, tiny_model, django_user_model, db):
     from django.core.management import call_command
 
-    from chat.api_keys import api_key_create
+    from chat.api.keys import api_key_create
 
     models = tuple(dataclasses.replace(m, path=str(tiny_model), context_length=512) for m in settings.LLMSITE.models)
     settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)

@@ -7,10 +7,10 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from chat.api_keys import api_key_create
+from chat.api.keys import api_key_create
 from chat.models import Conversation, Message
-from chat.serializers import ChatCompletionRequestSerializer
-from chat.services import chat_request_prepare
+from chat.api.serializers import ChatCompletionRequestSerializer
+from chat.plans import chat_request_prepare
 
 pytestmark = pytest.mark.django_db
 

@@ -3,7 +3,7 @@
 import pytest
 from rest_framework.test import APIClient
 
-from chat.api_keys import api_key_create
+from chat.api.keys import api_key_create
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db]
 
@@ -76,7 +76,7 @@ def test_a_re_delivered_job_runs_again_and_its_exchange_is_stored_once(django_us
     from django.core.management import call_command
     from django.utils import timezone
 
-    from chat.jobs import job_run
+    from chat.tasks import job_run
     from chat.models import Message
 
     call_command("import_resources", stdout=open("/dev/null", "w"))
@@ -97,7 +97,7 @@ def test_a_re_delivered_job_runs_again_and_its_exchange_is_stored_once(django_us
 
 
 def test_a_job_out_of_attempts_is_reported_failed_not_dropped(django_user_model):
-    from chat.jobs import MAX_ATTEMPTS, job_run
+    from chat.tasks import MAX_ATTEMPTS, job_run
 
     job = _job(django_user_model.objects.create_user("unlucky"), CHAT_JOB, status="running", attempts=MAX_ATTEMPTS)
     job_run(job_id=str(job.pk))
@@ -130,23 +130,24 @@ def test_a_cancelled_job_stores_nothing_when_its_attempt_ends(django_user_model)
     from django.core.management import call_command
     from django.utils import timezone
 
-    from chat import jobs
+    from chat import tasks
     from chat.models import Conversation, Job
-    from chat.serializers import ChatCompletionRequestSerializer
-    from chat.services import chat_request_prepare, generate_observed
+    from chat.api.serializers import ChatCompletionRequestSerializer
+    from chat.plans import chat_request_prepare
+    from chat.replies import reply_generate, reply_lookup
 
     call_command("import_resources", stdout=open("/dev/null", "w"))
     user = django_user_model.objects.create_user("canceller")
     job = _job(user, CHAT_JOB, status="running", attempts=1, heartbeat_at=timezone.now())
     serializer = ChatCompletionRequestSerializer(data=CHAT_JOB)
     serializer.is_valid(raise_exception=True)
-    plan = chat_request_prepare(user=user, data=serializer.validated_data)
-    completion = generate_observed(plan)
+    record = reply_lookup(chat_request_prepare(user=user, data=serializer.validated_data))
+    reply_generate(record)
     Job.objects.filter(pk=job.pk).update(status="cancelled")  # DELETE /v1/jobs/<id> while it generated
-    assert not jobs._finish(job_id=job.pk, attempt=1, plan=plan, completion=completion)
+    assert not tasks._finish(job_id=job.pk, attempt=1, record=record)
     assert not Conversation.objects.exists()
     Job.objects.filter(pk=job.pk).update(status="running", attempts=2)  # or a newer attempt took over
-    assert not jobs._finish(job_id=job.pk, attempt=1, plan=plan, completion=completion)
+    assert not tasks._finish(job_id=job.pk, attempt=1, record=record)
     assert not Conversation.objects.exists()
-    assert jobs._finish(job_id=job.pk, attempt=2, plan=plan, completion=completion)
+    assert tasks._finish(job_id=job.pk, attempt=2, record=record)
     assert Conversation.objects.get().messages.count() == 2

@@ -12,7 +12,7 @@ django.setup()
 from django.core.management import call_command
 call_command("check", verbosity=0)
 call_command("migrate", verbosity=0)
-import chat.inference, chat.admin
+import chat.engines, chat.admin
 print(sorted(name for name in ("llama_cpp", "ctransformers") if name in sys.modules))
 """, env={"SQLITE_PATH": str(tmp_path / "db.sqlite3")})
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 
 from channels.testing import WebsocketCommunicator
 
-from chat.api_keys import api_key_create
+from chat.api.keys import api_key_create
 from llmsite.asgi import application  # imported first: django.setup() there re-applies LOGGING, caplog after
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db]

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.smollm2]
 
 @pytest.fixture(scope="module")
 def engine(smollm2_path):
-    from chat.inference import get_engine
+    from chat.engines import get_engine
 
     return get_engine()
 

@@ -280,7 +280,7 @@ def test_a_characters_prompt_arrives_upstream_intact(stack):
     composed = json.loads(stack.server.manage(f"""
 import json
 from characters.models import Character
-from chat.inference import get_engine
+from chat.engines import get_engine
 from chat.prompting import prompt_compose
 prompt = prompt_compose(engine=get_engine("remote"), character=Character.objects.get(slug="captain-mira"),
                         turns=[{{"role": "user", "content": {message!r}}}], max_tokens=12)
@@ -426,7 +426,7 @@ def test_a_pool_with_an_upstream_that_never_answers_fails_over(stack):
 def test_a_remote_model_loads_no_inference_library(stack):
     shown = stack.server.manage("""
 import sys
-from chat.inference import get_engine
+from chat.engines import get_engine
 engine = get_engine("remote-direct")
 print(engine.count_tokens("Hello there"), engine.stats()["tokenizer"],
       [name for name in ("llama_cpp", "ctransformers") if name in sys.modules])

@@ -165,7 +165,7 @@ def test_plain_and_streamed_replies_carry_the_upstreams_usage(stack):
 
 def test_token_counts_for_context_fitting_come_from_llama_servers_tokenize(stack):
     shown = stack.server.manage(f"""
-from chat.inference import get_engine
+from chat.engines import get_engine
 engine = get_engine("ls-pool")
 print(engine.count_tokens({CJK_TURN!r}), engine.stats()["tokenizer"])
 """).strip().splitlines()[-1]

@@ -11,8 +11,8 @@ from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
 from django.test import Client
 
-from chat.api_keys import api_key_create
-from chat.inference import get_engine
+from chat.api.keys import api_key_create
+from chat.engines import get_engine
 from chat.models import Conversation, Message
 from llmsite.asgi import application
 

@@ -17,6 +17,7 @@ from .errors import (
     UnsupportedFeature,
 )
 from .generation import Generation
+from .protocol import EngineProtocol
 from .registry import ModelRegistry
 from .types import Completion, ModelSpec, SamplingParams
 
@@ -27,6 +28,7 @@ __all__ = [
     "EngineClosed",
     "EngineError",
     "EngineOverloaded",
+    "EngineProtocol",
     "Generation",
     "GenerationFailed",
     "InvalidRequest",

@@ -231,7 +231,7 @@ def _sse_events(lines):
 
 
 class RemoteEngine:
-    """A model served by a pool of OpenAI-compatible servers. Thread-safe; same public API as Engine."""
+    """A model served by a pool of OpenAI-compatible servers. Thread-safe; an EngineProtocol like Engine."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -272,6 +272,11 @@ class RemoteEngine:
 
     def __repr__(self) -> str:
         return f"<RemoteEngine {self.spec.name} ({self._pool.label})>"
+
+    @property
+    def alive(self) -> bool:
+        """Until closed: an unreachable upstream fails requests, not the engine (the pool retries it)."""
+        return not self._closed
 
     # -- tokens and prompts ----------------------------------------------------------------------
 
@@ -476,7 +481,7 @@ class RemoteEngine:
             return
         parts: list[str] = []
         pieces, finish, usage, done = 0, None, None, False
-        tool_text = ToolCallText()  # the upstream's tool_calls, as the text chat/tool_calls.py reads
+        tool_text = ToolCallText()  # the upstream's tool_calls, as the text chat/tooling/calls.py reads
         try:
             if "text/event-stream" in response.headers.get("content-type", ""):
                 events = _sse_events(response.iter_lines())

@@ -1,8 +1,8 @@
 """An upstream's streamed `tool_calls` deltas written as the project's tool-call text, so one reader serves all engines.
 
 Local models write `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks under a
-grammar (chat/tool_grammar.py); a remote upstream that was given the tools answers with OpenAI
-`tool_calls` deltas instead. Writing those as the same text lets chat/tool_calls.py read both.
+grammar (chat/tooling/grammar.py); a remote upstream that was given the tools answers with OpenAI
+`tool_calls` deltas instead. Writing those as the same text lets chat/tooling/calls.py read both.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from characters.models import SystemPrompt
 from chat.engine import ContextOverflow
 from scenarios.models import Scenario
 from scenarios.selectors import ScenarioMatch, scenarios_matching, scenarios_within_budget
@@ -54,6 +55,12 @@ class ComposedPrompt:
         return [(scenario, self.reasons.get(scenario.pk, "")) for scenario in self.scenarios]
 
     @property
+    def scenarios_used(self) -> list[dict]:
+        """The inserted scenarios as replies report them: id, title and why, in rank order."""
+        return [{"id": scenario.pk, "title": scenario.title, "reason": reason}
+                for scenario, reason in self.explained_scenarios]
+
+    @property
     def available_tokens(self) -> int:
         """Room the prompt may use: the context minus the reply."""
         return self.context_length - self.max_tokens
@@ -61,8 +68,6 @@ class ComposedPrompt:
 
 def system_prompt_default() -> str:
     """The default system prompt: the DB's default SystemPrompt, else config.yaml's system_prompt."""
-    from characters.models import SystemPrompt
-
     default = SystemPrompt.objects.filter(is_default=True).values_list("content", flat=True).first()
     return default if default and default.strip() else settings.LLMSITE.system_prompt
 

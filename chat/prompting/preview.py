@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from chat.engine import ContextOverflow, EngineError
+from chat.engines import get_engine
 
 from .compose import ComposedPrompt, prompt_compose, prompt_greeting
 
@@ -28,8 +29,6 @@ def prompt_preview(*, character, user_message: str, user_name: str = "User") -> 
     The chat opens with the character's greeting, as a new conversation does. Never raises for an
     unusable model: the preview's `error` says what is wrong instead.
     """
-    from chat.inference import get_engine
-
     preview = PromptPreview(user_message=user_message)
     try:
         engine = get_engine()

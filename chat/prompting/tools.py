@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-from chat.tool_grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from chat.tools import ToolRequest
+from chat.tooling.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from chat.tooling.requests import ToolRequest
 
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 

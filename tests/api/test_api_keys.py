@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from chat.api_keys import api_key_create, hash_key
+from chat.api.keys import api_key_create, hash_key
 from chat.models import ApiKey
 
 pytestmark = pytest.mark.django_db

@@ -6,7 +6,7 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from chat.api_keys import api_key_create
+from chat.api.keys import api_key_create
 
 pytestmark = pytest.mark.django_db
 

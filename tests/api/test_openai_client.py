@@ -123,7 +123,7 @@ def test_two_keys_cannot_read_each_others_conversations(live_api):
 def test_revoked_key_fails(live_api):
     client = live_api.client("carol-revoked")
     assert client.models.list().data
-    live_api.server.manage("from chat.models import ApiKey\nfrom chat.api_keys import api_keys_revoke\n"
+    live_api.server.manage("from chat.models import ApiKey\nfrom chat.api.keys import api_keys_revoke\n"
                            "api_keys_revoke(queryset=ApiKey.objects.filter(name='carol-revoked'))")
     with pytest.raises(openai.AuthenticationError) as error:
         client.models.list()

@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 
 from chat.engine.tool_call_text import ToolCallText
-from chat.tool_calls import ToolCallReader, tool_reply
+from chat.tooling.calls import ToolCallReader, tool_reply
 
 pytestmark = pytest.mark.smollm2
 
@@ -221,8 +221,8 @@ TOOLS_TEMPLATE = (  # a ChatML template that lists tools itself, as Hermes-style
 
 def test_a_template_that_supports_tools_renders_them_and_the_grammar_still_holds(smollm2_path):
     from chat.engine import ModelRegistry, ModelSpec, SamplingParams
-    from chat.tool_grammar import tool_call_grammar
-    from chat.tools import tool_request_from
+    from chat.tooling.grammar import tool_call_grammar
+    from chat.tooling.requests import tool_request_from
 
     registry = ModelRegistry([ModelSpec(name="smol-tools", path=str(smollm2_path), chat_template=TOOLS_TEMPLATE,
                                         parallel=1, prefix_cache_mb=0)])

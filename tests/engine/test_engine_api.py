@@ -11,10 +11,10 @@ from django.core.management import call_command
 from django.http import JsonResponse
 from rest_framework.test import APIClient
 
-from chat.api_keys import api_key_create
+from chat.api.keys import api_key_create
 from chat.engine import GenerationFailed, ModelRegistry, ModelSpec, SamplingParams
-from chat.inference import get_engine
-from chat.views import cancelling_abandoned_generations
+from chat.engines import get_engine
+from chat.api.views import cancelling_abandoned_generations
 from tests.live import LiveServer, prepare_database
 
 from .conftest import TINY_CONTEXT

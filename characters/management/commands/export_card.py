@@ -5,7 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from characters.models import Character
-from characters.services_cards import EXPORT_FORMATS, character_card_export
+from characters.card_services import EXPORT_FORMATS, character_card_export
 
 
 class Command(BaseCommand):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from characters.cards import CardError
-from characters.services_cards import character_card_import
+from characters.card_format import CardError
+from characters.card_services import character_card_import
 
 
 class Command(BaseCommand):

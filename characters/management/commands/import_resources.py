@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from characters.services import characters_import_profiles
-from scenarios.services import scenarios_import
+from characters.scenarios_import import scenarios_import
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from chat.api_keys import api_key_create
+from chat.api.keys import api_key_create
 
 
 class Command(BaseCommand):

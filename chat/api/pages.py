@@ -3,10 +3,9 @@
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 
-from characters.models import Character
-
-from .prompting import prompt_greetings
-from .selectors import user_display_name
+from characters.selectors import characters_active
+from chat.prompting import prompt_greetings
+from chat.selectors import user_display_name
 
 
 @login_required
@@ -18,6 +17,6 @@ def chat_page(request):
          "greetings": [[index, text] for index, text in enumerate(prompt_greetings(character=c, user_name=user_name))
                        if text],
          "description": c.personality or c.description[:160]}
-        for c in Character.objects.filter(is_active=True)
+        for c in characters_active()
     ]
     return render(request, "chat/page.html", {"characters": characters, "user_name": user_name})

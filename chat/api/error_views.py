@@ -4,7 +4,7 @@ from django.urls import Resolver404, resolve
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
-from .errors import NotFound, json_error_response
+from chat.errors import NotFound, json_error_response
 
 API_PREFIXES = ("/v1/", "/api/")
 

@@ -7,8 +7,8 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .health import readiness
-from .metrics import REGISTRY
+from chat.ops.health import readiness
+from chat.metrics import REGISTRY
 
 
 @require_GET

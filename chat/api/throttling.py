@@ -1,7 +1,7 @@
 """Per-key rate limit on the shared cache, with an atomic counter so it holds under concurrency.
 
 One counter per identity and window, shared by HTTP requests (DRF throttle) and WebSocket
-messages (chat/consumers.py), so a key gets the same budget whichever way it talks.
+messages (chat/api/consumers.py), so a key gets the same budget whichever way it talks.
 """
 
 import time
@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.cache import cache
 from rest_framework.throttling import BaseThrottle
 
-from .models import ApiKey
+from chat.models import ApiKey
 
 PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
            "d": 86400, "day": 86400}

@@ -1,4 +1,4 @@
-"""Importing and exporting Character Cards: the database side of characters/cards.py."""
+"""Importing and exporting Character Cards: the database side of characters/card_format.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from django.utils.text import slugify
 
 from scenarios.models import Scenario
 
-from .cards import (
+from .card_format import (
     KEY_MAX_CHARS,
     KEYS_MAX_CHARS,
     TAG_MAX_CHARS,

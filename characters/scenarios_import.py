@@ -1,12 +1,12 @@
-"""Write operations on scenarios (importing the plain-text scenarios file)."""
+"""Importing the plain-text scenarios file: scenarios belong to characters, so characters imports them."""
 
 from __future__ import annotations
 
-from characters.models import Character
-from characters.resource_format import Block, BlockError, ImportReport, parse_blocks
-from characters.services import save_matching
+from scenarios.models import Scenario
 
-from .models import Scenario
+from .models import Character
+from .resource_format import Block, BlockError, ImportReport, parse_blocks
+from .services import save_matching
 
 SCENARIO_FIELDS = {"character", "keywords", "secondary_keywords", "always_on", "priority", "enabled",
                    "case_sensitive", "whole_words", "scan_depth", "position"}

@@ -7,9 +7,9 @@ from rest_framework import serializers
 from characters.models import Character
 from scenarios.models import Scenario
 
-from .errors import ApiError
-from .models import Conversation, Message
-from .tools import tool_message_check, tool_request_from
+from chat.errors import ApiError
+from chat.models import Conversation, Message
+from chat.tooling.requests import tool_message_check, tool_request_from
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -183,13 +183,13 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
         try:
             for index, message in enumerate(messages):
                 tool_message_check(message, f"messages[{index}]")
-            attrs["tool_request"] = tool_request_from(tools=attrs.get("tools"), tool_choice=attrs.get("tool_choice"),
-                                                      parallel_tool_calls=attrs.get("parallel_tool_calls"))
+            tools = tool_request_from(tools=attrs.get("tools"), tool_choice=attrs.get("tool_choice"),
+                                      parallel_tool_calls=attrs.get("parallel_tool_calls"))
         except ApiError as error:  # is_valid() reports it like any field error
             raise serializers.ValidationError({error.param: error.message}) from None
         if attrs.get("top_logprobs") is not None and not attrs.get("logprobs"):
             raise serializers.ValidationError({"top_logprobs": "top_logprobs requires logprobs: true."})
-        if attrs.get("logprobs") and attrs["tool_request"] is not None and attrs["tool_request"].may_call:
+        if attrs.get("logprobs") and tools is not None and tools.may_call:
             raise serializers.ValidationError(
                 {"logprobs": "logprobs cannot be combined with tools that may be called; send tool_choice \"none\" "
                              "or leave logprobs out."})

@@ -3,7 +3,7 @@
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
-from .api_keys import api_key_find_valid
+from chat.api.keys import api_key_find_valid
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):

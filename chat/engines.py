@@ -1,4 +1,4 @@
-"""The process's model registry, built from config.yaml on first use (never at import or in ready()).
+"""The Django adapter to the engine: the process's model registry, built from config.yaml on first use.
 
 Django code gets engines through `get_engine(name)`; chat/engine itself knows nothing of Django.
 """
@@ -13,6 +13,8 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from chat.engine import ModelRegistry
+
 logger = logging.getLogger("llmsite.models")
 _registry = None
 _registry_lock = threading.Lock()
@@ -23,11 +25,8 @@ def get_registry():
     if _registry is None:
         with _registry_lock:
             if _registry is None:
-                from chat.engine import ModelRegistry, ModelSpec
-
                 config = settings.LLMSITE
-                specs = [ModelSpec(**vars(model)) for model in config.models]
-                _registry = ModelRegistry(specs, default=config.default_model)
+                _registry = ModelRegistry(list(config.models), default=config.default_model)
     return _registry
 
 

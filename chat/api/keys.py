@@ -10,7 +10,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import ApiKey
+from chat.models import ApiKey
 
 logger = logging.getLogger("llmsite.api")
 

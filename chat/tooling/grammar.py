@@ -7,17 +7,17 @@ The reply format (docs/API.md, "Tool calling"): one or more
     </tool_call>
 
 separated by a newline. With tool_choice "auto" the reply is either such calls or plain text that
-does not start with "<" (so the first character tells which: chat/tool_calls.py relies on it).
+does not start with "<" (so the first character tells which: chat/tooling/calls.py relies on it).
 """
 
 from __future__ import annotations
 
-import json
 import re
 
-from .engine.tool_call_text import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from .errors import ApiError
-from .tools import ToolRequest
+from chat.engine.grammars import SchemaNotConvertible, json_schema_grammar
+from chat.engine.tool_call_text import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from chat.errors import ApiError
+from chat.tooling.requests import ToolRequest
 MAX_PARALLEL_CALLS = 8  # a small model may repeat a call until max_tokens; a bound keeps the reply finite
 
 
@@ -25,8 +25,6 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
     """The grammar for a request that may call tools, or None (tool_choice "none", or no tools)."""
     if request is None or not request.may_call:
         return None
-    # Imported here: the inference library loads only when a request needs it.
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     alternatives = []
     for tool in request.callable_tools:
@@ -36,7 +34,7 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
                              "required": ["name", "arguments"]})
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
     # The converter names its start rule "root"; ours wraps it, so it is renamed.
-    call_json = re.sub(r"^root ::=", "tool-call-json ::=", json_schema_to_gbnf(json.dumps(schema)), flags=re.M)
+    call_json = re.sub(r"^root ::=", "tool-call-json ::=", json_schema_grammar(schema), flags=re.M)
     calls = "tool-call" if not request.parallel else f'tool-call ("\\n" tool-call){{0,{MAX_PARALLEL_CALLS - 1}}}'
     root = "root ::= tool-calls" if request.must_call else "root ::= tool-calls | free-text"
     return "\n".join([
@@ -49,11 +47,9 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
 
 
 def _check_convertible(tool, request: ToolRequest) -> None:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     try:
-        json_schema_to_gbnf(tool.parameters_json)
-    except Exception:  # the converter raises assorted errors for schemas it cannot express
+        json_schema_grammar(tool.parameters_json)
+    except SchemaNotConvertible:
         index = [t.name for t in request.tools].index(tool.name)
         raise ApiError(f"tools[{index}].function.parameters uses JSON Schema features this server cannot turn "
                        "into a grammar.", param=f"tools[{index}].function.parameters",

@@ -8,9 +8,9 @@ from django.conf import settings
 
 from llmsite.log_context import bind_request_id, request_id_from
 
-from .errors import PayloadTooLarge, json_error_response
-from .metrics import http_requests
-from .models import ApiKey
+from chat.errors import PayloadTooLarge, json_error_response
+from chat.metrics import http_requests
+from chat.models import ApiKey
 
 request_logger = logging.getLogger("llmsite.requests")
 
@@ -106,22 +106,22 @@ class RequestLogMiddleware(HybridMiddleware):
                   "status": response.status_code, "key_id": getattr(auth, "pk", None) if isinstance(auth, ApiKey) else None,
                   "user_id": user.pk if user is not None and user.is_authenticated else None,
                   "total_ms": round((time.perf_counter() - started) * 1000, 1)}
-        plan = getattr(request, "chat_plan", None)
-        if plan is not None:
-            fields.update(plan_log_fields(plan))
+        record = getattr(response, "reply_record", None)  # set by chat/api/views.py
+        if record is not None:
+            fields.update(reply_log_fields(record))
         # The fields become keys of the JSON log line (python-json-logger puts `extra` at the top level).
         request_logger.info("%s %s %s", request.method, request.path, response.status_code, extra=fields)
 
 
-def plan_log_fields(plan) -> dict:
-    completion, timing = plan.completion, plan.timing
+def reply_log_fields(record) -> dict:
+    plan, completion, timing = record.plan, record.completion, record.timing
     fields = {"character": plan.character.slug if plan.character else None, "model": plan.model_name,
               "prompt_tokens": completion.prompt_tokens if completion else None,
               "completion_tokens": completion.completion_tokens if completion else None,
               "ttft_ms": round((timing.first_token_at - timing.started) * 1000, 1)
               if timing and timing.first_token_at else None,
               "finish_reason": completion.finish_reason if completion else None,
-              "cache": plan.cache_status, "scenarios": [s.pk for s in plan.prompt.scenarios]}
+              "cache": record.cache_status, "scenarios": [s.pk for s in plan.prompt.scenarios]}
     if settings.LOG_PROMPTS:
         fields["prompt"] = plan.prompt.text
         fields["reply"] = completion.text if completion else None

@@ -7,7 +7,7 @@ finish_reason, usage, scenarios, conversation} or {"type": "error", "status", "e
 {"type": "new_conversation"} makes the next message start a new conversation (answered
 {"type": "new_conversation"}). Each message spends the sender's rate limit like an HTTP request
 (429 error event with retry_after). Closing the socket cancels the generation. Auth:
-chat/ws_auth.py.
+chat/api/ws_auth.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from rest_framework.exceptions import Throttled, ValidationError
 
-from .errors import error_from_exception
-from .selectors import user_display_name
+from chat.errors import error_from_exception
+from chat.replies import end_fields, reply_stream
+from chat.selectors import user_display_name
+from chat.services import chat_stream_start
+
 from .serializers import ChatCompletionRequestSerializer
-from .services import chat_request_prepare
-from .streaming import end_fields, generation_for, reply_stream
 from .throttling import identity_of, rate_limit_wait
 from .ws_auth import CLOSE_UNAUTHENTICATED
 
@@ -83,29 +84,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                        **{key: content[key] for key in SAMPLING_KEYS if key in content}}
             if "greeting" in content:
                 payload["greeting"] = content["greeting"]
-            plan = await sync_to_async(self.prepare)(payload)
-            generation = await sync_to_async(generation_for)(plan)
+            record, generation = await sync_to_async(self.start)(payload)
             await self.send_json({"type": "start", "conversation": self.conversation_id,
-                                  "scenarios": [s.title for s in plan.prompt.scenarios]})
-            async for kind, value in reply_stream(plan, generation):
+                                  "scenarios": [s.title for s in record.plan.prompt.scenarios]})
+            async for kind, value in reply_stream(record, generation):
                 if kind == "delta":
                     await self.send_json({"type": "token", "text": value})
                 elif kind == "end":
-                    completion, conversation = value
-                    self.conversation_id = str(conversation.pk) if conversation else None
-                    await self.send_json({"type": "end", "text": completion.text,
-                                          **end_fields(plan, completion, conversation)})
+                    self.conversation_id = str(record.conversation.pk) if record.conversation else None
+                    await self.send_json({"type": "end", "text": record.completion.text, **end_fields(record)})
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self.send_error(exc)
 
-    def prepare(self, payload: dict):
+    def start(self, payload: dict):
         serializer = ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
         user = self.scope["user"]
-        return chat_request_prepare(user=user, data=serializer.validated_data, greet=True,
-                                    user_name=user_display_name(user))
+        return chat_stream_start(user=user, data=serializer.validated_data, user_name=user_display_name(user))
 
     def rate_identity(self) -> str:
         client = self.scope.get("client") or ("-", 0)

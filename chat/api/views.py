@@ -5,23 +5,22 @@ import functools
 import weakref
 
 from asgiref.sync import sync_to_async
-from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from characters.models import Character
+from characters.selectors import characters_active
 from chat.engine.generation import generations_started
+from chat.engines import get_registry
+from chat.errors import NotFound
+from chat.jobs import job_body, job_cancel, job_get_visible, job_url
+from chat.models import ApiKey
+from chat.selectors import conversation_get_owned, conversations_of
+from chat.services import chat_completion_create, text_completion_run, text_generation_start
 
 from . import serializers as s
-from .errors import NotFound
-from .inference import get_registry
-from .jobs import api_key_of, job_body, job_cancel, job_get_visible, job_submit, job_url
-from .selectors import conversation_get_owned, conversations_of
-from .response_cache import HIT
-from .services import chat_completion_from_cache, chat_completion_run, chat_request_prepare, text_completion_run
-from .streaming import chat_completion_events, generation_for, text_completion_events, text_generation_start
+from .sse import chat_completion_events, sse_response, text_completion_events
 
 ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, text in {
     400: "Invalid request (the error names the field), or context_length_exceeded.",
@@ -29,10 +28,13 @@ ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, t
     413: "Request body too large.", 429: "Rate limit reached.", 503: "Model unavailable."}.items()}
 
 
-def sse_response(events) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(events, content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
+def api_key_of(request) -> ApiKey | None:
+    return request.auth if isinstance(request.auth, ApiKey) else None
+
+
+def logged(response, record):
+    """The response, carrying what became of the request's plan for its log line (chat/ops/middleware.py)."""
+    response.reply_record = record
     return response
 
 
@@ -82,29 +84,20 @@ class ChatCompletionsView(GeneratingView):
         serializer = s.ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        cache_allowed = "no-cache" not in request.headers.get("Cache-Control", "")
-        # Background only when asked for (never inferred from max_tokens): the client then expects a job.
-        background = data.get("background", False)
-        cached_body, request_key = (None, None) if data.get("stream") or background else chat_completion_from_cache(
-            data=data, cache_allowed=cache_allowed, user=request.user)
-        if cached_body is not None:
-            return Response(cached_body, headers={"X-Cache": HIT})
-        plan = chat_request_prepare(user=request.user, data=data)
-        request._request.chat_plan = plan  # for the request's log line (chat.middleware)
-        plan.cache_allowed, plan.request_key = cache_allowed, request_key
-        if background:
-            job = job_submit(user=request.user, api_key=api_key_of(request), payload=serializer.initial_data)
-            job.refresh_from_db()  # inline mode (no broker) has already run it
-            return Response(job_body(job), status=202, headers={"Location": job_url(job)})
-        if data.get("stream"):
-            generation = generation_for(plan)
+        started = chat_completion_create(user=request.user, api_key=api_key_of(request), data=data,
+                                         payload=serializer.initial_data,
+                                         cache_allowed="no-cache" not in request.headers.get("Cache-Control", ""))
+        if started.job is not None:
+            response = Response(job_body(started.job), status=202, headers={"Location": job_url(started.job)})
+            return logged(response, started.record)
+        if started.generation is not None:
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            response = sse_response(chat_completion_events(plan=plan, generation=generation,
+            response = sse_response(chat_completion_events(record=started.record, generation=started.generation,
                                                            include_usage=include_usage))
         else:
-            response = Response(chat_completion_run(plan=plan))
-        response["X-Cache"] = plan.cache_status
-        return response
+            response = Response(started.body)
+        response["X-Cache"] = started.cache_status
+        return logged(response, started.record)
 
 
 class JobView(APIView):
@@ -170,13 +163,17 @@ class CharacterListView(generics.ListAPIView):
     """Active characters."""
 
     serializer_class = s.CharacterSerializer
-    queryset = Character.objects.filter(is_active=True)
+
+    def get_queryset(self):
+        return characters_active()
 
 
 class CharacterDetailView(generics.RetrieveAPIView):
     serializer_class = s.CharacterSerializer
-    queryset = Character.objects.filter(is_active=True)
     lookup_field = "slug"
+
+    def get_queryset(self):
+        return characters_active()
 
 
 class ConversationListView(generics.ListAPIView):

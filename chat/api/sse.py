@@ -1,8 +1,7 @@
-"""Streaming a reply to a client, for server-sent events (HTTP) and WebSocket alike.
+"""Server-sent events: a streamed reply as OpenAI's chunk objects, ending in `data: [DONE]`.
 
-Runs on the ASGI event loop (no thread per stream). A client that disconnects cancels the
-consuming task; `reply_stream` then cancels the generation so the scheduler frees its sequence,
-and nothing is stored as a complete reply.
+Runs on the ASGI event loop (no thread per stream); a client that disconnects cancels the
+consuming task, which cancels the generation (chat/replies.py).
 """
 
 from __future__ import annotations
@@ -13,82 +12,14 @@ import logging
 import time
 import uuid
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.http import StreamingHttpResponse
 
-from .errors import error_from_exception
-from .inference import get_engine
-from .logprobs import LegacyLogprobs, chat_logprobs
-from .response_cache import MISS, ReplayedGeneration, cached_completion, remember_completion
-from .services import ChatPlan, GenerationTiming, chat_exchange_store, sampling_params_for, scenarios_used, usage_of
-from .tool_calls import ToolCallReader, tool_finish_reason
+from chat.errors import error_from_exception
+from chat.replies import LegacyLogprobs, ReplyRecord, chat_logprobs, deltas_with_keepalive, end_fields, reply_stream, usage_of
+from chat.tooling.calls import ToolCallReader, tool_finish_reason
 
 logger = logging.getLogger("llmsite.api")
-
-
-def generation_for(plan: ChatPlan):
-    """A cached reply replayed, or a live generation submitted to the engine (sync: reads the cache)."""
-    cached = cached_completion(plan)
-    if cached is not None:
-        return ReplayedGeneration(cached)
-    plan.timing = GenerationTiming()
-    return plan.engine.submit(plan.prompt.text, plan.params)
-
-
-async def deltas_with_keepalive(generation, interval: float):
-    """Yield text deltas, or None when nothing arrived for `interval` seconds (time for a keep-alive)."""
-    iterator = generation.__aiter__()
-    pending = asyncio.ensure_future(iterator.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                delta = pending.result()
-            except StopAsyncIteration:
-                return
-            yield delta
-            pending = asyncio.ensure_future(iterator.__anext__())
-    finally:
-        if not pending.done():
-            pending.cancel()
-
-
-async def reply_stream(plan: ChatPlan, generation, *, keepalive: float | None = None):
-    """Yield ("delta", text), ("keepalive", None), then ("end", (completion, conversation)) once stored."""
-    finished = False
-    try:
-        async for delta in deltas_with_keepalive(generation, keepalive or settings.SSE_KEEPALIVE_SECONDS):
-            if delta is None:
-                yield "keepalive", None
-            elif delta:
-                if plan.timing is not None:
-                    plan.timing.saw_text()
-                yield "delta", delta
-        completion = plan.completion = generation.result
-        finished = True
-        if plan.timing is not None:
-            plan.timing.finish(model=plan.model_name, completion=completion)
-        if plan.cache_status == MISS:
-            await sync_to_async(remember_completion)(plan, completion)
-        conversation = await sync_to_async(chat_exchange_store)(plan=plan, completion=completion)
-        yield "end", (completion, conversation)
-    except asyncio.CancelledError:
-        logger.info("client went away; generation %s cancelled", generation.id)
-        raise
-    finally:
-        if not finished:
-            generation.cancel()
-
-
-def end_fields(plan: ChatPlan, completion, conversation) -> dict:
-    return {"finish_reason": completion.finish_reason, "usage": usage_of(completion),
-            "scenarios": scenarios_used(plan), "conversation": str(conversation.pk) if conversation else None}
-
-
-# --- Server-sent events ---------------------------------------------------------------------------
 
 
 def sse(payload: dict | str) -> bytes:
@@ -96,7 +27,16 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: bool):
+def sse_response(events) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
+    return response
+
+
+async def chat_completion_events(*, record: ReplyRecord, generation, include_usage: bool):
+    plan = record.plan
+
     def chunk(delta: dict, finish_reason=None, logprobs=None, **extra) -> dict:
         return {"id": plan.completion_id, "object": "chat.completion.chunk", "created": plan.created,
                 "model": plan.model_name, "system_fingerprint": None,
@@ -110,7 +50,7 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
     tool_reader = ToolCallReader() if plan.tools is not None and plan.tools.may_call else None
     yield sse(chunk({"role": "assistant", "content": ""}))
     try:
-        async for kind, value in reply_stream(plan, generation):
+        async for kind, value in reply_stream(record, generation):
             if kind == "keepalive":
                 yield b": keep-alive\n\n"
             elif kind == "delta":
@@ -120,8 +60,7 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
                 for delta in tool_reader.feed(value) if tool_reader else [{"content": value}]:
                     yield sse(chunk(delta))
             else:
-                completion, conversation = value
-                end = end_fields(plan, completion, conversation)
+                end = end_fields(record)
                 leftover = generation.take_logprobs() if with_logprobs else []
                 if leftover:  # tokens of a stop string's cut, or of no text at all
                     yield sse(chunk({"content": ""}, logprobs=chat_logprobs(leftover)))
@@ -137,16 +76,6 @@ async def chat_completion_events(*, plan: ChatPlan, generation, include_usage: b
         _, body, _ = error_from_exception(exc)
         yield sse(body)
     yield sse("[DONE]")
-
-
-# --- /v1/completions ------------------------------------------------------------------------------
-
-
-def text_generation_start(*, data: dict):
-    """(engine, generation) for a plain text completion; raises before anything streams (sync)."""
-    engine = get_engine(data.get("model") or None)
-    params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
-    return engine, engine.submit(data["prompt"], params)
 
 
 async def text_completion_events(*, engine, generation, include_usage: bool, with_logprobs: bool = False):

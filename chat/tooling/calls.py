@@ -1,6 +1,6 @@
 """Reading tool calls back from the generated text, as it streams: OpenAI deltas and the final message.
 
-The text follows chat/tool_grammar.py's format. `ToolCallReader.feed` turns each piece of text
+The text follows chat/tooling/grammar.py's format. `ToolCallReader.feed` turns each piece of text
 into the deltas the OpenAI API streams: a call's index, id and name first, then fragments of its
 arguments; plain text becomes content deltas. The non-streamed reply reads the whole text the
 same way, so both agree.
@@ -12,7 +12,7 @@ import json
 import re
 import uuid
 
-from .tool_grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from chat.tooling.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 MAX_HEAD_CHARS = 400  # past this without a name, the text is not a call head (cannot happen under the grammar)

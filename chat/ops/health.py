@@ -9,7 +9,7 @@ from django.db import connection
 
 from chat.engine import EngineError
 
-from .inference import get_engine, get_registry
+from chat.engines import get_engine, get_registry
 
 
 def check_database() -> dict:
@@ -26,7 +26,7 @@ def check_model() -> dict:
     spec = registry.spec()
     result = {"ok": True, "model": spec.name, "loaded": registry.is_loaded()}
     engine = registry.loaded()
-    if engine is not None and not getattr(engine, "alive", True):
+    if engine is not None and not engine.alive:
         # Not replaced here: the next request reloads it; until then this instance is not ready.
         return {**result, "ok": False, "error": "the model's scheduler stopped; the next request reloads it"}
     # A remote model (base_urls) has no file here; its upstreams are not probed, so that a pool outage

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .errors import ApiError
+from chat.errors import ApiError
 
 MAX_TOOLS = 128  # OpenAI's own limit
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -152,3 +152,9 @@ def tool_message_check(message: dict, path: str) -> None:
             raise ApiError(f"{where} must have a function with a name.", param=f"{where}.function")
         if not isinstance(function.get("arguments", ""), str):
             raise ApiError(f"{where}.function.arguments must be a JSON string.", param=f"{where}.function.arguments")
+
+
+def tool_request_of(data: dict) -> ToolRequest | None:
+    """The tool settings of a validated request (chat/api/serializers.py checked them)."""
+    return tool_request_from(tools=data.get("tools"), tool_choice=data.get("tool_choice"),
+                             parallel_tool_calls=data.get("parallel_tool_calls"))

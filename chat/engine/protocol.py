@@ -1,0 +1,44 @@
+"""What every engine offers the rest of the project, local (Engine) or remote (RemoteEngine)."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .generation import Generation
+from .types import Completion, ModelSpec, SamplingParams
+
+
+@runtime_checkable
+class EngineProtocol(Protocol):
+    """One served model: tokens, its chat format, and generations. Implementations are thread-safe."""
+
+    spec: ModelSpec
+    context_length: int  # max tokens of one sequence (prompt + reply)
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine can no longer serve (the registry then replaces it)."""
+
+    @property
+    def template_supports_tools(self) -> bool:
+        """Whether render_chat passes `tools` to the model's own template."""
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str: ...
+
+    def prompt_tokens(self, prompt: str) -> list[int]: ...
+
+    def submit(self, prompt: str, params: SamplingParams) -> Generation:
+        """Queue a request and return at once; raises ContextOverflow, InvalidRequest, EngineOverloaded..."""
+
+    def generate(self, prompt: str, params: SamplingParams) -> Completion: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,263 @@
+"""What a chat request will do, decided before anything is generated: an immutable `ChatPlan`.
+
+`chat_request_prepare` resolves the character and the caller's conversation, the model, the sampling
+(request, then character, then config.yaml) and the tools, and composes the prompt. It may raise
+ApiError or engine errors; nothing has been generated or stored then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from characters.models import Character
+from characters.selectors import character_find_active
+from chat.engine import EngineProtocol, SamplingParams
+from chat.engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
+from scenarios.models import Scenario
+
+from .engines import get_engine
+from .errors import ApiError, NotFound
+from .models import Conversation
+from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
+from .prompting.tools import tools_system_text, turns_with_tool_text
+from .selectors import conversation_get_owned
+from .tooling.grammar import tool_call_grammar
+from .tooling.requests import ToolRequest, tool_request_of
+
+logger = logging.getLogger("llmsite.chat")
+
+CLIENT_TURN_ROLES = ("user", "assistant")
+CLIENT_SYSTEM_ROLES = ("system", "developer")
+DEFAULT_USER_NAME = "User"
+USER_NAME_MAX = 100  # Conversation.user_name
+LOGPROBS_BACKEND = "llama_cpp"  # the only backend that exposes its logits
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """Everything decided before generation starts; never changed afterwards."""
+
+    engine: EngineProtocol
+    prompt: ComposedPrompt
+    params: SamplingParams
+    character: Character | None
+    conversation: Conversation | None   # the stored conversation continued, None for a new chat
+    new_turns: tuple[dict, ...]         # client turns to store with the reply
+    store: bool
+    user: object
+    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    shorthand: bool = False
+    user_name: str = DEFAULT_USER_NAME  # {{user}}; stored with a new conversation
+    tools: ToolRequest | None = None    # the request's tools; the reply is read for calls when it may call
+    cache_allowed: bool = True          # False: the client sent Cache-Control: no-cache
+    request_key: str | None = None      # the fast-path cache key, when the request qualifies
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.spec.name
+
+
+def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: str = "", cache_allowed: bool = True,
+                         request_key: str | None = None) -> ChatPlan:
+    """Resolve character, conversation, model and sampling, and compose the prompt.
+
+    `greet`: a new conversation starts with the character's greeting as its first message (the
+    chat page and WebSocket show it); the request's `greeting` picks which one (0 = the main
+    greeting, 1.. = the alternates) and also makes an API request start with it.
+    `user_name`: what {{user}} becomes when the request names no one (the page's logged-in user).
+    """
+    conversation = None
+    if data.get("conversation"):
+        conversation = conversation_get_owned(user=user, conversation_id=data["conversation"])
+    character = _character_for(data, conversation)
+
+    client_messages = data["messages"]
+    client_system = "\n\n".join(m["content"] for m in client_messages if m["role"] in CLIENT_SYSTEM_ROLES
+                                and m["content"].strip())
+    # Tool calls and results of the history become text turns (chat/prompting/tools.py).
+    client_turns = turns_with_tool_text(client_messages)
+    if conversation is not None:
+        # The stored history is authoritative: only the request's last user message is new.
+        history = [{"role": m.role, "content": m.content}
+                   for m in conversation.messages.filter(role__in=CLIENT_TURN_ROLES).order_by("id")]
+        new_turns = [client_turns[-1]]
+        user_name = conversation.user_name
+    else:
+        user_name = user_name_for(data, fallback=user_name)
+        greeting = _greeting_for(data, character, greet=greet, user_name=user_name)
+        if greeting:
+            client_turns = [{"role": "assistant", "content": greeting}, *client_turns]
+        history, new_turns = client_turns[:-1], client_turns
+
+    engine = get_engine(data.get("model") or None)
+    logger.info("Received request for character %s (model %s, conversation %s)",
+                character.slug if character else "-", engine.spec.name, conversation.pk if conversation else "new")
+    params = sampling_params_for(data=data, character=character, engine=engine)
+    tools = tool_request_of(data)
+    params = _with_tools(params, tools, engine=engine)
+    # The tools reach the model through an upstream (remote), its own chat template when that supports tools,
+    # or else the generic text of chat/prompting/tools.py.
+    native_tools = ([tool.as_openai() for tool in tools.callable_tools]
+                    if tools is not None and tools.may_call and engine.template_supports_tools else None)
+    tools_text = "" if params.tools_json or native_tools else tools_system_text(tools)
+    forced = _forced_scenarios(data.get("scenario"), character)
+
+    # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
+    # character's system prompt (prompt injection); without one, they replace the default prompt.
+    system_override = client_system if character is None else ""
+    prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
+                            user_name=user_name,
+                            max_tokens=params.max_tokens, forced_scenarios=forced,
+                            system_override=system_override, extra_system=tools_text,
+                            tools=native_tools)
+    # A continued conversation is always stored; a new one when a character is set, unless store=false.
+    store = conversation is not None or (character is not None and data.get("store", True))
+    return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
+                    new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
+                    user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key)
+
+
+def user_name_for(data: dict, *, fallback: str = "") -> str:
+    """{{user}} for a new chat: the last user message's `name`, else the request's `user`, else
+    `fallback` (the logged-in user on the page), else "User". Whitespace is folded so a name
+    cannot start new lines in the prompt."""
+    last_user = next((m for m in reversed(data["messages"]) if m["role"] == "user"), {})
+    for candidate in (last_user.get("name"), data.get("user"), fallback):
+        name = " ".join((candidate or "").split())[:USER_NAME_MAX]
+        if name:
+            return name
+    return DEFAULT_USER_NAME
+
+
+def sampling_params_for(*, data: dict, character: Character | None, engine, legacy: bool = False) -> SamplingParams:
+    """Request values first, then the character's defaults, then config.yaml's. `legacy`: /v1/completions'
+    parameter shapes (`logprobs` is a count there)."""
+    defaults = settings.LLMSITE.sampling
+
+    def pick(name, character_field=None):
+        if data.get(name) is not None:
+            return data[name]
+        if character is not None and character_field and getattr(character, character_field) is not None:
+            return getattr(character, character_field)
+        return defaults.get(name)
+
+    max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = character.max_tokens if character and character.max_tokens else defaults["max_tokens"]
+    return SamplingParams(
+        max_tokens=int(max_tokens),
+        temperature=float(pick("temperature", "temperature")),
+        top_p=float(pick("top_p", "top_p")),
+        top_k=int(data["top_k"]) if data.get("top_k") is not None else SamplingParams.top_k,
+        repetition_penalty=float(pick("repetition_penalty", "repetition_penalty")),
+        presence_penalty=float(data.get("presence_penalty") or 0.0),
+        frequency_penalty=float(data.get("frequency_penalty") or 0.0),
+        seed=data.get("seed"),
+        stop=tuple(data.get("stop") or ()),
+        grammar=grammar_for_response_format(data.get("response_format")),
+        logprobs=requested_logprobs(data=data, engine=engine, legacy=legacy),
+    )
+
+
+def grammar_for_response_format(response_format: dict | None) -> str | None:
+    """The GBNF grammar of `response_format` (JSON mode, or a JSON Schema); None for plain text."""
+    if not response_format or response_format["type"] == "text":
+        return None
+    if response_format["type"] == "json_object":
+        return json_object_grammar()
+    try:
+        return json_schema_grammar(response_format["json_schema"]["schema"])
+    except SchemaNotConvertible:
+        raise ApiError("response_format.json_schema.schema uses features this server cannot turn into a grammar.",
+                       param="response_format", code="unsupported_schema") from None
+
+
+def requested_logprobs(*, data: dict, engine, legacy: bool = False) -> int | None:
+    """How many likeliest tokens to report per reply token, None when the request wants no logprobs.
+
+    Chat: `logprobs: true` plus `top_logprobs` (0-20). Legacy /v1/completions: `logprobs` is that number
+    (0-5). Refused with a 400 naming `logprobs` where the model's backend cannot compute them.
+    """
+    if legacy:
+        count = data.get("logprobs")
+    else:
+        count = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
+    if count is None:
+        return None
+    backend = engine.spec.backend
+    if backend != LOGPROBS_BACKEND:
+        raise ApiError(f"logprobs need the {LOGPROBS_BACKEND} backend; model {engine.spec.name!r} uses {backend}.",
+                       param="logprobs", code="unsupported")
+    return int(count)
+
+
+def _greeting_for(data: dict, character: Character | None, *, greet: bool, user_name: str) -> str:
+    """The greeting a new conversation starts with, placeholders filled; "" for none."""
+    index = data.get("greeting")
+    if character is None:
+        if index is not None:
+            raise ApiError("greeting needs a character.", param="greeting", code="greeting_without_character")
+        return ""
+    if index is None:
+        if not greet:
+            return ""
+        index = 0
+    greetings = prompt_greetings(character=character, user_name=user_name)
+    if index >= len(greetings):
+        raise ApiError(f"Character {character.slug!r} has {len(greetings)} greeting(s): greeting must be "
+                       f"0 to {len(greetings) - 1}.", param="greeting", code="greeting_not_found")
+    return greetings[index]
+
+
+def _with_tools(params: SamplingParams, tools: ToolRequest | None, *, engine) -> SamplingParams:
+    """The sampling parameters with the grammar that makes the reply tool calls (or text, for "auto"), or, for
+    a remote model in chat mode, with the tools to pass to its upstream."""
+    if tools is None or not tools.may_call:
+        return params
+    if engine.spec.backend == "ctransformers":
+        raise ApiError("Tool calling needs the llama_cpp backend; this model uses ctransformers.", param="tools",
+                       code="unsupported")
+    if params.grammar is not None:
+        raise ApiError("response_format cannot be combined with tools that may be called; send tool_choice "
+                       "\"none\" or leave response_format out.", param="response_format")
+    if engine.spec.backend == "openai_compatible" and engine.spec.remote_api == "chat":
+        tools_json = json.dumps({"tools": [tool.as_openai() for tool in tools.tools], "tool_choice": tools.openai_choice,
+                                 "parallel_tool_calls": tools.parallel})
+        return dataclasses.replace(params, tools_json=tools_json)
+    return dataclasses.replace(params, grammar=tool_call_grammar(tools))
+
+
+def _character_for(data: dict, conversation: Conversation | None) -> Character | None:
+    requested = data.get("character") or data.get("character_id")
+    if conversation is not None:
+        if requested and requested not in (conversation.character.slug, str(conversation.character.pk)):
+            raise ApiError("This conversation belongs to another character.", param="character",
+                           code="character_mismatch")
+        if not conversation.character.is_active:
+            raise NotFound(f"No active character {conversation.character.slug!r}.", param="character",
+                           code="character_not_found")
+        return conversation.character
+    if not requested:
+        return None
+    character = character_find_active(slug_or_id=str(requested))
+    if character is None:
+        raise NotFound(f"No active character {str(requested)!r}.", param="character", code="character_not_found")
+    return character
+
+
+def _forced_scenarios(scenario_id, character: Character | None) -> list[Scenario] | None:
+    if scenario_id is None:
+        return None
+    scenario = Scenario.objects.filter(pk=scenario_id, enabled=True).first()
+    if scenario is None or (scenario.character_id and (character is None or scenario.character_id != character.pk)):
+        raise NotFound(f"No enabled scenario {scenario_id} for this character.", param="scenario",
+                       code="scenario_not_found")
+    return [scenario]

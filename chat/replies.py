@@ -1,0 +1,272 @@
+"""Producing a plan's reply: from the cache or the engine, streamed or whole; storing the exchange;
+the reply's OpenAI shapes (chat.completion body, usage, logprobs).
+
+A `ReplyRecord` says what became of one plan (cache result, timing, completion, stored
+conversation); it is written as the reply is produced and read by the request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+
+from chat.engine import Completion
+
+from .metrics import record_generation
+from .models import Conversation, Message
+from .plans import ChatPlan
+from .response_cache import BYPASS, MISS, ReplayedGeneration, cached_completion, remember_completion
+from .tooling.calls import tool_finish_reason, tool_reply
+from .tooling.requests import ToolRequest
+
+logger = logging.getLogger("llmsite.chat")
+
+
+@dataclass
+class GenerationTiming:
+    """When a live generation started, produced its first text, and ended (perf_counter seconds)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished: float | None = None
+
+    def saw_text(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def finish(self, *, model: str, completion: Completion) -> None:
+        self.finished = time.perf_counter()
+        record_generation(model=model, completion=completion, started=self.started,
+                          first_token_at=self.first_token_at, finished=self.finished)
+
+
+@dataclass
+class ReplyRecord:
+    """What became of one plan, filled in as its reply is produced (read by chat/ops/middleware.py)."""
+
+    plan: ChatPlan
+    cache_status: str = BYPASS
+    timing: GenerationTiming | None = None   # set when generated live (not from the cache)
+    completion: Completion | None = None     # set when finished
+    conversation: Conversation | None = None  # the stored conversation, once stored
+
+    def __post_init__(self):
+        self.conversation = self.plan.conversation
+
+
+# --- Producing the reply --------------------------------------------------------------------------
+
+
+def reply_lookup(plan: ChatPlan) -> ReplyRecord:
+    """A record for `plan`, holding the cached reply when there is one."""
+    record = ReplyRecord(plan)
+    record.completion, record.cache_status = cached_completion(plan)
+    return record
+
+
+def reply_start(record: ReplyRecord):
+    """The record's cached reply replayed, or a live generation submitted to the engine (sync)."""
+    if record.completion is not None:
+        return ReplayedGeneration(record.completion)
+    record.timing = GenerationTiming()
+    return record.plan.engine.submit(record.plan.prompt.text, record.plan.params)
+
+
+def reply_generate(record: ReplyRecord, *, on_text=None) -> Completion | None:
+    """The whole reply (blocking): the cached one, or generated and timed; `on_text(delta)` may return
+    False to stop, and then the result is None."""
+    if record.completion is not None:
+        return record.completion
+    plan = record.plan
+    record.timing = GenerationTiming()
+    generation = plan.engine.submit(plan.prompt.text, plan.params)
+    for delta in generation:
+        if delta:
+            record.timing.saw_text()
+        if on_text is not None and on_text(delta) is False:
+            generation.cancel()
+            return None
+    record.completion = generation.result
+    record.timing.finish(model=plan.model_name, completion=record.completion)
+    return record.completion
+
+
+def reply_remember(record: ReplyRecord) -> None:
+    """Cache a freshly generated reply (a no-op for a cached one or one that may not be cached)."""
+    if record.cache_status == MISS and record.completion is not None:
+        remember_completion(record.plan, record.completion)
+
+
+def exchange_store(record: ReplyRecord) -> Conversation | None:
+    """Store the new turns and the reply together, or nothing (a cancelled reply is not stored)."""
+    plan, completion = record.plan, record.completion
+    if not plan.store or completion is None or completion.finish_reason not in ("stop", "length"):
+        return record.conversation
+    with transaction.atomic():
+        conversation = plan.conversation
+        if conversation is None:
+            first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
+            conversation = Conversation.objects.create(character=plan.character, owner=plan.user,
+                                                       title=_title_from(first_user), user_name=plan.user_name)
+        for turn in plan.new_turns:
+            Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
+                                   completion_tokens=plan.engine.count_tokens(turn["content"]))
+        reply = Message.objects.create(
+            conversation=conversation, role=Message.Role.ASSISTANT, content=completion.text,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            finish_reason=completion.finish_reason, model_name=plan.model_name)
+        reply.scenarios.set(plan.prompt.scenarios)
+        conversation.save(update_fields=["updated_at"])
+    record.conversation = conversation
+    return conversation
+
+
+def reply_complete(record: ReplyRecord) -> dict:
+    """Generate the whole reply (blocking), cache it, store it, and return the chat.completion object."""
+    reply_generate(record)
+    reply_remember(record)
+    exchange_store(record)
+    return chat_completion_body(record)
+
+
+async def deltas_with_keepalive(generation, interval: float):
+    """Yield text deltas, or None when nothing arrived for `interval` seconds (time for a keep-alive)."""
+    iterator = generation.__aiter__()
+    pending = asyncio.ensure_future(iterator.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                delta = pending.result()
+            except StopAsyncIteration:
+                return
+            yield delta
+            pending = asyncio.ensure_future(iterator.__anext__())
+    finally:
+        if not pending.done():
+            pending.cancel()
+
+
+async def reply_stream(record: ReplyRecord, generation, *, keepalive: float | None = None):
+    """Yield ("delta", text), ("keepalive", None), then ("end", None) once the exchange is stored.
+
+    Runs on the ASGI event loop. A client that disconnects cancels the consuming task; the
+    generation is then cancelled so the scheduler frees its sequence, and nothing is stored.
+    """
+    finished = False
+    try:
+        async for delta in deltas_with_keepalive(generation, keepalive or settings.SSE_KEEPALIVE_SECONDS):
+            if delta is None:
+                yield "keepalive", None
+            elif delta:
+                if record.timing is not None:
+                    record.timing.saw_text()
+                yield "delta", delta
+        record.completion = generation.result
+        finished = True
+        if record.timing is not None:
+            record.timing.finish(model=record.plan.model_name, completion=record.completion)
+        await sync_to_async(reply_remember)(record)
+        await sync_to_async(exchange_store)(record)
+        yield "end", None
+    except asyncio.CancelledError:
+        logger.info("client went away; generation %s cancelled", generation.id)
+        raise
+    finally:
+        if not finished:
+            generation.cancel()
+
+
+# --- OpenAI shapes --------------------------------------------------------------------------------
+
+
+def chat_completion_body(record: ReplyRecord) -> dict:
+    plan = record.plan
+    return completion_body(completion_id=plan.completion_id, created=plan.created, model=plan.model_name,
+                           completion=record.completion, scenarios=plan.prompt.scenarios_used,
+                           conversation_id=str(record.conversation.pk) if record.conversation else None,
+                           shorthand=plan.shorthand, tools=plan.tools)
+
+
+def completion_body(*, completion_id: str, created: int, model: str, completion: Completion, scenarios: list,
+                    conversation_id: str | None, shorthand: bool, tools: ToolRequest | None = None) -> dict:
+    message, finish_reason = {"role": "assistant", "content": completion.text}, completion.finish_reason
+    if tools is not None and tools.may_call:
+        message["content"], calls = tool_reply(completion.text)
+        if calls:
+            message["tool_calls"] = calls
+        finish_reason = tool_finish_reason(finish_reason, bool(calls))
+    body = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
+                     "logprobs": chat_logprobs(completion.logprobs)}],
+        "usage": usage_of(completion),
+        "system_fingerprint": None,
+        "scenarios": scenarios,
+        "conversation": conversation_id,
+    }
+    if shorthand:
+        body["text"] = completion.text
+    return body
+
+
+def end_fields(record: ReplyRecord) -> dict:
+    """What the last chunk of a stream reports: finish reason, usage, scenarios, conversation."""
+    completion, conversation = record.completion, record.conversation
+    return {"finish_reason": completion.finish_reason, "usage": usage_of(completion),
+            "scenarios": record.plan.prompt.scenarios_used,
+            "conversation": str(conversation.pk) if conversation else None}
+
+
+def usage_of(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def chat_logprobs(records) -> dict | None:
+    """`choices[].logprobs` of a chat completion (or chunk): None when none were asked for."""
+    if records is None:
+        return None
+    return {"content": [_logprob_entry(record, top_logprobs=[_logprob_entry(other) for other in record.top])
+                        for record in records], "refusal": None}
+
+
+def _logprob_entry(record, **extra) -> dict:
+    return {"token": record.token, "logprob": record.logprob, "bytes": list(record.bytes), **extra}
+
+
+class LegacyLogprobs:
+    """`choices[].logprobs` of /v1/completions (tokens, token_logprobs, top_logprobs, text_offset); keeps the
+    text offset across the chunks of a stream."""
+
+    def __init__(self):
+        self.offset = 0  # characters of the reply before the next token
+
+    def shape(self, records) -> dict:
+        body = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for record in records:
+            body["tokens"].append(record.token)
+            body["token_logprobs"].append(record.logprob)
+            # As in the OpenAI API, the sampled token is always among its step's entries.
+            body["top_logprobs"].append({**{other.token: other.logprob for other in record.top},
+                                         record.token: record.logprob})
+            body["text_offset"].append(self.offset)
+            self.offset += len(record.token)
+        return body
+
+
+def _title_from(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
