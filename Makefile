@@ -22,6 +22,7 @@ run: setup
 
 # The tests opt into DEBUG themselves (tests/settings.py, tests/live.py) and run production in children.
 test: dev-deps model
+	$(VENV)/bin/lint-imports --no-cache  # the layer contracts of pyproject.toml (docs/ARCHITECTURE.md)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 setup: deps model migrate demo
