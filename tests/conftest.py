@@ -57,7 +57,7 @@ def smollm2_path():
 
 
 def pytest_collection_finish(session):
-    # tests/test_lazy_loading.py runs a collection in a subprocess and reads this report to prove
+    # tests/chat/test_lazy_loading.py runs a collection in a subprocess and reads this report to prove
     # that collecting the suite loads no inference library.
     report = os.environ.get("LLMSITE_COLLECTION_REPORT")
     if report:

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import RATE_LIMIT_PER_MINUTE
+from tests.chat.api.conftest import RATE_LIMIT_PER_MINUTE
 
 pytestmark = pytest.mark.smollm2
 

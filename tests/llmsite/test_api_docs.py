@@ -2,16 +2,16 @@
 
 import re
 import shutil
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
 from tests.conftest import missing_service
 from tests.live import LiveServer, prepare_database
+from tests.subprocess_helpers import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

@@ -1,17 +1,17 @@
 """The chat page in headless Chromium against a live daphne server: log in, chat, see tokens stream, reload."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import missing_service
 from tests.live import LiveServer, prepare_database
+from tests.subprocess_helpers import ROOT
 
 pytestmark = pytest.mark.smollm2
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

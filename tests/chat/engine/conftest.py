@@ -14,7 +14,7 @@ import pytest
 
 from chat.engine import ModelRegistry, ModelSpec
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMOLLM2_PATH = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_CONTEXT = 256
 

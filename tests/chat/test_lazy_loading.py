@@ -26,4 +26,4 @@ def test_collecting_the_test_suite_loads_no_inference_library(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads(report.read_text()) == {"loaded": []}
     # The report covers a real collection, including the engine tests that use the inference libraries.
-    assert "tests/engine/test_generation.py::test_cancel_frees_the_sequence" in result.stdout
+    assert "tests/chat/engine/test_generation.py::test_cancel_frees_the_sequence" in result.stdout

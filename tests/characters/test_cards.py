@@ -18,7 +18,7 @@ from scenarios.models import Scenario
 
 pytestmark = pytest.mark.django_db
 
-CARDS = Path(__file__).parent / "fixtures" / "cards"
+CARDS = Path(__file__).resolve().parent.parent / "fixtures" / "cards"
 V2_JSON = CARDS / "lighthouse_keeper_v2.json"
 V2_PNG = CARDS / "lighthouse_keeper_v2.png"  # the same card in a 'chara' chunk after IDAT (written without Pillow)
 
