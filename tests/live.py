@@ -82,6 +82,30 @@ class LiveServer:
         stop_process_group(self.process)
 
 
+def bearer_client(server: LiveServer, key: str, timeout: float = 120) -> httpx.Client:
+    """An HTTP client for the server that sends `Authorization: Bearer <key>`."""
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+
+
+def sse_events(response: httpx.Response, on_event=None) -> list:
+    """The `data:` events of a streamed reply, decoded ("[DONE]" kept as is); on_event sees each as it comes."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            event = line[len("data: "):]
+            events.append(event if event == "[DONE]" else json.loads(event))
+            if on_event is not None:
+                on_event(events[-1])
+    return events
+
+
+def content_of(event) -> str:
+    """The text an event of a streamed chat completion adds ("" for anything else)."""
+    if not isinstance(event, dict) or not event.get("choices"):
+        return ""
+    return event["choices"][0].get("delta", {}).get("content") or ""
+
+
 def stop_process_group(process: subprocess.Popen | None, timeout: float = 15) -> None:
     """Stop a child started with start_new_session=True, and everything it started."""
     if process is None or process.poll() is not None:

@@ -12,12 +12,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def staff_client(client, django_user_model):
-    client.force_login(django_user_model.objects.create_superuser("editor", "editor@example.com", "pw"))
-    return client
-
-
-@pytest.fixture
 def mira():
     mira = Character.objects.create(
         name="Mira", slug="mira", description="{{char}} captains the Gilded Gull.",

@@ -349,13 +349,6 @@ def test_commands_report_errors(tmp_path):
 # --- admin ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def staff_client(client, django_user_model):
-    user = django_user_model.objects.create_superuser("editor", "editor@example.com", "pw")
-    client.force_login(user)
-    return client
-
-
 def test_admin_import_upload(staff_client):
     changelist = staff_client.get(reverse("admin:characters_character_changelist"))
     url = reverse("admin:characters_character_import_card")

@@ -7,14 +7,9 @@ from django.db import IntegrityError, transaction
 from characters.models import Character, SystemPrompt
 from chat.models import Conversation, Message
 from scenarios.models import Scenario
+from tests.factories import make_character
 
 pytestmark = pytest.mark.django_db
-
-
-def make_character(**overrides):
-    values = {"name": "Mira", "slug": "mira", "description": "A captain."}
-    values.update(overrides)
-    return Character.objects.create(**values)
 
 
 def test_second_default_system_prompt_is_refused_with_a_clear_message():

@@ -4,7 +4,6 @@ Runs against a tiny random-weight model so that thousands of generated requests 
 """
 
 import dataclasses
-import importlib.util
 
 import pytest
 import schemathesis
@@ -12,32 +11,24 @@ from hypothesis import HealthCheck, settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
 from llmsite.wsgi import application
-from tests.subprocess_helpers import ROOT
+from tests.factories import import_demo_resources, make_api_client, write_tiny_gguf
 
 schema = schemathesis.openapi.from_wsgi("/api/schema/", application)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "scripts" / "make_tiny_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_tiny_gguf(tmp_path_factory.mktemp("fuzz") / "tiny.gguf")
+    return write_tiny_gguf(tmp_path_factory.mktemp("fuzz") / "tiny.gguf")
 
 
 @pytest.fixture
-def fuzz_setup(settings, tiny_model, django_user_model, db):
-    from django.core.management import call_command
-
-    from chat.api.keys import api_key_create
-
+def fuzz_setup(settings, tiny_model, db):
     models = tuple(dataclasses.replace(m, path=str(tiny_model), context_length=512) for m in settings.LLMSITE.models)
     settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
     settings.API_RATE_LIMIT = ""
     settings.API_MAX_TOKENS = 32  # bigger asks get a quick 400; generation stays short
-    call_command("import_resources", stdout=open("/dev/null", "w"))
-    _, raw_key = api_key_create(user=django_user_model.objects.create_user("fuzzer"), name="fuzz")
-    return {"Authorization": f"Bearer {raw_key}"}
+    import_demo_resources()
+    return {"Authorization": f"Bearer {make_api_client('fuzzer', key_name='fuzz').raw_key}"}
 
 
 @schema.parametrize()

@@ -1,17 +1,13 @@
 """Background jobs in-process: inline with no broker (the embedded default), re-delivery, exactly-once storage."""
 
 import pytest
-from rest_framework.test import APIClient
-
-from chat.api.keys import api_key_create
+from tests.factories import import_demo_resources, make_api_client
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db]
 
 
 def test_large_max_tokens_is_answered_at_once_not_as_a_job(django_user_model):
-    _, raw_key = api_key_create(user=django_user_model.objects.create_user("big"), name="k")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    client = make_api_client("big")
     response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
                                                     "max_tokens": 1500, "temperature": 0.5}, format="json")
     assert response.status_code == 200 and response.json()["object"] == "chat.completion"
@@ -19,9 +15,7 @@ def test_large_max_tokens_is_answered_at_once_not_as_a_job(django_user_model):
 
 def test_background_job_runs_inline_without_redis(django_user_model, settings, django_capture_on_commit_callbacks):
     assert settings.CELERY_TASK_ALWAYS_EAGER
-    _, raw_key = api_key_create(user=django_user_model.objects.create_user("solo"), name="k")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    client = make_api_client("solo")
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post("/v1/chat/completions", {
             "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "background": True},
@@ -30,9 +24,7 @@ def test_background_job_runs_inline_without_redis(django_user_model, settings, d
     job = client.get(response.json()["url"]).json()
     assert job["status"] == "done" and job["result"]["choices"][0]["message"]["content"]
     assert client.delete(response.json()["url"]).json()["status"] == "done"  # finished jobs stay finished
-    other = APIClient()
-    _, other_key = api_key_create(user=django_user_model.objects.create_user("other"), name="k")
-    other.credentials(HTTP_AUTHORIZATION=f"Bearer {other_key}")
+    other = make_api_client("other")
     assert other.get(response.json()["url"]).status_code == 404
 
 
@@ -45,12 +37,9 @@ def test_expired_jobs_are_invisible_and_purged(django_user_model):
 
     from chat.models import Job
 
-    user = django_user_model.objects.create_user("old")
-    key, raw_key = api_key_create(user=user, name="k")
-    job = Job.objects.create(owner=user, api_key=key, request={}, status=Job.Status.DONE,
+    client = make_api_client("old")
+    job = Job.objects.create(owner=client.user, api_key=client.key, request={}, status=Job.Status.DONE,
                              expires_at=timezone.now() - timedelta(seconds=1))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
     assert client.get(f"/v1/jobs/{job.pk}").status_code == 404
     out = StringIO()
     call_command("purge_jobs", stdout=out)
@@ -73,13 +62,12 @@ CHAT_JOB = {"messages": [{"role": "user", "content": "Ciao! What do you cook tod
 
 def test_a_re_delivered_job_runs_again_and_its_exchange_is_stored_once(django_user_model):
     """The broker delivers a job again when its worker died mid-attempt; a later duplicate finds it done."""
-    from django.core.management import call_command
     from django.utils import timezone
 
     from chat.tasks import job_run
     from chat.models import Message
 
-    call_command("import_resources", stdout=open("/dev/null", "w"))
+    import_demo_resources()
     user = django_user_model.objects.create_user("redelivered")
     # Attempt 1 claimed the job and died before storing anything.
     job = _job(user, CHAT_JOB, status="running", attempts=1, started_at=timezone.now(), heartbeat_at=timezone.now())
@@ -114,20 +102,17 @@ def test_a_job_without_heartbeat_waits_for_its_re_delivery(django_user_model, se
 
     settings.CELERY_TASK_ALWAYS_EAGER = eager
     settings.JOB_HEARTBEAT_TIMEOUT = 5
-    user = django_user_model.objects.create_user("lost")
-    key, raw_key = api_key_create(user=user, name="k")
+    client = make_api_client("lost")
+    user, key = client.user, client.key
     long_ago = timezone.now() - timedelta(seconds=6)
     job = _job(user, CHAT_JOB, api_key=key, status="running", attempts=1, heartbeat_at=long_ago)
     fresh = _job(user, CHAT_JOB, api_key=key, status="running", attempts=1, heartbeat_at=timezone.now())
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
     assert client.get(f"/v1/jobs/{job.pk}").json()["status"] == expected
     assert client.get(f"/v1/jobs/{fresh.pk}").json()["status"] == "running"
 
 
 def test_a_cancelled_job_stores_nothing_when_its_attempt_ends(django_user_model):
     """The attempt's result is written only while it owns the job: a cancel in between wins."""
-    from django.core.management import call_command
     from django.utils import timezone
 
     from chat import tasks
@@ -136,7 +121,7 @@ def test_a_cancelled_job_stores_nothing_when_its_attempt_ends(django_user_model)
     from chat.plans import chat_request_prepare
     from chat.replies import reply_generate, reply_lookup
 
-    call_command("import_resources", stdout=open("/dev/null", "w"))
+    import_demo_resources()
     user = django_user_model.objects.create_user("canceller")
     job = _job(user, CHAT_JOB, status="running", attempts=1, heartbeat_at=timezone.now())
     serializer = ChatCompletionRequestSerializer(data=CHAT_JOB)

@@ -5,14 +5,13 @@ import json
 import logging
 
 import pytest
-from django.core.management import call_command
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
 from channels.testing import WebsocketCommunicator
 
-from chat.api.keys import api_key_create
 from llmsite.asgi import application  # imported first: django.setup() there re-applies LOGGING, caplog after
+from tests.factories import import_demo_resources, make_api_client
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db]
 
@@ -20,14 +19,9 @@ SECRET_WORDS = "my-very-private-question-about-storms"
 
 
 @pytest.fixture
-def api(django_user_model):
-    call_command("import_resources", stdout=open("/dev/null", "w"))
-    key, raw_key = api_key_create(user=django_user_model.objects.create_user("obs"), name="obs")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
-    client.key = key
-    client.raw_key = raw_key
-    return client
+def api():
+    import_demo_resources()
+    return make_api_client("obs", key_name="obs")
 
 
 def metric_samples(client) -> dict:

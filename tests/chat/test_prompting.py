@@ -2,7 +2,7 @@
 
 import pytest
 
-from characters.models import Character, SystemPrompt
+from characters.models import SystemPrompt
 from chat.engine import ContextOverflow, SamplingParams
 from chat.prompting import (
     placeholders_replace,
@@ -12,7 +12,7 @@ from chat.prompting import (
     system_prompt_default,
 )
 from chat.prompting.placeholders import example_dialogue_blocks
-from scenarios.models import Scenario
+from tests.factories import make_character, make_scenario
 
 pytestmark = [pytest.mark.django_db, pytest.mark.smollm2]
 
@@ -24,23 +24,20 @@ def engine(smollm2_path):
     return get_engine()
 
 
-def make_character(**fields):
-    values = {
-        "name": "Ada", "slug": "ada",
-        "description": "{{char}} keeps the lighthouse on Gannet Rock and calls {{user}} 'love'.",
-        "personality": "Dry, patient.",
-        "setting": "The lamp room at night; <USER> has climbed the stairs.",
-        "greeting": "Mind the step, {{USER}}. <bot> has tea.",
-        "example_dialogue": "<START>\n{{user}}: Is the lamp ever off?\n{{char}}: Never, love.\n"
-                            "<START>\n{{user}}: Cold?\n{{char}}: Always.",
-        "post_history_instructions": "Answer as {{char}} in one sentence.",
-    }
-    return Character.objects.create(**{**values, **fields})
+ADA = {
+    "name": "Ada", "slug": "ada",
+    "description": "{{char}} keeps the lighthouse on Gannet Rock and calls {{user}} 'love'.",
+    "personality": "Dry, patient.",
+    "setting": "The lamp room at night; <USER> has climbed the stairs.",
+    "greeting": "Mind the step, {{USER}}. <bot> has tea.",
+    "example_dialogue": "<START>\n{{user}}: Is the lamp ever off?\n{{char}}: Never, love.\n"
+                        "<START>\n{{user}}: Cold?\n{{char}}: Always.",
+    "post_history_instructions": "Answer as {{char}} in one sentence.",
+}
 
 
-def make_scenario(title, **fields):
-    values = {"content": f"{title} content.", "keywords": ""}
-    return Scenario.objects.create(title=title, **{**values, **fields})
+def make_ada(**fields):
+    return make_character(**{**ADA, **fields})
 
 
 def user(text):
@@ -60,7 +57,7 @@ def compose(engine, character, turns, **options):
 
 
 def test_parts_in_order_and_rendered_with_the_models_template(engine):
-    ada = make_character()
+    ada = make_ada()
     storm = make_scenario("Storm", character=ada, keywords="storm", content="A storm hits {{char}}'s rock.")
     composed = compose(engine, ada, [assistant("Hello."), user("Is a storm coming?")])
 
@@ -86,7 +83,7 @@ def test_parts_in_order_and_rendered_with_the_models_template(engine):
 
 
 def test_the_stable_part_comes_first_and_is_byte_identical_between_turns(engine):
-    ada = make_character()
+    ada = make_ada()
     make_scenario("Storm", character=ada, keywords="storm")
     make_scenario("Ship", character=ada, keywords="ship")
     first = compose(engine, ada, [user("Is a storm coming?")])
@@ -99,7 +96,7 @@ def test_the_stable_part_comes_first_and_is_byte_identical_between_turns(engine)
 
 
 def test_system_prompt_precedence(engine, settings):
-    ada = make_character()
+    ada = make_ada()
     config_prompt = settings.LLMSITE.system_prompt
     assert compose(engine, ada, [user("hi")]).messages[0]["content"].startswith(config_prompt)
 
@@ -111,7 +108,7 @@ def test_system_prompt_precedence(engine, settings):
 
 
 def test_a_character_uses_its_named_system_prompt_else_the_default(engine):
-    ada, tom = make_character(), make_character(name="Tom", slug="tom")
+    ada, tom = make_ada(), make_ada(name="Tom", slug="tom")
     SystemPrompt.objects.create(name="House", content="House rules.", is_default=True)
     terse = SystemPrompt.objects.create(name="Terse", content="Answer {{user}} in five words.")
     ada.named_system_prompt = terse
@@ -125,7 +122,7 @@ def test_a_character_uses_its_named_system_prompt_else_the_default(engine):
 
 
 def test_before_char_scenarios_go_between_the_system_prompt_and_the_profile(engine):
-    ada = make_character()
+    ada = make_ada()
     make_scenario("Storm", character=ada, keywords="storm", content="STORM LORE.", position="before_char")
     make_scenario("Ship", character=ada, keywords="ship", content="SHIP LORE.")
     composed = compose(engine, ada, [user("A storm and a ship?")])
@@ -137,7 +134,7 @@ def test_before_char_scenarios_go_between_the_system_prompt_and_the_profile(engi
 
 def test_scan_depth_of_the_entry_then_the_character_then_the_setting(engine, settings):
     settings.SCENARIO_SCAN_DEPTH = 1
-    ada = make_character(scan_depth=3)
+    ada = make_ada(scan_depth=3)
     make_scenario("Storm", character=ada, keywords="storm", content="STORM LORE.")
     make_scenario("Ship", character=ada, keywords="ship", content="SHIP LORE.", scan_depth=1)
     make_scenario("Fog", keywords="fog", content="FOG LORE.")  # global: the setting's depth
@@ -149,7 +146,7 @@ def test_scan_depth_of_the_entry_then_the_character_then_the_setting(engine, set
 
 
 def test_without_a_character_only_the_system_prompt_and_global_scenarios(engine):
-    ada = make_character()
+    ada = make_ada()
     make_scenario("Own", character=ada, keywords="storm")
     shared = make_scenario("Shared", keywords="storm")
     composed = compose(engine, None, [user("storm?")])
@@ -159,7 +156,7 @@ def test_without_a_character_only_the_system_prompt_and_global_scenarios(engine)
 
 
 def test_placeholders_everywhere_but_the_users_own_words(engine):
-    ada = make_character()
+    ada = make_ada()
     make_scenario("Storm", character=ada, keywords="storm", content="<Bot> shelters {{ user }} from the storm.")
     composed = compose(engine, ada, [user("storm? {{char}}")])
     everything = "\n".join(m["content"] for m in composed.messages[:-2]) + composed.messages[-1]["content"]
@@ -181,7 +178,7 @@ def test_placeholder_spellings():
 
 
 def test_forced_scenarios_bypass_matching(engine):
-    ada = make_character()
+    ada = make_ada()
     make_scenario("Storm", character=ada, keywords="storm")
     ship = make_scenario("Ship", character=ada, keywords="ship")
     composed = compose(engine, ada, [user("storm?")], forced_scenarios=[ship])
@@ -190,7 +187,7 @@ def test_forced_scenarios_bypass_matching(engine):
 
 
 def test_scenario_budget_leaves_out_what_does_not_fit(engine, settings):
-    ada = make_character()
+    ada = make_ada()
     make_scenario("Short", character=ada, keywords="storm", priority=9, content="A storm.")
     make_scenario("Long", character=ada, keywords="storm", priority=1, content="Rain and wind. " * 40)
     settings.SCENARIO_TOKEN_BUDGET = 20
@@ -200,7 +197,7 @@ def test_scenario_budget_leaves_out_what_does_not_fit(engine, settings):
 
 
 def test_extra_system_text_follows_the_scenarios(engine):
-    ada = make_character()
+    ada = make_ada()
     make_scenario("Storm", character=ada, keywords="storm")
     composed = compose(engine, ada, [user("storm?")], extra_system="Reply in French.")
     context = composed.messages[1]["content"]
@@ -208,7 +205,7 @@ def test_extra_system_text_follows_the_scenarios(engine):
 
 
 def test_malformed_turns_are_refused(engine):
-    ada = make_character()
+    ada = make_ada()
     for turns in ([], [assistant("hi")], [{"role": "system", "content": "x"}, user("hi")], [{"role": "user"}]):
         with pytest.raises(ValueError):
             compose(engine, ada, turns)
@@ -230,7 +227,7 @@ def room_for(engine, tokens):
 
 
 def fit_setup(engine):
-    ada = make_character(example_dialogue="<START>\n" + "{{user}}: Tell me.\n{{char}}: Listen well. " * 30)
+    ada = make_ada(example_dialogue="<START>\n" + "{{user}}: Tell me.\n{{char}}: Listen well. " * 30)
     make_scenario("High", character=ada, keywords="storm", priority=9, content="The storm is here. " * 10)
     make_scenario("Low", character=ada, keywords="storm", priority=1, content="Gulls cry in the storm. " * 10)
     turns = history(6) + [user("Is the storm here?")]
@@ -308,7 +305,7 @@ def test_a_very_long_history_is_cut_without_rendering_all_of_it(engine):
 
 
 def test_compose_and_generate_with_the_real_model(engine):
-    ada = make_character()
+    ada = make_ada()
     storm = make_scenario("A storm is coming", character=ada, keywords="storm, gale",
                           content="A gale is rolling in from the west; {{char}} has lit the spare lamp.")
     make_scenario("Wreck", character=ada, keywords="wreck")

@@ -26,7 +26,7 @@ from chat.engine.errors import ContextOverflow
 from chat.engine.upstream import Upstream as PoolMember
 from chat.engine.upstream import UpstreamPool, error_for_status
 from llmsite.config import ConfigError, load_config
-from tests.live import LiveServer, free_port, prepare_database
+from tests.live import LiveServer, content_of, free_port, prepare_database, sse_events
 from tests.subprocess_helpers import ROOT
 
 pytestmark = pytest.mark.smollm2
@@ -215,25 +215,6 @@ def stack(tmp_path_factory, smollm2_path):
         upstream_a.stop()
         upstream_b.stop()
         proxy.close()
-
-
-def sse_events(response: httpx.Response, on_event=None) -> list:
-    events = []
-    for line in response.iter_lines():
-        if not line.startswith("data: "):
-            continue
-        event = line[len("data: "):]
-        event = event if event == "[DONE]" else json.loads(event)
-        events.append(event)
-        if on_event is not None:
-            on_event(event)
-    return events
-
-
-def content_of(event) -> str:
-    if not isinstance(event, dict) or not event.get("choices"):
-        return ""
-    return event["choices"][0].get("delta", {}).get("content") or ""
 
 
 def test_plain_and_streamed_completions_and_caching_stay_here(stack):

@@ -8,7 +8,6 @@ that a failure. The last tests kill the instances, so they run last in this modu
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ import openai
 import pytest
 
 from tests.conftest import missing_service
-from tests.live import LiveServer, free_port, prepare_database
+from tests.live import LiveServer, content_of, free_port, prepare_database, sse_events
 from tests.llama_server import LlamaServer, find_llama_server
 
-pytestmark = pytest.mark.smollm2
+pytestmark = [pytest.mark.smollm2, pytest.mark.services]  # the real model, served by llama-server
 
 SLOT_CONTEXT = 1024  # each instance: 2 slots of 1,024 tokens
 SYSTEM = "You are a helpful assistant."
@@ -124,23 +123,6 @@ def generated_tokens(upstream: LlamaServer) -> int:
     found = re.search(r"^llamacpp:tokens_predicted_total\s+([0-9.e+]+)", text, re.MULTILINE)
     assert found, text[:500]
     return int(float(found.group(1)))
-
-
-def sse_events(response: httpx.Response, on_event=None) -> list:
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            event = line[len("data: "):]
-            events.append(event if event == "[DONE]" else json.loads(event))
-            if on_event is not None:
-                on_event(events[-1])
-    return events
-
-
-def content_of(event) -> str:
-    if not isinstance(event, dict) or not event.get("choices"):
-        return ""
-    return event["choices"][0].get("delta", {}).get("content") or ""
 
 
 def test_plain_and_streamed_replies_carry_the_upstreams_usage(stack):

@@ -3,12 +3,11 @@ processes, per-caller scope, config in the key; and {{user}} / greetings through
 
 import dataclasses
 
-import httpx
 import pytest
 from django.test import override_settings
 
 from chat.response_cache import content_changed, content_revision, request_cache_key
-from tests.live import LiveServer, prepare_database
+from tests.live import LiveServer, bearer_client, prepare_database
 
 ASK = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 8, "temperature": 0}
 SEA_SCENARIO = """\
@@ -34,13 +33,9 @@ def server(tmp_path_factory, smollm2_path):
         live.stop()
 
 
-def api(server, key):
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-
-
 def test_import_resources_in_another_process_retires_the_servers_cached_reply(server, tmp_path):
     live, keys = server
-    client = api(live, keys["ann"])
+    client = bearer_client(live, keys["ann"])
     first, second = client.post("/v1/chat/completions", json=ASK), client.post("/v1/chat/completions", json=ASK)
     assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
     assert second.json()["scenarios"] == []
@@ -61,7 +56,7 @@ def test_import_resources_in_another_process_retires_the_servers_cached_reply(se
 def test_one_caller_never_hits_another_callers_entry(server):
     live, keys = server
     ask = {**ASK, "seed": 11}
-    ann, ben = api(live, keys["ann"]), api(live, keys["ben"])
+    ann, ben = bearer_client(live, keys["ann"]), bearer_client(live, keys["ben"])
     assert ann.post("/v1/chat/completions", json=ask).headers["X-Cache"] == "MISS"
     assert ann.post("/v1/chat/completions", json=ask).headers["X-Cache"] == "HIT"
     # Ben learns nothing from the header about what Ann asked: his identical request is his own miss.
@@ -71,7 +66,7 @@ def test_one_caller_never_hits_another_callers_entry(server):
 
 def test_user_name_and_chosen_greeting_are_stored_with_the_conversation(server):
     live, keys = server
-    client = api(live, keys["ann"])
+    client = bearer_client(live, keys["ann"])
     body = {"character": "captain-mira", "greeting": 2, "user": "ignored-when-name-is-set", "max_tokens": 4,
             "messages": [{"role": "user", "name": "Zed", "content": "Hello!"}]}
     response = client.post("/v1/chat/completions", json=body, headers={"Cache-Control": "no-cache"})

@@ -7,10 +7,9 @@ import sys
 import time
 import uuid
 
-import httpx
 import pytest
 
-from tests.live import LiveServer, free_port, prepare_database, stop_process_group
+from tests.live import LiveServer, bearer_client, free_port, prepare_database, stop_process_group
 from tests.subprocess_helpers import ROOT
 
 pytestmark = pytest.mark.smollm2
@@ -56,10 +55,6 @@ def stack(tmp_path_factory, redis_url, smollm2_path):
         server.stop()
 
 
-def api(server, key):
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-
-
 def wait_for(client, url, predicate, timeout=120):
     deadline = time.monotonic() + timeout
     body = None
@@ -73,7 +68,7 @@ def wait_for(client, url, predicate, timeout=120):
 
 def test_background_job_from_submit_to_done(stack):
     server, keys, _ = stack
-    client = api(server, keys["ann"])
+    client = bearer_client(server, keys["ann"])
     response = client.post("/v1/chat/completions", json={**ASK, "background": True, "max_tokens": 16})
     assert response.status_code == 202, response.text
     job = response.json()
@@ -82,12 +77,12 @@ def test_background_job_from_submit_to_done(stack):
     assert done["status"] == "done", done
     assert done["result"]["object"] == "chat.completion" and done["result"]["choices"][0]["message"]["content"]
     # Jobs belong to the key that made them.
-    assert api(server, keys["ben"]).get(job["url"]).status_code == 404
+    assert bearer_client(server, keys["ben"]).get(job["url"]).status_code == 404
 
 
 def test_a_background_job_can_be_cancelled(stack):
     server, keys, _ = stack
-    client = api(server, keys["ann"])
+    client = bearer_client(server, keys["ann"])
     response = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
         "max_tokens": 1500, "temperature": 0.8, "seed": 3, "background": True})
@@ -107,7 +102,7 @@ def test_a_background_job_can_be_cancelled(stack):
 
 def test_a_job_whose_prompt_evaluation_outlasts_the_heartbeat_timeout_completes(stack):
     server, keys, _ = stack
-    client = api(server, keys["ann"])
+    client = bearer_client(server, keys["ann"])
     # A fresh prefix each run: nothing of this prompt is in the engine's prefix cache.
     text = f"Log {uuid.uuid4().hex}. " + "The sea was calm and the sky was grey that morning. " * 110
     job = client.post("/v1/chat/completions", json={
@@ -130,7 +125,7 @@ def test_a_job_whose_prompt_evaluation_outlasts_the_heartbeat_timeout_completes(
 
 def test_a_killed_worker_process_leaves_the_job_re_run_and_its_exchange_stored_once(stack):
     server, keys, worker = stack
-    client = api(server, keys["ann"])
+    client = bearer_client(server, keys["ann"])
     # Not ASK: a reply cached here would turn the response-cache test's first MISS into a HIT.
     first = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Ciao! What shall we cook?"}], "character": "chef-luca",
@@ -159,7 +154,7 @@ def test_a_killed_worker_process_leaves_the_job_re_run_and_its_exchange_stored_o
 
 def test_response_cache_hits_and_an_admin_edit_misses(stack):
     server, keys, _ = stack
-    client = api(server, keys["ann"])
+    client = bearer_client(server, keys["ann"])
     body = {**ASK, "character": "chef-luca", "store": False}
     first = client.post("/v1/chat/completions", json=body)
     second = client.post("/v1/chat/completions", json=body)
@@ -189,7 +184,7 @@ def test_service_keeps_working_when_redis_stops_and_recovers(tmp_path, smollm2_p
     try:
         keys = prepare_database(server, {"cy": ["cy"]})
         server.start()
-        client = api(server, keys["cy"])
+        client = bearer_client(server, keys["cy"])
         assert client.post("/v1/chat/completions", json=ASK).headers["X-Cache"] == "MISS"
         assert client.post("/v1/chat/completions", json=ASK).headers["X-Cache"] == "HIT"
         redis.terminate()

@@ -8,13 +8,12 @@ import time
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.core.management import call_command
 from django.test import Client
 
-from chat.api.keys import api_key_create
 from chat.engines import get_engine
 from chat.models import Conversation, Message
 from llmsite.asgi import application
+from tests.factories import import_demo_resources, make_api_client
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db(transaction=True)]
 
@@ -22,10 +21,9 @@ ORIGIN = (b"origin", b"http://127.0.0.1:8000")
 
 
 @pytest.fixture
-def api_key(django_user_model):
-    call_command("import_resources", stdout=open("/dev/null", "w"))
-    user = django_user_model.objects.create_user("ws-user")
-    return api_key_create(user=user, name="ws")[1]
+def api_key():
+    import_demo_resources()
+    return make_api_client("ws-user", key_name="ws").raw_key
 
 
 def communicator(path="/ws/chat/captain-mira/", *, headers=()):
@@ -85,7 +83,7 @@ async def test_closing_the_socket_cancels_the_generation(api_key):
 
 
 async def session_cookie(django_user_model, username="page-user") -> bytes:
-    await sync_to_async(call_command)("import_resources", stdout=open("/dev/null", "w"))
+    await sync_to_async(import_demo_resources)()
     user = await sync_to_async(django_user_model.objects.create_user)(username)
     client = Client()
     await sync_to_async(client.force_login)(user)

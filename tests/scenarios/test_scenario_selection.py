@@ -2,8 +2,6 @@
 
 import pytest
 
-from characters.models import Character
-from scenarios.models import Scenario
 from scenarios.selectors import (
     ScenarioMatch,
     get_relevant_scenario,
@@ -12,18 +10,9 @@ from scenarios.selectors import (
     scenarios_matching,
     scenarios_within_budget,
 )
+from tests.factories import make_character, make_scenario
 
 pytestmark = pytest.mark.django_db
-
-
-def make_character(slug="mira", **fields):
-    values = {"name": slug.title(), "slug": slug, "description": f"{slug} is a test character."}
-    return Character.objects.create(**{**values, **fields})
-
-
-def make_scenario(title, *, character=None, **fields):
-    values = {"content": f"Content of {title}.", "keywords": ""}
-    return Scenario.objects.create(title=title, character=character, **{**values, **fields})
 
 
 def titles(matches):

@@ -6,18 +6,16 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from chat.api.keys import api_key_create, hash_key
 from chat.models import ApiKey
+from tests.factories import api_client
 
 pytestmark = pytest.mark.django_db
 
 
 def status_with(raw_key):
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
-    return client.get("/v1/characters/").status_code
+    return api_client(raw_key).get("/v1/characters/").status_code
 
 
 def test_keys_are_stored_hashed(django_user_model):

@@ -1,6 +1,5 @@
 """`logprobs` / `top_logprobs` against a live server with the real SmolLM2 model, and their refusal elsewhere."""
 
-import importlib.util
 import json
 import math
 
@@ -8,7 +7,7 @@ import httpx
 import pytest
 
 from tests.live import LiveServer, free_port, prepare_database
-from tests.subprocess_helpers import ROOT
+from tests.factories import write_tiny_gguf
 
 pytestmark = pytest.mark.smollm2
 
@@ -158,10 +157,7 @@ def test_invalid_logprobs_requests_are_400_naming_the_parameter(live_api, path, 
 def other_backends(tmp_path_factory):
     """A server whose models are a tiny ctransformers model and a remote one (whose upstream is never reached)."""
     workdir = tmp_path_factory.mktemp("logprobs-backends")
-    spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "scripts" / "make_tiny_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tiny = module.write_tiny_gguf(workdir / "tiny.gguf", seed=0)
+    tiny = write_tiny_gguf(workdir / "tiny.gguf", seed=0)
     (workdir / "config.yaml").write_text(f"""
 system_prompt: You are a helpful assistant.
 default_model: tiny-ct

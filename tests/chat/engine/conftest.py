@@ -7,12 +7,12 @@ backends are imported when a model is first used.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from chat.engine import ModelRegistry, ModelSpec
+from tests import factories
 
 ROOT = Path(__file__).resolve().parents[3]
 SMOLLM2_PATH = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,16 +30,9 @@ SYSTEM_REJECTING_TEMPLATE = (
 )
 
 
-def _tiny_gguf_writer():
-    spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "scripts" / "make_tiny_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_tiny_gguf
-
-
 @pytest.fixture(scope="session")
 def write_tiny_gguf():
-    return _tiny_gguf_writer()
+    return factories.write_tiny_gguf
 
 
 @pytest.fixture(scope="session")

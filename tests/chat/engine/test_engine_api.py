@@ -7,14 +7,13 @@ import time
 
 import httpx
 import pytest
-from django.core.management import call_command
 from django.http import JsonResponse
 from rest_framework.test import APIClient
 
-from chat.api.keys import api_key_create
 from chat.engine import GenerationFailed, ModelRegistry, ModelSpec, SamplingParams
 from chat.engines import get_engine
 from chat.api.views import cancelling_abandoned_generations
+from tests.factories import import_demo_resources, make_api_client
 from tests.live import LiveServer, prepare_database
 
 from .conftest import TINY_CONTEXT
@@ -25,12 +24,9 @@ NO_CACHE = {"HTTP_CACHE_CONTROL": "no-cache"}
 
 
 @pytest.fixture
-def api(django_user_model):
-    call_command("import_resources", stdout=open("/dev/null", "w"))
-    _, raw_key = api_key_create(user=django_user_model.objects.create_user("engine-api"), name="engine-api")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
-    return client
+def api():
+    import_demo_resources()
+    return make_api_client("engine-api", key_name="engine-api")
 
 
 def with_model_options(settings, **options):

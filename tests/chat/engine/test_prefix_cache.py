@@ -4,13 +4,10 @@ import pytest
 
 from chat.engine import ModelRegistry, ModelSpec, SamplingParams
 from chat.engine.prefix_cache import PrefixCache, common_prefix_length
+from tests.factories import chat_prompt
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 CHARACTER = "you are a pirate who loves the sea and tells long stories about ships and water. " * 3
-
-
-def chat_prompt(engine, system: str, question: str) -> str:
-    return engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
 
 
 def test_common_prefix_length():

@@ -11,6 +11,7 @@ from chat.engine.generation import Generation
 from chat.engine.prefix_cache import common_prefix_length
 from chat.engine.sequence import Sequence
 from chat.engine.text import TextAssembler
+from tests.factories import chat_prompt
 
 from .conftest import TINY_CONTEXT
 
@@ -42,10 +43,6 @@ def cold_output(path: str, prompt: str, params: SamplingParams = GREEDY) -> str:
         return completion.text
     finally:
         registry.close()
-
-
-def chat_prompt(engine, system: str, question: str) -> str:
-    return engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
 
 
 def finish(generations) -> list:
