@@ -1,4 +1,5 @@
-# Two commands: `make run` (set up and serve on 127.0.0.1:8000) and `make test` (set up and test).
+# Two commands: `make run` (set up and serve on 127.0.0.1:8000) and `make test` (set up and test;
+# `make test-fast` for a quick loop without the SmolLM2 and service tests).
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PORT ?= 8000
 # skipping it cuts the llama.cpp compile from 193 to 140 steps.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: run test setup deps dev-deps model migrate demo bench soak clean
+.PHONY: run test test-fast setup deps dev-deps model migrate demo bench soak clean
 
 # settings.py defaults are production's (DEBUG off, a SECRET_KEY required): the local server opts
 # into DEBUG unless the caller says otherwise (`make run DEBUG=0 SECRET_KEY=...`).
@@ -24,6 +25,12 @@ run: setup
 test: dev-deps model
 	$(VENV)/bin/lint-imports --no-cache  # the layer contracts of pyproject.toml (docs/ARCHITECTURE.md)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick loop: the suite without the tests of the real SmolLM2 model and live servers (marker
+# smollm2) and of Redis, PostgreSQL, Chromium, nginx, llama-server (services); tests/conftest.py marks them.
+test-fast: dev-deps
+	$(VENV)/bin/lint-imports --no-cache  # the layer contracts of pyproject.toml (docs/ARCHITECTURE.md)
+	$(PY) -m pytest -m "not smollm2 and not services" $(PYTEST_ARGS)
 
 setup: deps model migrate demo
 

@@ -1,7 +1,11 @@
-"""Shared fixtures: the real services (Redis, PostgreSQL) and the real model files.
+"""Shared fixtures: the real services (Redis, PostgreSQL) and the real model files; the markers.
 
 A test that needs a service skips with a reason when it does not answer, unless
 REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a failure.
+
+Tests are marked by the fixtures they use (pytest_collection_modifyitems below): `smollm2` for the
+real model or a live server, `services` for Redis, PostgreSQL, Chromium (and nginx, llama-server).
+`make test-fast` leaves both out: `pytest -m "not smollm2 and not services"`.
 """
 
 import json
@@ -54,6 +58,29 @@ def smollm2_path():
     if not SMOLLM2_PATH.exists():
         pytest.fail(f"{SMOLLM2_PATH} is missing: run `make model` (make test does it first)")
     return SMOLLM2_PATH
+
+
+# Fixtures that load the real SmolLM2 file or start a live daphne server (tests.live.LiveServer). A
+# fixture that requests smollm2_path (the remote stacks, the response-cache server, ...) is caught
+# through it: a test's fixturenames hold every fixture it uses, directly or not. A test that starts a
+# LiveServer in its own body carries the marker itself (pytestmark or @pytest.mark.smollm2).
+SMOLLM2_FIXTURES = frozenset({
+    "smollm2_path", "smollm2_gguf", "smollm2",                              # the file; the engine loading it
+    "live_api", "live_ws", "page_server", "docs_server", "other_backends",  # start a LiveServer
+})
+# Fixtures that need a service of this machine: Redis, PostgreSQL; Chromium (the browser pages).
+# nginx (tests/llmsite/test_deploy.py) comes with redis_url and postgres_url; the llama-server
+# module (tests/chat/test_remote_llama_server.py) is marked by its pytestmark.
+SERVICES_FIXTURES = frozenset({"redis_url", "postgres_url", "page_server", "docs_server"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & SMOLLM2_FIXTURES and item.get_closest_marker("smollm2") is None:
+            item.add_marker(pytest.mark.smollm2)
+        if used & SERVICES_FIXTURES and item.get_closest_marker("services") is None:
+            item.add_marker(pytest.mark.services)
 
 
 def pytest_collection_finish(session):
