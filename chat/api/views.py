@@ -42,17 +42,21 @@ def cancelling_abandoned_generations(view):
     """Wrap a generating view so that no Generation outlives a client that left.
 
     Under ASGI a disconnect cancels the request's task; a blocking (non-streamed) view keeps running in its
-    thread, so the generations it started are cancelled here. A response never sent or closed early (a
-    client gone between submit and the first chunk) cancels them when it is closed or dropped.
+    thread, so the generations it started are cancelled here. The thread is shielded and awaited by this
+    wrapper itself: asgiref 3.13's sync_to_async waits for its thread on cancel and then returns as if
+    nothing happened, so the cancel must be seen here, not inside it. A response never sent or closed
+    early (a client gone between submit and the first chunk) cancels them when it is closed or dropped.
     """
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
         with generations_started() as started:
+            call = asyncio.ensure_future(sync_to_async(view)(request, *args, **kwargs))
             try:
-                response = await sync_to_async(view)(request, *args, **kwargs)
+                response = await asyncio.shield(call)
             except asyncio.CancelledError:
                 for generation in started:
-                    generation.cancel()
+                    generation.cancel()  # the view's thread stops waiting for tokens and returns
+                await asyncio.wait({call})
                 raise
         for generation in started:  # cancel() is a no-op for a finished generation
             response._resource_closers.append(generation.cancel)
