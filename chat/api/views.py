@@ -16,7 +16,7 @@ from chat.engines import get_registry
 from chat.errors import NotFound
 from chat.jobs import job_body, job_cancel, job_get_visible, job_url
 from chat.models import ApiKey
-from chat.selectors import conversation_get_owned, conversations_of
+from chat.selectors import conversation_get_listed, conversation_get_owned, conversations_of
 from chat.services import chat_completion_create, text_completion_run, text_generation_start
 
 from . import serializers as s
@@ -113,8 +113,7 @@ class JobView(APIView):
 
     @extend_schema(responses={200: dict, 404: ERRORS[404]})
     def delete(self, request, pk):
-        job = job_get_visible(user=request.user, api_key=api_key_of(request), job_id=pk)
-        return Response(job_body(job_cancel(job=job)))
+        return Response(job_body(job_cancel(user=request.user, api_key=api_key_of(request), job_id=pk)))
 
 
 class CompletionsView(GeneratingView):
@@ -195,8 +194,7 @@ class ConversationDetailView(generics.RetrieveAPIView):
     serializer_class = s.ConversationSerializer
 
     def get_object(self):
-        conversation_get_owned(user=self.request.user, conversation_id=self.kwargs["pk"])
-        return conversations_of(user=self.request.user).get(pk=self.kwargs["pk"])
+        return conversation_get_listed(user=self.request.user, conversation_id=self.kwargs["pk"])
 
 
 class ConversationMessagesView(generics.ListAPIView):

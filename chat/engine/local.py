@@ -1,4 +1,4 @@
-"""Engine: the public face of one loaded model (tokenizer, chat template, request submission)."""
+"""The local engine: one model loaded in this process, served by its scheduler thread (tokens, chat template, submit)."""
 
 from __future__ import annotations
 
