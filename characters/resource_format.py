@@ -33,6 +33,7 @@ class Block:
     line: int
     fields: dict[str, tuple[str, int]] = field(default_factory=dict)   # key -> (value, line)
     sections: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (text, line)
+    repeated: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # repeatable name -> [(text, line)]
     errors: list[BlockError] = field(default_factory=list)
 
     def field_value(self, key: str, default: str = "") -> str:
@@ -40,6 +41,10 @@ class Block:
 
     def section(self, name: str) -> str:
         return self.sections.get(name, ("", self.line))[0]
+
+    def section_texts(self, name: str) -> list[str]:
+        """Every text of a repeatable section, in file order; empty ones left out."""
+        return [text for text, _ in self.repeated.get(name, []) if text.strip()]
 
     def line_of(self, key: str) -> int:
         entry = self.fields.get(key) or self.sections.get(key)
@@ -77,8 +82,11 @@ class ImportReport:
                 f"{len(self.unchanged)} unchanged, {len(self.errors)} skipped with errors")
 
 
-def parse_blocks(text: str, *, allowed_fields: set[str], allowed_sections: set[str]) -> list[Block]:
-    """Split a resource file into blocks; problems are recorded on the block, never raised."""
+def parse_blocks(text: str, *, allowed_fields: set[str], allowed_sections: set[str],
+                 repeatable_sections: frozenset[str] = frozenset()) -> list[Block]:
+    """Split a resource file into blocks; problems are recorded on the block, never raised.
+
+    A section of `repeatable_sections` may appear any number of times (Block.section_texts)."""
     blocks: list[Block] = []
     current: Block | None = None
     section_name: str | None = None
@@ -88,7 +96,11 @@ def parse_blocks(text: str, *, allowed_fields: set[str], allowed_sections: set[s
     def close_section():
         nonlocal section_name, section_lines
         if current is not None and section_name is not None:
-            current.sections[section_name] = ("\n".join(section_lines).strip("\n"), section_line)
+            entry = ("\n".join(section_lines).strip("\n"), section_line)
+            if section_name in repeatable_sections:
+                current.repeated.setdefault(section_name, []).append(entry)
+            else:
+                current.sections[section_name] = entry
         section_name, section_lines = None, []
 
     for number, raw_line in enumerate(text.splitlines(), start=1):
@@ -106,9 +118,9 @@ def parse_blocks(text: str, *, allowed_fields: set[str], allowed_sections: set[s
             name = line[len(SECTION_START):].strip().lower() if len(line) > 3 else ""
             if current is None:
                 continue
-            if name not in allowed_sections:
+            if name not in allowed_sections and name not in repeatable_sections:
                 current.errors.append(BlockError(
-                    number, f"unknown section {name!r} (known: {', '.join(sorted(allowed_sections))})"))
+                    number, f"unknown section {name!r} (known: {', '.join(sorted(allowed_sections | repeatable_sections))})"))
                 continue
             if name in current.sections:
                 current.errors.append(BlockError(number, f"section {name!r} appears twice"))

@@ -13,12 +13,15 @@ PROFILE_FIELDS = {"slug", "tags", "creator", "version", "active", "temperature",
                   "repetition_penalty", "max_tokens", "scan_depth"}
 PROFILE_SECTIONS = {"description", "personality", "setting", "greeting", "example_dialogue",
                     "system_prompt", "post_history_instructions", "creator_notes"}
+# One section per alternate greeting, in the order a request's `greeting` index counts them (1, 2, ...).
+PROFILE_REPEATED_SECTIONS = frozenset({"alternate_greeting"})
 
 
 def characters_import_profiles(*, text: str) -> ImportReport:
     """Create or update one character per block, matched by slug; bad blocks are reported, not imported."""
     report = ImportReport()
-    for block in parse_blocks(text, allowed_fields=PROFILE_FIELDS, allowed_sections=PROFILE_SECTIONS):
+    for block in parse_blocks(text, allowed_fields=PROFILE_FIELDS, allowed_sections=PROFILE_SECTIONS,
+                              repeatable_sections=PROFILE_REPEATED_SECTIONS):
         try:
             values = _profile_values(block)
             save_matching(Character, {"slug": values["slug"]}, values, block, report)
@@ -51,6 +54,7 @@ def _profile_values(block: Block) -> dict:
     }
     for name in PROFILE_SECTIONS:
         values[name] = block.section(name)
+    values["alternate_greetings"] = block.section_texts("alternate_greeting")
     return values
 
 

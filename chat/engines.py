@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from chat.engine import ModelRegistry
+from .engine import ModelRegistry
 
 logger = logging.getLogger("llmsite.models")
 _registry = None

@@ -16,8 +16,8 @@ from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
-from chat.engine import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable, UnknownModel, UnsupportedFeature
-from chat.engine.errors import EngineOverloaded
+from .engine import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable, UnknownModel, UnsupportedFeature
+from .engine.errors import EngineOverloaded
 
 logger = logging.getLogger("llmsite.api")
 

@@ -50,7 +50,9 @@ def job_get_visible(*, user, api_key: ApiKey | None, job_id) -> Job:
     return job
 
 
-def job_cancel(*, job: Job) -> Job:
+def job_cancel(*, user, api_key: ApiKey | None, job_id) -> Job:
+    """Cancel a job the caller may see (a no-op for one that has ended)."""
+    job = job_get_visible(user=user, api_key=api_key, job_id=job_id)
     Job.objects.filter(pk=job.pk, status__in=ACTIVE).update(status=Job.Status.CANCELLED, finished_at=timezone.now())
     job.refresh_from_db()
     return job

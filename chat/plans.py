@@ -18,10 +18,10 @@ from django.conf import settings
 
 from characters.models import Character
 from characters.selectors import character_find_active
-from chat.engine import EngineProtocol, SamplingParams
-from chat.engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
 from scenarios.models import Scenario
 
+from .engine import EngineProtocol, SamplingParams
+from .engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
 from .engines import get_engine
 from .errors import ApiError, NotFound
 from .models import Conversation

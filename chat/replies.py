@@ -16,7 +16,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
 
-from chat.engine import Completion
+from .engine import Completion
 
 from .metrics import record_generation
 from .models import Conversation, Message

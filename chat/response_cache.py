@@ -20,8 +20,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from characters.models import ContentRevision
-from chat.engine import Completion
 
+from .engine import Completion
 from .metrics import response_cache as response_cache_lookups
 
 logger = logging.getLogger("llmsite.cache")

@@ -24,3 +24,9 @@ def user_display_name(user) -> str:
     if user is None or not getattr(user, "is_authenticated", False):
         return ""
     return (user.get_short_name() or user.get_username()).strip()
+
+
+def conversation_get_listed(*, user, conversation_id) -> Conversation:
+    """The user's conversation as the list shows it (with its message count)."""
+    conversation_get_owned(user=user, conversation_id=conversation_id)  # another user's: the same 404
+    return conversations_of(user=user).get(pk=conversation_id)

@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from chat.engine import Completion
+from .engine import Completion
 
 from .engines import get_engine
 from .jobs import job_submit

@@ -84,8 +84,12 @@ def _random_weights(rng: np.random.Generator, shape: tuple[int, ...], scale: flo
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True) -> Path:
-    """Write a tiny random llama-architecture GGUF file to `path` and return its Path."""
+def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, never_ends: bool = False) -> Path:
+    """Write a tiny random llama-architecture GGUF file to `path` and return its Path.
+
+    `never_ends`: the control tokens (end of text, <|im_end|>) get zero logits, so greedy decoding
+    practically never picks them and a reply runs to max_tokens whatever the CPU's rounding.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -126,6 +130,9 @@ def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True) -> 
         # rounding differences between batch shapes.
         "output.weight": _random_weights(rng, (n_vocab, EMBEDDING_LENGTH), 1.0),
     }
+    if never_ends:
+        control = [index for index, kind in enumerate(token_types) if kind == int(TokenType.CONTROL)]
+        tensors["output.weight"][control] = 0.0
     for block in range(BLOCK_COUNT):
         prefix = f"blk.{block}."
         tensors |= {

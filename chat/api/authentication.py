@@ -3,7 +3,7 @@
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
-from chat.api.keys import api_key_find_valid
+from .keys import api_key_find_valid
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):

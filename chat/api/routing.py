@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat.api.consumers import ChatConsumer
+from .consumers import ChatConsumer
 
 websocket_urlpatterns = [
     path("ws/chat/<slug:character>/", ChatConsumer.as_asgi()),

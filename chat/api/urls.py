@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat.api import views
+from . import views
 
 urlpatterns = [
     path("chat/completions", views.ChatCompletionsView.as_view(), name="chat-completions"),

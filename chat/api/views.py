@@ -16,7 +16,7 @@ from chat.engines import get_registry
 from chat.errors import NotFound
 from chat.jobs import job_body, job_cancel, job_get_visible, job_url
 from chat.models import ApiKey
-from chat.selectors import conversation_get_owned, conversations_of
+from chat.selectors import conversation_get_listed, conversation_get_owned, conversations_of
 from chat.services import chat_completion_create, text_completion_run, text_generation_start
 
 from . import serializers as s
@@ -42,17 +42,21 @@ def cancelling_abandoned_generations(view):
     """Wrap a generating view so that no Generation outlives a client that left.
 
     Under ASGI a disconnect cancels the request's task; a blocking (non-streamed) view keeps running in its
-    thread, so the generations it started are cancelled here. A response never sent or closed early (a
-    client gone between submit and the first chunk) cancels them when it is closed or dropped.
+    thread, so the generations it started are cancelled here. The thread is shielded and awaited by this
+    wrapper itself: asgiref 3.13's sync_to_async waits for its thread on cancel and then returns as if
+    nothing happened, so the cancel must be seen here, not inside it. A response never sent or closed
+    early (a client gone between submit and the first chunk) cancels them when it is closed or dropped.
     """
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
         with generations_started() as started:
+            call = asyncio.ensure_future(sync_to_async(view)(request, *args, **kwargs))
             try:
-                response = await sync_to_async(view)(request, *args, **kwargs)
+                response = await asyncio.shield(call)
             except asyncio.CancelledError:
                 for generation in started:
-                    generation.cancel()
+                    generation.cancel()  # the view's thread stops waiting for tokens and returns
+                await asyncio.wait({call})
                 raise
         for generation in started:  # cancel() is a no-op for a finished generation
             response._resource_closers.append(generation.cancel)
@@ -109,8 +113,7 @@ class JobView(APIView):
 
     @extend_schema(responses={200: dict, 404: ERRORS[404]})
     def delete(self, request, pk):
-        job = job_get_visible(user=request.user, api_key=api_key_of(request), job_id=pk)
-        return Response(job_body(job_cancel(job=job)))
+        return Response(job_body(job_cancel(user=request.user, api_key=api_key_of(request), job_id=pk)))
 
 
 class CompletionsView(GeneratingView):
@@ -191,8 +194,7 @@ class ConversationDetailView(generics.RetrieveAPIView):
     serializer_class = s.ConversationSerializer
 
     def get_object(self):
-        conversation_get_owned(user=self.request.user, conversation_id=self.kwargs["pk"])
-        return conversations_of(user=self.request.user).get(pk=self.kwargs["pk"])
+        return conversation_get_listed(user=self.request.user, conversation_id=self.kwargs["pk"])
 
 
 class ConversationMessagesView(generics.ListAPIView):

@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.contrib.auth.models import AnonymousUser
 
-from chat.api.keys import api_key_find_valid
+from .keys import api_key_find_valid
 
 CLOSE_UNAUTHENTICATED = 4401
 

@@ -4,7 +4,7 @@ Pure Python and free of Django. Importing this package imports no inference libr
 backend library is imported when the model is first used (ModelRegistry.get).
 """
 
-from .engine import Engine
+from .local import Engine
 from .errors import (
     ContextOverflow,
     EngineClosed,

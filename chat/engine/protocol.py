@@ -1,4 +1,4 @@
-"""What every engine offers the rest of the project, local (Engine) or remote (RemoteEngine)."""
+"""What every engine offers the rest of the project, local (Engine) or remote (RemoteEngine); both subclass it."""
 
 from __future__ import annotations
 
@@ -37,7 +37,12 @@ class EngineProtocol(Protocol):
     def submit(self, prompt: str, params: SamplingParams) -> Generation:
         """Queue a request and return at once; raises ContextOverflow, InvalidRequest, EngineOverloaded..."""
 
-    def generate(self, prompt: str, params: SamplingParams) -> Completion: ...
+    def generate(self, prompt: str, params: SamplingParams) -> Completion:
+        """Blocking convenience: submit and wait for the whole completion (shared by the implementations)."""
+        generation = self.submit(prompt, params)
+        for _ in generation:
+            pass
+        return generation.result
 
     def stats(self) -> dict: ...
 

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Iterable
 
-from .engine import Engine
+from .local import Engine
 from .errors import EngineError, ModelUnavailable, UnknownModel
 from .protocol import EngineProtocol
 from .types import REMOTE_BACKEND, ModelSpec

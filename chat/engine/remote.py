@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedFeature,
 )
 from .generation import Generation
+from .protocol import EngineProtocol
 from .tool_call_text import ToolCallText
 from .types import Completion, ModelSpec, SamplingParams
 from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error, upstream_error_message
@@ -230,7 +231,7 @@ def _sse_events(lines):
         yield "\n".join(data)
 
 
-class RemoteEngine:
+class RemoteEngine(EngineProtocol):
     """A model served by a pool of OpenAI-compatible servers. Thread-safe; an EngineProtocol like Engine."""
 
     def __init__(self, spec: ModelSpec):
@@ -347,13 +348,6 @@ class RemoteEngine:
             if error is not None:
                 raise error
         return request.generation
-
-    def generate(self, prompt: str, params: SamplingParams) -> Completion:
-        """Blocking convenience: submit and wait for the whole completion."""
-        generation = self.submit(prompt, params)
-        for _ in generation:
-            pass
-        return generation.result
 
     def stats(self) -> dict:
         """Counters as Engine.stats() has them (prefix figures only when the upstream reports cached tokens),

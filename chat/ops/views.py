@@ -7,7 +7,7 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from chat.ops.health import readiness
+from .health import readiness
 from chat.metrics import REGISTRY
 
 

@@ -12,7 +12,7 @@ import json
 import re
 import uuid
 
-from chat.tooling.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from .grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 MAX_HEAD_CHARS = 400  # past this without a name, the text is not a call head (cannot happen under the grammar)

@@ -17,7 +17,7 @@ import re
 from chat.engine.grammars import SchemaNotConvertible, json_schema_grammar
 from chat.engine.tool_call_text import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from chat.errors import ApiError
-from chat.tooling.requests import ToolRequest
+from .requests import ToolRequest
 MAX_PARALLEL_CALLS = 8  # a small model may repeat a call until max_tokens; a bound keeps the reply finite
 
 

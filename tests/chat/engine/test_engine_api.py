@@ -82,8 +82,10 @@ def test_a_dead_scheduler_makes_ready_503_and_the_next_request_succeeds(api, set
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_gguf):
-    registry = ModelRegistry([ModelSpec("tiny-abandon", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2)])
+def tiny(tmp_path_factory, write_tiny_gguf):
+    # A model that never writes an end token: its reply is still running when the client leaves.
+    path = write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-endless.gguf", seed=0, never_ends=True)
+    registry = ModelRegistry([ModelSpec("tiny-abandon", str(path), context_length=TINY_CONTEXT, parallel=2)])
     yield registry.get()
     registry.close()
 
@@ -142,8 +144,13 @@ def test_a_non_streamed_client_that_disconnects_frees_its_sequence(tmp_path, smo
     server.start()
     try:
         headers = {"Authorization": f"Bearer {keys['fay']}", "Cache-Control": "no-cache"}
+        # The schema asks for 400 numbers: the reply cannot end within the client's one-second patience, whatever
+        # SmolLM2 would answer unconstrained on this CPU.
+        numbers = {"type": "object", "required": ["numbers"],
+                   "properties": {"numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 400}}}
         body = {"messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}],
-                "max_tokens": 1500, "temperature": 0, "character": "captain-mira"}
+                "max_tokens": 1500, "temperature": 0, "character": "captain-mira",
+                "response_format": {"type": "json_schema", "json_schema": {"name": "numbers", "schema": numbers}}}
         warm_up = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}  # loads the model
         assert httpx.post(server.url + "/v1/chat/completions", json=warm_up, headers=headers, timeout=120).status_code == 200
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection

@@ -1,4 +1,4 @@
-"""Engine: the public face of one loaded model (tokenizer, chat template, request submission)."""
+"""The local engine: one model loaded in this process, served by its scheduler thread (tokens, chat template, submit)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from .backends import Backend
 from .chat_template import ChatTemplate
 from .errors import ContextOverflow, InvalidRequest, ModelUnavailable
 from .generation import Generation
+from .protocol import EngineProtocol
 from .logprobs import LogprobTrack
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .text import TextAssembler
-from .types import Completion, ModelSpec, SamplingParams
+from .types import ModelSpec, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(EngineProtocol):
     """One loaded model and the scheduler thread that serves it. Thread-safe."""
 
     def __init__(self, spec: ModelSpec, backend: Backend):
@@ -95,13 +96,6 @@ class Engine:
         )
         self._scheduler.submit(seq)
         return generation
-
-    def generate(self, prompt: str, params: SamplingParams) -> Completion:
-        """Blocking convenience: submit and wait for the whole completion."""
-        generation = self.submit(prompt, params)
-        for _ in generation:
-            pass
-        return generation.result
 
     def stats(self) -> dict:
         """Counters: active, queued, prefix_hits, prefix_misses, tokens_generated, prompt_tokens (since load),
