@@ -8,9 +8,7 @@ from characters.models import Character
 
 from .api.keys import api_key_issue, api_keys_revoke
 from .models import ApiKey, Conversation, Message
-from .plans import DEFAULT_USER_NAME
 from .prompting import prompt_preview
-from .selectors import user_display_name
 
 PREVIEW_PARAM = "preview_message"
 PREVIEW_MAX_CHARS = 2000
@@ -78,10 +76,8 @@ class CharacterAdminWithPreview(CharacterAdmin):
         if message and request.method == "GET":
             character = self.get_object(request, unquote(object_id))
             if character is not None:
-                # {{user}} is the editor looking at the page, as on the chat page for a logged-in user.
-                user_name = user_display_name(request.user) or DEFAULT_USER_NAME
-                extra_context["prompt_preview"] = prompt_preview(character=character, user_message=message,
-                                                                 user_name=user_name)
+                # {{user}} stays "User": what an API request that names no one gets.
+                extra_context["prompt_preview"] = prompt_preview(character=character, user_message=message)
         return super().change_view(request, object_id, form_url, extra_context)
 
 

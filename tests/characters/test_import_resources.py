@@ -62,6 +62,22 @@ def test_profile_fields_and_multiline_sections(tmp_path):
     assert "1 created" in out and err == ""
 
 
+def test_alternate_greeting_sections_become_the_alternate_greetings_in_file_order(tmp_path):
+    text = PROFILE + "--- alternate_greeting\nBack again, {{user}}?\n--- alternate_greeting\n\n--- alternate_greeting\nFair winds!\n"
+    out, err = run_import(tmp_path, text)
+    mira = Character.objects.get(slug="mira")
+    assert mira.alternate_greetings == ["Back again, {{user}}?", "Fair winds!"]  # the empty one is left out
+    assert mira.greeting == "Ahoy, {{user}}!" and "1 created" in out and err == ""
+    out, _ = run_import(tmp_path, text)
+    assert "1 unchanged" in out
+
+
+def test_other_sections_still_may_appear_only_once(tmp_path):
+    out, err = run_import(tmp_path, PROFILE + "--- greeting\nAhoy again!\n")
+    assert not Character.objects.filter(slug="mira").exists()
+    assert "section 'greeting' appears twice" in out + err
+
+
 def test_edited_profile_updates_the_character_not_duplicates(tmp_path):
     run_import(tmp_path, PROFILE)
     out, _ = run_import(tmp_path, PROFILE.replace("A bold captain.", "A fearless captain."))
