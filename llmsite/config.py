@@ -24,7 +24,7 @@ REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "time
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
 ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
-                 "prefix_cache_mb", "chat_template", *REMOTE_OPTIONS, *ENGINE_OPTIONS)
+                 "prefix_cache_mb", "chat_template", "flash_attention", *REMOTE_OPTIONS, *ENGINE_OPTIONS)
 INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "max_connections",
                    *ENGINE_OPTIONS)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -138,6 +138,10 @@ def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelSpec:
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             fail(f"model {name!r}: {key} must be a non-negative integer")
+    if "flash_attention" in options and not isinstance(options["flash_attention"], bool):
+        fail(f"model {name!r}: flash_attention must be true or false")
+    if options.get("flash_attention") and backend != "llama_cpp":
+        fail(f"model {name!r}: flash_attention is a llama_cpp option")
     if options.get("context_length") is not None and options["context_length"] < 16:
         fail(f"model {name!r}: context_length must be at least 16")
     if backend == REMOTE:

@@ -27,6 +27,10 @@ class ModelSpec:
     parallel: int = 8  # max concurrently decoded sequences (llama_cpp)
     prefix_cache_mb: int = 256  # budget for saved prefixes
     chat_template: str | None = None  # overrides the GGUF's template when set
+    # llama_cpp: flash attention makes long prompts evaluate ~15% faster on CPU (docs/BENCHMARKS.md), but a token's
+    # logits then depend on how its prompt was split into batches, so a reused or shared prefix no longer gives
+    # exactly the output of a cold prompt. Off by default for that reason.
+    flash_attention: bool = False
     # Latency budget (llama_cpp): while streams decode, a step carries about this long of prompt
     # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens.
     prefill_step_ms: int = 200

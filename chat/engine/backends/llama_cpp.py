@@ -132,8 +132,10 @@ class LlamaCppBackend(Backend):
         params.no_perf = True
         # Flash attention's CPU kernel makes a token's logits depend on how its prompt was split into
         # batches (logit differences up to ~0.9 measured on SmolLM2), so a reused prefix would not
-        # give the same output as a cold prompt. Without it results are split-invariant and no slower here.
-        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # give the same output as a cold prompt. Without it results are split-invariant; with it
+        # (spec.flash_attention, an operator's choice) long prompts evaluate faster.
+        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec.flash_attention
+                                  else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         context = llama.llama_init_from_model(model, params)
         if not context:
             llama.llama_model_free(model)

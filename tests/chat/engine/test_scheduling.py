@@ -308,3 +308,28 @@ def test_scheduler_settings_come_from_config_yaml(tmp_path):
     path.write_text("model_path: m.gguf\nsystem_prompt: hi\nmax_queue: -1\n")
     with pytest.raises(ConfigError, match="max_queue must be a non-negative integer"):
         load_config(path, base_dir=tmp_path)
+
+
+def test_flash_attention_is_a_llama_cpp_option_of_config_yaml(tmp_path):
+    from llmsite.config import ConfigError, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("model_path: m.gguf\nsystem_prompt: hi\n")
+    assert load_config(path, base_dir=tmp_path).models[0].flash_attention is False  # split-invariant by default
+    path.write_text("model_path: m.gguf\nsystem_prompt: hi\nflash_attention: true\n")
+    assert load_config(path, base_dir=tmp_path).models[0].flash_attention is True
+    for text, message in (("flash_attention: yes please\n", "flash_attention must be true or false"),
+                          ("backend: ctransformers\nflash_attention: true\n", "flash_attention is a llama_cpp option")):
+        path.write_text("model_path: m.gguf\nsystem_prompt: hi\n" + text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, base_dir=tmp_path)
+
+
+def test_an_engine_with_flash_attention_generates(tiny_gguf):
+    registry = ModelRegistry([ModelSpec("tiny-fa", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2,
+                                        flash_attention=True)])
+    try:
+        completion = registry.get().generate("hello world", SamplingParams(max_tokens=8, temperature=0))
+        assert completion.completion_tokens > 0 and completion.finish_reason in ("stop", "length")
+    finally:
+        registry.close()
