@@ -34,6 +34,7 @@ from ..prefix_cache import PrefixCache, common_prefix_length
 from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
+from .constrained import ConstrainedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class _Share:
 class _SequenceState:
     slot: _Slot
     sampler: object  # llama_sampler chain (freed on release)
+    grammar: object | None  # the grammar's sampler, outside the chain (chat/engine/backends/constrained.py)
     pending: list[int]  # tokens to decode next: the rest of the prompt, or the last sampled token
     prompt: list[int]
     share: _Share | None = None  # set while waiting for a shared prefix
@@ -151,6 +153,7 @@ class LlamaCppBackend(Backend):
         self._vocab = llama.llama_model_get_vocab(model)
         self._memory = llama.llama_get_memory(context)
         self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self._constrained = ConstrainedSampler(llama, self._n_vocab)
         self.max_sequences = spec.parallel
         self.context_length = min(context_length, llama.llama_n_ctx_seq(context))
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self._vocab))
@@ -227,15 +230,25 @@ class LlamaCppBackend(Backend):
     def start(self, seq: Sequence) -> None:
         if not seq.prompt_tokens:  # would decode nothing, then sample logits of another sequence's row
             raise InvalidRequest("The prompt is empty: it must contain at least one token.")
-        sampler = self._sampler_chain(seq)  # first: if it fails, no slot is left claimed
+        # First: if the grammar does not parse, no slot is left claimed.
+        grammar = self._grammar_sampler(seq.params.grammar) if seq.params.grammar is not None else None
+        try:
+            sampler = self._sampler_chain(seq)
+        except BaseException:
+            if grammar is not None:
+                self._llama.llama_sampler_free(grammar)
+            raise
         try:
             slot, reused, share = self._claim_slot(seq.prompt_tokens)
         except BaseException:
             self._llama.llama_sampler_free(sampler)
+            if grammar is not None:
+                self._llama.llama_sampler_free(grammar)
             raise
         seq.cached_prompt_tokens = share.length if share else reused
         seq.backend_state = state = _SequenceState(
-            slot=slot, sampler=sampler, pending=list(seq.prompt_tokens[reused:]), prompt=seq.prompt_tokens, share=share
+            slot=slot, sampler=sampler, grammar=grammar, pending=list(seq.prompt_tokens[reused:]),
+            prompt=seq.prompt_tokens, share=share
         )
         slot.waiting = share is not None
         if share is not None:
@@ -345,14 +358,12 @@ class LlamaCppBackend(Backend):
             self._cache.put(slot.kv_tokens, state, size)
 
     def _sampler_chain(self, seq: Sequence):
-        """One llama.cpp sampler chain per sequence: grammar, top-k, penalties, then greedy or top-p/temperature/dist."""
+        """One llama.cpp sampler chain per sequence: top-k, penalties, then greedy or top-p/temperature/dist.
+        A grammar is applied outside it, only when needed (ConstrainedSampler)."""
         llama, params = self._llama, seq.params
-        grammar = self._grammar_sampler(params.grammar) if params.grammar is not None else None  # may raise
         chain_params = llama.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = llama.llama_sampler_chain_init(chain_params)  # owns every sampler added to it
-        if grammar is not None:
-            llama.llama_sampler_chain_add(chain, grammar)
         top_k = GREEDY_TOP_K if params.greedy else params.top_k
         if top_k > 0:  # before the penalties: llama.cpp advises against penalising the full vocabulary
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(top_k))
@@ -512,7 +523,11 @@ class LlamaCppBackend(Backend):
             if state.logits_index is not None:
                 # Only sequences that asked pay for logprobs; the row is copied before the sampler sees it.
                 row = self._logits_row(state.logits_index) if seq.params.logprobs is not None else None
-                token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
+                if state.grammar is None:
+                    token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
+                else:
+                    token = self._constrained.sample(context=self._context, index=state.logits_index,
+                                                     chain=state.sampler, grammar=state.grammar)
                 if row is not None:
                     seq.token_logprob = self._token_logprob(row, token, seq.params.logprobs)
                 state.pending = [token]
@@ -549,6 +564,8 @@ class LlamaCppBackend(Backend):
         state.slot.busy = state.slot.waiting = False
         state.slot.last_used = time.monotonic()
         self._llama.llama_sampler_free(state.sampler)
+        if state.grammar is not None:
+            self._llama.llama_sampler_free(state.grammar)
         seq.backend_state = None
 
     def stats(self) -> dict:

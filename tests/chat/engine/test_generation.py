@@ -230,3 +230,26 @@ def test_characters_built_from_byte_tokens_arrive_whole(registry):
     assert "".join(deltas) == generation.result.text == "ö日ö😀"
     assert generation.result.completion_tokens > 4  # more tokens than characters: some came in pieces
     assert not any("\ufffd" in delta for delta in deltas)
+
+
+@pytest.mark.smollm2
+def test_grammar_sampling_checks_the_free_choice_first_and_matches_full_filtering(smollm2, monkeypatch):
+    """A grammar's token is sampled freely and checked alone; the greedy reply equals filtering every candidate."""
+    from chat.engine.backends.constrained import ConstrainedSampler
+    from chat.engine.grammars import json_object_grammar
+
+    prompt = smollm2.render_chat([{"role": "user", "content": "Describe a pirate ship as a JSON object."}])
+    params = SamplingParams(max_tokens=48, temperature=0, grammar=json_object_grammar())
+    verdicts = []
+    allowed = ConstrainedSampler._allowed
+
+    def recording(self, grammar, token):
+        verdicts.append(allowed(self, grammar, token))
+        return verdicts[-1]
+
+    monkeypatch.setattr(ConstrainedSampler, "_allowed", recording)
+    checked_first = smollm2.generate(prompt, params)
+    assert checked_first.text.lstrip().startswith("{")
+    assert len(verdicts) == checked_first.completion_tokens and sum(verdicts) > len(verdicts) / 2  # mostly no filtering
+    monkeypatch.setattr(ConstrainedSampler, "_allowed", lambda self, grammar, token: False)  # filter every step
+    assert smollm2.generate(prompt, params).text == checked_first.text
