@@ -57,6 +57,8 @@ def cancelling_abandoned_generations(view):
                 for generation in started:
                     generation.cancel()  # the view's thread stops waiting for tokens and returns
                 await asyncio.wait({call})
+                if not call.cancelled():
+                    call.exception()  # retrieved: a view that failed meanwhile is not reported as never awaited
                 raise
         for generation in started:  # cancel() is a no-op for a finished generation
             response._resource_closers.append(generation.cancel)
