@@ -57,7 +57,8 @@ class ReplyRecord:
     conversation: Conversation | None = None  # the stored conversation, once stored
 
     def __post_init__(self):
-        self.conversation = self.plan.conversation
+        if self.conversation is None:  # a continued chat's conversation is known before anything is stored
+            self.conversation = self.plan.conversation
 
 
 # --- Producing the reply --------------------------------------------------------------------------
