@@ -1,7 +1,5 @@
 """Against real Redis and a real Celery worker process: background jobs, the response cache, outages."""
 
-import os
-import signal
 import subprocess
 import sys
 import time
