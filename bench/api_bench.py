@@ -12,6 +12,7 @@ time), run on W1 at 8 clients and W3. Workloads (issue 13's targets; bench/workl
   W4  4 streams of 256 tokens; a ~1,850-token prompt arrives after 3 s: the longest pause in a
       running stream, and the long prompt's TTFT there vs on the idle server
   extras  this project alone: serving overhead, prefix reuse, response cache, memory
+LLMSITE_CONFIG=other.yaml benchmarks this project with another config (e.g. flash_attention: true).
 Repetitions are paired (servers alternate, order rotated); medians and median paired ratios are
 recorded in bench/results/api.json (--quick: api-quick.json, tiny sizes, a smoke run only).
 """

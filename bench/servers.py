@@ -51,6 +51,9 @@ def rss_mb(pid: int) -> float:
 
 
 def start_ours(workdir: Path, **env) -> tuple[LiveServer, str]:
+    # The same config.yaml as EngineShape reads: LLMSITE_CONFIG, which LiveServer otherwise keeps from its child.
+    if os.environ.get("LLMSITE_CONFIG"):
+        env.setdefault("LLMSITE_CONFIG", os.path.abspath(os.environ["LLMSITE_CONFIG"]))
     server = LiveServer(workdir=workdir, env={"API_RATE_LIMIT": "", "LOG_LEVEL": "WARNING", **env})
     key = prepare_database(server, {"bench": ["bench"]})["bench"]
     server.start()

@@ -88,6 +88,8 @@ print(repr(cache.get("k")))
         ("model_path: m.gguf\n", "'system_prompt' is required"),
         ("system_prompt: hi\nmodel_path: m.gguf\nbackend: vllm\n", "backend must be one of llama_cpp, ctransformers"),
         ("system_prompt: hi\nmodel_path: m.gguf\nsampling: {temprature: 1}\n", "unknown sampling option 'temprature'"),
+        # Refused by the engine's own ModelSpec, still at start-up and in one line.
+        ("system_prompt: hi\nmodel_path: m.gguf\nparallel: 0\n", "model 'm': parallel must be at least 1"),
     ],
 )
 def test_bad_config_stops_start_up_with_one_clear_line(tmp_path, content, expected):
