@@ -77,7 +77,7 @@ class Engine(EngineProtocol):
             tokens.insert(0, bos)
         return tokens
 
-    def submit(self, prompt: str, params: SamplingParams) -> Generation:
+    def submit(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Generation:
         """Queue a request; returns at once. Raises ContextOverflow, UnsupportedFeature, InvalidRequest, EngineOverloaded."""
         self._backend.check_params(params)
         tokens = self.prompt_tokens(prompt)
@@ -93,6 +93,7 @@ class Engine(EngineProtocol):
             max_new_tokens=min(params.max_tokens, self.context_length - len(tokens)),
             assembler=TextAssembler(params.stop),
             logprob_track=LogprobTrack() if params.logprobs is not None else None,
+            owner=owner,
         )
         self._scheduler.submit(seq)
         return generation

@@ -34,12 +34,13 @@ class EngineProtocol(Protocol):
 
     def prompt_tokens(self, prompt: str) -> list[int]: ...
 
-    def submit(self, prompt: str, params: SamplingParams) -> Generation:
-        """Queue a request and return at once; raises ContextOverflow, InvalidRequest, EngineOverloaded..."""
+    def submit(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Generation:
+        """Queue a request and return at once; raises ContextOverflow, InvalidRequest, EngineOverloaded...
+        `owner` is an opaque label of whose request it is (fair admission between owners)."""
 
-    def generate(self, prompt: str, params: SamplingParams) -> Completion:
+    def generate(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Completion:
         """Blocking convenience: submit and wait for the whole completion (shared by the implementations)."""
-        generation = self.submit(prompt, params)
+        generation = self.submit(prompt, params, owner=owner)
         for _ in generation:
             pass
         return generation.result

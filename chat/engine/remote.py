@@ -307,7 +307,7 @@ class RemoteEngine(EngineProtocol):
 
     # -- generation ------------------------------------------------------------------------------
 
-    def submit(self, prompt: str, params: SamplingParams) -> Generation:
+    def submit(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Generation:
         """Send a request upstream; returns once an idle worker's upstream accepted it (at once when queued).
 
         Blocks for the upstream's response headers, as Engine.submit blocks for tokenizing: call it from

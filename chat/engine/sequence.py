@@ -23,3 +23,4 @@ class Sequence:
     backend_state: Any = field(default=None, repr=False)  # owned by the backend between start and release
     logprob_track: LogprobTrack | None = None  # set when the request asked for logprobs
     token_logprob: TokenLogprob | None = field(default=None, repr=False)  # the backend's record of its last sample
+    owner: str = ""  # opaque label of whose request this is: admission is fair between owners
