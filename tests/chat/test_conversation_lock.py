@@ -2,7 +2,10 @@
 409 conversation_busy over HTTP, the WebSocket and background jobs, and a conversation is never forked."""
 
 import dataclasses
+import gc
 import json
+import socket
+import uuid
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -10,7 +13,8 @@ from channels.testing import WebsocketCommunicator
 from django.core.cache import cache
 
 from chat.models import Conversation, Job
-from chat.tenancy.conversation_lock import (ConversationBusy, conversation_advance, conversation_lease_take)
+from chat.tenancy.conversation_lock import (LEASE_SECONDS, ConversationBusy, conversation_advance,
+                                            conversation_lease_take)
 from tests.factories import make_api_client, make_character, write_tiny_gguf
 
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
@@ -142,6 +146,21 @@ def test_a_failed_or_refused_continuation_gives_the_lease_back(chat, tiny_site):
     assert client.post("/v1/chat/completions", body(conversation, "hi"), format="json", **NO_CACHE).status_code == 200
 
 
+def test_a_plan_dropped_on_a_path_that_never_released_its_lease_gives_it_back(chat, tiny_site):
+    from chat.api.serializers import ChatCompletionRequestSerializer
+    from chat.plans import chat_request_prepare
+
+    client, conversation = chat
+    serializer = ChatCompletionRequestSerializer(data=body(conversation, "hi"))
+    serializer.is_valid(raise_exception=True)
+    plan = chat_request_prepare(user=client.user, data=serializer.validated_data)
+    with pytest.raises(ConversationBusy):
+        conversation_lease_take(conversation=conversation)
+    del plan
+    gc.collect()
+    conversation_lease_take(conversation=conversation).release()
+
+
 def test_a_background_job_continuing_a_busy_conversation_fails_with_409(chat, tiny_site):
     from chat.tasks import job_run
     from django.utils import timezone
@@ -192,3 +211,33 @@ async def test_a_websocket_message_continuing_a_busy_conversation_gets_a_409_eve
     assert event["type"] == "end" and event["conversation"] == str(conversation.pk)
     await socket.disconnect()
     assert await sync_to_async(lambda: len(stored(conversation)))() == 2
+
+
+# --- on Redis, the cache several instances share -----------------------------------------------------------
+
+
+def redis_cache(settings, url: str) -> None:
+    settings.CACHES = {"default": {
+        "BACKEND": "django_redis.cache.RedisCache", "LOCATION": url, "KEY_PREFIX": f"lock-test-{uuid.uuid4().hex}",
+        "OPTIONS": {"IGNORE_EXCEPTIONS": True, "SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1}}}
+
+
+def test_on_redis_a_lease_is_held_once_and_expires(chat, settings, redis_url):
+    _, conversation = chat
+    redis_cache(settings, redis_url)
+    lease = conversation_lease_take(conversation=conversation)
+    with pytest.raises(ConversationBusy):
+        conversation_lease_take(conversation=conversation)
+    assert 0 < cache.ttl(lease.key) <= LEASE_SECONDS  # a process that dies holding it blocks no one for good
+    lease.release()
+    conversation_lease_take(conversation=conversation).release()
+
+
+def test_with_the_cache_down_a_continuation_goes_on_guarded_by_the_version_check(chat, settings):
+    _, conversation = chat
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    redis_cache(settings, f"redis://127.0.0.1:{port}/0")
+    assert conversation_lease_take(conversation=conversation) is None
+    assert conversation_lease_take(conversation=conversation) is None
