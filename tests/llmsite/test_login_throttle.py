@@ -2,7 +2,7 @@
 address is locked out there with a 429, without locking out other users or the same user elsewhere."""
 
 import pytest
-from django.test import Client
+from django.test import AsyncClient, Client
 
 from tests.factories import make_superuser, make_user
 
@@ -63,3 +63,14 @@ def test_logins_by_code_are_not_throttled(users):
     for _ in range(5):
         assert not Client().login(username="root", password="wrong")
     assert Client().login(username="root", password=PASSWORD)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_lockout_holds_under_asgi(users):
+    """daphne serves the site through Django's ASGI handler, where the middleware runs asynchronously."""
+    client = AsyncClient(REMOTE_ADDR="10.0.0.9")
+    for _ in range(3):
+        response = await client.post("/accounts/login/", {"username": "alice", "password": "wrong"})
+    assert response.status_code == 429
+    assert (await client.post("/accounts/login/", {"username": "alice", "password": PASSWORD})).status_code == 429
+    assert (await client.post("/accounts/login/", {"username": "bob", "password": PASSWORD})).status_code == 302
