@@ -2,8 +2,8 @@
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.auth import get_user_model
 from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
 
 from characters.admin import CharacterAdmin
 from characters.models import Character

@@ -64,10 +64,8 @@ class ReplyRecord:
 
 
 # --- Producing the reply --------------------------------------------------------------------------
-
-
 # A plan that continues a conversation holds its lease (chat/tenancy/conversation_lock.py) until its exchange is
-# stored (exchange_store), or until the reply fails or is cancelled (the functions below).
+# stored (exchange_store), or until its reply fails or is cancelled (below, and in reply_stream).
 
 
 def reply_lookup(plan: ChatPlan) -> ReplyRecord:
