@@ -99,12 +99,23 @@ class CharacterAdmin(admin.ModelAdmin):
         ]
         return own + super().get_urls()
 
+    def may_import_cards(self, request, *, update: bool = False) -> bool:
+        """A card import adds a character and its lorebook as scenarios; with `update` it changes both."""
+        needed = ["characters.add_character", "scenarios.add_scenario"]
+        if update:
+            needed += ["characters.change_character", "scenarios.change_scenario"]
+        return request.user.has_perms(needed)
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "may_import_cards": self.may_import_cards(request)}
+        return super().changelist_view(request, extra_context)
+
     def import_card_view(self, request):
-        if not self.has_add_permission(request):
+        if not self.may_import_cards(request):
             raise PermissionDenied
         form = CardImportForm(request.POST or None, request.FILES or None)
         if request.method == "POST" and form.is_valid():
-            if form.cleaned_data["update"] and not self.has_change_permission(request):
+            if not self.may_import_cards(request, update=form.cleaned_data["update"]):
                 raise PermissionDenied
             try:
                 result = character_card_import(raw=form.cleaned_data["card"].read(),

@@ -1,7 +1,9 @@
 """Chat's admin pages, and the prompt preview added to the character admin (characters cannot import chat)."""
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
 
 from characters.admin import CharacterAdmin
 from characters.models import Character
@@ -14,12 +16,35 @@ PREVIEW_PARAM = "preview_message"
 PREVIEW_MAX_CHARS = 2000
 
 
+# Chats are personal data: only a user given `chat.view_conversation` explicitly sees them (conversations
+# and their messages); `change` does not imply it, as it does for Django's other models.
+VIEW_CHATS = "chat.view_conversation"
+
+
+def can_view_chats(request) -> bool:
+    return request.user.has_perm(VIEW_CHATS)
+
+
 class MessageInline(admin.TabularInline):
+    """A conversation's messages, read-only: the history is what the model saw and answered."""
+
     model = Message
     extra = 0
+    can_delete = False
     fields = ["role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "scenarios", "created_at"]
-    readonly_fields = ["created_at"]
-    filter_horizontal = []
+    readonly_fields = fields
+
+    def has_view_permission(self, request, obj=None):
+        return can_view_chats(request)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(Conversation)
@@ -28,27 +53,84 @@ class ConversationAdmin(admin.ModelAdmin):
     list_filter = ["character", "created_at"]
     search_fields = ["title", "messages__content", "owner__username"]
     list_select_related = ["character", "owner"]
-    raw_id_fields = ["owner"]
+    readonly_fields = ["character", "owner"]
     inlines = [MessageInline]
+
+    def has_view_permission(self, request, obj=None):
+        return can_view_chats(request)
+
+    def has_add_permission(self, request):
+        return False  # conversations are made by chatting
+
+    def has_change_permission(self, request, obj=None):
+        return can_view_chats(request) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return can_view_chats(request) and super().has_delete_permission(request, obj)
 
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
+    """Messages, read-only for everyone; deleted with their conversation."""
+
     list_display = ["__str__", "conversation", "role", "completion_tokens", "created_at"]
     list_filter = ["role", "created_at"]
     search_fields = ["content"]
-    raw_id_fields = ["conversation"]
-    filter_horizontal = ["scenarios"]
+
+    def has_view_permission(self, request, obj=None):
+        return can_view_chats(request)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # Asked for each message when a conversation is deleted (the cascade), and on the message list.
+        return can_view_chats(request) and super().has_delete_permission(request, obj)
+
+
+def may_issue_keys_for(acting, user) -> bool:
+    """Only a superuser may issue or manage a key that acts as a staff member or a superuser."""
+    return acting.is_superuser or not (user.is_staff or user.is_superuser)
+
+
+class ApiKeyForm(forms.ModelForm):
+    def clean_user(self):
+        user = self.cleaned_data["user"]
+        if not may_issue_keys_for(self.acting_user, user):
+            raise forms.ValidationError("Only a superuser may issue a key that acts as a staff member or a superuser.")
+        return user
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
     list_display = ["name", "prefix", "user", "created_at", "expires_at", "revoked_at", "last_used_at"]
     list_filter = ["revoked_at", "expires_at"]
     search_fields = ["name", "prefix", "user__username"]
-    readonly_fields = ["prefix", "created_at", "revoked_at", "last_used_at"]
     raw_id_fields = ["user"]
     actions = ["revoke"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # A key acts as the user it was issued for, for good: a new key is issued for another user.
+        fields = ["prefix", "created_at", "revoked_at", "last_used_at"]
+        return fields if obj is None else ["user", *fields]
+
+    def get_queryset(self, request):
+        keys = super().get_queryset(request)
+        # Keys acting as staff are a superuser's to see, extend or revoke.
+        return keys if request.user.is_superuser else keys.filter(user__is_staff=False, user__is_superuser=False)
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "user" and not request.user.is_superuser:
+            kwargs["queryset"] = get_user_model().objects.filter(is_staff=False, is_superuser=False)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (form,), {"acting_user": request.user})
 
     def save_model(self, request, obj, form, change):
         if not change:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -28,6 +29,7 @@ from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
 from .prompting.tools import tools_system_text, turns_with_tool_text
 from .selectors import conversation_get_owned
+from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
 from .tooling.grammar import tool_call_grammar
 from .tooling.requests import ToolRequest, tool_request_of
 
@@ -59,10 +61,22 @@ class ChatPlan:
     tools: ToolRequest | None = None    # the request's tools; the reply is read for calls when it may call
     cache_allowed: bool = True          # False: the client sent Cache-Control: no-cache
     request_key: str | None = None      # the fast-path cache key, when the request qualifies
+    conversation_lease: ConversationLease | None = None  # held while continuing `conversation`
+
+    def __post_init__(self):
+        if self.conversation_lease is not None:
+            # The last resort: a plan dropped on a path that did not release its lease (the releases are in
+            # chat/replies.py, where the reply is stored, fails or is cancelled) releases it when collected.
+            weakref.finalize(self, self.conversation_lease.release)
 
     @property
     def model_name(self) -> str:
         return self.engine.spec.name
+
+    def release_conversation(self) -> None:
+        """Let the next request continue this plan's conversation (idempotent)."""
+        if self.conversation_lease is not None:
+            self.conversation_lease.release()
 
 
 def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: str = "", cache_allowed: bool = True,
@@ -74,9 +88,24 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     greeting, 1.. = the alternates) and also makes an API request start with it.
     `user_name`: what {{user}} becomes when the request names no one (the page's logged-in user).
     """
-    conversation = None
+    conversation = lease = None
     if data.get("conversation"):
         conversation = conversation_get_owned(user=user, conversation_id=data["conversation"])
+        # One continuation at a time (409 conversation_busy), its history read once the lease is held.
+        lease = conversation_lease_take(conversation=conversation)
+    try:
+        if conversation is not None:
+            conversation.refresh_from_db(fields=["updated_at"])  # the version whose history is read (replies.py)
+        return _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,
+                         user_name=user_name, cache_allowed=cache_allowed, request_key=request_key)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+
+
+def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None, greet: bool,
+              user_name: str, cache_allowed: bool, request_key: str | None) -> ChatPlan:
     character = _character_for(data, conversation)
 
     client_messages = data["messages"]
@@ -122,7 +151,8 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
-                    user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key)
+                    user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
+                    conversation_lease=lease)
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
@@ -22,6 +23,7 @@ from .metrics import record_generation
 from .models import Conversation, Message
 from .plans import ChatPlan
 from .response_cache import BYPASS, MISS, ReplayedGeneration, cached_completion, remember_completion
+from .tenancy.conversation_lock import conversation_advance
 from .tooling.calls import tool_finish_reason, tool_reply
 from .tooling.requests import ToolRequest
 
@@ -62,12 +64,15 @@ class ReplyRecord:
 
 
 # --- Producing the reply --------------------------------------------------------------------------
+# A plan that continues a conversation holds its lease (chat/tenancy/conversation_lock.py) until its exchange is
+# stored (exchange_store), or until its reply fails or is cancelled (below, and in reply_stream).
 
 
 def reply_lookup(plan: ChatPlan) -> ReplyRecord:
     """A record for `plan`, holding the cached reply when there is one."""
     record = ReplyRecord(plan)
-    record.completion, record.cache_status = cached_completion(plan)
+    with _released_on_error(plan):
+        record.completion, record.cache_status = cached_completion(plan)
     return record
 
 
@@ -76,7 +81,17 @@ def reply_start(record: ReplyRecord):
     if record.completion is not None:
         return ReplayedGeneration(record.completion)
     record.timing = GenerationTiming()
-    return record.plan.engine.submit(record.plan.prompt.text, record.plan.params)
+    with _released_on_error(record.plan):
+        return record.plan.engine.submit(record.plan.prompt.text, record.plan.params)
+
+
+@contextmanager
+def _released_on_error(plan: ChatPlan):
+    try:
+        yield
+    except BaseException:
+        plan.release_conversation()
+        raise
 
 
 def reply_generate(record: ReplyRecord, *, on_text=None) -> Completion | None:
@@ -115,6 +130,8 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
             first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
             conversation = Conversation.objects.create(character=plan.character, owner=plan.user,
                                                        title=_title_from(first_user), user_name=plan.user_name)
+        else:
+            conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
         for turn in plan.new_turns:
             Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
                                    completion_tokens=plan.engine.count_tokens(turn["content"]))
@@ -123,16 +140,21 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
             finish_reason=completion.finish_reason, model_name=plan.model_name)
         reply.scenarios.set(plan.prompt.scenarios)
-        conversation.save(update_fields=["updated_at"])
+        if plan.conversation is None:
+            conversation.save(update_fields=["updated_at"])
+        transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
     record.conversation = conversation
     return conversation
 
 
 def reply_complete(record: ReplyRecord) -> dict:
     """Generate the whole reply (blocking), cache it, store it, and return the chat.completion object."""
-    reply_generate(record)
-    reply_remember(record)
-    exchange_store(record)
+    try:
+        reply_generate(record)
+        reply_remember(record)
+        exchange_store(record)
+    finally:
+        record.plan.release_conversation()
     return chat_completion_body(record)
 
 
@@ -185,6 +207,7 @@ async def reply_stream(record: ReplyRecord, generation, *, keepalive: float | No
     finally:
         if not finished:
             generation.cancel()
+        record.plan.release_conversation()
 
 
 # --- OpenAI shapes --------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def chat_completion_create(*, user, api_key: ApiKey | None, data: dict, payload:
     # Prepared even for a job: a request that cannot run is refused now, not reported failed later.
     plan = chat_request_prepare(user=user, data=data, cache_allowed=cache_allowed, request_key=request_key)
     if background:
+        plan.release_conversation()  # the worker takes the conversation's lease when it runs the job
         job = job_submit(user=user, api_key=api_key, payload=payload)
         job.refresh_from_db()  # inline mode (no broker) has already run it
         return ChatCompletionStarted(record=ReplyRecord(plan), job=job)

@@ -48,6 +48,7 @@ def job_run(*, job_id: str) -> None:
     job = Job.objects.select_related("owner").get(pk=job_id)
     heartbeat = Heartbeat(job_id=job.pk, attempt=attempt)
     heartbeat.start()
+    record = None
     try:
         serializer = ChatCompletionRequestSerializer(data=job.request)
         serializer.is_valid(raise_exception=True)
@@ -62,6 +63,8 @@ def job_run(*, job_id: str) -> None:
                                       finished_at=timezone.now())
     finally:
         heartbeat.stop()
+        if record is not None:
+            record.plan.release_conversation()  # stored, failed, cancelled or superseded: the next may continue
 
 
 def _claim(job_id: str) -> int | None:

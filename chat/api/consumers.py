@@ -6,7 +6,8 @@ Client sends {"type": "message", "content": "...", optional "conversation" (null
 finish_reason, usage, scenarios, conversation} or {"type": "error", "status", "error"}.
 {"type": "new_conversation"} makes the next message start a new conversation (answered
 {"type": "new_conversation"}). Each message spends the sender's rate limit like an HTTP request
-(429 error event with retry_after). Closing the socket cancels the generation. Auth:
+(429 error event with retry_after). A frame over API_MAX_REQUEST_BYTES gets a 413 error event
+before it is parsed; the socket stays open. Closing the socket cancels the generation. Auth:
 chat/api/ws_auth.py.
 """
 
@@ -17,9 +18,10 @@ import logging
 
 from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 from rest_framework.exceptions import Throttled, ValidationError
 
-from chat.errors import error_from_exception
+from chat.errors import PayloadTooLarge, error_from_exception
 from chat.replies import end_fields, reply_stream
 from chat.selectors import user_display_name
 from chat.services import chat_stream_start
@@ -70,6 +72,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.reply_task = asyncio.create_task(self.reply(content))
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        if frame_too_large(text_data, bytes_data):  # refused before it is parsed, like an HTTP body
+            limit = settings.API_MAX_REQUEST_BYTES
+            await self.send_error(PayloadTooLarge(f"A message may be at most {limit:,} bytes (API_MAX_REQUEST_BYTES).",
+                                                  param="message"))
+            return
         try:
             await super().receive(text_data=text_data, bytes_data=bytes_data, **kwargs)
         except ValueError:  # not JSON
@@ -111,3 +118,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def send_error(self, exc: Exception, **extra):
         status, body, _ = error_from_exception(exc)
         await self.send_json({"type": "error", "status": status, **body, **extra})
+
+
+def frame_too_large(text_data: str | None, bytes_data: bytes | None) -> bool:
+    """Whether a frame is over API_MAX_REQUEST_BYTES (in UTF-8 bytes, as an HTTP body is counted)."""
+    limit = settings.API_MAX_REQUEST_BYTES
+    if bytes_data is not None:
+        return len(bytes_data) > limit
+    if text_data is None or len(text_data) * 4 <= limit:  # a character is at most 4 bytes
+        return False
+    return len(text_data) > limit or len(text_data.encode("utf-8", "surrogatepass")) > limit

@@ -1,0 +1,106 @@
+"""The admin as a content editor sees it: a staff member, not a superuser, in the "Content editors" group
+that characters/migrations/0003 creates."""
+
+import pytest
+from django.contrib.auth.models import Group, Permission
+from django.db.models.fields.files import FieldFile
+from django.urls import reverse
+
+from characters.models import Character
+from scenarios.models import Scenario
+from tests.factories import make_character, make_user
+
+from .test_cards import V2_JSON, V2_PNG
+
+pytestmark = pytest.mark.django_db
+
+EDITOR_MODELS = {("characters", "systemprompt"), ("characters", "character"), ("scenarios", "scenario")}
+
+
+def form_data(response, **changes) -> dict:
+    """The POST data of an admin change or add page as it was rendered (its form and inline formsets)."""
+    data = {}
+    forms = [response.context["adminform"].form]
+    for inline in response.context["inline_admin_formsets"]:
+        management = inline.formset.management_form
+        data.update({management.add_prefix(name): value for name, value in management.initial.items()})
+        forms += list(inline.formset.forms)
+    for form in forms:
+        for name, field in form.fields.items():
+            value = form[name].value()
+            if value is None or value is False or isinstance(value, FieldFile):  # no new upload
+                continue
+            data[form.add_prefix(name)] = [str(v) for v in value] if isinstance(value, list) else value
+    data.update(changes)
+    return data
+
+
+def test_the_group_holds_exactly_the_editor_permissions():
+    group = Group.objects.get(name="Content editors")
+    held = set(group.permissions.values_list("content_type__app_label", "content_type__model", "codename"))
+    assert held == {(app, model, f"{action}_{model}") for app, model in EDITOR_MODELS
+                    for action in ("add", "change", "delete", "view")}
+
+
+def test_an_editor_edits_characters_and_scenarios(editor_client):
+    mira = make_character("mira", personality="Gruff.")
+    storm = Scenario.objects.create(character=mira, title="Storm", keywords="storm", content="Rain.")
+    change = reverse("admin:characters_character_change", args=[mira.pk])
+    page = editor_client.get(change)
+    assert page.status_code == 200
+    response = editor_client.post(change, form_data(page, personality="Kind."))
+    assert response.status_code == 302, response.context["adminform"].form.errors if response.context else ""
+    mira.refresh_from_db()
+    assert mira.personality == "Kind."
+
+    scenario_change = reverse("admin:scenarios_scenario_change", args=[storm.pk])
+    page = editor_client.get(scenario_change)
+    assert editor_client.post(scenario_change, form_data(page, content="Hail.")).status_code == 302
+    storm.refresh_from_db()
+    assert storm.content == "Hail."
+    assert editor_client.get(reverse("admin:characters_systemprompt_add")).status_code == 200
+
+
+def test_an_editor_imports_and_updates_a_card(editor_client):
+    url = reverse("admin:characters_character_import_card")
+    assert url in editor_client.get(reverse("admin:characters_character_changelist")).content.decode()
+    with V2_PNG.open("rb") as card:
+        response = editor_client.post(url, {"card": card})
+    ada = Character.objects.get(slug="ada-quint")
+    assert response.status_code == 302 and ada.scenarios.count() == 4
+    with V2_JSON.open("rb") as card:
+        assert editor_client.post(url, {"card": card, "update": "on"}).status_code == 302
+    assert Character.objects.filter(slug__startswith="ada-quint").count() == 1
+
+
+def test_card_import_needs_the_scenario_permissions(client):
+    """Character permissions alone do not import a card: it creates and updates scenarios."""
+    staff = make_user("characters-only", is_staff=True)
+    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="characters",
+                                                         codename__endswith="_character"))
+    client.force_login(staff)
+    url = reverse("admin:characters_character_import_card")
+    assert url not in client.get(reverse("admin:characters_character_changelist")).content.decode()
+    assert client.get(url).status_code == 403
+    with V2_PNG.open("rb") as card:
+        assert client.post(url, {"card": card}).status_code == 403
+    assert not Character.objects.exists() and not Scenario.objects.exists()
+
+    staff.user_permissions.add(Permission.objects.get(codename="add_scenario"))
+    with V2_PNG.open("rb") as card:
+        assert client.post(url, {"card": card}).status_code == 302
+    with V2_JSON.open("rb") as card:  # an update changes scenarios too
+        assert client.post(url, {"card": card, "update": "on"}).status_code == 403
+
+
+def test_an_editor_sees_no_conversations_and_no_keys(editor_client):
+    index = editor_client.get(reverse("admin:index")).content.decode()
+    assert reverse("admin:characters_character_changelist") in index
+    assert "/admin/chat/" not in index
+    for name in ("chat_conversation_changelist", "chat_message_changelist", "chat_apikey_changelist",
+                 "chat_apikey_add", "chat_job_changelist"):
+        try:
+            url = reverse(f"admin:{name}")
+        except Exception:  # not registered in the admin at all
+            continue
+        assert editor_client.get(url).status_code == 403, name

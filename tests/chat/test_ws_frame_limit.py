@@ -1,0 +1,58 @@
+"""WebSocket frames over API_MAX_REQUEST_BYTES are refused before they are parsed (no model needed)."""
+
+import json
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+from llmsite.asgi import application
+from tests.factories import make_api_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+LIMIT = 2048
+
+
+@pytest.fixture
+def socket(settings):
+    settings.API_MAX_REQUEST_BYTES = LIMIT
+    raw_key = make_api_client("frames").raw_key
+    return WebsocketCommunicator(application, "/ws/chat/nobody/",
+                                 headers=[ORIGIN, (b"authorization", f"Bearer {raw_key}".encode())])
+
+
+def padded(size: int, char: str = "a") -> str:
+    """A JSON message of exactly `size` UTF-8 bytes."""
+    head = json.dumps({"type": "message", "content": ""})[:-2]
+    fill = (size - len(head.encode()) - 2) // len(char.encode())
+    text = head + char * fill + '"}'
+    assert len(text.encode()) == size
+    return text
+
+
+async def test_a_frame_over_the_limit_gets_a_413_event_and_the_socket_stays_open(socket):
+    assert (await socket.connect())[0]
+    # Not JSON, yet a 413 rather than the "must be a JSON object" 400: the size is checked first.
+    await socket.send_to(text_data="x" * (LIMIT + 1))
+    event = await socket.receive_json_from(timeout=10)
+    assert event["type"] == "error" and event["status"] == 413
+    assert event["error"]["code"] == "request_too_large" and "2,048 bytes" in event["error"]["message"]
+    await socket.send_to(bytes_data=b"{" * (LIMIT + 1))
+    assert (await socket.receive_json_from(timeout=10))["status"] == 413
+
+    # Counted in UTF-8 bytes: 1,030 two-byte characters are over 2,048 bytes.
+    await socket.send_to(text_data=padded(LIMIT + 2, "é"))
+    assert (await socket.receive_json_from(timeout=10))["status"] == 413
+
+    await socket.send_to(text_data="not json")  # the socket still answers
+    assert (await socket.receive_json_from(timeout=10))["status"] == 400
+    await socket.disconnect()
+
+
+async def test_a_frame_at_the_limit_is_parsed(socket):
+    assert (await socket.connect())[0]
+    await socket.send_to(text_data=padded(LIMIT).replace('"message"', '"other"'))
+    event = await socket.receive_json_from(timeout=10)
+    assert event["status"] == 400 and event["error"]["param"] == "type"  # read as JSON: an unknown type
+    await socket.disconnect()
