@@ -111,11 +111,11 @@ class JobView(APIView):
 
     @extend_schema(responses={200: dict, 404: ERRORS[404]})
     def get(self, request, pk):
-        return Response(job_body(job_get_visible(user=request.user, api_key=api_key_of(request), job_id=pk)))
+        return Response(job_body(job_get_visible(user=request.user, job_id=pk)))
 
     @extend_schema(responses={200: dict, 404: ERRORS[404]})
     def delete(self, request, pk):
-        return Response(job_body(job_cancel(user=request.user, api_key=api_key_of(request), job_id=pk)))
+        return Response(job_body(job_cancel(user=request.user, job_id=pk)))
 
 
 class CompletionsView(GeneratingView):
@@ -131,9 +131,9 @@ class CompletionsView(GeneratingView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         if not data.get("stream"):
-            return Response(text_completion_run(data=data))
+            return Response(text_completion_run(user=request.user, api_key=api_key_of(request), data=data))
         # Submitted before the response starts, so a bad prompt (too long, unknown model) is still a 4xx.
-        engine, generation = text_generation_start(data=data)
+        engine, generation = text_generation_start(user=request.user, api_key=api_key_of(request), data=data)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return sse_response(text_completion_events(engine=engine, generation=generation, include_usage=include_usage,
                                                    with_logprobs=data.get("logprobs") is not None))
