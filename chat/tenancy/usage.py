@@ -44,7 +44,7 @@ def usage_by_day(queryset) -> list[dict]:
     """Sums per UTC day, oldest first (days without usage left out)."""
     rows = (queryset.annotate(day=TruncDate("created_at", tzinfo=dt_timezone.utc)).values("day")
             .annotate(**SUMS).order_by("day"))
-    return [_with_total({**row, "date": row.pop("day").isoformat()}) for row in rows]
+    return [_with_total({"date": row["day"].isoformat(), **{name: row[name] for name in SUMS}}) for row in rows]
 
 
 def usage_grouped(queryset, field: str, label: str) -> list[dict]:
