@@ -231,3 +231,8 @@ class UsageView(APIView):
         start, end = usage_window(start=query.validated_data.get("start"), end=query.validated_data.get("end"),
                                   today=timezone.now().date())
         return Response(usage_of_owner(user=request.user, start=start, end=end))
+
+
+@extend_schema(exclude=True)  # the same operation as /v1/usage: documented once
+class UsageSlashView(UsageView):
+    """GET /v1/usage/ (the path with a trailing slash, as the conversation endpoints have)."""
