@@ -124,6 +124,7 @@ class MeteredGeneration:
         # Never read (the client left before the first chunk): settled when dropped.
         self._finalizer = weakref.finalize(self, _settle_detached, meter, self._parts, count_tokens,
                                            Outcome.CANCELLED, generation)
+        self._finalizer.atexit = False  # no thread can start while the interpreter exits
 
     def __getattr__(self, name):
         return getattr(self._generation, name)

@@ -130,3 +130,14 @@ async def test_the_websocket_answers_an_error_event_with_retry_after():
     finally:
         await comm.disconnect()
         await sync_to_async(slot.release)()
+
+
+def test_an_operator_sets_a_keys_quotas_on_its_admin_page(admin_client):
+    key = make_api_client("quota-admin").key
+    page = admin_client.get(f"/admin/chat/apikey/{key.pk}/change/").content.decode()
+    assert all(f'name="{field}"' in page for field in ("max_concurrent", "tokens_per_minute", "tokens_per_day"))
+    admin_client.post(f"/admin/chat/apikey/{key.pk}/change/",
+                      {"name": key.name, "user": key.user.pk, "max_concurrent": "2", "tokens_per_minute": "",
+                       "tokens_per_day": "0"})
+    key.refresh_from_db()
+    assert (key.max_concurrent, key.tokens_per_minute, key.tokens_per_day) == (2, None, 0)
