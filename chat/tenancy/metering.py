@@ -103,8 +103,11 @@ def _settle_partial(meter: Meter, parts: list, count_tokens, outcome: str, compl
 def _settle_detached(meter: Meter, parts: list, count_tokens, outcome: str, generation) -> None:
     """Settle in a thread of its own (it writes to the database), closing that thread's connection."""
     def run():
+        result = getattr(generation, "result", None)
+        # Never read, and ended without a completion: the engine failed it (e.g. it waited past queue_timeout).
+        ended_failed = generation is not None and result is None and getattr(generation, "done", False)
         try:
-            _settle_partial(meter, parts, count_tokens, outcome, getattr(generation, "result", None))
+            _settle_partial(meter, parts, count_tokens, Outcome.FAILED if ended_failed else outcome, result)
         finally:
             connection.close()
 

@@ -100,3 +100,15 @@ def test_a_request_refused_by_the_engine_gives_its_slot_back_without_a_row(tenan
     meter = meter_open(tenant=tenant, model="tiny")
     meter.abandon()
     assert slots_in_use(tenant) == 0 and not UsageRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_generation_never_read_that_the_engine_failed_is_recorded_failed(tenant):
+    generation, wrapped = metered(tenant)
+    generation._push_error(EngineError("waited too long for a slot"))
+    del wrapped
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while not UsageRecord.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert UsageRecord.objects.get().outcome == "failed" and slots_in_use(tenant) == 0
