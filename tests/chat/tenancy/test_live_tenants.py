@@ -140,8 +140,18 @@ def test_every_generation_is_in_the_ledger_with_its_outcome_and_usage_returns_th
     deadline = time.monotonic() + 30
     while len(rows := tenants.ledger("ledger")) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
+    from websockets.sync.client import connect
 
-    assert [row["outcome"] for row in rows] == ["length", "length", "cancelled"], rows
+    with connect(tenants.ws_url(), additional_headers={"Authorization": f"Bearer {tenants.keys['ledger']}"},
+                 proxy=None) as socket:
+        socket.send(json.dumps({"type": "message", "content": "Ahoy!", "max_tokens": 6}))
+        while (event := json.loads(socket.recv(timeout=60)))["type"] not in ("end", "error"):
+            pass
+    assert event["type"] == "end" and event["usage"]["completion_tokens"] == 6, event
+    rows = tenants.ledger("ledger")
+
+    assert [row["outcome"] for row in rows] == ["length", "length", "cancelled", "length"], rows
+    assert (rows[3]["character"], rows[3]["completion"]) == ("captain-mira", 6)
     usage = whole.json()["usage"]
     assert (rows[0]["prompt"], rows[0]["completion"]) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert rows[0]["character"] == "captain-mira" and rows[1]["character"] is None
@@ -150,9 +160,9 @@ def test_every_generation_is_in_the_ledger_with_its_outcome_and_usage_returns_th
 
     for path in ("/v1/usage", "/v1/usage/"):
         body = client.get(path).json()
-        assert body["totals"]["requests"] == 3 and body["totals"]["outcomes"] == {"length": 2, "cancelled": 1}
+        assert body["totals"]["requests"] == 4 and body["totals"]["outcomes"] == {"length": 3, "cancelled": 1}
         assert body["totals"]["total_tokens"] == sum(row["prompt"] + row["completion"] for row in rows)
-        assert [day["requests"] for day in body["data"]] == [3]
+        assert [day["requests"] for day in body["data"]] == [4]
     other = tenants.http("ledger-other").get("/v1/usage").json()
     assert other["totals"]["requests"] == 0 and other["data"] == []
 
