@@ -12,7 +12,16 @@ PORT ?= 8000
 # skipping it cuts the llama.cpp compile from 193 to 140 steps.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: run test test-fast setup deps dev-deps model migrate demo bench soak clean
+.PHONY: run test test-fast setup local-env deps dev-deps model migrate demo bench soak clean
+
+# Local settings for every command run after `make run` (the README's `manage.py create_api_key`
+# included): a git-ignored .env with DEBUG=1 and a SECRET_KEY generated once; llmsite/settings.py
+# reads it, and the environment wins. A deployment has no .env and keeps the production defaults.
+LOCAL_ENV ?= .env
+local-env: $(LOCAL_ENV)
+$(LOCAL_ENV):
+	umask 077 && $(PYTHON) -c 'import secrets; print("# Written by make run for local development (git-ignored; the environment wins).\nDEBUG=1\nSECRET_KEY=" + secrets.token_urlsafe(50))' > $@
+	@echo "Wrote $@ (DEBUG=1 and a new SECRET_KEY) for local commands."
 
 # settings.py defaults are production's (DEBUG off, a SECRET_KEY required): the local server opts
 # into DEBUG unless the caller says otherwise (`make run DEBUG=0 SECRET_KEY=...`).
@@ -32,7 +41,7 @@ test-fast: dev-deps
 	$(VENV)/bin/lint-imports --no-cache  # the layer contracts of pyproject.toml (docs/ARCHITECTURE.md)
 	$(PY) -m pytest -m "not smollm2 and not services" $(PYTEST_ARGS)
 
-setup: deps model migrate demo
+setup: local-env deps model migrate demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -9,8 +9,9 @@ from characters.admin import CharacterAdmin
 from characters.models import Character
 
 from .api.keys import api_key_issue, api_keys_revoke
-from .models import ApiKey, Conversation, Message
+from .models import ApiKey, Conversation, Message, UsageRecord
 from .prompting import prompt_preview
+from .tenancy.usage import usage_by_day, usage_grouped, usage_totals
 
 PREVIEW_PARAM = "preview_message"
 PREVIEW_MAX_CHARS = 2000
@@ -166,3 +167,64 @@ class CharacterAdminWithPreview(CharacterAdmin):
 # chat is installed after characters, so the content app's admin is registered by now.
 admin.site.unregister(Character)
 admin.site.register(Character, CharacterAdminWithPreview)
+
+
+# --- Usage ledger (chat/tenancy/) ---------------------------------------------------------------------
+
+CHART_DAYS = 60      # the chart shows the last this many days that have usage in the filtered list
+CHART_WIDTH, CHART_HEIGHT = 720, 160
+GROUP_ROWS = 10      # rows in each "by key / user / character" table
+
+
+def usage_chart(days: list[dict]) -> dict:
+    """Bars of tokens per day (prompt below, completion on top) as SVG geometry, drawn by the template."""
+    days = days[-CHART_DAYS:]
+    peak = max((day["total_tokens"] for day in days), default=0) or 1
+    step = CHART_WIDTH / max(len(days), 1)
+    bars = []
+    for index, day in enumerate(days):
+        prompt_h = day["prompt_tokens"] / peak * CHART_HEIGHT
+        completion_h = day["completion_tokens"] / peak * CHART_HEIGHT
+        bars.append({**day, "x": round(index * step + step * 0.1, 1), "width": round(step * 0.8, 1),
+                     "prompt_y": round(CHART_HEIGHT - prompt_h, 1), "prompt_h": round(prompt_h, 1),
+                     "completion_y": round(CHART_HEIGHT - prompt_h - completion_h, 1),
+                     "completion_h": round(completion_h, 1)})
+    return {"bars": bars, "peak": peak if days else 0, "width": CHART_WIDTH, "height": CHART_HEIGHT,
+            "first": days[0]["date"] if days else "", "last": days[-1]["date"] if days else ""}
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """The ledger, read-only: one row per generation; the list page charts the filtered rows per day and
+    sums them per key, user and character (template: admin/chat/usagerecord/change_list.html)."""
+
+    list_display = ["created_at", "owner", "api_key", "model", "character", "prompt_tokens", "completion_tokens",
+                    "duration", "outcome"]
+    list_filter = ["outcome", "model", "created_at", "api_key", "character"]
+    search_fields = ["owner__username", "api_key__name", "api_key__prefix", "model"]
+    list_select_related = ["owner", "api_key", "character"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        changelist = context.get("cl") if context else None
+        if changelist is not None:
+            records = changelist.queryset.order_by()
+            context["usage_totals"] = usage_totals(records)
+            context["usage_chart"] = usage_chart(usage_by_day(records))
+            context["usage_groups"] = [
+                ("API key", usage_grouped(records, "api_key", "api_key__name")[:GROUP_ROWS]),
+                ("User", usage_grouped(records, "owner", "owner__username")[:GROUP_ROWS]),
+                ("Character", usage_grouped(records, "character", "character__name")[:GROUP_ROWS]),
+            ]
+        return response

@@ -26,11 +26,15 @@ class ApiError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds; sent as Retry-After (429 quotas)
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        if retry_after is not None:
+            self.retry_after = retry_after
         if code is not None:
             self.code = code
         if status is not None:
@@ -72,6 +76,8 @@ def error_from_exception(exc: Exception, request=None) -> tuple[int, dict, dict]
     """Map any exception to (status, body, headers); the single place that decides error shapes."""
     headers: dict = {}
     if isinstance(exc, ApiError):
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
         return exc.status, error_body(exc.message, type=exc.type, param=exc.param, code=exc.code), headers
     if isinstance(exc, ContextOverflow):
         return 400, error_body(str(exc), type="invalid_request_error", param="messages",

@@ -11,6 +11,9 @@ heartbeat for JOB_HEARTBEAT_TIMEOUT seconds has lost its worker: polls show it q
 its re-delivery; failed with no broker, which would never re-deliver it), and a delivery after
 MAX_ATTEMPTS reports it failed, so no job stays "running" or is silently dropped. The exchange is
 stored in the same transaction that marks the job done, so it is stored exactly once.
+
+A job belongs to its owner, the user the creating key acts as (chat/tenancy/owners.py): like
+conversations and cached replies, any key of that user sees it, another user's is a 404.
 """
 
 from __future__ import annotations
@@ -42,17 +45,18 @@ def job_submit(*, user, api_key: ApiKey | None, payload: dict) -> Job:
     return job
 
 
-def job_get_visible(*, user, api_key: ApiKey | None, job_id) -> Job:
-    job = Job.objects.filter(pk=job_id, owner=user, api_key=api_key, expires_at__gt=timezone.now()).first()
+def job_get_visible(*, user, job_id) -> Job:
+    """The owner's job; another owner's looks exactly like a missing one."""
+    job = Job.objects.filter(pk=job_id, owner=user, expires_at__gt=timezone.now()).first()
     if job is None:
         raise NotFound(f"No job {job_id}.", param="job", code="job_not_found")
     _recover_if_worker_lost(job)
     return job
 
 
-def job_cancel(*, user, api_key: ApiKey | None, job_id) -> Job:
+def job_cancel(*, user, job_id) -> Job:
     """Cancel a job the caller may see (a no-op for one that has ended)."""
-    job = job_get_visible(user=user, api_key=api_key, job_id=job_id)
+    job = job_get_visible(user=user, job_id=job_id)
     Job.objects.filter(pk=job.pk, status__in=ACTIVE).update(status=Job.Status.CANCELLED, finished_at=timezone.now())
     job.refresh_from_db()
     return job

@@ -66,7 +66,8 @@ class ApiKey(models.Model):
     name = models.CharField(max_length=100, help_text="What the key is for, e.g. 'mobile app'.")
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys",
-        help_text="Requests with this key act as this user and see only this user's conversations.",
+        help_text="Requests with this key act as this user: they see only this user's conversations, jobs and "
+                  "cached replies (shared with the user's other keys).",
     )
     prefix = models.CharField(max_length=16, editable=False, help_text="The key's first characters, to recognise it.")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
@@ -74,6 +75,14 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
     revoked_at = models.DateTimeField(null=True, blank=True, help_text="Set by the 'revoke' action; revoked keys fail.")
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Quotas (chat/tenancy/quotas.py): empty takes the setting named in the help text; 0 is no limit.
+    max_concurrent = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Generations this key may run at once. Empty: API_KEY_MAX_CONCURRENT; 0: no limit.")
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="Prompt + completion tokens per minute. Empty: API_KEY_TOKENS_PER_MINUTE; 0: no limit.")
+    tokens_per_day = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Prompt + completion tokens per UTC day. Empty: API_KEY_TOKENS_PER_DAY; 0: no limit.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -97,7 +106,8 @@ class Job(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs",
-                                help_text="The key that created the job; only it can read or cancel the job.")
+                                help_text="The key that created the job. The job belongs to its owner: any key acting as "
+                                          "that user can read or cancel it.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     request = models.JSONField(help_text="The chat completion request as the client sent it.")
     result = models.JSONField(null=True, blank=True, help_text="The chat.completion object when done.")
@@ -117,3 +127,38 @@ class Job(models.Model):
 
     def __str__(self):
         return f"Job {self.pk} ({self.status})"
+
+
+class UsageRecord(models.Model):
+    """One generation as the usage ledger counts it, written once when the generation ends (chat/tenancy/)."""
+
+    class Outcome(models.TextChoices):
+        COMPLETED = "completed", "Completed"
+        LENGTH = "length", "Stopped at max_tokens"
+        CANCELLED = "cancelled", "Cancelled"
+        FAILED = "failed", "Failed"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records",
+                              help_text="The user the request acted as.")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records",
+                                help_text="Empty: a browser session, or a key since deleted.")
+    model = models.CharField(max_length=100)
+    character = models.ForeignKey("characters.Character", null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="usage_records", help_text="Empty: no character (plain completions).")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0,
+                                                    help_text="Tokens generated, also those of a cancelled reply.")
+    duration = models.FloatField(default=0, help_text="Seconds from admission to the end of the generation.")
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["owner", "created_at"]), models.Index(fields=["api_key", "created_at"])]
+
+    def __str__(self):
+        return f"{self.model} for {self.owner_id}: {self.prompt_tokens}+{self.completion_tokens} ({self.outcome})"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

@@ -2,7 +2,9 @@
 the reply's OpenAI shapes (chat.completion body, usage, logprobs).
 
 A `ReplyRecord` says what became of one plan (cache result, timing, completion, stored
-conversation); it is written as the reply is produced and read by the request log.
+conversation); it is written as the reply is produced and read by the request log. A reply
+generated for a known caller (`tenant`) is admitted under its quotas and settled in the usage
+ledger when it ends (chat/tenancy/metering.py); the engine learns only the caller's owner label.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .metrics import record_generation
 from .models import Conversation, Message
 from .plans import ChatPlan
 from .response_cache import BYPASS, MISS, ReplayedGeneration, cached_completion, remember_completion
+from .tenancy.metering import Meter, MeteredGeneration, meter_open
+from .tenancy.owners import Tenant, owner_label
 from .tenancy.conversation_lock import conversation_advance
 from .tooling.calls import tool_finish_reason, tool_reply
 from .tooling.requests import ToolRequest
@@ -57,10 +61,17 @@ class ReplyRecord:
     timing: GenerationTiming | None = None   # set when generated live (not from the cache)
     completion: Completion | None = None     # set when finished
     conversation: Conversation | None = None  # the stored conversation, once stored
+    tenant: Tenant | None = None              # the caller: quotas, usage ledger, fair admission
+    meter: Meter | None = None                # set when a live generation was admitted for the tenant
 
     def __post_init__(self):
         if self.conversation is None:  # a continued chat's conversation is known before anything is stored
             self.conversation = self.plan.conversation
+
+    @property
+    def owner(self) -> str:
+        """The engine's owner label: requests are admitted round-robin between owners."""
+        return self.tenant.owner if self.tenant is not None else owner_label(self.plan.user)
 
 
 # --- Producing the reply --------------------------------------------------------------------------
@@ -68,12 +79,30 @@ class ReplyRecord:
 # stored (exchange_store), or until its reply fails or is cancelled (below, and in reply_stream).
 
 
-def reply_lookup(plan: ChatPlan) -> ReplyRecord:
-    """A record for `plan`, holding the cached reply when there is one."""
-    record = ReplyRecord(plan)
+def reply_lookup(plan: ChatPlan, *, tenant: Tenant | None = None, enforce_quotas: bool = True) -> ReplyRecord:
+    """A record for `plan`, holding the cached reply when there is one. A reply to generate for a
+    `tenant` is admitted under its quotas now (QuotaExceeded: 429); `enforce_quotas=False` only meters it."""
+    record = ReplyRecord(plan, tenant=tenant)
     with _released_on_error(plan):
         record.completion, record.cache_status = cached_completion(plan)
+        if record.completion is None and tenant is not None:
+            record.meter = meter_open(tenant=tenant, model=plan.model_name, character=plan.character,
+                                      prompt_tokens=plan.prompt.prompt_tokens, enforce=enforce_quotas)
     return record
+
+
+def _submit(record: ReplyRecord):
+    """Submit the plan to the engine under the caller's owner label; metered when the record has a meter."""
+    plan = record.plan
+    try:
+        generation = plan.engine.submit(plan.prompt.text, plan.params, owner=record.owner)
+    except BaseException:
+        if record.meter is not None:
+            record.meter.abandon()  # refused before generating (context overflow, overloaded): not a generation
+        raise
+    if record.meter is None:
+        return generation
+    return MeteredGeneration(generation, record.meter, count_tokens=plan.engine.count_tokens)
 
 
 def reply_start(record: ReplyRecord):
@@ -82,7 +111,7 @@ def reply_start(record: ReplyRecord):
         return ReplayedGeneration(record.completion)
     record.timing = GenerationTiming()
     with _released_on_error(record.plan):
-        return record.plan.engine.submit(record.plan.prompt.text, record.plan.params)
+        return _submit(record)
 
 
 @contextmanager
@@ -101,13 +130,18 @@ def reply_generate(record: ReplyRecord, *, on_text=None) -> Completion | None:
         return record.completion
     plan = record.plan
     record.timing = GenerationTiming()
-    generation = plan.engine.submit(plan.prompt.text, plan.params)
-    for delta in generation:
-        if delta:
-            record.timing.saw_text()
-        if on_text is not None and on_text(delta) is False:
-            generation.cancel()
-            return None
+    generation = _submit(record)
+    deltas = iter(generation)
+    try:
+        for delta in deltas:
+            if delta:
+                record.timing.saw_text()
+            if on_text is not None and on_text(delta) is False:
+                generation.cancel()
+                return None
+    finally:
+        if hasattr(deltas, "close"):
+            deltas.close()  # a reply stopped early is settled (metered) now, not when collected
     record.completion = generation.result
     record.timing.finish(model=plan.model_name, completion=record.completion)
     return record.completion

@@ -2,8 +2,9 @@
 
 The key hashes the model, the rendered prompt, every sampling parameter, the edit stamps of the
 content that composed the prompt and the loaded config.yaml, so an edit is never answered from a
-stale entry. Entries are scoped to the caller (the user the session or API key acts as): one
-caller never receives, or learns from X-Cache, what another caller asked. A cache outage reads
+stale entry. Entries are scoped to the caller's owner (chat/tenancy/owners.py: the user the session
+or API key acts as, the scope of conversations and jobs too): one owner never receives, or learns
+from X-Cache, what another asked. A cache outage reads
 as a miss (django-redis ignores its errors).
 """
 
@@ -23,6 +24,7 @@ from characters.models import ContentRevision
 
 from .engine import Completion
 from .metrics import response_cache as response_cache_lookups
+from .tenancy.owners import owner_label
 
 logger = logging.getLogger("llmsite.cache")
 
@@ -42,8 +44,8 @@ def content_version(plan) -> str:
 
 
 def caller_scope(user) -> str:
-    """Whose entries these are: replies are shared only between requests of one user (any of their keys)."""
-    return f"user:{user.pk}" if user is not None and getattr(user, "pk", None) is not None else "anonymous"
+    """Whose entries these are: replies are shared only between requests of one owner (any of their keys)."""
+    return owner_label(user)
 
 
 _fingerprinted: tuple[object, str] | None = None  # (config object, its hash): config.yaml loads once per process

@@ -18,6 +18,9 @@ from .models import ApiKey, Job
 from .plans import chat_request_prepare, sampling_params_for
 from .replies import LegacyLogprobs, ReplyRecord, completion_body, reply_complete, reply_lookup, reply_start, usage_of
 from .response_cache import HIT, cached_request, request_cache_key
+from .tenancy.metering import MeteredGeneration, meter_open
+from .tenancy.owners import Tenant
+from .tenancy.quotas import quota_check_tokens
 from .tooling.requests import tool_request_of
 
 
@@ -48,21 +51,24 @@ def chat_completion_create(*, user, api_key: ApiKey | None, data: dict, payload:
             return ChatCompletionStarted(body=body)
     # Prepared even for a job: a request that cannot run is refused now, not reported failed later.
     plan = chat_request_prepare(user=user, data=data, cache_allowed=cache_allowed, request_key=request_key)
+    tenant = Tenant(user=user, api_key=api_key)
     if background:
         plan.release_conversation()  # the worker takes the conversation's lease when it runs the job
+        quota_check_tokens(tenant)  # the worker meters the job when it runs; its budgets are checked now
         job = job_submit(user=user, api_key=api_key, payload=payload)
         job.refresh_from_db()  # inline mode (no broker) has already run it
-        return ChatCompletionStarted(record=ReplyRecord(plan), job=job)
-    record = reply_lookup(plan)
+        return ChatCompletionStarted(record=ReplyRecord(plan, tenant=tenant), job=job)
+    record = reply_lookup(plan, tenant=tenant)
     if data.get("stream"):
         return ChatCompletionStarted(record=record, generation=reply_start(record))
     return ChatCompletionStarted(record=record, body=reply_complete(record))
 
 
-def chat_stream_start(*, user, data: dict, user_name: str = "") -> tuple[ReplyRecord, object]:
+def chat_stream_start(*, user, api_key: ApiKey | None = None, data: dict,
+                      user_name: str = "") -> tuple[ReplyRecord, object]:
     """A chat reply to stream over the WebSocket: (record, generation). A new chat opens with the greeting."""
     plan = chat_request_prepare(user=user, data=data, greet=True, user_name=user_name)
-    record = reply_lookup(plan)
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
     return record, reply_start(record)
 
 
@@ -81,11 +87,12 @@ def chat_completion_from_cache(*, data: dict, cache_allowed: bool, user) -> tupl
     return body, key
 
 
-def text_completion_run(*, data: dict) -> dict:
+def text_completion_run(*, user, api_key: ApiKey | None, data: dict) -> dict:
     """POST /v1/completions: plain text continuation of `prompt`, no character or template."""
-    engine = get_engine(data.get("model") or None)
-    params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
-    completion = engine.generate(data["prompt"], params)
+    engine, generation = text_generation_start(user=user, api_key=api_key, data=data)
+    for _ in generation:
+        pass
+    completion = generation.result
     logprobs = LegacyLogprobs().shape(completion.logprobs) if completion.logprobs is not None else None
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -96,8 +103,16 @@ def text_completion_run(*, data: dict) -> dict:
     }
 
 
-def text_generation_start(*, data: dict):
-    """(engine, generation) for a streamed plain text completion; raises before anything streams (sync)."""
+def text_generation_start(*, user, api_key: ApiKey | None, data: dict):
+    """(engine, generation) for a plain text completion, admitted under the caller's quotas and metered;
+    raises before anything streams (sync)."""
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
-    return engine, engine.submit(data["prompt"], params)
+    tenant = Tenant(user=user, api_key=api_key)
+    meter = meter_open(tenant=tenant, model=engine.spec.name)
+    try:
+        generation = engine.submit(data["prompt"], params, owner=tenant.owner)
+    except BaseException:
+        meter.abandon()
+        raise
+    return engine, MeteredGeneration(generation, meter, count_tokens=engine.count_tokens)

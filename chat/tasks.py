@@ -23,6 +23,7 @@ from .jobs import ACTIVE, job_attempt_rows, job_queued
 from .models import Job
 from .plans import chat_request_prepare
 from .replies import ReplyRecord, chat_completion_body, exchange_store, reply_generate, reply_lookup, reply_remember
+from .tenancy.owners import Tenant
 
 logger = logging.getLogger("llmsite.jobs")
 
@@ -45,14 +46,16 @@ def job_run(*, job_id: str) -> None:
     attempt = _claim(job_id)
     if attempt is None:
         return
-    job = Job.objects.select_related("owner").get(pk=job_id)
+    job = Job.objects.select_related("owner", "api_key").get(pk=job_id)
     heartbeat = Heartbeat(job_id=job.pk, attempt=attempt)
     heartbeat.start()
     record = None
     try:
         serializer = ChatCompletionRequestSerializer(data=job.request)
         serializer.is_valid(raise_exception=True)
-        record = reply_lookup(chat_request_prepare(user=job.owner, data=serializer.validated_data))
+        # Metered in the usage ledger; its token budgets were checked when it was submitted.
+        record = reply_lookup(chat_request_prepare(user=job.owner, data=serializer.validated_data),
+                              tenant=Tenant(user=job.owner, api_key=job.api_key), enforce_quotas=False)
         if _generate_with_progress(job, attempt, record, heartbeat) is None:
             return  # cancelled, or superseded by a newer attempt, while generating
         if _finish(job_id=job.pk, attempt=attempt, record=record):

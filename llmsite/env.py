@@ -99,3 +99,24 @@ def redis_database(url: str) -> tuple[str, int]:
     path = parsed.path.strip("/")
     database = int(path) if path.isdigit() else 0
     return f"{parsed.hostname}:{parsed.port or 6379}", database
+
+
+def load_env_file(path) -> None:
+    """Set the variables of a local KEY=VALUE file (`make run` writes `.env` with DEBUG=1 and a generated
+    SECRET_KEY) that the environment does not set: a variable of the environment always wins. A missing
+    file is nothing to load; blank lines and `#` comments are skipped; values may be quoted."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except FileNotFoundError:
+        return
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name.isidentifier():
+            raise SettingError(f"{path}:{number} is not a NAME=value line")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        os.environ.setdefault(name, value)

@@ -1,5 +1,10 @@
 """Django settings: one file, values from the environment, embedded defaults that need nothing installed.
 
+A local `.env` file (git-ignored; `make run` writes one with DEBUG=1 and a generated SECRET_KEY, so
+that `manage.py` commands work after it as the README shows) sets the variables the environment does
+not: the environment always wins; LLMSITE_ENV_FILE names another file, empty for none. A deployment
+without that file keeps the production defaults.
+
 Unset variables give the embedded setup (SQLite, local-memory cache, in-memory channel layer, Celery
 tasks run inline) with production-safe defaults: DEBUG is off unless DEBUG=1 (`make run` and the tests
 opt in). DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis. Every value is checked here, so a
@@ -15,9 +20,13 @@ import dj_database_url
 
 from llmsite.config import ConfigError, load_config
 from llmsite.env import (SettingError, env_bool, env_float, env_int, env_list, env_log_level, env_rate, env_url,
-                        redis_database)
+                        load_env_file, redis_database)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+ENV_FILE = os.environ.get("LLMSITE_ENV_FILE", str(BASE_DIR / ".env")).strip()
+if ENV_FILE:
+    load_env_file(ENV_FILE)
 
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
@@ -239,6 +248,10 @@ API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200, minimum=1)  # cap on message
 API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
 SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
+# Quotas per API key (chat/tenancy/quotas.py): what a key whose own field is empty gets; 0 = no limit.
+API_KEY_MAX_CONCURRENT = env_int("API_KEY_MAX_CONCURRENT", 0, minimum=0)        # generations at once
+API_KEY_TOKENS_PER_MINUTE = env_int("API_KEY_TOKENS_PER_MINUTE", 0, minimum=0)  # prompt + completion tokens
+API_KEY_TOKENS_PER_DAY = env_int("API_KEY_TOKENS_PER_DAY", 0, minimum=0)        # per UTC day
 
 # Deterministic replies (temperature 0 or a seed) answered from the cache; see chat/response_cache.py.
 RESPONSE_CACHE_ENABLED = env_bool("RESPONSE_CACHE_ENABLED", True)

@@ -42,7 +42,7 @@ class LiveServer:
     def child_env(self) -> dict:
         env = {key: value for key, value in os.environ.items() if key not in CLEARED}
         # DEBUG opted into as `make run` does (the defaults are production's); env may set DEBUG=0.
-        env.update({"DJANGO_SETTINGS_MODULE": "llmsite.settings", "DEBUG": "1",
+        env.update({"DJANGO_SETTINGS_MODULE": "llmsite.settings", "DEBUG": "1", "LLMSITE_ENV_FILE": "",
                     "SQLITE_PATH": str(self.workdir / "db.sqlite3"),
                     "MEDIA_ROOT": str(self.workdir / "media"), "PYTHONUNBUFFERED": "1"})
         env.update(self.env)

@@ -7,5 +7,6 @@ redirected to HTTPS); tests that need production behaviour run it in a child pro
 import os
 
 os.environ.setdefault("DEBUG", "1")
+os.environ.setdefault("LLMSITE_ENV_FILE", "")  # a checkout's local .env (make run) stays out of the tests
 
 from llmsite.settings import *  # noqa: E402,F403

@@ -15,6 +15,7 @@ def run_python(code_or_args, *, env: dict | None = None, timeout: float = 120) -
     child_env = {key: value for key, value in os.environ.items() if key not in CLEARED}
     child_env["DJANGO_SETTINGS_MODULE"] = "llmsite.settings"
     child_env["DEBUG"] = "1"  # opted into, as `make run` does; a test passes DEBUG=0 for production
+    child_env["LLMSITE_ENV_FILE"] = ""  # a checkout's local .env (make run) must not leak into the child
     child_env.update(env or {})
     child_env = {key: value for key, value in child_env.items() if value is not None}  # None: unset it
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)

@@ -6,8 +6,9 @@ Client sends {"type": "message", "content": "...", optional "conversation" (null
 finish_reason, usage, scenarios, conversation} or {"type": "error", "status", "error"}.
 {"type": "new_conversation"} makes the next message start a new conversation (answered
 {"type": "new_conversation"}). Each message spends the sender's rate limit like an HTTP request
-(429 error event with retry_after). A frame over API_MAX_REQUEST_BYTES gets a 413 error event
-before it is parsed; the socket stays open. Closing the socket cancels the generation. Auth:
+(429 error event with retry_after), and each reply is admitted under the sender's quotas like one
+(chat/tenancy/quotas.py: a 429 error event with retry_after). A frame over API_MAX_REQUEST_BYTES gets
+a 413 error event before it is parsed; the socket stays open. Closing the socket cancels the generation. Auth:
 chat/api/ws_auth.py.
 """
 
@@ -109,14 +110,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         serializer = ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
         user = self.scope["user"]
-        return chat_stream_start(user=user, data=serializer.validated_data, user_name=user_display_name(user))
+        return chat_stream_start(user=user, api_key=self.scope.get("api_key"), data=serializer.validated_data,
+                                 user_name=user_display_name(user))
 
     def rate_identity(self) -> str:
         client = self.scope.get("client") or ("-", 0)
         return identity_of(api_key=self.scope.get("api_key"), user=self.scope.get("user"), address=client[0])
 
     async def send_error(self, exc: Exception, **extra):
-        status, body, _ = error_from_exception(exc)
+        status, body, headers = error_from_exception(exc)
+        if "Retry-After" in headers:  # a quota or overload: when to try again, as HTTP's header says
+            extra.setdefault("retry_after", int(headers["Retry-After"]))
         await self.send_json({"type": "error", "status": status, **body, **extra})
 
 

@@ -1,4 +1,9 @@
-"""Issuing and checking API keys: random secrets, stored only as SHA-256 hashes."""
+"""Issuing and checking API keys: random secrets, stored only as SHA-256 hashes.
+
+A key acts as a user (docs/API.md, "Ownership"): everything it creates belongs to that user. A key
+issued without a user gets a user of its own, so two keys share nothing unless they are given the
+same user on purpose.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import hashlib
 import logging
 import secrets
 
+from django.contrib.auth import get_user_model
 from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -35,6 +41,19 @@ def api_key_create(*, user, name: str, expires_at=None) -> tuple[ApiKey, str]:
     api_key = ApiKey(user=user, name=name, expires_at=expires_at)
     raw_key = api_key_issue(api_key=api_key)
     api_key.save()
+    return api_key, raw_key
+
+
+def api_key_create_with_own_user(*, name: str, expires_at=None) -> tuple[ApiKey, str]:
+    """A key acting as a new user of its own (named after the key's prefix, no usable password, not staff)."""
+    api_key = ApiKey(name=name, expires_at=expires_at)
+    raw_key = api_key_issue(api_key=api_key)
+    with transaction.atomic():
+        user = get_user_model()(username=f"key-{api_key.prefix}", is_staff=False, is_superuser=False)
+        user.set_unusable_password()
+        user.save()
+        api_key.user = user
+        api_key.save()
     return api_key, raw_key
 
 

@@ -6,6 +6,8 @@ urlpatterns = [
     path("chat/completions", views.ChatCompletionsView.as_view(), name="chat-completions"),
     path("completions", views.CompletionsView.as_view(), name="completions"),
     path("jobs/<uuid:pk>", views.JobView.as_view(), name="job"),
+    path("usage", views.UsageView.as_view(), name="usage"),
+    path("usage/", views.UsageSlashView.as_view()),
     path("models", views.ModelListView.as_view(), name="models"),
     path("models/<path:model_id>", views.ModelDetailView.as_view(), name="model-detail"),
     path("characters/", views.CharacterListView.as_view(), name="character-list"),

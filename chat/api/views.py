@@ -6,7 +6,8 @@ import weakref
 
 from asgiref.sync import sync_to_async
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import generics
+from django.utils import timezone
+from rest_framework import generics, serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -18,6 +19,7 @@ from chat.jobs import job_body, job_cancel, job_get_visible, job_url
 from chat.models import ApiKey
 from chat.selectors import conversation_get_listed, conversation_get_owned, conversations_of
 from chat.services import chat_completion_create, text_completion_run, text_generation_start
+from chat.tenancy.usage import usage_of_owner, usage_window
 
 from . import serializers as s
 from .sse import chat_completion_events, sse_response, text_completion_events
@@ -111,11 +113,11 @@ class JobView(APIView):
 
     @extend_schema(responses={200: dict, 404: ERRORS[404]})
     def get(self, request, pk):
-        return Response(job_body(job_get_visible(user=request.user, api_key=api_key_of(request), job_id=pk)))
+        return Response(job_body(job_get_visible(user=request.user, job_id=pk)))
 
     @extend_schema(responses={200: dict, 404: ERRORS[404]})
     def delete(self, request, pk):
-        return Response(job_body(job_cancel(user=request.user, api_key=api_key_of(request), job_id=pk)))
+        return Response(job_body(job_cancel(user=request.user, job_id=pk)))
 
 
 class CompletionsView(GeneratingView):
@@ -131,9 +133,9 @@ class CompletionsView(GeneratingView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         if not data.get("stream"):
-            return Response(text_completion_run(data=data))
+            return Response(text_completion_run(user=request.user, api_key=api_key_of(request), data=data))
         # Submitted before the response starts, so a bad prompt (too long, unknown model) is still a 4xx.
-        engine, generation = text_generation_start(data=data)
+        engine, generation = text_generation_start(user=request.user, api_key=api_key_of(request), data=data)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return sse_response(text_completion_events(engine=engine, generation=generation, include_usage=include_usage,
                                                    with_logprobs=data.get("logprobs") is not None))
@@ -207,3 +209,30 @@ class ConversationMessagesView(generics.ListAPIView):
     def get_queryset(self):
         conversation = conversation_get_owned(user=self.request.user, conversation_id=self.kwargs["pk"])
         return conversation.messages.prefetch_related("scenarios").order_by("id")
+
+
+class UsageQuerySerializer(serializers.Serializer):
+    start = serializers.DateField(required=False, help_text="First UTC day (YYYY-MM-DD); default: 29 days before end.")
+    end = serializers.DateField(required=False, help_text="Last UTC day, inclusive; default: today.")
+
+    def validate(self, attrs):
+        if attrs.get("start") and attrs.get("end") and attrs["start"] > attrs["end"]:
+            raise serializers.ValidationError({"start": "start must not be after end."})
+        return attrs
+
+
+class UsageView(APIView):
+    """The caller's own usage (every key of the user it acts as): totals and per UTC day."""
+
+    @extend_schema(parameters=[UsageQuerySerializer], responses={200: dict, 400: ERRORS[400], 401: ERRORS[401]})
+    def get(self, request):
+        query = UsageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        start, end = usage_window(start=query.validated_data.get("start"), end=query.validated_data.get("end"),
+                                  today=timezone.now().date())
+        return Response(usage_of_owner(user=request.user, start=start, end=end))
+
+
+@extend_schema(exclude=True)  # the same operation as /v1/usage: documented once
+class UsageSlashView(UsageView):
+    """GET /v1/usage/ (the path with a trailing slash, as the conversation endpoints have)."""

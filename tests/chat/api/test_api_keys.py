@@ -42,10 +42,28 @@ def test_expired_revoked_and_inactive_user_keys_fail(django_user_model):
 
 def test_create_api_key_command_prints_a_working_key():
     out = StringIO()
-    call_command("create_api_key", "--name", "ops script", stdout=out)
+    call_command("create_api_key", "--name", "ops script", stdout=out, stderr=StringIO())
     raw_key = out.getvalue().strip()
     assert status_with(raw_key) == 200
-    assert ApiKey.objects.get().user.username == "api"
+
+
+def test_create_api_key_without_user_gives_each_key_a_user_of_its_own():
+    keys = []
+    for name in ("team a", "team b"):
+        out = StringIO()
+        call_command("create_api_key", "--name", name, stdout=out, stderr=StringIO())
+        keys.append(ApiKey.objects.get(key_hash=hash_key(out.getvalue().strip())))
+    users = [key.user for key in keys]
+    assert users[0] != users[1]
+    for key, user in zip(keys, users):
+        assert user.username == f"key-{key.prefix}"
+        assert not user.has_usable_password() and not user.is_staff and not user.is_superuser
+
+
+def test_create_api_key_with_user_shares_that_user():
+    for name in ("laptop", "phone"):
+        call_command("create_api_key", "--name", name, "--user", "ops", stdout=StringIO(), stderr=StringIO())
+    assert {key.user.username for key in ApiKey.objects.all()} == {"ops"}
 
 
 def test_admin_shows_a_new_key_once_and_revokes(admin_client):
