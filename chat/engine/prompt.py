@@ -146,6 +146,38 @@ def _segments(rendered: str):
         yield rendered[position:], depth > 0
 
 
-def plain_prompt(text: str) -> Prompt:
-    """A prompt that is all text (no markup at all)."""
-    return Prompt([Piece(text)] if text else [])
+# -- servers that tokenize themselves (chat/engine/remote.py) -------------------------------------
+
+WORD_JOINER = "\u2060"  # invisible and never part of a control token: what breaks one up
+# Control-token texts of the common chat formats (we do not know a remote model's vocabulary): ChatML,
+# Llama 3, Phi and most recent ones (<|...|>), DeepSeek (fullwidth bars), Llama 2 / Mistral, Gemma,
+# and the usual BOS/EOS/padding texts.
+_CONTROL_LIKE = re.compile(
+    r"<\|[^\s<>|]{0,64}\|>"
+    r"|<\uff5c[^\s<>\uff5c]{0,64}\uff5c>"
+    r"|</?s>|<(?:unk|pad|bos|eos|mask|eot|sep|cls)>"
+    r"|<(?:start|end)_of_(?:turn|image|text)>"
+    r"|\[/?(?:INST|AVAILABLE_TOOLS|TOOL_RESULTS|SYSTEM_PROMPT)\]|\[TOOL_CALLS\]"
+    r"|<</?SYS>>"
+)
+
+
+def neutralized(value, extra: Iterable[str] = ()):
+    """`value` (a string, or dicts and lists of them) with every control-token-like text broken up by a
+    word joiner after its first character, so that a server's own special-token parsing leaves it text.
+    `extra`: more texts to break up (e.g. the markup literals of the configured chat template)."""
+    extra = tuple(text for text in extra if len(text) > 1)
+    if isinstance(value, str):
+        value = _CONTROL_LIKE.sub(lambda match: _joined(match.group()), value)
+        for text in extra:
+            value = value.replace(text, _joined(text))
+        return value
+    if isinstance(value, dict):
+        return {key: neutralized(item, extra) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [neutralized(item, extra) for item in value]
+    return value
+
+
+def _joined(text: str) -> str:
+    return text[0] + WORD_JOINER + text[1:]
