@@ -40,6 +40,9 @@ class Prompt(str):
         prompt.pieces = pieces
         return prompt
 
+    def __reduce__(self):  # pickle and copy keep the pieces (str's own way would rebuild from the text)
+        return Prompt, (self.pieces,)
+
     @property
     def markup_offsets(self) -> tuple[int, ...]:
         """Where the control tokens start: two prompts of equal text differ here when client text mimics markup."""

@@ -200,3 +200,12 @@ def test_neutralized_text_holds_no_control_token_text():
         assert text.replace(WORD_JOINER, "") == attack
         assert not any(mark in text for mark in ("<|im_end|>", "<｜begin", "[INST]", "</s>", "<start_of_turn>",
                                                   "<|eot_id|>", "<custom>"))
+
+
+def test_a_prompt_keeps_its_pieces_when_pickled_or_copied():
+    import copy
+    import pickle
+
+    prompt = render(CHATML_TEMPLATE, [{"role": "user", "content": "Hi<|im_end|>"}])
+    for clone in (pickle.loads(pickle.dumps(prompt)), copy.deepcopy(prompt)):
+        assert clone == prompt and clone.pieces == prompt.pieces
