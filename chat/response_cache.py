@@ -68,6 +68,8 @@ def cache_key(plan) -> str | None:
     if plan.params.logprobs is not None:  # entries do not keep logprobs: such requests always generate
         return None
     material = json.dumps({"model": plan.model_name, "prompt": plan.prompt.text,
+                           # Client text that mimics the template's markup is another prompt (docs/PROMPTS.md).
+                           "markup": getattr(plan.prompt.text, "markup_offsets", None),
                            "params": dataclasses.asdict(plan.params), "content": content_version(plan),
                            "config": config_fingerprint(), "scope": caller_scope(plan.user)},
                           sort_keys=True, default=str)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 
 from .errors import InvalidRequest
+from .prompt import ControlTexts, Prompt
 
 logger = logging.getLogger(__name__)
 
@@ -48,35 +50,43 @@ def _environment():
 
 
 class ChatTemplate:
-    """A compiled chat template plus the BOS/EOS texts it may refer to."""
+    """A compiled chat template plus the BOS/EOS texts it may refer to.
 
-    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = ""):
+    `control_texts`: the vocabulary's control-token texts. Only the template's own markup becomes
+    control tokens: every string in the messages and tools is guarded as text (chat/engine/prompt.py).
+    """
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", control_texts: Iterable[str] = ()):
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.controls = ControlTexts(control_texts)
         self._template = _environment().from_string(source)  # raises jinja2.TemplateSyntaxError
 
     @classmethod
-    def for_model(cls, source: str | None, *, bos_token: str = "", eos_token: str = "", model: str = "") -> ChatTemplate:
+    def for_model(cls, source: str | None, *, bos_token: str = "", eos_token: str = "", model: str = "",
+                  control_texts: Iterable[str] = ()) -> ChatTemplate:
         """The model's template, or ChatML when it has none or its template does not compile."""
         from jinja2 import TemplateError
 
         if source:
             try:
-                return cls(source, bos_token=bos_token, eos_token=eos_token)
+                return cls(source, bos_token=bos_token, eos_token=eos_token, control_texts=control_texts)
             except TemplateError:  # a broken template in a downloaded file should not make the model unusable
                 logger.warning("model %r: chat template does not compile; using ChatML instead", model, exc_info=True)
-        return cls(CHATML_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
+        return cls(CHATML_TEMPLATE, bos_token=bos_token, eos_token=eos_token, control_texts=control_texts)
 
     @property
     def supports_tools(self) -> bool:
         """The template renders a `tools` list itself (Hugging Face's test: it refers to `tools`)."""
         return "tools" in self.source
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
-        """`tools` (OpenAI function tools) are given to templates that support them (see supports_tools)."""
-        messages = _validated(messages)
-        extra = {"tools": tools} if tools and self.supports_tools else {}
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> Prompt:
+        """The prompt, split into markup and text. `tools` (OpenAI function tools) are given to templates
+        that support them (see supports_tools). Every string in `messages` and `tools` is text."""
+        messages = self.controls.guard(_validated(messages))
+        extra = {"tools": self.controls.guard(tools)} if tools and self.supports_tools else {}
         try:
             return self._render(messages, add_generation_prompt, **extra)
         except TemplateRejected as rejection:
@@ -88,14 +98,14 @@ class ChatTemplate:
         except TemplateRejected as rejection:
             raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
-        return self._template.render(
+    def _render(self, messages: list[dict], add_generation_prompt: bool, **extra) -> Prompt:
+        return self.controls.split(self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             **extra,
-        )
+        ))
 
 
 def fold_system_into_first_user(messages: list[dict]) -> list[dict]:

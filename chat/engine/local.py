@@ -11,6 +11,7 @@ from .errors import ContextOverflow, InvalidRequest, ModelUnavailable
 from .generation import Generation
 from .protocol import EngineProtocol
 from .logprobs import LogprobTrack
+from .prompt import Prompt
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .text import TextAssembler
@@ -32,12 +33,14 @@ class Engine(EngineProtocol):
             from jinja2 import TemplateError
 
             try:
-                self._template = ChatTemplate(spec.chat_template, bos_token=backend.bos_text, eos_token=backend.eos_text)
+                self._template = ChatTemplate(spec.chat_template, bos_token=backend.bos_text, eos_token=backend.eos_text,
+                                              control_texts=backend.control_tokens)
             except TemplateError as error:
                 raise ModelUnavailable(spec.name, spec.path, f"its chat_template setting does not compile: {error}") from None
         else:
             self._template = ChatTemplate.for_model(
-                backend.chat_template_source, bos_token=backend.bos_text, eos_token=backend.eos_text, model=spec.name
+                backend.chat_template_source, bos_token=backend.bos_text, eos_token=backend.eos_text, model=spec.name,
+                control_texts=backend.control_tokens,
             )
         self._scheduler = Scheduler(backend, spec.name, max_queue=spec.max_queue, queue_timeout=spec.queue_timeout)
 
@@ -54,15 +57,16 @@ class Engine(EngineProtocol):
         return self._backend.tokenize(text, special=special)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._backend.tokenize(text, special=True))
+        """Tokens of `text` as text (how message content and names are tokenized in a chat prompt)."""
+        return len(self._backend.tokenize(text, special=False))
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._backend.detokenize(list(tokens))
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> str:
+                    tools: list[dict] | None = None) -> Prompt:
         """Prompt text for `messages` ({"role", "content"} dicts) in the model's chat format; `tools` reach a
-        template that supports them."""
+        template that supports them. Only the template's markup becomes control tokens (a Prompt knows which)."""
         return self._template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     @property
@@ -70,8 +74,18 @@ class Engine(EngineProtocol):
         return self._template.supports_tools
 
     def prompt_tokens(self, prompt: str) -> list[int]:
-        """The tokens `submit` would decode for `prompt`: BOS added only if the model wants one and it is missing."""
-        tokens = self._backend.tokenize(prompt, special=True)
+        """The tokens `submit` would decode for `prompt`: BOS added only if the model wants one and it is missing.
+
+        A rendered chat (`render_chat`'s Prompt) gives control tokens for the template's markup only; its
+        text pieces are tokenized as text. A plain `str` (POST /v1/completions) is the raw prompt: its
+        control-token texts are parsed."""
+        if isinstance(prompt, Prompt):
+            controls = self._backend.control_tokens
+            tokens = []
+            for piece in prompt.pieces:
+                tokens += [controls[piece.text]] if piece.control else self._backend.tokenize(piece.text, special=False)
+        else:
+            tokens = self._backend.tokenize(prompt, special=True)
         bos = self._backend.bos_token_id
         if self._backend.add_bos and bos is not None and bos >= 0 and tokens[:1] != [bos]:
             tokens.insert(0, bos)

@@ -6,6 +6,10 @@ and token counts) that carries the composed messages, which `submit` sends to th
 /v1/chat/completions. A plain string prompt (POST /v1/completions, or `remote_api: completions`,
 where the prompt is rendered here with the chat template) goes to /v1/completions.
 
+The upstream tokenizes what it is sent, with its own special-token parsing: control-token texts in
+the messages and tools (client text, character content) are broken up with a word joiner before
+they are rendered or sent (chat/engine/prompt.py `neutralized`), so only markup is markup.
+
 Each request streams (SSE) from a worker thread into a Generation. Cancelling the generation shuts
 the upstream connection, so the upstream stops generating. `submit` waits until an idle worker's
 upstream has accepted the request, so an unreachable pool or a prompt that is too long is raised
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -36,6 +41,7 @@ from .errors import (
     UnsupportedFeature,
 )
 from .generation import Generation
+from .prompt import neutralized
 from .protocol import EngineProtocol
 from .tool_call_text import ToolCallText
 from .types import Completion, ModelSpec, SamplingParams
@@ -43,6 +49,7 @@ from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error
 
 logger = logging.getLogger(__name__)
 
+_TAG_LITERAL = re.compile(r"<\|[^\s<>|]{1,64}\|>|<[A-Za-z_/][^\s<>'\"]{0,40}>|\[/?[A-Z][A-Z_]{1,30}\]")
 CHARS_PER_TOKEN = 4  # the estimate when the upstream has no tokenize endpoint (English prose averages ~4)
 TOKEN_CACHE_SIZE = 256  # texts whose token counts are remembered (history turns repeat every request)
 
@@ -251,6 +258,8 @@ class RemoteEngine(EngineProtocol):
 
         try:  # the readable rendering (chat) or the real prompt (completions); ChatML unless chat_template is set
             self._template = ChatTemplate(spec.chat_template or CHATML_TEMPLATE)
+            # Tag-like literals of the template are control tokens of its model too: client text must not hold them.
+            self._markup = tuple(sorted(set(_TAG_LITERAL.findall(self._template.source)), key=len, reverse=True))
         except TemplateError as error:
             raise ModelUnavailable(spec.name, self._pool.label,
                                    f"its chat_template setting does not compile: {error}") from None
@@ -286,7 +295,8 @@ class RemoteEngine(EngineProtocol):
         return self._tokenizer.tokenize(text)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.tokenize(text))
+        """Tokens of `text` as it reaches the model inside a chat (control-token texts broken up)."""
+        return len(self._tokenizer.tokenize(neutralized(text, self._markup)))
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._tokenizer.detokenize(tokens)
@@ -296,8 +306,10 @@ class RemoteEngine(EngineProtocol):
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> str:
         """Chat mode: readable text carrying `messages` (the upstream applies its own template); completions
-        mode: the prompt itself, rendered with chat_template (ChatML by default)."""
-        text = self._template.render(messages, add_generation_prompt=add_generation_prompt)
+        mode: the prompt itself, rendered with chat_template (ChatML by default). Either way the messages'
+        control-token texts are neutralized first: the upstream's tokenizer reads them as text."""
+        messages = neutralized(messages, self._markup)
+        text = str(self._template.render(messages, add_generation_prompt=add_generation_prompt))
         if self.spec.remote_api == "chat":
             return RenderedChat(text, messages)
         return text
@@ -394,7 +406,8 @@ class RemoteEngine(EngineProtocol):
         if params.grammar:
             body["grammar"] = params.grammar  # llama.cpp servers; vLLM ignores it
         if params.tools_json and chat:
-            body.update(json.loads(params.tools_json))  # the upstream's own tool calling
+            # The upstream's own tool calling; the client's tool texts reach its template, so as text only.
+            body.update(neutralized(json.loads(params.tools_json), self._markup))
         return body
 
     def _work(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from chat.engine import ContextOverflow, EngineError
+from chat.engine.prompt import Piece, Prompt
 from chat.engines import get_engine
 
 from .compose import ComposedPrompt, prompt_compose, prompt_greeting
@@ -21,6 +22,17 @@ class PromptPreview:
     composed: ComposedPrompt | None = None
     model_name: str = ""
     error: str = ""  # why there is no composed prompt (model not loadable, context overflow)
+
+    @property
+    def pieces(self) -> list[Piece]:
+        """The rendered prompt as the model reads it: the template's control tokens (`control`) and text.
+
+        Control-token texts inside content (a card's, a client's) are text pieces: the page shows them
+        as plain text. A remote model's prompt has no known markup: all of it is one text piece."""
+        if self.composed is None:
+            return []
+        text = self.composed.text
+        return list(text.pieces) if isinstance(text, Prompt) else [Piece(str(text))]
 
 
 def prompt_preview(*, character, user_message: str, user_name: str = "User") -> PromptPreview:

@@ -26,6 +26,7 @@ class Backend(ABC):
     bos_text: str
     eos_text: str
     chat_template_source: str | None  # tokenizer.chat_template of the file, if any
+    control_tokens: dict[str, int]  # text -> id of the tokens only special-token parsing gives (template markup)
 
     # -- any thread --------------------------------------------------------------------------
 

@@ -93,6 +93,8 @@ class CTransformersBackend(Backend):
         self._control_ids = {i for i, t in enumerate(types) if t == CONTROL}
         # ctransformers' tokenizer does not parse special tokens; we split them out ourselves.
         self._special_ids = {tokens[i]: i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED) and tokens[i]}
+        # The tokens of a template's markup (client text is tokenized without them: chat/engine/prompt.py).
+        self.control_tokens = dict(self._special_ids)
         self._special_pattern = (
             re.compile("(" + "|".join(map(re.escape, sorted(self._special_ids, key=len, reverse=True))) + ")")
             if self._special_ids

@@ -170,6 +170,7 @@ class LlamaCppBackend(Backend):
         self.bos_token_id = bos if bos >= 0 else None
         self.bos_text = self._token_text(bos)
         self.eos_text = self._token_text(llama.llama_vocab_eos(self._vocab))
+        self.control_tokens = self._control_tokens()
         template = llama.llama_model_chat_template(model, None)
         self.chat_template_source = template.decode("utf-8", errors="replace") if template else None
         self._pieces: dict[int, bytes] = {}
@@ -182,6 +183,16 @@ class LlamaCppBackend(Backend):
         self._moves = 0  # sequences moved to keep busy slots consecutive
         self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
         self._min_prompt_chunk = max(1, spec.prefill_min_tokens)
+
+    def _control_tokens(self) -> dict[str, int]:
+        """Text -> id of the tokens that only special-token parsing produces (control and unknown)."""
+        llama, wanted = self._llama, self._llama.LLAMA_TOKEN_ATTR_CONTROL | self._llama.LLAMA_TOKEN_ATTR_UNKNOWN
+        found = {}
+        for token in range(self._n_vocab):
+            if llama.llama_vocab_get_attr(self._vocab, token) & wanted:
+                found.setdefault(self._token_text(token), token)
+        found.pop("", None)
+        return found
 
     def _token_text(self, token: int) -> str:
         if token < 0:
