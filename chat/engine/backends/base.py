@@ -26,6 +26,7 @@ class Backend(ABC):
     bos_text: str
     eos_text: str
     chat_template_source: str | None  # tokenizer.chat_template of the file, if any
+    faults = None  # test-only fault injection (chat/engine/faults.py), set by the engine
 
     # -- any thread --------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 import asyncio
 import dataclasses
-import gc
 import time
 
 import httpx
@@ -112,16 +111,39 @@ async def test_a_client_leaving_a_blocking_view_cancels_its_generation(tiny):
     assert generation.result.completion_tokens < LONG.max_tokens
 
 
-async def test_a_response_dropped_before_its_first_chunk_cancels_its_generation(tiny):
-    started = []
+async def test_a_request_cancelled_before_its_response_was_sent_cancels_its_generation(tiny):
+    started, returned = [], asyncio.Event()
 
     def streaming_view(request):  # submits, then leaves the reading to a response never sent
         started.append(tiny.submit("hello world what", LONG))
         return JsonResponse({})
 
+    async def request_task():  # the view returned; a middleware after it is still running when the client leaves
+        response = await cancelling_abandoned_generations(streaming_view)(None)
+        returned.set()
+        await asyncio.sleep(3600)
+        return response
+
+    task = asyncio.ensure_future(request_task())
+    await returned.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    generation = started[0]
+    while not generation.done:
+        await asyncio.sleep(0.01)
+    assert generation.result.finish_reason == "cancelled"
+
+
+async def test_closing_the_response_cancels_its_generation(tiny):
+    started = []
+
+    def streaming_view(request):
+        started.append(tiny.submit("hello world what", LONG))
+        return JsonResponse({})
+
     response = await cancelling_abandoned_generations(streaming_view)(None)
-    del response
-    gc.collect()
+    response.close()  # what Django does once the response was sent, or the client left mid-stream
     generation = started[0]
     while not generation.done:
         await asyncio.sleep(0.01)
