@@ -18,10 +18,10 @@ import math
 
 import numpy as np
 
-from ..errors import EngineError
+from ..errors import InvalidRequest
 
 
-class GrammarDeadEnd(EngineError):
+class GrammarDeadEnd(InvalidRequest):
     """The grammar allows none of the model's tokens here (e.g. a character no token can spell)."""
 
     def __init__(self):

@@ -15,8 +15,9 @@ requests for one character) waits for it, then copies that WHOLE sequence with
 llama_memory_seq_cp and drops the tail; a partial llama_memory_seq_cp is never used: with
 per-sequence KV streams it aborts the whole process. Copies live in the slots' own cells: no
 memory beyond the fixed KV cache. Such a copy between streams is only recorded by llama_memory_seq_cp
-and carried out at the start of the next llama_decode: until then neither slot is saved or restored
-(a save would store stale cells, a restore would be overwritten by the copy).
+and carried out at the start of the next llama_decode: before either slot is saved or restored, the
+copies are applied by decoding one throwaway token (a save would otherwise store stale cells, and a
+restore would be overwritten by the copy or carried by it into another slot).
 
 Failure containment: an error while sampling one sequence (logprobs, grammar) fails that sequence
 only (SequencesFailed); a token the grammar rejects is never accepted (that throws a C++ exception
@@ -299,8 +300,6 @@ class LlamaCppBackend(Backend):
                 reused = 0
             else:
                 entry = None
-        if slot.copy_pending:  # a restore would be overwritten by the copy's data at the next decode
-            entry = None
         if len(slot.kv_tokens) - reused >= MIN_SAVE_TOKENS:
             self._save_to_cache(slot)  # about to lose (the tail of) what the slot holds
 
@@ -362,7 +361,7 @@ class LlamaCppBackend(Backend):
 
     def _restore(self, slot: _Slot, entry, length: int) -> int:
         llama, memory = self._llama, self._memory
-        if slot.copy_pending:  # the pending copy would overwrite it (or carry it to another slot)
+        if slot.copy_pending and not self._apply_copies(slot):  # the copy would overwrite it, or carry it away
             return 0
         if llama.llama_state_seq_set_data(self._context, entry.state, entry.size, slot.seq_id) and (
             llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1)
@@ -375,14 +374,35 @@ class LlamaCppBackend(Backend):
         return 0
 
     def _save_to_cache(self, slot: _Slot) -> None:
-        if slot.copy_pending or not self._cache.budget_bytes or self._cache.covers(slot.kv_tokens):
-            return  # a slot whose copy is not applied yet would save cells it does not hold
+        if not self._cache.budget_bytes or self._cache.covers(slot.kv_tokens):
+            return
+        if slot.copy_pending and not self._apply_copies(slot):  # it would save cells it does not hold yet
+            return
         size = self._llama.llama_state_seq_get_size(self._context, slot.seq_id)
         if size > self._cache.budget_bytes:
             return
         state = (ctypes.c_uint8 * size)()
         if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) == size:
             self._cache.put(slot.kv_tokens, state, size)
+
+    def _apply_copies(self, slot: _Slot) -> bool:
+        """Carry out the recorded llama_memory_seq_cp copies now. llama.cpp applies them at the start of a
+        decode and has no call to force it: decode one throwaway token in `slot`, then drop it."""
+        batch, position = self._batch, len(slot.kv_tokens)
+        batch.token[0] = slot.kv_tokens[-1] if slot.kv_tokens else max(self.bos_token_id or 0, 0)
+        batch.pos[0] = position
+        batch.n_seq_id[0] = 1
+        batch.seq_id[0][0] = slot.seq_id
+        batch.logits[0] = 1
+        batch.n_tokens = 1
+        result = self._llama.llama_decode(self._context, batch)
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, position, -1)
+        if result != 0:
+            logger.warning("llama_decode returned %d while applying KV copies", result)
+            return False
+        for other in self._slots:
+            other.copy_pending = False
+        return True
 
     def _sampler_chain(self, seq: Sequence):
         """One llama.cpp sampler chain per sequence: top-k, penalties, then greedy or top-p/temperature/dist.

@@ -71,10 +71,33 @@ def test_a_dead_scheduler_makes_ready_503_and_the_next_request_succeeds(api, set
         engine.generate("Hello", SamplingParams(max_tokens=4))
     ready = APIClient().get("/ready")
     assert ready.status_code == 503
-    assert ready.json()["checks"]["model"]["error"] == "the model's scheduler stopped; the next request reloads it"
+    assert ready.json()["checks"]["model"]["error"] == "the model's scheduler stopped or stalled; the next request reloads it"
     assert api.post("/v1/chat/completions", ASK, format="json", **NO_CACHE).status_code == 200
     assert get_engine() is not engine and get_engine().alive
     assert APIClient().get("/ready").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def endless_path(tmp_path_factory, write_tiny_gguf):
+    # A model that never writes an end token: a reply runs to max_tokens.
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-endless.gguf", seed=0, never_ends=True)
+
+
+@pytest.mark.django_db
+def test_a_stream_that_times_out_in_the_queue_is_answered_503_before_it_starts(api, settings, endless_path):
+    with_model_options(settings, path=str(endless_path), context_length=TINY_CONTEXT, parallel=1, queue_timeout=0.3)
+    engine = get_engine()
+    running = engine.submit("hello world", LONG)  # holds the only slot for 400 tokens
+    try:
+        response = api.post("/v1/chat/completions", {**ASK, "stream": True}, format="json", **NO_CACHE)
+        assert response.status_code == 503
+        assert not response.streaming  # a JSON error in the one shape, not an event stream that began with 200
+        assert int(response["Retry-After"]) >= 1
+        assert response.json()["error"]["code"] == "engine_overloaded"
+        assert "waited too long" in response.json()["error"]["message"]
+    finally:
+        running.cancel()
+        list(running)
 
 
 # -- the view wrapper that cancels abandoned generations -----------------------------------------
