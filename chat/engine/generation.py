@@ -127,14 +127,16 @@ class Generation:
                 self.cancel()
 
     async def wait_admitted(self) -> None:
-        """Return once the request holds a sequence slot or has ended; raise its error if it failed first
-        (e.g. EngineOverloaded after queue_timeout). Gives up silently after `admission_wait` seconds."""
+        """Return once the request holds a sequence slot or has ended; raise its error if it failed before it was
+        admitted (e.g. EngineOverloaded after queue_timeout). Gives up silently after `admission_wait` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.admission_wait if self.admission_wait else None
         while True:
             with self._lock:
-                if self._admitted or self._events:
-                    kind, value = self._events[0] if self._events else (_TEXT, None)
+                if self._admitted:  # what goes wrong from now on is reported by the stream itself
+                    return
+                if self._events:  # ended before it was admitted: refused, or cancelled
+                    kind, value = self._events[0]
                     if kind == _ERROR:
                         raise value
                     return

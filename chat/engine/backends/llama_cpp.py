@@ -53,6 +53,9 @@ MIN_SAVE_TOKENS = 64  # shorter prefixes are cheap to evaluate again: not worth 
 MIN_SHARE_TOKENS = 32  # copying a busy slot's prefix (and waiting for it) pays off only for longer prefixes
 MIN_SHARE_GAIN = 16  # share only when it gives this many more tokens than an idle slot or the saved states
 MAX_GRAMMAR_REPETITION = 10_000  # llama.cpp expands x{n} into n copies: a bigger count would exhaust memory
+# llama.cpp parses nested groups recursively: ~30,000 levels overflowed an 8 MB thread stack here (a segfault),
+# e.g. the grammar of a JSON Schema string with maxLength 100000. 2,000 leaves a wide margin.
+MAX_GRAMMAR_NESTING = 2_000
 _REPETITION = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 # ggml log levels (ggml.h): 3 = warning, 4 = error, 5 = continuation of the previous message.
@@ -92,6 +95,35 @@ def _llama():
             llama_cpp.llama_backend_init()
             _library = llama_cpp
         return _library
+
+
+def grammar_nesting(grammar: str) -> int:
+    """The deepest nesting of ( ) groups in GBNF text, outside string literals, character classes and comments."""
+    depth = deepest = 0
+    closing, escaped = None, False  # inside a literal or class: the character that ends it
+    comment = False
+    for char in grammar:
+        if comment:
+            comment = char != "\n"
+        elif closing is not None:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == closing:
+                closing = None
+        elif char == '"':
+            closing = '"'
+        elif char == "[":
+            closing = "]"
+        elif char == "#":
+            comment = True
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    return deepest
 
 
 @dataclass(eq=False)
@@ -241,9 +273,13 @@ class LlamaCppBackend(Backend):
             self._llama.llama_sampler_free(self._grammar_sampler(params.grammar))
 
     def _grammar_sampler(self, grammar: str):
+        """A grammar sampler for GBNF text; what would crash llama.cpp's parser is refused first (InvalidRequest)."""
         for match in _REPETITION.finditer(grammar):
             if max(int(match.group(1)), int(match.group(2) or 0)) > MAX_GRAMMAR_REPETITION:
                 raise InvalidRequest(f"The grammar repeats an item more than {MAX_GRAMMAR_REPETITION} times.")
+        if grammar_nesting(grammar) > MAX_GRAMMAR_NESTING:
+            raise InvalidRequest(f"The grammar nests groups more than {MAX_GRAMMAR_NESTING} deep "
+                                 "(e.g. a maxLength or maxItems that large); use a smaller bound.")
         sampler = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8", errors="replace"), b"root")
         if not sampler:
             raise InvalidRequest("The GBNF grammar does not parse (it needs a 'root' rule).")

@@ -218,6 +218,23 @@ def test_a_grammar_no_token_can_follow_fails_its_request_not_the_process(tiny_gg
     assert lines[1] in ("next: stop", "next: length")
 
 
+def test_a_grammar_nested_too_deep_for_the_parser_is_refused_not_a_crash(tiny_gguf):
+    # What a JSON Schema string with maxLength 100000 becomes: llama.cpp's recursive parser overflowed its stack.
+    result = run_scenario("""
+        from chat.engine import InvalidRequest
+        depth = 50000
+        grammar = 'root ::= ' + '("a" ' * depth + ')?' * depth
+        try:
+            engine.submit("hello", SamplingParams(max_tokens=4, grammar=grammar))
+            print("accepted")
+        except InvalidRequest as error:
+            print("refused:", error)
+        registry.close()
+    """, tiny_gguf)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("refused: The grammar nests groups more than 2000 deep")
+
+
 # -- 4. KV copies that llama.cpp has recorded but not carried out yet -----------------------------
 
 
