@@ -167,7 +167,10 @@ def test_chaos_leaves_the_server_alive_ready_idle_and_its_replies_unchanged(tmp_
             if status == 503:
                 continue  # refused at admission (queue full): not affected, only not served
             assert (status, text) == (200, expected[2]), body
+        assert any(behaviour == "vanish" for _, behaviour, _, _ in outcomes)  # the chaos did happen
+        assert any(behaviour == "impatient" for _, behaviour, _, _ in outcomes)
         faulted = [result for body, _, _, result in outcomes if body.get("seed") == FAULT_SEED]
+        assert faulted
         assert all(result[0] == 503 or result[2] == "error" for result in faulted)  # the fault hit only them
 
         deadline = time.monotonic() + 60
