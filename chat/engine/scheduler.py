@@ -216,6 +216,7 @@ class Scheduler:
                 if not ended and not (self._active or self._queued):
                     self._idle = True
                     self._wakeup.wait()
+                    self._heartbeat = time.monotonic()  # first: `stalled` reads both without the lock
                     self._idle = False
                 self._heartbeat = time.monotonic()
                 if not ended and (self._active or self._queued):
