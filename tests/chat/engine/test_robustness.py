@@ -235,6 +235,12 @@ def test_a_grammar_nested_too_deep_for_the_parser_is_refused_not_a_crash(tiny_gg
     assert result.stdout.startswith("refused: The grammar nests groups more than 2000 deep")
 
 
+def test_text_with_a_lone_surrogate_is_tokenized_not_an_error(tiny_engine):
+    # "\ud800" is valid JSON; Python cannot encode it as UTF-8, and the native tokenizer must never see invalid bytes.
+    assert tiny_engine.tokenize("a\ud800b") == tiny_engine.tokenize("a?b")
+    assert tiny_engine.count_tokens("\udfff") == tiny_engine.count_tokens("?")
+
+
 # -- 4. KV copies that llama.cpp has recorded but not carried out yet -----------------------------
 
 
