@@ -50,9 +50,10 @@ class ConstrainedSampler:
             candidates = self._fill(context, index)
             llama.llama_sampler_apply(grammar, ctypes.byref(candidates))
             llama.llama_sampler_apply(chain, ctypes.byref(candidates))
-            token = candidates.data[candidates.selected].id if candidates.selected >= 0 else -1
-            if token < 0 or not self._allowed(grammar, token):
+            chosen = candidates.data[candidates.selected] if candidates.selected >= 0 else None
+            if chosen is None or chosen.logit == -math.inf:  # the grammar rejected every candidate
                 raise GrammarDeadEnd()
+            token = chosen.id
         llama.llama_sampler_accept(grammar, token)
         llama.llama_sampler_accept(chain, token)
         return token
