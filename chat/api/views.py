@@ -2,9 +2,9 @@
 
 import asyncio
 import functools
-import weakref
 
 from asgiref.sync import sync_to_async
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from django.utils import timezone
 from rest_framework import generics, serializers
@@ -14,7 +14,8 @@ from rest_framework.views import APIView
 from characters.selectors import characters_active
 from chat.engine.generation import generations_started
 from chat.engines import get_registry
-from chat.errors import NotFound
+from chat.engine import EngineError
+from chat.errors import NotFound, json_error_response
 from chat.jobs import job_body, job_cancel, job_get_visible, job_url
 from chat.models import ApiKey
 from chat.selectors import conversation_get_listed, conversation_get_owned, conversations_of
@@ -46,8 +47,14 @@ def cancelling_abandoned_generations(view):
     Under ASGI a disconnect cancels the request's task; a blocking (non-streamed) view keeps running in its
     thread, so the generations it started are cancelled here. The thread is shielded and awaited by this
     wrapper itself: asgiref 3.13's sync_to_async waits for its thread on cancel and then returns as if
-    nothing happened, so the cancel must be seen here, not inside it. A response never sent or closed
-    early (a client gone between submit and the first chunk) cancels them when it is closed or dropped.
+    nothing happened, so the cancel must be seen here, not inside it.
+
+    A stream starts only once its generation holds a slot: a request that cannot be admitted (queue
+    full, queue_timeout) is answered 503 + Retry-After before any byte of the stream. The wait is
+    bounded by the model's queue_timeout (+1 s; 60 s without one, then the stream starts anyway).
+    Once returned, the generations are cancelled when the response is closed (Django closes it after
+    sending, or after a client left mid-stream) or when the request's task is cancelled before the
+    response was sent. No garbage-collector finalizer is involved.
     """
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
@@ -56,18 +63,37 @@ def cancelling_abandoned_generations(view):
             try:
                 response = await asyncio.shield(call)
             except asyncio.CancelledError:
-                for generation in started:
-                    generation.cancel()  # the view's thread stops waiting for tokens and returns
+                cancel_all(started)  # the view's thread stops waiting for tokens and returns
                 await asyncio.wait({call})
                 if not call.cancelled():
                     call.exception()  # retrieved: a view that failed meanwhile is not reported as never awaited
                 raise
+        if isinstance(response, StreamingHttpResponse):
+            try:
+                for generation in started:
+                    await generation.wait_admitted()
+            except asyncio.CancelledError:
+                cancel_all(started)
+                raise
+            except EngineError as error:  # not admitted: nothing of the stream was sent yet
+                cancel_all(started)
+                refused = json_error_response(error, request)
+                if hasattr(response, "reply_record"):
+                    refused.reply_record = response.reply_record
+                return refused
         for generation in started:  # cancel() is a no-op for a finished generation
             response._resource_closers.append(generation.cancel)
-            weakref.finalize(response, generation.cancel)
+        task = asyncio.current_task()
+        if task is not None and started:  # a request cancelled before its response was sent never closes it
+            task.add_done_callback(lambda done: cancel_all(started) if done.cancelled() else None)
         return response
 
     return wrapper
+
+
+def cancel_all(generations) -> None:
+    for generation in generations:
+        generation.cancel()
 
 
 class GeneratingView(APIView):

@@ -74,7 +74,8 @@ class EngineOverloaded(EngineError):
 class SequencesFailed(Exception):
     """Raised by Backend.step when some sequences failed and the others went on (internal to the engine)."""
 
-    def __init__(self, failed: list, sampled: list):
+    def __init__(self, failed: list, sampled: list, errors: dict | None = None):
         super().__init__(f"{len(failed)} sequence(s) failed in a decode step")
-        self.failed = failed  # Sequence objects whose slot is lost
+        self.failed = failed  # Sequence objects that failed (their slot may be lost)
         self.sampled = sampled  # (Sequence, token) of the step's other sequences
+        self.errors = errors or {}  # Sequence -> EngineError to report (GenerationFailed when absent)

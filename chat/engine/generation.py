@@ -37,10 +37,14 @@ class Generation:
     Stopping iteration early (break, a closed async generator) cancels the request.
     """
 
-    def __init__(self, id: str, *, on_cancel: Callable[[], None] = lambda: None):
+    def __init__(self, id: str, *, on_cancel: Callable[[], None] = lambda: None, queued: bool = False,
+                 admission_wait: float | None = None):
         self.id = id
         self.result: Completion | None = None
         self._on_cancel = on_cancel
+        # A queued generation waits for a sequence slot; `wait_admitted` waits (at most admission_wait s) for it.
+        self._admitted = not queued
+        self.admission_wait = admission_wait
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._events: deque[tuple[str, object]] = deque()
@@ -59,11 +63,14 @@ class Generation:
     # -- reader side -------------------------------------------------------------------------
 
     def cancel(self) -> None:
-        """Ask the scheduler to drop this request; idempotent, returns at once."""
-        with self._lock:
-            if self._cancel_requested or self._closed:
-                return
-            self._cancel_requested = True
+        """Ask the scheduler to drop this request; idempotent, returns at once, safe from any thread.
+
+        It sets a flag and wakes the scheduler: it never takes this generation's lock, which the
+        scheduler holds while it pushes a token (a cancel from inside a push must not deadlock).
+        """
+        if self._cancel_requested or self._closed:
+            return
+        self._cancel_requested = True  # one attribute store: atomic, read by the scheduler between steps
         self._on_cancel()
 
     @property
@@ -119,6 +126,30 @@ class Generation:
             if not finished:
                 self.cancel()
 
+    async def wait_admitted(self) -> None:
+        """Return once the request holds a sequence slot or has ended; raise its error if it failed before it was
+        admitted (e.g. EngineOverloaded after queue_timeout). Gives up silently after `admission_wait` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_wait if self.admission_wait else None
+        while True:
+            with self._lock:
+                if self._admitted:  # what goes wrong from now on is reported by the stream itself
+                    return
+                if self._events:  # ended before it was admitted: refused, or cancelled
+                    kind, value = self._events[0]
+                    if kind == _ERROR:
+                        raise value
+                    return
+                waiter = loop.create_future()
+                self._async_waiters.append((loop, waiter))
+            timeout = None if deadline is None else deadline - loop.time()
+            if timeout is not None and timeout <= 0:
+                return
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except asyncio.TimeoutError:
+                return
+
     def take_logprobs(self) -> list:
         """The logprobs (TokenLogprob) of the tokens whose text this reader was handed since the last call."""
         with self._lock:
@@ -151,6 +182,13 @@ class Generation:
     def _push_error(self, error: EngineError) -> None:
         self._push(_ERROR, error)
 
+    def _mark_admitted(self) -> None:
+        """The scheduler gave it a slot: a reader waiting in wait_admitted goes on."""
+        with self._lock:
+            self._admitted = True
+            waiters, self._async_waiters = self._async_waiters, []
+        _wake(waiters)
+
     def _push(self, kind: str, value: object) -> None:
         with self._ready:
             if self._closed:
@@ -159,11 +197,15 @@ class Generation:
             self._closed = kind != _TEXT
             self._ready.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
-        for loop, waiter in waiters:
-            try:
-                loop.call_soon_threadsafe(_resolve, waiter)
-            except RuntimeError:  # that loop is closed; nobody is waiting any more
-                pass
+        _wake(waiters)
+
+
+def _wake(waiters) -> None:
+    for loop, waiter in waiters:
+        try:
+            loop.call_soon_threadsafe(_resolve, waiter)
+        except RuntimeError:  # that loop is closed; nobody is waiting any more
+            pass
 
 
 def _resolve(waiter: asyncio.Future) -> None:

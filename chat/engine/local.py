@@ -1,13 +1,22 @@
-"""The local engine: one model loaded in this process, served by its scheduler thread (tokens, chat template, submit)."""
+"""The local engine: one model loaded in this process, served by its scheduler thread (tokens, chat template, submit).
+
+Lifetime: the model is freed only after its last user. Every call that reaches the backend from a
+request thread (tokenize, count_tokens, prompt_tokens, detokenize, submit) holds a use of the engine;
+close() turns later calls into EngineClosed (a 503), waits for the uses in progress, and leaves the
+freeing to the scheduler thread once it is out of its loop (chat/engine/scheduler.py).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+from contextlib import contextmanager
 
 from .backends import Backend
 from .chat_template import ChatTemplate
-from .errors import ContextOverflow, InvalidRequest, ModelUnavailable
+from .errors import ContextOverflow, EngineClosed, InvalidRequest, ModelUnavailable
+from .faults import Faults
 from .generation import Generation
 from .protocol import EngineProtocol
 from .logprobs import LogprobTrack
@@ -18,6 +27,8 @@ from .text import TextAssembler
 from .types import ModelSpec, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+MAX_ADMISSION_WAIT = 60.0  # seconds a stream waits for its slot before its response starts, without queue_timeout
 
 
 class Engine(EngineProtocol):
@@ -42,26 +53,59 @@ class Engine(EngineProtocol):
                 backend.chat_template_source, bos_token=backend.bos_text, eos_token=backend.eos_text, model=spec.name,
                 control_texts=backend.control_tokens,
             )
-        self._scheduler = Scheduler(backend, spec.name, max_queue=spec.max_queue, queue_timeout=spec.queue_timeout)
+        self._uses = 0  # calls into the backend in progress from request threads
+        self._closed = False
+        self._lifetime = threading.Condition()
+        faults = Faults.from_environment()
+        self._scheduler = Scheduler(backend, spec.name, max_queue=spec.max_queue, queue_timeout=spec.queue_timeout,
+                                    faults=faults)
+        backend.faults = faults
 
     def __repr__(self) -> str:
         return f"<Engine {self.spec.name} ({self.spec.backend})>"
 
     @property
     def alive(self) -> bool:
-        """False once the scheduler thread has died: the registry then replaces this engine."""
-        return self._scheduler.alive
+        """False once the scheduler thread has died or stalled, or the engine was closed: the registry replaces it."""
+        return not self._closed and self._scheduler.alive
+
+    @property
+    def faults(self) -> Faults | None:
+        return self._scheduler.faults
+
+    @faults.setter
+    def faults(self, faults: Faults | None) -> None:
+        """Test-only fault injection (chat/engine/faults.py)."""
+        self._scheduler.faults = self._backend.faults = faults
+
+    @contextmanager
+    def _use(self):
+        """Hold the engine open for one call into the backend; EngineClosed once close() has begun."""
+        with self._lifetime:
+            if self._closed:
+                raise EngineClosed(f"Model {self.spec.name!r} was shut down; retry the request.")
+            self._uses += 1
+        try:
+            yield self._backend
+        finally:
+            with self._lifetime:
+                self._uses -= 1
+                if not self._uses:
+                    self._lifetime.notify_all()
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Tokens of `text` without BOS; `special` parses control-token texts such as "<|im_end|>"."""
-        return self._backend.tokenize(text, special=special)
+        with self._use() as backend:
+            return backend.tokenize(text, special=special)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` as text (how message content and names are tokenized in a chat prompt)."""
-        return len(self._backend.tokenize(text, special=False))
+        with self._use() as backend:
+            return len(backend.tokenize(text, special=False))
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self._backend.detokenize(list(tokens))
+        with self._use() as backend:
+            return backend.detokenize(list(tokens))
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> Prompt:
@@ -79,27 +123,34 @@ class Engine(EngineProtocol):
         A rendered chat (`render_chat`'s Prompt) gives control tokens for the template's markup only; its
         text pieces are tokenized as text. A plain `str` (POST /v1/completions) is the raw prompt: its
         control-token texts are parsed."""
-        if isinstance(prompt, Prompt):
-            controls = self._backend.control_tokens
-            tokens = []
-            for piece in prompt.pieces:
-                tokens += [controls[piece.text]] if piece.control else self._backend.tokenize(piece.text, special=False)
-        else:
-            tokens = self._backend.tokenize(prompt, special=True)
+        with self._use() as backend:
+            if isinstance(prompt, Prompt):
+                controls = backend.control_tokens
+                tokens = []
+                for piece in prompt.pieces:
+                    tokens += [controls[piece.text]] if piece.control else backend.tokenize(piece.text, special=False)
+            else:
+                tokens = backend.tokenize(prompt, special=True)
         bos = self._backend.bos_token_id
         if self._backend.add_bos and bos is not None and bos >= 0 and tokens[:1] != [bos]:
             tokens.insert(0, bos)
         return tokens
 
     def submit(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Generation:
-        """Queue a request; returns at once. Raises ContextOverflow, UnsupportedFeature, InvalidRequest, EngineOverloaded."""
-        self._backend.check_params(params)
+        """Queue a request; returns at once. Raises ContextOverflow, UnsupportedFeature, InvalidRequest,
+        EngineOverloaded, EngineClosed."""
+        with self._use() as backend:
+            backend.check_params(params)
         tokens = self.prompt_tokens(prompt)
         if not tokens:  # nothing to decode: there would be no logits of its own to sample from
             raise InvalidRequest("The prompt is empty: it must contain at least one token.")
         if len(tokens) + 1 > self.context_length:
             raise ContextOverflow(len(tokens), self.context_length)
-        generation = Generation(uuid.uuid4().hex, on_cancel=self._scheduler.wake)
+        # A stream waits (wait_admitted) for its slot before its response starts: up to queue_timeout, after
+        # which the scheduler fails it with EngineOverloaded, or MAX_ADMISSION_WAIT without a queue_timeout.
+        admission_wait = self.spec.queue_timeout + 1.0 if self.spec.queue_timeout else MAX_ADMISSION_WAIT
+        generation = Generation(uuid.uuid4().hex, on_cancel=self._scheduler.wake, queued=True,
+                                admission_wait=admission_wait)
         seq = Sequence(
             generation=generation,
             prompt_tokens=tokens,
@@ -118,6 +169,11 @@ class Engine(EngineProtocol):
         return self._scheduler.stats()
 
     def close(self) -> None:
-        """Stop the scheduler (pending requests fail with EngineClosed) and free the model."""
-        self._scheduler.close()
-        self._backend.close()
+        """Stop the scheduler (pending requests fail with EngineClosed) and free the model after its last user."""
+        with self._lifetime:
+            if self._closed:
+                return
+            self._closed = True
+            while self._uses:  # each use is one short call (tokenize...): never a generation
+                self._lifetime.wait()
+        self._scheduler.close(on_stopped=self._backend.close)

@@ -52,7 +52,9 @@ class ModelRegistry:
         with self._load_locks[spec.name]:
             engine = self._engines.get(spec.name)  # another thread may have loaded it meanwhile
             if engine is not None and not engine.alive:
-                logger.error("model %r: its scheduler stopped; loading a fresh engine", spec.name)
+                # Stopped, crashed or stalled (no step for too long while work waits). Closing does not wait for
+                # a stuck step: the old model is freed by its own thread if that ever gets out of the step.
+                logger.error("model %r: its scheduler stopped or stalled; loading a fresh engine", spec.name)
                 with self._lock:
                     self._engines.pop(spec.name, None)
                 try:

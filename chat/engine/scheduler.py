@@ -4,6 +4,11 @@ Continuous batching: every loop iteration is one backend step over all active se
 requests join between steps and finished or cancelled ones leave, freeing their slot at once.
 Back-pressure: the queue in front of the slots is bounded (max_queue) and a request may wait in it
 only queue_timeout seconds; beyond either it fails with EngineOverloaded (503 + Retry-After).
+Waiting requests are admitted fairly between owners (chat/engine/admission.py).
+
+Liveness: every step records a heartbeat. A scheduler that made no step for `stall_seconds` while
+work waits is not `alive` (/ready fails, the registry replaces its engine). Closing never waits
+long for a hung step: the thread frees the backend itself (`on_stopped`) whenever it gets out.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter
+from typing import Callable
 
+from .admission import AdmissionQueue
 from .backends import Backend
 from .errors import EngineClosed, EngineError, EngineOverloaded, GenerationFailed, SequencesFailed
+from .faults import Faults
 from .sequence import Sequence
 from .types import Completion
 
@@ -23,11 +31,20 @@ logger = logging.getLogger(__name__)
 
 
 MAX_RETRY_AFTER = 60  # seconds; a longer estimate is no better a hint to a client
+STALL_SECONDS = 120.0  # a step longer than this while work waits means a hung scheduler (a long prefill step takes seconds)
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, model_name: str, *, max_queue: int = 0, queue_timeout: float = 0.0):
+    def __init__(self, backend: Backend, model_name: str, *, max_queue: int = 0, queue_timeout: float = 0.0,
+                 stall_seconds: float = STALL_SECONDS, faults: Faults | None = None):
         self._backend = backend
+        self.stall_seconds = stall_seconds
+        self.faults = faults  # test-only (chat/engine/faults.py)
+        self._steps = 0
+        self._heartbeat = time.monotonic()  # when the thread last made a step or woke up
+        self._idle = False  # waiting for work (no heartbeat expected)
+        self._stopped = False  # the thread's loop has ended
+        self._on_stopped: Callable[[], None] | None = None
         self._model_name = model_name
         self._max_queue = max_queue  # 0 = unbounded
         self._queue_timeout = queue_timeout  # seconds; 0 = no limit
@@ -36,7 +53,7 @@ class Scheduler:
         self._generation_seconds: float | None = None  # moving average, for Retry-After
         self._crashed = False
         self._wakeup = threading.Condition()
-        self._queued: deque[Sequence] = deque()
+        self._queued = AdmissionQueue()
         self._active: list[Sequence] = []  # touched by the scheduler thread only
         self._admitting: list[Sequence] = []  # taken from the queue for the step being run
         self._closing = False
@@ -68,8 +85,14 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        """False once the scheduler thread has died or was closed: the engine must be replaced."""
-        return self._thread.is_alive() and not self._crashed and not self._closing
+        """False once the scheduler thread has died, was closed, or is stalled: the engine must be replaced."""
+        return self._thread.is_alive() and not self._crashed and not self._closing and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        """Work waits and the thread has made no step for longer than stall_seconds (a hung step)."""
+        busy = bool(self._active or self._queued or self._admitting)
+        return busy and not self._idle and time.monotonic() - self._heartbeat > self.stall_seconds
 
     def _retry_after_locked(self) -> int:
         """Seconds until a slot is likely free: the queue ahead, served `max_sequences` at a time."""
@@ -80,33 +103,59 @@ class Scheduler:
     def stats(self) -> dict:
         with self._wakeup:
             queued = len(self._queued)
+        active = list(self._active)  # a copy: the scheduler thread changes the list
         return {
-            "active": len(self._active),
+            "active": len(active),
+            "active_by_owner": dict(Counter(seq.owner for seq in active)),
             "queued": queued,
             **self._counters,
             "busy_seconds": self._busy_seconds,
             **self._backend.stats(),
         }
 
-    def close(self) -> None:
+    def close(self, on_stopped: Callable[[], None] | None = None) -> None:
+        """Stop the thread; `on_stopped` (freeing the backend) runs once the thread is out of its loop.
+
+        Waits for the thread at most `stall_seconds`: a hung step is not waited for; its requests fail
+        now, and the thread runs `on_stopped` itself if it ever gets out.
+        """
         with self._wakeup:
             self._closing = True
             self._wakeup.notify()
+            if not self._stopped:
+                self._on_stopped, on_stopped = on_stopped, None
+            queued = self._queued.drain()
+        closed = EngineClosed(f"Model {self._model_name!r} was shut down.")
+        for seq in queued:
+            seq.generation._push_error(closed)
+        if on_stopped is not None:  # the thread ended earlier (crashed): nobody else will use the backend
+            on_stopped()
         if threading.current_thread() is not self._thread:
-            self._thread.join()  # a step is short; the backend must not be freed under it
+            self._thread.join(0 if self.stalled else self.stall_seconds)
+            if self._thread.is_alive():
+                logger.error("scheduler of model %r is stuck in a step; its requests fail now", self._model_name)
+                for seq in list(self._active) + list(self._admitting):
+                    seq.generation._push_error(closed)  # later pushes of the thread are ignored
 
     # -- scheduler thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            while self._next_step():
-                pass
-        except BaseException:  # a bug here must not leave callers waiting forever
-            self._crashed = True
-            logger.exception("scheduler of model %r crashed", self._model_name)
-            self._fail_all(GenerationFailed(self._model_name))
-        else:
-            self._fail_all(EngineClosed(f"Model {self._model_name!r} was shut down."))
+            try:
+                while self._next_step():
+                    pass
+            except BaseException:  # a bug here must not leave callers waiting forever
+                self._crashed = True
+                logger.exception("scheduler of model %r crashed", self._model_name)
+                self._fail_all(GenerationFailed(self._model_name))
+            else:
+                self._fail_all(EngineClosed(f"Model {self._model_name!r} was shut down."))
+        finally:
+            with self._wakeup:
+                self._stopped = True
+                on_stopped, self._on_stopped = self._on_stopped, None
+            if on_stopped is not None:
+                on_stopped()
 
     def _next_step(self) -> bool:
         newcomers = self._take_newcomers()
@@ -115,6 +164,9 @@ class Scheduler:
         started = time.perf_counter()
         self._admitting = newcomers  # neither queued nor active yet: _fail_all must still find them
         try:
+            self._steps += 1
+            if self.faults is not None and self.faults.step is not None:
+                self.faults.step(self._steps)
             self._advance(newcomers)
         finally:
             self._busy_seconds += time.perf_counter() - started
@@ -133,7 +185,7 @@ class Scheduler:
             sampled = self._backend.step(self._active)
         except SequencesFailed as partial:  # the backend could tell which sequences the failure concerns
             for seq in partial.failed:
-                self._finish(seq, error=GenerationFailed(self._model_name))
+                self._finish(seq, error=partial.errors.get(seq) or GenerationFailed(self._model_name))
             sampled = partial.sampled
         except Exception:
             logger.exception("decode step of model %r failed", self._model_name)
@@ -150,26 +202,39 @@ class Scheduler:
 
     def _take_newcomers(self) -> list[Sequence] | None:
         """Queued requests that fit into free slots; blocks while there is nothing to do. None = stop."""
-        with self._wakeup:
-            while True:
+        while True:
+            ended: list[tuple[Sequence, EngineError | None]] = []  # told after the lock is released
+            with self._wakeup:
                 if self._closing:
                     return None
                 # Requests cancelled while still queued leave without ever taking a slot.
                 for seq in [s for s in self._queued if s.generation.cancel_requested]:
                     self._queued.remove(seq)
                     self._queued_at.pop(seq, None)
+                    ended.append((seq, None))
+                self._expire_queued_locked(ended)
+                if not ended and not (self._active or self._queued):
+                    self._idle = True
+                    self._wakeup.wait()
+                    self._heartbeat = time.monotonic()  # first: `stalled` reads both without the lock
+                    self._idle = False
+                self._heartbeat = time.monotonic()
+                if not ended and (self._active or self._queued):
+                    active = Counter(seq.owner for seq in self._active)
+                    newcomers = []
+                    for _ in range(min(self._backend.max_sequences - len(self._active), len(self._queued))):
+                        seq = self._queued.pop_next(active)
+                        active[seq.owner] += 1
+                        self._queued_at.pop(seq, None)
+                        newcomers.append(seq)
+                    return newcomers
+            for seq, error in ended:
+                if error is None:
                     seq.generation._push_done(self._completion(seq, "cancelled"))
-                self._expire_queued_locked()
-                if self._active or self._queued:
-                    break
-                self._wakeup.wait()
-            room = self._backend.max_sequences - len(self._active)
-            newcomers = [self._queued.popleft() for _ in range(min(room, len(self._queued)))]
-            for seq in newcomers:
-                self._queued_at.pop(seq, None)
-            return newcomers
+                else:
+                    seq.generation._push_error(error)
 
-    def _expire_queued_locked(self) -> None:
+    def _expire_queued_locked(self, ended: list) -> None:
         """Fail requests that waited longer than queue_timeout: a clear 503 beats a hang."""
         if not self._queue_timeout:
             return
@@ -178,7 +243,7 @@ class Scheduler:
             self._queued.remove(seq)
             self._queued_at.pop(seq, None)
             self._counters["rejected_queue_timeout"] += 1
-            seq.generation._push_error(EngineOverloaded(self._model_name, self._retry_after_locked(), waited=True))
+            ended.append((seq, EngineOverloaded(self._model_name, self._retry_after_locked(), waited=True)))
 
     def _start(self, seq: Sequence) -> None:
         try:
@@ -187,8 +252,13 @@ class Scheduler:
             if not isinstance(error, EngineError):
                 logger.exception("model %r could not start a sequence", self._model_name)
                 error = GenerationFailed(self._model_name)
+            try:
+                self._backend.release(seq)  # whatever start claimed before it failed (a no-op if nothing)
+            except Exception:
+                logger.exception("model %r could not release a sequence that failed to start", self._model_name)
             seq.generation._push_error(error)
             return
+        seq.generation._mark_admitted()
         self._active.append(seq)
         self._started_at[seq] = time.monotonic()
         self._counters["peak_active"] = max(self._counters["peak_active"], len(self._active))
@@ -252,6 +322,6 @@ class Scheduler:
             seq.generation._push_error(error)  # ignored by generations that already ended
         with self._wakeup:
             self._closing = True
-            queued, self._queued = list(self._queued), deque()
+            queued = self._queued.drain()
         for seq in queued:
             seq.generation._push_error(error)

@@ -28,7 +28,8 @@ def check_model() -> dict:
     engine = registry.loaded()
     if engine is not None and not engine.alive:
         # Not replaced here: the next request reloads it; until then this instance is not ready.
-        return {**result, "ok": False, "error": "the model's scheduler stopped; the next request reloads it"}
+        # Stopped, or stalled: no scheduler step for longer than its bound while requests wait.
+        return {**result, "ok": False, "error": "the model's scheduler stopped or stalled; the next request reloads it"}
     # A remote model (base_urls) has no file here; its upstreams are not probed, so that a pool outage
     # answers 503 per request instead of taking every web instance out of the load balancer.
     if not result["loaded"] and not spec.base_urls and not os.path.exists(spec.path):

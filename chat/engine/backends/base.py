@@ -27,6 +27,7 @@ class Backend(ABC):
     eos_text: str
     chat_template_source: str | None  # tokenizer.chat_template of the file, if any
     control_tokens: dict[str, int]  # text -> id of the tokens only special-token parsing gives (template markup)
+    faults = None  # test-only fault injection (chat/engine/faults.py), set by the engine
 
     # -- any thread --------------------------------------------------------------------------
 

@@ -5,6 +5,10 @@ A grammar sampler checks each candidate against the grammar's state: on the full
 token is first sampled without the grammar and then checked alone; only when the grammar rejects
 it are all candidates filtered and the token sampled again. For greedy decoding the result is the
 same token whenever the unconstrained choice is allowed (nearly always, once a reply is under way).
+
+A token the grammar rejects is never passed to llama_sampler_accept: llama.cpp throws a C++
+exception there (or aborts, for an end-of-generation token), which through ctypes ends the process.
+When the grammar allows no candidate at all, the sequence fails with GrammarDeadEnd instead.
 """
 
 from __future__ import annotations
@@ -13,6 +17,16 @@ import ctypes
 import math
 
 import numpy as np
+
+from ..errors import InvalidRequest
+
+
+class GrammarDeadEnd(InvalidRequest):
+    """The grammar allows none of the model's tokens here (e.g. a character no token can spell)."""
+
+    def __init__(self):
+        super().__init__("The grammar allows no token of this model at this point of the reply; "
+                         "the reply was stopped. Check the grammar or the response format.")
 
 
 class ConstrainedSampler:
@@ -36,7 +50,10 @@ class ConstrainedSampler:
             candidates = self._fill(context, index)
             llama.llama_sampler_apply(grammar, ctypes.byref(candidates))
             llama.llama_sampler_apply(chain, ctypes.byref(candidates))
-            token = candidates.data[candidates.selected].id
+            chosen = candidates.data[candidates.selected] if candidates.selected >= 0 else None
+            if chosen is None or chosen.logit == -math.inf:  # the grammar rejected every candidate
+                raise GrammarDeadEnd()
+            token = chosen.id
         llama.llama_sampler_accept(grammar, token)
         llama.llama_sampler_accept(chain, token)
         return token

@@ -125,6 +125,7 @@ class CTransformersBackend(Backend):
         return tokens
 
     def _tokenize_plain(self, text: str) -> list[int]:
+        text = text.encode("utf-8", errors="replace").decode("utf-8")  # a lone surrogate (valid JSON) becomes "?"
         return list(self._llm.tokenize(text, add_bos_token=False)) if text else []
 
     def detokenize(self, tokens: list[int]) -> str:

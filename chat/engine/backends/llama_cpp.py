@@ -14,7 +14,14 @@ Prefix sharing: a prompt whose prefix a busy slot holds (or is evaluating, as in
 requests for one character) waits for it, then copies that WHOLE sequence with
 llama_memory_seq_cp and drops the tail; a partial llama_memory_seq_cp is never used: with
 per-sequence KV streams it aborts the whole process. Copies live in the slots' own cells: no
-memory beyond the fixed KV cache.
+memory beyond the fixed KV cache. Such a copy between streams is only recorded by llama_memory_seq_cp
+and carried out at the start of the next llama_decode: before either slot is saved or restored, the
+copies are applied by decoding one throwaway token (a save would otherwise store stale cells, and a
+restore would be overwritten by the copy or carried by it into another slot).
+
+Failure containment: an error while sampling one sequence (logprobs, grammar) fails that sequence
+only (SequencesFailed); a token the grammar rejects is never accepted (that throws a C++ exception
+through ctypes, which aborts the process), and a failed start releases what it claimed.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidRequest, ModelUnavailable, SequencesFailed
+from ..errors import EngineError, GenerationFailed, InvalidRequest, ModelUnavailable, SequencesFailed
 from ..logprobs import TokenLogprob, TopLogprob, log_softmax_top
 from ..prefill_budget import PrefillBudget
 from ..prefix_cache import PrefixCache, common_prefix_length
@@ -44,6 +52,11 @@ MIN_REUSE_FROM_CACHE = 16  # restoring a saved state costs more than evaluating 
 MIN_SAVE_TOKENS = 64  # shorter prefixes are cheap to evaluate again: not worth a cache entry
 MIN_SHARE_TOKENS = 32  # copying a busy slot's prefix (and waiting for it) pays off only for longer prefixes
 MIN_SHARE_GAIN = 16  # share only when it gives this many more tokens than an idle slot or the saved states
+MAX_GRAMMAR_REPETITION = 10_000  # llama.cpp expands x{n} into n copies: a bigger count would exhaust memory
+# llama.cpp parses nested groups recursively: ~30,000 levels overflowed an 8 MB thread stack here (a segfault),
+# e.g. the grammar of a JSON Schema string with maxLength 100000. 2,000 leaves a wide margin.
+MAX_GRAMMAR_NESTING = 2_000
+_REPETITION = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 # ggml log levels (ggml.h): 3 = warning, 4 = error, 5 = continuation of the previous message.
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
@@ -84,6 +97,35 @@ def _llama():
         return _library
 
 
+def grammar_nesting(grammar: str) -> int:
+    """The deepest nesting of ( ) groups in GBNF text, outside string literals, character classes and comments."""
+    depth = deepest = 0
+    closing, escaped = None, False  # inside a literal or class: the character that ends it
+    comment = False
+    for char in grammar:
+        if comment:
+            comment = char != "\n"
+        elif closing is not None:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == closing:
+                closing = None
+        elif char == '"':
+            closing = '"'
+        elif char == "[":
+            closing = "]"
+        elif char == "#":
+            comment = True
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    return deepest
+
+
 @dataclass(eq=False)
 class _Slot:
     """One sequence id of the context and what its KV cells currently hold."""
@@ -92,6 +134,7 @@ class _Slot:
     kv_tokens: list[int] = field(default_factory=list)  # tokens at positions 0..n-1
     busy: bool = False
     waiting: bool = False  # busy, and waiting for a prefix copied from another slot
+    copy_pending: bool = False  # source or target of a llama_memory_seq_cp not yet applied (next llama_decode)
     prompt: list[int] = field(default_factory=list)  # the prompt of the sequence that last claimed it
     claims: int = 0  # how many times it was claimed: tells a waiting copier that its source changed hands
     last_used: float = 0.0
@@ -157,6 +200,7 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, spec: ModelSpec, llama, model, context, context_length: int):
         self._llama = llama
+        self._model_name = spec.name
         self._model = model
         self._context = context
         self._vocab = llama.llama_model_get_vocab(model)
@@ -202,7 +246,7 @@ class LlamaCppBackend(Backend):
     # -- any thread (the vocabulary is read-only after loading) ------------------------------
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        data = text.encode("utf-8", errors="replace")  # a lone surrogate (valid JSON "\ud800") becomes "?"
         capacity = len(data) + 8
         while True:
             buffer = (self._llama.llama_token * capacity)()
@@ -240,7 +284,14 @@ class LlamaCppBackend(Backend):
             self._llama.llama_sampler_free(self._grammar_sampler(params.grammar))
 
     def _grammar_sampler(self, grammar: str):
-        sampler = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        """A grammar sampler for GBNF text; what would crash llama.cpp's parser is refused first (InvalidRequest)."""
+        for match in _REPETITION.finditer(grammar):
+            if max(int(match.group(1)), int(match.group(2) or 0)) > MAX_GRAMMAR_REPETITION:
+                raise InvalidRequest(f"The grammar repeats an item more than {MAX_GRAMMAR_REPETITION} times.")
+        if grammar_nesting(grammar) > MAX_GRAMMAR_NESTING:
+            raise InvalidRequest(f"The grammar nests groups more than {MAX_GRAMMAR_NESTING} deep "
+                                 "(e.g. a maxLength or maxItems that large); use a smaller bound.")
+        sampler = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8", errors="replace"), b"root")
         if not sampler:
             raise InvalidRequest("The GBNF grammar does not parse (it needs a 'root' rule).")
         return sampler
@@ -252,27 +303,26 @@ class LlamaCppBackend(Backend):
             raise InvalidRequest("The prompt is empty: it must contain at least one token.")
         # First: if the grammar does not parse, no slot is left claimed.
         grammar = self._grammar_sampler(seq.params.grammar) if seq.params.grammar is not None else None
+        sampler = slot = None
         try:
             sampler = self._sampler_chain(seq)
-        except BaseException:
-            if grammar is not None:
-                self._llama.llama_sampler_free(grammar)
-            raise
-        try:
             slot, reused, share = self._claim_slot(seq.prompt_tokens)
-        except BaseException:
-            self._llama.llama_sampler_free(sampler)
-            if grammar is not None:
-                self._llama.llama_sampler_free(grammar)
+            seq.cached_prompt_tokens = share.length if share else reused
+            seq.backend_state = state = _SequenceState(
+                slot=slot, sampler=sampler, grammar=grammar, pending=list(seq.prompt_tokens[reused:]),
+                prompt=seq.prompt_tokens, share=share
+            )
+            slot.waiting = share is not None
+            if share is not None:
+                self._take_shared_prefix(state)  # at once if the source already holds the prefix
+        except BaseException:  # nothing stays claimed: slot and samplers go back
+            seq.backend_state = None
+            if slot is not None:
+                slot.busy = slot.waiting = False
+            for claimed in (sampler, grammar):
+                if claimed is not None:
+                    self._llama.llama_sampler_free(claimed)
             raise
-        seq.cached_prompt_tokens = share.length if share else reused
-        seq.backend_state = state = _SequenceState(
-            slot=slot, sampler=sampler, grammar=grammar, pending=list(seq.prompt_tokens[reused:]),
-            prompt=seq.prompt_tokens, share=share
-        )
-        slot.waiting = share is not None
-        if share is not None:
-            self._take_shared_prefix(state)  # at once if the source already holds the prefix
 
     def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int, _Share | None]:
         """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from."""
@@ -344,6 +394,7 @@ class LlamaCppBackend(Backend):
         if available >= MIN_SHARE_TOKENS:
             llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
             llama.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
+            source.copy_pending = slot.copy_pending = True
             if llama.llama_memory_seq_rm(memory, slot.seq_id, available, -1):
                 slot.kv_tokens = list(source.kv_tokens[:available])
                 state.pending = list(state.prompt[available:])
@@ -357,6 +408,8 @@ class LlamaCppBackend(Backend):
 
     def _restore(self, slot: _Slot, entry, length: int) -> int:
         llama, memory = self._llama, self._memory
+        if slot.copy_pending and not self._apply_copies(slot):  # the copy would overwrite it, or carry it away
+            return 0
         if llama.llama_state_seq_set_data(self._context, entry.state, entry.size, slot.seq_id) and (
             llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1)
         ):
@@ -370,12 +423,33 @@ class LlamaCppBackend(Backend):
     def _save_to_cache(self, slot: _Slot) -> None:
         if not self._cache.budget_bytes or self._cache.covers(slot.kv_tokens):
             return
+        if slot.copy_pending and not self._apply_copies(slot):  # it would save cells it does not hold yet
+            return
         size = self._llama.llama_state_seq_get_size(self._context, slot.seq_id)
         if size > self._cache.budget_bytes:
             return
         state = (ctypes.c_uint8 * size)()
         if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) == size:
             self._cache.put(slot.kv_tokens, state, size)
+
+    def _apply_copies(self, slot: _Slot) -> bool:
+        """Carry out the recorded llama_memory_seq_cp copies now. llama.cpp applies them at the start of a
+        decode and has no call to force it: decode one throwaway token in `slot`, then drop it."""
+        batch, position = self._batch, len(slot.kv_tokens)
+        batch.token[0] = slot.kv_tokens[-1] if slot.kv_tokens else max(self.bos_token_id or 0, 0)
+        batch.pos[0] = position
+        batch.n_seq_id[0] = 1
+        batch.seq_id[0][0] = slot.seq_id
+        batch.logits[0] = 1
+        batch.n_tokens = 1
+        result = self._llama.llama_decode(self._context, batch)
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, position, -1)
+        if result != 0:
+            logger.warning("llama_decode returned %d while applying KV copies", result)
+            return False
+        for other in self._slots:
+            other.copy_pending = False
+        return True
 
     def _sampler_chain(self, seq: Sequence):
         """One llama.cpp sampler chain per sequence: top-k, penalties, then greedy or top-p/temperature/dist.
@@ -449,9 +523,10 @@ class LlamaCppBackend(Backend):
         self._decode_seconds += elapsed
         if not failed:
             self._budget.observe(elapsed, len(decoding), sum(prompt_chunks.values()))
-        self._prompt_tokens_evaluated += sum(size for seq, size in prompt_chunks.items() if seq not in failed)
+        failed_seqs = {seq for seq, _ in failed}
+        self._prompt_tokens_evaluated += sum(size for seq, size in prompt_chunks.items() if seq not in failed_seqs)
         if failed:
-            raise SequencesFailed(failed, sampled)
+            raise SequencesFailed([seq for seq, _ in failed], sampled, errors=dict(failed))
         return sampled
 
     def _pack_slots(self, seqs: list[Sequence]) -> None:
@@ -479,6 +554,7 @@ class LlamaCppBackend(Backend):
         llama.llama_memory_seq_rm(memory, target.seq_id, -1, -1)
         if source.kv_tokens and state.share is None:
             llama.llama_memory_seq_cp(memory, source.seq_id, target.seq_id, -1, -1)
+            source.copy_pending = target.copy_pending = True
             target.kv_tokens = list(source.kv_tokens)
         else:  # nothing evaluated yet (a sequence waiting for its shared prefix)
             target.kv_tokens = []
@@ -494,11 +570,12 @@ class LlamaCppBackend(Backend):
                 other.backend_state.share = _Share(target, target.claims, share.length)
         self._moves += 1
 
-    def _decode_planned(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-        """Decode the planned chunks in one batch; if that fails, retry each sequence alone so only culprits fail."""
+    def _decode_planned(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list]:
+        """Decode the planned chunks in one batch; if that fails, retry each sequence alone so only culprits fail.
+        Returns (sampled, failed) with failed a list of (Sequence, EngineError)."""
         result = self._decode_batch(planned)
         if result == 0:
-            return self._accept_decoded(planned), []
+            return self._accept_decoded(planned)
         logger.warning("llama_decode returned %d for %d sequences; retrying them one by one", result, len(planned))
         for seq, _ in planned:  # back to what the slot is known to hold (llama.cpp may have kept part of the batch)
             slot = seq.backend_state.slot
@@ -507,13 +584,15 @@ class LlamaCppBackend(Backend):
         for item in planned:
             result = self._decode_batch([item])
             if result == 0:
-                sampled.extend(self._accept_decoded([item]))
+                ok, bad = self._accept_decoded([item])
+                sampled.extend(ok)
+                failed.extend(bad)
             else:
                 logger.warning("llama_decode returned %d for slot %d", result, item[0].backend_state.slot.seq_id)
                 slot = item[0].backend_state.slot
                 self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
                 slot.kv_tokens = []
-                failed.append(item[0])
+                failed.append((item[0], GenerationFailed(self._model_name)))
         return sampled, failed
 
     def _decode_batch(self, planned: list[tuple[Sequence, int]]) -> int:
@@ -532,28 +611,48 @@ class LlamaCppBackend(Backend):
                 batch.logits[n - 1] = 1
             state.logits_index = n - 1 if size == len(state.pending) else None
         batch.n_tokens = n
-        return self._llama.llama_decode(self._context, batch)
+        result = self._llama.llama_decode(self._context, batch)
+        if result == 0:  # the decode applied every recorded copy first
+            for slot in self._slots:
+                slot.copy_pending = False
+        return result
 
-    def _accept_decoded(self, planned: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        sampled = []
+    def _accept_decoded(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list]:
+        """Sample each sequence that has logits; an error sampling one fails that one only: (sampled, failed)."""
+        sampled, failed = [], []
         for seq, size in planned:
             state = seq.backend_state
             state.slot.kv_tokens.extend(state.pending[:size])
             del state.pending[:size]
-            if state.logits_index is not None:
-                # Only sequences that asked pay for logprobs; the row is copied before the sampler sees it.
-                row = self._logits_row(state.logits_index) if seq.params.logprobs is not None else None
-                if state.grammar is None:
-                    token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
-                else:
-                    token = self._constrained.sample(context=self._context, index=state.logits_index,
-                                                     chain=state.sampler, grammar=state.grammar)
-                if row is not None:
-                    seq.token_logprob = self._token_logprob(row, token, seq.params.logprobs)
-                state.pending = [token]
-                state.prefilling = False
-                sampled.append((seq, token))
-        return sampled
+            if state.logits_index is None:
+                continue
+            try:
+                token = self._sample(seq, state)
+            except EngineError as error:
+                failed.append((seq, error))
+                continue
+            except Exception:
+                logger.exception("sampling a sequence of model %r failed", self._model_name)
+                failed.append((seq, GenerationFailed(self._model_name)))
+                continue
+            state.pending = [token]
+            state.prefilling = False
+            sampled.append((seq, token))
+        return sampled, failed
+
+    def _sample(self, seq: Sequence, state: _SequenceState) -> int:
+        if self.faults is not None and self.faults.sample is not None:
+            self.faults.sample(seq)
+        # Only sequences that asked pay for logprobs; the row is copied before the sampler sees it.
+        row = self._logits_row(state.logits_index) if seq.params.logprobs is not None else None
+        if state.grammar is None:
+            token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
+        else:
+            token = self._constrained.sample(context=self._context, index=state.logits_index,
+                                             chain=state.sampler, grammar=state.grammar)
+        if row is not None:
+            seq.token_logprob = self._token_logprob(row, token, seq.params.logprobs)
+        return token
 
     def _logits_row(self, index: int):
         """A copy of the raw logits of batch row `index` (before penalties, grammar and temperature); None if absent."""

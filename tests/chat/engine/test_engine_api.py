@@ -2,7 +2,6 @@
 
 import asyncio
 import dataclasses
-import gc
 import time
 
 import httpx
@@ -72,10 +71,33 @@ def test_a_dead_scheduler_makes_ready_503_and_the_next_request_succeeds(api, set
         engine.generate("Hello", SamplingParams(max_tokens=4))
     ready = APIClient().get("/ready")
     assert ready.status_code == 503
-    assert ready.json()["checks"]["model"]["error"] == "the model's scheduler stopped; the next request reloads it"
+    assert ready.json()["checks"]["model"]["error"] == "the model's scheduler stopped or stalled; the next request reloads it"
     assert api.post("/v1/chat/completions", ASK, format="json", **NO_CACHE).status_code == 200
     assert get_engine() is not engine and get_engine().alive
     assert APIClient().get("/ready").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def endless_path(tmp_path_factory, write_tiny_gguf):
+    # A model that never writes an end token: a reply runs to max_tokens.
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-endless.gguf", seed=0, never_ends=True)
+
+
+@pytest.mark.django_db
+def test_a_stream_that_times_out_in_the_queue_is_answered_503_before_it_starts(api, settings, endless_path):
+    with_model_options(settings, path=str(endless_path), context_length=TINY_CONTEXT, parallel=1, queue_timeout=0.3)
+    engine = get_engine()
+    running = engine.submit("hello world", LONG)  # holds the only slot for 400 tokens
+    try:
+        response = api.post("/v1/chat/completions", {**ASK, "stream": True}, format="json", **NO_CACHE)
+        assert response.status_code == 503
+        assert not response.streaming  # a JSON error in the one shape, not an event stream that began with 200
+        assert int(response["Retry-After"]) >= 1
+        assert response.json()["error"]["code"] == "engine_overloaded"
+        assert "waited too long" in response.json()["error"]["message"]
+    finally:
+        running.cancel()
+        list(running)
 
 
 # -- the view wrapper that cancels abandoned generations -----------------------------------------
@@ -112,16 +134,39 @@ async def test_a_client_leaving_a_blocking_view_cancels_its_generation(tiny):
     assert generation.result.completion_tokens < LONG.max_tokens
 
 
-async def test_a_response_dropped_before_its_first_chunk_cancels_its_generation(tiny):
-    started = []
+async def test_a_request_cancelled_before_its_response_was_sent_cancels_its_generation(tiny):
+    started, returned = [], asyncio.Event()
 
     def streaming_view(request):  # submits, then leaves the reading to a response never sent
         started.append(tiny.submit("hello world what", LONG))
         return JsonResponse({})
 
+    async def request_task():  # the view returned; a middleware after it is still running when the client leaves
+        response = await cancelling_abandoned_generations(streaming_view)(None)
+        returned.set()
+        await asyncio.sleep(3600)
+        return response
+
+    task = asyncio.ensure_future(request_task())
+    await returned.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    generation = started[0]
+    while not generation.done:
+        await asyncio.sleep(0.01)
+    assert generation.result.finish_reason == "cancelled"
+
+
+async def test_closing_the_response_cancels_its_generation(tiny):
+    started = []
+
+    def streaming_view(request):
+        started.append(tiny.submit("hello world what", LONG))
+        return JsonResponse({})
+
     response = await cancelling_abandoned_generations(streaming_view)(None)
-    del response
-    gc.collect()
+    response.close()  # what Django does once the response was sent, or the client left mid-stream
     generation = started[0]
     while not generation.done:
         await asyncio.sleep(0.01)

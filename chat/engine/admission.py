@@ -1,0 +1,72 @@
+"""The queue in front of the sequence slots: fair between owners, first come first served within one.
+
+When a slot frees up, the next request comes from the owner with the fewest active sequences; among
+equals, from the owner admitted least recently (never admitted first), then the oldest request. A
+flood by one owner therefore queues behind its own requests, not in front of everyone else's.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Iterator, Mapping
+
+from .sequence import Sequence
+
+MAX_REMEMBERED_OWNERS = 4096  # when each owner was last admitted; the oldest are forgotten beyond this
+
+
+class AdmissionQueue:
+    """Waiting sequences grouped by `Sequence.owner`. Not thread-safe: the scheduler guards it with its lock."""
+
+    def __init__(self):
+        self._by_owner: dict[str, deque[tuple[int, Sequence]]] = {}
+        self._tickets = itertools.count()  # arrival order
+        self._turns = itertools.count(1)  # admission order
+        self._last_admitted: dict[str, int] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Sequence]:
+        """Every waiting sequence (a snapshot: the queue may be changed while iterating)."""
+        return iter([seq for waiting in self._by_owner.values() for _, seq in waiting])
+
+    def append(self, seq: Sequence) -> None:
+        self._by_owner.setdefault(seq.owner, deque()).append((next(self._tickets), seq))
+        self._size += 1
+
+    def remove(self, seq: Sequence) -> None:
+        waiting = self._by_owner[seq.owner]
+        for item in waiting:
+            if item[1] is seq:
+                waiting.remove(item)
+                break
+        else:
+            raise ValueError("not queued")
+        self._size -= 1
+        if not waiting:
+            del self._by_owner[seq.owner]
+
+    def pop_next(self, active: Mapping[str, int]) -> Sequence:
+        """The next sequence to admit, given how many sequences each owner has active."""
+        owner = min(self._by_owner, key=lambda name: (active.get(name, 0), self._last_admitted.get(name, 0),
+                                                      self._by_owner[name][0][0]))
+        waiting = self._by_owner[owner]
+        _, seq = waiting.popleft()
+        self._size -= 1
+        if not waiting:
+            del self._by_owner[owner]
+        self._last_admitted.pop(owner, None)  # re-inserted last: the dict stays ordered oldest turn first
+        self._last_admitted[owner] = next(self._turns)
+        if len(self._last_admitted) > MAX_REMEMBERED_OWNERS:
+            del self._last_admitted[next(iter(self._last_admitted))]
+        return seq
+
+    def drain(self) -> list[Sequence]:
+        """Remove and return every waiting sequence."""
+        drained = list(self)
+        self._by_owner.clear()
+        self._size = 0
+        return drained
