@@ -631,12 +631,12 @@ class RemoteEngine(EngineProtocol):
                     status = None
                 except RuntimeError:  # the client was closed under us
                     return
-                if status is None or status >= 500:
+                if status is None or status in (502, 503, 504):  # 503: llama-server still loading its model
                     if upstream.up:
                         logger.warning("model %r: upstream %s failed its health check (%s)", self.spec.name,
                                        upstream.label, f"HTTP {status}" if status else "no answer")
                     self._pool.failed(upstream)
-                elif not upstream.up:  # 200, or 404 from a server without /health: it answers
+                elif not upstream.up:  # 200, or 404/501 from a server without /health: it answers
                     logger.info("model %r: upstream %s answers again", self.spec.name, upstream.label)
                     self._pool.succeeded(upstream)
 
