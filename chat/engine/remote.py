@@ -47,6 +47,7 @@ from .errors import (
     UnsupportedFeature,
 )
 from .generation import Generation
+from .logprobs import TokenLogprob, TopLogprob
 from .prompt import neutralized
 from .protocol import EngineProtocol
 from .routing import affinity_key
@@ -141,6 +142,10 @@ class RemoteTokenizer:
             return None
         return tokens
 
+    def dialect_now(self) -> str | None:
+        """The upstream's dialect, asking it if not known yet (None while no upstream answers)."""
+        return self._ensure_dialect()
+
     def _ensure_dialect(self) -> str | None:
         if self.dialect is not None:
             return self.dialect
@@ -198,6 +203,7 @@ class _Request:
         self.attempts = 0  # upstreams that began streaming it
         self.echo = ""  # on a continuation: the partial text the upstream may repeat first (llama-server does)
         self.tool_calls_seen = False  # a reply with tool-call deltas is not continued elsewhere
+        self.logprobs: list = []  # TokenLogprob records passed through from the upstream
         self.generation: Generation | None = None
         self.lock = threading.Lock()
         self.cancelled = False
@@ -236,6 +242,32 @@ def _transport_reason(error: Exception, connect_timeout: float, timeout: float) 
     if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError)):
         return "the connection was closed"
     return "a network error"
+
+
+def _token_logprobs(data) -> tuple[TokenLogprob, ...]:
+    """The upstream's logprobs of a chunk ({"content": [{token, logprob, bytes, top_logprobs}]}, as OpenAI, vLLM
+    and llama-server send them) as the engine's records; entries it cannot read are skipped."""
+    entries = data.get("content") if isinstance(data, dict) else None
+    records = []
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+            continue
+        try:
+            top = tuple(TopLogprob(token=str(t.get("token", "")), logprob=float(t.get("logprob")),
+                                   bytes=_token_bytes(t))
+                        for t in entry.get("top_logprobs") or () if isinstance(t, dict))
+            records.append(TokenLogprob(token=entry["token"], logprob=float(entry.get("logprob")),
+                                        bytes=_token_bytes(entry), top=top))
+        except (TypeError, ValueError):
+            continue
+    return tuple(records)
+
+
+def _token_bytes(entry: dict) -> bytes:
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw)
+    return str(entry.get("token", "")).encode("utf-8")
 
 
 def _without_echo(request: _Request, piece: str) -> str:
@@ -333,6 +365,12 @@ class RemoteEngine(EngineProtocol):
 
     template_supports_tools = False  # tools go to the upstream itself (SamplingParams.tools_json)
 
+    @property
+    def accepts_grammar(self) -> bool:
+        """Whether the upstream is a llama.cpp server (llama-server, llama-cpp-python), which enforces a GBNF
+        `grammar` in the request; known from its tokenize endpoint (asked once)."""
+        return self._tokenizer.dialect_now() in ("llama_server", "llama_cpp_python")
+
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> str:
         """Chat mode: readable text carrying `messages` (the upstream applies its own template); completions
@@ -360,8 +398,6 @@ class RemoteEngine(EngineProtocol):
         """
         if self._closed:
             raise EngineClosed(f"Model {self.spec.name!r} is shutting down.")
-        if params.logprobs is not None:  # the upstream's logprobs are not read back: refuse rather than drop them
-            raise UnsupportedFeature("logprobs need the llama_cpp backend; this model is served by a remote upstream.")
         count = len(self.prompt_tokens(prompt))
         if count + 1 > self.context_length:
             raise ContextOverflow(count, self.context_length)
@@ -437,6 +473,11 @@ class RemoteEngine(EngineProtocol):
             body["stop"] = list(params.stop)
         if params.grammar:
             body["grammar"] = params.grammar  # llama.cpp servers; vLLM ignores it
+        if params.logprobs is not None:  # passed through: the reply's logprobs come from the upstream
+            if chat:
+                body["logprobs"], body["top_logprobs"] = True, params.logprobs
+            else:
+                body["logprobs"] = params.logprobs
         if params.tools_json and chat:
             # The upstream's own tool calling; the client's tool texts reach its template, so as text only.
             body.update(neutralized(json.loads(params.tools_json), self._markup))
@@ -585,10 +626,13 @@ class RemoteEngine(EngineProtocol):
                         request.tool_calls_seen = True
                         piece = (piece or "") + tool_text.feed(message["tool_calls"])
                     piece = _without_echo(request, piece) if request.echo and piece else piece
-                    if piece:
-                        parts.append(piece)
+                    logprobs = _token_logprobs(choice.get("logprobs")) if request.body.get("logprobs") else ()
+                    if piece or logprobs:
+                        request.logprobs.extend(logprobs)
+                        if piece:
+                            parts.append(piece)
                         request.pieces += 1
-                        request.generation._push_text(piece)
+                        request.generation._push_text(piece or "", logprobs)
                     finish = choice.get("finish_reason") or finish
         except httpx.TransportError as error:
             if request.cancelled or self._closed:
@@ -655,7 +699,8 @@ class RemoteEngine(EngineProtocol):
         completion = Completion(text=text, finish_reason=reason,
                                 prompt_tokens=int(usage.get("prompt_tokens") or request.prompt_tokens),
                                 completion_tokens=int(usage.get("completion_tokens") or pieces),
-                                cached_prompt_tokens=cached)
+                                cached_prompt_tokens=cached,
+                                logprobs=tuple(request.logprobs) if request.body.get("logprobs") else None)
         with self._lock:
             self._counters["tokens_generated"] += completion.completion_tokens
             self._counters["prompt_tokens"] += completion.prompt_tokens
