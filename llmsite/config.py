@@ -24,8 +24,10 @@ REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "time
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
 ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
-                 "prefix_cache_mb", "chat_template", "flash_attention", *REMOTE_OPTIONS, *ENGINE_OPTIONS)
-INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "max_connections",
+                 "prefix_cache_mb", "chat_template", "flash_attention", "state_dir", "state_cache_mb",
+                 *REMOTE_OPTIONS, *ENGINE_OPTIONS)
+INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "state_cache_mb",
+                   "max_connections",
                    *ENGINE_OPTIONS)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The sampling config.yaml may set; their defaults are the engine's own (one place: SamplingParams).
@@ -152,6 +154,11 @@ def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelSpec:
     resolved = Path(model_path)
     if not resolved.is_absolute():
         resolved = base_dir / resolved
+    if "state_dir" in options:  # saved states on disk (chat/engine/state_store.py); relative to this folder
+        if not isinstance(options["state_dir"], str):
+            fail(f"model {name!r}: state_dir must be a folder path")
+        if options["state_dir"].strip():
+            options = {**options, "state_dir": str(base_dir / Path(options["state_dir"].strip()))}
     return _spec(fail, name=name.strip(), path=str(resolved), **options)
 
 

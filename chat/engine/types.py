@@ -27,6 +27,11 @@ class ModelSpec:
     threads: int = 0  # 0 = os.cpu_count()
     parallel: int = 8  # max concurrently decoded sequences (llama_cpp)
     prefix_cache_mb: int = 256  # budget for saved prefixes
+    # llama_cpp: a directory for saved states on disk (chat/engine/state_store.py), so a conversation whose slot
+    # was reclaimed, or any after a restart, is restored instead of evaluated again; "" = off. Bounded by
+    # state_cache_mb (least recently used files go first).
+    state_dir: str = ""
+    state_cache_mb: int = 2048
     chat_template: str | None = None  # overrides the GGUF's template when set
     # llama_cpp: flash attention makes long prompts evaluate ~15% faster on CPU (docs/BENCHMARKS.md), but a token's
     # logits then depend on how its prompt was split into batches, so a reused or shared prefix no longer gives
