@@ -28,7 +28,7 @@ $(LOCAL_ENV):
 run setup migrate demo: export DEBUG ?= 1
 run: setup
 	@echo "Serving on http://$(HOST):$(PORT)/  (admin: http://$(HOST):$(PORT)/admin/)"
-	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) llmsite.asgi:application
+	$(PY) manage.py serve -b $(HOST) -p $(PORT) llmsite.asgi:application  # daphne, draining on SIGTERM
 
 # The tests opt into DEBUG themselves (tests/settings.py, tests/live.py) and run production in children.
 test: dev-deps model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db.models import Count
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from .engines import loaded_engines
 from .models import Job
@@ -49,6 +49,30 @@ class EngineCollector:
             for reason in ("queue_full", "queue_timeout"):
                 rejected.add_metric([name, reason], stats.get(f"rejected_{reason}", 0))
         yield from (active, queued, hits, misses, rejected)
+        yield from upstream_families()
+
+
+def upstream_families():
+    """Per-upstream figures of the remote models (chat/engine/upstream.py): requests, errors, in flight, latency."""
+    labels = ["model", "upstream"]
+    requests = CounterMetricFamily("llmsite_upstream_requests", "Requests sent to each upstream (failovers "
+                                   "included).", labels=labels)
+    errors = CounterMetricFamily("llmsite_upstream_errors", "Requests an upstream failed (connection, 5xx, "
+                                 "broken stream).", labels=labels)
+    in_flight = GaugeMetricFamily("llmsite_upstream_in_flight", "Requests open at each upstream.", labels=labels)
+    up = GaugeMetricFamily("llmsite_upstream_up", "1 while the upstream answers, 0 while it is skipped.",
+                           labels=labels)
+    seconds = SummaryMetricFamily("llmsite_upstream_request_seconds", "Duration of each upstream request "
+                                  "(to its last byte).", labels=labels)
+    for name, engine in loaded_engines():
+        for row in engine.stats().get("upstreams") or []:
+            key = [name, row["upstream"]]
+            requests.add_metric(key, row.get("requests", 0))
+            errors.add_metric(key, row.get("errors", 0))
+            in_flight.add_metric(key, row.get("in_flight", 0))
+            up.add_metric(key, 1 if row.get("up") else 0)
+            seconds.add_metric(key, count_value=row.get("seconds_count", 0), sum_value=row.get("seconds_total", 0.0))
+    yield from (requests, errors, in_flight, up, seconds)
 
 
 class JobCollector:

@@ -39,7 +39,9 @@ CLIENT_TURN_ROLES = ("user", "assistant")
 CLIENT_SYSTEM_ROLES = ("system", "developer")
 DEFAULT_USER_NAME = "User"
 USER_NAME_MAX = 100  # Conversation.user_name
-LOGPROBS_BACKEND = "llama_cpp"  # the only backend that exposes its logits
+LOGPROBS_BACKEND = "llama_cpp"  # the local backend that exposes its logits
+# Remote models pass logprobs through from their upstreams (llama-server and vLLM return them).
+LOGPROBS_BACKENDS = (LOGPROBS_BACKEND, "openai_compatible")
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def requested_logprobs(*, data: dict, engine, legacy: bool = False) -> int | Non
     if count is None:
         return None
     backend = engine.spec.backend
-    if backend != LOGPROBS_BACKEND:
+    if backend not in LOGPROBS_BACKENDS:
         raise ApiError(f"logprobs need the {LOGPROBS_BACKEND} backend; model {engine.spec.name!r} uses {backend}.",
                        param="logprobs", code="unsupported")
     return int(count)
@@ -258,7 +260,10 @@ def _with_tools(params: SamplingParams, tools: ToolRequest | None, *, engine) ->
     if params.grammar is not None:
         raise ApiError("response_format cannot be combined with tools that may be called; send tool_choice "
                        "\"none\" or leave response_format out.", param="response_format")
-    if engine.spec.backend == "openai_compatible" and engine.spec.remote_api == "chat":
+    # A llama.cpp upstream takes our grammar: a forced call (required, a named function) is enforced by it as
+    # locally, whatever the upstream's template makes of tools. "auto" lets the upstream's own tool calling decide.
+    forced_here = tools.must_call and getattr(engine, "accepts_grammar", False)
+    if engine.spec.backend == "openai_compatible" and engine.spec.remote_api == "chat" and not forced_here:
         tools_json = json.dumps({"tools": [tool.as_openai() for tool in tools.tools], "tool_choice": tools.openai_choice,
                                  "parallel_tool_calls": tools.parallel})
         return dataclasses.replace(params, tools_json=tools_json)

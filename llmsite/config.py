@@ -16,16 +16,18 @@ from urllib.parse import urlsplit
 import yaml
 
 # The engine's own types: the config describes what the engine loads (chat/engine has no Django).
-from chat.engine.types import BACKENDS, REMOTE_BACKEND, ModelSpec, SamplingParams
+from chat.engine.types import BACKENDS, REMOTE_BACKEND, ROUTINGS, ModelSpec, SamplingParams
 
 REMOTE = REMOTE_BACKEND  # an OpenAI-compatible server pool generates (vLLM, llama-server)
 REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "timeout", "connect_timeout",
-                  "max_connections")
+                  "max_connections", "routing")
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
 ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
-                 "prefix_cache_mb", "chat_template", "flash_attention", *REMOTE_OPTIONS, *ENGINE_OPTIONS)
-INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "max_connections",
+                 "prefix_cache_mb", "chat_template", "flash_attention", "state_dir", "state_cache_mb",
+                 *REMOTE_OPTIONS, *ENGINE_OPTIONS)
+INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "state_cache_mb",
+                   "max_connections",
                    *ENGINE_OPTIONS)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The sampling config.yaml may set; their defaults are the engine's own (one place: SamplingParams).
@@ -152,6 +154,11 @@ def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelSpec:
     resolved = Path(model_path)
     if not resolved.is_absolute():
         resolved = base_dir / resolved
+    if "state_dir" in options:  # saved states on disk (chat/engine/state_store.py); relative to this folder
+        if not isinstance(options["state_dir"], str):
+            fail(f"model {name!r}: state_dir must be a folder path")
+        if options["state_dir"].strip():
+            options = {**options, "state_dir": str(base_dir / Path(options["state_dir"].strip()))}
     return _spec(fail, name=name.strip(), path=str(resolved), **options)
 
 
@@ -186,6 +193,8 @@ def _remote_options(name, options: dict, fail) -> dict:
         fail(f"model {name!r}: remote_model must be a non-empty string")
     if options.get("remote_api", "chat") not in ("chat", "completions"):
         fail(f"model {name!r}: remote_api must be chat or completions, got {options['remote_api']!r}")
+    if options.get("routing", "affinity") not in ROUTINGS:
+        fail(f"model {name!r}: routing must be affinity or round_robin, got {options['routing']!r}")
     for key in ("timeout", "connect_timeout"):
         value = options.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
@@ -195,7 +204,7 @@ def _remote_options(name, options: dict, fail) -> dict:
     # Options of the local backends (threads, gpu_layers...) mean nothing to a remote server.
     return {key: options[key] for key in ("base_urls", "remote_model", "api_key_env", "remote_api", "timeout",
                                           "connect_timeout", "max_connections", "backend", "context_length",
-                                          "chat_template") if key in options}
+                                          "chat_template", "routing") if key in options}
 
 
 def _name_from_path(model_path) -> str:

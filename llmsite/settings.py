@@ -70,6 +70,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "chat.ops.middleware.RequestIdMiddleware",
     "chat.ops.middleware.RequestLogMiddleware",
+    "chat.ops.drain.DrainMiddleware",  # after SIGTERM: new API requests 503 (manage.py serve)
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -324,6 +325,8 @@ WORKER_METRICS_HOST = os.environ.get("WORKER_METRICS_HOST", "127.0.0.1")
 
 # Named in an X-Served-By response header when set (several instances behind a load balancer).
 INSTANCE_NAME = os.environ.get("INSTANCE_NAME", "")
+# After SIGTERM, `manage.py serve` waits this many seconds at most for running replies (chat/ops/drain.py).
+DRAIN_TIMEOUT = env_float("DRAIN_TIMEOUT", 30.0, minimum=0)
 
 # daphne serves the admin's static files itself unless a proxy (deploy/nginx.conf) does.
 SERVE_STATIC = env_bool("SERVE_STATIC", True)

@@ -1,4 +1,4 @@
-"""A real daphne server in a child process, with its own SQLite file, for end-to-end tests.
+"""A real daphne server (`manage.py serve`: daphne with the graceful drain) in a child process, with its own SQLite file, for end-to-end tests.
 
 The child reads settings from its environment like any deployment; the test talks to it over
 HTTP/WebSocket only, and prepares or inspects its database through `manage()`, a separate
@@ -61,7 +61,7 @@ class LiveServer:
         self.port = self.port or free_port()
         log = open(self.workdir / f"daphne-{self.port}.log", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "llmsite.asgi:application"],
+            [sys.executable, "manage.py", "serve", "-b", "127.0.0.1", "-p", str(self.port), "llmsite.asgi:application"],
             cwd=ROOT, env=self.child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -10,6 +10,11 @@ The upstream tokenizes what it is sent, with its own special-token parsing: cont
 the messages and tools (client text, character content) are broken up with a word joiner before
 they are rendered or sent (chat/engine/prompt.py `neutralized`), so only markup is markup.
 
+Upstreams are chosen by chat/engine/routing.py (`routing:` affinity by prompt prefix, or round_robin);
+an upstream that fails before or during a reply hands the request to the next one (a reply already
+begun continues there from its partial text, so nothing is lost or repeated), and a health check
+thread probes each upstream's /health every HEALTH_INTERVAL seconds.
+
 Each request streams (SSE) from a worker thread into a Generation. Cancelling the generation shuts
 the upstream connection, so the upstream stops generating. `submit` waits until an idle worker's
 upstream has accepted the request, so an unreachable pool or a prompt that is too long is raised
@@ -26,6 +31,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from collections import OrderedDict, deque
 
@@ -41,8 +47,10 @@ from .errors import (
     UnsupportedFeature,
 )
 from .generation import Generation
+from .logprobs import TokenLogprob, TopLogprob
 from .prompt import neutralized
 from .protocol import EngineProtocol
+from .routing import affinity_key
 from .tool_call_text import ToolCallText
 from .types import Completion, ModelSpec, SamplingParams
 from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error, upstream_error_message
@@ -52,6 +60,7 @@ logger = logging.getLogger(__name__)
 _TAG_LITERAL = re.compile(r"<\|[^\s<>|]{1,64}\|>|<[A-Za-z_/][^\s<>'\"]{0,40}>|\[/?[A-Z][A-Z_]{1,30}\]")
 CHARS_PER_TOKEN = 4  # the estimate when the upstream has no tokenize endpoint (English prose averages ~4)
 TOKEN_CACHE_SIZE = 256  # texts whose token counts are remembered (history turns repeat every request)
+HEALTH_INTERVAL = 10.0  # seconds between health probes of each upstream
 
 
 class RenderedChat(str):
@@ -133,6 +142,10 @@ class RemoteTokenizer:
             return None
         return tokens
 
+    def dialect_now(self) -> str | None:
+        """The upstream's dialect, asking it if not known yet (None while no upstream answers)."""
+        return self._ensure_dialect()
+
     def _ensure_dialect(self) -> str | None:
         if self.dialect is not None:
             return self.dialect
@@ -179,11 +192,18 @@ def _is_token_list(value) -> bool:
 class _Request:
     """One submitted request on its way through a worker thread."""
 
-    def __init__(self, *, path: str, body: dict, chat: bool, prompt_tokens: int):
+    def __init__(self, *, path: str, body: dict, chat: bool, prompt_tokens: int, key: str | None = None):
         self.path = path
         self.body = body
         self.chat = chat
         self.prompt_tokens = prompt_tokens
+        self.key = key  # what routes it (chat/engine/routing.py)
+        self.parts: list[str] = []  # text pushed so far, over every upstream that served it
+        self.pieces = 0
+        self.attempts = 0  # upstreams that began streaming it
+        self.echo = ""  # on a continuation: the partial text the upstream may repeat first (llama-server does)
+        self.tool_calls_seen = False  # a reply with tool-call deltas is not continued elsewhere
+        self.logprobs: list = []  # TokenLogprob records passed through from the upstream
         self.generation: Generation | None = None
         self.lock = threading.Lock()
         self.cancelled = False
@@ -224,6 +244,42 @@ def _transport_reason(error: Exception, connect_timeout: float, timeout: float) 
     return "a network error"
 
 
+def _token_logprobs(data) -> tuple[TokenLogprob, ...]:
+    """The upstream's logprobs of a chunk ({"content": [{token, logprob, bytes, top_logprobs}]}, as OpenAI, vLLM
+    and llama-server send them) as the engine's records; entries it cannot read are skipped."""
+    entries = data.get("content") if isinstance(data, dict) else None
+    records = []
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+            continue
+        try:
+            top = tuple(TopLogprob(token=str(t.get("token", "")), logprob=float(t.get("logprob")),
+                                   bytes=_token_bytes(t))
+                        for t in entry.get("top_logprobs") or () if isinstance(t, dict))
+            records.append(TokenLogprob(token=entry["token"], logprob=float(entry.get("logprob")),
+                                        bytes=_token_bytes(entry), top=top))
+        except (TypeError, ValueError):
+            continue
+    return tuple(records)
+
+
+def _token_bytes(entry: dict) -> bytes:
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw)
+    return str(entry.get("token", "")).encode("utf-8")
+
+
+def _without_echo(request: _Request, piece: str) -> str:
+    """On a continuation, drop the start of the new stream that repeats the partial text already sent."""
+    echo = request.echo
+    if echo.startswith(piece):
+        request.echo = echo[len(piece):]
+        return ""
+    request.echo = ""
+    return piece[len(echo):] if piece.startswith(echo) else piece
+
+
 def _sse_events(lines):
     """The data of each server-sent event (comment lines such as pings are skipped)."""
     data: list[str] = []
@@ -244,7 +300,7 @@ class RemoteEngine(EngineProtocol):
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.context_length = spec.context_length
-        self._pool = UpstreamPool(spec.base_urls)
+        self._pool = UpstreamPool(spec.base_urls, routing=spec.routing)
         self._remote_model = spec.remote_model or spec.name
         headers = {"Accept": "text/event-stream"}
         if spec.api_key_env:
@@ -267,8 +323,9 @@ class RemoteEngine(EngineProtocol):
         self._client = httpx.Client(timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout), limits=limits)
         self._token_client = httpx.Client(timeout=httpx.Timeout(min(spec.timeout, 30.0), connect=spec.connect_timeout),
                                           limits=httpx.Limits(max_connections=4, max_keepalive_connections=4))
+        self._tokenizer_headers = {k: v for k, v in headers.items() if k != "Accept"}
         self._tokenizer = RemoteTokenizer(pool=self._pool, client=self._token_client, model=self._remote_model,
-                                          headers={k: v for k, v in headers.items() if k != "Accept"})
+                                          headers=self._tokenizer_headers)
         self._lock = threading.Condition()
         self._pending: deque[_Request] = deque()
         self._requests: set[_Request] = set()  # submitted and not finished
@@ -277,8 +334,13 @@ class RemoteEngine(EngineProtocol):
         self._active = 0
         self._closed = False
         self._counters = {"requests": 0, "tokens_generated": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
-                          "prefix_hits": 0, "prefix_misses": 0, "upstream_failures": 0, "peak_active": 0}
-        logger.info("model %r: served by %s (model %r)", spec.name, self._pool.label, self._remote_model)
+                          "prefix_hits": 0, "prefix_misses": 0, "upstream_failures": 0, "peak_active": 0,
+                          "failovers": 0}
+        self._stopping = threading.Event()
+        self._health = threading.Thread(target=self._check_health, name=f"remote-{spec.name}-health", daemon=True)
+        self._health.start()
+        logger.info("model %r: served by %s (model %r, routing %s)", spec.name, self._pool.label, self._remote_model,
+                    spec.routing)
 
     def __repr__(self) -> str:
         return f"<RemoteEngine {self.spec.name} ({self._pool.label})>"
@@ -302,6 +364,12 @@ class RemoteEngine(EngineProtocol):
         return self._tokenizer.detokenize(tokens)
 
     template_supports_tools = False  # tools go to the upstream itself (SamplingParams.tools_json)
+
+    @property
+    def accepts_grammar(self) -> bool:
+        """Whether the upstream is a llama.cpp server (llama-server, llama-cpp-python), which enforces a GBNF
+        `grammar` in the request; known from its tokenize endpoint (asked once)."""
+        return self._tokenizer.dialect_now() in ("llama_server", "llama_cpp_python")
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> str:
@@ -330,13 +398,12 @@ class RemoteEngine(EngineProtocol):
         """
         if self._closed:
             raise EngineClosed(f"Model {self.spec.name!r} is shutting down.")
-        if params.logprobs is not None:  # the upstream's logprobs are not read back: refuse rather than drop them
-            raise UnsupportedFeature("logprobs need the llama_cpp backend; this model is served by a remote upstream.")
         count = len(self.prompt_tokens(prompt))
         if count + 1 > self.context_length:
             raise ContextOverflow(count, self.context_length)
         chat = isinstance(prompt, RenderedChat) and bool(prompt.messages) and self.spec.remote_api == "chat"
         request = _Request(path="/v1/chat/completions" if chat else "/v1/completions", chat=chat, prompt_tokens=count,
+                           key=affinity_key(prompt),
                            body=self._body(prompt, params, chat=chat,
                                            max_tokens=min(params.max_tokens, self.context_length - count)))
         request.generation = Generation(uuid.uuid4().hex, on_cancel=request.cancel)
@@ -374,6 +441,7 @@ class RemoteEngine(EngineProtocol):
             if self._closed:
                 return
             self._closed = True
+            self._stopping.set()
             requests, workers = list(self._requests), list(self._workers)
             self._pending.clear()
             self._lock.notify_all()
@@ -405,6 +473,11 @@ class RemoteEngine(EngineProtocol):
             body["stop"] = list(params.stop)
         if params.grammar:
             body["grammar"] = params.grammar  # llama.cpp servers; vLLM ignores it
+        if params.logprobs is not None:  # passed through: the reply's logprobs come from the upstream
+            if chat:
+                body["logprobs"], body["top_logprobs"] = True, params.logprobs
+            else:
+                body["logprobs"] = params.logprobs
         if params.tools_json and chat:
             # The upstream's own tool calling; the client's tool texts reach its template, so as text only.
             body.update(neutralized(json.loads(params.tools_json), self._markup))
@@ -436,46 +509,78 @@ class RemoteEngine(EngineProtocol):
 
     def _serve(self, request: _Request) -> None:
         tried, reason = [], "no upstream server is configured."
-        for upstream in self._pool.candidates():
+        for upstream in self._pool.candidates(key=request.key):
             if request.cancelled:
                 self._finish(request, "", "cancelled", 0)
                 return
+            body = self._attempt_body(request)
+            if body is None:  # a continued reply already used up max_tokens
+                self._finish(request, "".join(request.parts), "length", request.pieces)
+                return
+            started, failed = time.monotonic(), True
+            self._pool.began(upstream)
             try:
-                response = self._client.send(
-                    self._client.build_request("POST", upstream.root + request.path, json=request.body,
-                                               headers=self._headers), stream=True)
-            except httpx.TransportError as error:
-                reason = _transport_reason(error, self.spec.connect_timeout, self.spec.timeout)
-                self._upstream_failed(upstream, reason)
-                tried.append(upstream.label)
-                continue
-            if response.status_code != 200:
-                body = response.read()
-                response.close()
-                if response.status_code >= 500 or response.status_code == 429:
-                    reason = f"HTTP {response.status_code}"
-                    self._upstream_failed(upstream, f"{reason}: {upstream_error_message(body)}")
+                try:
+                    response = self._client.send(
+                        self._client.build_request("POST", upstream.root + request.path, json=body,
+                                                   headers=self._headers), stream=True)
+                except httpx.TransportError as error:
+                    reason = _transport_reason(error, self.spec.connect_timeout, self.spec.timeout)
+                    self._upstream_failed(upstream, reason)
                     tried.append(upstream.label)
                     continue
+                if response.status_code != 200:
+                    answer = response.read()
+                    response.close()
+                    if response.status_code >= 500 or response.status_code == 429:
+                        reason = f"HTTP {response.status_code}"
+                        self._upstream_failed(upstream, f"{reason}: {upstream_error_message(answer)}")
+                        tried.append(upstream.label)
+                        continue
+                    self._pool.succeeded(upstream)
+                    self._fail(request, error_for_status(model=self.spec.name, upstream=upstream,
+                                                         status=response.status_code, body=answer,
+                                                         prompt_tokens=request.prompt_tokens,
+                                                         context_length=self.context_length))
+                    failed = False
+                    return
                 self._pool.succeeded(upstream)
-                self._fail(request, error_for_status(model=self.spec.name, upstream=upstream,
-                                                     status=response.status_code, body=body,
-                                                     prompt_tokens=request.prompt_tokens,
-                                                     context_length=self.context_length))
-                return
-            self._pool.succeeded(upstream)
-            try:
-                self._stream(request, upstream, response)
+                try:
+                    broke_off = self._stream(request, upstream, response)
+                finally:
+                    with request.lock:
+                        request.response = None  # a late cancel() must not touch a connection back in the pool
+                    response.close()
+                if broke_off is None:
+                    failed = False
+                    return
+                reason = broke_off  # the upstream failed mid-reply: the next one continues it
+                tried.append(upstream.label)
+                with self._lock:
+                    self._counters["failovers"] += 1
             finally:
-                with request.lock:
-                    request.response = None  # a late cancel() must not touch a connection back in the pool
-                response.close()
-            return
+                self._pool.ended(upstream, seconds=time.monotonic() - started, error=failed)
         # When the whole pool is down, name all of it: the ones skipped as down failed a moment ago.
         whole_pool = not any(upstream.up for upstream in self._pool.upstreams)
         names = self._pool.label if whole_pool or not tried else ", ".join(tried)
         plural = "servers do" if names.count(",") else "server does"
         self._fail(request, ModelUnavailable(self.spec.name, names, f"the upstream {plural} not answer ({reason})."))
+
+    def _attempt_body(self, request: _Request) -> dict | None:
+        """The body for the next upstream: the request itself, or its continuation after the text so far."""
+        if not request.parts:
+            return request.body
+        partial = "".join(request.parts)
+        body = dict(request.body, max_tokens=request.body["max_tokens"] - request.pieces)
+        if body["max_tokens"] <= 0:
+            return None
+        if request.chat:  # a trailing assistant message is continued (llama-server, vLLM with continue_final_message)
+            body["messages"] = list(request.body["messages"]) + [{"role": "assistant", "content": partial}]
+            body["continue_final_message"], body["add_generation_prompt"] = True, False
+        else:
+            body["prompt"] = request.body["prompt"] + partial
+        request.echo = partial
+        return body
 
     def _stream(self, request: _Request, upstream: Upstream, response: httpx.Response) -> None:
         with request.lock:
@@ -484,10 +589,11 @@ class RemoteEngine(EngineProtocol):
             request.caller_waiting = False  # from here on, errors reach the reader through the generation
         request.accepted.set()
         if cancelled:
-            self._finish(request, "", "cancelled", 0)
-            return
-        parts: list[str] = []
-        pieces, finish, usage, done = 0, None, None, False
+            self._finish(request, "".join(request.parts), "cancelled", request.pieces)
+            return None
+        request.attempts += 1
+        parts = request.parts
+        finish, usage, done = None, None, False
         tool_text = ToolCallText()  # the upstream's tool_calls, as the text chat/tooling/calls.py reads
         try:
             if "text/event-stream" in response.headers.get("content-type", ""):
@@ -509,7 +615,7 @@ class RemoteEngine(EngineProtocol):
                     continue
                 if chunk.get("error"):
                     self._fail(request, self._error_in_stream(upstream, chunk, request.prompt_tokens))
-                    return
+                    return None
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     if choice.get("index", 0) != 0:
@@ -517,34 +623,66 @@ class RemoteEngine(EngineProtocol):
                     message = choice.get("delta") or choice.get("message") or {}
                     piece = message.get("content") if request.chat else choice.get("text")
                     if request.chat and isinstance(message.get("tool_calls"), list):
+                        request.tool_calls_seen = True
                         piece = (piece or "") + tool_text.feed(message["tool_calls"])
-                    if piece:
-                        parts.append(piece)
-                        pieces += 1
-                        request.generation._push_text(piece)
+                    piece = _without_echo(request, piece) if request.echo and piece else piece
+                    logprobs = _token_logprobs(choice.get("logprobs")) if request.body.get("logprobs") else ()
+                    if piece or logprobs:
+                        request.logprobs.extend(logprobs)
+                        if piece:
+                            parts.append(piece)
+                        request.pieces += 1
+                        request.generation._push_text(piece or "", logprobs)
                     finish = choice.get("finish_reason") or finish
         except httpx.TransportError as error:
             if request.cancelled or self._closed:
-                self._finish(request, "".join(parts), "cancelled", pieces)
-                return
+                self._finish(request, "".join(parts), "cancelled", request.pieces)
+                return None
             reason = _transport_reason(error, self.spec.connect_timeout, self.spec.timeout)
             self._upstream_failed(upstream, f"mid-stream: {reason}")
-            self._fail(request, ModelUnavailable(self.spec.name, upstream.label,
-                                                 f"the upstream server stopped in the middle of the reply ({reason})."))
-            return
+            return self._broke_off(request, upstream, f"stopped in the middle of the reply: {reason}")
         if request.cancelled:
-            self._finish(request, "".join(parts), "cancelled", pieces)
-            return
+            self._finish(request, "".join(parts), "cancelled", request.pieces)
+            return None
+        if not done and finish is None:
+            self._upstream_failed(upstream, "the stream ended without a finish")
+            return self._broke_off(request, upstream, "stopped in the middle of the reply")
         closing = tool_text.close()
         if closing:
             parts.append(closing)
             request.generation._push_text(closing)
-        if not done and finish is None:
-            self._upstream_failed(upstream, "the stream ended without a finish")
+        # A continued reply: the last upstream's usage covers only its own part.
+        usage = usage if request.attempts == 1 else None
+        self._finish(request, "".join(parts), "length" if finish == "length" else "stop", request.pieces, usage)
+        return None
+
+    def _broke_off(self, request: _Request, upstream: Upstream, reason: str) -> str | None:
+        """After an upstream failed mid-reply: the reason (the next upstream continues the reply), or None
+        once the request has failed (a reply with tool calls under way cannot be continued elsewhere)."""
+        if request.tool_calls_seen:
             self._fail(request, ModelUnavailable(self.spec.name, upstream.label,
-                                                 "the upstream server stopped in the middle of the reply."))
-            return
-        self._finish(request, "".join(parts), "length" if finish == "length" else "stop", pieces, usage)
+                                                 f"the upstream server {reason}."))
+            return None
+        return reason
+
+    def _check_health(self) -> None:
+        """Probe each upstream's /health on a timer: a failed one is skipped until it answers again."""
+        while not self._stopping.wait(HEALTH_INTERVAL):
+            for upstream in self._pool.upstreams:
+                try:
+                    status = self._token_client.get(upstream.root + "/health", headers=self._tokenizer_headers).status_code
+                except httpx.HTTPError:
+                    status = None
+                except RuntimeError:  # the client was closed under us
+                    return
+                if status is None or status in (502, 503, 504):  # 503: llama-server still loading its model
+                    if upstream.up:
+                        logger.warning("model %r: upstream %s failed its health check (%s)", self.spec.name,
+                                       upstream.label, f"HTTP {status}" if status else "no answer")
+                    self._pool.failed(upstream)
+                elif not upstream.up:  # 200, or 404/501 from a server without /health: it answers
+                    logger.info("model %r: upstream %s answers again", self.spec.name, upstream.label)
+                    self._pool.succeeded(upstream)
 
     def _error_in_stream(self, upstream: Upstream, chunk: dict, prompt_tokens: int) -> EngineError:
         raw = json.dumps(chunk).encode()
@@ -561,7 +699,8 @@ class RemoteEngine(EngineProtocol):
         completion = Completion(text=text, finish_reason=reason,
                                 prompt_tokens=int(usage.get("prompt_tokens") or request.prompt_tokens),
                                 completion_tokens=int(usage.get("completion_tokens") or pieces),
-                                cached_prompt_tokens=cached)
+                                cached_prompt_tokens=cached,
+                                logprobs=tuple(request.logprobs) if request.body.get("logprobs") else None)
         with self._lock:
             self._counters["tokens_generated"] += completion.completion_tokens
             self._counters["prompt_tokens"] += completion.prompt_tokens

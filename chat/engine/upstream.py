@@ -1,4 +1,5 @@
-"""The upstream servers of a remote model: round-robin choice, skipping the ones that failed, error mapping.
+"""The upstream servers of a remote model: the choice (chat/engine/routing.py), skipping the ones that failed,
+per-upstream counters, error mapping.
 
 Pure Python (no httpx here): chat/engine/remote.py does the HTTP and reports each outcome back.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .errors import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable
+from .routing import Router
 
 RETRY_DOWN_AFTER = 5.0  # seconds a failed upstream is skipped before a request tries it again
 
@@ -32,7 +34,13 @@ class Upstream:
     root: str  # the server's root URL: "/v1" and a trailing "/" are removed
     label: str
     down_until: float = 0.0  # 0 while it answers
-    failures: int = 0
+    failures: int = 0  # in a row; 0 once it answers again
+    # Counters since start (per-upstream metrics): requests sent, errors, open now, seconds of finished requests.
+    requests: int = 0
+    errors: int = 0
+    in_flight: int = 0
+    seconds_total: float = 0.0
+    seconds_count: int = 0
 
     @classmethod
     def from_url(cls, url: str) -> Upstream:
@@ -49,18 +57,20 @@ class Upstream:
 
 
 class UpstreamPool:
-    """Upstreams in round-robin order; one that fails is skipped until it answers again.
+    """Upstreams in the router's order (prefix affinity or round-robin); one that fails is skipped until it
+    answers again.
 
     A failed upstream is tried again by one request after RETRY_DOWN_AFTER seconds (and again
     after each further failure); when every upstream is down, the one due soonest is still tried,
     so a recovered pool is noticed at once instead of failing requests without asking.
     """
 
-    def __init__(self, urls, *, retry_after: float = RETRY_DOWN_AFTER):
+    def __init__(self, urls, *, retry_after: float = RETRY_DOWN_AFTER, routing: str = "round_robin"):
         self.upstreams = [Upstream.from_url(url) for url in urls]
         if not self.upstreams:
             raise ValueError("at least one upstream URL is needed")
         self.retry_after = retry_after
+        self.router = Router([upstream.root for upstream in self.upstreams], policy=routing)
         self._next = 0
         self._lock = threading.Lock()
 
@@ -68,18 +78,22 @@ class UpstreamPool:
     def label(self) -> str:
         return ", ".join(upstream.label for upstream in self.upstreams)
 
-    def candidates(self, *, rotate: bool = True) -> list[Upstream]:
-        """The upstreams to try for one request, in order: answering ones (rotated), then those due a retry.
+    def candidates(self, *, rotate: bool = True, key: str | None = None) -> list[Upstream]:
+        """The upstreams to try for one request, in order: answering ones (the router's order for `key`),
+        then those due a retry.
 
-        rotate=False (token counting) keeps the rotation where it is: otherwise a request's own
-        tokenize call would take every other turn, and generations would all land on one upstream.
+        rotate=False (token counting) takes the upstreams as they stand without moving the rotation:
+        otherwise a request's own tokenize call would take every other turn, and generations would all
+        land on one upstream.
         """
         now = time.monotonic()
         with self._lock:
-            start = self._next
             if rotate:
-                self._next = (self._next + 1) % len(self.upstreams)
-            rotated = self.upstreams[start:] + self.upstreams[:start]
+                order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams])
+            else:
+                order = [(self._next + step) % len(self.upstreams) for step in range(len(self.upstreams))]
+            self._next = (order[0] + 1) % len(self.upstreams)
+            rotated = [self.upstreams[index] for index in order]
             up = [upstream for upstream in rotated if upstream.up]
             due = [upstream for upstream in rotated if not upstream.up and upstream.down_until <= now]
             for upstream in due:  # one request at a time probes a down upstream
@@ -97,9 +111,24 @@ class UpstreamPool:
             upstream.down_until = time.monotonic() + self.retry_after
             upstream.failures += 1
 
+    def began(self, upstream: Upstream) -> None:
+        """A request was sent to `upstream` (counts towards its load until `ended`)."""
+        with self._lock:
+            upstream.requests += 1
+            upstream.in_flight += 1
+
+    def ended(self, upstream: Upstream, *, seconds: float, error: bool) -> None:
+        with self._lock:
+            upstream.in_flight -= 1
+            upstream.seconds_total += seconds
+            upstream.seconds_count += 1
+            upstream.errors += int(error)
+
     def status(self) -> list[dict]:
         with self._lock:
-            return [{"upstream": upstream.label, "up": upstream.up, "failures": upstream.failures}
+            return [{"upstream": upstream.label, "up": upstream.up, "failures": upstream.failures,
+                     "requests": upstream.requests, "errors": upstream.errors, "in_flight": upstream.in_flight,
+                     "seconds_total": round(upstream.seconds_total, 6), "seconds_count": upstream.seconds_count}
                     for upstream in self.upstreams]
 
 

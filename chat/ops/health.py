@@ -11,6 +11,8 @@ from chat.engine import EngineError
 
 from chat.engines import get_engine, get_registry
 
+from .drain import is_draining
+
 
 def check_database() -> dict:
     try:
@@ -58,4 +60,6 @@ def readiness() -> tuple[bool, dict]:
     redis_check = check_redis()
     if redis_check is not None:
         checks["redis"] = redis_check
+    if is_draining():  # SIGTERM received (manage.py serve): the balancer must stop sending requests here
+        checks["drain"] = {"ok": False, "error": "this instance is shutting down"}
     return all(check["ok"] for check in checks.values()), checks

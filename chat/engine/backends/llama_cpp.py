@@ -38,7 +38,8 @@ from pathlib import Path
 from ..errors import EngineError, GenerationFailed, InvalidRequest, ModelUnavailable, SequencesFailed
 from ..logprobs import TokenLogprob, TopLogprob, log_softmax_top
 from ..prefill_budget import PrefillBudget
-from ..prefix_cache import PrefixCache, common_prefix_length
+from ..prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
+from ..state_store import StateStore, model_fingerprint
 from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
@@ -221,6 +222,9 @@ class LlamaCppBackend(Backend):
         self._batch = llama.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq_id) for seq_id in range(spec.parallel)]
         self._cache = PrefixCache(spec.prefix_cache_mb * 1024 * 1024)
+        # Saved states on disk (state_store.py): written where the memory cache saves, read where it misses.
+        self._disk = (StateStore(spec.state_dir, fingerprint=model_fingerprint(spec.path),
+                                 budget_bytes=spec.state_cache_mb * 1024 * 1024) if spec.state_dir else None)
         self._decode_seconds = 0.0
         self._prompt_tokens_evaluated = 0  # prompt tokens that went through llama_decode (cached ones excluded)
         self._shared_prefixes = 0  # prefixes copied from a busy slot instead of evaluated
@@ -332,6 +336,8 @@ class LlamaCppBackend(Backend):
         resident_slot = max(free, key=lambda s: common_prefix_length(s.kv_tokens, prompt))
         resident = min(common_prefix_length(resident_slot.kv_tokens, prompt), limit)
         entry, cached = self._cache.longest_match(prompt) if self._cache.budget_bytes else (None, 0)
+        if self._disk is not None and cached < MIN_REUSE_FROM_CACHE:
+            entry, cached = self._from_disk(prompt, entry, cached)
         cached = min(cached, limit)
         share = self._share_source(prompt, limit)
         if share is not None and share.length < max(resident, cached) + MIN_SHARE_GAIN:
@@ -421,16 +427,26 @@ class LlamaCppBackend(Backend):
         return 0
 
     def _save_to_cache(self, slot: _Slot) -> None:
-        if not self._cache.budget_bytes or self._cache.covers(slot.kv_tokens):
+        if (not self._cache.budget_bytes or self._cache.covers(slot.kv_tokens)) and self._disk is None:
             return
         if slot.copy_pending and not self._apply_copies(slot):  # it would save cells it does not hold yet
             return
         size = self._llama.llama_state_seq_get_size(self._context, slot.seq_id)
-        if size > self._cache.budget_bytes:
-            return
         state = (ctypes.c_uint8 * size)()
-        if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) == size:
+        if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) != size:
+            return
+        if self._cache.budget_bytes and size <= self._cache.budget_bytes and not self._cache.covers(slot.kv_tokens):
             self._cache.put(slot.kv_tokens, state, size)
+        if self._disk is not None:
+            self._disk.put(slot.kv_tokens, bytes(state))  # written by the store's own thread
+
+    def _from_disk(self, prompt: list[int], entry, cached: int):
+        """The state store's longest match when it beats the memory cache's, as a cache entry."""
+        stored, length = self._disk.longest_match(prompt)
+        if stored is None or length <= cached:
+            return entry, cached
+        size = len(stored.state)
+        return CachedPrefix(stored.tokens, (ctypes.c_uint8 * size).from_buffer_copy(stored.state), size), length
 
     def _apply_copies(self, slot: _Slot) -> bool:
         """Carry out the recorded llama_memory_seq_cp copies now. llama.cpp applies them at the start of a
@@ -700,6 +716,11 @@ class LlamaCppBackend(Backend):
     def close(self) -> None:
         if self._context is None:
             return
+        if self._disk is not None:  # at shutdown every slot's conversation goes to disk
+            for slot in self._slots:
+                if len(slot.kv_tokens) >= MIN_SAVE_TOKENS:
+                    self._save_to_cache(slot)
+            self._disk.close()
         self._cache.clear()
         self._llama.llama_batch_free(self._batch)
         self._llama.llama_free(self._context)

@@ -1,0 +1,84 @@
+"""Serve the site with daphne, draining on SIGTERM: `manage.py serve [daphne's options] llmsite.asgi:application`.
+
+daphne's own CLI stops at once on SIGTERM and cuts every running stream. This launcher runs
+daphne's Server with its own signal handling: the first SIGTERM (or SIGINT) starts the drain
+(chat/ops/drain.py: `/ready` and new API requests answer 503), the server stops once no request
+or generation is left or DRAIN_TIMEOUT seconds have passed; a second signal stops it at once.
+"""
+
+import logging
+import os
+import signal
+import time
+
+from daphne.cli import CommandLineInterface
+from daphne.server import Server
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from twisted.internet import reactor
+
+from chat.engines import reset_registry
+from chat.ops.drain import drain_begin, is_draining, work_in_progress
+
+logger = logging.getLogger("llmsite.drain")
+
+POLL_SECONDS = 0.2
+
+
+class DrainingServer(Server):
+    """daphne's Server with SIGTERM/SIGINT turned into a bounded drain."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["signal_handlers"] = False  # Twisted's handlers would stop the reactor at once
+        super().__init__(*args, **kwargs)
+        self.drain_deadline = None
+
+    def run(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        super().run()
+
+    def _on_signal(self, signum, frame):
+        reactor.callFromThread(self._drain_or_stop, signal.Signals(signum).name)
+
+    def _drain_or_stop(self, signame):
+        if is_draining():
+            logger.warning("%s during the drain: stopping now", signame)
+            self.stop()
+            return
+        drain_begin()
+        self.drain_deadline = time.monotonic() + settings.DRAIN_TIMEOUT
+        logger.info("%s: draining (%d in progress, at most %ss)", signame, work_in_progress(), settings.DRAIN_TIMEOUT)
+        self._drain_check()
+
+    def _drain_check(self):
+        remaining = work_in_progress()
+        if remaining == 0 or time.monotonic() >= self.drain_deadline:
+            if remaining:
+                logger.warning("drain timeout: stopping with %d request(s) or generation(s) still running", remaining)
+            else:
+                logger.info("drained: stopping")
+            self.stop()
+            return
+        reactor.callLater(POLL_SECONDS, self._drain_check)
+
+
+class DrainingCommandLine(CommandLineInterface):
+    server_class = DrainingServer
+
+
+class Command(BaseCommand):
+    help = "Run daphne (same options) with a graceful drain on SIGTERM bounded by DRAIN_TIMEOUT."
+
+    def run_from_argv(self, argv):
+        # daphne parses its own options: everything after `serve` goes to it unchanged.
+        DrainingCommandLine().run(argv[2:])
+        if work_in_progress():
+            # Stopped by DRAIN_TIMEOUT (or a second signal) with a decode still running: freeing the model
+            # under it could crash the process; exit at once and let the OS free it.
+            logging.shutdown()
+            os._exit(0)
+        reset_registry()  # stop the engines' threads and free the models
+
+    def handle(self, *args, **options):  # pragma: no cover - run_from_argv does the work
+        raise NotImplementedError

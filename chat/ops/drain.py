@@ -1,0 +1,134 @@
+"""Graceful drain: once SIGTERM arrives the instance admits nothing new and waits for running replies.
+
+`chat/management/commands/serve.py` (the launcher around daphne's Server) calls `drain_begin()`;
+`DrainMiddleware` then answers new API requests 503 with Retry-After, `/ready` answers 503
+(chat/ops/health.py), and the launcher stops the server once `work_in_progress()` is 0 or
+DRAIN_TIMEOUT has passed. Requests already admitted — streams included — run to their end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
+from chat.engines import loaded_engines
+from chat.errors import ServiceUnavailable, json_error_response
+
+RETRY_AFTER_SECONDS = 5  # a client retrying after this reaches another instance through the balancer
+
+_lock = threading.Lock()
+_draining_since: float | None = None
+_in_flight = 0  # API requests admitted and not yet finished (a stream counts until its last byte)
+
+
+def drain_begin() -> None:
+    global _draining_since
+    with _lock:
+        if _draining_since is None:
+            _draining_since = time.monotonic()
+
+
+def drain_reset() -> None:
+    """Admit again (tests)."""
+    global _draining_since
+    with _lock:
+        _draining_since = None
+
+
+def is_draining() -> bool:
+    return _draining_since is not None
+
+
+def requests_in_flight() -> int:
+    return _in_flight
+
+
+def _admit(delta: int) -> None:
+    global _in_flight
+    with _lock:
+        _in_flight += delta
+
+
+def work_in_progress() -> int:
+    """API requests in flight plus generations active or queued in this process's engines
+    (WebSocket replies count through the engines)."""
+    generations = 0
+    for _, engine in loaded_engines():
+        stats = engine.stats()
+        generations += int(stats.get("active", 0)) + int(stats.get("queued", 0))
+    return requests_in_flight() + generations
+
+
+def _is_api(request) -> bool:
+    return request.path.startswith("/v1/")
+
+
+class DrainMiddleware:
+    """Refuses new API requests while draining; counts the admitted ones until their reply has been sent."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def _refuse(self, request):
+        return json_error_response(ServiceUnavailable(
+            "This instance is shutting down; retry the request.", code="draining",
+            retry_after=RETRY_AFTER_SECONDS), request)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        if not _is_api(request):
+            return self.get_response(request)
+        if is_draining():
+            return self._refuse(request)
+        _admit(1)
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            _admit(-1)
+            raise
+        return self._release_after(response)
+
+    async def __acall__(self, request):
+        if not _is_api(request):
+            return await self.get_response(request)
+        if is_draining():
+            return self._refuse(request)
+        _admit(1)
+        try:
+            response = await self.get_response(request)
+        except BaseException:
+            _admit(-1)
+            raise
+        return self._release_after(response)
+
+    def _release_after(self, response):
+        if not response.streaming:
+            _admit(-1)
+        elif response.is_async:
+            response.streaming_content = _released_async(response.streaming_content)
+        else:
+            response.streaming_content = _released_sync(response.streaming_content)
+        return response
+
+
+async def _released_async(content):
+    try:
+        async for part in content:
+            yield part
+    finally:
+        _admit(-1)
+
+
+def _released_sync(content):
+    try:
+        yield from content
+    finally:
+        _admit(-1)

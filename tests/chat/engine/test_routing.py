@@ -1,0 +1,75 @@
+"""chat/engine/routing.py: consistent hashing with bounded load, and round-robin, without any server."""
+
+from collections import Counter
+
+import pytest
+
+from chat.engine.routing import Router, affinity_key
+
+LABELS = ["http://a:8080", "http://b:8080", "http://c:8080"]
+
+
+def test_the_same_key_gets_the_same_order_every_time_and_in_another_router():
+    first, second = Router(LABELS), Router(LABELS)
+    for index in range(50):
+        key = f"character {index}"
+        assert first.order(key, [0, 0, 0]) == first.order(key, [0, 0, 0]) == second.order(key, [0, 0, 0])
+
+
+def test_every_order_names_each_upstream_once():
+    router = Router(LABELS)
+    for index in range(50):
+        assert sorted(router.order(f"k{index}", [0, 0, 0])) == [0, 1, 2]
+
+
+def test_keys_spread_over_all_upstreams_roughly_evenly():
+    shares = Counter(Router(LABELS).preference(f"persona {index}")[0] for index in range(3000))
+    assert set(shares) == {0, 1, 2}
+    assert max(shares.values()) < 1.5 * 1000
+
+
+def test_removing_an_upstream_moves_only_the_keys_it_held():
+    before, after = Router(LABELS), Router(LABELS[:2])
+    keys = [f"persona {index}" for index in range(600)]
+    for key in keys:
+        first = LABELS[before.preference(key)[0]]
+        if first != LABELS[2]:
+            assert LABELS[after.preference(key)[0]] == first
+
+
+def test_an_upstream_at_capacity_is_passed_over_for_the_next_on_the_ring():
+    router = Router(LABELS)
+    key = "a busy character"
+    preferred = router.preference(key)
+    in_flight = [0, 0, 0]
+    in_flight[preferred[0]] = 5  # capacity with 6 in flight (5 + the new one): ceil(1.25 * 6 / 3) = 3
+    order = router.order(key, in_flight)
+    assert order[0] == preferred[1]
+    assert order[-1] == preferred[0]  # still a failover candidate
+
+
+def test_bounded_load_keeps_every_upstream_within_the_factor_of_the_mean():
+    router = Router(LABELS, load_factor=1.25)
+    in_flight = [0, 0, 0]
+    for _ in range(60):  # one hot key: everything wants the same upstream
+        in_flight[router.order("the only character", in_flight)[0]] += 1
+    assert max(in_flight) <= 1.25 * (sum(in_flight) / 3) + 1
+    assert sum(in_flight) == 60
+
+
+def test_round_robin_takes_turns_and_ignores_the_key():
+    router = Router(LABELS, policy="round_robin")
+    firsts = [router.order("same key", [0, 0, 0])[0] for _ in range(6)]
+    assert firsts == [0, 1, 2, 0, 1, 2]
+
+
+def test_the_affinity_key_is_the_start_of_the_prompt():
+    persona = "You are Captain Vera, " * 40
+    assert affinity_key(persona + "user: hi") == affinity_key(persona + "user: tell me more")
+    assert affinity_key("short prompt") == "short prompt"
+
+
+@pytest.mark.parametrize("options", [{"policy": "random"}, {"load_factor": 0.5}])
+def test_bad_options_are_refused(options):
+    with pytest.raises(ValueError):
+        Router(LABELS, **options)

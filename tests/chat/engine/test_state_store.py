@@ -1,0 +1,114 @@
+"""chat/engine/state_store.py: saved states on disk, bounded, found again after a restart, never trusted blindly."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from chat.engine.state_store import StateStore, model_fingerprint
+
+FINGERPRINT = "0123456789abcdef0123456789abcdef"
+OTHER_MODEL = "fedcba9876543210fedcba9876543210"
+
+
+def store_in(tmp_path, budget=1 << 20, fingerprint=FINGERPRINT) -> StateStore:
+    return StateStore(tmp_path, fingerprint=fingerprint, budget_bytes=budget)
+
+
+def test_a_state_written_is_found_by_a_longer_prompt_and_after_a_restart(tmp_path):
+    store = store_in(tmp_path)
+    assert store.put([1, 2, 3, 4], b"state of four tokens")
+    store.flush()
+    found, length = store.longest_match([1, 2, 3, 4, 5, 6])
+    assert (found.tokens, found.state, length) == ((1, 2, 3, 4), b"state of four tokens", 4)
+    store.close()
+
+    restarted = store_in(tmp_path)
+    found, length = restarted.longest_match([1, 2, 3, 9])
+    assert found.state == b"state of four tokens" and length == 3
+    assert restarted.longest_match([7, 8]) == (None, 0)
+
+
+def test_a_corrupt_file_is_ignored_and_removed(tmp_path):
+    store = store_in(tmp_path)
+    store.put([5, 6, 7], b"x" * 100)
+    store.flush()
+    (path,) = tmp_path.glob("*.kv")
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF  # one flipped byte inside the state
+    path.write_bytes(bytes(data))
+    assert store.longest_match([5, 6, 7, 8]) == (None, 0)
+    assert not path.exists()
+
+
+def test_a_truncated_file_is_removed_at_startup(tmp_path):
+    store = store_in(tmp_path)
+    store.put(list(range(50)), b"y" * 100)
+    store.flush()
+    (path,) = tmp_path.glob("*.kv")
+    path.write_bytes(path.read_bytes()[:60])
+    restarted = store_in(tmp_path)
+    assert len(restarted) == 0 and not path.exists()
+
+
+def test_a_file_of_another_model_is_ignored_and_removed(tmp_path):
+    other = store_in(tmp_path, fingerprint=OTHER_MODEL)
+    other.put([1, 2, 3], b"another model's state")
+    other.flush()
+    store = store_in(tmp_path)
+    assert store.longest_match([1, 2, 3]) == (None, 0)
+    assert list(tmp_path.glob("*.kv")) == []
+
+
+def test_the_directory_stays_within_its_budget_dropping_the_least_recently_used(tmp_path):
+    store = store_in(tmp_path, budget=3000)
+    for first in range(5):
+        store.put([first, 100, 101], bytes(900))
+        store.flush()
+        time.sleep(0.02)  # distinct modification times
+        if first == 2:
+            assert store.longest_match([0, 100, 101])[0] is not None  # touched: recently used
+    sizes = sum(path.stat().st_size for path in tmp_path.glob("*.kv"))
+    assert sizes <= 3000
+    assert store.longest_match([0, 100, 101])[0] is not None  # kept: used after 1 and 2
+    assert store.longest_match([1, 100, 101]) == (None, 0)  # the least recently used went first
+
+
+def test_a_longer_state_replaces_the_prefix_it_extends(tmp_path):
+    store = store_in(tmp_path)
+    store.put([1, 2], b"short")
+    store.flush()
+    store.put([1, 2, 3, 4], b"long")
+    store.flush()
+    assert len(list(tmp_path.glob("*.kv"))) == 1
+    assert store.longest_match([1, 2, 3, 4])[0].state == b"long"
+
+
+def test_put_never_blocks_when_the_writer_is_behind(tmp_path, monkeypatch):
+    store = store_in(tmp_path)
+    gate = __import__("threading").Event()
+    original = store._write
+    monkeypatch.setattr(store, "_write", lambda *args: (gate.wait(10), original(*args)))
+    results = [store.put([index], b"z") for index in range(50)]
+    assert not all(results) and store.dropped_writes > 0  # dropped, not waited for
+    gate.set()
+    store.flush()
+
+
+def test_the_fingerprint_changes_with_the_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(os.urandom(1000))
+    first = model_fingerprint(path)
+    assert model_fingerprint(path) == first
+    path.write_bytes(os.urandom(1000))
+    assert model_fingerprint(path) != first
+
+
+@pytest.mark.parametrize("budget", [10])
+def test_a_state_larger_than_the_budget_is_not_written(tmp_path, budget):
+    store = store_in(tmp_path, budget=budget)
+    store.put([1], b"much too large")
+    store.flush()
+    assert list(tmp_path.glob("*.kv")) == []
