@@ -92,7 +92,7 @@ class PeerServer:
         log = open(self.workdir / "peer.log", "ab")
         # interrupt_requests False: by default a waiting request cuts the running stream short.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--host", "127.0.0.1",
+            [sys.executable, "-m", "tests.llama_cpp_server", "--model", str(self.model), "--host", "127.0.0.1",
              "--port", str(self.port), "--n_ctx", str(self.context), "--n_threads", str(self.threads),
              "--interrupt_requests", "False", "--model_alias", MODEL_NAME],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
