@@ -62,6 +62,9 @@ class ChatPlan:
     cache_allowed: bool = True          # False: the client sent Cache-Control: no-cache
     request_key: str | None = None      # the fast-path cache key, when the request qualifies
     conversation_lease: ConversationLease | None = None  # held while continuing `conversation`
+    end_user: str = ""                  # the request's opaque `user` id: logged, never in the prompt
+    # The id a new conversation is stored under, known before the reply (a Responses API id names it).
+    new_conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
     def __post_init__(self):
         if self.conversation_lease is not None:
@@ -152,15 +155,16 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
-                    conversation_lease=lease)
+                    conversation_lease=lease, end_user=data.get("user") or "")
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:
-    """{{user}} for a new chat: the last user message's `name`, else the request's `user`, else
-    `fallback` (the logged-in user on the page), else "User". Whitespace is folded so a name
-    cannot start new lines in the prompt."""
+    """{{user}} for a new chat: the last user message's `name`, else `fallback` (the logged-in user on the page),
+    else "User". Whitespace is folded so a name cannot start new lines in the prompt. The request's `user` is
+    not a name: in the OpenAI API it is an opaque end-user id (often a hash or an email), kept for the request
+    log (ChatPlan.end_user) and never shown to the model."""
     last_user = next((m for m in reversed(data["messages"]) if m["role"] == "user"), {})
-    for candidate in (last_user.get("name"), data.get("user"), fallback):
+    for candidate in (last_user.get("name"), fallback):
         name = " ".join((candidate or "").split())[:USER_NAME_MAX]
         if name:
             return name
@@ -194,7 +198,18 @@ def sampling_params_for(*, data: dict, character: Character | None, engine, lega
         stop=tuple(data.get("stop") or ()),
         grammar=grammar_for_response_format(data.get("response_format")),
         logprobs=requested_logprobs(data=data, engine=engine, legacy=legacy),
+        logit_bias=requested_logit_bias(data=data, engine=engine),
     )
+
+
+def requested_logit_bias(*, data: dict, engine) -> tuple:
+    """The request's (token id, bias) pairs; a 400 naming `logit_bias` where the backend cannot apply them
+    (ctransformers has no logit access; a remote upstream is passed them)."""
+    pairs = data.get("logit_bias") or ()
+    if pairs and engine.spec.backend == "ctransformers":
+        raise ApiError(f"logit_bias needs the llama_cpp backend (or an upstream that takes it); model "
+                       f"{engine.spec.name!r} uses ctransformers.", param="logit_bias", code="unsupported")
+    return tuple(pairs)
 
 
 def grammar_for_response_format(response_format: dict | None) -> str | None:
