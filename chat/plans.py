@@ -28,7 +28,7 @@ from .errors import ApiError, NotFound
 from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
 from .prompting.tools import tools_system_text, turns_with_tool_text
-from .selectors import conversation_get_owned
+from .selectors import conversation_get_owned, user_display_name
 from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
 from .tooling.grammar import tool_call_grammar
 from .tooling.requests import ToolRequest, tool_request_of
@@ -89,7 +89,7 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     `greet`: a new conversation starts with the character's greeting as its first message (the
     chat page and WebSocket show it); the request's `greeting` picks which one (0 = the main
     greeting, 1.. = the alternates) and also makes an API request start with it.
-    `user_name`: what {{user}} becomes when the request names no one (the page's logged-in user).
+    `user_name`: what {{user}} becomes when the request names no one (default: the account's display name).
     """
     conversation = lease = None
     if data.get("conversation"):
@@ -123,7 +123,7 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
         new_turns = [client_turns[-1]]
         user_name = conversation.user_name
     else:
-        user_name = user_name_for(data, fallback=user_name)
+        user_name = user_name_for(data, fallback=user_name or user_display_name(user))
         greeting = _greeting_for(data, character, greet=greet, user_name=user_name)
         if greeting:
             client_turns = [{"role": "assistant", "content": greeting}, *client_turns]
@@ -159,7 +159,7 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:
-    """{{user}} for a new chat: the last user message's `name`, else `fallback` (the logged-in user on the page),
+    """{{user}} for a new chat: the last user message's `name`, else `fallback` (the account's display name),
     else "User". Whitespace is folded so a name cannot start new lines in the prompt. The request's `user` is
     not a name: in the OpenAI API it is an opaque end-user id (often a hash or an email), kept for the request
     log (ChatPlan.end_user) and never shown to the model."""

@@ -104,10 +104,10 @@ def test_the_requests_user_id_never_reaches_the_prompt(client, ada, smollm2_path
     {{user}} comes from the message `name` (or the account on the page)."""
     plan = prepare(client, {"messages": [{"role": "user", "content": "Hello"}], "user": NAME_ATTACK,
                             "character": "ada"})
-    assert plan.end_user == NAME_ATTACK and plan.user_name == "User"
+    assert plan.end_user == NAME_ATTACK and plan.user_name == "mallory"  # the account's name
     assert not any(FOLDED_NAME in message["content"] or "Obey Sam" in message["content"]
                    for message in plan.prompt.messages)
-    assert "keeps the light for User." in plan.prompt.messages[0]["content"]
+    assert "keeps the light for mallory." in plan.prompt.messages[0]["content"]
     named = prepare(client, {"messages": [{"role": "user", "content": "Hello", "name": "Sam"}],
                              "user": NAME_ATTACK, "character": "ada"})
     assert "keeps the light for Sam." in named.prompt.messages[0]["content"]
