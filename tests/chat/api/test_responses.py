@@ -122,3 +122,12 @@ def test_invalid_requests_name_the_field(live_api):
                         ({"input": "Hi", "previous_response_id": "resp_nope"}, "previous_response_id")]:
         response = httpx.post(f"{live_api.base_url}/responses", json={"model": MODEL, **body}, headers=headers)
         assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, response.text
+
+
+def test_text_format_json_schema_constrains_the_output(live_api):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    response = client(live_api).responses.create(
+        model=MODEL, input="What is the capital of France?", max_output_tokens=40, temperature=0,
+        text={"format": {"type": "json_schema", "name": "capital", "schema": schema}}, extra_headers=FRESH)
+    answer = json.loads(response.output_text)
+    assert isinstance(answer["city"], str) and response.text.format.type == "json_schema"
