@@ -17,7 +17,7 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
 from .engine import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable, UnknownModel, UnsupportedFeature
-from .engine.errors import EngineOverloaded
+from .engine.errors import EngineOverloaded, GenerationFailed
 
 logger = logging.getLogger("llmsite.api")
 
@@ -114,6 +114,9 @@ def error_from_exception(exc: Exception, request=None) -> tuple[int, dict, dict]
     if isinstance(exc, EngineOverloaded):  # back-pressure: the client should come back, not hang
         headers["Retry-After"] = str(exc.retry_after)
         return 503, error_body(str(exc), type="service_unavailable", code="engine_overloaded"), headers
+    if isinstance(exc, GenerationFailed):  # a server fault, not unavailability: a 500, which SDKs do not retry
+        logger.warning("generation failed request_id=%s: %s", request_id_of(request) if request else "-", exc)
+        return 500, error_body(str(exc), type="server_error", code="generation_failed"), headers
     if isinstance(exc, EngineError):
         logger.warning("engine error request_id=%s: %s", request_id_of(request) if request else "-", exc)
         return 503, error_body(str(exc), type="service_unavailable", code="engine_error"), headers

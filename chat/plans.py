@@ -28,7 +28,7 @@ from .errors import ApiError, NotFound
 from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
 from .prompting.tools import tools_system_text, turns_with_tool_text
-from .selectors import conversation_get_owned
+from .selectors import conversation_get_owned, user_display_name
 from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
 from .tooling.grammar import tool_call_grammar
 from .tooling.requests import ToolRequest, tool_request_of
@@ -64,6 +64,9 @@ class ChatPlan:
     cache_allowed: bool = True          # False: the client sent Cache-Control: no-cache
     request_key: str | None = None      # the fast-path cache key, when the request qualifies
     conversation_lease: ConversationLease | None = None  # held while continuing `conversation`
+    end_user: str = ""                  # the request's opaque `user` id: logged, never in the prompt
+    # The id a new conversation is stored under, known before the reply (a Responses API id names it).
+    new_conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
     def __post_init__(self):
         if self.conversation_lease is not None:
@@ -88,7 +91,7 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     `greet`: a new conversation starts with the character's greeting as its first message (the
     chat page and WebSocket show it); the request's `greeting` picks which one (0 = the main
     greeting, 1.. = the alternates) and also makes an API request start with it.
-    `user_name`: what {{user}} becomes when the request names no one (the page's logged-in user).
+    `user_name`: what {{user}} becomes when the request names no one (default: the account's display name).
     """
     conversation = lease = None
     if data.get("conversation"):
@@ -122,7 +125,7 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
         new_turns = [client_turns[-1]]
         user_name = conversation.user_name
     else:
-        user_name = user_name_for(data, fallback=user_name)
+        user_name = user_name_for(data, fallback=user_name or user_display_name(user))
         greeting = _greeting_for(data, character, greet=greet, user_name=user_name)
         if greeting:
             client_turns = [{"role": "assistant", "content": greeting}, *client_turns]
@@ -154,15 +157,16 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
-                    conversation_lease=lease)
+                    conversation_lease=lease, end_user=data.get("user") or "")
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:
-    """{{user}} for a new chat: the last user message's `name`, else the request's `user`, else
-    `fallback` (the logged-in user on the page), else "User". Whitespace is folded so a name
-    cannot start new lines in the prompt."""
+    """{{user}} for a new chat: the last user message's `name`, else `fallback` (the account's display name),
+    else "User". Whitespace is folded so a name cannot start new lines in the prompt. The request's `user` is
+    not a name: in the OpenAI API it is an opaque end-user id (often a hash or an email), kept for the request
+    log (ChatPlan.end_user) and never shown to the model."""
     last_user = next((m for m in reversed(data["messages"]) if m["role"] == "user"), {})
-    for candidate in (last_user.get("name"), data.get("user"), fallback):
+    for candidate in (last_user.get("name"), fallback):
         name = " ".join((candidate or "").split())[:USER_NAME_MAX]
         if name:
             return name
@@ -196,7 +200,18 @@ def sampling_params_for(*, data: dict, character: Character | None, engine, lega
         stop=tuple(data.get("stop") or ()),
         grammar=grammar_for_response_format(data.get("response_format")),
         logprobs=requested_logprobs(data=data, engine=engine, legacy=legacy),
+        logit_bias=requested_logit_bias(data=data, engine=engine),
     )
+
+
+def requested_logit_bias(*, data: dict, engine) -> tuple:
+    """The request's (token id, bias) pairs; a 400 naming `logit_bias` where the backend cannot apply them
+    (ctransformers has no logit access; a remote upstream is passed them)."""
+    pairs = data.get("logit_bias") or ()
+    if pairs and engine.spec.backend == "ctransformers":
+        raise ApiError(f"logit_bias needs the llama_cpp backend (or an upstream that takes it); model "
+                       f"{engine.spec.name!r} uses ctransformers.", param="logit_bias", code="unsupported")
+    return tuple(pairs)
 
 
 def grammar_for_response_format(response_format: dict | None) -> str | None:

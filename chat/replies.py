@@ -28,7 +28,7 @@ from .response_cache import BYPASS, MISS, ReplayedGeneration, cached_completion,
 from .tenancy.metering import Meter, MeteredGeneration, meter_open
 from .tenancy.owners import Tenant, owner_label
 from .tenancy.conversation_lock import conversation_advance
-from .tooling.calls import tool_finish_reason, tool_reply
+from .tooling.calls import RepeatStoppingGeneration, tool_finish_reason, tool_reply
 from .tooling.requests import ToolRequest
 
 logger = logging.getLogger("llmsite.chat")
@@ -100,9 +100,11 @@ def _submit(record: ReplyRecord):
         if record.meter is not None:
             record.meter.abandon()  # refused before generating (context overflow, overloaded): not a generation
         raise
-    if record.meter is None:
-        return generation
-    return MeteredGeneration(generation, record.meter, count_tokens=plan.engine.count_tokens)
+    if record.meter is not None:
+        generation = MeteredGeneration(generation, record.meter, count_tokens=plan.engine.count_tokens)
+    if plan.tools is not None and plan.tools.may_call and plan.tools.parallel:
+        generation = RepeatStoppingGeneration(generation)  # an exact repeat of a call ends the reply
+    return generation
 
 
 def reply_start(record: ReplyRecord):
@@ -162,7 +164,8 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
         conversation = plan.conversation
         if conversation is None:
             first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
-            conversation = Conversation.objects.create(character=plan.character, owner=plan.user,
+            conversation = Conversation.objects.create(id=plan.new_conversation_id, character=plan.character,
+                                                       owner=plan.user,
                                                        title=_title_from(first_user), user_name=plan.user_name)
         else:
             conversation_advance(conversation)  # 409 if another exchange was stored since the history was read

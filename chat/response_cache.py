@@ -104,8 +104,8 @@ def request_cache_key(data: dict, *, allowed: bool, user=None) -> str | None:
     """A key for requests whose reply depends only on the request, the content and the config:
     deterministic, no stored conversation to read or write. None when the request does not qualify.
 
-    `user` scopes the entry to one caller. The request's `user` field stays in the key: it may name
-    {{user}} in the prompt."""
+    `user` scopes the entry to one caller. The request's `user` field (an end-user id) stays in the key:
+    one end user's replies are not served to another."""
     deterministic = data.get("temperature") == 0 or data.get("seed") is not None
     stateless = not data.get("conversation") and (not (data.get("character") or data.get("character_id"))
                                                   or data.get("store") is False)

@@ -1,9 +1,12 @@
 """Reads of chat data for the API: what a user may see."""
 
+import re
+import uuid
+
 from django.db.models import Count
 
 from .errors import NotFound
-from .models import Conversation
+from .models import Conversation, Message
 
 
 def conversations_of(*, user):
@@ -30,3 +33,34 @@ def conversation_get_listed(*, user, conversation_id) -> Conversation:
     """The user's conversation as the list shows it (with its message count)."""
     conversation_get_owned(user=user, conversation_id=conversation_id)  # another user's: the same 404
     return conversations_of(user=user).get(pk=conversation_id)
+
+
+# --- Stored responses (the Responses API): "resp_<conversation hex>_<n>" is the conversation's n-th reply ---
+
+RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})_([1-9][0-9]{0,8})$")
+
+
+def response_id_of(*, conversation_id: uuid.UUID, ordinal: int) -> str:
+    return f"resp_{conversation_id.hex}_{ordinal}"
+
+
+def response_message_get(*, user, response_id: str, param: str = "response_id") -> tuple[Message, int]:
+    """(the assistant message, its ordinal among the conversation's replies) of a stored response of the user;
+    another user's, a deleted or a malformed id all look missing."""
+    match = RESPONSE_ID.match(response_id or "")
+    conversation = None
+    if match:
+        conversation = Conversation.objects.select_related("character").filter(
+            pk=uuid.UUID(match.group(1)), owner=user).first()
+    reply = None
+    if conversation is not None:
+        ordinal = int(match.group(2))
+        reply = conversation.messages.filter(role=Message.Role.ASSISTANT).order_by("id")[ordinal - 1:ordinal].first()
+    if reply is None:
+        raise NotFound(f"No response {str(response_id)[:80]!r}.", param=param, code="response_not_found")
+    return reply, ordinal
+
+
+def replies_count(*, conversation) -> int:
+    """How many replies (assistant messages) the conversation holds."""
+    return conversation.messages.filter(role=Message.Role.ASSISTANT).count()

@@ -6,21 +6,27 @@ live in chat/plans.py (decide), chat/replies.py (produce and store) and chat/job
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
 
+from django.db import transaction
+
 from .engine import Completion
 
 from .engines import get_engine
+from .errors import ApiError
 from .jobs import job_submit
 from .models import ApiKey, Job
 from .plans import chat_request_prepare, sampling_params_for
 from .replies import LegacyLogprobs, ReplyRecord, completion_body, reply_complete, reply_lookup, reply_start, usage_of
 from .response_cache import HIT, cached_request, request_cache_key
+from .selectors import replies_count, response_id_of, response_message_get
 from .tenancy.metering import MeteredGeneration, meter_open
 from .tenancy.owners import Tenant
 from .tenancy.quotas import quota_check_tokens
+from .tooling.calls import tool_reply
 from .tooling.requests import tool_request_of
 
 
@@ -88,31 +94,161 @@ def chat_completion_from_cache(*, data: dict, cache_allowed: bool, user) -> tupl
 
 
 def text_completion_run(*, user, api_key: ApiKey | None, data: dict) -> dict:
-    """POST /v1/completions: plain text continuation of `prompt`, no character or template."""
-    engine, generation = text_generation_start(user=user, api_key=api_key, data=data)
-    for _ in generation:
-        pass
-    completion = generation.result
-    logprobs = LegacyLogprobs().shape(completion.logprobs) if completion.logprobs is not None else None
+    """POST /v1/completions: plain text continuation of each prompt (`prompts`), no character or template.
+    Every prompt is submitted before any is read, so the engine decodes them as one batch; one choice each."""
+    prompts = data.get("prompts") or [data["prompt"]]
+    started = []
+    try:
+        for prompt in prompts:
+            started.append(text_generation_start(user=user, api_key=api_key, data=data, prompt=prompt))
+    except BaseException:
+        for _, generation in started:
+            generation.cancel()
+        raise
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for index, (prompt, (engine, generation)) in enumerate(zip(prompts, started)):
+        for _ in generation:
+            pass
+        completion = generation.result
+        logprobs = LegacyLogprobs().shape(completion.logprobs) if completion.logprobs is not None else None
+        text = prompt + completion.text if data.get("echo") else completion.text
+        choices.append({"index": index, "text": text, "finish_reason": completion.finish_reason, "logprobs": logprobs})
+        usage = {key: usage[key] + value for key, value in usage_of(completion).items()}
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-        "model": engine.spec.name,
-        "choices": [{"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
-                     "logprobs": logprobs}],
-        "usage": usage_of(completion),
+        "model": started[0][0].spec.name, "choices": choices, "usage": usage,
     }
 
 
-def text_generation_start(*, user, api_key: ApiKey | None, data: dict):
-    """(engine, generation) for a plain text completion, admitted under the caller's quotas and metered;
-    raises before anything streams (sync)."""
+def text_generation_start(*, user, api_key: ApiKey | None, data: dict, prompt: str | None = None):
+    """(engine, generation) for a plain text completion of `prompt` (default: the request's), admitted under the
+    caller's quotas and metered; raises before anything streams (sync)."""
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
     tenant = Tenant(user=user, api_key=api_key)
     meter = meter_open(tenant=tenant, model=engine.spec.name)
     try:
-        generation = engine.submit(data["prompt"], params, owner=tenant.owner)
+        generation = engine.submit(data["prompt"] if prompt is None else prompt, params, owner=tenant.owner)
     except BaseException:
         meter.abandon()
         raise
     return engine, MeteredGeneration(generation, meter, count_tokens=engine.count_tokens)
+
+
+def text_tokenize(*, model: str | None, content: str, add_special: bool, parse_special: bool,
+                  with_pieces: bool) -> dict:
+    """POST /tokenize (llama-server's shape): the tokens of `content` for the model named or the default.
+    `add_special` adds what the model puts before a prompt (BOS), so the count of a plain prompt equals the
+    usage.prompt_tokens of /v1/completions; `parse_special` reads control-token texts as control tokens."""
+    engine = get_engine(model or None)
+    tokens = engine.tokenize(content, special=parse_special)
+    if add_special:
+        prefix = engine.prompt_tokens("")  # BOS where the model wants one
+        if tokens[:len(prefix)] != prefix:
+            tokens = prefix + tokens
+    if not with_pieces:
+        return {"tokens": tokens}
+    return {"tokens": [{"id": token, "piece": engine.detokenize([token])} for token in tokens]}
+
+
+def tokens_detokenize(*, model: str | None, tokens: list[int]) -> dict:
+    """POST /detokenize (llama-server's shape): the text of `tokens`."""
+    return {"content": get_engine(model or None).detokenize(tokens)}
+
+
+# --- The Responses API: a reply of the chat pipeline, stored as a conversation's n-th reply ----------
+
+
+@dataclass(frozen=True)
+class ResponseStarted:
+    """A Responses API request as it began: its id (stored: "resp_<conversation hex>_<n>", else a random one that
+    retrieve never finds), its record, and a `generation` to stream (None once the reply is complete)."""
+
+    response_id: str
+    record: ReplyRecord
+    created_at: int
+    previous_response_id: str | None = None
+    generation: object | None = None
+
+
+def response_create(*, user, api_key: ApiKey | None, data: dict, cache_allowed: bool) -> ResponseStarted:
+    """POST /v1/responses. `data` is a chat request (chat/api/responses.py translates the Responses shapes) plus
+    `previous_response_id`: the stored conversation it continues; `store: false` stores nothing."""
+    data = dict(data)
+    previous_id = data.pop("previous_response_id", None)
+    previous = None
+    if previous_id:
+        previous, _ = response_message_get(user=user, response_id=previous_id, param="previous_response_id")
+        data["conversation"] = previous.conversation_id
+        data["messages"] = _naming_previous_calls(data["messages"], previous=previous, previous_id=previous_id)
+    plan = chat_request_prepare(user=user, data=data, cache_allowed=cache_allowed)
+    try:
+        if previous is not None and replies_count(conversation=plan.conversation) != int(previous_id.rsplit("_", 1)[1]):
+            raise ApiError("previous_response_id must be the latest response of its conversation.",
+                           param="previous_response_id", code="previous_response_not_latest", status=409)
+        if not data.get("store", True) and plan.store:
+            plan = dataclasses.replace(plan, store=False)  # continued, but this exchange is not kept
+        response_id = _response_id_for(plan)
+    except BaseException:
+        plan.release_conversation()
+        raise
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
+    started = ResponseStarted(response_id=response_id, record=record, created_at=plan.created,
+                              previous_response_id=previous_id or None)
+    if data.get("stream"):
+        return dataclasses.replace(started, generation=reply_start(record))
+    reply_complete(record)
+    return started
+
+
+def response_get(*, user, response_id: str) -> StoredResponse:
+    """GET /v1/responses/<id>: a stored response of the caller."""
+    reply, ordinal = response_message_get(user=user, response_id=response_id)
+    previous = response_id_of(conversation_id=reply.conversation_id, ordinal=ordinal - 1) if ordinal > 1 else None
+    return StoredResponse(response_id=response_id, message=reply, previous_response_id=previous)
+
+
+def response_delete(*, user, response_id: str) -> None:
+    """DELETE /v1/responses/<id>: the response's exchange and every later one of its conversation (so the ids of
+    the earlier responses stay valid); the conversation too when nothing is left of it."""
+    reply, _ = response_message_get(user=user, response_id=response_id)
+    conversation = reply.conversation
+    with transaction.atomic():
+        earlier = conversation.messages.filter(role="assistant", id__lt=reply.id).order_by("-id").first()
+        conversation.messages.filter(id__gt=earlier.id if earlier else 0).delete()
+        if not conversation.messages.exists():
+            conversation.delete()
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response_id: str
+    message: object  # the reply (chat.models.Message)
+    previous_response_id: str | None
+
+
+def response_call_id(response_id: str, index: int) -> str:
+    """The call_id of a response's index-th function call: the same when streamed, returned and retrieved, so a
+    function_call_output answering it can be matched to the call (and its name) in the stored reply."""
+    return f"call_{response_id.removeprefix('resp_')}_{index}"
+
+
+def _response_id_for(plan) -> str:
+    if not plan.store:
+        return f"resp_{uuid.uuid4().hex}"
+    conversation_id = plan.conversation.pk if plan.conversation is not None else plan.new_conversation_id
+    earlier = replies_count(conversation=plan.conversation) if plan.conversation is not None else 0
+    earlier += sum(1 for turn in plan.new_turns if turn["role"] == "assistant")  # stored before the reply
+    return response_id_of(conversation_id=conversation_id, ordinal=earlier + 1)
+
+
+def _naming_previous_calls(messages: list[dict], *, previous, previous_id: str) -> list[dict]:
+    """The input with the previous response's calls put before the outputs that answer them, so each output is
+    labelled with its function's name in the prompt (the stored history is what the model reads)."""
+    _, calls = tool_reply(previous.content)
+    if not calls or not any(message["role"] == "tool" for message in messages):
+        return messages
+    known = [{**call, "id": response_call_id(previous_id, index)} for index, call in enumerate(calls)]
+    first_output = next(index for index, message in enumerate(messages) if message["role"] == "tool")
+    return [*messages[:first_output], {"role": "assistant", "content": "", "tool_calls": known},
+            *messages[first_output:]]

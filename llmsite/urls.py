@@ -7,7 +7,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from chat.api import error_views, pages
+from chat.api import error_views, pages, tokenize
 from chat.ops import views as ops_views
 
 account_routes = [
@@ -34,6 +34,9 @@ urlpatterns = [
     path("metrics", ops_views.metrics, name="metrics"),
     path("admin/", admin.site.urls),
     path("v1/", include("chat.api.urls")),
+    # llama-server's paths, at the root as it serves them.
+    path("tokenize", tokenize.TokenizeView.as_view(), name="tokenize"),
+    path("detokenize", tokenize.DetokenizeView.as_view(), name="detokenize"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),

@@ -93,8 +93,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if "greeting" in content:
                 payload["greeting"] = content["greeting"]
             record, generation = await sync_to_async(self.start)(payload)
+            # The same scenario objects ({id, title, reason}) as the end event and the HTTP API.
             await self.send_json({"type": "start", "conversation": self.conversation_id,
-                                  "scenarios": [s.title for s in record.plan.prompt.scenarios]})
+                                  "scenarios": record.plan.prompt.scenarios_used})
             async for kind, value in reply_stream(record, generation):
                 if kind == "delta":
                     await self.send_json({"type": "token", "text": value})

@@ -75,6 +75,35 @@ class StopField(serializers.Field):
         return value
 
 
+MAX_LOGIT_BIAS = 1024
+
+
+@extend_schema_field({"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
+class LogitBiasField(serializers.Field):
+    """OpenAI's logit_bias: {"<token id>": bias from -100 to 100}; -100 bans the token. Returns (id, bias) pairs."""
+
+    default_error_messages = {
+        "type": "must be an object mapping token ids to numbers from -100 to 100.",
+        "size": f"at most {MAX_LOGIT_BIAS} tokens may be biased.",
+    }
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            self.fail("type")
+        if len(data) > MAX_LOGIT_BIAS:
+            self.fail("size")
+        pairs = []
+        for token, bias in data.items():
+            if (not str(token).isdigit() or isinstance(bias, bool) or not isinstance(bias, (int, float))
+                    or not -100 <= bias <= 100):
+                self.fail("type")
+            pairs.append((int(token), float(bias)))
+        return tuple(pairs)
+
+    def to_representation(self, value):
+        return {str(token): bias for token, bias in value}
+
+
 class StreamOptionsSerializer(serializers.Serializer):
     include_usage = serializers.BooleanField(required=False, default=False)
 
@@ -102,6 +131,9 @@ class SamplingFieldsMixin(serializers.Serializer):
     frequency_penalty = serializers.FloatField(required=False, allow_null=True, min_value=-2, max_value=2)
     seed = serializers.IntegerField(required=False, allow_null=True, min_value=-(2**63), max_value=2**64 - 1)
     stop = StopField(required=False, allow_null=True)
+    logit_bias = LogitBiasField(required=False, allow_null=True,
+                                help_text="Token id -> bias (-100 to 100) added before sampling (llama_cpp models, "
+                                          "or an upstream that takes it).")
     n = serializers.IntegerField(required=False, allow_null=True)
     stream = serializers.BooleanField(required=False, default=False)
     stream_options = StreamOptionsSerializer(required=False, allow_null=True)
@@ -198,16 +230,59 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
         return attrs
 
 
+MAX_PROMPTS = 16  # prompts of one /v1/completions request (one choice each, run as one batch)
+
+
+@extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                      "maxItems": MAX_PROMPTS}]})
+class PromptField(serializers.Field):
+    """A completion prompt: a string, or a list of strings (one choice per prompt). Returns the list."""
+
+    default_error_messages = {
+        "type": f"must be a string or a list of 1 to {MAX_PROMPTS} strings (token-id prompts are not supported).",
+        "empty": "must not be empty.",
+    }
+
+    def to_internal_value(self, data):
+        prompts = [data] if isinstance(data, str) else data
+        if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS or \
+                not all(isinstance(prompt, str) for prompt in prompts):
+            self.fail("type")
+        if any(not prompt.strip() for prompt in prompts):
+            self.fail("empty")
+        return prompts
+
+    def to_representation(self, value):
+        return value
+
+
 class CompletionRequestSerializer(SamplingFieldsMixin):
-    prompt = serializers.CharField(trim_whitespace=False, allow_blank=False)
+    prompt = PromptField(help_text="A string, or a list of strings: one choice per prompt, generated as one batch.")
+    echo = serializers.BooleanField(required=False, default=False,
+                                    help_text="Each choice's text starts with its prompt.")
     logprobs = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=5,
                                         help_text="Return each token's log-probability and this many likeliest "
                                                   "tokens (legacy shape; llama_cpp models).")
+    # OpenAI fields this server cannot honour: refused with a 400 naming them rather than dropped.
+    UNSUPPORTED = {"suffix": "suffix (fill-in-the-middle) is not supported.",
+                   "best_of": "best_of is not supported: this server returns one choice per prompt."}
 
-    def validate_prompt(self, value):
-        if not value.strip():
-            raise serializers.ValidationError("must not be empty.")
-        return value
+    def validate(self, attrs):
+        for name, message in self.UNSUPPORTED.items():
+            value = self.initial_data.get(name) if isinstance(self.initial_data, dict) else None
+            if value not in (None, "") and not (name == "best_of" and value == 1):
+                raise serializers.ValidationError({name: message})
+        attrs = super().validate(attrs)
+        prompts = attrs.pop("prompt")
+        attrs["prompts"] = prompts
+        attrs["prompt"] = prompts[0]
+        if len(prompts) > 1 and attrs.get("stream"):
+            raise serializers.ValidationError({"prompt": "a list of several prompts cannot be streamed; send one "
+                                                         "prompt per streamed request."})
+        if attrs.get("echo") and attrs.get("logprobs") is not None:
+            raise serializers.ValidationError({"echo": "echo cannot be combined with logprobs (the prompt's "
+                                                       "logprobs are not computed)."})
+        return attrs
 
 
 # --- Read endpoints --------------------------------------------------------------------------------

@@ -78,8 +78,10 @@ async def chat_completion_events(*, record: ReplyRecord, generation, include_usa
     yield sse("[DONE]")
 
 
-async def text_completion_events(*, engine, generation, include_usage: bool, with_logprobs: bool = False):
-    """OpenAI's streamed text_completion objects, then the usage chunk if asked for, then [DONE]."""
+async def text_completion_events(*, engine, generation, include_usage: bool, with_logprobs: bool = False,
+                                 echo: str = ""):
+    """OpenAI's streamed text_completion objects (the first is `echo`, the prompt, when asked for), then the usage
+    chunk if asked for, then [DONE]."""
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     legacy = LegacyLogprobs() if with_logprobs else None
 
@@ -89,6 +91,8 @@ async def text_completion_events(*, engine, generation, include_usage: bool, wit
                 "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
     finished = False
+    if echo:
+        yield sse(chunk(echo))
     try:
         async for delta in deltas_with_keepalive(generation, settings.SSE_KEEPALIVE_SECONDS):
             if delta is None:

@@ -1,18 +1,34 @@
-from django.urls import path
+"""Routes of /v1/. Every endpoint answers with and without a trailing slash (OpenAI-style clients build paths
+without one, Django-style ones with one); the second spelling is served directly, never redirected (a redirected
+POST loses its body), and left out of the schema so each operation is documented once."""
 
-from . import views
+from django.urls import path
+from drf_spectacular.utils import extend_schema
+
+from . import responses, views
+
+
+def both(route: str, view_class, name: str | None = None, *, slash: bool = False) -> list:
+    """`route` as documented (with a trailing slash when `slash`), and its other spelling as an undocumented alias."""
+    alias = extend_schema(exclude=True)(type(f"{view_class.__name__}Alias", (view_class,), {}))
+    documented, other = (route + "/", route) if slash else (route, route + "/")
+    return [path(documented, view_class.as_view(), name=name), path(other, alias.as_view())]
+
 
 urlpatterns = [
-    path("chat/completions", views.ChatCompletionsView.as_view(), name="chat-completions"),
-    path("completions", views.CompletionsView.as_view(), name="completions"),
-    path("jobs/<uuid:pk>", views.JobView.as_view(), name="job"),
-    path("usage", views.UsageView.as_view(), name="usage"),
-    path("usage/", views.UsageSlashView.as_view()),
-    path("models", views.ModelListView.as_view(), name="models"),
-    path("models/<path:model_id>", views.ModelDetailView.as_view(), name="model-detail"),
-    path("characters/", views.CharacterListView.as_view(), name="character-list"),
-    path("characters/<slug:slug>/", views.CharacterDetailView.as_view(), name="character-detail"),
-    path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
-    path("conversations/<uuid:pk>/", views.ConversationDetailView.as_view(), name="conversation-detail"),
-    path("conversations/<uuid:pk>/messages/", views.ConversationMessagesView.as_view(), name="conversation-messages"),
+    *both("chat/completions", views.ChatCompletionsView, "chat-completions"),
+    *both("completions", views.CompletionsView, "completions"),
+    *both("responses", responses.ResponsesView, "responses"),
+    *both("responses/<str:response_id>", responses.ResponseDetailView, "response-detail"),
+    *both("jobs/<uuid:pk>", views.JobView, "job"),
+    *both("usage", views.UsageView, "usage"),
+    *both("models", views.ModelListView, "models"),
+    # A model id may contain slashes ("org/name"): the alias with the trailing slash goes first, or the id would
+    # swallow the slash.
+    *reversed(both("models/<path:model_id>", views.ModelDetailView, "model-detail")),
+    *both("characters", views.CharacterListView, "character-list", slash=True),
+    *both("characters/<slug:slug>", views.CharacterDetailView, "character-detail", slash=True),
+    *both("conversations", views.ConversationListView, "conversation-list", slash=True),
+    *both("conversations/<uuid:pk>", views.ConversationDetailView, "conversation-detail", slash=True),
+    *both("conversations/<uuid:pk>/messages", views.ConversationMessagesView, "conversation-messages", slash=True),
 ]

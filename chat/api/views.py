@@ -164,7 +164,8 @@ class CompletionsView(GeneratingView):
         engine, generation = text_generation_start(user=request.user, api_key=api_key_of(request), data=data)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return sse_response(text_completion_events(engine=engine, generation=generation, include_usage=include_usage,
-                                                   with_logprobs=data.get("logprobs") is not None))
+                                                   with_logprobs=data.get("logprobs") is not None,
+                                                   echo=data["prompt"] if data.get("echo") else ""))
 
 
 def model_object(registry, name: str) -> dict:
@@ -258,7 +259,3 @@ class UsageView(APIView):
                                   today=timezone.now().date())
         return Response(usage_of_owner(user=request.user, start=start, end=end))
 
-
-@extend_schema(exclude=True)  # the same operation as /v1/usage: documented once
-class UsageSlashView(UsageView):
-    """GET /v1/usage/ (the path with a trailing slash, as the conversation endpoints have)."""

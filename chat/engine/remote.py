@@ -478,6 +478,8 @@ class RemoteEngine(EngineProtocol):
                 body["logprobs"], body["top_logprobs"] = True, params.logprobs
             else:
                 body["logprobs"] = params.logprobs
+        if params.logit_bias:  # token ids of the upstream's model (llama-server and vLLM honour it)
+            body["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         if params.tools_json and chat:
             # The upstream's own tool calling; the client's tool texts reach its template, so as text only.
             body.update(neutralized(json.loads(params.tools_json), self._markup))

@@ -102,6 +102,8 @@ class SamplingParams:
     tools_json: str | None = None
     # None: no logprobs. n >= 0: each generated token's log-probability plus the n likeliest tokens (llama_cpp).
     logprobs: int | None = None
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias; -100 bans the token).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # a lone string would otherwise become one stop per character
@@ -118,6 +120,9 @@ class SamplingParams:
             raise InvalidRequest("repetition_penalty must be positive (1.0 disables it).")
         if any(not stop for stop in self.stop):
             raise InvalidRequest("stop strings cannot be empty.")
+        object.__setattr__(self, "logit_bias", tuple((int(token), float(bias)) for token, bias in self.logit_bias))
+        if any(token < 0 or not -100.0 <= bias <= 100.0 for token, bias in self.logit_bias):
+            raise InvalidRequest("logit_bias maps token ids (>= 0) to biases from -100 to 100.")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}.")
 

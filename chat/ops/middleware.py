@@ -121,7 +121,8 @@ def reply_log_fields(record) -> dict:
               "ttft_ms": round((timing.first_token_at - timing.started) * 1000, 1)
               if timing and timing.first_token_at else None,
               "finish_reason": completion.finish_reason if completion else None,
-              "cache": record.cache_status, "scenarios": [s.pk for s in plan.prompt.scenarios]}
+              "cache": record.cache_status, "scenarios": [s.pk for s in plan.prompt.scenarios],
+              "end_user": plan.end_user or None}  # the request's opaque `user` id
     if settings.LOG_PROMPTS:
         fields["prompt"] = plan.prompt.text
         fields["reply"] = completion.text if completion else None

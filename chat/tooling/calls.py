@@ -8,6 +8,7 @@ same way, so both agree.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -147,3 +148,123 @@ def tool_reply(text: str) -> tuple[str | None, list[dict]]:
 def tool_finish_reason(finish_reason: str, has_calls: bool) -> str:
     """OpenAI's finish_reason: "tool_calls" when the reply ended after its calls; "length" still wins."""
     return "tool_calls" if has_calls and finish_reason == "stop" else finish_reason
+
+
+# --- A reply that repeats a call it already made ends there ------------------------------------------
+# A small model allowed parallel calls (the default) tends to write the same call again and again until
+# max_tokens. An exact repeat adds nothing, so the reply ends before it: the text up to the last distinct
+# call, finish_reason "stop" (OpenAI's "tool_calls" once read), the tokens generated still counted.
+
+TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r".*?" + re.escape(TOOL_CALL_CLOSE), re.S)
+
+
+class RepeatWatch:
+    """Feed generated text; get what may be released now. Text that could still become an exact repeat of an
+    earlier call block is held back; `repeated` turns True when it did (the reply should end there)."""
+
+    def __init__(self):
+        self.repeated = False
+        self._blocks: list[str] = []  # the complete call blocks so far, as written
+        self._held = ""               # text after the last complete block, not released yet
+        self._scanned = ""            # released text since the last complete block (may open a block)
+        self._plain = False           # the reply is plain text ("auto" chose to answer): nothing to watch
+
+    def feed(self, text: str) -> str:
+        if self.repeated:
+            return ""
+        if self._plain:
+            return text
+        if not self._blocks and not self._scanned.strip() and (self._scanned + text).strip()[:1] not in ("", "<"):
+            self._plain = True  # under the grammar, a reply that starts with text holds no call
+            self._scanned += text
+            return text
+        released = []
+        pending = self._held + text
+        self._held = ""
+        while pending:
+            match = TOOL_CALL_BLOCK.search(self._scanned + pending)
+            if match is None:
+                break
+            whole = self._scanned + pending
+            block, end = match.group(0), match.end()
+            if block in self._blocks:
+                self.repeated = True
+                kept = whole[:match.start()].rstrip()  # not the newline that led into the repeat
+                released.append(kept[len(self._scanned):] if len(kept) >= len(self._scanned) else "")
+                return "".join(released)
+            self._blocks.append(block)
+            released.append(whole[len(self._scanned):end])
+            self._scanned, pending = "", whole[end:]
+        if self._blocks and self._could_repeat(self._scanned + pending):
+            self._held = pending
+        else:
+            released.append(pending)
+            self._scanned += pending
+        return "".join(released)
+
+    def finish(self) -> str:
+        """The end of the text: what was held back (it never became a repeat)."""
+        held, self._held = self._held, ""
+        return "" if self.repeated else held
+
+    def _could_repeat(self, tail: str) -> bool:
+        start = tail.lstrip()
+        if not start:
+            return bool(tail)  # whitespace that may lead into another call
+        return any(block.startswith(start) for block in self._blocks)
+
+
+class RepeatStoppingGeneration:
+    """A generation (sync or async readers) that ends at the first exact repeat of a tool call it already made:
+    the engine's generation is cancelled there, and `result` is its completion with the text up to the last
+    distinct call and finish_reason "stop". Other attributes are the wrapped generation's."""
+
+    def __init__(self, generation):
+        self._generation = generation
+        self._watch = RepeatWatch()
+        self._text: list[str] = []
+        self.result = None
+
+    def __getattr__(self, name):
+        return getattr(self._generation, name)
+
+    def cancel(self) -> None:
+        self._generation.cancel()
+
+    def _released(self, delta: str) -> str:
+        released = self._watch.feed(delta)
+        self._text.append(released)
+        if self._watch.repeated:
+            self._generation.cancel()
+        return released
+
+    def _finish(self) -> str:
+        tail = self._watch.finish()
+        self._text.append(tail)
+        completion = self._generation.result
+        if completion is not None and self._watch.repeated:
+            completion = dataclasses.replace(completion, text="".join(self._text), finish_reason="stop")
+        self.result = completion
+        return tail
+
+    def __iter__(self):
+        for delta in self._generation:
+            if self._watch.repeated:
+                continue  # draining the cancelled generation: its result counts the tokens generated
+            released = self._released(delta)
+            if released:
+                yield released
+        tail = self._finish()
+        if tail:
+            yield tail
+
+    async def __aiter__(self):
+        async for delta in self._generation:
+            if self._watch.repeated:
+                continue
+            released = self._released(delta)
+            if released:
+                yield released
+        tail = self._finish()
+        if tail:
+            yield tail

@@ -1,4 +1,4 @@
-"""Client text is text, end to end: a message, its `name`, the request's `user`, a tool result and an
+"""Client text is text, end to end: a message, its `name`, a tool result and an
 imported card that carry ChatML markup reach the model as text; only the template's markup is
 control tokens, the usage and the admin preview count what the model read (docs/PROMPTS.md)."""
 
@@ -77,7 +77,6 @@ def prepare(client, data: dict):
 REQUESTS = {
     "content": ({"messages": [{"role": "user", "content": ATTACK}]}, ATTACK),
     "name": ({"messages": [{"role": "user", "content": "Hello", "name": NAME_ATTACK}]}, FOLDED_NAME),
-    "user": ({"messages": [{"role": "user", "content": "Hello"}], "user": NAME_ATTACK}, FOLDED_NAME),
     "tool result": ({"messages": [{"role": "user", "content": "Weather in Oslo?"},
                                   {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
                                   {"role": "tool", "tool_call_id": "call_1", "content": ATTACK}]},
@@ -100,6 +99,21 @@ def test_a_client_field_with_chatml_markup_reaches_smollm2_as_text(client, ada, 
 
 
 @pytest.mark.smollm2
+def test_the_requests_user_id_never_reaches_the_prompt(client, ada, smollm2_path):
+    """`user` is OpenAI's opaque end-user id (a hash, an email): kept for the log, not shown to the model;
+    {{user}} comes from the message `name` (or the account on the page)."""
+    plan = prepare(client, {"messages": [{"role": "user", "content": "Hello"}], "user": NAME_ATTACK,
+                            "character": "ada"})
+    assert plan.end_user == NAME_ATTACK and plan.user_name == "mallory"  # the account's name
+    assert not any(FOLDED_NAME in message["content"] or "Obey Sam" in message["content"]
+                   for message in plan.prompt.messages)
+    assert "keeps the light for mallory." in plan.prompt.messages[0]["content"]
+    named = prepare(client, {"messages": [{"role": "user", "content": "Hello", "name": "Sam"}],
+                             "user": NAME_ATTACK, "character": "ada"})
+    assert "keeps the light for Sam." in named.prompt.messages[0]["content"]
+
+
+@pytest.mark.smollm2
 def test_a_message_adds_exactly_the_tokens_of_its_text(client, smollm2_path):
     hostile = prepare(client, {"messages": [{"role": "user", "content": ATTACK}]})
     benign = prepare(client, {"messages": [{"role": "user", "content": "Hello"}]})
@@ -111,8 +125,8 @@ def test_a_message_adds_exactly_the_tokens_of_its_text(client, smollm2_path):
 @pytest.mark.smollm2
 def test_an_imported_card_reaches_smollm2_as_text(client, smollm2_path):
     slug = character_card_import(raw=json.dumps(CARD).encode()).character.slug
-    plan = prepare(client, {"messages": [{"role": "user", "content": "Hello"}], "character": slug,
-                            "user": NAME_ATTACK})
+    plan = prepare(client, {"messages": [{"role": "user", "content": "Hello", "name": NAME_ATTACK}],
+                            "character": slug})
     stable = plan.prompt.messages[0]["content"]
     assert f"Ada keeps the light for {FOLDED_NAME}. {ATTACK}" in stable and "<|im_start|>system\nThe lamp" in stable
     assert_read_as_text(plan.engine, plan.prompt)

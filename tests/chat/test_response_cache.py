@@ -77,10 +77,11 @@ def test_user_name_and_chosen_greeting_are_stored_with_the_conversation(server):
     assert [m["role"] for m in messages] == ["assistant", "user", "assistant"]
     assert messages[0]["content"] == "Fog again, Zed."
 
-    by_user_field = client.post("/v1/chat/completions", headers={"Cache-Control": "no-cache"}, json={
-        "character": "captain-mira", "user": "Quinn", "max_tokens": 4,
+    # `user` is an opaque end-user id, not a name: without a message `name`, {{user}} is the account's name.
+    by_account = client.post("/v1/chat/completions", headers={"Cache-Control": "no-cache"}, json={
+        "character": "captain-mira", "user": "quinn@example.com", "max_tokens": 4,
         "messages": [{"role": "user", "content": "Hi"}]}).json()["conversation"]
-    assert client.get(f"/v1/conversations/{by_user_field}/").json()["user_name"] == "Quinn"
+    assert client.get(f"/v1/conversations/{by_account}/").json()["user_name"] == "ann"
 
     missing = client.post("/v1/chat/completions", json={**body, "greeting": 3})
     assert missing.status_code == 400
@@ -98,7 +99,7 @@ def test_the_request_key_follows_the_config_the_caller_and_the_content(settings,
     key = request_cache_key(data, allowed=True, user=ann)
     assert key == request_cache_key(data, allowed=True, user=ann)
     assert key != request_cache_key(data, allowed=True, user=ben)
-    assert key != request_cache_key({**data, "user": "Zed"}, allowed=True, user=ann)  # {{user}} may change
+    assert key != request_cache_key({**data, "user": "Zed"}, allowed=True, user=ann)  # another end user
     changed = dataclasses.replace(settings.LLMSITE, system_prompt=settings.LLMSITE.system_prompt + " Be brief.")
     with override_settings(LLMSITE=changed):
         assert request_cache_key(data, allowed=True, user=ann) != key

@@ -46,7 +46,8 @@ async def test_tokens_stream_in_order_and_the_conversation_is_stored(api_key):
     await comm.send_json_to({"type": "message", "content": "Is a storm coming, Captain?", "max_tokens": 24,
                              "temperature": 0})
     events = await receive_until_end(comm)
-    assert events[0]["type"] == "start" and "A storm is coming" in events[0]["scenarios"]
+    assert events[0]["type"] == "start" and events[0]["scenarios"][0]["title"] == "A storm is coming"
+    assert events[0]["scenarios"] == events[-1]["scenarios"]  # one shape in every event
     tokens = [e["text"] for e in events if e["type"] == "token"]
     end = events[-1]
     assert end["type"] == "end" and len(tokens) > 1 and "".join(tokens) == end["text"]

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelUnavailable, UnsupportedFeature
+from ..errors import InvalidRequest, ModelUnavailable, UnsupportedFeature
 from ..gguf_metadata import NotGGUF, read_gguf_metadata
 from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
@@ -129,6 +129,8 @@ class CTransformersBackend(Backend):
         return list(self._llm.tokenize(text, add_bos_token=False)) if text else []
 
     def detokenize(self, tokens: list[int]) -> str:
+        if any(not 0 <= token < self._llm.vocab_size for token in tokens):
+            raise InvalidRequest(f"Token ids must be from 0 to {self._llm.vocab_size - 1} for this model.")
         pieces = []
         for token in tokens:
             if token in self._control_ids:
@@ -153,6 +155,8 @@ class CTransformersBackend(Backend):
             raise UnsupportedFeature("Grammars (JSON mode) need the llama_cpp backend; this model uses ctransformers.")
         if params.logprobs is not None:
             raise UnsupportedFeature("logprobs need the llama_cpp backend; this model uses ctransformers.")
+        if params.logit_bias:
+            raise UnsupportedFeature("logit_bias needs the llama_cpp backend; this model uses ctransformers.")
         if params.presence_penalty or params.frequency_penalty:
             raise UnsupportedFeature(
                 "Presence and frequency penalties need the llama_cpp backend; this model uses ctransformers."

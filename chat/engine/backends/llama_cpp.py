@@ -48,6 +48,7 @@ from .constrained import ConstrainedSampler
 logger = logging.getLogger(__name__)
 
 BATCH_TOKENS = 512  # tokens per llama_decode: all decoding sequences plus prompt chunks of newcomers
+LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
 GREEDY_TOP_K = 40  # greedy only needs the best few candidates; keeps the penalty sampler cheap
 MIN_REUSE_FROM_CACHE = 16  # restoring a saved state costs more than evaluating a handful of tokens
 MIN_SAVE_TOKENS = 64  # shorter prefixes are cheap to evaluate again: not worth a cache entry
@@ -260,6 +261,8 @@ class LlamaCppBackend(Backend):
             capacity = -count
 
     def detokenize(self, tokens: list[int]) -> str:
+        if any(not 0 <= token < self._n_vocab for token in tokens):  # llama.cpp would abort the process
+            raise InvalidRequest(f"Token ids must be from 0 to {self._n_vocab - 1} for this model.")
         array = (self._llama.llama_token * len(tokens))(*tokens)
         capacity = 8 * len(tokens) + 16
         while True:
@@ -284,6 +287,8 @@ class LlamaCppBackend(Backend):
         return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
 
     def check_params(self, params: SamplingParams) -> None:
+        if any(token >= self._n_vocab for token, _ in params.logit_bias):
+            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary (0-{self._n_vocab - 1}).")
         if params.grammar is not None:
             self._llama.llama_sampler_free(self._grammar_sampler(params.grammar))
 
@@ -474,6 +479,11 @@ class LlamaCppBackend(Backend):
         chain_params = llama.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = llama.llama_sampler_chain_init(chain_params)  # owns every sampler added to it
+        if params.logit_bias:  # first, so that top-k and greedy pick among the biased logits
+            entries = (llama.llama_logit_bias * len(params.logit_bias))(
+                *[llama.llama_logit_bias(token, LOGIT_BAN if bias <= -100 else bias) for token, bias in params.logit_bias])
+            # llama.cpp copies the entries into the sampler.
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_logit_bias(self._n_vocab, len(entries), entries))
         top_k = GREEDY_TOP_K if params.greedy else params.top_k
         if top_k > 0:  # before the penalties: llama.cpp advises against penalising the full vocabulary
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(top_k))

@@ -122,7 +122,8 @@ def test_unknown_paths_under_the_api_are_json_404_whatever_debug(client, setting
         assert path in assert_error(response, 404, code="not_found")["message"]
     # A POST from an API client (no CSRF token) gets the same answer, not Django's CSRF page.
     assert_error(client.post("/v1/nothing-here", {"a": 1}, format="json"), 404)
-    assert "/v1/characters/" in assert_error(client.get("/v1/characters"), 404)["message"]  # the slash hint
+    assert "/api/docs/" in assert_error(client.get("/api/docs"), 404)["message"]  # the slash hint
+    assert client.get("/v1/characters").status_code == 200  # every /v1/ path answers with and without the slash
     assert_error(client.get(URL), 405)
     assert b"<html" in client.get("/no-such-page/").content.lower()  # pages outside the API stay HTML
 
@@ -151,3 +152,13 @@ def test_browsable_api_and_swagger_render_for_a_logged_in_developer(django_user_
         assert page.status_code in (200, 405), url
         assert b"Django REST framework" in page.content
     assert browser.get("/api/docs/").status_code == 200
+
+
+def test_a_failed_generation_is_a_server_error_not_unavailability():
+    """GenerationFailed is the server's fault: 500 (SDKs do not retry it), not 503 like an overloaded engine."""
+    from chat.engine import GenerationFailed
+    from chat.errors import error_from_exception
+
+    status, body, headers = error_from_exception(GenerationFailed("smollm2"))
+    assert status == 500 and body["error"]["type"] == "server_error" and body["error"]["code"] == "generation_failed"
+    assert "Retry-After" not in headers
