@@ -264,7 +264,8 @@ from characters.models import Character
 from chat.engines import get_engine
 from chat.prompting import prompt_compose
 prompt = prompt_compose(engine=get_engine("remote"), character=Character.objects.get(slug="captain-mira"),
-                        turns=[{{"role": "user", "content": {message!r}}}], max_tokens=12)
+                        turns=[{{"role": "user", "content": {message!r}}}], max_tokens=12,
+                        user_name="alice")  # {{{{user}}}} is the key's account (the request names no one)
 print(json.dumps(prompt.messages))
 """).strip().splitlines()[-1])
     assert body["messages"] == composed
