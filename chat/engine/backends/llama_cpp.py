@@ -222,7 +222,7 @@ class LlamaCppBackend(Backend):
     def _grammar_sampler(self, grammar: str):
         sampler = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
-            raise InvalidRequest("The GBNF grammar does not parse (it needs a 'root' rule).")
+            raise InvalidRequest("The structured output asked for (response_format or tools) could not be prepared.")
         return sampler
 
     # -- scheduler thread --------------------------------------------------------------------

@@ -1,0 +1,596 @@
+"""JSON Schema -> GBNF, compact JSON (no whitespace), every accepted keyword enforced by the grammar.
+
+Where a schema allows many shapes the grammar may allow fewer (a subset: only declared properties, at
+most one item under `uniqueItems`, whole-number bounds tightened inwards), never more, so a reply that
+the grammar lets through validates. A keyword that cannot be enforced, or a schema no value satisfies,
+raises SchemaNotConvertible naming the keyword. See docs/API.md, "Structured outputs".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from urllib.parse import unquote
+
+from .errors import SchemaNotConvertible
+from .formats import FORMATS, REFUSED as REFUSED_FORMATS
+from .patterns import pattern_grammar
+from .ranges import bounded_number, integer_range
+
+MAX_RULES = 4000
+MAX_DEPTH = 48
+MAX_BRANCHES = 64
+MAX_REPEAT = 2000  # a larger maxLength / maxItems is lowered to it (fewer is still valid); a larger minimum refused
+
+ANNOTATIONS = frozenset({
+    "title", "description", "$schema", "$id", "id", "$comment", "examples", "example", "default", "deprecated",
+    "readOnly", "writeOnly", "$defs", "definitions", "$anchor", "contentMediaType", "contentEncoding",
+    "nullable", "discriminator", "xml", "externalDocs", "markdownDescription", "$dynamicAnchor", "$vocabulary",
+    "if",
+})
+REFUSED = {
+    "not": "'not' (a schema a reply must fail)",
+    "then": "'if'/'then'/'else' conditions",
+    "else": "'if'/'then'/'else' conditions",
+    "dependentRequired": "'dependentRequired'",
+    "dependentSchemas": "'dependentSchemas'",
+    "dependencies": "'dependencies'",
+    "contains": "'contains'",
+    "propertyNames": "'propertyNames'",
+    "unevaluatedItems": "'unevaluatedItems'",
+    "$dynamicRef": "'$dynamicRef'",
+    "$recursiveRef": "'$recursiveRef'",
+}
+TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
+HINTS = {
+    "object": ("properties", "required", "additionalProperties", "minProperties", "maxProperties", "patternProperties"),
+    "array": ("items", "prefixItems", "minItems", "maxItems", "uniqueItems", "additionalItems"),
+    "string": ("minLength", "maxLength", "pattern", "format"),
+    "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+}
+CHAR = r'[^"\\\x00-\x1F\x7F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}))'
+BASE_RULES = {
+    "char": CHAR,
+    "string": r'"\"" char* "\""',
+    "integer": r'"-"? ("0" | [1-9] [0-9]{0,15})',
+    "number": r'"-"? ("0" | [1-9] [0-9]{0,15}) ("." [0-9]{1,15})?',
+    "boolean": r'"true" | "false"',
+    "null": r'"null"',
+    "value": r'object | array | string | number | boolean | null',
+    "object": r'"{" (string ":" value ("," string ":" value)*)? "}"',
+    "array": r'"[" (value ("," value)*)? "]"',
+}
+
+
+def literal(text: str) -> str:
+    """A GBNF string literal for `text`."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\x{ord(char):02X}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _pointer(path: str, key) -> str:
+    return f"{path}/{str(key).replace('~', '~0').replace('/', '~1')}"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _type_of(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if _is_int(value) or (isinstance(value, float) and value.is_integer()):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+class Converter:
+    def __init__(self, schema):
+        self.root_schema = schema
+        self.rules: dict[str, str] = {}
+        self.by_body: dict[str, str] = {}
+        self.ref_rules: dict[str, str] = {}
+        self.used_base: set[str] = set()
+
+    # -- rules ------------------------------------------------------------------------------
+
+    def add(self, hint: str, body: str) -> str:
+        if body in self.by_body:
+            return self.by_body[body]
+        if len(self.rules) >= MAX_RULES:
+            raise SchemaNotConvertible("The schema is too large", keyword="$defs", path="/")
+        name = self._fresh(hint)
+        self.rules[name] = body
+        self.by_body[body] = name
+        return name
+
+    def _fresh(self, hint: str) -> str:
+        base = "s-" + (re.sub(r"[^a-zA-Z0-9]+", "-", hint).strip("-")[-40:] or "x")
+        name, n = base, 1
+        while name in self.rules or name in BASE_RULES:
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def base(self, name: str) -> str:
+        self.used_base.add(name)
+        return name
+
+    def grammar(self, root: str = "root") -> str:
+        top = self.visit(self.root_schema, "", 0)
+        needed = set(self.used_base)
+        while True:  # the base rules refer to one another
+            more = {d for n in needed for d in BASE_RULES if re.search(rf"(?<![\w-]){d}(?![\w-])", BASE_RULES[n])}
+            if more <= needed:
+                break
+            needed |= more
+        lines = [f"{root} ::= {top}"]
+        lines += [f"{name} ::= {body}" for name, body in self.rules.items()]
+        lines += [f"{name} ::= {BASE_RULES[name]}" for name in BASE_RULES if name in needed]
+        return "\n".join(lines) + "\n"
+
+    # -- schemas ----------------------------------------------------------------------------
+
+    def visit(self, schema, path: str, depth: int) -> str:
+        """The name of a rule matching exactly the compact JSON texts this converter allows for `schema`."""
+        if depth > MAX_DEPTH:
+            raise SchemaNotConvertible("The schema nests or recurses too deeply", keyword="$ref", path=path)
+        if schema is True or schema == {}:
+            return self.base("value")
+        if schema is False:
+            raise SchemaNotConvertible("The schema 'false' admits no value", keyword="false", path=path,
+                                       unsatisfiable=True)
+        if not isinstance(schema, dict):
+            raise SchemaNotConvertible("A schema must be an object or a boolean", keyword="type", path=path)
+        for keyword, what in REFUSED.items():
+            if keyword in schema:
+                raise SchemaNotConvertible(f"The server does not support {what}", keyword=keyword,
+                                           path=_pointer(path, keyword))
+        if "$ref" in schema:
+            rest = {k: v for k, v in schema.items() if k != "$ref" and k not in ANNOTATIONS}
+            if not rest:
+                return self.ref_rule(schema["$ref"], path, depth)
+            return self.visit(self.merge(self.resolve(schema["$ref"], path), rest, path, depth), path, depth + 1)
+        if "allOf" in schema:
+            merged = {k: v for k, v in schema.items() if k != "allOf"}
+            parts = schema["allOf"]
+            if not isinstance(parts, list) or not parts:
+                raise SchemaNotConvertible("'allOf' must be a non-empty list", keyword="allOf", path=path)
+            for index, part in enumerate(parts):
+                merged = self.merge(merged, part, _pointer(_pointer(path, "allOf"), index), depth)
+            return self.visit(merged, path, depth + 1)
+        for keyword in ("anyOf", "oneOf"):
+            if keyword in schema:
+                return self.alternatives(schema, keyword, path, depth)
+        if "const" in schema:
+            return self.add(path, self.values([schema["const"]], schema, "const", path))
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list):
+                raise SchemaNotConvertible("'enum' must be a list", keyword="enum", path=path)
+            return self.add(path, self.values(schema["enum"], schema, "enum", path))
+        return self.add(path, " | ".join(self.typed(t, schema, path, depth) for t in self.types(schema, path)))
+
+    def types(self, schema: dict, path: str) -> list[str]:
+        declared = schema.get("type")
+        if declared is None:
+            hinted = [t for t, keys in HINTS.items() if any(k in schema for k in keys)]
+            return hinted or list(TYPES)
+        names = declared if isinstance(declared, list) else [declared]
+        unknown = [t for t in names if t not in TYPES]
+        if unknown or not names:
+            raise SchemaNotConvertible(f"Unknown type {unknown[0] if unknown else '[]'!r}", keyword="type",
+                                       path=_pointer(path, "type"), unsatisfiable=not names)
+        if "integer" in names and "number" in names:
+            names = [t for t in names if t != "integer"]
+        return list(dict.fromkeys(names))
+
+    def typed(self, kind: str, schema: dict, path: str, depth: int) -> str:
+        if kind == "string":
+            return self.string(schema, path)
+        if kind in ("integer", "number"):
+            return self.number(schema, path, integer=kind == "integer")
+        if kind == "object":
+            return self.object(schema, path, depth)
+        if kind == "array":
+            return self.array(schema, path, depth)
+        return self.base(kind)
+
+    def alternatives(self, schema: dict, keyword: str, path: str, depth: int) -> str:
+        branches = schema[keyword]
+        if not isinstance(branches, list) or not branches:
+            raise SchemaNotConvertible(f"'{keyword}' must be a non-empty list", keyword=keyword, path=path,
+                                       unsatisfiable=True)
+        base = {k: v for k, v in schema.items() if k != keyword}
+        names, first_error = [], None
+        for index, branch in enumerate(branches):
+            where = _pointer(_pointer(path, keyword), index)
+            try:
+                merged = self.merge(base, branch, where, depth) if base else branch
+                names.append(self.visit(merged, where, depth + 1))
+            except SchemaNotConvertible as exc:
+                if not exc.code == "unsatisfiable_schema":
+                    raise
+                first_error = first_error or exc  # a branch no value satisfies is left out
+        if not names:
+            raise first_error
+        return self.add(path, " | ".join(dict.fromkeys(names)))
+
+    # -- $ref -------------------------------------------------------------------------------
+
+    def resolve(self, ref, path: str):
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaNotConvertible(f"Only references within the schema ('#/...') are supported, not {ref!r}",
+                                       keyword="$ref", path=_pointer(path, "$ref"))
+        target = self.root_schema
+        for part in [p for p in ref[1:].split("/") if p != ""] if ref not in ("#", "#/") else []:
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                raise SchemaNotConvertible(f"The reference {ref!r} points to nothing in the schema",
+                                           keyword="$ref", path=_pointer(path, "$ref"))
+        return target
+
+    def ref_rule(self, ref, path: str, depth: int) -> str:
+        if isinstance(ref, str) and ref in self.ref_rules:
+            return self.ref_rules[ref]
+        target = self.resolve(ref, path)
+        name = self._fresh("ref-" + ref)
+        self.ref_rules[ref] = name
+        self.rules[name] = ""  # reserved: the target may refer back to it
+        body = self.visit(target, ref[1:] or "/", depth + 1)
+        self.rules[name] = body
+        return name
+
+    # -- allOf ------------------------------------------------------------------------------
+
+    def merge(self, a, b, path: str, depth: int) -> dict:
+        """One schema that admits what both `a` and `b` admit (allOf), or SchemaNotConvertible."""
+        if depth > MAX_DEPTH:
+            raise SchemaNotConvertible("The schema nests or recurses too deeply", keyword="allOf", path=path)
+        a, b = self._plain(a, path, depth), self._plain(b, path, depth)
+        merged = dict(a)
+        for key, value in b.items():
+            if key not in merged or merged[key] == value or key in ANNOTATIONS:
+                merged.setdefault(key, value)
+                continue
+            mine = merged[key]
+            if key == "type":
+                left = set(mine if isinstance(mine, list) else [mine])
+                right = set(value if isinstance(value, list) else [value])
+                if "number" in left and "integer" in right:
+                    left.add("integer")
+                if "number" in right and "integer" in left:
+                    right.add("integer")
+                both = [t for t in TYPES if t in left and t in right]
+                if not both:
+                    raise SchemaNotConvertible("'allOf' parts ask for different types", keyword="type",
+                                               path=path, unsatisfiable=True)
+                merged[key] = both if len(both) > 1 else both[0]
+            elif key == "properties":
+                merged[key] = {**mine, **{k: ({"allOf": [mine[k], v]} if k in mine else v) for k, v in value.items()}}
+            elif key == "required":
+                merged[key] = list(dict.fromkeys([*mine, *value]))
+            elif key in ("minimum", "minLength", "minItems", "minProperties") and _is_number(mine) and _is_number(value):
+                merged[key] = max(mine, value)
+            elif key in ("maximum", "maxLength", "maxItems", "maxProperties") and _is_number(mine) and _is_number(value):
+                merged[key] = min(mine, value)
+            elif key == "exclusiveMinimum" and _is_number(mine) and _is_number(value):
+                merged[key] = max(mine, value)
+            elif key == "exclusiveMaximum" and _is_number(mine) and _is_number(value):
+                merged[key] = min(mine, value)
+            elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
+                merged[key] = [v for v in mine if any(compact(v) == compact(w) for w in value)]
+            elif key in ("items", "additionalProperties") and not isinstance(mine, list) and not isinstance(value, list):
+                merged[key] = False if (mine is False or value is False) else {"allOf": [mine, value]}
+            elif key in ("anyOf", "oneOf") and isinstance(mine, list) and isinstance(value, list):
+                if len(mine) * len(value) > MAX_BRANCHES:
+                    raise SchemaNotConvertible(f"Too many combinations of '{key}' branches", keyword=key, path=path)
+                merged[key] = [{"allOf": [x, y]} for x in mine for y in value]
+            elif key == "allOf" and isinstance(mine, list) and isinstance(value, list):
+                merged[key] = [*mine, *value]
+            elif key == "uniqueItems":
+                merged[key] = bool(mine or value)
+            else:
+                raise SchemaNotConvertible(f"Two different values of '{key}' must both hold", keyword=key,
+                                           path=path)
+        for one, other in ((a, b), (b, a)):  # additionalProperties: false forbids the other part's properties
+            if one.get("additionalProperties") is False and "properties" in merged:
+                allowed = set(one.get("properties", {}))
+                merged["properties"] = {k: v for k, v in merged["properties"].items() if k in allowed}
+        return merged
+
+    def _plain(self, schema, path: str, depth: int) -> dict:
+        """`schema` as a dict without a top-level $ref (merged in)."""
+        if schema is True:
+            return {}
+        if schema is False:
+            return {"not": {}}
+        if not isinstance(schema, dict):
+            raise SchemaNotConvertible("A schema must be an object or a boolean", keyword="type", path=path)
+        if "$ref" in schema:
+            rest = {k: v for k, v in schema.items() if k != "$ref"}
+            return self.merge(self.resolve(schema["$ref"], path), rest, path, depth + 1)
+        return schema
+
+    # -- values -----------------------------------------------------------------------------
+
+    def values(self, values: list, schema: dict, keyword: str, path: str) -> str:
+        kept = [v for v in values if self.fits(v, schema)]
+        if not kept:
+            detail = "'enum' lists no value" if not values else f"No value of '{keyword}' fits the rest of the schema"
+            raise SchemaNotConvertible(detail, keyword=keyword, path=_pointer(path, keyword), unsatisfiable=True)
+        return " | ".join(dict.fromkeys(literal(compact(v)) for v in kept))
+
+    def fits(self, value, schema: dict) -> bool:
+        """A light check that an enum/const value meets the schema's other keywords (type, bounds, lengths)."""
+        declared = schema.get("type")
+        if declared is not None:
+            kinds = set(declared if isinstance(declared, list) else [declared])
+            kind = _type_of(value)
+            if kind not in kinds and not (kind == "integer" and "number" in kinds):
+                return False
+        if _is_number(value):
+            low, high = schema.get("minimum"), schema.get("maximum")
+            if _is_number(low) and value < low or _is_number(high) and value > high:
+                return False
+            low, high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+            if _is_number(low) and value <= low or _is_number(high) and value >= high:
+                return False
+        if isinstance(value, str):
+            if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+                return False
+            try:
+                if "pattern" in schema and not re.search(schema["pattern"], value):
+                    return False
+            except (re.error, TypeError):
+                return False
+        if isinstance(value, dict) and any(k not in value for k in schema.get("required", [])):
+            return False
+        return True
+
+    # -- strings ----------------------------------------------------------------------------
+
+    def _count(self, schema: dict, low_key: str, high_key: str, path: str) -> tuple[int, int | None]:
+        low, high = schema.get(low_key, 0), schema.get(high_key)
+        for key, value in ((low_key, low), (high_key, high)):
+            if value is not None and (not _is_number(value) or value < 0 or value != int(value)):
+                raise SchemaNotConvertible(f"'{key}' must be a whole number >= 0", keyword=key,
+                                           path=_pointer(path, key))
+        low, high = int(low), (int(high) if high is not None else None)
+        if high is not None and low > high:
+            raise SchemaNotConvertible(f"'{low_key}' {low} is above '{high_key}' {high}", keyword=low_key,
+                                       path=_pointer(path, low_key), unsatisfiable=True)
+        if low > MAX_REPEAT or (high is not None and high > MAX_REPEAT and low > 0):
+            raise SchemaNotConvertible(f"'{low_key}' above {MAX_REPEAT} is not supported", keyword=low_key,
+                                       path=_pointer(path, low_key))
+        if high is not None and high > MAX_REPEAT:
+            high = MAX_REPEAT  # fewer is still valid
+        return low, high
+
+    def string(self, schema: dict, path: str) -> str:
+        low, high = self._count(schema, "minLength", "maxLength", path)
+        fmt, pattern = schema.get("format"), schema.get("pattern")
+        quote = r'"\""'
+        if pattern is not None:
+            if fmt in FORMATS:
+                raise SchemaNotConvertible("'pattern' together with 'format'", keyword="pattern",
+                                           path=_pointer(path, "pattern"))
+            body, shortest, longest = pattern_grammar(pattern, _pointer(path, "pattern"))
+            if shortest < low or (high is not None and (longest is None or longest > high)):
+                raise SchemaNotConvertible("'pattern' together with 'minLength'/'maxLength'", keyword="pattern",
+                                           path=_pointer(path, "pattern"))
+            return f"{quote} {self.add(path + '-pattern', body)} {quote}"
+        if fmt in FORMATS:
+            body, shortest, longest = FORMATS[fmt]
+            if shortest < low or (high is not None and longest > high):
+                raise SchemaNotConvertible(f"'format' {fmt!r} together with 'minLength'/'maxLength'",
+                                           keyword="format", path=_pointer(path, "format"))
+            return f"{quote} {self.add('format-' + fmt, body)} {quote}"
+        if fmt in REFUSED_FORMATS:
+            raise SchemaNotConvertible(f"The string format {fmt!r} is not supported", keyword="format",
+                                       path=_pointer(path, "format"))
+        if low == 0 and high is None:
+            return self.base("string")
+        self.base("char")
+        repeat = f"{{{low},}}" if high is None else (f"{{{low}}}" if low == high else f"{{{low},{high}}}")
+        return f"{quote} char{repeat} {quote}"
+
+    # -- numbers ----------------------------------------------------------------------------
+
+    def number(self, schema: dict, path: str, *, integer: bool) -> str:
+        multiple = schema.get("multipleOf")
+        if multiple is not None:
+            if not _is_number(multiple) or multiple <= 0:
+                raise SchemaNotConvertible("'multipleOf' must be a number above 0", keyword="multipleOf",
+                                           path=_pointer(path, "multipleOf"))
+            if multiple != 1:
+                raise SchemaNotConvertible("'multipleOf' other than 1 is not supported", keyword="multipleOf",
+                                           path=_pointer(path, "multipleOf"))
+            integer = True
+        low = high = None  # (value, exclusive, keyword)
+        for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+            value = schema.get(key)
+            if value is None or isinstance(value, bool):
+                continue
+            if not _is_number(value):
+                raise SchemaNotConvertible(f"'{key}' must be a number", keyword=key, path=_pointer(path, key))
+            exclusive = key.startswith("exclusive") or schema.get("exclusive" + key.capitalize()) is True
+            if "inimum" in key and (low is None or value > low[0] or (value == low[0] and exclusive)):
+                low = (value, exclusive, key)
+            if "aximum" in key and (high is None or value < high[0] or (value == high[0] and exclusive)):
+                high = (value, exclusive, key)
+        if low and high and (low[0] > high[0] or (low[0] == high[0] and (low[1] or high[1]))):
+            raise SchemaNotConvertible(f"'{low[2]}' {low[0]} leaves no room below '{high[2]}' {high[0]}",
+                                       keyword=low[2], path=_pointer(path, low[2]), unsatisfiable=True)
+        if integer:
+            if low is None and high is None:
+                return self.base("integer")
+            lo = None if low is None else (math.floor(low[0]) + 1 if low[1] and low[0] == math.floor(low[0])
+                                           else math.ceil(low[0]))
+            hi = None if high is None else (math.ceil(high[0]) - 1 if high[1] and high[0] == math.ceil(high[0])
+                                            else math.floor(high[0]))
+            body = integer_range(lo, hi)
+            if body is None:
+                keyword = (low or high)[2]
+                raise SchemaNotConvertible(f"No whole number lies between the bounds", keyword=keyword,
+                                           path=_pointer(path, keyword), unsatisfiable=True)
+            return f"({body})"
+        if low is None and high is None:
+            return self.base("number")
+        lo, lo_ex = (None, False) if low is None else (
+            (int(low[0]), low[1]) if low[0] == math.floor(low[0]) else (math.ceil(low[0]), False))
+        hi, hi_ex = (None, False) if high is None else (
+            (int(high[0]), high[1]) if high[0] == math.floor(high[0]) else (math.floor(high[0]), False))
+        body = bounded_number(lo, lo_ex, hi, hi_ex)
+        if body is None:
+            keyword = (low or high)[2]
+            raise SchemaNotConvertible("Number bounds closer than whole numbers are not supported", keyword=keyword,
+                                       path=_pointer(path, keyword))
+        return f"({body})"
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def object(self, schema: dict, path: str, depth: int) -> str:
+        properties = schema.get("properties", {}) or {}
+        required = schema.get("required", []) or []
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            raise SchemaNotConvertible("'properties' must be an object and 'required' a list",
+                                       keyword="properties", path=path)
+        extra = schema.get("additionalProperties", True)
+        patterns = schema.get("patternProperties") or {}
+        for name in properties:
+            for pattern in patterns:
+                try:
+                    matched = re.search(pattern, name)
+                except re.error:
+                    matched = True
+                if matched:
+                    raise SchemaNotConvertible(f"Property {name!r} is also matched by 'patternProperties'",
+                                               keyword="patternProperties", path=_pointer(path, "patternProperties"))
+        properties = dict(properties)
+        for name in required:
+            if name not in properties:
+                if extra is False or patterns:
+                    raise SchemaNotConvertible(f"Required property {name!r} is not allowed by the schema",
+                                               keyword="required", path=_pointer(path, "required"),
+                                               unsatisfiable=extra is False)
+                properties[name] = extra if isinstance(extra, dict) else True
+        low, high = self._count(schema, "minProperties", "maxProperties", path)
+        if not properties:
+            if extra is False or patterns:
+                if low > 0:
+                    raise SchemaNotConvertible("'minProperties' asks for properties the schema forbids",
+                                               keyword="minProperties", path=_pointer(path, "minProperties"),
+                                               unsatisfiable=extra is False)
+                return r'"{" "}"'
+            value = self.visit(extra if extra is not True else {}, _pointer(path, "additionalProperties"), depth + 1)
+            member = self.add(path + "-member", f'{self.base("string")} ":" {value}')
+            return self._sequence('"{"', member, '"}"', low, high)
+        required = list(dict.fromkeys(required))
+        optional = [name for name in properties if name not in required]
+        if len(required) < low:  # make optional properties required until minProperties holds
+            if len(required) + len(optional) < low:
+                raise SchemaNotConvertible("'minProperties' is more than the properties this server writes",
+                                           keyword="minProperties", path=_pointer(path, "minProperties"),
+                                           unsatisfiable=extra is False)
+            promoted = optional[: low - len(required)]
+            required, optional = required + promoted, optional[len(promoted):]
+        if high is not None:
+            if len(required) > high:
+                raise SchemaNotConvertible(f"'required' names more than 'maxProperties' {high} properties",
+                                           keyword="maxProperties", path=_pointer(path, "maxProperties"),
+                                           unsatisfiable=True)
+            optional = optional[: high - len(required)]
+        order = [name for name in properties if name in required or name in optional]
+        members = {}
+        for name in order:
+            where = _pointer(_pointer(path, "properties"), name)
+            members[name] = f'{literal(compact(name))} ":" {self.visit(properties[name], where, depth + 1)}'
+        first_required = next((i for i, name in enumerate(order) if name in required), None)
+        if first_required is None:
+            body = self._optional_tail([members[name] for name in order], path, after_required=False)
+        else:  # in declared order: optional ones before the first required end with a comma, later ones start with one
+            parts = [f'({members[name]} ",")?' for name in order[:first_required]]
+            parts.append(members[order[first_required]])
+            parts += [f'"," {members[name]}' if name in required else f'("," {members[name]})?'
+                      for name in order[first_required + 1:]]
+            body = " ".join(parts)
+        return f'"{{" {body} "}}"' if body else r'"{" "}"'
+
+    def _optional_tail(self, members: list[str], path: str, *, after_required: bool) -> str:
+        """Optional members in order, each present or not: after required ones `("," m1)? ("," m2)? ...`;
+        with none required, the first one written has no comma before it."""
+        rests: list[str | None] = [None] * (len(members) + 1)
+        for index in range(len(members) - 1, 0 if not after_required else -1, -1):  # rest-i ::= ("," m_i)? rest-(i+1)
+            body = f'("," {members[index]})?' + (f" {rests[index + 1]}" if rests[index + 1] else "")
+            rests[index] = self.add(f"{path}-rest{index}", body)
+        if after_required:
+            return rests[0]
+        firsts = [f"{member} {rests[i + 1]}" if rests[i + 1] else member for i, member in enumerate(members)]
+        return "(" + " | ".join(firsts) + ")?"
+
+    def _sequence(self, open_: str, item: str, close: str, low: int, high: int | None) -> str:
+        if high == 0:
+            return f"{open_} {close}"
+        more_low, more_high = max(low - 1, 0), (None if high is None else high - 1)
+        if more_high is None:
+            more = "*" if more_low == 0 else f"{{{more_low},}}"
+        else:
+            more = f"{{{more_low},{more_high}}}" if more_low != more_high else f"{{{more_low}}}"
+        inner = f'{item} ("," {item}){more}' if more_high != 0 else item
+        return f"{open_} {inner} {close}" if low > 0 else f"{open_} ({inner})? {close}"
+
+    # -- arrays -----------------------------------------------------------------------------
+
+    def array(self, schema: dict, path: str, depth: int) -> str:
+        low, high = self._count(schema, "minItems", "maxItems", path)
+        prefix = schema.get("prefixItems")
+        items = schema.get("items", True)
+        if isinstance(items, list):  # draft 4-7 tuples
+            prefix, items = items, schema.get("additionalItems", True)
+        if prefix is not None:
+            if not isinstance(prefix, list):
+                raise SchemaNotConvertible("'prefixItems' must be a list", keyword="prefixItems", path=path)
+            count = max(len(prefix), low) if high is None else min(max(len(prefix), low), high)
+            if count > len(prefix) and items is False:
+                raise SchemaNotConvertible("'minItems' asks for more items than the schema allows",
+                                           keyword="minItems", path=_pointer(path, "minItems"), unsatisfiable=True)
+            names = [self.visit(prefix[i] if i < len(prefix) else items, _pointer(path, i), depth + 1)
+                     for i in range(count)]
+            return '"[" ' + ' "," '.join(names) + ' "]"' if names else r'"[" "]"'
+        if items is False:
+            if low > 0:
+                raise SchemaNotConvertible("'minItems' asks for items the schema forbids", keyword="minItems",
+                                           path=_pointer(path, "minItems"), unsatisfiable=True)
+            return r'"[" "]"'
+        if schema.get("uniqueItems") is True:
+            if low > 1:
+                raise SchemaNotConvertible("'uniqueItems' with 'minItems' above 1 is not supported",
+                                           keyword="uniqueItems", path=_pointer(path, "uniqueItems"))
+            high = 1 if high is None else min(high, 1)
+        item = self.visit(items if items is not True else {}, _pointer(path, "items"), depth + 1)
+        return self._sequence('"["', item, '"]"', low, high)
+
