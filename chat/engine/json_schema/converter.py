@@ -14,7 +14,7 @@ import re
 from urllib.parse import unquote
 
 from .errors import SchemaNotConvertible
-from .formats import FORMATS, REFUSED as REFUSED_FORMATS
+from .formats import FORMATS
 from .patterns import pattern_grammar
 from .ranges import bounded_number, integer_range
 
@@ -23,21 +23,18 @@ MAX_DEPTH = 48
 MAX_BRANCHES = 64
 MAX_REPEAT = 2000  # a larger maxLength / maxItems is lowered to it (fewer is still valid); a larger minimum refused
 
-ANNOTATIONS = frozenset({
-    "title", "description", "$schema", "$id", "id", "$comment", "examples", "example", "default", "deprecated",
-    "readOnly", "writeOnly", "$defs", "definitions", "$anchor", "contentMediaType", "contentEncoding",
-    "nullable", "discriminator", "xml", "externalDocs", "markdownDescription", "$dynamicAnchor", "$vocabulary",
-    "if",
-})
+ASSERTIONS = frozenset({
+    "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
+    "propertyNames", "minProperties", "maxProperties", "items", "prefixItems", "additionalItems", "minItems",
+    "maxItems", "uniqueItems", "contains", "minContains", "maxContains", "minLength", "maxLength", "pattern",
+    "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "allOf", "anyOf", "oneOf",
+    "not", "if", "then", "else", "$ref", "dependencies", "dependentRequired", "dependentSchemas",
+    "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", FORBIDDEN := "x-llmsite-forbidden",
+})  # every other keyword is an annotation (title, description, default, examples, vendor "x-" keys...)
 REFUSED = {
-    "not": "'not' (a schema a reply must fail)",
     "then": "'if'/'then'/'else' conditions",
     "else": "'if'/'then'/'else' conditions",
-    "dependentRequired": "'dependentRequired'",
-    "dependentSchemas": "'dependentSchemas'",
-    "dependencies": "'dependencies'",
     "contains": "'contains'",
-    "propertyNames": "'propertyNames'",
     "unevaluatedItems": "'unevaluatedItems'",
     "$dynamicRef": "'$dynamicRef'",
     "$recursiveRef": "'$recursiveRef'",
@@ -76,6 +73,11 @@ def literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def _no_literals(body: str) -> str:
+    """`body` with its string literals and character classes blanked out (what is left names rules)."""
+    return re.sub(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]', " ", body)
+
+
 def compact(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -110,6 +112,7 @@ class Converter:
         self.rules: dict[str, str] = {}
         self.by_body: dict[str, str] = {}
         self.ref_rules: dict[str, str] = {}
+        self.memo: dict[str, str] = {}
         self.used_base: set[str] = set()
 
     # -- rules ------------------------------------------------------------------------------
@@ -138,15 +141,17 @@ class Converter:
 
     def grammar(self, root: str = "root") -> str:
         top = self.visit(self.root_schema, "", 0)
-        needed = set(self.used_base)
-        while True:  # the base rules refer to one another
-            more = {d for n in needed for d in BASE_RULES if re.search(rf"(?<![\w-]){d}(?![\w-])", BASE_RULES[n])}
-            if more <= needed:
-                break
-            needed |= more
+        bodies = {**BASE_RULES, **self.rules}
+        reachable, todo = set(), [top]
+        while todo:  # rules left by a branch that was dropped are not written
+            name = todo.pop()
+            if name in reachable:
+                continue
+            reachable.add(name)
+            todo += [n for n in re.findall(r"(?<![\w\"\\-])[a-z][a-zA-Z0-9-]*(?![\w\"-])", _no_literals(bodies[name]))
+                     if n in bodies]
         lines = [f"{root} ::= {top}"]
-        lines += [f"{name} ::= {body}" for name, body in self.rules.items()]
-        lines += [f"{name} ::= {BASE_RULES[name]}" for name in BASE_RULES if name in needed]
+        lines += [f"{name} ::= {body}" for name, body in bodies.items() if name in reachable]
         return "\n".join(lines) + "\n"
 
     # -- schemas ----------------------------------------------------------------------------
@@ -162,12 +167,37 @@ class Converter:
                                        unsatisfiable=True)
         if not isinstance(schema, dict):
             raise SchemaNotConvertible("A schema must be an object or a boolean", keyword="type", path=path)
+        key = json.dumps(schema, sort_keys=True, default=str)
+        if key in self.memo:  # also what makes recursive schemas finite
+            return self.memo[key]
+        if len(self.rules) >= MAX_RULES:
+            raise SchemaNotConvertible("The schema is too large", keyword="$defs", path=path)
+        mark = self._mark()
+        name = self._fresh(path)
+        self.rules[name] = ""  # reserved while its body is built
+        self.memo[key] = name
+        try:
+            self.rules[name] = self._body(schema, path, depth)
+        except BaseException:
+            self._rollback(mark)  # rules made meanwhile may refer to this one
+            raise
+        return name
+
+    def _mark(self) -> tuple[int, ...]:
+        return len(self.rules), len(self.by_body), len(self.memo), len(self.ref_rules)
+
+    def _rollback(self, mark: tuple[int, ...]) -> None:
+        for table, size in zip((self.rules, self.by_body, self.memo, self.ref_rules), mark):
+            for key in list(table)[size:]:
+                del table[key]
+
+    def _body(self, schema: dict, path: str, depth: int) -> str:
         for keyword, what in REFUSED.items():
             if keyword in schema:
                 raise SchemaNotConvertible(f"The server does not support {what}", keyword=keyword,
                                            path=_pointer(path, keyword))
         if "$ref" in schema:
-            rest = {k: v for k, v in schema.items() if k != "$ref" and k not in ANNOTATIONS}
+            rest = {k: v for k, v in schema.items() if k != "$ref" and k in ASSERTIONS}
             if not rest:
                 return self.ref_rule(schema["$ref"], path, depth)
             return self.visit(self.merge(self.resolve(schema["$ref"], path), rest, path, depth), path, depth + 1)
@@ -182,13 +212,62 @@ class Converter:
         for keyword in ("anyOf", "oneOf"):
             if keyword in schema:
                 return self.alternatives(schema, keyword, path, depth)
+        if "not" in schema:
+            return self.visit(self.without_not(schema, path), path, depth + 1)
+        for keyword in ("dependencies", "dependentRequired", "dependentSchemas"):
+            if keyword in schema:
+                return self.visit(self.without_dependencies(schema, keyword, path, depth), path, depth + 1)
         if "const" in schema:
-            return self.add(path, self.values([schema["const"]], schema, "const", path))
+            return self.values([schema["const"]], schema, "const", path)
         if "enum" in schema:
             if not isinstance(schema["enum"], list):
                 raise SchemaNotConvertible("'enum' must be a list", keyword="enum", path=path)
-            return self.add(path, self.values(schema["enum"], schema, "enum", path))
-        return self.add(path, " | ".join(self.typed(t, schema, path, depth) for t in self.types(schema, path)))
+            return self.values(schema["enum"], schema, "enum", path)
+        return " | ".join(self.typed(t, schema, path, depth) for t in self.types(schema, path))
+
+    def without_not(self, schema: dict, path: str) -> dict:
+        """`schema` without `not`, narrowed so that no value it admits matches the negated schema (a subset)."""
+        negated = self._plain(schema["not"], _pointer(path, "not"), 0)
+        rest = {k: v for k, v in schema.items() if k != "not"}
+        assertive = {k for k in negated if k in ASSERTIONS}
+        where = _pointer(path, "not")
+        if assertive == {"type"}:
+            banned = set(negated["type"] if isinstance(negated["type"], list) else [negated["type"]])
+            if "number" in banned:
+                banned.add("integer")
+            kept = [t for t in self.types(rest, path) if t not in banned]
+            if not kept:
+                raise SchemaNotConvertible("'not' forbids every type the schema allows", keyword="not", path=where,
+                                           unsatisfiable=True)
+            return {**rest, "type": kept}
+        if assertive == {"required"} and isinstance(negated["required"], list) and negated["required"]:
+            return {**rest, FORBIDDEN: [*rest.get(FORBIDDEN, []), negated["required"][0]]}
+        if assertive <= {"enum", "const", "type"} and ("enum" in rest or "const" in rest) and assertive - {"type"}:
+            banned = negated.get("enum", []) + ([negated["const"]] if "const" in negated else [])
+            values = rest["enum"] if "enum" in rest else [rest["const"]]
+            kept = [v for v in values if all(compact(v) != compact(b) for b in banned)]
+            rest.pop("const", None)
+            return {**rest, "enum": kept}
+        raise SchemaNotConvertible("The server supports 'not' only for a type, a required property or enum values",
+                                   keyword="not", path=where)
+
+    def without_dependencies(self, schema: dict, keyword: str, path: str, depth: int) -> dict:
+        """Dependencies made to hold: a property whose dependencies are not required anyway is never written."""
+        rest = {k: v for k, v in schema.items() if k != keyword}
+        dependencies = schema[keyword]
+        if not isinstance(dependencies, dict):
+            raise SchemaNotConvertible(f"'{keyword}' must be an object", keyword=keyword, path=path)
+        required = list(rest.get("required", []))
+        for name, dependency in dependencies.items():
+            if name not in required:
+                rest[FORBIDDEN] = [*rest.get(FORBIDDEN, []), name]
+            elif isinstance(dependency, list):
+                required += [d for d in dependency if d not in required]
+                rest["required"] = required
+            else:
+                rest = self.merge(rest, dependency, _pointer(_pointer(path, keyword), name), depth)
+                required = list(rest.get("required", []))
+        return rest
 
     def types(self, schema: dict, path: str) -> list[str]:
         declared = schema.get("type")
@@ -220,7 +299,7 @@ class Converter:
         if not isinstance(branches, list) or not branches:
             raise SchemaNotConvertible(f"'{keyword}' must be a non-empty list", keyword=keyword, path=path,
                                        unsatisfiable=True)
-        base = {k: v for k, v in schema.items() if k != keyword}
+        base = {k: v for k, v in schema.items() if k != keyword and k in ASSERTIONS}
         names, first_error = [], None
         for index, branch in enumerate(branches):
             where = _pointer(_pointer(path, keyword), index)
@@ -233,7 +312,7 @@ class Converter:
                 first_error = first_error or exc  # a branch no value satisfies is left out
         if not names:
             raise first_error
-        return self.add(path, " | ".join(dict.fromkeys(names)))
+        return " | ".join(dict.fromkeys(names))
 
     # -- $ref -------------------------------------------------------------------------------
 
@@ -257,11 +336,15 @@ class Converter:
         if isinstance(ref, str) and ref in self.ref_rules:
             return self.ref_rules[ref]
         target = self.resolve(ref, path)
+        mark = self._mark()
         name = self._fresh("ref-" + ref)
         self.ref_rules[ref] = name
         self.rules[name] = ""  # reserved: the target may refer back to it
-        body = self.visit(target, ref[1:] or "/", depth + 1)
-        self.rules[name] = body
+        try:
+            self.rules[name] = self.visit(target, ref[1:] or "/", depth + 1)
+        except BaseException:
+            self._rollback(mark)
+            raise
         return name
 
     # -- allOf ------------------------------------------------------------------------------
@@ -273,7 +356,7 @@ class Converter:
         a, b = self._plain(a, path, depth), self._plain(b, path, depth)
         merged = dict(a)
         for key, value in b.items():
-            if key not in merged or merged[key] == value or key in ANNOTATIONS:
+            if key not in merged or merged[key] == value or key not in ASSERTIONS:
                 merged.setdefault(key, value)
                 continue
             mine = merged[key]
@@ -291,7 +374,7 @@ class Converter:
                 merged[key] = both if len(both) > 1 else both[0]
             elif key == "properties":
                 merged[key] = {**mine, **{k: ({"allOf": [mine[k], v]} if k in mine else v) for k, v in value.items()}}
-            elif key == "required":
+            elif key in ("required", FORBIDDEN):
                 merged[key] = list(dict.fromkeys([*mine, *value]))
             elif key in ("minimum", "minLength", "minItems", "minProperties") and _is_number(mine) and _is_number(value):
                 merged[key] = max(mine, value)
@@ -383,7 +466,7 @@ class Converter:
         if high is not None and low > high:
             raise SchemaNotConvertible(f"'{low_key}' {low} is above '{high_key}' {high}", keyword=low_key,
                                        path=_pointer(path, low_key), unsatisfiable=True)
-        if low > MAX_REPEAT or (high is not None and high > MAX_REPEAT and low > 0):
+        if low > MAX_REPEAT:
             raise SchemaNotConvertible(f"'{low_key}' above {MAX_REPEAT} is not supported", keyword=low_key,
                                        path=_pointer(path, low_key))
         if high is not None and high > MAX_REPEAT:
@@ -409,9 +492,6 @@ class Converter:
                 raise SchemaNotConvertible(f"'format' {fmt!r} together with 'minLength'/'maxLength'",
                                            keyword="format", path=_pointer(path, "format"))
             return f"{quote} {self.add('format-' + fmt, body)} {quote}"
-        if fmt in REFUSED_FORMATS:
-            raise SchemaNotConvertible(f"The string format {fmt!r} is not supported", keyword="format",
-                                       path=_pointer(path, "format"))
         if low == 0 and high is None:
             return self.base("string")
         self.base("char")
@@ -476,62 +556,68 @@ class Converter:
     def object(self, schema: dict, path: str, depth: int) -> str:
         properties = schema.get("properties", {}) or {}
         required = schema.get("required", []) or []
-        if not isinstance(properties, dict) or not isinstance(required, list):
+        patterns = schema.get("patternProperties") or {}
+        if not all(isinstance(x, dict) for x in (properties, patterns)) or not isinstance(required, list):
             raise SchemaNotConvertible("'properties' must be an object and 'required' a list",
                                        keyword="properties", path=path)
         extra = schema.get("additionalProperties", True)
-        patterns = schema.get("patternProperties") or {}
-        for name in properties:
-            for pattern in patterns:
-                try:
-                    matched = re.search(pattern, name)
-                except re.error:
-                    matched = True
-                if matched:
-                    raise SchemaNotConvertible(f"Property {name!r} is also matched by 'patternProperties'",
-                                               keyword="patternProperties", path=_pointer(path, "patternProperties"))
-        properties = dict(properties)
-        for name in required:
-            if name not in properties:
-                if extra is False or patterns:
-                    raise SchemaNotConvertible(f"Required property {name!r} is not allowed by the schema",
-                                               keyword="required", path=_pointer(path, "required"),
-                                               unsatisfiable=extra is False)
-                properties[name] = extra if isinstance(extra, dict) else True
-        low, high = self._count(schema, "minProperties", "maxProperties", path)
-        if not properties:
-            if extra is False or patterns:
-                if low > 0:
-                    raise SchemaNotConvertible("'minProperties' asks for properties the schema forbids",
-                                               keyword="minProperties", path=_pointer(path, "minProperties"),
-                                               unsatisfiable=extra is False)
-                return r'"{" "}"'
-            value = self.visit(extra if extra is not True else {}, _pointer(path, "additionalProperties"), depth + 1)
-            member = self.add(path + "-member", f'{self.base("string")} ":" {value}')
-            return self._sequence('"{"', member, '"}"', low, high)
+        names_schema = schema.get("propertyNames", True)
+        forbidden = set(schema.get(FORBIDDEN, []))
         required = list(dict.fromkeys(required))
-        optional = [name for name in properties if name not in required]
+
+        def matching(name: str) -> list:
+            found = []
+            for pattern, value in patterns.items():
+                try:
+                    if re.search(pattern, name):
+                        found.append(value)
+                except (re.error, TypeError):
+                    raise SchemaNotConvertible("A 'patternProperties' key is not a regular expression",
+                                               keyword="patternProperties", path=path) from None
+            return found
+
+        candidates = {}  # name -> schema, in declared order, then required names declared nowhere else
+        for name in [*properties, *[r for r in required if r not in properties]]:
+            parts = ([properties[name]] if name in properties else []) + matching(name)
+            if not parts:
+                parts = [extra] if extra is not True else [{}]
+            if name in forbidden or parts[0] is False or not self.fits(name, names_schema if isinstance(
+                    names_schema, dict) else {}) or any(p is False for p in parts):
+                if name in required:
+                    raise SchemaNotConvertible(f"Required property {name!r} is not allowed by the schema",
+                                               keyword="required", path=_pointer(path, "required"), unsatisfiable=True)
+                continue
+            candidates[name] = parts[0] if len(parts) == 1 else {"allOf": parts}
+        low, high = self._count(schema, "minProperties", "maxProperties", path)
+        if not candidates:
+            return self._map(schema, path, depth, low, high, patterns, extra, forbidden)
+
+        members = {}
+        for name, subschema in candidates.items():
+            where = _pointer(_pointer(path, "properties"), name)
+            try:
+                members[name] = f'{literal(compact(name))} ":" {self.visit(subschema, where, depth + 1)}'
+            except SchemaNotConvertible as exc:
+                if name in required or exc.code != "unsatisfiable_schema":
+                    raise
+        optional = [name for name in members if name not in required]
         if len(required) < low:  # make optional properties required until minProperties holds
-            if len(required) + len(optional) < low:
+            if len(members) < low:
                 raise SchemaNotConvertible("'minProperties' is more than the properties this server writes",
                                            keyword="minProperties", path=_pointer(path, "minProperties"),
-                                           unsatisfiable=extra is False)
-            promoted = optional[: low - len(required)]
-            required, optional = required + promoted, optional[len(promoted):]
+                                           unsatisfiable=extra is False and not patterns)
+            required = required + optional[: low - len(required)]
+            optional = [name for name in optional if name not in required]
         if high is not None:
             if len(required) > high:
                 raise SchemaNotConvertible(f"'required' names more than 'maxProperties' {high} properties",
                                            keyword="maxProperties", path=_pointer(path, "maxProperties"),
                                            unsatisfiable=True)
             optional = optional[: high - len(required)]
-        order = [name for name in properties if name in required or name in optional]
-        members = {}
-        for name in order:
-            where = _pointer(_pointer(path, "properties"), name)
-            members[name] = f'{literal(compact(name))} ":" {self.visit(properties[name], where, depth + 1)}'
+        order = [name for name in members if name in required or name in optional]
         first_required = next((i for i, name in enumerate(order) if name in required), None)
         if first_required is None:
-            body = self._optional_tail([members[name] for name in order], path, after_required=False)
+            body = self._optional_tail([members[name] for name in order], path)
         else:  # in declared order: optional ones before the first required end with a comma, later ones start with one
             parts = [f'({members[name]} ",")?' for name in order[:first_required]]
             parts.append(members[order[first_required]])
@@ -540,15 +626,46 @@ class Converter:
             body = " ".join(parts)
         return f'"{{" {body} "}}"' if body else r'"{" "}"'
 
-    def _optional_tail(self, members: list[str], path: str, *, after_required: bool) -> str:
-        """Optional members in order, each present or not: after required ones `("," m1)? ("," m2)? ...`;
-        with none required, the first one written has no comma before it."""
+    def _map(self, schema: dict, path: str, depth: int, low: int, high: int | None, patterns: dict, extra,
+             forbidden: set) -> str:
+        """An object without declared properties: keys and values from patternProperties or additionalProperties."""
+        names_schema = schema.get("propertyNames", True)
+        if patterns:
+            pattern, value = next(iter(patterns.items()))
+            key_schema = {"type": "string", "pattern": pattern}
+            if names_schema not in (True, {}):
+                key_schema = {"allOf": [key_schema, names_schema]}
+        elif extra is False:
+            key_schema = value = None
+        else:
+            value = extra if extra is not True else {}
+            key_schema = {"type": "string"} if names_schema in (True, {}) else {"allOf": [{"type": "string"},
+                                                                                            names_schema]}
+        if key_schema is None or high == 0:
+            if low > 0:
+                raise SchemaNotConvertible("'minProperties' asks for properties the schema forbids",
+                                           keyword="minProperties", path=_pointer(path, "minProperties"),
+                                           unsatisfiable=True)
+            return r'"{" "}"'
+        if forbidden:
+            raise SchemaNotConvertible("'not'/'dependencies' on the keys of a free-form object",
+                                       keyword="dependencies", path=path)
+        try:
+            key = self.visit(key_schema, _pointer(path, "propertyNames"), depth + 1)
+            item = self.visit(value, _pointer(path, "additionalProperties"), depth + 1)
+        except SchemaNotConvertible as exc:
+            if low > 0 or exc.code != "unsatisfiable_schema":
+                raise
+            return r'"{" "}"'
+        member = self.add(path + "-member", f'{key} ":" {item}')
+        return self._sequence('"{"', member, '"}"', low, high)
+
+    def _optional_tail(self, members: list[str], path: str) -> str:
+        """Optional members in order, each present or not, with commas only between those written."""
         rests: list[str | None] = [None] * (len(members) + 1)
-        for index in range(len(members) - 1, 0 if not after_required else -1, -1):  # rest-i ::= ("," m_i)? rest-(i+1)
+        for index in range(len(members) - 1, 0, -1):  # rest-i ::= ("," m_i)? rest-(i+1)
             body = f'("," {members[index]})?' + (f" {rests[index + 1]}" if rests[index + 1] else "")
             rests[index] = self.add(f"{path}-rest{index}", body)
-        if after_required:
-            return rests[0]
         firsts = [f"{member} {rests[i + 1]}" if rests[i + 1] else member for i, member in enumerate(members)]
         return "(" + " | ".join(firsts) + ")?"
 

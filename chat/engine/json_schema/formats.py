@@ -26,11 +26,17 @@ FORMATS: dict[str, tuple[str, int, int]] = {
     "hostname": (f'{_LABEL} ("." {_LABEL}){{0,3}}', 1, 95),
     "uri": ('"http" "s"? "://" ' + _LABEL + ' ("." ' + _LABEL + ') ("/" [a-zA-Z0-9._~%-]{0,20}){0,4}', 10, 146),
 }
+FORMATS["ipv6"] = (f'{_HEX}{{1,4}} (":" {_HEX}{{1,4}}){{7}}', 15, 39)
+FORMATS["regex"] = ("[a-zA-Z0-9 ]{0,20}", 0, 20)  # letters, digits and spaces: always a valid expression
+FORMATS["duration"] = ('"P" [1-9] [0-9]{0,2} [YMWD] | "PT" [1-9] [0-9]{0,2} [HMS]', 3, 6)
+FORMATS["json-pointer"] = ('("/" ([a-zA-Z0-9_] | "~" [01]){0,10}){0,5}', 0, 105)
+FORMATS["relative-json-pointer"] = ('[0-9] ("#" | ("/" ([a-zA-Z0-9_] | "~" [01]){0,10}){0,5})', 1, 106)
 FORMATS["idn-email"] = FORMATS["email"]
 FORMATS["idn-hostname"] = FORMATS["hostname"]
 FORMATS["iri"] = FORMATS["uri"]
 FORMATS["uri-reference"] = FORMATS["uri"]
 FORMATS["iri-reference"] = FORMATS["uri"]
+FORMATS["uri-template"] = FORMATS["uri"]  # a URI without braces is a template too
 
 # Formats that validators check but this server cannot write: refused rather than left unenforced.
-REFUSED = frozenset({"ipv6", "regex", "duration", "json-pointer", "relative-json-pointer", "uri-template"})
+REFUSED: frozenset[str] = frozenset()
