@@ -9,6 +9,7 @@ flags.
 from __future__ import annotations
 
 import json
+import warnings
 
 try:
     import re._parser as sre  # Python 3.11+
@@ -140,19 +141,112 @@ def _item(op, arg, *, first: bool, last: bool) -> tuple[str, int, int | None]:
     raise _Refused(str(op).lower())
 
 
-def pattern_grammar(pattern, path: str) -> tuple[str, int, int | None]:
-    """(GBNF of the JSON string content, shortest and longest length of the value) for `pattern`."""
+def pattern_grammar(pattern, path: str, low: int = 0, high: int | None = None) -> str:
+    """GBNF of the JSON string content for `pattern`, whose value is also low..high characters long."""
     if not isinstance(pattern, str):
         raise SchemaNotConvertible("'pattern' must be a string", keyword="pattern", path=path)
     try:
-        parsed = sre.parse(pattern)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = sre.parse(pattern)
     except Exception:
         raise SchemaNotConvertible("'pattern' is not a regular expression", keyword="pattern", path=path,
                                    unsatisfiable=True) from None
     if parsed.state.flags & ~(c.SRE_FLAG_UNICODE | getattr(c, "SRE_FLAG_TEMPLATE", 0)):
         raise SchemaNotConvertible("'pattern' with flags is not supported", keyword="pattern", path=path)
+    items = list(parsed)
+    anchored_end = bool(items) and items[-1][0] is c.AT and items[-1][1] in (c.AT_END, c.AT_END_STRING)
     try:
-        return _sequence(parsed, at_start=True, at_end=True)
+        text, shortest, longest = _sequence(items, at_start=True, at_end=True)
+        if shortest >= low and (high is None or (longest is not None and longest <= high)):
+            return text
+        if not anchored_end and longest is not None and (high is None or longest <= high):
+            # The value only has to contain a match: pad it after the match to reach minLength.
+            pad_low = max(low - shortest, 0)
+            pad_high = None if high is None else high - longest
+            if pad_high is None or pad_low <= pad_high:
+                return f"{text} {_pad(pad_low, pad_high)}"
+        try:
+            return _fitted(items, low, high)
+        except _NoRoom:
+            return _capped_to_fit(items, low, high, anchored_end)
     except (_Refused, RecursionError) as exc:
-        raise SchemaNotConvertible(f"'pattern' uses {exc} , which is not supported".replace(" ,", ","),
-                                   keyword="pattern", path=path) from None
+        raise SchemaNotConvertible(f"'pattern' uses {exc}, which is not supported", keyword="pattern",
+                                   path=path) from None
+    except _NoRoom:
+        raise SchemaNotConvertible("'pattern' and 'minLength'/'maxLength' together", keyword="pattern",
+                                   path=path) from None
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _pad(low: int, high: int | None) -> str:
+    char = _class([], True)
+    return f"{char}{{{low},}}" if high is None else f"{char}{{{low},{high}}}"
+
+
+def _fitted(items, low: int, high: int | None) -> str:
+    """The pattern with its one variable repetition (of a single character) bounded so the length fits."""
+    body = [item for item in items if item[0] is not c.AT]
+    variable = [i for i, (op, arg) in enumerate(body)
+                if op in (c.MAX_REPEAT, c.MIN_REPEAT) and arg[0] != arg[1]]
+    if len(variable) != 1:
+        raise _NoRoom
+    index = variable[0]
+    rep_low, rep_high, inner = body[index][1]
+    inner_text, a, b = _sequence(inner, at_start=False, at_end=False)
+    fixed_low = fixed_high = 0
+    for i, (op, arg) in enumerate(body):
+        if i != index:
+            _text, x, y = _item(op, arg, first=False, last=False)
+            if y is None or x != y:
+                raise _NoRoom
+            fixed_low += x
+    if (a, b) != (1, 1):
+        raise _NoRoom
+    top = c.MAXREPEAT if rep_high == c.MAXREPEAT else rep_high
+    new_low = max(rep_low, low - fixed_low)
+    new_high = top if high is None else min(top, high - fixed_low)
+    if new_high != c.MAXREPEAT and new_low > new_high:
+        raise _NoRoom
+    if new_high != c.MAXREPEAT and new_high > MAX_REPEAT:
+        new_high = max(new_low, MAX_REPEAT)
+    bounded = list(items)
+    position = items.index(body[index])
+    bounded[position] = (body[index][0], (new_low, new_high, inner))
+    text, _x, _y = _sequence(bounded, at_start=True, at_end=True)
+    return text
+
+
+def _capped(items, cap: int) -> list:
+    """`items` with every repetition allowed at most `cap` more than its minimum (a subset of the matches)."""
+    out = []
+    for op, arg in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            low, high, inner = arg
+            top = low + cap if high == c.MAXREPEAT else min(high, low + cap)
+            out.append((op, (low, top, _capped(inner, cap))))
+        elif op is c.SUBPATTERN:
+            group, add_flags, del_flags, inner = arg
+            out.append((op, (group, add_flags, del_flags, _capped(inner, cap))))
+        elif op is c.BRANCH:
+            out.append((op, (arg[0], [_capped(branch, cap) for branch in arg[1]])))
+        else:
+            out.append((op, arg))
+    return out
+
+
+def _capped_to_fit(items, low: int, high: int | None, anchored_end: bool) -> str:
+    """Repetitions capped until the longest match fits maxLength; padding (unanchored end) for minLength."""
+    for cap in (64, 32, 16, 8, 4, 2, 1, 0):
+        text, shortest, longest = _sequence(_capped(items, cap), at_start=True, at_end=True)
+        if high is not None and (longest is None or longest > high):
+            continue
+        if shortest >= low:
+            return text
+        if not anchored_end:
+            return f"{text} {_pad(low - shortest, None if high is None else high - longest)}"
+        break
+    raise _NoRoom
