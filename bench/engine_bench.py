@@ -62,11 +62,13 @@ class BareLlama:
     def __init__(self, model_path: Path, n_seq: int, n_ctx_per_seq: int = 512, kv_unified: bool = False):
         import llama_cpp as llama
 
-        from chat.engine.backends.llama_cpp import _llama
+        from chat.engine.backends.llama_cpp import _llama, model_params_for
+        from chat.engine.types import ModelSpec
 
         _llama()  # same process-wide init and quiet logging as the engine
         self.llama = llama
-        self.model = llama.llama_model_load_from_file(os.fsencode(model_path), llama.llama_model_default_params())
+        model_params = model_params_for(llama, ModelSpec(name="bench", path=str(model_path)))  # the engine's layout
+        self.model = llama.llama_model_load_from_file(os.fsencode(model_path), model_params)
         params = llama.llama_context_default_params()
         params.n_ctx = n_seq * n_ctx_per_seq
         params.n_seq_max = n_seq

@@ -45,6 +45,15 @@ def find_llama_server() -> tuple[Path | None, str]:
     return None, f"llama-server is not built ({path} is missing): run {BUILD_SCRIPT} (10-15 minutes once)"
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX, which a native build of the pinned llama.cpp uses to repack weights,
+    and then crashes at the first decode of a quantized model (SmolLM2 Q4_1, measured)."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 class LlamaServer:
     """One llama-server process on 127.0.0.1, in its own process group (kill() takes it down at once)."""
 
@@ -76,6 +85,8 @@ class LlamaServer:
                    "--threads", str(self.threads), "--threads-batch", str(self.threads)]
         if self.alias:
             command += ["--alias", self.alias]
+        if cpu_has_amx():  # as the engine does (chat/engine/backends/llama_cpp.py model_params_for)
+            command.append("--no-repack")
         return command + list(self.extra)
 
     def start(self) -> None:

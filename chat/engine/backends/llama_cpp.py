@@ -52,6 +52,17 @@ _library = None  # llama_cpp module, once initialised
 _log_callback = None  # kept referenced: llama.cpp calls it from C
 
 
+def model_params_for(llama, spec: ModelSpec):
+    """llama_model_params for `spec`. On CPUs with AMX, weights stay in the plain CPU layout: the AMX
+    repacking of this llama.cpp version crashes the process at the first decode of a quantized model
+    (SmolLM2 Q4_1, llama-cpp-python 0.3.36, measured on a Xeon with AMX_INT8)."""
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = spec.gpu_layers
+    if b"AMX_INT8 = 1" in llama.llama_print_system_info():
+        params.use_extra_bufts = False
+    return params
+
+
 def _llama():
     """Import and initialise llama_cpp once per process, routing its log to Python logging."""
     global _library, _log_callback
@@ -115,9 +126,7 @@ class LlamaCppBackend(Backend):
         if not Path(spec.path).is_file():
             raise ModelUnavailable(spec.name, spec.path, "the model file does not exist.")
         llama = _llama()
-        model_params = llama.llama_model_default_params()
-        model_params.n_gpu_layers = spec.gpu_layers
-        model = llama.llama_model_load_from_file(os.fsencode(spec.path), model_params)
+        model = llama.llama_model_load_from_file(os.fsencode(spec.path), model_params_for(llama, spec))
         if not model:
             raise ModelUnavailable(
                 spec.name, spec.path, "llama.cpp could not load it (not a GGUF model it supports, or a damaged file)."
