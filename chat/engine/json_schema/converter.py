@@ -22,6 +22,7 @@ from .ranges import bounded_number, integer_range
 MAX_RULES = 4000
 MAX_DEPTH = 48
 MAX_BRANCHES = 64
+UNBOUNDED_BEYOND = 10 ** 16  # unbounded numbers are written with at most 16 integer digits
 MAX_REPEAT = 2000  # a larger maxLength / maxItems is lowered to it (fewer is still valid); a larger minimum refused
 
 ASSERTIONS = frozenset({
@@ -453,7 +454,25 @@ class Converter:
                         return False
             except (re.error, TypeError):
                 return False
-        if isinstance(value, dict) and any(k not in value for k in schema.get("required", [])):
+        if isinstance(value, dict):
+            if any(k not in value for k in schema.get("required", [])):
+                return False
+            properties = schema.get("properties") or {}
+            extra = schema.get("additionalProperties", True)
+            for key, item in value.items():
+                sub = properties.get(key, extra)
+                if sub is False or (isinstance(sub, dict) and not self.fits(item, sub)):
+                    return False
+        if isinstance(value, list):
+            items = schema.get("items", True)
+            if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+                return False
+            if isinstance(items, dict) and not all(self.fits(item, items) for item in value):
+                return False
+        if "enum" in schema and isinstance(schema["enum"], list) and all(
+                compact(value) != compact(v) for v in schema["enum"]):
+            return False
+        if "const" in schema and compact(value) != compact(schema["const"]):
             return False
         return True
 
@@ -525,6 +544,10 @@ class Converter:
         if low and high and (low[0] > high[0] or (low[0] == high[0] and (low[1] or high[1]))):
             raise SchemaNotConvertible(f"'{low[2]}' {low[0]} leaves no room below '{high[2]}' {high[0]}",
                                        keyword=low[2], path=_pointer(path, low[2]), unsatisfiable=True)
+        if low and low[0] < -UNBOUNDED_BEYOND:  # the grammar never writes numbers that far out anyway
+            low = None
+        if high and high[0] > UNBOUNDED_BEYOND:
+            high = None
         if integer:
             if low is None and high is None:
                 return self.base("integer")
@@ -653,6 +676,9 @@ class Converter:
         if forbidden:
             raise SchemaNotConvertible("'not'/'dependencies' on the keys of a free-form object",
                                        keyword="dependencies", path=path)
+        if low > 1:  # the grammar cannot keep free-form keys distinct
+            raise SchemaNotConvertible("'minProperties' above 1 on a free-form object is not supported",
+                                       keyword="minProperties", path=_pointer(path, "minProperties"))
         try:
             key = self.visit(key_schema, _pointer(path, "propertyNames"), depth + 1)
             item = self.visit(value, _pointer(path, "additionalProperties"), depth + 1)
@@ -698,6 +724,9 @@ class Converter:
             if count > len(prefix) and items is False:
                 raise SchemaNotConvertible("'minItems' asks for more items than the schema allows",
                                            keyword="minItems", path=_pointer(path, "minItems"), unsatisfiable=True)
+            if schema.get("uniqueItems") is True and count > 1:
+                raise SchemaNotConvertible("'uniqueItems' on a tuple of more than one item is not supported",
+                                           keyword="uniqueItems", path=_pointer(path, "uniqueItems"))
             names = [self.visit(prefix[i] if i < len(prefix) else items, _pointer(path, i), depth + 1)
                      for i in range(count)]
             return '"[" ' + ' "," '.join(names) + ' "]"' if names else r'"[" "]"'

@@ -39,10 +39,15 @@ def _class_char(code: int) -> str:
     return char if char.isalnum() and code < 0x80 or code > 0x7F and code not in (0x2028, 0x2029) else f"\\x{code:02X}"
 
 
-def _class(ranges: list[tuple[int, int]], negate: bool) -> str:
+def _class(ranges: list[tuple[int, int]], negate: bool, *, ascii_only: bool = False) -> str:
+    r"""A character class without the characters JSON escapes (written escaped instead, when listed).
+
+    `ascii_only`: a negated class that stands for \s, \d or \w, which in Python match Unicode spaces,
+    digits and letters too; the grammar then writes only ASCII characters outside the class."""
     if negate:
         body = "".join(_class_char(a) if a == b else f"{_class_char(a)}-{_class_char(b)}" for a, b in ranges)
-        return f'[^{body}"\\\\\\x00-\\x1F\\x7F]'
+        beyond = "\\x7F-\\U0010FFFF" if ascii_only else "\\x7F"
+        return f'[^{body}"\\\\\\x00-\\x1F{beyond}]'
     plain, escaped = [], []
     for a, b in ranges:
         start = a
@@ -85,10 +90,11 @@ def _in(items) -> str:
         elif op is c.CATEGORY and arg in CATEGORIES:
             ranges += CATEGORIES[arg]
         elif op is c.CATEGORY and arg in NEGATED and len(items) == 1:
-            return _class(CATEGORIES[NEGATED[arg]], True)
+            return _class(CATEGORIES[NEGATED[arg]], True, ascii_only=True)
         else:
             raise _Refused("this character class")
-    return _class(ranges, negate)
+    categories = any(op is c.CATEGORY for op, _arg in items)
+    return _class(ranges, negate, ascii_only=negate and categories)
 
 
 def _sequence(items, *, at_start: bool, at_end: bool) -> tuple[str, int, int | None]:

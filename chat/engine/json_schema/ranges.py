@@ -52,14 +52,14 @@ def natural_range(low: int, high: int | None) -> str | None:
     if high is not None and low > high:
         return None
     alternatives: list[list[str]] = []
-    top = len(str(high)) if high is not None else MAX_DIGITS
+    top = len(str(high)) if high is not None else max(MAX_DIGITS, len(str(low)))
     for length in range(len(str(low)), top + 1):
         start = max(low, 10 ** (length - 1) if length > 1 else 0)
         end = 10 ** length - 1 if high is None else min(high, 10 ** length - 1)
         if start > end:
             continue
         if high is None and length > 1 and start == 10 ** (length - 1):
-            alternatives.append([f"[1-9][0-9]{{{length - 1},{MAX_DIGITS - 1}}}"])
+            alternatives.append([f"[1-9][0-9]{{{length - 1},{max(MAX_DIGITS, length) - 1}}}"])
             break
         alternatives += _same_length(str(start), str(end))
     return " | ".join(" ".join(atoms) or '""' for atoms in alternatives) if alternatives else None
