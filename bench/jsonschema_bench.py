@@ -116,6 +116,35 @@ def table(summaries: dict) -> str:
     return "\n".join(lines)
 
 
+def compile_table(root: Path, datasets: list[str]) -> str:
+    """Per data set: schemas this project's converter turns into a grammar, and the keywords it refuses."""
+    from chat.engine.grammars import SchemaNotConvertible, json_schema_grammar
+
+    data = root / "data" if (root / "data").is_dir() else root
+    lines = ["| data set | schemas | compiled | refused (top keywords) |", "|---|---|---|---|"]
+    totals = Counter()
+    for dataset in datasets:
+        counts, keywords = Counter(), Counter()
+        for path in sorted((data / dataset).glob("*.json")):
+            try:
+                schema = json.loads(path.read_text())
+            except ValueError:
+                continue
+            counts["total"] += 1
+            try:
+                json_schema_grammar(schema)
+                counts["compiled"] += 1
+            except SchemaNotConvertible as exc:
+                keywords[exc.keyword] += 1
+        totals.update(counts)
+        top = ", ".join(f"{k} {v}" for k, v in keywords.most_common(4))
+        lines.append(f"| {dataset} | {counts['total']} | {counts['compiled'] / max(counts['total'], 1):.1%} | "
+                     f"{counts['total'] - counts['compiled']} ({top or '-'}) |")
+    lines.append(f"| all | {totals['total']} | {totals['compiled'] / max(totals['total'], 1):.1%} | "
+                 f"{totals['total'] - totals['compiled']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="a checkout of guidance-ai/jsonschemabench (or its data/ folder)")
@@ -126,7 +155,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--servers", default="llmsite,llama-server")
     parser.add_argument("--json", type=Path, help="write every result and the summaries here")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="no servers: convert every schema of the data sets, report the share compiled")
     args = parser.parse_args()
+    if args.compile_only:
+        print(compile_table(args.path, [d.strip() for d in args.datasets.split(",") if d.strip()]))
+        return
     sample = load_sample(args.path, [d.strip() for d in args.datasets.split(",") if d.strip()],
                          args.per_dataset, args.seed)
     print(f"{len(sample)} schemas from {args.path}", flush=True)

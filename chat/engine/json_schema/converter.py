@@ -20,6 +20,8 @@ from .patterns import pattern_grammar
 from .ranges import bounded_number, integer_range
 
 MAX_RULES = 4000
+MAX_GRAMMAR_CHARS = 1_000_000
+MAX_VISITS = 20_000  # bounds the work one request's schema can cause
 MAX_DEPTH = 48
 MAX_BRANCHES = 64
 UNBOUNDED_BEYOND = 10 ** 16  # unbounded numbers are written with at most 16 integer digits
@@ -115,6 +117,8 @@ class Converter:
         self.by_body: dict[str, str] = {}
         self.ref_rules: dict[str, str] = {}
         self.memo: dict[str, str] = {}
+        self.unsatisfiable: dict[str, SchemaNotConvertible] = {}
+        self.visits = 0
         self.used_base: set[str] = set()
 
     # -- rules ------------------------------------------------------------------------------
@@ -154,7 +158,10 @@ class Converter:
                      if n in bodies]
         lines = [f"{root} ::= {top}"]
         lines += [f"{name} ::= {body}" for name, body in bodies.items() if name in reachable]
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        if len(text) > MAX_GRAMMAR_CHARS:
+            raise SchemaNotConvertible("The schema is too large", keyword="$defs", path="/")
+        return text
 
     # -- schemas ----------------------------------------------------------------------------
 
@@ -172,7 +179,10 @@ class Converter:
         key = json.dumps(schema, sort_keys=True, default=str)
         if key in self.memo:  # also what makes recursive schemas finite
             return self.memo[key]
-        if len(self.rules) >= MAX_RULES:
+        if key in self.unsatisfiable:
+            raise self.unsatisfiable[key]
+        self.visits += 1
+        if len(self.rules) >= MAX_RULES or self.visits > MAX_VISITS:
             raise SchemaNotConvertible("The schema is too large", keyword="$defs", path=path)
         mark = self._mark()
         name = self._fresh(path)
@@ -180,8 +190,13 @@ class Converter:
         self.memo[key] = name
         try:
             self.rules[name] = self._body(schema, path, depth)
-        except BaseException:
+        except SchemaNotConvertible as exc:
             self._rollback(mark)  # rules made meanwhile may refer to this one
+            if exc.code == "unsatisfiable_schema":
+                self.unsatisfiable[key] = exc
+            raise
+        except BaseException:
+            self._rollback(mark)
             raise
         return name
 
@@ -423,7 +438,8 @@ class Converter:
     # -- values -----------------------------------------------------------------------------
 
     def values(self, values: list, schema: dict, keyword: str, path: str) -> str:
-        kept = [v for v in values if self.fits(v, schema)]
+        rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
+        kept = [v for v in values if self.fits(v, rest)]
         if not kept:
             detail = "'enum' lists no value" if not values else f"No value of '{keyword}' fits the rest of the schema"
             raise SchemaNotConvertible(detail, keyword=keyword, path=_pointer(path, keyword), unsatisfiable=True)
@@ -469,8 +485,8 @@ class Converter:
                 return False
             if isinstance(items, dict) and not all(self.fits(item, items) for item in value):
                 return False
-        if "enum" in schema and isinstance(schema["enum"], list) and all(
-                compact(value) != compact(v) for v in schema["enum"]):
+        if "enum" in schema and isinstance(schema["enum"], list) and compact(value) not in {
+                compact(v) for v in schema["enum"]}:
             return False
         if "const" in schema and compact(value) != compact(schema["const"]):
             return False
