@@ -36,8 +36,6 @@ ASSERTIONS = frozenset({
     "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", FORBIDDEN := "x-llmsite-forbidden",
 })  # every other keyword is an annotation (title, description, default, examples, vendor "x-" keys...)
 REFUSED = {
-    "then": "'if'/'then'/'else' conditions",
-    "else": "'if'/'then'/'else' conditions",
     "contains": "'contains'",
     "unevaluatedItems": "'unevaluatedItems'",
     "$dynamicRef": "'$dynamicRef'",
@@ -209,6 +207,8 @@ class Converter:
                 del table[key]
 
     def _body(self, schema: dict, path: str, depth: int) -> str:
+        if any(k in schema for k in ("if", "then", "else")):
+            return self.visit(self._unfold_conditional(schema, path), path, depth + 1)
         for keyword, what in REFUSED.items():
             if keyword in schema:
                 raise SchemaNotConvertible(f"The server does not support {what}", keyword=keyword,
@@ -242,12 +242,29 @@ class Converter:
             return self.values(schema["enum"], schema, "enum", path)
         return " | ".join(self.typed(t, schema, path, depth) for t in self.types(schema, path))
 
+    def _unfold_conditional(self, schema: dict, path: str) -> dict:
+        """if/then/else as anyOf [if and then, not-if and else]; a branch the server cannot write is left out."""
+        rest = {k: v for k, v in schema.items() if k not in ("if", "then", "else")}
+        if "if" not in schema:
+            return rest  # then/else without if assert nothing
+        condition = schema["if"]
+        branches = [{"allOf": [condition, schema.get("then", True)]},
+                    {"allOf": [{"not": condition}, schema.get("else", True)]}]
+        if "anyOf" in rest:
+            if len(rest["anyOf"]) * 2 > MAX_BRANCHES:
+                raise SchemaNotConvertible("Too many combinations of 'anyOf' and 'if'", keyword="if", path=path)
+            branches = [{"allOf": [x, y]} for x in rest["anyOf"] for y in branches]
+        return {**rest, "anyOf": branches}
+
     def without_not(self, schema: dict, path: str) -> dict:
         """`schema` without `not`, narrowed so that no value it admits matches the negated schema (a subset)."""
         negated = self._plain(schema["not"], _pointer(path, "not"), 0)
         rest = {k: v for k, v in schema.items() if k != "not"}
         assertive = {k for k in negated if k in ASSERTIONS}
         where = _pointer(path, "not")
+        if not assertive:  # not {} admits nothing
+            raise SchemaNotConvertible("'not' of a schema that admits everything admits nothing", keyword="not",
+                                       path=where, unsatisfiable=True)
         if assertive == {"type"}:
             banned = set(negated["type"] if isinstance(negated["type"], list) else [negated["type"]])
             if "number" in banned:
@@ -257,16 +274,43 @@ class Converter:
                 raise SchemaNotConvertible("'not' forbids every type the schema allows", keyword="not", path=where,
                                            unsatisfiable=True)
             return {**rest, "type": kept}
-        if assertive == {"required"} and isinstance(negated["required"], list) and negated["required"]:
-            return {**rest, FORBIDDEN: [*rest.get(FORBIDDEN, []), negated["required"][0]]}
-        if assertive <= {"enum", "const", "type"} and ("enum" in rest or "const" in rest) and assertive - {"type"}:
+        names = self._required_sets(negated)
+        if names is not None and "object" in self.types(rest, path):
+            # the value is an object that lacks one property of each set the negated schema requires
+            return {**rest, "type": "object", FORBIDDEN: [*rest.get(FORBIDDEN, []), *names]}
+        if assertive <= {"enum", "const", "type"} and assertive - {"type"}:
             banned = negated.get("enum", []) + ([negated["const"]] if "const" in negated else [])
-            values = rest["enum"] if "enum" in rest else [rest["const"]]
-            kept = [v for v in values if all(compact(v) != compact(b) for b in banned)]
-            rest.pop("const", None)
-            return {**rest, "enum": kept}
+            if "enum" in rest or "const" in rest:
+                values = rest["enum"] if "enum" in rest else [rest["const"]]
+                kept = [v for v in values if all(compact(v) != compact(b) for b in banned)]
+                rest.pop("const", None)
+                return {**rest, "enum": kept}
+            kinds = {_type_of(b) for b in banned}
+            if "integer" in kinds:
+                kinds.add("number")
+            if not kinds & set(self.types(rest, path)):  # the banned values are of other types anyway
+                return rest
         raise SchemaNotConvertible("The server supports 'not' only for a type, a required property or enum values",
                                    keyword="not", path=where)
+
+    def _required_sets(self, negated: dict) -> list[str] | None:
+        """Names to forbid so that `negated` fails through its `required`: one per allOf part, all of an anyOf."""
+        if isinstance(negated.get("required"), list) and negated["required"]:
+            return [negated["required"][0]]
+        keys = {k for k in negated if k in ASSERTIONS}
+        if keys == {"allOf"} and isinstance(negated["allOf"], list):
+            for part in negated["allOf"]:
+                if isinstance(part, dict) and isinstance(part.get("required"), list) and part["required"]:
+                    return [part["required"][0]]
+        if keys == {"anyOf"} and isinstance(negated["anyOf"], list) and negated["anyOf"]:
+            names = []
+            for part in negated["anyOf"]:
+                found = self._required_sets(part) if isinstance(part, dict) else None
+                if found is None:
+                    return None
+                names += found
+            return names
+        return None
 
     def without_dependencies(self, schema: dict, keyword: str, path: str, depth: int) -> dict:
         """Dependencies made to hold: a property whose dependencies are not required anyway is never written."""
@@ -323,10 +367,10 @@ class Converter:
             try:
                 merged = self.merge(base, branch, where, depth) if base else branch
                 names.append(self.visit(merged, where, depth + 1))
-            except SchemaNotConvertible as exc:
-                if not exc.code == "unsatisfiable_schema":
-                    raise
-                first_error = first_error or exc  # a branch no value satisfies is left out
+            except SchemaNotConvertible as exc:  # leaving a branch out still admits only valid values
+                if first_error is None or (first_error.code == "unsatisfiable_schema"
+                                           and exc.code != "unsatisfiable_schema"):
+                    first_error = exc
         if not names:
             raise first_error
         return " | ".join(dict.fromkeys(names))
@@ -415,7 +459,7 @@ class Converter:
                 merged[key] = bool(mine or value)
             else:
                 raise SchemaNotConvertible(f"Two different values of '{key}' must both hold", keyword=key,
-                                           path=path)
+                                           path=path, unsatisfiable=key == "const")
         for one, other in ((a, b), (b, a)):  # additionalProperties: false forbids the other part's properties
             if one.get("additionalProperties") is False and "properties" in merged:
                 allowed = set(one.get("properties", {}))
@@ -433,6 +477,8 @@ class Converter:
         if "$ref" in schema:
             rest = {k: v for k, v in schema.items() if k != "$ref"}
             return self.merge(self.resolve(schema["$ref"], path), rest, path, depth + 1)
+        if any(k in schema for k in ("if", "then", "else")):
+            return self._unfold_conditional(schema, path)
         return schema
 
     # -- values -----------------------------------------------------------------------------
@@ -623,6 +669,9 @@ class Converter:
             parts = ([properties[name]] if name in properties else []) + matching(name)
             if not parts:
                 parts = [extra] if extra is not True else [{}]
+            if name in forbidden and name in required:
+                raise SchemaNotConvertible(f"Required property {name!r} must be left out to satisfy 'not' or "
+                                           "'dependencies'", keyword="not", path=_pointer(path, "required"))
             if name in forbidden or parts[0] is False or not self.fits(name, names_schema if isinstance(
                     names_schema, dict) else {}) or any(p is False for p in parts):
                 if name in required:

@@ -77,7 +77,8 @@ def test_grammar_strings_cannot_hold_raw_control_characters(gbnf):
      "maxProperties"),
     ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "type"),
     ({"type": "integer", "multipleOf": 7}, "multipleOf"),
-    ({"if": {"type": "string"}, "then": {"maxLength": 3}}, "then"),
+    ({"type": "string", "not": {"pattern": "^a"}}, "not"),
+    ({"allOf": [{"const": 1}, {"const": 2}]}, "const"),
     ({"type": "array", "contains": {"type": "integer"}}, "contains"),
     ({"type": "string", "pattern": "(?<=a)b"}, "pattern"),
 ])
