@@ -72,7 +72,8 @@ def judge(schema: dict, status: int, body: dict) -> tuple[str, str]:
         value = json.loads(text)
     except ValueError:
         return "not_json", text[:120]
-    validator = jsonschema.validators.validator_for(schema)(schema, format_checker=jsonschema.FormatChecker())
+    cls = jsonschema.validators.validator_for(schema)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)  # the formats of the schema's own draft
     error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     return ("valid", "") if error is None else ("invalid", error.message[:120])
 

@@ -33,15 +33,16 @@ class Reply:
             value = json.loads(self.text)  # strict: raw control characters in strings are errors
         except ValueError as exc:
             return f"not JSON ({exc}): {self.text[:200]!r}"
-        validator = jsonschema.validators.validator_for(self.schema)(
-            self.schema, format_checker=jsonschema.FormatChecker())
+        cls = jsonschema.validators.validator_for(self.schema)
+        validator = cls(self.schema, format_checker=cls.FORMAT_CHECKER)  # the formats of the schema's draft
         error = jsonschema.exceptions.best_match(validator.iter_errors(value))
         return None if error is None else f"invalid ({error.message[:200]}): {self.text[:200]!r}"
 
 
 def generate_under_schemas(engine, schemas: list[dict], *, max_tokens: int, seed: int = 0,
-                           temperature: float = 1.0, workers: int = 8) -> list[Reply]:
-    """One reply per schema, `workers` requests in flight at once (the engine batches them)."""
+                           temperature: float = 1.0, workers: int = 4) -> list[Reply]:
+    """One reply per schema, `workers` requests in flight at once (the engine batches them; no more than its
+    slots, so that none waits in its queue past the queue timeout on a busy machine)."""
     def one(index_schema):
         index, schema = index_schema
         text = json.dumps(schema, separators=(",", ":"))[:SCHEMA_CHARS_IN_PROMPT]
