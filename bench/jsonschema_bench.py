@@ -78,7 +78,7 @@ def judge(schema: dict, status: int, body: dict) -> tuple[str, str]:
     return ("valid", "") if error is None else ("invalid", error.message[:120])
 
 
-def run(url: str, headers: dict, sample, *, max_tokens: int, concurrency: int) -> list[dict]:
+def run(url: str, headers: dict, sample, *, max_tokens: int, concurrency: int, progress: Path | None = None) -> list[dict]:
     def one(index_item):
         index, (dataset, name, schema) = index_item
         text = json.dumps(schema, separators=(",", ":"))[:SCHEMA_CHARS_IN_PROMPT]
@@ -92,8 +92,12 @@ def run(url: str, headers: dict, sample, *, max_tokens: int, concurrency: int) -
         except (httpx.HTTPError, ValueError) as exc:
             status, reply = 0, {"error": repr(exc)}
         outcome, detail = judge(schema, status, reply)
-        return {"dataset": dataset, "file": name, "outcome": outcome, "detail": detail,
-                "seconds": round(time.monotonic() - started, 2)}
+        row = {"dataset": dataset, "file": name, "outcome": outcome, "detail": detail,
+               "seconds": round(time.monotonic() - started, 2)}
+        if progress is not None:  # one line per reply as it comes: a long run that is stopped keeps its results
+            with progress.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+        return row
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         return list(pool.map(one, enumerate(sample)))
@@ -181,8 +185,9 @@ def main() -> None:
             else:
                 parser.error(f"unknown server {name!r}")
             started = time.monotonic()
+            progress = args.json.with_suffix(f".{name}.jsonl") if args.json else None
             results[name] = run(server.url, headers, sample, max_tokens=args.max_tokens,
-                                concurrency=args.concurrency)
+                                concurrency=args.concurrency, progress=progress)
             print(f"{name}: {time.monotonic() - started:.0f} s", flush=True)
             server.stop()
             servers.remove(server)
