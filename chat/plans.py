@@ -222,9 +222,9 @@ def grammar_for_response_format(response_format: dict | None) -> str | None:
         return json_object_grammar()
     try:
         return json_schema_grammar(response_format["json_schema"]["schema"])
-    except SchemaNotConvertible:
-        raise ApiError("response_format.json_schema.schema uses features this server cannot turn into a grammar.",
-                       param="response_format", code="unsupported_schema") from None
+    except SchemaNotConvertible as exc:
+        raise ApiError(f"response_format.json_schema.schema: {exc}", param="response_format",
+                       code=exc.code) from None
 
 
 def requested_logprobs(*, data: dict, engine, legacy: bool = False) -> int | None:

@@ -1,28 +1,27 @@
-"""GBNF grammars from JSON Schemas, with llama-cpp-python's converter (imported on first use)."""
+"""GBNF grammars for structured outputs: any JSON object (JSON mode), or JSON valid under a JSON Schema."""
 
 from __future__ import annotations
 
 import json
 
-from .errors import InvalidRequest
+from .json_schema import SchemaNotConvertible, schema_grammar
 
-
-class SchemaNotConvertible(InvalidRequest):
-    """The JSON Schema uses features the converter cannot express as a grammar."""
+__all__ = ["SchemaNotConvertible", "json_object_grammar", "json_schema_grammar"]
 
 
 def json_object_grammar() -> str:
-    """Any JSON object (OpenAI's JSON mode)."""
-    from llama_cpp.llama_grammar import JSON_GBNF
-
-    return JSON_GBNF
+    """Any JSON object, compact (OpenAI's JSON mode)."""
+    return schema_grammar({"type": "object"})
 
 
-def json_schema_grammar(schema: dict | str) -> str:
-    """A grammar whose start rule `root` matches JSON documents valid under `schema`."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+def json_schema_grammar(schema: dict | str, *, root: str = "root") -> str:
+    """A grammar whose start rule `root` matches JSON documents valid under `schema`.
 
-    try:
-        return json_schema_to_gbnf(schema if isinstance(schema, str) else json.dumps(schema))
-    except Exception:  # the converter raises assorted errors for schemas it cannot express
-        raise SchemaNotConvertible("The JSON Schema uses features that cannot be turned into a grammar.") from None
+    Raises SchemaNotConvertible (naming the keyword) for a schema no value satisfies or one that uses a
+    keyword the grammar cannot enforce."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise SchemaNotConvertible("The schema is not JSON", keyword="type", path="/") from None
+    return schema_grammar(schema, root=root)

@@ -12,8 +12,6 @@ does not start with "<" (so the first character tells which: chat/tooling/calls.
 
 from __future__ import annotations
 
-import re
-
 from chat.engine.grammars import SchemaNotConvertible, json_schema_grammar
 from chat.engine.tool_call_text import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from chat.errors import ApiError
@@ -33,8 +31,7 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
                                                               "arguments": tool.parameters},
                              "required": ["name", "arguments"]})
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    # The converter names its start rule "root"; ours wraps it, so it is renamed.
-    call_json = re.sub(r"^root ::=", "tool-call-json ::=", json_schema_grammar(schema), flags=re.M)
+    call_json = json_schema_grammar(schema, root="tool-call-json")
     calls = "tool-call" if not request.parallel else f'tool-call ("\\n" tool-call){{0,{MAX_PARALLEL_CALLS - 1}}}'
     root = "root ::= tool-calls" if request.must_call else "root ::= tool-calls | free-text"
     return "\n".join([
@@ -49,8 +46,7 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
 def _check_convertible(tool, request: ToolRequest) -> None:
     try:
         json_schema_grammar(tool.parameters_json)
-    except SchemaNotConvertible:
+    except SchemaNotConvertible as exc:
         index = [t.name for t in request.tools].index(tool.name)
-        raise ApiError(f"tools[{index}].function.parameters uses JSON Schema features this server cannot turn "
-                       "into a grammar.", param=f"tools[{index}].function.parameters",
-                       code="unsupported_schema") from None
+        raise ApiError(f"tools[{index}].function.parameters: {exc}", param=f"tools[{index}].function.parameters",
+                       code=exc.code) from None

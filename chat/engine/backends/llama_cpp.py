@@ -302,7 +302,7 @@ class LlamaCppBackend(Backend):
                                  "(e.g. a maxLength or maxItems that large); use a smaller bound.")
         sampler = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8", errors="replace"), b"root")
         if not sampler:
-            raise InvalidRequest("The GBNF grammar does not parse (it needs a 'root' rule).")
+            raise InvalidRequest("The structured output asked for (response_format or tools) could not be prepared.")
         return sampler
 
     # -- scheduler thread --------------------------------------------------------------------
