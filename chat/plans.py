@@ -146,13 +146,22 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                             user_name=user_name,
                             max_tokens=params.max_tokens, forced_scenarios=forced,
                             system_override=system_override, extra_system=tools_text,
-                            tools=native_tools)
+                            tools=native_tools, **_world_info_args(conversation, message_count=len(history) + 1))
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
                     conversation_lease=lease)
+
+
+def _world_info_args(conversation: Conversation | None, *, message_count: int) -> dict:
+    """The conversation's World Info timed effects, and a seed that makes its probability rolls and group
+    draws the same when a reply is regenerated (scenarios/world_info.py)."""
+    if conversation is None:
+        return {"world_info_state": {}, "message_count": message_count}
+    return {"world_info_state": conversation.world_info_state or {}, "message_count": message_count,
+            "seed": f"{conversation.pk}:{message_count}"}
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:

@@ -174,6 +174,9 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
             finish_reason=completion.finish_reason, model_name=plan.model_name)
         reply.scenarios.set(plan.prompt.scenarios)
+        if conversation.world_info_state != plan.prompt.world_info_state:
+            conversation.world_info_state = plan.prompt.world_info_state
+            conversation.save(update_fields=["world_info_state"])
         if plan.conversation is None:
             conversation.save(update_fields=["updated_at"])
         transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
