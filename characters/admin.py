@@ -15,7 +15,7 @@ from scenarios.models import Scenario
 
 from .card_format import CardError
 from .forms import CharacterAdminForm
-from .models import Character, SystemPrompt
+from .models import Character, CharacterGroup, GroupMember, SystemPrompt
 from .card_services import EXPORT_FORMATS, card_max_bytes, character_card_export, character_card_import
 from .world_info_services import WorldInfoError, world_info_export, world_info_import
 
@@ -96,6 +96,7 @@ class CharacterAdmin(admin.ModelAdmin):
         ("Profile", {"fields": ["description", "personality", "setting", "greeting", "alternate_greetings",
                                 "example_dialogue"]}),
         ("Instructions", {"fields": ["named_system_prompt", "system_prompt", "post_history_instructions"]}),
+        ("Group chats", {"fields": ["talkativeness"]}),
         ("Lorebook", {"fields": ["scan_depth"],
                       "description": "How the character's scenarios (its lorebook) are looked for."}),
         ("Sampling defaults", {"fields": ["temperature", "top_p", "repetition_penalty", "max_tokens"],
@@ -229,3 +230,20 @@ class CharacterAdmin(admin.ModelAdmin):
     @admin.action(description="Export selected as Character Card V2 (PNG)", permissions=["view"])
     def export_cards_png(self, request, queryset):
         return self._export_cards(queryset, "png")
+
+
+class GroupMemberInline(admin.TabularInline):
+    model = GroupMember
+    extra = 2
+    autocomplete_fields = ["character"]
+    fields = ["character", "position"]
+
+
+@admin.register(CharacterGroup)
+class CharacterGroupAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "turn_mode", "is_active", "updated_at"]
+    list_filter = ["is_active", "turn_mode"]
+    search_fields = ["name", "slug", "scenario"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [GroupMemberInline]
+    fields = ["name", "slug", "is_active", "turn_mode", "scenario"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from characters.models import Character
+from characters.models import Character, CharacterGroup
 from characters.selectors import character_find_active
 from scenarios.models import Scenario
 
@@ -25,10 +25,11 @@ from .engine import EngineProtocol, SamplingParams
 from .engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
 from .engines import get_engine
 from .errors import ApiError, NotFound
+from .groups import GroupLine, group_turns_for, speaker_choose
 from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
 from .prompting.tools import tools_system_text, turns_with_tool_text
-from .selectors import conversation_get_owned
+from .selectors import conversation_get_owned, user_display_name
 from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
 from .tooling.grammar import tool_call_grammar
 from .tooling.requests import ToolRequest, tool_request_of
@@ -62,6 +63,8 @@ class ChatPlan:
     cache_allowed: bool = True          # False: the client sent Cache-Control: no-cache
     request_key: str | None = None      # the fast-path cache key, when the request qualifies
     conversation_lease: ConversationLease | None = None  # held while continuing `conversation`
+    group: CharacterGroup | None = None  # a group chat's group (None for an ad hoc one)
+    members: tuple = ()                 # a group chat's characters; `character` is the one who speaks
 
     def __post_init__(self):
         if self.conversation_lease is not None:
@@ -106,6 +109,10 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
 
 def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None, greet: bool,
               user_name: str, cache_allowed: bool, request_key: str | None) -> ChatPlan:
+    group, members = _group_for(data, conversation)
+    if members:
+        return _group_plan_for(user=user, data=data, conversation=conversation, lease=lease, group=group,
+                               members=members, user_name=user_name, cache_allowed=cache_allowed)
     character = _character_for(data, conversation)
 
     client_messages = data["messages"]
@@ -153,6 +160,92 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
                     conversation_lease=lease)
+
+
+def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:
+    """The group and the members of a group chat, or (None, []) for a chat with one character."""
+    if conversation is not None:
+        members = list(conversation.members.order_by("group_memberships__position", "id").distinct()) \
+            if conversation.group_id else list(conversation.members.order_by("id"))
+        return conversation.group, members
+    if data.get("characters"):
+        members = []
+        for slug in dict.fromkeys(data["characters"]):
+            character = character_find_active(slug_or_id=slug)
+            if character is None:
+                raise NotFound(f"No active character {slug!r}.", param="characters", code="character_not_found")
+            members.append(character)
+        return None, members
+    requested = data.get("character") or data.get("character_id")
+    group = CharacterGroup.objects.filter(slug=str(requested), is_active=True).first() if requested else None
+    if group is None:
+        return None, []
+    members = [member for member in group.member_list() if member.is_active]
+    if not members:
+        raise NotFound(f"The group {group.slug!r} has no active character.", param="character",
+                       code="character_not_found")
+    return group, members
+
+
+def _group_plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None,
+                    group: CharacterGroup | None, members: list[Character], user_name: str,
+                    cache_allowed: bool) -> ChatPlan:
+    """A group chat's plan: choose the speaker, and compose its prompt with its own persona and system prompt,
+    the group's scenario and the history with every line attributed (chat/groups/)."""
+    client_turns = [m for m in data["messages"] if m["role"] in CLIENT_TURN_ROLES]
+    if not client_turns or client_turns[-1]["role"] != "user":
+        raise ApiError("A group chat request ends with the user's new message.", param="messages")
+    new_text = client_turns[-1]["content"]
+    if conversation is not None:
+        owner_name = conversation.user_name
+        stored = list(conversation.messages.filter(role__in=CLIENT_TURN_ROLES)
+                      .select_related("speaker", "author").order_by("id"))
+        lines = [_group_line(message, conversation=conversation, owner_name=owner_name) for message in stored]
+        last_speaker = next((line.speaker_id for line in reversed(lines) if line.role == "assistant"), None)
+        author_name = owner_name if user.pk == conversation.owner_id else (user_display_name(user) or "User")
+    else:
+        owner_name = author_name = user_name_for(data, fallback=user_name)
+        lines, last_speaker = [], None
+    speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
+    lines.append(GroupLine(role="user", content=new_text, name=author_name))
+    turns = group_turns_for(lines=lines, speaker_id=speaker.pk)
+
+    engine = get_engine(data.get("model") or None)
+    params = sampling_params_for(data=data, character=speaker, engine=engine)
+    names = ", ".join(member.name for member in members)
+    note = (f"This is a group chat between {names} and the humans writing as users. Every line starts with the "
+            f"name of whoever wrote it. Write only {speaker.name}'s next reply, without the name in front.")
+    prompt = prompt_compose(engine=engine, character=speaker, turns=turns, user_name=owner_name,
+                            max_tokens=params.max_tokens, extra_system=note,
+                            setting=group.scenario if group is not None and group.scenario.strip() else None,
+                            **_world_info_args(conversation, message_count=len(lines)))
+    new_turns = ({"role": "user", "content": new_text},)
+    return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
+                    new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
+                    user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
+                    group=group, members=tuple(members))
+
+
+def _group_line(message, *, conversation: Conversation, owner_name: str) -> GroupLine:
+    if message.role == "assistant":
+        speaker = message.speaker or conversation.character
+        return GroupLine(role="assistant", content=message.content, name=speaker.name, speaker_id=speaker.pk)
+    author = message.author
+    name = owner_name if author is None or author.pk == conversation.owner_id else (user_display_name(author) or "User")
+    return GroupLine(role="user", content=message.content, name=name)
+
+
+def _speaker_for(data: dict, *, members: list[Character], group: CharacterGroup | None, new_text: str,
+                 last_speaker: int | None) -> Character:
+    requested = data.get("speaker")
+    if requested:
+        named = next((member for member in members if requested in (member.slug, str(member.pk))), None)
+        if named is None:
+            raise ApiError(f"{requested!r} is not a member of this group chat.", param="speaker",
+                           code="speaker_not_member")
+        return named
+    mode = group.turn_mode if group is not None else CharacterGroup.TurnMode.NATURAL
+    return speaker_choose(members=members, last_text=new_text, last_speaker_id=last_speaker, mode=mode)
 
 
 def _world_info_args(conversation: Conversation | None, *, message_count: int) -> dict:

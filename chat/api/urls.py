@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import groups, views
 
 urlpatterns = [
     path("chat/completions", views.ChatCompletionsView.as_view(), name="chat-completions"),
@@ -15,4 +15,7 @@ urlpatterns = [
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
     path("conversations/<uuid:pk>/", views.ConversationDetailView.as_view(), name="conversation-detail"),
     path("conversations/<uuid:pk>/messages/", views.ConversationMessagesView.as_view(), name="conversation-messages"),
+    path("conversations/<uuid:pk>/participants/", groups.ConversationParticipantsView.as_view(),
+         name="conversation-participants"),
+    path("groups/", groups.GroupListView.as_view(), name="group-list"),
 ]

@@ -114,6 +114,7 @@ def prompt_compose(
     world_info_state: dict | None = None,
     message_count: int | None = None,
     seed: int | str | None = None,
+    setting: str | None = None,
 ) -> ComposedPrompt:
     """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
 
@@ -122,6 +123,7 @@ def prompt_compose(
     `system_override` replaces the default system prompt when there is no character (API clients'
     own system messages).
     `tools` (OpenAI function tools) are handed to the chat template (engines whose template supports them).
+    `setting` replaces the character's own setting (a group chat's shared scenario).
     `world_info_state` is the conversation's timed-effect state (Conversation.world_info_state),
     `message_count` the number of its messages with the new one (default: the turns'), `seed` seeds the
     probability rolls and group draws (default: the message count); the new state is in the result.
@@ -133,7 +135,7 @@ def prompt_compose(
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
                          forced_scenarios=forced_scenarios, extra_system=extra_system,
                          system_override=system_override, world_info_state=world_info_state or {},
-                         message_count=count, seed=count if seed is None else seed)
+                         message_count=count, seed=count if seed is None else seed, setting=setting)
     return _fit(engine=engine, parts=parts, max_tokens=max_tokens, tools=tools)
 
 
@@ -168,7 +170,7 @@ class _Parts:
 
     @classmethod
     def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system,
-              system_override="", world_info_state=None, message_count=0, seed=0) -> _Parts:
+              system_override="", world_info_state=None, message_count=0, seed=0, setting=None) -> _Parts:
         char_name = character.name if character is not None else "Assistant"
 
         def fill(text: str) -> str:
@@ -190,7 +192,7 @@ class _Parts:
             dropped += [f"scenario '{scenario.title}' (over the scenario token budget)"
                         for scenario, why in left_out if why.endswith(("over the token budget", "budget is spent"))]
         override = system_override.strip() if character is None else ""
-        head, profile = override or _system_text(character, fill), _profile_text(character, fill)
+        head, profile = override or _system_text(character, fill), _profile_text(character, fill, setting=setting)
 
         def stable(before: list[str]) -> str:
             return "\n\n".join(section for section in (head, *before, profile) if section)
@@ -268,14 +270,15 @@ def _system_text(character, fill) -> str:
     return fill(own.replace("{{original}}", base)) if own else fill(base)
 
 
-def _profile_text(character, fill) -> str:
+def _profile_text(character, fill, *, setting: str | None = None) -> str:
     if character is None:
         return ""
     sections = [fill(character.description)]
     if character.personality.strip():
         sections.append(f"{character.name}'s personality: {fill(character.personality)}")
-    if character.setting.strip():
-        sections.append(f"Scenario: {fill(character.setting)}")
+    setting = character.setting if setting is None else setting
+    if setting.strip():
+        sections.append(f"Scenario: {fill(setting)}")
     return "\n\n".join(section for section in sections if section)
 
 
