@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema
 from rest_framework import generics, serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -40,6 +41,7 @@ class ParticipantSerializer(serializers.Serializer):
 class ConversationParticipantsView(APIView):
     """The owner adds another user, who may then read and write into the conversation."""
 
+    @extend_schema(request=ParticipantSerializer, responses={200: dict})
     def post(self, request, pk):
         body = ParticipantSerializer(data=request.data)
         body.is_valid(raise_exception=True)
