@@ -165,8 +165,10 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
 def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:
     """The group and the members of a group chat, or (None, []) for a chat with one character."""
     if conversation is not None:
-        members = list(conversation.members.order_by("group_memberships__position", "id").distinct()) \
-            if conversation.group_id else list(conversation.members.order_by("id"))
+        members = list(conversation.members.order_by("id"))
+        if conversation.group_id:  # the group's order (its turns), for the members the conversation started with
+            order = {member.pk: index for index, member in enumerate(conversation.group.member_list())}
+            members.sort(key=lambda member: (order.get(member.pk, len(order)), member.pk))
         return conversation.group, members
     if data.get("characters"):
         members = []

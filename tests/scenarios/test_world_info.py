@@ -126,3 +126,12 @@ def test_depth_insertion_with_roles():
                                    (1, "system", "more")])
     assert [m["content"] for m in result] == ["top", "u1", "a1", "sys\n\nmore", "one", "u2", "end"]
     assert result[0]["role"] == "assistant" and result[4]["role"] == "user"
+
+
+def test_a_malformed_regex_key_is_refused_when_saved():
+    import pytest
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError) as error:
+        entry(1, "Bad", "/(unclosed/").clean()
+    assert "not a valid regular expression" in str(error.value)
