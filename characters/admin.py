@@ -15,8 +15,9 @@ from scenarios.models import Scenario
 
 from .card_format import CardError
 from .forms import CharacterAdminForm
-from .models import Character, SystemPrompt
+from .models import Character, CharacterGroup, GroupMember, SystemPrompt
 from .card_services import EXPORT_FORMATS, card_max_bytes, character_card_export, character_card_import
+from .world_info_services import WorldInfoError, world_info_export, world_info_import
 
 
 @admin.register(SystemPrompt)
@@ -37,7 +38,7 @@ class ScenarioInline(admin.StackedInline):
     model = Scenario
     extra = 0
     fields = ["title", "keywords", "secondary_keywords", "always_on", "priority", "enabled", "scan_depth", "position",
-              "content"]
+              ("depth", "depth_role"), ("probability", "inclusion_group"), ("sticky", "cooldown", "delay"), "content"]
     show_change_link = True
 
 
@@ -57,6 +58,21 @@ class CardImportForm(forms.Form):
         limit = card_max_bytes()
         if upload.size > limit:
             raise forms.ValidationError(f"The file is {upload.size:,} bytes; cards may be at most {limit:,} bytes.")
+        return upload
+
+
+class WorldInfoImportForm(forms.Form):
+    file = forms.FileField(label="World Info file", help_text="A SillyTavern World Info (lorebook) .json file.")
+    character = forms.ModelChoiceField(
+        queryset=Character.objects.all(), required=False,
+        help_text="The character whose scenarios the entries become; empty: global scenarios. Scenarios of the "
+                  "same title there are updated.")
+
+    def clean_file(self):
+        upload = self.cleaned_data["file"]
+        limit = card_max_bytes()
+        if upload.size > limit:
+            raise forms.ValidationError(f"The file is {upload.size:,} bytes; at most {limit:,} bytes are read.")
         return upload
 
 
@@ -80,6 +96,7 @@ class CharacterAdmin(admin.ModelAdmin):
         ("Profile", {"fields": ["description", "personality", "setting", "greeting", "alternate_greetings",
                                 "example_dialogue"]}),
         ("Instructions", {"fields": ["named_system_prompt", "system_prompt", "post_history_instructions"]}),
+        ("Group chats", {"fields": ["talkativeness"]}),
         ("Lorebook", {"fields": ["scan_depth"],
                       "description": "How the character's scenarios (its lorebook) are looked for."}),
         ("Sampling defaults", {"fields": ["temperature", "top_p", "repetition_penalty", "max_tokens"],
@@ -96,6 +113,12 @@ class CharacterAdmin(admin.ModelAdmin):
                  name="characters_character_import_card"),
             path("<path:object_id>/export-card/<str:fmt>/", self.admin_site.admin_view(self.export_card_view),
                  name="characters_character_export_card"),
+            path("import-world-info/", self.admin_site.admin_view(self.import_world_info_view),
+                 name="characters_character_import_world_info"),
+            path("export-world-info/", self.admin_site.admin_view(self.export_world_info_view),
+                 name="characters_character_export_global_world_info"),
+            path("<path:object_id>/export-world-info/", self.admin_site.admin_view(self.export_world_info_view),
+                 name="characters_character_export_world_info"),
         ]
         return own + super().get_urls()
 
@@ -107,8 +130,51 @@ class CharacterAdmin(admin.ModelAdmin):
         return request.user.has_perms(needed)
 
     def changelist_view(self, request, extra_context=None):
-        extra_context = {**(extra_context or {}), "may_import_cards": self.may_import_cards(request)}
+        extra_context = {**(extra_context or {}), "may_import_cards": self.may_import_cards(request),
+                         "may_import_world_info": self.may_import_world_info(request)}
         return super().changelist_view(request, extra_context)
+
+    # --- SillyTavern World Info files ------------------------------------------------------------------
+
+    def may_import_world_info(self, request) -> bool:
+        """A World Info import adds scenarios and updates those of the same title."""
+        return request.user.has_perms(["scenarios.add_scenario", "scenarios.change_scenario"])
+
+    def import_world_info_view(self, request):
+        if not self.may_import_world_info(request):
+            raise PermissionDenied
+        form = WorldInfoImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            character = form.cleaned_data["character"]
+            try:
+                result = world_info_import(raw=form.cleaned_data["file"].read(), character=character)
+            except WorldInfoError as exc:
+                form.add_error("file", f"{exc} Nothing was imported.")
+            else:
+                self.message_user(request, result.summary(), messages.WARNING if result.skipped else messages.SUCCESS)
+                if character is not None:
+                    return redirect(reverse("admin:characters_character_change", args=[character.pk]))
+                return redirect(reverse("admin:scenarios_scenario_changelist"))
+        context = {**self.admin_site.each_context(request), "opts": self.model._meta,
+                   "title": "Import a World Info file", "form": form, "max_bytes": card_max_bytes(),
+                   "world_info": True}
+        return TemplateResponse(request, "admin/characters/character/import_card.html", context)
+
+    def export_world_info_view(self, request, object_id=None):
+        """The character's scenarios (or, without one, the global ones) as a SillyTavern World Info file."""
+        if not request.user.has_perm("scenarios.view_scenario") and not request.user.has_perm(
+                "scenarios.change_scenario"):
+            raise PermissionDenied
+        if object_id is None:
+            scenarios, name = Scenario.objects.filter(character__isnull=True), "global"
+        else:
+            character = self.get_object(request, unquote(object_id))
+            if character is None:
+                raise Http404("No such character.")
+            scenarios, name = character.scenarios.all(), character.slug
+        response = HttpResponse(world_info_export(scenarios=scenarios.order_by("id")), content_type="application/json")
+        response["Content-Disposition"] = f'attachment; filename="{name}-world-info.json"'
+        return response
 
     def import_card_view(self, request):
         if not self.may_import_cards(request):
@@ -164,3 +230,20 @@ class CharacterAdmin(admin.ModelAdmin):
     @admin.action(description="Export selected as Character Card V2 (PNG)", permissions=["view"])
     def export_cards_png(self, request, queryset):
         return self._export_cards(queryset, "png")
+
+
+class GroupMemberInline(admin.TabularInline):
+    model = GroupMember
+    extra = 2
+    autocomplete_fields = ["character"]
+    fields = ["character", "position"]
+
+
+@admin.register(CharacterGroup)
+class CharacterGroupAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "turn_mode", "is_active", "updated_at"]
+    list_filter = ["is_active", "turn_mode"]
+    search_fields = ["name", "slug", "scenario"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [GroupMemberInline]
+    fields = ["name", "slug", "is_active", "turn_mode", "scenario"]

@@ -50,8 +50,19 @@ KEY_MAX_CHARS = 100
 KEYS_MAX_CHARS = 1000
 SCAN_DEPTH_MAX = 1000
 POSITIONS = ("before_char", "after_char")
-# SillyTavern writes the position as a number in the entry's extensions; 0 and 1 are V2's two.
-NUMBERED_POSITIONS = {0: "before_char", 1: "after_char"}
+# SillyTavern writes the position as a number in the entry's extensions; 0 and 1 are V2's two, 4 is "at
+# depth", 5 and 6 before and after the example dialogue (2, 3 and 7 have no place here: after the profile).
+NUMBERED_POSITIONS = {0: "before_char", 1: "after_char", 4: "at_depth", 5: "before_examples", 6: "after_examples"}
+NUMBER_OF_POSITION = {name: number for number, name in NUMBERED_POSITIONS.items()}
+ROLES = {0: "system", 1: "user", 2: "assistant"}
+NUMBER_OF_ROLE = {name: number for number, name in ROLES.items()}
+# World Info settings SillyTavern keeps in a lorebook entry's extensions: name there -> (Scenario field, default).
+BOOK_EXTENSION_FIELDS = {
+    "depth": ("depth", 4), "group": ("inclusion_group", ""), "group_weight": ("group_weight", 100),
+    "group_override": ("group_prioritize", False), "sticky": ("sticky", 0), "cooldown": ("cooldown", 0),
+    "delay": ("delay", 0), "exclude_recursion": ("exclude_recursion", False),
+    "prevent_recursion": ("prevent_recursion", False),
+}
 
 
 class CardError(ValueError):
@@ -262,9 +273,11 @@ def entry_scan_depth(entry: dict, extensions: dict):
 
 def entry_position(entry: dict, extensions: dict) -> str:
     position = entry.get("position")
+    numbered = extensions.get("position")
+    if not isinstance(numbered, bool) and NUMBERED_POSITIONS.get(numbered) not in (None, *POSITIONS):
+        return NUMBERED_POSITIONS[numbered]  # SillyTavern's own positions, which V2's field cannot name
     if position in POSITIONS:
         return position
-    numbered = extensions.get("position")
     return NUMBERED_POSITIONS.get(numbered, "after_char") if not isinstance(numbered, bool) else "after_char"
 
 
@@ -313,10 +326,55 @@ def scenario_fields_from_entry(entry: dict, *, index: int) -> dict:
         "whole_words": whole_words if isinstance(whole_words, bool) else True,
         "scan_depth": scan_depth_value(entry_scan_depth(entry, extensions)),
         "position": entry_position(entry, extensions),
+        **world_info_fields_from_extensions(extensions),
     }
     original = {key: value for key, value in entry.items() if key not in BOOK_ENTRY_FIELDS_MAPPED}
     values["extensions"] = {**extensions, RESERVED: {"entry": original, "index": index}}
     return values
+
+
+def world_info_fields_from_extensions(extensions: dict) -> dict:
+    """Scenario field values for the World Info settings SillyTavern writes into an entry's extensions."""
+    values = {}
+    for name, (field_name, default) in BOOK_EXTENSION_FIELDS.items():
+        value = extensions.get(name, default)
+        if type(value) is not type(default) and not (isinstance(default, int) and isinstance(value, float)):
+            value = default
+        values[field_name] = max(0, int(value)) if isinstance(default, int) and not isinstance(default, bool) else value
+    values["group_weight"] = max(1, values["group_weight"])
+    role = extensions.get("role")
+    values["depth_role"] = ROLES.get(role, "system") if not isinstance(role, bool) else "system"
+    probability = extensions.get("probability", 100)
+    use = extensions.get("useProbability", True)
+    usable = isinstance(probability, (int, float)) and not isinstance(probability, bool)
+    values["probability"] = min(100, max(0, int(probability))) if usable and use is not False else 100
+    filter_ = extensions.get("character_filter")
+    filter_ = filter_ if isinstance(filter_, dict) else {}
+    values["character_filter"] = join_list([n for n in filter_.get("names") or [] if isinstance(n, str)])
+    values["character_filter_exclude"] = filter_.get("isExclude") is True
+    return values
+
+
+def _write_world_info_extension(extensions: dict, name: str, value) -> None:
+    """Write one World Info scenario field into an entry's extensions under SillyTavern's name."""
+    for extension_name, (field_name, _default) in BOOK_EXTENSION_FIELDS.items():
+        if field_name == name:
+            extensions[extension_name] = value
+            return
+    if name == "depth_role":
+        extensions["role"] = NUMBER_OF_ROLE.get(value, 0)
+    elif name == "probability":
+        extensions["probability"] = value
+        extensions["useProbability"] = True
+    elif name in ("character_filter", "character_filter_exclude"):
+        filter_ = dict(extensions.get("character_filter") or {"isExclude": False, "names": [], "tags": []})
+        filter_["names" if name == "character_filter" else "isExclude"] = \
+            split_list(value) if name == "character_filter" else value
+        extensions["character_filter"] = filter_
+
+
+WORLD_INFO_FIELDS = (*(field_name for field_name, _ in BOOK_EXTENSION_FIELDS.values()), "depth_role", "probability",
+                     "character_filter", "character_filter_exclude")
 
 
 # --- model -> card ------------------------------------------------------------------------------------
@@ -357,6 +415,7 @@ def entry_from_scenario(scenario) -> dict:
         "always_on": scenario.always_on, "priority": scenario.priority, "enabled": scenario.enabled,
         "case_sensitive": scenario.case_sensitive, "whole_words": scenario.whole_words,
         "scan_depth": scenario.scan_depth, "position": scenario.position,
+        **{name: getattr(scenario, name) for name in WORLD_INFO_FIELDS},
     }
     if original is None:
         entry = {
@@ -369,6 +428,13 @@ def entry_from_scenario(scenario) -> dict:
         }
         if scenario.scan_depth is not None:
             entry["scan_depth"] = scenario.scan_depth
+        defaults = world_info_fields_from_extensions({})
+        for name in WORLD_INFO_FIELDS:
+            if getattr(scenario, name) != defaults[name]:
+                _write_world_info_extension(extensions, name, getattr(scenario, name))
+        if scenario.position not in POSITIONS:
+            entry["position"] = "after_char"
+            extensions["position"] = NUMBER_OF_POSITION[scenario.position]
         return entry
     entry = dict(original)
     # What import made of the original entry; a field that differs now was edited since.
@@ -396,9 +462,12 @@ def entry_from_scenario(scenario) -> dict:
             else:
                 where["scan_depth"] = value
         elif name == "position":
-            entry["position"] = value
-            if extensions.get("position") in NUMBERED_POSITIONS and not isinstance(extensions["position"], bool):
-                extensions["position"] = 0 if value == "before_char" else 1
+            entry["position"] = value if value in POSITIONS else "after_char"
+            numbered = extensions.get("position") in NUMBERED_POSITIONS and not isinstance(extensions["position"], bool)
+            if numbered or value not in POSITIONS:
+                extensions["position"] = NUMBER_OF_POSITION[value]
+        elif name in WORLD_INFO_FIELDS:
+            _write_world_info_extension(extensions, name, value)
         else:  # enabled, case_sensitive
             entry[name] = value
     entry["content"] = scenario.content

@@ -93,7 +93,7 @@ def character_card_import(*, raw: bytes, update: bool = False) -> CardImport:
             character = Character(slug=_unique_slug(base_slug))
         for name, value in values.items():
             setattr(character, name, value)
-        _validate(character, "The card", exclude=["avatar"])
+        import_validate(character, "The card", exclude=["avatar"])
         character.save()
         result = CardImport(character=character, created=created, warnings=warnings)
         _import_entries(character, card.entries, result)
@@ -122,7 +122,7 @@ def _import_entries(character: Character, entries: list[dict], result: CardImpor
         for name, value in values.items():
             setattr(scenario, name, value)
         try:
-            _validate(scenario, label)
+            import_validate(scenario, label)
         except CardError as exc:
             result.scenarios_skipped += 1
             result.warnings.append(f"{exc} It was skipped.")
@@ -189,7 +189,7 @@ def _entry_warnings(entry: dict) -> list[str]:
     return warnings
 
 
-def _validate(instance, label: str, exclude: list[str] | None = None) -> None:
+def import_validate(instance, label: str, exclude: list[str] | None = None) -> None:
     try:
         instance.full_clean(exclude=exclude)
     except ValidationError as exc:

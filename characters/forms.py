@@ -60,6 +60,14 @@ class CharacterAdminForm(forms.ModelForm):
         help_text=Character._meta.get_field("alternate_greetings").help_text
         + " One greeting per box; empty boxes are ignored.")
 
+    talkativeness = forms.FloatField(
+        required=False, min_value=0.0, max_value=1.0,
+        help_text=Character._meta.get_field("talkativeness").help_text + " Empty: 0.5.")
+
     class Meta:
         model = Character
         fields = "__all__"
+
+    def clean_talkativeness(self):
+        value = self.cleaned_data.get("talkativeness")
+        return Character._meta.get_field("talkativeness").default if value is None else value

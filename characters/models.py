@@ -108,6 +108,10 @@ class Character(models.Model):
         help_text="Default reply length limit in tokens; empty uses config.yaml.",
     )
 
+    talkativeness = models.FloatField(
+        default=0.5, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="In group chats: how likely the character speaks when no one is named (0–1, relative to the others).",
+    )
     is_active = models.BooleanField(default=True, help_text="Inactive characters cannot be chatted with.")
     extensions = models.JSONField(
         default=dict, blank=True, help_text="Card extensions from other tools, kept untouched (JSON object)."
@@ -152,3 +156,53 @@ class ContentRevision(models.Model):
 
     class Meta:
         verbose_name = "content revision"
+
+
+class CharacterGroup(models.Model):
+    """Several characters sharing one conversation (SillyTavern's group chats), reusable across conversations."""
+
+    class TurnMode(models.TextChoices):
+        NATURAL = "natural", "Natural: a character named in the last message, else by talkativeness"
+        ROUND_ROBIN = "round_robin", "All in turn, in member order"
+
+    name = models.CharField(max_length=100, help_text="Shown in the group picker.")
+    slug = models.SlugField(
+        max_length=100, unique=True,
+        help_text="Names the group in the API (the request's 'character'); must not be a character's slug.",
+    )
+    members = models.ManyToManyField(Character, through="GroupMember", related_name="character_groups")
+    scenario = models.TextField(
+        blank=True, help_text="The shared situation of the group's chats; replaces each member's own setting.",
+    )
+    turn_mode = models.CharField(max_length=16, choices=TurnMode.choices, default=TurnMode.NATURAL,
+                                 help_text="Who speaks next when the client names no one.")
+    is_active = models.BooleanField(default=True, help_text="Inactive groups cannot be chatted with.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def member_list(self) -> list[Character]:
+        return [member.character for member in self.memberships.select_related("character").order_by("position", "id")]
+
+    def clean(self):
+        if self.slug and Character.objects.filter(slug=self.slug).exists():
+            raise ValidationError({"slug": "A character has this slug: the API could not tell them apart."})
+
+
+class GroupMember(models.Model):
+    group = models.ForeignKey(CharacterGroup, on_delete=models.CASCADE, related_name="memberships")
+    character = models.ForeignKey(Character, on_delete=models.PROTECT, related_name="group_memberships",
+                                  help_text="Characters in a group cannot be deleted; remove them from it first.")
+    position = models.PositiveIntegerField(default=0, help_text="The order of turns in “all in turn” mode.")
+
+    class Meta:
+        ordering = ["position", "id"]
+        constraints = [models.UniqueConstraint(fields=["group", "character"], name="one_membership_per_character")]
+
+    def __str__(self):
+        return f"{self.character} in {self.group}"

@@ -18,6 +18,23 @@ class Conversation(models.Model):
     )
     title = models.CharField(max_length=200, blank=True, help_text="Shown in the list of past conversations.")
     user_name = models.CharField(max_length=100, default="User", help_text="Replaces {{user}} in prompts.")
+    group = models.ForeignKey(
+        "characters.CharacterGroup", null=True, blank=True, on_delete=models.PROTECT, related_name="conversations",
+        help_text="A group conversation: its characters take turns (the members are copied into `members`).",
+    )
+    members = models.ManyToManyField(
+        "characters.Character", blank=True, related_name="group_conversations",
+        help_text="The characters of a group conversation (a group's, or an ad hoc set); empty: only `character`.",
+    )
+    participants = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="joined_conversations",
+        help_text="Other users who may read and write into this conversation besides its owner.",
+    )
+    world_info_state = models.JSONField(
+        default=dict, blank=True,
+        help_text="World Info timed effects (sticky, cooldown) of this conversation, keyed by scenario id and "
+                  "the message count at which each fired (scenarios/world_info.py).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -37,6 +54,14 @@ class Message(models.Model):
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField()
+    speaker = models.ForeignKey(
+        "characters.Character", null=True, blank=True, on_delete=models.SET_NULL, related_name="spoken_messages",
+        help_text="In a group conversation, the character that wrote this reply; empty: the conversation's character.",
+    )
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="authored_messages",
+        help_text="The user who wrote this message (several humans may write into one group conversation).",
+    )
     prompt_tokens = models.PositiveIntegerField(
         null=True, blank=True, help_text="Tokens of the prompt that produced this reply (assistant messages)."
     )

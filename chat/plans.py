@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from characters.models import Character
+from characters.models import Character, CharacterGroup
 from characters.selectors import character_find_active
 from scenarios.models import Scenario
 
@@ -25,6 +25,7 @@ from .engine import EngineProtocol, SamplingParams
 from .engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
 from .engines import get_engine
 from .errors import ApiError, NotFound
+from .groups import GroupLine, group_turns_for, speaker_choose
 from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
 from .prompting.tools import tools_system_text, turns_with_tool_text
@@ -67,6 +68,8 @@ class ChatPlan:
     end_user: str = ""                  # the request's opaque `user` id: logged, never in the prompt
     # The id a new conversation is stored under, known before the reply (a Responses API id names it).
     new_conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    group: CharacterGroup | None = None  # a group chat's group (None for an ad hoc one)
+    members: tuple = ()                 # a group chat's characters; `character` is the one who speaks
 
     def __post_init__(self):
         if self.conversation_lease is not None:
@@ -111,6 +114,10 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
 
 def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None, greet: bool,
               user_name: str, cache_allowed: bool, request_key: str | None) -> ChatPlan:
+    group, members = _group_for(data, conversation)
+    if members:
+        return _group_plan_for(user=user, data=data, conversation=conversation, lease=lease, group=group,
+                               members=members, user_name=user_name, cache_allowed=cache_allowed)
     character = _character_for(data, conversation)
 
     client_messages = data["messages"]
@@ -151,13 +158,110 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                             user_name=user_name,
                             max_tokens=params.max_tokens, forced_scenarios=forced,
                             system_override=system_override, extra_system=tools_text,
-                            tools=native_tools)
+                            tools=native_tools, **_world_info_args(conversation, message_count=len(history) + 1))
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
                     conversation_lease=lease, end_user=data.get("user") or "")
+
+
+def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:
+    """The group and the members of a group chat, or (None, []) for a chat with one character."""
+    if conversation is not None:
+        members = list(conversation.members.order_by("id"))
+        if conversation.group_id:  # the group's order (its turns), for the members the conversation started with
+            order = {member.pk: index for index, member in enumerate(conversation.group.member_list())}
+            members.sort(key=lambda member: (order.get(member.pk, len(order)), member.pk))
+        return conversation.group, members
+    if data.get("characters"):
+        members = []
+        for slug in dict.fromkeys(data["characters"]):
+            character = character_find_active(slug_or_id=slug)
+            if character is None:
+                raise NotFound(f"No active character {slug!r}.", param="characters", code="character_not_found")
+            members.append(character)
+        return None, members
+    requested = data.get("character") or data.get("character_id")
+    group = CharacterGroup.objects.filter(slug=str(requested), is_active=True).first() if requested else None
+    if group is None:
+        return None, []
+    members = [member for member in group.member_list() if member.is_active]
+    if not members:
+        raise NotFound(f"The group {group.slug!r} has no active character.", param="character",
+                       code="character_not_found")
+    return group, members
+
+
+def _group_plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None,
+                    group: CharacterGroup | None, members: list[Character], user_name: str,
+                    cache_allowed: bool) -> ChatPlan:
+    """A group chat's plan: choose the speaker, and compose its prompt with its own persona and system prompt,
+    the group's scenario and the history with every line attributed (chat/groups/)."""
+    client_turns = [m for m in data["messages"] if m["role"] in CLIENT_TURN_ROLES]
+    if not client_turns or client_turns[-1]["role"] != "user":
+        raise ApiError("A group chat request ends with the user's new message.", param="messages")
+    new_text = client_turns[-1]["content"]
+    if conversation is not None:
+        owner_name = conversation.user_name
+        stored = list(conversation.messages.filter(role__in=CLIENT_TURN_ROLES)
+                      .select_related("speaker", "author").order_by("id"))
+        lines = [_group_line(message, conversation=conversation, owner_name=owner_name) for message in stored]
+        last_speaker = next((line.speaker_id for line in reversed(lines) if line.role == "assistant"), None)
+        author_name = owner_name if user.pk == conversation.owner_id else (user_display_name(user) or "User")
+    else:
+        owner_name = author_name = user_name_for(data, fallback=user_name)
+        lines, last_speaker = [], None
+    speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
+    lines.append(GroupLine(role="user", content=new_text, name=author_name))
+    turns = group_turns_for(lines=lines, speaker_id=speaker.pk)
+
+    engine = get_engine(data.get("model") or None)
+    params = sampling_params_for(data=data, character=speaker, engine=engine)
+    names = ", ".join(member.name for member in members)
+    note = (f"This is a group chat between {names} and the humans writing as users. Every line starts with the "
+            f"name of whoever wrote it. Write only {speaker.name}'s next reply, without the name in front.")
+    prompt = prompt_compose(engine=engine, character=speaker, turns=turns, user_name=owner_name,
+                            max_tokens=params.max_tokens, extra_system=note,
+                            setting=group.scenario if group is not None and group.scenario.strip() else None,
+                            **_world_info_args(conversation, message_count=len(lines)))
+    new_turns = ({"role": "user", "content": new_text},)
+    return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
+                    new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
+                    user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
+                    group=group, members=tuple(members))
+
+
+def _group_line(message, *, conversation: Conversation, owner_name: str) -> GroupLine:
+    if message.role == "assistant":
+        speaker = message.speaker or conversation.character
+        return GroupLine(role="assistant", content=message.content, name=speaker.name, speaker_id=speaker.pk)
+    author = message.author
+    name = owner_name if author is None or author.pk == conversation.owner_id else (user_display_name(author) or "User")
+    return GroupLine(role="user", content=message.content, name=name)
+
+
+def _speaker_for(data: dict, *, members: list[Character], group: CharacterGroup | None, new_text: str,
+                 last_speaker: int | None) -> Character:
+    requested = data.get("speaker")
+    if requested:
+        named = next((member for member in members if requested in (member.slug, str(member.pk))), None)
+        if named is None:
+            raise ApiError(f"{requested!r} is not a member of this group chat.", param="speaker",
+                           code="speaker_not_member")
+        return named
+    mode = group.turn_mode if group is not None else CharacterGroup.TurnMode.NATURAL
+    return speaker_choose(members=members, last_text=new_text, last_speaker_id=last_speaker, mode=mode)
+
+
+def _world_info_args(conversation: Conversation | None, *, message_count: int) -> dict:
+    """The conversation's World Info timed effects, and a seed that makes its probability rolls and group
+    draws the same when a reply is regenerated (scenarios/world_info.py)."""
+    if conversation is None:
+        return {"world_info_state": {}, "message_count": message_count}
+    return {"world_info_state": conversation.world_info_state or {}, "message_count": message_count,
+            "seed": f"{conversation.pk}:{message_count}"}
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:

@@ -164,19 +164,27 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
         conversation = plan.conversation
         if conversation is None:
             first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
-            conversation = Conversation.objects.create(id=plan.new_conversation_id, character=plan.character,
-                                                       owner=plan.user,
-                                                       title=_title_from(first_user), user_name=plan.user_name)
+            conversation = Conversation.objects.create(
+                id=plan.new_conversation_id, character=plan.members[0] if plan.members else plan.character,
+                owner=plan.user, title=_title_from(first_user), user_name=plan.user_name, group=plan.group)
+            if plan.members:
+                conversation.members.set(plan.members)
         else:
             conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
+        author = plan.user if getattr(plan.user, "pk", None) else None
         for turn in plan.new_turns:
             Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
-                                   completion_tokens=plan.engine.count_tokens(turn["content"]))
+                                   completion_tokens=plan.engine.count_tokens(turn["content"]),
+                                   author=author if turn["role"] == "user" else None)
         reply = Message.objects.create(
             conversation=conversation, role=Message.Role.ASSISTANT, content=completion.text,
             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-            finish_reason=completion.finish_reason, model_name=plan.model_name)
+            finish_reason=completion.finish_reason, model_name=plan.model_name,
+            speaker=plan.character if plan.members else None)
         reply.scenarios.set(plan.prompt.scenarios)
+        if conversation.world_info_state != plan.prompt.world_info_state:
+            conversation.world_info_state = plan.prompt.world_info_state
+            conversation.save(update_fields=["world_info_state"])
         if plan.conversation is None:
             conversation.save(update_fields=["updated_at"])
         transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
@@ -255,11 +263,18 @@ def chat_completion_body(record: ReplyRecord) -> dict:
     return completion_body(completion_id=plan.completion_id, created=plan.created, model=plan.model_name,
                            completion=record.completion, scenarios=plan.prompt.scenarios_used,
                            conversation_id=str(record.conversation.pk) if record.conversation else None,
-                           shorthand=plan.shorthand, tools=plan.tools)
+                           shorthand=plan.shorthand, tools=plan.tools,
+                           speaker=plan.character if plan.members else None)
+
+
+def speaker_of(character) -> dict:
+    """A group chat's speaker as replies report it: slug, name and avatar URL ("" without one)."""
+    return {"slug": character.slug, "name": character.name, "avatar": character.avatar.url if character.avatar else ""}
 
 
 def completion_body(*, completion_id: str, created: int, model: str, completion: Completion, scenarios: list,
-                    conversation_id: str | None, shorthand: bool, tools: ToolRequest | None = None) -> dict:
+                    conversation_id: str | None, shorthand: bool, tools: ToolRequest | None = None,
+                    speaker=None) -> dict:
     message, finish_reason = {"role": "assistant", "content": completion.text}, completion.finish_reason
     if tools is not None and tools.may_call:
         message["content"], calls = tool_reply(completion.text)
@@ -278,6 +293,9 @@ def completion_body(*, completion_id: str, created: int, model: str, completion:
         "scenarios": scenarios,
         "conversation": conversation_id,
     }
+    if speaker is not None:  # a group chat: who replied
+        message["name"] = speaker.name
+        body["speaker"] = speaker_of(speaker)
     if shorthand:
         body["text"] = completion.text
     return body
@@ -286,9 +304,12 @@ def completion_body(*, completion_id: str, created: int, model: str, completion:
 def end_fields(record: ReplyRecord) -> dict:
     """What the last chunk of a stream reports: finish reason, usage, scenarios, conversation."""
     completion, conversation = record.completion, record.conversation
-    return {"finish_reason": completion.finish_reason, "usage": usage_of(completion),
-            "scenarios": record.plan.prompt.scenarios_used,
-            "conversation": str(conversation.pk) if conversation else None}
+    fields = {"finish_reason": completion.finish_reason, "usage": usage_of(completion),
+              "scenarios": record.plan.prompt.scenarios_used,
+              "conversation": str(conversation.pk) if conversation else None}
+    if record.plan.members:
+        fields["speaker"] = speaker_of(record.plan.character)
+    return fields
 
 
 def usage_of(completion: Completion) -> dict:

@@ -3,20 +3,27 @@
 import re
 import uuid
 
-from django.db.models import Count
+from django.db.models import Count, Q
 
 from .errors import NotFound
 from .models import Conversation, Message
 
 
+def _visible_to(user) -> Q:
+    """The user's own conversations and the group conversations they take part in."""
+    joined = Conversation.participants.through.objects.filter(user=user).values("conversation_id")
+    return Q(owner=user) | Q(pk__in=joined)
+
+
 def conversations_of(*, user):
-    return (Conversation.objects.filter(owner=user).select_related("character")
-            .annotate(message_count=Count("messages")))
+    return (Conversation.objects.filter(_visible_to(user)).select_related("character", "group")
+            .prefetch_related("members").annotate(message_count=Count("messages")))
 
 
 def conversation_get_owned(*, user, conversation_id) -> Conversation:
-    """The user's conversation; another user's looks exactly like a missing one."""
-    conversation = Conversation.objects.select_related("character").filter(pk=conversation_id, owner=user).first()
+    """The user's conversation (or one they take part in); another user's looks exactly like a missing one."""
+    conversation = Conversation.objects.select_related("character").filter(_visible_to(user),
+                                                                             pk=conversation_id).first()
     if conversation is None:
         raise NotFound(f"No conversation {conversation_id}.", param="conversation", code="conversation_not_found")
     return conversation

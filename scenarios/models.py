@@ -1,5 +1,7 @@
 """Scenarios: pieces of context inserted into the prompt when a chat makes them relevant (lorebook entries)."""
 
+import re
+
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -9,11 +11,43 @@ def split_keywords(text: str) -> list[str]:
     return [word.strip() for word in (text or "").split(",") if word.strip()]
 
 
+_REGEX_KEY = re.compile(r"^/(.+)/([a-z]*)$", re.DOTALL)
+
+
+def is_regex_key(keyword: str) -> bool:
+    """A key written as /pattern/flags is a regular expression (as in SillyTavern)."""
+    return bool(_REGEX_KEY.match(keyword))
+
+
+def regex_key_parts(keyword: str) -> tuple[str, str] | None:
+    match = _REGEX_KEY.match(keyword)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def regex_key_error(keyword: str) -> str:
+    """Why a /regex/ key does not compile ("" when it does)."""
+    pattern, _flags = regex_key_parts(keyword)
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return ""
+
+
 class Scenario(models.Model):
     class Position(models.TextChoices):
         # Character Card V2 lorebook positions.
         BEFORE_CHAR = "before_char", "Before the character's profile"
         AFTER_CHAR = "after_char", "After the profile, with the reply's context"
+        # SillyTavern World Info positions.
+        BEFORE_EXAMPLES = "before_examples", "Before the example dialogue"
+        AFTER_EXAMPLES = "after_examples", "After the example dialogue"
+        AT_DEPTH = "at_depth", "In the chat history, at a depth, as a message of the chosen role"
+
+    class Role(models.TextChoices):
+        SYSTEM = "system", "System"
+        USER = "user", "User"
+        ASSISTANT = "assistant", "Assistant"
 
     title = models.CharField(max_length=200, help_text="A name editors recognise; not sent to the model.")
     content = models.TextField(help_text="The text inserted into the prompt when the scenario fires.")
@@ -40,6 +74,55 @@ class Scenario(models.Model):
         help_text="Where the text goes in the prompt. Before the profile changes the prompt's first message, "
                   "so the model re-reads it whenever the scenario comes or goes (slower).",
     )
+    depth = models.PositiveIntegerField(
+        default=4, validators=[MaxValueValidator(1000)],
+        help_text="For “at depth”: how many chat messages come after the inserted one (0 = after the newest).",
+    )
+    depth_role = models.CharField(
+        max_length=16, choices=Role.choices, default=Role.SYSTEM,
+        help_text="For “at depth”: the role of the inserted message.",
+    )
+    probability = models.PositiveSmallIntegerField(
+        default=100, validators=[MaxValueValidator(100)],
+        help_text="Chance in percent that the scenario fires when triggered (100 = always).",
+    )
+    inclusion_group = models.CharField(
+        max_length=200, blank=True,
+        help_text="Comma-separated group names: of the scenarios of one group that fire together, only one is "
+                  "inserted (a sticky one, else the highest-priority one with “prioritize”, else one by weight).",
+    )
+    group_weight = models.PositiveIntegerField(
+        default=100, validators=[MinValueValidator(1)],
+        help_text="The chance to win the inclusion group, relative to the others' weights.",
+    )
+    group_prioritize = models.BooleanField(
+        default=False, help_text="Win the inclusion group by priority instead of by weight.",
+    )
+    sticky = models.PositiveIntegerField(
+        default=0, help_text="Once fired, stays inserted for this many further messages of the conversation.",
+    )
+    cooldown = models.PositiveIntegerField(
+        default=0, help_text="Once fired (and after its sticky messages), cannot fire for this many messages.",
+    )
+    delay = models.PositiveIntegerField(
+        default=0, help_text="Cannot fire before the conversation holds this many messages.",
+    )
+    exclude_recursion = models.BooleanField(
+        default=False, verbose_name="cannot be triggered by others",
+        help_text="Only the chat's messages fire it, never the text of other scenarios.",
+    )
+    prevent_recursion = models.BooleanField(
+        default=False, verbose_name="never triggers others",
+        help_text="Its text is not searched for other scenarios' keywords.",
+    )
+    character_filter = models.CharField(
+        max_length=1000, blank=True,
+        help_text="Comma-separated character names or slugs: the scenario fires only in their chats "
+                  "(or, with “exclude”, never in them). Empty: every character.",
+    )
+    character_filter_exclude = models.BooleanField(
+        default=False, help_text="The character filter names the characters the scenario never fires for.",
+    )
     character = models.ForeignKey(
         "characters.Character", null=True, blank=True, on_delete=models.CASCADE, related_name="scenarios",
         help_text="Only for this character; empty makes the scenario global.",
@@ -62,6 +145,14 @@ class Scenario(models.Model):
         return split_keywords(self.keywords)
 
     @property
+    def group_list(self) -> list[str]:
+        return split_keywords(self.inclusion_group)
+
+    @property
+    def character_filter_list(self) -> list[str]:
+        return split_keywords(self.character_filter)
+
+    @property
     def secondary_keyword_list(self) -> list[str]:
         return split_keywords(self.secondary_keywords)
 
@@ -73,6 +164,10 @@ class Scenario(models.Model):
             errors["content"] = "A scenario needs content: it is what gets inserted into the prompt."
         if not self.always_on and not self.keyword_list:
             errors["keywords"] = "Add at least one keyword, or tick “always on”: otherwise this scenario never fires."
+        for keyword in self.keyword_list + self.secondary_keyword_list:
+            if is_regex_key(keyword) and regex_key_error(keyword):
+                errors.setdefault("keywords", f"Keyword {keyword} is not a valid regular expression: "
+                                              f"{regex_key_error(keyword)}.")
         if not isinstance(self.extensions, dict):
             errors["extensions"] = "Extensions must be a JSON object, e.g. {}."
         if errors:

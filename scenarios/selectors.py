@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db.models import Q
 from rank_bm25 import BM25Okapi
 
-from .models import Scenario
+from .models import Scenario, regex_key_parts
 
 DEFAULT_SCAN_DEPTH = 4
 DEFAULT_TOKEN_BUDGET = 400
@@ -54,6 +54,12 @@ class ScenarioMatch:
     reason: str
     keyword_hits: int = 0
     relevance: float = 0.0
+    # World Info (scenarios/world_info.py): how it fired, for the admin preview.
+    trigger: str = ""  # "constant", "keyword", "recursion", "sticky", "relevance", "forced"
+    keywords: tuple[str, ...] = ()  # the keys that matched
+    recursion_from: str = ""  # the title of the scenario whose text fired it
+    roll: float | None = None  # the probability roll (0-100) when its probability is below 100
+    group: str = ""  # the inclusion group it won
 
     @property
     def linked(self) -> bool:
@@ -147,12 +153,26 @@ def scenarios_within_budget(
 
 
 _NO_KEYWORD = object()
+NO_KEYWORD = _NO_KEYWORD  # keyword_match's answer when none of the keywords appeared
+
+
+def keyword_match(scenario: Scenario, *, user_message: str, earlier: Sequence[str]):
+    """The scenario's match for a chat; None when a keyword appeared but no secondary one did; or NO_KEYWORD."""
+    return _keyword_match(scenario, user_message=user_message, earlier=earlier)
+
+
+def relevance_matches(scenarios: Sequence[Scenario], *, user_message: str, threshold: float | None = None
+                      ) -> list[ScenarioMatch]:
+    """The BM25 fallback: scenarios whose text relevance to the user's message reaches `threshold`."""
+    if threshold is None:
+        threshold = getattr(settings, "SCENARIO_BM25_THRESHOLD", DEFAULT_BM25_THRESHOLD)
+    return _relevance_matches(scenarios, user_message=user_message, threshold=threshold)
 
 
 def _keyword_match(scenario: Scenario, *, user_message: str, earlier: Sequence[str]):
     """The match; None when a keyword appeared but no secondary keyword did (rejected); or _NO_KEYWORD."""
     if scenario.always_on:
-        return ScenarioMatch(scenario=scenario, reason="always on")
+        return ScenarioMatch(scenario=scenario, reason="always on", trigger="constant")
     in_user = _found(scenario, scenario.keyword_list, [user_message])
     in_earlier = [kw for kw in _found(scenario, scenario.keyword_list, earlier) if kw not in in_user]
     if not in_user and not in_earlier:
@@ -168,16 +188,36 @@ def _keyword_match(scenario: Scenario, *, user_message: str, earlier: Sequence[s
         if not found:
             return None
         parts.append(f"with {_quoted('secondary keyword', found)}")
-    return ScenarioMatch(scenario=scenario, reason=", ".join(parts), keyword_hits=len(in_user) + len(in_earlier))
+    return ScenarioMatch(scenario=scenario, reason=", ".join(parts), keyword_hits=len(in_user) + len(in_earlier),
+                         trigger="keyword", keywords=tuple(in_user + in_earlier))
 
 
 def _found(scenario: Scenario, keywords: Sequence[str], texts: Sequence[str]) -> list[str]:
-    return [kw for kw in keywords
-            if any(_pattern(kw, scenario.case_sensitive, scenario.whole_words).search(text) for text in texts)]
+    return keywords_found(scenario=scenario, keywords=keywords, texts=texts)
+
+
+def keywords_found(*, scenario: Scenario, keywords: Sequence[str], texts: Sequence[str]) -> list[str]:
+    """The `keywords` that appear in one of `texts`, by the scenario's case and whole-word rules.
+
+    A keyword written /pattern/flags is a regular expression (flag i ignores case); a malformed one never matches."""
+    found = []
+    for keyword in keywords:
+        pattern = _pattern(keyword, scenario.case_sensitive, scenario.whole_words)
+        if pattern is not None and any(pattern.search(text) for text in texts):
+            found.append(keyword)
+    return found
 
 
 @lru_cache(maxsize=2048)
-def _pattern(keyword: str, case_sensitive: bool, whole_words: bool) -> re.Pattern:
+def _pattern(keyword: str, case_sensitive: bool, whole_words: bool) -> re.Pattern | None:
+    regex = regex_key_parts(keyword)
+    if regex is not None:
+        body, flags = regex
+        try:
+            return re.compile(body, (re.IGNORECASE if "i" in flags else 0) | (re.DOTALL if "s" in flags else 0)
+                              | (re.MULTILINE if "m" in flags else 0))
+        except re.error:
+            return None
     body = re.escape(keyword)
     if whole_words:
         # Lookarounds instead of \b so keywords that start or end with punctuation ("c++") still work.
@@ -245,7 +285,7 @@ def _relevance_matches(scenarios: Sequence[Scenario], *, user_message: str, thre
     scores = scenario_relevance(scenarios=scenarios, text=user_message)
     return [
         ScenarioMatch(scenario=scenario, reason=f"text relevance {score:.2f} (no keyword matched)",
-                      relevance=round(score, 4))
+                      relevance=round(score, 4), trigger="relevance")
         for scenario, score in zip(scenarios, scores)
         if score > 0 and score >= threshold
     ]

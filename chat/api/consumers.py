@@ -2,7 +2,8 @@
 
 Client sends {"type": "message", "content": "...", optional "conversation" (null: a new one),
 "greeting" (which greeting a new one opens with), "max_tokens", "temperature", "top_p", "seed",
-"stop"}; the server answers {"type": "start"}, {"type": "token", "text"}..., {"type": "end",
+"stop", "speaker" (a group chat's member who replies)}; <character> may be a group's slug. The server
+answers {"type": "start"} (with "speaker" in a group chat), {"type": "token", "text"}..., {"type": "end",
 finish_reason, usage, scenarios, conversation} or {"type": "error", "status", "error"}.
 {"type": "new_conversation"} makes the next message start a new conversation (answered
 {"type": "new_conversation"}). Each message spends the sender's rate limit like an HTTP request
@@ -23,7 +24,7 @@ from django.conf import settings
 from rest_framework.exceptions import Throttled, ValidationError
 
 from chat.errors import PayloadTooLarge, error_from_exception
-from chat.replies import end_fields, reply_stream
+from chat.replies import end_fields, reply_stream, speaker_of
 from chat.selectors import user_display_name
 from chat.services import chat_stream_start
 
@@ -33,7 +34,7 @@ from .ws_auth import CLOSE_UNAUTHENTICATED
 
 logger = logging.getLogger("llmsite.ws")
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "speaker")  # speaker: a group chat's member
 NEW_CONVERSATION = "new_conversation"
 
 
@@ -94,8 +95,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 payload["greeting"] = content["greeting"]
             record, generation = await sync_to_async(self.start)(payload)
             # The same scenario objects ({id, title, reason}) as the end event and the HTTP API.
-            await self.send_json({"type": "start", "conversation": self.conversation_id,
-                                  "scenarios": record.plan.prompt.scenarios_used})
+            start = {"type": "start", "conversation": self.conversation_id,
+                     "scenarios": record.plan.prompt.scenarios_used}
+            if record.plan.members:  # a group chat: who is replying
+                start["speaker"] = speaker_of(record.plan.character)
+            await self.send_json(start)
             async for kind, value in reply_stream(record, generation):
                 if kind == "delta":
                     await self.send_json({"type": "token", "text": value})

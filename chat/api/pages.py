@@ -3,6 +3,7 @@
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 
+from characters.models import CharacterGroup
 from characters.selectors import characters_active
 from chat.prompting import prompt_greetings
 from chat.selectors import user_display_name
@@ -19,4 +20,10 @@ def chat_page(request):
          "description": c.personality or c.description[:160]}
         for c in characters_active()
     ]
-    return render(request, "chat/page.html", {"characters": characters, "user_name": user_name})
+    groups = [
+        {"slug": g.slug, "name": g.name, "avatar": "", "greetings": [], "group": True, "description": g.scenario[:160],
+         "members": [{"slug": m.slug, "name": m.name, "avatar": m.avatar.url if m.avatar else ""}
+                     for m in g.member_list() if m.is_active]}
+        for g in CharacterGroup.objects.filter(is_active=True)
+    ]
+    return render(request, "chat/page.html", {"characters": characters, "groups": groups, "user_name": user_name})

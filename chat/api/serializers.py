@@ -173,7 +173,13 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     prompt = serializers.CharField(required=False, allow_blank=False, trim_whitespace=False,
                                    help_text="Shorthand of the original design: one user message.")
     response_format = ResponseFormatSerializer(required=False, allow_null=True)
-    character = serializers.SlugField(required=False, allow_null=True, help_text="A character's slug.")
+    character = serializers.SlugField(required=False, allow_null=True,
+                                      help_text="A character's slug, or a character group's (a group chat).")
+    characters = serializers.ListField(
+        child=serializers.SlugField(), required=False, allow_empty=False, max_length=20,
+        help_text="An ad hoc group chat: the slugs of its characters (a new conversation only).")
+    speaker = serializers.SlugField(required=False, allow_null=True,
+                                    help_text="In a group chat: the member who replies; empty lets the server choose.")
     character_id = serializers.CharField(required=False, allow_null=True,
                                          help_text="Shorthand: a character's slug or numeric id.")
     conversation = serializers.UUIDField(required=False, allow_null=True,
@@ -227,6 +233,8 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
                              "or leave logprobs out."})
         if attrs.get("character") and attrs.get("character_id"):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
+        if attrs.get("characters") and (attrs.get("character") or attrs.get("character_id")):
+            raise serializers.ValidationError({"characters": "send either 'characters' or 'character'."})
         return attrs
 
 
@@ -306,20 +314,25 @@ class ScenarioRefSerializer(serializers.ModelSerializer):
 
 class MessageSerializer(serializers.ModelSerializer):
     scenarios = ScenarioRefSerializer(many=True, read_only=True)
+    speaker = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    author = serializers.SlugRelatedField(slug_field="username", read_only=True)
 
     class Meta:
         model = Message
-        fields = ["id", "role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "model_name",
-                  "scenarios", "created_at"]
+        fields = ["id", "role", "content", "speaker", "author", "prompt_tokens", "completion_tokens", "finish_reason",
+                  "model_name", "scenarios", "created_at"]
 
 
 class ConversationSerializer(serializers.ModelSerializer):
     character = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    group = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    members = serializers.SlugRelatedField(slug_field="slug", many=True, read_only=True)
     message_count = serializers.IntegerField(read_only=True)
 
     class Meta:
         model = Conversation
-        fields = ["id", "title", "character", "user_name", "message_count", "created_at", "updated_at"]
+        fields = ["id", "title", "character", "group", "members", "user_name", "message_count", "created_at",
+                  "updated_at"]
 
 
 # --- Response shapes (documentation of what the views return) -------------------------------------

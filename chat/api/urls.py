@@ -5,7 +5,7 @@ POST loses its body), and left out of the schema so each operation is documented
 from django.urls import path
 from drf_spectacular.utils import extend_schema
 
-from . import responses, views
+from . import groups, responses, views
 
 
 def both(route: str, view_class, name: str | None = None, *, slash: bool = False) -> list:
@@ -31,4 +31,7 @@ urlpatterns = [
     *both("conversations", views.ConversationListView, "conversation-list", slash=True),
     *both("conversations/<uuid:pk>", views.ConversationDetailView, "conversation-detail", slash=True),
     *both("conversations/<uuid:pk>/messages", views.ConversationMessagesView, "conversation-messages", slash=True),
+    *both("conversations/<uuid:pk>/participants", groups.ConversationParticipantsView, "conversation-participants",
+          slash=True),
+    *both("groups", groups.GroupListView, "group-list", slash=True),
 ]

@@ -218,7 +218,10 @@ class ConversationListView(generics.ListAPIView):
     def get_queryset(self):
         conversations = conversations_of(user=self.request.user)
         character = self.request.query_params.get("character")
-        return conversations.filter(character__slug=character) if character else conversations
+        group = self.request.query_params.get("group")  # a group's conversations
+        if group:
+            conversations = conversations.filter(group__slug=group)
+        return conversations.filter(character__slug=character, members__isnull=True) if character else conversations
 
 
 class ConversationDetailView(generics.RetrieveAPIView):

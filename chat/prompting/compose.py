@@ -10,7 +10,11 @@ engine's prefix cache reuses it; whatever varies comes after it:
 4. system: the character's post-history instructions.
 
 Scenarios whose position is "before_char" go into message 1, between the system prompt and the
-profile, as lorebooks place them; this makes message 1 change when they come or go.
+profile, as lorebooks place them; this makes message 1 change when they come or go. "before_examples" and
+"after_examples" ones go around the example dialogue in message 2, "after_char" ones after it, and
+"at_depth" ones become messages of their role inside the conversation, N messages before its end. Within a
+position, higher priority (SillyTavern's insertion order) goes later, closer to the reply. Which scenarios
+fire follows World Info's rules (scenarios/world_info.py).
 
 When the prompt and the reply (`max_tokens`) do not fit the model's context, parts are dropped in
 this order: the example dialogue, the oldest turns, the lowest-ranked scenarios. The system prompt,
@@ -19,6 +23,7 @@ the profile and the new message are never dropped: if they alone do not fit, Con
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +32,8 @@ from django.conf import settings
 from characters.models import SystemPrompt
 from chat.engine import ContextOverflow
 from scenarios.models import Scenario
-from scenarios.selectors import ScenarioMatch, scenarios_matching, scenarios_within_budget
+from scenarios.selectors import ScenarioMatch, relevance_matches, scenarios_available
+from scenarios.world_info import world_info_select
 
 from .placeholders import example_dialogue_blocks, placeholders_replace
 
@@ -48,6 +54,9 @@ class ComposedPrompt:
     reasons: dict[int, str] = field(default_factory=dict)  # scenario id -> why it was inserted
     dropped: list[str] = field(default_factory=list)  # what was left out, e.g. "3 oldest turns"
     dropped_turns: int = 0  # how many of the oldest history messages were left out
+    matches: list[ScenarioMatch] = field(default_factory=list)  # how each inserted scenario fired
+    left_out: list[tuple[Scenario, str]] = field(default_factory=list)  # triggered or held back, and why
+    world_info_state: dict = field(default_factory=dict)  # the conversation's timed effects after this reply
 
     @property
     def explained_scenarios(self) -> list[tuple[Scenario, str]]:
@@ -102,6 +111,10 @@ def prompt_compose(
     extra_system: str = "",
     system_override: str = "",
     tools: list[dict] | None = None,
+    world_info_state: dict | None = None,
+    message_count: int | None = None,
+    seed: int | str | None = None,
+    setting: str | None = None,
 ) -> ComposedPrompt:
     """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
 
@@ -110,13 +123,19 @@ def prompt_compose(
     `system_override` replaces the default system prompt when there is no character (API clients'
     own system messages).
     `tools` (OpenAI function tools) are handed to the chat template (engines whose template supports them).
+    `setting` replaces the character's own setting (a group chat's shared scenario).
+    `world_info_state` is the conversation's timed-effect state (Conversation.world_info_state),
+    `message_count` the number of its messages with the new one (default: the turns'), `seed` seeds the
+    probability rolls and group draws (default: the message count); the new state is in the result.
     Raises ContextOverflow when even the minimum prompt leaves no room for `max_tokens`, and
     ValueError for malformed turns.
     """
     turns = _checked_turns(turns)
+    count = message_count if message_count is not None else len(turns)
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
                          forced_scenarios=forced_scenarios, extra_system=extra_system,
-                         system_override=system_override)
+                         system_override=system_override, world_info_state=world_info_state or {},
+                         message_count=count, seed=count if seed is None else seed, setting=setting)
     return _fit(engine=engine, parts=parts, max_tokens=max_tokens, tools=tools)
 
 
@@ -146,25 +165,34 @@ class _Parts:
     new_message: dict
     post_history: str
     dropped: list[str]
+    left_out: list[tuple[Scenario, str]] = field(default_factory=list)
+    world_info_state: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system,
-              system_override="") -> _Parts:
+              system_override="", world_info_state=None, message_count=0, seed=0, setting=None) -> _Parts:
         char_name = character.name if character is not None else "Assistant"
 
         def fill(text: str) -> str:
             return placeholders_replace(text, char_name=char_name, user_name=user_name).strip()
 
         dropped: list[str] = []
+        left_out: list[tuple[Scenario, str]] = []
+        state = dict(world_info_state or {})
         if forced_scenarios is not None:
-            matches = [ScenarioMatch(scenario=scenario, reason=FORCED_REASON) for scenario in forced_scenarios]
+            matches = [ScenarioMatch(scenario=scenario, reason=FORCED_REASON, trigger="forced")
+                       for scenario in forced_scenarios]
         else:
-            found = scenarios_matching(character=character, texts=[turn["content"] for turn in turns])
-            matches, over_budget = scenarios_within_budget(
-                matches=found, cost=lambda scenario: engine.count_tokens(fill(scenario.content)))
-            dropped += [f"scenario '{m.scenario.title}' (over the scenario token budget)" for m in over_budget]
+            selection = world_info_select(
+                scenarios=scenarios_available(character=character), texts=[turn["content"] for turn in turns],
+                message_count=message_count, state=state, rng=random.Random(str(seed)), character=character,
+                cost=lambda scenario: engine.count_tokens(fill(scenario.content)),
+                fallback=lambda unmatched, text: relevance_matches(unmatched, user_message=text))
+            matches, left_out, state = selection.matches, selection.left_out, selection.state
+            dropped += [f"scenario '{scenario.title}' (over the scenario token budget)"
+                        for scenario, why in left_out if why.endswith(("over the token budget", "budget is spent"))]
         override = system_override.strip() if character is None else ""
-        head, profile = override or _system_text(character, fill), _profile_text(character, fill)
+        head, profile = override or _system_text(character, fill), _profile_text(character, fill, setting=setting)
 
         def stable(before: list[str]) -> str:
             return "\n\n".join(section for section in (head, *before, profile) if section)
@@ -180,27 +208,57 @@ class _Parts:
             new_message=turns[-1],
             post_history=fill(character.post_history_instructions) if character is not None else "",
             dropped=dropped,
+            left_out=left_out,
+            world_info_state=state,
         )
 
     def messages(self, *, with_examples: bool, cut: int, matches: list[ScenarioMatch]) -> list[dict]:
-        before = [self.scenario_texts[id(m)] for m in matches if m.scenario.position == Scenario.Position.BEFORE_CHAR]
-        after = [self.scenario_texts[id(m)] for m in matches if m.scenario.position != Scenario.Position.BEFORE_CHAR]
+        Position = Scenario.Position
+        # Within a position, higher priority goes later (closer to the reply), as SillyTavern's insertion order.
+        placed = sorted(matches, key=lambda m: m.scenario.priority)
+
+        def texts(position: str) -> list[str]:
+            return [self.scenario_texts[id(m)] for m in placed if m.scenario.position == position]
+
+        before, after = texts(Position.BEFORE_CHAR), texts(Position.AFTER_CHAR)
+        before_examples, after_examples = texts(Position.BEFORE_EXAMPLES), texts(Position.AFTER_EXAMPLES)
         messages = [{"role": "system", "content": self.stable(before)}]
-        context = []
+        context = [*before_examples]
         if with_examples and self.examples:
             context.append("Example dialogue (how the character speaks; not part of this chat):\n\n"
                            + "\n\n".join(self.examples))
+        context += after_examples
         if after:
             context.append("Context for this reply:\n\n" + "\n\n".join(after))
         if self.extra_system:
             context.append(self.extra_system)
         if context:
             messages.append({"role": "system", "content": "\n\n".join(context)})
-        messages += [dict(turn) for turn in self.history[cut:]]
-        messages.append(dict(self.new_message))
+        conversation = [dict(turn) for turn in self.history[cut:]] + [dict(self.new_message)]
+        messages += depth_inserted(conversation, [(m.scenario.depth, m.scenario.depth_role, self.scenario_texts[id(m)])
+                                                  for m in placed if m.scenario.position == Position.AT_DEPTH])
         if self.post_history:
             messages.append({"role": "system", "content": self.post_history})
         return messages
+
+
+def depth_inserted(conversation: list[dict], insertions: list[tuple[int, str, str]]) -> list[dict]:
+    """The conversation with each (depth, role, text) inserted as a message with `depth` messages of the
+    conversation after it (0: after the newest; deeper than the conversation: before the first).
+    Insertions of one depth and role become one message, their texts joined in the given order; at one
+    depth, system comes before user before assistant."""
+    merged: dict[tuple[int, str], list[str]] = {}
+    for depth, role, text in insertions:
+        merged.setdefault((min(depth, len(conversation)), role), []).append(text)
+    order = {role: rank for rank, role in enumerate(Scenario.Role.values)}
+    result: list[dict] = []
+    for index in range(len(conversation) + 1):
+        for (depth, role), parts in sorted(merged.items(), key=lambda item: order.get(item[0][1], 9)):
+            if depth == len(conversation) - index:
+                result.append({"role": role, "content": "\n\n".join(parts)})
+        if index < len(conversation):
+            result.append(conversation[index])
+    return result
 
 
 def _system_text(character, fill) -> str:
@@ -212,14 +270,15 @@ def _system_text(character, fill) -> str:
     return fill(own.replace("{{original}}", base)) if own else fill(base)
 
 
-def _profile_text(character, fill) -> str:
+def _profile_text(character, fill, *, setting: str | None = None) -> str:
     if character is None:
         return ""
     sections = [fill(character.description)]
     if character.personality.strip():
         sections.append(f"{character.name}'s personality: {fill(character.personality)}")
-    if character.setting.strip():
-        sections.append(f"Scenario: {fill(character.setting)}")
+    setting = character.setting if setting is None else setting
+    if setting.strip():
+        sections.append(f"Scenario: {fill(setting)}")
     return "\n\n".join(section for section in sections if section)
 
 
@@ -269,7 +328,8 @@ def _fit(*, engine, parts: _Parts, max_tokens: int, tools: list[dict] | None = N
         messages=messages, text=text, prompt_tokens=tokens, context_length=context_length, max_tokens=max_tokens,
         scenarios=[match.scenario for match in matches],
         reasons={match.scenario.pk: match.reason for match in matches},
-        dropped=dropped, dropped_turns=cut,
+        dropped=dropped, dropped_turns=cut, matches=matches, left_out=parts.left_out,
+        world_info_state=parts.world_info_state,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 
@@ -22,6 +22,16 @@ class PromptPreview:
     composed: ComposedPrompt | None = None
     model_name: str = ""
     error: str = ""  # why there is no composed prompt (model not loadable, context overflow)
+    blocks: list[tuple[str, str, int]] = field(default_factory=list)  # (role, opening words, tokens) per message
+    scenario_tokens: dict[int, int] = field(default_factory=dict)  # scenario id -> tokens of its text
+
+    @property
+    def explained_matches(self) -> list[tuple[object, str, int]]:
+        """(scenario, why it fired, its tokens) for each inserted scenario, in rank order."""
+        if self.composed is None:
+            return []
+        return [(scenario, reason, self.scenario_tokens.get(scenario.pk, 0))
+                for scenario, reason in self.composed.explained_scenarios]
 
     @property
     def pieces(self) -> list[Piece]:
@@ -59,4 +69,19 @@ def prompt_preview(*, character, user_message: str, user_name: str = "User") -> 
                                           max_tokens=int(max_tokens))
     except ContextOverflow as exc:
         preview.error = str(exc)
+        return preview
+    preview.blocks = prompt_block_costs(engine=engine, messages=preview.composed.messages)
+    preview.scenario_tokens = {scenario.pk: engine.count_tokens(scenario.content)
+                               for scenario in preview.composed.scenarios}
     return preview
+
+
+def prompt_block_costs(*, engine, messages: list[dict]) -> list[tuple[str, str, int]]:
+    """The token cost of every message of a composed prompt, with its role and first words (the blocks the
+    preview lists; the chat template's own tokens come on top)."""
+    blocks = []
+    for message in messages:
+        text = message["content"]
+        opening = text if len(text) <= 70 else text[:67] + "..."
+        blocks.append((message["role"], opening, engine.count_tokens(text)))
+    return blocks

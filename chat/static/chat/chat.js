@@ -2,10 +2,14 @@
 (() => {
   "use strict";
   const characters = JSON.parse(document.getElementById("characters-data").textContent);
+  // Group chats: picked like a character; each reply names (and shows) the member who speaks.
+  const groupsNode = document.getElementById("groups-data");
+  const groups = groupsNode ? JSON.parse(groupsNode.textContent) : [];
+  const usernameNode = document.getElementById("username-data");
   const el = (id) => document.getElementById(id);
   // greeting: position in character.greetings of the greeting shown; sent with a new conversation's first message.
   const state = { character: null, conversation: null, socket: null, replyNode: null, busy: false, greeting: 0,
-                  greetingNode: null };
+                  greetingNode: null, username: usernameNode ? JSON.parse(usernameNode.textContent) : "" };
 
   const FRIENDLY = {
     model_unavailable: "The model is unavailable right now. Please try again later.",
@@ -26,12 +30,29 @@
     status.classList.toggle("error", Boolean(isError));
   }
 
+  function speakerOf(slug) {
+    return (state.character && state.character.members || []).find((m) => m.slug === slug) || null;
+  }
+
+  function setSpeaker(item, speaker) {
+    if (!speaker) return;
+    item.dataset.speaker = speaker.slug;
+    item.querySelector(".who").textContent = speaker.name;
+    if (speaker.avatar) {
+      const img = document.createElement("img");
+      img.className = "avatar";
+      img.src = speaker.avatar;
+      img.alt = "";
+      item.querySelector(".who").prepend(img);
+    }
+  }
+
   function addMessage(role, text, name) {
     const item = document.createElement("li");
     item.className = `message ${role}`;
     const who = document.createElement("span");
     who.className = "who";
-    who.textContent = role === "user" ? "You" : name || state.character.name;
+    who.textContent = role === "user" ? (name || "You") : name || state.character.name;
     const body = document.createElement("div");
     body.className = "text";
     body.textContent = text;
@@ -79,7 +100,8 @@
     if (event.type === "start") {
       state.replyNode = addMessage("assistant", "");
       state.replyNode.setAttribute("aria-busy", "true");
-      setStatus(`${state.character.name} is typing…`);
+      setSpeaker(state.replyNode, event.speaker);
+      setStatus(`${event.speaker ? event.speaker.name : state.character.name} is typing…`);
     } else if (event.type === "token") {
       if (!state.replyNode) return;  // the tail of a reply abandoned by "New conversation"
       state.replyNode.querySelector(".text").textContent += event.text;
@@ -112,7 +134,8 @@
     const list = el("conversations");
     list.replaceChildren();
     if (!state.character) return;
-    const page = await api(`/v1/conversations/?character=${encodeURIComponent(state.character.slug)}`);
+    const filter = state.character.group ? "group" : "character";
+    const page = await api(`/v1/conversations/?${filter}=${encodeURIComponent(state.character.slug)}`);
     for (const conversation of page.results) {
       const item = document.createElement("li");
       const button = document.createElement("button");
@@ -133,8 +156,9 @@
     try {
       const page = await api(`/v1/conversations/${id}/messages/?limit=500`);
       for (const message of page.results) {
-        const item = addMessage(message.role, message.content);
-        if (message.role === "assistant") noteScenarios(item, message.scenarios);
+        const mine = !message.author || message.author === state.username;
+        const item = addMessage(message.role, message.content, message.role === "user" && !mine ? message.author : undefined);
+        if (message.role === "assistant") { setSpeaker(item, speakerOf(message.speaker)); noteScenarios(item, message.scenarios); }
       }
       setStatus("");
     } catch (error) {
@@ -171,7 +195,7 @@
   }
 
   async function pickCharacter(slug, conversation) {
-    state.character = characters.find((c) => c.slug === slug) || null;
+    state.character = characters.find((c) => c.slug === slug) || groups.find((g) => g.slug === slug) || null;
     if (!state.character) return;
     document.querySelectorAll(".characters button").forEach((b) =>
       b.setAttribute("aria-pressed", String(b.dataset.slug === slug)));
@@ -203,7 +227,7 @@
   el("new-conversation").addEventListener("click", newConversation);
   el("other-greeting").addEventListener("click", () => showGreeting(state.greeting + 1));
 
-  for (const character of characters) {
+  for (const character of [...characters, ...groups]) {
     const item = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
@@ -221,7 +245,7 @@
     button.title = character.description;
     button.addEventListener("click", () => pickCharacter(character.slug));
     item.append(button);
-    el("characters").append(item);
+    el(character.group ? "groups" : "characters").append(item);
   }
 
   const params = new URLSearchParams(location.search);

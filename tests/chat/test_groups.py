@@ -1,0 +1,157 @@
+"""Group chats: who speaks next, each speaker's own prompt with the attributed history, and two humans
+writing into one group conversation through the API."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from characters.models import CharacterGroup, GroupMember
+from chat.groups import GroupLine, group_turns_for, speaker_choose
+from chat.models import Conversation, Message
+from chat.plans import chat_request_prepare
+from tests.factories import make_api_client, make_character
+
+URL = "/v1/chat/completions"
+
+
+class Member:
+    def __init__(self, pk, name, talkativeness=0.5):
+        self.pk, self.name, self.talkativeness = pk, name, talkativeness
+
+
+ADA, BOB, CY = Member(1, "Ada"), Member(2, "Bob Stone"), Member(3, "Cy", talkativeness=0.0)
+
+
+# --- speaker choice (pure) ---------------------------------------------------------------------------
+
+
+def test_a_character_named_in_the_last_message_speaks_first():
+    assert speaker_choose(members=[ADA, BOB, CY], last_text="What do you say, bob?", last_speaker_id=None) is BOB
+    assert speaker_choose(members=[ADA, BOB, CY], last_text="Cy and Ada, come here", last_speaker_id=None) is CY
+    # ... but not the one who just spoke: the next one named does.
+    assert speaker_choose(members=[ADA, BOB, CY], last_text="Cy and Ada", last_speaker_id=3) is ADA
+
+
+def test_otherwise_by_talkativeness_never_the_same_twice_unless_alone():
+    rng = random.Random(5)
+    picks = Counter(speaker_choose(members=[ADA, BOB, CY], last_text="Hello all.", last_speaker_id=None, rng=rng).name
+                    for _ in range(300))
+    assert picks["Cy"] == 0 and 100 < picks["Ada"] < 200 and 100 < picks["Bob Stone"] < 200
+    assert all(speaker_choose(members=[ADA, BOB], last_text="Hm.", last_speaker_id=1, rng=rng) is BOB
+               for _ in range(20))
+    assert speaker_choose(members=[ADA], last_text="Hm.", last_speaker_id=1) is ADA
+
+
+def test_all_in_turn():
+    order = [speaker_choose(members=[ADA, BOB, CY], last_text="Ada!", last_speaker_id=last, mode="round_robin").name
+             for last in (None, 1, 2, 3)]
+    assert order == ["Ada", "Bob Stone", "Cy", "Ada"]
+
+
+def test_every_line_is_attributed_and_only_the_speakers_own_are_the_assistants():
+    lines = [GroupLine("user", "Hi both.", "Sam"), GroupLine("assistant", "Hello.", "Ada", 1),
+             GroupLine("assistant", "Evening.", "Bob", 2), GroupLine("user", "Bob?", "Lee")]
+    assert group_turns_for(lines=lines, speaker_id=2) == [
+        {"role": "user", "content": "Sam: Hi both."}, {"role": "user", "content": "Ada: Hello."},
+        {"role": "assistant", "content": "Bob: Evening."}, {"role": "user", "content": "Lee: Bob?"}]
+
+
+# --- plans and the API (real model) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def crew(db):
+    ada = make_character("ada", name="Ada", description="Ada keeps the lighthouse.", setting="Ada's own setting.",
+                         system_prompt="You are Ada, terse.", talkativeness=0.5)
+    bob = make_character("bob", name="Bob", description="Bob fishes the cold bay.", system_prompt="You are Bob, loud.",
+                         talkativeness=0.5)
+    group = CharacterGroup.objects.create(name="Crew", slug="crew", scenario="A storm night in the lamp room.")
+    GroupMember.objects.create(group=group, character=ada, position=0)
+    GroupMember.objects.create(group=group, character=bob, position=1)
+    return group, ada, bob
+
+
+def request(text, **fields):
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0.7, **fields}
+
+
+
+
+@pytest.mark.django_db
+@pytest.mark.smollm2
+def test_each_speaker_gets_its_own_persona_and_system_prompt_and_the_groups_scenario(crew, smollm2_path):
+    group, ada, bob = crew
+    user = make_api_client("sam").user
+    plan = chat_request_prepare(user=user, data=request("Bob, is the boat safe?", character="crew"))
+    assert plan.character == bob and plan.members == (ada, bob)
+    first = plan.prompt.messages[0]["content"]
+    assert "You are Bob, loud." in first and "Bob fishes the cold bay." in first
+    assert "Ada keeps the lighthouse." not in first and "You are Ada" not in first
+    assert "Scenario: A storm night in the lamp room." in first and "Ada's own setting." not in first
+    named = chat_request_prepare(user=user, data=request("Bob, is the boat safe?", character="crew", speaker="ada"))
+    assert named.character == ada and "You are Ada, terse." in named.prompt.messages[0]["content"]
+    plan.release_conversation(), named.release_conversation()
+
+
+@pytest.mark.django_db
+@pytest.mark.smollm2
+def test_group_conversation_stores_speakers_and_attributes_the_history(crew, smollm2_path):
+    group, ada, bob = crew
+    sam = make_api_client("sam")
+    first = sam.post(URL, request("Ada, light the lamp.", character="crew", user="Sam"), format="json",
+                     HTTP_CACHE_CONTROL="no-cache")
+    assert first.status_code == 200, first.content
+    body = first.json()
+    assert body["speaker"]["slug"] == "ada" and body["choices"][0]["message"]["name"] == "Ada"
+    conversation = Conversation.objects.get(pk=body["conversation"])
+    assert conversation.group == group and set(conversation.members.all()) == {ada, bob}
+    reply = conversation.messages.get(role="assistant")
+    assert reply.speaker == ada and conversation.messages.get(role="user").author == sam.user
+
+    plan = chat_request_prepare(user=sam.user, data=request("And you, Bob?", conversation=str(conversation.pk)))
+    assert plan.character == bob
+    turns = [m for m in plan.prompt.messages if m["role"] in ("user", "assistant")]
+    assert turns[-3:] == [{"role": "user", "content": "Sam: Ada, light the lamp."},
+                          {"role": "user", "content": f"Ada: {reply.content}"},
+                          {"role": "user", "content": "Sam: And you, Bob?"}]
+    plan.release_conversation()
+    listed = sam.get("/v1/conversations/").json()
+    rows = listed["results"] if isinstance(listed, dict) else listed
+    assert rows[0]["group"] == "crew" and sorted(rows[0]["members"]) == ["ada", "bob"]
+
+
+@pytest.mark.django_db
+@pytest.mark.smollm2
+def test_two_humans_write_into_one_group_conversation(crew, smollm2_path):
+    group, ada, bob = crew
+    sam, lee, eve = make_api_client("sam"), make_api_client("lee"), make_api_client("eve")
+    first = sam.post(URL, request("Evening, Ada.", character="crew", user="Sam"), format="json", HTTP_CACHE_CONTROL="no-cache")
+    conversation_id = first.json()["conversation"]
+    # Lee is no participant yet: the conversation looks missing.
+    assert lee.post(URL, request("Hi!", conversation=conversation_id), format="json").status_code == 404
+    added = sam.post(f"/v1/conversations/{conversation_id}/participants/", {"username": "lee"}, format="json")
+    assert added.status_code == 200 and added.json()["participants"] == ["lee"]
+    # Only the owner adds people.
+    assert lee.post(f"/v1/conversations/{conversation_id}/participants/", {"username": "eve"},
+                    format="json").status_code == 404
+    second = lee.post(URL, request("Bob, it's Lee here.", conversation=conversation_id), format="json",
+                      HTTP_CACHE_CONTROL="no-cache")
+    assert second.status_code == 200, second.content
+    assert second.json()["speaker"]["slug"] == "bob"
+    users = list(Message.objects.filter(conversation_id=conversation_id, role="user").order_by("id")
+                 .values_list("author__username", flat=True))
+    assert users == ["sam", "lee"]
+    plan = chat_request_prepare(user=sam.user, data=request("Ada?", conversation=conversation_id))
+    contents = [m["content"] for m in plan.prompt.messages]
+    assert "Sam: Evening, Ada." in contents and "lee: Bob, it's Lee here." in contents
+    plan.release_conversation()
+    assert eve.get(f"/v1/conversations/{conversation_id}/messages/").status_code == 404
+    assert lee.get(f"/v1/conversations/{conversation_id}/messages/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_speaker_outside_the_group_is_refused(crew):
+    sam = make_api_client("sam")
+    response = sam.post(URL, request("Hi", character="crew", speaker="nobody"), format="json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "speaker_not_member"
