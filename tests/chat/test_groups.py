@@ -72,8 +72,9 @@ def crew(db):
     return group, ada, bob
 
 
-def request(text, **fields):
-    return {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0.7, **fields}
+def request(text, name=None, **fields):
+    message = {"role": "user", "content": text, **({"name": name} if name else {})}  # `name` is {{user}}
+    return {"messages": [message], "max_tokens": 8, "temperature": 0.7, **fields}
 
 
 
@@ -99,7 +100,7 @@ def test_each_speaker_gets_its_own_persona_and_system_prompt_and_the_groups_scen
 def test_group_conversation_stores_speakers_and_attributes_the_history(crew, smollm2_path):
     group, ada, bob = crew
     sam = make_api_client("sam")
-    first = sam.post(URL, request("Ada, light the lamp.", character="crew", user="Sam"), format="json",
+    first = sam.post(URL, request("Ada, light the lamp.", character="crew", name="Sam"), format="json",
                      HTTP_CACHE_CONTROL="no-cache")
     assert first.status_code == 200, first.content
     body = first.json()
@@ -126,7 +127,7 @@ def test_group_conversation_stores_speakers_and_attributes_the_history(crew, smo
 def test_two_humans_write_into_one_group_conversation(crew, smollm2_path):
     group, ada, bob = crew
     sam, lee, eve = make_api_client("sam"), make_api_client("lee"), make_api_client("eve")
-    first = sam.post(URL, request("Evening, Ada.", character="crew", user="Sam"), format="json", HTTP_CACHE_CONTROL="no-cache")
+    first = sam.post(URL, request("Evening, Ada.", character="crew", name="Sam"), format="json", HTTP_CACHE_CONTROL="no-cache")
     conversation_id = first.json()["conversation"]
     # Lee is no participant yet: the conversation looks missing.
     assert lee.post(URL, request("Hi!", conversation=conversation_id), format="json").status_code == 404
