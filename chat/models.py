@@ -18,6 +18,10 @@ class Conversation(models.Model):
     )
     title = models.CharField(max_length=200, blank=True, help_text="Shown in the list of past conversations.")
     user_name = models.CharField(max_length=100, default="User", help_text="Replaces {{user}} in prompts.")
+    active = models.ForeignKey(
+        "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The leaf of the branch shown and continued: the model sees the path from the root to it.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -35,6 +39,11 @@ class Message(models.Model):
         ASSISTANT = "assistant", "Assistant"
 
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children",
+        help_text="The message this one answers or follows; siblings are alternatives (swipes, edits). "
+                  "Deleting a message deletes its subtree.",
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField()
     prompt_tokens = models.PositiveIntegerField(
@@ -43,7 +52,10 @@ class Message(models.Model):
     completion_tokens = models.PositiveIntegerField(
         null=True, blank=True, help_text="Tokens of this message's text as the model counts them."
     )
-    finish_reason = models.CharField(max_length=16, blank=True, help_text="Why generation stopped: stop or length.")
+    finish_reason = models.CharField(max_length=16, blank=True,
+                                     help_text="Why generation stopped: stop, length, or cancelled (see stopped).")
+    stopped = models.BooleanField(default=False, help_text="The reply was stopped before its end (by its owner, or "
+                                  "when its client stayed away too long); the text is what had been generated.")
     model_name = models.CharField(max_length=100, blank=True, help_text="The model that wrote this reply.")
     scenarios = models.ManyToManyField(
         "scenarios.Scenario", blank=True, related_name="messages",

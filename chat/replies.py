@@ -63,6 +63,9 @@ class ReplyRecord:
     conversation: Conversation | None = None  # the stored conversation, once stored
     tenant: Tenant | None = None              # the caller: quotas, usage ledger, fair admission
     meter: Meter | None = None                # set when a live generation was admitted for the tenant
+    completions: list | None = None           # every choice's Completion when the plan asked for several (`n`)
+    stopped: bool = False                     # stopped on purpose: what was generated is stored, marked stopped
+    stored: list = field(default_factory=list)  # the reply Messages stored (one per choice)
 
     def __post_init__(self):
         if self.conversation is None:  # a continued chat's conversation is known before anything is stored
@@ -154,9 +157,15 @@ def reply_remember(record: ReplyRecord) -> None:
 
 
 def exchange_store(record: ReplyRecord) -> Conversation | None:
-    """Store the new turns and the reply together, or nothing (a cancelled reply is not stored)."""
-    plan, completion = record.plan, record.completion
-    if not plan.store or completion is None or completion.finish_reason not in ("stop", "length"):
+    """Store the new turns and the reply (each choice's, as alternatives) together, or nothing: a cancelled
+    reply is not stored unless it was stopped on purpose (`record.stopped`), and then what it had is kept.
+    The new turns follow the plan's parent message and the conversation's active leaf becomes the (first) reply;
+    a continuation extends its message instead."""
+    plan = record.plan
+    completions = record.completions or ([record.completion] if record.completion is not None else [])
+    kept = [c for c in completions if c.finish_reason in ("stop", "length")
+            or (record.stopped and c.finish_reason == "cancelled" and c.text)]
+    if not plan.store or not kept:
         return record.conversation
     with transaction.atomic():
         conversation = plan.conversation
@@ -166,19 +175,47 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
                                                        title=_title_from(first_user), user_name=plan.user_name)
         else:
             conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
+        parent_id = plan.parent_id
         for turn in plan.new_turns:
-            Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
-                                   completion_tokens=plan.engine.count_tokens(turn["content"]))
-        reply = Message.objects.create(
-            conversation=conversation, role=Message.Role.ASSISTANT, content=completion.text,
-            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-            finish_reason=completion.finish_reason, model_name=plan.model_name)
-        reply.scenarios.set(plan.prompt.scenarios)
+            parent_id = Message.objects.create(conversation=conversation, parent_id=parent_id, role=turn["role"],
+                                               content=turn["content"],
+                                               completion_tokens=plan.engine.count_tokens(turn["content"])).pk
+        if plan.continued is not None:
+            replies = [_extended(plan.continued, kept[0], stopped=record.stopped)]
+        else:
+            replies = [_reply_message(conversation, parent_id, completion, plan=plan, stopped=record.stopped)
+                       for completion in kept]
+        Conversation.objects.filter(pk=conversation.pk).update(active=replies[0])
+        conversation.active = replies[0]
         if plan.conversation is None:
             conversation.save(update_fields=["updated_at"])
         transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
     record.conversation = conversation
+    record.stored = replies
     return conversation
+
+
+def _reply_message(conversation: Conversation, parent_id: int | None, completion: Completion, *, plan: ChatPlan,
+                   stopped: bool) -> Message:
+    reply = Message.objects.create(
+        conversation=conversation, parent_id=parent_id, role=Message.Role.ASSISTANT, content=completion.text,
+        prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+        finish_reason=completion.finish_reason, model_name=plan.model_name,
+        stopped=stopped and completion.finish_reason == "cancelled")
+    reply.scenarios.set(plan.prompt.scenarios)
+    return reply
+
+
+def _extended(message: Message, completion: Completion, *, stopped: bool) -> Message:
+    """A continued reply: its text extended by the completion's, its counts and finish updated."""
+    message.refresh_from_db()
+    message.content += completion.text
+    message.completion_tokens = (message.completion_tokens or 0) + completion.completion_tokens
+    message.prompt_tokens = completion.prompt_tokens
+    message.finish_reason = completion.finish_reason
+    message.stopped = stopped and completion.finish_reason == "cancelled"
+    message.save(update_fields=["content", "completion_tokens", "prompt_tokens", "finish_reason", "stopped"])
+    return message
 
 
 def reply_complete(record: ReplyRecord) -> dict:

@@ -102,6 +102,7 @@ def prompt_compose(
     extra_system: str = "",
     system_override: str = "",
     tools: list[dict] | None = None,
+    continue_final: bool = False,
 ) -> ComposedPrompt:
     """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
 
@@ -110,17 +111,20 @@ def prompt_compose(
     `system_override` replaces the default system prompt when there is no character (API clients'
     own system messages).
     `tools` (OpenAI function tools) are handed to the chat template (engines whose template supports them).
+    `continue_final`: the last turn is an assistant reply to extend; its turn is left open (no generation
+    prompt, no end-of-turn) and the post-history instructions go before it.
     Raises ContextOverflow when even the minimum prompt leaves no room for `max_tokens`, and
     ValueError for malformed turns.
     """
-    turns = _checked_turns(turns)
+    turns = _checked_turns(turns, last_role="assistant" if continue_final else "user")
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
                          forced_scenarios=forced_scenarios, extra_system=extra_system,
                          system_override=system_override)
+    parts.continue_final = continue_final
     return _fit(engine=engine, parts=parts, max_tokens=max_tokens, tools=tools)
 
 
-def _checked_turns(turns: Sequence[dict]) -> list[dict]:
+def _checked_turns(turns: Sequence[dict], *, last_role: str = "user") -> list[dict]:
     if not turns:
         raise ValueError("turns must hold at least the user's new message.")
     checked = []
@@ -128,8 +132,8 @@ def _checked_turns(turns: Sequence[dict]) -> list[dict]:
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
             raise ValueError("each turn must be a dict with role 'user' or 'assistant' and string content.")
         checked.append({"role": turn["role"], "content": turn["content"]})
-    if checked[-1]["role"] != "user":
-        raise ValueError("the last turn must be the user's new message.")
+    if checked[-1]["role"] != last_role:
+        raise ValueError(f"the last turn must be the {last_role}'s message.")
     return checked
 
 
@@ -146,6 +150,7 @@ class _Parts:
     new_message: dict
     post_history: str
     dropped: list[str]
+    continue_final: bool = False  # the last turn is an assistant reply left open to be extended
 
     @classmethod
     def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system,
@@ -197,10 +202,10 @@ class _Parts:
         if context:
             messages.append({"role": "system", "content": "\n\n".join(context)})
         messages += [dict(turn) for turn in self.history[cut:]]
-        messages.append(dict(self.new_message))
-        if self.post_history:
-            messages.append({"role": "system", "content": self.post_history})
-        return messages
+        post_history = [{"role": "system", "content": self.post_history}] if self.post_history else []
+        if self.continue_final:  # the reply being extended stays last, its turn open
+            return messages + post_history + [dict(self.new_message)]
+        return messages + [dict(self.new_message)] + post_history
 
 
 def _system_text(character, fill) -> str:
@@ -231,7 +236,10 @@ def _fit(*, engine, parts: _Parts, max_tokens: int, tools: list[dict] | None = N
 
     def measure() -> tuple[list[dict], str, int]:
         messages = parts.messages(with_examples=with_examples, cut=cut, matches=matches)
-        text = engine.render_chat(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
+        options = {"continue_final": True} if parts.continue_final else {}
+        if tools:
+            options["tools"] = tools
+        text = engine.render_chat(messages, add_generation_prompt=not parts.continue_final, **options)
         return messages, text, len(engine.prompt_tokens(text))
 
     cuts = _cut_points(parts.history)
