@@ -10,7 +10,9 @@ ledger when it ends (chat/tenancy/metering.py); the engine learns only the calle
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,11 +96,11 @@ def reply_lookup(plan: ChatPlan, *, tenant: Tenant | None = None, enforce_quotas
     return record
 
 
-def _submit(record: ReplyRecord):
+def _submit(record: ReplyRecord, params=None):
     """Submit the plan to the engine under the caller's owner label; metered when the record has a meter."""
     plan = record.plan
     try:
-        generation = plan.engine.submit(plan.prompt.text, plan.params, owner=record.owner)
+        generation = plan.engine.submit(plan.prompt.text, params or plan.params, owner=record.owner)
     except BaseException:
         if record.meter is not None:
             record.meter.abandon()  # refused before generating (context overflow, overloaded): not a generation
@@ -115,6 +117,49 @@ def reply_start(record: ReplyRecord):
     record.timing = GenerationTiming()
     with _released_on_error(record.plan):
         return _submit(record)
+
+
+SEED_RANGE = 2**32  # llama.cpp's sampler seeds are 32-bit
+
+
+def reply_start_choices(record: ReplyRecord) -> list:
+    """The plan's `choices` generations of the one prompt, with seeds seed, seed+1, ... (a random base when the
+    request has no seed), submitted together: the engine evaluates a prompt that a busy slot is evaluating
+    only once (prefix sharing, chat/engine/backends/llama_cpp.py). Choice 0 carries the record's meter;
+    the others charge only their reply tokens, so the prompt is counted once (sync)."""
+    plan = record.plan
+    if plan.choices == 1:
+        return [reply_start(record)]
+    record.timing = GenerationTiming()
+    base = plan.params.seed if plan.params.seed is not None else random.randrange(SEED_RANGE)
+    generations = []
+    with _released_on_error(plan):
+        try:
+            for index in range(plan.choices):
+                params = dataclasses.replace(plan.params, seed=(base + index) % SEED_RANGE)
+                if index == 0:
+                    generations.append(_submit(record, params))
+                    continue
+                generation = plan.engine.submit(plan.prompt.text, params, owner=record.owner)
+                if record.meter is not None:
+                    meter = _ExtraChoiceMeter(tenant=record.meter.tenant, model=record.meter.model,
+                                              character_id=record.meter.character_id, prompt_tokens=0)
+                    generation = MeteredGeneration(generation, meter, count_tokens=plan.engine.count_tokens)
+                generations.append(generation)
+        except BaseException:
+            for generation in generations:
+                generation.cancel()
+            raise
+    return generations
+
+
+class _ExtraChoiceMeter(Meter):
+    """The ledger entry of a choice after the first: its prompt is choice 0's, charged there once."""
+
+    def settle(self, *, outcome: str, completion=None, completion_tokens: int = 0) -> None:
+        if completion is not None:
+            completion_tokens = completion.completion_tokens
+        super().settle(outcome=outcome, completion_tokens=completion_tokens)
 
 
 @contextmanager

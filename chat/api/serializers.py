@@ -234,8 +234,8 @@ class MessageSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Message
-        fields = ["id", "role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "model_name",
-                  "scenarios", "created_at"]
+        fields = ["id", "parent", "role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "stopped",
+                  "model_name", "scenarios", "created_at"]
 
 
 class ConversationSerializer(serializers.ModelSerializer):

@@ -1,6 +1,6 @@
-from django.urls import path
+from django.urls import include, path
 
-from . import views
+from . import conversation_ops, views
 
 urlpatterns = [
     path("chat/completions", views.ChatCompletionsView.as_view(), name="chat-completions"),
@@ -15,4 +15,5 @@ urlpatterns = [
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
     path("conversations/<uuid:pk>/", views.ConversationDetailView.as_view(), name="conversation-detail"),
     path("conversations/<uuid:pk>/messages/", views.ConversationMessagesView.as_view(), name="conversation-messages"),
+    path("conversations/<uuid:pk>/", include(conversation_ops.urlpatterns)),  # the tree's operations
 ]
