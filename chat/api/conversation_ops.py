@@ -16,7 +16,6 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat.errors import NotFound
-from chat.replies import usage_of
 from chat.selectors import conversation_get_owned, conversation_path, message_alternatives, message_get_owned
 from chat.trees.operations import (message_delete, message_edit, message_select, reply_continue, reply_regenerate,
                                    reply_stop)
@@ -110,21 +109,11 @@ REPLY_RESPONSE = inline_serializer("TreeReply", {
 # --- Events shared with the WebSocket -------------------------------------------------------------
 
 
-def run_usage(run) -> dict:
-    completions = [c for c in (run.record.completions or []) if c is not None]
-    if not completions:
-        return usage_of(run.record.completion) if run.record.completion else {}
-    usage = usage_of(completions[0])
-    usage["completion_tokens"] = sum(c.completion_tokens for c in completions)
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return usage
-
-
 def run_result(run) -> dict:
     """What a finished run stored, as the end event and the whole reply report it."""
     record = run.record
     return {"conversation": str(record.conversation.pk) if record.conversation else None, "kind": run.kind,
-            "messages": _messages(record.stored), "usage": run_usage(run),
+            "messages": _messages(record.stored), "usage": run.usage(),
             "text": record.completion.text if record.completion else "",
             "finish_reason": record.completion.finish_reason if record.completion else None,
             "scenarios": record.plan.prompt.scenarios_used, "stopped": record.stopped}

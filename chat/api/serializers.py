@@ -130,6 +130,9 @@ class SamplingFieldsMixin(serializers.Serializer):
 
 class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     messages = ChatMessageSerializer(many=True, required=False)
+    n = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=8,
+                                 help_text="How many choices to generate (1-8), from one evaluation of the prompt; "
+                                           "with a stored conversation they are stored as alternatives.")
     tools = serializers.JSONField(required=False, allow_null=True, help_text="Function tools (OpenAI's shape).")
     tool_choice = serializers.JSONField(required=False, allow_null=True,
                                         help_text='"none", "auto", "required", or {"type": "function", ...}.')
@@ -195,7 +198,14 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
                              "or leave logprobs out."})
         if attrs.get("character") and attrs.get("character_id"):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
+        if (attrs.get("n") or 1) > 1 and (attrs.get("background") or attrs.get("logprobs")
+                                          or (tools is not None and tools.may_call)):
+            raise serializers.ValidationError({"n": "n > 1 cannot be combined with background, logprobs or tools "
+                                                    "that may be called."})
         return attrs
+
+    def validate_n(self, value):
+        return value
 
 
 class CompletionRequestSerializer(SamplingFieldsMixin):

@@ -21,7 +21,7 @@ from chat.selectors import conversation_get_owned, message_get_owned, newest_lea
 from chat.tenancy.conversation_lock import conversation_advance, conversation_lease_take
 from chat.tenancy.owners import Tenant
 
-from .running import KEEP, ReplyRun, reply_run_of
+from .running import CANCEL, KEEP, ReplyRun, reply_run_of
 
 STOP_WAIT_SECONDS = 30  # how long a stop waits for the stopped reply to be stored
 
@@ -33,6 +33,14 @@ def chat_reply_run(*, user, api_key: ApiKey | None, data: dict, user_name: str =
     plan = chat_request_prepare(user=user, data=data, greet=True, user_name=user_name)
     record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
     return ReplyRun(record, reply_start_choices(record), on_disconnect=on_disconnect, kind="reply").start()
+
+
+def chat_completion_choices(*, user, api_key: ApiKey | None, data: dict) -> ReplyRun:
+    """POST /v1/chat/completions with n > 1: n choices of one prompt (never from the response cache); with a stored
+    conversation, stored as alternatives of one another. A client that goes away cancels them (OpenAI's way)."""
+    plan = chat_request_prepare(user=user, data=data, cache_allowed=False)
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
+    return ReplyRun(record, reply_start_choices(record), on_disconnect=CANCEL, kind="reply").start()
 
 
 def reply_regenerate(*, user, api_key: ApiKey | None, conversation_id, message_id, data: dict,

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import connection
 
 from chat.errors import error_from_exception
-from chat.replies import ReplyRecord, exchange_store, reply_remember
+from chat.replies import ReplyRecord, exchange_store, reply_remember, usage_of
 
 logger = logging.getLogger("llmsite.chat")
 
@@ -145,6 +145,16 @@ class ReplyRun:
         """Stop generating and store nothing."""
         for generation in self.generations:
             generation.cancel()
+
+    def usage(self) -> dict:
+        """The prompt counted once (the choices share it), the completion tokens of every choice."""
+        completions = [c for c in (self.record.completions or [self.record.completion]) if c is not None]
+        if not completions:
+            return {}
+        usage = usage_of(completions[0])
+        usage["completion_tokens"] = sum(c.completion_tokens for c in completions)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return usage
 
     def wait(self):
         """Block until the reply is stored (or failed: its error is raised)."""

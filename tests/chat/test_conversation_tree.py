@@ -312,3 +312,49 @@ def test_existing_conversations_migrate_as_a_single_path(transactional_db):
         == [None, *ids[:-1]]
     executor = MigrationExecutor(connection)
     executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+def test_chat_completions_with_n_return_n_choices_counting_the_prompt_once(chat):
+    client, conversation = chat
+    engine = get_engine()
+    before = engine.stats()["prompt_tokens_evaluated"]
+    body = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a colour " * 20}],
+                                                "n": 3, "max_tokens": 5, "temperature": 1.0}, format="json").json()
+    evaluated = engine.stats()["prompt_tokens_evaluated"] - before
+    assert [choice["index"] for choice in body["choices"]] == [0, 1, 2]
+    assert all(choice["message"]["role"] == "assistant" for choice in body["choices"])
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] >= 3 and evaluated <= usage["prompt_tokens"] * 1.5, (evaluated, usage)
+
+    # In a stored conversation the choices become alternatives of one another.
+    leaf = conversation.messages.order_by("id").last()
+    stored = client.post("/v1/chat/completions", {"conversation": str(conversation.pk), "n": 2, "max_tokens": 4,
+                                                  "messages": [{"role": "user", "content": "Pick one"}]},
+                         format="json").json()
+    question = Message.objects.get(parent=leaf)
+    replies = list(Message.objects.filter(parent=question).order_by("id"))
+    assert [r.content for r in replies] == [choice["message"]["content"] for choice in stored["choices"]]
+    conversation.refresh_from_db()
+    assert conversation.active_id == replies[0].pk
+
+
+def test_chat_completions_stream_n_choices_with_their_index(chat):
+    client, _ = chat
+    response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 2,
+                                                    "max_tokens": 5, "stream": True,
+                                                    "stream_options": {"include_usage": True}}, format="json")
+    chunks = sse_events(response)
+    indexes = {choice["index"] for chunk in chunks for choice in chunk["choices"]}
+    assert indexes == {0, 1}
+    finished = [choice for chunk in chunks for choice in chunk["choices"] if choice["finish_reason"]]
+    assert sorted(choice["index"] for choice in finished) == [0, 1]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_n_is_one_to_eight(chat):
+    client, _ = chat
+    for n in (0, 9):
+        response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": n},
+                               format="json")
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
