@@ -65,6 +65,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.character_slug = self.scope["url_route"]["kwargs"]["character"]
         self.conversation_id = None
         self.watch_task: asyncio.Task | None = None  # streams the reply this socket follows
+        self.run = None
         await self.accept()
 
     async def disconnect(self, code):
@@ -174,6 +175,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "path", **await sync_to_async(run)()})
 
     async def do_stop(self, content: dict):
+        if not content.get("conversation") and self.watching and self.run.conversation_id is None:
+            self.run.stop()  # the first reply of a new conversation: it has no id to find it by yet
+            return
         run = await sync_to_async(reply_stop)(user=self.scope["user"], conversation_id=self.conversation_of(content))
         if not self.watching:  # another socket streams it: its end event goes there
             await self.send_json({"type": "stopped", "conversation": run.conversation_id})
@@ -192,6 +196,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # -- following a reply ---------------------------------------------------------------------------
 
     def watch(self, run, *, resumed: bool = False) -> None:
+        self.run = run
         self.watch_task = asyncio.create_task(self.stream(run, resumed=resumed))
 
     async def stream(self, run, *, resumed: bool):
