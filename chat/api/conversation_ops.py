@@ -127,6 +127,8 @@ async def run_events(run, *, resumed: bool = False):
                    "parent": run.record.plan.parent_id,
                    "message": run.record.plan.continued.pk if run.record.plan.continued is not None else None,
                    "text": event[1], "resumed": resumed,
+                   "user": next((turn["content"] for turn in reversed(run.record.plan.new_turns)
+                                 if turn["role"] == "user"), None),
                    "scenarios": [scenario.title for scenario in run.record.plan.prompt.scenarios]}
         elif event[0] == "delta":
             yield {"type": "token", "index": event[1], "text": event[2]}
