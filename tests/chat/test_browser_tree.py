@@ -18,7 +18,10 @@ def page_server(tmp_path_factory, smollm2_path):
     server.manage("from django.contrib.auth import get_user_model\n"
                   "from characters.models import Character\n"
                   "get_user_model().objects.create_user('brancher', password='a-long-test-password')\n"
-                  "Character.objects.filter(slug='byte').update(max_tokens=12)  # replies cut short: room to continue")
+                  # Short replies keep the tests quick on a busy CPU; Byte's are cut short (room to continue);
+                  # Luca's are long (time to stop one), Quill's long enough to outlive a closed page.
+                  "for slug, tokens in [('captain-mira', 16), ('byte', 12), ('chef-luca', 600), ('professor-quill', 40)]:\n"
+                  "    Character.objects.filter(slug=slug).update(max_tokens=tokens)")
     server.start()
     yield server
     server.stop()
@@ -111,7 +114,7 @@ def test_continue_a_reply(browser, page_server):
     reply = say(page, "Explain how a compiler works, step by step.")
     before = reply.locator(".text").inner_text()
     reply.get_by_role("button", name="Continue").click()
-    expect(page.locator(DONE)).to_have_count(0)  # the path is shown again when the continuation ends
+    expect(page.locator(".message").last.locator(".text")).not_to_have_text(before, timeout=120_000)
     expect(page.locator(DONE)).to_have_count(1, timeout=120_000)
     after = page.locator(".message").last.locator(".text").inner_text()
     assert after.startswith(before.rstrip()) and len(after) > len(before)
@@ -122,10 +125,9 @@ def test_stop_a_reply_and_keep_its_text(browser, page_server):
     from playwright.sync_api import expect
 
     page = logged_in(browser, page_server)
-    page.get_by_role("button", name="Captain Mira Vale").click()
-    page.get_by_role("button", name="New conversation").click()
+    page.get_by_role("button", name="Chef Luca Romano").click()
     say(page, "Hello!")
-    page.get_by_label("Your message").fill("Tell me a very long story about every ship you sailed.")
+    page.get_by_label("Your message").fill("Tell me, in great detail, every recipe you know.")
     page.get_by_role("button", name="Send").click()
     streaming = page.locator(".message[aria-busy='true'] .text")
     expect(streaming).not_to_have_text("", timeout=120_000)
@@ -143,12 +145,11 @@ def test_a_reply_completes_after_its_page_was_closed(browser, page_server):
     from playwright.sync_api import expect
 
     page = logged_in(browser, page_server)
-    page.get_by_role("button", name="Captain Mira Vale").click()
-    page.get_by_role("button", name="New conversation").click()
-    say(page, "Ahoy!")
+    page.get_by_role("button", name="Professor Ada Quill").click()
+    say(page, "Good morning!")
     address = page.url
     conversation = address.split("conversation=")[1]
-    page.get_by_label("Your message").fill("Tell me a long story about the sea.")
+    page.get_by_label("Your message").fill("Explain the history of the printing press.")
     page.get_by_role("button", name="Send").click()
     expect(page.locator(".message[aria-busy='true'] .text")).not_to_have_text("", timeout=120_000)
     page.close()  # the page goes away mid-reply

@@ -239,6 +239,7 @@
   function handleEvent(event) {
     if (event.type === "start") {
       setBusy(true);
+      document.querySelectorAll(".message[data-complete]").forEach((node) => { delete node.dataset.complete; });
       state.replyNode = streamTarget(event);
       state.replyNode.querySelector(".text").textContent += (event.text && event.text[0]) || "";
       setStatus(`${state.character.name} is typing…`);
