@@ -72,7 +72,7 @@ class ReplyRun:
         return self
 
     def _run(self) -> None:
-        readers = [threading.Thread(target=self._read, args=(index,), daemon=True)
+        readers = [threading.Thread(target=self._read_apart, args=(index,), daemon=True)
                    for index in range(1, len(self.generations))]
         for reader in readers:
             reader.start()
@@ -88,6 +88,12 @@ class ReplyRun:
             self.record.plan.release_conversation()
             self._end()
             connection.close()
+
+    def _read_apart(self, index: int) -> None:
+        try:
+            self._read(index)
+        finally:
+            connection.close()  # settling a choice writes its usage record from this thread
 
     def _read(self, index: int) -> None:
         generation = self.generations[index]
