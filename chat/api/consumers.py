@@ -178,9 +178,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if not content.get("conversation") and self.watching and self.run.conversation_id is None:
             self.run.stop()  # the first reply of a new conversation: it has no id to find it by yet
             return
-        run = await sync_to_async(reply_stop)(user=self.scope["user"], conversation_id=self.conversation_of(content))
+        stopped = await sync_to_async(reply_stop)(user=self.scope["user"],
+                                                  conversation_id=self.conversation_of(content))
         if not self.watching:  # another socket streams it: its end event goes there
-            await self.send_json({"type": "stopped", "conversation": run.conversation_id})
+            await self.send_json({"type": "stopped", "conversation": stopped.conversation_id})
 
     async def do_attach(self, content: dict):
         conversation_id = self.conversation_of(content)

@@ -231,10 +231,14 @@ ContinueView = _reply_operation(
 class StopView(APIView):
     """Stop the conversation's running reply; what it generated is stored, marked stopped."""
 
-    @extend_schema(request=None, responses={200: REPLY_RESPONSE, 404: ERRORS[404]})
+    @extend_schema(request=None, responses={200: inline_serializer("Stopped", {
+        "conversation": serializers.UUIDField(), "stopped": serializers.BooleanField(),
+        "messages": MessageSerializer(many=True, help_text="The stopped reply as stored (empty if it had no text).")}),
+        404: ERRORS[404]})
     def post(self, request, pk):
-        run = reply_stop(user=request.user, conversation_id=pk)
-        return Response(run_result(run))
+        stopped = reply_stop(user=request.user, conversation_id=pk)
+        return Response({"conversation": stopped.conversation_id, "stopped": True,
+                         "messages": _messages(stopped.messages)})
 
 
 class RunningReplyView(APIView):

@@ -9,7 +9,9 @@ lease until its reply is stored (chat/trees/running.py).
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from django.db import transaction
 
@@ -21,7 +23,7 @@ from chat.selectors import conversation_get_owned, message_get_owned, newest_lea
 from chat.tenancy.conversation_lock import conversation_advance, conversation_lease_take
 from chat.tenancy.owners import Tenant
 
-from .running import CANCEL, KEEP, ReplyRun, reply_run_of
+from .running import CANCEL, KEEP, ReplyRun, reply_run_announced, reply_run_of, reply_stop_request
 
 STOP_WAIT_SECONDS = 30  # how long a stop waits for the stopped reply to be stored
 
@@ -110,16 +112,33 @@ def message_delete(*, user, conversation_id, message_id) -> Conversation:
     return conversation
 
 
-def reply_stop(*, user, conversation_id) -> ReplyRun:
-    """Stop the reply running for the conversation; what it generated is stored, marked stopped."""
+@dataclass(frozen=True)
+class Stopped:
+    """What a stop did: the stopped reply's conversation and the messages it stored."""
+
+    conversation_id: str
+    messages: list
+
+
+def reply_stop(*, user, conversation_id) -> Stopped:
+    """Stop the reply running for the conversation, in this process or another; what it generated is stored,
+    marked stopped. 404 reply_not_running when none runs."""
     conversation = conversation_get_owned(user=user, conversation_id=conversation_id)
     run = reply_run_of(conversation.pk)
-    if run is None:
+    if run is not None:
+        run.stop()
+        run.finished.wait(STOP_WAIT_SECONDS)
+        return Stopped(str(conversation.pk), list(run.record.stored))
+    announced = reply_run_announced(conversation.pk)
+    if announced is None or not reply_stop_request(conversation.pk):
         raise NotFound(f"No reply is running for conversation {conversation.pk}.", param="conversation",
                        code="reply_not_running")
-    run.stop()
-    run.finished.wait(STOP_WAIT_SECONDS)
-    return run
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
+    while reply_run_announced(conversation.pk) == announced and time.monotonic() < deadline:
+        time.sleep(0.1)
+    conversation.refresh_from_db(fields=["active"])
+    active = conversation.active
+    return Stopped(str(conversation.pk), [active] if active is not None and active.stopped else [])
 
 
 @contextmanager

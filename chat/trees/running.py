@@ -7,8 +7,9 @@ last listener goes away the run either keeps going, for at most REPLY_DETACHED_S
 then stopped (what it had is stored, marked stopped), or, when the request asked for
 `on_disconnect: "cancel"`, it is cancelled and nothing is stored.
 
-Runs are found by conversation id in this process (`reply_run_of`): stopping or reattaching to a
-reply works on the web process that runs it.
+Runs are found by conversation id in this process (`reply_run_of`), where a page reattaches to one. A
+stop reaches a run in another process through the shared cache: the run is announced there
+(`reply-running:<conversation>`) and polls for a stop request (`reply_stop_request`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 import uuid
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 
 from chat.errors import error_from_exception
@@ -27,6 +29,9 @@ from chat.replies import ReplyRecord, exchange_store, reply_remember, usage_of
 logger = logging.getLogger("llmsite.chat")
 
 KEEP, CANCEL = "keep", "cancel"  # what a client's disconnect does to its reply (on_disconnect)
+STOP_POLL_SECONDS = 0.5  # how often a run looks for a stop asked in another process
+RUNNING_KEY, STOP_KEY = "reply-running:{}", "reply-stop:{}"
+ANNOUNCE_SECONDS = 3600  # longer than any reply; a process that died leaves a stale entry this long at most
 
 _runs: dict[str, ReplyRun] = {}
 _runs_lock = threading.Lock()
@@ -68,8 +73,18 @@ class ReplyRun:
         if self.conversation_id is not None:
             with _runs_lock:
                 _runs[self.conversation_id] = self
+            _cache_call(cache.set, RUNNING_KEY.format(self.conversation_id), self.id, timeout=ANNOUNCE_SECONDS)
+            threading.Thread(target=self._watch_for_stop, name=f"reply-stop-{self.id[:8]}", daemon=True).start()
         threading.Thread(target=self._run, name=f"reply-{self.id[:8]}", daemon=True).start()
         return self
+
+    def _watch_for_stop(self) -> None:
+        key = STOP_KEY.format(self.conversation_id)
+        while not self.finished.wait(STOP_POLL_SECONDS):
+            if _cache_call(cache.get, key) == self.id:
+                logger.info("reply %s: stopped from another process", self.id)
+                self.stop()
+                return
 
     def _run(self) -> None:
         readers = [threading.Thread(target=self._read_apart, args=(index,), daemon=True)
@@ -133,6 +148,10 @@ class ReplyRun:
         with _runs_lock:
             if _runs.get(self.conversation_id) is self:
                 del _runs[self.conversation_id]
+        if self.conversation_id is not None:
+            key = RUNNING_KEY.format(self.conversation_id)
+            if _cache_call(cache.get, key) == self.id:
+                _cache_call(cache.delete, key)
         for listener in listeners:
             listener.push(self._final_event())
 
@@ -223,6 +242,28 @@ def reply_run_of(conversation_id) -> ReplyRun | None:
     """The reply running for this conversation in this process, if any."""
     with _runs_lock:
         return _runs.get(str(conversation_id))
+
+
+def reply_stop_request(conversation_id) -> bool:
+    """Ask the run of this conversation, in whichever process runs it, to stop; False when none is announced."""
+    running = _cache_call(cache.get, RUNNING_KEY.format(conversation_id))
+    if running is None:
+        return False
+    _cache_call(cache.set, STOP_KEY.format(conversation_id), running, timeout=60)
+    return True
+
+
+def reply_run_announced(conversation_id) -> str | None:
+    """The id of the run announced for this conversation (in any process), if any."""
+    return _cache_call(cache.get, RUNNING_KEY.format(conversation_id))
+
+
+def _cache_call(method, *args, **kwargs):
+    try:
+        return method(*args, **kwargs)
+    except Exception:  # a cache outage: a stop then reaches only this process's runs
+        logger.warning("cache unavailable for a running reply", exc_info=True)
+        return None
 
 
 def error_event(exc: Exception) -> dict:

@@ -358,3 +358,28 @@ def test_n_is_one_to_eight(chat):
         response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": n},
                                format="json")
         assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
+def test_a_stop_reaches_a_reply_running_in_another_process(endless_site, monkeypatch):
+    from chat.trees import running
+
+    client = make_api_client("far-stopper")
+    make_character("mira")
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        format="json", **NO_CACHE).json()
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    leaf = conversation.messages.order_by("id").last()
+    streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
+                           {"max_tokens": 2000, "stream": True}, format="json")
+    run = reply_run_of(conversation.pk)
+    deadline = time.monotonic() + 60
+    while not run.texts[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monkeypatch.setattr(running, "_runs", {})  # this process no longer knows the run: as if another one ran it
+    body = client.post(url(conversation, "stop/")).json()
+    assert body["stopped"] is True and body["messages"][0]["stopped"] is True
+    assert run.finished.is_set() and run.record.stopped
+    conversation.refresh_from_db()
+    assert conversation.active_id == body["messages"][0]["id"]
+    streamed.close()
