@@ -3,6 +3,8 @@ choice's `index` (OpenAI's shapes); usage counts the prompt once and every choic
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 from asgiref.sync import sync_to_async
 from rest_framework.response import Response
 
@@ -34,6 +36,13 @@ def choices_response(run, *, stream: bool, include_usage: bool):
 
 
 async def _chunks(run, *, include_usage: bool):
+    async with aclosing(_events_as_chunks(run, include_usage=include_usage)) as chunks:
+        async for data in chunks:
+            yield data
+    yield sse("[DONE]")
+
+
+async def _events_as_chunks(run, *, include_usage: bool):
     plan = run.record.plan
 
     def chunk(index: int, delta: dict, finish_reason=None, **extra) -> dict:
@@ -42,21 +51,21 @@ async def _chunks(run, *, include_usage: bool):
                 "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
                 **extra}
 
-    async for event in run.events():
-        if event[0] == "text":
-            for index, text in enumerate(event[1]):
-                yield sse(chunk(index, {"role": "assistant", "content": text}))
-        elif event[0] == "delta":
-            yield sse(chunk(event[1], {"content": event[2]}))
-        elif event[0] == "keepalive":
-            yield b": keep-alive\n\n"
-        elif event[0] == "error":
-            yield sse(error_from_exception(event[1])[1])
-        else:
-            body = await sync_to_async(choices_body)(run)
-            for choice in body["choices"]:
-                yield sse(chunk(choice["index"], {}, choice["finish_reason"], scenarios=body["scenarios"],
-                                conversation=body["conversation"]))
-            if include_usage:
-                yield sse({**chunk(0, {}), "choices": [], "usage": body["usage"]})
-    yield sse("[DONE]")
+    async with aclosing(run.events()) as events:  # closed (this listener detached) however the stream ends
+        async for event in events:
+            if event[0] == "text":
+                for index, text in enumerate(event[1]):
+                    yield sse(chunk(index, {"role": "assistant", "content": text}))
+            elif event[0] == "delta":
+                yield sse(chunk(event[1], {"content": event[2]}))
+            elif event[0] == "keepalive":
+                yield b": keep-alive\n\n"
+            elif event[0] == "error":
+                yield sse(error_from_exception(event[1])[1])
+            else:
+                body = await sync_to_async(choices_body)(run)
+                for choice in body["choices"]:
+                    yield sse(chunk(choice["index"], {}, choice["finish_reason"], scenarios=body["scenarios"],
+                                    conversation=body["conversation"]))
+                if include_usage:
+                    yield sse({**chunk(0, {}), "choices": [], "usage": body["usage"]})

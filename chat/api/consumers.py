@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -202,12 +203,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def stream(self, run, *, resumed: bool):
         try:
-            async for event in run_events(run, resumed=resumed):
-                if event["type"] == "keepalive":
-                    continue
-                if event["type"] == "end" and event["conversation"]:
-                    self.conversation_id = event["conversation"]
-                await self.send_json(event)
+            # Closed however the task ends (a cancel may come while sending): the run loses this listener at once.
+            async with aclosing(run_events(run, resumed=resumed)) as events:
+                async for event in events:
+                    if event["type"] == "keepalive":
+                        continue
+                    if event["type"] == "end" and event["conversation"]:
+                        self.conversation_id = event["conversation"]
+                    await self.send_json(event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -8,6 +8,8 @@ client that goes away does not end it unless the request says `"on_disconnect": 
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 from asgiref.sync import sync_to_async
 from django.urls import path
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
@@ -121,7 +123,13 @@ def run_result(run) -> dict:
 
 async def run_events(run, *, resumed: bool = False):
     """The run as JSON events: start (with the text so far), token (index, text)..., then end or error."""
-    async for event in run.events():
+    async with aclosing(run.events()) as events:  # closed (this listener detached) however this one ends
+        async for event in _shaped(run, events, resumed=resumed):
+            yield event
+
+
+async def _shaped(run, events, *, resumed: bool):
+    async for event in events:
         if event[0] == "text":
             yield {"type": "start", "kind": run.kind, "conversation": run.conversation_id, "choices": len(run.texts),
                    "parent": run.record.plan.parent_id,
@@ -141,8 +149,9 @@ async def run_events(run, *, resumed: bool = False):
 
 
 async def _sse_events(run, resumed: bool = False):
-    async for event in run_events(run, resumed=resumed):
-        yield b": keep-alive\n\n" if event["type"] == "keepalive" else sse(event)
+    async with aclosing(run_events(run, resumed=resumed)) as events:
+        async for event in events:
+            yield b": keep-alive\n\n" if event["type"] == "keepalive" else sse(event)
     yield sse("[DONE]")
 
 
