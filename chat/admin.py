@@ -32,7 +32,8 @@ class MessageInline(admin.TabularInline):
     model = Message
     extra = 0
     can_delete = False
-    fields = ["role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "scenarios", "created_at"]
+    fields = ["parent", "role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "stopped", "scenarios",
+              "created_at"]
     readonly_fields = fields
 
     def has_view_permission(self, request, obj=None):
@@ -54,7 +55,7 @@ class ConversationAdmin(admin.ModelAdmin):
     list_filter = ["character", "created_at"]
     search_fields = ["title", "messages__content", "owner__username"]
     list_select_related = ["character", "owner"]
-    readonly_fields = ["character", "owner"]
+    readonly_fields = ["character", "owner", "active"]  # the active leaf moves by the tree's operations only
     inlines = [MessageInline]
 
     def has_view_permission(self, request, obj=None):

@@ -35,6 +35,10 @@ class Conversation(models.Model):
         help_text="World Info timed effects (sticky, cooldown) of this conversation, keyed by scenario id and "
                   "the message count at which each fired (scenarios/world_info.py).",
     )
+    active = models.ForeignKey(
+        "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The leaf of the branch shown and continued: the model sees the path from the root to it.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -52,6 +56,11 @@ class Message(models.Model):
         ASSISTANT = "assistant", "Assistant"
 
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children",
+        help_text="The message this one answers or follows; siblings are alternatives (swipes, edits). "
+                  "Deleting a message deletes its subtree.",
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField()
     speaker = models.ForeignKey(
@@ -68,7 +77,10 @@ class Message(models.Model):
     completion_tokens = models.PositiveIntegerField(
         null=True, blank=True, help_text="Tokens of this message's text as the model counts them."
     )
-    finish_reason = models.CharField(max_length=16, blank=True, help_text="Why generation stopped: stop or length.")
+    finish_reason = models.CharField(max_length=16, blank=True,
+                                     help_text="Why generation stopped: stop, length, or cancelled (see stopped).")
+    stopped = models.BooleanField(default=False, help_text="The reply was stopped before its end (by its owner, or "
+                                  "when its client stayed away too long); the text is what had been generated.")
     model_name = models.CharField(max_length=100, blank=True, help_text="The model that wrote this reply.")
     scenarios = models.ManyToManyField(
         "scenarios.Scenario", blank=True, related_name="messages",

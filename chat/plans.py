@@ -29,7 +29,7 @@ from .groups import GroupLine, group_turns_for, speaker_choose
 from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
 from .prompting.tools import tools_system_text, turns_with_tool_text
-from .selectors import conversation_get_owned, user_display_name
+from .selectors import conversation_get_owned, conversation_path, newest_leaf_under, user_display_name
 from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
 from .tooling.grammar import tool_call_grammar
 from .tooling.requests import ToolRequest, tool_request_of
@@ -43,6 +43,17 @@ USER_NAME_MAX = 100  # Conversation.user_name
 LOGPROBS_BACKEND = "llama_cpp"  # the local backend that exposes its logits
 # Remote models pass logprobs through from their upstreams (llama-server and vLLM return them).
 LOGPROBS_BACKENDS = (LOGPROBS_BACKEND, "openai_compatible")
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Where a reply goes in a stored conversation's tree (chat/trees/operations.py). Without one, the
+    request's user message follows the active leaf."""
+
+    leaf_id: int | None          # the history is the path to this message (None: nothing before)
+    answer_leaf: bool = False    # regenerate: the leaf is a user message, answered again (no new user message)
+    continue_leaf: bool = False  # continue: the leaf is an assistant message, extended
+    new_message: bool = False    # edit: the request's user message follows the leaf (a new branch)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class ChatPlan:
     new_conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
     group: CharacterGroup | None = None  # a group chat's group (None for an ad hoc one)
     members: tuple = ()                 # a group chat's characters; `character` is the one who speaks
+    parent_id: int | None = None        # the stored message the new turns (or the reply) follow
+    continued: object | None = None     # the assistant Message a continuation extends
+    choices: int = 1                    # alternatives generated from the one prompt (`n`)
 
     def __post_init__(self):
         if self.conversation_lease is not None:
@@ -88,13 +102,14 @@ class ChatPlan:
 
 
 def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: str = "", cache_allowed: bool = True,
-                         request_key: str | None = None) -> ChatPlan:
+                         request_key: str | None = None, branch: Branch | None = None) -> ChatPlan:
     """Resolve character, conversation, model and sampling, and compose the prompt.
 
     `greet`: a new conversation starts with the character's greeting as its first message (the
     chat page and WebSocket show it); the request's `greeting` picks which one (0 = the main
     greeting, 1.. = the alternates) and also makes an API request start with it.
     `user_name`: what {{user}} becomes when the request names no one (default: the account's display name).
+    `branch`: where in the conversation's tree the reply goes (regenerate, edit, continue).
     """
     conversation = lease = None
     if data.get("conversation"):
@@ -103,9 +118,10 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
         lease = conversation_lease_take(conversation=conversation)
     try:
         if conversation is not None:
-            conversation.refresh_from_db(fields=["updated_at"])  # the version whose history is read (replies.py)
+            # The version whose history is read (replies.py), and its active leaf.
+            conversation.refresh_from_db(fields=["updated_at", "active"])
         return _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,
-                         user_name=user_name, cache_allowed=cache_allowed, request_key=request_key)
+                         user_name=user_name, cache_allowed=cache_allowed, request_key=request_key, branch=branch)
     except BaseException:
         if lease is not None:
             lease.release()
@@ -113,7 +129,7 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
 
 
 def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None, greet: bool,
-              user_name: str, cache_allowed: bool, request_key: str | None) -> ChatPlan:
+              user_name: str, cache_allowed: bool, request_key: str | None, branch: Branch | None = None) -> ChatPlan:
     group, members = _group_for(data, conversation)
     if members:
         return _group_plan_for(user=user, data=data, conversation=conversation, lease=lease, group=group,
@@ -125,11 +141,22 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                                 and m["content"].strip())
     # Tool calls and results of the history become text turns (chat/prompting/tools.py).
     client_turns = turns_with_tool_text(client_messages)
+    parent_id = continued = None
     if conversation is not None:
-        # The stored history is authoritative: only the request's last user message is new.
-        history = [{"role": m.role, "content": m.content}
-                   for m in conversation.messages.filter(role__in=CLIENT_TURN_ROLES).order_by("id")]
-        new_turns = [client_turns[-1]]
+        # The stored history is authoritative: the path to the leaf (chat/selectors.py), then only the
+        # request's last user message is new (none when the leaf is answered again or continued).
+        if branch is not None:
+            leaf_id = branch.leaf_id
+        else:
+            leaf_id = conversation.active_id or newest_leaf_under(conversation, None)
+        path = conversation_path(conversation, leaf_id=leaf_id) if leaf_id is not None else []
+        history = [{"role": m.role, "content": m.content} for m in path if m.role in CLIENT_TURN_ROLES]
+        parent_id = path[-1].pk if path else None
+        if branch is not None and (branch.answer_leaf or branch.continue_leaf):
+            new_turns = []
+            continued = path[-1] if branch.continue_leaf else None
+        else:
+            new_turns = [client_turns[-1]]
         user_name = conversation.user_name
     else:
         user_name = user_name_for(data, fallback=user_name or user_display_name(user))
@@ -158,13 +185,15 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                             user_name=user_name,
                             max_tokens=params.max_tokens, forced_scenarios=forced,
                             system_override=system_override, extra_system=tools_text,
-                            tools=native_tools, **_world_info_args(conversation, message_count=len(history) + 1))
+                            tools=native_tools, continue_final=continued is not None,
+                            **_world_info_args(conversation, message_count=len(history) + 1))
     # A continued conversation is always stored; a new one when a character is set, unless store=false.
     store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
-                    conversation_lease=lease, end_user=data.get("user") or "")
+                    conversation_lease=lease, end_user=data.get("user") or "", parent_id=parent_id,
+                    continued=continued, choices=data.get("n") or 1)
 
 
 def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:
@@ -205,8 +234,7 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
     new_text = client_turns[-1]["content"]
     if conversation is not None:
         owner_name = conversation.user_name
-        stored = list(conversation.messages.filter(role__in=CLIENT_TURN_ROLES)
-                      .select_related("speaker", "author").order_by("id"))
+        stored = [message for message in conversation_path(conversation) if message.role in CLIENT_TURN_ROLES]
         lines = [_group_line(message, conversation=conversation, owner_name=owner_name) for message in stored]
         last_speaker = next((line.speaker_id for line in reversed(lines) if line.role == "assistant"), None)
         author_name = owner_name if user.pk == conversation.owner_id else (user_display_name(user) or "User")
@@ -230,7 +258,8 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
                     new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
                     user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
-                    group=group, members=tuple(members))
+                    group=group, members=tuple(members),
+                    parent_id=conversation.active_id if conversation is not None else None)
 
 
 def _group_line(message, *, conversation: Conversation, owner_name: str) -> GroupLine:

@@ -10,7 +10,9 @@ ledger when it ends (chat/tenancy/metering.py); the engine learns only the calle
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +65,9 @@ class ReplyRecord:
     conversation: Conversation | None = None  # the stored conversation, once stored
     tenant: Tenant | None = None              # the caller: quotas, usage ledger, fair admission
     meter: Meter | None = None                # set when a live generation was admitted for the tenant
+    completions: list | None = None           # every choice's Completion when the plan asked for several (`n`)
+    stopped: bool = False                     # stopped on purpose: what was generated is stored, marked stopped
+    stored: list = field(default_factory=list)  # the reply Messages stored (one per choice)
 
     def __post_init__(self):
         if self.conversation is None:  # a continued chat's conversation is known before anything is stored
@@ -91,11 +96,11 @@ def reply_lookup(plan: ChatPlan, *, tenant: Tenant | None = None, enforce_quotas
     return record
 
 
-def _submit(record: ReplyRecord):
+def _submit(record: ReplyRecord, params=None):
     """Submit the plan to the engine under the caller's owner label; metered when the record has a meter."""
     plan = record.plan
     try:
-        generation = plan.engine.submit(plan.prompt.text, plan.params, owner=record.owner)
+        generation = plan.engine.submit(plan.prompt.text, params or plan.params, owner=record.owner)
     except BaseException:
         if record.meter is not None:
             record.meter.abandon()  # refused before generating (context overflow, overloaded): not a generation
@@ -114,6 +119,49 @@ def reply_start(record: ReplyRecord):
     record.timing = GenerationTiming()
     with _released_on_error(record.plan):
         return _submit(record)
+
+
+SEED_RANGE = 2**32  # llama.cpp's sampler seeds are 32-bit
+
+
+def reply_start_choices(record: ReplyRecord) -> list:
+    """The plan's `choices` generations of the one prompt, with seeds seed, seed+1, ... (a random base when the
+    request has no seed), submitted together: the engine evaluates a prompt that a busy slot is evaluating
+    only once (prefix sharing, chat/engine/backends/llama_cpp.py). Choice 0 carries the record's meter;
+    the others charge only their reply tokens, so the prompt is counted once (sync)."""
+    plan = record.plan
+    if plan.choices == 1:
+        return [reply_start(record)]
+    record.timing = GenerationTiming()
+    base = plan.params.seed if plan.params.seed is not None else random.randrange(SEED_RANGE)
+    generations = []
+    with _released_on_error(plan):
+        try:
+            for index in range(plan.choices):
+                params = dataclasses.replace(plan.params, seed=(base + index) % SEED_RANGE)
+                if index == 0:
+                    generations.append(_submit(record, params))
+                    continue
+                generation = plan.engine.submit(plan.prompt.text, params, owner=record.owner)
+                if record.meter is not None:
+                    meter = _ExtraChoiceMeter(tenant=record.meter.tenant, model=record.meter.model,
+                                              character_id=record.meter.character_id, prompt_tokens=0)
+                    generation = MeteredGeneration(generation, meter, count_tokens=plan.engine.count_tokens)
+                generations.append(generation)
+        except BaseException:
+            for generation in generations:
+                generation.cancel()
+            raise
+    return generations
+
+
+class _ExtraChoiceMeter(Meter):
+    """The ledger entry of a choice after the first: its prompt is choice 0's, charged there once."""
+
+    def settle(self, *, outcome: str, completion=None, completion_tokens: int = 0) -> None:
+        if completion is not None:
+            completion_tokens = completion.completion_tokens
+        super().settle(outcome=outcome, completion_tokens=completion_tokens)
 
 
 @contextmanager
@@ -156,9 +204,15 @@ def reply_remember(record: ReplyRecord) -> None:
 
 
 def exchange_store(record: ReplyRecord) -> Conversation | None:
-    """Store the new turns and the reply together, or nothing (a cancelled reply is not stored)."""
-    plan, completion = record.plan, record.completion
-    if not plan.store or completion is None or completion.finish_reason not in ("stop", "length"):
+    """Store the new turns and the reply (each choice's, as alternatives) together, or nothing: a cancelled
+    reply is not stored unless it was stopped on purpose (`record.stopped`), and then what it had is kept.
+    The new turns follow the plan's parent message and the conversation's active leaf becomes the (first) reply;
+    a continuation extends its message instead."""
+    plan = record.plan
+    completions = record.completions or ([record.completion] if record.completion is not None else [])
+    kept = [c for c in completions if c.finish_reason in ("stop", "length")
+            or (record.stopped and c.finish_reason == "cancelled" and c.text)]
+    if not plan.store or not kept:
         return record.conversation
     with transaction.atomic():
         conversation = plan.conversation
@@ -172,16 +226,19 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
         else:
             conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
         author = plan.user if getattr(plan.user, "pk", None) else None
+        parent_id = plan.parent_id
         for turn in plan.new_turns:
-            Message.objects.create(conversation=conversation, role=turn["role"], content=turn["content"],
-                                   completion_tokens=plan.engine.count_tokens(turn["content"]),
-                                   author=author if turn["role"] == "user" else None)
-        reply = Message.objects.create(
-            conversation=conversation, role=Message.Role.ASSISTANT, content=completion.text,
-            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-            finish_reason=completion.finish_reason, model_name=plan.model_name,
-            speaker=plan.character if plan.members else None)
-        reply.scenarios.set(plan.prompt.scenarios)
+            parent_id = Message.objects.create(conversation=conversation, parent_id=parent_id, role=turn["role"],
+                                               content=turn["content"],
+                                               completion_tokens=plan.engine.count_tokens(turn["content"]),
+                                               author=author if turn["role"] == "user" else None).pk
+        if plan.continued is not None:
+            replies = [_extended(plan.continued, kept[0], stopped=record.stopped)]
+        else:
+            replies = [_reply_message(conversation, parent_id, completion, plan=plan, stopped=record.stopped)
+                       for completion in kept]
+        Conversation.objects.filter(pk=conversation.pk).update(active=replies[0])
+        conversation.active = replies[0]
         if conversation.world_info_state != plan.prompt.world_info_state:
             conversation.world_info_state = plan.prompt.world_info_state
             conversation.save(update_fields=["world_info_state"])
@@ -189,7 +246,31 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
             conversation.save(update_fields=["updated_at"])
         transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
     record.conversation = conversation
+    record.stored = replies
     return conversation
+
+
+def _reply_message(conversation: Conversation, parent_id: int | None, completion: Completion, *, plan: ChatPlan,
+                   stopped: bool) -> Message:
+    reply = Message.objects.create(
+        conversation=conversation, parent_id=parent_id, role=Message.Role.ASSISTANT, content=completion.text,
+        prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+        finish_reason=completion.finish_reason, model_name=plan.model_name,
+        stopped=stopped and completion.finish_reason == "cancelled", speaker=plan.character if plan.members else None)
+    reply.scenarios.set(plan.prompt.scenarios)
+    return reply
+
+
+def _extended(message: Message, completion: Completion, *, stopped: bool) -> Message:
+    """A continued reply: its text extended by the completion's, its counts and finish updated."""
+    message.refresh_from_db()
+    message.content += completion.text
+    message.completion_tokens = (message.completion_tokens or 0) + completion.completion_tokens
+    message.prompt_tokens = completion.prompt_tokens
+    message.finish_reason = completion.finish_reason
+    message.stopped = stopped and completion.finish_reason == "cancelled"
+    message.save(update_fields=["content", "completion_tokens", "prompt_tokens", "finish_reason", "stopped"])
+    return message
 
 
 def reply_complete(record: ReplyRecord) -> dict:

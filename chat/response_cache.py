@@ -158,5 +158,8 @@ class ReplayedGeneration:
     async def __aiter__(self):
         yield self.result.text
 
+    def __iter__(self):
+        yield self.result.text
+
     def cancel(self) -> None:
         pass

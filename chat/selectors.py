@@ -71,3 +71,59 @@ def response_message_get(*, user, response_id: str, param: str = "response_id") 
 def replies_count(*, conversation) -> int:
     """How many replies (assistant messages) the conversation holds."""
     return conversation.messages.filter(role=Message.Role.ASSISTANT).count()
+
+
+# --- The conversation as a tree (chat/models.py: Message.parent, Conversation.active) ----------------
+
+
+def message_get_owned(*, user, conversation_id, message_id) -> tuple[Conversation, Message]:
+    """(conversation, message) of the user's conversation; another user's looks like a missing one."""
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id)
+    message = conversation.messages.filter(pk=message_id).first()
+    if message is None:
+        raise NotFound(f"No message {message_id} in conversation {conversation_id}.", param="message",
+                       code="message_not_found")
+    return conversation, message
+
+
+def conversation_path(conversation: Conversation, *, leaf_id: int | None = None) -> list[Message]:
+    """The messages from the root to `leaf_id` (default: the active leaf), oldest first: what the model sees."""
+    leaf_id = conversation.active_id if leaf_id is None else leaf_id
+    if leaf_id is None:
+        return []
+    messages = {m.pk: m for m in conversation.messages.prefetch_related("scenarios")}
+    path, node = [], messages.get(leaf_id)
+    while node is not None:
+        path.append(node)
+        node = messages.get(node.parent_id)
+    return path[::-1]
+
+
+def message_alternatives(message: Message) -> list[Message]:
+    """The message and its siblings (same parent, same role), oldest first: the swipes or edits to pick from."""
+    return list(Message.objects.filter(conversation_id=message.conversation_id, parent_id=message.parent_id,
+                                       role=message.role).prefetch_related("scenarios").order_by("id"))
+
+
+def newest_leaf_under(conversation: Conversation, message_id: int | None) -> int | None:
+    """The newest leaf of the subtree of `message_id` (the whole tree when None): where selecting a message
+    (an alternative, a branch) takes the conversation. Down from it, each step goes to the child whose
+    subtree holds the newest message (a child is always newer than its parent)."""
+    parents = dict(conversation.messages.values_list("id", "parent_id"))
+    newest = {pk: pk for pk in parents}  # the newest message of each subtree
+    for pk in sorted(parents, reverse=True):
+        parent = parents[pk]
+        if parent is not None:
+            newest[parent] = max(newest[parent], newest[pk])
+    children: dict[int | None, list[int]] = {}
+    for pk, parent in parents.items():
+        children.setdefault(parent, []).append(pk)
+    if message_id is None:
+        if not children.get(None):
+            return None
+        node = max(children[None], key=newest.get)
+    else:
+        node = message_id
+    while children.get(node):
+        node = max(children[node], key=newest.get)
+    return node

@@ -1,4 +1,5 @@
-"""The use cases the surfaces call: one function per API view or WebSocket action.
+"""The use cases the surfaces call: one function per API view (the WebSocket's and the conversation tree's are in
+chat/trees/operations.py).
 
 Each takes validated request data and returns what the surface shapes into its reply; the steps
 live in chat/plans.py (decide), chat/replies.py (produce and store) and chat/jobs.py (background).
@@ -68,14 +69,6 @@ def chat_completion_create(*, user, api_key: ApiKey | None, data: dict, payload:
     if data.get("stream"):
         return ChatCompletionStarted(record=record, generation=reply_start(record))
     return ChatCompletionStarted(record=record, body=reply_complete(record))
-
-
-def chat_stream_start(*, user, api_key: ApiKey | None = None, data: dict,
-                      user_name: str = "") -> tuple[ReplyRecord, object]:
-    """A chat reply to stream over the WebSocket: (record, generation). A new chat opens with the greeting."""
-    plan = chat_request_prepare(user=user, data=data, greet=True, user_name=user_name)
-    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
-    return record, reply_start(record)
 
 
 def chat_completion_from_cache(*, data: dict, cache_allowed: bool, user) -> tuple[dict | None, str | None]:

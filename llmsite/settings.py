@@ -249,6 +249,9 @@ API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200, minimum=1)  # cap on message
 API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
 SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
+# A conversation's reply whose client went away (page closed, socket lost) goes on this long, then is stopped
+# and stored as far as it got (chat/trees/running.py); a request may ask for on_disconnect "cancel" instead.
+REPLY_DETACHED_SECONDS = env_float("REPLY_DETACHED_SECONDS", 300, minimum=0)
 # Quotas per API key (chat/tenancy/quotas.py): what a key whose own field is empty gets; 0 = no limit.
 API_KEY_MAX_CONCURRENT = env_int("API_KEY_MAX_CONCURRENT", 0, minimum=0)        # generations at once
 API_KEY_TOKENS_PER_MINUTE = env_int("API_KEY_TOKENS_PER_MINUTE", 0, minimum=0)  # prompt + completion tokens

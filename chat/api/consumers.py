@@ -1,15 +1,29 @@
-"""WebSocket chat: ws/chat/<character>/ streams a reply's tokens as JSON events.
+"""WebSocket chat: ws/chat/<character>/ streams replies as JSON events and runs the conversation's tree
+operations.
 
-Client sends {"type": "message", "content": "...", optional "conversation" (null: a new one),
-"greeting" (which greeting a new one opens with), "max_tokens", "temperature", "top_p", "seed",
-"stop", "speaker" (a group chat's member who replies)}; <character> may be a group's slug. The server
-answers {"type": "start"} (with "speaker" in a group chat), {"type": "token", "text"}..., {"type": "end",
-finish_reason, usage, scenarios, conversation} or {"type": "error", "status", "error"}.
-{"type": "new_conversation"} makes the next message start a new conversation (answered
-{"type": "new_conversation"}). Each message spends the sender's rate limit like an HTTP request
-(429 error event with retry_after), and each reply is admitted under the sender's quotas like one
-(chat/tenancy/quotas.py: a 429 error event with retry_after). A frame over API_MAX_REQUEST_BYTES gets
-a 413 error event before it is parsed; the socket stays open. Closing the socket cancels the generation. Auth:
+Client messages (each a JSON object with a "type"):
+- {"type": "message", "content", optional "conversation" (null: a new one), "greeting" (which greeting a new
+  one opens with), "max_tokens", "temperature", "top_p", "seed", "stop", "on_disconnect", "speaker" (a group
+  chat's member who replies; <character> may be a group's slug)}: a reply;
+- {"type": "regenerate", "message", optional "n" and sampling}: new alternatives of a reply;
+- {"type": "edit", "message", "content"}: a user message edited, answered at once (a new branch);
+- {"type": "continue", "message"}: a reply extended;
+- {"type": "select", "message"} / {"type": "delete", "message"}: show that branch / delete that subtree,
+  answered {"type": "path", ...} (the active path, as GET /v1/conversations/<id>/path/);
+- {"type": "stop"}: stop the running reply (kept, marked stopped); answered by its end event;
+- {"type": "attach", "conversation"}: follow the conversation (after a reconnect): its running reply is
+  streamed from its text so far ("start" with "resumed": true), or {"type": "idle"} when none runs;
+- {"type": "new_conversation"}: the next message starts a new conversation (answered in kind).
+The operations act on the socket's conversation unless the message names one ("conversation").
+
+A reply is answered {"type": "start", kind, conversation, text (so far, per choice), ...}, {"type": "token",
+"index", "text"}..., then {"type": "end", text, finish_reason, usage, scenarios, conversation, messages,
+stopped} or {"type": "error", "status", "error"}. Each generating message spends the sender's rate limit
+like an HTTP request and each reply is admitted under the sender's quotas (429 error event with
+retry_after). A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed.
+
+Closing the socket (or the page) does not end a reply: it goes on, for at most REPLY_DETACHED_SECONDS, and
+is stored (chat/trees/running.py); a message with "on_disconnect": "cancel" is cancelled instead. Auth:
 chat/api/ws_auth.py.
 """
 
@@ -17,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -24,10 +39,13 @@ from django.conf import settings
 from rest_framework.exceptions import Throttled, ValidationError
 
 from chat.errors import PayloadTooLarge, error_from_exception
-from chat.replies import end_fields, reply_stream, speaker_of
-from chat.selectors import user_display_name
-from chat.services import chat_stream_start
+from chat.selectors import conversation_get_owned, user_display_name
+from chat.trees.operations import (chat_reply_run, message_delete, message_edit, message_select, reply_continue,
+                                   reply_regenerate, reply_stop)
+from chat.trees.running import CANCEL, KEEP, reply_run_of
 
+from .conversation_ops import EditRequestSerializer, RegenerateRequestSerializer, ReplyRequestSerializer, path_body, \
+    run_events
 from .serializers import ChatCompletionRequestSerializer
 from .throttling import identity_of, rate_limit_wait
 from .ws_auth import CLOSE_UNAUTHENTICATED
@@ -36,6 +54,8 @@ logger = logging.getLogger("llmsite.ws")
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "speaker")  # speaker: a group chat's member
 NEW_CONVERSATION = "new_conversation"
+GENERATING = ("message", "regenerate", "edit", "continue")
+OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATION)
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -46,32 +66,45 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.character_slug = self.scope["url_route"]["kwargs"]["character"]
         self.conversation_id = None
-        self.reply_task: asyncio.Task | None = None
+        self.watch_task: asyncio.Task | None = None  # streams the reply this socket follows
+        self.run = None
         await self.accept()
 
     async def disconnect(self, code):
-        task = getattr(self, "reply_task", None)
+        self.unwatch()  # the reply itself goes on (or is cancelled, if it asked for that): chat/trees/running.py
+
+    def unwatch(self) -> None:
+        task = getattr(self, "watch_task", None)
         if task is not None and not task.done():
-            task.cancel()  # reply_stream's cleanup cancels the generation
+            task.cancel()
+
+    @property
+    def watching(self) -> bool:
+        return self.watch_task is not None and not self.watch_task.done()
 
     async def receive_json(self, content, **kwargs):
-        if isinstance(content, dict) and content.get("type") == NEW_CONVERSATION:
-            if self.reply_task is not None and not self.reply_task.done():
-                self.reply_task.cancel()  # the unfinished reply belongs to the old conversation
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind not in OPERATIONS:
+            await self.send_error(ValidationError({"type": "send {\"type\": \"message\", \"content\": \"...\"} (or one "
+                                                           f"of {', '.join(OPERATIONS[1:])})."}))
+            return
+        if kind == NEW_CONVERSATION:
+            self.unwatch()  # the unfinished reply belongs to the old conversation (and is still stored)
             self.conversation_id = None
             await self.send_json({"type": NEW_CONVERSATION})
             return
-        if not isinstance(content, dict) or content.get("type") != "message":
-            await self.send_error(ValidationError({"type": "send {\"type\": \"message\", \"content\": \"...\"}."}))
-            return
-        if self.reply_task is not None and not self.reply_task.done():
-            await self.send_error(ValidationError({"content": "wait for the current reply to finish."}))
-            return
-        wait = await sync_to_async(rate_limit_wait)(self.rate_identity())
-        if wait is not None:
-            await self.send_error(Throttled(wait=wait), retry_after=int(wait) + 1)
-            return
-        self.reply_task = asyncio.create_task(self.reply(content))
+        if kind in GENERATING:
+            if self.watching:
+                await self.send_error(ValidationError({"content": "wait for the current reply to finish."}))
+                return
+            wait = await sync_to_async(rate_limit_wait)(self.rate_identity())
+            if wait is not None:
+                await self.send_error(Throttled(wait=wait), retry_after=int(wait) + 1)
+                return
+        try:
+            await getattr(self, f"do_{kind}")(content)
+        except Exception as exc:
+            await self.send_error(exc)
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         if frame_too_large(text_data, bytes_data):  # refused before it is parsed, like an HTTP body
@@ -84,39 +117,125 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except ValueError:  # not JSON
             await self.send_error(ValidationError({"message": "each message must be a JSON object."}))
 
-    async def reply(self, content: dict):
+    # -- the operations ------------------------------------------------------------------------------
+
+    async def do_message(self, content: dict):
+        payload = {"messages": [{"role": "user", "content": content.get("content")}],
+                   "character": self.character_slug,
+                   # An explicit null starts a new conversation; leaving the key out continues this socket's.
+                   "conversation": content["conversation"] if "conversation" in content else self.conversation_id,
+                   **{key: content[key] for key in SAMPLING_KEYS if key in content}}
+        if "greeting" in content:
+            payload["greeting"] = content["greeting"]
+        on_disconnect = self.on_disconnect_of(content)
+        run = await sync_to_async(self.start_message)(payload, on_disconnect)
+        self.watch(run)
+
+    def start_message(self, payload: dict, on_disconnect: str):
+        serializer = ChatCompletionRequestSerializer(data=payload)
+        serializer.is_valid(raise_exception=True)
+        user = self.scope["user"]
+        return chat_reply_run(user=user, api_key=self.scope.get("api_key"), data=serializer.validated_data,
+                              user_name=user_display_name(user), on_disconnect=on_disconnect)
+
+    async def do_regenerate(self, content: dict):
+        await self.start_operation(reply_regenerate, RegenerateRequestSerializer, content)
+
+    async def do_edit(self, content: dict):
+        await self.start_operation(message_edit, EditRequestSerializer, content)
+
+    async def do_continue(self, content: dict):
+        await self.start_operation(reply_continue, ReplyRequestSerializer, content)
+
+    async def start_operation(self, operation, serializer_class, content: dict):
+        def start():
+            fields = {key: value for key, value in content.items() if key not in ("type", "message", "conversation")}
+            serializer = serializer_class(data=fields)
+            serializer.is_valid(raise_exception=True)
+            data = dict(serializer.validated_data)
+            data.pop("stream", None)
+            on_disconnect = data.pop("on_disconnect", KEEP)
+            extra = {"content": data.pop("content")} if "content" in data else {}
+            return operation(user=self.scope["user"], api_key=self.scope.get("api_key"),
+                             conversation_id=self.conversation_of(content), message_id=self.message_of(content),
+                             data=data, on_disconnect=on_disconnect, **extra)
+
+        self.watch(await sync_to_async(start)())
+
+    async def do_select(self, content: dict):
+        await self.send_path(message_select, content)
+
+    async def do_delete(self, content: dict):
+        await self.send_path(message_delete, content)
+
+    async def send_path(self, operation, content: dict):
+        def run():
+            conversation = operation(user=self.scope["user"], conversation_id=self.conversation_of(content),
+                                     message_id=self.message_of(content))
+            return path_body(conversation)
+
+        await self.send_json({"type": "path", **await sync_to_async(run)()})
+
+    async def do_stop(self, content: dict):
+        if not content.get("conversation") and self.watching and self.run.conversation_id is None:
+            self.run.stop()  # the first reply of a new conversation: it has no id to find it by yet
+            return
+        stopped = await sync_to_async(reply_stop)(user=self.scope["user"],
+                                                  conversation_id=self.conversation_of(content))
+        if not self.watching:  # another socket streams it: its end event goes there
+            await self.send_json({"type": "stopped", "conversation": stopped.conversation_id})
+
+    async def do_attach(self, content: dict):
+        conversation_id = self.conversation_of(content)
+        await sync_to_async(conversation_get_owned)(user=self.scope["user"], conversation_id=conversation_id)
+        self.unwatch()
+        self.conversation_id = str(conversation_id)
+        run = reply_run_of(conversation_id)
+        if run is None or run.finished.is_set():
+            await self.send_json({"type": "idle", "conversation": self.conversation_id})
+            return
+        self.watch(run, resumed=True)
+
+    # -- following a reply ---------------------------------------------------------------------------
+
+    def watch(self, run, *, resumed: bool = False) -> None:
+        self.run = run
+        self.watch_task = asyncio.create_task(self.stream(run, resumed=resumed))
+
+    async def stream(self, run, *, resumed: bool):
         try:
-            payload = {"messages": [{"role": "user", "content": content.get("content")}],
-                       "character": self.character_slug,
-                       # An explicit null starts a new conversation; leaving the key out continues this socket's.
-                       "conversation": content["conversation"] if "conversation" in content else self.conversation_id,
-                       **{key: content[key] for key in SAMPLING_KEYS if key in content}}
-            if "greeting" in content:
-                payload["greeting"] = content["greeting"]
-            record, generation = await sync_to_async(self.start)(payload)
-            # The same scenario objects ({id, title, reason}) as the end event and the HTTP API.
-            start = {"type": "start", "conversation": self.conversation_id,
-                     "scenarios": record.plan.prompt.scenarios_used}
-            if record.plan.members:  # a group chat: who is replying
-                start["speaker"] = speaker_of(record.plan.character)
-            await self.send_json(start)
-            async for kind, value in reply_stream(record, generation):
-                if kind == "delta":
-                    await self.send_json({"type": "token", "text": value})
-                elif kind == "end":
-                    self.conversation_id = str(record.conversation.pk) if record.conversation else None
-                    await self.send_json({"type": "end", "text": record.completion.text, **end_fields(record)})
+            # Closed however the task ends (a cancel may come while sending): the run loses this listener at once.
+            async with aclosing(run_events(run, resumed=resumed)) as events:
+                async for event in events:
+                    if event["type"] == "keepalive":
+                        continue
+                    if event["type"] == "end" and event["conversation"]:
+                        self.conversation_id = event["conversation"]
+                    await self.send_json(event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self.send_error(exc)
 
-    def start(self, payload: dict):
-        serializer = ChatCompletionRequestSerializer(data=payload)
-        serializer.is_valid(raise_exception=True)
-        user = self.scope["user"]
-        return chat_stream_start(user=user, api_key=self.scope.get("api_key"), data=serializer.validated_data,
-                                 user_name=user_display_name(user))
+    def conversation_of(self, content: dict):
+        conversation = content.get("conversation") or self.conversation_id
+        if not conversation:
+            raise ValidationError({"conversation": "no conversation: send its id."})
+        return conversation
+
+    @staticmethod
+    def message_of(content: dict) -> int:
+        message = content.get("message")
+        if not isinstance(message, int) or isinstance(message, bool):
+            raise ValidationError({"message": "the message's id (an integer) is required."})
+        return message
+
+    @staticmethod
+    def on_disconnect_of(content: dict) -> str:
+        value = content.get("on_disconnect", KEEP)
+        if value not in (KEEP, CANCEL):
+            raise ValidationError({"on_disconnect": f"must be {KEEP!r} or {CANCEL!r}."})
+        return value
 
     def rate_identity(self) -> str:
         client = self.scope.get("client") or ("-", 0)

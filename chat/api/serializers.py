@@ -162,6 +162,9 @@ class SamplingFieldsMixin(serializers.Serializer):
 
 class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     messages = ChatMessageSerializer(many=True, required=False)
+    n = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=8,
+                                 help_text="How many choices to generate (1-8), from one evaluation of the prompt; "
+                                           "with a stored conversation they are stored as alternatives.")
     tools = serializers.JSONField(required=False, allow_null=True, help_text="Function tools (OpenAI's shape).")
     tool_choice = serializers.JSONField(required=False, allow_null=True,
                                         help_text='"none", "auto", "required", or {"type": "function", ...}.')
@@ -235,7 +238,14 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
         if attrs.get("characters") and (attrs.get("character") or attrs.get("character_id")):
             raise serializers.ValidationError({"characters": "send either 'characters' or 'character'."})
+        if (attrs.get("n") or 1) > 1 and (attrs.get("background") or attrs.get("logprobs")
+                                          or (tools is not None and tools.may_call)):
+            raise serializers.ValidationError({"n": "n > 1 cannot be combined with background, logprobs or tools "
+                                                    "that may be called."})
         return attrs
+
+    def validate_n(self, value):
+        return value
 
 
 MAX_PROMPTS = 16  # prompts of one /v1/completions request (one choice each, run as one batch)
@@ -319,7 +329,8 @@ class MessageSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Message
-        fields = ["id", "role", "content", "speaker", "author", "prompt_tokens", "completion_tokens", "finish_reason",
+        fields = ["id", "parent", "role", "content", "speaker", "author", "prompt_tokens", "completion_tokens",
+                  "finish_reason", "stopped",
                   "model_name", "scenarios", "created_at"]
 
 

@@ -2,10 +2,10 @@
 without one, Django-style ones with one); the second spelling is served directly, never redirected (a redirected
 POST loses its body), and left out of the schema so each operation is documented once."""
 
-from django.urls import path
+from django.urls import include, path
 from drf_spectacular.utils import extend_schema
 
-from . import groups, responses, views
+from . import conversation_ops, groups, responses, views
 
 
 def both(route: str, view_class, name: str | None = None, *, slash: bool = False) -> list:
@@ -34,4 +34,5 @@ urlpatterns = [
     *both("conversations/<uuid:pk>/participants", groups.ConversationParticipantsView, "conversation-participants",
           slash=True),
     *both("groups", groups.GroupListView, "group-list", slash=True),
+    path("conversations/<uuid:pk>/", include(conversation_ops.urlpatterns)),  # the tree's operations (slash-agnostic)
 ]

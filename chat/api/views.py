@@ -21,8 +21,10 @@ from chat.models import ApiKey
 from chat.selectors import conversation_get_listed, conversation_get_owned, conversations_of
 from chat.services import chat_completion_create, text_completion_run, text_generation_start
 from chat.tenancy.usage import usage_of_owner, usage_window
+from chat.trees.operations import chat_completion_choices
 
 from . import serializers as s
+from .choices import choices_response
 from .sse import chat_completion_events, sse_response, text_completion_events
 
 ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, text in {
@@ -118,6 +120,10 @@ class ChatCompletionsView(GeneratingView):
         serializer = s.ChatCompletionRequestSerializer(data=payload)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        if (data.get("n") or 1) > 1:  # n choices of one prompt (chat/api/choices.py)
+            run = chat_completion_choices(user=request.user, api_key=api_key_of(request), data=data)
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            return logged(choices_response(run, stream=data.get("stream"), include_usage=include_usage), run.record)
         started = chat_completion_create(user=request.user, api_key=api_key_of(request), data=data,
                                          payload=serializer.initial_data,
                                          cache_allowed="no-cache" not in request.headers.get("Cache-Control", ""))

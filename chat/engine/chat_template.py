@@ -82,30 +82,58 @@ class ChatTemplate:
         return "tools" in self.source
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
-               tools: list[dict] | None = None) -> Prompt:
+               tools: list[dict] | None = None, continue_final: bool = False) -> Prompt:
         """The prompt, split into markup and text. `tools` (OpenAI function tools) are given to templates
-        that support them (see supports_tools). Every string in `messages` and `tools` is text."""
+        that support them (see supports_tools). Every string in `messages` and `tools` is text.
+
+        `continue_final`: the last message (an assistant turn) stays open, so that the model extends its
+        text: rendered without a generation prompt, and cut where its content ends (the template's
+        end-of-turn markup after it is left out), as transformers' `continue_final_message` does."""
         messages = self.controls.guard(_validated(messages))
+        if continue_final:
+            messages = _marked_final(messages)
+            add_generation_prompt = False
         extra = {"tools": self.controls.guard(tools)} if tools and self.supports_tools else {}
         try:
-            return self._render(messages, add_generation_prompt, **extra)
+            rendered = self._render(messages, add_generation_prompt, **extra)
         except TemplateRejected as rejection:
             if not any(m["role"] == "system" for m in messages):
                 raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
-        # Templates such as Gemma's or Mistral's refuse a system role: fold it into the first user turn.
-        try:
-            return self._render(fold_system_into_first_user(messages), add_generation_prompt, **extra)
-        except TemplateRejected as rejection:
-            raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
+            # Templates such as Gemma's or Mistral's refuse a system role: fold it into the first user turn.
+            try:
+                rendered = self._render(fold_system_into_first_user(messages), add_generation_prompt, **extra)
+            except TemplateRejected as rejection:
+                raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
+        return self.controls.split(_cut_at_mark(rendered) if continue_final else rendered)
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, **extra) -> Prompt:
-        return self.controls.split(self._template.render(
+    def _render(self, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
+        return str(self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             **extra,
         ))
+
+
+# Where the final message's content ends in the rendered text of a continued turn (a noncharacter, like
+# the sentinels of chat/engine/prompt.py; client text cannot contain it).
+FINAL_MARK = "\ufdd2"
+
+
+def _marked_final(messages: list[dict]) -> list[dict]:
+    messages = [{**m, "content": m["content"].replace(FINAL_MARK, "\ufffd")} for m in messages]
+    if messages[-1]["role"] != "assistant":
+        raise InvalidRequest("Only an assistant turn can be continued.")
+    messages[-1]["content"] += FINAL_MARK
+    return messages
+
+
+def _cut_at_mark(rendered: str) -> str:
+    end = rendered.rfind(FINAL_MARK)
+    if end < 0:
+        raise InvalidRequest("The model's chat template does not render the reply to continue.")
+    return rendered[:end]
 
 
 def fold_system_into_first_user(messages: list[dict]) -> list[dict]:

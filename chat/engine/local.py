@@ -108,10 +108,12 @@ class Engine(EngineProtocol):
             return backend.detokenize(list(tokens))
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> Prompt:
+                    tools: list[dict] | None = None, continue_final: bool = False) -> Prompt:
         """Prompt text for `messages` ({"role", "content"} dicts) in the model's chat format; `tools` reach a
-        template that supports them. Only the template's markup becomes control tokens (a Prompt knows which)."""
-        return self._template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        template that supports them. Only the template's markup becomes control tokens (a Prompt knows which).
+        `continue_final`: the last (assistant) message is left open for the model to extend."""
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                     continue_final=continue_final)
 
     @property
     def template_supports_tools(self) -> bool:

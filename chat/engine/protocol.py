@@ -30,7 +30,8 @@ class EngineProtocol(Protocol):
     def detokenize(self, tokens: list[int]) -> str: ...
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> str: ...
+                    tools: list[dict] | None = None, continue_final: bool = False) -> str:
+        """The prompt of `messages`; `continue_final`: the last (assistant) turn left open to be extended."""
 
     def prompt_tokens(self, prompt: str) -> list[int]: ...
 

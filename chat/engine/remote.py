@@ -372,12 +372,16 @@ class RemoteEngine(EngineProtocol):
         return self._tokenizer.dialect_now() in ("llama_server", "llama_cpp_python")
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> str:
+                    tools: list[dict] | None = None, continue_final: bool = False) -> str:
         """Chat mode: readable text carrying `messages` (the upstream applies its own template); completions
         mode: the prompt itself, rendered with chat_template (ChatML by default). Either way the messages'
-        control-token texts are neutralized first: the upstream's tokenizer reads them as text."""
+        control-token texts are neutralized first: the upstream's tokenizer reads them as text.
+        `continue_final` (completions mode only: a chat upstream closes every turn itself)."""
         messages = neutralized(messages, self._markup)
-        text = str(self._template.render(messages, add_generation_prompt=add_generation_prompt))
+        if continue_final and self.spec.remote_api == "chat":
+            raise UnsupportedFeature("Continuing a reply needs a local model or an upstream in completions mode.")
+        text = str(self._template.render(messages, add_generation_prompt=add_generation_prompt,
+                                         continue_final=continue_final))
         if self.spec.remote_api == "chat":
             return RenderedChat(text, messages)
         return text

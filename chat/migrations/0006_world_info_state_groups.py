@@ -14,7 +14,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('characters', '0004_groups_talkativeness'),
-        ('chat', '0004_apikey_quotas_usagerecord'),
+        ('chat', '0005_message_tree'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -115,6 +115,7 @@ def prompt_compose(
     message_count: int | None = None,
     seed: int | str | None = None,
     setting: str | None = None,
+    continue_final: bool = False,
 ) -> ComposedPrompt:
     """Build and render the prompt for the reply to `turns` (the chat so far, the user's new message last).
 
@@ -127,19 +128,22 @@ def prompt_compose(
     `world_info_state` is the conversation's timed-effect state (Conversation.world_info_state),
     `message_count` the number of its messages with the new one (default: the turns'), `seed` seeds the
     probability rolls and group draws (default: the message count); the new state is in the result.
+    `continue_final`: the last turn is an assistant reply to extend; its turn is left open (no generation
+    prompt, no end-of-turn) and the post-history instructions go before it.
     Raises ContextOverflow when even the minimum prompt leaves no room for `max_tokens`, and
     ValueError for malformed turns.
     """
-    turns = _checked_turns(turns)
+    turns = _checked_turns(turns, last_role="assistant" if continue_final else "user")
     count = message_count if message_count is not None else len(turns)
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
                          forced_scenarios=forced_scenarios, extra_system=extra_system,
                          system_override=system_override, world_info_state=world_info_state or {},
                          message_count=count, seed=count if seed is None else seed, setting=setting)
+    parts.continue_final = continue_final
     return _fit(engine=engine, parts=parts, max_tokens=max_tokens, tools=tools)
 
 
-def _checked_turns(turns: Sequence[dict]) -> list[dict]:
+def _checked_turns(turns: Sequence[dict], *, last_role: str = "user") -> list[dict]:
     if not turns:
         raise ValueError("turns must hold at least the user's new message.")
     checked = []
@@ -147,8 +151,8 @@ def _checked_turns(turns: Sequence[dict]) -> list[dict]:
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
             raise ValueError("each turn must be a dict with role 'user' or 'assistant' and string content.")
         checked.append({"role": turn["role"], "content": turn["content"]})
-    if checked[-1]["role"] != "user":
-        raise ValueError("the last turn must be the user's new message.")
+    if checked[-1]["role"] != last_role:
+        raise ValueError(f"the last turn must be the {last_role}'s message.")
     return checked
 
 
@@ -167,6 +171,7 @@ class _Parts:
     dropped: list[str]
     left_out: list[tuple[Scenario, str]] = field(default_factory=list)
     world_info_state: dict = field(default_factory=dict)
+    continue_final: bool = False  # the last turn is an assistant reply left open to be extended
 
     @classmethod
     def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system,
@@ -234,12 +239,13 @@ class _Parts:
             context.append(self.extra_system)
         if context:
             messages.append({"role": "system", "content": "\n\n".join(context)})
-        conversation = [dict(turn) for turn in self.history[cut:]] + [dict(self.new_message)]
-        messages += depth_inserted(conversation, [(m.scenario.depth, m.scenario.depth_role, self.scenario_texts[id(m)])
-                                                  for m in placed if m.scenario.position == Position.AT_DEPTH])
-        if self.post_history:
-            messages.append({"role": "system", "content": self.post_history})
-        return messages
+        history, final = [dict(turn) for turn in self.history[cut:]], dict(self.new_message)
+        at_depth = [(m.scenario.depth, m.scenario.depth_role, self.scenario_texts[id(m)])
+                    for m in placed if m.scenario.position == Position.AT_DEPTH]
+        post_history = [{"role": "system", "content": self.post_history}] if self.post_history else []
+        if self.continue_final:  # the reply being extended stays last, its turn open
+            return messages + depth_inserted(history, at_depth) + post_history + [final]
+        return messages + depth_inserted(history + [final], at_depth) + post_history
 
 
 def depth_inserted(conversation: list[dict], insertions: list[tuple[int, str, str]]) -> list[dict]:
@@ -290,7 +296,10 @@ def _fit(*, engine, parts: _Parts, max_tokens: int, tools: list[dict] | None = N
 
     def measure() -> tuple[list[dict], str, int]:
         messages = parts.messages(with_examples=with_examples, cut=cut, matches=matches)
-        text = engine.render_chat(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
+        options = {"continue_final": True} if parts.continue_final else {}
+        if tools:
+            options["tools"] = tools
+        text = engine.render_chat(messages, add_generation_prompt=not parts.continue_final, **options)
         return messages, text, len(engine.prompt_tokens(text))
 
     cuts = _cut_points(parts.history)

@@ -66,12 +66,12 @@ async def test_tokens_stream_in_order_and_the_conversation_is_stored(api_key):
     assert stored[1] == "Is a storm coming, Captain?" and stored[2] == end["text"]
 
 
-async def test_closing_the_socket_cancels_the_generation(api_key):
+async def test_closing_the_socket_cancels_a_reply_that_asked_for_it(api_key):
     engine = await sync_to_async(get_engine)()
     comm = communicator("/ws/chat/byte/", headers=[ORIGIN, (b"authorization", f"Bearer {api_key}".encode())])
     assert (await comm.connect())[0]
     await comm.send_json_to({"type": "message", "content": "Tell me a very long story about printers.",
-                             "max_tokens": 400, "temperature": 0.9, "seed": 1})
+                             "max_tokens": 400, "temperature": 0.9, "seed": 1, "on_disconnect": "cancel"})
     assert (await comm.receive_json_from(timeout=60))["type"] == "start"
     assert (await comm.receive_json_from(timeout=60))["type"] == "token"
     await comm.disconnect()

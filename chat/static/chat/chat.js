@@ -1,4 +1,6 @@
-// The chat page: characters, past conversations, and replies streamed over the WebSocket.
+// The chat page: characters, past conversations, and replies streamed over the WebSocket. A conversation is a
+// tree: each message may have alternatives (‹ n / m ›); replies can be regenerated, continued, stopped and
+// deleted, user messages edited (a new branch). Keyboard: ←/→ on a message switch its alternatives, Escape stops.
 (() => {
   "use strict";
   const characters = JSON.parse(document.getElementById("characters-data").textContent);
@@ -9,7 +11,8 @@
   const el = (id) => document.getElementById(id);
   // greeting: position in character.greetings of the greeting shown; sent with a new conversation's first message.
   const state = { character: null, conversation: null, socket: null, replyNode: null, busy: false, greeting: 0,
-                  greetingNode: null, username: usernameNode ? JSON.parse(usernameNode.textContent) : "" };
+                  greetingNode: null, username: usernameNode ? JSON.parse(usernameNode.textContent) : "",
+                  path: [], pending: null };
 
   const FRIENDLY = {
     model_unavailable: "The model is unavailable right now. Please try again later.",
@@ -17,6 +20,7 @@
     context_length_exceeded: "This conversation has grown too long for the model. Start a new conversation.",
     character_not_found: "This character is no longer available.",
     conversation_not_found: "This conversation no longer exists. Start a new one.",
+    conversation_busy: "A reply is still being written for this conversation. Wait for it, or stop it.",
   };
 
   function friendlyError(event) {
@@ -47,6 +51,17 @@
     }
   }
 
+  function button(label, onClick, options = {}) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.className = options.className || "tool";
+    if (options.ariaLabel) b.setAttribute("aria-label", options.ariaLabel);
+    if (options.disabled) { b.disabled = true; b.dataset.off = "true"; }
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
   function addMessage(role, text, name) {
     const item = document.createElement("li");
     item.className = `message ${role}`;
@@ -70,6 +85,120 @@
     item.append(note);
   }
 
+  // --- the active path, with each message's alternatives and actions ---------------------------------------
+
+  function renderPath(body, completed) {
+    state.path = body.messages;
+    state.greetingNode = null;
+    el("messages").replaceChildren();
+    body.messages.forEach((message, position) => {
+      const mine = !message.author || message.author === state.username;  // group chats: other humans by name
+      const item = addMessage(message.role, message.content, message.role === "user" && !mine ? message.author : undefined);
+      item.dataset.id = message.id;
+      if (message.role === "assistant") { setSpeaker(item, speakerOf(message.speaker)); noteScenarios(item, message.scenarios); }
+      if (completed && completed.includes(message.id)) item.dataset.complete = "true";
+      if (message.stopped) {
+        const note = document.createElement("p");
+        note.className = "stopped-note";
+        note.textContent = "Stopped";
+        item.append(note);
+        item.dataset.stopped = "true";
+      }
+      item.append(messageTools(message, position === body.messages.length - 1, position));
+    });
+  }
+
+  function messageTools(message, isLast, position) {
+    const tools = document.createElement("div");
+    tools.className = "tools";
+    const alternatives = message.alternatives;
+    if (alternatives && alternatives.count > 1) {
+      const nav = document.createElement("span");
+      nav.className = "alternatives";
+      nav.setAttribute("role", "group");
+      nav.setAttribute("aria-label", "Alternatives");
+      const previous = alternatives.ids[alternatives.index - 1], next = alternatives.ids[alternatives.index + 1];
+      nav.append(button("‹", () => send({ type: "select", message: previous }),
+                        { ariaLabel: "Previous alternative", disabled: previous === undefined }));
+      const counter = document.createElement("span");
+      counter.className = "counter";
+      counter.textContent = `${alternatives.index + 1} / ${alternatives.count}`;
+      nav.append(counter);
+      nav.append(button("›", () => send({ type: "select", message: next }),
+                        { ariaLabel: "Next alternative", disabled: next === undefined }));
+      tools.append(nav);
+    }
+    const previousMessage = state.path[position - 1];
+    if (message.role === "assistant" && previousMessage && previousMessage.role === "user") {
+      tools.append(button("Regenerate", () => operate({ type: "regenerate", message: message.id })));
+    }
+    if (message.role === "assistant" && isLast) {
+      tools.append(button("Continue", () => operate({ type: "continue", message: message.id })));
+    }
+    if (message.role === "user") tools.append(button("Edit", () => startEdit(message)));
+    tools.append(button("Delete", () => send({ type: "delete", message: message.id }),
+                        { ariaLabel: "Delete message", className: "tool danger" }));
+    return tools;
+  }
+
+  function nodeOf(id) {
+    return el("messages").querySelector(`.message[data-id="${id}"]`);
+  }
+
+  function startEdit(message) {
+    const item = nodeOf(message.id);
+    if (!item || state.busy || item.querySelector("textarea")) return;
+    const form = document.createElement("form");
+    form.className = "edit";
+    const label = document.createElement("label");
+    label.className = "visually-hidden";
+    label.textContent = "Edit message";
+    const area = document.createElement("textarea");
+    area.value = message.content;
+    area.rows = 3;
+    area.id = `edit-${message.id}`;
+    label.htmlFor = area.id;
+    const save = button("Save", () => form.requestSubmit());
+    const cancel = button("Cancel", () => renderPath({ messages: state.path }));
+    form.append(label, area, save, cancel);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = area.value.trim();
+      if (!text) return;
+      if (operate({ type: "edit", message: message.id, content: text })) {
+        item.querySelector(".text").textContent = text;
+        form.remove();
+      }
+    });
+    area.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); form.requestSubmit(); }
+      if (event.key === "Escape") { event.preventDefault(); cancel.click(); }
+    });
+    item.querySelector(".text").after(form);
+    area.focus();
+  }
+
+  // --- the socket ------------------------------------------------------------------------------------------
+
+  function send(message) {
+    if (!state.socket || state.socket.readyState !== WebSocket.OPEN) {
+      setStatus("Not connected. Reconnecting…", true);
+      return false;
+    }
+    if (state.conversation && !message.conversation) message.conversation = state.conversation;
+    state.socket.send(JSON.stringify(message));
+    return true;
+  }
+
+  function operate(message) {
+    if (state.busy) return false;
+    state.pending = message;
+    if (!send(message)) return false;
+    setBusy(true);
+    setStatus("Sending…");
+    return true;
+  }
+
   function remember() {
     const params = new URLSearchParams();
     if (state.character) params.set("character", state.character.slug);
@@ -80,15 +209,23 @@
   function setBusy(busy) {
     state.busy = busy;
     el("send").disabled = busy || !state.character;
+    el("stop").hidden = !busy;
     el("message-input").disabled = !state.character;
+    document.querySelectorAll(".tools button").forEach((b) => { b.disabled = busy || b.dataset.off === "true"; });
   }
 
   function connect() {
-    if (state.socket) state.socket.close();
+    if (state.socket) { state.socket.onclose = null; state.socket.close(); }
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/${state.character.slug}/`);
+    const slug = state.character.slug;
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/${slug}/`);
     socket.onmessage = (message) => handleEvent(JSON.parse(message.data));
-    socket.onclose = () => { if (state.busy) { setStatus("The connection was lost. Please resend.", true); setBusy(false); } };
+    socket.onclose = () => {
+      // The reply goes on without us (the server keeps it); reconnect and follow it again.
+      if (state.socket !== socket || !state.character || state.character.slug !== slug) return;
+      setStatus("The connection was lost. Reconnecting…", true);
+      setTimeout(() => { if (state.socket === socket) connect().then(attach).catch(() => {}); }, 1000);
+    };
     state.socket = socket;
     return new Promise((resolve, reject) => {
       socket.onopen = resolve;
@@ -96,31 +233,64 @@
     });
   }
 
+  function attach() {
+    if (state.conversation) send({ type: "attach", conversation: state.conversation });
+  }
+
+  function streamTarget(event) {
+    if (event.kind === "continue") {
+      const node = nodeOf(event.message);
+      if (node) {
+        node.setAttribute("aria-busy", "true");
+        return node;
+      }
+    }
+    // A new reply: what the page showed after its parent is replaced by the new user message (if any) and it.
+    const parent = event.parent != null ? nodeOf(event.parent) : null;
+    if (parent) {
+      while (parent.nextElementSibling) parent.nextElementSibling.remove();
+      if (event.user) addMessage("user", event.user);
+    } else if (event.kind !== "reply" || event.resumed) {
+      el("messages").replaceChildren();
+      if (event.user) addMessage("user", event.user);
+    }  // else: a new conversation's first reply, its greeting and message already shown
+    const node = addMessage("assistant", "");
+    node.setAttribute("aria-busy", "true");
+    return node;
+  }
+
   function handleEvent(event) {
     if (event.type === "start") {
-      state.replyNode = addMessage("assistant", "");
-      state.replyNode.setAttribute("aria-busy", "true");
+      setBusy(true);
+      document.querySelectorAll(".message[data-complete]").forEach((node) => { delete node.dataset.complete; });
+      state.replyNode = streamTarget(event);
+      state.replyNode.querySelector(".text").textContent += (event.text && event.text[0]) || "";
       setSpeaker(state.replyNode, event.speaker);
       setStatus(`${event.speaker ? event.speaker.name : state.character.name} is typing…`);
     } else if (event.type === "token") {
-      if (!state.replyNode) return;  // the tail of a reply abandoned by "New conversation"
+      if (!state.replyNode || event.index) return;  // the tail of an abandoned reply; other choices not shown
       state.replyNode.querySelector(".text").textContent += event.text;
     } else if (event.type === "end") {
-      if (!state.replyNode) return;
-      state.replyNode.querySelector(".text").textContent = event.text;
-      state.replyNode.removeAttribute("aria-busy");
-      state.replyNode.dataset.complete = "true";
-      noteScenarios(state.replyNode, event.scenarios);
-      state.conversation = event.conversation;
-      remember();
-      setStatus("");
-      setBusy(false);
-      loadConversations();
-    } else if (event.type === "error") {
-      if (state.replyNode && !state.replyNode.dataset.complete) state.replyNode.remove();
       state.replyNode = null;
+      state.pending = null;
+      if (event.conversation) state.conversation = event.conversation;
+      remember();
+      setStatus(event.stopped ? "Stopped." : "");
+      setBusy(false);
+      loadPath((event.messages || []).map((m) => m.id));
+      loadConversations();
+    } else if (event.type === "path") {
+      renderPath(event);
+      setBusy(state.busy);
+    } else if (event.type === "error") {
+      if (state.replyNode && !state.replyNode.dataset.complete && !state.replyNode.dataset.id) state.replyNode.remove();
+      state.replyNode = null;
+      state.pending = null;
       setStatus(friendlyError(event), true);
       setBusy(false);
+      if (state.conversation) loadPath();
+    } else if (event.type === "idle") {
+      setStatus("");
     }
   }
 
@@ -128,6 +298,15 @@
     const response = await fetch(path, { headers: { Accept: "application/json" }, credentials: "same-origin" });
     if (!response.ok) throw new Error((await response.json()).error?.message || response.statusText);
     return response.json();
+  }
+
+  async function loadPath(completed) {
+    if (!state.conversation) return;
+    const body = await api(`/v1/conversations/${state.conversation}/path/`);
+    if (state.replyNode) return;  // a reply started meanwhile: its end loads the path again
+    renderPath(body, completed);
+    setBusy(state.busy);
+    return body;
   }
 
   async function loadConversations() {
@@ -138,28 +317,24 @@
     const page = await api(`/v1/conversations/?${filter}=${encodeURIComponent(state.character.slug)}`);
     for (const conversation of page.results) {
       const item = document.createElement("li");
-      const button = document.createElement("button");
-      button.type = "button";
-      button.textContent = conversation.title || "Untitled chat";
-      button.setAttribute("aria-current", String(conversation.id === state.conversation));
-      button.addEventListener("click", () => openConversation(conversation.id));
-      item.append(button);
+      const entry = document.createElement("button");
+      entry.type = "button";
+      entry.textContent = conversation.title || "Untitled chat";
+      entry.setAttribute("aria-current", String(conversation.id === state.conversation));
+      entry.addEventListener("click", () => openConversation(conversation.id).then(attach));
+      item.append(entry);
       list.append(item);
     }
   }
 
   async function openConversation(id) {
     state.conversation = id;
+    state.replyNode = null;
     showGreetingChoice(false);
     remember();
     el("messages").replaceChildren();
     try {
-      const page = await api(`/v1/conversations/${id}/messages/?limit=500`);
-      for (const message of page.results) {
-        const mine = !message.author || message.author === state.username;
-        const item = addMessage(message.role, message.content, message.role === "user" && !mine ? message.author : undefined);
-        if (message.role === "assistant") { setSpeaker(item, speakerOf(message.speaker)); noteScenarios(item, message.scenarios); }
-      }
+      await loadPath();
       setStatus("");
     } catch (error) {
       state.conversation = null;
@@ -183,10 +358,11 @@
 
   function newConversation() {
     state.conversation = null;
+    state.path = [];
     remember();
     el("messages").replaceChildren();
     state.greetingNode = null;
-    if (state.busy) { state.replyNode = null; setStatus(""); setBusy(false); }  // the server cancels that reply
+    if (state.busy) { state.replyNode = null; setStatus(""); setBusy(false); }  // that reply is still stored
     showGreeting(0);
     showGreetingChoice(true);
     // The server's socket may still point at the previous conversation: tell it this one is new.
@@ -203,7 +379,7 @@
     el("new-conversation").disabled = false;
     setBusy(false);
     if (conversation) await openConversation(conversation); else newConversation();
-    try { await connect(); } catch (error) { setStatus("Could not connect to the chat server.", true); }
+    try { await connect(); attach(); } catch (error) { setStatus("Could not connect to the chat server.", true); }
     el("message-input").focus();
   }
 
@@ -214,37 +390,46 @@
     if (!text || state.busy || !state.socket || state.socket.readyState !== WebSocket.OPEN) return;
     addMessage("user", text);
     input.value = "";
-    setBusy(true);
-    setStatus("Sending…");
     const message = { type: "message", content: text, conversation: state.conversation };
     if (!state.conversation && state.character.greetings.length) message.greeting = state.character.greetings[state.greeting][0];
     showGreetingChoice(false);
-    state.socket.send(JSON.stringify(message));
+    operate(message);
   });
   el("message-input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); el("composer").requestSubmit(); }
+  });
+  el("stop").addEventListener("click", () => send({ type: "stop" }));
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && state.busy) { event.preventDefault(); send({ type: "stop" }); return; }
+    // ← / → while a message (or one of its buttons) has focus: its previous / next alternative.
+    if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+    if (event.target.closest("textarea")) return;
+    const item = event.target.closest(".message");
+    const label = event.key === "ArrowLeft" ? "Previous alternative" : "Next alternative";
+    const target = item && item.querySelector(`button[aria-label="${label}"]`);
+    if (target && !target.disabled) { event.preventDefault(); target.click(); }
   });
   el("new-conversation").addEventListener("click", newConversation);
   el("other-greeting").addEventListener("click", () => showGreeting(state.greeting + 1));
 
   for (const character of [...characters, ...groups]) {
     const item = document.createElement("li");
-    const button = document.createElement("button");
-    button.type = "button";
-    button.dataset.slug = character.slug;
-    button.setAttribute("aria-pressed", "false");
+    const entry = document.createElement("button");
+    entry.type = "button";
+    entry.dataset.slug = character.slug;
+    entry.setAttribute("aria-pressed", "false");
     if (character.avatar) {
       const img = document.createElement("img");
       img.src = character.avatar;
       img.alt = "";
-      button.append(img);
+      entry.append(img);
     }
     const name = document.createElement("span");
     name.textContent = character.name;
-    button.append(name);
-    button.title = character.description;
-    button.addEventListener("click", () => pickCharacter(character.slug));
-    item.append(button);
+    entry.append(name);
+    entry.title = character.description;
+    entry.addEventListener("click", () => pickCharacter(character.slug));
+    item.append(entry);
     el(character.group ? "groups" : "characters").append(item);
   }
 

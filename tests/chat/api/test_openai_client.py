@@ -166,7 +166,7 @@ def test_errors_map_to_the_clients_exceptions(live_api):
         client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5)
     assert error.value.body["param"] == "temperature" and "temperature" in error.value.body["message"]
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, n=2)
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=9)
     assert error.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 2500}], max_tokens=10)

@@ -1,0 +1,156 @@
+"""The operations on a stored conversation's tree, one use case each (owner-only: another user's
+conversation or message is a 404).
+
+Every operation takes the conversation's lease (chat/tenancy/conversation_lock.py) and stores under its
+version check, as a continuation does: two operations at once on one conversation get 409
+conversation_busy for the second, and nothing either stored is lost. A generating operation holds the
+lease until its reply is stored (chat/trees/running.py).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from chat.errors import ApiError, NotFound
+from chat.models import ApiKey, Conversation, Message
+from chat.plans import Branch, chat_request_prepare
+from chat.replies import reply_lookup, reply_start_choices
+from chat.selectors import conversation_get_owned, message_get_owned, newest_leaf_under
+from chat.tenancy.conversation_lock import conversation_advance, conversation_lease_take
+from chat.tenancy.owners import Tenant
+
+from .running import CANCEL, KEEP, ReplyRun, reply_run_announced, reply_run_of, reply_stop_request
+
+STOP_WAIT_SECONDS = 30  # how long a stop waits for the stopped reply to be stored
+
+
+def chat_reply_run(*, user, api_key: ApiKey | None, data: dict, user_name: str = "",
+                   on_disconnect: str = KEEP) -> ReplyRun:
+    """A chat message answered by a run of its own (the WebSocket): it follows the conversation's active leaf,
+    or opens a new conversation with the character's greeting."""
+    plan = chat_request_prepare(user=user, data=data, greet=True, user_name=user_name)
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
+    return ReplyRun(record, reply_start_choices(record), on_disconnect=on_disconnect, kind="reply").start()
+
+
+def chat_completion_choices(*, user, api_key: ApiKey | None, data: dict) -> ReplyRun:
+    """POST /v1/chat/completions with n > 1: n choices of one prompt (never from the response cache); with a stored
+    conversation, stored as alternatives of one another. A client that goes away cancels them (OpenAI's way)."""
+    plan = chat_request_prepare(user=user, data=data, cache_allowed=False)
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
+    return ReplyRun(record, reply_start_choices(record), on_disconnect=CANCEL, kind="reply").start()
+
+
+def reply_regenerate(*, user, api_key: ApiKey | None, conversation_id, message_id, data: dict,
+                     on_disconnect: str = KEEP) -> ReplyRun:
+    """A new alternative ("swipe") of an assistant reply: its user message answered again (data["n"] of them),
+    beside the old ones; the conversation's active leaf becomes the (first) new one."""
+    _, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    parent = message.parent
+    if message.role != Message.Role.ASSISTANT or parent is None or parent.role != Message.Role.USER:
+        raise ApiError("Only a reply to a user message can be regenerated.", param="message", code="not_regenerable")
+    return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id, data=data, kind="regenerate",
+                      branch=Branch(leaf_id=parent.pk, answer_leaf=True), on_disconnect=on_disconnect)
+
+
+def message_edit(*, user, api_key: ApiKey | None, conversation_id, message_id, content: str, data: dict,
+                 on_disconnect: str = KEEP) -> ReplyRun:
+    """A user message edited: the new text becomes a sibling of the old (a new branch from their parent) and is
+    answered at once; the old branch stays, one arrow away."""
+    _, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    if message.role != Message.Role.USER:
+        raise ApiError("Only a user message can be edited.", param="message", code="not_editable")
+    return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id,
+                      data={**data, "messages": [{"role": "user", "content": content}]}, kind="edit",
+                      branch=Branch(leaf_id=message.parent_id, new_message=True), on_disconnect=on_disconnect)
+
+
+def reply_continue(*, user, api_key: ApiKey | None, conversation_id, message_id, data: dict,
+                   on_disconnect: str = KEEP) -> ReplyRun:
+    """An assistant reply extended: its turn is prefilled with its text, left open, and the model goes on;
+    the text generated is appended to the message."""
+    conversation, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    if message.role != Message.Role.ASSISTANT or message.children.exists():
+        raise ApiError("Only the last reply of a branch can be continued.", param="message", code="not_continuable")
+    return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id, data=data, kind="continue",
+                      branch=Branch(leaf_id=message.pk, continue_leaf=True), on_disconnect=on_disconnect)
+
+
+def _reply_run(*, user, api_key, conversation_id, data: dict, kind: str, branch: Branch,
+               on_disconnect: str) -> ReplyRun:
+    data = {"messages": [], **data, "conversation": conversation_id}
+    # Never from the response cache: an alternative is asked for because the old reply is not wanted.
+    plan = chat_request_prepare(user=user, data=data, cache_allowed=False, branch=branch)
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
+    return ReplyRun(record, reply_start_choices(record), on_disconnect=on_disconnect, kind=kind).start()
+
+
+def message_select(*, user, conversation_id, message_id) -> Conversation:
+    """Show a message's branch: an alternative, or any message of another branch. The active leaf becomes the
+    newest leaf under it (the branch as it was last continued)."""
+    conversation, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    with _leased(conversation):
+        conversation.active_id = newest_leaf_under(conversation, message.pk)
+        Conversation.objects.filter(pk=conversation.pk).update(active_id=conversation.active_id)
+    return conversation
+
+
+def message_delete(*, user, conversation_id, message_id) -> Conversation:
+    """Delete a message and every message under it. If the active leaf was among them, the conversation shows
+    the newest remaining branch beside them (under the deleted message's parent)."""
+    conversation, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    with _leased(conversation):
+        parent_id = message.parent_id
+        message.delete()  # the subtree goes with it (Message.parent: CASCADE)
+        if not conversation.messages.filter(pk=conversation.active_id).exists():
+            conversation.active_id = newest_leaf_under(conversation, parent_id)
+            Conversation.objects.filter(pk=conversation.pk).update(active_id=conversation.active_id)
+    return conversation
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What a stop did: the stopped reply's conversation and the messages it stored."""
+
+    conversation_id: str
+    messages: list
+
+
+def reply_stop(*, user, conversation_id) -> Stopped:
+    """Stop the reply running for the conversation, in this process or another; what it generated is stored,
+    marked stopped. 404 reply_not_running when none runs."""
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id)
+    run = reply_run_of(conversation.pk)
+    if run is not None:
+        run.stop()
+        run.finished.wait(STOP_WAIT_SECONDS)
+        return Stopped(str(conversation.pk), list(run.record.stored))
+    announced = reply_run_announced(conversation.pk)
+    if announced is None or not reply_stop_request(conversation.pk):
+        raise NotFound(f"No reply is running for conversation {conversation.pk}.", param="conversation",
+                       code="reply_not_running")
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
+    while reply_run_announced(conversation.pk) == announced and time.monotonic() < deadline:
+        time.sleep(0.1)
+    conversation.refresh_from_db(fields=["active"])
+    active = conversation.active
+    return Stopped(str(conversation.pk), [active] if active is not None and active.stopped else [])
+
+
+@contextmanager
+def _leased(conversation: Conversation):
+    """The conversation's lease (409 conversation_busy while another operation holds it), then a transaction that
+    moves its version on (409 if it moved since): the operation's writes go in that transaction."""
+    lease = conversation_lease_take(conversation=conversation)
+    try:
+        conversation.refresh_from_db(fields=["updated_at", "active"])
+        with transaction.atomic():
+            conversation_advance(conversation)
+            yield conversation
+    finally:
+        if lease is not None:
+            lease.release()

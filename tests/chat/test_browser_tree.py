@@ -1,0 +1,170 @@
+"""The conversation tree on the chat page in headless Chromium against a live daphne server: regenerate and
+switch alternatives, edit and switch branches, continue, stop, and a reply that completes after its page closed."""
+
+import pytest
+
+from tests.chat.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import missing_service
+from tests.live import LiveServer, prepare_database
+
+pytestmark = pytest.mark.smollm2
+DONE = ".message.assistant[data-complete='true']"
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory, smollm2_path):
+    server = LiveServer(workdir=tmp_path_factory.mktemp("browser-tree"))
+    prepare_database(server, {})
+    server.manage("from django.contrib.auth import get_user_model\n"
+                  "from characters.models import Character\n"
+                  "get_user_model().objects.create_user('brancher', password='a-long-test-password')\n"
+                  # Short replies keep the tests quick on a busy CPU; Byte's are cut short (room to continue);
+                  # Luca's are long (time to stop one), Quill's long enough to outlive a closed page.
+                  "for slug, tokens in [('captain-mira', 16), ('byte', 12), ('chef-luca', 600), ('professor-quill', 40)]:\n"
+                  "    Character.objects.filter(slug=slug).update(max_tokens=tokens)")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def browser():
+    if CHROMIUM is None:
+        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def logged_in(browser, server, *, narrow: bool = True):
+    page = browser.new_page(viewport={"width": 390, "height": 844} if narrow else None)
+    page.goto(server.url + "/accounts/login/")
+    page.get_by_label("Username").fill("brancher")
+    page.get_by_label("Password").fill("a-long-test-password")
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_role("heading", name="Pick a character").wait_for()
+    return page
+
+
+def say(page, text: str):
+    from playwright.sync_api import expect
+
+    page.get_by_label("Your message").fill(text)
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator(DONE)).to_have_count(1, timeout=120_000)
+    return page.locator(".message").last
+
+
+def test_regenerate_and_switch_between_alternatives(browser, page_server):
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server)
+    page.get_by_role("button", name="Captain Mira Vale").click()
+    reply = say(page, "Is a storm coming tonight?")
+    first = reply.locator(".text").inner_text()
+    reply.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".message").last.locator(".counter")).to_have_text("2 / 2", timeout=120_000)
+    expect(page.locator(DONE)).to_have_count(1)
+    second = page.locator(".message").last.locator(".text").inner_text()
+
+    page.locator(".message").last.get_by_role("button", name="Previous alternative").click()
+    expect(page.locator(".message").last.locator(".counter")).to_have_text("1 / 2")
+    expect(page.locator(".message").last.locator(".text")).to_have_text(first)
+    # Keyboard: → on the message's buttons shows the next alternative.
+    page.locator(".message").last.get_by_role("button", name="Regenerate").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator(".message").last.locator(".counter")).to_have_text("2 / 2")
+    expect(page.locator(".message").last.locator(".text")).to_have_text(second)
+    # Deleting this alternative leaves the other one.
+    page.locator(".message").last.get_by_role("button", name="Delete message").click()
+    expect(page.locator(".message").last.locator(".text")).to_have_text(first)
+    expect(page.locator(".message").last.locator(".counter")).to_have_count(0)
+    page.reload()
+    expect(page.locator(".message").last.locator(".text")).to_have_text(first)
+
+
+def test_edit_a_message_and_switch_back_to_the_old_branch(browser, page_server):
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server)
+    page.get_by_role("button", name="Captain Mira Vale").click()
+    page.get_by_role("button", name="New conversation").click()
+    old_reply = say(page, "What is our heading?").locator(".text").inner_text()
+    user = page.locator(".message.user").last
+    user.get_by_role("button", name="Edit").click()
+    page.get_by_label("Edit message").fill("Where are we sailing?")
+    page.get_by_label("Edit message").press("Enter")
+    expect(page.locator(".message.user").last.locator(".counter")).to_have_text("2 / 2", timeout=120_000)
+    expect(page.locator(DONE)).to_have_count(1)
+    expect(page.locator(".message.user").last.locator(".text")).to_have_text("Where are we sailing?")
+
+    page.locator(".message.user").last.get_by_role("button", name="Previous alternative").click()
+    expect(page.locator(".message.user").last.locator(".text")).to_have_text("What is our heading?")
+    expect(page.locator(".message").last.locator(".text")).to_have_text(old_reply)
+
+
+def test_continue_a_reply(browser, page_server):
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server)
+    page.get_by_role("button", name="Byte").click()
+    reply = say(page, "Explain how a compiler works, step by step.")
+    before = reply.locator(".text").inner_text()
+    reply.get_by_role("button", name="Continue").click()
+    expect(page.locator(".message").last.locator(".text")).not_to_have_text(before, timeout=120_000)
+    expect(page.locator(DONE)).to_have_count(1, timeout=120_000)
+    after = page.locator(".message").last.locator(".text").inner_text()
+    assert after.startswith(before.rstrip()) and len(after) > len(before)
+    assert page.locator(".message.assistant").count() == 2  # greeting and the one extended reply
+
+
+def test_stop_a_reply_and_keep_its_text(browser, page_server):
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server)
+    page.get_by_role("button", name="Chef Luca Romano").click()
+    say(page, "Hello!")
+    page.get_by_label("Your message").fill("Tell me, in great detail, every recipe you know.")
+    page.get_by_role("button", name="Send").click()
+    streaming = page.locator(".message[aria-busy='true'] .text")
+    expect(streaming).not_to_have_text("", timeout=120_000)
+    page.get_by_role("button", name="Stop").click()
+    stopped = page.locator(".message[data-stopped='true']")
+    expect(stopped).to_have_count(1, timeout=60_000)
+    text = stopped.locator(".text").inner_text()
+    assert text.strip()
+    page.reload()
+    expect(page.locator(".message[data-stopped='true'] .text")).to_have_text(text)
+    expect(page.locator(".stopped-note")).to_have_text("Stopped")
+
+
+def test_a_reply_completes_after_its_page_was_closed(browser, page_server):
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server)
+    page.get_by_role("button", name="Professor Ada Quill").click()
+    say(page, "Good morning!")
+    address = page.url
+    conversation = address.split("conversation=")[1]
+    page.get_by_label("Your message").fill("Explain the history of the printing press.")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator(".message[aria-busy='true'] .text")).not_to_have_text("", timeout=120_000)
+    page.close()  # the page goes away mid-reply
+
+    again = logged_in(browser, page_server)
+    again.goto(address)
+    # Streaming on if it still runs, stored if it ended: either way the whole reply shows.
+    expect(again.locator(".message")).to_have_count(5, timeout=120_000)
+    expect(again.locator(".message[aria-busy='true']")).to_have_count(0, timeout=120_000)
+    stored = page_server.manage(
+        "from chat.models import Conversation\n"
+        f"c = Conversation.objects.get(pk='{conversation}')\n"
+        "m = c.messages.order_by('id').last()\n"
+        "print(m.role, m.stopped, m.finish_reason, c.active_id == m.pk)")
+    assert stored.split() == ["assistant", "False", stored.split()[2], "True"]
+    assert stored.split()[2] in ("stop", "length")
+    last = again.locator(".message").last.locator(".text").inner_text()
+    assert last.strip()

@@ -1,0 +1,385 @@
+"""Conversations as trees over the HTTP API (chat/api/conversation_ops.py, chat/trees/): regenerate (with n),
+list and select alternatives, edit, continue, delete, stop; owner-only; concurrent operations; the path the
+model sees; the migration of existing conversations. A tiny random-weight model: the texts do not matter."""
+
+import dataclasses
+import threading
+import time
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from chat.engines import get_engine
+from chat.models import Conversation, Message
+from chat.trees.running import reply_run_of
+from tests.factories import make_api_client, make_character, write_tiny_gguf
+
+pytestmark = pytest.mark.django_db(transaction=True)
+NO_CACHE = {"HTTP_CACHE_CONTROL": "no-cache"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tree")
+    return write_tiny_gguf(folder / "tiny.gguf"), write_tiny_gguf(folder / "endless.gguf", never_ends=True)
+
+
+@pytest.fixture
+def tiny_site(settings, tiny_models):
+    models = tuple(dataclasses.replace(m, path=str(tiny_models[0]), context_length=1024)
+                   for m in settings.LLMSITE.models)
+    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
+    settings.API_RATE_LIMIT = ""
+
+
+@pytest.fixture
+def endless_site(settings, tiny_models):
+    """A model that never ends a reply by itself: replies run until max_tokens (or a stop)."""
+    models = tuple(dataclasses.replace(m, path=str(tiny_models[1]), context_length=4096)
+                   for m in settings.LLMSITE.models)
+    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
+    settings.API_RATE_LIMIT = ""
+
+
+@pytest.fixture
+def chat(tiny_site):
+    """alice's conversation of two exchanges (greeting-less), stored through the API."""
+    client = make_api_client("alice")
+    make_character("mira")
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 5, "temperature": 0.9,
+                                                 "messages": [{"role": "user", "content": "Hello there"}]},
+                        format="json", **NO_CACHE).json()
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    client.post("/v1/chat/completions", {"conversation": str(conversation.pk), "max_tokens": 5, "temperature": 0.9,
+                                         "messages": [{"role": "user", "content": "How are you?"}]},
+                format="json", **NO_CACHE)
+    return client, conversation
+
+
+def url(conversation, tail: str) -> str:
+    return f"/v1/conversations/{conversation.pk}/{tail}"
+
+
+def path_of(client, conversation) -> list[dict]:
+    response = client.get(url(conversation, "path/"))
+    assert response.status_code == 200
+    return response.json()["messages"]
+
+
+def sse_events(response) -> list:
+    import json
+
+    async def read(stream):
+        return [chunk async for chunk in stream]
+
+    text = b"".join(async_to_sync(read)(response.streaming_content)).decode()
+    data = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(item) for item in data[:-1]]
+
+
+def test_exchanges_form_a_single_path_ending_at_the_active_leaf(chat):
+    client, conversation = chat
+    conversation.refresh_from_db()
+    messages = list(conversation.messages.order_by("id"))
+    assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert [m.parent_id for m in messages] == [None, *[m.pk for m in messages[:-1]]]
+    assert conversation.active_id == messages[-1].pk
+    path = path_of(client, conversation)
+    assert [m["id"] for m in path] == [m.pk for m in messages]
+    assert all(m["alternatives"] == {"index": 0, "count": 1, "ids": [m["id"]]} for m in path)
+
+
+def test_regenerate_adds_an_alternative_that_can_be_listed_and_selected(chat):
+    client, conversation = chat
+    old = conversation.messages.order_by("id").last()
+    response = client.post(url(conversation, f"messages/{old.pk}/regenerate/"), {"max_tokens": 5, "seed": 3},
+                           format="json")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    new = body["messages"][0]
+    assert body["kind"] == "regenerate" and new["parent"] == old.parent_id and new["id"] != old.pk
+    conversation.refresh_from_db()
+    assert conversation.active_id == new["id"]
+
+    alternatives = client.get(url(conversation, f"messages/{old.pk}/alternatives/")).json()
+    assert [m["id"] for m in alternatives["data"]] == [old.pk, new["id"]] and alternatives["index"] == 0
+    assert path_of(client, conversation)[-1]["alternatives"] == {"index": 1, "count": 2, "ids": [old.pk, new["id"]]}
+
+    selected = client.post(url(conversation, f"messages/{old.pk}/select/")).json()
+    assert selected["active"] == old.pk and selected["messages"][-1]["id"] == old.pk
+    # The next message continues the selected alternative's branch.
+    client.post("/v1/chat/completions", {"conversation": str(conversation.pk), "max_tokens": 4,
+                                         "messages": [{"role": "user", "content": "Go on"}]}, format="json",
+                **NO_CACHE)
+    path = path_of(client, conversation)
+    assert [m["content"] for m in path][-2] == "Go on" and path[-3]["id"] == old.pk
+
+
+def test_n_alternatives_come_from_one_prompt_evaluation(chat):
+    client, conversation = chat
+    old = conversation.messages.order_by("id").last()
+    engine = get_engine()
+    before = engine.stats()
+    response = client.post(url(conversation, f"messages/{old.pk}/regenerate/"),
+                           {"n": 3, "max_tokens": 6, "temperature": 1.0, "seed": 11}, format="json")
+    after = engine.stats()
+    body = response.json()
+    assert len(body["messages"]) == 3 and {m["parent"] for m in body["messages"]} == {old.parent_id}
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert body["usage"]["completion_tokens"] == sum(m["completion_tokens"] for m in body["messages"])
+    evaluated = after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"]
+    # Three sequences of one prompt: it is evaluated about once (shared or reused), not three times.
+    assert evaluated <= prompt_tokens * 1.5, (evaluated, prompt_tokens)
+    assert len(Message.objects.filter(parent_id=old.parent_id)) == 4
+
+
+def test_edit_makes_a_new_branch_answered_at_once_and_the_old_branch_stays(chat):
+    client, conversation = chat
+    second_user = conversation.messages.filter(role="user").order_by("id").last()
+    old_leaf = conversation.messages.order_by("id").last()
+    response = client.post(url(conversation, f"messages/{second_user.pk}/edit/"),
+                           {"content": "How old are you?", "max_tokens": 4}, format="json")
+    assert response.status_code == 200, response.content
+    reply = response.json()["messages"][0]
+    edited = Message.objects.get(pk=reply["parent"])
+    assert edited.content == "How old are you?" and edited.parent_id == second_user.parent_id
+    path = path_of(client, conversation)
+    assert [m["content"] for m in path][-2] == "How old are you?"
+    assert path[-2]["alternatives"]["count"] == 2
+    # Switching back to the old branch shows it as it was, down to its leaf.
+    back = client.post(url(conversation, f"messages/{second_user.pk}/select/")).json()
+    assert back["active"] == old_leaf.pk and Message.objects.filter(pk=old_leaf.pk).exists()
+
+
+def test_continue_extends_the_reply_with_its_turn_left_open(chat):
+    client, conversation = chat
+    leaf = conversation.messages.order_by("id").last()
+    before = leaf.content
+    response = client.post(url(conversation, f"messages/{leaf.pk}/continue/"), {"max_tokens": 5, "seed": 2},
+                           format="json")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    leaf.refresh_from_db()
+    assert body["messages"][0]["id"] == leaf.pk and leaf.content == before + body["text"]
+    assert leaf.completion_tokens >= 5 and Message.objects.filter(conversation=conversation).count() == 4
+    # Only the last reply of a branch can be continued.
+    first_reply = conversation.messages.filter(role="assistant").order_by("id").first()
+    refused = client.post(url(conversation, f"messages/{first_reply.pk}/continue/"), {}, format="json")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_continuable"
+
+
+def test_the_continued_prompt_ends_inside_the_reply(tiny_site):
+    engine = get_engine()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon a"}]
+    prompt = engine.render_chat(messages, continue_final=True)
+    assert prompt.endswith("Once upon a")
+    closed = engine.render_chat(messages, add_generation_prompt=False)
+    assert closed.startswith(prompt) and closed[len(prompt):].startswith("<|im_end|>")
+
+
+def test_delete_removes_the_subtree_and_the_conversation_shows_the_branch_beside_it(chat):
+    client, conversation = chat
+    leaf = conversation.messages.order_by("id").last()
+    client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 3}, format="json")
+    second_user = leaf.parent
+    response = client.delete(url(conversation, f"messages/{second_user.pk}/"))
+    assert response.status_code == 200
+    assert not Message.objects.filter(parent_id=second_user.pk).exists()
+    assert not Message.objects.filter(pk=second_user.pk).exists()
+    body = response.json()
+    assert body["active"] == second_user.parent_id and len(body["messages"]) == 2
+
+
+def test_stop_keeps_what_was_generated_marked_stopped(endless_site):
+    client = make_api_client("stopper")
+    make_character("mira")
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        format="json", **NO_CACHE).json()
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    leaf = conversation.messages.order_by("id").last()
+    streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
+                           {"max_tokens": 2000, "stream": True}, format="json")
+    assert streamed.status_code == 200
+    run = reply_run_of(conversation.pk)
+    deadline = time.monotonic() + 60
+    while not run.texts[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopped = client.post(url(conversation, "stop/"))
+    assert stopped.status_code == 200, stopped.content
+    body = stopped.json()
+    assert body["stopped"] is True and body["messages"][0]["stopped"] is True
+    message = Message.objects.get(pk=body["messages"][0]["id"])
+    assert message.content and message.finish_reason == "cancelled" and message.completion_tokens < 2000
+    assert client.post(url(conversation, "stop/")).json()["error"]["code"] == "reply_not_running"
+
+
+def test_another_key_gets_404_for_every_operation(chat):
+    client, conversation = chat
+    other = make_api_client("mallory")
+    leaf = conversation.messages.order_by("id").last()
+    for method, tail, data in [
+        ("get", "path/", None), ("get", f"messages/{leaf.pk}/alternatives/", None),
+        ("post", f"messages/{leaf.pk}/select/", None), ("delete", f"messages/{leaf.pk}/", None),
+        ("post", f"messages/{leaf.pk}/regenerate/", {}), ("post", f"messages/{leaf.pk}/continue/", {}),
+        ("post", f"messages/{leaf.parent_id}/edit/", {"content": "mine now"}), ("post", "stop/", None),
+        ("get", "reply/", None),
+    ]:
+        response = getattr(other, method)(url(conversation, tail), data, format="json")
+        assert response.status_code == 404, (tail, response.content)
+        assert response.json()["error"]["code"] == "conversation_not_found"
+    assert conversation.messages.count() == 4
+    # A message of another conversation is a 404 too.
+    assert client.post(url(conversation, "messages/999999/select/")).json()["error"]["code"] == "message_not_found"
+
+
+def test_two_concurrent_operations_one_gets_409_and_no_branch_is_lost(endless_site):
+    client = make_api_client("racer")
+    make_character("mira")
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        format="json", **NO_CACHE).json()
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    leaf = conversation.messages.order_by("id").last()
+    running = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
+                          {"max_tokens": 60, "stream": True}, format="json")
+    assert running.status_code == 200
+    for tail, data in [(f"messages/{leaf.pk}/regenerate/", {}), (f"messages/{leaf.parent_id}/edit/", {"content": "x"}),
+                       (f"messages/{leaf.pk}/select/", None), (f"messages/{leaf.pk}/", None)]:
+        method = client.delete if tail.endswith(f"{leaf.pk}/") else client.post
+        busy = method(url(conversation, tail), data, format="json")
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "conversation_busy", tail
+    events = sse_events(running)
+    assert events[0]["type"] == "start" and events[-1]["type"] == "end"
+    # Both alternatives are there, and the first operation's is the active leaf.
+    assert Message.objects.filter(parent_id=leaf.parent_id).count() == 2
+    conversation.refresh_from_db()
+    assert conversation.active_id == events[-1]["messages"][0]["id"]
+
+
+def test_two_operations_started_at_the_same_moment(chat):
+    client, conversation = chat
+    leaf = conversation.messages.order_by("id").last()
+    results = []
+
+    def regenerate():
+        results.append(client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 8},
+                                   format="json").status_code)
+        connection.close()
+
+    threads = [threading.Thread(target=regenerate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) in ([200, 200], [200, 409])  # never a lost write: each 200 stored its reply
+    assert Message.objects.filter(parent_id=leaf.parent_id).count() == 1 + results.count(200)
+
+
+def test_a_streamed_regenerate_sends_start_tokens_and_end(chat):
+    client, conversation = chat
+    leaf = conversation.messages.order_by("id").last()
+    events = sse_events(client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
+                                    {"max_tokens": 6, "stream": True, "n": 2}, format="json"))
+    assert events[0]["type"] == "start" and events[0]["choices"] == 2
+    tokens = [e for e in events if e["type"] == "token"]
+    end = events[-1]
+    assert end["type"] == "end" and {t["index"] for t in tokens} <= {0, 1} and len(end["messages"]) == 2
+    for index, message in enumerate(end["messages"]):  # the text so far (at start), then the tokens
+        streamed = events[0]["text"][index] + "".join(t["text"] for t in tokens if t["index"] == index)
+        assert streamed == message["content"]
+
+
+def test_existing_conversations_migrate_as_a_single_path(transactional_db):
+    executor = MigrationExecutor(connection)
+    executor.migrate([("chat", "0004_apikey_quotas_usagerecord")])
+    old = executor.loader.project_state([("chat", "0004_apikey_quotas_usagerecord")]).apps
+    user = old.get_model("auth", "User").objects.create(username="before")
+    character = old.get_model("characters", "Character").objects.create(name="Old", slug="old", description="x")
+    conversation = old.get_model("chat", "Conversation").objects.create(character=character, owner=user)
+    OldMessage = old.get_model("chat", "Message")
+    ids = [OldMessage.objects.create(conversation=conversation, role=role, content=str(index)).pk
+           for index, role in enumerate(["assistant", "user", "assistant", "user", "assistant"])]
+    executor = MigrationExecutor(connection)
+    executor.migrate([("chat", "0005_message_tree")])
+    executor.loader.build_graph()
+    migrated = Conversation.objects.get(pk=conversation.pk)
+    assert migrated.active_id == ids[-1]
+    assert list(Message.objects.filter(conversation=migrated).order_by("id").values_list("parent_id", flat=True)) \
+        == [None, *ids[:-1]]
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+def test_chat_completions_with_n_return_n_choices_counting_the_prompt_once(chat):
+    client, conversation = chat
+    engine = get_engine()
+    before = engine.stats()["prompt_tokens_evaluated"]
+    body = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a colour " * 20}],
+                                                "n": 3, "max_tokens": 5, "temperature": 1.0}, format="json").json()
+    evaluated = engine.stats()["prompt_tokens_evaluated"] - before
+    assert [choice["index"] for choice in body["choices"]] == [0, 1, 2]
+    assert all(choice["message"]["role"] == "assistant" for choice in body["choices"])
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] >= 3 and evaluated <= usage["prompt_tokens"] * 1.5, (evaluated, usage)
+
+    # In a stored conversation the choices become alternatives of one another.
+    leaf = conversation.messages.order_by("id").last()
+    stored = client.post("/v1/chat/completions", {"conversation": str(conversation.pk), "n": 2, "max_tokens": 4,
+                                                  "messages": [{"role": "user", "content": "Pick one"}]},
+                         format="json").json()
+    question = Message.objects.get(parent=leaf)
+    replies = list(Message.objects.filter(parent=question).order_by("id"))
+    assert [r.content for r in replies] == [choice["message"]["content"] for choice in stored["choices"]]
+    conversation.refresh_from_db()
+    assert conversation.active_id == replies[0].pk
+
+
+def test_chat_completions_stream_n_choices_with_their_index(chat):
+    client, _ = chat
+    response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 2,
+                                                    "max_tokens": 5, "stream": True,
+                                                    "stream_options": {"include_usage": True}}, format="json")
+    chunks = sse_events(response)
+    indexes = {choice["index"] for chunk in chunks for choice in chunk["choices"]}
+    assert indexes == {0, 1}
+    finished = [choice for chunk in chunks for choice in chunk["choices"] if choice["finish_reason"]]
+    assert sorted(choice["index"] for choice in finished) == [0, 1]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_n_is_one_to_eight(chat):
+    client, _ = chat
+    for n in (0, 9):
+        response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": n},
+                               format="json")
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
+def test_a_stop_reaches_a_reply_running_in_another_process(endless_site, monkeypatch):
+    from chat.trees import running
+
+    client = make_api_client("far-stopper")
+    make_character("mira")
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        format="json", **NO_CACHE).json()
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    leaf = conversation.messages.order_by("id").last()
+    streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
+                           {"max_tokens": 2000, "stream": True}, format="json")
+    run = reply_run_of(conversation.pk)
+    deadline = time.monotonic() + 60
+    while not run.texts[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monkeypatch.setattr(running, "_runs", {})  # this process no longer knows the run: as if another one ran it
+    body = client.post(url(conversation, "stop/")).json()
+    assert body["stopped"] is True and body["messages"][0]["stopped"] is True
+    assert run.finished.is_set() and run.record.stopped
+    conversation.refresh_from_db()
+    assert conversation.active_id == body["messages"][0]["id"]
+    streamed.close()

@@ -1,0 +1,188 @@
+"""The tree operations over the WebSocket (chat/api/consumers.py), and replies that outlive their socket
+(chat/trees/running.py). A tiny random-weight model: the texts do not matter."""
+
+import asyncio
+import dataclasses
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from chat.models import Conversation, Message
+from chat.trees.running import reply_run_of
+from llmsite.asgi import application
+from tests.factories import make_api_client, make_character, write_tiny_gguf
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+
+
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("tree-ws") / "endless.gguf", never_ends=True)
+
+
+@pytest.fixture
+def site(settings, endless_model):
+    """A model that never ends a reply by itself: every reply runs to max_tokens (or a stop)."""
+    models = tuple(dataclasses.replace(m, path=str(endless_model), context_length=4096)
+                   for m in settings.LLMSITE.models)
+    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
+    settings.API_RATE_LIMIT = ""
+    make_character("mira", greeting="Ahoy!")
+
+
+async def socket_of(key: str) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(application, "/ws/chat/mira/",
+                                 headers=[ORIGIN, (b"authorization", f"Bearer {key}".encode())])
+    assert (await comm.connect())[0]
+    return comm
+
+
+async def until(comm, *types, timeout=60) -> list[dict]:
+    events = []
+    while True:
+        event = await comm.receive_json_from(timeout=timeout)
+        events.append(event)
+        if event["type"] in (*types, "error"):
+            return events
+
+
+async def user_key(name: str) -> str:
+    return (await sync_to_async(make_api_client)(name)).raw_key
+
+
+async def messages_of(conversation_id) -> list[Message]:
+    return await sync_to_async(lambda: list(Message.objects.filter(conversation_id=conversation_id).order_by("id")))()
+
+
+async def wait_for(predicate, timeout=60):
+    for _ in range(int(timeout * 20)):
+        if await sync_to_async(predicate)():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+async def test_every_operation_over_the_websocket(site):
+    comm = await socket_of(await user_key("ws-alice"))
+    await comm.send_json_to({"type": "message", "content": "Hello", "max_tokens": 4})
+    end = (await until(comm, "end"))[-1]
+    assert end["type"] == "end" and end["kind"] == "reply"
+    conversation, reply = end["conversation"], end["messages"][0]
+
+    await comm.send_json_to({"type": "regenerate", "message": reply["id"], "max_tokens": 4, "n": 2})
+    events = await until(comm, "end")
+    assert events[0]["type"] == "start" and events[0]["choices"] == 2
+    regenerated = events[-1]["messages"]
+    assert len(regenerated) == 2 and {m["parent"] for m in regenerated} == {reply["parent"]}
+
+    await comm.send_json_to({"type": "select", "message": reply["id"]})
+    path = (await until(comm, "path"))[-1]
+    assert path["active"] == reply["id"] and path["messages"][-1]["alternatives"]["count"] == 3
+
+    await comm.send_json_to({"type": "edit", "message": reply["parent"], "content": "Hello again", "max_tokens": 4})
+    edited = (await until(comm, "end"))[-1]["messages"][0]
+    question = await sync_to_async(Message.objects.get)(pk=edited["parent"])
+    assert question.content == "Hello again" and question.pk != reply["parent"]
+
+    await comm.send_json_to({"type": "continue", "message": edited["id"], "max_tokens": 3})
+    continued = (await until(comm, "end"))[-1]
+    assert continued["messages"][0]["id"] == edited["id"]
+    assert continued["messages"][0]["content"] == edited["content"] + continued["text"]
+
+    await comm.send_json_to({"type": "delete", "message": question.pk})
+    path = (await until(comm, "path"))[-1]
+    assert path["messages"][-1]["id"] == reply["id"] or path["messages"][-1]["parent"] == reply["parent"]
+    assert not await sync_to_async(Message.objects.filter(pk=edited["id"]).exists)()
+    assert len(await messages_of(conversation)) == 5  # greeting, question, three alternatives
+    await comm.disconnect()
+
+
+async def test_stop_keeps_the_text_marked_stopped(site):
+    comm = await socket_of(await user_key("ws-stopper"))
+    await comm.send_json_to({"type": "message", "content": "Tell me everything", "max_tokens": 2000})
+    assert (await comm.receive_json_from(timeout=60))["type"] == "start"
+    assert (await until(comm, "token"))[-1]["type"] == "token"
+    await comm.send_json_to({"type": "stop"})  # a new conversation's first reply: the socket's own run
+    first = (await until(comm, "end"))[-1]
+    assert first["stopped"] is True and first["conversation"]
+    conversation = first["conversation"]
+    await comm.send_json_to({"type": "message", "content": "Go on", "max_tokens": 2000})
+    await until(comm, "token")
+    await comm.send_json_to({"type": "stop"})
+    end = (await until(comm, "end"))[-1]
+    assert end["type"] == "end" and end["stopped"] is True and end["finish_reason"] == "cancelled"
+    stored = (await messages_of(conversation))[-1]
+    assert stored.stopped and stored.content == end["text"] and 0 < stored.completion_tokens < 2000
+    await comm.disconnect()
+
+
+async def test_a_reply_goes_on_after_its_socket_closed_and_a_new_socket_resumes_it(site):
+    key = await user_key("ws-walker")
+    comm = await socket_of(key)
+    await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
+    conversation = (await until(comm, "end"))[-1]["conversation"]
+    await comm.send_json_to({"type": "message", "content": "A long one please", "max_tokens": 1500})
+    await until(comm, "token")
+    await comm.disconnect()  # the page is closed mid-reply
+
+    again = await socket_of(key)
+    await again.send_json_to({"type": "attach", "conversation": conversation})
+    events = await until(again, "end", "idle", timeout=120)
+    if events[0]["type"] == "start":  # still running: resumed from its text so far
+        assert events[0]["resumed"] is True and events[-1]["type"] == "end"
+    stored = await messages_of(conversation)
+    await wait_for(lambda: Message.objects.filter(conversation_id=conversation).count() == 5)
+    stored = await messages_of(conversation)
+    assert stored[-1].role == "assistant" and not stored[-1].stopped and stored[-1].completion_tokens == 1500
+    await again.disconnect()
+
+
+async def test_a_reply_left_alone_too_long_is_stopped_and_kept(site, settings):
+    settings.REPLY_DETACHED_SECONDS = 0.2
+    comm = await socket_of(await user_key("ws-leaver"))
+    await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
+    conversation = (await until(comm, "end"))[-1]["conversation"]
+    await comm.send_json_to({"type": "message", "content": "Go on and on", "max_tokens": 2000})
+    await until(comm, "token")
+    await comm.disconnect()
+    await wait_for(lambda: Message.objects.filter(conversation_id=conversation).count() == 5)
+    stored = (await messages_of(conversation))[-1]
+    assert stored.stopped and stored.content and stored.completion_tokens < 2000
+
+
+async def test_another_user_cannot_touch_the_conversation(site):
+    comm = await socket_of(await user_key("ws-owner"))
+    await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
+    end = (await until(comm, "end"))[-1]
+    other = await socket_of(await user_key("ws-mallory"))
+    reply = end["messages"][0]["id"]
+    for message in ({"type": "regenerate", "message": reply}, {"type": "select", "message": reply},
+                    {"type": "delete", "message": reply}, {"type": "continue", "message": reply},
+                    {"type": "stop"}, {"type": "attach"}):
+        await other.send_json_to({**message, "conversation": end["conversation"]})
+        event = await other.receive_json_from(timeout=30)
+        assert event["type"] == "error" and event["status"] == 404, (message, event)
+    assert len(await messages_of(end["conversation"])) == 3
+    await comm.disconnect()
+    await other.disconnect()
+
+
+async def test_two_sockets_regenerating_at_once_one_gets_409_and_nothing_is_lost(site):
+    key = await user_key("ws-twins")
+    first, second = await socket_of(key), await socket_of(key)
+    await first.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
+    end = (await until(first, "end"))[-1]
+    reply = end["messages"][0]
+    target = {"type": "regenerate", "message": reply["id"], "conversation": end["conversation"], "max_tokens": 300}
+    await first.send_json_to(target)
+    await until(first, "start")
+    await second.send_json_to(target)
+    busy = await second.receive_json_from(timeout=30)
+    assert busy["type"] == "error" and busy["status"] == 409 and busy["error"]["code"] == "conversation_busy"
+    done = (await until(first, "end"))[-1]
+    siblings = await sync_to_async(lambda: list(Message.objects.filter(parent_id=reply["parent"])))()
+    assert {m.pk for m in siblings} == {reply["id"], done["messages"][0]["id"]}
+    await first.disconnect()
+    await second.disconnect()
