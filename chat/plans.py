@@ -102,7 +102,8 @@ class ChatPlan:
 
 
 def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: str = "", cache_allowed: bool = True,
-                         request_key: str | None = None, branch: Branch | None = None) -> ChatPlan:
+                         request_key: str | None = None, branch: Branch | None = None,
+                         lease_holder: str | None = None) -> ChatPlan:
     """Resolve character, conversation, model and sampling, and compose the prompt.
 
     `greet`: a new conversation starts with the character's greeting as its first message (the
@@ -110,12 +111,13 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
     greeting, 1.. = the alternates) and also makes an API request start with it.
     `user_name`: what {{user}} becomes when the request names no one (default: the account's display name).
     `branch`: where in the conversation's tree the reply goes (regenerate, edit, continue).
+    `lease_holder`: who takes the conversation's lease (a background job: its retry takes over its own lease).
     """
     conversation = lease = None
     if data.get("conversation"):
         conversation = conversation_get_owned(user=user, conversation_id=data["conversation"])
         # One continuation at a time (409 conversation_busy), its history read once the lease is held.
-        lease = conversation_lease_take(conversation=conversation)
+        lease = conversation_lease_take(conversation=conversation, holder=lease_holder)
     try:
         if conversation is not None:
             # The version whose history is read (replies.py), and its active leaf.

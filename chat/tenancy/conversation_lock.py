@@ -56,16 +56,20 @@ class ConversationLease:
             logger.warning("could not release %s", self.key, exc_info=True)
 
 
-def conversation_lease_take(*, conversation: Conversation) -> ConversationLease | None:
+def conversation_lease_take(*, conversation: Conversation, holder: str | None = None) -> ConversationLease | None:
     """The conversation's lease, or ConversationBusy (409); None when the cache cannot say (it is down):
-    then only the version check of `conversation_advance` guards the conversation."""
-    key, token = f"conversation-lease:{conversation.pk}", uuid.uuid4().hex
+    then only the version check of `conversation_advance` guards the conversation. A named `holder` (a
+    background job) takes over a lease it already holds: the retry of a job whose worker died is not
+    refused by the dead attempt's lease."""
+    key, token = f"conversation-lease:{conversation.pk}", holder or uuid.uuid4().hex
     taken = cache.add(key, token, timeout=LEASE_SECONDS)
     if taken is None:  # django-redis with IGNORE_EXCEPTIONS: Redis did not answer
         logger.warning("no conversation lease for %s: the cache is unavailable", conversation.pk)
         return None
-    if not taken:
+    if not taken and not (holder is not None and cache.get(key) == holder):
         raise ConversationBusy(conversation.pk)
+    if not taken:
+        cache.set(key, token, timeout=LEASE_SECONDS)  # taken over: a fresh expiry for this attempt
     return ConversationLease(key, token)
 
 

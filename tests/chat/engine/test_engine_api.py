@@ -10,6 +10,7 @@ from django.http import JsonResponse
 from rest_framework.test import APIClient
 
 from chat.engine import GenerationFailed, ModelRegistry, ModelSpec, SamplingParams
+from chat.engine.faults import Faults
 from chat.engines import get_engine
 from chat.api.views import cancelling_abandoned_generations
 from tests.factories import import_demo_resources, make_api_client
@@ -87,6 +88,7 @@ def endless_path(tmp_path_factory, write_tiny_gguf):
 def test_a_stream_that_times_out_in_the_queue_is_answered_503_before_it_starts(api, settings, endless_path):
     with_model_options(settings, path=str(endless_path), context_length=TINY_CONTEXT, parallel=1, queue_timeout=0.3)
     engine = get_engine()
+    engine.faults = Faults(step=lambda step: time.sleep(0.01))  # the 400 tokens outlast queue_timeout on any CPU
     running = engine.submit("hello world", LONG)  # holds the only slot for 400 tokens
     try:
         response = api.post("/v1/chat/completions", {**ASK, "stream": True}, format="json", **NO_CACHE)
@@ -96,6 +98,7 @@ def test_a_stream_that_times_out_in_the_queue_is_answered_503_before_it_starts(a
         assert response.json()["error"]["code"] == "engine_overloaded"
         assert "waited too long" in response.json()["error"]["message"]
     finally:
+        engine.faults = None
         running.cancel()
         list(running)
 
