@@ -66,9 +66,12 @@ def test_group_chat_with_two_characters(group_server):
 
         page.get_by_label("Your message").fill("And you, Ada?")
         page.get_by_role("button", name="Send").click()
-        expect(replies).to_have_count(2, timeout=90_000)
-        expect(replies.nth(1).locator(".who")).to_have_text("Ada")
-        expect(replies.nth(1).locator(".who img.avatar")).to_have_count(1)
+        # data-complete marks the reply that just ended (the page's tree view): now Ada's, below Bob's.
+        expect(replies.locator(".who")).to_have_text("Ada", timeout=90_000)
+        expect(replies.locator(".who img.avatar")).to_have_count(1)
+        shown = page.locator(".message.assistant")
+        expect(shown).to_have_count(2)
+        expect(shown.nth(0).locator(".who")).to_have_text("Bob")
 
         page.reload()
         stored = page.locator(".message.assistant")
