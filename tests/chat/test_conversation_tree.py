@@ -194,7 +194,7 @@ def test_delete_removes_the_subtree_and_the_conversation_shows_the_branch_beside
     assert body["active"] == second_user.parent_id and len(body["messages"]) == 2
 
 
-def test_stop_keeps_what_was_generated_marked_stopped(endless_site):
+def test_stop_keeps_what_was_generated_marked_stopped(endless_site, monkeypatch):
     client = make_api_client("stopper")
     make_character("mira")
     first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
