@@ -187,6 +187,9 @@ class UsageRecord(models.Model):
                                                     help_text="Tokens generated, also those of a cancelled reply.")
     duration = models.FloatField(default=0, help_text="Seconds from admission to the end of the generation.")
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    end_user = models.CharField(max_length=256, blank=True,
+                                help_text="The request's `user`: an opaque id of the client's end user (never shown "
+                                          "to the model).")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

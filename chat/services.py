@@ -58,7 +58,7 @@ def chat_completion_create(*, user, api_key: ApiKey | None, data: dict, payload:
             return ChatCompletionStarted(body=body)
     # Prepared even for a job: a request that cannot run is refused now, not reported failed later.
     plan = chat_request_prepare(user=user, data=data, cache_allowed=cache_allowed, request_key=request_key)
-    tenant = Tenant(user=user, api_key=api_key)
+    tenant = Tenant(user=user, api_key=api_key, end_user=data.get("user") or "")
     if background:
         plan.release_conversation()  # the worker takes the conversation's lease when it runs the job
         quota_check_tokens(tenant)  # the worker meters the job when it runs; its budgets are checked now
@@ -118,7 +118,7 @@ def text_generation_start(*, user, api_key: ApiKey | None, data: dict, prompt: s
     caller's quotas and metered; raises before anything streams (sync)."""
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
-    tenant = Tenant(user=user, api_key=api_key)
+    tenant = Tenant(user=user, api_key=api_key, end_user=data.get("user") or "")
     meter = meter_open(tenant=tenant, model=engine.spec.name)
     try:
         generation = engine.submit(data["prompt"] if prompt is None else prompt, params, owner=tenant.owner)
@@ -185,7 +185,7 @@ def response_create(*, user, api_key: ApiKey | None, data: dict, cache_allowed: 
     except BaseException:
         plan.release_conversation()
         raise
-    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key, end_user=data.get("user") or ""))
     started = ResponseStarted(response_id=response_id, record=record, created_at=plan.created,
                               previous_response_id=previous_id or None)
     if data.get("stream"):

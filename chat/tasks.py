@@ -55,7 +55,8 @@ def job_run(*, job_id: str) -> None:
         serializer.is_valid(raise_exception=True)
         # Metered in the usage ledger; its token budgets were checked when it was submitted.
         plan = chat_request_prepare(user=job.owner, data=serializer.validated_data, lease_holder=f"job:{job.pk}")
-        record = reply_lookup(plan, tenant=Tenant(user=job.owner, api_key=job.api_key), enforce_quotas=False)
+        tenant = Tenant(user=job.owner, api_key=job.api_key, end_user=job.request.get("user") or "")
+        record = reply_lookup(plan, tenant=tenant, enforce_quotas=False)
         if _generate_with_progress(job, attempt, record, heartbeat) is None:
             return  # cancelled, or superseded by a newer attempt, while generating
         if _finish(job_id=job.pk, attempt=attempt, record=record):

@@ -24,6 +24,7 @@ class Tenant:
 
     user: object
     api_key: ApiKey | None = None
+    end_user: str = ""  # the request's `user`: an opaque end-user id of the client's, for the ledger and logs
 
     @property
     def owner(self) -> str:

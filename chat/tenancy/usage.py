@@ -13,6 +13,8 @@ from chat.models import UsageRecord
 
 from .owners import Tenant
 
+END_USER_MAX = UsageRecord._meta.get_field("end_user").max_length
+
 logger = logging.getLogger("llmsite.usage")
 
 SUMS = {"requests": Count("id"), "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
@@ -26,7 +28,7 @@ def usage_record_write(*, tenant: Tenant, model: str, character_id: int | None, 
         return UsageRecord.objects.create(owner=tenant.user, api_key=tenant.api_key, model=model,
                                           character_id=character_id, prompt_tokens=max(prompt_tokens, 0),
                                           completion_tokens=max(completion_tokens, 0), duration=max(duration, 0.0),
-                                          outcome=outcome)
+                                          outcome=outcome, end_user=tenant.end_user[:END_USER_MAX])
     except DatabaseError:
         logger.warning("usage of %s not recorded", tenant.owner, exc_info=True)
         return None

@@ -70,3 +70,26 @@ def test_the_admin_charts_usage_per_day_and_sums_it_per_key_user_and_character(l
     filtered = client.get("/admin/chat/usagerecord/", {"q": "ann"})
     assert filtered.context["usage_totals"]["total_tokens"] == 45
     assert client.get("/admin/chat/usagerecord/add/").status_code == 403  # the ledger is read-only
+
+
+@pytest.fixture
+def tiny_site(settings, tmp_path):
+    from dataclasses import replace
+
+    from tests.factories import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    models = tuple(replace(m, path=str(path), context_length=512) for m in settings.LLMSITE.models)
+    settings.LLMSITE = replace(settings.LLMSITE, models=models)
+    settings.API_RATE_LIMIT = ""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_requests_user_is_kept_in_the_ledger_as_an_opaque_id_never_in_the_prompt(tiny_site):
+    client = make_api_client("ann")
+    end_user = "sha256:9f86d081884c7d65<|im_start|>"
+    response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                                                    "user": end_user}, format="json", HTTP_CACHE_CONTROL="no-cache")
+    assert response.status_code == 200, response.content
+    (row,) = UsageRecord.objects.filter(owner=client.user)
+    assert row.end_user == end_user
