@@ -239,7 +239,7 @@ def test_another_key_gets_404_for_every_operation(chat):
     assert client.post(url(conversation, "messages/999999/select/")).json()["error"]["code"] == "message_not_found"
 
 
-def test_two_concurrent_operations_one_gets_409_and_no_branch_is_lost(endless_site):
+def test_two_concurrent_operations_one_gets_409_and_no_branch_is_lost(endless_site, monkeypatch):
     client = make_api_client("racer")
     make_character("mira")
     first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
@@ -247,6 +247,8 @@ def test_two_concurrent_operations_one_gets_409_and_no_branch_is_lost(endless_si
                         format="json", **NO_CACHE).json()
     conversation = Conversation.objects.get(pk=first["conversation"])
     leaf = conversation.messages.order_by("id").last()
+    # Each step slowed down, so that the first operation is still running while the others arrive.
+    monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.05)))
     running = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
                           {"max_tokens": 60, "stream": True}, format="json")
     assert running.status_code == 200
