@@ -1,6 +1,7 @@
 """The OpenAI-compatible API: thin views that validate, authorise, call a service and shape the reply."""
 
 import asyncio
+import datetime
 import functools
 
 from asgiref.sync import sync_to_async
@@ -247,11 +248,19 @@ class ConversationMessagesView(generics.ListAPIView):
         return conversation.messages.prefetch_related("scenarios").order_by("id")
 
 
+# Days a usage query may name: the window's arithmetic (29 days back, one day on) stays inside Python's dates.
+USAGE_FIRST_DAY, USAGE_LAST_DAY = datetime.date(1970, 1, 1), datetime.date(9999, 12, 30)
+
+
 class UsageQuerySerializer(serializers.Serializer):
     start = serializers.DateField(required=False, help_text="First UTC day (YYYY-MM-DD); default: 29 days before end.")
     end = serializers.DateField(required=False, help_text="Last UTC day, inclusive; default: today.")
 
     def validate(self, attrs):
+        for name in ("start", "end"):
+            if attrs.get(name) and not USAGE_FIRST_DAY <= attrs[name] <= USAGE_LAST_DAY:
+                raise serializers.ValidationError(
+                    {name: f"{name} must be a day from {USAGE_FIRST_DAY} to {USAGE_LAST_DAY}."})
         if attrs.get("start") and attrs.get("end") and attrs["start"] > attrs["end"]:
             raise serializers.ValidationError({"start": "start must not be after end."})
         return attrs

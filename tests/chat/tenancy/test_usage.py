@@ -93,3 +93,12 @@ def test_the_requests_user_is_kept_in_the_ledger_as_an_opaque_id_never_in_the_pr
     assert response.status_code == 200, response.content
     (row,) = UsageRecord.objects.filter(owner=client.user)
     assert row.end_user == end_user
+
+
+@pytest.mark.parametrize("query", ["end=0001-01-01", "start=0001-01-01", "end=9999-12-31"])
+def test_usage_days_out_of_range_are_400_not_a_server_error(ledger, query):
+    """Found by the schema fuzzer: end=0001-01-01 made the window's arithmetic overflow (a 500)."""
+    ann, _ = ledger
+    response = ann.get(f"/v1/usage?{query}")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == query.split("=")[0]
