@@ -63,6 +63,19 @@ def url(conversation, tail: str) -> str:
     return f"/v1/conversations/{conversation.pk}/{tail}"
 
 
+def slow_conversation(client, monkeypatch):
+    """(conversation, its reply) of one exchange with mira; then every engine step is slowed down, so that a
+    reply started next is still running when a test's second request arrives, however fast the machine."""
+    make_character("mira")
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        format="json", **NO_CACHE).json()
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    leaf = conversation.messages.order_by("id").last()
+    monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.05)))
+    return conversation, leaf
+
+
 def path_of(client, conversation) -> list[dict]:
     response = client.get(url(conversation, "path/"))
     assert response.status_code == 200
@@ -196,14 +209,7 @@ def test_delete_removes_the_subtree_and_the_conversation_shows_the_branch_beside
 
 def test_stop_keeps_what_was_generated_marked_stopped(endless_site, monkeypatch):
     client = make_api_client("stopper")
-    make_character("mira")
-    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
-                                                 "messages": [{"role": "user", "content": "Hi"}]},
-                        format="json", **NO_CACHE).json()
-    conversation = Conversation.objects.get(pk=first["conversation"])
-    leaf = conversation.messages.order_by("id").last()
-    # Each step slowed down, so that the reply is still running when the stop arrives, however fast the machine.
-    monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.05)))
+    conversation, leaf = slow_conversation(client, monkeypatch)
     streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
                            {"max_tokens": 2000, "stream": True}, format="json")
     assert streamed.status_code == 200
@@ -241,14 +247,7 @@ def test_another_key_gets_404_for_every_operation(chat):
 
 def test_two_concurrent_operations_one_gets_409_and_no_branch_is_lost(endless_site, monkeypatch):
     client = make_api_client("racer")
-    make_character("mira")
-    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
-                                                 "messages": [{"role": "user", "content": "Hi"}]},
-                        format="json", **NO_CACHE).json()
-    conversation = Conversation.objects.get(pk=first["conversation"])
-    leaf = conversation.messages.order_by("id").last()
-    # Each step slowed down, so that the first operation is still running while the others arrive.
-    monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.05)))
+    conversation, leaf = slow_conversation(client, monkeypatch)
     running = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
                           {"max_tokens": 60, "stream": True}, format="json")
     assert running.status_code == 200
@@ -375,14 +374,7 @@ def test_a_stop_reaches_a_reply_running_in_another_process(endless_site, monkeyp
     from chat.trees import running
 
     client = make_api_client("far-stopper")
-    make_character("mira")
-    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 3,
-                                                 "messages": [{"role": "user", "content": "Hi"}]},
-                        format="json", **NO_CACHE).json()
-    conversation = Conversation.objects.get(pk=first["conversation"])
-    leaf = conversation.messages.order_by("id").last()
-    # Each step slowed down, so that the reply is still running when the stop arrives, however fast the machine.
-    monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.05)))
+    conversation, leaf = slow_conversation(client, monkeypatch)
     streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
                            {"max_tokens": 2000, "stream": True}, format="json")
     run = reply_run_of(conversation.pk)
