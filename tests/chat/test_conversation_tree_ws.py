@@ -3,11 +3,14 @@
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
+from chat.engine.faults import Faults
+from chat.engines import get_engine
 from chat.models import Conversation, Message
 from chat.trees.running import reply_run_of
 from llmsite.asgi import application
@@ -56,6 +59,13 @@ async def messages_of(conversation_id) -> list[Message]:
     return await sync_to_async(lambda: list(Message.objects.filter(conversation_id=conversation_id).order_by("id")))()
 
 
+async def slow_engine_steps(monkeypatch):
+    """Every engine step from now on takes 50 ms more: a reply started next is still running when the test
+    acts on it (a stop, a closed socket), however fast the machine."""
+    engine = await sync_to_async(get_engine)()
+    monkeypatch.setattr(engine, "faults", Faults(step=lambda step: time.sleep(0.05)))
+
+
 async def wait_for(predicate, timeout=60):
     for _ in range(int(timeout * 20)):
         if await sync_to_async(predicate)():
@@ -99,7 +109,8 @@ async def test_every_operation_over_the_websocket(site):
     await comm.disconnect()
 
 
-async def test_stop_keeps_the_text_marked_stopped(site):
+async def test_stop_keeps_the_text_marked_stopped(site, monkeypatch):
+    await slow_engine_steps(monkeypatch)
     comm = await socket_of(await user_key("ws-stopper"))
     await comm.send_json_to({"type": "message", "content": "Tell me everything", "max_tokens": 2000})
     assert (await comm.receive_json_from(timeout=60))["type"] == "start"
@@ -139,11 +150,12 @@ async def test_a_reply_goes_on_after_its_socket_closed_and_a_new_socket_resumes_
     await again.disconnect()
 
 
-async def test_a_reply_left_alone_too_long_is_stopped_and_kept(site, settings):
+async def test_a_reply_left_alone_too_long_is_stopped_and_kept(site, settings, monkeypatch):
     settings.REPLY_DETACHED_SECONDS = 0.2
     comm = await socket_of(await user_key("ws-leaver"))
     await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
     conversation = (await until(comm, "end"))[-1]["conversation"]
+    await slow_engine_steps(monkeypatch)
     await comm.send_json_to({"type": "message", "content": "Go on and on", "max_tokens": 2000})
     await until(comm, "token")
     await comm.disconnect()

@@ -15,6 +15,7 @@ import warnings
 from urllib.parse import unquote
 
 from .errors import SchemaNotConvertible
+from .exclusive import exclusive_branches
 from .formats import FORMATS
 from .patterns import pattern_grammar
 from .ranges import bounded_number, integer_range
@@ -361,19 +362,40 @@ class Converter:
             raise SchemaNotConvertible(f"'{keyword}' must be a non-empty list", keyword=keyword, path=path,
                                        unsatisfiable=True)
         base = {k: v for k, v in schema.items() if k != keyword and k in ASSERTIONS}
-        names, first_error = [], None
+        merged, first_error = [], None
         for index, branch in enumerate(branches):
             where = _pointer(_pointer(path, keyword), index)
             try:
-                merged = self.merge(base, branch, where, depth) if base else branch
-                names.append(self.visit(merged, where, depth + 1))
+                merged.append((where, self.merge(base, branch, where, depth) if base else self._plain(
+                    branch, where, depth)))
             except SchemaNotConvertible as exc:  # leaving a branch out still admits only valid values
-                if first_error is None or (first_error.code == "unsatisfiable_schema"
-                                           and exc.code != "unsatisfiable_schema"):
-                    first_error = exc
+                first_error = self._worse(first_error, exc)
+        if keyword == "oneOf" and len(merged) > 1:
+            # a branch that is left out for a converter reason still counts: no written value may match it
+            if first_error is not None and first_error.code != "unsatisfiable_schema":
+                raise SchemaNotConvertible("The server cannot make sure that a value matches only one 'oneOf' "
+                                           "branch", keyword="oneOf", path=_pointer(path, keyword))
+            exclusive = exclusive_branches([branch for _, branch in merged], self, FORBIDDEN)
+            merged = [(where, narrowed) for (where, _), narrowed in zip(merged, exclusive) if narrowed is not None]
+            if not merged:
+                raise SchemaNotConvertible("The server cannot tell the 'oneOf' branches apart (a value could "
+                                           "match more than one)", keyword="oneOf", path=_pointer(path, keyword))
+        names = []
+        for where, branch in merged:
+            try:
+                names.append(self.visit(branch, where, depth + 1))
+            except SchemaNotConvertible as exc:
+                first_error = self._worse(first_error, exc)
         if not names:
             raise first_error
         return " | ".join(dict.fromkeys(names))
+
+    @staticmethod
+    def _worse(first: SchemaNotConvertible | None, exc: SchemaNotConvertible) -> SchemaNotConvertible:
+        """The error to report when no branch can be written: the first, unless it only says 'unsatisfiable'."""
+        if first is None or (first.code == "unsatisfiable_schema" and exc.code != "unsatisfiable_schema"):
+            return exc
+        return first
 
     # -- $ref -------------------------------------------------------------------------------
 

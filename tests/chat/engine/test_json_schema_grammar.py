@@ -81,6 +81,8 @@ def test_grammar_strings_cannot_hold_raw_control_characters(gbnf):
     ({"allOf": [{"const": 1}, {"const": 2}]}, "const"),
     ({"type": "array", "contains": {"type": "integer"}}, "contains"),
     ({"type": "string", "pattern": "(?<=a)b"}, "pattern"),
+    ({"oneOf": [{"type": "number"}, {"type": "integer"}]}, "oneOf"),
+    ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}, "oneOf"),
 ])
 def test_schemas_that_cannot_be_honored_are_refused_naming_the_keyword(schema, keyword):
     with pytest.raises(SchemaNotConvertible) as raised:
@@ -132,3 +134,50 @@ def test_what_the_grammar_accepts_validates(gbnf):
             jsonschema.validate(json.loads(text), schema, format_checker=checker)
         for text in bad:
             assert not gbnf.accepts(grammar, text), (schema, text)
+
+
+ONE_OF_CASES = [
+    # like JSONSchemaBench's calculate_area (Glaiveai2K): every object of the 2nd and 3rd branches also
+    # matches the first (it requires nothing and allows more), so only the first may be written
+    ({"type": "object", "properties": {"shape": {"type": "string"}, "dimensions": {"type": "object", "oneOf": [
+        {"properties": {"radius": {"type": "number"}}},
+        {"properties": {"length": {"type": "number"}, "width": {"type": "number"}}, "required": ["length"]},
+        {"properties": {"base": {"type": "number"}, "height": {"type": "number"}}, "required": ["base", "height"]},
+    ]}}, "required": ["shape", "dimensions"]},
+     ['{"shape":"c","dimensions":{}}', '{"shape":"c","dimensions":{"radius":1}}'],
+     ['{"shape":"c","dimensions":{"length":2}}', '{"shape":"t","dimensions":{"base":1,"height":2}}']),
+    # a discriminator: a property whose const differs
+    ({"oneOf": [{"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number"}},
+                 "required": ["kind"]},
+                {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "number"}},
+                 "required": ["kind"]}]},
+     ['{"kind":"circle","r":1}', '{"kind":"square"}', '{"kind":"square","side":2}'], ['{}', '{"r":1}']),
+    # overlapping enums: the shared value is written by neither branch
+    ({"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b", "c"]}]}, ['"a"', '"c"'], ['"b"']),
+    # different types
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}, ['"x"', "3", "null"], ["true"]),
+    # ranges that cannot meet: lengths, numbers
+    ({"type": "string", "oneOf": [{"maxLength": 0}, {"minLength": 1, "maxLength": 3}]}, ['""', '"abc"'], ['"abcd"']),
+    ({"oneOf": [{"type": "integer", "maximum": 0}, {"type": "number", "exclusiveMinimum": 0}]},
+     ["0", "-4", "0.5", "7"], []),
+    # a discriminator that comes from merging the branch into the object around it (allOf)
+    ({"type": "object", "properties": {"shape": {"type": "string", "enum": ["circle", "square"]},
+                                       "r": {"type": "number"}, "side": {"type": "number"}},
+      "required": ["shape"],
+      "oneOf": [{"properties": {"shape": {"const": "circle"}}}, {"properties": {"shape": {"const": "square"}}}]},
+     ['{"shape":"circle","r":1}', '{"shape":"square"}'], ['{"shape":"triangle"}']),
+    # a branch that does not allow what the other requires
+    ({"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False},
+                {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]},
+     ['{"b":1}', '{}', '{"a":1}'], ['{"a":"x"}', '{"b":"x"}']),
+]
+
+
+@pytest.mark.parametrize(("schema", "good", "bad"), ONE_OF_CASES)
+def test_one_of_writes_no_value_that_matches_two_branches(gbnf, schema, good, bad):
+    grammar = json_schema_grammar(schema)
+    for text in good:
+        assert gbnf.accepts(grammar, text), text
+        jsonschema.validate(json.loads(text), schema)
+    for text in bad:
+        assert not gbnf.accepts(grammar, text), text
