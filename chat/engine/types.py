@@ -33,14 +33,13 @@ class ModelSpec:
     state_dir: str = ""
     state_cache_mb: int = 2048
     chat_template: str | None = None  # overrides the GGUF's template when set
-    # llama_cpp: flash attention makes long prompts evaluate ~15% faster on CPU (docs/BENCHMARKS.md), but a token's
-    # logits then depend on how its prompt was split into batches, so a reused or shared prefix no longer gives
-    # exactly the output of a cold prompt. Off by default for that reason.
-    flash_attention: bool = False
+    # llama_cpp: flash attention (where the device supports it) evaluates prompts faster. Prompts go in aligned
+    # chunks and only whole chunks are reused, so a reused or shared prefix still gives a cold prompt's output.
+    flash_attention: bool = True
     # Latency budget (llama_cpp): while streams decode, a step carries about this long of prompt
-    # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens.
+    # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens (in whole 64-token chunks).
     prefill_step_ms: int = 200
-    prefill_min_tokens: int = 16
+    prefill_min_tokens: int = 64
     # Back-pressure: requests waiting for a slot; beyond max_queue, or after queue_timeout seconds
     # of waiting, a request fails with EngineOverloaded (HTTP 503 + Retry-After). 0 = unbounded.
     max_queue: int = 64

@@ -47,12 +47,17 @@ from .constrained import ConstrainedSampler
 
 logger = logging.getLogger(__name__)
 
-BATCH_TOKENS = 512  # tokens per llama_decode: all decoding sequences plus prompt chunks of newcomers
+BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while nothing decodes
+# Prompts are evaluated in chunks of PROMPT_CHUNK tokens that start at a multiple of it, each in its own
+# llama_decode, and only such whole chunks are reused (resident, copied, saved): a reused prefix then holds
+# exactly the cells a cold prompt computes. CPU kernels pick their code path by a batch's shape (flash
+# attention's tiled path needs 64 query rows), so a token's logits depend on how its prompt was split.
+PROMPT_CHUNK = 64
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
 GREEDY_TOP_K = 40  # greedy only needs the best few candidates; keeps the penalty sampler cheap
 MIN_REUSE_FROM_CACHE = 16  # restoring a saved state costs more than evaluating a handful of tokens
 MIN_SAVE_TOKENS = 64  # shorter prefixes are cheap to evaluate again: not worth a cache entry
-MIN_SHARE_TOKENS = 32  # copying a busy slot's prefix (and waiting for it) pays off only for longer prefixes
+MIN_SHARE_TOKENS = PROMPT_CHUNK  # copying a busy slot's prefix (and waiting for it) pays off only for longer prefixes
 MIN_SHARE_GAIN = 16  # share only when it gives this many more tokens than an idle slot or the saved states
 MAX_GRAMMAR_REPETITION = 10_000  # llama.cpp expands x{n} into n copies: a bigger count would exhaust memory
 # llama.cpp parses nested groups recursively: ~30,000 levels overflowed an 8 MB thread stack here (a segfault),
@@ -65,6 +70,11 @@ _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
 _init_lock = threading.Lock()
 _library = None  # llama_cpp module, once initialised
 _log_callback = None  # kept referenced: llama.cpp calls it from C
+
+
+def reusable(length: int) -> int:
+    """`length` rounded down to whole prompt chunks."""
+    return length - length % PROMPT_CHUNK
 
 
 def model_params_for(llama, spec: ModelSpec):
@@ -134,6 +144,7 @@ class _Slot:
 
     seq_id: int
     kv_tokens: list[int] = field(default_factory=list)  # tokens at positions 0..n-1
+    exact: int = 0  # leading positions evaluated as whole aligned prompt chunks: the part that may be reused
     busy: bool = False
     waiting: bool = False  # busy, and waiting for a prefix copied from another slot
     copy_pending: bool = False  # source or target of a llama_memory_seq_cp not yet applied (next llama_decode)
@@ -187,10 +198,8 @@ class LlamaCppBackend(Backend):
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
         # Flash attention's CPU kernel makes a token's logits depend on how its prompt was split into
-        # batches (logit differences up to ~0.9 measured on SmolLM2), so a reused prefix would not
-        # give the same output as a cold prompt. Without it results are split-invariant; with it
-        # (spec.flash_attention, an operator's choice) long prompts evaluate faster.
-        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec.flash_attention
+        # batches; aligned prompt chunks (PROMPT_CHUNK) keep reused prefixes exact with it on.
+        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_AUTO if spec.flash_attention
                                   else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         context = llama.llama_init_from_model(model, params)
         if not context:
@@ -231,7 +240,8 @@ class LlamaCppBackend(Backend):
         self._shared_prefixes = 0  # prefixes copied from a busy slot instead of evaluated
         self._moves = 0  # sequences moved to keep busy slots consecutive
         self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
-        self._min_prompt_chunk = max(1, spec.prefill_min_tokens)
+        # every waiting prompt advances at least this many whole chunks per step, even past the budget
+        self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
 
     def _control_tokens(self) -> dict[str, int]:
         """Text -> id of the tokens that only special-token parsing produces (control and unknown)."""
@@ -336,14 +346,18 @@ class LlamaCppBackend(Backend):
     def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int, _Share | None]:
         """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from."""
         llama, memory = self._llama, self._memory
-        limit = len(prompt) - 1  # the last prompt token must be decoded to get logits
+        limit = reusable(len(prompt) - 1)  # the last prompt token must be decoded to get logits
+
+        def held(slot: _Slot) -> int:  # what a slot holds of `prompt` that may be reused
+            return reusable(min(common_prefix_length(slot.kv_tokens, prompt), slot.exact, limit))
+
         free = [slot for slot in self._slots if not slot.busy]
-        resident_slot = max(free, key=lambda s: common_prefix_length(s.kv_tokens, prompt))
-        resident = min(common_prefix_length(resident_slot.kv_tokens, prompt), limit)
+        resident_slot = max(free, key=held)
+        resident = held(resident_slot)
         entry, cached = self._cache.longest_match(prompt) if self._cache.budget_bytes else (None, 0)
         if self._disk is not None and cached < MIN_REUSE_FROM_CACHE:
             entry, cached = self._from_disk(prompt, entry, cached)
-        cached = min(cached, limit)
+        cached = reusable(min(cached, limit))
         share = self._share_source(prompt, limit)
         if share is not None and share.length < max(resident, cached) + MIN_SHARE_GAIN:
             share = None  # what is already here (or saved) is as good: no copy, no waiting
@@ -353,19 +367,20 @@ class LlamaCppBackend(Backend):
         else:
             # Take an empty slot, else the least recently used one; a saved state or a busy slot may fill it.
             slot = min(free, key=lambda s: (bool(s.kv_tokens), s.last_used))
-            reused = 0 if share else min(common_prefix_length(slot.kv_tokens, prompt), limit)
+            reused = 0 if share else held(slot)
             if share is None and cached >= MIN_REUSE_FROM_CACHE and cached > reused:
                 reused = 0
             else:
                 entry = None
-        if len(slot.kv_tokens) - reused >= MIN_SAVE_TOKENS:
+        if slot.exact - reused >= MIN_SAVE_TOKENS:
             self._save_to_cache(slot)  # about to lose (the tail of) what the slot holds
 
         if reused and llama.llama_memory_seq_rm(memory, slot.seq_id, reused, -1):
             del slot.kv_tokens[reused:]
+            slot.exact = reused
         else:  # a fresh start; also for models whose memory cannot drop a partial sequence
             llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
-            slot.kv_tokens, reused = [], 0
+            slot.kv_tokens, slot.exact, reused = [], 0, 0
             if entry is not None and cached >= MIN_REUSE_FROM_CACHE:
                 reused = self._restore(slot, entry, cached)
         slot.busy = True
@@ -380,9 +395,10 @@ class LlamaCppBackend(Backend):
         for slot in self._slots:
             if not slot.busy or slot.waiting:  # a slot waiting for its own copy is no source yet
                 continue
-            # What the slot will hold once its prompt is evaluated (or holds already, replies included).
-            planned = slot.kv_tokens if len(slot.kv_tokens) >= len(slot.prompt) else slot.prompt
-            length = min(common_prefix_length(planned, prompt), limit)
+            # What the slot will hold in whole chunks once its prompt is evaluated (or holds already).
+            evaluated = len(slot.kv_tokens) >= len(slot.prompt)
+            ceiling = slot.exact if evaluated else reusable(len(slot.prompt))
+            length = reusable(min(common_prefix_length(slot.prompt, prompt), ceiling, limit))
             if length >= MIN_SHARE_TOKENS and (best is None or length > best.length):
                 best = _Share(slot, slot.claims, length)
         return best
@@ -395,7 +411,7 @@ class LlamaCppBackend(Backend):
         """
         share, slot = state.share, state.slot
         source = share.slot
-        available = min(common_prefix_length(source.kv_tokens, state.prompt), share.length)
+        available = reusable(min(common_prefix_length(source.kv_tokens, state.prompt), share.length, source.exact))
         still_coming = source.busy and source.claims == share.claims and available < share.length
         if still_coming and source.kv_tokens == state.prompt[: len(source.kv_tokens)]:
             return False
@@ -408,12 +424,13 @@ class LlamaCppBackend(Backend):
             source.copy_pending = slot.copy_pending = True
             if llama.llama_memory_seq_rm(memory, slot.seq_id, available, -1):
                 slot.kv_tokens = list(source.kv_tokens[:available])
+                slot.exact = available
                 state.pending = list(state.prompt[available:])
                 self._shared_prefixes += 1
                 return True
             logger.warning("could not trim a copied prefix; evaluating the prompt in full")
         llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)  # the source went away first: evaluate it all
-        slot.kv_tokens = []
+        slot.kv_tokens, slot.exact = [], 0
         state.pending = list(state.prompt)
         return True
 
@@ -425,14 +442,17 @@ class LlamaCppBackend(Backend):
             llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1)
         ):
             slot.kv_tokens = list(entry.tokens[:length])
+            slot.exact = length
             return length
         logger.warning("could not restore a cached prefix of %d tokens; evaluating it again", length)
         llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
-        slot.kv_tokens = []
+        slot.kv_tokens, slot.exact = [], 0
         return 0
 
     def _save_to_cache(self, slot: _Slot) -> None:
-        if (not self._cache.budget_bytes or self._cache.covers(slot.kv_tokens)) and self._disk is None:
+        tokens = slot.kv_tokens[: slot.exact]  # only whole chunks are ever reused
+        if len(tokens) < MIN_SAVE_TOKENS or (
+                (not self._cache.budget_bytes or self._cache.covers(tokens)) and self._disk is None):
             return
         if slot.copy_pending and not self._apply_copies(slot):  # it would save cells it does not hold yet
             return
@@ -440,10 +460,10 @@ class LlamaCppBackend(Backend):
         state = (ctypes.c_uint8 * size)()
         if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) != size:
             return
-        if self._cache.budget_bytes and size <= self._cache.budget_bytes and not self._cache.covers(slot.kv_tokens):
-            self._cache.put(slot.kv_tokens, state, size)
+        if self._cache.budget_bytes and size <= self._cache.budget_bytes and not self._cache.covers(tokens):
+            self._cache.put(tokens, state, size)
         if self._disk is not None:
-            self._disk.put(slot.kv_tokens, bytes(state))  # written by the store's own thread
+            self._disk.put(tokens, bytes(state))  # written by the store's own thread
 
     def _from_disk(self, prompt: list[int], entry, cached: int):
         """The state store's longest match when it beats the memory cache's, as a cache entry."""
@@ -508,52 +528,69 @@ class LlamaCppBackend(Backend):
         return chain
 
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """One llama_decode over every ready sequence: one token per decoding sequence plus prompt chunks.
+        """One step: a llama_decode of the next token of every decoding sequence, then prompt chunks.
 
-        Prompt tokens are limited by the prefill budget while sequences decode, but every prompt gets
-        at least `prefill_min_tokens` per step. Tokens go into the batch grouped by slot in increasing
-        sequence-id order, and the sequences are first packed onto consecutive slots: with per-sequence
-        KV streams llama.cpp puts sequences into one pass only while their ids run on by one (0, 1, 2...);
-        out-of-order or scattered ids split a step into several passes (+35% per step measured shuffled).
+        Each prompt chunk is PROMPT_CHUNK tokens from an aligned position (or the prompt's end) in its own
+        llama_decode, so that its cells do not depend on what else ran (see PROMPT_CHUNK). While sequences
+        decode, the prefill budget limits the prompt tokens of a step, but every waiting prompt gets
+        `prefill_min_tokens` (in whole chunks) and the oldest at least one chunk. The decoding sequences go
+        into their batch in increasing sequence-id order, and are first packed onto consecutive slots: with
+        per-sequence KV streams llama.cpp puts sequences into one pass only while their ids run on by one
+        (0, 1, 2...); out-of-order or scattered ids split a step into several passes (+35% measured).
         """
         self._pack_slots(seqs)
         for seq in seqs:
             if seq.backend_state.share is not None:
                 self._take_shared_prefix(seq.backend_state)
         ready = [seq for seq in seqs if seq.backend_state.share is None and seq.backend_state.pending]
-        decoding = [seq for seq in ready if not seq.backend_state.prefilling]
+        decoding = sorted((seq for seq in ready if not seq.backend_state.prefilling),
+                          key=lambda seq: seq.backend_state.slot.seq_id)
         prefilling = [seq for seq in ready if seq.backend_state.prefilling]  # admission order: oldest first
-        chunks = {seq: 1 for seq in decoding}
-        room = BATCH_TOKENS - len(decoding)
-        allowance = self._budget.prompt_tokens(len(decoding))
-        for seq in prefilling:  # every prompt makes progress, even past the budget
-            take = min(len(seq.backend_state.pending), self._min_prompt_chunk, room)
-            if take <= 0:
-                break
-            chunks[seq] = take
-            room -= take
-            allowance -= take
-        for seq in prefilling:  # then the budget's rest, oldest prompt first
-            extra = min(len(seq.backend_state.pending) - chunks.get(seq, 0), allowance, room)
-            if extra > 0 and seq in chunks:
-                chunks[seq] += extra
-                room -= extra
-                allowance -= extra
-        if not chunks:
+        prompt_chunks = self._plan_prompt_chunks(prefilling, self._budget.prompt_tokens(len(decoding)))
+        if not decoding and not prompt_chunks:
             return []
-        planned = sorted(chunks.items(), key=lambda item: item[0].backend_state.slot.seq_id)
-        prompt_chunks = {seq: size for seq, size in planned if seq.backend_state.prefilling}
+        sampled, failed = [], []
         started = time.perf_counter()
-        sampled, failed = self._decode_planned(planned)
+        if decoding:
+            ok, bad = self._decode_planned([(seq, 1) for seq in decoding])
+            sampled += ok
+            failed += bad
+        failed_seqs = {seq for seq, _ in failed}
+        for seq, size in prompt_chunks:
+            if seq in failed_seqs:
+                continue
+            ok, bad = self._decode_planned([(seq, size)])
+            sampled += ok
+            failed += bad
+            failed_seqs.update(seq for seq, _ in bad)
+            if not bad:
+                self._prompt_tokens_evaluated += size
         elapsed = time.perf_counter() - started
         self._decode_seconds += elapsed
         if not failed:
-            self._budget.observe(elapsed, len(decoding), sum(prompt_chunks.values()))
-        failed_seqs = {seq for seq, _ in failed}
-        self._prompt_tokens_evaluated += sum(size for seq, size in prompt_chunks.items() if seq not in failed_seqs)
+            self._budget.observe(elapsed, len(decoding), sum(size for _, size in prompt_chunks))
         if failed:
             raise SequencesFailed([seq for seq, _ in failed], sampled, errors=dict(failed))
         return sampled
+
+    def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int) -> list[tuple[Sequence, int]]:
+        """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt."""
+        chunks, taken = [], dict.fromkeys(prefilling, 0)
+        rounds = 0
+        while True:
+            added = False
+            for seq in prefilling:
+                size = min(PROMPT_CHUNK, len(seq.backend_state.pending) - taken[seq])
+                guaranteed = rounds < self._min_prompt_chunks or not chunks
+                if size <= 0 or (size > allowance and not guaranteed):
+                    continue
+                chunks.append((seq, size))
+                taken[seq] += size
+                allowance -= size
+                added = True
+            rounds += 1
+            if not added:
+                return chunks
 
     def _pack_slots(self, seqs: list[Sequence]) -> None:
         """Move sequences so that the busy slots have consecutive ids (one decode pass per step).
@@ -581,9 +618,9 @@ class LlamaCppBackend(Backend):
         if source.kv_tokens and state.share is None:
             llama.llama_memory_seq_cp(memory, source.seq_id, target.seq_id, -1, -1)
             source.copy_pending = target.copy_pending = True
-            target.kv_tokens = list(source.kv_tokens)
+            target.kv_tokens, target.exact = list(source.kv_tokens), source.exact
         else:  # nothing evaluated yet (a sequence waiting for its shared prefix)
-            target.kv_tokens = []
+            target.kv_tokens, target.exact = [], 0
         target.busy, target.waiting, target.prompt = True, source.waiting, source.prompt
         target.claims += 1
         source.busy = source.waiting = False
@@ -617,7 +654,7 @@ class LlamaCppBackend(Backend):
                 logger.warning("llama_decode returned %d for slot %d", result, item[0].backend_state.slot.seq_id)
                 slot = item[0].backend_state.slot
                 self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-                slot.kv_tokens = []
+                slot.kv_tokens, slot.exact = [], 0
                 failed.append((item[0], GenerationFailed(self._model_name)))
         return sampled, failed
 
@@ -648,7 +685,10 @@ class LlamaCppBackend(Backend):
         sampled, failed = [], []
         for seq, size in planned:
             state = seq.backend_state
-            state.slot.kv_tokens.extend(state.pending[:size])
+            slot = state.slot
+            if state.prefilling and size == PROMPT_CHUNK and slot.exact == len(slot.kv_tokens):
+                slot.exact += size  # a whole aligned chunk, decoded on its own
+            slot.kv_tokens.extend(state.pending[:size])
             del state.pending[:size]
             if state.logits_index is None:
                 continue

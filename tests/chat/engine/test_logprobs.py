@@ -25,7 +25,8 @@ def test_logprobs_are_the_log_softmax_of_each_steps_logits(registry, tiny_gguf):
     engine = registry.get("tiny-llama")
     completion = engine.generate(PROMPT, SamplingParams(logprobs=4, **GREEDY))
     assert completion.logprobs and len(completion.logprobs) == completion.completion_tokens
-    reference = Llama(model_path=str(tiny_gguf), n_ctx=TINY_CONTEXT, logits_all=True, n_threads=1, verbose=False)
+    reference = Llama(model_path=str(tiny_gguf), n_ctx=TINY_CONTEXT, logits_all=True, n_threads=1, verbose=False,
+                      flash_attn=True)  # as the engine runs it
     try:
         reference.eval(engine.prompt_tokens(PROMPT))
         for record in completion.logprobs:

@@ -84,3 +84,32 @@ def test_smollm2_reused_prefix_gives_the_same_output_as_cold(smollm2, smollm2_gg
     warm = smollm2.generate(prompt, GREEDY)
     assert warm.cached_prompt_tokens >= len(smollm2.tokenize(system))
     assert warm.text == cold.text
+
+
+@pytest.mark.smollm2
+def test_smollm2_with_flash_attention_a_follow_up_from_a_warm_slot_has_the_cold_prompts_logprobs(smollm2_gguf):
+    """Flash attention is on and the first prompt's reply was decoded token by token: only whole aligned chunks
+    are reused, so the follow-up's every logprob equals that of the same prompt evaluated cold."""
+    spec = ModelSpec("warm", str(smollm2_gguf), context_length=1024, parallel=2)
+    assert spec.flash_attention
+    sampling = SamplingParams(max_tokens=24, temperature=0, logprobs=5)
+    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 6
+    registry = ModelRegistry([spec])
+    try:
+        engine = registry.get()
+        first = chat_prompt(engine, system, "What do you like most about the sea?")
+        reply = engine.generate(first, sampling)
+        follow_up = first + reply.text + "<|im_end|>\n<|im_start|>user\nAnd ships?<|im_end|>\n<|im_start|>assistant\n"
+        warm = engine.generate(follow_up, sampling)
+    finally:
+        registry.close()
+    cold_registry = ModelRegistry([ModelSpec("cold", str(smollm2_gguf), context_length=1024, parallel=2,
+                                             prefix_cache_mb=0)])
+    try:
+        cold = cold_registry.get().generate(follow_up, sampling)
+    finally:
+        cold_registry.close()
+    assert warm.cached_prompt_tokens >= 64 and warm.cached_prompt_tokens % 64 == 0 and cold.cached_prompt_tokens == 0
+    assert warm.text == cold.text
+    assert [(r.logprob, [t.logprob for t in r.top]) for r in warm.logprobs] == [
+        (r.logprob, [t.logprob for t in r.top]) for r in cold.logprobs]

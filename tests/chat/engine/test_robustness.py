@@ -262,7 +262,7 @@ def test_a_slot_saved_before_its_copy_was_applied_saves_the_copied_prefix(tiny_g
     spec = ModelSpec("tiny-copies", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2, prefix_cache_mb=8)
     backend = LlamaCppBackend.load(spec)
     try:
-        prefix = backend.tokenize("the cat sat on the mat and the dog sat on the log " * 8)[:100]
+        prefix = backend.tokenize("the cat sat on the mat and the dog sat on the log " * 12)[:128]  # two whole chunks
         writer = new_sequence(prefix + [backend.tokenize("x")[0]])
         backend.start(writer)
         while writer.backend_state.prefilling:
