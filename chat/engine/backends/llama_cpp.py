@@ -19,6 +19,12 @@ and carried out at the start of the next llama_decode: before either slot is sav
 copies are applied by decoding one throwaway token (a save would otherwise store stale cells, and a
 restore would be overwritten by the copy or carried by it into another slot).
 
+Aligned prompt chunks: a prompt is evaluated in PROMPT_CHUNK-token chunks from aligned positions, each in its
+own llama_decode, and only whole chunks are reused, copied or saved, so a warm prompt computes exactly the
+cells (and logits) of a cold one, flash attention on. Forks (`n` choices): a sequence whose prompt is the very
+prompt another slot is evaluating waits for it, then gets a copy of the whole sequence and samples its first
+token from the same logits row with its own sampler: the prompt is evaluated once.
+
 Failure containment: an error while sampling one sequence (logprobs, grammar) fails that sequence
 only (SequencesFailed); a token the grammar rejects is never accepted (that throws a C++ exception
 through ctypes, which aborts the process), and a failed start releases what it claimed.
@@ -170,6 +176,7 @@ class _SequenceState:
     pending: list[int]  # tokens to decode next: the rest of the prompt, or the last sampled token
     prompt: list[int]
     share: _Share | None = None  # set while waiting for a shared prefix
+    twin: _Share | None = None  # set while waiting to fork from a slot evaluating the very same prompt
     prefilling: bool = True  # until the prompt's last token is decoded
     logits_index: int | None = None  # batch row of this sequence's logits in the current step
 
@@ -238,6 +245,7 @@ class LlamaCppBackend(Backend):
         self._decode_seconds = 0.0
         self._prompt_tokens_evaluated = 0  # prompt tokens that went through llama_decode (cached ones excluded)
         self._shared_prefixes = 0  # prefixes copied from a busy slot instead of evaluated
+        self._forks = 0  # sequences forked from another evaluating the same prompt (n choices): no prompt work
         self._moves = 0  # sequences moved to keep busy slots consecutive
         self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
         # every waiting prompt advances at least this many whole chunks per step, even past the budget
@@ -325,6 +333,10 @@ class LlamaCppBackend(Backend):
         sampler = slot = None
         try:
             sampler = self._sampler_chain(seq)
+            twin = self._twin_source(seq.prompt_tokens)
+            if twin is not None:
+                self._start_twin(seq, sampler, grammar, twin)
+                return
             slot, reused, share = self._claim_slot(seq.prompt_tokens)
             seq.cached_prompt_tokens = share.length if share else reused
             seq.backend_state = state = _SequenceState(
@@ -342,6 +354,70 @@ class LlamaCppBackend(Backend):
                 if claimed is not None:
                     self._llama.llama_sampler_free(claimed)
             raise
+
+    def _twin_source(self, prompt: list[int]) -> _Share | None:
+        """A busy slot evaluating exactly `prompt` that has not sampled yet: fork from it instead (n choices)."""
+        for slot in self._slots:
+            if slot.busy and not slot.waiting and slot.prompt == prompt and len(slot.kv_tokens) < len(prompt):
+                return _Share(slot, slot.claims, len(prompt))
+        return None
+
+    def _start_twin(self, seq: Sequence, sampler, grammar, twin: _Share) -> None:
+        """Claim a slot that stays empty until the twin's prompt is evaluated (see _fork_twins)."""
+        free = [slot for slot in self._slots if not slot.busy]
+        slot = min(free, key=lambda s: (bool(s.kv_tokens), s.last_used))
+        if slot.exact >= MIN_SAVE_TOKENS:
+            self._save_to_cache(slot)
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.kv_tokens, slot.exact = [], 0
+        slot.busy = slot.waiting = True
+        slot.claims += 1
+        slot.prompt = list(seq.prompt_tokens)
+        slot.last_used = time.monotonic()
+        seq.cached_prompt_tokens = len(seq.prompt_tokens)
+        seq.backend_state = _SequenceState(slot=slot, sampler=sampler, grammar=grammar, pending=[],
+                                           prompt=seq.prompt_tokens, twin=twin)
+
+    def _fork_twins(self, source_seq: Sequence, seqs: list[Sequence]) -> tuple[list, list]:
+        """Right after `source_seq` sampled its first token: copy its whole sequence to each twin and sample the
+        twin's first token from the same logits row with the twin's own sampler. (sampled, failed)"""
+        source_state = source_seq.backend_state
+        source = source_state.slot
+        sampled, failed = [], []
+        for seq in seqs:
+            state = seq.backend_state
+            if state is None or state.twin is None or state.twin.slot is not source or (
+                    state.twin.claims != source.claims):
+                continue
+            slot, llama = state.slot, self._llama
+            llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            llama.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, -1, -1)
+            source.copy_pending = slot.copy_pending = True
+            slot.kv_tokens, slot.exact, slot.waiting = list(source.kv_tokens), source.exact, False
+            state.twin, state.prefilling = None, False
+            state.logits_index = source_state.logits_index
+            self._forks += 1
+            try:
+                token = self._sample(seq, state)
+            except EngineError as error:
+                failed.append((seq, error))
+                continue
+            except Exception:
+                logger.exception("sampling a sequence of model %r failed", self._model_name)
+                failed.append((seq, GenerationFailed(self._model_name)))
+                continue
+            state.pending = [token]
+            sampled.append((seq, token))
+        return sampled, failed
+
+    def _orphaned_twin(self, state: _SequenceState) -> None:
+        """A twin whose source went away before sampling: it evaluates the prompt itself."""
+        twin = state.twin
+        if twin.slot.busy and twin.slot.claims == twin.claims:
+            return
+        state.twin = None
+        state.slot.waiting = False
+        state.pending = list(state.prompt)
 
     def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int, _Share | None]:
         """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from."""
@@ -542,6 +618,8 @@ class LlamaCppBackend(Backend):
         for seq in seqs:
             if seq.backend_state.share is not None:
                 self._take_shared_prefix(seq.backend_state)
+            elif seq.backend_state.twin is not None:
+                self._orphaned_twin(seq.backend_state)
         ready = [seq for seq in seqs if seq.backend_state.share is None and seq.backend_state.pending]
         decoding = sorted((seq for seq in ready if not seq.backend_state.prefilling),
                           key=lambda seq: seq.backend_state.slot.seq_id)
@@ -560,10 +638,13 @@ class LlamaCppBackend(Backend):
             if seq in failed_seqs:
                 continue
             ok, bad = self._decode_planned([(seq, size)])
+            if ok:  # its prompt is evaluated: sequences with the very same prompt fork from it now
+                forked, fork_failed = self._fork_twins(seq, seqs)
+                ok, bad = ok + forked, bad + fork_failed
             sampled += ok
             failed += bad
             failed_seqs.update(seq for seq, _ in bad)
-            if not bad:
+            if seq not in failed_seqs:
                 self._prompt_tokens_evaluated += size
         elapsed = time.perf_counter() - started
         self._decode_seconds += elapsed
@@ -631,6 +712,9 @@ class LlamaCppBackend(Backend):
             share = other.backend_state.share
             if share is not None and share.slot is source:
                 other.backend_state.share = _Share(target, target.claims, share.length)
+            twin = other.backend_state.twin
+            if twin is not None and twin.slot is source:
+                other.backend_state.twin = _Share(target, target.claims, twin.length)
         self._moves += 1
 
     def _decode_planned(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list]:
@@ -760,6 +844,7 @@ class LlamaCppBackend(Backend):
             "decode_seconds": self._decode_seconds,  # time inside llama_decode
             "prompt_tokens_evaluated": self._prompt_tokens_evaluated,
             "shared_prefixes": self._shared_prefixes,
+            "forked_sequences": self._forks,
             "slot_moves": self._moves,
         }
 

@@ -122,6 +122,22 @@ def test_a_burst_with_one_prefix_evaluates_it_once_and_matches_cold_output(engin
     assert [c.text for c in burst] == [cold_output(str(tiny_gguf), prompt) for prompt in prompts]
 
 
+def test_n_copies_of_one_prompt_evaluate_it_once_and_each_matches_its_cold_output(engines, tiny_gguf):
+    """What `n` choices submit: the same prompt n times with their own seeds. The first evaluates it; the
+    others fork from it (whole sequence copied, first token sampled from the same logits row)."""
+    engine = engines.get("share")
+    prompt = chat_prompt(engine, "you are a gardener who grows roses. " * 2, "what grows in june")
+    tokens = engine.prompt_tokens(prompt)
+    choices = [SamplingParams(max_tokens=12, temperature=1.0, seed=seed) for seed in (1, 2, 3, 4)]
+    before = engine.stats()
+    completions = finish([engine.submit(prompt, params) for params in choices])  # queued before the next step
+    after = engine.stats()
+    assert after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == len(tokens)
+    assert after["forked_sequences"] - before["forked_sequences"] == 3
+    assert [c.text for c in completions] == [cold_output(str(tiny_gguf), prompt, params) for params in choices]
+    assert len({c.text for c in completions}) > 1  # different seeds: the choices are not one reply four times
+
+
 def test_a_prefix_is_shared_from_a_sequence_that_is_decoding(engines, tiny_gguf):
     engine = engines.get("share")
     character = CHARACTER.replace("pirate", "sailor")
@@ -334,3 +350,24 @@ def test_an_engine_with_flash_attention_generates(tiny_gguf):
         assert completion.completion_tokens > 0 and completion.finish_reason in ("stop", "length")
     finally:
         registry.close()
+
+
+def test_a_twin_whose_source_is_cancelled_evaluates_the_prompt_itself(budget_backend):
+    backend = budget_backend
+    prompt = backend.tokenize("hello world what is the capital of france")
+    source, twin = new_sequence(prompt, max_tokens=4), new_sequence(prompt, max_tokens=4)
+    backend.start(source)
+    backend.start(twin)
+    assert twin.backend_state.twin is not None
+    backend.release(source)  # cancelled before its prompt was evaluated
+    tokens = []
+    for _ in range(4):
+        tokens += [token for seq, token in backend.step([twin]) if seq is twin]
+    backend.release(twin)
+    alone = new_sequence(prompt, max_tokens=4)
+    backend.start(alone)
+    expected = []
+    for _ in range(4):
+        expected += [token for seq, token in backend.step([alone]) if seq is alone]
+    backend.release(alone)
+    assert tokens == expected and len(tokens) == 4
