@@ -146,6 +146,8 @@ def extras(ours, key: str, *, quick: bool) -> dict:
     found["prefix"] = api_extras.prefix_reuse(ours, key, reps)
     print("extras: response cache...", flush=True)
     found["cache"] = api_extras.response_cache(ours, key, 20 if quick else 50)
+    print("extras: n choices...", flush=True)
+    found["n_choices"] = api_extras.n_choices(ours, key, 2 if quick else 5)
     print("extras: memory under 8 streams...", flush=True)
     found["memory"].update(api_extras.memory_under_streams(ours, key))
     found["memory"]["after_runs_mb"] = rss_mb(ours.process.pid)

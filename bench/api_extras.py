@@ -159,3 +159,47 @@ def memory_under_streams(ours, key, streams: int = 8) -> dict:
     done.set()
     sampler.join()
     return {"idle_mb": idle, "peak_8_streams_mb": peak, "model_file_mb": MODEL.stat().st_size / 1e6}
+
+
+# -- n choices --------------------------------------------------------------------------------------
+
+
+def engine_counters(url: str) -> dict:
+    """Prompt tokens evaluated and sequences forked so far, from /metrics."""
+    found = {"evaluated": 0.0, "forked": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for name, key in (("llmsite_prompt_tokens_evaluated_total", "evaluated"),
+                          ("llmsite_forked_sequences_total", "forked")):
+            if line.startswith(name + "{"):
+                found[key] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def n_choices(ours, key, reps: int, max_tokens: int = 128) -> dict:
+    """Wall time of one request with n=4 against n=1 (128 tokens each, temperature 0.8, a fresh prompt per
+    request), and how many prompt tokens the engine evaluated for the n=4 requests (once each if forked)."""
+    headers = {"Authorization": f"Bearer {key}", "Cache-Control": "no-cache"}
+    walls = {1: [], 4: []}
+    evaluated, prompts, forked, tokens = [], [], [], {1: [], 4: []}
+    for rep in range(reps):
+        for n in ((1, 4) if rep % 2 == 0 else (4, 1)):
+            body = {"model": "smollm2-135m-instruct", "n": n, "max_tokens": max_tokens, "temperature": 0.8,
+                    "seed": 100 + rep, "messages": [{"role": "user", "content":
+                                                     f"Tell a long story about {TOPICS[rep % len(TOPICS)]} "
+                                                     f"(take {rep}, n {n})."}]}
+            before = engine_counters(ours.url)
+            started = time.perf_counter()
+            reply = httpx.post(ours.url + "/v1/chat/completions", headers=headers, json=body, timeout=600).json()
+            walls[n].append(time.perf_counter() - started)
+            after = engine_counters(ours.url)
+            tokens[n].append(reply["usage"]["completion_tokens"])
+            if n == 4:
+                evaluated.append(after["evaluated"] - before["evaluated"])
+                prompts.append(reply["usage"]["prompt_tokens"])
+                forked.append(after["forked"] - before["forked"])
+    return {
+        "wall_n1_s": statistics.median(walls[1]), "wall_n4_s": statistics.median(walls[4]),
+        "ratio": statistics.median(walls[4]) / statistics.median(walls[1]),
+        "completion_tokens_n1": statistics.median(tokens[1]), "completion_tokens_n4": statistics.median(tokens[4]),
+        "n4_prompt_tokens": prompts, "n4_prompt_tokens_evaluated": evaluated, "n4_forked": forked,
+    }

@@ -40,15 +40,21 @@ class EngineCollector:
         misses = CounterMetricFamily("llmsite_prefix_cache_misses", "Prompts evaluated from scratch.", labels=["model"])
         rejected = CounterMetricFamily("llmsite_scheduler_rejected", "Requests refused with 503 (queue full or "
                                        "waited too long).", labels=["model", "reason"])
+        evaluated = CounterMetricFamily("llmsite_prompt_tokens_evaluated", "Prompt tokens that went through the "
+                                        "model (reused, shared and forked ones excluded).", labels=["model"])
+        forked = CounterMetricFamily("llmsite_forked_sequences", "Sequences forked from another evaluating the same "
+                                     "prompt (n choices) instead of evaluating it.", labels=["model"])
         for name, engine in loaded_engines():
             stats = engine.stats()
+            evaluated.add_metric([name], stats.get("prompt_tokens_evaluated", 0))
+            forked.add_metric([name], stats.get("forked_sequences", 0))
             active.add_metric([name], stats.get("active", 0))
             queued.add_metric([name], stats.get("queued", 0))
             hits.add_metric([name], stats.get("prefix_hits", 0))
             misses.add_metric([name], stats.get("prefix_misses", 0))
             for reason in ("queue_full", "queue_timeout"):
                 rejected.add_metric([name, reason], stats.get(f"rejected_{reason}", 0))
-        yield from (active, queued, hits, misses, rejected)
+        yield from (active, queued, hits, misses, rejected, evaluated, forked)
         yield from upstream_families()
 
 

@@ -284,25 +284,11 @@ def reply_complete(record: ReplyRecord) -> dict:
     return chat_completion_body(record)
 
 
-async def deltas_with_keepalive(generation, interval: float):
-    """Yield text deltas, or None when nothing arrived for `interval` seconds (time for a keep-alive)."""
-    iterator = generation.__aiter__()
-    pending = asyncio.ensure_future(iterator.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                delta = pending.result()
-            except StopAsyncIteration:
-                return
-            yield delta
-            pending = asyncio.ensure_future(iterator.__anext__())
-    finally:
-        if not pending.done():
-            pending.cancel()
+def deltas_with_keepalive(generation, interval: float):
+    """The generation's text deltas, and None when nothing arrived for `interval` seconds (time for a
+    keep-alive). The generation keeps one timer for that: no task or timer per token."""
+    generation.keep_alive_every(interval)
+    return generation
 
 
 async def reply_stream(record: ReplyRecord, generation, *, keepalive: float | None = None):

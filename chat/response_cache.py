@@ -158,6 +158,9 @@ class ReplayedGeneration:
     async def __aiter__(self):
         yield self.result.text
 
+    def keep_alive_every(self, seconds) -> None:
+        pass  # the whole text comes at once
+
     def __iter__(self):
         yield self.result.text
 

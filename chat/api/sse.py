@@ -27,6 +27,22 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+class ContentChunks:
+    """One stream's content chunks, pre-encoded: the JSON around the text is built once, not per token.
+    `template` is the chunk with `MARK` as the text; the bytes equal those of sse(chunk) for any text."""
+
+    MARK = "\x00text"
+
+    def __init__(self, template: dict):
+        encoded = json.dumps(template, ensure_ascii=False)
+        marker = json.dumps(self.MARK, ensure_ascii=False)
+        head, tail = encoded.split(marker)
+        self._head, self._tail = f"data: {head}", f"{tail}\n\n"
+
+    def __call__(self, text: str) -> bytes:
+        return (self._head + json.dumps(text, ensure_ascii=False) + self._tail).encode()
+
+
 def sse_response(events) -> StreamingHttpResponse:
     response = StreamingHttpResponse(events, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
@@ -48,6 +64,7 @@ async def chat_completion_events(*, record: ReplyRecord, generation, include_usa
 
     # A reply that may call tools is read as it streams: tool_calls deltas instead of its raw text.
     tool_reader = ToolCallReader() if plan.tools is not None and plan.tools.may_call else None
+    content_chunk = ContentChunks(chunk({"content": ContentChunks.MARK}))
     yield sse(chunk({"role": "assistant", "content": ""}))
     try:
         async for kind, value in reply_stream(record, generation):
@@ -57,7 +74,10 @@ async def chat_completion_events(*, record: ReplyRecord, generation, include_usa
                 if with_logprobs:  # never with tools that may be called (refused)
                     yield sse(chunk({"content": value}, logprobs=chat_logprobs(generation.take_logprobs())))
                     continue
-                for delta in tool_reader.feed(value) if tool_reader else [{"content": value}]:
+                if tool_reader is None:
+                    yield content_chunk(value)
+                    continue
+                for delta in tool_reader.feed(value):
                     yield sse(chunk(delta))
             else:
                 end = end_fields(record)

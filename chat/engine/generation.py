@@ -49,6 +49,7 @@ class Generation:
         self._ready = threading.Condition(self._lock)
         self._events: deque[tuple[str, object]] = deque()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._keepalive: float | None = None  # see keep_alive_every
         self._cancel_requested = False
         self._closed = False  # a final event (done or error) was pushed
         self._unread_logprobs: list = []  # TokenLogprob records of text already handed to the reader
@@ -100,22 +101,44 @@ class Generation:
             if not finished:
                 self.cancel()
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    def keep_alive_every(self, seconds: float | None) -> None:
+        """Make async readers also get None whenever `seconds` passed without a delta (time for a keep-alive)."""
+        self._keepalive = seconds or None
+
+    async def __aiter__(self) -> AsyncIterator[str | None]:
+        # Per delta: at most one future; per stream: one keep-alive timer, re-armed only when it fires.
         loop = asyncio.get_running_loop()
+        interval = self._keepalive
         finished = False
+        waiter = timer = None
+        last = loop.time()
+
+        def keepalive_due() -> None:
+            nonlocal timer
+            quiet = loop.time() - last
+            if quiet >= interval and waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            timer = loop.call_later(interval - quiet if quiet < interval else interval, keepalive_due)
+
+        if interval:
+            timer = loop.call_later(interval, keepalive_due)
         try:
             while True:
-                waiter = None
                 with self._lock:
                     if self._events:
                         kind, value = self._pop_locked()
+                        waiter = None
                     else:
                         waiter = loop.create_future()
                         self._async_waiters.append((loop, waiter))
                 if waiter is not None:
                     await waiter
+                    if interval and loop.time() - last >= interval and not self._events:
+                        last = loop.time()
+                        yield None
                     continue
                 if kind == _TEXT:
+                    last = loop.time()
                     yield value
                     continue
                 finished = True
@@ -123,6 +146,8 @@ class Generation:
                     raise value
                 return
         finally:
+            if timer is not None:
+                timer.cancel()
             if not finished:
                 self.cancel()
 

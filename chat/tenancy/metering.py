@@ -153,7 +153,8 @@ class MeteredGeneration:
         outcome = Outcome.CANCELLED
         try:
             async for delta in self._generation:
-                self._parts.append(delta)
+                if delta is not None:  # None: a keep-alive is due
+                    self._parts.append(delta)
                 yield delta
             outcome = Outcome.COMPLETED
             await sync_to_async(_settle_partial)(self._meter, self._parts, self._count_tokens, outcome,

@@ -260,6 +260,9 @@ class RepeatStoppingGeneration:
 
     async def __aiter__(self):
         async for delta in self._generation:
+            if delta is None:  # a keep-alive is due
+                yield None
+                continue
             if self._watch.repeated:
                 continue
             released = self._released(delta)

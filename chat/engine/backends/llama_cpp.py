@@ -59,6 +59,7 @@ BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while 
 # exactly the cells a cold prompt computes. CPU kernels pick their code path by a batch's shape (flash
 # attention's tiled path needs 64 query rows), so a token's logits depend on how its prompt was split.
 PROMPT_CHUNK = 64
+LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
 GREEDY_TOP_K = 40  # greedy only needs the best few candidates; keeps the penalty sampler cheap
 MIN_REUSE_FROM_CACHE = 16  # restoring a saved state costs more than evaluating a handful of tokens
@@ -744,6 +745,9 @@ class LlamaCppBackend(Backend):
 
     def _decode_batch(self, planned: list[tuple[Sequence, int]]) -> int:
         batch, n = self._batch, 0
+        companion = self._companion(planned)
+        if companion is not None and companion.seq_id < planned[0][0].backend_state.slot.seq_id:
+            n = self._put_throwaway(companion, n)  # slot ids stay increasing: one pass
         for seq, size in planned:
             state: _SequenceState = seq.backend_state
             slot, start = state.slot, len(state.slot.kv_tokens)
@@ -757,12 +761,43 @@ class LlamaCppBackend(Backend):
             if size == len(state.pending):  # the prompt's last token, or a decoding sequence's token
                 batch.logits[n - 1] = 1
             state.logits_index = n - 1 if size == len(state.pending) else None
+        if companion is not None and companion.seq_id > planned[0][0].backend_state.slot.seq_id:
+            n = self._put_throwaway(companion, n)
         batch.n_tokens = n
         result = self._llama.llama_decode(self._context, batch)
+        if companion is not None:
+            self._llama.llama_memory_seq_rm(self._memory, companion.seq_id, len(companion.kv_tokens), -1)
         if result == 0:  # the decode applied every recorded copy first
             for slot in self._slots:
                 slot.copy_pending = False
         return result
+
+    def _companion(self, planned: list[tuple[Sequence, int]]) -> _Slot | None:
+        """A neighbour slot to decode a throwaway token beside a lone decoding sequence whose KV view would reach
+        512 cells: there flash attention's CPU kernel takes a path of its own for one query row of one
+        stream (split over the KV), so the sequence would get other logits alone than beside others."""
+        if len(planned) != 1 or planned[0][1] != 1:
+            return None
+        state = planned[0][0].backend_state
+        if state.prefilling or len(state.slot.kv_tokens) < LONE_ROW_KV_CELLS:
+            return None
+        for neighbour in (state.slot.seq_id + 1, state.slot.seq_id - 1):
+            if 0 <= neighbour < len(self._slots):
+                slot = self._slots[neighbour]  # idle, or busy but not in this batch: the token is removed after
+                if slot.copy_pending and not self._apply_copies(slot):  # its next position is known after
+                    continue
+                return slot
+        return None
+
+    def _put_throwaway(self, slot: _Slot, n: int) -> int:
+        """Put a token for `slot` at its next position into the batch (removed after the decode)."""
+        batch = self._batch
+        batch.token[n] = slot.kv_tokens[-1] if slot.kv_tokens else max(self.bos_token_id or 0, 0)
+        batch.pos[n] = len(slot.kv_tokens)
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = slot.seq_id
+        batch.logits[n] = 0
+        return n + 1
 
     def _accept_decoded(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list]:
         """Sample each sequence that has logits; an error sampling one fails that one only: (sampled, failed)."""

@@ -74,3 +74,20 @@ def test_smollm2_batched_greedy_decoding_matches_decoding_alone(smollm2):
     prompts = [smollm2.render_chat([{"role": "user", "content": q}]) for q in SMOLLM2_QUESTIONS]
     alone, together = alone_then_together(smollm2, prompts, SamplingParams(max_tokens=16, temperature=0))
     assert [c.text for c in together] == [c.text for c in alone]
+
+
+@pytest.mark.smollm2
+def test_smollm2_a_long_context_decoded_alone_has_the_logprobs_it_has_beside_others(smollm2):
+    """Past 256 cells a lone decode row would take flash attention's split-KV path (another sum order) while
+    rows beside others do not: the engine decodes a throwaway token beside it, so both give the same logprobs."""
+    system = "You are Captain Mara, a retired sailor who answers kindly and at length about ships. " * 18
+    prompts = [smollm2.render_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
+               for q in SMOLLM2_QUESTIONS]
+    assert all(300 < len(smollm2.prompt_tokens(prompt)) < 1000 for prompt in prompts)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+    alone, together = alone_then_together(smollm2, prompts, params)
+
+    def logprobs(completion):
+        return [(record.logprob, [top.logprob for top in record.top]) for record in completion.logprobs]
+
+    assert [logprobs(c) for c in together] == [logprobs(c) for c in alone]

@@ -257,3 +257,31 @@ def test_grammar_sampling_checks_the_free_choice_first_and_matches_full_filterin
     assert len(verdicts) == sampled and sum(verdicts) > len(verdicts) / 2  # mostly no filtering
     monkeypatch.setattr(ConstrainedSampler, "_allowed", lambda self, grammar, token: False)  # filter every step
     assert smollm2.generate(prompt, params).text == checked_first.text
+
+
+async def test_a_quiet_generation_yields_keep_alives_from_one_timer_and_no_task_per_delta():
+    """keep_alive_every: None after each quiet interval, the text deltas as they come; no task is created per
+    delta (the old path made one per token, plus an asyncio.wait timer)."""
+    from chat.engine.generation import Generation
+
+    generation = Generation("quiet")
+    generation.keep_alive_every(0.05)
+    loop = asyncio.get_running_loop()
+    tasks_before = len(asyncio.all_tasks(loop))
+
+    async def push_later():
+        await asyncio.sleep(0.18)
+        for text in ("a", "b", "c"):
+            generation._push_text(text)
+            await asyncio.sleep(0)
+        generation._push_done(None)
+
+    pusher = asyncio.ensure_future(push_later())
+    seen, tasks_during = [], 0
+    async for delta in generation:
+        seen.append(delta)
+        tasks_during = max(tasks_during, len(asyncio.all_tasks(loop)))
+    await pusher
+    keepalives = [d for d in seen if d is None]
+    assert 2 <= len(keepalives) <= 4 and "".join(d for d in seen if d) == "abc"
+    assert tasks_during <= tasks_before + 1  # the pusher only
