@@ -126,8 +126,8 @@ SEED_RANGE = 2**32  # llama.cpp's sampler seeds are 32-bit
 
 def reply_start_choices(record: ReplyRecord) -> list:
     """The plan's `choices` generations of the one prompt, with seeds seed, seed+1, ... (a random base when the
-    request has no seed), submitted together: the engine evaluates a prompt that a busy slot is evaluating
-    only once (prefix sharing, chat/engine/backends/llama_cpp.py). Choice 0 carries the record's meter;
+    request has no seed), admitted together: the engine evaluates the prompt once and forks the other choices
+    from it (chat/engine/backends/llama_cpp.py). Choice 0 carries the record's meter;
     the others charge only their reply tokens, so the prompt is counted once (sync)."""
     plan = record.plan
     if plan.choices == 1:
@@ -135,7 +135,7 @@ def reply_start_choices(record: ReplyRecord) -> list:
     record.timing = GenerationTiming()
     base = plan.params.seed if plan.params.seed is not None else random.randrange(SEED_RANGE)
     generations = []
-    with _released_on_error(plan):
+    with _released_on_error(plan), plan.engine.admission_held():  # admitted together: the prompt is evaluated once
         try:
             for index in range(plan.choices):
                 params = dataclasses.replace(plan.params, seed=(base + index) % SEED_RANGE)

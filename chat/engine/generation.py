@@ -225,7 +225,33 @@ class Generation:
         _wake(waiters)
 
 
+_step_wakes = threading.local()  # waiters to wake at the end of the scheduler step running in this thread
+
+
+@contextmanager
+def wakes_batched():
+    """Readers woken during the block are woken at its end, with one call per event loop: a scheduler step
+    pushes a token to every stream, and each wake of a loop from another thread is a write to its self-pipe."""
+    _step_wakes.waiters = []
+    try:
+        yield
+    finally:
+        waiters, _step_wakes.waiters = _step_wakes.waiters, None
+        by_loop: dict = {}
+        for loop, waiter in waiters:
+            by_loop.setdefault(loop, []).append(waiter)
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, futures)
+            except RuntimeError:  # that loop is closed; nobody is waiting any more
+                pass
+
+
 def _wake(waiters) -> None:
+    batched = getattr(_step_wakes, "waiters", None)
+    if batched is not None:
+        batched.extend(waiters)
+        return
     for loop, waiter in waiters:
         try:
             loop.call_soon_threadsafe(_resolve, waiter)
@@ -236,3 +262,8 @@ def _wake(waiters) -> None:
 def _resolve(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _resolve_all(waiters: list[asyncio.Future]) -> None:
+    for waiter in waiters:
+        _resolve(waiter)

@@ -165,6 +165,9 @@ class Engine(EngineProtocol):
         self._scheduler.submit(seq)
         return generation
 
+    def admission_held(self):
+        return self._scheduler.admission_held()
+
     def stats(self) -> dict:
         """Counters: active, queued, prefix_hits, prefix_misses, tokens_generated, prompt_tokens (since load),
         plus cached_prompt_tokens, peak_active and backend details (prefix cache size)."""

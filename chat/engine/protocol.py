@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Protocol, runtime_checkable
 
 from .generation import Generation
@@ -38,6 +39,10 @@ class EngineProtocol(Protocol):
     def submit(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Generation:
         """Queue a request and return at once; raises ContextOverflow, InvalidRequest, EngineOverloaded...
         `owner` is an opaque label of whose request it is (fair admission between owners)."""
+
+    def admission_held(self):
+        """A block whose submits the engine admits together (n choices of one prompt fork from the first)."""
+        return nullcontext()
 
     def generate(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Completion:
         """Blocking convenience: submit and wait for the whole completion (shared by the implementations)."""

@@ -18,12 +18,14 @@ import math
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from typing import Callable
 
 from .admission import AdmissionQueue
 from .backends import Backend
 from .errors import EngineClosed, EngineError, EngineOverloaded, GenerationFailed, SequencesFailed
 from .faults import Faults
+from .generation import wakes_batched
 from .sequence import Sequence
 from .types import Completion
 
@@ -54,6 +56,7 @@ class Scheduler:
         self._crashed = False
         self._wakeup = threading.Condition()
         self._queued = AdmissionQueue()
+        self._holds = 0  # admission_held blocks in progress
         self._active: list[Sequence] = []  # touched by the scheduler thread only
         self._admitting: list[Sequence] = []  # taken from the queue for the step being run
         self._closing = False
@@ -77,6 +80,19 @@ class Scheduler:
             self._queued.append(seq)
             self._queued_at[seq] = time.monotonic()
             self._wakeup.notify()
+
+    @contextmanager
+    def admission_held(self):
+        """No queued request is admitted during the block (running ones go on): what is submitted in it is
+        admitted in one step, so sequences of one prompt find each other (n choices fork from the first)."""
+        with self._wakeup:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._wakeup:
+                self._holds -= 1
+                self._wakeup.notify()
 
     def wake(self) -> None:
         """Make the thread look at cancellations now, even when it is idle."""
@@ -167,7 +183,8 @@ class Scheduler:
             self._steps += 1
             if self.faults is not None and self.faults.step is not None:
                 self.faults.step(self._steps)
-            self._advance(newcomers)
+            with wakes_batched():  # the step's tokens wake each event loop once
+                self._advance(newcomers)
         finally:
             self._busy_seconds += time.perf_counter() - started
         self._admitting = []
@@ -213,16 +230,19 @@ class Scheduler:
                     self._queued_at.pop(seq, None)
                     ended.append((seq, None))
                 self._expire_queued_locked(ended)
-                if not ended and not (self._active or self._queued):
+                admitting = self._queued and not self._holds
+                if not ended and not (self._active or admitting):
                     self._idle = True
                     self._wakeup.wait()
                     self._heartbeat = time.monotonic()  # first: `stalled` reads both without the lock
                     self._idle = False
                 self._heartbeat = time.monotonic()
-                if not ended and (self._active or self._queued):
+                admitting = self._queued and not self._holds
+                if not ended and (self._active or admitting):
                     active = Counter(seq.owner for seq in self._active)
                     newcomers = []
-                    for _ in range(min(self._backend.max_sequences - len(self._active), len(self._queued))):
+                    for _ in range(min(self._backend.max_sequences - len(self._active),
+                                       len(self._queued) if admitting else 0)):
                         seq = self._queued.pop_next(active)
                         active[seq.owner] += 1
                         self._queued_at.pop(seq, None)

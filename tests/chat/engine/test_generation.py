@@ -285,3 +285,23 @@ async def test_a_quiet_generation_yields_keep_alives_from_one_timer_and_no_task_
     keepalives = [d for d in seen if d is None]
     assert 2 <= len(keepalives) <= 4 and "".join(d for d in seen if d) == "abc"
     assert tasks_during <= tasks_before + 1  # the pusher only
+
+
+async def test_a_step_wakes_each_event_loop_once_for_all_its_streams():
+    from chat.engine.generation import Generation, wakes_batched
+
+    loop = asyncio.get_running_loop()
+    generations = [Generation(f"g{i}") for i in range(4)]
+    readers = [asyncio.ensure_future(g.__aiter__().__anext__()) for g in generations]
+    await asyncio.sleep(0.01)  # every reader waits for its first delta
+    calls = []
+    original = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: (calls.append(args), original(*args))[1]
+    try:
+        with wakes_batched():
+            for generation in generations:
+                generation._push_text("x")
+        assert [d for d in await asyncio.gather(*readers)] == ["x"] * 4
+    finally:
+        del loop.call_soon_threadsafe
+    assert len(calls) == 1

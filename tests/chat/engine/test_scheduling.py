@@ -130,7 +130,9 @@ def test_n_copies_of_one_prompt_evaluate_it_once_and_each_matches_its_cold_outpu
     tokens = engine.prompt_tokens(prompt)
     choices = [SamplingParams(max_tokens=12, temperature=1.0, seed=seed) for seed in (1, 2, 3, 4)]
     before = engine.stats()
-    completions = finish([engine.submit(prompt, params) for params in choices])  # queued before the next step
+    with engine.admission_held():  # admitted in one step, however busy the machine
+        generations = [engine.submit(prompt, params) for params in choices]
+    completions = finish(generations)
     after = engine.stats()
     assert after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == len(tokens)
     assert after["forked_sequences"] - before["forked_sequences"] == 3
