@@ -20,12 +20,16 @@ LLAMA_SERVER, WEAK_PEER, OURS = "llama-server", "llama_cpp.server", "llmsite"
 # (workload, metric, what it means, target on the paired ratio ours/llama-server or on our own figure)
 TARGETS = [
     ("W1", "tokens_per_s", "8 clients x 3, short prompts, 128 tokens: aggregate tok/s", "ratio", ">=", 1.1),
-    ("W2", "ttft_p95_s", "8 clients, shared ~1,000-token persona, first burst: TTFT p95", "ratio", "<=", 0.25),
+    ("W2", "ttft_p95_s", "8 clients, shared ~1,000-token persona, first burst: TTFT p95", "ratio", "<=", 0.2),
     ("W2", "tokens_per_s", "same burst: aggregate tok/s", "ratio", ">=", 3.0),
-    ("W3", "tokens_per_s", "1 client x 4, 128 tokens: tok/s", "ratio", ">=", 0.95),
+    ("W3", "tokens_per_s", "1 client x 4, 128 tokens: tok/s", "ratio", ">=", 1.0),
     ("W4", "longest_pause_s", "4 streams, ~1,850-token prompt arrives at 3 s: longest pause (s)", "ours", "<=", 0.3),
+    ("W4", "tokens_per_s", "same: aggregate tok/s", "ratio", ">=", 0.95),
     ("W4", "long_ttft_ratio", "same: long prompt's TTFT, loaded / idle server", "ours", "<=", 1.5),
 ]
+
+
+SERVING_TARGET = 0.98  # streamed decode through the API vs the engine alone
 
 
 def _met(value: float, op: str, bound: float) -> bool:
@@ -100,7 +104,7 @@ def extras_table(r: dict) -> str:
     o, p, c, m = r["overhead"], r["prefix"], r["cache"], r["memory"]
     lines = ["| This project alone | Measured | Target | |", "|---|---|---|---|",
              f"| Serving overhead: streamed decode tokens/s, API vs engine alone | {o['api_tps']:.1f} vs "
-             f"{o['engine_tps']:.1f} ({o['ratio']:.1%}) | ≥ 95% | {mark(o['met'])} |",
+             f"{o['engine_tps']:.1f} ({o['ratio']:.1%}) | ≥ 98% | {mark(o['ratio'] >= SERVING_TARGET)} |",
              f"| Prefix reuse: TTFT with a {p['prompt_tokens']}-token character prompt, later vs first | "
              f"{p['reused_ttft_s'] * 1000:.0f} ms vs {p['cold_ttft_s'] * 1000:.0f} ms ({p['ratio']:.1%}) | < 10% | "
              f"{mark(p['met'])} |",
@@ -111,6 +115,15 @@ def extras_table(r: dict) -> str:
              f"{mark(m['peak_8_streams_mb'] < m['idle_mb'] + m['model_file_mb'])} |",
              f"| Memory after all the runs above (prefix cache budget 256 MB) | {m['after_runs_mb']:.0f} MB | "
              f"bounded (see the soak) | +{m['after_runs_mb'] - m['idle_mb']:.0f} MB |"]
+    n = r.get("n_choices")
+    if n:
+        lines.append(f"| `n`=4 vs `n`=1, 128 tokens each: wall time (completion tokens {n['completion_tokens_n4']:.0f} vs "
+                     f"{n['completion_tokens_n1']:.0f}) | {n['wall_n4_s']:.2f} s vs {n['wall_n1_s']:.2f} s "
+                     f"({n['ratio']:.2f}×) | ≤ 1.5× | {mark(n['ratio'] <= 1.5)} |")
+        once = all(e <= p for e, p in zip(n["n4_prompt_tokens_evaluated"], n["n4_prompt_tokens"]))  # reuse: fewer
+        lines.append(f"| `n`=4: prompt tokens evaluated per request / prompt tokens; choices forked | "
+                     f"{n['n4_prompt_tokens_evaluated']} / {n['n4_prompt_tokens']}; {n['n4_forked']} | once, 3 forked | "
+                     f"{mark(once and all(f == 3 for f in n['n4_forked']))} |")
     return "\n".join(lines)
 
 

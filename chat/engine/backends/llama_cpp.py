@@ -55,9 +55,11 @@ logger = logging.getLogger(__name__)
 
 BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while nothing decodes
 # Prompts are evaluated in chunks of PROMPT_CHUNK tokens that start at a multiple of it, each in its own
-# llama_decode, and only such whole chunks are reused (resident, copied, saved): a reused prefix then holds
-# exactly the cells a cold prompt computes. CPU kernels pick their code path by a batch's shape (flash
-# attention's tiled path needs 64 query rows), so a token's logits depend on how its prompt was split.
+# llama_decode; the last chunk takes the rest (PROMPT_CHUNK to 2 x PROMPT_CHUNK - 1 tokens, or the whole of a
+# shorter prompt). Only whole chunks before the last are reused (resident, copied, saved): a reused prefix
+# holds exactly the cells a cold prompt computes. CPU kernels pick their code path by a batch's shape (flash
+# attention's tiled path needs 64 query rows per sequence; below that a row-by-row path, about half as fast
+# on long contexts), so a token's logits depend on how its prompt was split.
 PROMPT_CHUNK = 64
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
@@ -81,7 +83,17 @@ _log_callback = None  # kept referenced: llama.cpp calls it from C
 
 def reusable(length: int) -> int:
     """`length` rounded down to whole prompt chunks."""
-    return length - length % PROMPT_CHUNK
+    return max(0, length - length % PROMPT_CHUNK)
+
+
+def last_chunk_start(prompt_length: int) -> int:
+    """Where a prompt's last chunk starts: what precedes it is the most of it that may be reused."""
+    return reusable(prompt_length - PROMPT_CHUNK)
+
+
+def chunk_size(pending: int) -> int:
+    """The next chunk of a prompt with `pending` tokens left (from an aligned position)."""
+    return pending if pending < 2 * PROMPT_CHUNK else PROMPT_CHUNK
 
 
 def model_params_for(llama, spec: ModelSpec):
@@ -423,7 +435,7 @@ class LlamaCppBackend(Backend):
     def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int, _Share | None]:
         """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from."""
         llama, memory = self._llama, self._memory
-        limit = reusable(len(prompt) - 1)  # the last prompt token must be decoded to get logits
+        limit = last_chunk_start(len(prompt))  # the last chunk is evaluated as a cold prompt evaluates it
 
         def held(slot: _Slot) -> int:  # what a slot holds of `prompt` that may be reused
             return reusable(min(common_prefix_length(slot.kv_tokens, prompt), slot.exact, limit))
@@ -474,7 +486,7 @@ class LlamaCppBackend(Backend):
                 continue
             # What the slot will hold in whole chunks once its prompt is evaluated (or holds already).
             evaluated = len(slot.kv_tokens) >= len(slot.prompt)
-            ceiling = slot.exact if evaluated else reusable(len(slot.prompt))
+            ceiling = slot.exact if evaluated else last_chunk_start(len(slot.prompt))
             length = reusable(min(common_prefix_length(slot.prompt, prompt), ceiling, limit))
             if length >= MIN_SHARE_TOKENS and (best is None or length > best.length):
                 best = _Share(slot, slot.claims, length)
@@ -662,7 +674,7 @@ class LlamaCppBackend(Backend):
         while True:
             added = False
             for seq in prefilling:
-                size = min(PROMPT_CHUNK, len(seq.backend_state.pending) - taken[seq])
+                size = chunk_size(len(seq.backend_state.pending) - taken[seq])
                 guaranteed = rounds < self._min_prompt_chunks or not chunks
                 if size <= 0 or (size > allowance and not guaranteed):
                     continue

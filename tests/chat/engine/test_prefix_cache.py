@@ -3,6 +3,7 @@
 import pytest
 
 from chat.engine import ModelRegistry, ModelSpec, SamplingParams
+from chat.engine.backends.llama_cpp import last_chunk_start
 from chat.engine.prefix_cache import PrefixCache, common_prefix_length
 from tests.factories import chat_prompt
 
@@ -82,7 +83,7 @@ def test_smollm2_reused_prefix_gives_the_same_output_as_cold(smollm2, smollm2_gg
     prompt = chat_prompt(smollm2, system, "What do you like most about the sea?")
     cold = smollm2.generate(prompt, GREEDY)
     warm = smollm2.generate(prompt, GREEDY)
-    assert warm.cached_prompt_tokens >= len(smollm2.tokenize(system))
+    assert warm.cached_prompt_tokens >= last_chunk_start(warm.prompt_tokens) > 0  # all but the last chunk
     assert warm.text == cold.text
 
 
@@ -93,7 +94,7 @@ def test_smollm2_with_flash_attention_a_follow_up_from_a_warm_slot_has_the_cold_
     spec = ModelSpec("warm", str(smollm2_gguf), context_length=1024, parallel=2)
     assert spec.flash_attention
     sampling = SamplingParams(max_tokens=24, temperature=0, logprobs=5)
-    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 6
+    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 12
     registry = ModelRegistry([spec])
     try:
         engine = registry.get()

@@ -262,13 +262,14 @@ def test_a_slot_saved_before_its_copy_was_applied_saves_the_copied_prefix(tiny_g
     spec = ModelSpec("tiny-copies", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2, prefix_cache_mb=8)
     backend = LlamaCppBackend.load(spec)
     try:
-        prefix = backend.tokenize("the cat sat on the mat and the dog sat on the log " * 12)[:128]  # two whole chunks
-        writer = new_sequence(prefix + [backend.tokenize("x")[0]])
+        words = backend.tokenize("the cat sat on the mat and the dog sat on the log " * 20)
+        prefix = words[:128]  # two whole chunks; each prompt's last chunk follows them
+        writer = new_sequence(prefix + words[128:198])
         backend.start(writer)
         while writer.backend_state.prefilling:
             backend.step([writer])
         # A sequence sharing the prefix copies it from the writer's slot (recorded, applied at the next decode)...
-        sharer = new_sequence(prefix + backend.tokenize(" q r")[:2])
+        sharer = new_sequence(prefix + backend.tokenize(" q r s t u v w " * 12)[:70])
         backend.start(sharer)
         shared_slot = sharer.backend_state.slot
         assert sharer.cached_prompt_tokens == len(prefix) and shared_slot.kv_tokens == prefix
