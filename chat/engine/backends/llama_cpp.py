@@ -647,18 +647,18 @@ class LlamaCppBackend(Backend):
             sampled += ok
             failed += bad
         failed_seqs = {seq for seq, _ in failed}
-        for seq, size in prompt_chunks:
-            if seq in failed_seqs:
+        for call in self._prompt_calls(prompt_chunks):
+            call = [(seq, size) for seq, size in call if seq not in failed_seqs]
+            if not call:
                 continue
-            ok, bad = self._decode_planned([(seq, size)])
-            if ok:  # its prompt is evaluated: sequences with the very same prompt fork from it now
+            ok, bad = self._decode_planned(call)
+            for seq, _ in list(ok):  # a prompt evaluated: sequences with the very same prompt fork from it now
                 forked, fork_failed = self._fork_twins(seq, seqs)
                 ok, bad = ok + forked, bad + fork_failed
             sampled += ok
             failed += bad
             failed_seqs.update(seq for seq, _ in bad)
-            if seq not in failed_seqs:
-                self._prompt_tokens_evaluated += size
+            self._prompt_tokens_evaluated += sum(size for seq, size in call if seq not in failed_seqs)
         elapsed = time.perf_counter() - started
         self._decode_seconds += elapsed
         if not failed:
@@ -666,6 +666,18 @@ class LlamaCppBackend(Backend):
         if failed:
             raise SequencesFailed([seq for seq, _ in failed], sampled, errors=dict(failed))
         return sampled
+
+    @staticmethod
+    def _prompt_calls(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """The llama_decode calls of a step's prompt chunks. Chunks under PROMPT_CHUNK rows that end within
+        LONE_ROW_KV_CELLS go together in one call: below 64 rows flash attention computes each row on its own
+        (the same logits in any company), and under 512 KV cells no row is split by thread. Every other
+        chunk has a call of its own (measured: bench/flash_attention_shapes.py)."""
+        small = [(seq, size) for seq, size in chunks
+                 if size < PROMPT_CHUNK and len(seq.backend_state.slot.kv_tokens) + size <= LONE_ROW_KV_CELLS]
+        grouped = {seq for seq, _ in small}
+        calls = [sorted(small, key=lambda item: item[0].backend_state.slot.seq_id)] if small else []
+        return calls + [[(seq, size)] for seq, size in chunks if seq not in grouped]
 
     def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int) -> list[tuple[Sequence, int]]:
         """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt."""
@@ -757,10 +769,13 @@ class LlamaCppBackend(Backend):
 
     def _decode_batch(self, planned: list[tuple[Sequence, int]]) -> int:
         batch, n = self._batch, 0
-        companion = self._companion(planned)
-        if companion is not None and companion.seq_id < planned[0][0].backend_state.slot.seq_id:
-            n = self._put_throwaway(companion, n)  # slot ids stay increasing: one pass
-        for seq, size in planned:
+        throwaway = self._throwaway_slots(planned)
+        rows = sorted([(seq.backend_state.slot.seq_id, seq, size) for seq, size in planned] +
+                      [(slot.seq_id, None, 1) for slot in throwaway], key=lambda row: row[0])
+        for slot_id, seq, size in rows:  # in increasing slot order: one pass
+            if seq is None:
+                n = self._put_throwaway(self._slots[slot_id], n)
+                continue
             state: _SequenceState = seq.backend_state
             slot, start = state.slot, len(state.slot.kv_tokens)
             for offset, token in enumerate(state.pending[:size]):
@@ -773,33 +788,37 @@ class LlamaCppBackend(Backend):
             if size == len(state.pending):  # the prompt's last token, or a decoding sequence's token
                 batch.logits[n - 1] = 1
             state.logits_index = n - 1 if size == len(state.pending) else None
-        if companion is not None and companion.seq_id > planned[0][0].backend_state.slot.seq_id:
-            n = self._put_throwaway(companion, n)
         batch.n_tokens = n
         result = self._llama.llama_decode(self._context, batch)
-        if companion is not None:
-            self._llama.llama_memory_seq_rm(self._memory, companion.seq_id, len(companion.kv_tokens), -1)
+        for slot in throwaway:
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.kv_tokens), -1)
         if result == 0:  # the decode applied every recorded copy first
             for slot in self._slots:
                 slot.copy_pending = False
         return result
 
-    def _companion(self, planned: list[tuple[Sequence, int]]) -> _Slot | None:
-        """A neighbour slot to decode a throwaway token beside a lone decoding sequence whose KV view would reach
-        512 cells: there flash attention's CPU kernel takes a path of its own for one query row of one
-        stream (split over the KV), so the sequence would get other logits alone than beside others."""
-        if len(planned) != 1 or planned[0][1] != 1:
-            return None
-        state = planned[0][0].backend_state
-        if state.prefilling or len(state.slot.kv_tokens) < LONE_ROW_KV_CELLS:
-            return None
-        for neighbour in (state.slot.seq_id + 1, state.slot.seq_id - 1):
-            if 0 <= neighbour < len(self._slots):
-                slot = self._slots[neighbour]  # idle, or busy but not in this batch: the token is removed after
-                if slot.copy_pending and not self._apply_copies(slot):  # its next position is known after
-                    continue
-                return slot
-        return None
+    def _throwaway_slots(self, planned: list[tuple[Sequence, int]]) -> list[_Slot]:
+        """Slots to decode a throwaway token in beside a decode step's sequences once one of them holds 256 cells
+        or more: the slots between theirs (llama.cpp passes only consecutive slot ids together), or a
+        neighbour of a lone sequence. One query row of one stream over 512+ KV cells takes flash attention's
+        split-KV path (other sums), so without them a sequence would decode differently alone than beside
+        others. The tokens are removed after the decode."""
+        if any(size != 1 or seq.backend_state.prefilling for seq, size in planned) or all(
+                len(seq.backend_state.slot.kv_tokens) < LONE_ROW_KV_CELLS for seq, _ in planned):
+            return []
+        ids = {seq.backend_state.slot.seq_id for seq, _ in planned}
+        if len(ids) == 1:
+            (only,) = ids
+            wanted = [[only + 1], [only - 1]]
+        else:
+            wanted = [[i for i in range(min(ids), max(ids)) if i not in ids]]
+        for candidates in wanted:
+            if not all(0 <= i < len(self._slots) for i in candidates):
+                continue
+            slots = [self._slots[i] for i in candidates]  # idle, or busy but not decoding in this call
+            if all(not slot.copy_pending or self._apply_copies(slot) for slot in slots):
+                return slots
+        return []
 
     def _put_throwaway(self, slot: _Slot, n: int) -> int:
         """Put a token for `slot` at its next position into the batch (removed after the decode)."""

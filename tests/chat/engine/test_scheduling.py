@@ -375,3 +375,57 @@ def test_a_twin_whose_source_is_cancelled_evaluates_the_prompt_itself(budget_bac
         expected += [token for seq, token in backend.step([alone]) if seq is alone]
     backend.release(alone)
     assert tokens == expected and len(tokens) == 4
+
+
+@pytest.mark.smollm2
+def test_smollm2_sequences_decoding_around_a_prefilling_slot_match_decoding_alone(smollm2_gguf):
+    """Slots 0 and 2 decode while slot 1 evaluates a long prompt: the decode call has a throwaway token for
+    slot 1, so the two pass together as when nothing is between them (past 256 cells a lone row would take
+    another path), and their logprobs are those of each decoding alone."""
+    spec = ModelSpec("around", str(smollm2_gguf), context_length=1024, parallel=3, prefix_cache_mb=0)
+
+    def prompt_of(backend, topic: str, times: int) -> list[int]:
+        return backend.tokenize(f"Tell me everything about {topic}, at length and with care. " * times)
+
+    def decode(backend, seqs: list[Sequence], found: dict, until) -> None:
+        while not until():
+            for seq, _token in backend.step(seqs):
+                if seq in found:
+                    found[seq].append((seq.token_logprob.logprob, [t.logprob for t in seq.token_logprob.top]))
+
+    def sequence(tokens):
+        params = SamplingParams(max_tokens=64, temperature=0, logprobs=3)
+        return Sequence(generation=Generation("t"), prompt_tokens=tokens, params=params, max_new_tokens=64,
+                        assembler=TextAssembler(()))
+
+    backend = LlamaCppBackend.load(spec)
+    try:
+        first, second = prompt_of(backend, "ships", 22), prompt_of(backend, "rivers", 22)
+        long = prompt_of(backend, "mountains", 60)
+        assert min(len(first), len(second)) > 256 and len(long) < 1000
+        a, b, c = sequence(first), sequence(long), sequence(second)
+        for seq in (a, b, c):
+            backend.start(seq)
+        assert [s.backend_state.slot.seq_id for s in (a, b, c)] == [0, 1, 2]
+        together = {a: [], c: []}
+        decode(backend, [a, c], together, lambda: not (a.backend_state.prefilling or c.backend_state.prefilling))
+        decode(backend, [a, b, c], together, lambda: min(len(v) for v in together.values()) >= 8)
+        assert b.backend_state.prefilling  # it was evaluating its prompt all along
+        for seq in (a, b, c):
+            backend.release(seq)
+    finally:
+        backend.close()
+    alone = []
+    for tokens in (first, second):
+        backend = LlamaCppBackend.load(spec)
+        try:
+            seq = sequence(tokens)
+            backend.start(seq)
+            found = {seq: []}
+            decode(backend, [seq], found, lambda: len(found[seq]) >= 8)
+            alone.append(found[seq])
+            backend.release(seq)
+        finally:
+            backend.close()
+    assert together[a][:8] == alone[0][:8]
+    assert together[c][:8] == alone[1][:8]
