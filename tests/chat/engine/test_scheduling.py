@@ -381,7 +381,7 @@ def test_a_twin_whose_source_is_cancelled_evaluates_the_prompt_itself(budget_bac
 def test_smollm2_sequences_decoding_around_a_prefilling_slot_match_decoding_alone(smollm2_gguf):
     """Slots 0 and 2 decode while slot 1 evaluates a long prompt: the decode call has a throwaway token for
     slot 1, so the two pass together as when nothing is between them (past 256 cells a lone row would take
-    another path), and their logprobs are those of each decoding alone."""
+    another path), and their logprobs are those of each decoding alone, and of the two side by side."""
     spec = ModelSpec("around", str(smollm2_gguf), context_length=1024, parallel=3, prefix_cache_mb=0)
 
     def prompt_of(backend, topic: str, times: int) -> list[int]:
@@ -427,5 +427,14 @@ def test_smollm2_sequences_decoding_around_a_prefilling_slot_match_decoding_alon
             backend.release(seq)
         finally:
             backend.close()
-    assert together[a][:8] == alone[0][:8]
-    assert together[c][:8] == alone[1][:8]
+    backend = LlamaCppBackend.load(spec)  # the two side by side on slots 0 and 1, nothing between them
+    try:
+        a2, c2 = sequence(first), sequence(second)
+        for seq in (a2, c2):
+            backend.start(seq)
+        side_by_side = {a2: [], c2: []}
+        decode(backend, [a2, c2], side_by_side, lambda: min(len(v) for v in side_by_side.values()) >= 8)
+    finally:
+        backend.close()
+    assert together[a][:8] == alone[0][:8] == side_by_side[a2][:8]
+    assert together[c][:8] == alone[1][:8] == side_by_side[c2][:8]
