@@ -1,5 +1,5 @@
 """How batch shape changes logits and speed with flash attention on CPU (the measurements behind the engine's
-aligned-chunk rule, docs/BENCHMARKS.md "Reproducibility with flash attention").
+aligned-chunk rule, docs/BENCHMARKS.md "Issue 22: what was built").
 
     .venv/bin/python -m bench.flash_attention_shapes
 

@@ -66,12 +66,12 @@ async def slow_engine_steps(monkeypatch):
     monkeypatch.setattr(engine, "faults", Faults(step=lambda step: time.sleep(0.05)))
 
 
-async def wait_for(predicate, timeout=60):
-    for _ in range(int(timeout * 20)):
-        if await sync_to_async(predicate)():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out")
+async def run_finished(conversation_id, timeout=60):
+    """Wait for the conversation's reply run to end (stored or failed). Not by polling the database: the
+    tests' SQLite locks a table against the run's writer while a reader holds it ("table is locked")."""
+    run = reply_run_of(conversation_id)
+    if run is not None:
+        assert await sync_to_async(run.finished.wait, thread_sensitive=False)(timeout)
 
 
 async def test_every_operation_over_the_websocket(site):
@@ -143,8 +143,7 @@ async def test_a_reply_goes_on_after_its_socket_closed_and_a_new_socket_resumes_
     events = await until(again, "end", "idle", timeout=120)
     if events[0]["type"] == "start":  # still running: resumed from its text so far
         assert events[0]["resumed"] is True and events[-1]["type"] == "end"
-    stored = await messages_of(conversation)
-    await wait_for(lambda: Message.objects.filter(conversation_id=conversation).count() == 5)
+    await run_finished(conversation)
     stored = await messages_of(conversation)
     assert stored[-1].role == "assistant" and not stored[-1].stopped and stored[-1].completion_tokens == 1500
     await again.disconnect()
@@ -159,7 +158,7 @@ async def test_a_reply_left_alone_too_long_is_stopped_and_kept(site, settings, m
     await comm.send_json_to({"type": "message", "content": "Go on and on", "max_tokens": 2000})
     await until(comm, "token")
     await comm.disconnect()
-    await wait_for(lambda: Message.objects.filter(conversation_id=conversation).count() == 5)
+    await run_finished(conversation)
     stored = (await messages_of(conversation))[-1]
     assert stored.stopped and stored.content and stored.completion_tokens < 2000
 

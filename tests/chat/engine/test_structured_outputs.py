@@ -19,7 +19,7 @@ pytestmark = pytest.mark.smollm2
 ROOT = Path(__file__).resolve().parents[3]
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "json_schemas.json").read_text())
 BENCH_DIR = ROOT.parent / "shared" / "jsonschemabench"
-BENCH_SAMPLE = 48
+BENCH_SAMPLE = 60  # at least 50 of them compile (issue 21)
 MAX_CUT_SHARE = 0.2  # SmolLM2 at temperature 1 fills long free strings; docs/BENCHMARKS.md compares with llama-server
 
 
@@ -85,7 +85,7 @@ def test_schema_suite_replies_validate(smollm2, source):
                 raise
             continue
         compiled.append(schema)
-    assert len(compiled) >= 0.9 * len(schemas)
+    assert len(compiled) >= (0.9 * len(schemas) if source == "own" else 50)
     replies = generate_under_schemas(smollm2, compiled, max_tokens=64 if source == "own" else 400, seed=3)
     assert invalid(replies) == []
     assert sum(r.cut for r in replies) <= MAX_CUT_SHARE * len(replies)
