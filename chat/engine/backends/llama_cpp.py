@@ -410,14 +410,9 @@ class LlamaCppBackend(Backend):
             state.twin, state.prefilling = None, False
             state.logits_index = source_state.logits_index
             self._forks += 1
-            try:
-                token = self._sample(seq, state)
-            except EngineError as error:
+            token, error = self._sample_guarded(seq, state)
+            if error is not None:
                 failed.append((seq, error))
-                continue
-            except Exception:
-                logger.exception("sampling a sequence of model %r failed", self._model_name)
-                failed.append((seq, GenerationFailed(self._model_name)))
                 continue
             state.pending = [token]
             sampled.append((seq, token))
@@ -842,19 +837,24 @@ class LlamaCppBackend(Backend):
             del state.pending[:size]
             if state.logits_index is None:
                 continue
-            try:
-                token = self._sample(seq, state)
-            except EngineError as error:
+            token, error = self._sample_guarded(seq, state)
+            if error is not None:
                 failed.append((seq, error))
-                continue
-            except Exception:
-                logger.exception("sampling a sequence of model %r failed", self._model_name)
-                failed.append((seq, GenerationFailed(self._model_name)))
                 continue
             state.pending = [token]
             state.prefilling = False
             sampled.append((seq, token))
         return sampled, failed
+
+    def _sample_guarded(self, seq: Sequence, state: _SequenceState) -> tuple[int | None, EngineError | None]:
+        """(token, None), or (None, the error) when sampling this sequence failed: it fails that one only."""
+        try:
+            return self._sample(seq, state), None
+        except EngineError as error:
+            return None, error
+        except Exception:
+            logger.exception("sampling a sequence of model %r failed", self._model_name)
+            return None, GenerationFailed(self._model_name)
 
     def _sample(self, seq: Sequence, state: _SequenceState) -> int:
         if self.faults is not None and self.faults.sample is not None:
