@@ -19,9 +19,9 @@ and carried out at the start of the next llama_decode: before either slot is sav
 copies are applied by decoding one throwaway token (a save would otherwise store stale cells, and a
 restore would be overwritten by the copy or carried by it into another slot).
 
-Aligned prompt chunks: a prompt is evaluated in PROMPT_CHUNK-token chunks from aligned positions, each in its
-own llama_decode, and only whole chunks are reused, copied or saved, so a warm prompt computes exactly the
-cells (and logits) of a cold one, flash attention on. Forks (`n` choices): a sequence whose prompt is the very
+Aligned prompt chunks (see PROMPT_CHUNK, _prompt_calls and _throwaway_slots): batch shapes are fixed so that a
+warm prompt computes exactly the cells (and logits) of a cold one, flash attention on, and a sequence decodes
+the same in any company. Forks (`n` choices): a sequence whose prompt is the very
 prompt another slot is evaluating waits for it, then gets a copy of the whole sequence and samples its first
 token from the same logits row with its own sampler: the prompt is evaluated once.
 
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while nothing decodes
 # Prompts are evaluated in chunks of PROMPT_CHUNK tokens that start at a multiple of it, each in its own
-# llama_decode; the last chunk takes the rest (PROMPT_CHUNK to 2 x PROMPT_CHUNK - 1 tokens, or the whole of a
+# llama_decode (short prompts of several sequences share one: _prompt_calls); the last chunk takes the rest (PROMPT_CHUNK to 2 x PROMPT_CHUNK - 1 tokens, or the whole of a
 # shorter prompt). Only whole chunks before the last are reused (resident, copied, saved): a reused prefix
 # holds exactly the cells a cold prompt computes. CPU kernels pick their code path by a batch's shape (flash
 # attention's tiled path needs 64 query rows per sequence; below that a row-by-row path, about half as fast
