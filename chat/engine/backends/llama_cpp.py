@@ -55,11 +55,13 @@ logger = logging.getLogger(__name__)
 
 BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while nothing decodes
 # Prompts are evaluated in chunks of PROMPT_CHUNK tokens that start at a multiple of it, each in its own
-# llama_decode (short prompts of several sequences share one: _prompt_calls); the last chunk takes the rest (PROMPT_CHUNK to 2 x PROMPT_CHUNK - 1 tokens, or the whole of a
-# shorter prompt). Only whole chunks before the last are reused (resident, copied, saved): a reused prefix
-# holds exactly the cells a cold prompt computes. CPU kernels pick their code path by a batch's shape (flash
-# attention's tiled path needs 64 query rows per sequence; below that a row-by-row path, about half as fast
-# on long contexts), so a token's logits depend on how its prompt was split.
+# llama_decode (short chunks of several sequences that end within LONE_ROW_KV_CELLS share one: _prompt_calls).
+# CPU kernels pick their code path by a batch's shape: flash attention's tiled path needs 64 query rows per
+# sequence; below that a row-by-row path, exact in any company but slow on long contexts (a 43-row tail over
+# 1,800 cells took 0.95 s). So a prompt's last, partial chunk past LONE_ROW_KV_CELLS is padded to PROMPT_CHUNK
+# rows with throwaway tokens after it (masked from the real rows by causality; removed after the decode).
+# Only whole chunks before the last are reused (resident, copied, saved): a reused prefix holds exactly the
+# cells a cold prompt computes, and the last chunk is evaluated as a cold prompt evaluates it.
 PROMPT_CHUNK = 64
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
@@ -88,12 +90,12 @@ def reusable(length: int) -> int:
 
 def last_chunk_start(prompt_length: int) -> int:
     """Where a prompt's last chunk starts: what precedes it is the most of it that may be reused."""
-    return reusable(prompt_length - PROMPT_CHUNK)
+    return reusable(prompt_length - 1)
 
 
 def chunk_size(pending: int) -> int:
     """The next chunk of a prompt with `pending` tokens left (from an aligned position)."""
-    return pending if pending < 2 * PROMPT_CHUNK else PROMPT_CHUNK
+    return min(pending, PROMPT_CHUNK)
 
 
 def model_params_for(llama, spec: ModelSpec):
@@ -664,15 +666,21 @@ class LlamaCppBackend(Backend):
 
     @staticmethod
     def _prompt_calls(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-        """The llama_decode calls of a step's prompt chunks. Chunks under PROMPT_CHUNK rows that end within
-        LONE_ROW_KV_CELLS go together in one call: below 64 rows flash attention computes each row on its own
-        (the same logits in any company), and under 512 KV cells no row is split by thread. Every other
-        chunk has a call of its own (measured: bench/flash_attention_shapes.py)."""
-        small = [(seq, size) for seq, size in chunks
-                 if size < PROMPT_CHUNK and len(seq.backend_state.slot.kv_tokens) + size <= LONE_ROW_KV_CELLS]
-        grouped = {seq for seq, _ in small}
-        calls = [sorted(small, key=lambda item: item[0].backend_state.slot.seq_id)] if small else []
-        return calls + [[(seq, size)] for seq, size in chunks if seq not in grouped]
+        """The llama_decode calls of a step's prompt chunks, in order. A prompt's last chunk under PROMPT_CHUNK
+        rows that ends within LONE_ROW_KV_CELLS goes into one call with the others like it, after every
+        whole chunk: below 64 rows flash attention computes each row on its own (the same logits in any
+        company), and under 512 KV cells no row is split by thread. Every other chunk has a call of its
+        own (measured: bench/flash_attention_shapes.py)."""
+        ends, small, calls = {}, [], []
+        for seq, size in chunks:
+            ends[seq] = ends.get(seq, len(seq.backend_state.slot.kv_tokens)) + size
+            if size < PROMPT_CHUNK and ends[seq] <= LONE_ROW_KV_CELLS:
+                small.append((seq, size))
+            else:
+                calls.append([(seq, size)])
+        if small:
+            calls.append(sorted(small, key=lambda item: item[0].backend_state.slot.seq_id))
+        return calls
 
     def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int) -> list[tuple[Sequence, int]]:
         """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt."""
@@ -783,14 +791,35 @@ class LlamaCppBackend(Backend):
             if size == len(state.pending):  # the prompt's last token, or a decoding sequence's token
                 batch.logits[n - 1] = 1
             state.logits_index = n - 1 if size == len(state.pending) else None
+            for offset in range(size, size + self._padding(state, size)):
+                batch.token[n] = state.pending[size - 1]
+                batch.pos[n] = start + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = 0
+                n += 1
         batch.n_tokens = n
         result = self._llama.llama_decode(self._context, batch)
         for slot in throwaway:
             self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.kv_tokens), -1)
+        for seq, size in planned:
+            if self._padding(seq.backend_state, size):
+                slot = seq.backend_state.slot
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.kv_tokens) + size, -1)
         if result == 0:  # the decode applied every recorded copy first
             for slot in self._slots:
                 slot.copy_pending = False
         return result
+
+    def _padding(self, state: _SequenceState, size: int) -> int:
+        """Throwaway rows after a prompt's last chunk of `size` tokens, so that a partial chunk past
+        LONE_ROW_KV_CELLS takes flash attention's tiled path (PROMPT_CHUNK rows) instead of the slow
+        row-by-row one. A function of the chunk's position only, so cold and warm prompts pad alike."""
+        start = len(state.slot.kv_tokens)
+        if (not state.prefilling or size >= PROMPT_CHUNK or size != len(state.pending)
+                or start + size <= LONE_ROW_KV_CELLS or start + PROMPT_CHUNK > self.context_length):
+            return 0
+        return PROMPT_CHUNK - size
 
     def _throwaway_slots(self, planned: list[tuple[Sequence, int]]) -> list[_Slot]:
         """Slots to decode a throwaway token in beside a decode step's sequences once one of them holds 256 cells
