@@ -114,3 +114,49 @@ def test_smollm2_with_flash_attention_a_follow_up_from_a_warm_slot_has_the_cold_
     assert warm.text == cold.text
     assert [(r.logprob, [t.logprob for t in r.top]) for r in warm.logprobs] == [
         (r.logprob, [t.logprob for t in r.top]) for r in cold.logprobs]
+
+
+@pytest.mark.smollm2
+def test_smollm2_a_padded_last_chunk_leaves_no_trace(smollm2_gguf):
+    """A last, partial chunk past 256 cells is padded to 64 rows with throwaway tokens: none stays in the KV
+    cache, the reply follows the same prompt evaluated without flash attention (other kernels: close, not
+    bit-equal), and a warm follow-up still has the cold prompt's exact logprobs."""
+    sampling = SamplingParams(max_tokens=24, temperature=0, logprobs=1)
+    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 23
+
+    def first(engine):
+        prompt = chat_prompt(engine, system, "What do you like most about the sea?")
+        assert len(engine.prompt_tokens(prompt)) > 256 and len(engine.prompt_tokens(prompt)) % 64
+        return prompt
+
+    def follow_up(engine):
+        return first(engine) + padded.text + "<|im_end|>\n<|im_start|>user\nAnd ships?<|im_end|>\n<|im_start|>assistant\n"
+
+    def run(prompts, flash_attention: bool = True, probe: bool = True) -> list:
+        registry = ModelRegistry([ModelSpec("pad", str(smollm2_gguf), context_length=1024, parallel=2,
+                                            flash_attention=flash_attention)])
+        try:
+            engine = registry.get()
+            backend, replies = engine._backend, []
+            for prompt in prompts:
+                if probe:
+                    engine.generate(prompt(engine), SamplingParams(max_tokens=1, temperature=0))
+                for slot in backend._slots:  # the prompt's cells, and no throwaway one after them
+                    assert backend._llama.llama_memory_seq_pos_max(backend._memory, slot.seq_id) == len(slot.kv_tokens) - 1
+                replies.append(engine.generate(prompt(engine), sampling))
+            return replies
+        finally:
+            registry.close()
+
+    (padded,) = run([first])
+    (plain,) = run([first], flash_attention=False)
+    agreed = 0  # the kernels differ, so near-tied tokens may flip: compare while both replies agree
+    while agreed < len(plain.logprobs) and padded.logprobs[agreed].token == plain.logprobs[agreed].token:
+        agreed += 1
+    assert agreed >= 8, (padded.text, plain.text)
+    assert all(abs(a.logprob - b.logprob) < 0.3 for a, b in zip(padded.logprobs[:agreed], plain.logprobs))
+
+    _, warm = run([first, follow_up])
+    (cold,) = run([follow_up], probe=False)
+    assert warm.cached_prompt_tokens >= 256 and cold.cached_prompt_tokens == 0
+    assert [r.logprob for r in warm.logprobs] == [r.logprob for r in cold.logprobs]
