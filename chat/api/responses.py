@@ -8,6 +8,7 @@ messages, function tools into chat tools, text.format into response_format) and 
 
 from __future__ import annotations
 
+from django.conf import settings
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -65,6 +66,12 @@ class ResponseRequestSerializer(SamplingFieldsMixin):
         except ApiError as error:
             raise serializers.ValidationError({error.param or "input": error.message}) from None
         if attrs.get("instructions"):
+            # Policy (docs/API.md): a character's system prompt is not replaced or extended by a client; a stored
+            # conversation (previous_response_id) always has a character. Refused rather than dropped unseen.
+            if any(attrs.get(field) for field in ("character", "character_id", "previous_response_id")):
+                raise serializers.ValidationError({"instructions": "instructions cannot be combined with a character "
+                                                   "(or a previous_response_id, which continues one): the "
+                                                   "character's system prompt applies."})
             messages = [{"role": "system", "content": attrs["instructions"]}, *messages]
         if attrs.get("character") and attrs.get("character_id"):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
@@ -105,6 +112,8 @@ def input_messages(items, *, continuing: bool) -> list[dict]:
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise ApiError("input must be a string or a non-empty list of input items.", param="input")
+    if len(items) > settings.API_MAX_MESSAGES:
+        raise ApiError(f"at most {settings.API_MAX_MESSAGES} input items are accepted per request.", param="input")
     messages: list[dict] = []
     for index, item in enumerate(items):
         where = f"input[{index}]"
@@ -135,7 +144,19 @@ def input_messages(items, *, continuing: bool) -> list[dict]:
                        param="input")
     if not continuing and not any(message["role"] == "user" for message in messages):
         raise ApiError("input must include a user message.", param="input")
+    if continuing and not _is_new_turn(messages):
+        # The stored conversation is the history: an item before the new turn would be dropped unseen.
+        raise ApiError("with previous_response_id, input must be the function_call_output items answering the "
+                       "previous response's calls, or one user message: the stored conversation holds the rest.",
+                       param="input")
     return messages
+
+
+def _is_new_turn(messages: list[dict]) -> bool:
+    """Whether a continuation's input is one turn: tool outputs (stored together as one turn) or one user message.
+    System and developer messages follow the character policy (chat/plans.py), they are not turns."""
+    turns = [message for message in messages if message["role"] not in ("system", "developer")]
+    return all(message["role"] == "tool" for message in turns) or (len(turns) == 1 and turns[0]["role"] == "user")
 
 
 def chat_tools(tools) -> list | None:
