@@ -19,6 +19,7 @@ from chat.services import response_create, response_delete, response_get
 from chat.tooling.requests import tool_message_check, tool_request_from
 
 from .response_events import response_body, response_events, stored_response_body
+from .response_serializers import ResponseDeletedSerializer, ResponseObjectSerializer
 from .serializers import SamplingFieldsMixin
 from .sse import sse_response
 from .views import ERRORS, GeneratingView, api_key_of, logged
@@ -201,8 +202,9 @@ class ResponsesView(GeneratingView):
     """Create a response (OpenAI's Responses API), optionally streamed as its typed server-sent events."""
 
     @extend_schema(request=ResponseRequestSerializer, responses={
-        200: OpenApiResponse(dict, description="A response object; with stream=true, text/event-stream of "
-                                               "response.* events ending in response.completed."),
+        200: OpenApiResponse(ResponseObjectSerializer, description="A response object; with stream=true, "
+                             "text/event-stream of response.* events ending in response.completed (or "
+                             "response.incomplete), whose `response` is this object."),
         **ERRORS})
     def post(self, request):
         serializer = ResponseRequestSerializer(data=request.data)
@@ -219,11 +221,11 @@ class ResponsesView(GeneratingView):
 class ResponseDetailView(APIView):
     """A stored response of the caller: GET it, or DELETE it (with the later exchanges of its conversation)."""
 
-    @extend_schema(responses={200: dict, 404: ERRORS[404]})
+    @extend_schema(responses={200: ResponseObjectSerializer, 404: ERRORS[404]})
     def get(self, request, response_id):
         return Response(stored_response_body(response_get(user=request.user, response_id=response_id)))
 
-    @extend_schema(responses={200: dict, 404: ERRORS[404]})
+    @extend_schema(responses={200: ResponseDeletedSerializer, 404: ERRORS[404]})
     def delete(self, request, response_id):
         response_delete(user=request.user, response_id=response_id)
         return Response({"id": response_id, "object": "response", "deleted": True})
