@@ -159,7 +159,9 @@ def text_tokenize(*, model: str | None, content: str, add_special: bool, parse_s
 def _tokens_are_the_models(engine) -> None:
     """Refuse to answer a remote model's token ids when they are not its upstream's: without a tokenize endpoint
     (or with no upstream answering) the engine counts by an estimate whose ids are placeholders."""
-    counted_by = engine.stats().get("tokenizer")  # only a remote engine says (chat/engine/remote.py)
+    if engine.spec.backend != "openai_compatible":  # a local model's tokenizer is its own
+        return
+    counted_by = engine.stats()["tokenizer"]  # the upstream's tokenize dialect (chat/engine/remote.py)
     if counted_by == "estimate":
         raise UnsupportedFeature(f"Model {engine.spec.name!r}: its upstream server offers no tokenize endpoint, so "
                                  "this server cannot tell its token ids.")
