@@ -10,6 +10,7 @@ import pytest
 
 from chat.engine import ModelSpec
 from tests.factories import make_api_client
+from tests.live import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -49,11 +50,15 @@ def upstream_without_tokenize():
         server.server_close()
 
 
-@pytest.fixture
-def remote_site(settings, upstream_without_tokenize):
-    remote = ModelSpec("remote", "", backend="openai_compatible", base_urls=(upstream_without_tokenize,))
+def serve_remote_model(settings, upstream: str) -> None:
+    remote = ModelSpec("remote", "", backend="openai_compatible", base_urls=(upstream,), connect_timeout=2)
     settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=(remote,), default_model="remote")
     settings.API_RATE_LIMIT = ""
+
+
+@pytest.fixture
+def remote_site(settings, upstream_without_tokenize):
+    serve_remote_model(settings, upstream_without_tokenize)
 
 
 def test_tokenize_refuses_when_the_upstream_cannot_tell_its_token_ids(remote_site):
@@ -65,3 +70,10 @@ def test_tokenize_refuses_when_the_upstream_cannot_tell_its_token_ids(remote_sit
         assert error["type"] == "invalid_request_error" and "no tokenize endpoint" in error["message"]
     detokenized = client.post("/detokenize", {"tokens": [1, 2]}, format="json")
     assert detokenized.status_code == 400 and "detokenize" in detokenized.json()["error"]["message"]
+
+
+def test_tokenize_is_unavailable_while_no_upstream_answers(settings):
+    serve_remote_model(settings, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    response = make_api_client("ann").post("/tokenize", {"content": "Hello"}, format="json")
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "model_unavailable"
