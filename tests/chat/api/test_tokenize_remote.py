@@ -1,5 +1,6 @@
-"""/tokenize for a remote model (backend openai_compatible) whose upstream has no tokenize endpoint: the engine
-counts its tokens by an estimate whose ids are placeholders, so /tokenize refuses instead of inventing ids."""
+"""/tokenize for a remote model (backend openai_compatible) whose upstream has no tokenize endpoint, or while no
+upstream answers: the engine then counts tokens by an estimate whose ids are placeholders, so /tokenize refuses
+(400, 503) instead of inventing ids."""
 
 import dataclasses
 import json
