@@ -45,6 +45,7 @@ def conversation_get_listed(*, user, conversation_id) -> Conversation:
 # --- Stored responses (the Responses API): "resp_<conversation hex>_<n>" is the conversation's n-th reply ---
 
 RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})_([1-9][0-9]{0,8})$")
+UNSTORED_RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{32}$")  # chat/services.py gives an unstored response a random one
 
 
 def response_id_of(*, conversation_id: uuid.UUID, ordinal: int) -> str:
@@ -64,7 +65,9 @@ def response_message_get(*, user, response_id: str, param: str = "response_id") 
         ordinal = int(match.group(2))
         reply = conversation.messages.filter(role=Message.Role.ASSISTANT).order_by("id")[ordinal - 1:ordinal].first()
     if reply is None:
-        raise NotFound(f"No response {str(response_id)[:80]!r}.", param=param, code="response_not_found")
+        unstored = " Responses without a character (or with store: false) are not stored: they cannot be " \
+                   "retrieved or continued." if UNSTORED_RESPONSE_ID.match(response_id or "") else ""
+        raise NotFound(f"No response {str(response_id)[:80]!r}.{unstored}", param=param, code="response_not_found")
     return reply, ordinal
 
 

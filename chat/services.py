@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.db import transaction
 
-from .engine import Completion
+from .engine import Completion, ModelUnavailable, UnsupportedFeature
 
 from .engines import get_engine
 from .errors import ApiError
@@ -91,26 +92,36 @@ def text_completion_run(*, user, api_key: ApiKey | None, data: dict) -> dict:
     Every prompt is submitted before any is read, so the engine decodes them as one batch; one choice each."""
     prompts = data.get("prompts") or [data["prompt"]]
     started = []
-    try:
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    with _cancelled_on_failure(started):
         for prompt in prompts:
             started.append(text_generation_start(user=user, api_key=api_key, data=data, prompt=prompt))
-    except BaseException:
-        for _, generation in started:
-            generation.cancel()
-        raise
-    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for index, (prompt, (engine, generation)) in enumerate(zip(prompts, started)):
-        for _ in generation:
-            pass
-        completion = generation.result
-        logprobs = LegacyLogprobs().shape(completion.logprobs) if completion.logprobs is not None else None
-        text = prompt + completion.text if data.get("echo") else completion.text
-        choices.append({"index": index, "text": text, "finish_reason": completion.finish_reason, "logprobs": logprobs})
-        usage = {key: usage[key] + value for key, value in usage_of(completion).items()}
+        for index, (prompt, (engine, generation)) in enumerate(zip(prompts, started)):
+            for _ in generation:
+                pass
+            completion = generation.result
+            logprobs = LegacyLogprobs().shape(completion.logprobs) if completion.logprobs is not None else None
+            text = prompt + completion.text if data.get("echo") else completion.text
+            choices.append({"index": index, "text": text, "finish_reason": completion.finish_reason,
+                            "logprobs": logprobs})
+            usage = {key: usage[key] + value for key, value in usage_of(completion).items()}
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
         "model": started[0][0].spec.name, "choices": choices, "usage": usage,
     }
+
+
+@contextmanager
+def _cancelled_on_failure(started: list):
+    """Cancel every (engine, generation) of `started` when the block fails, whether starting the next prompt or
+    reading one: the request is answered with the error, so nothing may go on decoding (and holding its quota
+    slot) for it."""
+    try:
+        yield
+    except BaseException:
+        for _, generation in started:
+            generation.cancel()
+        raise
 
 
 def text_generation_start(*, user, api_key: ApiKey | None, data: dict, prompt: str | None = None):
@@ -135,6 +146,7 @@ def text_tokenize(*, model: str | None, content: str, add_special: bool, parse_s
     usage.prompt_tokens of /v1/completions; `parse_special` reads control-token texts as control tokens."""
     engine = get_engine(model or None)
     tokens = engine.tokenize(content, special=parse_special)
+    _tokens_are_the_models(engine)
     if add_special:
         prefix = engine.prompt_tokens("")  # BOS where the model wants one
         if tokens[:len(prefix)] != prefix:
@@ -142,6 +154,19 @@ def text_tokenize(*, model: str | None, content: str, add_special: bool, parse_s
     if not with_pieces:
         return {"tokens": tokens}
     return {"tokens": [{"id": token, "piece": engine.detokenize([token])} for token in tokens]}
+
+
+def _tokens_are_the_models(engine) -> None:
+    """Refuse to answer a remote model's token ids when they are not its upstream's: without a tokenize endpoint
+    (or with no upstream answering) the engine counts by an estimate whose ids are placeholders."""
+    if engine.spec.backend != "openai_compatible":  # a local model's tokenizer is its own
+        return
+    counted_by = engine.stats()["tokenizer"]  # the upstream's tokenize dialect (chat/engine/remote.py)
+    if counted_by == "estimate":
+        raise UnsupportedFeature(f"Model {engine.spec.name!r}: its upstream server offers no tokenize endpoint, so "
+                                 "this server cannot tell its token ids.")
+    if counted_by == "unknown":
+        raise ModelUnavailable(engine.spec.name, "upstream pool", "no upstream server answered the tokenize request.")
 
 
 def tokens_detokenize(*, model: str | None, tokens: list[int]) -> dict:

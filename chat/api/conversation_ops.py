@@ -11,7 +11,6 @@ from __future__ import annotations
 from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
-from django.urls import path
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -270,17 +269,3 @@ class RunningReplyView(APIView):
             raise NotFound(f"No reply is running for conversation {pk}.", param="conversation",
                            code="reply_not_running")
         return sse_response(_sse_events(run, resumed=True))
-
-
-# Mounted under /v1/conversations/<uuid:pk>/ (chat/api/urls.py).
-urlpatterns = [
-    path("path/", ConversationPathView.as_view(), name="conversation-path"),
-    path("stop/", StopView.as_view(), name="conversation-stop"),
-    path("reply/", RunningReplyView.as_view(), name="conversation-reply"),
-    path("messages/<int:message_id>/", MessageDetailView.as_view(), name="message-detail"),
-    path("messages/<int:message_id>/alternatives/", MessageAlternativesView.as_view(), name="message-alternatives"),
-    path("messages/<int:message_id>/select/", MessageSelectView.as_view(), name="message-select"),
-    path("messages/<int:message_id>/regenerate/", RegenerateView.as_view(), name="message-regenerate"),
-    path("messages/<int:message_id>/edit/", EditView.as_view(), name="message-edit"),
-    path("messages/<int:message_id>/continue/", ContinueView.as_view(), name="message-continue"),
-]

@@ -8,6 +8,7 @@ messages, function tools into chat tools, text.format into response_format) and 
 
 from __future__ import annotations
 
+from django.conf import settings
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -18,6 +19,7 @@ from chat.services import response_create, response_delete, response_get
 from chat.tooling.requests import tool_message_check, tool_request_from
 
 from .response_events import response_body, response_events, stored_response_body
+from .response_serializers import ResponseDeletedSerializer, ResponseObjectSerializer
 from .serializers import SamplingFieldsMixin
 from .sse import sse_response
 from .views import ERRORS, GeneratingView, api_key_of, logged
@@ -65,6 +67,12 @@ class ResponseRequestSerializer(SamplingFieldsMixin):
         except ApiError as error:
             raise serializers.ValidationError({error.param or "input": error.message}) from None
         if attrs.get("instructions"):
+            # Policy (docs/API.md): a character's system prompt is not replaced or extended by a client; a stored
+            # conversation (previous_response_id) always has a character. Refused rather than dropped unseen.
+            if any(attrs.get(field) for field in ("character", "character_id", "previous_response_id")):
+                raise serializers.ValidationError({"instructions": "instructions cannot be combined with a character "
+                                                   "(or a previous_response_id, which continues one): the "
+                                                   "character's system prompt applies."})
             messages = [{"role": "system", "content": attrs["instructions"]}, *messages]
         if attrs.get("character") and attrs.get("character_id"):
             raise serializers.ValidationError({"character_id": "send either 'character' or 'character_id'."})
@@ -105,6 +113,8 @@ def input_messages(items, *, continuing: bool) -> list[dict]:
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise ApiError("input must be a string or a non-empty list of input items.", param="input")
+    if len(items) > settings.API_MAX_MESSAGES:
+        raise ApiError(f"at most {settings.API_MAX_MESSAGES} input items are accepted per request.", param="input")
     messages: list[dict] = []
     for index, item in enumerate(items):
         where = f"input[{index}]"
@@ -135,7 +145,19 @@ def input_messages(items, *, continuing: bool) -> list[dict]:
                        param="input")
     if not continuing and not any(message["role"] == "user" for message in messages):
         raise ApiError("input must include a user message.", param="input")
+    if continuing and not _is_new_turn(messages):
+        # The stored conversation is the history: an item before the new turn would be dropped unseen.
+        raise ApiError("with previous_response_id, input must be the function_call_output items answering the "
+                       "previous response's calls, or one user message: the stored conversation holds the rest.",
+                       param="input")
     return messages
+
+
+def _is_new_turn(messages: list[dict]) -> bool:
+    """Whether a continuation's input is one turn: tool outputs (stored together as one turn) or one user message.
+    System and developer messages follow the character policy (chat/plans.py), they are not turns."""
+    turns = [message for message in messages if message["role"] not in ("system", "developer")]
+    return all(message["role"] == "tool" for message in turns) or (len(turns) == 1 and turns[0]["role"] == "user")
 
 
 def chat_tools(tools) -> list | None:
@@ -180,8 +202,9 @@ class ResponsesView(GeneratingView):
     """Create a response (OpenAI's Responses API), optionally streamed as its typed server-sent events."""
 
     @extend_schema(request=ResponseRequestSerializer, responses={
-        200: OpenApiResponse(dict, description="A response object; with stream=true, text/event-stream of "
-                                               "response.* events ending in response.completed."),
+        200: OpenApiResponse(ResponseObjectSerializer, description="A response object; with stream=true, "
+                             "text/event-stream of response.* events ending in response.completed (or "
+                             "response.incomplete), whose `response` is this object."),
         **ERRORS})
     def post(self, request):
         serializer = ResponseRequestSerializer(data=request.data)
@@ -198,11 +221,11 @@ class ResponsesView(GeneratingView):
 class ResponseDetailView(APIView):
     """A stored response of the caller: GET it, or DELETE it (with the later exchanges of its conversation)."""
 
-    @extend_schema(responses={200: dict, 404: ERRORS[404]})
+    @extend_schema(responses={200: ResponseObjectSerializer, 404: ERRORS[404]})
     def get(self, request, response_id):
         return Response(stored_response_body(response_get(user=request.user, response_id=response_id)))
 
-    @extend_schema(responses={200: dict, 404: ERRORS[404]})
+    @extend_schema(responses={200: ResponseDeletedSerializer, 404: ERRORS[404]})
     def delete(self, request, response_id):
         response_delete(user=request.user, response_id=response_id)
         return Response({"id": response_id, "object": "response", "deleted": True})

@@ -1,12 +1,14 @@
 """POST /tokenize and /detokenize in llama-server's request and response shapes (SillyTavern's "API tokenizer"
 mode, budget displays), authenticated and rate-limited like the rest of the API."""
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat.services import text_tokenize, tokens_detokenize
+
+from .views import ERRORS
 
 MAX_TOKENS_DETOKENIZED = 100_000
 
@@ -29,10 +31,32 @@ class DetokenizeRequestSerializer(serializers.Serializer):
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)
 
 
+class TokenPieceSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    piece = serializers.CharField(help_text="The token's text.")
+
+
+class TokenIdsSerializer(serializers.Serializer):
+    tokens = serializers.ListField(child=serializers.IntegerField())
+
+
+class TokenPiecesSerializer(serializers.Serializer):
+    tokens = TokenPieceSerializer(many=True)
+
+
+TOKENIZE_RESPONSE = PolymorphicProxySerializer(
+    component_name="TokenizeResponse", serializers=[TokenIdsSerializer, TokenPiecesSerializer],
+    resource_type_field_name=None)
+
+
+class DetokenizeResponseSerializer(serializers.Serializer):
+    content = serializers.CharField()
+
+
 class TokenizeView(APIView):
     """The tokens of a text: {"tokens": [ids]}, or [{"id", "piece"}] with with_pieces."""
 
-    @extend_schema(request=TokenizeRequestSerializer, responses={200: dict})
+    @extend_schema(request=TokenizeRequestSerializer, responses={200: TOKENIZE_RESPONSE, **ERRORS})
     def post(self, request):
         serializer = TokenizeRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -45,7 +69,7 @@ class TokenizeView(APIView):
 class DetokenizeView(APIView):
     """The text of token ids: {"content": "..."}."""
 
-    @extend_schema(request=DetokenizeRequestSerializer, responses={200: dict})
+    @extend_schema(request=DetokenizeRequestSerializer, responses={200: DetokenizeResponseSerializer, **ERRORS})
     def post(self, request):
         serializer = DetokenizeRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)

@@ -2,7 +2,7 @@
 without one, Django-style ones with one); the second spelling is served directly, never redirected (a redirected
 POST loses its body), and left out of the schema so each operation is documented once."""
 
-from django.urls import include, path
+from django.urls import path
 from drf_spectacular.utils import extend_schema
 
 from . import conversation_ops, groups, responses, views
@@ -14,6 +14,8 @@ def both(route: str, view_class, name: str | None = None, *, slash: bool = False
     documented, other = (route + "/", route) if slash else (route, route + "/")
     return [path(documented, view_class.as_view(), name=name), path(other, alias.as_view())]
 
+
+MESSAGE = "conversations/<uuid:pk>/messages/<int:message_id>"
 
 urlpatterns = [
     *both("chat/completions", views.ChatCompletionsView, "chat-completions"),
@@ -34,5 +36,14 @@ urlpatterns = [
     *both("conversations/<uuid:pk>/participants", groups.ConversationParticipantsView, "conversation-participants",
           slash=True),
     *both("groups", groups.GroupListView, "group-list", slash=True),
-    path("conversations/<uuid:pk>/", include(conversation_ops.urlpatterns)),  # the tree's operations (slash-agnostic)
+    # The tree's operations (chat/api/conversation_ops.py).
+    *both("conversations/<uuid:pk>/path", conversation_ops.ConversationPathView, "conversation-path", slash=True),
+    *both("conversations/<uuid:pk>/stop", conversation_ops.StopView, "conversation-stop", slash=True),
+    *both("conversations/<uuid:pk>/reply", conversation_ops.RunningReplyView, "conversation-reply", slash=True),
+    *both(MESSAGE, conversation_ops.MessageDetailView, "message-detail", slash=True),
+    *both(f"{MESSAGE}/alternatives", conversation_ops.MessageAlternativesView, "message-alternatives", slash=True),
+    *both(f"{MESSAGE}/select", conversation_ops.MessageSelectView, "message-select", slash=True),
+    *both(f"{MESSAGE}/regenerate", conversation_ops.RegenerateView, "message-regenerate", slash=True),
+    *both(f"{MESSAGE}/edit", conversation_ops.EditView, "message-edit", slash=True),
+    *both(f"{MESSAGE}/continue", conversation_ops.ContinueView, "message-continue", slash=True),
 ]

@@ -44,6 +44,12 @@ def logged(response, record):
     return response
 
 
+def logged_fields(response, **fields):
+    """The response, carrying fields for its log line where no plan stands behind it (/v1/completions)."""
+    response.log_fields = fields
+    return response
+
+
 def cancelling_abandoned_generations(view):
     """Wrap a generating view so that no Generation outlives a client that left.
 
@@ -165,14 +171,20 @@ class CompletionsView(GeneratingView):
         serializer = s.CompletionRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        end_user = data.get("user") or None  # the request's opaque `user` id, for the log line
         if not data.get("stream"):
-            return Response(text_completion_run(user=request.user, api_key=api_key_of(request), data=data))
+            body = text_completion_run(user=request.user, api_key=api_key_of(request), data=data)
+            return logged_fields(Response(body), model=body["model"], end_user=end_user,
+                                 prompt_tokens=body["usage"]["prompt_tokens"],
+                                 completion_tokens=body["usage"]["completion_tokens"])
         # Submitted before the response starts, so a bad prompt (too long, unknown model) is still a 4xx.
         engine, generation = text_generation_start(user=request.user, api_key=api_key_of(request), data=data)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return sse_response(text_completion_events(engine=engine, generation=generation, include_usage=include_usage,
-                                                   with_logprobs=data.get("logprobs") is not None,
-                                                   echo=data["prompt"] if data.get("echo") else ""))
+        return logged_fields(
+            sse_response(text_completion_events(engine=engine, generation=generation, include_usage=include_usage,
+                                                with_logprobs=data.get("logprobs") is not None,
+                                                echo=data["prompt"] if data.get("echo") else "")),
+            model=engine.spec.name, end_user=end_user)
 
 
 def model_object(registry, name: str) -> dict:

@@ -109,6 +109,7 @@ class RequestLogMiddleware(HybridMiddleware):
         record = getattr(response, "reply_record", None)  # set by chat/api/views.py
         if record is not None:
             fields.update(reply_log_fields(record))
+        fields.update(getattr(response, "log_fields", {}))  # set by chat/api/views.py where there is no plan
         # The fields become keys of the JSON log line (python-json-logger puts `extra` at the top level).
         request_logger.info("%s %s %s", request.method, request.path, response.status_code, extra=fields)
 

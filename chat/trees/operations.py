@@ -41,7 +41,7 @@ def chat_completion_choices(*, user, api_key: ApiKey | None, data: dict) -> Repl
     """POST /v1/chat/completions with n > 1: n choices of one prompt (never from the response cache); with a stored
     conversation, stored as alternatives of one another. A client that goes away cancels them (OpenAI's way)."""
     plan = chat_request_prepare(user=user, data=data, cache_allowed=False)
-    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key))
+    record = reply_lookup(plan, tenant=Tenant(user=user, api_key=api_key, end_user=plan.end_user))
     return ReplyRun(record, reply_start_choices(record), on_disconnect=CANCEL, kind="reply").start()
 
 

@@ -134,11 +134,21 @@ def test_unknown_model_is_404_on_retrieve_and_on_use(client):
                  code="model_not_found")
 
 
-def test_schema_validates_and_describes_the_chat_request(tmp_path):
+def test_schema_validates_and_describes_the_api(tmp_path):
     out = tmp_path / "schema.json"
     call_command("spectacular", "--validate", "--fail-on-warn", "--format", "openapi-json", "--file", str(out))
     schema = json.loads(out.read_text())
-    assert "/v1/chat/completions" in schema["paths"]
+    paths = schema["paths"]
+    assert {"/v1/chat/completions", "/v1/responses", "/v1/responses/{response_id}", "/tokenize", "/detokenize",
+            "/v1/conversations/{id}/path/", "/v1/conversations/{id}/stop/",
+            "/v1/conversations/{id}/messages/{message_id}/regenerate/"} <= set(paths)
+    # Only the documented spelling of each route (the other is an alias left out of the schema).
+    assert "/v1/responses/" not in paths and "/v1/conversations/{id}/path" not in paths
+    components = schema["components"]["schemas"]
+    assert paths["/v1/responses"]["post"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ResponseObject"}
+    assert {"id", "output", "usage", "conversation", "store"} <= set(components["ResponseObject"]["properties"])
+    assert components["TokenizeResponse"]["oneOf"] and "content" in components["DetokenizeResponse"]["properties"]
     request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"messages", "max_tokens", "temperature", "stream", "character", "conversation"} <= set(request)
 

@@ -20,6 +20,18 @@ def client(live_api, key: str = "alice"):
     return live_api.client(key).with_options(timeout=300)
 
 
+def post(live_api, body: dict, key: str = "alice") -> httpx.Response:
+    return httpx.post(f"{live_api.base_url}/responses", json={"model": MODEL, **body}, timeout=300,
+                      headers={"Authorization": f"Bearer {live_api.keys[key]}", **FRESH})
+
+
+def stored_contents(live_api, conversation_id: str) -> list[str]:
+    """The stored messages of a conversation, in order."""
+    messages = httpx.get(f"{live_api.base_url}/conversations/{conversation_id}/messages", timeout=60,
+                         headers={"Authorization": f"Bearer {live_api.keys['alice']}"}).json()["results"]
+    return [message["content"] for message in messages]
+
+
 def test_create_not_streamed_is_stored_retrievable_and_owner_scoped(live_api):
     response = client(live_api).responses.create(model=MODEL, input="Is a storm coming?", max_output_tokens=16,
                                                  temperature=0, extra_headers=FRESH, extra_body=CHARACTER)
@@ -100,6 +112,9 @@ def test_a_function_call_and_its_output(live_api):
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 24 C."}],
         extra_headers=FRESH)
     assert answered.output_text.strip() and answered.usage.input_tokens > asked.usage.input_tokens
+    # The function's output is in the stored conversation (what the next prompt reads), labelled with its name.
+    stored = stored_contents(live_api, answered.conversation.id)
+    assert any("Sunny, 24 C." in content and "get_weather" in content for content in stored), stored
 
     # Streamed: the call's arguments arrive as their own events, and the completed response holds the call.
     stream = client(live_api).responses.create(model=MODEL, input="What is the weather in Oslo?", tools=[WEATHER],
@@ -131,3 +146,96 @@ def test_text_format_json_schema_constrains_the_output(live_api):
         text={"format": {"type": "json_schema", "name": "capital", "schema": schema}}, extra_headers=FRESH)
     answer = json.loads(response.output_text)
     assert isinstance(answer["city"], str) and response.text.format.type == "json_schema"
+
+
+def test_a_streamed_stored_response_is_retrieved_and_continued(live_api):
+    stream = client(live_api).responses.create(model=MODEL, input="My boat is called Seagull.", max_output_tokens=12,
+                                               temperature=0, stream=True, extra_headers=FRESH, extra_body=CHARACTER)
+    final = list(stream)[-1].response
+    assert final.store is True and final.conversation.id and final.output_text.strip()
+    retrieved = client(live_api).responses.retrieve(final.id)
+    assert retrieved.output_text == final.output_text and retrieved.conversation.id == final.conversation.id
+    second = client(live_api).responses.create(model=MODEL, input="What is my boat called?", previous_response_id=final.id,
+                                               max_output_tokens=8, temperature=0, extra_headers=FRESH)
+    assert second.previous_response_id == final.id and second.conversation.id == final.conversation.id
+    assert stored_contents(live_api, final.conversation.id)[-4:] == [
+        "My boat is called Seagull.", final.output_text, "What is my boat called?", second.output_text]
+
+
+def test_character_id_stores_the_response_with_that_character(live_api):
+    response = client(live_api).responses.create(model=MODEL, input="Hello!", max_output_tokens=4, extra_headers=FRESH,
+                                                  extra_body={"character_id": "captain-mira"})
+    assert response.store is True
+    conversation = httpx.get(f"{live_api.base_url}/conversations/{response.conversation.id}", timeout=60,
+                             headers={"Authorization": f"Bearer {live_api.keys['alice']}"}).json()
+    assert conversation["character"] == "captain-mira"
+
+
+def test_continuing_another_keys_response_is_a_404(live_api):
+    alices = client(live_api).responses.create(model=MODEL, input="A secret: 4711.", max_output_tokens=4,
+                                               extra_headers=FRESH, extra_body=CHARACTER)
+    with pytest.raises(openai.NotFoundError):
+        client(live_api, "bob").responses.create(model=MODEL, input="What was the secret?", max_output_tokens=4,
+                                                 previous_response_id=alices.id, extra_headers=FRESH)
+    assert len(stored_contents(live_api, alices.conversation.id)) == 2  # nothing was added to alice's conversation
+
+
+def test_a_message_list_input_is_stored_turn_by_turn(live_api):
+    turns = [{"role": "user", "content": "I like tea."}, {"role": "assistant", "content": "Tea is fine."},
+             {"role": "user", "content": [{"type": "input_text", "text": "And coffee?"}]}]
+    response = client(live_api).responses.create(model=MODEL, input=turns, max_output_tokens=6, temperature=0,
+                                                  extra_headers=FRESH, extra_body=CHARACTER)
+    assert stored_contents(live_api, response.conversation.id) == [
+        "I like tea.", "Tea is fine.", "And coffee?", response.output_text]
+
+
+def test_text_format_json_schema_constrains_the_streamed_output(live_api):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    stream = client(live_api).responses.create(
+        model=MODEL, input="What is the capital of France?", max_output_tokens=40, temperature=0, stream=True,
+        text={"format": {"type": "json_schema", "name": "capital", "schema": schema}}, extra_headers=FRESH)
+    events = list(stream)
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert isinstance(json.loads(text)["city"], str) and events[-1].response.output_text == text
+
+
+def test_instructions_replace_the_system_prompt_without_a_character_and_are_refused_with_one(live_api):
+    question = {"input": "Hi", "max_output_tokens": 1}
+    plain = post(live_api, question).json()["usage"]["input_tokens"]
+    instructed = post(live_api, {**question, "instructions": "You are a terse lighthouse keeper on a remote island "
+                                                             "who answers every question in exactly three words."})
+    assert instructed.status_code == 200 and instructed.json()["usage"]["input_tokens"] != plain
+    for extension in (CHARACTER, {"character_id": "captain-mira"}):
+        refused = post(live_api, {**question, **extension, "instructions": "Be brief."})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "instructions", refused.text
+
+
+def test_a_continuation_refuses_input_it_would_not_store(live_api):
+    first = client(live_api).responses.create(model=MODEL, input="Hello.", max_output_tokens=2, extra_headers=FRESH,
+                                              extra_body=CHARACTER)
+    for items in ([{"role": "user", "content": "One."}, {"role": "user", "content": "Two."}],
+                  [{"role": "assistant", "content": "I said so."}, {"role": "user", "content": "Did you?"}],
+                  [{"type": "function_call_output", "call_id": "call_x", "output": "42"},
+                   {"role": "user", "content": "And?"}]):
+        refused = post(live_api, {"input": items, "previous_response_id": first.id, "max_output_tokens": 2})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input", refused.text
+    assert len(stored_contents(live_api, first.conversation.id)) == 2
+    # One user message continues it.
+    assert post(live_api, {"input": [{"role": "user", "content": "Go on."}], "previous_response_id": first.id,
+                           "max_output_tokens": 2}).status_code == 200
+
+
+def test_an_unstored_response_id_is_a_404_that_says_why(live_api):
+    unstored = client(live_api).responses.create(model=MODEL, input="Hi", max_output_tokens=1, extra_headers=FRESH)
+    assert unstored.store is False
+    answer = post(live_api, {"input": "Again", "previous_response_id": unstored.id, "max_output_tokens": 1})
+    assert answer.status_code == 404 and answer.json()["error"]["param"] == "previous_response_id"
+    assert "without a character" in answer.json()["error"]["message"] and "not stored" in answer.json()["error"]["message"]
+
+
+def test_input_is_capped_at_api_max_messages(live_api):
+    # The live server runs with the default API_MAX_MESSAGES (200).
+    items = [{"role": "user", "content": "Hi"}] * 201
+    answer = post(live_api, {"input": items, "max_output_tokens": 1})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "input"
+    assert "200" in answer.json()["error"]["message"]

@@ -4,6 +4,7 @@ and tool_choice "required" with parallel calls ending in tool_calls."""
 
 import httpx
 import pytest
+from django.urls import URLResolver, get_resolver
 from langchain_openai import OpenAI
 
 pytestmark = pytest.mark.smollm2
@@ -22,35 +23,89 @@ def call(live_api, method: str, path: str, key: str = "alice", root: bool = Fals
     return httpx.request(method, base + path, headers=headers, timeout=TIMEOUT, **options)
 
 
-def test_every_v1_endpoint_answers_with_and_without_a_trailing_slash(live_api):
-    stored = call(live_api, "POST", "/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "character": "captain-mira"})
-    conversation = stored.json()["conversation"]
+def v1_routes() -> set[tuple[str, str]]:
+    """(method, route without its trailing slash) of every documented /v1/ route, read from the URL resolver: a
+    route added without a line in the test below fails it."""
+    api = next(pattern for pattern in get_resolver().url_patterns
+               if isinstance(pattern, URLResolver) and str(pattern.pattern) == "v1/")
+    return set(_routes_under(api, prefix=""))
+
+
+def _routes_under(resolver: URLResolver, prefix: str):
+    for pattern in resolver.url_patterns:
+        if isinstance(pattern, URLResolver):  # an include(): its routes, each with the include's prefix
+            yield from _routes_under(pattern, prefix=prefix + str(pattern.pattern))
+        elif pattern.name is not None:  # unnamed: the other spelling of a documented route (chat/api/urls.py both())
+            view = pattern.callback.view_class
+            yield from ((method.upper(), (prefix + str(pattern.pattern)).rstrip("/")) for method in
+                        view.http_method_names if method not in ("head", "options") and hasattr(view, method))
+
+
+def stored_exchange(live_api) -> dict:
+    """A new stored conversation with a character (one user message, one reply) and a stored response."""
+    conversation = call(live_api, "POST", "/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+        "character": "captain-mira"}).json()["conversation"]
+    messages = call(live_api, "GET", f"/conversations/{conversation}/messages/").json()["results"]
     response = call(live_api, "POST", "/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 1,
                                                           "character": "captain-mira"}).json()["id"]
-    one_token = {"model": MODEL, "max_tokens": 1}
-    requests = [
-        ("POST", "/chat/completions", {**one_token, "messages": [{"role": "user", "content": "Hi"}]}, 200),
-        ("POST", "/completions", {**one_token, "prompt": "Hi"}, 200),
-        ("POST", "/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 1}, 200),
-        ("GET", f"/responses/{response}", None, 200),
-        ("GET", "/jobs/00000000-0000-0000-0000-000000000000", None, 404),
-        ("GET", "/usage", None, 200),
-        ("GET", "/models", None, 200),
-        ("GET", f"/models/{MODEL}", None, 200),
-        ("GET", "/characters", None, 200),
-        ("GET", "/characters/captain-mira", None, 200),
-        ("GET", "/conversations", None, 200),
-        ("GET", f"/conversations/{conversation}", None, 200),
-        ("GET", f"/conversations/{conversation}/messages", None, 200),
-    ]
-    for method, path, body, status in requests:
-        for spelled in (path, path + "/"):
+    return {"pk": conversation, "response_id": response, "model_id": MODEL, "slug": "captain-mira",
+            "user_message": next(m["id"] for m in messages if m["role"] == "user"),
+            "reply": next(m["id"] for m in messages if m["role"] == "assistant")}
+
+
+ONE_TOKEN = {"max_tokens": 1}
+NO_JOB = "00000000-0000-0000-0000-000000000000"
+# (method, route) -> (the path to request, its body, the status expected). Deletions come last: each spelling
+# gets its own stored exchange.
+ENDPOINTS = {
+    ("POST", "chat/completions"): ("/chat/completions", {"model": MODEL, **ONE_TOKEN,
+                                                         "messages": [{"role": "user", "content": "Hi"}]}, 200),
+    ("POST", "completions"): ("/completions", {"model": MODEL, **ONE_TOKEN, "prompt": "Hi"}, 200),
+    ("POST", "responses"): ("/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 1}, 200),
+    ("GET", "responses/<str:response_id>"): ("/responses/{response_id}", None, 200),
+    ("GET", "jobs/<uuid:pk>"): (f"/jobs/{NO_JOB}", None, 404),
+    ("DELETE", "jobs/<uuid:pk>"): (f"/jobs/{NO_JOB}", None, 404),
+    ("GET", "usage"): ("/usage", None, 200),
+    ("GET", "models"): ("/models", None, 200),
+    ("GET", "models/<path:model_id>"): ("/models/{model_id}", None, 200),
+    ("GET", "characters"): ("/characters", None, 200),
+    ("GET", "characters/<slug:slug>"): ("/characters/{slug}", None, 200),
+    ("GET", "groups"): ("/groups", None, 200),
+    ("GET", "conversations"): ("/conversations", None, 200),
+    ("GET", "conversations/<uuid:pk>"): ("/conversations/{pk}", None, 200),
+    ("GET", "conversations/<uuid:pk>/messages"): ("/conversations/{pk}/messages", None, 200),
+    ("POST", "conversations/<uuid:pk>/participants"): ("/conversations/{pk}/participants", {"username": "alice"},
+                                                        200),
+    ("GET", "conversations/<uuid:pk>/path"): ("/conversations/{pk}/path", None, 200),
+    ("GET", "conversations/<uuid:pk>/reply"): ("/conversations/{pk}/reply", None, 404),  # none is running
+    ("POST", "conversations/<uuid:pk>/stop"): ("/conversations/{pk}/stop", {}, 404),
+    ("GET", "conversations/<uuid:pk>/messages/<int:message_id>/alternatives"): (
+        "/conversations/{pk}/messages/{reply}/alternatives", None, 200),
+    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/select"): (
+        "/conversations/{pk}/messages/{reply}/select", {}, 200),
+    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/regenerate"): (
+        "/conversations/{pk}/messages/{reply}/regenerate", ONE_TOKEN, 200),
+    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/continue"): (
+        "/conversations/{pk}/messages/{reply}/continue", ONE_TOKEN, 200),
+    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/edit"): (
+        "/conversations/{pk}/messages/{user_message}/edit", {**ONE_TOKEN, "content": "Hello"}, 200),
+    ("DELETE", "conversations/<uuid:pk>/messages/<int:message_id>"): (
+        "/conversations/{pk}/messages/{reply}", None, 200),
+    ("DELETE", "responses/<str:response_id>"): ("/responses/{response_id}", None, 200),
+}
+
+
+def test_every_v1_endpoint_answers_with_and_without_a_trailing_slash(live_api):
+    assert set(ENDPOINTS) == v1_routes()
+    for trailing in ("", "/"):
+        ids = stored_exchange(live_api)
+        for (method, _), (path, body, status) in ENDPOINTS.items():
+            spelled = path.format(**ids) + trailing
             answer = call(live_api, method, spelled, json=body, follow_redirects=False)
-            assert answer.status_code == status, (spelled, answer.text[:300])
+            assert answer.status_code == status, (method, spelled, answer.text[:300])
             if status == 404:  # the resource is missing, not the route
                 assert "No API endpoint" not in answer.json()["error"]["message"]
-    assert call(live_api, "DELETE", f"/responses/{response}/").status_code == 200
 
 
 def test_tokenize_detokenize_round_trip_and_the_count_of_a_prompt(live_api):
