@@ -2,6 +2,7 @@
 
 import re
 
+import regex
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -28,8 +29,8 @@ def regex_key_error(keyword: str) -> str:
     """Why a /regex/ key does not compile ("" when it does)."""
     pattern, _flags = regex_key_parts(keyword)
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        regex.compile(pattern)  # the engine scenarios/selectors.py searches with
+    except (regex.error, ValueError, OverflowError) as exc:
         return str(exc)
     return ""
 

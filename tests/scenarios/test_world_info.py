@@ -135,3 +135,13 @@ def test_a_malformed_regex_key_is_refused_when_saved():
     with pytest.raises(ValidationError) as error:
         entry(1, "Bad", "/(unclosed/").clean()
     assert "not a valid regular expression" in str(error.value)
+
+
+def test_a_catastrophic_regex_key_runs_out_of_time_and_does_not_match(caplog):
+    # /(a+)+$/ against "aaaa…!" backtracks exponentially under Python's re; the search must give up.
+    evil = entry(1, "Evil", "/(a+)+$/")
+    with caplog.at_level("WARNING", logger="llmsite.scenarios"):
+        assert select([evil], "a" * 5000 + "!").titles == []
+        assert select([evil], "a" * 5000 + "!").titles == []
+    assert sum("ran out of time" in record.message for record in caplog.records) == 1  # logged once
+    assert select([evil], "aaa").titles == ["Evil"]  # a short text still matches
