@@ -56,7 +56,7 @@ class ComposedPrompt:
     dropped_turns: int = 0  # how many of the oldest history messages were left out
     matches: list[ScenarioMatch] = field(default_factory=list)  # how each inserted scenario fired
     left_out: list[tuple[Scenario, str]] = field(default_factory=list)  # triggered or held back, and why
-    world_info_state: dict = field(default_factory=dict)  # the conversation's timed effects after this reply
+    world_info_state: dict = field(default_factory=dict)  # the branch's timed effects after this reply
 
     @property
     def explained_scenarios(self) -> list[tuple[Scenario, str]]:
@@ -125,7 +125,7 @@ def prompt_compose(
     own system messages).
     `tools` (OpenAI function tools) are handed to the chat template (engines whose template supports them).
     `setting` replaces the character's own setting (a group chat's shared scenario).
-    `world_info_state` is the conversation's timed-effect state (Conversation.world_info_state),
+    `world_info_state` is the branch's timed-effect state (the nearest reply's Message.world_info_state),
     `message_count` the number of its messages with the new one (default: the turns'), `seed` seeds the
     probability rolls and group draws (default: the message count); the new state is in the result.
     `continue_final`: the last turn is an assistant reply to extend; its turn is left open (no generation
