@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 
-from .card_format import KEY_MAX_CHARS, KEYS_MAX_CHARS, RESERVED, fit_list, join_list, scan_depth_value, split_list
+from scenarios.keys import split_keywords
+
+from .card_format import RESERVED, fit_keys, join_list, scan_depth_value, split_list
 
 # SillyTavern's numbered positions; 2 and 3 (the author's note) and 7 (outlet) have no place here and
 # insert after the profile (the number is kept for export).
@@ -65,8 +67,7 @@ def _flag(value, default: bool) -> bool:
 
 def scenario_fields_from_world_info(entry: dict) -> dict:
     """Scenario field values (no character) for one World Info entry, with the entry kept for export."""
-    keys = fit_list(entry.get("key") or [], item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
-    secondary = fit_list(entry.get("keysecondary") or [], item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
+    keys, secondary = fit_keys(entry.get("key") or [])[0], fit_keys(entry.get("keysecondary") or [])[0]
     title = entry.get("comment") if isinstance(entry.get("comment"), str) else ""
     filter_ = entry.get("characterFilter") if isinstance(entry.get("characterFilter"), dict) else {}
     position = _number(entry.get("position"), 1)
@@ -140,9 +141,9 @@ def _write(entry: dict, name: str, value) -> None:
     if name in simple:
         entry[simple[name]] = value
     elif name == "keywords":
-        entry["key"] = split_list(value)
+        entry["key"] = split_keywords(value)
     elif name == "secondary_keywords":
-        entry["keysecondary"] = split_list(value)
+        entry["keysecondary"] = split_keywords(value)
         if value:
             entry["selective"] = True
     elif name == "enabled":

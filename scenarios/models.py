@@ -1,38 +1,10 @@
 """Scenarios: pieces of context inserted into the prompt when a chat makes them relevant (lorebook entries)."""
 
-import re
-
-import regex
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
-
-def split_keywords(text: str) -> list[str]:
-    return [word.strip() for word in (text or "").split(",") if word.strip()]
-
-
-_REGEX_KEY = re.compile(r"^/(.+)/([a-z]*)$", re.DOTALL)
-
-
-def is_regex_key(keyword: str) -> bool:
-    """A key written as /pattern/flags is a regular expression (as in SillyTavern)."""
-    return bool(_REGEX_KEY.match(keyword))
-
-
-def regex_key_parts(keyword: str) -> tuple[str, str] | None:
-    match = _REGEX_KEY.match(keyword)
-    return (match.group(1), match.group(2)) if match else None
-
-
-def regex_key_error(keyword: str) -> str:
-    """Why a /regex/ key does not compile ("" when it does)."""
-    pattern, _flags = regex_key_parts(keyword)
-    try:
-        regex.compile(pattern)  # the engine scenarios/selectors.py searches with
-    except (regex.error, ValueError, OverflowError) as exc:
-        return str(exc)
-    return ""
+from .keys import is_regex_key, regex_key_error, split_keywords
 
 
 class Scenario(models.Model):

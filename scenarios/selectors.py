@@ -28,7 +28,8 @@ import regex
 from django.db.models import Q
 from rank_bm25 import BM25Okapi
 
-from .models import Scenario, regex_key_parts
+from .keys import regex_key_parts
+from .models import Scenario
 
 DEFAULT_SCAN_DEPTH = 4
 DEFAULT_TOKEN_BUDGET = 400

@@ -145,3 +145,17 @@ def test_a_catastrophic_regex_key_runs_out_of_time_and_does_not_match(caplog):
         assert select([evil], "a" * 5000 + "!").titles == []
     assert sum("ran out of time" in record.message for record in caplog.records) == 1  # logged once
     assert select([evil], "aaa").titles == ["Evil"]  # a short text still matches
+
+
+def test_a_regex_key_keeps_its_commas_and_may_be_long():
+    from characters.world_info_format import scenario_fields_from_world_info
+    from scenarios.keys import split_keywords
+
+    assert split_keywords("/a{1,3}/, cat, /x,y/i") == ["/a{1,3}/", "cat", "/x,y/i"]
+    counted = entry(1, "Counted", "/^a{2,3}$/, cat")
+    assert counted.keyword_list == ["/^a{2,3}$/", "cat"]
+    assert select([counted], "aa").titles == ["Counted"] and select([counted], "aaaa").titles == []
+    long_regex = "/" + "|".join(f"word{n}" for n in range(30)) + "/"
+    fields = scenario_fields_from_world_info({"uid": 1, "key": ["/a{1,3}/", long_regex, "x" * 101],
+                                              "content": "c"})
+    assert split_keywords(fields["keywords"]) == ["/a{1,3}/", long_regex]  # a plain key over 100 is still left out
