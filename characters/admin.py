@@ -37,7 +37,7 @@ class SystemPromptAdmin(admin.ModelAdmin):
 class ScenarioInline(admin.StackedInline):
     model = Scenario
     extra = 0
-    fields = ["title", "keywords", "secondary_keywords", "always_on", "priority", "enabled", "scan_depth", "position",
+    fields = ["title", "keywords", ("secondary_keywords", "selective_logic"), "always_on", "priority", "enabled", "scan_depth", "position",
               ("depth", "depth_role"), ("probability", "inclusion_group"), ("sticky", "cooldown", "delay"), "content"]
     show_change_link = True
 

@@ -63,7 +63,7 @@ BOOK_EXTENSION_FIELDS = {
     "depth": ("depth", 4), "group": ("inclusion_group", ""), "group_weight": ("group_weight", 100),
     "group_override": ("group_prioritize", False), "sticky": ("sticky", 0), "cooldown": ("cooldown", 0),
     "delay": ("delay", 0), "exclude_recursion": ("exclude_recursion", False),
-    "prevent_recursion": ("prevent_recursion", False),
+    "prevent_recursion": ("prevent_recursion", False), "selectiveLogic": ("selective_logic", 0),
 }
 
 
@@ -350,6 +350,7 @@ def world_info_fields_from_extensions(extensions: dict) -> dict:
             value = default
         values[field_name] = max(0, int(value)) if isinstance(default, int) and not isinstance(default, bool) else value
     values["group_weight"] = max(1, values["group_weight"])
+    values["selective_logic"] = values["selective_logic"] if values["selective_logic"] <= 3 else 0
     role = extensions.get("role")
     values["depth_role"] = ROLES.get(role, "system") if not isinstance(role, bool) else "system"
     probability = extensions.get("probability", 100)

@@ -61,6 +61,12 @@ def _number(value, default: int) -> int:
     return int(value)
 
 
+def _selective_logic(value) -> int:
+    """SillyTavern's selectiveLogic 0-3 (AND ANY, NOT ALL, NOT ANY, AND ALL); anything else is AND ANY."""
+    number = _number(value, 0)
+    return number if number in (0, 1, 2, 3) and number == value else 0
+
+
 def _flag(value, default: bool) -> bool:
     return value if isinstance(value, bool) else default
 
@@ -76,6 +82,7 @@ def scenario_fields_from_world_info(entry: dict) -> dict:
         "content": entry.get("content", ""),
         "keywords": join_list(keys),
         "secondary_keywords": join_list(secondary) if entry.get("selective", True) is not False else "",
+        "selective_logic": _selective_logic(entry.get("selectiveLogic")),
         "always_on": _flag(entry.get("constant"), False),
         "priority": _number(entry.get("order"), 100),
         "enabled": not _flag(entry.get("disable"), False),
@@ -137,7 +144,8 @@ def _write(entry: dict, name: str, value) -> None:
               "whole_words": "matchWholeWords", "scan_depth": "scanDepth", "depth": "depth",
               "inclusion_group": "group", "group_weight": "groupWeight", "group_prioritize": "groupOverride",
               "sticky": "sticky", "cooldown": "cooldown", "delay": "delay", "exclude_recursion": "excludeRecursion",
-              "prevent_recursion": "preventRecursion", "content": "content", "title": "comment"}
+              "prevent_recursion": "preventRecursion", "content": "content", "title": "comment",
+              "selective_logic": "selectiveLogic"}
     if name in simple:
         entry[simple[name]] = value
     elif name == "keywords":

@@ -17,6 +17,13 @@ class Scenario(models.Model):
         AFTER_EXAMPLES = "after_examples", "After the example dialogue"
         AT_DEPTH = "at_depth", "In the chat history, at a depth, as a message of the chosen role"
 
+    class SelectiveLogic(models.IntegerChoices):
+        # SillyTavern's selectiveLogic numbers, kept for import and export.
+        AND_ANY = 0, "AND ANY: one of the secondary keywords appears"
+        NOT_ALL = 1, "NOT ALL: not every secondary keyword appears"
+        NOT_ANY = 2, "NOT ANY: none of the secondary keywords appears"
+        AND_ALL = 3, "AND ALL: every secondary keyword appears"
+
     class Role(models.TextChoices):
         SYSTEM = "system", "System"
         USER = "user", "User"
@@ -31,6 +38,10 @@ class Scenario(models.Model):
     secondary_keywords = models.CharField(
         max_length=1000, blank=True,
         help_text="Optional, comma-separated: when set, one of these must appear too.",
+    )
+    selective_logic = models.PositiveSmallIntegerField(
+        choices=SelectiveLogic.choices, default=SelectiveLogic.AND_ANY,
+        help_text="How the secondary keywords decide, once a keyword appeared (no effect without secondary ones).",
     )
     always_on = models.BooleanField(default=False, help_text="Always a candidate, whatever the chat says.")
     priority = models.IntegerField(default=100, help_text="Higher first when several scenarios fire.")

@@ -193,14 +193,32 @@ def _keyword_match(scenario: Scenario, *, user_message: str, earlier: Sequence[s
         parts.append(f"{_quoted('keyword', in_user)} in the user's message")
     if in_earlier:
         parts.append(f"{_quoted('keyword', in_earlier)} in a recent message")
-    secondary = scenario.secondary_keyword_list
+    secondary = secondary_keywords_decide(scenario, [*earlier, user_message])
+    if secondary is None:
+        return None
     if secondary:
-        found = _found(scenario, secondary, [*earlier, user_message])
-        if not found:
-            return None
-        parts.append(f"with {_quoted('secondary keyword', found)}")
+        parts.append(secondary)
     return ScenarioMatch(scenario=scenario, reason=", ".join(parts), keyword_hits=len(in_user) + len(in_earlier),
                          trigger="keyword", keywords=tuple(in_user + in_earlier))
+
+
+def secondary_keywords_decide(scenario: Scenario, texts: Sequence[str]) -> str | None:
+    """What the secondary keywords say about a scenario whose keyword appeared in `texts`, by its selective
+    logic (SillyTavern's selectiveLogic): None when they reject it, else the reason to add ("" without any)."""
+    secondary = scenario.secondary_keyword_list
+    if not secondary:
+        return ""
+    found = _found(scenario, secondary, texts)
+    missing = [keyword for keyword in secondary if keyword not in found]
+    Logic = Scenario.SelectiveLogic
+    logic = scenario.selective_logic
+    if logic == Logic.NOT_ALL:
+        return f"without {_quoted('secondary keyword', missing)}" if missing else None
+    if logic == Logic.NOT_ANY:
+        return "with no secondary keyword" if not found else None
+    if logic == Logic.AND_ALL:
+        return f"with every secondary keyword ({', '.join(repr(k) for k in found)})" if not missing else None
+    return f"with {_quoted('secondary keyword', found)}" if found else None
 
 
 def _found(scenario: Scenario, keywords: Sequence[str], texts: Sequence[str]) -> list[str]:
