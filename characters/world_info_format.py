@@ -11,6 +11,7 @@ SillyTavern's names (BOOK_EXTENSION_NAMES); card_format.py maps those.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from scenarios.keys import split_keywords
 
@@ -30,17 +31,29 @@ class WorldInfoError(ValueError):
     """The file is not an importable World Info file; the message says why, for an editor."""
 
 
-def world_info_read(raw: bytes | str) -> list[dict]:
-    """The entries of a World Info file, in uid order (each a dict, as written)."""
+@dataclass(frozen=True)
+class WorldInfoBook:
+    """A World Info file as read: its top-level `name` ("" without one) and its entries in uid order."""
+
+    name: str
+    entries: list[dict]
+
+
+def world_info_read(raw: bytes | str, *, max_entries: int) -> WorldInfoBook:
+    """The name and entries of a World Info file (each entry a dict, as written); more than `max_entries`
+    entries is refused whole (a lorebook that size would be read on every reply)."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WorldInfoError("The file is not JSON.") from exc
     entries = data.get("entries") if isinstance(data, dict) else None
     if isinstance(entries, list):
         entries = {str(index): entry for index, entry in enumerate(entries)}
     if not isinstance(entries, dict):
         raise WorldInfoError("A World Info file is a JSON object with 'entries'.")
+    if len(entries) > max_entries:
+        raise WorldInfoError(f"The file has {len(entries)} entries; at most {max_entries} are imported at once "
+                             f"(WORLD_INFO_MAX_ENTRIES).")
     result = []
     for uid, entry in entries.items():
         if not isinstance(entry, dict):
@@ -52,7 +65,14 @@ def world_info_read(raw: bytes | str) -> list[dict]:
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise WorldInfoError(f"Entry {uid}: '{name}' must be a list of strings.")
         result.append(entry)
-    return sorted(result, key=lambda entry: _number(entry.get("uid"), 0))
+    name = data.get("name") if isinstance(data.get("name"), str) else ""
+    return WorldInfoBook(name=name, entries=sorted(result, key=lambda entry: _number(entry.get("uid"), 0)))
+
+
+def entry_uid(entry: dict) -> int | None:
+    """The entry's uid when it is a whole number (what import matches existing scenarios by)."""
+    uid = entry.get("uid")
+    return uid if isinstance(uid, int) and not isinstance(uid, bool) else None
 
 
 def _number(value, default: int) -> int:
@@ -71,8 +91,9 @@ def _flag(value, default: bool) -> bool:
     return value if isinstance(value, bool) else default
 
 
-def scenario_fields_from_world_info(entry: dict) -> dict:
-    """Scenario field values (no character) for one World Info entry, with the entry kept for export."""
+def scenario_fields_from_world_info(entry: dict, *, book: str = "") -> dict:
+    """Scenario field values (no character) for one World Info entry, with the entry and the name of its
+    `book` (file) kept for export and for matching the entry again on the next import."""
     keys, secondary = fit_keys(entry.get("key") or [])[0], fit_keys(entry.get("keysecondary") or [])[0]
     title = entry.get("comment") if isinstance(entry.get("comment"), str) else ""
     filter_ = entry.get("characterFilter") if isinstance(entry.get("characterFilter"), dict) else {}
@@ -104,18 +125,25 @@ def scenario_fields_from_world_info(entry: dict) -> dict:
         "prevent_recursion": _flag(entry.get("preventRecursion"), False),
         "character_filter": join_list([n for n in filter_.get("names") or [] if isinstance(n, str)]),
         "character_filter_exclude": _flag(filter_.get("isExclude"), False),
-        "extensions": {RESERVED: {"world_info_entry": entry}},
+        "extensions": {RESERVED: {"world_info_entry": entry, "world_info_book": book}},
     }
 
 
 MAPPED_FIELDS = tuple(name for name in scenario_fields_from_world_info({}) if name != "extensions")
 
 
-def world_info_entry_from_scenario(scenario, *, uid: int) -> dict:
-    """The World Info entry of a scenario: the imported entry with the editors' changes, or a new one."""
-    reserved = (scenario.extensions or {}).get(RESERVED) or {}
-    original = reserved.get("world_info_entry")
-    entry = dict(original) if isinstance(original, dict) else _new_entry(uid)
+def imported_entry(scenario) -> dict | None:
+    """The World Info entry a scenario was imported from, as written (None for one made in the admin)."""
+    reserved = (scenario.extensions or {}).get(RESERVED)
+    original = reserved.get("world_info_entry") if isinstance(reserved, dict) else None
+    return original if isinstance(original, dict) else None
+
+
+def world_info_entry_from_scenario(scenario) -> dict:
+    """The World Info entry of a scenario: the imported entry with the editors' changes, or a new one (no uid
+    yet: world_info_entries_numbered gives it one that no imported entry holds)."""
+    original = imported_entry(scenario)
+    entry = dict(original) if original is not None else _new_entry()
     imported = scenario_fields_from_world_info(original) if isinstance(original, dict) else {}
     for name in MAPPED_FIELDS:
         value = getattr(scenario, name)
@@ -124,13 +152,36 @@ def world_info_entry_from_scenario(scenario, *, uid: int) -> dict:
     return entry
 
 
-def world_info_file(entries: list[dict], *, extra: dict | None = None) -> dict:
-    """A World Info file object for `entries`, keyed by their uids."""
-    return {**(extra or {}), "entries": {str(entry.get("uid", index)): entry for index, entry in enumerate(entries)}}
+def world_info_entries_numbered(entries: list[dict]) -> list[dict]:
+    """The entries with distinct uids: each keeps its own unless an earlier one took it, then gets the next
+    free number (a file is keyed by uid: two entries under one key would lose one)."""
+    taken = {uid for uid in map(entry_uid, entries) if uid is not None}
+    used, numbered, next_free = set(), [], 0
+    for entry in entries:
+        uid = entry_uid(entry)
+        if uid is None or uid in used:
+            while next_free in taken or next_free in used:
+                next_free += 1
+            uid, entry = next_free, {**entry, "uid": next_free}
+        used.add(uid)
+        numbered.append(entry)
+    return numbered
 
 
-def _new_entry(uid: int) -> dict:
-    return {"uid": uid, "key": [], "keysecondary": [], "comment": "", "content": "", "constant": False,
+def world_info_book_of(scenario) -> str:
+    """The name of the World Info file a scenario was imported from ("" for one made in the admin)."""
+    reserved = (scenario.extensions or {}).get(RESERVED)
+    book = reserved.get("world_info_book") if isinstance(reserved, dict) else ""
+    return book if isinstance(book, str) else ""
+
+
+def world_info_file(entries: list[dict], *, name: str = "") -> dict:
+    """A World Info file object named `name`, for `entries` (distinct uids, see world_info_entries_numbered)."""
+    return {**({"name": name} if name else {}), "entries": {str(entry["uid"]): entry for entry in entries}}
+
+
+def _new_entry() -> dict:
+    return {"uid": None, "key": [], "keysecondary": [], "comment": "", "content": "", "constant": False,
             "selective": True, "selectiveLogic": 0, "order": 100, "position": 1, "disable": False,
             "excludeRecursion": False, "preventRecursion": False, "probability": 100, "useProbability": True,
             "depth": DEFAULT_DEPTH, "role": 0, "group": "", "groupOverride": False, "groupWeight": 100,
