@@ -27,7 +27,7 @@ from .engines import get_engine
 from .errors import ApiError, NotFound
 from .groups import GroupLine, group_turns_for, speaker_choose
 from .models import Conversation
-from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
+from .prompting import ComposedPrompt, prompt_compose, prompt_greetings, world_info_inputs
 from .prompting.tools import tools_system_text, turns_with_tool_text
 from .selectors import conversation_get_owned, conversation_path, newest_leaf_under, user_display_name
 from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
@@ -181,11 +181,15 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
     forced = _forced_scenarios(data.get("scenario"), character)
     turns = history + new_turns[-1:]
     new_conversation_id = uuid.uuid4()
+    # A continued conversation is always stored; a new one when a character is set, unless store=false.
+    store = conversation is not None or (character is not None and data.get("store", True))
     # World Info counts the messages up to the one answered: a continuation is evaluated as the reply it extends.
     if conversation is None:
-        world_info = _world_info_args(new_conversation_id, path=(), message_count=len(turns))
+        # A chat that is not stored and carries a `seed` rolls by it: the same request, the same prompt.
+        seeded_by = new_conversation_id if store or data.get("seed") is None else f"request-seed-{data['seed']}"
+        world_info = world_info_inputs(seeded_by, path=(), message_count=len(turns))
     else:
-        world_info = _world_info_args(conversation.pk, path=path[:-1] if continued is not None else path,
+        world_info = world_info_inputs(conversation.pk, path=path[:-1] if continued is not None else path,
                                       message_count=len(turns) - (continued is not None))
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
@@ -196,8 +200,6 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                             max_tokens=params.max_tokens, forced_scenarios=forced,
                             system_override=system_override, extra_system=tools_text,
                             tools=native_tools, continue_final=continued is not None, **world_info)
-    # A continued conversation is always stored; a new one when a character is set, unless store=false.
-    store = conversation is not None or (character is not None and data.get("store", True))
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
@@ -263,7 +265,7 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
     prompt = prompt_compose(engine=engine, character=speaker, turns=turns, user_name=owner_name,
                             max_tokens=params.max_tokens, extra_system=note,
                             setting=group.scenario if group is not None and group.scenario.strip() else None,
-                            **_world_info_args(conversation.pk if conversation is not None else new_conversation_id,
+                            **world_info_inputs(conversation.pk if conversation is not None else new_conversation_id,
                                                path=stored, message_count=len(lines)))
     new_turns = ({"role": "user", "content": new_text},)
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
@@ -293,15 +295,6 @@ def _speaker_for(data: dict, *, members: list[Character], group: CharacterGroup 
         return named
     mode = group.turn_mode if group is not None else CharacterGroup.TurnMode.NATURAL
     return speaker_choose(members=members, last_text=new_text, last_speaker_id=last_speaker, mode=mode)
-
-
-def _world_info_args(conversation_id, *, path, message_count: int) -> dict:
-    """World Info's inputs for a reply (scenarios/world_info.py): the timed effects of its branch, which the
-    nearest reply on `path` (the stored messages before it) holds, and a seed of the conversation's id (a new
-    conversation's too, so first messages differ between chats) and the message count, so a regenerated reply
-    rolls and draws as the one it replaces did."""
-    state = next((message.world_info_state for message in reversed(path) if message.role == "assistant"), None)
-    return {"world_info_state": state or {}, "message_count": message_count, "seed": f"{conversation_id}:{message_count}"}
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:

@@ -1,5 +1,5 @@
-"""World Info timed effects and rolls per branch of a conversation (Message.world_info_state, chat/plans.py
-`_world_info_args`): each reply holds the state after it, the next reply on its path reads it, a regenerated
+"""World Info timed effects and rolls per branch of a conversation (Message.world_info_state, chat/prompting's
+`world_info_inputs`): each reply holds the state after it, the next reply on its path reads it, a regenerated
 reply rolls as the one it replaces, a new conversation's first roll is seeded by its own id, and existing
 conversations' state moves onto their active leaf (migration 0008). A tiny random-weight model."""
 
@@ -101,3 +101,16 @@ def test_existing_conversation_state_moves_onto_the_active_leaf(transactional_db
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+def test_a_chat_that_is_not_stored_rolls_by_the_requests_seed(lore):
+    make_scenario("Rumor", character=lore, keywords="rumor", probability=99)
+    client = make_api_client("alice")
+    body = {"messages": [{"role": "user", "content": "Any rumor today?"}], "max_tokens": 3, "character": "mira",
+            "store": False}
+    reasons = set()
+    for _ in range(3):
+        response = client.post("/v1/chat/completions", {**body, "seed": 7}, format="json", **NO_CACHE)
+        assert response.status_code == 200, response.content
+        reasons.add(response.json()["scenarios"][0]["reason"])
+    assert len(reasons) == 1 and not Conversation.objects.exists()
