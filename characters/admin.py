@@ -37,7 +37,7 @@ class SystemPromptAdmin(admin.ModelAdmin):
 class ScenarioInline(admin.StackedInline):
     model = Scenario
     extra = 0
-    fields = ["title", "keywords", "secondary_keywords", "always_on", "priority", "enabled", "scan_depth", "position",
+    fields = ["title", "keywords", ("secondary_keywords", "selective_logic"), "always_on", "priority", "enabled", "scan_depth", "position",
               ("depth", "depth_role"), ("probability", "inclusion_group"), ("sticky", "cooldown", "delay"), "content"]
     show_change_link = True
 
@@ -137,7 +137,7 @@ class CharacterAdmin(admin.ModelAdmin):
     # --- SillyTavern World Info files ------------------------------------------------------------------
 
     def may_import_world_info(self, request) -> bool:
-        """A World Info import adds scenarios and updates those of the same title."""
+        """A World Info import adds scenarios and updates those an earlier import of the same file made."""
         return request.user.has_perms(["scenarios.add_scenario", "scenarios.change_scenario"])
 
     def import_world_info_view(self, request):
@@ -147,7 +147,8 @@ class CharacterAdmin(admin.ModelAdmin):
         if request.method == "POST" and form.is_valid():
             character = form.cleaned_data["character"]
             try:
-                result = world_info_import(raw=form.cleaned_data["file"].read(), character=character)
+                upload = form.cleaned_data["file"]
+                result = world_info_import(raw=upload.read(), character=character, file_name=upload.name or "")
             except WorldInfoError as exc:
                 form.add_error("file", f"{exc} Nothing was imported.")
             else:
@@ -166,13 +167,14 @@ class CharacterAdmin(admin.ModelAdmin):
                 "scenarios.change_scenario"):
             raise PermissionDenied
         if object_id is None:
-            scenarios, name = Scenario.objects.filter(character__isnull=True), "global"
+            scenarios, name, title = Scenario.objects.filter(character__isnull=True), "global", "Global scenarios"
         else:
             character = self.get_object(request, unquote(object_id))
             if character is None:
                 raise Http404("No such character.")
-            scenarios, name = character.scenarios.all(), character.slug
-        response = HttpResponse(world_info_export(scenarios=scenarios.order_by("id")), content_type="application/json")
+            scenarios, name, title = character.scenarios.all(), character.slug, character.name
+        response = HttpResponse(world_info_export(scenarios=scenarios.order_by("id"), name=title),
+                                content_type="application/json")
         response["Content-Disposition"] = f'attachment; filename="{name}-world-info.json"'
         return response
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from scenarios.keys import is_regex_key, split_keywords
+
 SPEC = "chara_card_v2"
 SPEC_VERSION = "2.0"
 RESERVED = "llmsite"
@@ -61,7 +63,7 @@ BOOK_EXTENSION_FIELDS = {
     "depth": ("depth", 4), "group": ("inclusion_group", ""), "group_weight": ("group_weight", 100),
     "group_override": ("group_prioritize", False), "sticky": ("sticky", 0), "cooldown": ("cooldown", 0),
     "delay": ("delay", 0), "exclude_recursion": ("exclude_recursion", False),
-    "prevent_recursion": ("prevent_recursion", False),
+    "prevent_recursion": ("prevent_recursion", False), "selectiveLogic": ("selective_logic", 0),
 }
 
 
@@ -241,18 +243,25 @@ def join_list(items: list[str]) -> str:
     return ", ".join(item.strip() for item in items if item.strip())
 
 
+def fit_keys(keys: list[str]) -> tuple[list[str], list[str]]:
+    """(kept, left out) of trigger keys: a plain key is at most KEY_MAX_CHARS, a /regex/ key may be longer
+    (patterns are); all within the field's KEYS_MAX_CHARS."""
+    return fit_list(keys, item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS, long_allowed=is_regex_key)
+
+
 def split_list(text: str) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
-def fit_list(items: list[str], *, item_max: int, total_max: int) -> tuple[list[str], list[str]]:
-    """(kept, left out): the items, in order, that are at most `item_max` characters and whose
-    comma-joined text stays within `total_max` characters."""
+def fit_list(items: list[str], *, item_max: int, total_max: int, long_allowed=lambda item: False
+             ) -> tuple[list[str], list[str]]:
+    """(kept, left out): the items, in order, that are at most `item_max` characters (unless `long_allowed`)
+    and whose comma-joined text stays within `total_max` characters."""
     kept, left_out = [], []
     for item in (item.strip() for item in items):
         if not item:
             continue
-        if len(item) <= item_max and len(join_list([*kept, item])) <= total_max:
+        if (len(item) <= item_max or long_allowed(item)) and len(join_list([*kept, item])) <= total_max:
             kept.append(item)
         else:
             left_out.append(item)
@@ -310,8 +319,7 @@ def scenario_fields_from_entry(entry: dict, *, index: int) -> dict:
     extensions.pop(RESERVED, None)
     keys, secondary_keys = entry.get("keys") or [], entry.get("secondary_keys") or []
     title = entry.get("name") or entry.get("comment") or (keys[0] if keys else "")
-    keys = fit_list(keys, item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
-    secondary_keys = fit_list(secondary_keys, item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
+    keys, secondary_keys = fit_keys(keys)[0], fit_keys(secondary_keys)[0]
     whole_words = extensions.get("match_whole_words")
     priority = entry.get("priority") if entry.get("priority") is not None else entry.get("insertion_order")
     values = {
@@ -342,6 +350,7 @@ def world_info_fields_from_extensions(extensions: dict) -> dict:
             value = default
         values[field_name] = max(0, int(value)) if isinstance(default, int) and not isinstance(default, bool) else value
     values["group_weight"] = max(1, values["group_weight"])
+    values["selective_logic"] = values["selective_logic"] if values["selective_logic"] <= 3 else 0
     role = extensions.get("role")
     values["depth_role"] = ROLES.get(role, "system") if not isinstance(role, bool) else "system"
     probability = extensions.get("probability", 100)
@@ -419,11 +428,11 @@ def entry_from_scenario(scenario) -> dict:
     }
     if original is None:
         entry = {
-            "keys": split_list(scenario.keywords), "content": scenario.content, "extensions": extensions,
+            "keys": split_keywords(scenario.keywords), "content": scenario.content, "extensions": extensions,
             "enabled": scenario.enabled, "insertion_order": scenario.priority, "case_sensitive": scenario.case_sensitive,
             "name": scenario.title, "comment": scenario.title, "priority": scenario.priority,
-            "selective": bool(split_list(scenario.secondary_keywords)),
-            "secondary_keys": split_list(scenario.secondary_keywords), "constant": scenario.always_on,
+            "selective": bool(split_keywords(scenario.secondary_keywords)),
+            "secondary_keys": split_keywords(scenario.secondary_keywords), "constant": scenario.always_on,
             "position": scenario.position,
         }
         if scenario.scan_depth is not None:
@@ -445,9 +454,9 @@ def entry_from_scenario(scenario) -> dict:
         if name == "title":
             entry["comment" if "comment" in entry and not entry.get("name") else "name"] = value
         elif name == "keywords":
-            entry["keys"] = split_list(value)
+            entry["keys"] = split_keywords(value)
         elif name == "secondary_keywords":
-            entry["secondary_keys"] = split_list(value)
+            entry["secondary_keys"] = split_keywords(value)
             entry["selective"] = bool(entry["secondary_keys"])
         elif name == "always_on":
             entry["constant"] = value

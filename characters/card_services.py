@@ -11,6 +11,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from django.utils.text import slugify
 
+from scenarios.keys import is_regex_key
 from scenarios.models import Scenario
 
 from .card_format import (
@@ -146,8 +147,8 @@ def _unusable_entry(values: dict) -> str:
     return ""
 
 
-def _left_out(items: list[str], *, item_max: int, total_max: int, what: str) -> str:
-    _, left_out = fit_list(items, item_max=item_max, total_max=total_max)
+def _left_out(items: list[str], *, item_max: int, total_max: int, what: str, long_allowed=lambda item: False) -> str:
+    _, left_out = fit_list(items, item_max=item_max, total_max=total_max, long_allowed=long_allowed)
     if not left_out:
         return ""
     shown = ", ".join(f"“{item[:40]}…”" if len(item) > 40 else f"“{item}”" for item in left_out[:5])
@@ -180,7 +181,8 @@ def _character_warnings(data: dict, values: dict) -> list[str]:
 def _entry_warnings(entry: dict) -> list[str]:
     warnings = []
     for name, what in (("keys", "key(s)"), ("secondary_keys", "secondary key(s)")):
-        cut = _left_out(entry.get(name) or [], item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS, what=what)
+        cut = _left_out(entry.get(name) or [], item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS, what=what,
+                        long_allowed=is_regex_key)  # /regex/ keys may be longer (card_format.fit_keys)
         if cut:
             warnings.append(cut)
     depth = entry_scan_depth(entry, entry["extensions"])

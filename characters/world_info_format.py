@@ -11,8 +11,11 @@ SillyTavern's names (BOOK_EXTENSION_NAMES); card_format.py maps those.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-from .card_format import KEY_MAX_CHARS, KEYS_MAX_CHARS, RESERVED, fit_list, join_list, scan_depth_value, split_list
+from scenarios.keys import split_keywords
+
+from .card_format import RESERVED, fit_keys, join_list, scan_depth_value, split_list
 
 # SillyTavern's numbered positions; 2 and 3 (the author's note) and 7 (outlet) have no place here and
 # insert after the profile (the number is kept for export).
@@ -28,17 +31,29 @@ class WorldInfoError(ValueError):
     """The file is not an importable World Info file; the message says why, for an editor."""
 
 
-def world_info_read(raw: bytes | str) -> list[dict]:
-    """The entries of a World Info file, in uid order (each a dict, as written)."""
+@dataclass(frozen=True)
+class WorldInfoBook:
+    """A World Info file as read: its top-level `name` ("" without one) and its entries in uid order."""
+
+    name: str
+    entries: list[dict]
+
+
+def world_info_read(raw: bytes | str, *, max_entries: int) -> WorldInfoBook:
+    """The name and entries of a World Info file (each entry a dict, as written); more than `max_entries`
+    entries is refused whole (a lorebook that size would be read on every reply)."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WorldInfoError("The file is not JSON.") from exc
     entries = data.get("entries") if isinstance(data, dict) else None
     if isinstance(entries, list):
         entries = {str(index): entry for index, entry in enumerate(entries)}
     if not isinstance(entries, dict):
         raise WorldInfoError("A World Info file is a JSON object with 'entries'.")
+    if len(entries) > max_entries:
+        raise WorldInfoError(f"The file has {len(entries)} entries; at most {max_entries} are imported at once "
+                             f"(WORLD_INFO_MAX_ENTRIES).")
     result = []
     for uid, entry in entries.items():
         if not isinstance(entry, dict):
@@ -50,7 +65,14 @@ def world_info_read(raw: bytes | str) -> list[dict]:
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise WorldInfoError(f"Entry {uid}: '{name}' must be a list of strings.")
         result.append(entry)
-    return sorted(result, key=lambda entry: _number(entry.get("uid"), 0))
+    name = data.get("name") if isinstance(data.get("name"), str) else ""
+    return WorldInfoBook(name=name, entries=sorted(result, key=lambda entry: _number(entry.get("uid"), 0)))
+
+
+def entry_uid(entry: dict) -> int | None:
+    """The entry's uid when it is a whole number (what import matches existing scenarios by)."""
+    uid = entry.get("uid")
+    return uid if isinstance(uid, int) and not isinstance(uid, bool) else None
 
 
 def _number(value, default: int) -> int:
@@ -59,14 +81,20 @@ def _number(value, default: int) -> int:
     return int(value)
 
 
+def _selective_logic(value) -> int:
+    """SillyTavern's selectiveLogic 0-3 (AND ANY, NOT ALL, NOT ANY, AND ALL); anything else is AND ANY."""
+    number = _number(value, 0)
+    return number if number in (0, 1, 2, 3) and number == value else 0
+
+
 def _flag(value, default: bool) -> bool:
     return value if isinstance(value, bool) else default
 
 
-def scenario_fields_from_world_info(entry: dict) -> dict:
-    """Scenario field values (no character) for one World Info entry, with the entry kept for export."""
-    keys = fit_list(entry.get("key") or [], item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
-    secondary = fit_list(entry.get("keysecondary") or [], item_max=KEY_MAX_CHARS, total_max=KEYS_MAX_CHARS)[0]
+def scenario_fields_from_world_info(entry: dict, *, book: str = "") -> dict:
+    """Scenario field values (no character) for one World Info entry, with the entry and the name of its
+    `book` (file) kept for export and for matching the entry again on the next import."""
+    keys, secondary = fit_keys(entry.get("key") or [])[0], fit_keys(entry.get("keysecondary") or [])[0]
     title = entry.get("comment") if isinstance(entry.get("comment"), str) else ""
     filter_ = entry.get("characterFilter") if isinstance(entry.get("characterFilter"), dict) else {}
     position = _number(entry.get("position"), 1)
@@ -75,6 +103,7 @@ def scenario_fields_from_world_info(entry: dict) -> dict:
         "content": entry.get("content", ""),
         "keywords": join_list(keys),
         "secondary_keywords": join_list(secondary) if entry.get("selective", True) is not False else "",
+        "selective_logic": _selective_logic(entry.get("selectiveLogic")),
         "always_on": _flag(entry.get("constant"), False),
         "priority": _number(entry.get("order"), 100),
         "enabled": not _flag(entry.get("disable"), False),
@@ -96,18 +125,25 @@ def scenario_fields_from_world_info(entry: dict) -> dict:
         "prevent_recursion": _flag(entry.get("preventRecursion"), False),
         "character_filter": join_list([n for n in filter_.get("names") or [] if isinstance(n, str)]),
         "character_filter_exclude": _flag(filter_.get("isExclude"), False),
-        "extensions": {RESERVED: {"world_info_entry": entry}},
+        "extensions": {RESERVED: {"world_info_entry": entry, "world_info_book": book}},
     }
 
 
 MAPPED_FIELDS = tuple(name for name in scenario_fields_from_world_info({}) if name != "extensions")
 
 
-def world_info_entry_from_scenario(scenario, *, uid: int) -> dict:
-    """The World Info entry of a scenario: the imported entry with the editors' changes, or a new one."""
-    reserved = (scenario.extensions or {}).get(RESERVED) or {}
-    original = reserved.get("world_info_entry")
-    entry = dict(original) if isinstance(original, dict) else _new_entry(uid)
+def imported_entry(scenario) -> dict | None:
+    """The World Info entry a scenario was imported from, as written (None for one made in the admin)."""
+    reserved = (scenario.extensions or {}).get(RESERVED)
+    original = reserved.get("world_info_entry") if isinstance(reserved, dict) else None
+    return original if isinstance(original, dict) else None
+
+
+def world_info_entry_from_scenario(scenario) -> dict:
+    """The World Info entry of a scenario: the imported entry with the editors' changes, or a new one (no uid
+    yet: world_info_entries_numbered gives it one that no imported entry holds)."""
+    original = imported_entry(scenario)
+    entry = dict(original) if original is not None else _new_entry()
     imported = scenario_fields_from_world_info(original) if isinstance(original, dict) else {}
     for name in MAPPED_FIELDS:
         value = getattr(scenario, name)
@@ -116,13 +152,36 @@ def world_info_entry_from_scenario(scenario, *, uid: int) -> dict:
     return entry
 
 
-def world_info_file(entries: list[dict], *, extra: dict | None = None) -> dict:
-    """A World Info file object for `entries`, keyed by their uids."""
-    return {**(extra or {}), "entries": {str(entry.get("uid", index)): entry for index, entry in enumerate(entries)}}
+def world_info_entries_numbered(entries: list[dict]) -> list[dict]:
+    """The entries with distinct uids: each keeps its own unless an earlier one took it, then gets the next
+    free number (a file is keyed by uid: two entries under one key would lose one)."""
+    taken = {uid for uid in map(entry_uid, entries) if uid is not None}
+    used, numbered, next_free = set(), [], 0
+    for entry in entries:
+        uid = entry_uid(entry)
+        if uid is None or uid in used:
+            while next_free in taken or next_free in used:
+                next_free += 1
+            uid, entry = next_free, {**entry, "uid": next_free}
+        used.add(uid)
+        numbered.append(entry)
+    return numbered
 
 
-def _new_entry(uid: int) -> dict:
-    return {"uid": uid, "key": [], "keysecondary": [], "comment": "", "content": "", "constant": False,
+def world_info_book_of(scenario) -> str:
+    """The name of the World Info file a scenario was imported from ("" for one made in the admin)."""
+    reserved = (scenario.extensions or {}).get(RESERVED)
+    book = reserved.get("world_info_book") if isinstance(reserved, dict) else ""
+    return book if isinstance(book, str) else ""
+
+
+def world_info_file(entries: list[dict], *, name: str = "") -> dict:
+    """A World Info file object named `name`, for `entries` (distinct uids, see world_info_entries_numbered)."""
+    return {**({"name": name} if name else {}), "entries": {str(entry["uid"]): entry for entry in entries}}
+
+
+def _new_entry() -> dict:
+    return {"uid": None, "key": [], "keysecondary": [], "comment": "", "content": "", "constant": False,
             "selective": True, "selectiveLogic": 0, "order": 100, "position": 1, "disable": False,
             "excludeRecursion": False, "preventRecursion": False, "probability": 100, "useProbability": True,
             "depth": DEFAULT_DEPTH, "role": 0, "group": "", "groupOverride": False, "groupWeight": 100,
@@ -136,13 +195,14 @@ def _write(entry: dict, name: str, value) -> None:
               "whole_words": "matchWholeWords", "scan_depth": "scanDepth", "depth": "depth",
               "inclusion_group": "group", "group_weight": "groupWeight", "group_prioritize": "groupOverride",
               "sticky": "sticky", "cooldown": "cooldown", "delay": "delay", "exclude_recursion": "excludeRecursion",
-              "prevent_recursion": "preventRecursion", "content": "content", "title": "comment"}
+              "prevent_recursion": "preventRecursion", "content": "content", "title": "comment",
+              "selective_logic": "selectiveLogic"}
     if name in simple:
         entry[simple[name]] = value
     elif name == "keywords":
-        entry["key"] = split_list(value)
+        entry["key"] = split_keywords(value)
     elif name == "secondary_keywords":
-        entry["keysecondary"] = split_list(value)
+        entry["keysecondary"] = split_keywords(value)
         if value:
             entry["selective"] = True
     elif name == "enabled":

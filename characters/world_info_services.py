@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
+from django.conf import settings
 from django.db import transaction
 
 from scenarios.models import Scenario
@@ -13,13 +15,19 @@ from .card_services import CardError, import_validate
 from .models import Character
 from .world_info_format import (
     WorldInfoError,
+    entry_uid,
+    imported_entry,
     scenario_fields_from_world_info,
+    world_info_book_of,
+    world_info_entries_numbered,
     world_info_entry_from_scenario,
     world_info_file,
     world_info_read,
 )
 
 __all__ = ["WorldInfoError", "WorldInfoImport", "world_info_export", "world_info_import"]
+
+DEFAULT_MAX_ENTRIES = 2000
 
 
 @dataclass
@@ -37,17 +45,22 @@ class WorldInfoImport:
         return ", ".join(parts) + "."
 
 
-def world_info_import(*, raw: bytes | str, character: Character | None = None) -> WorldInfoImport:
-    """One scenario per World Info entry, for `character` (None: global), matched by title and character:
-    an existing one is updated. An entry that cannot be a scenario (no keys and not constant, no content)
-    is skipped with the reason; the rest are saved together. Raises WorldInfoError for a file that is not
-    World Info."""
+def world_info_import(*, raw: bytes | str, character: Character | None = None, file_name: str = "") -> WorldInfoImport:
+    """One scenario per World Info entry, for `character` (None: global). The file is known by its top-level
+    `name`, else `file_name` (without its extension); an entry that an earlier import of the same file made
+    into a scenario of the same character (the same uid) updates that scenario, any other creates one, so two
+    entries with the same title stay two. An entry that cannot be a scenario (no keys and not constant, no
+    content) is skipped with the reason; the rest are saved together. Raises WorldInfoError for a file that
+    is not World Info or has more than WORLD_INFO_MAX_ENTRIES entries."""
+    book = world_info_read(raw, max_entries=getattr(settings, "WORLD_INFO_MAX_ENTRIES", DEFAULT_MAX_ENTRIES))
+    book_name = book.name or PurePath(file_name).stem
     result = WorldInfoImport()
     with transaction.atomic():
-        for entry in world_info_read(raw):
-            values = scenario_fields_from_world_info(entry)
+        earlier = _imported_by_uid(character=character, book_name=book_name)
+        for entry in book.entries:
+            values = scenario_fields_from_world_info(entry, book=book_name)
             label = f"entry {entry.get('uid', '?')} (“{values['title']}”)"
-            scenario = Scenario.objects.filter(title=values["title"], character=character).first()
+            scenario = earlier.pop(entry_uid(entry), None)  # popped: a repeated uid makes a second scenario
             is_new = scenario is None
             scenario = scenario or Scenario(character=character)
             for name, value in values.items():
@@ -62,10 +75,26 @@ def world_info_import(*, raw: bytes | str, character: Character | None = None) -
     return result
 
 
-def world_info_export(*, scenarios) -> bytes:
-    """A World Info file (JSON bytes) holding `scenarios`, each as it was imported with the editors' changes."""
-    entries = []
-    for index, scenario in enumerate(scenarios):
-        entry = world_info_entry_from_scenario(scenario, uid=index)
-        entries.append(entry)
-    return json.dumps(world_info_file(entries), ensure_ascii=False, indent=2).encode()
+def _imported_by_uid(*, character: Character | None, book_name: str) -> dict[int, Scenario]:
+    """The scenarios of `character` an earlier import of the book made, by their entries' uids."""
+    found = {}
+    for scenario in Scenario.objects.filter(character=character).order_by("id"):
+        if not book_name or world_info_book_of(scenario) != book_name:
+            continue
+        entry = imported_entry(scenario)
+        uid = entry_uid(entry) if entry is not None else None
+        if uid is not None:
+            found.setdefault(uid, scenario)
+    return found
+
+
+def world_info_export(*, scenarios, name: str = "") -> bytes:
+    """A World Info file (JSON bytes) holding `scenarios`, each as it was imported with the editors' changes
+    (uids renumbered where two collide). Its `name` is the file's the scenarios were imported from when they
+    share one, else `name`."""
+    scenarios = list(scenarios)
+    entries = [world_info_entry_from_scenario(scenario) for scenario in scenarios]
+    books = {world_info_book_of(scenario) for scenario in scenarios} - {""}
+    book_name = books.pop() if len(books) == 1 else name
+    return json.dumps(world_info_file(world_info_entries_numbered(entries), name=book_name), ensure_ascii=False,
+                      indent=2).encode()

@@ -4,16 +4,19 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 
 from characters.admin import CharacterAdmin
 from characters.models import Character
 
 from .api.keys import api_key_issue, api_keys_revoke
 from .models import ApiKey, Conversation, Message, UsageRecord
-from .prompting import prompt_preview
+from .prompting import PromptPreview, prompt_preview
+from .selectors import conversation_path
 from .tenancy.usage import usage_by_day, usage_grouped, usage_totals
 
 PREVIEW_PARAM = "preview_message"
+PREVIEW_CONVERSATION_PARAM = "preview_conversation"
 PREVIEW_MAX_CHARS = 2000
 
 
@@ -155,14 +158,36 @@ class CharacterAdminWithPreview(CharacterAdmin):
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = dict(extra_context or {})
         message = request.GET.get(PREVIEW_PARAM, "").strip()[:PREVIEW_MAX_CHARS]
-        extra_context["preview_param"] = PREVIEW_PARAM
-        extra_context["preview_message"] = message
+        conversation_id = request.GET.get(PREVIEW_CONVERSATION_PARAM, "").strip()[:36]
+        extra_context.update(preview_param=PREVIEW_PARAM, preview_message=message,
+                             preview_conversation_param=PREVIEW_CONVERSATION_PARAM,
+                             preview_conversation=conversation_id)
         if message and request.method == "GET":
             character = self.get_object(request, unquote(object_id))
-            if character is not None:
+            if character is not None and conversation_id:
+                extra_context["prompt_preview"] = self._conversation_preview(request, character, message,
+                                                                             conversation_id)
+            elif character is not None:
                 # {{user}} stays "User": what an API request that names no one gets.
                 extra_context["prompt_preview"] = prompt_preview(character=character, user_message=message)
         return super().change_view(request, object_id, form_url, extra_context)
+
+    @staticmethod
+    def _conversation_preview(request, character, message: str, conversation_id: str) -> PromptPreview:
+        """The preview continuing a stored conversation of this character; chats are personal data, so only for
+        editors who may view conversations (VIEW_CHATS), and one unknown or not of this character is refused
+        with the same words (no hint whether it exists)."""
+        conversation = None
+        if can_view_chats(request):
+            try:
+                conversation = Conversation.objects.filter(pk=conversation_id, character=character).first()
+            except ValidationError:  # not a UUID
+                conversation = None
+        if conversation is None:
+            return PromptPreview(user_message=message, error=f"No conversation {conversation_id!r} of "
+                                 f"{character.name} that you may view.")
+        return prompt_preview(character=character, user_message=message, conversation=conversation,
+                              path=conversation_path(conversation))
 
 
 # chat is installed after characters, so the content app's admin is registered by now.

@@ -30,11 +30,6 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, blank=True, related_name="joined_conversations",
         help_text="Other users who may read and write into this conversation besides its owner.",
     )
-    world_info_state = models.JSONField(
-        default=dict, blank=True,
-        help_text="World Info timed effects (sticky, cooldown) of this conversation, keyed by scenario id and "
-                  "the message count at which each fired (scenarios/world_info.py).",
-    )
     active = models.ForeignKey(
         "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
         help_text="The leaf of the branch shown and continued: the model sees the path from the root to it.",
@@ -85,6 +80,12 @@ class Message(models.Model):
     scenarios = models.ManyToManyField(
         "scenarios.Scenario", blank=True, related_name="messages",
         help_text="Scenarios that were inserted into the prompt for this reply.",
+    )
+    world_info_state = models.JSONField(
+        default=dict, blank=True,
+        help_text="World Info timed effects (sticky, cooldown) after this reply, keyed by scenario id and the "
+                  "message count at which each fired (scenarios/world_info.py). The next reply on this branch "
+                  "reads them from the nearest reply on its path, so branches keep their own.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -27,7 +27,7 @@ from .engines import get_engine
 from .errors import ApiError, NotFound
 from .groups import GroupLine, group_turns_for, speaker_choose
 from .models import Conversation
-from .prompting import ComposedPrompt, prompt_compose, prompt_greetings
+from .prompting import ComposedPrompt, prompt_compose, prompt_greetings, world_info_inputs
 from .prompting.tools import tools_system_text, turns_with_tool_text
 from .selectors import conversation_get_owned, conversation_path, newest_leaf_under, user_display_name
 from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
@@ -179,23 +179,32 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                     if tools is not None and tools.may_call and engine.template_supports_tools else None)
     tools_text = "" if params.tools_json or native_tools else tools_system_text(tools)
     forced = _forced_scenarios(data.get("scenario"), character)
+    turns = history + new_turns[-1:]
+    new_conversation_id = uuid.uuid4()
+    # A continued conversation is always stored; a new one when a character is set, unless store=false.
+    store = conversation is not None or (character is not None and data.get("store", True))
+    # World Info counts the messages up to the one answered: a continuation is evaluated as the reply it extends.
+    if conversation is None:
+        # A chat that is not stored and carries a `seed` rolls by it: the same request, the same prompt.
+        seeded_by = new_conversation_id if store or data.get("seed") is None else f"request-seed-{data['seed']}"
+        world_info = world_info_inputs(seeded_by, path=(), message_count=len(turns))
+    else:
+        world_info = world_info_inputs(conversation.pk, path=path[:-1] if continued is not None else path,
+                                      message_count=len(turns) - (continued is not None))
 
     # Policy (docs/API.md): with a character, client system messages cannot replace or extend the
     # character's system prompt (prompt injection); without one, they replace the default prompt.
     system_override = client_system if character is None else ""
-    prompt = prompt_compose(engine=engine, character=character, turns=history + new_turns[-1:],
+    prompt = prompt_compose(engine=engine, character=character, turns=turns,
                             user_name=user_name,
                             max_tokens=params.max_tokens, forced_scenarios=forced,
                             system_override=system_override, extra_system=tools_text,
-                            tools=native_tools, continue_final=continued is not None,
-                            **_world_info_args(conversation, message_count=len(history) + 1))
-    # A continued conversation is always stored; a new one when a character is set, unless store=false.
-    store = conversation is not None or (character is not None and data.get("store", True))
+                            tools=native_tools, continue_final=continued is not None, **world_info)
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
                     conversation_lease=lease, end_user=data.get("user") or "", parent_id=parent_id,
-                    continued=continued, choices=data.get("n") or 1)
+                    continued=continued, choices=data.get("n") or 1, new_conversation_id=new_conversation_id)
 
 
 def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:
@@ -242,25 +251,27 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
         author_name = owner_name if user.pk == conversation.owner_id else (user_display_name(user) or "User")
     else:
         owner_name = author_name = user_name_for(data, fallback=user_name)
-        lines, last_speaker = [], None
+        stored, lines, last_speaker = [], [], None
     speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
     lines.append(GroupLine(role="user", content=new_text, name=author_name))
     turns = group_turns_for(lines=lines, speaker_id=speaker.pk)
 
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=speaker, engine=engine)
+    new_conversation_id = uuid.uuid4()
     names = ", ".join(member.name for member in members)
     note = (f"This is a group chat between {names} and the humans writing as users. Every line starts with the "
             f"name of whoever wrote it. Write only {speaker.name}'s next reply, without the name in front.")
     prompt = prompt_compose(engine=engine, character=speaker, turns=turns, user_name=owner_name,
                             max_tokens=params.max_tokens, extra_system=note,
                             setting=group.scenario if group is not None and group.scenario.strip() else None,
-                            **_world_info_args(conversation, message_count=len(lines)))
+                            **world_info_inputs(conversation.pk if conversation is not None else new_conversation_id,
+                                               path=stored, message_count=len(lines)))
     new_turns = ({"role": "user", "content": new_text},)
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
                     new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
                     user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
-                    group=group, members=tuple(members),
+                    group=group, members=tuple(members), new_conversation_id=new_conversation_id,
                     parent_id=conversation.active_id if conversation is not None else None)
 
 
@@ -284,15 +295,6 @@ def _speaker_for(data: dict, *, members: list[Character], group: CharacterGroup 
         return named
     mode = group.turn_mode if group is not None else CharacterGroup.TurnMode.NATURAL
     return speaker_choose(members=members, last_text=new_text, last_speaker_id=last_speaker, mode=mode)
-
-
-def _world_info_args(conversation: Conversation | None, *, message_count: int) -> dict:
-    """The conversation's World Info timed effects, and a seed that makes its probability rolls and group
-    draws the same when a reply is regenerated (scenarios/world_info.py)."""
-    if conversation is None:
-        return {"world_info_state": {}, "message_count": message_count}
-    return {"world_info_state": conversation.world_info_state or {}, "message_count": message_count,
-            "seed": f"{conversation.pk}:{message_count}"}
 
 
 def user_name_for(data: dict, *, fallback: str = "") -> str:

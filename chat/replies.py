@@ -233,15 +233,13 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
                                                completion_tokens=plan.engine.count_tokens(turn["content"]),
                                                author=author if turn["role"] == "user" else None).pk
         if plan.continued is not None:
-            replies = [_extended(plan.continued, kept[0], stopped=record.stopped)]
+            replies = [_extended(plan.continued, kept[0], stopped=record.stopped,
+                                 world_info_state=plan.prompt.world_info_state)]
         else:
             replies = [_reply_message(conversation, parent_id, completion, plan=plan, stopped=record.stopped)
                        for completion in kept]
         Conversation.objects.filter(pk=conversation.pk).update(active=replies[0])
         conversation.active = replies[0]
-        if conversation.world_info_state != plan.prompt.world_info_state:
-            conversation.world_info_state = plan.prompt.world_info_state
-            conversation.save(update_fields=["world_info_state"])
         if plan.conversation is None:
             conversation.save(update_fields=["updated_at"])
         transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
@@ -256,20 +254,24 @@ def _reply_message(conversation: Conversation, parent_id: int | None, completion
         conversation=conversation, parent_id=parent_id, role=Message.Role.ASSISTANT, content=completion.text,
         prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
         finish_reason=completion.finish_reason, model_name=plan.model_name,
-        stopped=stopped and completion.finish_reason == "cancelled", speaker=plan.character if plan.members else None)
+        stopped=stopped and completion.finish_reason == "cancelled", speaker=plan.character if plan.members else None,
+        world_info_state=plan.prompt.world_info_state)
     reply.scenarios.set(plan.prompt.scenarios)
     return reply
 
 
-def _extended(message: Message, completion: Completion, *, stopped: bool) -> Message:
-    """A continued reply: its text extended by the completion's, its counts and finish updated."""
+def _extended(message: Message, completion: Completion, *, stopped: bool, world_info_state: dict) -> Message:
+    """A continued reply: its text extended by the completion's, its counts, finish and World Info state updated
+    (the continuation was evaluated as the reply it extends, chat/plans.py)."""
     message.refresh_from_db()
     message.content += completion.text
     message.completion_tokens = (message.completion_tokens or 0) + completion.completion_tokens
     message.prompt_tokens = completion.prompt_tokens
     message.finish_reason = completion.finish_reason
     message.stopped = stopped and completion.finish_reason == "cancelled"
-    message.save(update_fields=["content", "completion_tokens", "prompt_tokens", "finish_reason", "stopped"])
+    message.world_info_state = world_info_state
+    message.save(update_fields=["content", "completion_tokens", "prompt_tokens", "finish_reason", "stopped",
+                                "world_info_state"])
     return message
 
 

@@ -257,6 +257,13 @@ API_KEY_MAX_CONCURRENT = env_int("API_KEY_MAX_CONCURRENT", 0, minimum=0)        
 API_KEY_TOKENS_PER_MINUTE = env_int("API_KEY_TOKENS_PER_MINUTE", 0, minimum=0)  # prompt + completion tokens
 API_KEY_TOKENS_PER_DAY = env_int("API_KEY_TOKENS_PER_DAY", 0, minimum=0)        # per UTC day
 
+# Scenarios and World Info (docs/PROMPTS.md); the defaults are the ones scenarios/ falls back to.
+SCENARIO_SCAN_DEPTH = env_int("SCENARIO_SCAN_DEPTH", 4, minimum=1)           # recent messages searched for keys
+SCENARIO_TOKEN_BUDGET = env_int("SCENARIO_TOKEN_BUDGET", 400, minimum=0)     # tokens of World Info per prompt
+SCENARIO_MAX_RECURSION = env_int("SCENARIO_MAX_RECURSION", 3, minimum=0)     # passes of entries firing entries
+SCENARIO_BM25_THRESHOLD = env_float("SCENARIO_BM25_THRESHOLD", 0.3, minimum=0)  # the no-keyword fallback
+WORLD_INFO_MAX_ENTRIES = env_int("WORLD_INFO_MAX_ENTRIES", 2000, minimum=1)  # entries of one imported file
+
 # Deterministic replies (temperature 0 or a seed) answered from the cache; see chat/response_cache.py.
 RESPONSE_CACHE_ENABLED = env_bool("RESPONSE_CACHE_ENABLED", True)
 RESPONSE_CACHE_TTL = env_int("RESPONSE_CACHE_TTL", 3600, minimum=1)

@@ -14,8 +14,8 @@ class ScenarioAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["title", "character", "content"]}),
         ("When it fires", {
-            "fields": ["keywords", "secondary_keywords", "always_on", "case_sensitive", "whole_words", "scan_depth",
-                       "priority", "probability", "enabled"],
+            "fields": ["keywords", "secondary_keywords", "selective_logic", "always_on", "case_sensitive", "whole_words",
+                       "scan_depth", "priority", "probability", "enabled"],
             "description": "A keyword written /pattern/flags is a regular expression (flag i: any case). "
                            "Priority is SillyTavern's insertion order: higher fills the token budget first "
                            "(after always-on scenarios) and goes later, closer to the reply, in its position."}),

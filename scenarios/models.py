@@ -1,37 +1,10 @@
 """Scenarios: pieces of context inserted into the prompt when a chat makes them relevant (lorebook entries)."""
 
-import re
-
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
-
-def split_keywords(text: str) -> list[str]:
-    return [word.strip() for word in (text or "").split(",") if word.strip()]
-
-
-_REGEX_KEY = re.compile(r"^/(.+)/([a-z]*)$", re.DOTALL)
-
-
-def is_regex_key(keyword: str) -> bool:
-    """A key written as /pattern/flags is a regular expression (as in SillyTavern)."""
-    return bool(_REGEX_KEY.match(keyword))
-
-
-def regex_key_parts(keyword: str) -> tuple[str, str] | None:
-    match = _REGEX_KEY.match(keyword)
-    return (match.group(1), match.group(2)) if match else None
-
-
-def regex_key_error(keyword: str) -> str:
-    """Why a /regex/ key does not compile ("" when it does)."""
-    pattern, _flags = regex_key_parts(keyword)
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return str(exc)
-    return ""
+from .keys import is_regex_key, regex_key_error, split_keywords
 
 
 class Scenario(models.Model):
@@ -43,6 +16,13 @@ class Scenario(models.Model):
         BEFORE_EXAMPLES = "before_examples", "Before the example dialogue"
         AFTER_EXAMPLES = "after_examples", "After the example dialogue"
         AT_DEPTH = "at_depth", "In the chat history, at a depth, as a message of the chosen role"
+
+    class SelectiveLogic(models.IntegerChoices):
+        # SillyTavern's selectiveLogic numbers, kept for import and export.
+        AND_ANY = 0, "AND ANY: one of the secondary keywords appears"
+        NOT_ALL = 1, "NOT ALL: not every secondary keyword appears"
+        NOT_ANY = 2, "NOT ANY: none of the secondary keywords appears"
+        AND_ALL = 3, "AND ALL: every secondary keyword appears"
 
     class Role(models.TextChoices):
         SYSTEM = "system", "System"
@@ -58,6 +38,10 @@ class Scenario(models.Model):
     secondary_keywords = models.CharField(
         max_length=1000, blank=True,
         help_text="Optional, comma-separated: when set, one of these must appear too.",
+    )
+    selective_logic = models.PositiveSmallIntegerField(
+        choices=SelectiveLogic.choices, default=SelectiveLogic.AND_ANY,
+        help_text="How the secondary keywords decide, once a keyword appeared (no effect without secondary ones).",
     )
     always_on = models.BooleanField(default=False, help_text="Always a candidate, whatever the chat says.")
     priority = models.IntegerField(default=100, help_text="Higher first when several scenarios fire.")

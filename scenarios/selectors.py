@@ -16,6 +16,7 @@ The rules (docs/PROMPTS.md):
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -23,14 +24,24 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from django.conf import settings
+import regex
 from django.db.models import Q
 from rank_bm25 import BM25Okapi
 
-from .models import Scenario, regex_key_parts
+from .keys import regex_key_parts
+from .models import Scenario
 
 DEFAULT_SCAN_DEPTH = 4
 DEFAULT_TOKEN_BUDGET = 400
 DEFAULT_BM25_THRESHOLD = 0.3
+# A /regex/ key comes from editors or imported files: a pattern that backtracks without end (/(a+)+$/) must not
+# hold a worker. Each search stops after REGEX_KEY_TIMEOUT seconds (no match) and sees at most
+# REGEX_KEY_MAX_CHARS of each text (the newest part: what the chat says last).
+REGEX_KEY_TIMEOUT = 0.05
+REGEX_KEY_MAX_CHARS = 20_000
+
+logger = logging.getLogger("llmsite.scenarios")
+_timed_out_keys: set[str] = set()  # logged once each per process
 
 _WORD = re.compile(r"\w+")
 # Words that say nothing about a topic; without them a greeting cannot "match" every scenario.
@@ -182,14 +193,32 @@ def _keyword_match(scenario: Scenario, *, user_message: str, earlier: Sequence[s
         parts.append(f"{_quoted('keyword', in_user)} in the user's message")
     if in_earlier:
         parts.append(f"{_quoted('keyword', in_earlier)} in a recent message")
-    secondary = scenario.secondary_keyword_list
+    secondary = secondary_keywords_decide(scenario, [*earlier, user_message])
+    if secondary is None:
+        return None
     if secondary:
-        found = _found(scenario, secondary, [*earlier, user_message])
-        if not found:
-            return None
-        parts.append(f"with {_quoted('secondary keyword', found)}")
+        parts.append(secondary)
     return ScenarioMatch(scenario=scenario, reason=", ".join(parts), keyword_hits=len(in_user) + len(in_earlier),
                          trigger="keyword", keywords=tuple(in_user + in_earlier))
+
+
+def secondary_keywords_decide(scenario: Scenario, texts: Sequence[str]) -> str | None:
+    """What the secondary keywords say about a scenario whose keyword appeared in `texts`, by its selective
+    logic (SillyTavern's selectiveLogic): None when they reject it, else the reason to add ("" without any)."""
+    secondary = scenario.secondary_keyword_list
+    if not secondary:
+        return ""
+    found = _found(scenario, secondary, texts)
+    missing = [keyword for keyword in secondary if keyword not in found]
+    Logic = Scenario.SelectiveLogic
+    logic = scenario.selective_logic
+    if logic == Logic.NOT_ALL:
+        return f"without {_quoted('secondary keyword', missing)}" if missing else None
+    if logic == Logic.NOT_ANY:
+        return "with no secondary keyword" if not found else None
+    if logic == Logic.AND_ALL:
+        return f"with every secondary keyword ({', '.join(repr(k) for k in found)})" if not missing else None
+    return f"with {_quoted('secondary keyword', found)}" if found else None
 
 
 def _found(scenario: Scenario, keywords: Sequence[str], texts: Sequence[str]) -> list[str]:
@@ -199,24 +228,39 @@ def _found(scenario: Scenario, keywords: Sequence[str], texts: Sequence[str]) ->
 def keywords_found(*, scenario: Scenario, keywords: Sequence[str], texts: Sequence[str]) -> list[str]:
     """The `keywords` that appear in one of `texts`, by the scenario's case and whole-word rules.
 
-    A keyword written /pattern/flags is a regular expression (flag i ignores case); a malformed one never matches."""
+    A keyword written /pattern/flags is a regular expression (flag i ignores case); a malformed one never
+    matches, nor one that runs out of time (REGEX_KEY_TIMEOUT)."""
     found = []
     for keyword in keywords:
         pattern = _pattern(keyword, scenario.case_sensitive, scenario.whole_words)
-        if pattern is not None and any(pattern.search(text) for text in texts):
+        if pattern is not None and any(_search(pattern, keyword, text) for text in texts):
             found.append(keyword)
     return found
 
 
+def _search(pattern, keyword: str, text: str) -> bool:
+    if isinstance(pattern, re.Pattern):  # an escaped plain keyword: linear time
+        return pattern.search(text) is not None
+    try:
+        return pattern.search(text[-REGEX_KEY_MAX_CHARS:], timeout=REGEX_KEY_TIMEOUT) is not None
+    except TimeoutError:
+        if keyword not in _timed_out_keys:
+            _timed_out_keys.add(keyword)
+            logger.warning("Regex key %r ran out of time (%s s) and counts as no match.", keyword[:200],
+                           REGEX_KEY_TIMEOUT)
+        return False
+
+
 @lru_cache(maxsize=2048)
-def _pattern(keyword: str, case_sensitive: bool, whole_words: bool) -> re.Pattern | None:
-    regex = regex_key_parts(keyword)
-    if regex is not None:
-        body, flags = regex
+def _pattern(keyword: str, case_sensitive: bool, whole_words: bool):
+    """A compiled `re` pattern for a plain keyword; a `regex` pattern (searched with a timeout) for a /regex/ key."""
+    parts = regex_key_parts(keyword)
+    if parts is not None:
+        body, flags = parts
         try:
-            return re.compile(body, (re.IGNORECASE if "i" in flags else 0) | (re.DOTALL if "s" in flags else 0)
-                              | (re.MULTILINE if "m" in flags else 0))
-        except re.error:
+            return regex.compile(body, (regex.IGNORECASE if "i" in flags else 0)
+                                 | (regex.DOTALL if "s" in flags else 0) | (regex.MULTILINE if "m" in flags else 0))
+        except (regex.error, ValueError, OverflowError):
             return None
     body = re.escape(keyword)
     if whole_words:

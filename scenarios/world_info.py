@@ -40,6 +40,7 @@ from .selectors import (
     ScenarioMatch,
     keyword_match,
     keywords_found,
+    secondary_keywords_decide,
 )
 
 DEFAULT_MAX_RECURSION = 3
@@ -153,13 +154,12 @@ def world_info_select(
                                       texts=[source.scenario.content])
                 if not keys:
                     continue
-                secondary = scenario.secondary_keyword_list
-                found_secondary = keywords_found(scenario=scenario, keywords=secondary, texts=searched)
-                if secondary and not found_secondary:
+                secondary = secondary_keywords_decide(scenario, searched)
+                if secondary is None:
                     break
                 reason = f"{_quoted(keys)} in the text of '{source.scenario.title}' (recursion)"
-                if found_secondary:
-                    reason += f", with secondary keyword(s) {', '.join(repr(k) for k in found_secondary)}"
+                if secondary:
+                    reason += f", {secondary}"
                 found.append(ScenarioMatch(scenario=scenario, reason=reason, keyword_hits=len(keys),
                                            trigger="recursion", keywords=tuple(keys),
                                            recursion_from=source.scenario.title))

@@ -7,6 +7,7 @@ from .compose import (
     prompt_greetings,
     system_prompt_default,
     system_prompt_of,
+    world_info_inputs,
 )
 from .placeholders import placeholders_replace
 from .preview import PromptPreview, prompt_preview
@@ -21,4 +22,5 @@ __all__ = [
     "prompt_preview",
     "system_prompt_default",
     "system_prompt_of",
+    "world_info_inputs",
 ]

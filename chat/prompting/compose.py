@@ -56,7 +56,8 @@ class ComposedPrompt:
     dropped_turns: int = 0  # how many of the oldest history messages were left out
     matches: list[ScenarioMatch] = field(default_factory=list)  # how each inserted scenario fired
     left_out: list[tuple[Scenario, str]] = field(default_factory=list)  # triggered or held back, and why
-    world_info_state: dict = field(default_factory=dict)  # the conversation's timed effects after this reply
+    world_info_state: dict = field(default_factory=dict)  # the branch's timed effects after this reply
+    parts: list[tuple[str, str]] = field(default_factory=list)  # (what, text) of each part that went in
 
     @property
     def explained_scenarios(self) -> list[tuple[Scenario, str]]:
@@ -73,6 +74,15 @@ class ComposedPrompt:
     def available_tokens(self) -> int:
         """Room the prompt may use: the context minus the reply."""
         return self.context_length - self.max_tokens
+
+
+def world_info_inputs(conversation_id, *, path, message_count: int) -> dict:
+    """prompt_compose's World Info arguments for a reply (scenarios/world_info.py): the timed effects of its
+    branch, which the nearest reply on `path` (the stored messages before it) holds, and a seed of the
+    conversation's id (a new conversation's too, so first messages differ between chats) and the message
+    count, so a regenerated reply rolls and draws as the one it replaces did."""
+    state = next((message.world_info_state for message in reversed(path) if message.role == "assistant"), None)
+    return {"world_info_state": state or {}, "message_count": message_count, "seed": f"{conversation_id}:{message_count}"}
 
 
 def system_prompt_default() -> str:
@@ -125,7 +135,7 @@ def prompt_compose(
     own system messages).
     `tools` (OpenAI function tools) are handed to the chat template (engines whose template supports them).
     `setting` replaces the character's own setting (a group chat's shared scenario).
-    `world_info_state` is the conversation's timed-effect state (Conversation.world_info_state),
+    `world_info_state` is the branch's timed-effect state (the nearest reply's Message.world_info_state),
     `message_count` the number of its messages with the new one (default: the turns'), `seed` seeds the
     probability rolls and group draws (default: the message count); the new state is in the result.
     `continue_final`: the last turn is an assistant reply to extend; its turn is left open (no generation
@@ -161,6 +171,8 @@ class _Parts:
     """Everything that may go into the prompt, placeholders already replaced."""
 
     stable: Callable[[list[str]], str]  # message 1, given the texts of the "before_char" scenarios
+    head: str  # the system prompt
+    profile: str  # the persona: description, personality, setting
     examples: list[str]
     matches: list[ScenarioMatch]
     scenario_texts: dict[int, str]  # id(match) -> inserted text
@@ -204,6 +216,8 @@ class _Parts:
 
         return cls(
             stable=stable,
+            head=head,
+            profile=profile,
             examples=[fill(block) for block in example_dialogue_blocks(character.example_dialogue)]
             if character is not None else [],
             matches=matches,
@@ -216,6 +230,18 @@ class _Parts:
             left_out=left_out,
             world_info_state=state,
         )
+
+    def parts_in(self, *, with_examples: bool, cut: int, matches: list[ScenarioMatch]) -> list[tuple[str, str]]:
+        """(what, text) of each part of the prompt that goes in, for the preview's cost of every part."""
+        history = self.history[cut:]
+        rows = [("System prompt", self.head), ("Persona", self.profile),
+                *((f"World Info: {match.scenario.title}", self.scenario_texts[id(match)]) for match in matches),
+                ("Example dialogue", "\n\n".join(self.examples) if with_examples else ""),
+                ("Instructions", self.extra_system),
+                (f"History ({len(history)} messages)", "\n\n".join(turn["content"] for turn in history)),
+                ("Post-history instructions", self.post_history),
+                ("New message", self.new_message["content"])]
+        return [(what, text) for what, text in rows if text]
 
     def messages(self, *, with_examples: bool, cut: int, matches: list[ScenarioMatch]) -> list[dict]:
         Position = Scenario.Position
@@ -339,6 +365,7 @@ def _fit(*, engine, parts: _Parts, max_tokens: int, tools: list[dict] | None = N
         reasons={match.scenario.pk: match.reason for match in matches},
         dropped=dropped, dropped_turns=cut, matches=matches, left_out=parts.left_out,
         world_info_state=parts.world_info_state,
+        parts=parts.parts_in(with_examples=with_examples, cut=cut, matches=matches),
     )
 
 

@@ -14,7 +14,7 @@ WORLD_INFO_EXTENSIONS = {
     "position": 4, "depth": 2, "role": 1, "probability": 40, "useProbability": True, "group": "weather",
     "group_weight": 50, "group_override": True, "sticky": 3, "cooldown": 1, "delay": 2,
     "exclude_recursion": True, "prevent_recursion": True, "match_whole_words": False, "case_sensitive": True,
-    "character_filter": {"isExclude": True, "names": ["Bob"], "tags": []}, "automation_id": "",
+    "character_filter": {"isExclude": True, "names": ["Bob"], "tags": []}, "automation_id": "", "selectiveLogic": 2,
 }
 
 
@@ -43,7 +43,7 @@ def test_world_info_settings_of_a_character_book_import_into_the_scenario():
     assert (fog.inclusion_group, fog.group_weight, fog.group_prioritize) == ("weather", 50, True)
     assert (fog.sticky, fog.cooldown, fog.delay) == (3, 1, 2)
     assert fog.exclude_recursion and fog.prevent_recursion and not fog.whole_words and fog.case_sensitive
-    assert (fog.character_filter, fog.character_filter_exclude) == ("Bob", True)
+    assert (fog.character_filter, fog.character_filter_exclude, fog.selective_logic) == ("Bob", True, 2)
     early = Scenario.objects.get(title="Early")
     assert (early.position, early.probability) == ("before_examples", 100)
 

@@ -18,7 +18,7 @@ from chat.plans import chat_request_prepare
 from chat.response_cache import cache_key
 from chat.prompting import prompt_compose, prompt_preview
 from chat.prompting.tools import turns_with_tool_text
-from tests.factories import make_api_client, make_character, write_tiny_gguf
+from tests.factories import make_api_client, make_character, make_scenario, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db
 
@@ -149,6 +149,17 @@ def test_card_name_user_and_tool_result_reach_the_tiny_model_as_text(tiny_engine
     composed = prompt_compose(engine=engine, character=character, turns=turns, user_name=FOLDED_NAME, max_tokens=16)
     assert FOLDED_NAME in composed.messages[0]["content"] and not composed.dropped
     assert_read_as_text(engine, composed)
+
+
+@pytest.mark.parametrize("position", ["before_char", "after_char", "before_examples", "after_examples", "at_depth"])
+def test_world_info_text_with_chatml_markup_reaches_the_model_as_text(tiny_engines, position):
+    engine = tiny_engines.get("tiny-llama")
+    ada = make_character("ada", name="Ada", example_dialogue="<START>\n{{user}}: Cold?\n{{char}}: Always.")
+    make_scenario("Hostile", character=ada, always_on=True, position=position, depth=0, content=ATTACK)
+    composed = prompt_compose(engine=engine, character=ada, turns=[{"role": "user", "content": "Hello"}],
+                              max_tokens=16)
+    assert any(ATTACK in message["content"] for message in composed.messages) and not composed.dropped
+    assert_read_as_text(engine, composed)  # its tokens are text tokens, and the prompt's count includes them
 
 
 @pytest.fixture(params=["tiny", pytest.param("smollm2", marks=pytest.mark.smollm2)])

@@ -3,7 +3,7 @@ next replies' prompts without the keyword, then cools down; the state is keyed b
 
 import pytest
 
-from chat.models import Conversation
+from chat.models import Conversation, Message
 from tests.factories import make_api_client, make_character, make_scenario
 
 pytestmark = [pytest.mark.django_db, pytest.mark.smollm2]
@@ -33,5 +33,5 @@ def test_sticky_then_cooldown_across_stored_turns(smollm2_path, settings):
         fired.append([s["title"] for s in ask(client, text, conversation)["scenarios"]])
     assert fired == [["Storm"], ["Storm"], [], ["Storm"]]
     storm_id = str(ada.scenarios.get().pk)
-    state = Conversation.objects.get(pk=conversation).world_info_state
+    state = Message.objects.get(pk=Conversation.objects.get(pk=conversation).active_id).world_info_state
     assert state == {storm_id: {"at": 7, "sticky_until": 9, "cooldown_until": 11}}

@@ -3,6 +3,8 @@
 import random
 from collections import Counter
 
+import pytest
+
 from chat.prompting.compose import depth_inserted
 from scenarios.models import Scenario
 from scenarios.world_info import character_filter_allows, world_info_select
@@ -135,3 +137,46 @@ def test_a_malformed_regex_key_is_refused_when_saved():
     with pytest.raises(ValidationError) as error:
         entry(1, "Bad", "/(unclosed/").clean()
     assert "not a valid regular expression" in str(error.value)
+
+
+def test_a_catastrophic_regex_key_runs_out_of_time_and_does_not_match(caplog):
+    # /(a+)+$/ against "aaaa…!" backtracks exponentially under Python's re; the search must give up.
+    evil = entry(1, "Evil", "/(a+)+$/")
+    with caplog.at_level("WARNING", logger="llmsite.scenarios"):
+        assert select([evil], "a" * 5000 + "!").titles == []
+        assert select([evil], "a" * 5000 + "!").titles == []
+    assert sum("ran out of time" in record.message for record in caplog.records) == 1  # logged once
+    assert select([evil], "aaa").titles == ["Evil"]  # a short text still matches
+
+
+def test_a_regex_key_keeps_its_commas_and_may_be_long():
+    from characters.world_info_format import scenario_fields_from_world_info
+    from scenarios.keys import split_keywords
+
+    assert split_keywords("/a{1,3}/, cat, /x,y/i") == ["/a{1,3}/", "cat", "/x,y/i"]
+    counted = entry(1, "Counted", "/^a{2,3}$/, cat")
+    assert counted.keyword_list == ["/^a{2,3}$/", "cat"]
+    assert select([counted], "aa").titles == ["Counted"] and select([counted], "aaaa").titles == []
+    long_regex = "/" + "|".join(f"word{n}" for n in range(30)) + "/"
+    fields = scenario_fields_from_world_info({"uid": 1, "key": ["/a{1,3}/", long_regex, "x" * 101],
+                                              "content": "c"})
+    assert split_keywords(fields["keywords"]) == ["/a{1,3}/", long_regex]  # a plain key over 100 is still left out
+
+
+@pytest.mark.parametrize(("logic", "fires_with"), [
+    (Scenario.SelectiveLogic.AND_ANY, {"one", "both"}),
+    (Scenario.SelectiveLogic.NOT_ALL, {"none", "one"}),
+    (Scenario.SelectiveLogic.NOT_ANY, {"none"}),
+    (Scenario.SelectiveLogic.AND_ALL, {"both"}),
+])
+def test_selective_logic_decides_by_the_secondary_keywords(logic, fires_with):
+    chats = {"none": "the ship", "one": "the ship at night", "both": "the ship at night in fog"}
+    scenario = entry(1, "Ship", "ship", secondary_keywords="night, fog", selective_logic=logic)
+    fired = {name for name, text in chats.items() if select([scenario], text).titles}
+    assert fired == fires_with
+    # The same logic in the recursion path: Harbor's text mentions the ship.
+    harbor = entry(2, "Harbor", "harbor", content="A ship waits.")
+    fired = {name for name, text in chats.items()
+             if "Ship" in select([harbor, entry(1, "Ship", "ship", secondary_keywords="night, fog",
+                                                selective_logic=logic)], text.replace("the ship", "harbor")).titles}
+    assert fired == fires_with
