@@ -135,7 +135,7 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
     group, members = _group_for(data, conversation)
     if members:
         return _group_plan_for(user=user, data=data, conversation=conversation, lease=lease, group=group,
-                               members=members, user_name=user_name, cache_allowed=cache_allowed)
+                               members=members, user_name=user_name, branch=branch)
     character = _character_for(data, conversation)
 
     client_messages = data["messages"]
@@ -227,24 +227,40 @@ def _group_for(data: dict, conversation: Conversation | None) -> tuple[Character
 
 def _group_plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None,
                     group: CharacterGroup | None, members: list[Character], user_name: str,
-                    cache_allowed: bool) -> ChatPlan:
+                    branch: Branch | None = None) -> ChatPlan:
     """A group chat's plan: choose the speaker, and compose its prompt with its own persona and system prompt,
-    the group's scenario and the history with every line attributed (chat/groups/)."""
-    client_turns = [m for m in data["messages"] if m["role"] in CLIENT_TURN_ROLES]
-    if not client_turns or client_turns[-1]["role"] != "user":
-        raise ApiError("A group chat request ends with the user's new message.", param="messages")
-    new_text = client_turns[-1]["content"]
+    the group's scenario and the history with every line attributed (chat/groups/). `branch` places it in the
+    tree as for a one-character chat: regenerate answers the leaf again, continue extends the leaf's reply (its
+    speaker goes on), edit puts the new message beside the old one."""
+    answer_leaf = branch is not None and branch.answer_leaf
+    continued = None
     if conversation is not None:
         owner_name = conversation.user_name
-        stored = [message for message in conversation_path(conversation) if message.role in CLIENT_TURN_ROLES]
+        leaf_id = branch.leaf_id if branch is not None else conversation.active_id
+        path = conversation_path(conversation, leaf_id=leaf_id) if leaf_id is not None else []
+        stored = [message for message in path if message.role in CLIENT_TURN_ROLES]
         lines = [_group_line(message, conversation=conversation, owner_name=owner_name) for message in stored]
-        last_speaker = next((line.speaker_id for line in reversed(lines) if line.role == "assistant"), None)
         author_name = owner_name if user.pk == conversation.owner_id else (user_display_name(user) or "User")
+        if branch is not None and branch.continue_leaf:
+            continued = path[-1]
     else:
         owner_name = author_name = user_name_for(data, fallback=user_name)
-        lines, last_speaker = [], None
-    speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
-    lines.append(GroupLine(role="user", content=new_text, name=author_name))
+        lines = []
+    if answer_leaf or continued is not None:
+        new_text, new_turns = lines[-1].content if answer_leaf else "", ()
+    else:
+        client_turns = [m for m in data["messages"] if m["role"] in CLIENT_TURN_ROLES]
+        if not client_turns or client_turns[-1]["role"] != "user":
+            raise ApiError("A group chat request ends with the user's new message.", param="messages")
+        new_text = client_turns[-1]["content"]
+        new_turns = ({"role": "user", "content": new_text},)
+        lines.append(GroupLine(role="user", content=new_text, name=author_name))
+    if continued is not None:
+        speaker = continued.speaker or conversation.character
+    else:
+        before = lines[:-1]  # who spoke last before the message answered
+        last_speaker = next((line.speaker_id for line in reversed(before) if line.role == "assistant"), None)
+        speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
     turns = group_turns_for(lines=lines, speaker_id=speaker.pk)
 
     engine = get_engine(data.get("model") or None)
@@ -255,13 +271,17 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
     prompt = prompt_compose(engine=engine, character=speaker, turns=turns, user_name=owner_name,
                             max_tokens=params.max_tokens, extra_system=note,
                             setting=group.scenario if group is not None and group.scenario.strip() else None,
+                            continue_final=continued is not None,
                             **_world_info_args(conversation, message_count=len(lines)))
-    new_turns = ({"role": "user", "content": new_text},)
+    if conversation is None:
+        parent_id = None
+    else:
+        parent_id = branch.leaf_id if branch is not None else conversation.active_id
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
                     new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
                     user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
-                    group=group, members=tuple(members),
-                    parent_id=conversation.active_id if conversation is not None else None)
+                    group=group, members=tuple(members), parent_id=parent_id, continued=continued,
+                    choices=data.get("n") or 1)
 
 
 def _group_line(message, *, conversation: Conversation, owner_name: str) -> GroupLine:

@@ -53,6 +53,8 @@ def reply_regenerate(*, user, api_key: ApiKey | None, conversation_id, message_i
     parent = message.parent
     if message.role != Message.Role.ASSISTANT or parent is None or parent.role != Message.Role.USER:
         raise ApiError("Only a reply to a user message can be regenerated.", param="message", code="not_regenerable")
+    if message.speaker_id is not None and not data.get("speaker"):
+        data = {**data, "speaker": str(message.speaker_id)}  # a group chat's swipe is the same character's
     return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id, data=data, kind="regenerate",
                       branch=Branch(leaf_id=parent.pk, answer_leaf=True), on_disconnect=on_disconnect)
 
