@@ -33,6 +33,8 @@ urlpatterns = [
     *both("conversations/<uuid:pk>/messages", views.ConversationMessagesView, "conversation-messages", slash=True),
     *both("conversations/<uuid:pk>/participants", groups.ConversationParticipantsView, "conversation-participants",
           slash=True),
+    *both("conversations/<uuid:pk>/participants/<str:username>", groups.ConversationParticipantView,
+          "conversation-participant", slash=True),
     *both("groups", groups.GroupListView, "group-list", slash=True),
     path("conversations/<uuid:pk>/", include(conversation_ops.urlpatterns)),  # the tree's operations (slash-agnostic)
 ]

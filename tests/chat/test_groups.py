@@ -228,3 +228,46 @@ def test_continue_in_a_group_extends_the_speakers_reply(group_chat):
     reply.refresh_from_db()
     assert body["messages"][0]["id"] == reply.pk and reply.content == before + body["text"]
     assert body["speaker"]["slug"] == "ada" and conversation.messages.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_the_owner_changes_the_tree_participants_send_messages(group_chat):
+    sam, conversation = group_chat
+    lee = make_api_client("lee")
+    sam.post(tree_url(conversation, "participants/"), {"username": "lee"}, format="json")
+    user_message = conversation.messages.get(role="user")
+    reply = conversation.messages.get(role="assistant")
+    for method, tail, data in [
+        ("delete", f"messages/{reply.pk}/", None), ("post", f"messages/{reply.pk}/select/", None),
+        ("post", f"messages/{reply.pk}/regenerate/", {}), ("post", f"messages/{reply.pk}/continue/", {}),
+        ("post", f"messages/{user_message.pk}/edit/", {"content": "mine now"}), ("post", "stop/", None),
+    ]:
+        response = getattr(lee, method)(tree_url(conversation, tail), data, format="json")
+        assert response.status_code == 403, (tail, response.content)
+        assert response.json()["error"]["code"] == "not_conversation_owner"
+    assert conversation.messages.count() == 2
+    # Reading and writing a new message stay open to the participant.
+    assert lee.get(tree_url(conversation, "path/")).status_code == 200
+    sent = lee.post(URL, request("Bob?", conversation=str(conversation.pk)), format="json",
+                    HTTP_CACHE_CONTROL="no-cache")
+    assert sent.status_code == 200, sent.content
+    # The owner may.
+    deleted = sam.delete(tree_url(conversation, f"messages/{reply.pk}/"))
+    assert deleted.status_code == 200 and not Message.objects.filter(pk=reply.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_owner_removes_a_participant_who_may_also_leave(group_chat):
+    sam, conversation = group_chat
+    lee, eve = make_api_client("lee"), make_api_client("eve")
+    for name in ("lee", "eve"):
+        sam.post(tree_url(conversation, "participants/"), {"username": name}, format="json")
+    refused = lee.delete(tree_url(conversation, "participants/eve/"))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_conversation_owner"
+    removed = sam.delete(tree_url(conversation, "participants/eve/"))
+    assert removed.status_code == 200 and removed.json()["participants"] == ["lee"]
+    assert eve.get(tree_url(conversation, "path/")).status_code == 404
+    assert lee.delete(tree_url(conversation, "participants/lee")).json()["participants"] == []
+    assert lee.get(tree_url(conversation, "path/")).status_code == 404
+    missing = sam.delete(tree_url(conversation, "participants/lee/"))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "participant_not_found"
