@@ -110,6 +110,20 @@ def message_alternatives(message: Message) -> list[Message]:
                                        role=message.role).prefetch_related("scenarios").order_by("id"))
 
 
+def message_subtree_ids(message: Message) -> list[int]:
+    """The message's id and every id under it, gathered from one read of the conversation's (id, parent) pairs:
+    no query or stack frame per level, however deep the tree (a long conversation is a chain)."""
+    children: dict[int, list[int]] = {}
+    for pk, parent in Message.objects.filter(conversation_id=message.conversation_id).values_list("id", "parent_id"):
+        children.setdefault(parent, []).append(pk)
+    ids, pending = [], [message.pk]
+    while pending:
+        pk = pending.pop()
+        ids.append(pk)
+        pending.extend(children.get(pk, ()))
+    return ids
+
+
 def newest_leaf_under(conversation: Conversation, message_id: int | None) -> int | None:
     """The newest leaf of the subtree of `message_id` (the whole tree when None): where selecting a message
     (an alternative, a branch) takes the conversation. Down from it, each step goes to the child whose

@@ -20,7 +20,7 @@ from chat.errors import ApiError, NotFound
 from chat.models import ApiKey, Conversation, Message
 from chat.plans import Branch, chat_request_prepare
 from chat.replies import reply_lookup, reply_start_choices
-from chat.selectors import conversation_get_owned, message_get_owned, newest_leaf_under
+from chat.selectors import conversation_get_owned, message_get_owned, message_subtree_ids, newest_leaf_under
 from chat.tenancy.conversation_lock import conversation_advance, conversation_lease_take
 from chat.tenancy.owners import Tenant
 
@@ -108,7 +108,10 @@ def message_delete(*, user, conversation_id, message_id) -> Conversation:
     conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     with _leased(conversation):
         parent_id = message.parent_id
-        message.delete()  # the subtree goes with it (Message.parent: CASCADE)
+        # One delete of the whole subtree: message.delete() would let Django's collector follow Message.parent
+        # level by level, a recursion as deep as the conversation is long. Conversation.active is set null if
+        # it was among them (SET_NULL), and set again below.
+        Message.objects.filter(pk__in=message_subtree_ids(message)).delete()
         if not conversation.messages.filter(pk=conversation.active_id).exists():
             conversation.active_id = newest_leaf_under(conversation, parent_id)
             Conversation.objects.filter(pk=conversation.pk).update(active_id=conversation.active_id)

@@ -207,6 +207,22 @@ def test_delete_removes_the_subtree_and_the_conversation_shows_the_branch_beside
     assert body["active"] == second_user.parent_id and len(body["messages"]) == 2
 
 
+def test_deleting_an_early_message_of_a_long_conversation_deletes_its_whole_chain(transactional_db):
+    client = make_api_client("longtalker")
+    conversation = Conversation.objects.create(character=make_character("mira"), owner=client.user)
+    parent = None
+    for index in range(1200):  # one chain, as a long conversation is
+        parent = Message.objects.create(conversation=conversation, parent=parent, content=str(index),
+                                        role="user" if index % 2 == 0 else "assistant")
+    Conversation.objects.filter(pk=conversation.pk).update(active=parent)
+    second = conversation.messages.order_by("id")[1]
+    response = client.delete(url(conversation, f"messages/{second.pk}/"))
+    assert response.status_code == 200, response.content[:300]
+    assert list(conversation.messages.values_list("content", flat=True)) == ["0"]
+    conversation.refresh_from_db()
+    assert conversation.active_id == response.json()["active"] == conversation.messages.get().pk
+
+
 def test_stop_keeps_what_was_generated_marked_stopped(endless_site, monkeypatch):
     client = make_api_client("stopper")
     conversation, leaf = slow_conversation(client, monkeypatch)
