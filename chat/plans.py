@@ -122,8 +122,11 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
         if conversation is not None:
             # The version whose history is read (replies.py), and its active leaf.
             conversation.refresh_from_db(fields=["updated_at", "active"])
-        return _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,
+        plan = _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,
                          user_name=user_name, cache_allowed=cache_allowed, request_key=request_key, branch=branch)
+        if conversation is not None:
+            _tree_room_check(plan)
+        return plan
     except BaseException:
         if lease is not None:
             lease.release()
@@ -196,6 +199,25 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,
                     conversation_lease=lease, end_user=data.get("user") or "", parent_id=parent_id,
                     continued=continued, choices=data.get("n") or 1)
+
+
+def _tree_room_check(plan: ChatPlan) -> None:
+    """409 before anything is generated when storing the plan's reply would pass the conversation's caps
+    (CONVERSATION_MAX_MESSAGES, CONVERSATION_MAX_ALTERNATIVES): a tree cannot grow without bound."""
+    conversation = plan.conversation
+    # A continuation extends a stored message; otherwise the new turns and one reply per choice are added, the
+    # first of them beside the children the parent already has.
+    adding = 0 if plan.continued is not None else len(plan.new_turns) + plan.choices
+    beside = 0 if plan.continued is not None else (1 if plan.new_turns else plan.choices)
+    if conversation.messages.count() + adding > settings.CONVERSATION_MAX_MESSAGES:
+        raise ApiError(f"The conversation holds its maximum of {settings.CONVERSATION_MAX_MESSAGES} messages "
+                       "(CONVERSATION_MAX_MESSAGES): delete a branch or start a new conversation.",
+                       param="conversation", code="conversation_full", status=409)
+    siblings = conversation.messages.filter(parent_id=plan.parent_id).count()
+    if beside and siblings + beside > settings.CONVERSATION_MAX_ALTERNATIVES:
+        raise ApiError(f"The message would have more than {settings.CONVERSATION_MAX_ALTERNATIVES} alternatives "
+                       "(CONVERSATION_MAX_ALTERNATIVES): delete some first.", param="message",
+                       code="too_many_alternatives", status=409)
 
 
 def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:

@@ -223,6 +223,27 @@ def test_deleting_an_early_message_of_a_long_conversation_deletes_its_whole_chai
     assert conversation.active_id == response.json()["active"] == conversation.messages.get().pk
 
 
+def test_a_tree_at_its_caps_refuses_to_grow_with_409(chat, settings):
+    client, conversation = chat
+    leaf = conversation.messages.order_by("id").last()
+    settings.CONVERSATION_MAX_ALTERNATIVES = 2
+    refused = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"n": 2, "max_tokens": 3},
+                          format="json")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "too_many_alternatives"
+    assert client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 3},
+                       format="json").status_code == 200  # the second alternative still fits
+    settings.CONVERSATION_MAX_MESSAGES = conversation.messages.count() + 1  # no room for a message and its reply
+    more = {"conversation": str(conversation.pk), "max_tokens": 3, "messages": [{"role": "user", "content": "More"}]}
+    full = client.post("/v1/chat/completions", more, format="json", **NO_CACHE)
+    assert full.status_code == 409 and full.json()["error"]["code"] == "conversation_full"
+    count = conversation.messages.count()
+    # A continuation adds no message; nothing was stored by the refused requests.
+    conversation.refresh_from_db()
+    assert client.post(url(conversation, f"messages/{conversation.active_id}/continue/"), {"max_tokens": 2},
+                       format="json").status_code == 200
+    assert conversation.messages.count() == count
+
+
 def test_stop_keeps_what_was_generated_marked_stopped(endless_site, monkeypatch):
     client = make_api_client("stopper")
     conversation, leaf = slow_conversation(client, monkeypatch)
