@@ -14,6 +14,7 @@ from django.db.migrations.executor import MigrationExecutor
 from chat.engine.faults import Faults
 from chat.engines import get_engine
 from chat.models import Conversation, Message
+from chat.trees.operations import reply_regenerate
 from chat.trees.running import reply_run_of
 from tests.factories import make_api_client, make_character, write_tiny_gguf
 
@@ -261,6 +262,36 @@ def test_stop_keeps_what_was_generated_marked_stopped(endless_site, monkeypatch)
     message = Message.objects.get(pk=body["messages"][0]["id"])
     assert message.content and message.finish_reason == "cancelled" and message.completion_tokens < 2000
     assert client.post(url(conversation, "stop/")).json()["error"]["code"] == "reply_not_running"
+
+
+def test_a_reply_no_client_ever_watched_is_stopped_after_the_detached_timeout(endless_site, monkeypatch, settings):
+    client = make_api_client("never-watcher")
+    conversation, leaf = slow_conversation(client, monkeypatch)
+    settings.REPLY_DETACHED_SECONDS = 0.5
+    # No listener ever attaches: a socket that closed before its watch task ran.
+    run = reply_regenerate(user=client.user, api_key=None, conversation_id=conversation.pk, message_id=leaf.pk,
+                           data={"max_tokens": 2000})
+    assert run.finished.wait(30) and run.record.stopped
+    assert run.record.stored and run.record.stored[0].stopped
+
+
+def test_an_owner_leaves_at_most_the_cap_of_replies_alone_the_oldest_is_stopped(endless_site, monkeypatch,
+                                                                                settings):
+    settings.REPLY_DETACHED_MAX_PER_OWNER = 1
+    client = make_api_client("hoarder")
+    older, older_leaf = slow_conversation(client, monkeypatch)
+    newer = Conversation.objects.get(pk=client.post("/v1/chat/completions", {
+        "character": "mira", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+        format="json", **NO_CACHE).json()["conversation"])
+    left = [client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 2000, "stream": True},
+                        format="json")
+            for conversation, leaf in [(older, older_leaf), (newer, newer.messages.order_by("id").last())]]
+    older_run, newer_run = reply_run_of(older.pk), reply_run_of(newer.pk)
+    assert older_run.finished.wait(30) and older_run.record.stopped  # the oldest left alone past the cap
+    assert not newer_run.finished.is_set()
+    assert client.post(url(newer, "stop/")).status_code == 200
+    for response in left:
+        response.close()
 
 
 def test_another_key_gets_404_for_every_operation(chat):
