@@ -129,12 +129,12 @@ class Stopped:
 def reply_stop(*, user, conversation_id) -> Stopped:
     """Stop the reply running for the conversation, in this process or another; what it generated is stored,
     marked stopped. 404 reply_not_running when none runs."""
-    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
-    run = reply_run_of(conversation.pk)
+    run = running_reply_of(user=user, conversation_id=conversation_id, owner_only=True)
     if run is not None:
         run.stop()
         run.finished.wait(STOP_WAIT_SECONDS)
-        return Stopped(str(conversation.pk), list(run.record.stored))
+        return Stopped(run.conversation_id, list(run.record.stored))
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
     announced = reply_run_announced(conversation.pk)
     if announced is None or not reply_stop_request(conversation.pk):
         raise NotFound(f"No reply is running for conversation {conversation.pk}.", param="conversation",
@@ -145,6 +145,19 @@ def reply_stop(*, user, conversation_id) -> Stopped:
     conversation.refresh_from_db(fields=["active"])
     active = conversation.active
     return Stopped(str(conversation.pk), [active] if active is not None and active.stopped else [])
+
+
+def running_reply_of(*, user, conversation_id, owner_only: bool = False) -> ReplyRun | None:
+    """The reply running in this process for a conversation the user may see (`owner_only`: change), or None;
+    404 when the user may not. A new conversation's first reply runs before its conversation is stored: it is
+    its starter's alone."""
+    run = reply_run_of(conversation_id)
+    if run is not None and run.record.plan.conversation is None:
+        if getattr(run.record.plan.user, "pk", None) == user.pk:
+            return run
+        raise NotFound(f"No conversation {conversation_id}.", param="conversation", code="conversation_not_found")
+    conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=owner_only)
+    return run
 
 
 def _owners_message(*, user, conversation_id, message_id):

@@ -69,8 +69,13 @@ class ReplyRun:
         self._waiting = 0  # callers blocked in wait(): they watch the run too
         self._timer: threading.Timer | None = None
         self.owner = record.owner
-        conversation = record.plan.conversation
-        self.conversation_id = str(conversation.pk) if conversation is not None else None
+        # A new conversation's first reply runs under the id the conversation will be stored with: the start
+        # event names it, so another socket or process can reattach or stop it before it is stored.
+        plan = record.plan
+        if plan.conversation is not None:
+            self.conversation_id = str(plan.conversation.pk)
+        else:
+            self.conversation_id = str(plan.new_conversation_id) if plan.store else None
 
     # -- running -------------------------------------------------------------------------------
 

@@ -197,3 +197,33 @@ async def test_two_sockets_regenerating_at_once_one_gets_409_and_nothing_is_lost
     assert {m.pk for m in siblings} == {reply["id"], done["messages"][0]["id"]}
     await first.disconnect()
     await second.disconnect()
+
+
+async def test_a_new_conversations_first_reply_can_be_resumed_and_stopped_from_another_socket(site, monkeypatch):
+    await slow_engine_steps(monkeypatch)
+    key = await user_key("ws-roamer")
+    comm = await socket_of(key)
+    await comm.send_json_to({"type": "message", "content": "Tell me a long one", "max_tokens": 2000})
+    start = await comm.receive_json_from(timeout=60)
+    assert start["type"] == "start" and start["conversation"]  # its id before the conversation is stored
+    conversation = start["conversation"]
+    await until(comm, "token")
+
+    mallory = await socket_of(await user_key("ws-mallory2"))
+    for message in ({"type": "attach", "conversation": conversation}, {"type": "stop", "conversation": conversation}):
+        await mallory.send_json_to(message)
+        refused = await mallory.receive_json_from(timeout=30)
+        assert refused["type"] == "error" and refused["status"] == 404, (message, refused)
+
+    other = await socket_of(key)  # the same user on another page
+    await other.send_json_to({"type": "attach", "conversation": conversation})
+    resumed = await other.receive_json_from(timeout=60)
+    assert resumed["type"] == "start" and resumed["resumed"] is True and resumed["conversation"] == conversation
+    await other.send_json_to({"type": "stop", "conversation": conversation})
+    end = (await until(other, "end"))[-1]
+    assert end["stopped"] is True and end["conversation"] == conversation
+    assert (await until(comm, "end"))[-1]["stopped"] is True
+    stored = (await messages_of(conversation))[-1]
+    assert stored.stopped and stored.content == end["text"]
+    for socket in (comm, other, mallory):
+        await socket.disconnect()
