@@ -12,7 +12,8 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from chat.engine.faults import Faults
-from chat.engines import get_engine
+from chat.engine.backends.llama_cpp import PROMPT_CHUNK
+from chat.engines import get_engine, reset_registry
 from chat.models import Conversation, Message
 from chat.trees.operations import reply_regenerate
 from chat.trees.running import reply_run_of
@@ -136,6 +137,7 @@ def test_regenerate_adds_an_alternative_that_can_be_listed_and_selected(chat):
 def test_n_alternatives_come_from_one_prompt_evaluation(chat):
     client, conversation = chat
     old = conversation.messages.order_by("id").last()
+    reset_registry()  # a fresh engine: the reply's prompt is cached nowhere, so it must be evaluated
     engine = get_engine()
     before = engine.stats()
     response = client.post(url(conversation, f"messages/{old.pk}/regenerate/"),
@@ -146,9 +148,30 @@ def test_n_alternatives_come_from_one_prompt_evaluation(chat):
     prompt_tokens = body["usage"]["prompt_tokens"]
     assert body["usage"]["completion_tokens"] == sum(m["completion_tokens"] for m in body["messages"])
     evaluated = after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"]
-    # Three sequences of one prompt: it is evaluated about once (shared or reused), not three times.
-    assert evaluated <= prompt_tokens * 1.5, (evaluated, prompt_tokens)
+    # Evaluated once: all of it (nothing was cached), and not again for the other two, which fork from the first.
+    assert prompt_tokens <= evaluated < 2 * prompt_tokens, (evaluated, prompt_tokens)
+    assert after["forked_sequences"] - before["forked_sequences"] == 2
     assert len(Message.objects.filter(parent_id=old.parent_id)) == 4
+
+
+def test_a_regenerate_of_a_long_conversation_evaluates_at_most_its_last_two_chunks(tiny_site):
+    client = make_api_client("long-regenerator")
+    make_character("mira")
+    story = " ".join(f"The {word} drifted past the harbour wall." for word in ("gull", "boat", "rope", "fog") * 4)
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 4,
+                                                 "messages": [{"role": "user", "content": story}]},
+                        format="json", **NO_CACHE).json()
+    assert "conversation" in first, first
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    reply = conversation.messages.order_by("id").last()
+    engine = get_engine()
+    before = engine.stats()["prompt_tokens_evaluated"]
+    body = client.post(url(conversation, f"messages/{reply.pk}/regenerate/"), {"max_tokens": 3},
+                       format="json").json()
+    evaluated = engine.stats()["prompt_tokens_evaluated"] - before
+    assert body["usage"]["prompt_tokens"] >= 4 * PROMPT_CHUNK  # long enough for the bound to mean something
+    # Only the last chunk (64-127 tokens) is evaluated again: every whole chunk before it is reused.
+    assert evaluated <= 2 * PROMPT_CHUNK, (evaluated, body["usage"])
 
 
 def test_edit_makes_a_new_branch_answered_at_once_and_the_old_branch_stays(chat):
