@@ -336,6 +336,76 @@ def test_another_key_gets_404_for_every_operation(chat):
     assert client.post(url(conversation, "messages/999999/select/")).json()["error"]["code"] == "message_not_found"
 
 
+def test_a_message_of_another_users_conversation_is_a_404_for_every_operation(chat):
+    client, conversation = chat
+    other = make_api_client("mallory-too")
+    own = Conversation.objects.get(pk=other.post("/v1/chat/completions", {
+        "character": "mira", "max_tokens": 3, "messages": [{"role": "user", "content": "Mine"}]},
+        format="json", **NO_CACHE).json()["conversation"])
+    leaf = conversation.messages.order_by("id").last()  # alice's: real ids, under mallory's own conversation
+    for method, tail, data in [
+        ("get", f"messages/{leaf.pk}/alternatives/", None), ("post", f"messages/{leaf.pk}/select/", None),
+        ("delete", f"messages/{leaf.pk}/", None), ("post", f"messages/{leaf.pk}/regenerate/", {}),
+        ("post", f"messages/{leaf.pk}/continue/", {}),
+        ("post", f"messages/{leaf.parent_id}/edit/", {"content": "mine now"}),
+    ]:
+        response = getattr(other, method)(url(own, tail), data, format="json")
+        assert response.status_code == 404, (tail, response.content)
+        assert response.json()["error"]["code"] == "message_not_found"
+    assert conversation.messages.count() == 4 and own.messages.count() == 2
+
+
+def read_then_leave(response, count: int) -> list:
+    """Read `count` chunks of a streamed response, then go away as a client that disconnects does (the task
+    that streams it is cancelled)."""
+    import asyncio
+    import contextlib
+
+    async def read():
+        chunks = []
+
+        async def consume():
+            async for chunk in response.streaming_content:
+                chunks.append(chunk)
+
+        task = asyncio.ensure_future(consume())
+        while len(chunks) < count and not task.done():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return chunks
+
+    return async_to_sync(read)()
+
+
+def test_a_stream_left_mid_reply_is_still_stored_and_get_reply_resumes_it(endless_site, monkeypatch):
+    client = make_api_client("http-walker")
+    conversation, leaf = slow_conversation(client, monkeypatch)
+    streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 120, "stream": True},
+                           format="json")
+    assert len(read_then_leave(streamed, 3)) == 3  # start and two tokens, then the client is gone
+    run = reply_run_of(conversation.pk)
+    assert run is not None and not run.finished.is_set()
+    events = sse_events(client.get(url(conversation, "reply/")))
+    assert events[0]["type"] == "start" and events[0]["resumed"] is True and events[-1]["type"] == "end"
+    reply = Message.objects.get(pk=events[-1]["messages"][0]["id"])
+    assert reply.parent_id == leaf.parent_id and not reply.stopped and reply.completion_tokens == 120
+    assert reply.content == events[0]["text"][0] + "".join(e["text"] for e in events if e["type"] == "token")
+
+
+def test_a_stream_that_asked_to_be_cancelled_on_disconnect_stores_nothing(endless_site, monkeypatch):
+    client = make_api_client("http-canceller")
+    conversation, leaf = slow_conversation(client, monkeypatch)
+    streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
+                           {"max_tokens": 2000, "stream": True, "on_disconnect": "cancel"}, format="json")
+    run = reply_run_of(conversation.pk)
+    read_then_leave(streamed, 3)
+    assert run.finished.wait(30) and not run.record.stored
+    assert conversation.messages.count() == 2 and not Message.objects.filter(parent_id=leaf.parent_id).exclude(
+        pk=leaf.pk).exists()
+
+
 def test_two_concurrent_operations_one_gets_409_and_no_branch_is_lost(endless_site, monkeypatch):
     client = make_api_client("racer")
     conversation, leaf = slow_conversation(client, monkeypatch)
