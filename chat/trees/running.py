@@ -5,9 +5,10 @@ and hands every text delta to the listeners attached at the time (a WebSocket, a
 response); a listener attaching late (a page that reconnects) first gets the text so far. When the
 last listener goes away the run either keeps going, for at most REPLY_DETACHED_SECONDS, and is
 then stopped (what it had is stored, marked stopped), or, when the request asked for
-`on_disconnect: "cancel"`, it is cancelled and nothing is stored. A run is alone from its start until its first
-listener attaches (a socket may close before it ever watched), so the timeout bounds it then too. One owner
-may leave at most REPLY_DETACHED_MAX_PER_OWNER runs alone at once: past it, its oldest alone is stopped.
+`on_disconnect: "cancel"`, it is cancelled and nothing is stored. A run is alone from its start until its
+first listener attaches (a socket may close before it ever watched), so a timeout bounds it then too (at
+least FIRST_LISTENER_SECONDS). One owner may leave at most REPLY_DETACHED_MAX_PER_OWNER runs alone at once:
+past it, its oldest one alone is stopped.
 
 Runs are found by conversation id in this process (`reply_run_of`), where a page reattaches to one. A
 stop reaches a run in another process through the shared cache: the run is announced there
@@ -33,6 +34,9 @@ logger = logging.getLogger("llmsite.chat")
 KEEP, CANCEL = "keep", "cancel"  # what a client's disconnect does to its reply (on_disconnect)
 STOP_POLL_SECONDS = 0.5  # how often a run looks for a stop asked in another process
 RUNNING_KEY, STOP_KEY = "reply-running:{}", "reply-stop:{}"
+# A run's first listener (the socket or response that started it) attaches within moments; the timeout of a run
+# never watched is at least this, so that a short REPLY_DETACHED_SECONDS cannot stop a reply before it is watched.
+FIRST_LISTENER_SECONDS = 5
 ANNOUNCE_SECONDS = 3600  # longer than any reply; a process that died leaves a stale entry this long at most
 
 _runs: dict[str, ReplyRun] = {}
@@ -86,7 +90,7 @@ class ReplyRun:
             _cache_call(cache.set, RUNNING_KEY.format(self.conversation_id), self.id, timeout=ANNOUNCE_SECONDS)
             threading.Thread(target=self._watch_for_stop, name=f"reply-stop-{self.id[:8]}", daemon=True).start()
         with self._lock:
-            crowded = self._left_alone()  # until its first listener attaches
+            crowded = self._left_alone(max(settings.REPLY_DETACHED_SECONDS, FIRST_LISTENER_SECONDS))
         threading.Thread(target=self._run, name=f"reply-{self.id[:8]}", daemon=True).start()
         _stop_crowded(crowded)
         return self
@@ -248,14 +252,14 @@ class ReplyRun:
                 return
             logger.info("reply %s: its client went away; it goes on for at most %ss", self.id,
                         settings.REPLY_DETACHED_SECONDS)
-            crowded = self._left_alone()
+            crowded = self._left_alone(settings.REPLY_DETACHED_SECONDS)
         _stop_crowded(crowded)
 
-    def _left_alone(self) -> list[ReplyRun]:
-        """No one watches: the timeout starts, and the run counts against its owner's runs left alone. Returns
-        the owner's oldest ones past REPLY_DETACHED_MAX_PER_OWNER, for the caller to stop outside the locks.
-        Called under self._lock."""
-        self._timer = threading.Timer(settings.REPLY_DETACHED_SECONDS, self._expire)
+    def _left_alone(self, seconds: float) -> list[ReplyRun]:
+        """No one watches (yet, or any more): the timeout starts, and the run counts against its owner's runs left
+        alone. Returns the owner's oldest ones past REPLY_DETACHED_MAX_PER_OWNER, for the caller to stop outside
+        the locks. Called under self._lock."""
+        self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.start()
         with _runs_lock:
