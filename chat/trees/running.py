@@ -74,7 +74,7 @@ class ReplyRun:
         self._timer: threading.Timer | None = None
         self.owner = record.owner
         # A new conversation's first reply runs under the id the conversation will be stored with: the start
-        # event names it, so another socket or process can reattach or stop it before it is stored.
+        # event names it, so another socket of its starter can reattach to it or stop it before it is stored.
         plan = record.plan
         if plan.conversation is not None:
             self.conversation_id = str(plan.conversation.pk)
