@@ -122,8 +122,11 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
         if conversation is not None:
             # The version whose history is read (replies.py), and its active leaf.
             conversation.refresh_from_db(fields=["updated_at", "active"])
-        return _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,
+        plan = _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,
                          user_name=user_name, cache_allowed=cache_allowed, request_key=request_key, branch=branch)
+        if conversation is not None:
+            _tree_room_check(plan)
+        return plan
     except BaseException:
         if lease is not None:
             lease.release()
@@ -135,7 +138,7 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
     group, members = _group_for(data, conversation)
     if members:
         return _group_plan_for(user=user, data=data, conversation=conversation, lease=lease, group=group,
-                               members=members, user_name=user_name, cache_allowed=cache_allowed)
+                               members=members, user_name=user_name, branch=branch)
     character = _character_for(data, conversation)
 
     client_messages = data["messages"]
@@ -207,6 +210,25 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                     continued=continued, choices=data.get("n") or 1, new_conversation_id=new_conversation_id)
 
 
+def _tree_room_check(plan: ChatPlan) -> None:
+    """409 before anything is generated when storing the plan's reply would pass the conversation's caps
+    (CONVERSATION_MAX_MESSAGES, CONVERSATION_MAX_ALTERNATIVES): a tree cannot grow without bound."""
+    conversation = plan.conversation
+    # A continuation extends a stored message; otherwise the new turns and one reply per choice are added, the
+    # first of them beside the children the parent already has.
+    adding = 0 if plan.continued is not None else len(plan.new_turns) + plan.choices
+    beside = 0 if plan.continued is not None else (1 if plan.new_turns else plan.choices)
+    if conversation.messages.count() + adding > settings.CONVERSATION_MAX_MESSAGES:
+        raise ApiError(f"The conversation holds its maximum of {settings.CONVERSATION_MAX_MESSAGES} messages "
+                       "(CONVERSATION_MAX_MESSAGES): delete a branch or start a new conversation.",
+                       param="conversation", code="conversation_full", status=409)
+    siblings = conversation.messages.filter(parent_id=plan.parent_id).count()
+    if beside and siblings + beside > settings.CONVERSATION_MAX_ALTERNATIVES:
+        raise ApiError(f"The message would have more than {settings.CONVERSATION_MAX_ALTERNATIVES} alternatives "
+                       "(CONVERSATION_MAX_ALTERNATIVES): delete some first.", param="message",
+                       code="too_many_alternatives", status=409)
+
+
 def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:
     """The group and the members of a group chat, or (None, []) for a chat with one character."""
     if conversation is not None:
@@ -236,24 +258,40 @@ def _group_for(data: dict, conversation: Conversation | None) -> tuple[Character
 
 def _group_plan_for(*, user, data: dict, conversation: Conversation | None, lease: ConversationLease | None,
                     group: CharacterGroup | None, members: list[Character], user_name: str,
-                    cache_allowed: bool) -> ChatPlan:
+                    branch: Branch | None = None) -> ChatPlan:
     """A group chat's plan: choose the speaker, and compose its prompt with its own persona and system prompt,
-    the group's scenario and the history with every line attributed (chat/groups/)."""
-    client_turns = [m for m in data["messages"] if m["role"] in CLIENT_TURN_ROLES]
-    if not client_turns or client_turns[-1]["role"] != "user":
-        raise ApiError("A group chat request ends with the user's new message.", param="messages")
-    new_text = client_turns[-1]["content"]
+    the group's scenario and the history with every line attributed (chat/groups/). `branch` places it in the
+    tree as for a one-character chat: regenerate answers the leaf again, continue extends the leaf's reply (its
+    speaker goes on), edit puts the new message beside the old one."""
+    answer_leaf = branch is not None and branch.answer_leaf
+    continued = None
     if conversation is not None:
         owner_name = conversation.user_name
-        stored = [message for message in conversation_path(conversation) if message.role in CLIENT_TURN_ROLES]
+        leaf_id = branch.leaf_id if branch is not None else conversation.active_id
+        path = conversation_path(conversation, leaf_id=leaf_id) if leaf_id is not None else []
+        stored = [message for message in path if message.role in CLIENT_TURN_ROLES]
         lines = [_group_line(message, conversation=conversation, owner_name=owner_name) for message in stored]
-        last_speaker = next((line.speaker_id for line in reversed(lines) if line.role == "assistant"), None)
         author_name = owner_name if user.pk == conversation.owner_id else (user_display_name(user) or "User")
+        if branch is not None and branch.continue_leaf:
+            continued = path[-1]
     else:
         owner_name = author_name = user_name_for(data, fallback=user_name)
-        stored, lines, last_speaker = [], [], None
-    speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
-    lines.append(GroupLine(role="user", content=new_text, name=author_name))
+        stored, lines = [], []
+    if answer_leaf or continued is not None:
+        new_text, new_turns = lines[-1].content if answer_leaf else "", ()
+    else:
+        client_turns = [m for m in data["messages"] if m["role"] in CLIENT_TURN_ROLES]
+        if not client_turns or client_turns[-1]["role"] != "user":
+            raise ApiError("A group chat request ends with the user's new message.", param="messages")
+        new_text = client_turns[-1]["content"]
+        new_turns = ({"role": "user", "content": new_text},)
+        lines.append(GroupLine(role="user", content=new_text, name=author_name))
+    if continued is not None:
+        speaker = continued.speaker or conversation.character
+    else:
+        before = lines[:-1]  # who spoke last before the message answered
+        last_speaker = next((line.speaker_id for line in reversed(before) if line.role == "assistant"), None)
+        speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
     turns = group_turns_for(lines=lines, speaker_id=speaker.pk)
 
     engine = get_engine(data.get("model") or None)
@@ -265,14 +303,21 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
     prompt = prompt_compose(engine=engine, character=speaker, turns=turns, user_name=owner_name,
                             max_tokens=params.max_tokens, extra_system=note,
                             setting=group.scenario if group is not None and group.scenario.strip() else None,
+                            continue_final=continued is not None,
+                            # World Info counts the messages up to the one answered: a continuation is evaluated
+                            # as the reply it extends.
                             **world_info_inputs(conversation.pk if conversation is not None else new_conversation_id,
-                                               path=stored, message_count=len(lines)))
-    new_turns = ({"role": "user", "content": new_text},)
+                                               path=stored[:-1] if continued is not None else stored,
+                                               message_count=len(lines) - (continued is not None)))
+    if conversation is None:
+        parent_id = None
+    else:
+        parent_id = branch.leaf_id if branch is not None else conversation.active_id
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
                     new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
                     user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
                     group=group, members=tuple(members), new_conversation_id=new_conversation_id,
-                    parent_id=conversation.active_id if conversation is not None else None)
+                    parent_id=parent_id, continued=continued, choices=data.get("n") or 1)
 
 
 def _group_line(message, *, conversation: Conversation, owner_name: str) -> GroupLine:

@@ -5,7 +5,7 @@ import uuid
 
 from django.db.models import Count, Q
 
-from .errors import NotFound
+from .errors import ApiError, NotFound
 from .models import Conversation, Message
 
 
@@ -20,12 +20,17 @@ def conversations_of(*, user):
             .prefetch_related("members").annotate(message_count=Count("messages")))
 
 
-def conversation_get_owned(*, user, conversation_id) -> Conversation:
-    """The user's conversation (or one they take part in); another user's looks exactly like a missing one."""
+def conversation_get_owned(*, user, conversation_id, owner_only: bool = False) -> Conversation:
+    """The user's conversation (or one they take part in); another user's looks exactly like a missing one.
+    `owner_only`: what only the owner may do (the tree's operations, docs/API.md): a participant gets 403
+    not_conversation_owner."""
     conversation = Conversation.objects.select_related("character").filter(_visible_to(user),
                                                                              pk=conversation_id).first()
     if conversation is None:
         raise NotFound(f"No conversation {conversation_id}.", param="conversation", code="conversation_not_found")
+    if owner_only and conversation.owner_id != user.pk:
+        raise ApiError("Only the conversation's owner may change its tree; participants send messages.",
+                       param="conversation", code="not_conversation_owner", status=403)
     return conversation
 
 
@@ -79,9 +84,9 @@ def replies_count(*, conversation) -> int:
 # --- The conversation as a tree (chat/models.py: Message.parent, Conversation.active) ----------------
 
 
-def message_get_owned(*, user, conversation_id, message_id) -> tuple[Conversation, Message]:
+def message_get_owned(*, user, conversation_id, message_id, owner_only: bool = False) -> tuple[Conversation, Message]:
     """(conversation, message) of the user's conversation; another user's looks like a missing one."""
-    conversation = conversation_get_owned(user=user, conversation_id=conversation_id)
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=owner_only)
     message = conversation.messages.filter(pk=message_id).first()
     if message is None:
         raise NotFound(f"No message {message_id} in conversation {conversation_id}.", param="message",
@@ -106,6 +111,20 @@ def message_alternatives(message: Message) -> list[Message]:
     """The message and its siblings (same parent, same role), oldest first: the swipes or edits to pick from."""
     return list(Message.objects.filter(conversation_id=message.conversation_id, parent_id=message.parent_id,
                                        role=message.role).prefetch_related("scenarios").order_by("id"))
+
+
+def message_subtree_ids(message: Message) -> list[int]:
+    """The message's id and every id under it, gathered from one read of the conversation's (id, parent) pairs:
+    no query or stack frame per level, however deep the tree (a long conversation is a chain)."""
+    children: dict[int, list[int]] = {}
+    for pk, parent in Message.objects.filter(conversation_id=message.conversation_id).values_list("id", "parent_id"):
+        children.setdefault(parent, []).append(pk)
+    ids, pending = [], [message.pk]
+    while pending:
+        pk = pending.pop()
+        ids.append(pk)
+        pending.extend(children.get(pk, ()))
+    return ids
 
 
 def newest_leaf_under(conversation: Conversation, message_id: int | None) -> int | None:

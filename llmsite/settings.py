@@ -252,6 +252,12 @@ SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
 # A conversation's reply whose client went away (page closed, socket lost) goes on this long, then is stopped
 # and stored as far as it got (chat/trees/running.py); a request may ask for on_disconnect "cancel" instead.
 REPLY_DETACHED_SECONDS = env_float("REPLY_DETACHED_SECONDS", 300, minimum=0)
+# How many such replies one owner may leave running at once; past it, its oldest is stopped (as at the timeout).
+REPLY_DETACHED_MAX_PER_OWNER = env_int("REPLY_DETACHED_MAX_PER_OWNER", 4, minimum=1)
+# A stored conversation's tree: at most this many messages, and this many alternatives of one message (siblings:
+# swipes, edits); a reply that would pass either is refused with 409 before anything is generated (chat/plans.py).
+CONVERSATION_MAX_MESSAGES = env_int("CONVERSATION_MAX_MESSAGES", 5000, minimum=2)
+CONVERSATION_MAX_ALTERNATIVES = env_int("CONVERSATION_MAX_ALTERNATIVES", 64, minimum=1)
 # Quotas per API key (chat/tenancy/quotas.py): what a key whose own field is empty gets; 0 = no limit.
 API_KEY_MAX_CONCURRENT = env_int("API_KEY_MAX_CONCURRENT", 0, minimum=0)        # generations at once
 API_KEY_TOKENS_PER_MINUTE = env_int("API_KEY_TOKENS_PER_MINUTE", 0, minimum=0)  # prompt + completion tokens

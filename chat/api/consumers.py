@@ -39,10 +39,10 @@ from django.conf import settings
 from rest_framework.exceptions import Throttled, ValidationError
 
 from chat.errors import PayloadTooLarge, error_from_exception
-from chat.selectors import conversation_get_owned, user_display_name
+from chat.selectors import user_display_name
 from chat.trees.operations import (chat_reply_run, message_delete, message_edit, message_select, reply_continue,
-                                   reply_regenerate, reply_stop)
-from chat.trees.running import CANCEL, KEEP, reply_run_of
+                                   reply_regenerate, reply_stop, running_reply_of)
+from chat.trees.running import CANCEL, KEEP
 
 from .conversation_ops import EditRequestSerializer, RegenerateRequestSerializer, ReplyRequestSerializer, path_body, \
     run_events
@@ -178,19 +178,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def do_stop(self, content: dict):
         if not content.get("conversation") and self.watching and self.run.conversation_id is None:
-            self.run.stop()  # the first reply of a new conversation: it has no id to find it by yet
+            self.run.stop()  # a reply that is never stored (no conversation): only this socket knows it
             return
-        stopped = await sync_to_async(reply_stop)(user=self.scope["user"],
-                                                  conversation_id=self.conversation_of(content))
+        # The reply this socket follows, unless the message names a conversation (a new conversation's first
+        # reply has its id before the conversation is stored).
+        followed = self.run.conversation_id if self.watching else None
+        conversation_id = content.get("conversation") or followed or self.conversation_of(content)
+        stopped = await sync_to_async(reply_stop)(user=self.scope["user"], conversation_id=conversation_id)
         if not self.watching:  # another socket streams it: its end event goes there
             await self.send_json({"type": "stopped", "conversation": stopped.conversation_id})
 
     async def do_attach(self, content: dict):
         conversation_id = self.conversation_of(content)
-        await sync_to_async(conversation_get_owned)(user=self.scope["user"], conversation_id=conversation_id)
+        run = await sync_to_async(running_reply_of)(user=self.scope["user"], conversation_id=conversation_id)
         self.unwatch()
         self.conversation_id = str(conversation_id)
-        run = reply_run_of(conversation_id)
         if run is None or run.finished.is_set():
             await self.send_json({"type": "idle", "conversation": self.conversation_id})
             return

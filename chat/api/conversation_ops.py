@@ -20,7 +20,7 @@ from chat.errors import NotFound
 from chat.replies import speaker_of
 from chat.selectors import conversation_get_owned, conversation_path, message_alternatives, message_get_owned
 from chat.trees.operations import (message_delete, message_edit, message_select, reply_continue, reply_regenerate,
-                                   reply_stop)
+                                   reply_stop, running_reply_of)
 from chat.trees.running import CANCEL, KEEP, error_event, reply_run_of
 
 from .serializers import MessageSerializer, StopField
@@ -263,8 +263,7 @@ class RunningReplyView(APIView):
     @extend_schema(responses={200: OpenApiResponse(description="text/event-stream of JSON events."),
                               404: ERRORS[404]})
     def get(self, request, pk):
-        conversation = conversation_get_owned(user=request.user, conversation_id=pk)
-        run = reply_run_of(conversation.pk)
+        run = running_reply_of(user=request.user, conversation_id=pk)
         if run is None:
             raise NotFound(f"No reply is running for conversation {pk}.", param="conversation",
                            code="reply_not_running")

@@ -1,4 +1,4 @@
-"""Group chats over HTTP: the character groups on offer, and adding a human to a conversation."""
+"""Group chats over HTTP: the character groups on offer, and adding or removing a human of a conversation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from characters.models import CharacterGroup
-from chat.groups.participants import conversation_participant_add
+from chat.groups.participants import conversation_participant_add, conversation_participant_remove
 from chat.selectors import conversation_get_owned
 
 
@@ -50,3 +50,14 @@ class ConversationParticipantsView(APIView):
                                             username=body.validated_data["username"])
         return Response({"conversation": str(conversation.pk), "participants":
                          sorted(conversation.participants.values_list("username", flat=True)), "added": user.username})
+
+
+class ConversationParticipantView(APIView):
+    """DELETE: the owner takes a participant out (a participant may take itself out); their messages stay."""
+
+    @extend_schema(responses={200: dict})
+    def delete(self, request, pk, username):
+        conversation = conversation_get_owned(user=request.user, conversation_id=pk)
+        conversation_participant_remove(conversation=conversation, by=request.user, username=username)
+        return Response({"conversation": str(conversation.pk), "participants":
+                         sorted(conversation.participants.values_list("username", flat=True)), "removed": username})

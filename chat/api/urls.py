@@ -35,6 +35,8 @@ urlpatterns = [
     *both("conversations/<uuid:pk>/messages", views.ConversationMessagesView, "conversation-messages", slash=True),
     *both("conversations/<uuid:pk>/participants", groups.ConversationParticipantsView, "conversation-participants",
           slash=True),
+    *both("conversations/<uuid:pk>/participants/<str:username>", groups.ConversationParticipantView,
+          "conversation-participant", slash=True),
     *both("groups", groups.GroupListView, "group-list", slash=True),
     # The tree's operations (chat/api/conversation_ops.py).
     *both("conversations/<uuid:pk>/path", conversation_ops.ConversationPathView, "conversation-path", slash=True),

@@ -1,5 +1,6 @@
-"""The operations on a stored conversation's tree, one use case each (owner-only: another user's
-conversation or message is a 404).
+"""The operations on a stored conversation's tree, one use case each. Owner-only: another user's
+conversation or message is a 404; a participant of a group conversation (who may read it and send messages)
+gets 403 not_conversation_owner.
 
 Every operation takes the conversation's lease (chat/tenancy/conversation_lock.py) and stores under its
 version check, as a continuation does: two operations at once on one conversation get 409
@@ -19,7 +20,7 @@ from chat.errors import ApiError, NotFound
 from chat.models import ApiKey, Conversation, Message
 from chat.plans import Branch, chat_request_prepare
 from chat.replies import reply_lookup, reply_start_choices
-from chat.selectors import conversation_get_owned, message_get_owned, newest_leaf_under
+from chat.selectors import conversation_get_owned, message_get_owned, message_subtree_ids, newest_leaf_under
 from chat.tenancy.conversation_lock import conversation_advance, conversation_lease_take
 from chat.tenancy.owners import Tenant
 
@@ -49,10 +50,12 @@ def reply_regenerate(*, user, api_key: ApiKey | None, conversation_id, message_i
                      on_disconnect: str = KEEP) -> ReplyRun:
     """A new alternative ("swipe") of an assistant reply: its user message answered again (data["n"] of them),
     beside the old ones; the conversation's active leaf becomes the (first) new one."""
-    _, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    _, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     parent = message.parent
     if message.role != Message.Role.ASSISTANT or parent is None or parent.role != Message.Role.USER:
         raise ApiError("Only a reply to a user message can be regenerated.", param="message", code="not_regenerable")
+    if message.speaker_id is not None and not data.get("speaker"):
+        data = {**data, "speaker": str(message.speaker_id)}  # a group chat's swipe is the same character's
     return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id, data=data, kind="regenerate",
                       branch=Branch(leaf_id=parent.pk, answer_leaf=True), on_disconnect=on_disconnect)
 
@@ -61,7 +64,7 @@ def message_edit(*, user, api_key: ApiKey | None, conversation_id, message_id, c
                  on_disconnect: str = KEEP) -> ReplyRun:
     """A user message edited: the new text becomes a sibling of the old (a new branch from their parent) and is
     answered at once; the old branch stays, one arrow away."""
-    _, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    _, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     if message.role != Message.Role.USER:
         raise ApiError("Only a user message can be edited.", param="message", code="not_editable")
     return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id,
@@ -73,7 +76,7 @@ def reply_continue(*, user, api_key: ApiKey | None, conversation_id, message_id,
                    on_disconnect: str = KEEP) -> ReplyRun:
     """An assistant reply extended: its turn is prefilled with its text, left open, and the model goes on;
     the text generated is appended to the message."""
-    conversation, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     if message.role != Message.Role.ASSISTANT or message.children.exists():
         raise ApiError("Only the last reply of a branch can be continued.", param="message", code="not_continuable")
     return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id, data=data, kind="continue",
@@ -92,7 +95,7 @@ def _reply_run(*, user, api_key, conversation_id, data: dict, kind: str, branch:
 def message_select(*, user, conversation_id, message_id) -> Conversation:
     """Show a message's branch: an alternative, or any message of another branch. The active leaf becomes the
     newest leaf under it (the branch as it was last continued)."""
-    conversation, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     with _leased(conversation):
         conversation.active_id = newest_leaf_under(conversation, message.pk)
         Conversation.objects.filter(pk=conversation.pk).update(active_id=conversation.active_id)
@@ -102,10 +105,13 @@ def message_select(*, user, conversation_id, message_id) -> Conversation:
 def message_delete(*, user, conversation_id, message_id) -> Conversation:
     """Delete a message and every message under it. If the active leaf was among them, the conversation shows
     the newest remaining branch beside them (under the deleted message's parent)."""
-    conversation, message = message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id)
+    conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     with _leased(conversation):
         parent_id = message.parent_id
-        message.delete()  # the subtree goes with it (Message.parent: CASCADE)
+        # One delete of the whole subtree: message.delete() would let Django's collector follow Message.parent
+        # level by level, a recursion as deep as the conversation is long. Conversation.active is set null if
+        # it was among them (SET_NULL), and set again below.
+        Message.objects.filter(pk__in=message_subtree_ids(message)).delete()
         if not conversation.messages.filter(pk=conversation.active_id).exists():
             conversation.active_id = newest_leaf_under(conversation, parent_id)
             Conversation.objects.filter(pk=conversation.pk).update(active_id=conversation.active_id)
@@ -123,12 +129,12 @@ class Stopped:
 def reply_stop(*, user, conversation_id) -> Stopped:
     """Stop the reply running for the conversation, in this process or another; what it generated is stored,
     marked stopped. 404 reply_not_running when none runs."""
-    conversation = conversation_get_owned(user=user, conversation_id=conversation_id)
-    run = reply_run_of(conversation.pk)
+    run = running_reply_of(user=user, conversation_id=conversation_id, owner_only=True)
     if run is not None:
         run.stop()
         run.finished.wait(STOP_WAIT_SECONDS)
-        return Stopped(str(conversation.pk), list(run.record.stored))
+        return Stopped(run.conversation_id, list(run.record.stored))
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
     announced = reply_run_announced(conversation.pk)
     if announced is None or not reply_stop_request(conversation.pk):
         raise NotFound(f"No reply is running for conversation {conversation.pk}.", param="conversation",
@@ -139,6 +145,24 @@ def reply_stop(*, user, conversation_id) -> Stopped:
     conversation.refresh_from_db(fields=["active"])
     active = conversation.active
     return Stopped(str(conversation.pk), [active] if active is not None and active.stopped else [])
+
+
+def running_reply_of(*, user, conversation_id, owner_only: bool = False) -> ReplyRun | None:
+    """The reply running in this process for a conversation the user may see (`owner_only`: change), or None;
+    404 when the user may not. A new conversation's first reply runs before its conversation is stored: it is
+    its starter's alone."""
+    run = reply_run_of(conversation_id)
+    if run is not None and run.record.plan.conversation is None:
+        if getattr(run.record.plan.user, "pk", None) == user.pk:
+            return run
+        raise NotFound(f"No conversation {conversation_id}.", param="conversation", code="conversation_not_found")
+    conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=owner_only)
+    return run
+
+
+def _owners_message(*, user, conversation_id, message_id):
+    """(conversation, message) for an operation on the tree: the owner's alone (a participant gets 403)."""
+    return message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id, owner_only=True)
 
 
 @contextmanager

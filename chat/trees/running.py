@@ -5,7 +5,10 @@ and hands every text delta to the listeners attached at the time (a WebSocket, a
 response); a listener attaching late (a page that reconnects) first gets the text so far. When the
 last listener goes away the run either keeps going, for at most REPLY_DETACHED_SECONDS, and is
 then stopped (what it had is stored, marked stopped), or, when the request asked for
-`on_disconnect: "cancel"`, it is cancelled and nothing is stored.
+`on_disconnect: "cancel"`, it is cancelled and nothing is stored. A run is alone from its start until its
+first listener attaches (a socket may close before it ever watched), so a timeout bounds it then too (at
+least FIRST_LISTENER_SECONDS). One owner may leave at most REPLY_DETACHED_MAX_PER_OWNER runs alone at once:
+past it, its oldest one alone is stopped.
 
 Runs are found by conversation id in this process (`reply_run_of`), where a page reattaches to one. A
 stop reaches a run in another process through the shared cache: the run is announced there
@@ -31,9 +34,13 @@ logger = logging.getLogger("llmsite.chat")
 KEEP, CANCEL = "keep", "cancel"  # what a client's disconnect does to its reply (on_disconnect)
 STOP_POLL_SECONDS = 0.5  # how often a run looks for a stop asked in another process
 RUNNING_KEY, STOP_KEY = "reply-running:{}", "reply-stop:{}"
+# A run's first listener (the socket or response that started it) attaches within moments; the timeout of a run
+# never watched is at least this, so that a short REPLY_DETACHED_SECONDS cannot stop a reply before it is watched.
+FIRST_LISTENER_SECONDS = 5
 ANNOUNCE_SECONDS = 3600  # longer than any reply; a process that died leaves a stale entry this long at most
 
 _runs: dict[str, ReplyRun] = {}
+_alone: dict[str, list[ReplyRun]] = {}  # per owner label: its runs no one watches, oldest first
 _runs_lock = threading.Lock()
 
 
@@ -63,9 +70,16 @@ class ReplyRun:
         self.error: Exception | None = None
         self._lock = threading.Lock()
         self._listeners: list[_Listener] = []
+        self._waiting = 0  # callers blocked in wait(): they watch the run too
         self._timer: threading.Timer | None = None
-        conversation = record.plan.conversation
-        self.conversation_id = str(conversation.pk) if conversation is not None else None
+        self.owner = record.owner
+        # A new conversation's first reply runs under the id the conversation will be stored with: the start
+        # event names it, so another socket of its starter can reattach to it or stop it before it is stored.
+        plan = record.plan
+        if plan.conversation is not None:
+            self.conversation_id = str(plan.conversation.pk)
+        else:
+            self.conversation_id = str(plan.new_conversation_id) if plan.store else None
 
     # -- running -------------------------------------------------------------------------------
 
@@ -75,7 +89,10 @@ class ReplyRun:
                 _runs[self.conversation_id] = self
             _cache_call(cache.set, RUNNING_KEY.format(self.conversation_id), self.id, timeout=ANNOUNCE_SECONDS)
             threading.Thread(target=self._watch_for_stop, name=f"reply-stop-{self.id[:8]}", daemon=True).start()
+        with self._lock:
+            crowded = self._left_alone(max(settings.REPLY_DETACHED_SECONDS, FIRST_LISTENER_SECONDS))
         threading.Thread(target=self._run, name=f"reply-{self.id[:8]}", daemon=True).start()
+        _stop_crowded(crowded)
         return self
 
     def _watch_for_stop(self) -> None:
@@ -143,8 +160,7 @@ class ReplyRun:
         with self._lock:
             self.finished.set()
             listeners, self._listeners = self._listeners, []
-            if self._timer is not None:
-                self._timer.cancel()
+            self._watched()
         with _runs_lock:
             if _runs.get(self.conversation_id) is self:
                 del _runs[self.conversation_id]
@@ -182,8 +198,14 @@ class ReplyRun:
         return usage
 
     def wait(self):
-        """Block until the reply is stored (or failed: its error is raised)."""
-        self.finished.wait()
+        """Block until the reply is stored (or failed: its error is raised); the caller watches it meanwhile."""
+        with self._lock:
+            self._waiting += 1
+            self._watched()
+        try:
+            self.finished.wait()
+        finally:
+            self._detach(None)
         if self.error is not None:
             raise self.error
         return self.record
@@ -200,9 +222,7 @@ class ReplyRun:
                 listener.queue.put_nowait(self._final_event())
             else:
                 self._listeners.append(listener)
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
+                self._watched()
         try:
             yield ("text", snapshot)
             while True:
@@ -217,25 +237,65 @@ class ReplyRun:
         finally:
             self._detach(listener)
 
-    def _detach(self, listener: _Listener) -> None:
+    def _detach(self, listener: _Listener | None) -> None:
+        """A listener (None: a caller of wait()) went away; the last one leaves the run alone, or cancels it."""
         with self._lock:
-            if listener in self._listeners:
+            if listener is None:
+                self._waiting -= 1
+            elif listener in self._listeners:
                 self._listeners.remove(listener)
-            if self._listeners or self.finished.is_set():
+            if self._listeners or self._waiting or self.finished.is_set() or self._timer is not None:
                 return
             if self.on_disconnect == CANCEL:
                 logger.info("reply %s: its client went away; cancelled", self.id)
                 self.cancel()
                 return
-            seconds = settings.REPLY_DETACHED_SECONDS
-            logger.info("reply %s: its client went away; it goes on for at most %ss", self.id, seconds)
-            self._timer = threading.Timer(seconds, self._expire)
-            self._timer.daemon = True
-            self._timer.start()
+            logger.info("reply %s: its client went away; it goes on for at most %ss", self.id,
+                        settings.REPLY_DETACHED_SECONDS)
+            crowded = self._left_alone(settings.REPLY_DETACHED_SECONDS)
+        _stop_crowded(crowded)
+
+    def _left_alone(self, seconds: float) -> list[ReplyRun]:
+        """No one watches (yet, or any more): the timeout starts, and the run counts against its owner's runs left
+        alone. Returns the owner's oldest ones past REPLY_DETACHED_MAX_PER_OWNER, for the caller to stop outside
+        the locks. Called under self._lock."""
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        with _runs_lock:
+            alone = _alone.setdefault(self.owner, [])
+            alone.append(self)
+            crowded = alone[:-settings.REPLY_DETACHED_MAX_PER_OWNER]
+            del alone[:-settings.REPLY_DETACHED_MAX_PER_OWNER]  # being stopped: they no longer count
+            return crowded
+
+    def _watched(self) -> None:
+        """Someone watches (or the run ended): no timeout, and no longer counted as alone. Called under self._lock."""
+        if self._timer is None:
+            return
+        self._timer.cancel()
+        self._timer = None
+        with _runs_lock:
+            alone = _alone.get(self.owner, [])
+            if self in alone:
+                alone.remove(self)
+            if not alone:
+                _alone.pop(self.owner, None)
 
     def _expire(self) -> None:
+        if self.on_disconnect == CANCEL:  # never watched: as if its client had left at once
+            logger.info("reply %s: no client watched it within REPLY_DETACHED_SECONDS; cancelled", self.id)
+            self.cancel()
+            return
         logger.info("reply %s: no client came back within REPLY_DETACHED_SECONDS; stopped", self.id)
         self.stop()
+
+
+def _stop_crowded(runs: list[ReplyRun]) -> None:
+    for run in runs:
+        logger.info("reply %s: its owner left more than REPLY_DETACHED_MAX_PER_OWNER replies alone; the oldest is "
+                    "stopped", run.id)
+        run.stop()
 
 
 def reply_run_of(conversation_id) -> ReplyRun | None:

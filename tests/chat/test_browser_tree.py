@@ -49,6 +49,12 @@ def logged_in(browser, server, *, narrow: bool = True):
     return page
 
 
+def assert_no_sideways_overflow(page):
+    """Nothing sticks out to the right of a 390-pixel phone screen (no horizontal scrolling)."""
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page is {width} px wide on a 390 px screen"
+
+
 def say(page, text: str):
     from playwright.sync_api import expect
 
@@ -69,6 +75,7 @@ def test_regenerate_and_switch_between_alternatives(browser, page_server):
     expect(page.locator(".message").last.locator(".counter")).to_have_text("2 / 2", timeout=120_000)
     expect(page.locator(DONE)).to_have_count(1)
     second = page.locator(".message").last.locator(".text").inner_text()
+    assert_no_sideways_overflow(page)  # the message with its arrows, counter and buttons
 
     page.locator(".message").last.get_by_role("button", name="Previous alternative").click()
     expect(page.locator(".message").last.locator(".counter")).to_have_text("1 / 2")
@@ -96,6 +103,7 @@ def test_edit_a_message_and_switch_back_to_the_old_branch(browser, page_server):
     user = page.locator(".message.user").last
     user.get_by_role("button", name="Edit").click()
     page.get_by_label("Edit message").fill("Where are we sailing?")
+    assert_no_sideways_overflow(page)  # the message being edited in place
     page.get_by_label("Edit message").press("Enter")
     expect(page.locator(".message.user").last.locator(".counter")).to_have_text("2 / 2", timeout=120_000)
     expect(page.locator(DONE)).to_have_count(1)

@@ -12,8 +12,10 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from chat.engine.faults import Faults
-from chat.engines import get_engine
+from chat.engine.backends.llama_cpp import PROMPT_CHUNK
+from chat.engines import get_engine, reset_registry
 from chat.models import Conversation, Message
+from chat.trees.operations import reply_regenerate
 from chat.trees.running import reply_run_of
 from tests.factories import make_api_client, make_character, write_tiny_gguf
 
@@ -135,6 +137,7 @@ def test_regenerate_adds_an_alternative_that_can_be_listed_and_selected(chat):
 def test_n_alternatives_come_from_one_prompt_evaluation(chat):
     client, conversation = chat
     old = conversation.messages.order_by("id").last()
+    reset_registry()  # a fresh engine: the reply's prompt is cached nowhere, so it must be evaluated
     engine = get_engine()
     before = engine.stats()
     response = client.post(url(conversation, f"messages/{old.pk}/regenerate/"),
@@ -145,9 +148,30 @@ def test_n_alternatives_come_from_one_prompt_evaluation(chat):
     prompt_tokens = body["usage"]["prompt_tokens"]
     assert body["usage"]["completion_tokens"] == sum(m["completion_tokens"] for m in body["messages"])
     evaluated = after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"]
-    # Three sequences of one prompt: it is evaluated about once (shared or reused), not three times.
-    assert evaluated <= prompt_tokens * 1.5, (evaluated, prompt_tokens)
+    # Evaluated once: all of it (nothing was cached), and not again for the other two, which fork from the first.
+    assert prompt_tokens <= evaluated < 2 * prompt_tokens, (evaluated, prompt_tokens)
+    assert after["forked_sequences"] - before["forked_sequences"] == 2
     assert len(Message.objects.filter(parent_id=old.parent_id)) == 4
+
+
+def test_a_regenerate_of_a_long_conversation_evaluates_at_most_its_last_two_chunks(tiny_site):
+    client = make_api_client("long-regenerator")
+    make_character("mira")
+    story = " ".join(f"The {word} drifted past the harbour wall." for word in ("gull", "boat", "rope", "fog") * 4)
+    first = client.post("/v1/chat/completions", {"character": "mira", "max_tokens": 4,
+                                                 "messages": [{"role": "user", "content": story}]},
+                        format="json", **NO_CACHE).json()
+    assert "conversation" in first, first
+    conversation = Conversation.objects.get(pk=first["conversation"])
+    reply = conversation.messages.order_by("id").last()
+    engine = get_engine()
+    before = engine.stats()["prompt_tokens_evaluated"]
+    body = client.post(url(conversation, f"messages/{reply.pk}/regenerate/"), {"max_tokens": 3},
+                       format="json").json()
+    evaluated = engine.stats()["prompt_tokens_evaluated"] - before
+    assert body["usage"]["prompt_tokens"] >= 4 * PROMPT_CHUNK  # long enough for the bound to mean something
+    # Only the last chunk (64-127 tokens) is evaluated again: every whole chunk before it is reused.
+    assert evaluated <= 2 * PROMPT_CHUNK, (evaluated, body["usage"])
 
 
 def test_edit_makes_a_new_branch_answered_at_once_and_the_old_branch_stays(chat):
@@ -207,6 +231,43 @@ def test_delete_removes_the_subtree_and_the_conversation_shows_the_branch_beside
     assert body["active"] == second_user.parent_id and len(body["messages"]) == 2
 
 
+def test_deleting_an_early_message_of_a_long_conversation_deletes_its_whole_chain(transactional_db):
+    client = make_api_client("longtalker")
+    conversation = Conversation.objects.create(character=make_character("mira"), owner=client.user)
+    parent = None
+    for index in range(1200):  # one chain, as a long conversation is
+        parent = Message.objects.create(conversation=conversation, parent=parent, content=str(index),
+                                        role="user" if index % 2 == 0 else "assistant")
+    Conversation.objects.filter(pk=conversation.pk).update(active=parent)
+    second = conversation.messages.order_by("id")[1]
+    response = client.delete(url(conversation, f"messages/{second.pk}/"))
+    assert response.status_code == 200, response.content[:300]
+    assert list(conversation.messages.values_list("content", flat=True)) == ["0"]
+    conversation.refresh_from_db()
+    assert conversation.active_id == response.json()["active"] == conversation.messages.get().pk
+
+
+def test_a_tree_at_its_caps_refuses_to_grow_with_409(chat, settings):
+    client, conversation = chat
+    leaf = conversation.messages.order_by("id").last()
+    settings.CONVERSATION_MAX_ALTERNATIVES = 2
+    refused = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"n": 2, "max_tokens": 3},
+                          format="json")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "too_many_alternatives"
+    assert client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 3},
+                       format="json").status_code == 200  # the second alternative still fits
+    settings.CONVERSATION_MAX_MESSAGES = conversation.messages.count() + 1  # no room for a message and its reply
+    more = {"conversation": str(conversation.pk), "max_tokens": 3, "messages": [{"role": "user", "content": "More"}]}
+    full = client.post("/v1/chat/completions", more, format="json", **NO_CACHE)
+    assert full.status_code == 409 and full.json()["error"]["code"] == "conversation_full"
+    count = conversation.messages.count()
+    # A continuation adds no message; nothing was stored by the refused requests.
+    conversation.refresh_from_db()
+    assert client.post(url(conversation, f"messages/{conversation.active_id}/continue/"), {"max_tokens": 2},
+                       format="json").status_code == 200
+    assert conversation.messages.count() == count
+
+
 def test_stop_keeps_what_was_generated_marked_stopped(endless_site, monkeypatch):
     client = make_api_client("stopper")
     conversation, leaf = slow_conversation(client, monkeypatch)
@@ -226,6 +287,36 @@ def test_stop_keeps_what_was_generated_marked_stopped(endless_site, monkeypatch)
     assert client.post(url(conversation, "stop/")).json()["error"]["code"] == "reply_not_running"
 
 
+def test_a_reply_no_client_ever_watched_is_stopped_after_the_detached_timeout(endless_site, monkeypatch, settings):
+    client = make_api_client("never-watcher")
+    conversation, leaf = slow_conversation(client, monkeypatch)
+    settings.REPLY_DETACHED_SECONDS = 0.5
+    # No listener ever attaches: a socket that closed before its watch task ran.
+    run = reply_regenerate(user=client.user, api_key=None, conversation_id=conversation.pk, message_id=leaf.pk,
+                           data={"max_tokens": 2000})
+    assert run.finished.wait(30) and run.record.stopped
+    assert run.record.stored and run.record.stored[0].stopped
+
+
+def test_an_owner_leaves_at_most_the_cap_of_replies_alone_the_oldest_is_stopped(endless_site, monkeypatch,
+                                                                                settings):
+    settings.REPLY_DETACHED_MAX_PER_OWNER = 1
+    client = make_api_client("hoarder")
+    older, older_leaf = slow_conversation(client, monkeypatch)
+    newer = Conversation.objects.get(pk=client.post("/v1/chat/completions", {
+        "character": "mira", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+        format="json", **NO_CACHE).json()["conversation"])
+    left = [client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 2000, "stream": True},
+                        format="json")
+            for conversation, leaf in [(older, older_leaf), (newer, newer.messages.order_by("id").last())]]
+    older_run, newer_run = reply_run_of(older.pk), reply_run_of(newer.pk)
+    assert older_run.finished.wait(30) and older_run.record.stopped  # the oldest left alone past the cap
+    assert not newer_run.finished.is_set()
+    assert client.post(url(newer, "stop/")).status_code == 200
+    for response in left:
+        response.close()
+
+
 def test_another_key_gets_404_for_every_operation(chat):
     client, conversation = chat
     other = make_api_client("mallory")
@@ -243,6 +334,76 @@ def test_another_key_gets_404_for_every_operation(chat):
     assert conversation.messages.count() == 4
     # A message of another conversation is a 404 too.
     assert client.post(url(conversation, "messages/999999/select/")).json()["error"]["code"] == "message_not_found"
+
+
+def test_a_message_of_another_users_conversation_is_a_404_for_every_operation(chat):
+    client, conversation = chat
+    other = make_api_client("mallory-too")
+    own = Conversation.objects.get(pk=other.post("/v1/chat/completions", {
+        "character": "mira", "max_tokens": 3, "messages": [{"role": "user", "content": "Mine"}]},
+        format="json", **NO_CACHE).json()["conversation"])
+    leaf = conversation.messages.order_by("id").last()  # alice's: real ids, under mallory's own conversation
+    for method, tail, data in [
+        ("get", f"messages/{leaf.pk}/alternatives/", None), ("post", f"messages/{leaf.pk}/select/", None),
+        ("delete", f"messages/{leaf.pk}/", None), ("post", f"messages/{leaf.pk}/regenerate/", {}),
+        ("post", f"messages/{leaf.pk}/continue/", {}),
+        ("post", f"messages/{leaf.parent_id}/edit/", {"content": "mine now"}),
+    ]:
+        response = getattr(other, method)(url(own, tail), data, format="json")
+        assert response.status_code == 404, (tail, response.content)
+        assert response.json()["error"]["code"] == "message_not_found"
+    assert conversation.messages.count() == 4 and own.messages.count() == 2
+
+
+def read_then_leave(response, count: int) -> list:
+    """Read `count` chunks of a streamed response, then go away as a client that disconnects does (the task
+    that streams it is cancelled)."""
+    import asyncio
+    import contextlib
+
+    async def read():
+        chunks = []
+
+        async def consume():
+            async for chunk in response.streaming_content:
+                chunks.append(chunk)
+
+        task = asyncio.ensure_future(consume())
+        while len(chunks) < count and not task.done():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return chunks
+
+    return async_to_sync(read)()
+
+
+def test_a_stream_left_mid_reply_is_still_stored_and_get_reply_resumes_it(endless_site, monkeypatch):
+    client = make_api_client("http-walker")
+    conversation, leaf = slow_conversation(client, monkeypatch)
+    streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"), {"max_tokens": 120, "stream": True},
+                           format="json")
+    assert len(read_then_leave(streamed, 3)) == 3  # start and two tokens, then the client is gone
+    run = reply_run_of(conversation.pk)
+    assert run is not None and not run.finished.is_set()
+    events = sse_events(client.get(url(conversation, "reply/")))
+    assert events[0]["type"] == "start" and events[0]["resumed"] is True and events[-1]["type"] == "end"
+    reply = Message.objects.get(pk=events[-1]["messages"][0]["id"])
+    assert reply.parent_id == leaf.parent_id and not reply.stopped and reply.completion_tokens == 120
+    assert reply.content == events[0]["text"][0] + "".join(e["text"] for e in events if e["type"] == "token")
+
+
+def test_a_stream_that_asked_to_be_cancelled_on_disconnect_stores_nothing(endless_site, monkeypatch):
+    client = make_api_client("http-canceller")
+    conversation, leaf = slow_conversation(client, monkeypatch)
+    streamed = client.post(url(conversation, f"messages/{leaf.pk}/regenerate/"),
+                           {"max_tokens": 2000, "stream": True, "on_disconnect": "cancel"}, format="json")
+    run = reply_run_of(conversation.pk)
+    read_then_leave(streamed, 3)
+    assert run.finished.wait(30) and not run.record.stored
+    assert conversation.messages.count() == 2 and not Message.objects.filter(parent_id=leaf.parent_id).exclude(
+        pk=leaf.pk).exists()
 
 
 def test_two_concurrent_operations_one_gets_409_and_no_branch_is_lost(endless_site, monkeypatch):

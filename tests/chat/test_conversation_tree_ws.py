@@ -129,23 +129,25 @@ async def test_stop_keeps_the_text_marked_stopped(site, monkeypatch):
     await comm.disconnect()
 
 
-async def test_a_reply_goes_on_after_its_socket_closed_and_a_new_socket_resumes_it(site):
+async def test_a_reply_goes_on_after_its_socket_closed_and_a_new_socket_resumes_it(site, monkeypatch):
     key = await user_key("ws-walker")
     comm = await socket_of(key)
     await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
     conversation = (await until(comm, "end"))[-1]["conversation"]
-    await comm.send_json_to({"type": "message", "content": "A long one please", "max_tokens": 1500})
+    await slow_engine_steps(monkeypatch)  # still running when the new socket attaches, however fast the machine
+    await comm.send_json_to({"type": "message", "content": "A long one please", "max_tokens": 200})
     await until(comm, "token")
     await comm.disconnect()  # the page is closed mid-reply
 
     again = await socket_of(key)
     await again.send_json_to({"type": "attach", "conversation": conversation})
     events = await until(again, "end", "idle", timeout=120)
-    if events[0]["type"] == "start":  # still running: resumed from its text so far
-        assert events[0]["resumed"] is True and events[-1]["type"] == "end"
+    assert events[0]["type"] == "start" and events[0]["resumed"] is True and events[0]["text"][0]
+    assert events[-1]["type"] == "end"
     await run_finished(conversation)
     stored = await messages_of(conversation)
-    assert stored[-1].role == "assistant" and not stored[-1].stopped and stored[-1].completion_tokens == 1500
+    assert stored[-1].role == "assistant" and not stored[-1].stopped and stored[-1].completion_tokens == 200
+    assert stored[-1].content == events[0]["text"][0] + "".join(e["text"] for e in events if e["type"] == "token")
     await again.disconnect()
 
 
@@ -171,6 +173,7 @@ async def test_another_user_cannot_touch_the_conversation(site):
     reply = end["messages"][0]["id"]
     for message in ({"type": "regenerate", "message": reply}, {"type": "select", "message": reply},
                     {"type": "delete", "message": reply}, {"type": "continue", "message": reply},
+                    {"type": "edit", "message": end["messages"][0]["parent"], "content": "mine now"},
                     {"type": "stop"}, {"type": "attach"}):
         await other.send_json_to({**message, "conversation": end["conversation"]})
         event = await other.receive_json_from(timeout=30)
@@ -197,3 +200,56 @@ async def test_two_sockets_regenerating_at_once_one_gets_409_and_nothing_is_lost
     assert {m.pk for m in siblings} == {reply["id"], done["messages"][0]["id"]}
     await first.disconnect()
     await second.disconnect()
+
+
+async def test_a_new_conversations_first_reply_can_be_resumed_and_stopped_from_another_socket(site, monkeypatch):
+    await slow_engine_steps(monkeypatch)
+    key = await user_key("ws-roamer")
+    comm = await socket_of(key)
+    await comm.send_json_to({"type": "message", "content": "Tell me a long one", "max_tokens": 2000})
+    start = await comm.receive_json_from(timeout=60)
+    assert start["type"] == "start" and start["conversation"]  # its id before the conversation is stored
+    conversation = start["conversation"]
+    await until(comm, "token")
+
+    mallory = await socket_of(await user_key("ws-mallory2"))
+    for message in ({"type": "attach", "conversation": conversation}, {"type": "stop", "conversation": conversation}):
+        await mallory.send_json_to(message)
+        refused = await mallory.receive_json_from(timeout=30)
+        assert refused["type"] == "error" and refused["status"] == 404, (message, refused)
+
+    other = await socket_of(key)  # the same user on another page
+    await other.send_json_to({"type": "attach", "conversation": conversation})
+    resumed = await other.receive_json_from(timeout=60)
+    assert resumed["type"] == "start" and resumed["resumed"] is True and resumed["conversation"] == conversation
+    await other.send_json_to({"type": "stop", "conversation": conversation})
+    end = (await until(other, "end"))[-1]
+    assert end["stopped"] is True and end["conversation"] == conversation
+    assert (await until(comm, "end"))[-1]["stopped"] is True
+    stored = (await messages_of(conversation))[-1]
+    assert stored.stopped and stored.content == end["text"]
+    for socket in (comm, other, mallory):
+        await socket.disconnect()
+
+
+async def test_select_and_delete_while_a_reply_runs_get_409(site, monkeypatch):
+    key = await user_key("ws-fidget")
+    comm, other = await socket_of(key), await socket_of(key)
+    await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
+    end = (await until(comm, "end"))[-1]
+    reply, conversation = end["messages"][0], end["conversation"]
+    await slow_engine_steps(monkeypatch)
+    await comm.send_json_to({"type": "regenerate", "message": reply["id"], "max_tokens": 2000})
+    await until(comm, "token")
+    for operation in ("select", "delete"):
+        await other.send_json_to({"type": operation, "message": reply["id"], "conversation": conversation})
+        busy = await other.receive_json_from(timeout=30)
+        assert busy["type"] == "error" and busy["status"] == 409, (operation, busy)
+        assert busy["error"]["code"] == "conversation_busy"
+    await comm.send_json_to({"type": "stop"})
+    done = (await until(comm, "end"))[-1]
+    assert done["stopped"] is True
+    stored = {m.pk for m in await messages_of(conversation)}
+    assert {reply["id"], done["messages"][0]["id"]} <= stored
+    await comm.disconnect()
+    await other.disconnect()

@@ -156,3 +156,118 @@ def test_a_speaker_outside_the_group_is_refused(crew):
     sam = make_api_client("sam")
     response = sam.post(URL, request("Hi", character="crew", speaker="nobody"), format="json")
     assert response.status_code == 400 and response.json()["error"]["code"] == "speaker_not_member"
+
+
+# --- the tree's operations in a group conversation (a tiny random-weight model: the texts do not matter) -----
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.factories import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("group-tree") / "tiny.gguf")
+
+
+@pytest.fixture
+def group_chat(crew, settings, tiny_model):
+    """sam's group conversation of one exchange with ada, through the API."""
+    import dataclasses
+
+    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=tuple(
+        dataclasses.replace(m, path=str(tiny_model), context_length=1024) for m in settings.LLMSITE.models))
+    settings.API_RATE_LIMIT = ""
+    sam = make_api_client("sam")
+    first = sam.post(URL, request("Ada, light the lamp.", character="crew", speaker="ada", name="Sam"),
+                     format="json", HTTP_CACHE_CONTROL="no-cache")
+    assert first.status_code == 200, first.content
+    return sam, Conversation.objects.get(pk=first.json()["conversation"])
+
+
+def tree_url(conversation, tail: str) -> str:
+    return f"/v1/conversations/{conversation.pk}/{tail}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_regenerate_in_a_group_is_a_swipe_of_the_same_speaker(group_chat):
+    sam, conversation = group_chat
+    reply = conversation.messages.get(role="assistant")
+    response = sam.post(tree_url(conversation, f"messages/{reply.pk}/regenerate/"), {"max_tokens": 4, "n": 2},
+                        format="json")
+    assert response.status_code == 200, response.content
+    swipes = Message.objects.filter(parent_id=reply.parent_id, role="assistant").exclude(pk=reply.pk)
+    assert len(swipes) == 2 and {swipe.speaker.slug for swipe in swipes} == {"ada"}
+    assert conversation.messages.filter(role="user").count() == 1  # no new user message
+    conversation.refresh_from_db()
+    assert conversation.active_id == response.json()["messages"][0]["id"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_edit_in_a_group_branches_beside_the_old_message(group_chat):
+    sam, conversation = group_chat
+    old_user = conversation.messages.get(role="user")
+    old_reply = conversation.messages.get(role="assistant")
+    response = sam.post(tree_url(conversation, f"messages/{old_user.pk}/edit/"),
+                        {"content": "Bob, row the boat.", "max_tokens": 4}, format="json")
+    assert response.status_code == 200, response.content
+    reply = Message.objects.get(pk=response.json()["messages"][0]["id"])
+    edited = reply.parent
+    assert edited.content == "Bob, row the boat." and edited.parent_id == old_user.parent_id is None
+    assert edited.author == sam.user and reply.speaker.slug == "bob"  # the edited text names Bob
+    assert Message.objects.filter(pk__in=[old_user.pk, old_reply.pk]).count() == 2  # the old branch stays
+
+
+@pytest.mark.django_db(transaction=True)
+def test_continue_in_a_group_extends_the_speakers_reply(group_chat):
+    sam, conversation = group_chat
+    reply = conversation.messages.get(role="assistant")
+    before = reply.content
+    response = sam.post(tree_url(conversation, f"messages/{reply.pk}/continue/"), {"max_tokens": 4},
+                        format="json")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    reply.refresh_from_db()
+    assert body["messages"][0]["id"] == reply.pk and reply.content == before + body["text"]
+    assert body["speaker"]["slug"] == "ada" and conversation.messages.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_the_owner_changes_the_tree_participants_send_messages(group_chat):
+    sam, conversation = group_chat
+    lee = make_api_client("lee")
+    sam.post(tree_url(conversation, "participants/"), {"username": "lee"}, format="json")
+    user_message = conversation.messages.get(role="user")
+    reply = conversation.messages.get(role="assistant")
+    for method, tail, data in [
+        ("delete", f"messages/{reply.pk}/", None), ("post", f"messages/{reply.pk}/select/", None),
+        ("post", f"messages/{reply.pk}/regenerate/", {}), ("post", f"messages/{reply.pk}/continue/", {}),
+        ("post", f"messages/{user_message.pk}/edit/", {"content": "mine now"}), ("post", "stop/", None),
+    ]:
+        response = getattr(lee, method)(tree_url(conversation, tail), data, format="json")
+        assert response.status_code == 403, (tail, response.content)
+        assert response.json()["error"]["code"] == "not_conversation_owner"
+    assert conversation.messages.count() == 2
+    # Reading and writing a new message stay open to the participant.
+    assert lee.get(tree_url(conversation, "path/")).status_code == 200
+    sent = lee.post(URL, request("Bob?", conversation=str(conversation.pk)), format="json",
+                    HTTP_CACHE_CONTROL="no-cache")
+    assert sent.status_code == 200, sent.content
+    # The owner may.
+    deleted = sam.delete(tree_url(conversation, f"messages/{reply.pk}/"))
+    assert deleted.status_code == 200 and not Message.objects.filter(pk=reply.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_owner_removes_a_participant_who_may_also_leave(group_chat):
+    sam, conversation = group_chat
+    lee, eve = make_api_client("lee"), make_api_client("eve")
+    for name in ("lee", "eve"):
+        sam.post(tree_url(conversation, "participants/"), {"username": name}, format="json")
+    refused = lee.delete(tree_url(conversation, "participants/eve/"))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_conversation_owner"
+    removed = sam.delete(tree_url(conversation, "participants/eve/"))
+    assert removed.status_code == 200 and removed.json()["participants"] == ["lee"]
+    assert eve.get(tree_url(conversation, "path/")).status_code == 404
+    assert lee.delete(tree_url(conversation, "participants/lee")).json()["participants"] == []
+    assert lee.get(tree_url(conversation, "path/")).status_code == 404
+    missing = sam.delete(tree_url(conversation, "participants/lee/"))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "participant_not_found"

@@ -77,6 +77,8 @@ ENDPOINTS = {
     ("GET", "conversations/<uuid:pk>/messages"): ("/conversations/{pk}/messages", None, 200),
     ("POST", "conversations/<uuid:pk>/participants"): ("/conversations/{pk}/participants", {"username": "alice"},
                                                         200),
+    ("DELETE", "conversations/<uuid:pk>/participants/<str:username>"): (  # no such participant
+        "/conversations/{pk}/participants/nobody", None, 404),
     ("GET", "conversations/<uuid:pk>/path"): ("/conversations/{pk}/path", None, 200),
     ("GET", "conversations/<uuid:pk>/reply"): ("/conversations/{pk}/reply", None, 404),  # none is running
     ("POST", "conversations/<uuid:pk>/stop"): ("/conversations/{pk}/stop", {}, 404),
