@@ -29,6 +29,7 @@ from .plans import ChatPlan
 from .response_cache import BYPASS, MISS, ReplayedGeneration, cached_completion, remember_completion
 from .tenancy.metering import Meter, MeteredGeneration, meter_open
 from .tenancy.owners import Tenant, owner_label
+from .tenancy.quotas import Hold
 from .tenancy.conversation_lock import conversation_advance
 from .tooling.calls import RepeatStoppingGeneration, tool_finish_reason, tool_reply
 from .tooling.requests import ToolRequest
@@ -84,17 +85,19 @@ class ReplyRecord:
 # stored (exchange_store), or until its reply fails or is cancelled (below, and in reply_stream).
 
 
-def reply_lookup(plan: ChatPlan, *, tenant: Tenant | None = None, enforce_quotas: bool = True) -> ReplyRecord:
+def reply_lookup(plan: ChatPlan, *, tenant: Tenant | None = None, admitted: Hold | None = None) -> ReplyRecord:
     """A record for `plan`, holding the cached reply when there is one. A reply to generate for a
-    `tenant` is admitted under its quotas now, a slot and max_tokens per choice (QuotaExceeded: 429);
-    `enforce_quotas=False` only meters it."""
+    `tenant` is admitted under its quotas now, a slot and max_tokens per choice (QuotaExceeded: 429),
+    unless it was `admitted` earlier (a background job, when submitted)."""
     record = ReplyRecord(plan, tenant=tenant)
     with _released_on_error(plan):
         record.completion, record.cache_status = cached_completion(plan)
         if record.completion is None and tenant is not None:
             record.meter = meter_open(tenant=tenant, model=plan.model_name, character=plan.character,
                                       prompt_tokens=plan.prompt.prompt_tokens, max_tokens=plan.params.max_tokens,
-                                      sequences=plan.choices, enforce=enforce_quotas)
+                                      sequences=plan.choices, admitted=admitted)
+        elif admitted is not None:
+            admitted.settle(0)  # answered from the cache: nothing generated
     return record
 
 

@@ -61,10 +61,11 @@ def chat_completion_create(*, user, api_key: ApiKey | None, data: dict, payload:
     tenant = Tenant(user=user, api_key=api_key, end_user=data.get("user") or "")
     if background:
         plan.release_conversation()  # the worker takes the conversation's lease when it runs the job
-        # Admitted now: its slots count from here (its Job row once committed), its budgets must hold it.
-        with quota_admit_job(tenant, slots=plan.choices,
+        # Admitted now: its slots count from here (its Job row once committed), its tokens are reserved.
+        job_id = uuid.uuid4()
+        with quota_admit_job(tenant, job_id=job_id, slots=plan.choices,
                              tokens=plan.prompt.prompt_tokens + plan.params.max_tokens * plan.choices):
-            job = job_submit(user=user, api_key=api_key, payload=payload)
+            job = job_submit(user=user, api_key=api_key, payload=payload, job_id=job_id)
         job.refresh_from_db()  # inline mode (no broker) has already run it
         return ChatCompletionStarted(record=ReplyRecord(plan, tenant=tenant), job=job)
     record = reply_lookup(plan, tenant=tenant)

@@ -22,7 +22,7 @@ from django.db import connection
 from chat.models import UsageRecord
 
 from .owners import Tenant
-from .quotas import Hold, quota_admit, quota_count
+from .quotas import Hold, quota_admit
 from .usage import usage_record_write
 
 logger = logging.getLogger("llmsite.usage")
@@ -78,12 +78,12 @@ class Meter:
 
 
 def meter_open(*, tenant: Tenant, model: str, character=None, prompt_tokens: int = 0, max_tokens: int = 0,
-               sequences: int = 1, enforce: bool = True) -> Meter:
+               sequences: int = 1, admitted: Hold | None = None) -> Meter:
     """Admit a generation of `sequences` sequences under `tenant`'s quotas (raises QuotaExceeded), reserving
-    prompt_tokens + max_tokens × sequences; enforce=False only counts it (a background job, admitted when
-    it was submitted)."""
-    tokens = prompt_tokens + max_tokens * sequences
-    hold = quota_admit(tenant, slots=sequences, tokens=tokens) if enforce else quota_count(tenant, tokens=tokens)
+    prompt_tokens + max_tokens × sequences; `admitted`: what it was admitted with earlier (a background job,
+    when it was submitted)."""
+    hold = admitted if admitted is not None else quota_admit(tenant, slots=sequences,
+                                                             tokens=prompt_tokens + max_tokens * sequences)
     return Meter(tenant=tenant, model=model, character_id=getattr(character, "pk", None),
                  prompt_tokens=prompt_tokens, hold=hold)
 

@@ -11,8 +11,8 @@ window: a request larger than the whole budget runs alone), so concurrent reques
 a budget by more than one request's reservation. When a generation ends its Hold is settled: the
 slots are given back and the reservation replaced by the tokens actually used (chat/tenancy/metering.py).
 A background job counts against max_concurrent from its submission until it ends (its Job row, while
-queued or running with a live heartbeat); its token reservation is checked when it is submitted and
-taken when a worker starts it.
+queued or running with a live heartbeat); its tokens are reserved when it is submitted and settled by
+the worker's generation, or given back when it ends without one.
 
 Counters are atomic (add + incr, as chat/api/throttling.py); a cache outage admits everything (no
 quota rather than no service), a flushed cache forgets what was spent.
@@ -230,19 +230,55 @@ def quota_admit(tenant: Tenant, *, slots: int = 1, tokens: int = 0, now: float |
 
 
 def quota_count(tenant: Tenant, *, tokens: int = 0) -> Hold:
-    """A hold that only counts (a background job, admitted when submitted): its tokens reserved, never refused."""
+    """A hold that only counts (work admitted earlier whose reservation is gone): its tokens reserved, never refused."""
     keys = tokens_reserve(tenant.quota_identity, Limits(), tokens, enforce=False)
     return Hold(tokens=tokens, token_keys=keys)
 
 
+# --- Background jobs: admitted when submitted, generated later by a worker ---------------------------
+
+
+def _job_hold_key(job_id) -> str:
+    return f"quota:job:{job_id}"
+
+
 @contextmanager
-def quota_admit_job(tenant: Tenant, *, slots: int = 1, tokens: int = 0):
-    """Admit a background job of `tenant` (raises QuotaExceeded): its budgets must hold `tokens`, and its
-    slots count as taken during the block, while the job is created and committed; from then its Job row counts."""
+def quota_admit_job(tenant: Tenant, *, job_id, slots: int = 1, tokens: int = 0):
+    """Admit background job `job_id` of `tenant` (raises QuotaExceeded). Its slots count as taken during the
+    block, while the job is created and committed; from then its Job row counts. Its tokens are reserved now
+    and kept under the job's id until its worker takes them over (quota_job_hold) or it ends without
+    generating (quota_job_release)."""
     limits = limits_for(tenant.api_key)
-    tokens_check(tenant.quota_identity, limits, tokens=tokens)
     slot_key = _slots_take(tenant, limits.max_concurrent, slots)
     try:
-        yield
+        keys = tokens_reserve(tenant.quota_identity, limits, tokens)
+        cache.set(_job_hold_key(job_id), {"tokens": tokens, "keys": list(keys)}, timeout=settings.JOB_TTL_SECONDS)
+        try:
+            yield
+        except BaseException:
+            quota_job_release(job_id)
+            raise
     finally:
         _slots_give_back(slot_key, slots)
+
+
+def _job_hold_take(job_id) -> Hold | None:
+    """The hold kept for `job_id`, taken by one caller only (the one whose delete removed it)."""
+    key = _job_hold_key(job_id)
+    saved = cache.get(key)
+    if saved is None or not cache.delete(key):
+        return None
+    return Hold(tokens=saved["tokens"], token_keys=tuple(saved["keys"]))
+
+
+def quota_job_hold(tenant: Tenant, *, job_id, tokens: int) -> Hold:
+    """What job `job_id` was admitted with, for its generation to settle; when it is gone (a second attempt,
+    a flushed cache), a hold that counts `tokens` without refusing."""
+    return _job_hold_take(job_id) or quota_count(tenant, tokens=tokens)
+
+
+def quota_job_release(job_id) -> None:
+    """Give back the tokens job `job_id` still holds (cancelled while queued, failed before generating)."""
+    hold = _job_hold_take(job_id)
+    if hold is not None:
+        hold.settle(0)

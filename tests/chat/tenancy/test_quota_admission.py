@@ -1,6 +1,7 @@
 """What a request takes from its key's quotas when admitted, through the API with a tiny model: a background
 job holds its slots from submission until it ends, `n` choices take n slots (chat completions and a tree's
-regenerate), and a request's most tokens (prompt + max_tokens × n) must fit what is left of a budget."""
+regenerate), and a request's most tokens (prompt + max_tokens × n) must fit what is left of a budget, reserved
+until it ends (day budgets here: a minute could end between two lines of a test)."""
 
 import dataclasses
 
@@ -84,16 +85,42 @@ def test_n_choices_take_n_slots_in_chat_completions_and_a_trees_regenerate():
 
 
 def test_a_request_whose_most_tokens_do_not_fit_what_is_left_of_the_budget_is_refused():
-    client = limited_client("budget", tokens_per_minute=300)
+    client = limited_client("budget", tokens_per_day=300)
     identity = f"key:{client.key.pk}"
-    tokens_charge(identity, 1)  # something spent this minute: a request must fit the rest
+    tokens_charge(identity, 1)  # something spent today: a request must fit the rest
     response = client.post("/v1/chat/completions", ask(max_tokens=400), format="json", **NO_CACHE)
     assert response.status_code == 429 and response.json()["error"]["code"] == "token_quota_exceeded"
-    assert 0 < int(response["Retry-After"]) <= 60
+    assert 0 < int(response["Retry-After"]) <= 86400
     assert_fits = client.post("/v1/chat/completions", ask(max_tokens=4), format="json", **NO_CACHE)
     assert assert_fits.status_code == 200, assert_fits.content
     usage = assert_fits.json()["usage"]
     # The reservation (prompt + 4) was replaced by what the reply used.
-    assert tokens_spent(identity, "minute") == 1 + usage["prompt_tokens"] + usage["completion_tokens"]
+    assert tokens_spent(identity, "day") == 1 + usage["prompt_tokens"] + usage["completion_tokens"]
     refused = client.post("/v1/chat/completions", ask(max_tokens=100, n=3), format="json", **NO_CACHE)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "token_quota_exceeded"  # 100 × 3
+
+
+def test_a_queued_job_reserves_its_tokens_until_it_is_cancelled():
+    client = limited_client("job-budget", tokens_per_day=300)
+    identity = f"key:{client.key.pk}"
+    first = client.post("/v1/chat/completions", ask(background=True, max_tokens=100), format="json")
+    assert first.status_code == 202, first.content
+    reserved = tokens_spent(identity, "day")
+    assert reserved > 100  # its prompt and max_tokens, before any worker ran it
+    second = client.post("/v1/chat/completions", ask(background=True, max_tokens=250), format="json")
+    assert second.status_code == 429 and second.json()["error"]["code"] == "token_quota_exceeded"
+    assert tokens_spent(identity, "day") == reserved  # the refusal reserved nothing
+    assert client.delete(first.json()["url"]).status_code == 200
+    assert tokens_spent(identity, "day") == 0  # cancelled while queued: given back
+    assert client.post("/v1/chat/completions", ask(background=True, max_tokens=250), format="json").status_code == 202
+
+
+def test_a_job_run_by_its_worker_settles_its_reservation_to_what_it_used(django_capture_on_commit_callbacks):
+    client = limited_client("job-run", tokens_per_day=1000)
+    with django_capture_on_commit_callbacks(execute=True):  # no broker: the job runs inline, as committed
+        response = client.post("/v1/chat/completions", ask(background=True, max_tokens=200), format="json")
+    assert response.status_code == 202, response.content
+    job = client.get(response.json()["url"]).json()
+    assert job["status"] == "done", job
+    usage = job["result"]["usage"]
+    assert tokens_spent(f"key:{client.key.pk}", "day") == usage["prompt_tokens"] + usage["completion_tokens"]
