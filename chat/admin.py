@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from characters.admin import CharacterAdmin
 from characters.models import Character
 
-from .api.keys import api_key_issue, api_keys_revoke
+from .api.keys import api_key_issue, api_key_own_user_create, api_keys_revoke
 from .models import ApiKey, Conversation, Message, UsageRecord
 from .prompting import PromptPreview, prompt_preview
 from .selectors import conversation_path
@@ -101,6 +101,12 @@ def may_issue_keys_for(acting, user) -> bool:
     return acting.is_superuser or not (user.is_staff or user.is_superuser)
 
 
+def may_choose_key_users(acting) -> bool:
+    """A key acting as an existing user reads that user's conversations through the API: only someone who may
+    read conversations in the admin chooses whom a new key acts as; anyone else's keys get users of their own."""
+    return acting.is_superuser or acting.has_perm(VIEW_CHATS)
+
+
 class ApiKeyForm(forms.ModelForm):
     def clean_user(self):
         user = self.cleaned_data["user"]
@@ -117,6 +123,12 @@ class ApiKeyAdmin(admin.ModelAdmin):
     search_fields = ["name", "prefix", "user__username"]
     raw_id_fields = ["user"]
     actions = ["revoke"]
+
+    def get_fields(self, request, obj=None):
+        fields = super().get_fields(request, obj)
+        if obj is None and not may_choose_key_users(request.user):
+            return [field for field in fields if field != "user"]  # a user of its own, made on save
+        return fields
 
     def get_readonly_fields(self, request, obj=None):
         # A key acts as the user it was issued for, for good: a new key is issued for another user.
@@ -140,6 +152,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if not change:
             raw_key = api_key_issue(api_key=obj)
+            if not may_choose_key_users(request.user):
+                api_key_own_user_create(api_key=obj)
             obj.save()
             messages.warning(request, f"The new API key is {raw_key} — copy it now: it is stored hashed and "
                                       "cannot be shown again.")

@@ -19,6 +19,7 @@ conversations and cached replies, any key of that user sees it, another user's i
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import timedelta
 
 from django.conf import settings
@@ -28,6 +29,7 @@ from django.utils import timezone
 
 from .errors import NotFound
 from .models import ApiKey, Job
+from .tenancy.quotas import quota_job_release
 
 logger = logging.getLogger("llmsite.jobs")
 
@@ -37,9 +39,10 @@ ACTIVE = (Job.Status.QUEUED, Job.Status.RUNNING)
 job_queued = Signal()
 
 
-def job_submit(*, user, api_key: ApiKey | None, payload: dict) -> Job:
+def job_submit(*, user, api_key: ApiKey | None, payload: dict, job_id=None) -> Job:
+    """Store the job (`job_id`: chosen by the caller, who admitted it under that id) and queue it on commit."""
     payload = {key: value for key, value in payload.items() if key not in ("background", "stream", "stream_options")}
-    job = Job.objects.create(owner=user, api_key=api_key, request=payload,
+    job = Job.objects.create(id=job_id or uuid.uuid4(), owner=user, api_key=api_key, request=payload,
                              expires_at=timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS))
     transaction.on_commit(lambda: job_queued.send(sender=Job, job_id=str(job.pk)))
     return job
@@ -58,6 +61,7 @@ def job_cancel(*, user, job_id) -> Job:
     """Cancel a job the caller may see (a no-op for one that has ended)."""
     job = job_get_visible(user=user, job_id=job_id)
     Job.objects.filter(pk=job.pk, status__in=ACTIVE).update(status=Job.Status.CANCELLED, finished_at=timezone.now())
+    quota_job_release(job.pk)  # cancelled while queued: its reserved tokens go back (a running one's are its worker's)
     job.refresh_from_db()
     return job
 

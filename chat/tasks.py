@@ -24,6 +24,7 @@ from .models import Job
 from .plans import chat_request_prepare
 from .replies import ReplyRecord, chat_completion_body, exchange_store, reply_generate, reply_lookup, reply_remember
 from .tenancy.owners import Tenant
+from .tenancy.quotas import quota_job_hold, quota_job_release
 
 logger = logging.getLogger("llmsite.jobs")
 
@@ -53,10 +54,13 @@ def job_run(*, job_id: str) -> None:
     try:
         serializer = ChatCompletionRequestSerializer(data=job.request)
         serializer.is_valid(raise_exception=True)
-        # Metered in the usage ledger; its token budgets were checked when it was submitted.
+        # Metered in the usage ledger; admitted under its quotas when it was submitted (its Job row holds its
+        # slots, its reserved tokens are settled by this generation).
         plan = chat_request_prepare(user=job.owner, data=serializer.validated_data, lease_holder=f"job:{job.pk}")
         tenant = Tenant(user=job.owner, api_key=job.api_key, end_user=job.request.get("user") or "")
-        record = reply_lookup(plan, tenant=tenant, enforce_quotas=False)
+        admitted = quota_job_hold(tenant, job_id=job.pk,
+                                  tokens=plan.prompt.prompt_tokens + plan.params.max_tokens * plan.choices)
+        record = reply_lookup(plan, tenant=tenant, admitted=admitted)
         if _generate_with_progress(job, attempt, record, heartbeat) is None:
             return  # cancelled, or superseded by a newer attempt, while generating
         if _finish(job_id=job.pk, attempt=attempt, record=record):
@@ -67,6 +71,7 @@ def job_run(*, job_id: str) -> None:
                                       finished_at=timezone.now())
     finally:
         heartbeat.stop()
+        quota_job_release(job.pk)  # failed before generating: its reserved tokens go back
         if record is not None:
             record.plan.release_conversation()  # stored, failed, cancelled or superseded: the next may continue
 

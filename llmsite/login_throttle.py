@@ -1,7 +1,13 @@
 """Login throttling for the login pages (django-axes): the authentication backend that refuses a locked-out
-username at a client address. Settings: AXES_* in llmsite/settings.py; decisions in deploy/README.md."""
+client, and the handler that gives each lockout its own limit. Settings: AXES_* and LOGIN_* in
+llmsite/settings.py; decisions in deploy/README.md."""
 
 from axes.backends import AxesStandaloneBackend
+from axes.handlers.database import AxesDatabaseHandler
+from axes.helpers import get_failure_limit, get_lockout_parameters
+from django.conf import settings
+
+ADDRESS_ONLY = (["ip_address"], "ip_address")  # how AXES_LOCKOUT_PARAMETERS may name the address-only lockout
 
 
 class LoginThrottleBackend(AxesStandaloneBackend):
@@ -13,3 +19,28 @@ class LoginThrottleBackend(AxesStandaloneBackend):
         if request is None:
             return None
         return super().authenticate(request, username, password, **kwargs)
+
+
+class LoginAttemptsHandler(AxesDatabaseHandler):
+    """axes' database handler with a limit per lockout: a username at an address is locked out after
+    AXES_FAILURE_LIMIT failures, an address (password spraying: many usernames, few tries each) after
+    LOGIN_ADDRESS_FAILURE_LIMIT failures of any usernames.
+
+    axes compares one count with one limit: the failures of each lockout are scaled to AXES_FAILURE_LIMIT
+    (count × limit // its own limit reaches limit exactly when count reaches its own limit)."""
+
+    def get_failures(self, request, credentials=None) -> int:
+        limit = get_failure_limit(request, credentials)
+        groups = zip(get_lockout_parameters(request, credentials), self.get_user_attempts(request, credentials))
+        scaled = [0]
+        for parameters, attempts in groups:
+            failures = sum(attempts.values_list("failures_since_start", flat=True))
+            own = settings.LOGIN_ADDRESS_FAILURE_LIMIT if parameters in ADDRESS_ONLY else limit
+            scaled.append(failures * limit // own)
+        return max(scaled)
+
+    def reset_user_attempts(self, request, credentials=None) -> int:
+        """A successful login clears its username's failures at that address, not the address's lockout:
+        a sprayer holding one valid account must not reset the count by logging in with it."""
+        groups = zip(get_lockout_parameters(request, credentials), self.filter_user_attempts(request, credentials))
+        return sum(attempts.delete()[0] for parameters, attempts in groups if parameters not in ADDRESS_ONLY)

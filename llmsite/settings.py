@@ -187,13 +187,17 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 # Login throttling (django-axes, on every login page: /accounts/, /admin/, /api-auth/): LOGIN_FAILURE_LIMIT
 # failed logins of one username from one client address lock that pair out (429) for
-# LOGIN_LOCKOUT_MINUTES; other users, and the same user from elsewhere, can still log in. Attempts are
+# LOGIN_LOCKOUT_MINUTES; other users, and the same user from elsewhere, can still log in. Password
+# spraying (many usernames, a few tries each) locks the address out after LOGIN_ADDRESS_FAILURE_LIMIT
+# failures of any usernames (llmsite/login_throttle.py gives each lockout its own limit). Attempts are
 # rows in the database, so every instance sees them. Behind Nginx, run daphne with --proxy-headers so
 # the client's address is the real one (deploy/README.md).
 AUTHENTICATION_BACKENDS = ["llmsite.login_throttle.LoginThrottleBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+LOGIN_ADDRESS_FAILURE_LIMIT = env_int("LOGIN_ADDRESS_FAILURE_LIMIT", 50, minimum=1)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], ["ip_address"]]
+AXES_HANDLER = "llmsite.login_throttle.LoginAttemptsHandler"
 AXES_RESET_ON_SUCCESS = True
 AXES_DISABLE_ACCESS_LOG = True  # failures only: a row per successful login would grow without end
 AXES_VERBOSE = False  # no banner on every management command

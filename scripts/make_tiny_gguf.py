@@ -46,8 +46,11 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 SPIECE_UNDERLINE = "\u2581"
 
 
-def build_vocab() -> tuple[list[str], list[float], list[int]]:
-    """Return tokens, scores and token types of a SentencePiece-style vocabulary.
+def build_vocab(chat_token_type: TokenType = TokenType.CONTROL,
+                extra_control_tokens: tuple[str, ...] = ()) -> tuple[list[str], list[float], list[int]]:
+    """Return tokens, scores and token types of a SentencePiece-style vocabulary (the ChatML tokens of
+    `chat_token_type`: some converters mark them user-defined; then `extra_control_tokens`, e.g. another
+    template's markup).
 
     llama.cpp's SPM tokenizer builds words by merging adjacent pieces, so every prefix of a word
     must be a token too; longer pieces get higher scores so that merging prefers them.
@@ -58,7 +61,9 @@ def build_vocab() -> tuple[list[str], list[float], list[int]]:
     tokens += [f"<0x{byte:02X}>" for byte in range(256)]
     types += [TokenType.BYTE] * 256
     tokens += CHAT_TOKENS
-    types += [TokenType.CONTROL] * len(CHAT_TOKENS)
+    types += [chat_token_type] * len(CHAT_TOKENS)
+    tokens += list(extra_control_tokens)
+    types += [TokenType.CONTROL] * len(extra_control_tokens)
 
     pieces: dict[str, None] = {}  # ordered set
     for char in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'":
@@ -84,8 +89,12 @@ def _random_weights(rng: np.random.Generator, shape: tuple[int, ...], scale: flo
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, never_ends: bool = False) -> Path:
+def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, never_ends: bool = False,
+                    user_defined_chat_tokens: bool = False, extra_control_tokens: tuple[str, ...] = ()) -> Path:
     """Write a tiny random llama-architecture GGUF file to `path` and return its Path.
+
+    `user_defined_chat_tokens`: "<|im_start|>" and "<|im_end|>" are user-defined tokens, not control ones.
+    `extra_control_tokens`: more control tokens (another chat template's markup).
 
     `never_ends`: the control tokens (end of text, <|im_end|>) get zero logits, so greedy decoding
     practically never picks them and a reply runs to max_tokens whatever the CPU's rounding.
@@ -93,7 +102,8 @@ def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, nev
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tokens, scores, token_types = build_vocab()
+    tokens, scores, token_types = build_vocab(TokenType.USER_DEFINED if user_defined_chat_tokens
+                                              else TokenType.CONTROL, tuple(extra_control_tokens))
     n_vocab = len(tokens)
     head_dim = EMBEDDING_LENGTH // HEAD_COUNT
 

@@ -37,6 +37,26 @@ def _answers(url: str) -> bool:
         return False
 
 
+@pytest.fixture
+def editor_client(client):
+    """Django's test client, logged in as a staff member (not a superuser) of the "Content editors" group
+    (the migration's); a test adds the one extra permission it needs with `grant`."""
+    from django.contrib.auth.models import Group, Permission
+
+    from tests.factories import make_user
+
+    editor = make_user("content-editor", is_staff=True)
+    editor.groups.add(Group.objects.get(name="Content editors"))
+
+    def grant(*codenames: str) -> None:
+        editor.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+        assert editor.user_permissions.count() >= len(codenames), codenames
+
+    client.force_login(editor)
+    client.user, client.grant = editor, grant
+    return client
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -44,15 +44,21 @@ def api_key_create(*, user, name: str, expires_at=None) -> tuple[ApiKey, str]:
     return api_key, raw_key
 
 
+def api_key_own_user_create(*, api_key: ApiKey) -> None:
+    """Give an issued, unsaved key a new user of its own (named after the key's prefix, no usable password,
+    not staff)."""
+    user = get_user_model()(username=f"key-{api_key.prefix}", is_staff=False, is_superuser=False)
+    user.set_unusable_password()
+    user.save()
+    api_key.user = user
+
+
 def api_key_create_with_own_user(*, name: str, expires_at=None) -> tuple[ApiKey, str]:
-    """A key acting as a new user of its own (named after the key's prefix, no usable password, not staff)."""
+    """A key acting as a new user of its own; returns the row and the raw key, which cannot be shown again."""
     api_key = ApiKey(name=name, expires_at=expires_at)
     raw_key = api_key_issue(api_key=api_key)
     with transaction.atomic():
-        user = get_user_model()(username=f"key-{api_key.prefix}", is_staff=False, is_superuser=False)
-        user.set_unusable_password()
-        user.save()
-        api_key.user = user
+        api_key_own_user_create(api_key=api_key)
         api_key.save()
     return api_key, raw_key
 

@@ -2,7 +2,8 @@
 
 When a slot frees up, the next request comes from the owner with the fewest active sequences; among
 equals, from the owner admitted least recently (never admitted first), then the oldest request. A
-flood by one owner therefore queues behind its own requests, not in front of everyone else's.
+flood by one owner therefore queues behind its own requests, not in front of everyone else's. The
+scheduler lets one owner hold at most half of a bounded queue (owner_share), so a flood cannot fill it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from typing import Iterator, Mapping
 from .sequence import Sequence
 
 MAX_REMEMBERED_OWNERS = 4096  # when each owner was last admitted; the oldest are forgotten beyond this
+
+
+def owner_share(max_queue: int) -> int:
+    """The most places of a queue of `max_queue` (0: unbounded) one owner may hold: half, rounded up."""
+    return -(-max_queue // 2)
 
 
 class AdmissionQueue:
@@ -32,6 +38,10 @@ class AdmissionQueue:
     def __iter__(self) -> Iterator[Sequence]:
         """Every waiting sequence (a snapshot: the queue may be changed while iterating)."""
         return iter([seq for waiting in self._by_owner.values() for _, seq in waiting])
+
+    def waiting_of(self, owner: str) -> int:
+        """How many sequences of `owner` wait."""
+        return len(self._by_owner.get(owner, ()))
 
     def append(self, seq: Sequence) -> None:
         self._by_owner.setdefault(seq.owner, deque()).append((next(self._tickets), seq))

@@ -4,7 +4,8 @@ Continuous batching: every loop iteration is one backend step over all active se
 requests join between steps and finished or cancelled ones leave, freeing their slot at once.
 Back-pressure: the queue in front of the slots is bounded (max_queue) and a request may wait in it
 only queue_timeout seconds; beyond either it fails with EngineOverloaded (503 + Retry-After).
-Waiting requests are admitted fairly between owners (chat/engine/admission.py).
+Waiting requests are admitted fairly between owners (chat/engine/admission.py), and one owner may hold
+at most half of the queue's places, so a flood by one owner never fills it for the others.
 
 Liveness: every step records a heartbeat. A scheduler that made no step for `stall_seconds` while
 work waits is not `alive` (/ready fails, the registry replaces its engine). Closing never waits
@@ -21,7 +22,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Callable
 
-from .admission import AdmissionQueue
+from .admission import AdmissionQueue, owner_share
 from .backends import Backend
 from .errors import EngineClosed, EngineError, EngineOverloaded, GenerationFailed, SequencesFailed
 from .faults import Faults
@@ -74,7 +75,9 @@ class Scheduler:
         with self._wakeup:
             if self._closing:
                 raise EngineClosed(f"Model {self._model_name!r} is shutting down.")
-            if self._max_queue and len(self._queued) >= self._max_queue:
+            # One owner holds at most half of the queue: a flood is refused while others still find a place.
+            if self._max_queue and (len(self._queued) >= self._max_queue or
+                                    self._queued.waiting_of(seq.owner) >= owner_share(self._max_queue)):
                 self._counters["rejected_queue_full"] += 1
                 raise EngineOverloaded(self._model_name, self._retry_after_locked())
             self._queued.append(seq)

@@ -8,7 +8,7 @@ from django.urls import reverse
 
 from characters.models import Character
 from scenarios.models import Scenario
-from tests.factories import make_character, make_user
+from tests.factories import make_character
 
 from .test_cards import V2_JSON, V2_PNG
 
@@ -73,24 +73,23 @@ def test_an_editor_imports_and_updates_a_card(editor_client):
     assert Character.objects.filter(slug__startswith="ada-quint").count() == 1
 
 
-def test_card_import_needs_the_scenario_permissions(client):
-    """Character permissions alone do not import a card: it creates and updates scenarios."""
-    staff = make_user("characters-only", is_staff=True)
-    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="characters",
-                                                         codename__endswith="_character"))
-    client.force_login(staff)
+def test_card_import_needs_the_scenario_permissions(editor_client):
+    """Character permissions alone do not import a card: it creates and updates scenarios. An editor whose group
+    was given only the character permissions (the scenario ones taken away here) gets them back one by one."""
+    group = Group.objects.get(name="Content editors")
+    group.permissions.remove(*Permission.objects.filter(content_type__app_label="scenarios"))
     url = reverse("admin:characters_character_import_card")
-    assert url not in client.get(reverse("admin:characters_character_changelist")).content.decode()
-    assert client.get(url).status_code == 403
+    assert url not in editor_client.get(reverse("admin:characters_character_changelist")).content.decode()
+    assert editor_client.get(url).status_code == 403
     with V2_PNG.open("rb") as card:
-        assert client.post(url, {"card": card}).status_code == 403
+        assert editor_client.post(url, {"card": card}).status_code == 403
     assert not Character.objects.exists() and not Scenario.objects.exists()
 
-    staff.user_permissions.add(Permission.objects.get(codename="add_scenario"))
+    editor_client.grant("add_scenario")
     with V2_PNG.open("rb") as card:
-        assert client.post(url, {"card": card}).status_code == 302
+        assert editor_client.post(url, {"card": card}).status_code == 302
     with V2_JSON.open("rb") as card:  # an update changes scenarios too
-        assert client.post(url, {"card": card, "update": "on"}).status_code == 403
+        assert editor_client.post(url, {"card": card, "update": "on"}).status_code == 403
 
 
 def test_an_editor_sees_no_conversations_and_no_keys(editor_client):

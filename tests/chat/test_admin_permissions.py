@@ -1,7 +1,7 @@
-"""Chat's admin pages for staff who are not superusers: who may issue keys acting as whom, and who sees chats."""
+"""Chat's admin pages for staff who are not superusers, logged in as a member of the migration's "Content
+editors" group plus the permissions a rule is about: who may issue keys acting as whom, and who sees chats."""
 
 import pytest
-from django.contrib.auth.models import Group, Permission
 from django.urls import reverse
 
 from chat.api.keys import api_key_create
@@ -10,14 +10,7 @@ from tests.factories import make_character, make_superuser, make_user
 
 pytestmark = pytest.mark.django_db
 
-
-def staff_with(client, username: str, *codenames: str, group: str | None = None):
-    user = make_user(username, is_staff=True)
-    user.user_permissions.set(Permission.objects.filter(content_type__app_label="chat", codename__in=codenames))
-    if group:
-        user.groups.add(Group.objects.get(name=group))
-    client.force_login(user)
-    return user
+KEY_PERMISSIONS = ("add_apikey", "change_apikey", "view_apikey")
 
 
 def key_add(client, user, name="k"):
@@ -33,27 +26,42 @@ def chat():
     return conversation
 
 
-def test_staff_with_key_permissions_cannot_issue_a_key_acting_as_staff_or_a_superuser(client):
-    staff_with(client, "key-admin", "add_apikey", "change_apikey", "view_apikey")
+def test_an_editor_with_key_permissions_issues_keys_only_with_users_of_their_own(editor_client, chat):
+    """A key acting as chat's owner would read the owner's conversations through the API: without the
+    conversation permission, a new key always gets a fresh user, whatever the form was sent with."""
+    editor_client.grant(*KEY_PERMISSIONS)
+    page = editor_client.get(reverse("admin:chat_apikey_add")).content.decode()
+    assert 'name="name"' in page and 'name="user"' not in page
+    for target in (chat.owner, make_superuser("root")):
+        assert key_add(editor_client, target, name=f"for {target.username}").status_code == 302
+    for key in ApiKey.objects.select_related("user"):
+        assert key.user.username == f"key-{key.prefix}" and not (key.user.is_staff or key.user.is_superuser)
+        assert not key.user.has_usable_password()
+    assert ApiKey.objects.filter(user__in=[chat.owner]).count() == 0
+
+
+def test_an_editor_who_may_read_conversations_chooses_whom_a_key_acts_as_but_never_staff(editor_client):
+    editor_client.grant(*KEY_PERMISSIONS, "view_conversation")
     root, colleague, plain = make_superuser("root"), make_user("colleague", is_staff=True), make_user("plain")
+    assert 'name="user"' in editor_client.get(reverse("admin:chat_apikey_add")).content.decode()
     for target in (root, colleague):
-        response = key_add(client, target)
+        response = key_add(editor_client, target)
         assert response.status_code == 200 and response.context["adminform"].form.errors["user"]
     assert not ApiKey.objects.exists()
-    assert key_add(client, plain).status_code == 302
+    assert key_add(editor_client, plain).status_code == 302
     assert list(ApiKey.objects.values_list("user__username", flat=True)) == ["plain"]
 
 
-def test_staff_with_key_permissions_cannot_see_or_change_keys_acting_as_staff(client):
-    staff_with(client, "key-admin", "add_apikey", "change_apikey", "view_apikey")
+def test_an_editor_with_key_permissions_cannot_see_or_change_keys_acting_as_staff(editor_client):
+    editor_client.grant(*KEY_PERMISSIONS)
     root_key, _ = api_key_create(user=make_superuser("root"), name="root's")
     plain_key, _ = api_key_create(user=make_user("plain"), name="plain's")
-    listed = client.get(reverse("admin:chat_apikey_changelist")).content.decode()
+    listed = editor_client.get(reverse("admin:chat_apikey_changelist")).content.decode()
     assert "plain&#x27;s" in listed and "root&#x27;s" not in listed
-    assert client.get(reverse("admin:chat_apikey_change", args=[root_key.pk])).status_code == 302  # "doesn't exist"
+    assert editor_client.get(reverse("admin:chat_apikey_change", args=[root_key.pk])).status_code == 302
     # The key's user cannot be changed afterwards (another user gets a key of their own).
     change = reverse("admin:chat_apikey_change", args=[plain_key.pk])
-    assert client.post(change, {"name": "renamed", "user": make_superuser("root2").pk}).status_code == 302
+    assert editor_client.post(change, {"name": "renamed", "user": make_superuser("root2").pk}).status_code == 302
     plain_key.refresh_from_db()
     assert plain_key.name == "renamed" and plain_key.user.username == "plain"
 
@@ -64,29 +72,28 @@ def test_a_superuser_issues_keys_acting_as_staff(client):
     assert ApiKey.objects.get().user.username == "colleague"
 
 
-def test_conversations_need_the_view_permission_explicitly(client, chat):
+def test_conversations_need_the_view_permission_explicitly(editor_client, chat):
     # change and delete would imply viewing for any other model: not for chats.
-    staff_with(client, "nosy", "change_conversation", "delete_conversation", "view_message", "change_message")
+    editor_client.grant("change_conversation", "delete_conversation", "view_message", "change_message")
     for url in (reverse("admin:chat_conversation_changelist"), reverse("admin:chat_conversation_change", args=[chat.pk]),
                 reverse("admin:chat_conversation_delete", args=[chat.pk]), reverse("admin:chat_message_changelist"),
                 reverse("admin:chat_message_change", args=[chat.messages.first().pk])):
-        response = client.get(url)
+        response = editor_client.get(url)
         assert response.status_code in (302, 403), url
         assert "hunter2" not in response.content.decode()
 
 
-def test_editors_do_not_see_conversations(client, chat):
-    staff_with(client, "editor", group="Content editors")
-    assert client.get(reverse("admin:chat_conversation_changelist")).status_code == 403
-    assert client.get(reverse("admin:chat_message_changelist")).status_code == 403
+def test_editors_do_not_see_conversations(editor_client, chat):
+    assert editor_client.get(reverse("admin:chat_conversation_changelist")).status_code == 403
+    assert editor_client.get(reverse("admin:chat_message_changelist")).status_code == 403
 
 
 @pytest.mark.parametrize("superuser", [False, True])
-def test_messages_are_read_only_in_the_admin(client, chat, superuser):
+def test_messages_are_read_only_in_the_admin(client, editor_client, chat, superuser):
     if superuser:
         client.force_login(make_superuser("root"))
     else:
-        staff_with(client, "support", "view_conversation", "change_conversation", "add_message", "change_message")
+        editor_client.grant("view_conversation", "change_conversation", "add_message", "change_message")
     page = client.get(reverse("admin:chat_conversation_change", args=[chat.pk]))
     assert page.status_code == 200 and "hunter2" in page.content.decode()
     assert 'name="messages-0-content"' not in page.content.decode()

@@ -56,3 +56,38 @@ async def test_a_frame_at_the_limit_is_parsed(socket):
     event = await socket.receive_json_from(timeout=10)
     assert event["status"] == 400 and event["error"]["param"] == "type"  # read as JSON: an unknown type
     await socket.disconnect()
+
+
+def test_with_websocket_limits_defaults_daphnes_limits_to_the_body_limit_unless_given(settings):
+    from chat.management.commands.serve import with_websocket_limits
+
+    settings.API_MAX_REQUEST_BYTES = LIMIT
+    args = with_websocket_limits(["-p", "8000", "llmsite.asgi:application"])
+    assert args[:4] == ["--websocket-max-message-size", "2048", "--websocket-max-frame-size", "2048"]
+    own = with_websocket_limits(["--websocket-max-frame-size=9", "llmsite.asgi:application"])
+    assert own == ["--websocket-max-message-size", "2048", "--websocket-max-frame-size=9", "llmsite.asgi:application"]
+
+
+@pytest.mark.smollm2  # a live server (the marker's meaning: slow, end to end)
+def test_the_served_protocol_closes_a_socket_whose_message_is_over_the_limit_with_1009(tmp_path):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from tests.live import LiveServer, prepare_database
+
+    server = LiveServer(workdir=tmp_path, env={"API_MAX_REQUEST_BYTES": "4096", "LOG_LEVEL": "WARNING"})
+    raw_key = prepare_database(server, {"frames": ["frames"]})["frames"]
+    server.start()
+    try:
+        url = server.url.replace("http://", "ws://") + "/ws/chat/nobody/"
+        headers = {"Authorization": f"Bearer {raw_key}"}
+        with connect(url, additional_headers=headers, proxy=None) as socket:
+            socket.send(padded(4096).replace('"message"', '"other"'))  # at the limit: read by the consumer
+            assert json.loads(socket.recv(timeout=30))["error"]["param"] == "type"
+        with connect(url, additional_headers=headers, proxy=None) as socket:
+            socket.send(padded(4097))
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=30)
+        assert closed.value.rcvd.code == 1009  # message too big, refused by the protocol layer
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
 """Login throttling on the three login pages (django-axes, llmsite/settings.py): a username failing at one
-address is locked out there with a 429, without locking out other users or the same user elsewhere."""
+address is locked out there with a 429, without locking out other users or the same user elsewhere; an
+address failing for many usernames (password spraying) is locked out after a higher limit."""
 
 import pytest
 from django.test import AsyncClient, Client
@@ -74,3 +75,15 @@ async def test_the_lockout_holds_under_asgi(users):
     assert response.status_code == 429
     assert (await client.post("/accounts/login/", {"username": "alice", "password": PASSWORD})).status_code == 429
     assert (await client.post("/accounts/login/", {"username": "bob", "password": PASSWORD})).status_code == 302
+
+
+@pytest.mark.parametrize("page", LOGIN_PAGES)
+def test_password_spraying_locks_out_the_address_after_its_own_higher_limit(users, settings, page):
+    settings.LOGIN_ADDRESS_FAILURE_LIMIT = 5  # the per-username limit is 3
+    for name in ("carol", "dave", "erin", "frank"):  # one try each: no username reaches its limit
+        assert attempt(page, name, "wrong", "10.0.0.1").status_code == 200
+    assert logged_in(attempt(page, "alice", PASSWORD, "10.0.0.1"))  # 4 < 5: the address may still log in
+    # The success cleared alice's failures only: the address's count goes on, and the fifth failure locks it.
+    assert attempt(page, "grace", "wrong", "10.0.0.1").status_code == 429
+    assert attempt(page, "bob", PASSWORD, "10.0.0.1").status_code == 429  # every username at that address
+    assert logged_in(attempt(page, "bob", PASSWORD, "10.0.0.2"))  # another address is not

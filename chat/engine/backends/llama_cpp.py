@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EngineError, GenerationFailed, InvalidRequest, ModelUnavailable, SequencesFailed
+from ..literal_text import literal_fragments, literal_pattern
 from ..logprobs import TokenLogprob, TopLogprob, log_softmax_top
 from ..prefill_budget import PrefillBudget
 from ..prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
@@ -267,13 +268,23 @@ class LlamaCppBackend(Backend):
         self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
 
     def _control_tokens(self) -> dict[str, int]:
-        """Text -> id of the tokens that only special-token parsing produces (control and unknown)."""
-        llama, wanted = self._llama, self._llama.LLAMA_TOKEN_ATTR_CONTROL | self._llama.LLAMA_TOKEN_ATTR_UNKNOWN
-        found = {}
+        """Text -> id of the tokens only the chat template's markup may produce: control and unknown tokens (only
+        special-token parsing produces them), and user-defined ones without whitespace, which llama.cpp matches
+        in any text (chat/engine/literal_text.py), e.g. a ChatML "<|im_start|>" a converter marked user-defined.
+        Whitespace runs, the user-defined tokens of neox-style vocabularies, are ordinary text."""
+        llama = self._llama
+        control = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_UNKNOWN
+        found, user_defined = {}, []
         for token in range(self._n_vocab):
-            if llama.llama_vocab_get_attr(self._vocab, token) & wanted:
-                found.setdefault(self._token_text(token), token)
+            attr = llama.llama_vocab_get_attr(self._vocab, token)
+            text = self._token_text(token) if attr & (control | llama.LLAMA_TOKEN_ATTR_USER_DEFINED) else ""
+            if attr & control:
+                found.setdefault(text, token)
+            elif attr & llama.LLAMA_TOKEN_ATTR_USER_DEFINED and text and not any(c.isspace() for c in text):
+                found.setdefault(text, token)
+                user_defined.append(text)
         found.pop("", None)
+        self._user_defined = literal_pattern(user_defined)
         return found
 
     def _token_text(self, token: int) -> str:
@@ -284,6 +295,23 @@ class LlamaCppBackend(Backend):
     # -- any thread (the vocabulary is read-only after loading) ------------------------------
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """The tokens of `text`; `special=False`: as text, user-defined token texts included (spelled out)."""
+        if special or self._user_defined is None:
+            return self._tokenize(text, special)
+        fragments = literal_fragments(text, self._user_defined)
+        tokens = self._tokenize(fragments[0], False) if fragments else []
+        for fragment in fragments[1:]:
+            tokens += self._continued(fragment)
+        return tokens
+
+    def _continued(self, fragment: str) -> list[int]:
+        """The tokens of a fragment that goes on from the one before: without the space llama.cpp's SPM
+        tokenizer puts before a text's start (tokenized after a newline whose tokens are then dropped)."""
+        lead = self._tokenize("\n", False)
+        tokens = self._tokenize("\n" + fragment, False)
+        return tokens[len(lead):] if tokens[:len(lead)] == lead else self._tokenize(fragment, False)
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
         data = text.encode("utf-8", errors="replace")  # a lone surrogate (valid JSON "\ud800") becomes "?"
         capacity = len(data) + 8
         while True:

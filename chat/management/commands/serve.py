@@ -4,6 +4,10 @@ daphne's own CLI stops at once on SIGTERM and cuts every running stream. This la
 daphne's Server with its own signal handling: the first SIGTERM (or SIGINT) starts the drain
 (chat/ops/drain.py: `/ready` and new API requests answer 503), the server stops once no request
 or generation is left or DRAIN_TIMEOUT seconds have passed; a second signal stops it at once.
+
+WebSocket messages and frames are capped at API_MAX_REQUEST_BYTES by the protocol layer (autobahn,
+through daphne's --websocket-max-message-size and --websocket-max-frame-size, which win when given): a
+bigger message closes the socket with 1009 (message too big) before it is buffered whole or parsed.
 """
 
 import logging
@@ -36,6 +40,9 @@ class DrainingServer(Server):
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        # autobahn drops the TCP connection of a message over the limit; with a closing handshake the client
+        # learns why (1009). Set once the reactor runs: daphne builds its factory inside run().
+        reactor.callWhenRunning(lambda: self.ws_factory.setProtocolOptions(failByDrop=False))
         super().run()
 
     def _on_signal(self, signum, frame):
@@ -67,12 +74,24 @@ class DrainingCommandLine(CommandLineInterface):
     server_class = DrainingServer
 
 
+WEBSOCKET_LIMIT_OPTIONS = ("--websocket-max-message-size", "--websocket-max-frame-size")
+
+
+def with_websocket_limits(args: list[str]) -> list[str]:
+    """daphne's arguments with its WebSocket message and frame limits at API_MAX_REQUEST_BYTES unless given
+    (daphne's own default is 1 MiB, whatever the HTTP body limit)."""
+    given = {arg.split("=", 1)[0] for arg in args}
+    limits = [item for option in WEBSOCKET_LIMIT_OPTIONS if option not in given
+              for item in (option, str(settings.API_MAX_REQUEST_BYTES))]
+    return limits + list(args)
+
+
 class Command(BaseCommand):
     help = "Run daphne (same options) with a graceful drain on SIGTERM bounded by DRAIN_TIMEOUT."
 
     def run_from_argv(self, argv):
-        # daphne parses its own options: everything after `serve` goes to it unchanged.
-        DrainingCommandLine().run(argv[2:])
+        # daphne parses its own options: everything after `serve` goes to it, with our WebSocket limits.
+        DrainingCommandLine().run(with_websocket_limits(argv[2:]))
         if work_in_progress():
             # Stopped by DRAIN_TIMEOUT (or a second signal) with a decode still running: freeing the model
             # under it could crash the process; exit at once and let the OS free it.

@@ -28,6 +28,7 @@ def engines(tiny_gguf):
         ModelSpec("share", tiny, context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0),
         ModelSpec("slots", tiny, context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0),
         ModelSpec("queue", tiny, context_length=TINY_CONTEXT, parallel=1, max_queue=1),
+        ModelSpec("shared-queue", tiny, context_length=TINY_CONTEXT, parallel=1, max_queue=4),
         ModelSpec("crash", tiny, context_length=TINY_CONTEXT, parallel=2),
     ])
     yield registry
@@ -258,6 +259,24 @@ def test_a_full_queue_refuses_with_a_retry_hint(engines):
     running.cancel()
     list(stream)
     assert "".join(waiting) == waiting.result.text and waiting.result.completion_tokens  # the queued one still runs
+
+
+def test_one_owner_holds_at_most_half_of_the_queue_so_a_flood_leaves_room_for_others(engines):
+    engine = engines.get("shared-queue")  # one slot, four queue places: two per owner at most
+    running = engine.submit("hello world what", SamplingParams(max_tokens=200, temperature=0), owner="a")
+    stream = iter(running)
+    next(stream)  # it holds the only slot
+    flood = [engine.submit("yes no stop", GREEDY, owner="a") for _ in range(2)]
+    with pytest.raises(EngineOverloaded) as refused:
+        engine.submit("yes no stop", GREEDY, owner="a")  # a third waiting place of a's: refused
+    assert refused.value.retry_after >= 1
+    others = [engine.submit("the capital of france is", GREEDY, owner=owner) for owner in ("b", "b")]
+    with pytest.raises(EngineOverloaded):  # the queue is full: its bound still holds for everyone
+        engine.submit("the capital of france is", GREEDY, owner="c")
+    assert engine.stats()["rejected_queue_full"] == 2
+    running.cancel()
+    list(stream)
+    assert all(finish(flood + others))  # everything that found a place runs
 
 
 @pytest.mark.smollm2

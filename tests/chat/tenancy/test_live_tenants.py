@@ -246,12 +246,13 @@ def test_a_key_past_its_token_budget_gets_429_with_retry_after_over_http_and_the
         assert_quota_error(refused, "token_quota_exceeded", 60)
 
 
-def time_to_first_text(client: httpx.Client, body: dict, started: threading.Event | None, out: list, index: int):
+def time_to_first_text(client: httpx.Client, body: dict, out: list, index: int):
+    """out[index] = (status, seconds from sending to the first text; None when refused)."""
     sent = time.monotonic()
     with client.stream("POST", "/v1/chat/completions", json=body, headers=NO_CACHE) as stream:
-        assert stream.status_code == 200, stream.read()
-        if started is not None:
-            started.set()
+        if stream.status_code != 200:
+            out[index] = (stream.status_code, stream.read())
+            return
         first = None
 
         def on_event(event):
@@ -260,27 +261,42 @@ def time_to_first_text(client: httpx.Client, body: dict, started: threading.Even
                 first = time.monotonic() - sent
 
         sse_events(stream, on_event)
-    out[index] = first
+    out[index] = (200, first)
+
+
+def queued_in_engine(tenants: Tenants) -> int:
+    """Sequences waiting for a slot of the model, as /metrics reports them."""
+    for line in httpx.get(tenants.server.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith('llmsite_scheduler_queued_sequences{model="tiny"}'):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 def test_a_flood_from_one_key_queues_behind_itself_not_before_another_key(tenants):
-    """Key A sends more streams than the slots plus half the queue; key B's one request then starts before
-    A's waiting ones: B's time to first token is below A's median."""
+    """Key A sends more streams than the slots plus half the queue: the slots fill, A's share of the queue
+    (half of it) fills, the rest of A's are refused. Once the engine reports A's requests waiting, key B asks:
+    B's request is admitted before A's waiting ones, so B's time to first token is below A's median."""
     tenants.create_key("flood-a")
     tenants.create_key("flood-b")
-    flood = PARALLEL + MAX_QUEUE // 2 + 2
+    share = MAX_QUEUE // 2
+    flood = PARALLEL + share + 2
     body = ask("Tell me a long story", stream=True, max_tokens=600)
-    a_times: list = [None] * flood
-    starts = [threading.Event() for _ in range(flood)]
-    threads = [threading.Thread(target=time_to_first_text, args=(tenants.http("flood-a"), body, starts[i], a_times, i))
+    a_results: list = [None] * flood
+    threads = [threading.Thread(target=time_to_first_text, args=(tenants.http("flood-a"), body, a_results, i))
                for i in range(flood)]
     for thread in threads:
         thread.start()
-    for started in starts:  # every request of A is in the engine (running or queued) before B asks
-        assert started.wait(60)
-    b_time: list = [None]
-    time_to_first_text(tenants.http("flood-b"), body, None, b_time, 0)
+    deadline = time.monotonic() + 60
+    while queued_in_engine(tenants) < share:  # A's requests wait in the engine (their streams have not started)
+        assert time.monotonic() < deadline, "A's requests never queued"
+        time.sleep(0.05)
+    b_result: list = [None]
+    time_to_first_text(tenants.http("flood-b"), body, b_result, 0)
     for thread in threads:
-        thread.join(120)
-    assert None not in a_times and b_time[0] is not None
-    assert b_time[0] < statistics.median(a_times), (b_time[0], sorted(a_times))
+        thread.join(180)
+    assert b_result[0][0] == 200, b_result  # B finds a place in the queue A flooded
+    refused = [result for result in a_results if result[0] != 200]
+    assert len(refused) == flood - PARALLEL - share, a_results  # beyond its share of the queue: 503
+    assert all(status == 503 and b'"engine_overloaded"' in text for status, text in refused), refused
+    a_times = [first for status, first in a_results if status == 200]
+    assert b_result[0][1] < statistics.median(a_times), (b_result[0][1], sorted(a_times))

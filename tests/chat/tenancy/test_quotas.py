@@ -8,8 +8,8 @@ from channels.testing import WebsocketCommunicator
 from django.core.cache import cache
 
 from chat.tenancy.owners import Tenant
-from chat.tenancy.quotas import (Limits, QuotaExceeded, limits_for, quota_admit, slot_acquire, tokens_charge,
-                                 tokens_check)
+from chat.tenancy.quotas import (Limits, QuotaExceeded, concurrency_key, limits_for, quota_admit, tokens_charge,
+                                 tokens_check, tokens_spent)
 from tests.factories import import_demo_resources, make_api_client
 
 pytestmark = pytest.mark.django_db
@@ -50,21 +50,75 @@ def test_token_budgets_refuse_once_spent_until_the_window_ends():
     tokens_check("key:1", limits, now=NOON + 43200)  # the next day
 
 
+def limited_tenant(name: str, **limits) -> Tenant:
+    client = make_api_client(name)
+    for field, value in limits.items():
+        setattr(client.key, field, value)
+    client.key.save()
+    return Tenant(user=client.user, api_key=client.key)
+
+
 def test_a_slot_is_held_until_released_once():
-    first = slot_acquire("key:7", 2)
-    second = slot_acquire("key:7", 2)
+    tenant = limited_tenant("slots", max_concurrent=2)
+    first = quota_admit(tenant)
+    second = quota_admit(tenant)
     with pytest.raises(QuotaExceeded) as refused:
-        slot_acquire("key:7", 2)
+        quota_admit(tenant)
     assert refused.value.code == "concurrency_limit_exceeded" and refused.value.retry_after == 1
-    first.release()
-    first.release()  # idempotent: gives back one slot, not two
-    third = slot_acquire("key:7", 2)
+    first.settle()
+    first.settle()  # idempotent: gives back one slot, not two
+    third = quota_admit(tenant)
     with pytest.raises(QuotaExceeded):
-        slot_acquire("key:7", 2)
-    for slot in (second, third):
-        slot.release()
-    assert cache.get("quota:active:key:7") == 0
-    assert slot_acquire("key:8", 0).key is None  # no limit: nothing counted
+        quota_admit(tenant)
+    for hold in (second, third):
+        hold.settle()
+    assert cache.get(concurrency_key(tenant.quota_identity)) == 0
+    assert quota_admit(limited_tenant("unlimited", max_concurrent=0)).slot_key is None  # no limit: nothing counted
+
+
+def test_a_request_of_n_sequences_takes_n_slots_and_each_sequence_gives_its_own_back():
+    tenant = limited_tenant("choices", max_concurrent=3)
+    with pytest.raises(QuotaExceeded) as refused:
+        quota_admit(tenant, slots=4)
+    assert refused.value.code == "concurrency_limit_exceeded" and "needs 4" in refused.value.message
+    assert (cache.get(concurrency_key(tenant.quota_identity)) or 0) == 0  # a refusal holds nothing
+    hold = quota_admit(tenant, slots=3)
+    with pytest.raises(QuotaExceeded):
+        quota_admit(tenant)
+    choice = hold.split(slots=1, tokens=0)
+    choice.settle()
+    assert cache.get(concurrency_key(tenant.quota_identity)) == 2  # one choice ended, two still run
+    hold.settle()
+    assert cache.get(concurrency_key(tenant.quota_identity)) == 0
+
+
+def test_a_reservation_bounds_concurrent_requests_and_is_settled_to_what_was_used():
+    tenant = limited_tenant("reserving", tokens_per_minute=100)
+    identity = tenant.quota_identity
+    first = quota_admit(tenant, tokens=60, now=NOON)
+    with pytest.raises(QuotaExceeded) as refused:  # checked-then-charged would admit it: nothing is spent yet
+        quota_admit(tenant, tokens=60, now=NOON + 1)
+    assert refused.value.code == "token_quota_exceeded" and refused.value.retry_after == 59
+    assert tokens_spent(identity, "minute", now=NOON + 1) == 60  # the refusal reserved nothing
+    first.settle(25)  # it used 25 of its 60
+    assert tokens_spent(identity, "minute", now=NOON + 2) == 25
+    second = quota_admit(tenant, tokens=60, now=NOON + 2)
+    second.settle(0)  # refused by the engine: given back whole
+    assert tokens_spent(identity, "minute", now=NOON + 3) == 25
+    tokens_check(identity, Limits(tokens_per_minute=100), tokens=75, now=NOON + 3)
+    with pytest.raises(QuotaExceeded):
+        tokens_check(identity, Limits(tokens_per_minute=100), tokens=76, now=NOON + 3)
+
+
+def test_a_request_larger_than_the_whole_budget_runs_only_alone_in_its_window():
+    tenant = limited_tenant("big", tokens_per_minute=100)
+    alone = quota_admit(tenant, tokens=500, now=NOON)  # nothing spent this minute: admitted
+    with pytest.raises(QuotaExceeded):
+        quota_admit(tenant, tokens=1, now=NOON + 1)
+    alone.settle(480)
+    with pytest.raises(QuotaExceeded):
+        quota_admit(tenant, tokens=1, now=NOON + 2)
+    quota_admit(tenant, tokens=500, now=NOON + 60).settle(0)  # the next minute
 
 
 def hold_a_slot(client):
@@ -82,7 +136,7 @@ def test_http_answers_429_with_retry_after_for_a_key_at_its_limits():
     client = make_api_client("busy")
     client.key.max_concurrent = 1
     client.key.save()
-    slot = hold_a_slot(client)
+    hold = hold_a_slot(client)
     for body in (REQUEST, {**REQUEST, "stream": True}):
         response = client.post("/v1/chat/completions", body, format="json", HTTP_CACHE_CONTROL="no-cache")
         assert response.status_code == 429 and response["Retry-After"] == "1"
@@ -90,7 +144,7 @@ def test_http_answers_429_with_retry_after_for_a_key_at_its_limits():
                                              "param": None, "code": "concurrency_limit_exceeded"}
     response = client.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, format="json")
     assert response.status_code == 429 and response["Retry-After"] == "1"
-    slot.release()
+    hold.settle()
 
     client.key.max_concurrent, client.key.tokens_per_minute = None, 5
     client.key.save()
@@ -117,7 +171,7 @@ async def test_the_websocket_answers_an_error_event_with_retry_after():
         client.key.save()
         return client, hold_a_slot(client)
 
-    client, slot = await sync_to_async(prepare)()
+    client, hold = await sync_to_async(prepare)()
     comm = WebsocketCommunicator(application, "/ws/chat/captain-mira/",
                                  headers=[(b"authorization", f"Bearer {client.raw_key}".encode())])
     connected, _ = await comm.connect()
@@ -129,7 +183,7 @@ async def test_the_websocket_answers_an_error_event_with_retry_after():
         assert event["error"]["code"] == "concurrency_limit_exceeded" and event["retry_after"] == 1
     finally:
         await comm.disconnect()
-        await sync_to_async(slot.release)()
+        await sync_to_async(hold.settle)()
 
 
 def test_an_operator_sets_a_keys_quotas_on_its_admin_page(admin_client):
