@@ -1,10 +1,12 @@
 """chat/engine/routing.py: consistent hashing with bounded load, and round-robin, without any server."""
 
+import threading
 from collections import Counter
 
 import pytest
 
 from chat.engine.routing import Router, affinity_key
+from chat.engine.upstream import UpstreamPool
 
 LABELS = ["http://a:8080", "http://b:8080", "http://c:8080"]
 
@@ -73,3 +75,29 @@ def test_the_affinity_key_is_the_start_of_the_prompt():
 def test_bad_options_are_refused(options):
     with pytest.raises(ValueError):
         Router(LABELS, **options)
+
+
+def test_the_pool_counts_a_request_in_flight_under_the_lock_that_chose_its_upstream():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity")
+    (first, *_) = pool.candidates(key="one character", begin=True)
+    assert (first.in_flight, first.requests) == (1, 1)
+    pool.withdrawn(first)
+    assert (first.in_flight, first.requests) == (0, 0)
+
+
+def test_a_burst_of_one_key_from_many_threads_stays_within_the_bound():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity")
+    start = threading.Barrier(48)
+
+    def choose():
+        start.wait()
+        pool.candidates(key="the same persona", begin=True)  # none ends: every choice sees the ones before
+
+    threads = [threading.Thread(target=choose) for _ in range(48)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loads = [upstream.in_flight for upstream in pool.upstreams]
+    assert sum(loads) == 48
+    assert max(loads) <= pool.router.capacity([48 - 1, 0, 0])  # 1.25 x the mean, the last one counted

@@ -62,7 +62,7 @@ def test_a_1500_token_conversation_resumed_after_a_restart_is_restored_not_evalu
               f"({restored_ttft / cold_ttft:.1%}); {evaluated} of {resumed_tokens} prompt tokens "
               "evaluated")
     assert restored_reply == in_memory_reply
-    # TTFT is measured by bench/kv_on_disk_bench.py (docs/BENCHMARKS.md), not asserted: the work it stands for is.
+    # TTFT is measured by bench/kv_on_disk.py (docs/BENCHMARKS.md), not asserted: the work it stands for is.
     # The last chunk (64-127 tokens) is always evaluated, as a cold prompt evaluates it.
     assert evaluated <= 2 * PROMPT_CHUNK
 
