@@ -8,8 +8,12 @@ import time
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
 
 from chat.ops.drain import drain_begin, drain_reset, requests_in_flight
+from llmsite.asgi import application
+from tests.factories import make_api_client
 from tests.live import LiveServer, content_of, prepare_database, sse_events
 
 STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}]
@@ -45,6 +49,22 @@ def test_requests_in_flight_come_back_to_zero_after_a_refused_and_an_answered_re
     before = requests_in_flight()
     client.post("/v1/chat/completions", {"messages": "not a list"}, content_type="application/json")
     assert requests_in_flight() == before
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_draining_instance_refuses_a_new_websocket_reply_and_closes_with_1012(draining):
+    key = await sync_to_async(lambda: make_api_client("ws-drain", key_name="ws").raw_key)()
+    socket = WebsocketCommunicator(application, "/ws/chat/captain-mira/",
+                                   headers=[(b"origin", b"http://127.0.0.1:8000"),
+                                            (b"authorization", f"Bearer {key}".encode())])
+    connected, _ = await socket.connect()
+    assert connected
+    await socket.send_json_to({"type": "message", "content": "Hello"})
+    error = await socket.receive_json_from(timeout=30)
+    assert (error["type"], error["status"], error["error"]["code"], error["retry_after"]) == ("error", 503,
+                                                                                              "draining", 5)
+    assert await socket.receive_output(timeout=10) == {"type": "websocket.close", "code": 1012}
+    await socket.disconnect()
 
 
 def start_server(tmp_path, drain_timeout: float) -> tuple[LiveServer, str]:
@@ -105,6 +125,9 @@ def test_sigterm_while_4_streams_run_lets_all_finish_refuses_new_requests_and_ex
         assert not isinstance(events, Exception), repr(events)
         assert events[-1] == "[DONE]"
         assert "".join(content_of(e) for e in events)
+        assert not [e for e in events if isinstance(e, dict) and "error" in e], events
+        finishes = [choice.get("finish_reason") for e in events if isinstance(e, dict) for choice in e.get("choices", [])]
+        assert len([reason for reason in finishes if reason]) == 1, finishes  # one reply, ended once
     assert exit_code == 0
     assert "drained: stopping" in server.log()
 
