@@ -40,7 +40,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from rest_framework.exceptions import Throttled, ValidationError
 
-from chat.draining import RETRY_AFTER_SECONDS, is_draining
+from chat.engines import DRAIN_RETRY_AFTER_SECONDS, is_draining
 from chat.errors import PayloadTooLarge, ServiceUnavailable, error_from_exception
 from chat.selectors import conversation_get_owned, user_display_name
 from chat.trees.operations import (chat_reply_run, message_delete, message_edit, message_select, reply_continue,
@@ -100,7 +100,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if kind in GENERATING:
             if is_draining():
                 await self.send_error(ServiceUnavailable("This instance is shutting down; reconnect and retry.",
-                                                         code="draining"), retry_after=RETRY_AFTER_SECONDS)
+                                                         code="draining"), retry_after=DRAIN_RETRY_AFTER_SECONDS)
                 await self.close(code=CLOSE_SERVICE_RESTART)
                 return
             if self.watching:

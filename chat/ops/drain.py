@@ -1,7 +1,7 @@
 """Graceful drain: once SIGTERM arrives the instance admits nothing new and waits for running replies.
 
 `chat/management/commands/serve.py` (the launcher around daphne's Server) calls `drain_begin()` (the flag:
-chat/draining.py); `DrainMiddleware` then answers new API requests 503 with Retry-After, the WebSocket
+chat/engines.py); `DrainMiddleware` then answers new API requests 503 with Retry-After, the WebSocket
 consumer refuses new replies (error event `draining`, close 1012), `/ready` answers 503
 (chat/ops/health.py), and the launcher stops the server once `work_in_progress()` is 0 or
 DRAIN_TIMEOUT has passed. Requests already admitted — streams included — run to their end.
@@ -13,8 +13,8 @@ import threading
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
-from chat.draining import RETRY_AFTER_SECONDS, drain_begin, drain_reset, is_draining  # noqa: F401 (the launcher's API)
-from chat.engines import loaded_engines
+from chat.engines import DRAIN_RETRY_AFTER_SECONDS as RETRY_AFTER_SECONDS
+from chat.engines import drain_begin, drain_reset, is_draining, loaded_engines  # noqa: F401 (the launcher's API)
 from chat.errors import ServiceUnavailable, json_error_response
 
 _lock = threading.Lock()
