@@ -4,7 +4,9 @@ to control what it does (die mid-reply, hold replies, fail its health check). Te
 It streams `words` as chat-completion chunks, then a finish and [DONE]. `die_after`: the connection is cut after
 that many chunks (a killed process). `gate`: every reply waits for it before its first chunk (headers go out
 first, so the caller's submit returns). `health`: the status /health answers; `hang_health` holds /health open
-until the server stops. Every request body is kept in `requests`, in arrival order.
+until the server stops. Every request body is kept in `requests`, in arrival order. `tokenize`: it answers
+llama-server's POST /tokenize (so the engine takes it for a llama.cpp server, which enforces a `grammar`);
+without it, it is an upstream of unknown kind (token counts estimated).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeUpstream:
-    def __init__(self, *, words=("Hello", " there", ".") , die_after: int | None = None):
+    def __init__(self, *, words=("Hello", " there", "."), die_after: int | None = None, tokenize: bool = True):
         self.words = tuple(words)
+        self.tokenize = tokenize
         self.die_after = die_after
         self.gate = threading.Event()
         self.gate.set()
@@ -38,6 +41,8 @@ class FakeUpstream:
 
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if self.path == "/tokenize" and fake.tokenize and isinstance(body.get("content"), str):
+                    return self._answer(200, {"tokens": list(range(len(body["content"]) // 4 + 1))})
                 if self.path != "/v1/chat/completions":
                     return self._answer(404, {"error": {"message": "not found"}})
                 fake.requests.append(body)

@@ -1,8 +1,8 @@
 """Which upstream serves a request: prefix affinity (consistent hashing with bounded load) or round-robin.
 
 Pure Python, no I/O: `Router.order(key, in_flight)` returns the upstream indices to try, first
-choice first, failover candidates after. With affinity, a request's key (the start of its
-rendered prompt: character and system prompt, then conversation) picks its place on a hash ring
+choice first, failover candidates after. With affinity, a request's key (its first system message: system
+prompt and character; else the start of its prompt) picks its place on a hash ring
 of virtual nodes; walking the ring clockwise gives a stable preference list per key, so the same
 character keeps landing on the upstream whose prompt cache already holds it, and adding or removing
 an upstream moves only about 1/N of the keys. Bounded load (Mirrokni et al., "Consistent Hashing
@@ -28,8 +28,12 @@ def _point(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def affinity_key(prompt: str, *, chars: int = AFFINITY_PREFIX_CHARS) -> str:
-    """The part of a rendered prompt that picks its upstream: its first `chars` characters."""
+def affinity_key(prompt: str, messages=(), *, chars: int = AFFINITY_PREFIX_CHARS) -> str:
+    """The part of a prompt that picks its upstream: its first message, whole, when that is a system message (the
+    system prompt and the character's profile: the same for every turn of every conversation with a character,
+    different between characters even behind a long shared site prompt); else its first `chars` characters."""
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        return "system\n" + messages[0]["content"]
     return str(prompt)[:chars]
 
 

@@ -71,6 +71,16 @@ def test_the_affinity_key_is_the_start_of_the_prompt():
     assert affinity_key("short prompt") == "short prompt"
 
 
+def test_the_affinity_key_is_the_whole_first_system_message_behind_a_long_shared_site_prompt():
+    site = "House rules for every character of this site. " * 40  # longer than the prompt prefix alone
+    vera = [{"role": "system", "content": site + "You are Vera."}, {"role": "user", "content": "hi"}]
+    ilse = [{"role": "system", "content": site + "You are Ilse."}, {"role": "user", "content": "hi"}]
+    later = [vera[0], {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "and then?"}]
+    assert affinity_key("rendered", vera) != affinity_key("rendered", ilse)
+    assert affinity_key("rendered", vera) == affinity_key("other rendering", later)
+
+
 @pytest.mark.parametrize("options", [{"policy": "random"}, {"load_factor": 0.5}])
 def test_bad_options_are_refused(options):
     with pytest.raises(ValueError):
