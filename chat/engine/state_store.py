@@ -114,6 +114,9 @@ class StateStore:
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush(timeout)
+        if self._queue.unfinished_tasks:  # the disk is slower than the shutdown allows: say so
+            logger.warning("state store: %d state(s) not written within %g s of shutdown", self._queue.unfinished_tasks,
+                           timeout)
         try:
             self._queue.put_nowait(None)
         except queue.Full:
