@@ -86,15 +86,13 @@ class ReplyRecord:
 
 def reply_lookup(plan: ChatPlan, *, tenant: Tenant | None = None, enforce_quotas: bool = True) -> ReplyRecord:
     """A record for `plan`, holding the cached reply when there is one. A reply to generate for a
-    `tenant` is admitted under its quotas now, a slot and max_tokens per choice (QuotaExceeded: 429);
-    `enforce_quotas=False` only meters it."""
+    `tenant` is admitted under its quotas now (QuotaExceeded: 429); `enforce_quotas=False` only meters it."""
     record = ReplyRecord(plan, tenant=tenant)
     with _released_on_error(plan):
         record.completion, record.cache_status = cached_completion(plan)
         if record.completion is None and tenant is not None:
             record.meter = meter_open(tenant=tenant, model=plan.model_name, character=plan.character,
-                                      prompt_tokens=plan.prompt.prompt_tokens, max_tokens=plan.params.max_tokens,
-                                      sequences=plan.choices, enforce=enforce_quotas)
+                                      prompt_tokens=plan.prompt.prompt_tokens, enforce=enforce_quotas)
     return record
 
 
@@ -129,9 +127,8 @@ SEED_RANGE = 2**32  # llama.cpp's sampler seeds are 32-bit
 def reply_start_choices(record: ReplyRecord) -> list:
     """The plan's `choices` generations of the one prompt, with seeds seed, seed+1, ... (a random base when the
     request has no seed), admitted together: the engine evaluates the prompt once and forks the other choices
-    from it (chat/engine/backends/llama_cpp.py). Choice 0 carries the record's meter; each other choice takes
-    one of its slots and max_tokens of its reservation, and charges only its reply tokens, so the prompt is
-    counted once (sync)."""
+    from it (chat/engine/backends/llama_cpp.py). Choice 0 carries the record's meter;
+    the others charge only their reply tokens, so the prompt is counted once (sync)."""
     plan = record.plan
     if plan.choices == 1:
         return [reply_start(record)]
@@ -148,8 +145,7 @@ def reply_start_choices(record: ReplyRecord) -> list:
                 generation = plan.engine.submit(plan.prompt.text, params, owner=record.owner)
                 if record.meter is not None:
                     meter = _ExtraChoiceMeter(tenant=record.meter.tenant, model=record.meter.model,
-                                              character_id=record.meter.character_id, prompt_tokens=0,
-                                              hold=record.meter.hold.split(slots=1, tokens=params.max_tokens))
+                                              character_id=record.meter.character_id, prompt_tokens=0)
                     generation = MeteredGeneration(generation, meter, count_tokens=plan.engine.count_tokens)
                 generations.append(generation)
         except BaseException:

@@ -26,7 +26,7 @@ from .response_cache import HIT, cached_request, request_cache_key
 from .selectors import replies_count, response_id_of, response_message_get
 from .tenancy.metering import MeteredGeneration, meter_open
 from .tenancy.owners import Tenant
-from .tenancy.quotas import quota_admit_job
+from .tenancy.quotas import quota_check_tokens
 from .tooling.calls import tool_reply
 from .tooling.requests import tool_request_of
 
@@ -61,10 +61,8 @@ def chat_completion_create(*, user, api_key: ApiKey | None, data: dict, payload:
     tenant = Tenant(user=user, api_key=api_key, end_user=data.get("user") or "")
     if background:
         plan.release_conversation()  # the worker takes the conversation's lease when it runs the job
-        # Admitted now: its slots count from here (its Job row once committed), its budgets must hold it.
-        with quota_admit_job(tenant, slots=plan.choices,
-                             tokens=plan.prompt.prompt_tokens + plan.params.max_tokens * plan.choices):
-            job = job_submit(user=user, api_key=api_key, payload=payload)
+        quota_check_tokens(tenant)  # the worker meters the job when it runs; its budgets are checked now
+        job = job_submit(user=user, api_key=api_key, payload=payload)
         job.refresh_from_db()  # inline mode (no broker) has already run it
         return ChatCompletionStarted(record=ReplyRecord(plan, tenant=tenant), job=job)
     record = reply_lookup(plan, tenant=tenant)
@@ -121,11 +119,9 @@ def text_generation_start(*, user, api_key: ApiKey | None, data: dict, prompt: s
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=None, engine=engine, legacy=True)
     tenant = Tenant(user=user, api_key=api_key, end_user=data.get("user") or "")
-    prompt = data["prompt"] if prompt is None else prompt
-    meter = meter_open(tenant=tenant, model=engine.spec.name, prompt_tokens=engine.count_tokens(prompt),
-                       max_tokens=params.max_tokens)
+    meter = meter_open(tenant=tenant, model=engine.spec.name)
     try:
-        generation = engine.submit(prompt, params, owner=tenant.owner)
+        generation = engine.submit(data["prompt"] if prompt is None else prompt, params, owner=tenant.owner)
     except BaseException:
         meter.abandon()
         raise

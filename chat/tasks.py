@@ -53,7 +53,7 @@ def job_run(*, job_id: str) -> None:
     try:
         serializer = ChatCompletionRequestSerializer(data=job.request)
         serializer.is_valid(raise_exception=True)
-        # Metered in the usage ledger; admitted under its quotas when it was submitted (its Job row holds its slots).
+        # Metered in the usage ledger; its token budgets were checked when it was submitted.
         plan = chat_request_prepare(user=job.owner, data=serializer.validated_data, lease_holder=f"job:{job.pk}")
         tenant = Tenant(user=job.owner, api_key=job.api_key, end_user=job.request.get("user") or "")
         record = reply_lookup(plan, tenant=tenant, enforce_quotas=False)

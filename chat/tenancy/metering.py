@@ -1,6 +1,6 @@
-"""One generation's tenancy bookkeeping: admitted under the caller's quotas (its slots taken, its most
-tokens reserved), then settled exactly once when it ends (completed, stopped at max_tokens, cancelled or
-failed): its slots released, its reservation replaced by the tokens used, its UsageRecord written.
+"""One generation's tenancy bookkeeping: admitted under the caller's quotas, then settled exactly once
+when it ends (completed, stopped at max_tokens, cancelled or failed): its slot released, its tokens
+charged, its UsageRecord written.
 
 `MeteredGeneration` wraps an engine Generation and settles when iteration ends, on the reader's
 side and after the last token (never per token). An async reader that finishes awaits the write; a
@@ -22,7 +22,7 @@ from django.db import connection
 from chat.models import UsageRecord
 
 from .owners import Tenant
-from .quotas import Hold, quota_admit, quota_count
+from .quotas import NO_SLOT, Slot, quota_admit, tokens_charge
 from .usage import usage_record_write
 
 logger = logging.getLogger("llmsite.usage")
@@ -46,7 +46,7 @@ class Meter:
     model: str
     character_id: int | None
     prompt_tokens: int          # as composed; the completion's own count replaces it when there is one
-    hold: Hold = field(default_factory=Hold)
+    slot: Slot = NO_SLOT
     started: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _settled: bool = False
@@ -59,33 +59,31 @@ class Meter:
             return True
 
     def abandon(self) -> None:
-        """Give the slots and tokens back without a ledger entry: the engine refused the request before generating."""
+        """Give the slot back without a ledger entry: the engine refused the request before generating."""
         if self._claim():
-            self.hold.settle(0)
+            self.slot.release()
 
     def settle(self, *, outcome: str, completion=None, completion_tokens: int = 0) -> None:
-        """Release the slots, charge the tokens used, write the ledger row; once, whatever calls it first."""
+        """Release the slot, charge the tokens, write the ledger row; once, whatever calls it first."""
         if not self._claim():
             return
-        prompt_tokens = completion.prompt_tokens if completion is not None else self.prompt_tokens
-        completion_tokens = completion.completion_tokens if completion is not None else completion_tokens
         try:
-            self.hold.settle(prompt_tokens + completion_tokens)
+            self.slot.release()
         finally:
+            prompt_tokens = completion.prompt_tokens if completion is not None else self.prompt_tokens
+            completion_tokens = completion.completion_tokens if completion is not None else completion_tokens
+            tokens_charge(self.tenant.quota_identity, prompt_tokens + completion_tokens)
             usage_record_write(tenant=self.tenant, model=self.model, character_id=self.character_id,
                                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                duration=time.monotonic() - self.started, outcome=outcome)
 
 
-def meter_open(*, tenant: Tenant, model: str, character=None, prompt_tokens: int = 0, max_tokens: int = 0,
-               sequences: int = 1, enforce: bool = True) -> Meter:
-    """Admit a generation of `sequences` sequences under `tenant`'s quotas (raises QuotaExceeded), reserving
-    prompt_tokens + max_tokens × sequences; enforce=False only counts it (a background job, admitted when
-    it was submitted)."""
-    tokens = prompt_tokens + max_tokens * sequences
-    hold = quota_admit(tenant, slots=sequences, tokens=tokens) if enforce else quota_count(tenant, tokens=tokens)
+def meter_open(*, tenant: Tenant, model: str, character=None, prompt_tokens: int = 0, enforce: bool = True) -> Meter:
+    """Admit a generation under `tenant`'s quotas (raises QuotaExceeded); enforce=False only counts it
+    (a background job, whose budgets were checked when it was submitted)."""
+    slot = quota_admit(tenant) if enforce else NO_SLOT
     return Meter(tenant=tenant, model=model, character_id=getattr(character, "pk", None),
-                 prompt_tokens=prompt_tokens, hold=hold)
+                 prompt_tokens=prompt_tokens, slot=slot)
 
 
 def _settle_partial(meter: Meter, parts: list, count_tokens, outcome: str, completion) -> None:

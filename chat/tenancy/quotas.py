@@ -2,20 +2,12 @@
 
 Limits come from the key (ApiKey.max_concurrent, tokens_per_minute, tokens_per_day); an empty field
 takes the setting (API_KEY_MAX_CONCURRENT, API_KEY_TOKENS_PER_MINUTE, API_KEY_TOKENS_PER_DAY); 0 is no
-limit (the default). A browser session (no key) gets the settings' limits, counted per user.
-
-A request is admitted with a `Hold`: one concurrency slot per sequence it generates (`n` choices take
-n), and its most tokens (prompt + max_tokens × n) reserved in this minute's and this day's budget.
-Admitted only when the reservation fits what is left of both budgets (or nothing was spent in the
-window: a request larger than the whole budget runs alone), so concurrent requests cannot overshoot
-a budget by more than one request's reservation. When a generation ends its Hold is settled: the
-slots are given back and the reservation replaced by the tokens actually used (chat/tenancy/metering.py).
-A background job counts against max_concurrent from its submission until it ends (its Job row, while
-queued or running with a live heartbeat); its token reservation is checked when it is submitted and
-taken when a worker starts it.
-
-Counters are atomic (add + incr, as chat/api/throttling.py); a cache outage admits everything (no
-quota rather than no service), a flushed cache forgets what was spent.
+limit. A browser session (no key) gets the settings' limits, counted per user. A generation is
+admitted when its caller has not spent this minute's or this day's tokens and has a free slot; it
+holds the slot until it ends (released in a finally, chat/tenancy/metering.py) and is charged its
+actual prompt + completion tokens then, so one generation may overshoot a budget and the next is
+refused until the window ends. Counters are atomic (add + incr, as chat/api/throttling.py); a cache
+outage admits everything (no quota rather than no service), a flushed cache forgets what was spent.
 """
 
 from __future__ import annotations
@@ -23,17 +15,12 @@ from __future__ import annotations
 import math
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import Q
-from django.utils import timezone
 
 from chat.errors import ApiError
-from chat.models import Job
 
 from .owners import Tenant
 
@@ -73,176 +60,98 @@ def limits_for(api_key) -> Limits:
                   tokens_per_day=pick("tokens_per_day", "API_KEY_TOKENS_PER_DAY"))
 
 
-# --- Counters on the shared cache -------------------------------------------------------------------
-
-
-def _counter_add(key: str, delta: int, timeout: int) -> int | None:
-    """Add `delta` to a counter, creating it when it is missing and delta > 0; its new value (None: cache down)."""
-    if delta > 0 and cache.add(key, delta, timeout=timeout):
-        return delta
-    try:
-        return cache.incr(key, delta)
-    except ValueError:  # expired meanwhile: a window that ended, or a slot counter past SLOT_TTL
-        if delta > 0 and cache.add(key, delta, timeout=timeout):
-            return delta
-        return None
-
-
 def _tokens_key(identity: str, window: str, period: int, now: float) -> str:
     return f"quota:tokens:{identity}:{window}:{int(now // period)}"
 
 
 def tokens_spent(identity: str, window: str, *, now: float | None = None) -> int:
-    """Tokens charged and reserved in the current window."""
     now = time.time() if now is None else now
     period = dict(WINDOWS)[window]
     return cache.get(_tokens_key(identity, window, period, now)) or 0
 
 
-def _fits(before: int, tokens: int, limit: int) -> bool:
-    """Whether `tokens` more fit a budget with `before` spent: within it, or alone in an empty window."""
-    return not limit or before == 0 or before + tokens <= limit
-
-
-def _refused(limit: int, window: str, period: int, now: float) -> QuotaExceeded:
-    return QuotaExceeded(f"Token quota reached for this API key: {limit} tokens per {window}; retry later.",
-                         code="token_quota_exceeded", retry_after=math.ceil(period - now % period))
-
-
-def tokens_check(identity: str, limits: Limits, *, tokens: int = 0, now: float | None = None) -> None:
-    """Raise QuotaExceeded when `tokens` more do not fit a budget of the current window (nothing is reserved)."""
+def tokens_check(identity: str, limits: Limits, *, now: float | None = None) -> None:
+    """Raise QuotaExceeded when a token budget of the current window is spent."""
     now = time.time() if now is None else now
     for window, period in WINDOWS:
         limit = limits.tokens_per(window)
-        if not _fits(tokens_spent(identity, window, now=now), tokens, limit):
-            raise _refused(limit, window, period, now)
-
-
-def tokens_reserve(identity: str, limits: Limits, tokens: int, *, enforce: bool = True,
-                   now: float | None = None) -> tuple[str, ...]:
-    """Reserve `tokens` in the current minute and day (QuotaExceeded when they do not fit and `enforce`);
-    the keys of the window counters that hold the reservation."""
-    now = time.time() if now is None else now
-    held: list[str] = []
-    for window, period in WINDOWS:
-        key = _tokens_key(identity, window, period, now)
-        after = _counter_add(key, tokens, period + 60)
-        held.append(key)
-        limit = limits.tokens_per(window)
-        if enforce and after is not None and not _fits(after - tokens, tokens, limit):
-            for counted in held:
-                _counter_add(counted, -tokens, period + 60)
-            raise _refused(limit, window, period, now)
-    return tuple(held)
+        if limit and tokens_spent(identity, window, now=now) >= limit:
+            raise QuotaExceeded(f"Token quota reached for this API key: {limit} tokens per {window}; retry later.",
+                                code="token_quota_exceeded", retry_after=math.ceil(period - now % period))
 
 
 def tokens_charge(identity: str, tokens: int, *, now: float | None = None) -> None:
-    """Add tokens used outside any reservation to the current minute and day (whether limited or not)."""
-    if tokens > 0:
-        tokens_reserve(identity, Limits(), tokens, enforce=False, now=now)
+    """Add a finished generation's tokens to the current minute and day (whether limited or not)."""
+    if tokens <= 0:
+        return
+    now = time.time() if now is None else now
+    for window, period in WINDOWS:
+        key = _tokens_key(identity, window, period, now)
+        if cache.add(key, tokens, timeout=period + 60):
+            continue
+        try:
+            cache.incr(key, tokens)
+        except ValueError:  # the window's counter expired between add() and incr()
+            cache.add(key, tokens, timeout=period + 60)
 
 
-# --- Concurrency ------------------------------------------------------------------------------------
+class Slot:
+    """One held concurrency slot; release() is idempotent and safe from any thread."""
+
+    def __init__(self, key: str | None):
+        self.key = key
+        self._lock = threading.Lock()
+        self._held = key is not None
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+        try:
+            left = cache.decr(self.key)
+        except ValueError:  # the counter expired (SLOT_TTL): nothing to give back
+            return
+        if left is not None and left < 0:  # it expired and was recreated meanwhile: never below zero
+            cache.incr(self.key, -left)
+
+
+NO_SLOT = Slot(None)
 
 
 def concurrency_key(identity: str) -> str:
     return f"quota:active:{identity}"
 
 
-def jobs_in_progress(tenant: Tenant) -> int:
-    """The slots the caller's background jobs hold (n each): queued, or running with a live heartbeat."""
-    if getattr(tenant.user, "pk", None) is None:
-        return 0
-    now = timezone.now()
-    mine = Q(api_key=tenant.api_key) if tenant.api_key is not None else Q(owner=tenant.user, api_key=None)
-    alive = Q(status=Job.Status.QUEUED) | Q(status=Job.Status.RUNNING,
-                                             heartbeat_at__gt=now - timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT))
-    choices = Job.objects.filter(mine, alive, expires_at__gt=now).values_list("request__n", flat=True)
-    return sum(n if isinstance(n, int) and n > 0 else 1 for n in choices)
-
-
-def _slots_take(tenant: Tenant, limit: int, slots: int) -> str | None:
-    """Count `slots` more generations of the caller (its running ones and its jobs), or raise QuotaExceeded;
-    the counter's key (None: no limit, or the cache is down)."""
+def slot_acquire(identity: str, limit: int) -> Slot:
+    """Take one of the caller's `limit` slots, or raise QuotaExceeded (no limit: nothing is counted)."""
     if not limit:
-        return None
-    key = concurrency_key(tenant.quota_identity)
-    count = _counter_add(key, slots, SLOT_TTL)
-    if count is None:
-        return None
-    if slots > limit or count + jobs_in_progress(tenant) > limit:
-        _slots_give_back(key, slots)
-        raise QuotaExceeded(f"This API key already has {limit} generation(s) running or queued"
-                            f"{f' (this request needs {slots})' if slots > 1 else ''}; retry when one ends.",
+        return NO_SLOT
+    key = concurrency_key(identity)
+    if cache.add(key, 1, timeout=SLOT_TTL):
+        return Slot(key)
+    try:
+        count = cache.incr(key)
+    except ValueError:  # expired between add() and incr()
+        cache.add(key, 1, timeout=SLOT_TTL)
+        return Slot(key)
+    if count is None:  # the cache is down (django-redis ignores its errors)
+        return NO_SLOT
+    slot = Slot(key)
+    if count > limit:
+        slot.release()
+        raise QuotaExceeded(f"This API key already has {limit} generation(s) running; retry when one ends.",
                             code="concurrency_limit_exceeded", retry_after=CONCURRENCY_RETRY_AFTER)
-    return key
+    return slot
 
 
-def _slots_give_back(key: str | None, slots: int) -> None:
-    if key is None or not slots:
-        return
-    left = _counter_add(key, -slots, SLOT_TTL)
-    if left is not None and left < 0:  # it expired and was recreated meanwhile: never below zero
-        cache.incr(key, -left)
-
-
-class Hold:
-    """What one admitted request holds until it ends: `slots` of its caller's concurrency and `tokens`
-    reserved in the windows it was admitted in. settle() is idempotent and safe from any thread."""
-
-    def __init__(self, *, slot_key: str | None = None, slots: int = 0, tokens: int = 0,
-                 token_keys: tuple[str, ...] = ()):
-        self.slot_key, self.slots, self.tokens, self.token_keys = slot_key, slots, tokens, token_keys
-        self._lock = threading.Lock()
-        self._settled = False
-
-    def split(self, *, slots: int, tokens: int) -> "Hold":
-        """Hand part of this hold to another sequence of the same request, which settles it on its own."""
-        with self._lock:
-            slots, tokens = min(slots, self.slots), min(tokens, self.tokens)
-            self.slots -= slots
-            self.tokens -= tokens
-        return Hold(slot_key=self.slot_key, slots=slots, tokens=tokens, token_keys=self.token_keys)
-
-    def settle(self, used_tokens: int = 0) -> None:
-        """Give the slots back and replace the reservation by the tokens used (0: given back whole)."""
-        with self._lock:
-            if self._settled:
-                return
-            self._settled = True
-        try:
-            _slots_give_back(self.slot_key, self.slots)
-        finally:
-            for key, (_, period) in zip(self.token_keys, WINDOWS):
-                _counter_add(key, used_tokens - self.tokens, period + 60)
-
-
-def quota_admit(tenant: Tenant, *, slots: int = 1, tokens: int = 0, now: float | None = None) -> Hold:
-    """Admit a request of `tenant` generating `slots` sequences and at most `tokens` (raises QuotaExceeded)."""
+def quota_admit(tenant: Tenant, *, now: float | None = None) -> Slot:
+    """Admit one generation of `tenant` (raises QuotaExceeded); the caller releases the slot when it ends."""
     limits = limits_for(tenant.api_key)
-    slot_key = _slots_take(tenant, limits.max_concurrent, slots)
-    try:
-        token_keys = tokens_reserve(tenant.quota_identity, limits, tokens, now=now)
-    except BaseException:
-        _slots_give_back(slot_key, slots)
-        raise
-    return Hold(slot_key=slot_key, slots=slots if slot_key else 0, tokens=tokens, token_keys=token_keys)
+    tokens_check(tenant.quota_identity, limits, now=now)
+    return slot_acquire(tenant.quota_identity, limits.max_concurrent)
 
 
-def quota_count(tenant: Tenant, *, tokens: int = 0) -> Hold:
-    """A hold that only counts (a background job, admitted when submitted): its tokens reserved, never refused."""
-    keys = tokens_reserve(tenant.quota_identity, Limits(), tokens, enforce=False)
-    return Hold(tokens=tokens, token_keys=keys)
-
-
-@contextmanager
-def quota_admit_job(tenant: Tenant, *, slots: int = 1, tokens: int = 0):
-    """Admit a background job of `tenant` (raises QuotaExceeded): its budgets must hold `tokens`, and its
-    slots count as taken during the block, while the job is created and committed; from then its Job row counts."""
-    limits = limits_for(tenant.api_key)
-    tokens_check(tenant.quota_identity, limits, tokens=tokens)
-    slot_key = _slots_take(tenant, limits.max_concurrent, slots)
-    try:
-        yield
-    finally:
-        _slots_give_back(slot_key, slots)
+def quota_check_tokens(tenant: Tenant) -> None:
+    """The token budgets alone: for work that will run later (a background job)."""
+    tokens_check(tenant.quota_identity, limits_for(tenant.api_key))
