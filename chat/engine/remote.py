@@ -66,8 +66,6 @@ CHARS_PER_TOKEN = 4  # the estimate when the upstream has no tokenize endpoint (
 TOKEN_CACHE_SIZE = 256  # texts whose token counts are remembered (history turns repeat every request)
 HEALTH_INTERVAL = 10.0  # seconds between health probes of each upstream
 HEALTH_TIMEOUT = 2.0  # seconds one probe may take: a hung upstream is down, and delays no other's probe
-FOLLOW_WAIT = 60.0  # seconds a request of a new prompt prefix waits for the first one's prompt to be evaluated
-WARM_KEYS = 4096  # prompt prefixes (affinity keys) remembered as evaluated upstream: their requests never wait
 
 
 class RenderedChat(str):
@@ -207,7 +205,6 @@ class _Request:
         self.chat = chat
         self.prompt_tokens = prompt_tokens
         self.key = key  # what routes it (chat/engine/routing.py)
-        self.pioneer: threading.Event | None = None  # set once its prompt is evaluated, when it is its key's first
         self.parts: list[str] = []  # text pushed so far, over every upstream that served it
         self.pieces = 0
         self.attempts = 0  # upstreams that began streaming it
@@ -340,8 +337,6 @@ class RemoteEngine(EngineProtocol):
         self._lock = threading.Condition()
         self._pending = AdmissionQueue()  # requests waiting for a worker, fair between owners
         self._active_by_owner: Counter[str] = Counter()
-        self._pioneers: dict[str, threading.Event] = {}  # key -> set once its first request's prompt is evaluated
-        self._warm: OrderedDict[str, None] = OrderedDict()  # keys evaluated upstream recently (LRU)
         self._requests: set[_Request] = set()  # submitted and not finished
         self._workers: list[threading.Thread] = []
         self._idle_workers = 0
@@ -522,13 +517,11 @@ class RemoteEngine(EngineProtocol):
                 self._counters["requests"] += 1
                 self._counters["peak_active"] = max(self._counters["peak_active"], self._active)
             try:
-                self._follow_pioneer(request)
                 self._serve(request)
             except Exception:
                 logger.exception("model %r: remote generation failed", self.spec.name)
                 self._fail(request, GenerationFailed(self.spec.name))
             finally:
-                self._prefix_evaluated(request)  # however it ended: nobody waits for it any longer
                 with self._lock:
                     self._active -= 1
                     self._active_by_owner[request.owner] -= 1
@@ -536,35 +529,6 @@ class RemoteEngine(EngineProtocol):
                         del self._active_by_owner[request.owner]
                     self._requests.discard(request)
                 request.accepted.set()
-
-    def _follow_pioneer(self, request: _Request) -> None:
-        """The first request of a prompt prefix nobody has evaluated yet (a character's first users at once) goes
-        alone; the others of that prefix wait until its prompt is evaluated (its first token, at most FOLLOW_WAIT),
-        then follow it to the same upstream (affinity) and find the prefix in its cache instead of evaluating it
-        beside it. Only `routing: affinity`; keys once evaluated never wait again."""
-        if request.key is None or self._pool.router.policy != "affinity":
-            return
-        with self._lock:
-            if request.key in self._warm:
-                self._warm.move_to_end(request.key)
-                return
-            pioneer = self._pioneers.get(request.key)
-            if pioneer is None:
-                self._pioneers[request.key] = request.pioneer = threading.Event()
-                return
-        pioneer.wait(FOLLOW_WAIT)
-
-    def _prefix_evaluated(self, request: _Request) -> None:
-        """The request's prompt was evaluated (or it ended): its followers go, and its key is warm."""
-        if request.pioneer is None:
-            return
-        with self._lock:
-            self._pioneers.pop(request.key, None)
-            self._warm[request.key] = None
-            while len(self._warm) > WARM_KEYS:
-                self._warm.popitem(last=False)
-        request.pioneer.set()
-        request.pioneer = None
 
     def _serve(self, request: _Request) -> None:
         tried, reason = [], "no upstream server is configured."
@@ -688,7 +652,6 @@ class RemoteEngine(EngineProtocol):
                     piece = _without_echo(request, piece) if request.echo and piece else piece
                     logprobs = _token_logprobs(choice.get("logprobs")) if request.body.get("logprobs") else ()
                     if piece or logprobs:
-                        self._prefix_evaluated(request)
                         request.logprobs.extend(logprobs)
                         if piece:
                             parts.append(piece)

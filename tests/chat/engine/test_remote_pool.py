@@ -3,7 +3,6 @@ admission between owners. The upstream servers are outside the project; everythi
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -123,34 +122,6 @@ def test_workers_take_requests_fairly_between_owners(upstreams, engines):
         "".join(generation)
     order = [body["messages"][-1]["content"] for body in upstream.requests]
     assert order == ["flood 1", "polite 1", "flood 2", "flood 3", "flood 4"]
-
-
-# -- a new prompt prefix goes alone first -----------------------------------------------------------------------
-
-
-def test_a_new_prefix_goes_alone_and_its_followers_wait_for_its_prompt_to_be_evaluated(upstreams, engines):
-    upstream = upstreams()
-    upstream.gate.clear()  # the first reply's prompt is "being evaluated" until the gate opens
-    engine = engines(upstream)
-    params = SamplingParams(max_tokens=8)
-
-    def ask(system: str, text: str):
-        return engine.submit(engine.render_chat([{"role": "system", "content": system},
-                                                 {"role": "user", "content": text}]), params)
-
-    first = ask("You are Vera, a lighthouse keeper.", "Hello")
-    follower = threading.Thread(target=lambda: "".join(ask("You are Vera, a lighthouse keeper.", "Hi there")))
-    follower.start()
-    other = ask("You are Ilse, a glacier researcher.", "Hello")  # another prefix: it does not wait
-    assert wait_until(lambda: len(upstream.requests) == 2)
-    time.sleep(0.5)
-    assert [body["messages"][-1]["content"] for body in upstream.requests] == ["Hello", "Hello"]  # no follower yet
-    upstream.gate.set()
-    assert "".join(first) and "".join(other)
-    follower.join(30)
-    assert [body["messages"][-1]["content"] for body in upstream.requests][2:] == ["Hi there"]
-    "".join(ask("You are Vera, a lighthouse keeper.", "Again"))  # a warm prefix: straight through
-    assert len(upstream.requests) == 4
 
 
 def test_a_grammar_is_refused_for_an_upstream_that_would_not_enforce_it(upstreams, engines):
