@@ -531,9 +531,16 @@ class RemoteEngine(EngineProtocol):
                 request.accepted.set()
 
     def _serve(self, request: _Request) -> None:
-        tried, reason = [], "no upstream server is configured."
         # The first choice is counted in flight by the same lock that chose it (bounded load holds under bursts).
-        for attempt, upstream in enumerate(self._pool.candidates(key=request.key, begin=True)):
+        candidates = self._pool.candidates(key=request.key, begin=True)
+        try:
+            self._attempts(request, candidates)
+        finally:
+            self._pool.settled(request.key, candidates[0])
+
+    def _attempts(self, request: _Request, candidates: list[Upstream]) -> None:
+        tried, reason = [], "no upstream server is configured."
+        for attempt, upstream in enumerate(candidates):
             if attempt:
                 self._pool.began(upstream)
             body = None if request.cancelled else self._attempt_body(request)

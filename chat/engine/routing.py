@@ -21,6 +21,9 @@ import threading
 POLICIES = ("affinity", "round_robin")
 VIRTUAL_NODES = 64  # points per upstream on the ring: keeps the shares within a few percent of 1/N
 LOAD_FACTOR = 1.25  # no upstream above 1.25× the mean of in-flight requests (with the new one counted)
+# ...except for a key already in flight there (its prefix is being evaluated or cached there), up to 2× the mean:
+# the bound spreads keys, not the requests of one key (few characters hash unevenly onto few upstreams).
+HOME_LOAD_FACTOR = 2.0
 AFFINITY_PREFIX_CHARS = 512  # how much of the rendered prompt keys the choice
 
 
@@ -69,15 +72,17 @@ class Router:
                     break
         return order
 
-    def capacity(self, in_flight: list[int]) -> int:
+    def capacity(self, in_flight: list[int], *, factor: float | None = None) -> int:
         """The most requests one upstream may hold, the new one included."""
-        return max(1, math.ceil(self.load_factor * (sum(in_flight) + 1) / len(self.labels)))
+        factor = self.load_factor if factor is None else factor
+        return max(1, math.ceil(factor * (sum(in_flight) + 1) / len(self.labels)))
 
-    def order(self, key: str | None, in_flight: list[int]) -> list[int]:
+    def order(self, key: str | None, in_flight: list[int], *, home: int | None = None) -> list[int]:
         """Upstream indices to try for one request, best first; `in_flight[i]` is upstream i's open requests.
 
         Affinity: the key's preference list with the upstreams at capacity moved behind the others
-        (they stay failover candidates). Round-robin (or no key): the next rotation.
+        (they stay failover candidates); `home`, the upstream serving other requests of this key now, first while
+        it holds under HOME_LOAD_FACTOR x the mean. Round-robin (or no key): the next rotation.
         """
         count = len(self.labels)
         if self.policy == "round_robin" or key is None:
@@ -85,6 +90,8 @@ class Router:
                 start = next(self._rotation) % count
             return [(start + step) % count for step in range(count)]
         preferred = self.preference(key)
+        if home is not None and in_flight[home] < self.capacity(in_flight, factor=max(HOME_LOAD_FACTOR, self.load_factor)):
+            return [home] + [index for index in preferred if index != home]  # `home` serves this key right now
         limit = self.capacity(in_flight)
         below = [index for index in preferred if in_flight[index] < limit]
         return below + [index for index in preferred if index not in below]

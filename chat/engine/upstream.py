@@ -71,6 +71,7 @@ class UpstreamPool:
             raise ValueError("at least one upstream URL is needed")
         self.retry_after = retry_after
         self.router = Router([upstream.root for upstream in self.upstreams], policy=routing)
+        self._homes: dict[str, list[int]] = {}  # key -> [upstream index, its requests chosen there and not settled]
         self._next = 0
         self._lock = threading.Lock()
 
@@ -90,7 +91,9 @@ class UpstreamPool:
         now = time.monotonic()
         with self._lock:
             if rotate:
-                order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams])
+                home = self._homes.get(key) if key is not None else None
+                order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams],
+                                          home=home[0] if home else None)
             else:
                 order = [(self._next + step) % len(self.upstreams) for step in range(len(self.upstreams))]
             self._next = (order[0] + 1) % len(self.upstreams)
@@ -102,7 +105,20 @@ class UpstreamPool:
             chosen = up + due if up or due else [min(rotated, key=lambda upstream: upstream.down_until)]
             if begin:
                 self._begin(chosen[0])
+                if key is not None:  # the key's home while any of its requests is open (see settled)
+                    index = self.upstreams.index(chosen[0])
+                    home = self._homes.setdefault(key, [index, 0])
+                    home[1] += home[0] == index
             return chosen
+
+    def settled(self, key: str | None, upstream: Upstream) -> None:
+        """A request chosen with begin=True for `key` on `upstream` is over (whatever became of it)."""
+        with self._lock:
+            home = self._homes.get(key)
+            if home is not None and self.upstreams[home[0]] is upstream:
+                home[1] -= 1
+                if home[1] <= 0:
+                    del self._homes[key]
 
     def succeeded(self, upstream: Upstream) -> None:
         with self._lock:
