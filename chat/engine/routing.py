@@ -21,9 +21,10 @@ import threading
 POLICIES = ("affinity", "round_robin")
 VIRTUAL_NODES = 64  # points per upstream on the ring: keeps the shares within a few percent of 1/N
 LOAD_FACTOR = 1.25  # no upstream above 1.25× the mean of in-flight requests (with the new one counted)
-# ...except for a key already in flight there (its prefix is being evaluated or cached there), up to 2× the mean:
-# the bound spreads keys, not the requests of one key (few characters hash unevenly onto few upstreams).
-HOME_LOAD_FACTOR = 2.0
+# ...except for a key already in flight there (its prefix is being evaluated or cached there), up to 1.5× the mean:
+# the bound spreads keys, not the requests of one key (few characters hash unevenly onto few upstreams). Under 2×,
+# so that with 2 upstreams one key (a site system prompt every request shares) still reaches both.
+HOME_LOAD_FACTOR = 1.5
 AFFINITY_PREFIX_CHARS = 512  # how much of the rendered prompt keys the choice
 
 
