@@ -1,6 +1,9 @@
-"""The Django adapter to the engine: the process's model registry, built from config.yaml on first use.
+"""The Django adapter to the engine: the process's model registry, built from config.yaml on first use, and
+whether the process still admits new generations (the drain after SIGTERM, `manage.py serve`).
 
-Django code gets engines through `get_engine(name)`; chat/engine itself knows nothing of Django.
+Django code gets engines through `get_engine(name)`; chat/engine itself knows nothing of Django. The drain flag
+is set by the launcher (chat/ops/drain.py) and read by every surface that admits work (HTTP middleware,
+WebSocket consumer).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from django.conf import settings
 from django.core.signals import setting_changed
@@ -18,6 +22,28 @@ from .engine import ModelRegistry
 logger = logging.getLogger("llmsite.models")
 _registry = None
 _registry_lock = threading.Lock()
+
+DRAIN_RETRY_AFTER_SECONDS = 5  # a client retrying after this reaches another instance through the balancer
+_drain_lock = threading.Lock()
+_draining_since: float | None = None
+
+
+def drain_begin() -> None:
+    global _draining_since
+    with _drain_lock:
+        if _draining_since is None:
+            _draining_since = time.monotonic()
+
+
+def drain_reset() -> None:
+    """Admit again (tests)."""
+    global _draining_since
+    with _drain_lock:
+        _draining_since = None
+
+
+def is_draining() -> bool:
+    return _draining_since is not None
 
 
 def get_registry():

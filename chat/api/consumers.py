@@ -20,7 +20,9 @@ A reply is answered {"type": "start", kind, conversation, text (so far, per choi
 "index", "text"}..., then {"type": "end", text, finish_reason, usage, scenarios, conversation, messages,
 stopped} or {"type": "error", "status", "error"}. Each generating message spends the sender's rate limit
 like an HTTP request and each reply is admitted under the sender's quotas (429 error event with
-retry_after). A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed.
+retry_after). A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed. While the
+instance drains (SIGTERM) a generating message gets a 503 error event, code "draining", and the socket is
+closed with 1012 (service restart): the client reconnects to another instance; running replies go on.
 
 Closing the socket (or the page) does not end a reply: it goes on, for at most REPLY_DETACHED_SECONDS, and
 is stored (chat/trees/running.py); a message with "on_disconnect": "cancel" is cancelled instead. Auth:
@@ -38,7 +40,8 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from rest_framework.exceptions import Throttled, ValidationError
 
-from chat.errors import PayloadTooLarge, error_from_exception
+from chat.engines import DRAIN_RETRY_AFTER_SECONDS, is_draining
+from chat.errors import PayloadTooLarge, ServiceUnavailable, error_from_exception
 from chat.selectors import user_display_name
 from chat.trees.operations import (chat_reply_run, message_delete, message_edit, message_select, reply_continue,
                                    reply_regenerate, reply_stop, running_reply_of)
@@ -56,6 +59,7 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "speaker"
 NEW_CONVERSATION = "new_conversation"
 GENERATING = ("message", "regenerate", "edit", "continue")
 OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATION)
+CLOSE_SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; a client reconnects (to another instance)
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -94,6 +98,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": NEW_CONVERSATION})
             return
         if kind in GENERATING:
+            if is_draining():
+                await self.send_error(ServiceUnavailable("This instance is shutting down; reconnect and retry.",
+                                                         code="draining"), retry_after=DRAIN_RETRY_AFTER_SECONDS)
+                await self.close(code=CLOSE_SERVICE_RESTART)
+                return
             if self.watching:
                 await self.send_error(ValidationError({"content": "wait for the current reply to finish."}))
                 return

@@ -151,6 +151,8 @@ class Engine(EngineProtocol):
         # A stream waits (wait_admitted) for its slot before its response starts: up to queue_timeout, after
         # which the scheduler fails it with EngineOverloaded, or MAX_ADMISSION_WAIT without a queue_timeout.
         admission_wait = self.spec.queue_timeout + 1.0 if self.spec.queue_timeout else MAX_ADMISSION_WAIT
+        with self._use() as backend:  # a file read, here rather than in the scheduler's decode loop
+            saved_state = backend.saved_state_for(tokens)
         generation = Generation(uuid.uuid4().hex, on_cancel=self._scheduler.wake, queued=True,
                                 admission_wait=admission_wait)
         seq = Sequence(
@@ -161,6 +163,7 @@ class Engine(EngineProtocol):
             assembler=TextAssembler(params.stop),
             logprob_track=LogprobTrack() if params.logprobs is not None else None,
             owner=owner,
+            saved_state=saved_state,
         )
         self._scheduler.submit(seq)
         return generation

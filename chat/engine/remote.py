@@ -12,8 +12,10 @@ they are rendered or sent (chat/engine/prompt.py `neutralized`), so only markup 
 
 Upstreams are chosen by chat/engine/routing.py (`routing:` affinity by prompt prefix, or round_robin);
 an upstream that fails before or during a reply hands the request to the next one (a reply already
-begun continues there from its partial text, so nothing is lost or repeated), and a health check
-thread probes each upstream's /health every HEALTH_INTERVAL seconds.
+begun continues there from its partial text, so nothing is lost or repeated; except under a grammar or with
+tool calls under way, which fail), and a health check thread probes every upstream's /health every
+HEALTH_INTERVAL seconds, side by side. Requests wait for a worker (max_connections) in an AdmissionQueue:
+fair between owners, as the local engine's slots.
 
 Each request streams (SSE) from a worker thread into a Generation. Cancelling the generation shuts
 the upstream connection, so the upstream stops generating. `submit` waits until an idle worker's
@@ -33,10 +35,12 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 
+from .admission import AdmissionQueue
 from .chat_template import CHATML_TEMPLATE, ChatTemplate
 from .errors import (
     ContextOverflow,
@@ -61,6 +65,7 @@ _TAG_LITERAL = re.compile(r"<\|[^\s<>|]{1,64}\|>|<[A-Za-z_/][^\s<>'\"]{0,40}>|\[
 CHARS_PER_TOKEN = 4  # the estimate when the upstream has no tokenize endpoint (English prose averages ~4)
 TOKEN_CACHE_SIZE = 256  # texts whose token counts are remembered (history turns repeat every request)
 HEALTH_INTERVAL = 10.0  # seconds between health probes of each upstream
+HEALTH_TIMEOUT = 2.0  # seconds one probe may take: a hung upstream is down, and delays no other's probe
 
 
 class RenderedChat(str):
@@ -192,8 +197,10 @@ def _is_token_list(value) -> bool:
 class _Request:
     """One submitted request on its way through a worker thread."""
 
-    def __init__(self, *, path: str, body: dict, chat: bool, prompt_tokens: int, key: str | None = None):
+    def __init__(self, *, path: str, body: dict, chat: bool, prompt_tokens: int, key: str | None = None,
+                 owner: str = ""):
         self.path = path
+        self.owner = owner  # whose request it is: workers take requests fairly between owners (admission.py)
         self.body = body
         self.chat = chat
         self.prompt_tokens = prompt_tokens
@@ -297,9 +304,10 @@ def _sse_events(lines):
 class RemoteEngine(EngineProtocol):
     """A model served by a pool of OpenAI-compatible servers. Thread-safe; an EngineProtocol like Engine."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, *, health_interval: float = HEALTH_INTERVAL):
         self.spec = spec
         self.context_length = spec.context_length
+        self._health_interval = health_interval
         self._pool = UpstreamPool(spec.base_urls, routing=spec.routing)
         self._remote_model = spec.remote_model or spec.name
         headers = {"Accept": "text/event-stream"}
@@ -327,7 +335,8 @@ class RemoteEngine(EngineProtocol):
         self._tokenizer = RemoteTokenizer(pool=self._pool, client=self._token_client, model=self._remote_model,
                                           headers=self._tokenizer_headers)
         self._lock = threading.Condition()
-        self._pending: deque[_Request] = deque()
+        self._pending = AdmissionQueue()  # requests waiting for a worker, fair between owners
+        self._active_by_owner: Counter[str] = Counter()
         self._requests: set[_Request] = set()  # submitted and not finished
         self._workers: list[threading.Thread] = []
         self._idle_workers = 0
@@ -402,12 +411,16 @@ class RemoteEngine(EngineProtocol):
         """
         if self._closed:
             raise EngineClosed(f"Model {self.spec.name!r} is shutting down.")
+        if params.grammar and self._tokenizer.dialect_now() in ("vllm", "estimate"):
+            # Only llama.cpp servers enforce the `grammar` field; another would answer unconstrained text.
+            raise UnsupportedFeature("response_format and forced tool calls need a llama.cpp upstream "
+                                     "(llama-server) for this model; its upstream does not enforce them.")
         count = len(self.prompt_tokens(prompt))
         if count + 1 > self.context_length:
             raise ContextOverflow(count, self.context_length)
         chat = isinstance(prompt, RenderedChat) and bool(prompt.messages) and self.spec.remote_api == "chat"
         request = _Request(path="/v1/chat/completions" if chat else "/v1/completions", chat=chat, prompt_tokens=count,
-                           key=affinity_key(prompt),
+                           key=affinity_key(prompt, getattr(prompt, "messages", ())), owner=owner,
                            body=self._body(prompt, params, chat=chat,
                                            max_tokens=min(params.max_tokens, self.context_length - count)))
         request.generation = Generation(uuid.uuid4().hex, on_cancel=request.cancel)
@@ -447,7 +460,7 @@ class RemoteEngine(EngineProtocol):
             self._closed = True
             self._stopping.set()
             requests, workers = list(self._requests), list(self._workers)
-            self._pending.clear()
+            self._pending.drain()
             self._lock.notify_all()
         for request in requests:
             self._fail(request, EngineClosed(f"Model {self.spec.name!r} was shut down."))
@@ -498,7 +511,8 @@ class RemoteEngine(EngineProtocol):
                 self._idle_workers -= 1
                 if self._closed:
                     return
-                request = self._pending.popleft()
+                request = self._pending.pop_next(self._active_by_owner)
+                self._active_by_owner[request.owner] += 1
                 self._active += 1
                 self._counters["requests"] += 1
                 self._counters["peak_active"] = max(self._counters["peak_active"], self._active)
@@ -510,21 +524,32 @@ class RemoteEngine(EngineProtocol):
             finally:
                 with self._lock:
                     self._active -= 1
+                    self._active_by_owner[request.owner] -= 1
+                    if not self._active_by_owner[request.owner]:
+                        del self._active_by_owner[request.owner]
                     self._requests.discard(request)
                 request.accepted.set()
 
     def _serve(self, request: _Request) -> None:
+        # The first choice is counted in flight by the same lock that chose it (bounded load holds under bursts).
+        candidates = self._pool.candidates(key=request.key, begin=True)
+        try:
+            self._attempts(request, candidates)
+        finally:
+            self._pool.settled(request.key, candidates[0])
+
+    def _attempts(self, request: _Request, candidates: list[Upstream]) -> None:
         tried, reason = [], "no upstream server is configured."
-        for upstream in self._pool.candidates(key=request.key):
-            if request.cancelled:
-                self._finish(request, "", "cancelled", 0)
-                return
-            body = self._attempt_body(request)
-            if body is None:  # a continued reply already used up max_tokens
-                self._finish(request, "".join(request.parts), "length", request.pieces)
+        for attempt, upstream in enumerate(candidates):
+            if attempt:
+                self._pool.began(upstream)
+            body = None if request.cancelled else self._attempt_body(request)
+            if body is None:  # cancelled, or a continued reply already used up max_tokens
+                self._pool.withdrawn(upstream)
+                self._finish(request, "".join(request.parts), "cancelled" if request.cancelled else "length",
+                             request.pieces)
                 return
             started, failed = time.monotonic(), True
-            self._pool.began(upstream)
             try:
                 try:
                     response = self._client.send(
@@ -664,31 +689,42 @@ class RemoteEngine(EngineProtocol):
 
     def _broke_off(self, request: _Request, upstream: Upstream, reason: str) -> str | None:
         """After an upstream failed mid-reply: the reason (the next upstream continues the reply), or None
-        once the request has failed (a reply with tool calls under way cannot be continued elsewhere)."""
-        if request.tool_calls_seen:
+        once the request has failed. A reply with tool calls under way cannot be continued elsewhere, nor one under
+        a grammar (response_format, a forced tool call) once text was sent: the next upstream would start the
+        grammar over after the partial text, and the joined reply would not match it."""
+        if request.tool_calls_seen or (request.body.get("grammar") and request.parts):
             self._fail(request, ModelUnavailable(self.spec.name, upstream.label,
                                                  f"the upstream server {reason}."))
             return None
         return reason
 
     def _check_health(self) -> None:
-        """Probe each upstream's /health on a timer: a failed one is skipped until it answers again."""
-        while not self._stopping.wait(HEALTH_INTERVAL):
-            for upstream in self._pool.upstreams:
-                try:
-                    status = self._token_client.get(upstream.root + "/health", headers=self._tokenizer_headers).status_code
-                except httpx.HTTPError:
-                    status = None
-                except RuntimeError:  # the client was closed under us
-                    return
-                if status is None or status in (502, 503, 504):  # 503: llama-server still loading its model
-                    if upstream.up:
-                        logger.warning("model %r: upstream %s failed its health check (%s)", self.spec.name,
-                                       upstream.label, f"HTTP {status}" if status else "no answer")
-                    self._pool.failed(upstream)
-                elif not upstream.up:  # 200, or 404/501 from a server without /health: it answers
-                    logger.info("model %r: upstream %s answers again", self.spec.name, upstream.label)
-                    self._pool.succeeded(upstream)
+        """Probe every upstream's /health on a timer, all at once, each within HEALTH_TIMEOUT: a failed one is
+        skipped until it answers again."""
+        upstreams = self._pool.upstreams
+        with ThreadPoolExecutor(max_workers=len(upstreams), thread_name_prefix=f"remote-{self.spec.name}-probe") as probes:
+            while not self._stopping.wait(self._health_interval):
+                probing = {probes.submit(self._probe, upstream): upstream for upstream in upstreams}
+                for done in as_completed(probing):  # each as it answers: a hung one holds up no other
+                    upstream, status = probing[done], done.result()
+                    if self._stopping.is_set():
+                        return
+                    if status is None or status in (502, 503, 504):  # 503: llama-server still loading its model
+                        if upstream.up:
+                            logger.warning("model %r: upstream %s failed its health check (%s)", self.spec.name,
+                                           upstream.label, f"HTTP {status}" if status else "no answer")
+                        self._pool.failed(upstream)
+                    elif not upstream.up:  # 200, or 404/501 from a server without /health: it answers
+                        logger.info("model %r: upstream %s answers again", self.spec.name, upstream.label)
+                        self._pool.succeeded(upstream)
+
+    def _probe(self, upstream: Upstream) -> int | None:
+        """The HTTP status of the upstream's /health, None when it does not answer within HEALTH_TIMEOUT."""
+        try:
+            return self._token_client.get(upstream.root + "/health", headers=self._tokenizer_headers,
+                                          timeout=HEALTH_TIMEOUT).status_code
+        except (httpx.HTTPError, RuntimeError):  # RuntimeError: the client was closed under us (shutdown)
+            return None
 
     def _error_in_stream(self, upstream: Upstream, chunk: dict, prompt_tokens: int) -> EngineError:
         raw = json.dumps(chunk).encode()

@@ -1,8 +1,8 @@
 """Which upstream serves a request: prefix affinity (consistent hashing with bounded load) or round-robin.
 
 Pure Python, no I/O: `Router.order(key, in_flight)` returns the upstream indices to try, first
-choice first, failover candidates after. With affinity, a request's key (the start of its
-rendered prompt: character and system prompt, then conversation) picks its place on a hash ring
+choice first, failover candidates after. With affinity, a request's key (its first system message: system
+prompt and character; else the start of its prompt) picks its place on a hash ring
 of virtual nodes; walking the ring clockwise gives a stable preference list per key, so the same
 character keeps landing on the upstream whose prompt cache already holds it, and adding or removing
 an upstream moves only about 1/N of the keys. Bounded load (Mirrokni et al., "Consistent Hashing
@@ -21,6 +21,10 @@ import threading
 POLICIES = ("affinity", "round_robin")
 VIRTUAL_NODES = 64  # points per upstream on the ring: keeps the shares within a few percent of 1/N
 LOAD_FACTOR = 1.25  # no upstream above 1.25× the mean of in-flight requests (with the new one counted)
+# ...except for a key already in flight there (its prefix is being evaluated or cached there), up to 1.5× the mean:
+# the bound spreads keys, not the requests of one key (few characters hash unevenly onto few upstreams). Under 2×,
+# so that with 2 upstreams one key (a site system prompt every request shares) still reaches both.
+HOME_LOAD_FACTOR = 1.5
 AFFINITY_PREFIX_CHARS = 512  # how much of the rendered prompt keys the choice
 
 
@@ -28,8 +32,12 @@ def _point(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def affinity_key(prompt: str, *, chars: int = AFFINITY_PREFIX_CHARS) -> str:
-    """The part of a rendered prompt that picks its upstream: its first `chars` characters."""
+def affinity_key(prompt: str, messages=(), *, chars: int = AFFINITY_PREFIX_CHARS) -> str:
+    """The part of a prompt that picks its upstream: its first message, whole, when that is a system message (the
+    system prompt and the character's profile: the same for every turn of every conversation with a character,
+    different between characters even behind a long shared site prompt); else its first `chars` characters."""
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        return "system\n" + messages[0]["content"]
     return str(prompt)[:chars]
 
 
@@ -65,15 +73,17 @@ class Router:
                     break
         return order
 
-    def capacity(self, in_flight: list[int]) -> int:
+    def capacity(self, in_flight: list[int], *, factor: float | None = None) -> int:
         """The most requests one upstream may hold, the new one included."""
-        return max(1, math.ceil(self.load_factor * (sum(in_flight) + 1) / len(self.labels)))
+        factor = self.load_factor if factor is None else factor
+        return max(1, math.ceil(factor * (sum(in_flight) + 1) / len(self.labels)))
 
-    def order(self, key: str | None, in_flight: list[int]) -> list[int]:
+    def order(self, key: str | None, in_flight: list[int], *, home: int | None = None) -> list[int]:
         """Upstream indices to try for one request, best first; `in_flight[i]` is upstream i's open requests.
 
         Affinity: the key's preference list with the upstreams at capacity moved behind the others
-        (they stay failover candidates). Round-robin (or no key): the next rotation.
+        (they stay failover candidates); `home`, the upstream serving other requests of this key now, first while
+        it holds under HOME_LOAD_FACTOR x the mean. Round-robin (or no key): the next rotation.
         """
         count = len(self.labels)
         if self.policy == "round_robin" or key is None:
@@ -81,6 +91,8 @@ class Router:
                 start = next(self._rotation) % count
             return [(start + step) % count for step in range(count)]
         preferred = self.preference(key)
+        if home is not None and in_flight[home] < self.capacity(in_flight, factor=max(HOME_LOAD_FACTOR, self.load_factor)):
+            return [home] + [index for index in preferred if index != home]  # `home` serves this key right now
         limit = self.capacity(in_flight)
         below = [index for index in preferred if in_flight[index] < limit]
         return below + [index for index in preferred if index not in below]

@@ -1,13 +1,15 @@
 """Saved sequence states on disk: per-conversation KV that outlives slot eviction and restarts.
 
 A bounded directory of files, each holding one evaluated token prefix and its state (the bytes of
-`llama_state_seq_get_data`), keyed by the model file's fingerprint and the tokens. Beside the
-in-memory PrefixCache (prefix_cache.py): the engine puts a state here when it reclaims a slot and
-at shutdown, and looks here when memory has no match. Writes go through one writer thread with a
-bounded queue, so `put` never blocks the decode loop (a full queue drops the write). A file that
-is corrupt, truncated, or written for another model file is ignored and removed. The directory is
-kept under its byte budget by removing the least recently used files (modification time, touched
-on every hit).
+`llama_state_seq_get_data`), keyed by a fingerprint (the model file and every setting that shapes the
+cells: `state_fingerprint`) and the tokens. Beside the in-memory PrefixCache (prefix_cache.py): the
+engine puts a state here when it reclaims a slot and at shutdown, and reads one in the request's own
+thread when it holds more of the prompt than memory does. Writes go through one writer thread with a
+bounded queue, so `put` never blocks the decode loop (a full queue drops the write; at shutdown `put`
+waits instead). A file that is corrupt, truncated, written for another fingerprint, or rejected by
+llama.cpp is ignored and removed. The files hold conversation tokens: the directory is private to its
+user (0o700, files 0o600). It is kept under its byte budget by removing the least recently used files
+(modification time, touched on every hit).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,22 +29,36 @@ from .prefix_cache import common_prefix_length
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"LLMSITE-KV1\n"
+MAGIC = b"LLMSITE-KV2\n"  # KV2: the fingerprint covers the settings that shape the cells
 SUFFIX = ".kv"
 DIGEST = 16  # bytes of the blake2b checksum at the end of each file
-WRITE_QUEUE = 8  # states waiting to be written; more are dropped
+WRITE_QUEUE = 8  # states waiting to be written; more are dropped (except at shutdown: put(wait=...))
+SAMPLED_BLOCKS = 15  # blocks read across a model file for its fingerprint, besides its first and last bytes
+STALE_TEMPORARY_SECONDS = 60.0  # a half-written file older than this was left by a process that died writing it
 
 
-def model_fingerprint(path: str | os.PathLike, *, sample: int = 4 << 20) -> str:
-    """A stable id of a model file's contents: its size and its first and last `sample` bytes (fast on GBs)."""
+def model_fingerprint(path: str | os.PathLike, *, sample: int = 4 << 20, block: int = 64 << 10) -> str:
+    """A stable id of a model file's contents, fast on GBs: its size, its first and last `sample` bytes and
+    SAMPLED_BLOCKS blocks spread over the rest (a fine-tune that keeps the header and the last tensors differs
+    somewhere in between)."""
     size = os.path.getsize(path)
     digest = hashlib.blake2b(str(size).encode(), digest_size=16)
     with open(path, "rb") as file:
         digest.update(file.read(sample))
+        for index in range(1, SAMPLED_BLOCKS + 1):
+            file.seek(size * index // (SAMPLED_BLOCKS + 1))
+            digest.update(file.read(block))
         if size > sample:
             file.seek(max(sample, size - sample))
             digest.update(file.read(sample))
     return digest.hexdigest()
+
+
+def state_fingerprint(model: str, settings: dict) -> str:
+    """The key of states that may be restored into each other: the model file's fingerprint and the settings that
+    shape the saved cells (flash attention, prompt chunking, KV cache types, the llama.cpp version)."""
+    text = model + "".join(f"\n{name}={settings[name]!r}" for name in sorted(settings))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def tokens_key(tokens: Sequence[int]) -> str:
@@ -59,12 +76,18 @@ class StateStore:
 
     def __init__(self, directory: str | os.PathLike, *, fingerprint: str, budget_bytes: int):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:  # the files hold conversations: only this user may list or read them
+            self.directory.chmod(0o700)
+        except OSError:
+            logger.warning("state store: could not make %s private (0o700)", self.directory)
         self.fingerprint = fingerprint
         self.budget_bytes = budget_bytes
         self._lock = threading.Lock()
         self._index: dict[Path, tuple[int, ...]] = {}  # this model's files and the tokens each holds
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
+        self._read_lock = threading.Lock()  # one file read at a time; a burst of one prompt reads it once
+        self._last_read: StoredState | None = None
         self.dropped_writes = 0
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, name="state-store-writer", daemon=True)
@@ -72,26 +95,35 @@ class StateStore:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def longest_match(self, tokens: Sequence[int]) -> tuple[StoredState | None, int]:
-        """The stored state sharing the longest prefix with `tokens`, and that length; (None, 0) when none.
-        A file found unreadable on the way is removed and the next best is tried."""
-        while True:
-            with self._lock:
-                best, best_length = None, 0
-                for path, stored in self._index.items():
-                    length = common_prefix_length(stored, tokens)
-                    if length > best_length:
-                        best, best_length = path, length
-            if best is None:
-                return None, 0
-            loaded = self._read(best)
-            if loaded is not None:
-                try:
-                    os.utime(best)  # recently used
-                except OSError:
-                    pass
-                return loaded, best_length
-            self._discard(best)
+    def longest_match(self, tokens: Sequence[int], *, better_than: int = 0) -> tuple[StoredState | None, int]:
+        """The stored state sharing the longest prefix with `tokens`, and that length; (None, 0) when none shares
+        more than `better_than` tokens (what memory already holds: no file is read then). A file found
+        unreadable on the way is removed and the next best is tried."""
+        with self._read_lock:
+            while True:
+                with self._lock:
+                    best, best_length = None, better_than
+                    for path, stored in self._index.items():
+                        length = common_prefix_length(stored, tokens)
+                        if length > best_length:
+                            best, best_length = path, length
+                if best is None:
+                    return None, 0
+                last = self._last_read
+                loaded = last if last is not None and self._path(last.tokens) == best else self._read(best)
+                if loaded is not None:
+                    self._last_read = loaded
+                    try:
+                        os.utime(best)  # recently used
+                    except OSError:
+                        pass
+                    return loaded, best_length
+                self._discard(best)
+
+    def discard(self, tokens: Sequence[int]) -> None:
+        """Remove the file of `tokens` (llama.cpp rejected its state)."""
+        logger.warning("state store: a state of %d tokens was rejected by the model; removed", len(tokens))
+        self._discard(self._path(tokens))
 
     def __len__(self) -> int:
         with self._lock:
@@ -99,13 +131,17 @@ class StateStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def put(self, tokens: Sequence[int], state: bytes) -> bool:
-        """Queue a state for writing; False (dropped) when the writer is behind. Never blocks."""
+    def put(self, tokens: Sequence[int], state: bytes, *, wait: float = 0.0) -> bool:
+        """Queue a state for writing; False (dropped) when the writer is behind. Never blocks unless `wait`
+        (seconds; at shutdown, when every slot's state is put at once and none may be lost)."""
         try:
-            self._queue.put_nowait((tuple(tokens), bytes(state)))
+            self._queue.put((tuple(tokens), bytes(state)), timeout=wait) if wait else self._queue.put_nowait(
+                (tuple(tokens), bytes(state)))
             return True
         except queue.Full:
             self.dropped_writes += 1
+            if wait:
+                logger.warning("state store: a state of %d tokens was not written within %g s", len(tokens), wait)
             return False
 
     def flush(self, timeout: float | None = None) -> None:
@@ -114,6 +150,9 @@ class StateStore:
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush(timeout)
+        if self._queue.unfinished_tasks:  # the disk is slower than the shutdown allows: say so
+            logger.warning("state store: %d state(s) not written within %g s of shutdown", self._queue.unfinished_tasks,
+                           timeout)
         try:
             self._queue.put_nowait(None)
         except queue.Full:
@@ -125,6 +164,13 @@ class StateStore:
         return self.directory / f"{self.fingerprint[:16]}-{tokens_key(tokens)}{SUFFIX}"
 
     def _scan(self) -> None:
+        now = time.time()
+        for path in self.directory.glob("*.tmp"):  # a write cut short by a crash never became a state
+            try:
+                if now - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    _remove(path)
+            except OSError:
+                pass
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             header = self._read_header(path)
             if header is None:
@@ -174,6 +220,8 @@ class StateStore:
     def _discard(self, path: Path) -> None:
         with self._lock:
             self._index.pop(path, None)
+            if self._last_read is not None and self._path(self._last_read.tokens) == path:
+                self._last_read = None
         _remove(path)
 
     def _write_loop(self) -> None:
@@ -194,9 +242,15 @@ class StateStore:
         if len(body) + DIGEST > self.budget_bytes:
             return
         path = self._path(tokens)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(body + hashlib.blake2b(body, digest_size=DIGEST).digest())
-        os.replace(temporary, path)  # readers see a whole file or none
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # processes sharing the directory never collide
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(body + hashlib.blake2b(body, digest_size=DIGEST).digest())
+            os.replace(temporary, path)  # readers see a whole file or none
+        except BaseException:
+            _remove(temporary)
+            raise
         with self._lock:
             # A stored prefix of these tokens is now redundant.
             for other in [p for p, t in self._index.items() if len(t) <= len(tokens) and tokens[:len(t)] == t]:

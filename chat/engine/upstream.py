@@ -71,6 +71,7 @@ class UpstreamPool:
             raise ValueError("at least one upstream URL is needed")
         self.retry_after = retry_after
         self.router = Router([upstream.root for upstream in self.upstreams], policy=routing)
+        self._homes: dict[str, list[int]] = {}  # key -> [upstream index, its requests chosen there and not settled]
         self._next = 0
         self._lock = threading.Lock()
 
@@ -78,18 +79,21 @@ class UpstreamPool:
     def label(self) -> str:
         return ", ".join(upstream.label for upstream in self.upstreams)
 
-    def candidates(self, *, rotate: bool = True, key: str | None = None) -> list[Upstream]:
+    def candidates(self, *, rotate: bool = True, key: str | None = None, begin: bool = False) -> list[Upstream]:
         """The upstreams to try for one request, in order: answering ones (the router's order for `key`),
         then those due a retry.
 
         rotate=False (token counting) takes the upstreams as they stand without moving the rotation:
         otherwise a request's own tokenize call would take every other turn, and generations would all
-        land on one upstream.
+        land on one upstream. begin=True counts the request in flight on the first one (as `began`) under the
+        lock that chose it: concurrent requests see each other's load, so none goes past the bound.
         """
         now = time.monotonic()
         with self._lock:
             if rotate:
-                order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams])
+                home = self._homes.get(key) if key is not None else None
+                order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams],
+                                          home=home[0] if home else None)
             else:
                 order = [(self._next + step) % len(self.upstreams) for step in range(len(self.upstreams))]
             self._next = (order[0] + 1) % len(self.upstreams)
@@ -98,9 +102,23 @@ class UpstreamPool:
             due = [upstream for upstream in rotated if not upstream.up and upstream.down_until <= now]
             for upstream in due:  # one request at a time probes a down upstream
                 upstream.down_until = now + self.retry_after
-            if up or due:
-                return up + due
-            return [min(rotated, key=lambda upstream: upstream.down_until)]
+            chosen = up + due if up or due else [min(rotated, key=lambda upstream: upstream.down_until)]
+            if begin:
+                self._begin(chosen[0])
+                if key is not None:  # the key's home while any of its requests is open (see settled)
+                    index = self.upstreams.index(chosen[0])
+                    home = self._homes.setdefault(key, [index, 0])
+                    home[1] += home[0] == index
+            return chosen
+
+    def settled(self, key: str | None, upstream: Upstream) -> None:
+        """A request chosen with begin=True for `key` on `upstream` is over (whatever became of it)."""
+        with self._lock:
+            home = self._homes.get(key)
+            if home is not None and self.upstreams[home[0]] is upstream:
+                home[1] -= 1
+                if home[1] <= 0:
+                    del self._homes[key]
 
     def succeeded(self, upstream: Upstream) -> None:
         with self._lock:
@@ -114,8 +132,17 @@ class UpstreamPool:
     def began(self, upstream: Upstream) -> None:
         """A request was sent to `upstream` (counts towards its load until `ended`)."""
         with self._lock:
-            upstream.requests += 1
-            upstream.in_flight += 1
+            self._begin(upstream)
+
+    def withdrawn(self, upstream: Upstream) -> None:
+        """A request counted by `began` was not sent after all (cancelled first)."""
+        with self._lock:
+            upstream.requests -= 1
+            upstream.in_flight -= 1
+
+    def _begin(self, upstream: Upstream) -> None:
+        upstream.requests += 1
+        upstream.in_flight += 1
 
     def ended(self, upstream: Upstream, *, seconds: float, error: bool) -> None:
         with self._lock:

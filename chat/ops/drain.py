@@ -1,7 +1,8 @@
 """Graceful drain: once SIGTERM arrives the instance admits nothing new and waits for running replies.
 
-`chat/management/commands/serve.py` (the launcher around daphne's Server) calls `drain_begin()`;
-`DrainMiddleware` then answers new API requests 503 with Retry-After, `/ready` answers 503
+`chat/management/commands/serve.py` (the launcher around daphne's Server) calls `drain_begin()` (the flag:
+chat/engines.py); `DrainMiddleware` then answers new API requests 503 with Retry-After, the WebSocket
+consumer refuses new replies (error event `draining`, close 1012), `/ready` answers 503
 (chat/ops/health.py), and the launcher stops the server once `work_in_progress()` is 0 or
 DRAIN_TIMEOUT has passed. Requests already admitted — streams included — run to their end.
 """
@@ -9,36 +10,15 @@ DRAIN_TIMEOUT has passed. Requests already admitted — streams included — run
 from __future__ import annotations
 
 import threading
-import time
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
-from chat.engines import loaded_engines
+from chat.engines import DRAIN_RETRY_AFTER_SECONDS as RETRY_AFTER_SECONDS
+from chat.engines import drain_begin, drain_reset, is_draining, loaded_engines  # noqa: F401 (the launcher's API)
 from chat.errors import ServiceUnavailable, json_error_response
 
-RETRY_AFTER_SECONDS = 5  # a client retrying after this reaches another instance through the balancer
-
 _lock = threading.Lock()
-_draining_since: float | None = None
 _in_flight = 0  # API requests admitted and not yet finished (a stream counts until its last byte)
-
-
-def drain_begin() -> None:
-    global _draining_since
-    with _lock:
-        if _draining_since is None:
-            _draining_since = time.monotonic()
-
-
-def drain_reset() -> None:
-    """Admit again (tests)."""
-    global _draining_since
-    with _lock:
-        _draining_since = None
-
-
-def is_draining() -> bool:
-    return _draining_since is not None
 
 
 def requests_in_flight() -> int:

@@ -123,6 +123,11 @@ def test_an_upstream_killed_mid_burst_hands_its_requests_over_none_lost_or_repea
     label = f'model="pool",upstream="127.0.0.1:{b.port}"'
     errors = re.search(r"^llmsite_upstream_errors_total\{" + re.escape(label) + r"\}\s+([0-9.e+]+)", metrics, re.M)
     assert errors and float(errors.group(1)) >= 1, metrics  # b's requests failed there and went elsewhere
+    for upstream in (a, b):  # every figure per upstream: requests, in flight, latency
+        label = f'model="pool",upstream="127.0.0.1:{upstream.port}"'
+        for family in ("llmsite_upstream_requests_total", "llmsite_upstream_in_flight",
+                       "llmsite_upstream_request_seconds_count", "llmsite_upstream_request_seconds_sum"):
+            assert re.search("^" + family + r"\{" + re.escape(label) + r"\}\s", metrics, re.M), (family, label)
 
     # Greedy decoding: each reply is what the surviving upstream alone answers, so a reply continued after the
     # kill lost nothing and repeated nothing.

@@ -45,6 +45,11 @@ class Backend(ABC):
     @abstractmethod
     def is_end_of_generation(self, token: int) -> bool: ...
 
+    def saved_state_for(self, prompt_tokens: list[int]):
+        """A saved state of a prefix of `prompt_tokens` read from storage (slow), for `start` to restore; called in
+        the request's thread before the sequence is queued. None: nothing to read."""
+        return None
+
     def check_params(self, params: SamplingParams) -> None:
         """Raise UnsupportedFeature/InvalidRequest for parameters this backend cannot honour."""
 

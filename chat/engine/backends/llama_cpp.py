@@ -46,7 +46,7 @@ from ..literal_text import literal_fragments, literal_pattern
 from ..logprobs import TokenLogprob, TopLogprob, log_softmax_top
 from ..prefill_budget import PrefillBudget
 from ..prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
-from ..state_store import StateStore, model_fingerprint
+from ..state_store import StateStore, model_fingerprint, state_fingerprint
 from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
@@ -71,6 +71,7 @@ MIN_REUSE_FROM_CACHE = 16  # restoring a saved state costs more than evaluating 
 MIN_SAVE_TOKENS = 64  # shorter prefixes are cheap to evaluate again: not worth a cache entry
 MIN_SHARE_TOKENS = PROMPT_CHUNK  # copying a busy slot's prefix (and waiting for it) pays off only for longer prefixes
 MIN_SHARE_GAIN = 16  # share only when it gives this many more tokens than an idle slot or the saved states
+SHUTDOWN_WRITE_WAIT = 30.0  # seconds close() waits to queue each slot's state for disk (none is dropped at shutdown)
 MAX_GRAMMAR_REPETITION = 10_000  # llama.cpp expands x{n} into n copies: a bigger count would exhaust memory
 # llama.cpp parses nested groups recursively: ~30,000 levels overflowed an 8 MB thread stack here (a segfault),
 # e.g. the grammar of a JSON Schema string with maxLength 100000. 2,000 leaves a wide margin.
@@ -230,9 +231,13 @@ class LlamaCppBackend(Backend):
             raise ModelUnavailable(
                 spec.name, spec.path, "llama.cpp could not create its context (not enough memory for the KV cache?)."
             )
-        return cls(spec, llama, model, context, context_length)
+        # A saved state is restored only into a context whose cells it matches (chat/engine/state_store.py).
+        state_key = state_fingerprint(model_fingerprint(spec.path), {
+            "flash_attention": spec.flash_attention, "prompt_chunk": PROMPT_CHUNK, "type_k": params.type_k,
+            "type_v": params.type_v, "llama_cpp": getattr(llama, "__version__", "")}) if spec.state_dir else ""
+        return cls(spec, llama, model, context, context_length, state_key=state_key)
 
-    def __init__(self, spec: ModelSpec, llama, model, context, context_length: int):
+    def __init__(self, spec: ModelSpec, llama, model, context, context_length: int, *, state_key: str = ""):
         self._llama = llama
         self._model_name = spec.name
         self._model = model
@@ -255,9 +260,10 @@ class LlamaCppBackend(Backend):
         self._batch = llama.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq_id) for seq_id in range(spec.parallel)]
         self._cache = PrefixCache(spec.prefix_cache_mb * 1024 * 1024)
-        # Saved states on disk (state_store.py): written where the memory cache saves, read where it misses.
-        self._disk = (StateStore(spec.state_dir, fingerprint=model_fingerprint(spec.path),
-                                 budget_bytes=spec.state_cache_mb * 1024 * 1024) if spec.state_dir else None)
+        # Saved states on disk (state_store.py): written where the memory cache saves, read (by saved_state_for, in
+        # the request's thread) where they hold more of a prompt than memory.
+        self._disk = (StateStore(spec.state_dir, fingerprint=state_key, budget_bytes=spec.state_cache_mb * 1024 * 1024)
+                      if spec.state_dir and state_key else None)
         self._decode_seconds = 0.0
         self._prompt_tokens_evaluated = 0  # prompt tokens that went through llama_decode (cached ones excluded)
         self._shared_prefixes = 0  # prefixes copied from a busy slot instead of evaluated
@@ -347,6 +353,30 @@ class LlamaCppBackend(Backend):
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
 
+    def saved_state_for(self, prompt: list[int]) -> CachedPrefix | None:
+        """A state on disk that holds more of `prompt` than memory does (a slot or the prefix cache), read here in
+        the request's thread so that the scheduler never waits for a file; None when memory is as good."""
+        if self._disk is None:
+            return None
+        limit = last_chunk_start(len(prompt))
+        in_memory = self._held_in_memory(prompt, limit)
+        if in_memory >= limit:
+            return None
+        # Reuse is in whole chunks: a file is worth reading only if it holds at least one more.
+        stored, _ = self._disk.longest_match(prompt, better_than=in_memory + PROMPT_CHUNK - 1)
+        if stored is None:
+            return None
+        size = len(stored.state)
+        return CachedPrefix(stored.tokens, (ctypes.c_uint8 * size).from_buffer_copy(stored.state), size)
+
+    def _held_in_memory(self, prompt: list[int], limit: int) -> int:
+        """How much of `prompt` a slot or the prefix cache holds. From a request thread it is an estimate (the
+        slots change under it); the scheduler decides again with what it finds."""
+        held = [reusable(min(common_prefix_length(list(slot.kv_tokens), prompt), slot.exact, limit))
+                for slot in self._slots]
+        cached = self._cache.match_length(prompt) if self._cache.budget_bytes else 0
+        return max(held + [reusable(min(cached, limit))])
+
     def check_params(self, params: SamplingParams) -> None:
         if any(token >= self._n_vocab for token, _ in params.logit_bias):
             raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary (0-{self._n_vocab - 1}).")
@@ -380,17 +410,19 @@ class LlamaCppBackend(Backend):
             if twin is not None:
                 self._start_twin(seq, sampler, grammar, twin)
                 return
-            slot, reused, share = self._claim_slot(seq.prompt_tokens)
+            slot, reused, share = self._claim_slot(seq.prompt_tokens, seq.saved_state)
             seq.cached_prompt_tokens = share.length if share else reused
             seq.backend_state = state = _SequenceState(
                 slot=slot, sampler=sampler, grammar=grammar, pending=list(seq.prompt_tokens[reused:]),
                 prompt=seq.prompt_tokens, share=share
             )
             slot.waiting = share is not None
+            seq.saved_state = None  # restored or not needed: its bytes go
             if share is not None:
                 self._take_shared_prefix(state)  # at once if the source already holds the prefix
         except BaseException:  # nothing stays claimed: slot and samplers go back
             seq.backend_state = None
+            seq.saved_state = None
             if slot is not None:
                 slot.busy = slot.waiting = False
             for claimed in (sampler, grammar):
@@ -457,8 +489,9 @@ class LlamaCppBackend(Backend):
         state.slot.waiting = False
         state.pending = list(state.prompt)
 
-    def _claim_slot(self, prompt: list[int]) -> tuple[_Slot, int, _Share | None]:
-        """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from."""
+    def _claim_slot(self, prompt: list[int], saved: CachedPrefix | None = None) -> tuple[_Slot, int, _Share | None]:
+        """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from.
+        `saved`: the state read from disk for this prompt (saved_state_for), used where it beats memory."""
         llama, memory = self._llama, self._memory
         limit = last_chunk_start(len(prompt))  # the last chunk is evaluated as a cold prompt evaluates it
 
@@ -469,8 +502,8 @@ class LlamaCppBackend(Backend):
         resident_slot = max(free, key=held)
         resident = held(resident_slot)
         entry, cached = self._cache.longest_match(prompt) if self._cache.budget_bytes else (None, 0)
-        if self._disk is not None and cached < MIN_REUSE_FROM_CACHE:
-            entry, cached = self._from_disk(prompt, entry, cached)
+        if saved is not None and common_prefix_length(saved.tokens, prompt) > cached:
+            entry, cached = saved, common_prefix_length(saved.tokens, prompt)
         cached = reusable(min(cached, limit))
         share = self._share_source(prompt, limit)
         if share is not None and share.length < max(resident, cached) + MIN_SHARE_GAIN:
@@ -496,7 +529,7 @@ class LlamaCppBackend(Backend):
             llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
             slot.kv_tokens, slot.exact, reused = [], 0, 0
             if entry is not None and cached >= MIN_REUSE_FROM_CACHE:
-                reused = self._restore(slot, entry, cached)
+                reused = self._restore(slot, entry, cached, from_disk=entry is saved)
         slot.busy = True
         slot.claims += 1
         slot.prompt = list(prompt)
@@ -548,22 +581,23 @@ class LlamaCppBackend(Backend):
         state.pending = list(state.prompt)
         return True
 
-    def _restore(self, slot: _Slot, entry, length: int) -> int:
+    def _restore(self, slot: _Slot, entry, length: int, *, from_disk: bool = False) -> int:
         llama, memory = self._llama, self._memory
         if slot.copy_pending and not self._apply_copies(slot):  # the copy would overwrite it, or carry it away
             return 0
-        if llama.llama_state_seq_set_data(self._context, entry.state, entry.size, slot.seq_id) and (
-            llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1)
-        ):
+        accepted = llama.llama_state_seq_set_data(self._context, entry.state, entry.size, slot.seq_id)
+        if accepted and llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1):
             slot.kv_tokens = list(entry.tokens[:length])
             slot.exact = length
             return length
+        if not accepted and from_disk:  # a file this context cannot take would be read again and again
+            self._disk.discard(entry.tokens)
         logger.warning("could not restore a cached prefix of %d tokens; evaluating it again", length)
         llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
         slot.kv_tokens, slot.exact = [], 0
         return 0
 
-    def _save_to_cache(self, slot: _Slot) -> None:
+    def _save_to_cache(self, slot: _Slot, *, disk_wait: float = 0.0) -> None:
         tokens = slot.kv_tokens[: slot.exact]  # only whole chunks are ever reused
         if len(tokens) < MIN_SAVE_TOKENS or (
                 (not self._cache.budget_bytes or self._cache.covers(tokens)) and self._disk is None):
@@ -577,15 +611,7 @@ class LlamaCppBackend(Backend):
         if self._cache.budget_bytes and size <= self._cache.budget_bytes and not self._cache.covers(tokens):
             self._cache.put(tokens, state, size)
         if self._disk is not None:
-            self._disk.put(tokens, bytes(state))  # written by the store's own thread
-
-    def _from_disk(self, prompt: list[int], entry, cached: int):
-        """The state store's longest match when it beats the memory cache's, as a cache entry."""
-        stored, length = self._disk.longest_match(prompt)
-        if stored is None or length <= cached:
-            return entry, cached
-        size = len(stored.state)
-        return CachedPrefix(stored.tokens, (ctypes.c_uint8 * size).from_buffer_copy(stored.state), size), length
+            self._disk.put(tokens, bytes(state), wait=disk_wait)  # written by the store's own thread
 
     def _apply_copies(self, slot: _Slot) -> bool:
         """Carry out the recorded llama_memory_seq_cp copies now. llama.cpp applies them at the start of a
@@ -977,7 +1003,7 @@ class LlamaCppBackend(Backend):
         if self._disk is not None:  # at shutdown every slot's conversation goes to disk
             for slot in self._slots:
                 if len(slot.kv_tokens) >= MIN_SAVE_TOKENS:
-                    self._save_to_cache(slot)
+                    self._save_to_cache(slot, disk_wait=SHUTDOWN_WRITE_WAIT)
             self._disk.close()
         self._cache.clear()
         self._llama.llama_batch_free(self._batch)

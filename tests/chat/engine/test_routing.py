@@ -1,10 +1,12 @@
 """chat/engine/routing.py: consistent hashing with bounded load, and round-robin, without any server."""
 
+import threading
 from collections import Counter
 
 import pytest
 
-from chat.engine.routing import Router, affinity_key
+from chat.engine.routing import HOME_LOAD_FACTOR, Router, affinity_key
+from chat.engine.upstream import UpstreamPool
 
 LABELS = ["http://a:8080", "http://b:8080", "http://c:8080"]
 
@@ -69,7 +71,62 @@ def test_the_affinity_key_is_the_start_of_the_prompt():
     assert affinity_key("short prompt") == "short prompt"
 
 
+def test_the_affinity_key_is_the_whole_first_system_message_behind_a_long_shared_site_prompt():
+    site = "House rules for every character of this site. " * 40  # longer than the prompt prefix alone
+    vera = [{"role": "system", "content": site + "You are Vera."}, {"role": "user", "content": "hi"}]
+    ilse = [{"role": "system", "content": site + "You are Ilse."}, {"role": "user", "content": "hi"}]
+    later = [vera[0], {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "and then?"}]
+    assert affinity_key("rendered", vera) != affinity_key("rendered", ilse)
+    assert affinity_key("rendered", vera) == affinity_key("other rendering", later)
+
+
 @pytest.mark.parametrize("options", [{"policy": "random"}, {"load_factor": 0.5}])
 def test_bad_options_are_refused(options):
     with pytest.raises(ValueError):
         Router(LABELS, **options)
+
+
+def test_the_pool_counts_a_request_in_flight_under_the_lock_that_chose_its_upstream():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity")
+    (first, *_) = pool.candidates(key="one character", begin=True)
+    assert (first.in_flight, first.requests) == (1, 1)
+    pool.withdrawn(first)
+    assert (first.in_flight, first.requests) == (0, 0)
+
+
+def test_a_burst_of_one_key_from_many_threads_stays_within_the_bound():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity")
+    start = threading.Barrier(48)
+
+    def choose():
+        start.wait()
+        pool.candidates(key="the same persona", begin=True)  # none ends: every choice sees the ones before
+
+    threads = [threading.Thread(target=choose) for _ in range(48)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loads = [upstream.in_flight for upstream in pool.upstreams]
+    assert sum(loads) == 48
+    assert max(loads) <= pool.router.capacity([48 - 1, 0, 0], factor=HOME_LOAD_FACTOR)  # one key: its home's bound
+    assert max(loads) < 48  # the bound held: without the shared count every thread would pick the same one
+
+
+def test_a_key_in_flight_stays_on_its_upstream_up_to_its_home_bound_while_new_keys_are_bounded():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity")
+    for index in range(30):  # a busy pool: 30 requests of other keys, spread by the 1.25 x bound
+        pool.candidates(key=f"persona {index}", begin=True)
+    assert max(u.in_flight for u in pool.upstreams) <= pool.router.capacity([30 - 1, 0, 0])
+    home = pool.candidates(key="popular persona", begin=True)[0]
+    beyond_the_bound = 0
+    for _ in range(11):
+        loads = [upstream.in_flight for upstream in pool.upstreams]
+        stays = home.in_flight < pool.router.capacity(loads, factor=HOME_LOAD_FACTOR)
+        beyond_the_bound += stays and home.in_flight >= pool.router.capacity(loads)
+        assert (pool.candidates(key="popular persona", begin=True)[0] is home) == stays
+    assert beyond_the_bound  # where a new key would have gone elsewhere, this one stayed with its prefix
+    for _ in range(12):
+        pool.settled("popular persona", home)
+    assert "popular persona" not in pool._homes  # none open: the next one is routed afresh

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from chat.engine.state_store import StateStore, model_fingerprint
+from chat.engine.state_store import StateStore, model_fingerprint, state_fingerprint
 
 FINGERPRINT = "0123456789abcdef0123456789abcdef"
 OTHER_MODEL = "fedcba9876543210fedcba9876543210"
@@ -112,3 +112,77 @@ def test_a_state_larger_than_the_budget_is_not_written(tmp_path, budget):
     store.put([1], b"much too large")
     store.flush()
     assert list(tmp_path.glob("*.kv")) == []
+
+
+def test_the_fingerprint_reads_blocks_across_the_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    data = bytearray(os.urandom(24 << 20))  # past the first and last 4 MiB
+    path.write_bytes(bytes(data))
+    first = model_fingerprint(path)
+    data[len(data) // 2 + 100] ^= 0xFF  # in the middle (a fine-tune with the same header and tail), where a block is read
+    path.write_bytes(bytes(data))
+    assert model_fingerprint(path) != first
+
+
+def test_the_state_key_changes_with_each_setting_that_shapes_the_cells():
+    settings = {"flash_attention": True, "prompt_chunk": 64, "type_k": 1, "type_v": 1, "llama_cpp": "0.3.36"}
+    key = state_fingerprint(FINGERPRINT, settings)
+    assert len(key) == 32 and state_fingerprint(FINGERPRINT, dict(settings)) == key
+    for name, other in [("flash_attention", False), ("prompt_chunk", 32), ("type_k", 8), ("type_v", 8),
+                        ("llama_cpp", "0.3.37")]:
+        assert state_fingerprint(FINGERPRINT, {**settings, name: other}) != key, name
+    assert state_fingerprint(OTHER_MODEL, settings) != key
+
+
+def test_no_file_is_read_when_memory_holds_as_much(tmp_path, monkeypatch):
+    store = store_in(tmp_path)
+    store.put([1, 2, 3, 4], b"four")
+    store.flush()
+    reads = []
+    original = store._read
+    monkeypatch.setattr(store, "_read", lambda path: (reads.append(path), original(path))[1])
+    assert store.longest_match([1, 2, 3, 4, 5], better_than=4) == (None, 0)
+    assert reads == []
+    found, length = store.longest_match([1, 2, 3, 4, 5], better_than=3)
+    assert (found.state, length, len(reads)) == (b"four", 4, 1)
+
+
+def test_a_state_the_model_rejected_is_discarded(tmp_path):
+    store = store_in(tmp_path)
+    store.put([1, 2, 3], b"rejected")
+    store.flush()
+    store.discard([1, 2, 3])
+    assert store.longest_match([1, 2, 3]) == (None, 0)
+    assert list(tmp_path.glob("*.kv")) == []
+
+
+def test_a_stale_half_written_file_is_removed_at_startup(tmp_path):
+    stale, fresh = tmp_path / "abc.123.tmp", tmp_path / "def.456.tmp"
+    stale.write_bytes(b"cut short")
+    fresh.write_bytes(b"another process is writing it")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    store_in(tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_the_directory_and_its_files_are_private(tmp_path):
+    directory = tmp_path / "states"
+    store = store_in(directory)
+    store.put([1, 2], b"a conversation")
+    store.flush()
+    (path,) = directory.glob("*.kv")
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_put_with_wait_drops_nothing_when_the_writer_is_behind(tmp_path, monkeypatch):
+    store = store_in(tmp_path)
+    gate = __import__("threading").Event()
+    original = store._write
+    monkeypatch.setattr(store, "_write", lambda *args: (gate.wait(10), original(*args)))
+    releaser = __import__("threading").Timer(0.5, gate.set)
+    releaser.start()
+    results = [store.put([index, 100], b"z", wait=30) for index in range(20)]  # more than the queue holds
+    store.flush()
+    assert all(results) and store.dropped_writes == 0
+    assert len(list(tmp_path.glob("*.kv"))) == 20

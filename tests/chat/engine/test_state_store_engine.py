@@ -1,14 +1,17 @@
-"""Per-conversation KV on disk with the real SmolLM2 model: a long conversation resumed after a restart."""
+"""Per-conversation KV on disk through the engine: restored after a restart (the real SmolLM2 model), found
+beside other conversations in memory, read outside the scheduler thread, dropped when llama.cpp rejects it
+(the tiny model)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from chat.engine import ModelRegistry, ModelSpec, SamplingParams
-
-pytestmark = pytest.mark.smollm2
+from chat.engine.backends.llama_cpp import PROMPT_CHUNK
+from chat.engine.state_store import StateStore
 
 SEEDED = SamplingParams(max_tokens=16, temperature=0.8, seed=26)
 TOPIC = ("The harbour town kept a ledger of every ship that came in: its name, its captain, its cargo, the "
@@ -31,6 +34,7 @@ def reply_and_ttft(engine, prompt: str) -> tuple[str, float]:
     return "".join(parts), first
 
 
+@pytest.mark.smollm2
 def test_a_1500_token_conversation_resumed_after_a_restart_is_restored_not_evaluated(tmp_path, smollm2_gguf, capsys):
     spec = ModelSpec("kv", str(smollm2_gguf), context_length=2048, parallel=1, prefill_step_ms=0,
                      state_dir=str(tmp_path / "states"), state_cache_mb=512)
@@ -58,4 +62,87 @@ def test_a_1500_token_conversation_resumed_after_a_restart_is_restored_not_evalu
               f"({restored_ttft / cold_ttft:.1%}); {evaluated} of {resumed_tokens} prompt tokens "
               "evaluated")
     assert restored_reply == in_memory_reply
-    assert evaluated <= 0.1 * resumed_tokens
+    # TTFT is measured by bench/kv_on_disk.py (docs/BENCHMARKS.md), not asserted: the work it stands for is.
+    # The last chunk (64-127 tokens) is always evaluated, as a cold prompt evaluates it.
+    assert evaluated <= 2 * PROMPT_CHUNK
+
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+PERSONA = "<|im_start|>system\n" + "You are Mira, the harbour's record keeper. " * 12 + "<|im_end|>\n"
+
+
+def turn(question: str, answer: str = "") -> str:
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}"
+
+
+def tiny_spec(tiny_gguf, tmp_path, name="tiny-kv") -> ModelSpec:
+    return ModelSpec(name, str(tiny_gguf), context_length=2048, parallel=1, prefill_step_ms=0,
+                     state_dir=str(tmp_path / "states"), state_cache_mb=256)
+
+
+def evaluated_for(engine, prompt: str) -> int:
+    before = engine.stats()["prompt_tokens_evaluated"]
+    assert "".join(engine.submit(prompt, GREEDY)) is not None
+    return engine.stats()["prompt_tokens_evaluated"] - before
+
+
+def conversation_on_disk(spec, prompt: str) -> None:
+    """Run `prompt` in an engine, then shut it down: its slot's state goes to disk."""
+    registry, engine = engine_in([spec])
+    try:
+        evaluated_for(engine, prompt)
+    finally:
+        registry.close()
+
+
+def test_a_conversation_on_disk_is_restored_while_another_with_the_same_persona_is_in_memory(tiny_gguf, tmp_path):
+    spec = tiny_spec(tiny_gguf, tmp_path)
+    first = PERSONA + turn("Tell me about the ledger. " * 40, "It lists ships.<|im_end|>\n") + turn("And tides?")
+    conversation_on_disk(spec, first)
+    registry, engine = engine_in([spec])  # a restart
+    try:
+        assert len(engine.prompt_tokens(PERSONA)) >= 2 * PROMPT_CHUNK
+        evaluated_for(engine, PERSONA + turn("Who are you?"))  # the same persona...
+        evaluated_for(engine, turn("Something else entirely. " * 20))  # ...moved from its slot to the memory cache
+        assert engine.stats()["prefix_cache_entries"] >= 1
+        resumed = len(engine.prompt_tokens(first))
+        evaluated = evaluated_for(engine, first)
+    finally:
+        registry.close()
+    assert resumed > 6 * PROMPT_CHUNK
+    assert evaluated <= 2 * PROMPT_CHUNK  # restored from disk, not from the persona on
+
+
+def test_states_are_read_from_disk_in_the_requests_thread_never_the_schedulers(tiny_gguf, tmp_path, monkeypatch):
+    spec = tiny_spec(tiny_gguf, tmp_path)
+    conversation = PERSONA + turn("Tell me about the ledger. " * 40)
+    conversation_on_disk(spec, conversation)
+    readers = []
+    original = StateStore._read
+    monkeypatch.setattr(StateStore, "_read",
+                        lambda store, path: (readers.append(threading.current_thread().name), original(store, path))[1])
+    registry, engine = engine_in([spec])
+    try:
+        evaluated = evaluated_for(engine, conversation)
+    finally:
+        registry.close()
+    assert readers and evaluated <= 2 * PROMPT_CHUNK  # it was read, and restored
+    assert not [name for name in readers if name.startswith("engine-")]
+
+
+def test_a_state_llama_cpp_rejects_is_removed_and_the_prompt_evaluated(tiny_gguf, tmp_path):
+    spec = tiny_spec(tiny_gguf, tmp_path)
+    conversation = PERSONA + turn("Tell me about the ledger. " * 40)
+    registry, engine = engine_in([spec])
+    try:
+        tokens = engine.prompt_tokens(conversation)
+        store = engine._backend._disk
+        store.put(tokens[: 4 * PROMPT_CHUNK], b"\x01\x00\x00\x00" + bytes(12))  # whole file, checksum right: junk
+        store.flush()
+        assert len(store) == 1
+        evaluated = evaluated_for(engine, conversation)
+        assert len(store) == 0
+    finally:
+        registry.close()
+    assert evaluated == len(tokens)
+    assert not [path for path in (tmp_path / "states").glob("*.kv") if path.stat().st_size < 100]
