@@ -17,6 +17,8 @@ from tests.factories import make_api_client
 from tests.live import LiveServer, content_of, prepare_database, sse_events
 
 STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}]
+# SmolLM2's <|endoftext|>, <|im_start|> and <|im_end|> banned: every reply runs to max_tokens, however it is sampled.
+NO_END = {"0": -100, "1": -100, "2": -100}
 
 
 @pytest.fixture
@@ -78,7 +80,8 @@ def start_server(tmp_path, drain_timeout: float) -> tuple[LiveServer, str]:
 def stream_in_thread(server: LiveServer, key: str, max_tokens: int, first_token: threading.Event, results: list,
                      seed: int) -> threading.Thread:
     def run():
-        body = {"messages": STORY, "stream": True, "max_tokens": max_tokens, "temperature": 0.9, "seed": seed}
+        body = {"messages": STORY, "stream": True, "max_tokens": max_tokens, "temperature": 0.9, "seed": seed,
+                "logit_bias": NO_END}
         headers = {"Authorization": f"Bearer {key}", "Cache-Control": "no-cache"}
         try:
             with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers,
