@@ -7,7 +7,12 @@ order (the same for both policies). Reported: prompt tokens the upstreams evalua
 their `llamacpp:prompt_tokens_total`, which excludes tokens reused from a slot's cache) and the
 clients' TTFT p50/p95 per burst.
 
-    .venv/bin/python -m bench.routing_bench [--max-tokens 12] [--out bench-routing.json]
+`--cache-ram MIB` is passed to every upstream: llama-server keeps evicted prompts in a host-memory cache
+(8 GiB by default), which holds every sheet of this tiny model many times over; a production model's states are
+~100x larger, so its cache holds a few dozen sheets. `--cache-ram 0` leaves the slots alone as the prompt cache,
+the scale model of characters outnumbering what an upstream can keep.
+
+    .venv/bin/python -m bench.routing_bench [--max-tokens 12] [--cache-ram MIB] [--out bench-routing.json]
 """
 
 from __future__ import annotations
@@ -83,13 +88,15 @@ def burst(server: LiveServer, key: str, conversations: dict, order: list, max_to
     return [record for _, record, _ in results]
 
 
-def run_policy(routing: str, workdir: Path, max_tokens: int, threads: int, seed: int) -> dict:
+def run_policy(routing: str, workdir: Path, max_tokens: int, threads: int, seed: int,
+               cache_ram: int | None = None) -> dict:
     binary, missing = find_llama_server()
     if binary is None:
         raise SystemExit(missing)
     upstreams = [LlamaServer(binary, MODEL, port=free_port(), log_path=workdir / f"llama-server-{i}.log",
                              context=SLOTS * SLOT_CONTEXT, parallel=SLOTS, threads=threads, alias=MODEL_NAME,
-                             extra=("--metrics",)) for i in range(UPSTREAMS)]
+                             extra=("--metrics",) + (() if cache_ram is None else ("--cache-ram", str(cache_ram))))
+                 for i in range(UPSTREAMS)]
     (workdir / "config.yaml").write_text(config_text([u.url for u in upstreams], routing))
     server = LiveServer(workdir=workdir, env={"LLMSITE_CONFIG": str(workdir / "config.yaml"), "API_RATE_LIMIT": "",
                                               "LOG_LEVEL": "WARNING"})
@@ -125,7 +132,8 @@ def run_policy(routing: str, workdir: Path, max_tokens: int, threads: int, seed:
                     {"role": "assistant", "content": f"I am character {conversation_id[0]}."},
                     {"role": "user", "content": FOLLOW_UP}]
         per_upstream = [prompt_tokens_evaluated(u) for u in upstreams]
-        return {"routing": routing, "bursts": bursts, "prompt_tokens_evaluated_per_upstream": per_upstream,
+        return {"routing": routing, "cache_ram_mib": cache_ram, "bursts": bursts,
+                "prompt_tokens_evaluated_per_upstream": per_upstream,
                 "prompt_tokens_evaluated": sum(b["prompt_tokens_evaluated"] for b in bursts),
                 "ttft_p95_s": round(percentile([b["ttft_p95_s"] for b in bursts], 1.0), 3)}
     finally:
@@ -139,12 +147,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="threads of each llama-server")
     parser.add_argument("--seed", type=int, default=26)
+    parser.add_argument("--cache-ram", type=int, default=None,
+                        help="each upstream's --cache-ram in MiB (default: llama-server's own, 8 GiB)")
     parser.add_argument("--out", default="bench-routing.json")
     args = parser.parse_args()
     results = []
     for routing in ("affinity", "round_robin"):
         with tempfile.TemporaryDirectory(prefix=f"bench-{routing}-") as workdir:
-            results.append(run_policy(routing, Path(workdir), args.max_tokens, args.threads, args.seed))
+            results.append(run_policy(routing, Path(workdir), args.max_tokens, args.threads, args.seed,
+                                      args.cache_ram))
     Path(args.out).write_text(json.dumps(results, indent=2))
     affinity, round_robin = results
     print("| routing | burst | prompt tokens sent | evaluated by the upstreams | TTFT p50 | TTFT p95 |")

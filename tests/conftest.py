@@ -74,6 +74,28 @@ def postgres_url():
 
 
 @pytest.fixture(scope="session")
+def endless_model(tmp_path_factory):
+    """A tiny random-weight model that never ends a reply by itself: a generation runs to max_tokens (or a stop)."""
+    from tests.factories import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("endless") / "endless.gguf", never_ends=True)
+
+
+@pytest.fixture
+def endless_site(settings, endless_model):
+    """Every configured model served by `endless_model`; call it with the context length the test needs."""
+    import dataclasses
+
+    def serve(context_length: int) -> None:
+        models = tuple(dataclasses.replace(model, path=str(endless_model), context_length=context_length)
+                       for model in settings.LLMSITE.models)
+        settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
+        settings.API_RATE_LIMIT = ""
+
+    return serve
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     if not SMOLLM2_PATH.exists():
         pytest.fail(f"{SMOLLM2_PATH} is missing: run `make model` (make test does it first)")

@@ -2,7 +2,6 @@
 (chat/trees/running.py). A tiny random-weight model: the texts do not matter."""
 
 import asyncio
-import dataclasses
 import time
 
 import pytest
@@ -14,24 +13,16 @@ from chat.engines import get_engine
 from chat.models import Conversation, Message
 from chat.trees.running import reply_run_of
 from llmsite.asgi import application
-from tests.factories import make_api_client, make_character, write_tiny_gguf
+from tests.factories import make_api_client, make_character
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
 
 
-@pytest.fixture(scope="module")
-def endless_model(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("tree-ws") / "endless.gguf", never_ends=True)
-
-
 @pytest.fixture
-def site(settings, endless_model):
+def site(endless_site):
     """A model that never ends a reply by itself: every reply runs to max_tokens (or a stop)."""
-    models = tuple(dataclasses.replace(m, path=str(endless_model), context_length=4096)
-                   for m in settings.LLMSITE.models)
-    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
-    settings.API_RATE_LIMIT = ""
+    endless_site(context_length=4096)
     make_character("mira", greeting="Ahoy!")
 
 

@@ -3,7 +3,6 @@
 counts against the key's concurrency; a prompt that fails cancels the others. A tiny random-weight model: the
 texts do not matter."""
 
-import dataclasses
 import logging
 import time
 
@@ -14,7 +13,7 @@ from chat.engine.faults import Faults, InjectedFault
 from chat.engines import get_engine
 from chat.models import UsageRecord
 from chat.services import text_completion_run
-from tests.factories import make_api_client, make_character, write_tiny_gguf
+from tests.factories import make_api_client, make_character
 
 pytestmark = pytest.mark.django_db(transaction=True)
 NO_CACHE = {"HTTP_CACHE_CONTROL": "no-cache"}
@@ -22,18 +21,9 @@ END_USER = "sha256:2c26b46b68ffc68f"
 PROMPTS = ["The sea is", "One, two,", "Roses are"]
 
 
-@pytest.fixture(scope="module")
-def endless_model(tmp_path_factory):
-    """A model that never ends a reply by itself: a generation runs until max_tokens."""
-    return write_tiny_gguf(tmp_path_factory.mktemp("ledger") / "endless.gguf", never_ends=True)
-
-
 @pytest.fixture
-def tiny_site(settings, endless_model):
-    models = tuple(dataclasses.replace(m, path=str(endless_model), context_length=1024)
-                   for m in settings.LLMSITE.models)
-    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
-    settings.API_RATE_LIMIT = ""
+def tiny_site(endless_site):
+    endless_site(context_length=1024)
 
 
 def rows_of(client) -> list[UsageRecord]:
