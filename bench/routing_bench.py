@@ -50,7 +50,7 @@ def persona(index: int) -> str:
         f"warmly and plainly, and you never mention being an AI." for n in range(1, 7)))
 
 
-def config_text(urls: list[str], routing: str) -> str:
+def config_text(urls: list[str], routing: str, slots: int) -> str:
     return f"""
 system_prompt: Be brief.
 default_model: pool
@@ -61,6 +61,7 @@ models:
     base_url: [{", ".join(url + "/v1" for url in urls)}]
     remote_model: {MODEL_NAME}
     routing: {routing}
+    upstream_slots: {slots}
     context_length: {SLOT_CONTEXT}
     max_connections: {UPSTREAMS * SLOTS * 4}
     timeout: 600
@@ -89,7 +90,7 @@ def burst(server: LiveServer, key: str, conversations: dict, order: list, max_to
 
 
 def run_policy(routing: str, workdir: Path, max_tokens: int, threads: int, seed: int,
-               cache_ram: int | None = None) -> dict:
+               cache_ram: int | None = None, gate_slots: int = SLOTS) -> dict:
     binary, missing = find_llama_server()
     if binary is None:
         raise SystemExit(missing)
@@ -97,7 +98,7 @@ def run_policy(routing: str, workdir: Path, max_tokens: int, threads: int, seed:
                              context=SLOTS * SLOT_CONTEXT, parallel=SLOTS, threads=threads, alias=MODEL_NAME,
                              extra=("--metrics",) + (() if cache_ram is None else ("--cache-ram", str(cache_ram))))
                  for i in range(UPSTREAMS)]
-    (workdir / "config.yaml").write_text(config_text([u.url for u in upstreams], routing))
+    (workdir / "config.yaml").write_text(config_text([u.url for u in upstreams], routing, gate_slots))
     server = LiveServer(workdir=workdir, env={"LLMSITE_CONFIG": str(workdir / "config.yaml"), "API_RATE_LIMIT": "",
                                               "LOG_LEVEL": "WARNING"})
     try:
@@ -132,7 +133,7 @@ def run_policy(routing: str, workdir: Path, max_tokens: int, threads: int, seed:
                     {"role": "assistant", "content": f"I am character {conversation_id[0]}."},
                     {"role": "user", "content": FOLLOW_UP}]
         per_upstream = [prompt_tokens_evaluated(u) for u in upstreams]
-        return {"routing": routing, "cache_ram_mib": cache_ram, "bursts": bursts,
+        return {"routing": routing, "cache_ram_mib": cache_ram, "upstream_slots": gate_slots, "bursts": bursts,
                 "prompt_tokens_evaluated_per_upstream": per_upstream,
                 "prompt_tokens_evaluated": sum(b["prompt_tokens_evaluated"] for b in bursts),
                 "ttft_p95_s": round(percentile([b["ttft_p95_s"] for b in bursts], 1.0), 3)}
@@ -149,23 +150,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=26)
     parser.add_argument("--cache-ram", type=int, default=None,
                         help="each upstream's --cache-ram in MiB (default: llama-server's own, 8 GiB)")
+    parser.add_argument("--upstream-slots", type=int, default=SLOTS,
+                        help="the web instance's upstream_slots (0: every request sent at once, the upstreams queue)")
+    parser.add_argument("--policies", default="affinity,round_robin")
     parser.add_argument("--out", default="bench-routing.json")
     args = parser.parse_args()
     results = []
-    for routing in ("affinity", "round_robin"):
+    for routing in args.policies.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench-{routing}-") as workdir:
             results.append(run_policy(routing, Path(workdir), args.max_tokens, args.threads, args.seed,
-                                      args.cache_ram))
+                                      args.cache_ram, args.upstream_slots))
     Path(args.out).write_text(json.dumps(results, indent=2))
-    affinity, round_robin = results
     print("| routing | burst | prompt tokens sent | evaluated by the upstreams | TTFT p50 | TTFT p95 |")
     print("|---|---|---|---|---|---|")
     for result in results:
         for b in result["bursts"]:
             print(f"| {result['routing']} | {b['burst']} | {b['prompt_tokens_sent']:,} | {b['prompt_tokens_evaluated']:,}"
                   f" | {b['ttft_p50_s']:.2f} s | {b['ttft_p95_s']:.2f} s |")
-    print(f"evaluated, affinity / round-robin: "
-          f"{affinity['prompt_tokens_evaluated'] / max(1, round_robin['prompt_tokens_evaluated']):.2f}")
+    by_policy = {result["routing"]: result for result in results}
+    if {"affinity", "round_robin"} <= set(by_policy):
+        affinity, round_robin = (by_policy[name]["prompt_tokens_evaluated"] for name in ("affinity", "round_robin"))
+        print(f"evaluated, affinity / round-robin: {affinity / max(1, round_robin):.2f}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ def upstream_families():
     errors = CounterMetricFamily("llmsite_upstream_errors", "Requests an upstream failed (connection, 5xx, "
                                  "broken stream).", labels=labels)
     in_flight = GaugeMetricFamily("llmsite_upstream_in_flight", "Requests open at each upstream.", labels=labels)
+    waiting = GaugeMetricFamily("llmsite_upstream_waiting", "Requests waiting here for one of the upstream's "
+                                "slots (upstream_slots).", labels=labels)
     up = GaugeMetricFamily("llmsite_upstream_up", "1 while the upstream answers, 0 while it is skipped.",
                            labels=labels)
     seconds = SummaryMetricFamily("llmsite_upstream_request_seconds", "Duration of each upstream request "
@@ -76,9 +78,10 @@ def upstream_families():
             requests.add_metric(key, row.get("requests", 0))
             errors.add_metric(key, row.get("errors", 0))
             in_flight.add_metric(key, row.get("in_flight", 0))
+            waiting.add_metric(key, row.get("waiting", 0))
             up.add_metric(key, 1 if row.get("up") else 0)
             seconds.add_metric(key, count_value=row.get("seconds_count", 0), sum_value=row.get("seconds_total", 0.0))
-    yield from (requests, errors, in_flight, up, seconds)
+    yield from (requests, errors, in_flight, waiting, up, seconds)
 
 
 class JobCollector:

@@ -20,14 +20,14 @@ from chat.engine.types import BACKENDS, REMOTE_BACKEND, ROUTINGS, ModelSpec, Sam
 
 REMOTE = REMOTE_BACKEND  # an OpenAI-compatible server pool generates (vLLM, llama-server)
 REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "timeout", "connect_timeout",
-                  "max_connections", "routing")
+                  "max_connections", "routing", "upstream_slots")
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
 ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
                  "prefix_cache_mb", "chat_template", "flash_attention", "state_dir", "state_cache_mb",
                  *REMOTE_OPTIONS, *ENGINE_OPTIONS)
 INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "state_cache_mb",
-                   "max_connections",
+                   "max_connections", "upstream_slots",
                    *ENGINE_OPTIONS)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The sampling config.yaml may set; their defaults are the engine's own (one place: SamplingParams).
@@ -204,7 +204,7 @@ def _remote_options(name, options: dict, fail) -> dict:
     # Options of the local backends (threads, gpu_layers...) mean nothing to a remote server.
     return {key: options[key] for key in ("base_urls", "remote_model", "api_key_env", "remote_api", "timeout",
                                           "connect_timeout", "max_connections", "backend", "context_length",
-                                          "chat_template", "routing") if key in options}
+                                          "chat_template", "routing", "upstream_slots") if key in options}
 
 
 def _name_from_path(model_path) -> str:

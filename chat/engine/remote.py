@@ -308,7 +308,7 @@ class RemoteEngine(EngineProtocol):
         self.spec = spec
         self.context_length = spec.context_length
         self._health_interval = health_interval
-        self._pool = UpstreamPool(spec.base_urls, routing=spec.routing)
+        self._pool = UpstreamPool(spec.base_urls, routing=spec.routing, slots=spec.upstream_slots)
         self._remote_model = spec.remote_model or spec.name
         headers = {"Accept": "text/event-stream"}
         if spec.api_key_env:
@@ -533,10 +533,23 @@ class RemoteEngine(EngineProtocol):
     def _serve(self, request: _Request) -> None:
         # The first choice is counted in flight by the same lock that chose it (bounded load holds under bursts).
         candidates = self._pool.candidates(key=request.key, begin=True)
+        gate = candidates[0].gate
+        # Beyond the upstream's slots the request waits for one here (slot_gate.py); the caller stops waiting for it
+        # then, as for a queued request. Failover attempts go straight to the next upstream.
+        held = gate is not None and gate.acquire(request.key, stop=lambda: request.cancelled,
+                                                 on_wait=lambda: self._release_caller(request))
         try:
             self._attempts(request, candidates)
         finally:
+            if held:
+                gate.release(request.key)
             self._pool.settled(request.key, candidates[0])
+
+    @staticmethod
+    def _release_caller(request: _Request) -> None:
+        with request.lock:
+            request.caller_waiting = False  # from here on, errors reach the reader through the generation
+        request.accepted.set()
 
     def _attempts(self, request: _Request, candidates: list[Upstream]) -> None:
         tried, reason = [], "no upstream server is configured."

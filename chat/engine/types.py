@@ -55,6 +55,9 @@ class ModelSpec:
     timeout: float = 120.0  # seconds to wait for the upstream's next bytes
     connect_timeout: float = 5.0  # seconds to wait for a connection
     max_connections: int = 16  # upstream requests at once (all base_urls together); more wait in a queue
+    # Each upstream's slots (llama-server's --parallel): requests beyond them wait here and a freed slot goes to a
+    # request whose prefix it holds (chat/engine/slot_gate.py). 0: send everything at once, the upstream queues.
+    upstream_slots: int = 0
 
     def __post_init__(self):
         if isinstance(self.base_urls, str):
@@ -81,6 +84,8 @@ class ModelSpec:
                 raise ValueError(f"model {self.name!r}: routing must be one of {ROUTINGS}")
             if self.timeout <= 0 or self.connect_timeout <= 0 or self.max_connections < 1:
                 raise ValueError(f"model {self.name!r}: timeouts must be positive and max_connections at least 1")
+            if self.upstream_slots < 0:
+                raise ValueError(f"model {self.name!r}: upstream_slots cannot be negative")
 
 
 @dataclass(frozen=True)

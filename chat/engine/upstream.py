@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from .errors import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable
 from .routing import Router
+from .slot_gate import SlotGate
 
 RETRY_DOWN_AFTER = 5.0  # seconds a failed upstream is skipped before a request tries it again
 
@@ -41,6 +42,7 @@ class Upstream:
     in_flight: int = 0
     seconds_total: float = 0.0
     seconds_count: int = 0
+    gate: SlotGate | None = None  # with upstream_slots: holds the requests beyond its slots
 
     @classmethod
     def from_url(cls, url: str) -> Upstream:
@@ -65,10 +67,12 @@ class UpstreamPool:
     so a recovered pool is noticed at once instead of failing requests without asking.
     """
 
-    def __init__(self, urls, *, retry_after: float = RETRY_DOWN_AFTER, routing: str = "round_robin"):
+    def __init__(self, urls, *, retry_after: float = RETRY_DOWN_AFTER, routing: str = "round_robin", slots: int = 0):
         self.upstreams = [Upstream.from_url(url) for url in urls]
         if not self.upstreams:
             raise ValueError("at least one upstream URL is needed")
+        for upstream in self.upstreams:
+            upstream.gate = SlotGate(slots) if slots else None
         self.retry_after = retry_after
         self.router = Router([upstream.root for upstream in self.upstreams], policy=routing)
         self._homes: dict[str, list[int]] = {}  # key -> [upstream index, its requests chosen there and not settled]
@@ -155,6 +159,7 @@ class UpstreamPool:
         with self._lock:
             return [{"upstream": upstream.label, "up": upstream.up, "failures": upstream.failures,
                      "requests": upstream.requests, "errors": upstream.errors, "in_flight": upstream.in_flight,
+                     "waiting": upstream.gate.waiting if upstream.gate else 0,
                      "seconds_total": round(upstream.seconds_total, 6), "seconds_count": upstream.seconds_count}
                     for upstream in self.upstreams]
 

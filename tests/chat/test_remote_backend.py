@@ -467,6 +467,7 @@ REMOTE = "system_prompt: hi\nmodels:\n  - name: r\n    backend: openai_compatibl
     ("    base_url: http://gpu-1\n    max_connections: 0\n", "model 'r': max_connections must be at least 1"),
     ("    base_url: http://gpu-1\n    remote_api: embeddings\n", "model 'r': remote_api must be chat or completions"),
     ("    base_url: http://gpu-1\n    routing: random\n", "model 'r': routing must be affinity or round_robin"),
+    ("    base_url: http://gpu-1\n    upstream_slots: -1\n", "model 'r': upstream_slots must be a non-negative integer"),
 ])
 def test_config_rejects_bad_remote_options_in_one_line(tmp_path, options, expected):
     config = tmp_path / "config.yaml"
@@ -485,6 +486,7 @@ def test_config_accepts_a_remote_model_without_model_path(tmp_path):
         "", ("http://gpu-1:8000/v1", "http://gpu-2:8000/v1"), "POOL_KEY", "Qwen/Qwen2.5-7B-Instruct")
     assert model.threads == 0  # options of the local backends are dropped
     assert model.routing == "affinity"  # by prompt prefix unless `routing: round_robin`
+    assert model.upstream_slots == 0  # no slot gate unless set
     config.write_text("system_prompt: hi\nmodel_path: m.gguf\nbase_url: http://gpu-1\n")
     with pytest.raises(ConfigError, match="base_url is only used with backend openai_compatible"):
         load_config(config, base_dir=tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,3 +52,31 @@ def test_metrics_show_requests_in_flight_and_latency_per_upstream(settings):
     assert at_a["llmsite_upstream_request_seconds_count"] == 1 and at_b["llmsite_upstream_request_seconds_count"] == 1
     assert at_b["llmsite_upstream_request_seconds_sum"] > 0
     assert at_a["llmsite_upstream_errors_total"] == 0 and at_a["llmsite_upstream_up"] == 1
+
+
+def test_metrics_show_the_requests_waiting_for_an_upstreams_slot(settings):
+    upstream = FakeUpstream()
+    try:
+        spec = ModelSpec("pool", "", backend="openai_compatible", base_urls=(upstream.url,), context_length=2048,
+                         upstream_slots=1)
+        settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=(spec,), default_model="pool")
+        engine = get_engine("pool")
+
+        def ask(text: str):
+            return engine.submit(engine.render_chat([{"role": "user", "content": text}]), SamplingParams(max_tokens=4))
+
+        upstream.gate.clear()
+        running, waiting = ask("one"), ask("two")  # the second waits here for the upstream's one slot
+        during = samples_of({"model": "pool", "upstream": f"127.0.0.1:{upstream.port}"})
+        upstream.gate.set()
+        assert "".join(running) and "".join(waiting)
+        deadline = time.monotonic() + 10  # a worker counts its request over just after the reply's last event
+        while True:
+            after = samples_of({"model": "pool", "upstream": f"127.0.0.1:{upstream.port}"})
+            if after["llmsite_upstream_request_seconds_count"] == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    finally:
+        upstream.stop()
+    assert during["llmsite_upstream_waiting"] == 1 and during["llmsite_upstream_requests_total"] == 2
+    assert after["llmsite_upstream_waiting"] == 0 and after["llmsite_upstream_request_seconds_count"] == 2
