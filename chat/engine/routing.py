@@ -78,12 +78,15 @@ class Router:
         factor = self.load_factor if factor is None else factor
         return max(1, math.ceil(factor * (sum(in_flight) + 1) / len(self.labels)))
 
-    def order(self, key: str | None, in_flight: list[int], *, home: int | None = None) -> list[int]:
+    def order(self, key: str | None, in_flight: list[int], *, home: int | None = None,
+              keys_at: list[int] | None = None, key_capacity: int = 0) -> list[int]:
         """Upstream indices to try for one request, best first; `in_flight[i]` is upstream i's open requests.
 
         Affinity: the key's preference list with the upstreams at capacity moved behind the others
-        (they stay failover candidates); `home`, the upstream serving other requests of this key now, first while
-        it holds under HOME_LOAD_FACTOR x the mean. Round-robin (or no key): the next rotation.
+        (they stay failover candidates); `home`, the upstream serving this key now or last, first while
+        it holds under HOME_LOAD_FACTOR x the mean. With `key_capacity` (an upstream's slots) a key without a home
+        also passes over upstreams whose slots all hold other keys with open requests (`keys_at[i]`), while another
+        has room: few characters then spread so that each stays in a slot. Round-robin (or no key): the next rotation.
         """
         count = len(self.labels)
         if self.policy == "round_robin" or key is None:
@@ -95,4 +98,7 @@ class Router:
             return [home] + [index for index in preferred if index != home]  # `home` serves this key right now
         limit = self.capacity(in_flight)
         below = [index for index in preferred if in_flight[index] < limit]
+        if key_capacity and keys_at is not None:
+            with_room = [index for index in below if keys_at[index] < key_capacity]
+            below = with_room + [index for index in below if index not in with_room]
         return below + [index for index in preferred if index not in below]

@@ -10,7 +10,10 @@ upstream's --parallel) lets each freed slot go to, in this order:
 
 1. a request whose key an idle slot holds (the upstream picks that slot and reuses its prompt);
 2. else one whose key has no request running there (two at once would evaluate one prefix twice);
-3. else the oldest.
+3. else the oldest, once it has waited HOLD_SECONDS: a request whose key is running there waits that long even
+   beside a free slot, for a request of another key to take the slot, or for the running one to end and leave
+   its prompt in an idle slot. (On a compute-bound upstream its own evaluation of the prefix would have shared
+   the compute with the running one's anyway.)
 
 A request that younger ones have passed PASSES_PER_SLOT x slots times goes next whatever its key: none is passed
 over without bound. (Counted in requests, not seconds: a wave of replies takes seconds on a loaded CPU upstream and
@@ -33,25 +36,29 @@ PASSES_PER_SLOT = 4
 # requests that go to the slots holding their prefixes and the others, so that those reach the upstream first
 # (it gives a request with no matching slot the least recently used idle one, which may be one a match was due).
 SETTLE_SECONDS = 0.03
-WAIT_TICK = 0.25  # how often a waiting request checks whether it was cancelled
+HOLD_SECONDS = 1.0
+WAIT_TICK = 0.1  # how often a waiting request checks whether it was cancelled or its hold is over
 
 
 class _Waiter:
-    __slots__ = ("key", "passed", "granted")
+    __slots__ = ("key", "since", "passed", "granted")
 
-    def __init__(self, key: str | None):
-        self.key, self.passed, self.granted = key, 0, threading.Event()
+    def __init__(self, key: str | None, since: float):
+        self.key, self.since, self.passed, self.granted = key, since, 0, threading.Event()
 
 
 class SlotGate:
     """At most `slots` requests running at one upstream; the rest wait in `acquire`. Thread-safe."""
 
-    def __init__(self, slots: int, *, passes_per_slot: int = PASSES_PER_SLOT, settle: float = SETTLE_SECONDS):
+    def __init__(self, slots: int, *, passes_per_slot: int = PASSES_PER_SLOT, settle: float = SETTLE_SECONDS,
+                 hold: float = HOLD_SECONDS, clock=time.monotonic):
         if slots < 1:
             raise ValueError("an upstream has at least one slot")
         self.slots = slots
         self.max_passed = passes_per_slot * slots
         self.settle = settle
+        self.hold = hold
+        self._clock = clock
         self._busy = 0
         self._running: Counter[str | None] = Counter()  # key -> its requests running upstream
         self._idle: deque[str] = deque()  # keys held by idle slots, least recently used first
@@ -66,7 +73,7 @@ class SlotGate:
     def acquire(self, key: str | None, *, stop: Callable[[], bool] = lambda: False,
                 on_wait: Callable[[], None] | None = None) -> bool:
         """Block until a slot is this request's: True. False once `stop()` is true first (nothing to release)."""
-        waiter = _Waiter(key)
+        waiter = _Waiter(key, self._clock())
         with self._lock:
             self._waiting.append(waiter)
             self._dispatch()
@@ -75,6 +82,10 @@ class SlotGate:
         if on_wait is not None:
             on_wait()
         while not waiter.granted.wait(WAIT_TICK):
+            with self._lock:
+                self._dispatch()  # a hold may be over
+            if waiter.granted.is_set():
+                break
             if stop():
                 with self._lock:
                     if not waiter.granted.is_set():
@@ -119,7 +130,7 @@ class SlotGate:
         for waiter in self._waiting:
             if not self._running.get(waiter.key):
                 return waiter
-        return oldest
+        return oldest if self._clock() - oldest.since >= self.hold else None
 
     def _dispatch(self, *, matching_only: bool = False) -> None:
         while self._waiting and self._busy < self.slots:

@@ -10,6 +10,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ from .routing import Router
 from .slot_gate import SlotGate
 
 RETRY_DOWN_AFTER = 5.0  # seconds a failed upstream is skipped before a request tries it again
+PLACEMENTS_KEPT = 4096  # keys whose last upstream is remembered (least recently used forgotten first)
 
 # How OpenAI-compatible servers word "the prompt does not fit": OpenAI and llama-cpp-python
 # ("This model's maximum context length is N tokens"), vLLM (same, plus "max_model_len"),
@@ -73,9 +75,13 @@ class UpstreamPool:
             raise ValueError("at least one upstream URL is needed")
         for upstream in self.upstreams:
             upstream.gate = SlotGate(slots) if slots else None
+        self.slots = slots
         self.retry_after = retry_after
         self.router = Router([upstream.root for upstream in self.upstreams], policy=routing)
         self._homes: dict[str, list[int]] = {}  # key -> [upstream index, its requests chosen there and not settled]
+        # key -> the upstream its last request started on: its prompt is cached there, so it goes back while that
+        # upstream is within the home bound, even after a bounded load or a full upstream sent it off its hash.
+        self._placed: OrderedDict[str, int] = OrderedDict()
         self._next = 0
         self._lock = threading.Lock()
 
@@ -96,8 +102,9 @@ class UpstreamPool:
         with self._lock:
             if rotate:
                 home = self._homes.get(key) if key is not None else None
-                order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams],
-                                          home=home[0] if home else None)
+                home_index = home[0] if home else self._placed.get(key) if key is not None else None
+                order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams], home=home_index,
+                                          keys_at=self._keys_at() if self.slots else None, key_capacity=self.slots)
             else:
                 order = [(self._next + step) % len(self.upstreams) for step in range(len(self.upstreams))]
             self._next = (order[0] + 1) % len(self.upstreams)
@@ -113,7 +120,16 @@ class UpstreamPool:
                     index = self.upstreams.index(chosen[0])
                     home = self._homes.setdefault(key, [index, 0])
                     home[1] += home[0] == index
+                    self._placed[key] = index
+                    self._placed.move_to_end(key)
+                    if len(self._placed) > PLACEMENTS_KEPT:
+                        self._placed.popitem(last=False)
             return chosen
+
+    def _keys_at(self) -> list[int]:
+        """How many keys have requests open on each upstream (each holds a slot's prompt there)."""
+        counts = Counter(index for index, _ in self._homes.values())
+        return [counts[index] for index in range(len(self.upstreams))]
 
     def settled(self, key: str | None, upstream: Upstream) -> None:
         """A request chosen with begin=True for `key` on `upstream` is over (whatever became of it)."""

@@ -130,3 +130,29 @@ def test_a_key_in_flight_stays_on_its_upstream_up_to_its_home_bound_while_new_ke
     for _ in range(12):
         pool.settled("popular persona", home)
     assert "popular persona" not in pool._homes  # none open: the next one is routed afresh
+
+
+def test_with_slots_a_new_key_passes_over_an_upstream_whose_slots_hold_other_open_keys():
+    router = Router(LABELS)
+    key = next(f"persona {n}" for n in range(100) if router.preference(f"persona {n}")[0] == 0)
+    preferred = router.preference(key)
+    assert router.order(key, [4, 4, 4], keys_at=[4, 1, 1], key_capacity=4)[0] == preferred[1]  # 0's 4 slots are taken
+    assert router.order(key, [4, 4, 4], keys_at=[3, 1, 1], key_capacity=4)[0] == 0  # room in its own
+    assert router.order(key, [4, 4, 4], keys_at=[4, 4, 4], key_capacity=4)[0] == 0  # no room anywhere: its own
+    assert router.order(key, [4, 4, 4], keys_at=[4, 1, 1])[0] == 0  # without slots: the hash and the load only
+
+
+def test_a_key_sent_off_its_hash_goes_back_to_where_it_last_ran():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity", slots=1)
+    key = next(f"persona {n}" for n in range(100) if pool.router.preference(f"persona {n}")[0] == 0)
+    other = next(f"persona {n}" for n in range(100) if pool.router.preference(f"persona {n}")[0] == 0
+                 and f"persona {n}" != key)
+    own = pool.upstreams[0]
+    assert pool.candidates(key=other, begin=True)[0] is own  # its one slot holds another open key...
+    away = pool.candidates(key=key, begin=True)[0]
+    assert away is not own  # ...so this key went to an upstream with room
+    pool.settled(key, away)
+    pool.ended(away, seconds=0.1, error=False)
+    pool.settled(other, own)
+    pool.ended(own, seconds=0.1, error=False)
+    assert pool.candidates(key=key, begin=True)[0] is away  # its prompt is cached there, not on its hash's upstream

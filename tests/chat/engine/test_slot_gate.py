@@ -11,6 +11,14 @@ import pytest
 from chat.engine.slot_gate import SlotGate
 
 
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def enter(gate: SlotGate, key: str, granted: list, stop=lambda: False) -> threading.Thread:
     """acquire() in a thread that records its key once let through; returns when it is waiting or through."""
     def run():
@@ -26,8 +34,9 @@ def enter(gate: SlotGate, key: str, granted: list, stop=lambda: False) -> thread
     return thread
 
 
-def settle(granted: list, count: int) -> list:
-    deadline = time.monotonic() + 5
+def settle(granted: list, count: int, timeout: float = 5.0) -> list:
+    """The keys let through once `count` are (or `timeout` passed: a test that expects fewer gives a short one)."""
+    deadline = time.monotonic() + timeout
     while len(granted) < count and time.monotonic() < deadline:
         time.sleep(0.001)
     time.sleep(0.02)  # nothing more gets through
@@ -38,7 +47,7 @@ def test_at_most_slots_requests_run_and_a_release_lets_the_next_through():
     gate, granted = SlotGate(2), []
     for key in ("a", "b", "c"):
         enter(gate, key, granted)
-    assert settle(granted, 2) == ["a", "b"] and gate.waiting == 1
+    assert settle(granted, 3, timeout=0.3) == ["a", "b"] and gate.waiting == 1
     gate.release("a")
     assert settle(granted, 3) == ["a", "b", "c"] and gate.waiting == 0
 
@@ -77,6 +86,28 @@ def test_a_prefix_being_evaluated_waits_behind_one_that_is_not():
     settle(granted, 2)
     gate.release("a")  # the idle slot holds a, which nobody waits for: c goes before the older b
     assert settle(granted, 3) == ["a", "b", "c"]
+
+
+def test_a_request_whose_prefix_is_running_waits_beside_a_free_slot_for_another_prefix_to_take_it():
+    clock = Clock()
+    gate, granted = SlotGate(2, hold=1.0, clock=clock), []
+    enter(gate, "a", granted)
+    enter(gate, "a", granted)  # a second a now would evaluate a's prompt beside the first
+    assert settle(granted, 2, timeout=0.3) == ["a"] and gate.waiting == 1
+    enter(gate, "b", granted)  # another prefix takes the free slot
+    assert settle(granted, 3, timeout=0.3) == ["a", "b"] and gate.waiting == 1
+    gate.release("a")  # the idle slot holds a's prompt: the held request takes it
+    assert settle(granted, 3) == ["a", "b", "a"]
+
+
+def test_a_held_request_goes_once_its_hold_is_over_when_no_other_prefix_came():
+    clock = Clock()
+    gate, granted = SlotGate(2, hold=1.0, clock=clock), []
+    enter(gate, "a", granted)
+    enter(gate, "a", granted)
+    assert settle(granted, 2, timeout=0.3) == ["a"]
+    clock.now = 1.0
+    assert settle(granted, 2) == ["a", "a"]
 
 
 def test_the_least_recently_used_idle_slot_is_the_one_a_new_prefix_takes():
