@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,9 +68,7 @@ models:
 
 
 def prompt_tokens_evaluated(upstream: LlamaServer) -> int:
-    text = httpx.get(upstream.url + "/metrics", timeout=10).text
-    found = re.search(r"^llamacpp:prompt_tokens_total\s+([0-9.e+]+)", text, re.MULTILINE)
-    return int(float(found.group(1))) if found else 0
+    return int(upstream.metric("llamacpp:prompt_tokens_total"))
 
 
 def burst(server: LiveServer, key: str, conversations: dict, order: list, max_tokens: int) -> list[StreamRecord]:

@@ -28,6 +28,16 @@ def missing_service(reason: str):
     pytest.skip(reason)
 
 
+def llama_server_binary():
+    """The llama-server binary (tests/llama_server.py), or a skip (a failure under REQUIRE_SERVICES=1) naming why."""
+    from tests.llama_server import find_llama_server
+
+    binary, missing = find_llama_server()
+    if binary is None:
+        missing_service(missing)
+    return binary
+
+
 def _answers(url: str) -> bool:
     parsed = urlparse(url)
     try:

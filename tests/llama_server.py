@@ -111,6 +111,28 @@ class LlamaServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def metric(self, name: str) -> float:
+        """One of its Prometheus counters (needs --metrics), e.g. `llamacpp:prompt_tokens_total`: tokens it
+        evaluated, those reused from a slot or its RAM cache left out."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        found = re.search(rf"^{re.escape(name)}\s+([0-9.e+]+)", text, re.MULTILINE)
+        if found is None:
+            raise RuntimeError(f"llama-server's /metrics has no {name} (is --metrics set?):\n{text[:500]}")
+        return float(found.group(1))
+
+    def __enter__(self) -> LlamaServer:
+        """Started and ready; stopped on leaving (a module fixture: `with LlamaServer(...) as server: yield server`)."""
+        self.start()
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -13,9 +13,9 @@ import pytest
 from chat.engine import ModelSpec, SamplingParams
 from chat.engine.prompt import WORD_JOINER, neutralized
 from chat.engine.remote import RemoteEngine
-from tests.conftest import missing_service
+from tests.conftest import llama_server_binary
 from tests.live import free_port
-from tests.llama_server import LlamaServer, find_llama_server
+from tests.llama_server import LlamaServer
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.services]
 
@@ -26,17 +26,9 @@ PARAMS = SamplingParams(max_tokens=1, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory, smollm2_path):
-    binary, missing = find_llama_server()
-    if binary is None:
-        missing_service(missing)
-    server = LlamaServer(binary, smollm2_path, port=free_port(), context=2048, parallel=1, threads=1,
-                         log_path=tmp_path_factory.mktemp("llama-server") / "llama-server.log")
-    server.start()
-    try:
-        server.wait_until_ready()
+    with LlamaServer(llama_server_binary(), smollm2_path, port=free_port(), context=2048, parallel=1, threads=1,
+                     log_path=tmp_path_factory.mktemp("llama-server") / "llama-server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module", params=["chat", "completions"])

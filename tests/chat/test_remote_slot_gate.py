@@ -4,18 +4,16 @@ first-served queue evaluates a sheet for every request. Counted by llama-server 
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
-import httpx
 import pytest
 
 from chat.engine import ModelSpec, SamplingParams
 from chat.engine.remote import RemoteEngine
-from tests.conftest import missing_service
+from tests.conftest import llama_server_binary
 from tests.live import free_port
-from tests.llama_server import LlamaServer, find_llama_server
+from tests.llama_server import LlamaServer
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.services]  # the real model, served by llama-server
 
@@ -29,26 +27,15 @@ def sheet(name: str) -> str:
 
 
 def prompt_tokens_evaluated(upstream: LlamaServer) -> int:
-    text = httpx.get(upstream.url + "/metrics", timeout=10).text
-    found = re.search(r"^llamacpp:prompt_tokens_total\s+([0-9.e+]+)", text, re.MULTILINE)
-    assert found, text[:500]
-    return int(float(found.group(1)))
+    return int(upstream.metric("llamacpp:prompt_tokens_total"))
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory, smollm2_path):
-    binary, missing = find_llama_server()
-    if binary is None:
-        missing_service(missing)
-    server = LlamaServer(binary, smollm2_path, port=free_port(), context=1024, parallel=1, threads=1,
-                         log_path=tmp_path_factory.mktemp("slot-gate") / "llama-server.log",
-                         extra=("--metrics", "--cache-ram", "0"))
-    server.start()
-    try:
-        server.wait_until_ready()
+    with LlamaServer(llama_server_binary(), smollm2_path, port=free_port(), context=1024, parallel=1, threads=1,
+                     log_path=tmp_path_factory.mktemp("slot-gate") / "llama-server.log",
+                     extra=("--metrics", "--cache-ram", "0")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def interleaved_burst(upstream: LlamaServer, *, slots: int, characters: tuple[str, str]) -> tuple[int, int]:
