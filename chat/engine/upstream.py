@@ -6,6 +6,7 @@ Pure Python (no httpx here): chat/engine/remote.py does the HTTP and reports eac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -79,9 +80,10 @@ class UpstreamPool:
         self.retry_after = retry_after
         self.router = Router([upstream.root for upstream in self.upstreams], policy=routing)
         self._homes: dict[str, list[int]] = {}  # key -> [upstream index, its requests chosen there and not settled]
-        # key -> the upstream its last request started on: its prompt is cached there, so it goes back while that
-        # upstream is within the home bound, even after a bounded load or a full upstream sent it off its hash.
-        self._placed: OrderedDict[str, int] = OrderedDict()
+        # digest of a key -> the upstream its last request started on: its prompt is cached there, so it goes back
+        # while that upstream is within the home bound, even after a bounded load or a full upstream sent it off its
+        # hash. Digests, not keys: a key is a whole system message, and a client could send thousands of long ones.
+        self._placed: OrderedDict[bytes, int] = OrderedDict()
         self._next = 0
         self._lock = threading.Lock()
 
@@ -99,10 +101,11 @@ class UpstreamPool:
         lock that chose it: concurrent requests see each other's load, so none goes past the bound.
         """
         now = time.monotonic()
+        placement = _digest(key) if key is not None else None
         with self._lock:
             if rotate:
                 home = self._homes.get(key) if key is not None else None
-                home_index = home[0] if home else self._placed.get(key) if key is not None else None
+                home_index = home[0] if home else self._placed.get(placement)
                 order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams], home=home_index,
                                           keys_at=self._keys_at() if self.slots else None, key_capacity=self.slots)
             else:
@@ -120,8 +123,8 @@ class UpstreamPool:
                     index = self.upstreams.index(chosen[0])
                     home = self._homes.setdefault(key, [index, 0])
                     home[1] += home[0] == index
-                    self._placed[key] = index
-                    self._placed.move_to_end(key)
+                    self._placed[placement] = index
+                    self._placed.move_to_end(placement)
                     if len(self._placed) > PLACEMENTS_KEPT:
                         self._placed.popitem(last=False)
             return chosen
@@ -178,6 +181,10 @@ class UpstreamPool:
                      "waiting": upstream.gate.waiting if upstream.gate else 0,
                      "seconds_total": round(upstream.seconds_total, 6), "seconds_count": upstream.seconds_count}
                     for upstream in self.upstreams]
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def upstream_error_message(body: bytes) -> str:

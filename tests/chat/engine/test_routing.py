@@ -156,3 +156,13 @@ def test_a_key_sent_off_its_hash_goes_back_to_where_it_last_ran():
     pool.settled(other, own)
     pool.ended(own, seconds=0.1, error=False)
     assert pool.candidates(key=key, begin=True)[0] is away  # its prompt is cached there, not on its hash's upstream
+
+
+def test_placements_keep_a_short_digest_of_each_key_however_long_the_system_message():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity")
+    long_sheet = affinity_key("", [{"role": "system", "content": "x" * 200_000}])
+    first = pool.candidates(key=long_sheet, begin=True)[0]
+    pool.settled(long_sheet, first)
+    pool.ended(first, seconds=0.1, error=False)
+    assert all(len(placement) <= 32 for placement in pool._placed)  # not 200 KB per key a client sends
+    assert pool.candidates(key=long_sheet, begin=True)[0] is first  # and it still finds its way back
