@@ -62,7 +62,8 @@ BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while 
 # 1,800 cells took 0.95 s). So a prompt's last, partial chunk past LONE_ROW_KV_CELLS is padded to PROMPT_CHUNK
 # rows with throwaway tokens after it (masked from the real rows by causality; removed after the decode).
 # Only whole chunks before the last are reused (resident, copied, saved): a reused prefix holds exactly the
-# cells a cold prompt computes, and the last chunk is evaluated as a cold prompt evaluates it.
+# cells a cold prompt computes, and the last chunk is evaluated as a cold prompt evaluates it. The exception,
+# short prompts whose last chunk goes row by row, is resident_reuse's.
 PROMPT_CHUNK = 64
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
@@ -93,6 +94,24 @@ def reusable(length: int) -> int:
 def last_chunk_start(prompt_length: int) -> int:
     """Where a prompt's last chunk starts: what precedes it is the most of it that may be reused."""
     return reusable(prompt_length - 1)
+
+
+def resident_reuse(prompt_length: int, common: int, exact: int) -> int:
+    """How many of a prompt's tokens a slot may give it: the slot shares `common` leading tokens with the
+    prompt, `exact` of its positions are whole aligned chunks.
+
+    As a rule, whole chunks before the prompt's last. But a short prompt (ending within LONE_ROW_KV_CELLS, its
+    last chunk under PROMPT_CHUNK rows) evaluates its last chunk row by row, and row-by-row cells are the same
+    however the rows are split; a slot holds row-by-row cells past its aligned part too (prompt tails and
+    decoded tokens within LONE_ROW_KV_CELLS). So a slot whose aligned part ends where the last chunk starts
+    gives any prefix that ends inside that chunk, e.g. a shared system message of 20 tokens, as llama-server
+    reuses it. At least one token is evaluated: its logits are the first token's.
+    """
+    limit = last_chunk_start(prompt_length)
+    if (prompt_length <= LONE_ROW_KV_CELLS and prompt_length - limit < PROMPT_CHUNK and exact == limit
+            and common > limit):
+        return min(common, prompt_length - 1)
+    return reusable(min(common, exact, limit))
 
 
 def chunk_size(pending: int) -> int:
@@ -372,7 +391,7 @@ class LlamaCppBackend(Backend):
     def _held_in_memory(self, prompt: list[int], limit: int) -> int:
         """How much of `prompt` a slot or the prefix cache holds. From a request thread it is an estimate (the
         slots change under it); the scheduler decides again with what it finds."""
-        held = [reusable(min(common_prefix_length(list(slot.kv_tokens), prompt), slot.exact, limit))
+        held = [min(resident_reuse(len(prompt), common_prefix_length(list(slot.kv_tokens), prompt), slot.exact), limit)
                 for slot in self._slots]
         cached = self._cache.match_length(prompt) if self._cache.budget_bytes else 0
         return max(held + [reusable(min(cached, limit))])
@@ -496,7 +515,7 @@ class LlamaCppBackend(Backend):
         limit = last_chunk_start(len(prompt))  # the last chunk is evaluated as a cold prompt evaluates it
 
         def held(slot: _Slot) -> int:  # what a slot holds of `prompt` that may be reused
-            return reusable(min(common_prefix_length(slot.kv_tokens, prompt), slot.exact, limit))
+            return resident_reuse(len(prompt), common_prefix_length(slot.kv_tokens, prompt), slot.exact)
 
         free = [slot for slot in self._slots if not slot.busy]
         resident_slot = max(free, key=held)
@@ -524,7 +543,7 @@ class LlamaCppBackend(Backend):
 
         if reused and llama.llama_memory_seq_rm(memory, slot.seq_id, reused, -1):
             del slot.kv_tokens[reused:]
-            slot.exact = reused
+            slot.exact = min(slot.exact, reusable(reused))
         else:  # a fresh start; also for models whose memory cannot drop a partial sequence
             llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
             slot.kv_tokens, slot.exact, reused = [], 0, 0

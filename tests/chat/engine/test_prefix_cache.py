@@ -3,7 +3,7 @@
 import pytest
 
 from chat.engine import ModelRegistry, ModelSpec, SamplingParams
-from chat.engine.backends.llama_cpp import last_chunk_start
+from chat.engine.backends.llama_cpp import LONE_ROW_KV_CELLS, last_chunk_start, resident_reuse
 from chat.engine.prefix_cache import PrefixCache, common_prefix_length
 from tests.factories import chat_prompt
 
@@ -77,6 +77,65 @@ def test_prefix_hits_and_misses_are_counted(registry):
     assert after["cached_prompt_tokens"] > before["cached_prompt_tokens"]
 
 
+def test_a_slot_gives_a_short_prompt_any_prefix_but_a_long_one_whole_chunks_only():
+    # Short (ends within 256 cells, last chunk under 64 rows): any prefix up to the last token, when the slot's
+    # aligned part ends where the prompt's last chunk starts (row-by-row cells after it, as a cold prompt's).
+    assert resident_reuse(36, common=20, exact=0) == 20
+    assert resident_reuse(36, common=36, exact=0) == 35  # the last token is evaluated: its logits are needed
+    assert resident_reuse(100, common=90, exact=64) == 90
+    # The slot's cells at 64.. were tiled (a whole chunk) where the cold prompt's last chunk goes row by row.
+    assert resident_reuse(100, common=90, exact=128) == 64
+    # The slot's cells before 64 were row by row where the cold prompt's first chunk is tiled.
+    assert resident_reuse(100, common=90, exact=0) == 0
+    # Long, or a last chunk of 64 rows (tiled): whole chunks before the last one only.
+    assert resident_reuse(300, common=290, exact=256) == 256
+    assert resident_reuse(128, common=120, exact=64) == 64
+    assert resident_reuse(36, common=10, exact=0) == 10
+
+
+@pytest.mark.smollm2
+def test_smollm2_short_prompts_reuse_a_shared_system_message_and_keep_the_cold_logprobs(smollm2_gguf):
+    """Prompts under 256 tokens take what a slot holds of them at any length (a 20-token system message, a
+    reply decoded token by token), also beside other decoding sequences; every logprob equals the cold one."""
+    sampling = SamplingParams(max_tokens=16, temperature=0, logprobs=5)  # the follow-up stays under 64 tokens
+
+    def run(prompts, company: bool = False, parallel: int = 4) -> list:
+        registry = ModelRegistry([ModelSpec("short", str(smollm2_gguf), context_length=1024, parallel=parallel,
+                                            prefix_cache_mb=0)])
+        try:
+            engine, replies = registry.get(), []
+            for prompt in prompts:
+                others = [engine.submit(chat_prompt(engine, f"You are person {i}.", "Tell a long story."),
+                                        SamplingParams(max_tokens=64, temperature=0)) for i in range(2 if company else 0)]
+                replies.append(engine.generate(prompt(replies), sampling))
+                for other in others:
+                    "".join(other)
+            return replies
+        finally:
+            registry.close()
+
+    def first(_):
+        return "<|im_start|>system\nYou are a helpful assistant. Be brief, kind and clear.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+    def other_question(_):
+        return "<|im_start|>system\nYou are a helpful assistant. Be brief, kind and clear.<|im_end|>\n<|im_start|>user\nTell me about trains.<|im_end|>\n<|im_start|>assistant\n"
+
+    def follow_up(replies):
+        return first(replies) + replies[0].text + "<|im_end|>\n<|im_start|>user\nAnd ships?<|im_end|>\n<|im_start|>assistant\n"
+
+    warm = run([first, first, follow_up, other_question], company=True)
+    assert all(reply.prompt_tokens <= LONE_ROW_KV_CELLS for reply in warm)
+    assert warm[1].cached_prompt_tokens == warm[1].prompt_tokens - 1  # the same prompt: one row evaluated
+    assert warm[2].cached_prompt_tokens > warm[0].prompt_tokens  # into the decoded reply
+    assert 16 <= warm[3].cached_prompt_tokens < warm[3].prompt_tokens - 4  # the system message, not the question
+    cold = [run([prompt])[0] for prompt in (first, lambda _: follow_up(warm), other_question)]
+    assert all(reply.cached_prompt_tokens == 0 for reply in cold)
+    for got, expected in zip(warm[1:], cold):
+        assert got.text == expected.text
+        assert [(r.logprob, [t.logprob for t in r.top]) for r in got.logprobs] == [
+            (r.logprob, [t.logprob for t in r.top]) for r in expected.logprobs]
+
+
 @pytest.mark.smollm2
 def test_smollm2_reused_prefix_gives_the_same_output_as_cold(smollm2, smollm2_gguf):
     system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 8
@@ -89,8 +148,9 @@ def test_smollm2_reused_prefix_gives_the_same_output_as_cold(smollm2, smollm2_gg
 
 @pytest.mark.smollm2
 def test_smollm2_with_flash_attention_a_follow_up_from_a_warm_slot_has_the_cold_prompts_logprobs(smollm2_gguf):
-    """Flash attention is on and the first prompt's reply was decoded token by token: only whole aligned chunks
-    are reused, so the follow-up's every logprob equals that of the same prompt evaluated cold."""
+    """Flash attention is on and the first prompt's reply was decoded token by token: whole aligned chunks are
+    reused, and within LONE_ROW_KV_CELLS the row-by-row cells after them (the last chunk's, the reply's), so the
+    follow-up's every logprob equals that of the same prompt evaluated cold."""
     spec = ModelSpec("warm", str(smollm2_gguf), context_length=1024, parallel=2)
     assert spec.flash_attention
     sampling = SamplingParams(max_tokens=24, temperature=0, logprobs=5)
@@ -100,6 +160,7 @@ def test_smollm2_with_flash_attention_a_follow_up_from_a_warm_slot_has_the_cold_
         engine = registry.get()
         first = chat_prompt(engine, system, "What do you like most about the sea?")
         reply = engine.generate(first, sampling)
+        first_length = len(engine.prompt_tokens(first))
         follow_up = first + reply.text + "<|im_end|>\n<|im_start|>user\nAnd ships?<|im_end|>\n<|im_start|>assistant\n"
         warm = engine.generate(follow_up, sampling)
     finally:
@@ -110,7 +171,9 @@ def test_smollm2_with_flash_attention_a_follow_up_from_a_warm_slot_has_the_cold_
         cold = cold_registry.get().generate(follow_up, sampling)
     finally:
         cold_registry.close()
-    assert warm.cached_prompt_tokens >= 64 and warm.cached_prompt_tokens % 64 == 0 and cold.cached_prompt_tokens == 0
+    assert warm.prompt_tokens <= LONE_ROW_KV_CELLS and cold.cached_prompt_tokens == 0
+    # Past the aligned chunks: into the first prompt's last chunk and its reply.
+    assert warm.cached_prompt_tokens > first_length > last_chunk_start(warm.prompt_tokens)
     assert warm.text == cold.text
     assert [(r.logprob, [t.logprob for t in r.top]) for r in warm.logprobs] == [
         (r.logprob, [t.logprob for t in r.top]) for r in cold.logprobs]
