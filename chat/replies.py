@@ -389,8 +389,10 @@ def end_fields(record: ReplyRecord) -> dict:
 
 
 def usage_of(completion: Completion) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens taken from a slot or a saved state, not evaluated."""
     return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": completion.cached_prompt_tokens}}
 
 
 def chat_logprobs(records) -> dict | None:

@@ -107,7 +107,7 @@ def text_completion_run(*, user, api_key: ApiKey | None, data: dict) -> dict:
             text = prompt + completion.text if data.get("echo") else completion.text
             choices.append({"index": index, "text": text, "finish_reason": completion.finish_reason,
                             "logprobs": logprobs})
-            usage = {key: usage[key] + value for key, value in usage_of(completion).items()}
+            usage = {key: usage[key] + value for key, value in usage_of(completion).items() if key in usage}
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
         "model": started[0][0].spec.name, "choices": choices, "usage": usage,

@@ -349,10 +349,15 @@ class ConversationSerializer(serializers.ModelSerializer):
 # --- Response shapes (documentation of what the views return) -------------------------------------
 
 
+class PromptTokensDetailsSerializer(serializers.Serializer):
+    cached_tokens = serializers.IntegerField(help_text="Prompt tokens whose KV was reused, not evaluated.")
+
+
 class UsageSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     total_tokens = serializers.IntegerField()
+    prompt_tokens_details = PromptTokensDetailsSerializer(required=False)
 
 
 class ToolCallFunctionSerializer(serializers.Serializer):

@@ -47,6 +47,20 @@ def test_streamed_completion_with_usage(live_api):
     assert response.parse().choices[0].message.content == text
 
 
+def test_usage_reports_the_prompt_tokens_a_slot_gave(live_api):
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI and llama-server report it: the same short prompt
+    again takes all its tokens but the last from the slot that evaluated it."""
+    ask = dict(model=MODEL, max_tokens=4, temperature=0, extra_headers=FRESH,
+               messages=[{"role": "user", "content": f"Name a colour. {time.time_ns()}"}])
+    client = live_api.client("alice")
+    first = client.chat.completions.create(**ask).usage
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    again = chunks[-1].usage
+    assert again.prompt_tokens == first.prompt_tokens
+    assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1
+    assert first.prompt_tokens_details.cached_tokens < again.prompt_tokens_details.cached_tokens
+
+
 def test_stop_strings_end_the_reply(live_api):
     def ask(**options):
         return live_api.client().chat.completions.create(
