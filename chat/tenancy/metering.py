@@ -130,14 +130,18 @@ class MeteredGeneration:
         self._finalizer = weakref.finalize(self, _settle_detached, meter, self._parts, count_tokens,
                                            Outcome.CANCELLED, generation)
         self._finalizer.atexit = False  # no thread can start while the interpreter exits
+        self._read = False
 
     def __getattr__(self, name):
         return getattr(self._generation, name)
 
     def cancel(self) -> None:
         self._generation.cancel()
+        if not self._read:  # nobody will read it to the end: settle now, not when the garbage collector finds it
+            self._finalizer()  # (a failed request's traceback can hold it in a cycle for many seconds)
 
     def __iter__(self):
+        self._read = True
         outcome = Outcome.CANCELLED
         try:
             for delta in self._generation:
@@ -152,6 +156,7 @@ class MeteredGeneration:
                             self._generation.result if outcome == Outcome.COMPLETED else None)
 
     async def __aiter__(self):
+        self._read = True
         outcome = Outcome.CANCELLED
         try:
             async for delta in self._generation:
