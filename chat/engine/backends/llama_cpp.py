@@ -193,6 +193,7 @@ class _Slot:
     prompt: list[int] = field(default_factory=list)  # the prompt of the sequence that last claimed it
     claims: int = 0  # how many times it was claimed: tells a waiting copier that its source changed hands
     last_used: float = 0.0
+    owner: str = ""  # whose sequence filled it last: only that owner reuses its cells at token granularity
 
 
 @dataclass(eq=False)
@@ -429,7 +430,7 @@ class LlamaCppBackend(Backend):
             if twin is not None:
                 self._start_twin(seq, sampler, grammar, twin)
                 return
-            slot, reused, share = self._claim_slot(seq.prompt_tokens, seq.saved_state)
+            slot, reused, share = self._claim_slot(seq.prompt_tokens, seq.saved_state, owner=seq.owner)
             seq.cached_prompt_tokens = share.length if share else reused
             seq.backend_state = state = _SequenceState(
                 slot=slot, sampler=sampler, grammar=grammar, pending=list(seq.prompt_tokens[reused:]),
@@ -467,6 +468,7 @@ class LlamaCppBackend(Backend):
         slot.busy = slot.waiting = True
         slot.claims += 1
         slot.prompt = list(seq.prompt_tokens)
+        slot.owner = seq.owner
         slot.last_used = time.monotonic()
         seq.cached_prompt_tokens = len(seq.prompt_tokens)
         seq.backend_state = _SequenceState(slot=slot, sampler=sampler, grammar=grammar, pending=[],
@@ -508,14 +510,22 @@ class LlamaCppBackend(Backend):
         state.slot.waiting = False
         state.pending = list(state.prompt)
 
-    def _claim_slot(self, prompt: list[int], saved: CachedPrefix | None = None) -> tuple[_Slot, int, _Share | None]:
+    def _claim_slot(self, prompt: list[int], saved: CachedPrefix | None = None,
+                    owner: str = "") -> tuple[_Slot, int, _Share | None]:
         """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from.
-        `saved`: the state read from disk for this prompt (saved_state_for), used where it beats memory."""
+        `saved`: the state read from disk for this prompt (saved_state_for), used where it beats memory.
+
+        A slot last filled by another owner gives whole chunks only. Reuse shows (in usage.cached_tokens, and in
+        the time to the first token), so reuse by the token would let a tenant find out, one guessed token at a
+        time, what another's prompt says; a whole 64-token chunk must be guessed at once."""
         llama, memory = self._llama, self._memory
         limit = last_chunk_start(len(prompt))  # the last chunk is evaluated as a cold prompt evaluates it
 
         def held(slot: _Slot) -> int:  # what a slot holds of `prompt` that may be reused
-            return resident_reuse(len(prompt), common_prefix_length(slot.kv_tokens, prompt), slot.exact)
+            common = common_prefix_length(slot.kv_tokens, prompt)
+            if slot.owner != owner:
+                return reusable(min(common, slot.exact, limit))
+            return resident_reuse(len(prompt), common, slot.exact)
 
         free = [slot for slot in self._slots if not slot.busy]
         resident_slot = max(free, key=held)
@@ -552,6 +562,7 @@ class LlamaCppBackend(Backend):
         slot.busy = True
         slot.claims += 1
         slot.prompt = list(prompt)
+        slot.owner = owner
         slot.last_used = time.monotonic()
         return slot, reused, share
 
@@ -803,7 +814,7 @@ class LlamaCppBackend(Backend):
             target.kv_tokens, target.exact = list(source.kv_tokens), source.exact
         else:  # nothing evaluated yet (a sequence waiting for its shared prefix)
             target.kv_tokens, target.exact = [], 0
-        target.busy, target.waiting, target.prompt = True, source.waiting, source.prompt
+        target.busy, target.waiting, target.prompt, target.owner = True, source.waiting, source.prompt, source.owner
         target.claims += 1
         source.busy = source.waiting = False
         source.claims += 1

@@ -7,6 +7,8 @@ from chat.engine.backends.llama_cpp import LONE_ROW_KV_CELLS, last_chunk_start, 
 from chat.engine.prefix_cache import PrefixCache, common_prefix_length
 from tests.factories import chat_prompt
 
+from .conftest import TINY_CONTEXT
+
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 CHARACTER = "you are a pirate who loves the sea and tells long stories about ships and water. " * 3
 
@@ -91,6 +93,26 @@ def test_a_slot_gives_a_short_prompt_any_prefix_but_a_long_one_whole_chunks_only
     assert resident_reuse(300, common=290, exact=256) == 256
     assert resident_reuse(128, common=120, exact=64) == 64
     assert resident_reuse(36, common=10, exact=0) == 10
+
+
+@pytest.mark.parametrize("character", ["you are a pirate.", CHARACTER])  # under and over one 64-token chunk
+def test_a_short_prompt_takes_another_owners_cells_in_whole_chunks_only(tiny_gguf, character):
+    """Reuse shows in usage.cached_tokens and in the time to the first token: by the token, a tenant could
+    find out what another's prompt says one guessed token at a time. Across owners, whole chunks only."""
+    registry = ModelRegistry([ModelSpec("owners", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=1,
+                                        prefix_cache_mb=0)])
+    try:
+        engine = registry.get()
+        prompt = chat_prompt(engine, character, "my locker code is 4711")
+        length = len(engine.prompt_tokens(prompt))
+        assert length <= LONE_ROW_KV_CELLS
+        engine.generate(prompt, GREEDY, owner="user:1")
+        guessed = engine.generate(prompt, GREEDY, owner="user:2")  # the only slot holds user:1's prompt
+        again = engine.generate(prompt, GREEDY, owner="user:2")  # now its own
+    finally:
+        registry.close()
+    assert guessed.cached_prompt_tokens == last_chunk_start(length)
+    assert again.cached_prompt_tokens == length - 1
 
 
 @pytest.mark.smollm2
