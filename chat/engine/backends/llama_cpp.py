@@ -392,7 +392,7 @@ class LlamaCppBackend(Backend):
     def _held_in_memory(self, prompt: list[int], limit: int) -> int:
         """How much of `prompt` a slot or the prefix cache holds. From a request thread it is an estimate (the
         slots change under it); the scheduler decides again with what it finds."""
-        held = [min(resident_reuse(len(prompt), common_prefix_length(list(slot.kv_tokens), prompt), slot.exact), limit)
+        held = [reusable(min(common_prefix_length(list(slot.kv_tokens), prompt), slot.exact, limit))
                 for slot in self._slots]
         cached = self._cache.match_length(prompt) if self._cache.budget_bytes else 0
         return max(held + [reusable(min(cached, limit))])
