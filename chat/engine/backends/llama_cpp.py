@@ -55,11 +55,11 @@ from .constrained import ConstrainedSampler
 logger = logging.getLogger(__name__)
 
 BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while nothing decodes
-# Prompts are evaluated in chunks of PROMPT_CHUNK tokens that start at a multiple of it, each in its own
-# llama_decode (short chunks of several sequences that end within LONE_ROW_KV_CELLS share one: _prompt_calls).
+# Prompts are evaluated in chunks of PROMPT_CHUNK tokens that start at a multiple of it (_prompt_calls).
 # CPU kernels pick their code path by a batch's shape: flash attention's tiled path needs 64 query rows per
-# sequence; below that a row-by-row path, exact in any company but slow on long contexts (a 43-row tail over
-# 1,800 cells took 0.95 s). So a prompt's last, partial chunk past LONE_ROW_KV_CELLS is padded to PROMPT_CHUNK
+# sequence and then computes each row the same however many rows and sequences a call holds, so tiled chunks
+# share calls of up to BATCH_TOKENS rows; below 64 rows a row-by-row path, exact in any company but slow on
+# long contexts (a 43-row tail over 1,800 cells took 0.95 s). So a prompt's last, partial chunk past LONE_ROW_KV_CELLS is padded to PROMPT_CHUNK
 # rows with throwaway tokens after it (masked from the real rows by causality; removed after the decode).
 # Only whole chunks before the last are reused (resident, copied, saved): a reused prefix holds exactly the
 # cells a cold prompt computes, and the last chunk is evaluated as a cold prompt evaluates it. The exception,
@@ -700,8 +700,8 @@ class LlamaCppBackend(Backend):
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
         """One step: a llama_decode of the next token of every decoding sequence, then prompt chunks.
 
-        Each prompt chunk is PROMPT_CHUNK tokens from an aligned position (or the prompt's end) in its own
-        llama_decode, so that its cells do not depend on what else ran (see PROMPT_CHUNK). While sequences
+        Each prompt chunk is PROMPT_CHUNK tokens from an aligned position (or the prompt's end), evaluated in a
+        call whose shape keeps its cells independent of what else ran (_prompt_calls). While sequences
         decode, the prefill budget limits the prompt tokens of a step, but every waiting prompt gets
         `prefill_min_tokens` (in whole chunks) and the oldest at least one chunk. The decoding sequences go
         into their batch in increasing sequence-id order, and are first packed onto consecutive slots: with
@@ -748,20 +748,44 @@ class LlamaCppBackend(Backend):
             raise SequencesFailed([seq for seq, _ in failed], sampled, errors=dict(failed))
         return sampled
 
-    @staticmethod
-    def _prompt_calls(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-        """The llama_decode calls of a step's prompt chunks, in order. A prompt's last chunk under PROMPT_CHUNK
-        rows that ends within LONE_ROW_KV_CELLS goes into one call with the others like it, after every
-        whole chunk: below 64 rows flash attention computes each row on its own (the same logits in any
-        company), and under 512 KV cells no row is split by thread. Every other chunk has a call of its
-        own (measured: bench/flash_attention_shapes.py)."""
-        ends, small, calls = {}, [], []
+    def _prompt_calls(self, chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """The llama_decode calls of a step's prompt chunks, in order (measured: bench/flash_attention_shapes.py).
+
+        Tiled chunks (whole aligned chunks, and a last chunk padded to PROMPT_CHUNK rows) share calls of up to
+        BATCH_TOKENS rows: a sequence's consecutive chunks become one item, and items of several sequences go
+        together. Flash attention's tiled path computes each query row the same however many rows of a sequence
+        a call holds and whatever other sequences it holds, as long as every sequence brings a multiple of
+        PROMPT_CHUNK rows (llama.cpp splits a call into ubatches of equal rows per sequence). A last chunk under
+        PROMPT_CHUNK rows that ends within LONE_ROW_KV_CELLS goes row by row, into one call with the others like
+        it, after the tiled calls: below 64 rows flash attention computes each row on its own (the same logits in
+        any company), and under 512 KV cells no row is split by thread."""
+        ends, tiled, lone, small = {}, {}, [], []
         for seq, size in chunks:
-            ends[seq] = ends.get(seq, len(seq.backend_state.slot.kv_tokens)) + size
+            start = ends.get(seq, len(seq.backend_state.slot.kv_tokens))
+            ends[seq] = start + size
             if size < PROMPT_CHUNK and ends[seq] <= LONE_ROW_KV_CELLS:
                 small.append((seq, size))
+            elif size < PROMPT_CHUNK and start + PROMPT_CHUNK > self.context_length:
+                lone.append([(seq, size)])  # no room to pad it: row by row, alone, as a warm prompt would take it
             else:
-                calls.append([(seq, size)])
+                tiled[seq] = tiled.get(seq, 0) + size
+        calls, call, rows = [], [], 0
+        for seq, size in tiled.items():
+            done = 0
+            while done < size:
+                room, rest = BATCH_TOKENS - rows, size - done
+                rest_rows = rest + self._padding(seq.backend_state, rest, offset=done)
+                piece, piece_rows = (rest, rest_rows) if rest_rows <= room else (reusable(min(rest, room)),) * 2
+                if not piece:
+                    calls.append(call)
+                    call, rows = [], 0
+                    continue
+                call.append((seq, piece))
+                rows += piece_rows
+                done += piece
+        if call:
+            calls.append(call)
+        calls += lone
         if small:
             calls.append(sorted(small, key=lambda item: item[0].backend_state.slot.seq_id))
         return calls
@@ -895,15 +919,17 @@ class LlamaCppBackend(Backend):
                 slot.copy_pending = False
         return result
 
-    def _padding(self, state: _SequenceState, size: int) -> int:
-        """Throwaway rows after a prompt's last chunk of `size` tokens, so that a partial chunk past
-        LONE_ROW_KV_CELLS takes flash attention's tiled path (PROMPT_CHUNK rows) instead of the slow
-        row-by-row one. A function of the chunk's position only, so cold and warm prompts pad alike."""
-        start = len(state.slot.kv_tokens)
-        if (not state.prefilling or size >= PROMPT_CHUNK or size != len(state.pending)
-                or start + size <= LONE_ROW_KV_CELLS or start + PROMPT_CHUNK > self.context_length):
+    def _padding(self, state: _SequenceState, size: int, offset: int = 0) -> int:
+        """Throwaway rows after a prompt's last chunk, evaluated as `size` tokens from `offset` past what the slot
+        holds, so that a partial chunk past LONE_ROW_KV_CELLS takes flash attention's tiled path (a multiple of
+        PROMPT_CHUNK rows) instead of the slow row-by-row one. A function of the chunk's position only, so cold
+        and warm prompts pad alike."""
+        start = len(state.slot.kv_tokens) + offset
+        partial = size % PROMPT_CHUNK
+        if (not state.prefilling or not partial or offset + size != len(state.pending)
+                or start + size <= LONE_ROW_KV_CELLS or start + size - partial + PROMPT_CHUNK > self.context_length):
             return 0
-        return PROMPT_CHUNK - size
+        return PROMPT_CHUNK - partial
 
     def _throwaway_slots(self, planned: list[tuple[Sequence, int]]) -> list[_Slot]:
         """Slots to decode a throwaway token in beside a decode step's sequences once one of them holds 256 cells
@@ -944,8 +970,8 @@ class LlamaCppBackend(Backend):
         for seq, size in planned:
             state = seq.backend_state
             slot = state.slot
-            if state.prefilling and size == PROMPT_CHUNK and slot.exact == len(slot.kv_tokens):
-                slot.exact += size  # a whole aligned chunk, decoded on its own
+            if state.prefilling and slot.exact == len(slot.kv_tokens):
+                slot.exact += reusable(size)  # whole aligned chunks, tiled
             slot.kv_tokens.extend(state.pending[:size])
             del state.pending[:size]
             if state.logits_index is None:

@@ -245,3 +245,54 @@ def test_smollm2_a_padded_last_chunk_leaves_no_trace(smollm2_gguf):
     (cold,) = run([follow_up], probe=False)
     assert warm.cached_prompt_tokens >= 256 and cold.cached_prompt_tokens == 0
     assert [r.logprob for r in warm.logprobs] == [r.logprob for r in cold.logprobs]
+
+
+@pytest.mark.smollm2
+def test_smollm2_prompt_chunks_share_calls_and_keep_their_logits(smollm2_gguf, monkeypatch):
+    """Whole 64-token chunks of one prompt, and of several prompts, go into one llama_decode of up to 512 rows
+    (flash attention's tiled path computes a row the same in any such call); each prompt's logprobs equal those
+    of its chunks evaluated one call each."""
+    from chat.engine.backends import llama_cpp as backend_module
+
+    sampling = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
+    long_system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 50
+    short_system = "You are a gardener who grows roses and talks about soil and rain. " * 20
+
+    def run(prompts_of, *, one_chunk_per_call: bool) -> tuple[list, list[list[int]]]:
+        registry = ModelRegistry([ModelSpec("calls", str(smollm2_gguf), context_length=1024, parallel=2,
+                                            prefix_cache_mb=0)])
+        calls = []
+        try:
+            engine = registry.get()
+            backend = engine._backend
+            decode = backend._llama.llama_decode
+
+            def recording_decode(context, batch):
+                calls.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+                return decode(context, batch)
+
+            monkeypatch.setattr(backend._llama, "llama_decode", recording_decode)
+            if one_chunk_per_call:  # the calls as they were before chunks shared them
+                monkeypatch.setattr(backend_module, "BATCH_TOKENS", backend_module.PROMPT_CHUNK)
+            prompts = prompts_of(engine)
+            assert len(engine.prompt_tokens(prompts[0])) > backend_module.BATCH_TOKENS
+            with engine.admission_held():
+                generations = [engine.submit(prompt, sampling) for prompt in prompts]
+            replies = [("".join(g), g.result)[1] for g in generations]
+            return [[(r.logprob, [t.logprob for t in r.top]) for r in reply.logprobs] for reply in replies], calls
+        finally:
+            monkeypatch.undo()
+            registry.close()
+
+    def both(engine):
+        return [chat_prompt(engine, long_system, "What do you like most about the sea?"),
+                chat_prompt(engine, short_system, "When do roses bloom?")]
+
+    merged, merged_calls = run(both, one_chunk_per_call=False)
+    separate, separate_calls = run(both, one_chunk_per_call=True)
+    alone, _ = run(lambda engine: both(engine)[:1], one_chunk_per_call=False)
+    assert max(len(call) for call in merged_calls) == 512  # one prompt's 8 chunks in one call...
+    assert any(len(set(call)) == 2 and len(call) > 2 for call in merged_calls)  # ...and both prompts' chunks in one
+    assert max(len(call) for call in separate_calls) == 64
+    assert merged == separate
+    assert merged[0] == alone[0]
