@@ -1,6 +1,8 @@
 """Celery application: settings come from Django's (CELERY_*), tasks from each app's tasks.py."""
 
 import os
+import signal
+import threading
 
 from celery import Celery, signals
 
@@ -27,3 +29,25 @@ def serve_worker_metrics(**_):
         from llmsite.worker_metrics import worker_metrics_serve
 
         worker_metrics_serve(host=settings.WORKER_METRICS_HOST, port=settings.WORKER_METRICS_PORT)
+
+
+@signals.worker_shutting_down.connect(weak=False)
+def bound_the_warm_shutdown(how: str = "", **_):
+    """SIGTERM starts Celery's warm shutdown, which waits for the running job however long it takes. After
+    WORKER_DRAIN_TIMEOUT seconds this turns it into a cold shutdown: the job's process stops, and its message,
+    acknowledged late, goes back to the broker for another worker (the job's next attempt)."""
+    from django.conf import settings
+
+    if how != "Warm" or settings.WORKER_DRAIN_TIMEOUT <= 0:
+        return
+    timer = threading.Timer(settings.WORKER_DRAIN_TIMEOUT, os.kill, (os.getpid(), signal.SIGQUIT))
+    timer.daemon = True
+    timer.start()
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def close_the_engines(**_):
+    """A pool process that ends closes its models: with `state_dir` set, every slot's conversation goes to disk."""
+    from chat.engines import reset_registry
+
+    reset_registry()

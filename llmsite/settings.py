@@ -347,6 +347,9 @@ WORKER_METRICS_HOST = os.environ.get("WORKER_METRICS_HOST", "127.0.0.1")
 INSTANCE_NAME = os.environ.get("INSTANCE_NAME", "")
 # After SIGTERM, `manage.py serve` waits this many seconds at most for running replies (chat/ops/drain.py).
 DRAIN_TIMEOUT = env_float("DRAIN_TIMEOUT", 30.0, minimum=0)
+# After SIGTERM a Celery worker finishes its running job for this many seconds at most, then hands it back to the
+# broker (another worker runs it again as its next attempt); 0 = wait for the job however long it runs.
+WORKER_DRAIN_TIMEOUT = env_float("WORKER_DRAIN_TIMEOUT", 60.0, minimum=0)
 
 # daphne serves the admin's static files itself unless a proxy (deploy/nginx.conf) does.
 SERVE_STATIC = env_bool("SERVE_STATIC", True)

@@ -54,7 +54,7 @@ from .generation import Generation
 from .logprobs import TokenLogprob, TopLogprob
 from .prompt import neutralized
 from .protocol import EngineProtocol
-from .routing import affinity_key
+from .routing import affinity_key, conversation_key
 from .tool_call_text import ToolCallText
 from .types import Completion, ModelSpec, SamplingParams
 from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error, upstream_error_message
@@ -198,13 +198,14 @@ class _Request:
     """One submitted request on its way through a worker thread."""
 
     def __init__(self, *, path: str, body: dict, chat: bool, prompt_tokens: int, key: str | None = None,
-                 owner: str = ""):
+                 owner: str = "", conversation: str | None = None):
         self.path = path
         self.owner = owner  # whose request it is: workers take requests fairly between owners (admission.py)
         self.body = body
         self.chat = chat
         self.prompt_tokens = prompt_tokens
         self.key = key  # what routes it (chat/engine/routing.py)
+        self.conversation = conversation  # ...and, for a later turn, where its conversation last ran
         self.parts: list[str] = []  # text pushed so far, over every upstream that served it
         self.pieces = 0
         self.attempts = 0  # upstreams that began streaming it
@@ -421,6 +422,7 @@ class RemoteEngine(EngineProtocol):
         chat = isinstance(prompt, RenderedChat) and bool(prompt.messages) and self.spec.remote_api == "chat"
         request = _Request(path="/v1/chat/completions" if chat else "/v1/completions", chat=chat, prompt_tokens=count,
                            key=affinity_key(prompt, getattr(prompt, "messages", ())), owner=owner,
+                           conversation=conversation_key(getattr(prompt, "messages", ())),
                            body=self._body(prompt, params, chat=chat,
                                            max_tokens=min(params.max_tokens, self.context_length - count)))
         request.generation = Generation(uuid.uuid4().hex, on_cancel=request.cancel)
@@ -532,7 +534,7 @@ class RemoteEngine(EngineProtocol):
 
     def _serve(self, request: _Request) -> None:
         # The first choice is counted in flight by the same lock that chose it (bounded load holds under bursts).
-        candidates = self._pool.candidates(key=request.key, begin=True)
+        candidates = self._pool.candidates(key=request.key, conversation=request.conversation, begin=True)
         gate = candidates[0].gate
         # Beyond the upstream's slots the request waits for one here (slot_gate.py); the caller stops waiting for it
         # then, as for a queued request. Failover attempts go straight to the next upstream.

@@ -4,7 +4,8 @@ Pure Python, no I/O: `Router.order(key, in_flight)` returns the upstream indices
 choice first, failover candidates after. With affinity, a request's key (its first system message: system
 prompt and character; else the start of its prompt) picks its place on a hash ring
 of virtual nodes; walking the ring clockwise gives a stable preference list per key, so the same
-character keeps landing on the upstream whose prompt cache already holds it, and adding or removing
+character keeps landing on the upstream whose prompt cache already holds it (and a conversation's next turn on
+the upstream its last one ran on), and adding or removing
 an upstream moves only about 1/N of the keys. Bounded load (Mirrokni et al., "Consistent Hashing
 with Bounded Loads"): an upstream already holding ceil(load_factor × (in flight + 1) / N)
 requests is passed over for the next one on the ring.
@@ -39,6 +40,16 @@ def affinity_key(prompt: str, messages=(), *, chars: int = AFFINITY_PREFIX_CHARS
     if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
         return "system\n" + messages[0]["content"]
     return str(prompt)[:chars]
+
+
+def conversation_key(messages=()) -> str | None:
+    """What a conversation's every turn starts with: its first system message and its first user message. Its
+    later turns go back to the upstream its last turn ran on, where the whole conversation is cached."""
+    system = next((m.get("content") for m in messages[:1] if m.get("role") == "system"), "")
+    first_user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
+    if not isinstance(first_user, str) or not isinstance(system, str):
+        return None
+    return f"conversation\n{system}\n{first_user}"
 
 
 class Router:
@@ -79,12 +90,13 @@ class Router:
         return max(1, math.ceil(factor * (sum(in_flight) + 1) / len(self.labels)))
 
     def order(self, key: str | None, in_flight: list[int], *, home: int | None = None,
-              keys_at: list[int] | None = None, key_capacity: int = 0) -> list[int]:
+              keys_at: list[int] | None = None, key_capacity: int = 0, conversation_home: int | None = None) -> list[int]:
         """Upstream indices to try for one request, best first; `in_flight[i]` is upstream i's open requests.
 
         Affinity: the key's preference list with the upstreams at capacity moved behind the others
-        (they stay failover candidates); `home`, the upstream serving this key now or last, first while
-        it holds under HOME_LOAD_FACTOR x the mean. With `key_capacity` (an upstream's slots) a key without a home
+        (they stay failover candidates); `conversation_home`, where the request's conversation last ran (all of it
+        cached there), then `home`, the upstream serving this key now or last, first while it holds under
+        HOME_LOAD_FACTOR x the mean. With `key_capacity` (an upstream's slots) a key without a home
         also passes over upstreams whose slots all hold other keys with open requests (`keys_at[i]`), while another
         has room: few characters then spread so that each stays in a slot. Round-robin (or no key): the next rotation.
         """
@@ -94,8 +106,10 @@ class Router:
                 start = next(self._rotation) % count
             return [(start + step) % count for step in range(count)]
         preferred = self.preference(key)
-        if home is not None and in_flight[home] < self.capacity(in_flight, factor=max(HOME_LOAD_FACTOR, self.load_factor)):
-            return [home] + [index for index in preferred if index != home]  # `home` serves this key right now
+        home_limit = self.capacity(in_flight, factor=max(HOME_LOAD_FACTOR, self.load_factor))
+        for place in (conversation_home, home):
+            if place is not None and in_flight[place] < home_limit:
+                return [place] + [index for index in preferred if index != place]  # its prompt is cached there
         limit = self.capacity(in_flight)
         below = [index for index in preferred if in_flight[index] < limit]
         if key_capacity and keys_at is not None:

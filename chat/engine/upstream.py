@@ -91,7 +91,8 @@ class UpstreamPool:
     def label(self) -> str:
         return ", ".join(upstream.label for upstream in self.upstreams)
 
-    def candidates(self, *, rotate: bool = True, key: str | None = None, begin: bool = False) -> list[Upstream]:
+    def candidates(self, *, rotate: bool = True, key: str | None = None, begin: bool = False,
+                   conversation: str | None = None) -> list[Upstream]:
         """The upstreams to try for one request, in order: answering ones (the router's order for `key`),
         then those due a retry.
 
@@ -102,12 +103,14 @@ class UpstreamPool:
         """
         now = time.monotonic()
         placement = _digest(key) if key is not None else None
+        conversation_placement = _digest(conversation) if key is not None and conversation is not None else None
         with self._lock:
             if rotate:
                 home = self._homes.get(key) if key is not None else None
                 home_index = home[0] if home else self._placed.get(placement)
                 order = self.router.order(key, [upstream.in_flight for upstream in self.upstreams], home=home_index,
-                                          keys_at=self._keys_at() if self.slots else None, key_capacity=self.slots)
+                                          keys_at=self._keys_at() if self.slots else None, key_capacity=self.slots,
+                                          conversation_home=self._placed.get(conversation_placement))
             else:
                 order = [(self._next + step) % len(self.upstreams) for step in range(len(self.upstreams))]
             self._next = (order[0] + 1) % len(self.upstreams)
@@ -123,9 +126,10 @@ class UpstreamPool:
                     index = self.upstreams.index(chosen[0])
                     home = self._homes.setdefault(key, [index, 0])
                     home[1] += home[0] == index
-                    self._placed[placement] = index
-                    self._placed.move_to_end(placement)
-                    if len(self._placed) > PLACEMENTS_KEPT:
+                    for digest in filter(None, (placement, conversation_placement)):
+                        self._placed[digest] = index
+                        self._placed.move_to_end(digest)
+                    while len(self._placed) > PLACEMENTS_KEPT:
                         self._placed.popitem(last=False)
             return chosen
 

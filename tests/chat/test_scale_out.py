@@ -1,5 +1,6 @@
 """Against real Redis and a real Celery worker process: background jobs, the response cache, outages."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -21,12 +22,13 @@ class Worker:
         self.server = server
         self.process = None
 
-    def start(self):
+    def start(self, **env):
         log = open(self.server.workdir / "worker.log", "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "llmsite", "worker", "--pool", "prefork", "--concurrency", "1",
              "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=ROOT, env=self.server.child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=ROOT, env={**self.server.child_env(), **env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
 
     def stop(self):
         stop_process_group(self.process, timeout=20)
@@ -200,3 +202,54 @@ def test_service_keeps_working_when_redis_stops_and_recovers(tmp_path, smollm2_p
         server.stop()
         if redis.poll() is None:
             redis.kill()
+
+
+# -- a worker's drain: SIGTERM finishes the running job within WORKER_DRAIN_TIMEOUT, or hands it back -------------
+
+NO_END = {"0": -100, "1": -100, "2": -100}  # SmolLM2's end tokens banned: the job runs to max_tokens
+
+
+def running_job(client, max_tokens: int) -> str:
+    job = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Write a very long essay about the sea."}], "max_tokens": max_tokens,
+        "temperature": 0.8, "seed": 11, "logit_bias": NO_END, "background": True}).json()
+    wait_for(client, job["url"], lambda b: b["status"] == "running" and b["completion_tokens"] > 0)
+    return job["url"]
+
+
+def test_sigterm_lets_the_running_job_finish_before_the_worker_exits(stack):
+    server, keys, worker = stack
+    client = bearer_client(server, keys["ann"])
+    try:
+        url = running_job(client, max_tokens=120)
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=120) == 0
+        final = client.get(url).json()
+    finally:
+        worker.start()
+    assert final["status"] == "done" and final["attempts"] == 1, final
+    assert final["result"]["usage"]["completion_tokens"] == 120
+
+
+def test_a_job_outlasting_the_worker_drain_is_handed_back_and_run_again(stack, redis_url):
+    import redis
+
+    server, keys, worker = stack
+    client = bearer_client(server, keys["ann"])
+    worker.stop()
+    worker.start(WORKER_DRAIN_TIMEOUT="2")
+    try:
+        url = running_job(client, max_tokens=1500)
+        signalled = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        worker.process.wait(timeout=60)
+        exited_after = time.monotonic() - signalled
+        # Back in the broker's queue at once (no poll of the job has run: a poll could queue it again itself).
+        queued = redis.Redis.from_url(redis_url).llen(server.env["CELERY_QUEUE"])
+    finally:
+        worker.start()
+    assert exited_after < 2 + 30, exited_after  # the bound, plus the time a cold shutdown takes
+    assert queued == 1
+    final = wait_for(client, url, lambda b: b["status"] in ("done", "failed"), timeout=300)
+    assert final["status"] == "done" and final["attempts"] == 2, final
+    assert final["result"]["usage"]["completion_tokens"] == 1500

@@ -92,12 +92,16 @@ class Command(BaseCommand):
     def run_from_argv(self, argv):
         # daphne parses its own options: everything after `serve` goes to it, with our WebSocket limits.
         DrainingCommandLine().run(with_websocket_limits(argv[2:]))
-        if work_in_progress():
-            # Stopped by DRAIN_TIMEOUT (or a second signal) with a decode still running: freeing the model
-            # under it could crash the process; exit at once and let the OS free it.
+        cut_short = work_in_progress()
+        # Stop the engines: each scheduler thread finishes its step, fails what still runs, writes every slot's
+        # conversation to the state directory (if set) and frees its model itself, so nothing is freed under a
+        # running decode; what a drain cut short resumes from its saved state after the restart.
+        reset_registry()
+        if cut_short:
+            # Stopped by DRAIN_TIMEOUT (or a second signal): request threads may still be winding down; exit
+            # without waiting for them.
             logging.shutdown()
             os._exit(0)
-        reset_registry()  # stop the engines' threads and free the models
 
     def handle(self, *args, **options):  # pragma: no cover - run_from_argv does the work
         raise NotImplementedError

@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from chat.engine.routing import HOME_LOAD_FACTOR, Router, affinity_key
-from chat.engine.upstream import UpstreamPool
+from chat.engine.routing import HOME_LOAD_FACTOR, Router, affinity_key, conversation_key
+from chat.engine.upstream import UpstreamPool, _digest
 
 LABELS = ["http://a:8080", "http://b:8080", "http://c:8080"]
 
@@ -166,3 +166,23 @@ def test_placements_keep_a_short_digest_of_each_key_however_long_the_system_mess
     pool.ended(first, seconds=0.1, error=False)
     assert all(len(placement) <= 32 for placement in pool._placed)  # not 200 KB per key a client sends
     assert pool.candidates(key=long_sheet, begin=True)[0] is first  # and it still finds its way back
+
+
+def test_a_conversations_next_turn_goes_back_to_the_upstream_its_last_turn_ran_on():
+    pool = UpstreamPool([f"http://up{index}:8080" for index in range(3)], routing="affinity")
+    sheet = [{"role": "system", "content": "You are Captain Mara."}]
+    key = affinity_key("", sheet)
+    first_turn = sheet + [{"role": "user", "content": "Hello, captain!"}]
+    conversation = conversation_key(first_turn)
+    first = pool.candidates(key=key, conversation=conversation, begin=True)[0]
+    pool.settled(key, first)
+    pool.ended(first, seconds=0.1, error=False)
+    # Meanwhile the character's requests moved to another upstream (bounded load, a full upstream).
+    elsewhere = next(upstream for upstream in pool.upstreams if upstream is not first)
+    pool._placed[_digest(key)] = pool.upstreams.index(elsewhere)
+    assert pool.candidates(key=key, begin=True)[0] is elsewhere  # a new conversation follows the character...
+    second_turn = first_turn + [{"role": "assistant", "content": "Ahoy."}, {"role": "user", "content": "Tides?"}]
+    assert conversation_key(second_turn) == conversation
+    assert pool.candidates(key=key, conversation=conversation, begin=True)[0] is first  # ...this one its history
+    assert conversation_key(sheet + [{"role": "user", "content": "Another chat"}]) != conversation
+    assert conversation_key([{"role": "assistant", "content": "hi"}]) is None
