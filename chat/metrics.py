@@ -44,8 +44,14 @@ class EngineCollector:
                                         "model (reused, shared and forked ones excluded).", labels=["model"])
         forked = CounterMetricFamily("llmsite_forked_sequences", "Sequences forked from another evaluating the same "
                                      "prompt (n choices) instead of evaluating it.", labels=["model"])
+        failovers = CounterMetricFamily("llmsite_upstream_failovers", "Replies an upstream broke off, continued on "
+                                        "the next upstream.", labels=["model"])
+        dropped = CounterMetricFamily("llmsite_state_writes_dropped", "Conversation states not written to state_dir "
+                                      "because the disk writer was behind.", labels=["model"])
         for name, engine in loaded_engines():
             stats = engine.stats()
+            failovers.add_metric([name], stats.get("failovers", 0))
+            dropped.add_metric([name], stats.get("state_writes_dropped", 0))
             evaluated.add_metric([name], stats.get("prompt_tokens_evaluated", 0))
             forked.add_metric([name], stats.get("forked_sequences", 0))
             active.add_metric([name], stats.get("active", 0))
@@ -54,7 +60,7 @@ class EngineCollector:
             misses.add_metric([name], stats.get("prefix_misses", 0))
             for reason in ("queue_full", "queue_timeout"):
                 rejected.add_metric([name, reason], stats.get(f"rejected_{reason}", 0))
-        yield from (active, queued, hits, misses, rejected, evaluated, forked)
+        yield from (active, queued, hits, misses, rejected, evaluated, forked, failovers, dropped)
         yield from upstream_families()
 
 

@@ -105,7 +105,9 @@ def test_an_upstream_killed_mid_burst_hands_its_requests_over_none_lost_or_repea
     while processing(b) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processing(b) > 0, "upstream b never received a request: affinity sent everything to a"
-    time.sleep(0.5)  # let some of b's replies begin
+    decodes = b.metric("llamacpp:n_decode_total")
+    while b.metric("llamacpp:n_decode_total") < decodes + 4 and time.monotonic() < deadline:
+        time.sleep(0.02)  # b's replies have begun: a few decode steps past its prompts
     b.kill()
     killed.set()
     for thread in threads:
@@ -123,6 +125,8 @@ def test_an_upstream_killed_mid_burst_hands_its_requests_over_none_lost_or_repea
     label = f'model="pool",upstream="127.0.0.1:{b.port}"'
     errors = re.search(r"^llmsite_upstream_errors_total\{" + re.escape(label) + r"\}\s+([0-9.e+]+)", metrics, re.M)
     assert errors and float(errors.group(1)) >= 1, metrics  # b's requests failed there and went elsewhere
+    failovers = re.search(r'^llmsite_upstream_failovers_total\{model="pool"\}\s+([0-9.e+]+)', metrics, re.M)
+    assert failovers and float(failovers.group(1)) >= 1, metrics  # at least one reply was cut mid-stream on b
     for upstream in (a, b):  # every figure per upstream: requests, in flight, latency
         label = f'model="pool",upstream="127.0.0.1:{upstream.port}"'
         for family in ("llmsite_upstream_requests_total", "llmsite_upstream_in_flight",

@@ -1051,6 +1051,8 @@ class LlamaCppBackend(Backend):
             "shared_prefixes": self._shared_prefixes,
             "forked_sequences": self._forks,
             "slot_moves": self._moves,
+            # states not written to disk because the writer was behind (the decode loop never waits for it)
+            "state_writes_dropped": self._disk.dropped_writes if self._disk is not None else 0,
         }
 
     def close(self) -> None:

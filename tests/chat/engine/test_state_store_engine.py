@@ -146,3 +146,24 @@ def test_a_state_llama_cpp_rejects_is_removed_and_the_prompt_evaluated(tiny_gguf
         registry.close()
     assert evaluated == len(tokens)
     assert not [path for path in (tmp_path / "states").glob("*.kv") if path.stat().st_size < 100]
+
+
+def test_a_conversation_whose_slot_is_reclaimed_is_written_to_disk_and_restored_from_it(tiny_gguf, tmp_path):
+    """No restart: the only slot goes to another conversation, memory keeps no saved states (prefix_cache_mb 0),
+    so what brings the first conversation back is the file written when its slot was reclaimed."""
+    spec = ModelSpec("tiny-reclaim", str(tiny_gguf), context_length=2048, parallel=1, prefill_step_ms=0,
+                     prefix_cache_mb=0, state_dir=str(tmp_path / "states"), state_cache_mb=256)
+    first = PERSONA + turn("Tell me about the ledger. " * 40)
+    registry, engine = engine_in([spec])
+    try:
+        evaluated_for(engine, first)
+        assert not list((tmp_path / "states").glob("*.kv"))  # nothing written while the slot holds it
+        evaluated_for(engine, turn("Something else entirely. " * 30))  # takes the slot: the first is written
+        engine._backend._disk.flush()
+        assert list((tmp_path / "states").glob("*.kv"))
+        resumed = len(engine.prompt_tokens(first))
+        evaluated = evaluated_for(engine, first)
+    finally:
+        registry.close()
+    assert resumed > 6 * PROMPT_CHUNK
+    assert evaluated <= PROMPT_CHUNK  # restored from the file, not evaluated again
