@@ -89,8 +89,8 @@ class Router:
         factor = self.load_factor if factor is None else factor
         return max(1, math.ceil(factor * (sum(in_flight) + 1) / len(self.labels)))
 
-    def order(self, key: str | None, in_flight: list[int], *, home: int | None = None,
-              keys_at: list[int] | None = None, key_capacity: int = 0, conversation_home: int | None = None) -> list[int]:
+    def order(self, key: str | None, in_flight: list[int], *, home: int | None = None, keys_at: list[int] | None = None,
+              key_capacity: int = 0, conversation_home: int | None = None) -> list[int]:
         """Upstream indices to try for one request, best first; `in_flight[i]` is upstream i's open requests.
 
         Affinity: the key's preference list with the upstreams at capacity moved behind the others

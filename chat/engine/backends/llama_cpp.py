@@ -59,12 +59,17 @@ BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while 
 # CPU kernels pick their code path by a batch's shape: flash attention's tiled path needs 64 query rows per
 # sequence and then computes each row the same however many rows and sequences a call holds, so tiled chunks
 # share calls of up to BATCH_TOKENS rows; below 64 rows a row-by-row path, exact in any company but slow on
-# long contexts (a 43-row tail over 1,800 cells took 0.95 s). So a prompt's last, partial chunk past LONE_ROW_KV_CELLS is padded to PROMPT_CHUNK
-# rows with throwaway tokens after it (masked from the real rows by causality; removed after the decode).
+# long contexts (a 43-row tail over 1,800 cells took 0.95 s). So a prompt's last, partial chunk past
+# LONE_ROW_KV_CELLS is padded to PROMPT_CHUNK rows with throwaway tokens after it (masked from the real rows by
+# causality; removed after the decode), unless it is shorter than ROW_BY_ROW_TAIL.
 # Only whole chunks before the last are reused (resident, copied, saved): a reused prefix holds exactly the
 # cells a cold prompt computes, and the last chunk is evaluated as a cold prompt evaluates it. The exception,
 # short prompts whose last chunk goes row by row, is resident_reuse's.
 PROMPT_CHUNK = 64
+# ...unless it has fewer rows than this: then it goes row by row in a call of its own (the same shape cold or warm).
+# Measured on SmolLM2, 2 threads: at 1,024 cells 8 rows took 116 ms row by row and a padded chunk 267 ms; 16 rows
+# break even there and at 1,792 cells (345 vs 334 ms).
+ROW_BY_ROW_TAIL = 16
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
 GREEDY_TOP_K = 40  # greedy only needs the best few candidates; keeps the penalty sampler cheap
@@ -765,8 +770,8 @@ class LlamaCppBackend(Backend):
             ends[seq] = start + size
             if size < PROMPT_CHUNK and ends[seq] <= LONE_ROW_KV_CELLS:
                 small.append((seq, size))
-            elif size < PROMPT_CHUNK and start + PROMPT_CHUNK > self.context_length:
-                lone.append([(seq, size)])  # no room to pad it: row by row, alone, as a warm prompt would take it
+            elif size < PROMPT_CHUNK and (size < ROW_BY_ROW_TAIL or start + PROMPT_CHUNK > self.context_length):
+                lone.append([(seq, size)])  # short, or no room to pad it: row by row, alone, as warm prompts take it
             else:
                 tiled[seq] = tiled.get(seq, 0) + size
         calls, call, rows = [], [], 0
@@ -926,7 +931,7 @@ class LlamaCppBackend(Backend):
         and warm prompts pad alike."""
         start = len(state.slot.kv_tokens) + offset
         partial = size % PROMPT_CHUNK
-        if (not state.prefilling or not partial or offset + size != len(state.pending)
+        if (not state.prefilling or partial < ROW_BY_ROW_TAIL or offset + size != len(state.pending)
                 or start + size <= LONE_ROW_KV_CELLS or start + size - partial + PROMPT_CHUNK > self.context_length):
             return 0
         return PROMPT_CHUNK - partial
