@@ -206,9 +206,14 @@
     history.replaceState(null, "", "?" + params.toString());
   }
 
+  function socketOpen() {
+    return !!state.socket && state.socket.readyState === WebSocket.OPEN;
+  }
+
   function setBusy(busy) {
     state.busy = busy;
-    el("send").disabled = busy || !state.character;
+    // Nothing can be sent before the socket is open (a message sent then would be lost).
+    el("send").disabled = busy || !state.character || !socketOpen();
     el("stop").hidden = !busy;
     el("message-input").disabled = !state.character;
     document.querySelectorAll(".tools button").forEach((b) => { b.disabled = busy || b.dataset.off === "true"; });
@@ -223,12 +228,13 @@
     socket.onclose = () => {
       // The reply goes on without us (the server keeps it); reconnect and follow it again.
       if (state.socket !== socket || !state.character || state.character.slug !== slug) return;
+      setBusy(state.busy);
       setStatus("The connection was lost. Reconnecting…", true);
       setTimeout(() => { if (state.socket === socket) connect().then(attach).catch(() => {}); }, 1000);
     };
     state.socket = socket;
     return new Promise((resolve, reject) => {
-      socket.onopen = resolve;
+      socket.onopen = () => { setBusy(state.busy); resolve(); };
       socket.onerror = () => reject(new Error("WebSocket failed"));
     });
   }
