@@ -31,6 +31,9 @@ def serve_worker_metrics(**_):
         worker_metrics_serve(host=settings.WORKER_METRICS_HOST, port=settings.WORKER_METRICS_PORT)
 
 
+_drain_timer: threading.Timer | None = None
+
+
 @signals.worker_shutting_down.connect(weak=False)
 def bound_the_warm_shutdown(how: str = "", **_):
     """SIGTERM starts Celery's warm shutdown, which waits for the running job however long it takes. After
@@ -38,11 +41,12 @@ def bound_the_warm_shutdown(how: str = "", **_):
     acknowledged late, goes back to the broker for another worker (the job's next attempt)."""
     from django.conf import settings
 
-    if how != "Warm" or settings.WORKER_DRAIN_TIMEOUT <= 0:
-        return
-    timer = threading.Timer(settings.WORKER_DRAIN_TIMEOUT, os.kill, (os.getpid(), signal.SIGQUIT))
-    timer.daemon = True
-    timer.start()
+    global _drain_timer
+    if how != "Warm" or settings.WORKER_DRAIN_TIMEOUT <= 0 or _drain_timer is not None:
+        return  # a second SIGTERM does not move the bound
+    _drain_timer = threading.Timer(settings.WORKER_DRAIN_TIMEOUT, os.kill, (os.getpid(), signal.SIGQUIT))
+    _drain_timer.daemon = True
+    _drain_timer.start()
 
 
 @signals.worker_process_shutdown.connect(weak=False)
