@@ -23,6 +23,7 @@ from twisted.internet import reactor
 
 from chat.engines import reset_registry
 from chat.ops.drain import drain_begin, is_draining, work_in_progress
+from chat.ops.write_through import install as install_write_through
 
 logger = logging.getLogger("llmsite.drain")
 
@@ -90,6 +91,7 @@ class Command(BaseCommand):
     help = "Run daphne (same options) with a graceful drain on SIGTERM bounded by DRAIN_TIMEOUT."
 
     def run_from_argv(self, argv):
+        install_write_through()  # a streamed token leaves without an extra reactor turn (chat/ops/write_through.py)
         # daphne parses its own options: everything after `serve` goes to it, with our WebSocket limits.
         DrainingCommandLine().run(with_websocket_limits(argv[2:]))
         cut_short = work_in_progress()
