@@ -23,6 +23,7 @@ class WriteThroughServer(tcp.Server):
             super().write(rest)
 
     def writeSequence(self, iovec) -> None:
+        iovec = list(iovec)  # read twice below
         if all(isinstance(part, bytes) for part in iovec):
             rest = self._send_now(b"".join(iovec))
             if rest:

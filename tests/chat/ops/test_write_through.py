@@ -47,7 +47,8 @@ def test_a_write_on_an_empty_buffer_is_sent_without_a_reactor_turn(connection):
     transport, peer, reactor = connection
     transport.writeSequence([b"5\r\n", b"hello", b"\r\n"])
     transport.write(b"more")
-    assert receive(peer, 14) == b"5\r\nhello\r\nmore"  # the reactor never ran
+    transport.writeSequence(part for part in (b"-", b"end"))  # any iterable, a generator too
+    assert receive(peer, 18) == b"5\r\nhello\r\nmore-end"  # the reactor never ran
     assert transport not in reactor.getWriters()  # nothing registered, nothing left to send
 
 
