@@ -110,7 +110,8 @@ def _parse(raw: dict, path: Path, base_dir: Path) -> SiteConfig:
     if len(set(names)) != len(names):
         fail(f"model names must be unique, got {names}")
     state_dirs = [model.state_dir for model in models if model.state_dir]
-    if len(set(state_dirs)) != len(state_dirs):  # each model's store removes files of another model as foreign
+    # Each model's store removes files of another model as foreign: the same folder spelt twice is one folder.
+    if len({os.path.realpath(folder) for folder in state_dirs}) != len(state_dirs):
         fail(f"each model needs a state_dir of its own, got {state_dirs}")
 
     default_model = raw.get("default_model", names[0])

@@ -93,6 +93,8 @@ print(repr(cache.get("k")))
         # Two stores in one folder would remove each other's files as foreign.
         ("system_prompt: hi\nmodel_path: m.gguf\nstate_dir: var/kv\nmodels:\n  - {name: n, model_path: n.gguf, "
          "state_dir: var/kv}\n", "each model needs a state_dir of its own"),
+        ("system_prompt: hi\nmodel_path: m.gguf\nstate_dir: var/kv\nmodels:\n  - {name: n, model_path: n.gguf, "
+         "state_dir: var/other/../kv}\n", "each model needs a state_dir of its own"),
     ],
 )
 def test_bad_config_stops_start_up_with_one_clear_line(tmp_path, content, expected):
