@@ -19,6 +19,7 @@ from pathlib import Path
 import dj_database_url
 
 from llmsite.config import ConfigError, load_config
+from llmsite.event_loop import EVENT_LOOPS
 from llmsite.env import (SettingError, env_bool, env_float, env_int, env_list, env_log_level, env_rate, env_url,
                         load_env_file, redis_database)
 
@@ -253,6 +254,10 @@ API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200, minimum=1)  # cap on message
 API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
 SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
+# The event loop of `manage.py serve` (llmsite/event_loop.py): uvloop, or asyncio's own.
+EVENT_LOOP = os.environ.get("EVENT_LOOP", "uvloop").strip()
+if EVENT_LOOP not in EVENT_LOOPS:
+    raise SettingError(f"EVENT_LOOP={EVENT_LOOP!r} is not one of {', '.join(EVENT_LOOPS)}")
 # A conversation's reply whose client went away (page closed, socket lost) goes on this long, then is stopped
 # and stored as far as it got (chat/trees/running.py); a request may ask for on_disconnect "cancel" instead.
 REPLY_DETACHED_SECONDS = env_float("REPLY_DETACHED_SECONDS", 300, minimum=0)

@@ -10,6 +10,7 @@ through daphne's --websocket-max-message-size and --websocket-max-frame-size, wh
 bigger message closes the socket with 1009 (message too big) before it is buffered whole or parsed.
 """
 
+import asyncio
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from chat.ops.drain import drain_begin, is_draining, work_in_progress
 from chat.ops.write_through import install as install_write_through
 
 logger = logging.getLogger("llmsite.drain")
+serve_logger = logging.getLogger("llmsite.serve")
 
 POLL_SECONDS = 0.2
 
@@ -44,7 +46,13 @@ class DrainingServer(Server):
         # autobahn drops the TCP connection of a message over the limit; with a closing handshake the client
         # learns why (1009). Set once the reactor runs: daphne builds its factory inside run().
         reactor.callWhenRunning(lambda: self.ws_factory.setProtocolOptions(failByDrop=False))
+        reactor.callLater(0, self._log_event_loop)  # runs on the loop once it turns
         super().run()
+
+    @staticmethod
+    def _log_event_loop():
+        loop = type(asyncio.get_running_loop())
+        serve_logger.info("event loop: %s.%s (EVENT_LOOP=%s)", loop.__module__, loop.__qualname__, settings.EVENT_LOOP)
 
     def _on_signal(self, signum, frame):
         reactor.callFromThread(self._drain_or_stop, signal.Signals(signum).name)
