@@ -2,8 +2,8 @@
 
 Every streamed token is a wake of the event loop from the engine's thread, a few coroutine steps and one
 send(); on a small machine that loop time comes out of the model's threads. uvloop (libuv, in C) does the
-loop's share in less: measured on 2 cores, the loop thread's CPU per streamed token fell from 325 to 259 us
-with one stream and from 111 to 102 us with eight (docs/BENCHMARKS.md).
+loop's share in less: measured on 2 cores, the loop thread's CPU per streamed token fell by a tenth to a fifth
+(270-325 to 242-259 us with one stream, 103-111 to 97-102 us with eight; docs/BENCHMARKS.md).
 
 daphne makes its Twisted reactor's loop when Django loads the daphne app, with the asyncio policy of that
 moment: so this runs before Django is set up (manage.py), and only for the server.
