@@ -431,7 +431,7 @@ class LlamaCppBackend(Backend):
         sampler = slot = None
         try:
             sampler = self._sampler_chain(seq)
-            twin = self._twin_source(seq.prompt_tokens)
+            twin = self._twin_source(seq.prompt_tokens, seq.owner)
             if twin is not None:
                 self._start_twin(seq, sampler, grammar, twin)
                 return
@@ -455,10 +455,13 @@ class LlamaCppBackend(Backend):
                     self._llama.llama_sampler_free(claimed)
             raise
 
-    def _twin_source(self, prompt: list[int]) -> _Share | None:
-        """A busy slot evaluating exactly `prompt` that has not sampled yet: fork from it instead (n choices)."""
+    def _twin_source(self, prompt: list[int], owner: str) -> _Share | None:
+        """A busy slot of the same owner evaluating exactly `prompt` that has not sampled yet: fork from it instead
+        (n choices). Only the same owner's: a twin reports its whole prompt as cached (usage.cached_tokens) and
+        starts sooner, so another tenant could confirm a guess of a running prompt, last chunk included."""
         for slot in self._slots:
-            if slot.busy and not slot.waiting and slot.prompt == prompt and len(slot.kv_tokens) < len(prompt):
+            if (slot.busy and not slot.waiting and slot.owner == owner and slot.prompt == prompt
+                    and len(slot.kv_tokens) < len(prompt)):
                 return _Share(slot, slot.claims, len(prompt))
         return None
 

@@ -115,6 +115,35 @@ def test_a_short_prompt_takes_another_owners_cells_in_whole_chunks_only(tiny_ggu
     assert again.cached_prompt_tokens == length - 1
 
 
+@pytest.mark.parametrize("character", ["you are a pirate.", CHARACTER])  # under and over one 64-token chunk
+def test_a_running_prompt_of_another_owner_is_not_forked_so_a_guess_shows_whole_chunks_only(tiny_gguf, character):
+    """The same prompt admitted twice in one step is evaluated once and forked (n choices), and the fork reports
+    the whole prompt as cached: only within one owner. Another owner's identical guess gets what the chunk rule
+    allows, and is evaluated on its own."""
+    registry = ModelRegistry([ModelSpec("twins", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=4,
+                                        prefix_cache_mb=0)])
+    try:
+        engine = registry.get()
+        prompt = chat_prompt(engine, character, "my locker code is 9035")
+        length = len(engine.prompt_tokens(prompt))
+
+        def pair(first_owner: str, second_owner: str):
+            before = engine.stats()["forked_sequences"]
+            with engine.admission_held():
+                generations = [engine.submit(prompt, GREEDY, owner=first_owner),
+                               engine.submit(prompt, GREEDY, owner=second_owner)]
+            replies = [("".join(g), g.result)[1] for g in generations]
+            return replies[1].cached_prompt_tokens, engine.stats()["forked_sequences"] - before
+
+        guessed, forked_across = pair("user:1", "user:2")
+        own, forked_within = pair("user:3", "user:3")
+    finally:
+        registry.close()
+    assert (forked_within, own) == (1, length)
+    assert forked_across == 0
+    assert guessed <= last_chunk_start(length)
+
+
 @pytest.mark.smollm2
 def test_smollm2_short_prompts_reuse_a_shared_system_message_and_keep_the_cold_logprobs(smollm2_gguf):
     """Prompts under 256 tokens take what a slot holds of them at any length (a 20-token system message, a
