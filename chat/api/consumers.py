@@ -32,7 +32,9 @@ chat/api/ws_auth.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import uuid
 from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
@@ -60,6 +62,10 @@ NEW_CONVERSATION = "new_conversation"
 GENERATING = ("message", "regenerate", "edit", "continue")
 OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATION)
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; a client reconnects (to another instance)
+
+
+class LoneSurrogate(ValueError):
+    """A message whose JSON decodes to a lone surrogate (\\ud800): answered 400, like an HTTP body."""
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -123,8 +129,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             await super().receive(text_data=text_data, bytes_data=bytes_data, **kwargs)
+        except LoneSurrogate:
+            await self.send_error(ValidationError({"message": "the message holds an invalid Unicode escape (a lone "
+                                                              "surrogate)."}))
         except ValueError:  # not JSON
             await self.send_error(ValidationError({"message": "each message must be a JSON object."}))
+
+    @classmethod
+    async def decode_json(cls, text_data):
+        content = json.loads(text_data)
+        try:  # "\ud800"-style escapes decode to lone surrogates, which no tokenizer or database can encode
+            json.dumps(content, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise LoneSurrogate from None
+        return content
 
     # -- the operations ------------------------------------------------------------------------------
 
@@ -192,7 +210,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # The reply this socket follows, unless the message names a conversation (a new conversation's first
         # reply has its id before the conversation is stored).
         followed = self.run.conversation_id if self.watching else None
-        conversation_id = content.get("conversation") or followed or self.conversation_of(content)
+        conversation_id = self.conversation_of(content) if content.get("conversation") else (
+            followed or self.conversation_of(content))
         stopped = await sync_to_async(reply_stop)(user=self.scope["user"], conversation_id=conversation_id)
         if not self.watching:  # another socket streams it: its end event goes there
             await self.send_json({"type": "stopped", "conversation": stopped.conversation_id})
@@ -232,7 +251,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         conversation = content.get("conversation") or self.conversation_id
         if not conversation:
             raise ValidationError({"conversation": "no conversation: send its id."})
-        return conversation
+        try:
+            return str(uuid.UUID(conversation))
+        except (TypeError, ValueError, AttributeError):  # not a string, or not a UUID
+            raise ValidationError({"conversation": "must be a conversation's id (a UUID)."}) from None
 
     @staticmethod
     def message_of(content: dict) -> int:

@@ -5,6 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from characters.models import Character
+from llmsite.digits import is_decimal
 from scenarios.models import Scenario
 
 from chat.errors import ApiError
@@ -76,6 +77,7 @@ class StopField(serializers.Field):
 
 
 MAX_LOGIT_BIAS = 1024
+TOKEN_ID_DIGITS = 10  # far above any vocabulary; ids past the model's are refused when the request is planned
 
 
 @extend_schema_field({"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
@@ -94,8 +96,8 @@ class LogitBiasField(serializers.Field):
             self.fail("size")
         pairs = []
         for token, bias in data.items():
-            if (not str(token).isdigit() or isinstance(bias, bool) or not isinstance(bias, (int, float))
-                    or not -100 <= bias <= 100):
+            if (not is_decimal(str(token), max_digits=TOKEN_ID_DIGITS) or isinstance(bias, bool)
+                    or not isinstance(bias, (int, float)) or not -100 <= bias <= 100):
                 self.fail("type")
             pairs.append((int(token), float(bias)))
         return tuple(pairs)

@@ -34,7 +34,10 @@ class RequestIdMiddleware(HybridMiddleware):
         request.request_id = request_id_from(request.headers.get("X-Request-ID"))
         bind_request_id(request.request_id)  # every log line of this request names it
         length = request.META.get("CONTENT_LENGTH") or "0"
-        if request.path.startswith("/v1/") and length.isdigit() and int(length) > settings.API_MAX_REQUEST_BYTES:
+        # ASCII digits only ("²" passes isdigit, not int()); more than 18 digits is too large without reading it.
+        declared = length.isascii() and length.isdigit()
+        too_large = declared and (len(length) > 18 or int(length) > settings.API_MAX_REQUEST_BYTES)
+        if request.path.startswith("/v1/") and too_large:
             return json_error_response(PayloadTooLarge(
                 f"The request body is larger than {settings.API_MAX_REQUEST_BYTES} bytes."), request)
         return None

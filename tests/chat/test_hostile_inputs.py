@@ -49,6 +49,16 @@ HOSTILE_BODIES = [
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}).encode(),
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "scenario": "1; DROP TABLE"}).encode(),
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "conversation": "../../admin"}).encode(),
+    # Digits that str.isdigit passes and int() refuses: superscripts, and more than 4,300 digits.
+    json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"\u00b2": 1}}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"9" * 5000: 1}}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"\u0661\u0662": 1}}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "hi"}], "character_id": "\u00b2"}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "hi"}], "character_id": "9" * 5000}).encode(),
+    *(json.dumps({"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"$ref": f"#/$defs/l/{index}"}},
+            "$defs": {"l": [{"type": "string"}]}}}}}).encode() for index in ("\u00b2", "9" * 5000)),
 ]
 
 
@@ -60,6 +70,14 @@ def test_hostile_body_gets_a_4xx_in_the_error_shape(client, body):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert "Traceback" not in error["message"] and "File \"" not in error["message"]
     assert not Conversation.objects.exists() and not Message.objects.exists()
+
+
+def test_a_content_length_of_other_digits_is_not_a_server_error(client):
+    response = client.generic("POST", URL, b'{"messages": "x"}', content_type="application/json", CONTENT_LENGTH="\u00b2")
+    assert 400 <= response.status_code < 500
+    response = client.generic("POST", URL, b'{"messages": "x"}', content_type="application/json",
+                              CONTENT_LENGTH="9" * 5000)
+    assert response.status_code == 413
 
 
 def test_wrong_content_type_is_415(client):

@@ -134,6 +134,29 @@ async def test_session_login_works_and_bad_messages_get_error_events(django_user
     await comm.disconnect()
 
 
+async def test_a_malformed_conversation_id_or_a_lone_surrogate_gets_a_400_event(api_key):
+    comm = communicator(headers=[ORIGIN, (b"authorization", f"Bearer {api_key}".encode())])
+    assert (await comm.connect())[0]
+    for message in ({"type": "select", "conversation": "not-a-uuid", "message": 1},
+                    {"type": "delete", "conversation": ["x"], "message": 1},
+                    {"type": "attach", "conversation": {"x": 1}},
+                    {"type": "stop", "conversation": "zzz"},
+                    {"type": "regenerate", "conversation": 12345, "message": 2}):
+        await comm.send_json_to(message)
+        error = await comm.receive_json_from(timeout=30)
+        assert (error["type"], error["status"], error["error"]["param"]) == ("error", 400, "conversation"), message
+    # Refused before anything is generated (it could not be stored): no conversation is left behind.
+    count = sync_to_async(lambda: Conversation.objects.count())
+    before = await count()
+    for raw in ('{"type": "message", "max_tokens": 2, "content": "hi \\ud800 there"}',
+                '{"type": "message", "max_tokens": 2, "content": [{"type": "text", "text": "\\udfff"}]}'):
+        await comm.send_to(text_data=raw)
+        error = await comm.receive_json_from(timeout=30)
+        assert (error["type"], error["status"]) == ("error", 400) and "surrogate" in error["error"]["message"]
+    assert await count() == before
+    await comm.disconnect()
+
+
 # --- A plain client against a live server -------------------------------------------------------
 
 LIVE_RATE_LIMIT = 6  # per minute, for HTTP requests and WebSocket messages together

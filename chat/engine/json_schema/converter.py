@@ -408,7 +408,8 @@ class Converter:
             part = unquote(part).replace("~1", "/").replace("~0", "~")
             if isinstance(target, dict) and part in target:
                 target = target[part]
-            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            elif (isinstance(target, list) and part.isascii() and part.isdigit() and len(part) <= 9  # "²", 5000 digits
+                  and int(part) < len(target)):
                 target = target[int(part)]
             else:
                 raise SchemaNotConvertible(f"The reference {ref!r} points to nothing in the schema",
