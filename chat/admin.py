@@ -10,7 +10,7 @@ from characters.admin import CharacterAdmin
 from characters.models import Character
 
 from .api.keys import api_key_issue, api_key_own_user_create, api_keys_revoke
-from .models import ApiKey, Conversation, Message, UsageRecord
+from .models import ApiKey, Conversation, Invitation, Message, UsageRecord
 from .prompting import PromptPreview, prompt_preview
 from .selectors import conversation_path
 from .tenancy.usage import usage_by_day, usage_grouped, usage_totals
@@ -52,6 +52,27 @@ class MessageInline(admin.TabularInline):
         return False
 
 
+class InvitationInline(admin.TabularInline):
+    """Invitations not yet answered; an editor may withdraw one, not write one (invitations are the owner's)."""
+
+    model = Invitation
+    extra = 0
+    fields = ["username", "created_at"]
+    readonly_fields = fields
+
+    def has_view_permission(self, request, obj=None):
+        return can_view_chats(request)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return can_view_chats(request) and super().has_delete_permission(request, obj)
+
+
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
     list_display = ["__str__", "character", "owner", "updated_at"]
@@ -59,7 +80,7 @@ class ConversationAdmin(admin.ModelAdmin):
     search_fields = ["title", "messages__content", "owner__username"]
     list_select_related = ["character", "owner"]
     readonly_fields = ["character", "owner", "active"]  # the active leaf moves by the tree's operations only
-    inlines = [MessageInline]
+    inlines = [InvitationInline, MessageInline]
 
     def has_view_permission(self, request, obj=None):
         return can_view_chats(request)

@@ -44,6 +44,23 @@ class Conversation(models.Model):
         return self.title or f"Chat with {self.character.name} ({self.created_at:%Y-%m-%d %H:%M})"
 
 
+class Invitation(models.Model):
+    """An owner's invitation to a conversation, addressed to a username and stored whether or not such a user
+    exists: the owner learns nothing about other accounts, and nobody joins a conversation without accepting."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="invitations")
+    username = models.CharField(max_length=150, help_text="Whoever holds this username may accept or decline.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [models.UniqueConstraint(fields=["conversation", "username"], name="one_invitation_per_user")]
+
+    def __str__(self):
+        return f"{self.username} to {self.conversation_id}"
+
+
 class Message(models.Model):
     class Role(models.TextChoices):
         SYSTEM = "system", "System"

@@ -37,6 +37,9 @@ urlpatterns = [
           slash=True),
     *both("conversations/<uuid:pk>/participants/<str:username>", groups.ConversationParticipantView,
           "conversation-participant", slash=True),
+    *both("invitations", groups.InvitationListView, "invitation-list", slash=True),
+    *both("invitations/<uuid:pk>", groups.InvitationView, "invitation-detail", slash=True),
+    *both("invitations/<uuid:pk>/accept", groups.InvitationAcceptView, "invitation-accept", slash=True),
     *both("groups", groups.GroupListView, "group-list", slash=True),
     # The tree's operations (chat/api/conversation_ops.py).
     *both("conversations/<uuid:pk>/path", conversation_ops.ConversationPathView, "conversation-path", slash=True),

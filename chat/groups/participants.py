@@ -1,33 +1,91 @@
-"""Several humans in one conversation: its owner lets other users read and write into it, and takes them out."""
+"""Several humans in one conversation: its owner invites other users by username, an invitee accepts (and may
+then read and write into it) or declines, and the owner takes participants out.
+
+An invitation is stored for any username, existing or not, and answered alike: adding users directly told an
+owner which usernames exist (200 or 400) and put anyone into a conversation without asking them."""
 
 from __future__ import annotations
 
-from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
 
 from chat.errors import ApiError, NotFound
-from chat.models import Conversation
+from chat.models import Conversation, Invitation
+
+# Pending invitations a conversation may hold: enough for a table of players, too few to spam every account.
+INVITATIONS_PER_CONVERSATION = 20
 
 
-def conversation_participant_add(*, conversation: Conversation, by, username: str):
-    """Add the user named `username` to the conversation's participants; only its owner may."""
-    if conversation.owner_id != by.pk:
+def _owner_only(conversation: Conversation, by) -> None:
+    if conversation.owner_id != by.pk:  # a participant: as if the conversation were missing, as before
         raise NotFound(f"No conversation {conversation.pk}.", param="conversation", code="conversation_not_found")
-    user = get_user_model().objects.filter(username=username, is_active=True).first()
-    if user is None:
-        raise ApiError(f"No user {username!r}.", param="username", code="user_not_found")
-    if user.pk != conversation.owner_id:
-        conversation.participants.add(user)
-    return user
+
+
+def conversation_invite(*, conversation: Conversation, by, username: str) -> None:
+    """Invite whoever holds `username`; only the owner may. Inviting a participant or someone already invited
+    changes nothing."""
+    _owner_only(conversation, by)
+    if username == by.get_username() or conversation.participants.filter(username=username).exists():
+        return
+    with transaction.atomic():
+        # Locks the conversation's row so that two invitations at once cannot both pass the count.
+        list(Conversation.objects.select_for_update().filter(pk=conversation.pk).values_list("pk", flat=True))
+        if conversation.invitations.filter(username=username).exists():
+            return
+        if conversation.invitations.count() >= INVITATIONS_PER_CONVERSATION:
+            raise ApiError(f"A conversation holds at most {INVITATIONS_PER_CONVERSATION} pending invitations; "
+                           "withdraw some first.", param="username", code="too_many_invitations")
+        try:
+            with transaction.atomic():
+                Invitation.objects.create(conversation=conversation, username=username)
+        except IntegrityError:  # the same invitation, sent twice at once
+            pass
+
+
+def conversation_pending_invitations(*, conversation: Conversation) -> list[str]:
+    return sorted(conversation.invitations.values_list("username", flat=True))
+
+
+def invitations_of(*, user):
+    """The invitations addressed to the user, oldest first."""
+    return (Invitation.objects.filter(username=user.get_username())
+            .select_related("conversation__character", "conversation__group", "conversation__owner"))
+
+
+def _invitation_of(*, user, invitation_id) -> Invitation:
+    invitation = invitations_of(user=user).filter(pk=invitation_id).first()
+    if invitation is None:  # another user's looks exactly like a missing one
+        raise NotFound(f"No invitation {invitation_id}.", param="invitation", code="invitation_not_found")
+    return invitation
+
+
+def invitation_accept(*, user, invitation_id) -> Conversation:
+    """Join the conversation the invitation is for; the invitation is used up."""
+    with transaction.atomic():
+        invitation = _invitation_of(user=user, invitation_id=invitation_id)
+        conversation = invitation.conversation
+        if conversation.owner_id != user.pk:
+            conversation.participants.add(user)
+        invitation.delete()
+    return conversation
+
+
+def invitation_decline(*, user, invitation_id) -> None:
+    _invitation_of(user=user, invitation_id=invitation_id).delete()
 
 
 def conversation_participant_remove(*, conversation: Conversation, by, username: str) -> None:
-    """Take the user named `username` out of the conversation's participants: its owner may take anyone out, a
-    participant only itself (leaving). Their messages stay, with their author."""
+    """Take the user named `username` out of the conversation's participants, or withdraw their invitation: its
+    owner may take anyone out, a participant only itself (leaving). Their messages stay, with their author."""
     if conversation.owner_id != by.pk and by.get_username() != username:
         raise ApiError("Only the conversation's owner may remove participants; a participant may remove itself.",
                        param="username", code="not_conversation_owner", status=403)
     user = conversation.participants.filter(username=username).first()
-    if user is None:
+    if user is not None:
+        conversation.participants.remove(user)
+        return
+    withdrawn = 0
+    if conversation.owner_id == by.pk:
+        withdrawn, _ = conversation.invitations.filter(username=username).delete()
+    if not withdrawn:
         raise NotFound(f"{username!r} is not a participant of this conversation.", param="username",
                        code="participant_not_found")
-    conversation.participants.remove(user)

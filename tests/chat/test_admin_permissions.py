@@ -23,6 +23,7 @@ def chat():
     conversation = Conversation.objects.create(character=make_character("mira"), owner=owner, title="Secrets")
     Message.objects.create(conversation=conversation, role="user", content="my password is hunter2")
     Message.objects.create(conversation=conversation, role="assistant", content="noted")
+    conversation.invitations.create(username="guest-lee")
     return conversation
 
 
@@ -80,7 +81,7 @@ def test_conversations_need_the_view_permission_explicitly(editor_client, chat):
                 reverse("admin:chat_message_change", args=[chat.messages.first().pk])):
         response = editor_client.get(url)
         assert response.status_code in (302, 403), url
-        assert "hunter2" not in response.content.decode()
+        assert "hunter2" not in response.content.decode() and "guest-lee" not in response.content.decode()
 
 
 def test_editors_do_not_see_conversations(editor_client, chat):
@@ -96,6 +97,8 @@ def test_messages_are_read_only_in_the_admin(client, editor_client, chat, superu
         editor_client.grant("view_conversation", "change_conversation", "add_message", "change_message")
     page = client.get(reverse("admin:chat_conversation_change", args=[chat.pk]))
     assert page.status_code == 200 and "hunter2" in page.content.decode()
+    assert "guest-lee" in page.content.decode()  # the pending invitation, read-only
+    assert 'name="invitations-0-username"' not in page.content.decode()
     assert 'name="messages-0-content"' not in page.content.decode()
     message = chat.messages.first()
     change = reverse("admin:chat_message_change", args=[message.pk])

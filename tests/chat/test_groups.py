@@ -131,8 +131,8 @@ def test_two_humans_write_into_one_group_conversation(crew, smollm2_path):
     conversation_id = first.json()["conversation"]
     # Lee is no participant yet: the conversation looks missing.
     assert lee.post(URL, request("Hi!", conversation=conversation_id), format="json").status_code == 404
-    added = sam.post(f"/v1/conversations/{conversation_id}/participants/", {"username": "lee"}, format="json")
-    assert added.status_code == 200 and added.json()["participants"] == ["lee"]
+    join(sam, lee, conversation_id)
+    assert sam.get(f"/v1/conversations/{conversation_id}/participants/").json()["participants"] == ["lee"]
     # Only the owner adds people.
     assert lee.post(f"/v1/conversations/{conversation_id}/participants/", {"username": "eve"},
                     format="json").status_code == 404
@@ -187,6 +187,16 @@ def tree_url(conversation, tail: str) -> str:
     return f"/v1/conversations/{conversation.pk}/{tail}"
 
 
+def join(owner, guest, conversation_id) -> None:
+    """The owner invites `guest` (an API client) and the guest accepts."""
+    username = guest.user.get_username()
+    invited = owner.post(f"/v1/conversations/{conversation_id}/participants/", {"username": username}, format="json")
+    assert invited.status_code == 200 and username in invited.json()["invited"], invited.content
+    invitation = next(i for i in guest.get("/v1/invitations/").json() if i["conversation"] == str(conversation_id))
+    accepted = guest.post(f"/v1/invitations/{invitation['id']}/accept/", format="json")
+    assert accepted.status_code == 200 and accepted.json()["conversation"] == str(conversation_id), accepted.content
+
+
 @pytest.mark.django_db(transaction=True)
 def test_regenerate_in_a_group_is_a_swipe_of_the_same_speaker(group_chat):
     sam, conversation = group_chat
@@ -234,7 +244,7 @@ def test_continue_in_a_group_extends_the_speakers_reply(group_chat):
 def test_only_the_owner_changes_the_tree_participants_send_messages(group_chat):
     sam, conversation = group_chat
     lee = make_api_client("lee")
-    sam.post(tree_url(conversation, "participants/"), {"username": "lee"}, format="json")
+    join(sam, lee, conversation.pk)
     user_message = conversation.messages.get(role="user")
     reply = conversation.messages.get(role="assistant")
     for method, tail, data in [
@@ -260,8 +270,8 @@ def test_only_the_owner_changes_the_tree_participants_send_messages(group_chat):
 def test_the_owner_removes_a_participant_who_may_also_leave(group_chat):
     sam, conversation = group_chat
     lee, eve = make_api_client("lee"), make_api_client("eve")
-    for name in ("lee", "eve"):
-        sam.post(tree_url(conversation, "participants/"), {"username": name}, format="json")
+    for guest in (lee, eve):
+        join(sam, guest, conversation.pk)
     refused = lee.delete(tree_url(conversation, "participants/eve/"))
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_conversation_owner"
     removed = sam.delete(tree_url(conversation, "participants/eve/"))
@@ -271,3 +281,57 @@ def test_the_owner_removes_a_participant_who_may_also_leave(group_chat):
     assert lee.get(tree_url(conversation, "path/")).status_code == 404
     missing = sam.delete(tree_url(conversation, "participants/lee/"))
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "participant_not_found"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_invitation_reads_alike_for_any_username_and_joins_only_when_accepted(group_chat):
+    """Adding users directly told an owner which usernames exist (200 or 400 user_not_found) and put anyone into
+    a conversation unasked; an invitation answers alike for every username and waits for its invitee."""
+    sam, conversation = group_chat
+    lee, eve = make_api_client("lee"), make_api_client("eve")
+    answers = {name: sam.post(tree_url(conversation, "participants/"), {"username": name}, format="json")
+               for name in ("lee", "ghost-who-never-signed-up")}
+    invited_so_far = [["lee"], ["ghost-who-never-signed-up", "lee"]]
+    for answer, invited in zip(answers.values(), invited_so_far):
+        assert answer.status_code == 200, answer.content
+        assert answer.json() == {"conversation": str(conversation.pk), "owner": "sam", "participants": [],
+                                 "invited": invited}
+    # Invited is not joined: the conversation still looks missing to lee.
+    assert lee.get(tree_url(conversation, "path/")).status_code == 404
+    [invitation] = lee.get("/v1/invitations/").json()
+    assert invitation["conversation"] == str(conversation.pk) and invitation["invited_by"] == "sam"
+    assert invitation["group"] == "crew"
+    # Nobody else sees or uses lee's invitation.
+    assert eve.get("/v1/invitations/").json() == []
+    for answer in (eve.post(f"/v1/invitations/{invitation['id']}/accept/"),
+                   eve.delete(f"/v1/invitations/{invitation['id']}/")):
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "invitation_not_found"
+    assert lee.post(f"/v1/invitations/{invitation['id']}/accept/").status_code == 200
+    assert lee.get(tree_url(conversation, "path/")).status_code == 200
+    assert lee.post(f"/v1/invitations/{invitation['id']}/accept/").status_code == 404  # used up
+    # A participant sees who takes part, not the pending invitations, and invites nobody.
+    assert lee.get(tree_url(conversation, "participants/")).json() == {
+        "conversation": str(conversation.pk), "owner": "sam", "participants": ["lee"]}
+    assert lee.post(tree_url(conversation, "participants/"), {"username": "eve"}, format="json").status_code == 404
+    # Declining leaves no access; the owner withdraws an unanswered invitation.
+    sam.post(tree_url(conversation, "participants/"), {"username": "eve"}, format="json")
+    [declined] = eve.get("/v1/invitations/").json()
+    assert eve.delete(f"/v1/invitations/{declined['id']}/").status_code == 200
+    assert eve.get(tree_url(conversation, "path/")).status_code == 404 and eve.get("/v1/invitations/").json() == []
+    withdrawn = sam.delete(tree_url(conversation, "participants/ghost-who-never-signed-up/"))
+    assert withdrawn.status_code == 200 and withdrawn.json()["invited"] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_conversation_holds_a_bounded_number_of_pending_invitations(group_chat):
+    from chat.groups.participants import INVITATIONS_PER_CONVERSATION
+
+    sam, conversation = group_chat
+    for number in range(INVITATIONS_PER_CONVERSATION):
+        assert sam.post(tree_url(conversation, "participants/"), {"username": f"u{number}"},
+                        format="json").status_code == 200
+    again = sam.post(tree_url(conversation, "participants/"), {"username": "u0"}, format="json")
+    assert again.status_code == 200  # the same invitation again changes nothing
+    over = sam.post(tree_url(conversation, "participants/"), {"username": "one-more"}, format="json")
+    assert over.status_code == 400 and over.json()["error"]["code"] == "too_many_invitations"
+    assert conversation.invitations.count() == INVITATIONS_PER_CONVERSATION

@@ -55,7 +55,7 @@ def stored_exchange(live_api) -> dict:
 
 
 ONE_TOKEN = {"max_tokens": 1}
-NO_JOB = "00000000-0000-0000-0000-000000000000"
+NO_JOB = "00000000-0000-0000-0000-000000000000"  # also no invitation
 # (method, route) -> (the path to request, its body, the status expected). Deletions come last: each spelling
 # gets its own stored exchange.
 ENDPOINTS = {
@@ -77,6 +77,10 @@ ENDPOINTS = {
     ("GET", "conversations/<uuid:pk>/messages"): ("/conversations/{pk}/messages", None, 200),
     ("POST", "conversations/<uuid:pk>/participants"): ("/conversations/{pk}/participants", {"username": "alice"},
                                                         200),
+    ("GET", "conversations/<uuid:pk>/participants"): ("/conversations/{pk}/participants", None, 200),
+    ("GET", "invitations"): ("/invitations", None, 200),
+    ("DELETE", "invitations/<uuid:pk>"): (f"/invitations/{NO_JOB}", None, 404),
+    ("POST", "invitations/<uuid:pk>/accept"): (f"/invitations/{NO_JOB}/accept", {}, 404),
     ("DELETE", "conversations/<uuid:pk>/participants/<str:username>"): (  # no such participant
         "/conversations/{pk}/participants/nobody", None, 404),
     ("GET", "conversations/<uuid:pk>/path"): ("/conversations/{pk}/path", None, 200),
