@@ -5,6 +5,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from .ids import new_message_id
+
 
 class Conversation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -67,6 +69,8 @@ class Message(models.Model):
         USER = "user", "User"
         ASSISTANT = "assistant", "Assistant"
 
+    id = models.BigIntegerField(primary_key=True, default=new_message_id, editable=False,
+                                help_text="Ordered like creation, but no sequence (chat/ids.py).")
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children",
