@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, help="paired repetitions per workload (default 3; --quick 1)")
     parser.add_argument("--no-weak-peer", action="store_true", help="leave out llama-cpp-python's server")
     parser.add_argument("--json", help="results file (default bench/results/api.json; --quick: api-quick.json)")
+    parser.add_argument("--peer-weights", choices=("file", "ours"), default="file",
+                        help="llama-server loads config.yaml's file as it is (default), or the same re-quantized "
+                             "copy this project loads (config.yaml's `weights`)")
     args = parser.parse_args()
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -88,10 +91,12 @@ def main() -> None:
     try:
         ours, key = start_ours(workdir)
         servers.append(ours)
-        llama = start_llama_server(workdir, shape)
+        peer_model = shape.loaded_file() if args.peer_weights == "ours" else Path(shape.model_path)
+        llama = start_llama_server(workdir, shape, model=peer_model)
         servers.append(llama)
         results["llama_server"] = {"binary": str(llama.binary), "version": llama_server_version(str(llama.binary)),
-                                   "command": " ".join(llama.command()[1:])}
+                                   "command": " ".join(llama.command()[1:]), "model": peer_model.name}
+        results["ours_model"] = {"file": Path(shape.model_path).name, "weights": shape.weights or "as the file"}
         headers = request_headers(key)  # the same headers for all: the peers ignore the key
         targets = [Target("llmsite", ours.url, headers), Target(LLAMA_SERVER, llama.url, headers)]
         weak = []

@@ -59,7 +59,8 @@ def counting_prompt(index: int) -> str:
 class BareLlama:
     """The minimum a caller of the low-level API must do: one context, a batch, a sampler chain per sequence."""
 
-    def __init__(self, model_path: Path, n_seq: int, n_ctx_per_seq: int = 512, kv_unified: bool = False):
+    def __init__(self, model_path: Path, n_seq: int, n_ctx_per_seq: int = 512, kv_unified: bool = False,
+                 flash_attention: bool = False):
         import llama_cpp as llama
 
         from chat.engine.backends.llama_cpp import _llama, model_params_for
@@ -76,7 +77,8 @@ class BareLlama:
         params.n_batch = params.n_ubatch = 512
         params.n_threads = params.n_threads_batch = THREADS
         params.no_perf = True
-        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engine
+        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention  # the engine's default
+                                  else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = llama.llama_init_from_model(self.model, params)
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.memory = llama.llama_get_memory(self.ctx)

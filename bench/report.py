@@ -45,8 +45,11 @@ def _fmt(value) -> str:
 def workload_tables(r: dict) -> str:
     w = r["workloads"]
     shape = r["shape"]
+    ours_model = r.get("ours_model", {"file": "SmolLM2-135M Q4_1", "weights": "as the file"})
     lines = [f"Run of {r['started']} (`make bench`{', --quick: sizes too small to mean anything' if r.get('quick') else ''}; "
-             f"{r['reps']} paired repetitions, medians; SmolLM2-135M Q4_1; {r['cpus']} cores; load average "
+             f"{r['reps']} paired repetitions, medians; {ours_model['file']}, this project's weights: "
+             f"{ours_model['weights']}, llama-server's: {r.get('llama_server', {}).get('model', 'the file')}; "
+             f"{r['cpus']} cores; load average "
              f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after).",
              f"llama-server: `{r.get('llama_server', {}).get('command', '')}`; this project: parallel "
              f"{shape['parallel']}, context_length {shape['context_length']}, threads {shape['threads']}.", "",
@@ -113,7 +116,7 @@ def extras_table(r: dict) -> str:
              f"{mark(p['met'])} |",
              f"| Response cache: p50 latency of a cached request (generated: {c['generated_p50_ms']:.0f} ms) | "
              f"{c['cached_p50_ms']:.1f} ms (p95 {c['cached_p95_ms']:.1f}) | < 10 ms | {mark(c['met'])} |",
-             f"| Memory: server RSS idle vs peak under 8 streams (model file {m['model_file_mb']:.0f} MB) | "
+             f"| Memory: server RSS idle vs peak under 8 streams (weights loaded: {m['model_file_mb']:.0f} MB) | "
              f"{m['idle_mb']:.0f} vs {m['peak_8_streams_mb']:.0f} MB | one copy of the weights | "
              f"{mark(m['peak_8_streams_mb'] < m['idle_mb'] + m['model_file_mb'])} |",
              f"| Memory after all the runs above (prefix cache budget 256 MB) | {m['after_runs_mb']:.0f} MB | "

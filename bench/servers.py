@@ -31,6 +31,8 @@ class EngineShape:
     parallel: int
     context_length: int  # per sequence; the total KV context is parallel x context_length
     threads: int
+    model_path: str = str(MODEL)  # the GGUF file config.yaml names
+    weights: str = ""  # config.yaml's `weights`: this project loads a copy of the file in that type
 
     @classmethod
     def from_config(cls) -> EngineShape:
@@ -39,7 +41,15 @@ class EngineShape:
         config = load_config(os.environ.get("LLMSITE_CONFIG", "config.yaml"), base_dir=ROOT)
         model = next(m for m in config.models if m.name == config.default_model)
         return cls(parallel=model.parallel, context_length=model.context_length,
-                   threads=model.threads or os.cpu_count() or 2)
+                   threads=model.threads or os.cpu_count() or 2, model_path=model.path, weights=model.weights)
+
+    def loaded_file(self) -> Path:
+        """The file this project's engine loads: config.yaml's, or its re-quantized copy (chat/engine/backends/weights.py)."""
+        from chat.engine.backends.llama_cpp import _llama
+        from chat.engine.backends.weights import weights_path
+        from chat.engine.types import ModelSpec
+
+        return Path(weights_path(_llama(), ModelSpec(name="bench", path=self.model_path, weights=self.weights)))
 
 
 def rss_mb(pid: int) -> float:

@@ -1,11 +1,31 @@
 """Server-side chat history: conversations with a character, and their messages."""
 
+import secrets
+import threading
+import time
 import uuid
 
 from django.conf import settings
 from django.db import models
 
-from .ids import new_message_id
+# Message ids follow creation (the tree and the Responses API sort by them) but count nothing: a database
+# sequence handed every tenant the number of messages written by everyone between two of its own. They are
+# milliseconds since 2026 with 12 random bits below, never lower than this process's last one, and stay below
+# 2**53 (exact in JavaScript) until 2095.
+EPOCH_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
+RANDOM_BITS = 12
+
+_message_id_lock = threading.Lock()
+_last_message_id = 0
+
+
+def new_message_id() -> int:
+    global _last_message_id
+    milliseconds = time.time_ns() // 1_000_000 - EPOCH_MS
+    candidate = (milliseconds << RANDOM_BITS) | secrets.randbelow(1 << RANDOM_BITS)
+    with _message_id_lock:
+        _last_message_id = max(candidate, _last_message_id + 1)
+        return _last_message_id
 
 
 class Conversation(models.Model):
@@ -70,7 +90,7 @@ class Message(models.Model):
         ASSISTANT = "assistant", "Assistant"
 
     id = models.BigIntegerField(primary_key=True, default=new_message_id, editable=False,
-                                help_text="Ordered like creation, but no sequence (chat/ids.py).")
+                                help_text="Ordered like creation, but no sequence (new_message_id).")
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children",

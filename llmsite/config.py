@@ -24,7 +24,7 @@ REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "time
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
 ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
-                 "prefix_cache_mb", "chat_template", "flash_attention", "state_dir", "state_cache_mb",
+                 "prefix_cache_mb", "chat_template", "flash_attention", "weights", "state_dir", "state_cache_mb",
                  *REMOTE_OPTIONS, *ENGINE_OPTIONS)
 INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "state_cache_mb",
                    "max_connections", "upstream_slots",
@@ -148,6 +148,11 @@ def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelSpec:
         fail(f"model {name!r}: flash_attention must be true or false")
     if options.get("flash_attention") and backend != "llama_cpp":
         fail(f"model {name!r}: flash_attention is a llama_cpp option")
+    if "weights" in options:
+        if options["weights"] is None:
+            options = {**options, "weights": ""}
+        elif not isinstance(options["weights"], str):
+            fail(f"model {name!r}: weights must be a weight type such as q8_0, or empty")
     if options.get("context_length") is not None and options["context_length"] < 16:
         fail(f"model {name!r}: context_length must be at least 16")
     if backend == REMOTE:

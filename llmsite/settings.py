@@ -45,6 +45,10 @@ LLMSITE_CONFIG_PATH = os.environ.get("LLMSITE_CONFIG", str(BASE_DIR / "config.ya
 try:
     LLMSITE = load_config(LLMSITE_CONFIG_PATH, base_dir=BASE_DIR,
                           overrides={"model_path": os.environ.get("LLMSITE_MODEL_PATH"),
+                                     # config.yaml's `weights` belongs to its file: another file loads as it is
+                                     # unless LLMSITE_MODEL_WEIGHTS says otherwise.
+                                     "weights": os.environ.get("LLMSITE_MODEL_WEIGHTS",
+                                                               "" if os.environ.get("LLMSITE_MODEL_PATH") else None),
                                      "gpu_layers": os.environ.get("LLMSITE_GPU_LAYERS"),
                                      "threads": os.environ.get("LLMSITE_THREADS")})
 except ConfigError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import EngineError, InvalidRequest, ModelUnavailable
+from .errors import InvalidRequest, ModelUnavailable
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 
@@ -24,6 +24,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = 
     written to a temporary file first, so a failed run never leaves a half-written `dst`.
     """
     from .backends.llama_cpp import _llama
+    from .backends.weights import quantize_file
 
     llama = _llama()
     src, dst = Path(src), Path(dst)
@@ -32,17 +33,4 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = 
     code = getattr(llama, _FTYPE_PREFIX + ftype.upper(), None)
     if code is None:
         raise InvalidRequest(f"Unknown quantization type {ftype!r}; choose one of: {', '.join(quantize_types())}.")
-    params = llama.llama_model_quantize_default_params()
-    params.ftype = code
-    params.allow_requantize = True
-    params.nthread = threads or os.cpu_count() or 1
-    partial = dst.with_name(dst.name + ".partial")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        failed = llama.llama_model_quantize(os.fsencode(src), os.fsencode(partial), params)
-        if failed:
-            raise EngineError(f"llama.cpp could not quantize {src.name} to {ftype}; see the server log.")
-        partial.replace(dst)
-    finally:
-        partial.unlink(missing_ok=True)
-    return dst
+    return quantize_file(llama, src, dst, code, ftype, threads=threads)

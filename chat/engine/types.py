@@ -14,6 +14,11 @@ ROUTINGS = ("affinity", "round_robin")  # how a remote model's upstreams are cho
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
+# Types a model's weights may be re-quantized to at load (`weights`): llama.cpp's 32-value block types, which need
+# no importance matrix and fit every tensor width a GGUF model uses.
+WEIGHT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f16", "bf16")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to load and serve one model."""
@@ -36,6 +41,10 @@ class ModelSpec:
     # llama_cpp: flash attention (where the device supports it) evaluates prompts faster. Prompts go in aligned
     # chunks and only whole chunks are reused, so a reused or shared prefix still gives a cold prompt's output.
     flash_attention: bool = True
+    # llama_cpp on the CPU (gpu_layers 0): load a copy of the file's weights re-quantized to this type, made once
+    # and kept (chat/engine/backends/weights.py); "" = the file as it is. Q4_1 has no batched CPU kernels in llama.cpp;
+    # its Q8_0 copy has, and its logits match the file's to within rounding (docs/BENCHMARKS.md).
+    weights: str = ""
     # Latency budget (llama_cpp): while streams decode, a step carries about this long of prompt
     # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens (in whole 64-token chunks).
     prefill_step_ms: int = 200
@@ -75,6 +84,9 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: prefill and queue settings cannot be negative")
         if self.prefix_cache_mb < 0 or self.threads < 0:
             raise ValueError(f"model {self.name!r}: prefix_cache_mb and threads cannot be negative")
+        if self.weights and (self.weights not in WEIGHT_TYPES or self.backend != "llama_cpp"):
+            raise ValueError(f"model {self.name!r}: weights must be one of {', '.join(WEIGHT_TYPES)} (or empty), "
+                             f"with the llama_cpp backend")
         if self.backend == REMOTE_BACKEND:
             if not self.base_urls:
                 raise ValueError(f"model {self.name!r}: the {REMOTE_BACKEND} backend needs at least one base URL")

@@ -18,6 +18,7 @@ print(json.dumps({
     "broker": settings.CELERY_BROKER_URL,
     "model": settings.LLMSITE.models[0].path,
     "gpu_layers": settings.LLMSITE.models[0].gpu_layers,
+    "weights": settings.LLMSITE.models[0].weights,
 }))
 """
 
@@ -40,6 +41,9 @@ def test_environment_overrides_single_config_values(tmp_path):
     shown = show({"LLMSITE_MODEL_PATH": str(tmp_path / "other.gguf"), "LLMSITE_GPU_LAYERS": "12"})
     assert shown["model"] == str(tmp_path / "other.gguf")
     assert shown["gpu_layers"] == 12
+    # config.yaml's `weights` belongs to its file: another file loads as it is, unless asked.
+    assert show()["weights"] == "q8_0" and shown["weights"] == ""
+    assert show({"LLMSITE_MODEL_PATH": str(tmp_path / "other.gguf"), "LLMSITE_MODEL_WEIGHTS": "q8_0"})["weights"] == "q8_0"
 
 
 def test_database_and_redis_urls_switch_to_postgres_and_redis(postgres_url, redis_url):

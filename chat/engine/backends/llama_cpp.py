@@ -51,6 +51,7 @@ from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
 from .constrained import ConstrainedSampler
+from .weights import weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ class LlamaCppBackend(Backend):
         if not Path(spec.path).is_file():
             raise ModelUnavailable(spec.name, spec.path, "the model file does not exist.")
         llama = _llama()
-        model = llama.llama_model_load_from_file(os.fsencode(spec.path), model_params_for(llama, spec))
+        path = weights_path(llama, spec)
+        model = llama.llama_model_load_from_file(os.fsencode(path), model_params_for(llama, spec))
         if not model:
             raise ModelUnavailable(
                 spec.name, spec.path, "llama.cpp could not load it (not a GGUF model it supports, or a damaged file)."
@@ -257,7 +259,7 @@ class LlamaCppBackend(Backend):
                 spec.name, spec.path, "llama.cpp could not create its context (not enough memory for the KV cache?)."
             )
         # A saved state is restored only into a context whose cells it matches (chat/engine/state_store.py).
-        state_key = state_fingerprint(model_fingerprint(spec.path), {
+        state_key = state_fingerprint(model_fingerprint(path), {
             "flash_attention": spec.flash_attention, "prompt_chunk": PROMPT_CHUNK, "type_k": params.type_k,
             "type_v": params.type_v, "llama_cpp": getattr(llama, "__version__", "")}) if spec.state_dir else ""
         return cls(spec, llama, model, context, context_length, state_key=state_key)
