@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from ..errors import EngineError
@@ -25,8 +26,6 @@ from ..types import ModelSpec
 logger = logging.getLogger(__name__)
 
 COPY_FOLDER = ".weights"
-
-
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 
 
@@ -35,6 +34,11 @@ def weights_path(llama, spec: ModelSpec) -> str:
     if not spec.weights or spec.gpu_layers:
         return spec.path
     source = Path(spec.path)
+    code = getattr(llama, FTYPE_PREFIX + spec.weights.upper(), None)
+    if code is None:  # a type this llama.cpp build does not know
+        logger.warning("model %r: loading %s as it is (this llama.cpp has no weight type %s)", spec.name,
+                       source.name, spec.weights)
+        return spec.path
     if _file_type(llama, source) == spec.weights:
         return spec.path
     stat = source.stat()
@@ -46,8 +50,7 @@ def weights_path(llama, spec: ModelSpec) -> str:
     for folder in folders:
         try:
             logger.info("model %r: writing its weights as %s to %s (once)", spec.name, spec.weights, folder / name)
-            copy = quantize_file(llama, source, folder / name, getattr(llama, FTYPE_PREFIX + spec.weights.upper()),
-                                 spec.weights)
+            copy = quantize_file(llama, source, folder / name, code, spec.weights)
         except (OSError, EngineError) as error:
             logger.warning("model %r: no %s copy in %s (%s)", spec.name, spec.weights, folder, error)
             continue
@@ -88,8 +91,9 @@ def _file_type(llama, path: Path) -> str | None:
 
 def _remove_older_copies(copy: Path, stem: str, weights: str) -> None:
     """Copies of an earlier version of the same file (another size or time) are never loaded again."""
-    for other in copy.parent.glob(f"{stem}.{weights}.*.gguf"):
-        if other != copy:
+    earlier = re.compile(rf"{re.escape(stem)}\.{weights}\.[0-9a-f]+-[0-9a-f]+\.gguf")
+    for other in copy.parent.iterdir():
+        if other != copy and earlier.fullmatch(other.name):
             other.unlink(missing_ok=True)
 
 

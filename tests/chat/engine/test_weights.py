@@ -48,8 +48,11 @@ def test_a_replaced_file_gets_a_new_copy_and_the_old_one_goes(model):
     first = weights_path(model)
     write_tiny_gguf(model.path, seed=7)
     os.utime(model.path, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    other_models_copy = os.path.join(os.path.dirname(first), "tiny.q8_0.q8_0.1-1.gguf")  # of "tiny.q8_0.gguf"
+    open(other_models_copy, "wb").close()
     second = weights_path(model)
     assert second != first and os.path.exists(second) and not os.path.exists(first)
+    assert os.path.exists(other_models_copy)
 
 
 def test_a_read_only_model_folder_keeps_the_copy_in_the_user_cache(model, tmp_path):
