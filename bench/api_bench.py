@@ -138,7 +138,7 @@ def main() -> None:
     results["load_after"] = os.getloadavg()
     save(results, path)
     if "W1_curve" in results["workloads"] and not args.quick:
-        plot(results["workloads"], ROOT / "docs" / "bench_concurrency.png")
+        plot(results["workloads"], ROOT / "docs" / "bench_concurrency.png", plot_title(results))
     print(f"results: {path}", flush=True)
 
 
@@ -160,7 +160,13 @@ def extras(ours, key: str, *, quick: bool) -> dict:
     return found
 
 
-def plot(workloads: dict, path: Path) -> None:
+def plot_title(results: dict) -> str:
+    ours = results.get("ours_model", {}).get("weights", "as the file")
+    peer = results["llama_server"].get("model", "the file").removeprefix("SmolLM2-135M-Instruct.")
+    return f"W1, SmolLM2-135M\nllmsite: weights {ours}; llama-server: {peer}"
+
+
+def plot(workloads: dict, path: Path, title: str = "W1, SmolLM2-135M Q4_1") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,7 +181,7 @@ def plot(workloads: dict, path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent clients (streamed, 128 tokens each)")
     ax.set_ylabel("aggregate completion tokens/s")
-    ax.set_title("W1, SmolLM2-135M Q4_1")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
