@@ -14,6 +14,7 @@ from django.db import models
 # 2**53 (exact in JavaScript) until 2095.
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 RANDOM_BITS = 12
+ID_ATTEMPTS = 5  # ids drawn for one message before a collision is an error
 
 _message_id_lock = threading.Lock()
 _last_message_id = 0
@@ -72,7 +73,12 @@ class Invitation(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="invitations")
-    username = models.CharField(max_length=150, help_text="Whoever holds this username may accept or decline.")
+    username = models.CharField(max_length=150, help_text="The username the owner wrote (shown to the owner).")
+    invitee = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="invitations",
+        help_text="The active user who held the username when invited; only they may accept. Empty: nobody "
+                  "(no such user then, or deleted since), though the owner sees it pending like any other.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -131,8 +137,29 @@ class Message(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        # The id is monotonic, so it orders messages even when two share a timestamp.
+        # Ids grow within a conversation (save), so they order its messages even when two share a timestamp.
         ordering = ["id"]
+
+    def save(self, *args, **kwargs):
+        """A new message's id is above every id of its conversation (the tree, the Responses API's numbering and
+        its deletes read order from ids, whatever the clocks of the hosts that wrote them), and another id is
+        drawn if it is taken (another process, the same millisecond and random bits)."""
+        if not self._state.adding:
+            return super().save(*args, **kwargs)
+        from django.db import IntegrityError, transaction
+        from django.db.models import Max
+
+        for attempt in range(ID_ATTEMPTS):
+            highest = Message.objects.filter(conversation_id=self.conversation_id).aggregate(top=Max("id"))["top"]
+            if attempt or (highest is not None and self.id <= highest):
+                self.id = max(new_message_id(), (highest or 0) + 1 + secrets.randbelow(1 << RANDOM_BITS))
+            try:
+                with transaction.atomic():  # a savepoint: a taken id leaves the caller's transaction usable
+                    return super().save(*args, force_insert=True, **{k: v for k, v in kwargs.items()
+                                                                     if k != "force_insert"})
+            except IntegrityError:
+                if attempt == ID_ATTEMPTS - 1 or not Message.objects.filter(pk=self.id).exists():
+                    raise  # not the id: another constraint
 
     def __str__(self):
         preview = self.content if len(self.content) <= 60 else self.content[:57] + "..."

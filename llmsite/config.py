@@ -153,6 +153,8 @@ def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelSpec:
             options = {**options, "weights": ""}
         elif not isinstance(options["weights"], str):
             fail(f"model {name!r}: weights must be a weight type such as q8_0, or empty")
+        else:
+            options = {**options, "weights": options["weights"].strip().lower()}
     if options.get("context_length") is not None and options["context_length"] < 16:
         fail(f"model {name!r}: context_length must be at least 16")
     if backend == REMOTE:

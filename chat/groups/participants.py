@@ -6,6 +6,8 @@ owner which usernames exist (200 or 400) and put anyone into a conversation with
 
 from __future__ import annotations
 
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from chat.errors import ApiError, NotFound
@@ -24,8 +26,12 @@ def conversation_invite(*, conversation: Conversation, by, username: str) -> Non
     """Invite whoever holds `username`; only the owner may. Inviting a participant or someone already invited
     changes nothing."""
     _owner_only(conversation, by)
+    _check_username(username)
     if username == by.get_username() or conversation.participants.filter(username=username).exists():
         return
+    # Bound to the account holding the name now: a name renamed or deleted and taken again later is someone
+    # else, who must not find this conversation's invitation.
+    invitee = get_user_model().objects.filter(username=username, is_active=True).first()
     with transaction.atomic():
         # Locks the conversation's row so that two invitations at once cannot both pass the count.
         list(Conversation.objects.select_for_update().filter(pk=conversation.pk).values_list("pk", flat=True))
@@ -36,9 +42,19 @@ def conversation_invite(*, conversation: Conversation, by, username: str) -> Non
                            "withdraw some first.", param="username", code="too_many_invitations")
         try:
             with transaction.atomic():
-                Invitation.objects.create(conversation=conversation, username=username)
+                Invitation.objects.create(conversation=conversation, username=username, invitee=invitee)
         except IntegrityError:  # the same invitation, sent twice at once
             pass
+
+
+def _check_username(username: str) -> None:
+    """A name no account could hold (e.g. with a slash) is refused as such, without looking up accounts: an
+    invitation to it could never be accepted, nor withdrawn by its URL."""
+    try:
+        get_user_model().username_validator(username)
+    except ValidationError:
+        raise ApiError("Not a valid username: letters, digits and @/./+/-/_ only.", param="username",
+                       code="invalid_username") from None
 
 
 def conversation_pending_invitations(*, conversation: Conversation) -> list[str]:
@@ -47,7 +63,7 @@ def conversation_pending_invitations(*, conversation: Conversation) -> list[str]
 
 def invitations_of(*, user):
     """The invitations addressed to the user, oldest first."""
-    return (Invitation.objects.filter(username=user.get_username())
+    return (Invitation.objects.filter(invitee=user)
             .select_related("conversation__character", "conversation__group", "conversation__owner"))
 
 
@@ -63,9 +79,12 @@ def invitation_accept(*, user, invitation_id) -> Conversation:
     with transaction.atomic():
         invitation = _invitation_of(user=user, invitation_id=invitation_id)
         conversation = invitation.conversation
+        # Deleted first: an invitation the owner withdraws meanwhile admits nobody.
+        used, _ = Invitation.objects.filter(pk=invitation.pk).delete()
+        if not used:
+            raise NotFound(f"No invitation {invitation_id}.", param="invitation", code="invitation_not_found")
         if conversation.owner_id != user.pk:
             conversation.participants.add(user)
-        invitation.delete()
     return conversation
 
 

@@ -323,6 +323,29 @@ def test_an_invitation_reads_alike_for_any_username_and_joins_only_when_accepted
 
 
 @pytest.mark.django_db(transaction=True)
+def test_an_invitation_belongs_to_the_account_not_to_whoever_takes_its_name_later(group_chat):
+    sam, conversation = group_chat
+    bob = make_api_client("bob")
+    sam.post(tree_url(conversation, "participants/"), {"username": "bob"}, format="json")
+    sam.post(tree_url(conversation, "participants/"), {"username": "not-yet-signed-up"}, format="json")
+    bob.user.username = "robert"
+    bob.user.save()
+    impostor, latecomer = make_api_client("bob"), make_api_client("not-yet-signed-up")
+    assert impostor.get("/v1/invitations/").json() == [] and latecomer.get("/v1/invitations/").json() == []
+    [invitation] = bob.get("/v1/invitations/").json()  # the renamed account keeps it
+    assert bob.post(f"/v1/invitations/{invitation['id']}/accept/").status_code == 200
+    assert impostor.get(tree_url(conversation, "path/")).status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_name_no_account_could_hold_is_refused_without_looking_accounts_up(group_chat):
+    sam, conversation = group_chat
+    refused = sam.post(tree_url(conversation, "participants/"), {"username": "a/b"}, format="json")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_username"
+    assert conversation.invitations.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_conversation_holds_a_bounded_number_of_pending_invitations(group_chat):
     from chat.groups.participants import INVITATIONS_PER_CONVERSATION
 

@@ -28,6 +28,28 @@ def test_ids_follow_creation_but_do_not_count_other_tenants_messages():
     assert max(ids) < 2**53  # exact in JavaScript
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_conversation_keeps_its_order_whatever_the_clock_of_the_host_that_wrote_before():
+    conversation = conversation_of("owner")
+    ahead = Message.objects.create(conversation=conversation, role="user", content="from a host 10 s ahead",
+                                   id=Message().id + (10_000 << 12))
+    later = Message.objects.create(conversation=conversation, role="assistant", content="here", parent=ahead)
+    assert later.id > ahead.id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_taken_id_is_drawn_again_and_the_callers_transaction_goes_on():
+    from django.db import transaction
+
+    taken = Message.objects.create(conversation=conversation_of("first"), role="user", content="a")
+    other = conversation_of("second")
+    with transaction.atomic():
+        clash = Message(conversation=other, role="user", content="b", id=taken.id)  # as another process might
+        clash.save()
+        Message.objects.create(conversation=other, role="assistant", content="c", parent=clash)
+    assert clash.id != taken.id and other.messages.count() == 2
+
+
 def test_stored_messages_keep_their_ids_and_links_through_the_migration(transactional_db):
     executor = MigrationExecutor(connection)
     executor.migrate([BEFORE])

@@ -51,7 +51,7 @@ from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
 from .constrained import ConstrainedSampler
-from .weights import weights_path
+from .weights import discard_copy, weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,9 @@ class LlamaCppBackend(Backend):
         llama = _llama()
         path = weights_path(llama, spec)
         model = llama.llama_model_load_from_file(os.fsencode(path), model_params_for(llama, spec))
+        if not model and discard_copy(path, spec):
+            path = spec.path
+            model = llama.llama_model_load_from_file(os.fsencode(path), model_params_for(llama, spec))
         if not model:
             raise ModelUnavailable(
                 spec.name, spec.path, "llama.cpp could not load it (not a GGUF model it supports, or a damaged file)."

@@ -48,11 +48,44 @@ def test_a_replaced_file_gets_a_new_copy_and_the_old_one_goes(model):
     first = weights_path(model)
     write_tiny_gguf(model.path, seed=7)
     os.utime(model.path, ns=(1, 1))  # another modification time, whatever the clock's resolution
-    other_models_copy = os.path.join(os.path.dirname(first), "tiny.q8_0.q8_0.1-1.gguf")  # of "tiny.q8_0.gguf"
+    other_models_copy = os.path.join(os.path.dirname(first), "tiny.q8_0.q8_0.0123456789ab.gguf")  # "tiny.q8_0.gguf"'s
     open(other_models_copy, "wb").close()
+    stale = os.path.join(os.path.dirname(first), "tiny.q8_0.0123456789ab.gguf.99-1.partial")  # a writer that died
+    open(stale, "wb").close()
+    os.utime(stale, (1, 1))
     second = weights_path(model)
     assert second != first and os.path.exists(second) and not os.path.exists(first)
-    assert os.path.exists(other_models_copy)
+    assert os.path.exists(other_models_copy) and not os.path.exists(stale)
+
+
+def test_a_copy_that_does_not_load_is_removed_and_the_file_loads(model):
+    copy = weights_path(model)
+    with open(copy, "r+b") as file:
+        file.truncate(4096)  # cut short, as by a crash
+    backend = LlamaCppBackend.load(model)
+    try:
+        assert backend.tokenize("Hello")
+    finally:
+        backend.close()
+    assert not os.path.exists(copy)
+
+
+def test_files_of_the_same_name_in_two_read_only_folders_keep_their_own_copies(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copies = []
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / COPY_FOLDER).write_text("not a folder")  # as if read-only
+        spec = ModelSpec(name=folder, path=str(write_tiny_gguf(tmp_path / folder / "model.gguf", seed=seed)),
+                         weights="q8_0")
+        copies.append(weights_path(spec))
+    assert copies[0] != copies[1] and all(os.path.exists(copy) for copy in copies)
+
+
+def test_without_a_home_folder_the_copy_goes_beside_the_file(model, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr("pathlib.Path.home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    assert os.path.basename(os.path.dirname(weights_path(model))) == COPY_FOLDER
 
 
 def test_a_read_only_model_folder_keeps_the_copy_in_the_user_cache(model, tmp_path):
@@ -81,9 +114,16 @@ def test_on_a_gpu_or_already_of_that_type_the_file_itself(model):
     ("weights: q9_9", "weights must be one of"),
     ("weights: 8", "weights must be a weight type"),
     ("weights: q8_0\nbackend: ctransformers", "with the llama_cpp backend"),
+    ("weights: Q9_9", "weights must be one of"),
 ])
 def test_a_bad_weights_setting_is_a_config_error(tmp_path, line, message):
     config = tmp_path / "config.yaml"
     config.write_text(f"model_path: m.gguf\nsystem_prompt: Hi.\n{line}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(config, base_dir=tmp_path)
+
+
+def test_the_type_is_read_in_any_case(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("model_path: m.gguf\nsystem_prompt: Hi.\nweights: ' Q8_0'\n")
+    assert load_config(config, base_dir=tmp_path).models[0].weights == "q8_0"
