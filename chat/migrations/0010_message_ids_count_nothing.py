@@ -4,6 +4,13 @@ import chat.models
 from django.db import migrations, models
 
 
+def sequence_past_the_ids(apps, schema_editor):
+    """Going back to a database sequence: PostgreSQL's would restart at 1, below the ids made meanwhile."""
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute("SELECT setval(pg_get_serial_sequence('chat_message', 'id'), "
+                              "(SELECT COALESCE(MAX(id), 1) FROM chat_message))")
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -11,6 +18,8 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        # Undone after the field below is undone (operations are reversed in the opposite order).
+        migrations.RunPython(migrations.RunPython.noop, sequence_past_the_ids),
         migrations.AlterField(
             model_name='message',
             name='id',
