@@ -29,45 +29,40 @@ def can_view_chats(request) -> bool:
     return request.user.has_perm(VIEW_CHATS)
 
 
-class MessageInline(admin.TabularInline):
+class ChatRecordInline(admin.TabularInline):
+    """Shown to those who may read chats, and never written from the conversation's page."""
+
+    extra = 0
+
+    def has_view_permission(self, request, obj=None):
+        return can_view_chats(request)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class MessageInline(ChatRecordInline):
     """A conversation's messages, read-only: the history is what the model saw and answered."""
 
     model = Message
-    extra = 0
     can_delete = False
     fields = ["parent", "role", "content", "prompt_tokens", "completion_tokens", "finish_reason", "stopped", "scenarios",
               "created_at"]
     readonly_fields = fields
 
-    def has_view_permission(self, request, obj=None):
-        return can_view_chats(request)
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
     def has_delete_permission(self, request, obj=None):
         return False
 
 
-class InvitationInline(admin.TabularInline):
+class InvitationInline(ChatRecordInline):
     """Invitations not yet answered; an editor may withdraw one, not write one (invitations are the owner's)."""
 
     model = Invitation
-    extra = 0
-    fields = ["username", "created_at"]
+    fields = ["username", "invitee", "created_at"]
     readonly_fields = fields
-
-    def has_view_permission(self, request, obj=None):
-        return can_view_chats(request)
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
 
     def has_delete_permission(self, request, obj=None):
         return can_view_chats(request) and super().has_delete_permission(request, obj)
