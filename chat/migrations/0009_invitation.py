@@ -2,6 +2,7 @@
 
 import django.db.models.deletion
 import uuid
+from django.conf import settings
 from django.db import migrations, models
 
 
@@ -9,6 +10,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('chat', '0008_message_world_info_state'),
+        migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
@@ -16,9 +18,10 @@ class Migration(migrations.Migration):
             name='Invitation',
             fields=[
                 ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('username', models.CharField(help_text='Whoever holds this username may accept or decline.', max_length=150)),
+                ('username', models.CharField(help_text='The username the owner wrote (shown to the owner).', max_length=150)),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
                 ('conversation', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='invitations', to='chat.conversation')),
+                ('invitee', models.ForeignKey(blank=True, help_text='The active user who held the username when invited; only they may accept. Empty: nobody (no such user then, or deleted since), though the owner sees it pending like any other.', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='invitations', to=settings.AUTH_USER_MODEL)),
             ],
             options={
                 'ordering': ['created_at'],
