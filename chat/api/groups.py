@@ -90,10 +90,10 @@ class InvitationSerializer(serializers.Serializer):
 
 
 class InvitationListView(generics.ListAPIView):
-    """The invitations addressed to the caller: accept one to join its conversation, or decline it."""
+    """The invitations addressed to the caller, oldest first and paginated (others can send them): accept one to
+    join its conversation, or decline it."""
 
     serializer_class = InvitationSerializer
-    pagination_class = None
 
     def get_queryset(self):
         return invitations_of(user=self.request.user)

@@ -15,6 +15,9 @@ from chat.models import Conversation, Invitation
 
 # Pending invitations a conversation may hold: enough for a table of players, too few to spam every account.
 INVITATIONS_PER_CONVERSATION = 20
+# And all of one owner's conversations together: a new conversation costs one chat request, so without this an
+# account could pile invitations (and stored usernames) on anyone by opening conversations.
+INVITATIONS_PER_OWNER = 100
 
 
 def _owner_only(conversation: Conversation, by) -> None:
@@ -33,12 +36,16 @@ def conversation_invite(*, conversation: Conversation, by, username: str) -> Non
     # else, who must not find this conversation's invitation.
     invitee = get_user_model().objects.filter(username=username, is_active=True).first()
     with transaction.atomic():
-        # Locks the conversation's row so that two invitations at once cannot both pass the count.
-        list(Conversation.objects.select_for_update().filter(pk=conversation.pk).values_list("pk", flat=True))
+        # Locks the owner's row so that two invitations at once, into one conversation or two, cannot both pass
+        # the counts.
+        list(get_user_model().objects.select_for_update().filter(pk=by.pk).values_list("pk", flat=True))
         if conversation.invitations.filter(username=username).exists():
             return
         if conversation.invitations.count() >= INVITATIONS_PER_CONVERSATION:
             raise ApiError(f"A conversation holds at most {INVITATIONS_PER_CONVERSATION} pending invitations; "
+                           "withdraw some first.", param="username", code="too_many_invitations")
+        if Invitation.objects.filter(conversation__owner=by).count() >= INVITATIONS_PER_OWNER:
+            raise ApiError(f"At most {INVITATIONS_PER_OWNER} of your invitations may be pending at once; "
                            "withdraw some first.", param="username", code="too_many_invitations")
         try:
             with transaction.atomic():
@@ -63,7 +70,7 @@ def conversation_pending_invitations(*, conversation: Conversation) -> list[str]
 
 def invitations_of(*, user):
     """The invitations addressed to the user, oldest first."""
-    return (Invitation.objects.filter(invitee=user)
+    return (Invitation.objects.filter(invitee=user).order_by("created_at", "pk")
             .select_related("conversation__character", "conversation__group", "conversation__owner"))
 
 

@@ -192,7 +192,7 @@ def join(owner, guest, conversation_id) -> None:
     username = guest.user.get_username()
     invited = owner.post(f"/v1/conversations/{conversation_id}/participants/", {"username": username}, format="json")
     assert invited.status_code == 200 and username in invited.json()["invited"], invited.content
-    invitation = next(i for i in guest.get("/v1/invitations/").json() if i["conversation"] == str(conversation_id))
+    invitation = next(i for i in guest.get("/v1/invitations/").json()["results"] if i["conversation"] == str(conversation_id))
     accepted = guest.post(f"/v1/invitations/{invitation['id']}/accept/", format="json")
     assert accepted.status_code == 200 and accepted.json()["conversation"] == str(conversation_id), accepted.content
 
@@ -298,11 +298,11 @@ def test_an_invitation_reads_alike_for_any_username_and_joins_only_when_accepted
                                  "invited": invited}
     # Invited is not joined: the conversation still looks missing to lee.
     assert lee.get(tree_url(conversation, "path/")).status_code == 404
-    [invitation] = lee.get("/v1/invitations/").json()
+    [invitation] = lee.get("/v1/invitations/").json()["results"]
     assert invitation["conversation"] == str(conversation.pk) and invitation["invited_by"] == "sam"
     assert invitation["group"] == "crew"
     # Nobody else sees or uses lee's invitation.
-    assert eve.get("/v1/invitations/").json() == []
+    assert eve.get("/v1/invitations/").json()["results"] == []
     for answer in (eve.post(f"/v1/invitations/{invitation['id']}/accept/"),
                    eve.delete(f"/v1/invitations/{invitation['id']}/")):
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "invitation_not_found"
@@ -315,9 +315,9 @@ def test_an_invitation_reads_alike_for_any_username_and_joins_only_when_accepted
     assert lee.post(tree_url(conversation, "participants/"), {"username": "eve"}, format="json").status_code == 404
     # Declining leaves no access; the owner withdraws an unanswered invitation.
     sam.post(tree_url(conversation, "participants/"), {"username": "eve"}, format="json")
-    [declined] = eve.get("/v1/invitations/").json()
+    [declined] = eve.get("/v1/invitations/").json()["results"]
     assert eve.delete(f"/v1/invitations/{declined['id']}/").status_code == 200
-    assert eve.get(tree_url(conversation, "path/")).status_code == 404 and eve.get("/v1/invitations/").json() == []
+    assert eve.get(tree_url(conversation, "path/")).status_code == 404 and eve.get("/v1/invitations/").json()["results"] == []
     withdrawn = sam.delete(tree_url(conversation, "participants/ghost-who-never-signed-up/"))
     assert withdrawn.status_code == 200 and withdrawn.json()["invited"] == []
 
@@ -331,8 +331,8 @@ def test_an_invitation_belongs_to_the_account_not_to_whoever_takes_its_name_late
     bob.user.username = "robert"
     bob.user.save()
     impostor, latecomer = make_api_client("bob"), make_api_client("not-yet-signed-up")
-    assert impostor.get("/v1/invitations/").json() == [] and latecomer.get("/v1/invitations/").json() == []
-    [invitation] = bob.get("/v1/invitations/").json()  # the renamed account keeps it
+    assert impostor.get("/v1/invitations/").json()["results"] == [] and latecomer.get("/v1/invitations/").json()["results"] == []
+    [invitation] = bob.get("/v1/invitations/").json()["results"]  # the renamed account keeps it
     assert bob.post(f"/v1/invitations/{invitation['id']}/accept/").status_code == 200
     assert impostor.get(tree_url(conversation, "path/")).status_code == 404
 
@@ -358,3 +358,39 @@ def test_a_conversation_holds_a_bounded_number_of_pending_invitations(group_chat
     over = sam.post(tree_url(conversation, "participants/"), {"username": "one-more"}, format="json")
     assert over.status_code == 400 and over.json()["error"]["code"] == "too_many_invitations"
     assert conversation.invitations.count() == INVITATIONS_PER_CONVERSATION
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_owner_holds_a_bounded_number_of_pending_invitations_over_all_conversations(group_chat, monkeypatch):
+    """Opening conversations must not let one account pile invitations on anyone."""
+    from chat.groups import participants
+
+    monkeypatch.setattr(participants, "INVITATIONS_PER_OWNER", 3)
+    sam, first = group_chat
+    more = [Conversation.objects.create(owner=first.owner, character=first.character, group=first.group)
+            for _ in range(3)]
+    for conversation in (first, *more[:2]):
+        assert sam.post(tree_url(conversation, "participants/"), {"username": "victim"},
+                        format="json").status_code == 200
+    over = sam.post(tree_url(more[2], "participants/"), {"username": "victim"}, format="json")
+    assert over.status_code == 400 and over.json()["error"]["code"] == "too_many_invitations"
+    # Another owner is not limited by sam's; a withdrawn invitation makes room again.
+    tom = make_api_client("tom")
+    toms = Conversation.objects.create(owner=tom.user, character=first.character, group=first.group)
+    assert tom.post(tree_url(toms, "participants/"), {"username": "victim"}, format="json").status_code == 200
+    assert sam.delete(tree_url(first, "participants/victim/")).status_code == 200
+    assert sam.post(tree_url(more[2], "participants/"), {"username": "victim"}, format="json").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_invitations_list_is_paginated_oldest_first(group_chat):
+    sam, first = group_chat
+    lee = make_api_client("lee")
+    conversations = [first, *(Conversation.objects.create(owner=first.owner, character=first.character,
+                                                          group=first.group) for _ in range(2))]
+    for conversation in conversations:
+        sam.post(tree_url(conversation, "participants/"), {"username": "lee"}, format="json")
+    page = lee.get("/v1/invitations/?limit=2").json()
+    assert page["count"] == 3 and page["next"] and len(page["results"]) == 2
+    rest = lee.get("/v1/invitations/?limit=2&offset=2").json()["results"]
+    assert [i["conversation"] for i in page["results"] + rest] == [str(c.pk) for c in conversations]
