@@ -13,18 +13,17 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from django.db import transaction
-
 from .engine import Completion, ModelUnavailable, UnsupportedFeature
 
 from .engines import get_engine
 from .errors import ApiError
 from .jobs import job_submit
-from .models import ApiKey, Job
+from .models import ApiKey, Conversation, Job
 from .plans import chat_request_prepare, sampling_params_for
 from .replies import LegacyLogprobs, ReplyRecord, completion_body, reply_complete, reply_lookup, reply_start, usage_of
 from .response_cache import HIT, cached_request, request_cache_key
-from .selectors import replies_count, response_id_of, response_message_get
+from .selectors import newest_leaf_under, replies_count, response_id_of, response_message_get
+from .tenancy.conversation_lock import conversation_leased
 from .tenancy.metering import MeteredGeneration, meter_open
 from .tenancy.owners import Tenant
 from .tenancy.quotas import quota_admit_job
@@ -236,11 +235,15 @@ def response_delete(*, user, response_id: str) -> None:
     the earlier responses stay valid); the conversation too when nothing is left of it."""
     reply, _ = response_message_get(user=user, response_id=response_id)
     conversation = reply.conversation
-    with transaction.atomic():
+    # Under the conversation's lease, like a tree operation: a reply running meanwhile (409 conversation_busy)
+    # would otherwise lose the messages it is stored under.
+    with conversation_leased(conversation):
         earlier = conversation.messages.filter(role="assistant", id__lt=reply.id).order_by("-id").first()
         conversation.messages.filter(id__gt=earlier.id if earlier else 0).delete()
         if not conversation.messages.exists():
             conversation.delete()
+        elif not conversation.messages.filter(pk=conversation.active_id).exists():  # branched by the tree API
+            Conversation.objects.filter(pk=conversation.pk).update(active_id=newest_leaf_under(conversation, None))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,10 @@ A reply is answered {"type": "start", kind, conversation, text (so far, per choi
 "index", "text"}..., then {"type": "end", text, finish_reason, usage, scenarios, conversation, messages,
 stopped} or {"type": "error", "status", "error"}. Each generating message spends the sender's rate limit
 like an HTTP request and each reply is admitted under the sender's quotas (429 error event with
-retry_after). A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed. While the
+retry_after); so does every other operation but new_conversation. Before each operation the socket's key or
+session is checked again (chat/api/ws_auth.py): no longer valid, the socket gets a 401 error event and is closed
+with 4401. Each socket's blocking work (database, prompt composition) runs in a thread of its own, as each HTTP
+request's does, so that one socket's slow operations never hold up another's. A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed. While the
 instance drains (SIGTERM) a generating message gets a 503 error event, code "draining", and the socket is
 closed with 1012 (service restart): the client reconnects to another instance; running replies go on.
 
@@ -37,10 +40,11 @@ import logging
 import uuid
 from contextlib import aclosing
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import ThreadSensitiveContext
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from rest_framework.exceptions import Throttled, ValidationError
+from rest_framework.exceptions import AuthenticationFailed, Throttled, ValidationError
 
 from chat.engines import DRAIN_RETRY_AFTER_SECONDS, is_draining
 from chat.errors import PayloadTooLarge, ServiceUnavailable, error_from_exception
@@ -53,7 +57,7 @@ from .conversation_ops import EditRequestSerializer, RegenerateRequestSerializer
     run_events
 from .serializers import ChatCompletionRequestSerializer
 from .throttling import identity_of, rate_limit_wait
-from .ws_auth import CLOSE_UNAUTHENTICATED
+from .ws_auth import CLOSE_UNAUTHENTICATED, credentials_now
 
 logger = logging.getLogger("llmsite.ws")
 
@@ -69,6 +73,12 @@ class LoneSurrogate(ValueError):
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    async def __call__(self, scope, receive, send):
+        # The socket's own thread for its sync_to_async calls (Django gives each HTTP request one): without it,
+        # every socket of the process shares one thread, and one socket's slow operation stalls them all.
+        async with ThreadSensitiveContext():
+            await super().__call__(scope, receive, send)
+
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -98,6 +108,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error(ValidationError({"type": "send {\"type\": \"message\", \"content\": \"...\"} (or one "
                                                            f"of {', '.join(OPERATIONS[1:])})."}))
             return
+        if not await self.credentials_still_valid():
+            return
         if kind == NEW_CONVERSATION:
             self.unwatch()  # the unfinished reply belongs to the old conversation (and is still stored)
             self.conversation_id = None
@@ -112,14 +124,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if self.watching:
                 await self.send_error(ValidationError({"content": "wait for the current reply to finish."}))
                 return
-            wait = await sync_to_async(rate_limit_wait)(self.rate_identity())
-            if wait is not None:
-                await self.send_error(Throttled(wait=wait), retry_after=int(wait) + 1)
-                return
+        wait = await database_sync_to_async(rate_limit_wait)(self.rate_identity())
+        if wait is not None:
+            await self.send_error(Throttled(wait=wait), retry_after=int(wait) + 1)
+            return
         try:
             await getattr(self, f"do_{kind}")(content)
         except Exception as exc:
             await self.send_error(exc)
+
+    async def credentials_still_valid(self) -> bool:
+        """Check the socket's key or session again (a revoked key must not go on); closes the socket if invalid."""
+        credentials = await database_sync_to_async(credentials_now)(self.scope)
+        if credentials is None:
+            await self.send_error(AuthenticationFailed("The socket's API key or session is no longer valid "
+                                                       "(revoked, expired or logged out)."))
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return False
+        self.scope["user"], self.scope["api_key"] = credentials  # fresh: a key's quotas changed meanwhile apply
+        return True
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         if frame_too_large(text_data, bytes_data):  # refused before it is parsed, like an HTTP body
@@ -155,7 +178,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if "greeting" in content:
             payload["greeting"] = content["greeting"]
         on_disconnect = self.on_disconnect_of(content)
-        run = await sync_to_async(self.start_message)(payload, on_disconnect)
+        run = await database_sync_to_async(self.start_message)(payload, on_disconnect)
         self.watch(run)
 
     def start_message(self, payload: dict, on_disconnect: str):
@@ -187,7 +210,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                              conversation_id=self.conversation_of(content), message_id=self.message_of(content),
                              data=data, on_disconnect=on_disconnect, **extra)
 
-        self.watch(await sync_to_async(start)())
+        self.watch(await database_sync_to_async(start)())
 
     async def do_select(self, content: dict):
         await self.send_path(message_select, content)
@@ -201,7 +224,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                                      message_id=self.message_of(content))
             return path_body(conversation)
 
-        await self.send_json({"type": "path", **await sync_to_async(run)()})
+        await self.send_json({"type": "path", **await database_sync_to_async(run)()})
 
     async def do_stop(self, content: dict):
         if not content.get("conversation") and self.watching and self.run.conversation_id is None:
@@ -212,13 +235,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         followed = self.run.conversation_id if self.watching else None
         conversation_id = self.conversation_of(content) if content.get("conversation") else (
             followed or self.conversation_of(content))
-        stopped = await sync_to_async(reply_stop)(user=self.scope["user"], conversation_id=conversation_id)
+        stopped = await database_sync_to_async(reply_stop)(user=self.scope["user"], conversation_id=conversation_id)
         if not self.watching:  # another socket streams it: its end event goes there
             await self.send_json({"type": "stopped", "conversation": stopped.conversation_id})
 
     async def do_attach(self, content: dict):
         conversation_id = self.conversation_of(content)
-        run = await sync_to_async(running_reply_of)(user=self.scope["user"], conversation_id=conversation_id)
+        run = await database_sync_to_async(running_reply_of)(user=self.scope["user"], conversation_id=conversation_id)
         self.unwatch()
         self.conversation_id = str(conversation_id)
         if run is None or run.finished.is_set():

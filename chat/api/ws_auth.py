@@ -4,12 +4,20 @@ Policy (docs/API.md): a client that sends `Authorization: Bearer <key>` is not a
 cannot set that header on a WebSocket), so it needs no Origin header; a bad key is refused. A
 cookie session is what a foreign web page could ride on, so it must come from one of our origins
 (ALLOWED_HOSTS). A key in the query string is refused outright: URLs end up in proxy logs.
+
+A socket stays open for hours, so its credentials are checked again before every operation
+(`credentials_now`), as every HTTP request checks them: a revoked or expired key, a deactivated user or a
+session logged out (or whose password changed) ends the socket, and a key's new quotas apply at once.
 """
 
+from importlib import import_module
+from types import SimpleNamespace
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.security.websocket import AllowedHostsOriginValidator
+from django.conf import settings
+from django.contrib.auth import get_user as session_user
 from django.contrib.auth.models import AnonymousUser
 
 from .keys import api_key_find_valid
@@ -21,6 +29,23 @@ CLOSE_UNAUTHENTICATED = 4401
 def _user_for_key(raw_key: str):
     api_key = api_key_find_valid(raw_key=raw_key)
     return (api_key.user, api_key) if api_key else (AnonymousUser(), None)
+
+
+def credentials_now(scope) -> tuple | None:
+    """(user, api_key or None) as they stand now for the socket's credentials; None when they are no longer
+    valid. Sync (database)."""
+    raw_key = bearer_key(scope)
+    if raw_key is not None:
+        api_key = api_key_find_valid(raw_key=raw_key)
+        return (api_key.user, api_key) if api_key else None
+    session = scope.get("session")
+    if session is None or not session.session_key:
+        return None
+    fresh = import_module(settings.SESSION_ENGINE).SessionStore(session.session_key)  # not the handshake's copy
+    user = session_user(SimpleNamespace(session=fresh))  # checks is_active and the password's session hash
+    if not user.is_authenticated or user.pk != getattr(scope.get("user"), "pk", None):
+        return None
+    return user, None
 
 
 def bearer_key(scope) -> str | None:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import contextmanager
 
 from django.core.cache import cache
+from django.db import transaction
 from django.utils import timezone
 
 from chat.errors import ApiError
@@ -80,3 +82,19 @@ def conversation_advance(conversation: Conversation) -> None:
     if not Conversation.objects.filter(pk=conversation.pk, updated_at=conversation.updated_at).update(updated_at=now):
         raise ConversationBusy(conversation.pk)
     conversation.updated_at = now
+
+
+@contextmanager
+def conversation_leased(conversation: Conversation):
+    """An operation that changes a stored conversation outside a reply (a tree operation, a deleted response):
+    its lease (409 conversation_busy while a reply or another operation holds it), then a transaction that moves
+    its version on (409 if it moved since). The operation's writes go in that transaction."""
+    lease = conversation_lease_take(conversation=conversation)
+    try:
+        conversation.refresh_from_db(fields=["updated_at", "active"])
+        with transaction.atomic():
+            conversation_advance(conversation)
+            yield conversation
+    finally:
+        if lease is not None:
+            lease.release()

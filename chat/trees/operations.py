@@ -11,17 +11,14 @@ lease until its reply is stored (chat/trees/running.py).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-
-from django.db import transaction
 
 from chat.errors import ApiError, NotFound
 from chat.models import ApiKey, Conversation, Message
 from chat.plans import Branch, chat_request_prepare
 from chat.replies import reply_lookup, reply_start_choices
 from chat.selectors import conversation_get_owned, message_get_owned, message_subtree_ids, newest_leaf_under
-from chat.tenancy.conversation_lock import conversation_advance, conversation_lease_take
+from chat.tenancy.conversation_lock import conversation_leased
 from chat.tenancy.owners import Tenant
 
 from .running import CANCEL, KEEP, ReplyRun, reply_run_announced, reply_run_of, reply_stop_request
@@ -96,7 +93,7 @@ def message_select(*, user, conversation_id, message_id) -> Conversation:
     """Show a message's branch: an alternative, or any message of another branch. The active leaf becomes the
     newest leaf under it (the branch as it was last continued)."""
     conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
-    with _leased(conversation):
+    with conversation_leased(conversation):
         conversation.active_id = newest_leaf_under(conversation, message.pk)
         Conversation.objects.filter(pk=conversation.pk).update(active_id=conversation.active_id)
     return conversation
@@ -106,7 +103,7 @@ def message_delete(*, user, conversation_id, message_id) -> Conversation:
     """Delete a message and every message under it. If the active leaf was among them, the conversation shows
     the newest remaining branch beside them (under the deleted message's parent)."""
     conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
-    with _leased(conversation):
+    with conversation_leased(conversation):
         parent_id = message.parent_id
         # One delete of the whole subtree: message.delete() would let Django's collector follow Message.parent
         # level by level, a recursion as deep as the conversation is long. Conversation.active is set null if
@@ -163,18 +160,3 @@ def running_reply_of(*, user, conversation_id, owner_only: bool = False) -> Repl
 def _owners_message(*, user, conversation_id, message_id):
     """(conversation, message) for an operation on the tree: the owner's alone (a participant gets 403)."""
     return message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id, owner_only=True)
-
-
-@contextmanager
-def _leased(conversation: Conversation):
-    """The conversation's lease (409 conversation_busy while another operation holds it), then a transaction that
-    moves its version on (409 if it moved since): the operation's writes go in that transaction."""
-    lease = conversation_lease_take(conversation=conversation)
-    try:
-        conversation.refresh_from_db(fields=["updated_at", "active"])
-        with transaction.atomic():
-            conversation_advance(conversation)
-            yield conversation
-    finally:
-        if lease is not None:
-            lease.release()

@@ -88,6 +88,29 @@ def test_releasing_an_expired_lease_leaves_its_next_holder_alone(chat):
     holder.release()
 
 
+def test_deleting_a_response_waits_for_the_conversations_lease_and_keeps_the_tree_whole(chat):
+    """DELETE /v1/responses/<id> changes the tree like a tree operation: not while a reply runs (it would delete
+    the messages the reply is stored under), and the active leaf is set again when it was deleted."""
+    client, conversation = chat
+    user = conversation.messages.create(role="user", content="one")
+    first = conversation.messages.create(role="assistant", content="a", parent=user)
+    second_user = conversation.messages.create(role="user", content="two", parent=first)
+    conversation.messages.create(role="assistant", content="b", parent=second_user)
+    other_branch = conversation.messages.create(role="user", content="two again", parent=first)
+    other_reply = conversation.messages.create(role="assistant", content="b again", parent=other_branch)
+    Conversation.objects.filter(pk=conversation.pk).update(active=other_reply)
+    url = f"/v1/responses/resp_{conversation.pk.hex}_2"
+    lease = conversation_lease_take(conversation=conversation)  # as a running reply holds it
+    busy = client.delete(url)
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "conversation_busy"
+    assert conversation.messages.count() == 6
+    lease.release()
+    assert client.delete(url).status_code == 200
+    conversation.refresh_from_db()
+    assert list(conversation.messages.values_list("content", flat=True)) == ["one", "a"]
+    assert conversation.active_id == first.pk
+
+
 def test_an_exchange_is_stored_only_on_the_version_its_history_was_read_from(chat):
     _, conversation = chat
     first, second = Conversation.objects.get(pk=conversation.pk), Conversation.objects.get(pk=conversation.pk)
