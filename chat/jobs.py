@@ -13,7 +13,9 @@ MAX_ATTEMPTS reports it failed, so no job stays "running" or is silently dropped
 stored in the same transaction that marks the job done, so it is stored exactly once.
 
 A job belongs to its owner, the user the creating key acts as (chat/tenancy/owners.py): like
-conversations and cached replies, any key of that user sees it, another user's is a 404.
+conversations and cached replies, any key of that user sees it, another user's is a 404. An owner has at most
+API_MAX_ACTIVE_JOBS jobs queued or running: the broker's queue is first come, first served, so without a bound
+one key could queue thousands and put everyone else's jobs behind them.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from .errors import NotFound
+from .errors import ApiError, NotFound
 from .models import ApiKey, Job
 from .tenancy.quotas import quota_job_release
 
@@ -37,15 +40,35 @@ ACTIVE = (Job.Status.QUEUED, Job.Status.RUNNING)
 
 # Sent once a new job is committed, with job_id; chat/tasks.py hands it to a Celery worker.
 job_queued = Signal()
+TOO_MANY_JOBS_RETRY_AFTER = 10  # seconds: about what a job takes
+
+
+class TooManyJobs(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_jobs"
 
 
 def job_submit(*, user, api_key: ApiKey | None, payload: dict, job_id=None) -> Job:
     """Store the job (`job_id`: chosen by the caller, who admitted it under that id) and queue it on commit."""
     payload = {key: value for key, value in payload.items() if key not in ("background", "stream", "stream_options")}
-    job = Job.objects.create(id=job_id or uuid.uuid4(), owner=user, api_key=api_key, request=payload,
-                             expires_at=timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS))
-    transaction.on_commit(lambda: job_queued.send(sender=Job, job_id=str(job.pk)))
+    with transaction.atomic():
+        _check_room_for_a_job(user)
+        job = Job.objects.create(id=job_id or uuid.uuid4(), owner=user, api_key=api_key, request=payload,
+                                 expires_at=timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS))
+        transaction.on_commit(lambda: job_queued.send(sender=Job, job_id=str(job.pk)))
     return job
+
+
+def _check_room_for_a_job(user) -> None:
+    limit = settings.API_MAX_ACTIVE_JOBS
+    if not limit:
+        return
+    # The owner's row locked: two submissions at once cannot both take the last place.
+    list(get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True))
+    if Job.objects.filter(owner=user, status__in=ACTIVE, expires_at__gt=timezone.now()).count() >= limit:
+        raise TooManyJobs(f"At most {limit} of your background jobs may be queued or running at once; submit this "
+                          "one when one of them has ended.", param="background", retry_after=TOO_MANY_JOBS_RETRY_AFTER)
 
 
 def job_get_visible(*, user, job_id) -> Job:

@@ -292,6 +292,8 @@ JOB_TTL_SECONDS = env_int("JOB_TTL_SECONDS", 24 * 3600, minimum=1)
 # A running job whose worker has not written its heartbeat (every quarter of this) for this long
 # has lost its worker: it is queued again, or failed after 3 attempts.
 JOB_HEARTBEAT_TIMEOUT = env_int("JOB_HEARTBEAT_TIMEOUT", 60, minimum=1)
+# Jobs one owner may have queued or running at once (0: no limit); the broker's queue is first come, first served.
+API_MAX_ACTIVE_JOBS = env_int("API_MAX_ACTIVE_JOBS", 16, minimum=0)
 SPECTACULAR_SETTINGS = {
     "TITLE": "llmsite API",
     "DESCRIPTION": "OpenAI-compatible chat completions with characters and scenarios.",

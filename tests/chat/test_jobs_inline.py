@@ -136,3 +136,30 @@ def test_a_cancelled_job_stores_nothing_when_its_attempt_ends(django_user_model)
     assert not Conversation.objects.exists()
     assert tasks._finish(job_id=job.pk, attempt=2, record=record)
     assert Conversation.objects.get().messages.count() == 2
+
+
+def test_an_owner_has_a_bounded_number_of_jobs_queued_or_running(django_user_model, settings,
+                                                                  django_capture_on_commit_callbacks):
+    """The broker's queue is first come, first served: one key must not queue thousands ahead of everyone."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from chat.models import Job
+
+    settings.API_MAX_ACTIVE_JOBS = 2
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4, "background": True}
+    client, other = make_api_client("queuer"), make_api_client("neighbour")
+    _job(client.user, {}, status=Job.Status.QUEUED)
+    _job(client.user, {}, status=Job.Status.RUNNING)
+    _job(client.user, {}, status=Job.Status.DONE)  # ended jobs and expired ones take no place
+    Job.objects.create(owner=client.user, request={}, status=Job.Status.QUEUED,
+                       expires_at=timezone.now() - timedelta(seconds=1))
+    refused = client.post("/v1/chat/completions", body, format="json")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
+    assert int(refused["Retry-After"]) > 0 and Job.objects.filter(owner=client.user).count() == 4
+    with django_capture_on_commit_callbacks(execute=True):
+        assert other.post("/v1/chat/completions", body, format="json").status_code == 202
+    Job.objects.filter(owner=client.user, status=Job.Status.RUNNING).update(status=Job.Status.DONE)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post("/v1/chat/completions", body, format="json").status_code == 202
