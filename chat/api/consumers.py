@@ -23,7 +23,7 @@ like an HTTP request and each reply is admitted under the sender's quotas (429 e
 retry_after); so does every other operation but new_conversation. Before each operation the socket's key or
 session is checked again (chat/api/ws_auth.py): no longer valid, the socket gets a 401 error event and is closed
 with 4401. Each socket's blocking work (database, prompt composition) runs in a thread of its own, as each HTTP
-request's does, so that one socket's slow operations never hold up another's. A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed. While the
+request's does, so that one socket's slow operation never holds up another's. A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed. While the
 instance drains (SIGTERM) a generating message gets a 503 error event, code "draining", and the socket is
 closed with 1012 (service restart): the client reconnects to another instance; running replies go on.
 
@@ -73,12 +73,6 @@ class LoneSurrogate(ValueError):
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    async def __call__(self, scope, receive, send):
-        # The socket's own thread for its sync_to_async calls (Django gives each HTTP request one): without it,
-        # every socket of the process shares one thread, and one socket's slow operation stalls them all.
-        async with ThreadSensitiveContext():
-            await super().__call__(scope, receive, send)
-
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -108,6 +102,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error(ValidationError({"type": "send {\"type\": \"message\", \"content\": \"...\"} (or one "
                                                            f"of {', '.join(OPERATIONS[1:])})."}))
             return
+        # The operation's sync_to_async calls get a thread of their own, as each HTTP request's do: without it,
+        # every socket of the process shares one thread, and one socket's slow operation stalls them all.
+        async with ThreadSensitiveContext():
+            await self.operate(kind, content)
+
+    async def operate(self, kind: str, content: dict):
         if not await self.credentials_still_valid():
             return
         if kind == NEW_CONVERSATION:
