@@ -152,6 +152,8 @@ def tool_message_check(message: dict, path: str) -> None:
             raise ApiError(f"{where} must have a function with a name.", param=f"{where}.function")
         if not isinstance(function.get("arguments", ""), str):
             raise ApiError(f"{where}.function.arguments must be a JSON string.", param=f"{where}.function.arguments")
+        if not isinstance(call.get("id", ""), str):
+            raise ApiError(f"{where}.id must be a string.", param=f"{where}.id")
 
 
 def tool_request_of(data: dict) -> ToolRequest | None:

@@ -6,7 +6,15 @@ from .errors import SchemaNotConvertible
 
 def schema_grammar(schema, *, root: str = "root") -> str:
     """GBNF whose rule `root` matches compact JSON texts valid under `schema` (SchemaNotConvertible if none)."""
-    return Converter(schema).grammar(root)
+    try:
+        return Converter(schema).grammar(root)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+        # A keyword whose value has a type or size no rule expected ({"required": 5}, "format": ["date"], a
+        # minimum of 10**400): the client's mistake, answered as such rather than as a server error.
+        if isinstance(exc, SchemaNotConvertible):  # (an InvalidRequest is a ValueError)
+            raise
+        raise SchemaNotConvertible("A keyword has a value of the wrong type or size", keyword=None,
+                                   path="/") from None
 
 
 __all__ = ["SchemaNotConvertible", "schema_grammar"]

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import warnings
 from urllib.parse import unquote
+
+import regex
 
 from .errors import SchemaNotConvertible
 from .exclusive import exclusive_branches
@@ -27,6 +30,9 @@ MAX_DEPTH = 48
 MAX_BRANCHES = 64
 UNBOUNDED_BEYOND = 10 ** 16  # unbounded numbers are written with at most 16 integer digits
 MAX_REPEAT = 2000  # a larger maxLength / maxItems is lowered to it (fewer is still valid); a larger minimum refused
+# The schema's own regular expressions run against its own values (enum, const, property names) in a budget:
+# Python's `re` backtracks exponentially on patterns like ^(a+)+$ and holds the GIL (the whole process) meanwhile.
+REGEX_SECONDS = 0.25
 
 ASSERTIONS = frozenset({
     "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
@@ -119,6 +125,23 @@ class Converter:
         self.unsatisfiable: dict[str, SchemaNotConvertible] = {}
         self.visits = 0
         self.used_base: set[str] = set()
+        self.regex_deadline = time.monotonic() + REGEX_SECONDS
+
+    def search(self, pattern: str, text: str, keyword: str, path: str):
+        """regex.search within what is left of the schema's regex budget (SchemaNotConvertible past it); re.error
+        and TypeError for a pattern that is not a regular expression, as re.search raises them."""
+        try:
+            left = self.regex_deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return regex.search(pattern, text, timeout=left)
+        except TimeoutError:
+            raise SchemaNotConvertible("Its regular expressions take too long to check against its values",
+                                       keyword=keyword, path=path) from None
+        except regex.error as exc:
+            raise re.error(str(exc)) from None
 
     # -- rules ------------------------------------------------------------------------------
 
@@ -533,10 +556,8 @@ class Converter:
             if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
                 return False
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if "pattern" in schema and not re.search(schema["pattern"], value):
-                        return False
+                if "pattern" in schema and not self.search(schema["pattern"], value, "pattern", "/"):
+                    return False
             except (re.error, TypeError):
                 return False
         if isinstance(value, dict):
@@ -677,9 +698,7 @@ class Converter:
             found = []
             for pattern, value in patterns.items():
                 try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        hit = re.search(pattern, name)
+                    hit = self.search(pattern, name, "patternProperties", path)
                     if hit:
                         found.append(value)
                 except (re.error, TypeError):

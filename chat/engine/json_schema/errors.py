@@ -12,11 +12,11 @@ class SchemaNotConvertible(InvalidRequest):
     "unsatisfiable_schema" or "unsupported_schema". The message says both, in schema terms only.
     """
 
-    def __init__(self, detail: str, *, keyword: str, path: str, unsatisfiable: bool = False):
+    def __init__(self, detail: str, *, keyword: str | None, path: str, unsatisfiable: bool = False):
         self.keyword = keyword
         self.path = path or "/"
         self.code = "unsatisfiable_schema" if unsatisfiable else "unsupported_schema"
         self.detail = detail
-        where = f"keyword '{keyword}' at {self.path}"
+        where = f"keyword '{keyword}' at {self.path}" if keyword else "in the schema"
         kind = "can never be satisfied" if unsatisfiable else "cannot be enforced by this server"
         super().__init__(f"{detail} ({where}: {kind}).")

@@ -3,7 +3,7 @@
 The grammar writes one full match of the pattern, so `re.search(pattern, value)` (how validators check
 it) finds it. Characters JSON must escape are written escaped. Supported: literals, classes, `.`,
 groups, alternation, repetition, `^`/`$` at the ends; refused: lookarounds, backreferences, `\\b`,
-flags.
+flags, and repeating something that can match nothing (its grammar is exponential work for the sampler).
 """
 
 from __future__ import annotations
@@ -141,6 +141,10 @@ def _item(op, arg, *, first: bool, last: bool) -> tuple[str, int, int | None]:
             raise _Refused("a repetition above 1000")
         text, a, b = _sequence(inner, at_start=False, at_end=False)
         bound = None if high == c.MAXREPEAT else high
+        if a == 0 and (low, bound) != (0, 1):
+            # Each empty turn is another way to the same place: nested, llama.cpp's grammar sampler follows them
+            # all, and ((a?){0,12}){0,12} took 2.7 s per token (longer bounds: hours) on the scheduler's thread.
+            raise _Refused("a repetition of something that can match nothing, such as (a?)* (write a* instead)")
         suffix = ("*" if low == 0 else "+" if low == 1 else f"{{{low},}}") if bound is None else (
             "?" if (low, bound) == (0, 1) else f"{{{low}}}" if low == bound else f"{{{low},{bound}}}")
         return f"({text}){suffix}", a * low, None if bound is None or b is None else b * bound

@@ -140,6 +140,13 @@ def test_history_with_a_tool_result_gets_a_text_answer(live_api):
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"messages": [*QUESTION, {"role": "tool", "content": "18 degrees"}]}, "messages[1].tool_call_id"),
     ({"messages": [*QUESTION, {"role": "assistant", "content": None}]}, "messages[1].content"),
+    ({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [  # was a 500 (unhashable id)
+        {"id": ["x"], "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "user", "content": "And now?"}]},
+     "messages[1].tool_calls[0].id"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {  # was a 500 (a list as format)
+        "type": "object", "properties": {"d": {"type": "string", "format": ["date"]}}}}}]},
+     "tools[0].function.parameters"),
 ])
 def test_invalid_tool_requests_are_400_naming_the_parameter(live_api, body, param):
     response = post(live_api, {"messages": QUESTION, **body})

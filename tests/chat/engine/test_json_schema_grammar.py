@@ -181,3 +181,46 @@ def test_one_of_writes_no_value_that_matches_two_branches(gbnf, schema, good, ba
         jsonschema.validate(json.loads(text), schema)
     for text in bad:
         assert not gbnf.accepts(grammar, text), text
+
+
+@pytest.mark.parametrize("pattern", [r"^((a?){0,12}){0,12}$", r"^(a*)*$", r"^(a|)+$", r"^(a?b?){3}$"])
+def test_a_repetition_of_what_can_match_nothing_is_refused(pattern):
+    """Nested, each empty turn is another path that llama.cpp's grammar sampler follows: ((a?){0,12}){0,12} took
+    2.7 s per token on the scheduler's thread, and every tenant's streams waited."""
+    with pytest.raises(SchemaNotConvertible) as raised:
+        json_schema_grammar({"type": "string", "pattern": pattern})
+    assert raised.value.keyword == "pattern" and "can match nothing" in str(raised.value)
+
+
+@pytest.mark.parametrize("pattern", [r"^(a+)+$", r"^[a-z]+(-[a-z]+)*$", r"^(\w+\s?)+$", r"^(ab?)?$"])
+def test_repetitions_of_what_always_matches_something_are_kept(pattern):
+    json_schema_grammar({"type": "string", "pattern": pattern})
+
+
+def test_the_schemas_own_regexes_run_in_a_time_budget(monkeypatch):
+    """Python's re backtracks exponentially on ^(a+)+$ against 'aaa...!' and holds the GIL: the whole process
+    stopped while an enum value or a property name was checked against a client's pattern."""
+    from chat.engine.json_schema import converter
+
+    evil = {"type": "string", "pattern": "^(a+)+$", "enum": ["a" * 40 + "!", "aaa"]}
+    assert '\\"aaa\\"' in json_schema_grammar(evil)  # the regex module, not re: answered at once
+    monkeypatch.setattr(converter, "REGEX_SECONDS", 0.0)  # the budget spent: refused, not run
+    for schema, keyword in ((evil, "pattern"),
+                            ({"type": "object", "patternProperties": {"^(a+)+$": {"type": "integer"}},
+                              "properties": {"aaa": {"type": "string"}}}, "patternProperties")):
+        with pytest.raises(SchemaNotConvertible) as raised:
+            json_schema_grammar(schema)
+        assert raised.value.keyword == keyword and "take too long" in str(raised.value)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer", "minimum": 10 ** 400}, {"type": "string", "format": ["date"]},
+    {"not": {"type": [{"a": 1}]}}, {"if": {"enum": -1}}, {"if": {"type": "string"}, "anyOf": 0},
+    {"dependentRequired": {"a": ["b"]}, "required": 5}, {"allOf": [{"type": {"a": 1}}, {"type": "string"}]},
+    {"minProperties": None, "type": "object"}, {"const": {"a": 1}, "type": {"a": 1}},
+    {"type": "object", "required": [{"a": 1}]},
+])
+def test_a_keyword_with_a_value_of_the_wrong_type_is_refused_not_a_crash(schema):
+    with pytest.raises(SchemaNotConvertible) as raised:
+        json_schema_grammar(schema)
+    assert "wrong type" in str(raised.value)
