@@ -25,10 +25,14 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
         return None
 
     alternatives = []
-    for tool in request.callable_tools:
+    tools = request.callable_tools
+    for index, tool in enumerate(tools):
         _check_convertible(tool, request)
+        # The parameters move into a larger schema: their own references ("#/$defs/Item", as pydantic writes
+        # them) must point to where they now are.
+        where = "#/properties/arguments" if len(tools) == 1 else f"#/anyOf/{index}/properties/arguments"
         alternatives.append({"type": "object", "properties": {"name": {"const": tool.name},
-                                                              "arguments": tool.parameters},
+                                                              "arguments": _rebased(tool.parameters, where)},
                              "required": ["name", "arguments"]})
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
     call_json = json_schema_grammar(schema, root="tool-call-json")
@@ -41,6 +45,26 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
         "free-text ::= [^<] [^\\x00]*",
         call_json,
     ])
+
+
+DATA_KEYWORDS = ("const", "enum", "default", "examples")  # their values are JSON data, not schemas
+
+
+def _rebased(schema, where: str):
+    """`schema` with every local reference ("#...") made relative to `where` instead of the schema's root."""
+    if isinstance(schema, list):
+        return [_rebased(item, where) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    rebased = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            rebased[key] = where + value[1:] if value not in ("#", "#/") else where
+        elif key in DATA_KEYWORDS:
+            rebased[key] = value
+        else:
+            rebased[key] = _rebased(value, where)
+    return rebased
 
 
 def _check_convertible(tool, request: ToolRequest) -> None:

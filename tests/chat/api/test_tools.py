@@ -248,3 +248,29 @@ def test_a_template_that_supports_tools_renders_them_and_the_grammar_still_holds
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
     finally:
         registry.close()
+
+
+def test_parameters_that_refer_to_their_own_defs_as_pydantic_writes_them(smollm2_path):
+    """The parameters are placed inside the call's schema, so "#/$defs/..." must follow them there."""
+    from chat.tooling.grammar import tool_call_grammar
+    from chat.tooling.requests import tool_request_from
+    from tests.chat.engine.gbnf_check import GbnfChecker
+
+    order = {"type": "function", "function": {"name": "order", "parameters": {
+        "type": "object", "$defs": {"Item": {"type": "object", "properties": {"sku": {"$ref": "#/$defs/Sku"}},
+                                             "required": ["sku"]},
+                                    "Sku": {"type": "string", "enum": ["A1", "B2"]}},
+        "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "maxItems": 2},
+                       "note": {"const": {"$ref": "#/$defs/Sku"}}},  # data, not a reference: kept as written
+        "required": ["items"]}}}
+    checker = GbnfChecker(smollm2_path)
+    try:
+        for tools in ([order], [WEATHER, order]):
+            request = tool_request_from(tools=tools, tool_choice="required", parallel_tool_calls=False)
+            grammar = tool_call_grammar(request)
+            call = '<tool_call>\n{"name":"order","arguments":{"items":[{"sku":"B2"}]}}\n</tool_call>'
+            assert checker.accepts(grammar, call)
+            assert not checker.accepts(grammar, call.replace("B2", "C3"))
+            assert checker.accepts(grammar, call.replace("]}}", '],"note":{"$ref":"#/$defs/Sku"}}}'))
+    finally:
+        checker.close()
