@@ -89,7 +89,8 @@ def error_from_exception(exc: Exception, request=None) -> tuple[int, dict, dict]
         message = f"Model {exc.model!r} ({PurePath(exc.path).name}) is unavailable: {exc.reason}"
         return 503, error_body(message, type="service_unavailable", code="model_unavailable"), headers
     if isinstance(exc, (UnsupportedFeature, InvalidRequest)):
-        return 400, error_body(str(exc), type="invalid_request_error", code="unsupported"), headers
+        return 400, error_body(str(exc), type="invalid_request_error", param=getattr(exc, "param", None),
+                               code="unsupported"), headers
     if isinstance(exc, drf_exceptions.ValidationError):
         param, message = first_validation_error(exc.detail)
         return 400, error_body(message, type="invalid_request_error", param=param, code="invalid_value"), headers

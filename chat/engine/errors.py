@@ -46,7 +46,15 @@ class UnsupportedFeature(EngineError):
 
 
 class InvalidRequest(EngineError, ValueError):
-    """The sampling parameters are invalid (e.g. a GBNF grammar that does not parse)."""
+    """The sampling parameters are invalid (e.g. a GBNF grammar that does not parse); `param` names the
+    request field at fault where the engine knows it."""
+
+    param: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
 
 
 class GenerationFailed(EngineError):

@@ -130,7 +130,8 @@ class CTransformersBackend(Backend):
 
     def detokenize(self, tokens: list[int]) -> str:
         if any(not 0 <= token < self._llm.vocab_size for token in tokens):
-            raise InvalidRequest(f"Token ids must be from 0 to {self._llm.vocab_size - 1} for this model.")
+            raise InvalidRequest(f"Token ids must be from 0 to {self._llm.vocab_size - 1} for this model.",
+                                 param="tokens")
         pieces = []
         for token in tokens:
             if token in self._control_ids:

@@ -359,7 +359,7 @@ class LlamaCppBackend(Backend):
 
     def detokenize(self, tokens: list[int]) -> str:
         if any(not 0 <= token < self._n_vocab for token in tokens):  # llama.cpp would abort the process
-            raise InvalidRequest(f"Token ids must be from 0 to {self._n_vocab - 1} for this model.")
+            raise InvalidRequest(f"Token ids must be from 0 to {self._n_vocab - 1} for this model.", param="tokens")
         array = (self._llama.llama_token * len(tokens))(*tokens)
         capacity = 8 * len(tokens) + 16
         while True:
@@ -409,7 +409,8 @@ class LlamaCppBackend(Backend):
 
     def check_params(self, params: SamplingParams) -> None:
         if any(token >= self._n_vocab for token, _ in params.logit_bias):
-            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary (0-{self._n_vocab - 1}).")
+            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary (0-{self._n_vocab - 1}).",
+                                 param="logit_bias")
         if params.grammar is not None:
             self._llama.llama_sampler_free(self._grammar_sampler(params.grammar))
 

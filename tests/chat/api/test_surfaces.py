@@ -132,6 +132,7 @@ def test_tokenize_detokenize_round_trip_and_the_count_of_a_prompt(live_api):
     assert call(live_api, "POST", "/tokenize", key=None, root=True, json={"content": text}).status_code == 401
     bad = call(live_api, "POST", "/detokenize", root=True, json={"tokens": [10**8]})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert bad.json()["error"]["param"] == "tokens"
 
 
 def test_langchain_openai_llm_batch_sends_a_prompt_list(live_api):
@@ -157,6 +158,7 @@ def test_langchain_openai_llm_batch_sends_a_prompt_list(live_api):
     ({"prompt": "Hi", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "Hi", "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"prompt": "Hi", "logit_bias": {"5": -300}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"99999999": 5}}, "logit_bias"),  # outside the vocabulary: the engine says so
 ])
 def test_what_stays_unsupported_is_a_400_naming_it(live_api, body, param):
     answer = call(live_api, "POST", "/completions", json={"model": MODEL, "max_tokens": 1, **body})
