@@ -185,7 +185,9 @@ def chat_response_format(text) -> dict | None:
     """text.format in chat's response_format shape."""
     if text is None:
         return None
-    form = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(text, dict):
+        raise ApiError('text must be an object, e.g. {"format": {"type": "json_schema", ...}}.', param="text")
+    form = text.get("format")
     if form is None:
         return None
     kind = form.get("type") if isinstance(form, dict) else None

@@ -133,6 +133,7 @@ def test_invalid_requests_name_the_field(live_api):
     headers = {"Authorization": f"Bearer {live_api.keys['alice']}"}
     for body, param in [({"input": []}, "input"), ({"input": [{"type": "input_image"}]}, "input[0].type"),
                         ({"input": "Hi", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+                        ({"input": "Hi", "text": "json"}, "text"),
                         ({"input": "Hi", "background": True}, "background"),
                         ({"input": "Hi", "previous_response_id": "resp_nope"}, "previous_response_id")]:
         response = httpx.post(f"{live_api.base_url}/responses", json={"model": MODEL, **body}, headers=headers)
