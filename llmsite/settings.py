@@ -256,6 +256,8 @@ API_RATE_LIMIT = env_rate("API_RATE_LIMIT", "120/min")       # per key; empty = 
 API_MAX_TOKENS = env_int("API_MAX_TOKENS", 2048, minimum=1)   # cap on max_tokens per request
 API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200, minimum=1)  # cap on messages per request
 API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000, minimum=1024)
+# WebSockets one user may hold open in one server process (0: no limit); each holds memory and a descriptor.
+WS_MAX_CONNECTIONS_PER_USER = env_int("WS_MAX_CONNECTIONS_PER_USER", 16, minimum=0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
 SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
 # The event loop of `manage.py serve` (llmsite/event_loop.py): uvloop, or asyncio's own.

@@ -16,6 +16,8 @@ Client messages (each a JSON object with a "type"):
 - {"type": "new_conversation"}: the next message starts a new conversation (answered in kind).
 The operations act on the socket's conversation unless the message names one ("conversation").
 
+A user holds at most WS_MAX_CONNECTIONS_PER_USER sockets in one process; the next handshake is closed with 4429.
+
 A reply is answered {"type": "start", kind, conversation, text (so far, per choice), ...}, {"type": "token",
 "index", "text"}..., then {"type": "end", text, finish_reason, usage, scenarios, conversation, messages,
 stopped} or {"type": "error", "status", "error"}. Each generating message spends the sender's rate limit
@@ -38,6 +40,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import Counter
 from contextlib import aclosing
 
 from asgiref.sync import ThreadSensitiveContext
@@ -66,6 +69,8 @@ NEW_CONVERSATION = "new_conversation"
 GENERATING = ("message", "regenerate", "edit", "continue")
 OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATION)
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; a client reconnects (to another instance)
+CLOSE_TOO_MANY_CONNECTIONS = 4429
+_open_sockets: Counter = Counter()  # user pk -> sockets open in this process (the event loop's thread only)
 
 
 class LoneSurrogate(ValueError):
@@ -78,11 +83,27 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
+        limit = settings.WS_MAX_CONNECTIONS_PER_USER
+        if limit and _open_sockets[user.pk] >= limit:
+            await self.close(code=CLOSE_TOO_MANY_CONNECTIONS)
+            return
+        _open_sockets[user.pk] += 1
+        self.counted_user = user.pk
         self.character_slug = self.scope["url_route"]["kwargs"]["character"]
         self.conversation_id = None
         self.watch_task: asyncio.Task | None = None  # streams the reply this socket follows
         self.run = None
         await self.accept()
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # however the socket ends (a disconnect, an error), its place is given back
+            counted = getattr(self, "counted_user", None)
+            if counted is not None:
+                _open_sockets[counted] -= 1
+                if _open_sockets[counted] <= 0:
+                    del _open_sockets[counted]
 
     async def disconnect(self, code):
         self.unwatch()  # the reply itself goes on (or is cancelled, if it asked for that): chat/trees/running.py

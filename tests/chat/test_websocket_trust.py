@@ -126,3 +126,18 @@ async def test_each_socket_runs_its_blocking_work_in_a_thread_of_its_own(monkeyp
     assert len(set(threads)) == 2
     for comm, _ in sockets:
         await comm.disconnect()
+
+
+async def test_a_user_holds_a_bounded_number_of_sockets_in_one_process(settings):
+    settings.WS_MAX_CONNECTIONS_PER_USER = 2
+    client = await sync_to_async(make_api_client)("many-tabs")
+    await sync_to_async(character)()
+    bearer = [(b"authorization", f"Bearer {client.raw_key}".encode())]
+    first, second = await open_socket(bearer), await open_socket(bearer)
+    third = WebsocketCommunicator(application, "/ws/chat/mira/", headers=[ORIGIN, *bearer])
+    assert (await third.connect()) == (False, 4429)
+    _, other = await keyed_socket("someone-else")  # another user's sockets are their own
+    await first.disconnect()
+    again = await open_socket(bearer)  # a closed socket gives its place back
+    for comm in (second, other, again):
+        await comm.disconnect()
