@@ -20,6 +20,8 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from scenarios.keys import is_regex_key, split_keywords
 
+from .strict_json import StrictJSONError, strict_json_loads
+
 SPEC = "chara_card_v2"
 SPEC_VERSION = "2.0"
 RESERVED = "llmsite"
@@ -100,11 +102,11 @@ def card_read(raw: bytes, *, max_bytes: int) -> Card:
         card.image = raw
         return card
     try:
-        value = json.loads(raw.decode("utf-8-sig"))
+        value = strict_json_loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise CardError("Not a character card: the file is neither a PNG image nor UTF-8 JSON.") from None
-    except json.JSONDecodeError as exc:
-        raise CardError(f"Not a character card: the file is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    except StrictJSONError as exc:
+        raise CardError(f"Not a character card: the file is not valid JSON ({exc}).") from None
     return card_from_json(value)
 
 
@@ -152,8 +154,10 @@ def _json_from_chunk(text: str):
     stripped = text.strip()
     try:
         if stripped.startswith("{"):  # a few tools store the JSON itself rather than base64
-            return json.loads(stripped)
-        return json.loads(base64.b64decode(stripped).decode("utf-8"))
+            return strict_json_loads(stripped)
+        return strict_json_loads(base64.b64decode(stripped).decode("utf-8"))
+    except StrictJSONError as exc:
+        raise CardError(f"The PNG's '{PNG_CHUNK}' chunk is not valid card JSON ({exc}).") from None
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise CardError(f"The PNG's '{PNG_CHUNK}' chunk is not base64-encoded card JSON.") from None
 

@@ -4,9 +4,25 @@ Character fields follow the Character Card V2 format so cards import and export 
 """
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import FileExtensionValidator, MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+
+
+# Avatars are pictures the chat page shows: image types browsers show as images (Pillow also opens PDF and EPS
+# files, which would be served as such), and a size every visitor's browser can decode.
+AVATAR_EXTENSIONS = ["png", "jpg", "jpeg", "gif", "webp"]
+AVATAR_MAX_BYTES = 8 * 1024 * 1024
+AVATAR_MAX_PIXELS = 25_000_000
+
+
+def avatar_size_check(file) -> None:
+    if file.size > AVATAR_MAX_BYTES:
+        raise ValidationError(f"An avatar may be at most {AVATAR_MAX_BYTES // (1024 * 1024)} MB.")
+    width, height = getattr(file, "width", None) or 0, getattr(file, "height", None) or 0
+    if width * height > AVATAR_MAX_PIXELS:
+        raise ValidationError(f"The picture is {width}×{height} pixels; an avatar may have at most "
+                              f"{AVATAR_MAX_PIXELS:,}.")
 
 
 class SystemPrompt(models.Model):
@@ -89,7 +105,8 @@ class Character(models.Model):
         help_text="How many recent messages are searched for this character's scenario keywords; empty uses "
                   "SCENARIO_SCAN_DEPTH. A scenario's own scan depth wins.",
     )
-    avatar = models.ImageField(upload_to="avatars/", blank=True, help_text="Shown in the chat page.")
+    avatar = models.ImageField(upload_to="avatars/", blank=True, help_text="Shown in the chat page.",
+                               validators=[FileExtensionValidator(AVATAR_EXTENSIONS), avatar_size_check])
 
     temperature = models.FloatField(
         null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)],

@@ -10,12 +10,12 @@ SillyTavern's names (BOOK_EXTENSION_NAMES); card_format.py maps those.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from scenarios.keys import split_keywords
 
 from .card_format import RESERVED, fit_keys, join_list, scan_depth_value, split_list
+from .strict_json import StrictJSONError, strict_json_loads
 
 # SillyTavern's numbered positions; 2 and 3 (the author's note) and 7 (outlet) have no place here and
 # insert after the profile (the number is kept for export).
@@ -43,8 +43,10 @@ def world_info_read(raw: bytes | str, *, max_entries: int) -> WorldInfoBook:
     """The name and entries of a World Info file (each entry a dict, as written); more than `max_entries`
     entries is refused whole (a lorebook that size would be read on every reply)."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        data = strict_json_loads(raw)
+    except StrictJSONError as exc:
+        raise WorldInfoError(f"The file is not valid JSON ({exc}).") from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise WorldInfoError("The file is not JSON.") from exc
     entries = data.get("entries") if isinstance(data, dict) else None
     if isinstance(entries, list):

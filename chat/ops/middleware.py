@@ -14,6 +14,10 @@ from chat.models import ApiKey
 
 request_logger = logging.getLogger("llmsite.requests")
 
+# Metric labels take the methods clients use; any other name (anyone may send "ZZZ") counts as "other", or
+# each new name would add series that live as long as the process.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class HybridMiddleware:
     """Base of middleware that runs natively under both WSGI and ASGI."""
@@ -99,7 +103,8 @@ class RequestLogMiddleware(HybridMiddleware):
     def _record(self, request, response, started):
         match = getattr(request, "resolver_match", None)
         endpoint = (match.url_name or match.route) if match else "unmatched"
-        http_requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        method = request.method if request.method in METRIC_METHODS else "other"
+        http_requests.labels(endpoint, method, str(response.status_code)).inc()
         if not request.path.startswith(("/v1/", "/ws/")):
             return
         auth = getattr(request, "auth", None)

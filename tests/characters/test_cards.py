@@ -399,3 +399,39 @@ def test_admin_export_button_and_actions(staff_client):
                                           "_selected_action": list(Character.objects.values_list("pk", flat=True))})
     assert both["Content-Type"] == "application/zip"
     assert sorted(zipfile.ZipFile(io.BytesIO(both.content)).namelist()) == ["ada-quint.json", "tom.json"]
+
+
+HOSTILE_JSON = [
+    "[" * 100_000,  # nested past the stack
+    '{"name": "a", "description": "x", "n": ' + "9" * 5000 + "}",  # an integer Python refuses to read
+    '{"name": "a", "description": "x", "character_book": {"scan_depth": 1e400, "entries": []}}',  # inf
+    '{"name": "a", "description": "x", "character_book": {"entries": [{"keys": ["k"], "content": "c", '
+    '"priority": Infinity}]}}',
+    '{"name": "a\\ud800", "description": "x"}',  # a lone surrogate no database encodes
+    '{"name": "a", "description": "x\\u0000"}',  # NUL: PostgreSQL's text refuses it
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_JSON, ids=["deep", "long-int", "inf", "Infinity", "surrogate", "nul"])
+def test_hostile_card_json_is_refused_as_a_bad_file_not_a_crash(text):
+    """Each of these was a server error (RecursionError, ValueError, OverflowError, a database error)."""
+    with pytest.raises(CardError):
+        card_read(text.encode(), max_bytes=10_000_000)
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("chara", base64.b64encode(text.encode()).decode())
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG", pnginfo=chunk)
+    with pytest.raises(CardError):
+        card_read(png.getvalue(), max_bytes=10_000_000)
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000, '{"entries": {"0": {"uid": Infinity, "key": ["k"], "content": "c"}}}',
+    '{"entries": {"0": {"uid": 0, "key": ["k"], "content": "c", "depth": NaN}}}',
+    '{"entries": {"0": {"uid": 0, "key": ["k"], "content": "c", "comment": "\\ud800"}}}',
+])
+def test_hostile_world_info_json_is_refused_as_a_bad_file_not_a_crash(text):
+    from characters.world_info_format import WorldInfoError, world_info_read
+
+    with pytest.raises(WorldInfoError):
+        world_info_read(text.encode(), max_entries=100)

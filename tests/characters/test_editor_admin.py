@@ -14,7 +14,8 @@ from .test_cards import V2_JSON, V2_PNG
 
 pytestmark = pytest.mark.django_db
 
-EDITOR_MODELS = {("characters", "systemprompt"), ("characters", "character"), ("scenarios", "scenario")}
+EDITOR_MODELS = {("characters", "systemprompt"), ("characters", "character"), ("scenarios", "scenario"),
+                 ("characters", "charactergroup"), ("characters", "groupmember")}
 
 
 def form_data(response, **changes) -> dict:
@@ -103,3 +104,39 @@ def test_an_editor_sees_no_conversations_and_no_keys(editor_client):
         except Exception:  # not registered in the admin at all
             continue
         assert editor_client.get(url).status_code == 403, name
+
+
+def test_an_editor_manages_character_groups(editor_client):
+    make_character("mira")
+    assert editor_client.get(reverse("admin:characters_charactergroup_changelist")).status_code == 200
+    assert editor_client.get(reverse("admin:characters_charactergroup_add")).status_code == 200
+
+
+def _picture(width: int, height: int, kind: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("name", "content", "accepted"), [
+    ("face.png", _picture(64, 64), True),
+    ("face.gif", _picture(64, 64, "GIF") + b"<html><script>alert(1)</script>", True),
+    ("face.pdf", _picture(64, 64, "GIF") + b"<html><script>alert(1)</script>", False),  # a picture served as PDF
+    ("huge.png", _picture(9000, 9000), False),  # 10 KB of file, 81 million pixels for every visitor to decode
+])
+def test_an_avatar_is_a_picture_of_a_kind_and_size_browsers_show(editor_client, tmp_path, settings, name, content,
+                                                                   accepted):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    settings.MEDIA_ROOT = str(tmp_path)
+    mira = make_character("mira")
+    change = reverse("admin:characters_character_change", args=[mira.pk])
+    data = form_data(editor_client.get(change))
+    data["avatar"] = SimpleUploadedFile(name, content)
+    response = editor_client.post(change, data)
+    mira.refresh_from_db()
+    assert (response.status_code == 302) is accepted and bool(mira.avatar) is accepted

@@ -97,6 +97,16 @@ def test_metrics_count_completions_tokens_and_cache(api):
     assert ("llmsite_jobs", (("state", "done"),)) in after
 
 
+def test_a_made_up_method_adds_no_series_of_its_own(settings):
+    """Anyone may send any method name; each would otherwise add series that live as long as the process."""
+    settings.METRICS_TOKEN = ""
+    client = APIClient()
+    for name in ("ZZMETHOD1", "ZZMETHOD2"):
+        assert client.generic(name, "/health").status_code == 405
+    text = client.get("/metrics").content.decode()
+    assert "ZZMETHOD" not in text and 'method="other",status="405"' in text
+
+
 def test_metrics_can_require_a_token(settings):
     settings.METRICS_TOKEN = "scrape-secret"
     assert APIClient().get("/metrics").status_code == 401

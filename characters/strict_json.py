@@ -1,0 +1,60 @@
+"""JSON as imported files must be: finite numbers, no lone surrogates or NUL characters, bounded nesting.
+
+Python's json reads NaN, Infinity and 1e400 (as inf) and 5,000-digit integers, nests as deep as the stack
+goes, and decodes "\\ud800" and "\\u0000": each later failed as a server error (int(inf), a sort, the
+database's text encoding) instead of telling the editor what is wrong with the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+class StrictJSONError(ValueError):
+    """Why the text is not importable JSON, in words for the person who chose the file."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise StrictJSONError(f"the number {text[:20]} is too large")
+    return value
+
+
+def _no_constant(name: str):
+    raise StrictJSONError(f"{name}, which JSON does not allow")
+
+
+def strict_json_loads(text: str | bytes):
+    try:
+        value = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except StrictJSONError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise StrictJSONError(f"{exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise StrictJSONError("it is nested too deeply") from None
+    except ValueError:  # an integer of thousands of digits
+        raise StrictJSONError("a number is too long") from None
+    _check_text(value)
+    return value
+
+
+def _check_text(value) -> None:
+    """Every string (keys too) encodable and free of NUL; iterative, so depth costs no stack."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise StrictJSONError("a NUL character, which text fields cannot hold")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StrictJSONError("an invalid Unicode escape (a lone surrogate)") from None
