@@ -23,7 +23,7 @@ from chat.trees.operations import (message_delete, message_edit, message_select,
                                    reply_stop, running_reply_of)
 from chat.trees.running import CANCEL, KEEP, error_event, reply_run_of
 
-from .serializers import MessageSerializer, StopField
+from .serializers import FiniteFloatField, MessageSerializer, StopField
 from .sse import sse, sse_response
 from .views import api_key_of
 
@@ -41,8 +41,8 @@ class ReplyRequestSerializer(serializers.Serializer):
     """How to generate: a subset of the chat completion's sampling fields, plus streaming and disconnects."""
 
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
-    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0.01, max_value=1)
+    temperature = FiniteFloatField(required=False, allow_null=True, min_value=0, max_value=2)
+    top_p = FiniteFloatField(required=False, allow_null=True, min_value=0.01, max_value=1)
     seed = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=2**32 - 1)
     stop = StopField(required=False, allow_null=True)
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)

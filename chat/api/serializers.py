@@ -1,5 +1,7 @@
 """Request and response shapes of the OpenAI-compatible API (validation only; no logic)."""
 
+import math
+
 from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -59,6 +61,17 @@ class ChatMessageSerializer(serializers.Serializer):
                 raise serializers.ValidationError({"content": "This field is required."})
             attrs["content"] = ""
         return attrs
+
+
+class FiniteFloatField(serializers.FloatField):
+    """A float that is a number: DRF's FloatField reads the string "nan" (and "inf"), and NaN passes every
+    min/max check."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if not math.isfinite(value):
+            self.fail("invalid")
+        return value
 
 
 @extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]})
@@ -125,12 +138,12 @@ class ResponseFormatSerializer(serializers.Serializer):
 class SamplingFieldsMixin(serializers.Serializer):
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
-    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)  # > 0: validate_top_p
+    temperature = FiniteFloatField(required=False, allow_null=True, min_value=0, max_value=2)
+    top_p = FiniteFloatField(required=False, allow_null=True, min_value=0, max_value=1)  # > 0: validate_top_p
     top_k = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=1000)
-    repetition_penalty = serializers.FloatField(required=False, allow_null=True, min_value=0.5, max_value=2)
-    presence_penalty = serializers.FloatField(required=False, allow_null=True, min_value=-2, max_value=2)
-    frequency_penalty = serializers.FloatField(required=False, allow_null=True, min_value=-2, max_value=2)
+    repetition_penalty = FiniteFloatField(required=False, allow_null=True, min_value=0.5, max_value=2)
+    presence_penalty = FiniteFloatField(required=False, allow_null=True, min_value=-2, max_value=2)
+    frequency_penalty = FiniteFloatField(required=False, allow_null=True, min_value=-2, max_value=2)
     seed = serializers.IntegerField(required=False, allow_null=True, min_value=-(2**63), max_value=2**64 - 1)
     stop = StopField(required=False, allow_null=True)
     logit_bias = LogitBiasField(required=False, allow_null=True,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from .errors import InvalidRequest
 from .logprobs import MAX_TOP_LOGPROBS
@@ -16,6 +17,7 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 
 # Types a model's weights may be re-quantized to at load (`weights`): llama.cpp's 32-value block types, which need
 # no importance matrix and fit every tensor width a GGUF model uses.
+MAX_PARALLEL = 256  # llama.cpp's most sequences per context (LLAMA_MAX_SEQ); a decode step's rows stay under a batch
 WEIGHT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f16", "bf16")
 
 
@@ -78,8 +80,8 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: backend must be one of {BACKENDS}, not {self.backend!r}")
         if self.context_length < 2:
             raise ValueError(f"model {self.name!r}: context_length must be at least 2")
-        if self.parallel < 1:
-            raise ValueError(f"model {self.name!r}: parallel must be at least 1")
+        if not 1 <= self.parallel <= MAX_PARALLEL:
+            raise ValueError(f"model {self.name!r}: parallel must be from 1 to {MAX_PARALLEL}")
         if min(self.prefill_step_ms, self.prefill_min_tokens, self.max_queue, self.queue_timeout) < 0:
             raise ValueError(f"model {self.name!r}: prefill and queue settings cannot be negative")
         if self.prefix_cache_mb < 0 or self.threads < 0:
@@ -126,6 +128,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        for field in fields(self):  # NaN passes every range check, and a NaN temperature broke the grammar guard
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequest(f"{field.name} must be a finite number.", param=field.name)
         if self.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1.")
         if not 0.0 < self.top_p <= 1.0:
@@ -137,7 +143,7 @@ class SamplingParams:
         if any(not stop for stop in self.stop):
             raise InvalidRequest("stop strings cannot be empty.")
         object.__setattr__(self, "logit_bias", tuple((int(token), float(bias)) for token, bias in self.logit_bias))
-        if any(token < 0 or not -100.0 <= bias <= 100.0 for token, bias in self.logit_bias):
+        if any(token < 0 or not -100.0 <= bias <= 100.0 for token, bias in self.logit_bias):  # (NaN fails too)
             raise InvalidRequest("logit_bias maps token ids (>= 0) to biases from -100 to 100.")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}.")

@@ -21,6 +21,9 @@ import numpy as np
 from ..errors import InvalidRequest
 
 
+SHORTLIST = 512  # candidates a rejected token's resampling filters first (_sample_allowed)
+
+
 class GrammarDeadEnd(InvalidRequest):
     """The grammar allows none of the model's tokens here (e.g. a character no token can spell)."""
 
@@ -39,6 +42,8 @@ class ConstrainedSampler:
         self._view = np.frombuffer(self._candidates, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._one = (llama.llama_token_data * 1)()
+        self._short_buffer = (llama.llama_token_data * SHORTLIST)()
+        self._short = np.frombuffer(self._short_buffer, dtype=self._view.dtype)
 
     def sample(self, *, context, index: int, chain, grammar) -> int:
         """Sample batch row `index` with `chain` (no grammar in it) under `grammar`; both accept the token."""
@@ -47,16 +52,47 @@ class ConstrainedSampler:
         llama.llama_sampler_apply(chain, ctypes.byref(candidates))
         token = candidates.data[candidates.selected].id
         if not self._allowed(grammar, token):
-            candidates = self._fill(context, index)
-            llama.llama_sampler_apply(grammar, ctypes.byref(candidates))
-            llama.llama_sampler_apply(chain, ctypes.byref(candidates))
-            chosen = candidates.data[candidates.selected] if candidates.selected >= 0 else None
-            if chosen is None or chosen.logit == -math.inf:  # the grammar rejected every candidate
-                raise GrammarDeadEnd()
-            token = chosen.id
+            token = self._sample_allowed(context, index, chain, grammar)
         llama.llama_sampler_accept(grammar, token)
         llama.llama_sampler_accept(chain, token)
         return token
+
+    def _sample_allowed(self, context, index: int, chain, grammar) -> int:
+        """Sample among the tokens the grammar allows: first among the SHORTLIST most likely ones, the whole
+        vocabulary only when the grammar allows none of those. Filtering costs candidates × the grammar's open
+        alternatives: with a 60,000-value enum, one filter of the whole vocabulary held the scheduler thread
+        (every stream) for seconds. Tokens outside the shortlist are left out only when a more likely token is
+        allowed; sampling's top-k/top-p would cut nearly all of them anyway."""
+        llama = self._llama
+        candidates = self._fill(context, index)
+        if self._n_vocab > SHORTLIST:
+            best = np.argpartition(self._view["logit"], self._n_vocab - SHORTLIST)[self._n_vocab - SHORTLIST:]
+            self._short[:] = self._view[best]
+            shortlist = llama.llama_token_data_array(
+                data=ctypes.cast(self._short_buffer, ctypes.POINTER(llama.llama_token_data)), size=SHORTLIST,
+                selected=-1, sorted=False)
+            llama.llama_sampler_apply(grammar, ctypes.byref(shortlist))
+            token = self._pick(shortlist, chain, grammar) if np.isfinite(self._short["logit"]).any() else None
+            if token is not None:
+                return token
+            candidates = self._fill(context, index)
+        llama.llama_sampler_apply(grammar, ctypes.byref(candidates))
+        token = self._pick(candidates, chain, grammar)
+        if token is None:
+            raise GrammarDeadEnd()  # the grammar allows none of the model's tokens here
+        return token
+
+    def _pick(self, candidates, chain, grammar) -> int | None:
+        """The chain's choice among the filtered candidates; None when it chose a token no one may write (all
+        were rejected by the grammar or banned by logit_bias)."""
+        self._llama.llama_sampler_apply(chain, ctypes.byref(candidates))
+        if candidates.selected < 0:
+            return None
+        chosen = candidates.data[candidates.selected]
+        # The grammar is asked again, not inferred from the logit: a token it rejects must never be accepted.
+        if chosen.logit == -math.inf or not self._allowed(grammar, chosen.id):
+            return None
+        return chosen.id
 
     def _fill(self, context, index: int):
         logits = self._llama.llama_get_logits_ith(context, index)

@@ -800,8 +800,15 @@ class LlamaCppBackend(Backend):
         if call:
             calls.append(call)
         calls += lone
-        if small:
-            calls.append(sorted(small, key=lambda item: item[0].backend_state.slot.seq_id))
+        call, rows = [], 0
+        for seq, size in sorted(small, key=lambda item: item[0].backend_state.slot.seq_id):
+            if rows + size > BATCH_TOKENS:  # more than 8 short prompts at once (parallel above 8): another call
+                calls.append(call)
+                call, rows = [], 0
+            call.append((seq, size))
+            rows += size
+        if call:
+            calls.append(call)
         return calls
 
     def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int) -> list[tuple[Sequence, int]]:
@@ -895,6 +902,9 @@ class LlamaCppBackend(Backend):
     def _decode_batch(self, planned: list[tuple[Sequence, int]]) -> int:
         batch, n = self._batch, 0
         throwaway = self._throwaway_slots(planned)
+        total = len(throwaway) + sum(size + self._padding(seq.backend_state, size) for seq, size in planned)
+        if total > BATCH_TOKENS:  # the batch's arrays hold BATCH_TOKENS rows: never write past them
+            raise RuntimeError(f"a decode call of {total} rows planned; at most {BATCH_TOKENS}")
         rows = sorted([(seq.backend_state.slot.seq_id, seq, size) for seq, size in planned] +
                       [(slot.seq_id, None, 1) for slot in throwaway], key=lambda row: row[0])
         for slot_id, seq, size in rows:  # in increasing slot order: one pass

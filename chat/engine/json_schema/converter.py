@@ -28,6 +28,9 @@ MAX_GRAMMAR_CHARS = 1_000_000
 MAX_VISITS = 20_000  # bounds the work one request's schema can cause
 MAX_DEPTH = 48
 MAX_BRANCHES = 64
+# Every listed value is an open alternative of the grammar until the reply tells them apart, and the sampler's
+# work per filtered token grows with them (60,000 values: seconds on the thread every stream shares).
+MAX_ENUM_VALUES = 1000
 UNBOUNDED_BEYOND = 10 ** 16  # unbounded numbers are written with at most 16 integer digits
 MAX_REPEAT = 2000  # a larger maxLength / maxItems is lowered to it (fewer is still valid); a larger minimum refused
 # The schema's own regular expressions run against its own values (enum, const, property names) in a budget:
@@ -530,6 +533,9 @@ class Converter:
     # -- values -----------------------------------------------------------------------------
 
     def values(self, values: list, schema: dict, keyword: str, path: str) -> str:
+        if len(values) > MAX_ENUM_VALUES:
+            raise SchemaNotConvertible(f"'{keyword}' lists {len(values):,} values; at most {MAX_ENUM_VALUES:,} are "
+                                       "supported", keyword=keyword, path=_pointer(path, keyword))
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
         kept = [v for v in values if self.fits(v, rest)]
         if not kept:

@@ -51,6 +51,11 @@ def post_raw(client, body: bytes):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12}, "max_tokens", "at most"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens", None),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", None),
+    # NaN passes every range check (and aborted the process under a grammar): DRF's FloatField reads "nan"
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "nan",
+      "response_format": {"type": "json_object"}}, "temperature", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": "NaN"}, "repetition_penalty", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": "-inf"}, "presence_penalty", None),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n", "less than or equal to 8"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, "stop", None),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),

@@ -234,29 +234,46 @@ def test_characters_built_from_byte_tokens_arrive_whole(registry):
 
 @pytest.mark.smollm2
 def test_grammar_sampling_checks_the_free_choice_first_and_matches_full_filtering(smollm2, monkeypatch):
-    """A grammar's token is sampled freely and checked alone; the greedy reply equals filtering every candidate."""
+    """A grammar's token is sampled freely and checked alone; when rejected, the shortlist of the most likely
+    tokens is filtered first. The greedy reply equals filtering every candidate of the vocabulary at every step."""
+    from chat.engine.backends import constrained
     from chat.engine.backends.constrained import ConstrainedSampler
     from chat.engine.grammars import json_object_grammar
 
     prompt = smollm2.render_chat([{"role": "user", "content": "Describe a pirate ship as a JSON object."}])
     params = SamplingParams(max_tokens=48, temperature=0, grammar=json_object_grammar())
-    verdicts = []
-    allowed = ConstrainedSampler._allowed
+    verdicts, resamples = [], []
+    allowed, sample_allowed = ConstrainedSampler._allowed, ConstrainedSampler._sample_allowed
 
     def recording(self, grammar, token):
         verdicts.append(allowed(self, grammar, token))
         return verdicts[-1]
 
+    def counted(self, *args):
+        resamples.append(1)
+        return sample_allowed(self, *args)
+
     # Both compared runs reuse the prompt's cached prefix: a cold evaluation splits the prompt otherwise, and on some
     # CPUs (AVX-512 without AMX, measured) that moves near-tied logits enough to flip a greedy choice.
     smollm2.generate(prompt, params)
     monkeypatch.setattr(ConstrainedSampler, "_allowed", recording)
+    monkeypatch.setattr(ConstrainedSampler, "_sample_allowed", counted)
     checked_first = smollm2.generate(prompt, params)
     assert checked_first.text.lstrip().startswith("{")
     sampled = checked_first.completion_tokens + (checked_first.finish_reason == "stop")  # the end token is checked too
-    assert len(verdicts) == sampled and sum(verdicts) > len(verdicts) / 2  # mostly no filtering
-    monkeypatch.setattr(ConstrainedSampler, "_allowed", lambda self, grammar, token: False)  # filter every step
-    assert smollm2.generate(prompt, params).text == checked_first.text
+    assert len(verdicts) == sampled + len(resamples)  # each token checked once, a resampled one once more
+    assert len(resamples) == verdicts.count(False) and len(resamples) < sampled / 2  # mostly no filtering
+
+    def always_filtered(self, *, context, index, chain, grammar):
+        token = sample_allowed(self, context, index, chain, grammar)
+        self._llama.llama_sampler_accept(grammar, token)
+        self._llama.llama_sampler_accept(chain, token)
+        return token
+
+    monkeypatch.setattr(ConstrainedSampler, "sample", always_filtered)
+    assert smollm2.generate(prompt, params).text == checked_first.text  # the shortlist at every step
+    monkeypatch.setattr(constrained, "SHORTLIST", 10**9)
+    assert smollm2.generate(prompt, params).text == checked_first.text  # the whole vocabulary at every step
 
 
 async def test_a_quiet_generation_yields_keep_alives_from_one_timer_and_no_task_per_delta():

@@ -224,3 +224,14 @@ def test_a_keyword_with_a_value_of_the_wrong_type_is_refused_not_a_crash(schema)
     with pytest.raises(SchemaNotConvertible) as raised:
         json_schema_grammar(schema)
     assert "wrong type" in str(raised.value)
+
+
+def test_an_enum_of_thousands_of_values_is_refused():
+    """Each value is an open alternative of the grammar while the reply is written: 60,000 of them held the
+    scheduler's thread (every stream) for seconds per filtered token."""
+    from chat.engine.json_schema.converter import MAX_ENUM_VALUES
+
+    json_schema_grammar({"enum": [f"{n:05}" for n in range(MAX_ENUM_VALUES)]})
+    with pytest.raises(SchemaNotConvertible) as raised:
+        json_schema_grammar({"enum": [f"{n:05}" for n in range(60_000)]})
+    assert raised.value.keyword == "enum" and "60,000 values" in str(raised.value)

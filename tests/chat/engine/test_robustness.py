@@ -378,3 +378,45 @@ def test_stats_count_active_sequences_per_owner(own_engine, endless_gguf):
             generation.cancel()
         for generation in running:
             list(generation)
+
+
+def test_more_short_prompts_at_once_than_one_call_holds_all_complete(tiny_gguf):
+    """With parallel above 8, the short last chunks of prompts admitted together exceeded the batch's 512 rows:
+    the decode wrote past its arrays and every running sequence failed."""
+    result = run_scenario("""
+        registry.close()
+        registry = ModelRegistry([ModelSpec("wide", sys.argv[1], context_length=128 * 12, parallel=12)])
+        engine = registry.get()
+        prompts = []
+        for i in range(12):  # 48-63 tokens each: 12 short last chunks are over 512 rows together
+            prompt = f"q{i}"
+            while len(engine.tokenize(prompt)) < 48:
+                prompt += " w"
+            prompts.append(prompt)
+        assert all(48 <= len(engine.tokenize(p)) < 64 for p in prompts), [len(engine.tokenize(p)) for p in prompts]
+        running = [engine.submit(p, SamplingParams(max_tokens=4, temperature=0)) for p in prompts]
+        for generation in running:
+            "".join(generation)  # iterating to the end raises the error a failed sequence got
+        print("done:", sorted({generation.result.finish_reason for generation in running}))
+        registry.close()
+    """, tiny_gguf)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() in ("done: ['length']", "done: ['length', 'stop']", "done: ['stop']")
+
+
+def test_a_parallel_above_llama_cpps_sequence_limit_is_a_config_error():
+    with pytest.raises(ValueError, match="parallel must be from 1 to 256"):
+        ModelSpec("wide", "model.gguf", parallel=257)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty", "presence_penalty",
+                                   "frequency_penalty"])
+def test_a_sampling_value_that_is_not_a_number_is_refused(field):
+    """A NaN temperature divided the grammar's -inf logits into NaN, the guard let a rejected token through,
+    and llama.cpp's grammar threw through ctypes: the process aborted."""
+    from chat.engine import InvalidRequest
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(InvalidRequest) as raised:
+            SamplingParams(max_tokens=4, **{field: value})
+        assert raised.value.param == field
