@@ -93,7 +93,7 @@ print(repr(cache.get("k")))
         ("system_prompt: hi\nmodel_path: m.gguf\nbackend: vllm\n", "backend must be one of llama_cpp, ctransformers"),
         ("system_prompt: hi\nmodel_path: m.gguf\nsampling: {temprature: 1}\n", "unknown sampling option 'temprature'"),
         # Refused by the engine's own ModelSpec, still at start-up and in one line.
-        ("system_prompt: hi\nmodel_path: m.gguf\nparallel: 0\n", "model 'm': parallel must be at least 1"),
+        ("system_prompt: hi\nmodel_path: m.gguf\nparallel: 0\n", "model 'm': parallel must be from 1 to 256"),
         # Two stores in one folder would remove each other's files as foreign.
         ("system_prompt: hi\nmodel_path: m.gguf\nstate_dir: var/kv\nmodels:\n  - {name: n, model_path: n.gguf, "
          "state_dir: var/kv}\n", "each model needs a state_dir of its own"),
