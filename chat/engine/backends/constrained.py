@@ -3,8 +3,10 @@
 A grammar sampler checks each candidate against the grammar's state: on the full vocabulary
 (49,152 tokens for SmolLM2) that halves decode speed. As llama.cpp's own common sampler does, the
 token is first sampled without the grammar and then checked alone; only when the grammar rejects
-it are all candidates filtered and the token sampled again. For greedy decoding the result is the
-same token whenever the unconstrained choice is allowed (nearly always, once a reply is under way).
+it are candidates filtered and the token sampled again: the SHORTLIST most likely ones first, the
+whole vocabulary only when the grammar allows none of them (a filter's cost grows with the grammar's
+open alternatives; on the whole vocabulary a large enum held the scheduler thread for seconds). For
+greedy decoding the result is the token whole-vocabulary filtering gives (tested).
 
 A token the grammar rejects is never passed to llama_sampler_accept: llama.cpp throws a C++
 exception there (or aborts, for an end-of-generation token), which through ctypes ends the process.
