@@ -24,6 +24,7 @@ from characters.models import ContentRevision
 
 from .engine import Completion
 from .metrics import response_cache as response_cache_lookups
+from .selectors import user_display_name
 from .tenancy.owners import owner_label
 
 logger = logging.getLogger("llmsite.cache")
@@ -71,7 +72,8 @@ def cache_key(plan) -> str | None:
                            # Client text that mimics the template's markup is another prompt (docs/PROMPTS.md).
                            "markup": getattr(plan.prompt.text, "markup_offsets", None),
                            "params": dataclasses.asdict(plan.params), "content": content_version(plan),
-                           "config": config_fingerprint(), "scope": caller_scope(plan.user)},
+                           "config": config_fingerprint(), "scope": caller_scope(plan.user),
+                           "end_user": plan.end_user},  # one end user's replies are not served to another
                           sort_keys=True, default=str)
     return "reply:" + hashlib.sha256(material.encode()).hexdigest()
 
@@ -115,7 +117,9 @@ def request_cache_key(data: dict, *, allowed: bool, user=None) -> str | None:
         return None
     fields = {key: value for key, value in data.items() if key not in REQUEST_FIELDS_IGNORED}
     material = json.dumps({"request": fields, "content": content_revision(), "config": config_fingerprint(),
-                           "scope": caller_scope(user)}, sort_keys=True, default=str)
+                           "scope": caller_scope(user),
+                           # {{user}} in a prompt is the caller's display name: renamed, another prompt.
+                           "name": user_display_name(user)}, sort_keys=True, default=str)
     return "request:" + hashlib.sha256(material.encode()).hexdigest()
 
 

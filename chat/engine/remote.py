@@ -756,7 +756,10 @@ class RemoteEngine(EngineProtocol):
         completion = Completion(text=text, finish_reason=reason,
                                 prompt_tokens=int(usage.get("prompt_tokens") or request.prompt_tokens),
                                 completion_tokens=int(usage.get("completion_tokens") or pieces),
-                                cached_prompt_tokens=cached,
+                                # Not passed on: an upstream reuses its cache token by token whoever sent the
+                                # prompt, so its count would tell one tenant another's prompt, a guessed token
+                                # at a time. It stays in the metrics (below).
+                                cached_prompt_tokens=0,
                                 logprobs=tuple(request.logprobs) if request.body.get("logprobs") else None)
         with self._lock:
             self._counters["tokens_generated"] += completion.completion_tokens

@@ -119,3 +119,13 @@ def test_streamed_logprobs_come_back_from_the_upstream(pool):
     entries = [entry for c in chunks if c.choices[0].logprobs for entry in c.choices[0].logprobs.content or []]
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert entries and "".join(entry.token for entry in entries) == text
+
+
+def test_the_upstreams_cached_tokens_are_not_passed_on(pool):
+    """llama-server reuses its slot's cache token by token whoever sent the prompt: its count, passed on, told
+    one tenant another's prompt a guessed token at a time. The same prompt twice: the upstream reused it."""
+    ask = dict(messages=[{"role": "user", "content": "My code is 4 7 1 1. Repeat it."}], max_tokens=2)
+    for _ in range(2):
+        usage = create(pool, **ask).usage
+        assert usage.prompt_tokens > 10
+        assert usage.prompt_tokens_details is None or not usage.prompt_tokens_details.cached_tokens

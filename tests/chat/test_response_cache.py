@@ -108,3 +108,24 @@ def test_the_request_key_follows_the_config_the_caller_and_the_content(settings,
     assert content_revision() == before + 1
     assert request_cache_key(data, allowed=True, user=ann) != key
     assert request_cache_key(data, allowed=False, user=ann) is None
+    key = request_cache_key(data, allowed=True, user=ann)
+    ann.first_name = "Annabel"  # {{user}} in a prompt: renamed, another prompt
+    assert request_cache_key(data, allowed=True, user=ann) != key
+
+
+def test_the_plan_key_follows_the_end_user(django_user_model):
+    """One end user's replies are not served to another (docs/API.md), also for stored or character requests,
+    which take the plan's key."""
+    import types
+
+    from chat.engine import SamplingParams
+    from chat.response_cache import cache_key
+
+    owner = django_user_model.objects.create(username="tenant")
+
+    def plan(end_user):
+        return types.SimpleNamespace(cache_allowed=True, params=SamplingParams(max_tokens=8, temperature=0),
+                                     model_name="m", prompt=types.SimpleNamespace(text="hello", scenarios=[]),
+                                     character=None, user=owner, end_user=end_user)
+
+    assert cache_key(plan("end-user-a")) == cache_key(plan("end-user-a")) != cache_key(plan("end-user-b"))
