@@ -66,14 +66,34 @@ class ComposedPrompt:
 
     @property
     def scenarios_used(self) -> list[dict]:
-        """The inserted scenarios as replies report them: id, title and why, in rank order."""
-        return [{"id": scenario.pk, "title": scenario.title, "reason": reason}
+        """The inserted scenarios as replies report them to clients: id, title and why, in rank order. The why
+        is told from how each fired, not from the editors' reason (the admin preview's), which quotes words of
+        other entries' hidden text (recursion), keys nobody typed (secondary keys) and regular expressions."""
+        by_scenario = {match.scenario.pk: match for match in self.matches}
+        return [{"id": scenario.pk, "title": scenario.title,
+                 "reason": client_reason(by_scenario[scenario.pk]) if scenario.pk in by_scenario else reason}
                 for scenario, reason in self.explained_scenarios]
 
     @property
     def available_tokens(self) -> int:
         """Room the prompt may use: the context minus the reply."""
         return self.context_length - self.max_tokens
+
+
+CLIENT_TRIGGERS = {"constant": "always on", "keyword": "a keyword in the conversation", "sticky": "sticky",
+                   "relevance": "text relevance", "forced": "forced"}
+
+
+def client_reason(match) -> str:
+    """Why a scenario fired, in what a client may know: the trigger, the entry that fired it (its title is
+    listed too), a probability roll, an inclusion group."""
+    reason = (f"recursion from '{match.recursion_from}'" if match.trigger == "recursion"
+              else CLIENT_TRIGGERS.get(match.trigger, "triggered"))
+    if match.roll is not None:
+        reason += f", probability roll {match.roll:.0f} < {match.scenario.probability}"
+    if match.group:
+        reason += f", won inclusion group '{match.group}'"
+    return reason
 
 
 def world_info_inputs(conversation_id, *, path, message_count: int) -> dict:

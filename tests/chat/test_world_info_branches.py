@@ -116,3 +116,20 @@ def test_a_chat_that_is_not_stored_rolls_by_the_requests_seed(lore):
         assert response.status_code == 200, response.content
         reasons.add(response.json()["scenarios"][0]["reason"])
     assert len(reasons) == 1 and not Conversation.objects.exists()
+
+
+def test_the_reasons_a_client_reads_quote_no_hidden_text(lore):
+    """The editors' reasons quote the words of another entry's hidden text that fired a recursion, and
+    secondary keys nobody typed; a client is told only how each entry fired."""
+    from scenarios.models import Scenario
+
+    make_scenario("Vault", character=lore, keywords="dragon", content="The vault code is swordfish.")
+    make_scenario("Fish", character=lore, keywords="swordfish", content="Fish lore.")
+    make_scenario("Gems", character=lore, keywords="dragon", secondary_keywords="emerald, ruby",
+                  selective_logic=Scenario.SelectiveLogic.NOT_ALL, content="Gem lore.")
+    client = make_api_client("alice")
+    scenarios = {s["title"]: s["reason"] for s in say(client, "Tell me about the dragon.")["scenarios"]}
+    assert set(scenarios) == {"Vault", "Fish", "Gems"}, scenarios
+    assert scenarios["Fish"] == "recursion from 'Vault'" and scenarios["Vault"] == "a keyword in the conversation"
+    text = " ".join(scenarios.values())
+    assert not any(word in text for word in ("swordfish", "emerald", "ruby", "dragon")), scenarios
