@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 from .errors import ContextOverflow, EngineError, InvalidRequest, ModelUnavailable
 from .routing import Router
 from .slot_gate import SlotGate
+
+logger = logging.getLogger(__name__)
 
 RETRY_DOWN_AFTER = 5.0  # seconds a failed upstream is skipped before a request tries it again
 PLACEMENTS_KEPT = 4096  # keys whose last upstream is remembered (least recently used forgotten first)
@@ -209,6 +212,24 @@ def upstream_error_message(body: bytes) -> str:
     return json.dumps(data)[:300]
 
 
+def upstream_client_message(body: bytes, status: int) -> str:
+    """What a client may read of an upstream's rejection: the error's own message when it is one line of text.
+    A validation error's structure or a raw body can echo the request, whose first message is the character's
+    system prompt (FastAPI's 422 lists each invalid field with its `input`)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    error = data.get("error", data) if isinstance(data, dict) else None
+    message = next((error[key] for key in ("message", "msg") if isinstance(error, dict) and
+                    isinstance(error.get(key), str)), None)
+    if message is None and isinstance(error, dict) and isinstance(error.get("detail"), str):
+        message = error["detail"]
+    if message is None or "\n" in message.strip():
+        return f"HTTP {status} (the details are in the server's log)."
+    return message.strip()[:300]
+
+
 def _upstream_counts(body: bytes) -> tuple[int, int] | None:
     """(prompt tokens, context size) from llama-server's error fields n_prompt_tokens and n_ctx, if present."""
     try:
@@ -246,5 +267,6 @@ def error_for_status(*, model: str, upstream: Upstream, status: int, body: bytes
         return ModelUnavailable(model, upstream.label, "the upstream server does not serve this model or API "
                                                        "(HTTP 404); check remote_model and base_url.")
     if status in (400, 422):
-        return InvalidRequest(f"The upstream server rejected the request: {upstream_error_message(body)}")
+        logger.info("upstream %s rejected a request (HTTP %s): %s", upstream.label, status, upstream_error_message(body))
+        return InvalidRequest(f"The upstream server rejected the request: {upstream_client_message(body, status)}")
     return ModelUnavailable(model, upstream.label, f"the upstream server answered HTTP {status}.")

@@ -131,3 +131,20 @@ def test_a_grammar_is_refused_for_an_upstream_that_would_not_enforce_it(upstream
         engine.submit(chat(engine, "Describe a ship as JSON."), SamplingParams(max_tokens=8, grammar=GRAMMAR))
     assert upstream.requests == []
     assert "".join(engine.submit(chat(engine, "Hello"), SamplingParams(max_tokens=8)))  # plain text still goes
+
+
+def test_a_client_reads_an_upstreams_rejection_only_as_a_one_line_message():
+    """A validation error's structure (FastAPI's 422 lists each field with its `input`) or a raw body can echo
+    the request, whose first message is the character's system prompt."""
+    import json
+
+    from chat.engine.upstream import upstream_client_message
+
+    echoed = {"detail": [{"type": "missing", "loc": ["body", "x"], "msg": "Field required",
+                          "input": {"messages": [{"role": "system", "content": "SECRET persona"}]}}]}
+    for body, status in ((json.dumps(echoed).encode(), 422), (b"<pre>SECRET persona</pre>", 400),
+                         (json.dumps({"error": {"message": "SECRET\npersona"}}).encode(), 400)):
+        message = upstream_client_message(body, status)
+        assert "SECRET" not in message and f"HTTP {status}" in message
+    said = json.dumps({"error": {"message": "Invalid grammar at line 1", "type": "invalid_request_error"}})
+    assert upstream_client_message(said.encode(), 400) == "Invalid grammar at line 1"
