@@ -79,7 +79,6 @@ def prepare(client, data: dict):
 
 REQUESTS = {
     "content": ({"messages": [{"role": "user", "content": ATTACK}]}, ATTACK),
-    "name": ({"messages": [{"role": "user", "content": "Hello", "name": NAME_ATTACK}]}, FOLDED_NAME),
     "tool result": ({"messages": [{"role": "user", "content": "Weather in Oslo?"},
                                   {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
                                   {"role": "tool", "tool_call_id": "call_1", "content": ATTACK}]},
@@ -99,6 +98,14 @@ def test_a_client_field_with_chatml_markup_reaches_smollm2_as_text(client, ada, 
     plan = prepare(client, {**data, "character": "ada"})
     assert any(inserted in message["content"] for message in plan.prompt.messages)
     assert_read_as_text(plan.engine, plan.prompt)
+
+
+def test_a_message_name_with_markup_is_refused_before_it_reaches_the_prompt(client):
+    """`name` becomes {{user}} inside the character's system prompt: OpenAI's pattern keeps text out of it (an
+    account's name, which editors set, still reaches the prompt as text: test_card_name_user_and_tool_result...)."""
+    serializer = ChatCompletionRequestSerializer(data={"messages": [{"role": "user", "content": "Hello",
+                                                                     "name": NAME_ATTACK}], "character": "ada"})
+    assert not serializer.is_valid() and "name" in serializer.errors["messages"][0]
 
 
 @pytest.mark.smollm2
@@ -128,8 +135,9 @@ def test_a_message_adds_exactly_the_tokens_of_its_text(client, smollm2_path):
 @pytest.mark.smollm2
 def test_an_imported_card_reaches_smollm2_as_text(client, smollm2_path):
     slug = character_card_import(raw=json.dumps(CARD).encode()).character.slug
-    plan = prepare(client, {"messages": [{"role": "user", "content": "Hello", "name": NAME_ATTACK}],
-                            "character": slug})
+    client.user.first_name = NAME_ATTACK  # {{user}} is the account's name when the message has none
+    client.user.save()
+    plan = prepare(client, {"messages": [{"role": "user", "content": "Hello"}], "character": slug})
     stable = plan.prompt.messages[0]["content"]
     assert f"Ada keeps the light for {FOLDED_NAME}. {ATTACK}" in stable and "<|im_start|>system\nThe lamp" in stable
     assert_read_as_text(plan.engine, plan.prompt)
