@@ -24,8 +24,9 @@ stopped} or {"type": "error", "status", "error"}. Each generating message spends
 like an HTTP request and each reply is admitted under the sender's quotas (429 error event with
 retry_after); so does every other operation but new_conversation. Before each operation the socket's key or
 session is checked again (chat/api/ws_auth.py): no longer valid, the socket gets a 401 error event and is closed
-with 4401. Each socket's blocking work (database, prompt composition) runs in a thread of its own, as each HTTP
-request's does, so that one socket's slow operation never holds up another's. A frame over API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed. While the
+with 4401. Each operation's blocking work (database, prompt composition) runs in a thread of its own, as each
+HTTP request's does, so that one socket's slow operation never holds up another's. A frame over
+API_MAX_REQUEST_BYTES gets a 413 error event before it is parsed. While the
 instance drains (SIGTERM) a generating message gets a 503 error event, code "draining", and the socket is
 closed with 1012 (service restart): the client reconnects to another instance; running replies go on.
 
