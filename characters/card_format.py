@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from scenarios.keys import is_regex_key, split_keywords
 
-from .strict_json import StrictJSONError, strict_json_loads
+from llmsite.strict_json import StrictJSONError, strict_json_loads
 
 SPEC = "chara_card_v2"
 SPEC_VERSION = "2.0"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from scenarios.keys import split_keywords
 
 from .card_format import RESERVED, fit_keys, join_list, scan_depth_value, split_list
-from .strict_json import StrictJSONError, strict_json_loads
+from llmsite.strict_json import StrictJSONError, strict_json_loads
 
 # SillyTavern's numbered positions; 2 and 3 (the author's note) and 7 (outlet) have no place here and
 # insert after the profile (the number is kept for export).

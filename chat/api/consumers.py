@@ -38,7 +38,6 @@ chat/api/ws_auth.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections import Counter
@@ -53,6 +52,7 @@ from rest_framework.exceptions import AuthenticationFailed, Throttled, Validatio
 from chat.engines import DRAIN_RETRY_AFTER_SECONDS, is_draining
 from chat.errors import PayloadTooLarge, ServiceUnavailable, error_from_exception
 from chat.selectors import user_display_name
+from llmsite.strict_json import StrictJSONError, strict_json_loads
 from chat.trees.operations import (chat_reply_run, message_delete, message_edit, message_select, reply_continue,
                                    reply_regenerate, reply_stop, running_reply_of)
 from chat.trees.running import CANCEL, KEEP
@@ -72,10 +72,6 @@ OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATIO
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; a client reconnects (to another instance)
 CLOSE_TOO_MANY_CONNECTIONS = 4429
 _open_sockets: Counter = Counter()  # user pk -> sockets open in this process (the event loop's thread only)
-
-
-class LoneSurrogate(ValueError):
-    """A message whose JSON decodes to a lone surrogate (\\ud800): answered 400, like an HTTP body."""
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -174,20 +170,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             await super().receive(text_data=text_data, bytes_data=bytes_data, **kwargs)
-        except LoneSurrogate:
-            await self.send_error(ValidationError({"message": "the message holds an invalid Unicode escape (a lone "
-                                                              "surrogate)."}))
-        except ValueError:  # not JSON
+        except StrictJSONError as exc:  # read as strictly as an HTTP body
+            await self.send_error(ValidationError({"message": f"each message must be a JSON object; this one "
+                                                              f"is not valid JSON: {exc}."}))
+        except ValueError:  # a binary or empty frame
             await self.send_error(ValidationError({"message": "each message must be a JSON object."}))
 
     @classmethod
     async def decode_json(cls, text_data):
-        content = json.loads(text_data)
-        try:  # "\ud800"-style escapes decode to lone surrogates, which no tokenizer or database can encode
-            json.dumps(content, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise LoneSurrogate from None
-        return content
+        return strict_json_loads(text_data)
 
     # -- the operations ------------------------------------------------------------------------------
 

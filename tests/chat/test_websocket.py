@@ -134,7 +134,7 @@ async def test_session_login_works_and_bad_messages_get_error_events(django_user
     await comm.disconnect()
 
 
-async def test_a_malformed_conversation_id_or_a_lone_surrogate_gets_a_400_event(api_key):
+async def test_a_malformed_conversation_id_or_bad_json_gets_a_400_event(api_key):
     comm = communicator(headers=[ORIGIN, (b"authorization", f"Bearer {api_key}".encode())])
     assert (await comm.connect())[0]
     for message in ({"type": "select", "conversation": "not-a-uuid", "message": 1},
@@ -153,6 +153,13 @@ async def test_a_malformed_conversation_id_or_a_lone_surrogate_gets_a_400_event(
         await comm.send_to(text_data=raw)
         error = await comm.receive_json_from(timeout=30)
         assert (error["type"], error["status"]) == ("error", 400) and "surrogate" in error["error"]["message"]
+    # Read as strictly as an HTTP body: deep nesting (a RecursionError closed the socket), NaN, NUL.
+    for raw, says in (("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                      ('{"type": "message", "max_tokens": NaN, "content": "hi"}', "does not allow"),
+                      ('{"type": "message", "max_tokens": 2, "content": "a\\u0000b"}', "NUL")):
+        await comm.send_to(text_data=raw)
+        error = await comm.receive_json_from(timeout=30)
+        assert (error["type"], error["status"]) == ("error", 400) and says in error["error"]["message"], error
     assert await count() == before
     await comm.disconnect()
 

@@ -88,9 +88,13 @@ def test_invalid_fields_are_400_naming_the_field(client, payload, param, says):
     (b"\xff\xfe{}", "not valid UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     (b'{"messages": NaN}', "JSON does not allow"),
+    (b'{"messages": [], "max_tokens": 1e400}', "too large"),
+    (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", "too long"),  # Python's own message names sys.
+    (b'{"messages": [{"role": "user", "content": "a\\u0000b"}]}', "NUL"),  # no PostgreSQL text holds it
 ])
 def test_malformed_bodies_are_400(client, body, says):
-    assert_error(post_raw(client, body), 400, says=says)
+    error = assert_error(post_raw(client, body), 400, says=says)
+    assert "sys." not in error["message"] and "Exceeds" not in error["message"]
 
 
 def test_non_object_body_is_400(client):

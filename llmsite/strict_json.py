@@ -1,8 +1,9 @@
-"""JSON as imported files must be: finite numbers, no lone surrogates or NUL characters, bounded nesting.
+"""JSON as request bodies and imported files must be: finite numbers, no lone surrogates or NUL characters,
+bounded nesting.
 
 Python's json reads NaN, Infinity and 1e400 (as inf) and 5,000-digit integers, nests as deep as the stack
-goes, and decodes "\\ud800" and "\\u0000": each later failed as a server error (int(inf), a sort, the
-database's text encoding) instead of telling the editor what is wrong with the file.
+goes, and decodes "\\ud800" and "\\u0000": each later failed as a server error (int(inf), a sort, a
+tokenizer, the database's text encoding) instead of telling the sender what is wrong with the text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 
 class StrictJSONError(ValueError):
-    """Why the text is not importable JSON, in words for the person who chose the file."""
+    """Why the text is not acceptable JSON, in words for whoever sent it (no internal message)."""
 
 
 def _finite(text: str) -> float:
@@ -32,7 +33,7 @@ def strict_json_loads(text: str | bytes):
     except StrictJSONError:
         raise
     except json.JSONDecodeError as exc:
-        raise StrictJSONError(f"{exc.msg} at line {exc.lineno}") from None
+        raise StrictJSONError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise StrictJSONError("it is nested too deeply") from None
     except ValueError:  # an integer of thousands of digits
