@@ -630,16 +630,33 @@ class LlamaCppBackend(Backend):
         if slot.copy_pending and not self._apply_copies(slot):  # the copy would overwrite it, or carry it away
             return 0
         accepted = llama.llama_state_seq_set_data(self._context, entry.state, entry.size, slot.seq_id)
-        if accepted and llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1):
+        # llama.cpp takes a state with a cell at the largest position, which the trim below (end exclusive) keeps
+        # and every later decode of the slot fails on: the sequence must end where its prefix ends.
+        accepted = accepted and llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1) and (
+            llama.llama_memory_seq_pos_min(memory, slot.seq_id) == 0
+            and llama.llama_memory_seq_pos_max(memory, slot.seq_id) == length - 1)
+        if accepted:
             slot.kv_tokens = list(entry.tokens[:length])
             slot.exact = length
             return length
-        if not accepted and from_disk:  # a file this context cannot take would be read again and again
+        if from_disk:  # a file this context cannot take would be read again and again
             self._disk.discard(entry.tokens)
         logger.warning("could not restore a cached prefix of %d tokens; evaluating it again", length)
-        llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+        self._empty_sequence(slot)
         slot.kv_tokens, slot.exact = [], 0
         return 0
+
+    def _empty_sequence(self, slot: _Slot) -> None:
+        """Remove every cell of `slot`, even one at the largest position, which llama_memory_seq_rm cannot reach
+        (its end is exclusive): a whole-stream copy from another slot replaces the slot's cells, then they go."""
+        llama, memory = self._llama, self._memory
+        other = next((candidate for candidate in self._slots if candidate is not slot), None)
+        if other is None:  # one slot, one stream: clearing the memory clears only this slot
+            llama.llama_memory_clear(memory, True)
+            return
+        llama.llama_memory_seq_cp(memory, other.seq_id, slot.seq_id, -1, -1)
+        other.copy_pending = slot.copy_pending = True
+        llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
 
     def _save_to_cache(self, slot: _Slot, *, disk_wait: float = 0.0) -> None:
         tokens = slot.kv_tokens[: slot.exact]  # only whole chunks are ever reused

@@ -4,6 +4,8 @@ beside other conversations in memory, read outside the scheduler thread, dropped
 
 from __future__ import annotations
 
+import dataclasses
+import struct
 import threading
 import time
 
@@ -167,3 +169,31 @@ def test_a_conversation_whose_slot_is_reclaimed_is_written_to_disk_and_restored_
         registry.close()
     assert resumed > 6 * PROMPT_CHUNK
     assert evaluated <= PROMPT_CHUNK  # restored from the file, not evaluated again
+
+
+@pytest.mark.parametrize("parallel", [1, 3])  # one stream: the memory is cleared; more: the slot's own stream
+def test_a_state_with_a_cell_beyond_its_prefix_is_removed_not_kept_failing(tiny_gguf, tmp_path, parallel):
+    """llama.cpp takes a state whose cell was moved to the largest position (a damaged or hostile file with a
+    right checksum); trimming to the prefix keeps that cell, and every later decode of the slot failed while the
+    file stayed on disk. The restored sequence must end where its prefix ends, or the file goes."""
+    spec = dataclasses.replace(tiny_spec(tiny_gguf, tmp_path), parallel=parallel)
+    conversation = PERSONA + turn("Tell me about the ledger. " * 40)
+    conversation_on_disk(spec, conversation)
+    registry, engine = engine_in([spec])
+    try:
+        store = engine._backend._disk
+        (path,) = (tmp_path / "states").glob("*.kv")
+        saved = store._read(path)
+        state = bytearray(saved.state)
+        # llama.cpp's layout (pinned version): per cell its position, its count of sequences, the sequence.
+        first_cells = struct.pack("<9i", 0, 1, 0, 1, 1, 0, 2, 1, 0)
+        start = bytes(state).index(first_cells)
+        struct.pack_into("<i", state, start + 5 * 12, 2**31 - 1)  # cell 5 now at the largest position
+        store.put(saved.tokens, bytes(state))
+        store.flush()
+        tokens = engine.prompt_tokens(conversation)
+        assert evaluated_for(engine, conversation) == len(tokens)  # evaluated, not restored
+        assert evaluated_for(engine, conversation) <= PROMPT_CHUNK  # and the slot decodes again
+        assert len(store) == 0 or store._read(path) is None or store._read(path).state != bytes(state)
+    finally:
+        registry.close()
