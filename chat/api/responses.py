@@ -21,8 +21,7 @@ from chat.tooling.requests import tool_message_check, tool_request_from
 from .response_events import response_body, response_events, stored_response_body
 from .response_serializers import ResponseDeletedSerializer, ResponseObjectSerializer
 from .serializers import SamplingFieldsMixin
-from .sse import sse_response
-from .views import ERRORS, GeneratingView, api_key_of, logged
+from .views import ERRORS, GeneratingView, api_key_of, logged, reply_stream_response
 
 INPUT_ROLES = ("user", "system", "developer", "assistant")
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
@@ -216,7 +215,7 @@ class ResponsesView(GeneratingView):
         started = response_create(user=request.user, api_key=api_key_of(request), data=data,
                                   cache_allowed="no-cache" not in request.headers.get("Cache-Control", ""))
         if started.generation is not None:
-            return logged(sse_response(response_events(started=started, echo=echo)), started.record)
+            return reply_stream_response(started.record, response_events(started=started, echo=echo))
         return logged(Response(response_body(started=started, echo=echo)), started.record)
 
 

@@ -50,6 +50,21 @@ def logged_fields(response, **fields):
     return response
 
 
+def reply_stream_response(record, events):
+    """An SSE response of events that come from replies.reply_stream, whose `finally` releases the conversation's
+    lease. A stream that never starts (refused at admission, or its client gone first) never runs it: the
+    wrapper below then releases the lease itself, else the conversation answers 409 for LEASE_SECONDS."""
+    response = logged(sse_response(events), record)
+    response.release_unstarted = record.plan.release_conversation
+    return response
+
+
+async def release_unstarted(response) -> None:
+    release = getattr(response, "release_unstarted", None)
+    if release is not None:
+        await sync_to_async(release)()  # a cache call: not on the event loop
+
+
 def cancelling_abandoned_generations(view):
     """Wrap a generating view so that no Generation outlives a client that left.
 
@@ -83,9 +98,11 @@ def cancelling_abandoned_generations(view):
                     await generation.wait_admitted()
             except asyncio.CancelledError:
                 cancel_all(started)
+                await release_unstarted(response)
                 raise
             except EngineError as error:  # not admitted: nothing of the stream was sent yet
                 cancel_all(started)
+                await release_unstarted(response)
                 refused = json_error_response(error, request)
                 if hasattr(response, "reply_record"):
                     refused.reply_record = response.reply_record
@@ -94,7 +111,7 @@ def cancelling_abandoned_generations(view):
             response._resource_closers.append(generation.cancel)
         task = asyncio.current_task()
         if task is not None and started:  # a request cancelled before its response was sent never closes it
-            task.add_done_callback(lambda done: cancel_all(started) if done.cancelled() else None)
+            task.add_done_callback(lambda done: abandon(started, response) if done.cancelled() else None)
         return response
 
     return wrapper
@@ -103,6 +120,14 @@ def cancelling_abandoned_generations(view):
 def cancel_all(generations) -> None:
     for generation in generations:
         generation.cancel()
+
+
+def abandon(generations, response) -> None:
+    """The request's task was cancelled (its client left) before or while its response was sent."""
+    cancel_all(generations)
+    release = getattr(response, "release_unstarted", None)
+    if release is not None:  # idempotent: a stream that had started released it already
+        asyncio.get_running_loop().run_in_executor(None, release)
 
 
 class GeneratingView(APIView):
@@ -139,12 +164,12 @@ class ChatCompletionsView(GeneratingView):
             return logged(response, started.record)
         if started.generation is not None:
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            response = sse_response(chat_completion_events(record=started.record, generation=started.generation,
-                                                           include_usage=include_usage))
+            response = reply_stream_response(started.record, chat_completion_events(
+                record=started.record, generation=started.generation, include_usage=include_usage))
         else:
-            response = Response(started.body)
+            response = logged(Response(started.body), started.record)
         response["X-Cache"] = started.cache_status
-        return logged(response, started.record)
+        return response
 
 
 class JobView(APIView):

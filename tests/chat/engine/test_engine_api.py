@@ -103,6 +103,32 @@ def test_a_stream_that_times_out_in_the_queue_is_answered_503_before_it_starts(a
         list(running)
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_stream_refused_in_the_queue_leaves_its_conversation_free(api, settings, endless_path, path):
+    """The lease a streamed reply takes is released by its stream's generator, which a refused stream never runs:
+    the conversation answered 409 conversation_busy for the lease's whole life (10 minutes)."""
+    with_model_options(settings, path=str(endless_path), context_length=2048, parallel=1, queue_timeout=0.3)
+    if path == "/v1/chat/completions":
+        ask = {**ASK, "character": "byte", "max_tokens": 2}
+        ask["conversation"] = api.post(path, ask, format="json", **NO_CACHE).json()["conversation"]
+    else:
+        ask = {"input": "Say hello.", "character": "byte", "max_output_tokens": 2}
+        ask["previous_response_id"] = api.post(path, ask, format="json", **NO_CACHE).json()["id"]
+    engine = get_engine()
+    engine.faults = Faults(step=lambda step: time.sleep(0.01))
+    running = engine.submit("hello world", LONG)  # holds the only slot past queue_timeout
+    try:
+        refused = api.post(path, {**ask, "stream": True}, format="json", **NO_CACHE)
+        assert refused.status_code == 503
+    finally:
+        engine.faults = None
+        running.cancel()
+        list(running)
+    again = api.post(path, ask, format="json", **NO_CACHE)
+    assert again.status_code == 200, again.json()
+
+
 # -- the view wrapper that cancels abandoned generations -----------------------------------------
 
 
