@@ -91,3 +91,34 @@ def test_the_served_protocol_closes_a_socket_whose_message_is_over_the_limit_wit
         assert closed.value.rcvd.code == 1009  # message too big, refused by the protocol layer
     finally:
         server.stop()
+
+
+@pytest.mark.smollm2  # a live server (the marker's meaning: slow, end to end)
+def test_the_served_protocol_closes_a_socket_that_floods_messages_faster_than_they_are_handled(tmp_path):
+    """daphne queued every frame for the consumer without bound (one socket grew the server by ~75 MB/s)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from chat.ops.websocket_inbound import CLOSE_FLOODED, MAX_PENDING_MESSAGES
+    from tests.live import LiveServer, prepare_database
+
+    server = LiveServer(workdir=tmp_path, env={"LOG_LEVEL": "WARNING"})
+    raw_key = prepare_database(server, {"frames": ["frames"]})["frames"]
+    server.start()
+    try:
+        url = server.url.replace("http://", "ws://") + "/ws/chat/nobody/"
+        headers = {"Authorization": f"Bearer {raw_key}"}
+        with connect(url, additional_headers=headers, proxy=None) as socket:  # a client that waits is served
+            for _ in range(3 * MAX_PENDING_MESSAGES):
+                socket.send(json.dumps({"type": "other"}))
+                assert json.loads(socket.recv(timeout=30))["error"]["param"] == "type"
+        with connect(url, additional_headers=headers, proxy=None) as socket:
+            flood = json.dumps({"type": "other", "padding": "x" * 1000})
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(2000):  # arrive together: the consumer handles none between them
+                    socket.send(flood)
+                while True:
+                    socket.recv(timeout=30)
+        assert closed.value.rcvd.code == CLOSE_FLOODED
+    finally:
+        server.stop()

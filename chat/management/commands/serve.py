@@ -24,6 +24,7 @@ from twisted.internet import reactor
 
 from chat.engines import reset_registry
 from chat.ops.drain import drain_begin, is_draining, work_in_progress
+from chat.ops.websocket_inbound import install as install_websocket_bound
 from chat.ops.write_through import install as install_write_through
 
 logger = logging.getLogger("llmsite.drain")
@@ -100,6 +101,7 @@ class Command(BaseCommand):
 
     def run_from_argv(self, argv):
         install_write_through()  # a streamed token leaves without an extra reactor turn (chat/ops/write_through.py)
+        install_websocket_bound()  # a socket cannot queue messages without bound (chat/ops/websocket_inbound.py)
         # daphne parses its own options: everything after `serve` goes to it, with our WebSocket limits.
         DrainingCommandLine().run(with_websocket_limits(argv[2:]))
         cut_short = work_in_progress()
