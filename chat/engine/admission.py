@@ -3,7 +3,8 @@
 When a slot frees up, the next request comes from the owner with the fewest active sequences; among
 equals, from the owner admitted least recently (never admitted first), then the oldest request. A
 flood by one owner therefore queues behind its own requests, not in front of everyone else's. The
-scheduler lets one owner hold at most half of a bounded queue (owner_share), so a flood cannot fill it.
+scheduler lets one owner hold at most half of a bounded queue (owner_share), so a flood cannot fill it, and
+keeps its last quarter for owners with nothing waiting (queue_bound), so two floods cannot fill it either.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ MAX_REMEMBERED_OWNERS = 4096  # when each owner was last admitted; the oldest ar
 def owner_share(max_queue: int) -> int:
     """The most places of a queue of `max_queue` (0: unbounded) one owner may hold: half, rounded up."""
     return -(-max_queue // 2)
+
+
+def queue_bound(max_queue: int, waiting_of_owner: int) -> int:
+    """How many may wait in a queue of `max_queue` places when an owner with `waiting_of_owner` sequences queued
+    submits one more: the last quarter (at least one place) is for owners with nothing waiting."""
+    return max_queue if waiting_of_owner == 0 else max_queue - max(1, max_queue // 4)
 
 
 class AdmissionQueue:

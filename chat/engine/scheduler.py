@@ -22,7 +22,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Callable
 
-from .admission import AdmissionQueue, owner_share
+from .admission import AdmissionQueue, owner_share, queue_bound
 from .backends import Backend
 from .errors import EngineClosed, EngineError, EngineOverloaded, GenerationFailed, SequencesFailed
 from .faults import Faults
@@ -75,9 +75,11 @@ class Scheduler:
         with self._wakeup:
             if self._closing:
                 raise EngineClosed(f"Model {self._model_name!r} is shutting down.")
-            # One owner holds at most half of the queue: a flood is refused while others still find a place.
-            if self._max_queue and (len(self._queued) >= self._max_queue or
-                                    self._queued.waiting_of(seq.owner) >= owner_share(self._max_queue)):
+            # One owner holds at most half of the queue, and the last quarter waits for owners with nothing
+            # queued: floods are refused while others still find a place.
+            waiting = self._queued.waiting_of(seq.owner)
+            if self._max_queue and (len(self._queued) >= queue_bound(self._max_queue, waiting) or
+                                    waiting >= owner_share(self._max_queue)):
                 self._counters["rejected_queue_full"] += 1
                 raise EngineOverloaded(self._model_name, self._retry_after_locked())
             self._queued.append(seq)

@@ -264,8 +264,8 @@ def test_a_full_queue_refuses_with_a_retry_hint(engines):
     assert "".join(waiting) == waiting.result.text and waiting.result.completion_tokens  # the queued one still runs
 
 
-def test_one_owner_holds_at_most_half_of_the_queue_so_a_flood_leaves_room_for_others(engines):
-    engine = engines.get("shared-queue")  # one slot, four queue places: two per owner at most
+def test_one_owner_holds_at_most_half_of_the_queue_and_two_floods_leave_room_for_a_third(engines):
+    engine = engines.get("shared-queue")  # one slot, four queue places: two per owner at most, the last for newcomers
     running = engine.submit("hello world what", SamplingParams(max_tokens=200, temperature=0), owner="a")
     stream = iter(running)
     next(stream)  # it holds the only slot
@@ -273,10 +273,13 @@ def test_one_owner_holds_at_most_half_of_the_queue_so_a_flood_leaves_room_for_ot
     with pytest.raises(EngineOverloaded) as refused:
         engine.submit("yes no stop", GREEDY, owner="a")  # a third waiting place of a's: refused
     assert refused.value.retry_after >= 1
-    others = [engine.submit("the capital of france is", GREEDY, owner=owner) for owner in ("b", "b")]
+    others = [engine.submit("the capital of france is", GREEDY, owner="b")]
+    with pytest.raises(EngineOverloaded):  # b waits already: the last place is kept for an owner with none
+        engine.submit("the capital of france is", GREEDY, owner="b")
+    others.append(engine.submit("the capital of france is", GREEDY, owner="c"))
     with pytest.raises(EngineOverloaded):  # the queue is full: its bound still holds for everyone
-        engine.submit("the capital of france is", GREEDY, owner="c")
-    assert engine.stats()["rejected_queue_full"] == 2
+        engine.submit("the capital of france is", GREEDY, owner="d")
+    assert engine.stats()["rejected_queue_full"] == 3
     running.cancel()
     list(stream)
     assert all(finish(flood + others))  # everything that found a place runs
