@@ -195,8 +195,8 @@ AUTH_PASSWORD_VALIDATORS = [
 # LOGIN_LOCKOUT_MINUTES; other users, and the same user from elsewhere, can still log in. Password
 # spraying (many usernames, a few tries each) locks the address out after LOGIN_ADDRESS_FAILURE_LIMIT
 # failures of any usernames (llmsite/login_throttle.py gives each lockout its own limit). Attempts are
-# rows in the database, so every instance sees them. Behind Nginx, run daphne with --proxy-headers so
-# the client's address is the real one (deploy/README.md).
+# rows in the database, so every instance sees them. Behind Nginx, run daphne with --proxy-headers
+# --proxy-headers-host X-Real-IP so the client's address is the real one (deploy/README.md).
 AUTHENTICATION_BACKENDS = ["llmsite.login_throttle.LoginThrottleBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))

@@ -8,6 +8,9 @@ or generation is left or DRAIN_TIMEOUT seconds have passed; a second signal stop
 WebSocket messages and frames are capped at API_MAX_REQUEST_BYTES by the protocol layer (autobahn,
 through daphne's --websocket-max-message-size and --websocket-max-frame-size, which win when given): a
 bigger message closes the socket with 1009 (message too big) before it is buffered whole or parsed.
+
+--proxy-headers is refused without --proxy-headers-host (the client's address must come from a header the proxy
+overwrites, not from X-Forwarded-For's first entry).
 """
 
 import asyncio
@@ -82,6 +85,17 @@ class DrainingServer(Server):
 
 class DrainingCommandLine(CommandLineInterface):
     server_class = DrainingServer
+
+    def run(self, args):
+        self.refuse_proxy_headers_without_host(self.parser.parse_args(args))
+        super().run(args)
+
+    def refuse_proxy_headers_without_host(self, options):
+        """--proxy-headers alone takes the client's address from the first X-Forwarded-For entry, which the
+        client writes itself (Nginx appends to it): varying it would escape every login lockout."""
+        if options.proxy_headers and not options.proxy_headers_host:
+            self.parser.error("--proxy-headers needs --proxy-headers-host with a header the proxy sets itself "
+                              "(X-Real-IP with deploy/nginx.conf.template; deploy/README.md)")
 
 
 WEBSOCKET_LIMIT_OPTIONS = ("--websocket-max-message-size", "--websocket-max-frame-size")
