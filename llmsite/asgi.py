@@ -21,8 +21,8 @@ http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else
 
 application = ProtocolTypeRouter({
     "http": http_app,
-    # A Bearer API key, or the session's user with the Origin checked against ALLOWED_HOSTS
-    # (chat/api/ws_auth.py). Every log line of a connection carries its request id.
+    # A Bearer API key, or the session's user with the Origin checked as Django's CSRF check does
+    # (chat/api/ws_auth.py, ws_origin.py). Every log line of a connection carries its request id.
     "websocket": WebSocketRequestIdMiddleware(
         AuthMiddlewareStack(ApiKeyAuthMiddleware(URLRouter(websocket_urlpatterns)))),
 })

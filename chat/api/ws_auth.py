@@ -2,8 +2,8 @@
 
 Policy (docs/API.md): a client that sends `Authorization: Bearer <key>` is not a browser (browsers
 cannot set that header on a WebSocket), so it needs no Origin header; a bad key is refused. A
-cookie session is what a foreign web page could ride on, so it must come from one of our origins
-(ALLOWED_HOSTS). A key in the query string is refused outright: URLs end up in proxy logs.
+cookie session is what a foreign web page could ride on, so its Origin must be the socket's own origin
+(scheme, host and port) or one of CSRF_TRUSTED_ORIGINS, as Django's CSRF check requires (chat/api/ws_origin.py). A key in the query string is refused outright: URLs end up in proxy logs.
 
 A socket stays open for hours, so its credentials are checked again before every operation
 (`credentials_now`), as every HTTP request checks them: a revoked or expired key, a deactivated user or a
@@ -15,14 +15,15 @@ from types import SimpleNamespace
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
 from django.contrib.auth import get_user as session_user
 from django.contrib.auth.models import AnonymousUser
 
 from .keys import api_key_find_valid
+from .ws_origin import origin_allowed
 
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FOREIGN_ORIGIN = 4403
 
 
 @database_sync_to_async
@@ -67,14 +68,15 @@ class ApiKeyAuthMiddleware:
 
     def __init__(self, app):
         self.app = app
-        self.origin_checked = AllowedHostsOriginValidator(app)
 
     async def __call__(self, scope, receive, send):
         if "api_key" in parse_qs(scope.get("query_string", b"").decode("latin-1")):
             return await refuse(receive, send)
         raw_key = bearer_key(scope)
         if raw_key is None:
-            return await self.origin_checked(scope, receive, send)
+            if not origin_allowed(scope):
+                return await refuse(receive, send, CLOSE_FOREIGN_ORIGIN)
+            return await self.app(scope, receive, send)
         user, api_key = await _user_for_key(raw_key)
         # An invalid key leaves an anonymous user, whom the consumer refuses (no fallback to a session).
         return await self.app({**scope, "user": user, "api_key": api_key}, receive, send)

@@ -18,6 +18,7 @@ from tests.factories import import_demo_resources, make_api_client
 pytestmark = [pytest.mark.smollm2, pytest.mark.django_db(transaction=True)]
 
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+HOST = (b"host", b"127.0.0.1:8000")  # a browser sends both: the page's origin is the socket's own
 
 
 @pytest.fixture
@@ -92,14 +93,14 @@ async def session_cookie(django_user_model, username="page-user") -> bytes:
 
 
 async def test_refused_without_auth_with_a_bad_key_or_with_a_key_in_the_query_string(api_key):
-    comm = communicator(headers=[ORIGIN])
+    comm = communicator(headers=[ORIGIN, HOST])
     connected, code = await comm.connect()
     assert not connected and code == 4401
     comm = communicator(headers=[(b"authorization", b"Bearer llms-not-a-key")])
     connected, code = await comm.connect()
     assert not connected and code == 4401
     # Policy: a key in the URL would end up in proxy logs, so it is refused even when valid.
-    comm = communicator(f"/ws/chat/captain-mira/?api_key={api_key}", headers=[ORIGIN])
+    comm = communicator(f"/ws/chat/captain-mira/?api_key={api_key}", headers=[ORIGIN, HOST])
     connected, code = await comm.connect()
     assert not connected and code == 4401
 
@@ -111,18 +112,19 @@ async def test_a_bearer_key_needs_no_origin_but_a_cookie_session_needs_ours(api_
         assert (await comm.connect())[0], headers
         await comm.disconnect()
     cookie = (b"cookie", await session_cookie(django_user_model, "cookie-user"))
-    comm = communicator(headers=[ORIGIN, cookie])
+    comm = communicator(headers=[ORIGIN, HOST, cookie])
     assert (await comm.connect())[0]
     await comm.disconnect()
-    for headers in ([(b"origin", b"https://evil.example"), cookie], [cookie]):  # a foreign page, or no origin
-        comm = communicator(headers=headers)
-        connected, _ = await comm.connect()
-        assert not connected, headers
+    # A foreign page, the same host on another port or scheme (the same site: the cookie is sent), or no origin.
+    for origin in (b"https://evil.example", b"http://127.0.0.1:9999", b"https://127.0.0.1:8000", None):
+        comm = communicator(headers=[HOST, cookie] + ([(b"origin", origin)] if origin else []))
+        connected, code = await comm.connect()
+        assert not connected and code == 4403, origin
 
 
 async def test_session_login_works_and_bad_messages_get_error_events(django_user_model):
     cookie = await session_cookie(django_user_model)
-    comm = communicator("/ws/chat/byte/", headers=[ORIGIN, (b"cookie", cookie)])
+    comm = communicator("/ws/chat/byte/", headers=[ORIGIN, HOST, (b"cookie", cookie)])
     assert (await comm.connect())[0]
     await comm.send_to(text_data="not json")
     assert (await comm.receive_json_from())["type"] == "error"

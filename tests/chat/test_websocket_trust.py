@@ -19,6 +19,7 @@ from tests.factories import make_api_client, make_character
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+HOST = (b"host", b"127.0.0.1:8000")
 
 
 def character():
@@ -28,7 +29,7 @@ def character():
 
 
 async def open_socket(headers) -> WebsocketCommunicator:
-    comm = WebsocketCommunicator(application, "/ws/chat/mira/", headers=[ORIGIN, *headers])
+    comm = WebsocketCommunicator(application, "/ws/chat/mira/", headers=[ORIGIN, HOST, *headers])
     connected, _ = await comm.connect()
     assert connected
     return comm

@@ -148,6 +148,13 @@ def test_debug_is_off_unless_asked_for():
     assert shown.stdout.strip() == "False", shown.stderr
 
 
+def test_the_test_clients_host_is_allowed_only_with_debug():
+    show = "import django; django.setup(); from django.conf import settings; print(settings.ALLOWED_HOSTS)"
+    production = run_python(show, env={"DEBUG": "0", "SECRET_KEY": PRODUCTION["SECRET_KEY"]})
+    assert production.stdout.strip() == "['127.0.0.1', 'localhost', '[::1]']", production.stderr
+    assert "testserver" in run_python(show, env={"DEBUG": "1"}).stdout
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
