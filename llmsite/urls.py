@@ -9,25 +9,28 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 
 from chat.api import error_views, pages, tokenize
 from chat.ops import views as ops_views
+from llmsite.content_security import content_security_policy
 
+csp = content_security_policy  # the site's own pages (llmsite/content_security.py)
 account_routes = [
-    path("login/", auth_views.LoginView.as_view(), name="login"),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("password_change/", auth_views.PasswordChangeView.as_view(), name="password_change"),
-    path("password_change/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
+    path("login/", csp(auth_views.LoginView.as_view()), name="login"),
+    path("logout/", csp(auth_views.LogoutView.as_view()), name="logout"),
+    path("password_change/", csp(auth_views.PasswordChangeView.as_view()), name="password_change"),
+    path("password_change/done/", csp(auth_views.PasswordChangeDoneView.as_view()), name="password_change_done"),
 ]
 # Password reset mails a link: without a way to send mail (EMAIL_HOST or EMAIL_BACKEND) the pages
 # would fail with a 500, so they exist only when mail can go out.
+password_reset_routes = [
+    path("password_reset/", csp(auth_views.PasswordResetView.as_view()), name="password_reset"),
+    path("password_reset/done/", csp(auth_views.PasswordResetDoneView.as_view()), name="password_reset_done"),
+    path("reset/<uidb64>/<token>/", csp(auth_views.PasswordResetConfirmView.as_view()), name="password_reset_confirm"),
+    path("reset/done/", csp(auth_views.PasswordResetCompleteView.as_view()), name="password_reset_complete"),
+]
 if settings.PASSWORD_RESET_ENABLED:
-    account_routes += [
-        path("password_reset/", auth_views.PasswordResetView.as_view(), name="password_reset"),
-        path("password_reset/done/", auth_views.PasswordResetDoneView.as_view(), name="password_reset_done"),
-        path("reset/<uidb64>/<token>/", auth_views.PasswordResetConfirmView.as_view(), name="password_reset_confirm"),
-        path("reset/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"),
-    ]
+    account_routes += password_reset_routes
 
 urlpatterns = [
-    path("", pages.chat_page, name="chat-page"),
+    path("", csp(pages.chat_page), name="chat-page"),
     path("accounts/", include(account_routes)),
     path("health", ops_views.health, name="health"),
     path("ready", ops_views.ready, name="ready"),
