@@ -221,6 +221,8 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "webmaster@localhost")
 EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "")
 PASSWORD_RESET_ENABLED = bool(EMAIL_BACKEND)
+# Reset mails asked for from one client address, and for one email address, each (llmsite/password_reset_throttle.py).
+PASSWORD_RESET_RATE_LIMIT = env_rate("PASSWORD_RESET_RATE_LIMIT", "5/hour")
 EMAIL_BACKEND = EMAIL_BACKEND or "django.core.mail.backends.dummy.EmailBackend"
 
 LANGUAGE_CODE = "en-us"

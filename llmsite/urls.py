@@ -10,18 +10,21 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 from chat.api import error_views, pages, tokenize
 from chat.ops import views as ops_views
 from llmsite.content_security import content_security_policy
+from llmsite.login_throttle import old_password_throttled
+from llmsite.password_reset_throttle import ThrottledPasswordResetView
 
 csp = content_security_policy  # the site's own pages (llmsite/content_security.py)
 account_routes = [
     path("login/", csp(auth_views.LoginView.as_view()), name="login"),
     path("logout/", csp(auth_views.LogoutView.as_view()), name="logout"),
-    path("password_change/", csp(auth_views.PasswordChangeView.as_view()), name="password_change"),
+    path("password_change/", csp(old_password_throttled(auth_views.PasswordChangeView.as_view())),
+         name="password_change"),
     path("password_change/done/", csp(auth_views.PasswordChangeDoneView.as_view()), name="password_change_done"),
 ]
 # Password reset mails a link: without a way to send mail (EMAIL_HOST or EMAIL_BACKEND) the pages
-# would fail with a 500, so they exist only when mail can go out.
+# would fail with a 500, so they exist only when mail can go out. Requests are throttled (mail to a victim).
 password_reset_routes = [
-    path("password_reset/", csp(auth_views.PasswordResetView.as_view()), name="password_reset"),
+    path("password_reset/", csp(ThrottledPasswordResetView.as_view()), name="password_reset"),
     path("password_reset/done/", csp(auth_views.PasswordResetDoneView.as_view()), name="password_reset_done"),
     path("reset/<uidb64>/<token>/", csp(auth_views.PasswordResetConfirmView.as_view()), name="password_reset_confirm"),
     path("reset/done/", csp(auth_views.PasswordResetCompleteView.as_view()), name="password_reset_complete"),
@@ -35,6 +38,9 @@ urlpatterns = [
     path("health", ops_views.health, name="health"),
     path("ready", ops_views.ready, name="ready"),
     path("metrics", ops_views.metrics, name="metrics"),
+    # The admin's own password change, with wrong old passwords counted as failed logins (llmsite/login_throttle.py).
+    path("admin/password_change/", admin.site.admin_view(old_password_throttled(admin.site.password_change),
+                                                         cacheable=True)),
     path("admin/", admin.site.urls),
     path("v1/", include("chat.api.urls")),
     # llama-server's paths, at the root as it serves them.

@@ -21,9 +21,10 @@ def parse_rate(rate: str) -> tuple[int, int]:
     return int(count), PERIODS[period.strip().lower()]
 
 
-def rate_limit_wait(identity: str) -> float | None:
-    """Count one request of `identity`; None when allowed, else the seconds until the window ends."""
-    rate = settings.API_RATE_LIMIT
+def rate_limit_wait(identity: str, *, rate: str | None = None) -> float | None:
+    """Count one request of `identity` against `rate` (API_RATE_LIMIT unless given; empty: no limit); None when
+    allowed, else the seconds until the window ends."""
+    rate = settings.API_RATE_LIMIT if rate is None else rate
     if not rate:
         return None
     limit, period = parse_rate(rate)

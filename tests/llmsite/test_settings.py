@@ -161,6 +161,7 @@ def test_the_test_clients_host_is_allowed_only_with_debug():
         ("API_RATE_LIMIT", "120/minn", "API_RATE_LIMIT='120/minn' is not a rate like '120/min'"),
         ("API_RATE_LIMIT", "many/min", "API_RATE_LIMIT='many/min' is not a rate"),
         ("API_RATE_LIMIT", "0/min", "API_RATE_LIMIT='0/min' is not a rate"),
+        ("PASSWORD_RESET_RATE_LIMIT", "5/fortnight", "PASSWORD_RESET_RATE_LIMIT='5/fortnight' is not a rate"),
         ("API_MAX_TOKENS", "lots", "API_MAX_TOKENS='lots' is not an integer"),
         ("API_MAX_TOKENS", "0", "API_MAX_TOKENS='0' must be at least 1"),
         ("SSE_KEEPALIVE_SECONDS", "soon", "SSE_KEEPALIVE_SECONDS='soon' is not a number"),
