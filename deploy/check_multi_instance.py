@@ -6,8 +6,9 @@ with the cache in one database and the broker and channel layer in another, a me
 Nginx serving /static/ and /media/ from the storage both instances share. Nginx is reached as a
 TLS load balancer would reach it (X-Forwarded-Proto: https). Sends plain completions, SSE streams,
 WebSocket chats and a background job, then checks: both instances served, nothing failed, plain
-HTTP is redirected once while probes are not, an avatar is served, /metrics and the worker's
-metrics port answer only the token, and the logs are JSON lines carrying request ids. Exits
+HTTP is redirected once while probes (on each instance) are not, Nginx refuses the probe and metrics paths,
+an avatar is served, /metrics and the worker's metrics port answer only the token, and the logs are JSON
+lines carrying request ids, Nginx's rather than the client's. Exits
 non-zero otherwise.
 """
 
@@ -111,12 +112,14 @@ async def websocket_chat(port: int, key: str) -> int:
                 return 200 if event["type"] == "end" else event.get("status", 599)
 
 
-def background_job(base: str, key: str) -> str:
+def background_job(base: str, key: str) -> tuple[str, str]:
+    """The job's final status, and the request id the web instance gave its submission (Nginx's, not ours)."""
     headers = {"Authorization": f"Bearer {key}", "X-Request-ID": JOB_REQUEST_ID, **TLS}
     response = httpx.post(base + "/v1/chat/completions", json={**ASK, "background": True}, headers=headers,
                           timeout=30)
+    request_id = response.headers.get("X-Request-ID", "")
     if response.status_code != 202:
-        return f"submit {response.status_code}"
+        return f"submit {response.status_code}", request_id
     url = response.json()["url"]
     url = url if url.startswith("http") else base + url
     url = url.replace("https://", "http://")  # the job's URL is the client's (https); we are the balancer
@@ -124,9 +127,9 @@ def background_job(base: str, key: str) -> str:
     while time.monotonic() < deadline:
         status = httpx.get(url, headers=headers, timeout=10).json()["status"]
         if status in ("done", "failed", "cancelled"):
-            return status
+            return status, request_id
         time.sleep(0.3)
-    return "timed out"
+    return "timed out", request_id
 
 
 def json_lines(text: str) -> list[dict]:
@@ -201,7 +204,7 @@ def main() -> int:
                 return await asyncio.gather(*(websocket_chat(port, key) for _ in range(SOCKETS)))
 
             socket_statuses = asyncio.run(sockets())
-            job_status = job.result()
+            job_status, job_request_id = job.result()
         elapsed = time.monotonic() - started
 
         served = collections.Counter(instance for _, instance in results)
@@ -223,10 +226,16 @@ def main() -> int:
             problems.append(f"plain HTTP was not redirected to https: {redirect.status_code}")
         if httpx.get(base + "/v1/models", headers=TLS, timeout=10).status_code != 401:
             problems.append("https (from the balancer) was not served")
+        # Probes reach each instance directly; Nginx, the public side, refuses them.
         for probe in ("/health", "/ready"):
-            status = httpx.get(base + probe, timeout=30).status_code
-            if status != 200:
-                problems.append(f"probe {probe} answered {status}")
+            for server in servers:
+                status = httpx.get(server.url + probe, timeout=30).status_code
+                if status != 200:
+                    problems.append(f"probe {probe} on {server.env['INSTANCE_NAME']} answered {status}")
+        for probe in ("/health", "/ready", "/metrics", "//ready", "/r%65ady"):
+            status = httpx.get(base + probe, headers=TLS, timeout=10).status_code
+            if status != 404:
+                problems.append(f"Nginx passed {probe} on: {status}")
         # Static and media from Nginx.
         static = httpx.get(base + "/static/admin/css/base.css", timeout=5).status_code
         avatar_url = httpx.get(base + "/v1/characters/byte/", headers={"Authorization": f"Bearer {key}", **TLS},
@@ -235,9 +244,9 @@ def main() -> int:
         if static != 200 or avatar != 200:
             problems.append(f"static {static}, avatar {avatar_url!r} {avatar}")
         # Metrics: refused without the token, web and worker figures with it.
-        if scrape(base + "/metrics", None)[0] != 401:
+        if scrape(servers[0].url + "/metrics", None)[0] != 401:
             problems.append("/metrics answered without a token")
-        web_status, _ = scrape(base + "/metrics", metrics_token)
+        web_status, _ = scrape(servers[0].url + "/metrics", metrics_token)
         worker_url = f"http://127.0.0.1:{worker_metrics_port}/metrics"
         worker_refused, _ = scrape(worker_url, None)
         worker_status, worker_text = scrape(worker_url, metrics_token)
@@ -250,7 +259,9 @@ def main() -> int:
         request_lines = [r for records in web_records.values() for r in records if r.get("logger") == "llmsite.requests"]
         if not request_lines or not all(r.get("request_id") for r in request_lines):
             problems.append("web request log lines without request ids")
-        if not any(r.get("request_id") == JOB_REQUEST_ID for r in worker_records):
+        if not job_request_id or job_request_id == JOB_REQUEST_ID:
+            problems.append(f"Nginx let the client pick the request id: {job_request_id!r}")
+        if not any(r.get("request_id") == job_request_id for r in worker_records):
             problems.append("no worker log line carries the job's request id")
 
         print(f"{PLAIN} plain + {STREAMS} SSE requests by instance: {dict(served)}")

@@ -26,6 +26,13 @@ def test_nginx_passes_the_balancers_scheme_on_and_serves_media():
     assert re.search(r"location /media/ \{\s*alias \$\{MEDIA_ROOT\}/;", TEMPLATE)
 
 
+def test_nginx_refuses_the_probe_paths_and_sets_its_own_request_id():
+    # Probes reach each instance directly; from outside, an anonymous /ready would load the model.
+    for probe in ("/health", "/ready", "/metrics"):
+        assert re.search(rf"location = {probe} \{{ return 404; \}}", TEMPLATE), probe
+    assert TEMPLATE.count("proxy_set_header X-Request-ID $request_id;") == TEMPLATE.count("proxy_pass ") == 2
+
+
 @pytest.mark.smollm2
 def test_production_stack_behind_nginx_end_to_end(redis_url, postgres_url):
     if not shutil.which("nginx"):
