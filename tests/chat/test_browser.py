@@ -1,6 +1,8 @@
-"""The chat page in headless Chromium against a live daphne server: log in, chat, see tokens stream, reload."""
+"""The chat page in headless Chromium against a live daphne server: log in, chat, see tokens stream, reload; all
+under the page's Content-Security-Policy."""
 
 import shutil
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -110,4 +112,32 @@ def test_errors_are_readable_not_raw_json(page_server):
         status = page.get_by_role("status")
         expect(status).to_contain_text("too long for the model", timeout=60_000)
         assert "{" not in status.inner_text()
+        browser.close()
+
+
+def test_the_page_runs_under_its_policy_and_ignores_a_conversation_id_that_is_not_one(page_server):
+    """?conversation= went into a fetch() path unchecked: `../../admin/` made the page GET another of the site's
+    pages with the user's cookie."""
+    if CHROMIUM is None:
+        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        console, requested = [], []
+        page.on("console", lambda message: console.append(message.text))
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(page_server.url + "/accounts/login/")
+        page.get_by_label("Username").fill("reader")
+        page.get_by_label("Password").fill("a-long-test-password")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("heading", name="Pick a character")).to_be_visible()
+        page.goto(page_server.url + "/?character=captain-mira&conversation=../../../admin/password_change")
+        # A new conversation instead: the greeting, no error, and the socket open.
+        expect(page.locator(".message.assistant").first).to_contain_text("Ahoy there, reader")
+        page.wait_for_function("() => !document.getElementById('send').disabled")  # the WebSocket is open
+        assert "could not be opened" not in page.get_by_role("status").inner_text()
+        assert not [url for url in requested if urlsplit(url).path.startswith("/admin")], requested
+        assert not [text for text in console if "Content Security Policy" in text], console
         browser.close()

@@ -440,5 +440,8 @@
   }
 
   const params = new URLSearchParams(location.search);
-  if (params.get("character")) pickCharacter(params.get("character"), params.get("conversation"));
+  // A conversation id is a UUID: anything else from the URL (`../../admin/`) would be a path for fetch(); ignored.
+  const CONVERSATION_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+  const conversation = CONVERSATION_ID.test(params.get("conversation") || "") ? params.get("conversation") : null;
+  if (params.get("character")) pickCharacter(params.get("character"), conversation);
 })();
