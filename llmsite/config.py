@@ -20,7 +20,7 @@ from chat.engine.types import BACKENDS, REMOTE_BACKEND, ROUTINGS, ModelSpec, Sam
 
 REMOTE = REMOTE_BACKEND  # an OpenAI-compatible server pool generates (vLLM, llama-server)
 REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "timeout", "connect_timeout",
-                  "max_connections", "routing", "upstream_slots")
+                  "reply_timeout", "max_connections", "routing", "upstream_slots")
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
 ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
@@ -206,7 +206,7 @@ def _remote_options(name, options: dict, fail) -> dict:
         fail(f"model {name!r}: remote_api must be chat or completions, got {options['remote_api']!r}")
     if options.get("routing", "affinity") not in ROUTINGS:
         fail(f"model {name!r}: routing must be affinity or round_robin, got {options['routing']!r}")
-    for key in ("timeout", "connect_timeout"):
+    for key in ("timeout", "connect_timeout", "reply_timeout"):
         value = options.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
             fail(f"model {name!r}: {key} must be a positive number of seconds")
@@ -214,8 +214,9 @@ def _remote_options(name, options: dict, fail) -> dict:
         fail(f"model {name!r}: max_connections must be at least 1")
     # Options of the local backends (threads, gpu_layers...) mean nothing to a remote server.
     return {key: options[key] for key in ("base_urls", "remote_model", "api_key_env", "remote_api", "timeout",
-                                          "connect_timeout", "max_connections", "backend", "context_length",
-                                          "chat_template", "routing", "upstream_slots") if key in options}
+                                          "connect_timeout", "reply_timeout", "max_connections", "backend",
+                                          "context_length", "chat_template", "routing", "upstream_slots")
+            if key in options}
 
 
 def _name_from_path(model_path) -> str:

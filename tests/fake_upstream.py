@@ -6,7 +6,8 @@ that many chunks (a killed process). `gate`: every reply waits for it before its
 first, so the caller's submit returns). `health`: the status /health answers; `hang_health` holds /health open
 until the server stops. Every request body is kept in `requests`, in arrival order. `tokenize`: it answers
 llama-server's POST /tokenize (so the engine takes it for a llama.cpp server, which enforces a `grammar`);
-without it, it is an upstream of unknown kind (token counts estimated).
+without it, it is an upstream of unknown kind (token counts estimated). `script`: a function that writes the
+whole answer itself, raw, through a ScriptedReply (a hostile or broken upstream: any status, body or pace).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeUpstream:
-    def __init__(self, *, words=("Hello", " there", "."), die_after: int | None = None, tokenize: bool = True):
+    def __init__(self, *, words=("Hello", " there", "."), die_after: int | None = None, tokenize: bool = True,
+                 script=None):
         self.words = tuple(words)
+        self.script = script
         self.tokenize = tokenize
         self.die_after = die_after
         self.gate = threading.Event()
@@ -46,6 +50,11 @@ class FakeUpstream:
                 if self.path != "/v1/chat/completions":
                     return self._answer(404, {"error": {"message": "not found"}})
                 fake.requests.append(body)
+                if fake.script is not None:
+                    try:
+                        return fake.script(ScriptedReply(self, fake._stopped))
+                    except OSError:  # the engine closed the connection: what a script waits for
+                        return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
@@ -88,3 +97,42 @@ class FakeUpstream:
         self.gate.set()
         self._server.shutdown()
         self._server.server_close()
+
+
+class ScriptedReply:
+    """An upstream's answer written raw by a test's script. `stopped` is set when the fake upstream stops."""
+
+    def __init__(self, handler: BaseHTTPRequestHandler, stopped: threading.Event):
+        self._handler = handler
+        self.stopped = stopped
+
+    def head(self, content_type: str = "text/event-stream", status: int = 200) -> None:
+        self._handler.send_response(status)
+        self._handler.send_header("Content-Type", content_type)
+        self._handler.end_headers()  # HTTP/1.0: the body ends when the connection closes
+        self._handler.wfile.flush()
+
+    def raw(self, data: bytes) -> None:
+        self._handler.wfile.write(data)
+        self._handler.wfile.flush()
+
+    def event(self, data) -> None:
+        """One SSE event: a dict as JSON, or bytes as they are."""
+        self.raw(b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n")
+
+    def delta(self, content) -> None:
+        self.event({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
+
+    def finish(self, *, usage=None) -> None:
+        """A finish, the usage (a dict, or raw JSON bytes), and [DONE]."""
+        self.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        self.event(usage if isinstance(usage, bytes) else {"choices": [], "usage": usage or {"prompt_tokens": 5,
+                                                                                          "completion_tokens": 1}})
+        self.raw(b"data: [DONE]\n\n")
+
+    def every(self, seconds: float, data: bytes, *, for_seconds: float) -> None:
+        """Write `data` every `seconds` for `for_seconds` (or until the fake stops, or the engine leaves)."""
+        until = time.monotonic() + for_seconds
+        while time.monotonic() < until and not self.stopped.is_set():
+            self.raw(data)
+            time.sleep(seconds)

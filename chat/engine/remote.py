@@ -20,13 +20,18 @@ fair between owners, as the local engine's slots.
 Each request streams (SSE) from a worker thread into a Generation. Cancelling the generation shuts
 the upstream connection, so the upstream stops generating. `submit` waits until an idle worker's
 upstream has accepted the request, so an unreachable pool or a prompt that is too long is raised
-from `submit` itself (the API answers 503/400 instead of starting a stream).
+from `submit` itself (the API answers 503/400 instead of starting a stream). What an upstream sends is bounded
+here, whoever runs it: a reply stops at max_tokens (finish_reason "length"); an answer past its size
+(REPLY_BYTES + BYTES_PER_TOKEN per token), `timeout` seconds without data (pings do not count), `reply_timeout`, or
+an answer that holds no reply fails that upstream as a broken connection does; its usage is believed only within
+what it can have done.
 
 The registry imports this module (and httpx) only when a remote model is first used.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -37,6 +42,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 
 import httpx
 
@@ -62,10 +68,16 @@ from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error
 logger = logging.getLogger(__name__)
 
 _TAG_LITERAL = re.compile(r"<\|[^\s<>|]{1,64}\|>|<[A-Za-z_/][^\s<>'\"]{0,40}>|\[/?[A-Z][A-Z_]{1,30}\]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 CHARS_PER_TOKEN = 4  # the estimate when the upstream has no tokenize endpoint (English prose averages ~4)
 TOKEN_CACHE_SIZE = 256  # texts whose token counts are remembered (history turns repeat every request)
 HEALTH_INTERVAL = 10.0  # seconds between health probes of each upstream
 HEALTH_TIMEOUT = 2.0  # seconds one probe may take: a hung upstream is down, and delays no other's probe
+# Local bounds on what an upstream sends back: past them the answer is a broken upstream's, however it was framed.
+REPLY_BYTES = 4 * 1024 * 1024  # bytes of a reply besides its tokens' share (SSE framing, a JSON body's shell)
+BYTES_PER_TOKEN = 4096  # each token's share: its text JSON-escaped, with up to 20 top logprobs
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer, read only for its message
+PIECE_SLACK = 16  # chunks an upstream may send beyond max_tokens (a token's text split over chunks, tool-call diffs)
 
 
 class RenderedChat(str):
@@ -219,6 +231,8 @@ class _Request:
         self.caller_waiting = False  # submit() waits and raises an early failure itself
         self.early_error: EngineError | None = None
         self.accepted = threading.Event()  # the upstream accepted it, or it failed before streaming
+        self.deadline = float("inf")  # when the reply must have ended, over every upstream (reply_timeout)
+        self.malformed_logged = False  # unreadable events and choices are logged once per request, not per chunk
 
     def cancel(self) -> None:
         """Called from the reader's thread or event loop: must not block."""
@@ -261,10 +275,10 @@ def _token_logprobs(data) -> tuple[TokenLogprob, ...]:
         if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
             continue
         try:
-            top = tuple(TopLogprob(token=str(t.get("token", "")), logprob=float(t.get("logprob")),
+            top = tuple(TopLogprob(token=_clean(str(t.get("token", ""))), logprob=float(t.get("logprob")),
                                    bytes=_token_bytes(t))
                         for t in entry.get("top_logprobs") or () if isinstance(t, dict))
-            records.append(TokenLogprob(token=entry["token"], logprob=float(entry.get("logprob")),
+            records.append(TokenLogprob(token=_clean(entry["token"]), logprob=float(entry.get("logprob")),
                                         bytes=_token_bytes(entry), top=top))
         except (TypeError, ValueError):
             continue
@@ -300,6 +314,114 @@ def _sse_events(lines):
             data.append(line[5:].lstrip(" "))
     if data:
         yield "\n".join(data)
+
+
+class _Overrun(Exception):
+    """The upstream's answer went past a local bound (its size, time without data, the reply's deadline): the
+    attempt fails as a broken connection does. `reason` is safe to show a client."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _bounded_chunks(chunks, *, limit: int, deadline: float):
+    """The body's chunks, until it passes `limit` bytes or the reply's deadline (a hostile upstream's endless
+    stream or endless line must not fill this process's memory, nor hold a worker forever)."""
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if received > limit:
+            raise _Overrun(f"it sent more than {limit // 1024} KiB")
+        if time.monotonic() > deadline:
+            raise _Overrun("the reply took too long")
+        yield chunk
+
+
+def _sse_lines(chunks, *, idle: float):
+    """The lines of an SSE body (LF or CRLF ends). Past `idle` seconds without a data line it raises _Overrun:
+    comments (pings) keep a connection open, not a reply alive."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    start: list[str] = []  # a line not ended yet
+    heard = time.monotonic()
+    for chunk in chunks:
+        *ended, rest = decoder.decode(chunk).split("\n")
+        now = time.monotonic()
+        if ended:
+            ended[0], start = "".join(start) + ended[0], []
+        for line in ended:
+            if line.startswith("data:"):
+                heard = now
+            yield line.removesuffix("\r")
+        if rest:
+            start.append(rest)
+        if now - heard > idle:
+            raise _Overrun(f"no data for {idle:g} s")
+    last = "".join(start) + decoder.decode(b"", final=True)
+    if last:
+        yield last.removesuffix("\r")
+
+
+def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """The start of a body read only for its message: an upstream's error answer is not read whole."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
+def _clean(text: str) -> str:
+    """`text` with each lone surrogate (a JSON escape such as \\ud800; json.loads joins the pairs) replaced by
+    U+FFFD: it could be neither stored nor sent."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _choice_text(value) -> str | None:
+    """The text of a delta's `content` (or a completion's `text`): a string, or OpenAI content parts whose text
+    parts are joined; None when it is neither."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(part, dict) for part in value):
+        return "".join(part["text"] for part in value
+                       if part.get("type") == "text" and isinstance(part.get("text"), str))
+    return None
+
+
+def _reported(value, *, ceiling: int) -> int | None:
+    """A token count of the upstream's usage, at most `ceiling`; None unless it is a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return min(value, ceiling)
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """What one choice of an upstream's chunk carries."""
+
+    index: int
+    text: str
+    tool_calls: list | None
+    finish: str | None
+    logprobs: object
+
+
+def _delta(choice, *, chat: bool) -> _Delta | None:
+    """A chunk's choice (`delta` or, not streamed, `message`; `text` for completions), None when it is not one."""
+    if not isinstance(choice, dict):
+        return None
+    index, message = choice.get("index", 0), choice.get("delta") or choice.get("message") or {}
+    if isinstance(index, bool) or not isinstance(index, int) or not isinstance(message, dict):
+        return None
+    text = _choice_text(message.get("content") if chat else choice.get("text"))
+    if text is None:
+        return None
+    tool_calls = message.get("tool_calls") if chat and isinstance(message.get("tool_calls"), list) else None
+    finish = choice.get("finish_reason")
+    return _Delta(index, text, tool_calls, finish if isinstance(finish, str) else None, choice.get("logprobs"))
 
 
 class RemoteEngine(EngineProtocol):
@@ -555,6 +677,7 @@ class RemoteEngine(EngineProtocol):
 
     def _attempts(self, request: _Request, candidates: list[Upstream]) -> None:
         tried, reason = [], "no upstream server is configured."
+        request.deadline = time.monotonic() + self.spec.reply_timeout
         for attempt, upstream in enumerate(candidates):
             if attempt:
                 self._pool.began(upstream)
@@ -576,7 +699,7 @@ class RemoteEngine(EngineProtocol):
                     tried.append(upstream.label)
                     continue
                 if response.status_code != 200:
-                    answer = response.read()
+                    answer = _read_at_most(response, ERROR_BODY_BYTES)
                     response.close()
                     if response.status_code >= 500 or response.status_code == 429:
                         reason = f"HTTP {response.status_code}"
@@ -628,7 +751,7 @@ class RemoteEngine(EngineProtocol):
         request.echo = partial
         return body
 
-    def _stream(self, request: _Request, upstream: Upstream, response: httpx.Response) -> None:
+    def _stream(self, request: _Request, upstream: Upstream, response: httpx.Response) -> str | None:
         with request.lock:
             request.response = response
             cancelled = request.cancelled
@@ -639,14 +762,13 @@ class RemoteEngine(EngineProtocol):
             return None
         request.attempts += 1
         parts = request.parts
-        finish, usage, done = None, None, False
+        # The whole reply's budget (pieces are counted over every upstream): an upstream that streams on past it is
+        # cut off, as the local engine stops at max_tokens.
+        piece_limit = request.body["max_tokens"] + PIECE_SLACK
+        finish, usage, done, said, stray, cut = None, None, False, False, False, False
         tool_text = ToolCallText()  # the upstream's tool_calls, as the text chat/tooling/calls.py reads
         try:
-            if "text/event-stream" in response.headers.get("content-type", ""):
-                events = _sse_events(response.iter_lines())
-            else:  # a server that ignores stream=true answers with one JSON object
-                events = iter([response.read().decode("utf-8", "replace"), "[DONE]"])
-            for data in events:
+            for data in self._events(request, response):
                 if request.cancelled:
                     break
                 if data.strip() == "[DONE]":
@@ -655,7 +777,7 @@ class RemoteEngine(EngineProtocol):
                 try:
                     chunk = json.loads(data)
                 except ValueError:
-                    logger.warning("upstream %s: unreadable event %r", upstream.label, data[:200])
+                    self._malformed(request, upstream, f"unreadable event {data[:200]!r}")
                     continue
                 if not isinstance(chunk, dict):
                     continue
@@ -663,28 +785,39 @@ class RemoteEngine(EngineProtocol):
                     self._fail(request, self._error_in_stream(upstream, chunk, request.prompt_tokens))
                     return None
                 usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    if choice.get("index", 0) != 0:
+                for delta in self._deltas(request, upstream, chunk):
+                    if delta.index != 0:  # never asked for (n is 1 upstream): text there is not our reply
+                        stray = stray or bool(delta.text)
                         continue
-                    message = choice.get("delta") or choice.get("message") or {}
-                    piece = message.get("content") if request.chat else choice.get("text")
-                    if request.chat and isinstance(message.get("tool_calls"), list):
+                    piece = delta.text
+                    if delta.tool_calls is not None:
                         request.tool_calls_seen = True
-                        piece = (piece or "") + tool_text.feed(message["tool_calls"])
+                        piece += tool_text.feed(delta.tool_calls)
+                    piece = _clean(piece)
                     piece = _without_echo(request, piece) if request.echo and piece else piece
-                    logprobs = _token_logprobs(choice.get("logprobs")) if request.body.get("logprobs") else ()
+                    logprobs = _token_logprobs(delta.logprobs) if request.body.get("logprobs") else ()
                     if piece or logprobs:
+                        if request.pieces >= piece_limit:
+                            cut = True
+                            break
                         request.logprobs.extend(logprobs)
                         if piece:
                             parts.append(piece)
                         request.pieces += 1
+                        said = True
                         request.generation._push_text(piece or "", logprobs)
-                    finish = choice.get("finish_reason") or finish
-        except httpx.TransportError as error:
+                    finish = delta.finish or finish
+                if cut:
+                    finish, usage, done = "length", None, True  # its usage, if any came, is not of this reply
+                    break
+        except (httpx.TransportError, _Overrun) as error:
             if request.cancelled or self._closed:
                 self._finish(request, "".join(parts), "cancelled", request.pieces)
                 return None
-            reason = _transport_reason(error, self.spec.connect_timeout, self.spec.timeout)
+            if isinstance(error, _Overrun):
+                reason = error.reason
+            else:
+                reason = _transport_reason(error, self.spec.connect_timeout, self.spec.timeout)
             self._upstream_failed(upstream, f"mid-stream: {reason}")
             return self._broke_off(request, upstream, f"stopped in the middle of the reply: {reason}")
         if request.cancelled:
@@ -693,6 +826,10 @@ class RemoteEngine(EngineProtocol):
         if not done and finish is None:
             self._upstream_failed(upstream, "the stream ended without a finish")
             return self._broke_off(request, upstream, "stopped in the middle of the reply")
+        # A login page, an empty stream, only another choice's text or unreadable ones: not an empty reply.
+        if not said and (finish is None or stray or request.malformed_logged):
+            self._upstream_failed(upstream, "its answer held no reply")
+            return self._broke_off(request, upstream, "sent no reply")
         closing = tool_text.close()
         if closing:
             parts.append(closing)
@@ -702,14 +839,40 @@ class RemoteEngine(EngineProtocol):
         self._finish(request, "".join(parts), "length" if finish == "length" else "stop", request.pieces, usage)
         return None
 
+    def _events(self, request: _Request, response: httpx.Response):
+        """The data of the upstream's events, within the reply's bounds: its size (by its max_tokens), time without
+        data (`timeout`: pings do not count) and its deadline (`reply_timeout`)."""
+        limit = REPLY_BYTES + BYTES_PER_TOKEN * request.body["max_tokens"]
+        chunks = _bounded_chunks(response.iter_bytes(), limit=limit, deadline=request.deadline)
+        if "text/event-stream" in response.headers.get("content-type", ""):
+            return _sse_events(_sse_lines(chunks, idle=self.spec.timeout))
+        # A server that ignores stream=true answers with one JSON object.
+        return iter([b"".join(chunks).decode("utf-8", "replace"), "[DONE]"])
+
+    def _deltas(self, request: _Request, upstream: Upstream, chunk: dict) -> list[_Delta]:
+        """The readable choices of a chunk; unreadable ones are skipped (and logged, see _malformed)."""
+        choices = chunk.get("choices")
+        deltas = [_delta(choice, chat=request.chat) for choice in choices] if isinstance(choices, list) else [None]
+        if choices is not None and None in deltas:
+            self._malformed(request, upstream, f"skipped a choice that is not one: {chunk!r:.200}")
+        return [delta for delta in deltas if delta is not None]
+
+    @staticmethod
+    def _malformed(request: _Request, upstream: Upstream, what: str) -> None:
+        """Log what an upstream sent that cannot be read, once per request: one that sends it, sends it often."""
+        if not request.malformed_logged:
+            request.malformed_logged = True
+            logger.warning("upstream %s: %s", upstream.label, what)
+
     def _broke_off(self, request: _Request, upstream: Upstream, reason: str) -> str | None:
         """After an upstream failed mid-reply: the reason (the next upstream continues the reply), or None
         once the request has failed. A reply with tool calls under way cannot be continued elsewhere, nor one under
         a grammar (response_format, a forced tool call) once text was sent: the next upstream would start the
         grammar over after the partial text, and the joined reply would not match it."""
-        if request.tool_calls_seen or (request.body.get("grammar") and request.parts):
-            self._fail(request, ModelUnavailable(self.spec.name, upstream.label,
-                                                 f"the upstream server {reason}."))
+        late = time.monotonic() > request.deadline  # reply_timeout covers the whole reply, failovers included
+        if late or request.tool_calls_seen or (request.body.get("grammar") and request.parts):
+            why = f"did not finish the reply within {self.spec.reply_timeout:g} s" if late else reason
+            self._fail(request, ModelUnavailable(self.spec.name, upstream.label, f"the upstream server {why}."))
             return None
         return reason
 
@@ -752,10 +915,17 @@ class RemoteEngine(EngineProtocol):
     def _finish(self, request: _Request, text: str, reason: str, pieces: int, usage: dict | None = None) -> None:
         usage = usage if isinstance(usage, dict) else {}
         details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else None
-        cached = int((details or {}).get("cached_tokens") or 0)
+        # The upstream's counts are believed within what it can have done: a prompt within the context (ours is
+        # an estimate, or counts another template's rendering), a reply within max_tokens and the text received
+        # (each token brings at least a byte, a chunk may bring several). Quotas and the ledger charge these.
+        prompt_tokens = _reported(usage.get("prompt_tokens"), ceiling=self.context_length) or request.prompt_tokens
+        received = max(pieces, len(text.encode("utf-8", "surrogatepass"))) + PIECE_SLACK
+        completion_tokens = min(_reported(usage.get("completion_tokens"), ceiling=received) or pieces,
+                                request.body["max_tokens"])
+        cached = _reported((details or {}).get("cached_tokens"), ceiling=prompt_tokens) or 0
         completion = Completion(text=text, finish_reason=reason,
-                                prompt_tokens=int(usage.get("prompt_tokens") or request.prompt_tokens),
-                                completion_tokens=int(usage.get("completion_tokens") or pieces),
+                                prompt_tokens=prompt_tokens,
+                                completion_tokens=completion_tokens,
                                 # Not passed on: an upstream reuses its cache token by token whoever sent the
                                 # prompt, so its count would tell one tenant another's prompt, a guessed token
                                 # at a time. It stays in the metrics (below).

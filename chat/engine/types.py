@@ -63,7 +63,8 @@ class ModelSpec:
     remote_model: str | None = None  # the upstream's name of the model (default: `name`)
     api_key_env: str | None = None  # environment variable holding the upstream's API key
     remote_api: str = "chat"  # "chat": /v1/chat/completions | "completions": /v1/completions
-    timeout: float = 120.0  # seconds to wait for the upstream's next bytes
+    timeout: float = 120.0  # seconds to wait for the upstream's next data (SSE comments such as pings do not count)
+    reply_timeout: float = 1800.0  # seconds one reply may take upstream in all, failovers included
     connect_timeout: float = 5.0  # seconds to wait for a connection
     max_connections: int = 16  # upstream requests at once (all base_urls together); more wait in a queue
     # Each upstream's slots (llama-server's --parallel): requests beyond them wait here and a freed slot goes to a
@@ -96,7 +97,7 @@ class ModelSpec:
                 raise ValueError(f"model {self.name!r}: remote_api must be one of {REMOTE_APIS}")
             if self.routing not in ROUTINGS:
                 raise ValueError(f"model {self.name!r}: routing must be one of {ROUTINGS}")
-            if self.timeout <= 0 or self.connect_timeout <= 0 or self.max_connections < 1:
+            if min(self.timeout, self.connect_timeout, self.reply_timeout) <= 0 or self.max_connections < 1:
                 raise ValueError(f"model {self.name!r}: timeouts must be positive and max_connections at least 1")
             if self.upstream_slots < 0:
                 raise ValueError(f"model {self.name!r}: upstream_slots cannot be negative")

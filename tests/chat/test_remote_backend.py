@@ -464,6 +464,8 @@ REMOTE = "system_prompt: hi\nmodels:\n  - name: r\n    backend: openai_compatibl
                                                                    "environment variable (letters, digits, _), never "
                                                                    "the key itself"),
     ("    base_url: http://gpu-1\n    timeout: 0\n", "model 'r': timeout must be a positive number of seconds"),
+    ("    base_url: http://gpu-1\n    reply_timeout: -1\n", "model 'r': reply_timeout must be a positive number of "
+                                                        "seconds"),
     ("    base_url: http://gpu-1\n    max_connections: 0\n", "model 'r': max_connections must be at least 1"),
     ("    base_url: http://gpu-1\n    remote_api: embeddings\n", "model 'r': remote_api must be chat or completions"),
     ("    base_url: http://gpu-1\n    routing: random\n", "model 'r': routing must be affinity or round_robin"),
@@ -487,6 +489,7 @@ def test_config_accepts_a_remote_model_without_model_path(tmp_path):
     assert model.threads == 0  # options of the local backends are dropped
     assert model.routing == "affinity"  # by prompt prefix unless `routing: round_robin`
     assert model.upstream_slots == 0  # no slot gate unless set
+    assert model.reply_timeout == 1800  # a reply's deadline upstream, failovers included, unless set
     config.write_text("system_prompt: hi\nmodel_path: m.gguf\nbase_url: http://gpu-1\n")
     with pytest.raises(ConfigError, match="base_url is only used with backend openai_compatible"):
         load_config(config, base_dir=tmp_path)
