@@ -24,6 +24,8 @@ class FakeUpstream:
                  script=None):
         self.words = tuple(words)
         self.script = script
+        self.tokenize_body = None  # text -> raw JSON bytes answered by /tokenize for it (None: a fair answer)
+        self.headers_seen: list[dict] = []
         self.tokenize = tokenize
         self.die_after = die_after
         self.gate = threading.Event()
@@ -45,7 +47,11 @@ class FakeUpstream:
 
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                fake.headers_seen.append(dict(self.headers))
                 if self.path == "/tokenize" and fake.tokenize and isinstance(body.get("content"), str):
+                    raw = fake.tokenize_body(body["content"]) if fake.tokenize_body is not None else None
+                    if raw is not None:
+                        return self._answer_raw(raw)
                     return self._answer(200, {"tokens": list(range(len(body["content"]) // 4 + 1))})
                 if self.path != "/v1/chat/completions":
                     return self._answer(404, {"error": {"message": "not found"}})
@@ -81,6 +87,16 @@ class FakeUpstream:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def _answer_raw(self, payload: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except OSError:  # the engine stopped reading: what a hostile answer waits for
+                    pass
 
             def log_message(self, *args):
                 pass

@@ -77,6 +77,7 @@ HEALTH_TIMEOUT = 2.0  # seconds one probe may take: a hung upstream is down, and
 REPLY_BYTES = 4 * 1024 * 1024  # bytes of a reply besides its tokens' share (SSE framing, a JSON body's shell)
 BYTES_PER_TOKEN = 4096  # each token's share: its text JSON-escaped, with up to 20 top logprobs
 ERROR_BODY_BYTES = 64 * 1024  # of an error answer, read only for its message
+TOKENIZE_BODY_BYTES = 8 * 1024 * 1024  # a tokenize or detokenize answer (a 1M-token prompt's ids fit)
 PIECE_SLACK = 16  # chunks an upstream may send beyond max_tokens (a token's text split over chunks, tool-call diffs)
 
 
@@ -185,20 +186,22 @@ class RemoteTokenizer:
         """(status, JSON object) from the first upstream that answers, or None when none does."""
         for upstream in self._pool.candidates(rotate=False):
             try:
-                response = self._client.post(upstream.root + path, json=payload, headers=self._headers)
+                with self._client.stream("POST", upstream.root + path, json=payload, headers=self._headers) as response:
+                    status = response.status_code
+                    body = _read_at_most(response, TOKENIZE_BODY_BYTES + 1) if status < 500 else b""
             except httpx.TransportError as error:
                 self._pool.failed(upstream)
                 logger.warning("upstream %s: tokenize failed (%s)", upstream.label, type(error).__name__)
                 continue
-            if response.status_code >= 500:
+            if status >= 500:
                 self._pool.failed(upstream)
                 continue
             self._pool.succeeded(upstream)
-            try:
-                data = response.json()
+            try:  # an answer past the bound is no token list of any prompt this server sends
+                data = json.loads(body) if len(body) <= TOKENIZE_BODY_BYTES else {}
             except ValueError:
                 data = {}
-            return response.status_code, data if isinstance(data, dict) else {}
+            return status, data if isinstance(data, dict) else {}
         return None
 
 
@@ -433,7 +436,8 @@ class RemoteEngine(EngineProtocol):
         self._health_interval = health_interval
         self._pool = UpstreamPool(spec.base_urls, routing=spec.routing, slots=spec.upstream_slots)
         self._remote_model = spec.remote_model or spec.name
-        headers = {"Accept": "text/event-stream"}
+        # identity: the byte bounds below count what arrives; a compressed chunk could expand a thousandfold first.
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env, "")
             if not key:

@@ -247,3 +247,14 @@ def test_a_reply_that_goes_on_past_reply_timeout_fails_without_failover(upstream
         reply(engine)
     assert time.monotonic() - started < 4
     assert spare.requests == []
+
+
+def test_a_huge_tokenize_answer_is_not_read_whole_and_the_count_is_estimated(upstreams, engines):
+    upstream = upstreams()
+    huge = b'{"tokens": [' + b"1," * (6 << 20) + b"1]}"  # 12 MB of token ids for a short text
+    upstream.tokenize_body = lambda text: huge if text == "a short text" else None
+    engine = engines(upstream)
+    assert engine.tokenize("Hello") == list(range(2))  # the fair answer
+    assert engine.tokenize("a short text") == [0] * -(-len("a short text") // remote.CHARS_PER_TOKEN)  # estimated
+    # What arrives is what is counted: a compressed answer could expand a thousandfold past the bounds first.
+    assert all(seen.get("Accept-Encoding") == "identity" for seen in upstream.headers_seen)
