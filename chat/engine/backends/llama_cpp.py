@@ -733,8 +733,8 @@ class LlamaCppBackend(Backend):
 
         Each prompt chunk is PROMPT_CHUNK tokens from an aligned position (or the prompt's end), evaluated in a
         call whose shape keeps its cells independent of what else ran (_prompt_calls). While sequences
-        decode, the prefill budget limits the prompt tokens of a step, but every waiting prompt gets
-        `prefill_min_tokens` (in whole chunks) and the oldest at least one chunk. The decoding sequences go
+        decode, the prefill budget limits the prompt tokens of a step, but each owner's oldest waiting prompt
+        gets `prefill_min_tokens` (in whole chunks) and the oldest of all at least one chunk. The decoding sequences go
         into their batch in increasing sequence-id order, and are first packed onto consecutive slots: with
         per-sequence KV streams llama.cpp puts sequences into one pass only while their ids run on by one
         (0, 1, 2...); out-of-order or scattered ids split a step into several passes (+35% measured).
@@ -829,14 +829,20 @@ class LlamaCppBackend(Backend):
         return calls
 
     def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int) -> list[tuple[Sequence, int]]:
-        """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt."""
+        """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt.
+
+        The minimum beyond the allowance goes to each owner's oldest prompt only: an owner with seven long
+        prompts would otherwise put seven chunks into every step of everyone's streams."""
         chunks, taken = [], dict.fromkeys(prefilling, 0)
+        oldest_of_owner: dict[str, Sequence] = {}
+        for seq in prefilling:
+            oldest_of_owner.setdefault(seq.owner, seq)
         rounds = 0
         while True:
             added = False
             for seq in prefilling:
                 size = chunk_size(len(seq.backend_state.pending) - taken[seq])
-                guaranteed = rounds < self._min_prompt_chunks or not chunks
+                guaranteed = (rounds < self._min_prompt_chunks and oldest_of_owner[seq.owner] is seq) or not chunks
                 if size <= 0 or (size > allowance and not guaranteed):
                     continue
                 chunks.append((seq, size))

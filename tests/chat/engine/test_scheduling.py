@@ -223,6 +223,34 @@ def test_a_long_prompt_is_split_over_steps_while_a_stream_gets_a_token_every_ste
         backend.release(seq)
 
 
+def test_the_minimum_prompt_chunk_beside_streams_is_per_owner_not_per_prompt(tiny_gguf):
+    """Beyond the budget each owner's oldest prompt advances one chunk a step: an owner sending many long prompts
+    must not put a chunk of each into every step of everyone's streams."""
+    spec = ModelSpec("budget-owners", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0,
+                     prefill_step_ms=1, prefill_min_tokens=8)
+    backend = LlamaCppBackend.load(spec)
+    try:
+        stream = new_sequence(backend.tokenize("hello world what"))
+        backend.start(stream)
+        backend.step([stream])  # decoding from now on
+        text = "water sound people day number first who may down side been now find " * 8
+        # Different from their first token: no prompt waits to share another's prefix.
+        first, second, other = (new_sequence(backend.tokenize(head + text)) for head in ("one ", "two ", "three "))
+        first.owner = second.owner = "flood"
+        other.owner = "someone"
+        for seq in (first, second, other):
+            backend.start(seq)
+        pending = {seq: len(seq.backend_state.pending) for seq in (first, second, other)}
+        backend.step([stream, first, second, other])
+        advanced = {seq: pending[seq] - len(seq.backend_state.pending) for seq in pending}
+        assert advanced[first] == advanced[other] == 64
+        assert advanced[second] == 0  # the same owner's next prompt waits for the budget
+        for seq in (stream, first, second, other):
+            backend.release(seq)
+    finally:
+        backend.close()
+
+
 def test_prompts_go_at_full_batch_size_when_nothing_decodes(budget_backend):
     backend = budget_backend
     tokens = backend.tokenize("water sound people day number first who may down side been now find " * 4)
