@@ -629,10 +629,10 @@ class LlamaCppBackend(Backend):
         llama, memory = self._llama, self._memory
         if slot.copy_pending and not self._apply_copies(slot):  # the copy would overwrite it, or carry it away
             return 0
-        accepted = llama.llama_state_seq_set_data(self._context, entry.state, entry.size, slot.seq_id)
+        taken = llama.llama_state_seq_set_data(self._context, entry.state, entry.size, slot.seq_id)
         # llama.cpp takes a state with a cell at the largest position, which the trim below (end exclusive) keeps
         # and every later decode of the slot fails on: the sequence must end where its prefix ends.
-        accepted = accepted and llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1) and (
+        accepted = taken and llama.llama_memory_seq_rm(memory, slot.seq_id, length, -1) and (
             llama.llama_memory_seq_pos_min(memory, slot.seq_id) == 0
             and llama.llama_memory_seq_pos_max(memory, slot.seq_id) == length - 1)
         if accepted:
@@ -642,7 +642,10 @@ class LlamaCppBackend(Backend):
         if from_disk:  # a file this context cannot take would be read again and again
             self._disk.discard(entry.tokens)
         logger.warning("could not restore a cached prefix of %d tokens; evaluating it again", length)
-        self._empty_sequence(slot)
+        if taken:  # its cells may hold one that llama_memory_seq_rm cannot remove
+            self._empty_sequence(slot)
+        else:  # llama.cpp emptied the sequence itself when it refused the state
+            llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
         slot.kv_tokens, slot.exact = [], 0
         return 0
 
