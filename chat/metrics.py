@@ -46,6 +46,8 @@ class EngineCollector:
                                      "prompt (n choices) instead of evaluating it.", labels=["model"])
         failovers = CounterMetricFamily("llmsite_upstream_failovers", "Replies an upstream broke off, continued on "
                                         "the next upstream.", labels=["model"])
+        preempted = CounterMetricFamily("llmsite_scheduler_preemptions", "Running sequences suspended to give their "
+                                        "slot to another owner's waiting request.", labels=["model"])
         dropped = CounterMetricFamily("llmsite_state_writes_dropped", "Conversation states not written to state_dir "
                                       "because the disk writer was behind.", labels=["model"])
         for name, engine in loaded_engines():
@@ -54,13 +56,14 @@ class EngineCollector:
             dropped.add_metric([name], stats.get("state_writes_dropped", 0))
             evaluated.add_metric([name], stats.get("prompt_tokens_evaluated", 0))
             forked.add_metric([name], stats.get("forked_sequences", 0))
+            preempted.add_metric([name], stats.get("preemptions", 0))
             active.add_metric([name], stats.get("active", 0))
             queued.add_metric([name], stats.get("queued", 0))
             hits.add_metric([name], stats.get("prefix_hits", 0))
             misses.add_metric([name], stats.get("prefix_misses", 0))
             for reason in ("queue_full", "queue_timeout"):
                 rejected.add_metric([name, reason], stats.get(f"rejected_{reason}", 0))
-        yield from (active, queued, hits, misses, rejected, evaluated, forked, failovers, dropped)
+        yield from (active, queued, hits, misses, rejected, evaluated, forked, preempted, failovers, dropped)
         yield from upstream_families()
 
 

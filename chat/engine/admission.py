@@ -54,6 +54,21 @@ class AdmissionQueue:
         self._by_owner.setdefault(seq.owner, deque()).append((next(self._tickets), seq))
         self._size += 1
 
+    def requeue(self, seq: Sequence) -> None:
+        """Put back a sequence that was running (suspended): ahead of its owner's other waiting sequences."""
+        waiting = self._by_owner.setdefault(seq.owner, deque())
+        waiting.appendleft((waiting[0][0] if waiting else next(self._tickets), seq))
+        self._size += 1
+
+    def next_owner(self, active: Mapping[str, int]) -> str | None:
+        """The owner pop_next would admit from (None if nobody waits)."""
+        if not self._by_owner:
+            return None
+        return min(self._by_owner, key=lambda name: self._order(name, active))
+
+    def _order(self, owner: str, active: Mapping[str, int]) -> tuple[int, int, int]:
+        return active.get(owner, 0), self._last_admitted.get(owner, 0), self._by_owner[owner][0][0]
+
     def remove(self, seq: Sequence) -> None:
         waiting = self._by_owner[seq.owner]
         for item in waiting:
@@ -68,8 +83,7 @@ class AdmissionQueue:
 
     def pop_next(self, active: Mapping[str, int]) -> Sequence:
         """The next sequence to admit, given how many sequences each owner has active."""
-        owner = min(self._by_owner, key=lambda name: (active.get(name, 0), self._last_admitted.get(name, 0),
-                                                      self._by_owner[name][0][0]))
+        owner = min(self._by_owner, key=lambda name: self._order(name, active))
         waiting = self._by_owner[owner]
         _, seq = waiting.popleft()
         self._size -= 1

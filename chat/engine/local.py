@@ -173,7 +173,8 @@ class Engine(EngineProtocol):
 
     def stats(self) -> dict:
         """Counters: active, queued, prefix_hits, prefix_misses, tokens_generated, prompt_tokens (since load),
-        plus cached_prompt_tokens, peak_active and backend details (prefix cache size)."""
+        plus cached_prompt_tokens, peak_active, preemptions/resumptions (sequences suspended for another owner and
+        resumed; `suspended`: waiting to resume) and backend details (prefix cache size)."""
         return self._scheduler.stats()
 
     def close(self) -> None:

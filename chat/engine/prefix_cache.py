@@ -1,4 +1,9 @@
-"""A memory-bounded LRU store of evaluated prompt prefixes (saved sequence states), looked up by longest common prefix."""
+"""A memory-bounded LRU store of evaluated prompt prefixes (saved sequence states), looked up by longest common prefix.
+
+An entry may hold more than a prompt's whole chunks: a suspended sequence's state (its prompt and the tokens it
+decoded) is kept here until it resumes. Its `exact` part (whole aligned prompt chunks) is all that another prompt
+may reuse; the rest is restored only by the sequence itself (match `exact_only=False`).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,12 @@ class CachedPrefix:
     tokens: tuple[int, ...]  # the tokens whose evaluated state `state` holds, from position 0
     state: Any  # opaque to the cache (a ctypes buffer of llama_state_seq_get_data)
     size: int  # bytes, counted against the budget
+    exact: int | None = None  # leading tokens a cold prompt computes the same (whole chunks); None: all of them
+
+    @property
+    def reusable(self) -> int:
+        """How many leading tokens any prompt may reuse."""
+        return len(self.tokens) if self.exact is None else min(self.exact, len(self.tokens))
 
 
 class PrefixCache:
@@ -42,10 +53,12 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def longest_match(self, tokens: Sequence[int]) -> tuple[CachedPrefix | None, int]:
-        """The entry sharing the longest prefix with `tokens`, and that length (0 if none)."""
+    def longest_match(self, tokens: Sequence[int], *, exact_only: bool = True) -> tuple[CachedPrefix | None, int]:
+        """The entry sharing the longest prefix with `tokens`, and that length (0 if none). `exact_only`: counted
+        only as far as the entry may be reused by any prompt; False: as far as its tokens go (a suspended sequence
+        restoring its own state)."""
         with self._lock:
-            best, best_length = self._best(tokens)
+            best, best_length = self._best(tokens, exact_only)
             if best is not None:
                 self._entries.move_to_end(best.tokens)  # recently used
             return best, best_length
@@ -53,23 +66,29 @@ class PrefixCache:
     def match_length(self, tokens: Sequence[int]) -> int:
         """How much of `tokens` the best entry holds, without counting it as used."""
         with self._lock:
-            return self._best(tokens)[1]
+            return self._best(tokens, True)[1]
 
-    def covers(self, tokens: Sequence[int]) -> bool:
-        """Whether some entry already holds all of `tokens` (so saving them again is pointless)."""
+    def covers(self, tokens: Sequence[int], *, exact: int | None = None) -> bool:
+        """Whether some entry already holds all of `tokens`, its first `exact` (default: all) reusable by any prompt
+        (so saving them again is pointless)."""
         n = len(tokens)
+        needed = n if exact is None else exact
         with self._lock:
-            return any(len(key) >= n and common_prefix_length(key, tokens) == n for key in self._entries)
+            return any(len(key) >= n and entry.reusable >= needed and common_prefix_length(key, tokens) == n
+                       for key, entry in self._entries.items())
 
-    def put(self, tokens: Sequence[int], state: Any, size: int) -> bool:
-        """Store a state; entries it extends are dropped. Returns False if it cannot fit at all."""
+    def put(self, tokens: Sequence[int], state: Any, size: int, *, exact: int | None = None) -> bool:
+        """Store a state (`exact`: see CachedPrefix); entries it extends, and holds as reusably, are dropped.
+        Returns False if it cannot fit at all."""
         if size > self.budget_bytes:
             return False
         tokens = tuple(tokens)
+        entry = CachedPrefix(tokens, state, size, exact)
         with self._lock:
-            for key in [k for k in self._entries if len(k) <= len(tokens) and tokens[: len(k)] == k]:
+            for key in [k for k, old in self._entries.items()
+                        if len(k) <= len(tokens) and tokens[: len(k)] == k and old.reusable <= entry.reusable]:
                 self._remove(key)
-            self._entries[tokens] = CachedPrefix(tokens, state, size)
+            self._entries[tokens] = entry
             self.total_bytes += size
             while self.total_bytes > self.budget_bytes:
                 self._remove(next(iter(self._entries)))
@@ -80,10 +99,12 @@ class PrefixCache:
             self._entries.clear()
             self.total_bytes = 0
 
-    def _best(self, tokens: Sequence[int]) -> tuple[CachedPrefix | None, int]:
+    def _best(self, tokens: Sequence[int], exact_only: bool) -> tuple[CachedPrefix | None, int]:
         best, best_length = None, 0
         for entry in self._entries.values():
             length = common_prefix_length(entry.tokens, tokens)
+            if exact_only:
+                length = min(length, entry.reusable)
             if length > best_length:
                 best, best_length = entry, length
         return best, best_length

@@ -7,6 +7,15 @@ only queue_timeout seconds; beyond either it fails with EngineOverloaded (503 + 
 Waiting requests are admitted fairly between owners (chat/engine/admission.py), and one owner may hold
 at most half of the queue's places, so a flood by one owner never fills it for the others.
 
+Preemption: fair admission shares only the slots that free up, so an owner holding every slot with long
+generations would keep the others waiting until queue_timeout. When another owner's request has waited
+PREEMPT_AFTER_SECONDS for a full engine, the owner holding the most slots, if more than its fair share
+(ceil(slots / owners active or waiting)) and not the owner that would be admitted, has its most recently started
+decoding sequence suspended (at most one per step): the backend keeps its state (Backend.suspend), it goes back
+to the queue ahead of its owner's other requests, without a queue_timeout, and resumes where it stopped when
+admitted again; its client's stream just pauses. A resumed sequence decodes RESUME_GRACE_TOKENS before it may be
+suspended again. One owner alone is never preempted, nor is a backend that cannot suspend.
+
 Liveness: every step records a heartbeat. A scheduler that made no step for `stall_seconds` while
 work waits is not `alive` (/ready fails, the registry replaces its engine). Closing never waits
 long for a hung step: the thread frees the backend itself (`on_stopped`) whenever it gets out.
@@ -14,6 +23,7 @@ long for a hung step: the thread frees the backend itself (`on_stopped`) wheneve
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -35,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER = 60  # seconds; a longer estimate is no better a hint to a client
 STALL_SECONDS = 120.0  # a step longer than this while work waits means a hung scheduler (a long prefill step takes seconds)
+# Another owner's request waits this long for a full engine before a slot is taken back for it: short replies
+# just finish, and one owner's long generations cannot keep the others out.
+PREEMPT_AFTER_SECONDS = 1.5
+RESUME_GRACE_TOKENS = 8  # tokens a resumed sequence decodes before it may be suspended again (no thrashing)
 
 
 class Scheduler:
@@ -53,6 +67,11 @@ class Scheduler:
         self._queue_timeout = queue_timeout  # seconds; 0 = no limit
         self._queued_at: dict[Sequence, float] = {}
         self._started_at: dict[Sequence, float] = {}  # scheduler thread only
+        self._start_order: dict[Sequence, int] = {}  # when each active sequence was first started (scheduler thread)
+        self._starts = itertools.count()
+        self._grace: dict[Sequence, int] = {}  # resumed sequences: completion_tokens from which they may be suspended
+        self._suspended: set[Sequence] = set()  # queued sequences that were running; changed under the lock
+        self._last_preemption_step = -1
         self._generation_seconds: float | None = None  # moving average, for Retry-After
         self._crashed = False
         self._wakeup = threading.Condition()
@@ -63,7 +82,7 @@ class Scheduler:
         self._closing = False
         self._counters = dict(
             prefix_hits=0, prefix_misses=0, tokens_generated=0, prompt_tokens=0, cached_prompt_tokens=0, peak_active=0,
-            rejected_queue_full=0, rejected_queue_timeout=0,
+            rejected_queue_full=0, rejected_queue_timeout=0, preemptions=0, resumptions=0,
         )
         self._busy_seconds = 0.0  # wall time of loop iterations that decoded something
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}", daemon=True)
@@ -77,8 +96,10 @@ class Scheduler:
                 raise EngineClosed(f"Model {self._model_name!r} is shutting down.")
             # One owner holds at most half of the queue, and the last quarter waits for owners with nothing
             # queued: floods are refused while others still find a place.
-            waiting = self._queued.waiting_of(seq.owner)
-            if self._max_queue and (len(self._queued) >= queue_bound(self._max_queue, waiting) or
+            # Suspended sequences (running requests waiting for their slot back) take no place of the queue.
+            waiting = self._queued.waiting_of(seq.owner) - sum(1 for s in self._suspended if s.owner == seq.owner)
+            queued = len(self._queued) - len(self._suspended)
+            if self._max_queue and (queued >= queue_bound(self._max_queue, waiting) or
                                     waiting >= owner_share(self._max_queue)):
                 self._counters["rejected_queue_full"] += 1
                 raise EngineOverloaded(self._model_name, self._retry_after_locked())
@@ -123,12 +144,14 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._wakeup:
-            queued = len(self._queued)
+            suspended = len(self._suspended)
+            queued = len(self._queued) - suspended
         active = list(self._active)  # a copy: the scheduler thread changes the list
         return {
             "active": len(active),
             "active_by_owner": dict(Counter(seq.owner for seq in active)),
             "queued": queued,
+            "suspended": suspended,  # preempted sequences waiting for a slot (not counted in queued)
             **self._counters,
             "busy_seconds": self._busy_seconds,
             **self._backend.stats(),
@@ -226,10 +249,12 @@ class Scheduler:
         """Queued requests that fit into free slots; blocks while there is nothing to do. None = stop."""
         while True:
             ended: list[tuple[Sequence, EngineError | None]] = []  # told after the lock is released
+            victim: Sequence | None = None
             with self._wakeup:
                 if self._closing:
                     return None
-                # Requests cancelled while still queued leave without ever taking a slot.
+                # Requests cancelled while still queued leave without ever taking a slot (or, suspended, without
+                # taking one again).
                 for seq in [s for s in self._queued if s.generation.cancel_requested]:
                     self._queued.remove(seq)
                     self._queued_at.pop(seq, None)
@@ -252,12 +277,76 @@ class Scheduler:
                         active[seq.owner] += 1
                         self._queued_at.pop(seq, None)
                         newcomers.append(seq)
-                    return newcomers
+                    if newcomers or not admitting:
+                        return newcomers
+                    victim = self._preemption_victim_locked(active)
+                    if victim is None:
+                        return newcomers
+            if victim is not None:
+                self._suspend(victim)  # then admit into the slot it freed
+                continue
             for seq, error in ended:
+                if seq in self._suspended:  # it held sampler state: the backend frees it
+                    self._forget_suspended(seq)
                 if error is None:
                     seq.generation._push_done(self._completion(seq, "cancelled"))
                 else:
                     seq.generation._push_error(error)
+
+    def _preemption_victim_locked(self, active: Counter) -> Sequence | None:
+        """The sequence to suspend so that a waiting owner gets a slot, or None (see the module's docstring)."""
+        slots = self._backend.max_sequences
+        if (not self._backend.can_suspend or self._last_preemption_step == self._steps
+                or len(self._active) < slots):
+            return None
+        waiting = [seq for seq in self._queued if seq not in self._suspended]
+        owners = set(active) | {seq.owner for seq in self._queued}
+        if not waiting or len(owners) < 2:
+            return None
+        fair = math.ceil(slots / len(owners))
+        due = time.monotonic() - PREEMPT_AFTER_SECONDS
+        for owner, held in active.most_common():
+            if held <= fair:
+                break
+            if not any(seq.owner != owner and self._queued_at.get(seq, due) < due for seq in waiting):
+                continue  # nobody else has waited long enough
+            if self._queued.next_owner(active - Counter({owner: 1})) == owner:
+                continue  # the slot would go back to the same owner
+            candidates = [seq for seq in self._active if seq.owner == owner and not seq.generation.cancel_requested
+                          and seq.completion_tokens >= self._grace.get(seq, 0) and self._backend.suspendable(seq)]
+            if candidates:
+                self._last_preemption_step = self._steps
+                return max(candidates, key=lambda seq: self._start_order.get(seq, -1))
+        return None
+
+    def _suspend(self, seq: Sequence) -> None:
+        """Take `seq`'s slot away; it waits in the queue, ahead of its owner's other requests, to go on later."""
+        held = sum(1 for other in self._active if other.owner == seq.owner)
+        try:
+            self._backend.suspend(seq)
+        except Exception:
+            logger.exception("model %r could not suspend a sequence", self._model_name)
+            self._finish(seq, error=GenerationFailed(self._model_name))
+            return
+        self._active.remove(seq)
+        self._counters["preemptions"] += 1
+        logger.info("model %r: suspended a sequence of owner %s (it held %d of %d slots; %d tokens generated) "
+                    "for another owner's waiting request", self._model_name, seq.owner or "-", held,
+                    self._backend.max_sequences, seq.completion_tokens)
+        with self._wakeup:
+            self._queued.requeue(seq)  # not in _queued_at: no queue_timeout
+            self._suspended.add(seq)
+
+    def _forget_suspended(self, seq: Sequence) -> None:
+        """A suspended sequence that will not resume (cancelled): the backend frees what it kept."""
+        with self._wakeup:
+            self._suspended.discard(seq)
+        for table in (self._started_at, self._start_order, self._grace):
+            table.pop(seq, None)
+        try:
+            self._backend.release(seq)
+        except Exception:
+            logger.exception("model %r could not release a suspended sequence", self._model_name)
 
     def _expire_queued_locked(self, ended: list) -> None:
         """Fail requests that waited longer than queue_timeout: a clear 503 beats a hang."""
@@ -271,9 +360,15 @@ class Scheduler:
             ended.append((seq, EngineOverloaded(self._model_name, self._retry_after_locked(), waited=True)))
 
     def _start(self, seq: Sequence) -> None:
+        resumed = seq in self._suspended
+        if resumed:
+            with self._wakeup:
+                self._suspended.discard(seq)
         try:
             self._backend.start(seq)
         except Exception as error:
+            for table in (self._started_at, self._start_order, self._grace):
+                table.pop(seq, None)
             if not isinstance(error, EngineError):
                 logger.exception("model %r could not start a sequence", self._model_name)
                 error = GenerationFailed(self._model_name)
@@ -283,10 +378,15 @@ class Scheduler:
                 logger.exception("model %r could not release a sequence that failed to start", self._model_name)
             seq.generation._push_error(error)
             return
-        seq.generation._mark_admitted()
         self._active.append(seq)
-        self._started_at[seq] = time.monotonic()
         self._counters["peak_active"] = max(self._counters["peak_active"], len(self._active))
+        if resumed:  # its prompt and first start were counted once
+            self._counters["resumptions"] += 1
+            self._grace[seq] = seq.completion_tokens + RESUME_GRACE_TOKENS
+            return
+        seq.generation._mark_admitted()
+        self._started_at[seq] = time.monotonic()
+        self._start_order[seq] = next(self._starts)
         self._counters["prompt_tokens"] += len(seq.prompt_tokens)
         self._counters["cached_prompt_tokens"] += seq.cached_prompt_tokens
         self._counters["prefix_hits" if seq.cached_prompt_tokens else "prefix_misses"] += 1
@@ -310,6 +410,8 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str = "", error: EngineError | None = None) -> None:
         self._active.remove(seq)
+        self._start_order.pop(seq, None)
+        self._grace.pop(seq, None)
         started = self._started_at.pop(seq, None)
         if started is not None and reason in ("stop", "length"):
             seconds = time.monotonic() - started

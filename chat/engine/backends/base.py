@@ -28,6 +28,9 @@ class Backend(ABC):
     chat_template_source: str | None  # tokenizer.chat_template of the file, if any
     control_tokens: dict[str, int]  # text -> id of the tokens only special-token parsing gives (template markup)
     faults = None  # test-only fault injection (chat/engine/faults.py), set by the engine
+    # suspend() is implemented: the scheduler may take a decoding sequence's slot for another owner's request
+    # (preemption, chat/engine/scheduler.py) and start() resumes it later. A backend without it is never preempted.
+    can_suspend = False
 
     # -- any thread --------------------------------------------------------------------------
 
@@ -57,7 +60,17 @@ class Backend(ABC):
 
     @abstractmethod
     def start(self, seq: Sequence) -> None:
-        """Give `seq` a sequence slot (reusing a cached prefix where possible); sets seq.cached_prompt_tokens."""
+        """Give `seq` a sequence slot (reusing a cached prefix where possible); sets seq.cached_prompt_tokens.
+        A suspended sequence (see suspend) gets a slot again and goes on decoding where it stopped."""
+
+    def suspendable(self, seq: Sequence) -> bool:
+        """Whether `seq` may be suspended now (it decodes; it is not evaluating its prompt or waiting for a copy)."""
+        return False
+
+    def suspend(self, seq: Sequence) -> None:
+        """Free `seq`'s slot but keep what it needs to go on (sampler, grammar, its evaluated state where memory
+        allows) until start() resumes it or release() drops it. Only if can_suspend and suspendable(seq)."""
+        raise NotImplementedError
 
     @abstractmethod
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
@@ -70,7 +83,7 @@ class Backend(ABC):
 
     @abstractmethod
     def release(self, seq: Sequence) -> None:
-        """`seq` is finished or cancelled: free its slot."""
+        """`seq` is finished or cancelled (running or suspended): free its slot and what it holds."""
 
     def stats(self) -> dict:
         return {}

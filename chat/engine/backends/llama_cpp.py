@@ -25,6 +25,12 @@ the same in any company. Forks (`n` choices): a sequence whose prompt is the ver
 prompt another slot is evaluating waits for it, then gets a copy of the whole sequence and samples its first
 token from the same logits row with its own sampler: the prompt is evaluated once.
 
+Suspension (preemption, chat/engine/scheduler.py): a decoding sequence's slot may be taken for another owner. Its
+whole state (prompt and decoded tokens) is saved into the prefix cache, marked as reusable by other prompts only
+up to its whole prompt chunks; its samplers stay. On resume it takes the slot that still holds it, else restores
+the saved state (the same cells: it decodes on exactly as it would have), else evaluates prompt and decoded tokens
+again as one prompt, under the rules of prompts (aligned chunks, whole-chunk reuse).
+
 Failure containment: an error while sampling one sequence (logprobs, grammar) fails that sequence
 only (SequencesFailed); a token the grammar rejects is never accepted (that throws a C++ exception
 through ctypes, which aborts the process), and a failed start releases what it claimed.
@@ -222,10 +228,14 @@ class _SequenceState:
     twin: _Share | None = None  # set while waiting to fork from a slot evaluating the very same prompt
     prefilling: bool = True  # until the prompt's last token is decoded
     logits_index: int | None = None  # batch row of this sequence's logits in the current step
+    # While suspended (slot None): the tokens its slot held, i.e. the prompt and every decoded token but the last
+    # sampled one, which is still `pending`.
+    resume_tokens: list[int] | None = None
 
 
 class LlamaCppBackend(Backend):
     name = "llama_cpp"
+    can_suspend = True
 
     @classmethod
     def load(cls, spec: ModelSpec) -> LlamaCppBackend:
@@ -299,6 +309,9 @@ class LlamaCppBackend(Backend):
         self._shared_prefixes = 0  # prefixes copied from a busy slot instead of evaluated
         self._forks = 0  # sequences forked from another evaluating the same prompt (n choices): no prompt work
         self._moves = 0  # sequences moved to keep busy slots consecutive
+        self._suspended: set[_SequenceState] = set()  # states of suspended sequences (their samplers are ours)
+        self._resumes_restored = 0  # suspended sequences that went on from their own cells (slot or saved state)
+        self._resumes_evaluated = 0  # ...that had their prompt and decoded tokens evaluated again
         self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
         # every waiting prompt advances at least this many whole chunks per step, even past the budget
         self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
@@ -430,6 +443,9 @@ class LlamaCppBackend(Backend):
     # -- scheduler thread --------------------------------------------------------------------
 
     def start(self, seq: Sequence) -> None:
+        if seq.backend_state is not None and seq.backend_state.resume_tokens is not None:
+            self._resume(seq)
+            return
         if not seq.prompt_tokens:  # would decode nothing, then sample logits of another sequence's row
             raise InvalidRequest("The prompt is empty: it must contain at least one token.")
         # First: if the grammar does not parse, no slot is left claimed.
@@ -460,6 +476,73 @@ class LlamaCppBackend(Backend):
                 if claimed is not None:
                     self._llama.llama_sampler_free(claimed)
             raise
+
+    def suspendable(self, seq: Sequence) -> bool:
+        state: _SequenceState | None = seq.backend_state
+        return (state is not None and state.slot is not None and not state.prefilling and state.share is None
+                and state.twin is None and len(state.pending) == 1)
+
+    def suspend(self, seq: Sequence) -> None:
+        """Free the slot of a decoding sequence; its state goes to the prefix cache (where the budget allows) and
+        its samplers stay with it until it resumes (start) or is released."""
+        state: _SequenceState = seq.backend_state
+        slot = state.slot
+        self._save_suspended(slot)
+        state.resume_tokens = list(slot.kv_tokens)
+        state.slot, state.logits_index = None, None
+        slot.busy = slot.waiting = False
+        slot.last_used = time.monotonic()  # its cells stay: the sequence takes this slot back if nobody took it
+        self._suspended.add(state)
+
+    def _save_suspended(self, slot: _Slot) -> None:
+        """Save everything `slot` holds (decoded tokens included) into the memory cache; only its whole chunks are
+        reusable by other prompts. Never to disk: it is kept for one sequence's resumption."""
+        tokens = slot.kv_tokens
+        if not self._cache.budget_bytes or self._cache.covers(tokens, exact=slot.exact):
+            return
+        if slot.copy_pending and not self._apply_copies(slot):
+            return
+        size = self._llama.llama_state_seq_get_size(self._context, slot.seq_id)
+        state = (ctypes.c_uint8 * size)()
+        if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) == size:
+            self._cache.put(tokens, state, size, exact=slot.exact)
+
+    def _resume(self, seq: Sequence) -> None:
+        """A suspended sequence gets a slot holding exactly its cells (its own old slot, or its saved state
+        restored), else evaluates its prompt and decoded tokens again as a prompt. seq.cached_prompt_tokens stays."""
+        state: _SequenceState = seq.backend_state
+        tokens = state.resume_tokens
+        free = [slot for slot in self._slots if not slot.busy]
+        slot = next((slot for slot in free if slot.kv_tokens == tokens), None)
+        if slot is None:
+            entry, held = self._cache.longest_match(tokens, exact_only=False) if self._cache.budget_bytes else (None, 0)
+            if entry is not None and held == len(tokens):
+                slot = min(free, key=lambda s: (bool(s.kv_tokens), s.last_used))
+                if slot.exact >= MIN_SAVE_TOKENS:
+                    self._save_to_cache(slot)
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                slot.kv_tokens, slot.exact = [], 0
+                if not self._restore(slot, entry, held):
+                    slot = None
+        if slot is not None:
+            slot.busy = True
+            slot.claims += 1
+            slot.prompt = list(seq.prompt_tokens)
+            slot.owner = seq.owner
+            slot.last_used = time.monotonic()
+            state.slot = slot
+            self._resumes_restored += 1
+        else:  # its cells are gone: evaluated as a prompt, so that they are what a cold prompt computes
+            prompt = tokens + state.pending
+            slot, reused, share = self._claim_slot(prompt, owner=seq.owner)
+            state.slot, state.prompt, state.pending, state.share = slot, prompt, prompt[reused:], share
+            state.prefilling = True
+            slot.waiting = share is not None
+            self._resumes_evaluated += 1
+            if share is not None:
+                self._take_shared_prefix(state)
+        state.resume_tokens = None
+        self._suspended.discard(state)
 
     def _twin_source(self, prompt: list[int], owner: str) -> _Share | None:
         """A busy slot of the same owner evaluating exactly `prompt` that has not sampled yet: fork from it instead
@@ -637,7 +720,7 @@ class LlamaCppBackend(Backend):
             and llama.llama_memory_seq_pos_max(memory, slot.seq_id) == length - 1)
         if accepted:
             slot.kv_tokens = list(entry.tokens[:length])
-            slot.exact = length
+            slot.exact = min(length, entry.reusable)  # a suspended sequence's decoded tokens are not reused by others
             return length
         if from_disk:  # a file this context cannot take would be read again and again
             self._disk.discard(entry.tokens)
@@ -1084,9 +1167,11 @@ class LlamaCppBackend(Backend):
         state: _SequenceState = seq.backend_state
         if state is None:
             return
-        # The slot keeps its KV cells: the next prompt sharing a prefix with them continues from there.
-        state.slot.busy = state.slot.waiting = False
-        state.slot.last_used = time.monotonic()
+        if state.slot is not None:  # a suspended sequence has none
+            # The slot keeps its KV cells: the next prompt sharing a prefix with them continues from there.
+            state.slot.busy = state.slot.waiting = False
+            state.slot.last_used = time.monotonic()
+        self._suspended.discard(state)
         self._llama.llama_sampler_free(state.sampler)
         if state.grammar is not None:
             self._llama.llama_sampler_free(state.grammar)
@@ -1101,6 +1186,9 @@ class LlamaCppBackend(Backend):
             "shared_prefixes": self._shared_prefixes,
             "forked_sequences": self._forks,
             "slot_moves": self._moves,
+            "suspended_sequences": len(self._suspended),
+            "resumes_restored": self._resumes_restored,
+            "resumes_evaluated": self._resumes_evaluated,
             # states not written to disk because the writer was behind (the decode loop never waits for it)
             "state_writes_dropped": self._disk.dropped_writes if self._disk is not None else 0,
         }
@@ -1114,6 +1202,11 @@ class LlamaCppBackend(Backend):
                     self._save_to_cache(slot, disk_wait=SHUTDOWN_WRITE_WAIT)
             self._disk.close()
         self._cache.clear()
+        for state in self._suspended:  # sequences still suspended when the engine closed
+            self._llama.llama_sampler_free(state.sampler)
+            if state.grammar is not None:
+                self._llama.llama_sampler_free(state.grammar)
+        self._suspended.clear()
         self._llama.llama_batch_free(self._batch)
         self._llama.llama_free(self._context)
         self._llama.llama_model_free(self._model)

@@ -1,0 +1,198 @@
+"""Preemption: an owner holding every slot with long generations gives one back to another owner's waiting request.
+
+The model never ends a reply by itself (replies run to max_tokens) and every scheduler step is slowed down, so the
+generations outlast the (shortened) preemption delay.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from chat.engine import ModelRegistry, ModelSpec, SamplingParams
+from chat.engine import scheduler as scheduler_module
+from chat.engine.faults import Faults
+
+from .conftest import TINY_CONTEXT
+
+LONG = SamplingParams(max_tokens=150, temperature=0)
+SHORT = SamplingParams(max_tokens=12, temperature=0)
+PROMPTS = {"a1": "hello world what", "a2": "the capital of france is", "b": "yes no stop"}
+STEP_SECONDS = 0.01
+PREEMPT_AFTER = 0.2
+
+
+@pytest.fixture(scope="module")
+def endless_gguf(tmp_path_factory, write_tiny_gguf):
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-endless.gguf", seed=0, never_ends=True)
+
+
+@pytest.fixture
+def make_engine(endless_gguf, monkeypatch):
+    """A fresh engine of 2 slots per call, its steps slowed down; closed afterwards."""
+    monkeypatch.setattr(scheduler_module, "PREEMPT_AFTER_SECONDS", PREEMPT_AFTER, raising=False)
+    registries = []
+
+    def make(**options):
+        options = {"context_length": TINY_CONTEXT, "parallel": 2, **options}
+        registry = ModelRegistry([ModelSpec("tiny-preempt", str(endless_gguf), **options)])
+        registries.append(registry)
+        engine = registry.get()
+        engine.steps = []  # the step numbers, as the scheduler makes them
+        engine.faults = Faults(step=lambda number: (engine.steps.append(number), time.sleep(STEP_SECONDS)))
+        return engine
+
+    yield make
+    for registry in registries:
+        registry.close()
+
+
+def alone(endless_gguf, prompt: str, params: SamplingParams):
+    """The completion of `prompt` on a fresh engine with nothing else running."""
+    registry = ModelRegistry([ModelSpec("tiny-alone", str(endless_gguf), context_length=TINY_CONTEXT, parallel=2)])
+    try:
+        return registry.get().generate(prompt, params)
+    finally:
+        registry.close()
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def result(generation):
+    for _ in generation:
+        pass
+    return generation.result
+
+
+def owner_a_holds_both_slots(engine):
+    """Owner A's two long generations, admitted together (a2 is the most recently started), decoding."""
+    with engine.admission_held():
+        a1 = engine.submit(PROMPTS["a1"], LONG, owner="A")
+        a2 = engine.submit(PROMPTS["a2"], LONG, owner="A")
+    wait_for(lambda: engine.stats()["tokens_generated"] >= 4)
+    return a1, a2
+
+
+def test_another_owner_gets_a_slot_soon_and_the_suspended_sequence_goes_on_unchanged(make_engine, endless_gguf):
+    engine = make_engine(queue_timeout=60)
+    a1, a2 = owner_a_holds_both_slots(engine)
+    admitted_at = []
+    b = engine.submit(PROMPTS["b"], SHORT, owner="B")
+    submitted_at = engine.steps[-1]
+    mark = b._mark_admitted  # both slots are busy: B cannot be admitted before this is in place
+    b._mark_admitted = lambda: (admitted_at.append(engine.steps[-1]), mark())
+    b_done = result(b)
+    # B got a slot after about PREEMPT_AFTER of steps (~20), long before A's 150-token replies ended.
+    assert admitted_at and admitted_at[0] - submitted_at < 100
+    assert b_done.finish_reason == "length" and b_done.completion_tokens == SHORT.max_tokens
+    assert not a2.done
+    a1_done, a2_done = result(a1), result(a2)
+    stats = engine.stats()
+    assert stats["preemptions"] == 1 and stats["resumptions"] == 1
+    assert stats["resumes_restored"] == 1  # its saved state, not a new evaluation
+    assert stats["suspended"] == 0 and stats["suspended_sequences"] == 0 and stats["active"] == 0
+    for done, name in ((a1_done, "a1"), (a2_done, "a2")):
+        reference = alone(endless_gguf, PROMPTS[name], LONG)
+        assert done.finish_reason == "length" and done.completion_tokens == LONG.max_tokens
+        assert done.text == reference.text  # the pause left no trace in the reply
+
+
+def test_a_suspended_sequence_evaluated_again_goes_on_unchanged(make_engine, endless_gguf):
+    engine = make_engine(prefix_cache_mb=0)  # nowhere to save its state: its tokens are evaluated again
+    a1, a2 = owner_a_holds_both_slots(engine)
+    b = engine.submit(PROMPTS["b"], SHORT, owner="B")
+    assert result(b).finish_reason == "length"
+    a2_done = result(a2)
+    result(a1)
+    assert engine.stats()["resumes_evaluated"] == 1
+    assert a2_done.completion_tokens == LONG.max_tokens
+    assert a2_done.text == alone(endless_gguf, PROMPTS["a2"], LONG).text
+
+
+def test_one_owner_alone_is_never_preempted(make_engine):
+    engine = make_engine()
+    generations = [engine.submit(PROMPTS["a1"], SamplingParams(max_tokens=60, temperature=0), owner="A")
+                   for _ in range(4)]  # twice the slots: two wait well past the preemption delay
+    results = [result(generation) for generation in generations]
+    assert all(done.completion_tokens == 60 for done in results)
+    assert engine.stats()["preemptions"] == 0
+
+
+def test_an_owner_within_its_fair_share_is_not_preempted(make_engine):
+    engine = make_engine()
+    a = engine.submit(PROMPTS["a1"], SamplingParams(max_tokens=80, temperature=0), owner="A")
+    b = engine.submit(PROMPTS["b"], SamplingParams(max_tokens=80, temperature=0), owner="B")
+    wait_for(lambda: engine.stats()["active"] == 2)
+    c = engine.submit(PROMPTS["a2"], SHORT, owner="C")  # 2 slots, 3 owners: a share of 1, which A and B hold
+    for generation in (a, b, c):
+        result(generation)
+    assert engine.stats()["preemptions"] == 0
+
+
+def test_a_suspended_sequences_usage_counts_its_prompt_once_and_every_token(make_engine, endless_gguf):
+    params = SamplingParams(max_tokens=150, temperature=0, logprobs=2)
+    engine = make_engine()
+    with engine.admission_held():
+        a1 = engine.submit(PROMPTS["a1"], params, owner="A")
+        a2 = engine.submit(PROMPTS["a2"], params, owner="A")
+    wait_for(lambda: engine.stats()["tokens_generated"] >= 4)
+    b = engine.submit(PROMPTS["b"], SHORT, owner="B")
+    result(b)
+    a2_done, a1_done = result(a2), result(a1)
+    reference = alone(endless_gguf, PROMPTS["a2"], params)
+    assert engine.stats()["preemptions"] == 1
+    assert (a2_done.prompt_tokens, a2_done.completion_tokens, a2_done.cached_prompt_tokens) == (
+        reference.prompt_tokens, reference.completion_tokens, reference.cached_prompt_tokens)
+    assert [record.token for record in a2_done.logprobs] == [record.token for record in reference.logprobs]
+    stats = engine.stats()
+    assert stats["prompt_tokens"] == a1_done.prompt_tokens + a2_done.prompt_tokens + b.result.prompt_tokens
+    assert stats["tokens_generated"] == 2 * params.max_tokens + SHORT.max_tokens
+    assert stats["prefix_hits"] + stats["prefix_misses"] == 3  # a resumption is no new admission
+
+
+def test_a_sequence_cancelled_while_suspended_ends_and_frees_everything(make_engine):
+    engine = make_engine()
+    a1, a2 = owner_a_holds_both_slots(engine)
+    b = engine.submit(PROMPTS["b"], SamplingParams(max_tokens=60, temperature=0), owner="B")
+    wait_for(lambda: engine.stats()["suspended"] == 1)
+    text_before = a2.result  # nothing yet: it is not over
+    assert text_before is None
+    a2.cancel()  # its client left while it waited for its slot
+    wait_for(lambda: a2.done)
+    assert a2.result.finish_reason == "cancelled"
+    assert 0 < a2.result.completion_tokens < LONG.max_tokens
+    stats = engine.stats()
+    assert stats["suspended"] == 0 and stats["suspended_sequences"] == 0 and stats["queued"] == 0
+    assert result(b).completion_tokens == 60 and result(a1).completion_tokens == LONG.max_tokens
+    wait_for(lambda: engine.stats()["active"] == 0)
+    assert engine.stats()["resumptions"] == 0
+    # Both slots serve new requests.
+    assert result(engine.submit(PROMPTS["a2"], SHORT, owner="A")).completion_tokens == SHORT.max_tokens
+
+
+def test_n_choices_of_one_owner_holding_every_slot_let_another_owner_in(make_engine, endless_gguf):
+    """What a chat completion with n=2 does on 2 slots: two sequences of one prompt, admitted together (forked)."""
+    choices = [SamplingParams(max_tokens=150, temperature=0.8, seed=seed) for seed in (1, 2)]
+
+    def run(engine, other: bool):
+        with engine.admission_held():
+            generations = [engine.submit(PROMPTS["a1"], params, owner="A") for params in choices]
+        if other:
+            wait_for(lambda: engine.stats()["tokens_generated"] >= 4)
+            b = engine.submit(PROMPTS["b"], SHORT, owner="B")
+            assert result(b).completion_tokens == SHORT.max_tokens
+            assert not all(generation.done for generation in generations)  # B did not wait for the choices
+        return [result(generation) for generation in generations]
+
+    engine = make_engine()
+    preempted = run(engine, other=True)
+    assert engine.stats()["preemptions"] == 1 and engine.stats()["forked_sequences"] == 1
+    reference = make_engine()
+    assert [done.text for done in preempted] == [done.text for done in run(reference, other=False)]
+    assert all(done.completion_tokens == 150 and done.finish_reason == "length" for done in preempted)
