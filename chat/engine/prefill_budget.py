@@ -10,6 +10,9 @@ from __future__ import annotations
 
 SMOOTHING = 0.2  # weight of the newest step in the moving averages
 MIN_SAMPLE_TOKENS = 16  # steps with fewer prompt tokens say little about the prefill speed
+# A prompt token costs at least this: a step faster than the average decode-only step (timing noise) must not
+# teach the budget that prompt tokens are free (a zero average divided by: every running sequence failed).
+MIN_TOKEN_SECONDS = 1e-6
 
 
 def _average(previous: float | None, value: float) -> float:
@@ -45,4 +48,5 @@ class PrefillBudget:
             return
         decode_part = (self.decode_step_seconds or 0.0) if decoding else 0.0
         per_token = max(seconds - decode_part, 0.0) / prompt_tokens
+        per_token = max(per_token, MIN_TOKEN_SECONDS)
         self.prompt_token_seconds = _average(self.prompt_token_seconds, per_token)

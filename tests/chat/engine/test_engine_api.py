@@ -129,6 +129,30 @@ def test_a_stream_refused_in_the_queue_leaves_its_conversation_free(api, setting
     assert again.status_code == 200, again.json()
 
 
+@pytest.mark.django_db
+def test_another_tenant_holding_every_slot_with_long_replies_does_not_make_a_request_wait_out_the_queue(
+        api, settings, endless_path):
+    """Fair admission shared only freed slots: a tenant whose replies outlast queue_timeout kept every other
+    tenant at 503. Now one of its sequences is suspended for the waiting request (preemption)."""
+    with_model_options(settings, path=str(endless_path), context_length=TINY_CONTEXT, parallel=2, queue_timeout=5)
+    engine = get_engine()
+    engine.faults = Faults(step=lambda step: time.sleep(0.02))  # 400 tokens: about 8 s, past queue_timeout
+    hogs = [engine.submit("hello world", LONG, owner="another-tenant") for _ in range(2)]
+    streams = [iter(hog) for hog in hogs]
+    for stream in streams:
+        next(stream)  # both slots are theirs
+    try:
+        response = api.post("/v1/chat/completions", ASK, format="json", **NO_CACHE)
+        assert response.status_code == 200, response.json()
+        assert engine.stats()["preemptions"] >= 1
+    finally:
+        engine.faults = None
+        for hog in hogs:
+            hog.cancel()
+        for stream in streams:
+            list(stream)
+
+
 # -- the view wrapper that cancels abandoned generations -----------------------------------------
 
 
