@@ -1,12 +1,15 @@
 """Rendered prompts that know which of their text is the chat template's own markup (docs/PROMPTS.md, "Text and markup").
 
 Only the chat template's markup may become control tokens; everything handed to the template
-(message content and names, tool definitions and arguments) is text, whatever it contains. Before
-rendering, `guard` wraps each control-token text inside those strings (and an edge that could join
-the template's text into one) in two Unicode noncharacters; after rendering, `Prompt.split` turns
-the wrapped spans into text and splits the rest at the control-token texts. The engine tokenizes
-each text piece without special-token parsing and maps each markup piece to its token, so the
-tokens are exactly what parsing the template's output would give, minus the client's control tokens.
+(message content and names, tool definitions and arguments, dict keys too) is text, whatever it contains.
+Before rendering, `guard` wraps each control-token text inside those strings (and an edge that could join
+the template's text into one) in two Unicode noncharacters, and breaks each such text with a third after
+its first character; after rendering, `Prompt.split` turns the wrapped spans into text, splits the rest at
+the control-token texts and removes the breaks. The break holds where a template loses a wrapper: one
+that splits content (Qwen3's `content.split('</think>')[-1]` drops everything before) or prints it with
+Python's repr (which escapes noncharacters). The engine tokenizes each text piece without special-token
+parsing and maps each markup piece to its token, so the tokens are exactly what parsing the template's
+output would give, minus the client's control tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from dataclasses import dataclass
 
 # Noncharacters are reserved by Unicode for a program's internal use: the sentinels of guarded text.
 TEXT_OPEN, TEXT_CLOSE = "\ufdd0", "\ufdd1"
+TEXT_BREAK = "\ufdd3"  # inside each guarded control text (U+FDD2 marks a continued reply: chat_template.py)
 _SENTINELS = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}]")
+_RESERVED = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}{TEXT_BREAK}]")
 REPLACEMENT = "\ufffd"  # what a sentinel character inside client text becomes
 
 
@@ -72,14 +77,14 @@ class ControlTexts:
         """`value` (a string, or dicts and lists of them) with its control-token texts wrapped as text."""
         if isinstance(value, str):
             return self._guard_text(value)
-        if isinstance(value, dict):
-            return {key: self.guard(item) for key, item in value.items()}
+        if isinstance(value, dict):  # keys too: a template may print a tool's schema whole (tojson)
+            return {self.guard(key): self.guard(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.guard(item) for item in value]
         return value
 
     def _guard_text(self, text: str) -> str:
-        text = _SENTINELS.sub(REPLACEMENT, text)  # client text cannot open or close a guarded span
+        text = _RESERVED.sub(REPLACEMENT, text)  # client text cannot open, close or break a guarded span
         if self._pattern is None:
             return text
         spans = [match.span() for match in self._pattern.finditer(text)]
@@ -95,9 +100,12 @@ class ControlTexts:
             spans.append((len(text) - tail, len(text)))
         if not spans:
             return text
+        breaks = {start + 1 for start, end in spans if end - start > 1}  # no control text is one character
         out, position = [], 0
         for start, end in _merged(spans):
-            out += [text[position:start], TEXT_OPEN, text[start:end], TEXT_CLOSE]
+            inside = "".join(TEXT_BREAK + char if index in breaks else char
+                             for index, char in enumerate(text[start:end], start))
+            out += [text[position:start], TEXT_OPEN, inside, TEXT_CLOSE]
             position = end
         out.append(text[position:])
         return "".join(out)
@@ -108,8 +116,9 @@ class ControlTexts:
         text: list[str] = []
 
         def flush() -> None:
-            if any(text):
-                pieces.append(Piece("".join(text)))
+            joined = "".join(text).replace(TEXT_BREAK, "")
+            if joined:
+                pieces.append(Piece(joined))
             text.clear()
 
         for chunk, guarded in _segments(rendered):
@@ -175,8 +184,8 @@ def neutralized(value, extra: Iterable[str] = ()):
         for text in extra:
             value = value.replace(text, _joined(text))
         return value
-    if isinstance(value, dict):
-        return {key: neutralized(item, extra) for key, item in value.items()}
+    if isinstance(value, dict):  # keys too: the server may print a tool's schema whole
+        return {neutralized(key, extra): neutralized(item, extra) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [neutralized(item, extra) for item in value]
     return value
