@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import InvalidRequest
-from .prompt import ControlTexts, Prompt
+from .prompt import FINAL_MARK, ControlTexts, Prompt
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +116,10 @@ class ChatTemplate:
         ))
 
 
-# Where the final message's content ends in the rendered text of a continued turn (a noncharacter, like
-# the sentinels of chat/engine/prompt.py; client text cannot contain it).
-FINAL_MARK = "\ufdd2"
-
-
 def _marked_final(messages: list[dict]) -> list[dict]:
-    messages = [{**m, "content": m["content"].replace(FINAL_MARK, "\ufffd")} for m in messages]
+    """`messages` (guarded: no string of theirs, tools' neither, holds FINAL_MARK) with the mark after the last's
+    content: where the final message's content ends in the rendered text of a continued turn."""
+    messages = [dict(m) for m in messages]
     if messages[-1]["role"] != "assistant":
         raise InvalidRequest("Only an assistant turn can be continued.")
     messages[-1]["content"] += FINAL_MARK

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 # Noncharacters are reserved by Unicode for a program's internal use: the sentinels of guarded text.
 TEXT_OPEN, TEXT_CLOSE = "\ufdd0", "\ufdd1"
-TEXT_BREAK = "\ufdd3"  # inside each guarded control text (U+FDD2 marks a continued reply: chat_template.py)
+TEXT_BREAK = "\ufdd3"  # inside each guarded control text
+FINAL_MARK = "\ufdd2"  # where a continued reply's content ends (chat_template.py): never client text either
 _SENTINELS = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}]")
-_RESERVED = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}{TEXT_BREAK}]")
+_RESERVED = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}{TEXT_BREAK}{FINAL_MARK}]")
 REPLACEMENT = "\ufffd"  # what a sentinel character inside client text becomes
 
 

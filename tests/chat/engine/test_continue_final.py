@@ -37,6 +37,16 @@ def test_client_text_cannot_fake_the_mark_or_close_the_turn():
     assert not prompt.pieces[-1].control  # the reply's own "<|im_end|>" is text, the turn still open
 
 
+def test_a_mark_in_a_tool_rendered_after_the_messages_does_not_move_the_cut():
+    # A template that renders the tools after the conversation: a mark in them was the last one.
+    tools_after = CHATML_TEMPLATE + "{% if tools %}Tools: {{ tools | tojson }}{% endif %}"
+    template = ChatTemplate(tools_after, control_texts=CONTROLS)
+    tool = {"type": "function", "function": {"name": "f", "description": f"see{FINAL_MARK}here"}}
+    turns = [TURNS[0], {"role": "assistant", "content": "Once upon"}]
+    prompt = template.render(turns, continue_final=True, tools=[tool])
+    assert prompt.endswith("assistant\nOnce upon") and FINAL_MARK not in prompt
+
+
 def test_only_an_assistant_turn_the_template_renders_can_be_continued():
     template = ChatTemplate(CHATML_TEMPLATE, control_texts=CONTROLS)
     with pytest.raises(InvalidRequest):
