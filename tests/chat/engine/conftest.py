@@ -13,6 +13,7 @@ import pytest
 
 from chat.engine import ModelRegistry, ModelSpec
 from tests import factories
+from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[3]
 SMOLLM2_PATH = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,3 +88,39 @@ def tiny_engine(request, registry):
 @pytest.fixture
 def smollm2(registry, smollm2_gguf):
     return registry.get("smollm2")
+
+
+# -- remote engines over scripted upstreams (tests/fake_upstream.py) ------------------------------
+
+
+@pytest.fixture
+def upstreams():
+    """start(script=None, **FakeUpstream options) -> a fake upstream server, stopped after the test."""
+    started: list[FakeUpstream] = []
+
+    def start(script=None, **options) -> FakeUpstream:
+        started.append(FakeUpstream(script=script, **options))
+        return started[-1]
+
+    yield start
+    for upstream in started:
+        upstream.stop()
+
+
+@pytest.fixture
+def engines():
+    """make(*upstreams, **ModelSpec options) -> a RemoteEngine over them, closed after the test."""
+    from chat.engine.remote import RemoteEngine  # imported here: a test of local models never needs it
+
+    made: list[RemoteEngine] = []
+
+    def make(*pool: FakeUpstream, **options) -> RemoteEngine:
+        health_interval = options.pop("health_interval", 3600.0)
+        options = {"context_length": 2048, "connect_timeout": 2, "timeout": 30, **options}
+        spec = ModelSpec("remote", "", backend="openai_compatible", base_urls=tuple(u.url for u in pool), **options)
+        made.append(RemoteEngine(spec, health_interval=health_interval))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()

@@ -4,48 +4,25 @@ within what they can have done, malformed chunks are skipped, and pings do not k
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 
 import pytest
 
-from chat.engine import ModelSpec, SamplingParams
+from chat.engine import SamplingParams
 from chat.engine import remote
 from chat.engine.errors import ModelUnavailable
 from chat.engine.remote import RemoteEngine
-from tests.fake_upstream import FakeUpstream
 
 MAX_TOKENS = 16
 
 
 @pytest.fixture
-def upstreams():
-    started: list[FakeUpstream] = []
-
-    def start(script=None, **options) -> FakeUpstream:
-        started.append(FakeUpstream(script=script, **options))
-        return started[-1]
-
-    yield start
-    for upstream in started:
-        upstream.stop()
-
-
-@pytest.fixture
-def engines():
-    made: list[RemoteEngine] = []
-
-    def make(*pool: FakeUpstream, **options) -> RemoteEngine:
-        options = {"context_length": 2048, "connect_timeout": 2, "timeout": 30, "routing": "round_robin", **options}
-        spec = ModelSpec("remote", "", backend="openai_compatible", base_urls=tuple(u.url for u in pool), **options)
-        made.append(RemoteEngine(spec, health_interval=3600.0))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.close()
-
+def engines(engines):
+    """conftest's, in turn between upstreams (a failed one is skipped, the next tried)."""
+    return functools.partial(engines, routing="round_robin")
 
 def reply(engine: RemoteEngine, max_tokens: int = MAX_TOKENS):
     """(text, Completion) of one chat request, read to its end."""

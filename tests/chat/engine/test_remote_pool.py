@@ -7,42 +7,13 @@ import time
 
 import pytest
 
-from chat.engine import ModelSpec, SamplingParams
+from chat.engine import SamplingParams
 from chat.engine import remote
 from chat.engine.errors import ModelUnavailable, UnsupportedFeature
 from chat.engine.remote import RemoteEngine, RenderedChat
 from tests.fake_upstream import FakeUpstream
 
 GRAMMAR = 'root ::= "{" [a-z ]* "}"'  # what response_format becomes (a GBNF grammar sent upstream)
-
-
-@pytest.fixture
-def upstreams():
-    started: list[FakeUpstream] = []
-
-    def start(**options) -> FakeUpstream:
-        started.append(FakeUpstream(**options))
-        return started[-1]
-
-    yield start
-    for upstream in started:
-        upstream.stop()
-
-
-@pytest.fixture
-def engines():
-    made: list[RemoteEngine] = []
-
-    def make(*pool: FakeUpstream, **options) -> RemoteEngine:
-        health_interval = options.pop("health_interval", 3600.0)
-        spec = ModelSpec("remote", "", backend="openai_compatible", base_urls=tuple(u.url for u in pool),
-                         context_length=2048, connect_timeout=2, timeout=30, **options)
-        made.append(RemoteEngine(spec, health_interval=health_interval))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.close()
 
 
 def chat(engine: RemoteEngine, text: str) -> RenderedChat:
