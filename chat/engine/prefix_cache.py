@@ -85,6 +85,8 @@ class PrefixCache:
         tokens = tuple(tokens)
         entry = CachedPrefix(tokens, state, size, exact)
         with self._lock:
+            if tokens in self._entries:  # replaced: its bytes are counted once
+                self._remove(tokens)
             for key in [k for k, old in self._entries.items()
                         if len(k) <= len(tokens) and tokens[: len(k)] == k and old.reusable <= entry.reusable]:
                 self._remove(key)

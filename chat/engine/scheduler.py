@@ -14,7 +14,9 @@ PREEMPT_AFTER_SECONDS for a full engine, the owner holding the most slots, if mo
 decoding sequence suspended (at most one per step): the backend keeps its state (Backend.suspend), it goes back
 to the queue ahead of its owner's other requests, without a queue_timeout, and resumes where it stopped when
 admitted again; its client's stream just pauses. A resumed sequence decodes RESUME_GRACE_TOKENS before it may be
-suspended again. One owner alone is never preempted, nor is a backend that cannot suspend.
+suspended again. One owner alone is never preempted, nor is a backend that cannot suspend. With as many owners as
+slots or more, each holds at most its share: then a request of an owner holding none that has waited half its
+queue_timeout (SLICE_AFTER_SECONDS without one) takes the turn of the sequence running longest (time slicing).
 
 Liveness: every step records a heartbeat. A scheduler that made no step for `stall_seconds` while
 work waits is not `alive` (/ready fails, the registry replaces its engine). Closing never waits
@@ -48,6 +50,9 @@ STALL_SECONDS = 120.0  # a step longer than this while work waits means a hung s
 # Another owner's request waits this long for a full engine before a slot is taken back for it: short replies
 # just finish, and one owner's long generations cannot keep the others out.
 PREEMPT_AFTER_SECONDS = 1.5
+# With no queue_timeout: how long a request of an owner holding no slot waits before it takes a turn from the
+# sequence running longest (time slicing, when there are as many owners as slots or more).
+SLICE_AFTER_SECONDS = 30.0
 RESUME_GRACE_TOKENS = 8  # tokens a resumed sequence decodes before it may be suspended again (no thrashing)
 
 
@@ -68,6 +73,7 @@ class Scheduler:
         self._queued_at: dict[Sequence, float] = {}
         self._started_at: dict[Sequence, float] = {}  # scheduler thread only
         self._start_order: dict[Sequence, int] = {}  # when each active sequence was first started (scheduler thread)
+        self._running_since: dict[Sequence, float] = {}  # when each active sequence was last (re)admitted
         self._starts = itertools.count()
         self._grace: dict[Sequence, int] = {}  # resumed sequences: completion_tokens from which they may be suspended
         self._suspended: set[Sequence] = set()  # queued sequences that were running; changed under the lock
@@ -312,12 +318,31 @@ class Scheduler:
                 continue  # nobody else has waited long enough
             if self._queued.next_owner(active - Counter({owner: 1})) == owner:
                 continue  # the slot would go back to the same owner
-            candidates = [seq for seq in self._active if seq.owner == owner and not seq.generation.cancel_requested
-                          and seq.completion_tokens >= self._grace.get(seq, 0) and self._backend.suspendable(seq)]
+            candidates = [seq for seq in self._active if seq.owner == owner and self._may_suspend(seq)]
             if candidates:
                 self._last_preemption_step = self._steps
                 return max(candidates, key=lambda seq: self._start_order.get(seq, -1))
-        return None
+        return self._time_slice_victim_locked(active, waiting)
+
+    def _time_slice_victim_locked(self, active: Counter, waiting: list[Sequence]) -> Sequence | None:
+        """With as many owners as slots or more, each holds at most its share: a request of an owner holding none
+        that has waited half its queue_timeout (SLICE_AFTER_SECONDS without one) takes the slot of the sequence
+        running longest since it was (re)admitted, rather than wait out the timeout into a 503."""
+        after = max(PREEMPT_AFTER_SECONDS, self._queue_timeout / 2) if self._queue_timeout else SLICE_AFTER_SECONDS
+        due = time.monotonic() - after
+        starving = {seq.owner for seq in waiting if not active.get(seq.owner) and self._queued_at.get(seq, due) < due}
+        if not starving:
+            return None
+        candidates = [seq for seq in self._active if seq.owner not in starving and self._may_suspend(seq)
+                      and self._queued.next_owner(active - Counter({seq.owner: 1})) != seq.owner]
+        if not candidates:
+            return None
+        self._last_preemption_step = self._steps
+        return min(candidates, key=lambda seq: self._running_since.get(seq, 0.0))
+
+    def _may_suspend(self, seq: Sequence) -> bool:
+        return (not seq.generation.cancel_requested and seq.completion_tokens >= self._grace.get(seq, 0)
+                and self._backend.suspendable(seq))
 
     def _suspend(self, seq: Sequence) -> None:
         """Take `seq`'s slot away; it waits in the queue, ahead of its owner's other requests, to go on later."""
@@ -329,6 +354,7 @@ class Scheduler:
             self._finish(seq, error=GenerationFailed(self._model_name))
             return
         self._active.remove(seq)
+        self._running_since.pop(seq, None)
         self._counters["preemptions"] += 1
         logger.info("model %r: suspended a sequence of owner %s (it held %d of %d slots; %d tokens generated) "
                     "for another owner's waiting request", self._model_name, seq.owner or "-", held,
@@ -341,7 +367,7 @@ class Scheduler:
         """A suspended sequence that will not resume (cancelled): the backend frees what it kept."""
         with self._wakeup:
             self._suspended.discard(seq)
-        for table in (self._started_at, self._start_order, self._grace):
+        for table in (self._started_at, self._start_order, self._grace, self._running_since):
             table.pop(seq, None)
         try:
             self._backend.release(seq)
@@ -367,7 +393,7 @@ class Scheduler:
         try:
             self._backend.start(seq)
         except Exception as error:
-            for table in (self._started_at, self._start_order, self._grace):
+            for table in (self._started_at, self._start_order, self._grace, self._running_since):
                 table.pop(seq, None)
             if not isinstance(error, EngineError):
                 logger.exception("model %r could not start a sequence", self._model_name)
@@ -379,6 +405,7 @@ class Scheduler:
             seq.generation._push_error(error)
             return
         self._active.append(seq)
+        self._running_since[seq] = time.monotonic()
         self._counters["peak_active"] = max(self._counters["peak_active"], len(self._active))
         if resumed:  # its prompt and first start were counted once
             self._counters["resumptions"] += 1
@@ -411,6 +438,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str = "", error: EngineError | None = None) -> None:
         self._active.remove(seq)
         self._start_order.pop(seq, None)
+        self._running_since.pop(seq, None)
         self._grace.pop(seq, None)
         started = self._started_at.pop(seq, None)
         if started is not None and reason in ("stop", "length"):

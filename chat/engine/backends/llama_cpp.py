@@ -231,6 +231,9 @@ class _SequenceState:
     # While suspended (slot None): the tokens its slot held, i.e. the prompt and every decoded token but the last
     # sampled one, which is still `pending`.
     resume_tokens: list[int] | None = None
+    # Set at suspension: how much of its slot any prompt may reuse (its prompt's whole chunks). Its decoded tokens,
+    # evaluated again as a prompt when it resumes without its saved state, must not become reusable by others.
+    exact_cap: int | None = None
 
 
 class LlamaCppBackend(Backend):
@@ -489,6 +492,7 @@ class LlamaCppBackend(Backend):
         slot = state.slot
         self._save_suspended(slot)
         state.resume_tokens = list(slot.kv_tokens)
+        state.exact_cap = slot.exact if state.exact_cap is None else min(state.exact_cap, slot.exact)
         state.slot, state.logits_index = None, None
         slot.busy = slot.waiting = False
         slot.last_used = time.monotonic()  # its cells stay: the sequence takes this slot back if nobody took it
@@ -535,6 +539,7 @@ class LlamaCppBackend(Backend):
         else:  # its cells are gone: evaluated as a prompt, so that they are what a cold prompt computes
             prompt = tokens + state.pending
             slot, reused, share = self._claim_slot(prompt, owner=seq.owner)
+            slot.exact = min(slot.exact, state.exact_cap)
             state.slot, state.prompt, state.pending, state.share = slot, prompt, prompt[reused:], share
             state.prefilling = True
             slot.waiting = share is not None
@@ -698,7 +703,7 @@ class LlamaCppBackend(Backend):
             source.copy_pending = slot.copy_pending = True
             if llama.llama_memory_seq_rm(memory, slot.seq_id, available, -1):
                 slot.kv_tokens = list(source.kv_tokens[:available])
-                slot.exact = available
+                slot.exact = available if state.exact_cap is None else min(available, state.exact_cap)
                 state.pending = list(state.prompt[available:])
                 self._shared_prefixes += 1
                 return True
@@ -1105,6 +1110,8 @@ class LlamaCppBackend(Backend):
             slot = state.slot
             if state.prefilling and slot.exact == len(slot.kv_tokens):
                 slot.exact += reusable(size)  # whole aligned chunks, tiled
+                if state.exact_cap is not None:  # a resumed sequence's decoded tokens are never reusable
+                    slot.exact = min(slot.exact, state.exact_cap)
             slot.kv_tokens.extend(state.pending[:size])
             del state.pending[:size]
             if state.logits_index is None:

@@ -115,6 +115,21 @@ def test_a_suspended_sequence_evaluated_again_goes_on_unchanged(make_engine, end
     assert a2_done.text == alone(endless_gguf, PROMPTS["a2"], LONG).text
 
 
+def test_a_reply_evaluated_again_never_becomes_reusable_by_another_owners_prompt(make_engine):
+    """Evaluated again as a prompt, a resumed sequence's decoded tokens filled whole chunks: another owner could
+    reuse them (and confirm a guess of the reply by cached_tokens), and they were written to state_dir."""
+    engine = make_engine(prefix_cache_mb=0)
+    with engine.admission_held():
+        a1 = engine.submit(PROMPTS["a1"], LONG, owner="A")
+        a2 = engine.submit(PROMPTS["a2"], LONG, owner="A")
+    wait_for(lambda: engine.stats()["tokens_generated"] >= 2 * 80)  # more than a whole chunk of reply each
+    result(engine.submit(PROMPTS["b"], SHORT, owner="B"))
+    result(a2), result(a1)
+    assert engine.stats()["resumes_evaluated"] == 1
+    # Every prompt here is shorter than a chunk: nothing any slot holds may be reused by another prompt.
+    assert [slot.exact for slot in engine._backend._slots] == [0, 0]
+
+
 def test_one_owner_alone_is_never_preempted(make_engine):
     engine = make_engine()
     generations = [engine.submit(PROMPTS["a1"], SamplingParams(max_tokens=60, temperature=0), owner="A")
@@ -133,6 +148,22 @@ def test_an_owner_within_its_fair_share_is_not_preempted(make_engine):
     for generation in (a, b, c):
         result(generation)
     assert engine.stats()["preemptions"] == 0
+
+
+def test_with_more_owners_than_slots_a_waiting_owner_gets_a_turn_before_its_queue_timeout(make_engine, endless_gguf):
+    """Each of A and B holds its share (one of two slots): C's request used to wait out queue_timeout into a 503.
+    After half of it, the sequence running longest is suspended for C (time slicing) and goes on afterwards."""
+    engine = make_engine(queue_timeout=1.0)  # the replies below take about 1.5 s
+    a = engine.submit(PROMPTS["a1"], LONG, owner="A")
+    wait_for(lambda: engine.stats()["active"] == 1)
+    b = engine.submit(PROMPTS["a2"], LONG, owner="B")
+    wait_for(lambda: engine.stats()["active"] == 2)
+    c = engine.submit(PROMPTS["b"], SHORT, owner="C")
+    assert result(c).completion_tokens == SHORT.max_tokens  # not EngineOverloaded
+    a_done, b_done = result(a), result(b)
+    assert engine.stats()["preemptions"] == 1
+    assert a_done.completion_tokens == b_done.completion_tokens == LONG.max_tokens
+    assert a_done.text == alone(endless_gguf, PROMPTS["a1"], LONG).text  # A ran longest: it gave its turn
 
 
 def test_a_suspended_sequences_usage_counts_its_prompt_once_and_every_token(make_engine, endless_gguf):

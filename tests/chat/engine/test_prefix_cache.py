@@ -39,6 +39,13 @@ def test_prefix_cache_drops_entries_that_a_longer_one_extends():
     assert len(cache) == 1 and cache.covers([1, 2]) and not cache.covers([1, 2, 4])
 
 
+def test_an_entry_put_again_counts_its_bytes_once():
+    cache = PrefixCache(budget_bytes=1000)
+    for exact in (None, 64, 0):  # a suspended sequence's state, less reusable, stored over the same tokens
+        cache.put((1, 2, 3), "state", 400, exact=exact)
+    assert len(cache) == 1 and cache.total_bytes == 400
+
+
 def test_reused_prefix_gives_the_same_output_as_cold(registry):
     engine = registry.get("tiny-prefix")  # one slot, so other prompts push earlier ones into the saved-state cache
     prompt = chat_prompt(engine, CHARACTER, "who are you")
