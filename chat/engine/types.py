@@ -48,7 +48,8 @@ class ModelSpec:
     # its Q8_0 copy has, and its logits match the file's to within rounding (docs/BENCHMARKS.md).
     weights: str = ""
     # Latency budget (llama_cpp): while streams decode, a step carries about this long of prompt
-    # evaluation (0 = no limit), and each owner's oldest prompt at least prefill_min_tokens tokens (in whole 64-token chunks).
+    # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens (in whole 64-token chunks;
+    # with several owners in the step, each one's oldest prompt only).
     prefill_step_ms: int = 200
     prefill_min_tokens: int = 64
     # Back-pressure: requests waiting for a slot; beyond max_queue, or after queue_timeout seconds

@@ -824,8 +824,8 @@ class LlamaCppBackend(Backend):
 
         Each prompt chunk is PROMPT_CHUNK tokens from an aligned position (or the prompt's end), evaluated in a
         call whose shape keeps its cells independent of what else ran (_prompt_calls). While sequences
-        decode, the prefill budget limits the prompt tokens of a step, but each owner's oldest waiting prompt
-        gets `prefill_min_tokens` (in whole chunks) and the oldest of all at least one chunk. The decoding sequences go
+        decode, the prefill budget limits the prompt tokens of a step, but every waiting prompt (with several
+        owners: each owner's oldest) gets `prefill_min_tokens` (in whole chunks) and the oldest of all at least one. The decoding sequences go
         into their batch in increasing sequence-id order, and are first packed onto consecutive slots: with
         per-sequence KV streams llama.cpp puts sequences into one pass only while their ids run on by one
         (0, 1, 2...); out-of-order or scattered ids split a step into several passes (+35% measured).
@@ -840,7 +840,8 @@ class LlamaCppBackend(Backend):
         decoding = sorted((seq for seq in ready if not seq.backend_state.prefilling),
                           key=lambda seq: seq.backend_state.slot.seq_id)
         prefilling = [seq for seq in ready if seq.backend_state.prefilling]  # admission order: oldest first
-        prompt_chunks = self._plan_prompt_chunks(prefilling, self._budget.prompt_tokens(len(decoding)))
+        prompt_chunks = self._plan_prompt_chunks(prefilling, self._budget.prompt_tokens(len(decoding)),
+                                                 decoding_owners={seq.owner for seq in decoding})
         if not decoding and not prompt_chunks:
             return []
         sampled, failed = [], []
@@ -919,21 +920,25 @@ class LlamaCppBackend(Backend):
             calls.append(call)
         return calls
 
-    def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int) -> list[tuple[Sequence, int]]:
+    def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int,
+                            decoding_owners: set[str] = frozenset()) -> list[tuple[Sequence, int]]:
         """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt.
 
-        The minimum beyond the allowance goes to each owner's oldest prompt only: an owner with seven long
-        prompts would otherwise put seven chunks into every step of everyone's streams."""
+        The minimum beyond the allowance goes to each owner's oldest prompt only when the step serves more than
+        one owner: an owner with seven long prompts would otherwise put seven chunks into every step of everyone
+        else's (its own streams it may slow down as it likes: a burst of one persona's first turns)."""
         chunks, taken = [], dict.fromkeys(prefilling, 0)
-        oldest_of_owner: dict[str, Sequence] = {}
+        one_owner = len(decoding_owners | {seq.owner for seq in prefilling}) <= 1
+        oldest_of_owner: dict[str, Sequence | None] = {}
         for seq in prefilling:
-            oldest_of_owner.setdefault(seq.owner, seq)
+            oldest_of_owner.setdefault(seq.owner, None if one_owner else seq)
         rounds = 0
         while True:
             added = False
             for seq in prefilling:
                 size = chunk_size(len(seq.backend_state.pending) - taken[seq])
-                guaranteed = (rounds < self._min_prompt_chunks and oldest_of_owner[seq.owner] is seq) or not chunks
+                guaranteed = (rounds < self._min_prompt_chunks and oldest_of_owner[seq.owner] in (seq, None)
+                              or not chunks)
                 if size <= 0 or (size > allowance and not guaranteed):
                     continue
                 chunks.append((seq, size))

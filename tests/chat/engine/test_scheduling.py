@@ -223,28 +223,31 @@ def test_a_long_prompt_is_split_over_steps_while_a_stream_gets_a_token_every_ste
         backend.release(seq)
 
 
-def test_the_minimum_prompt_chunk_beside_streams_is_per_owner_not_per_prompt(tiny_gguf):
+@pytest.mark.parametrize("others", [True, False])
+def test_the_minimum_prompt_chunk_beside_streams_is_per_owner_not_per_prompt(tiny_gguf, others):
     """Beyond the budget each owner's oldest prompt advances one chunk a step: an owner sending many long prompts
-    must not put a chunk of each into every step of everyone's streams."""
+    must not put a chunk of each into every step of everyone else's. With no other owner in the step, every
+    prompt of it does (the first turns of a burst for one persona)."""
     spec = ModelSpec("budget-owners", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0,
                      prefill_step_ms=1, prefill_min_tokens=8)
     backend = LlamaCppBackend.load(spec)
     try:
         stream = new_sequence(backend.tokenize("hello world what"))
+        stream.owner = "flood"
         backend.start(stream)
         backend.step([stream])  # decoding from now on
         text = "water sound people day number first who may down side been now find " * 8
         # Different from their first token: no prompt waits to share another's prefix.
         first, second, other = (new_sequence(backend.tokenize(head + text)) for head in ("one ", "two ", "three "))
         first.owner = second.owner = "flood"
-        other.owner = "someone"
+        other.owner = "someone" if others else "flood"
         for seq in (first, second, other):
             backend.start(seq)
         pending = {seq: len(seq.backend_state.pending) for seq in (first, second, other)}
         backend.step([stream, first, second, other])
         advanced = {seq: pending[seq] - len(seq.backend_state.pending) for seq in pending}
         assert advanced[first] == advanced[other] == 64
-        assert advanced[second] == 0  # the same owner's next prompt waits for the budget
+        assert advanced[second] == (0 if others else 64)  # with another owner there, flood's next prompt waits
         for seq in (stream, first, second, other):
             backend.release(seq)
     finally:
