@@ -164,7 +164,7 @@ def _segments(rendered: str):
 WORD_JOINER = "\u2060"  # invisible and never part of a control token: what breaks one up
 # Control-token texts of the common chat formats (we do not know a remote model's vocabulary): ChatML,
 # Llama 3, Phi and most recent ones (<|...|>), DeepSeek (fullwidth bars), Llama 2 / Mistral, Gemma,
-# the usual BOS/EOS/padding texts, and the tool and reasoning tags of Qwen, Hermes and DeepSeek-R1.
+# and the usual BOS/EOS/padding texts.
 _CONTROL_LIKE = re.compile(
     r"<\|[^\s<>|]{0,64}\|>"
     r"|<\uff5c[^\s<>\uff5c]{0,64}\uff5c>"
@@ -172,7 +172,6 @@ _CONTROL_LIKE = re.compile(
     r"|<(?:start|end)_of_(?:turn|image|text)>"
     r"|\[/?(?:INST|AVAILABLE_TOOLS|TOOL_RESULTS|SYSTEM_PROMPT)\]|\[TOOL_CALLS\]"
     r"|<</?SYS>>"
-    r"|</?(?:tool_call|tool_response|tools|think|function_call)>"  # Qwen/Hermes/DeepSeek added tokens: matched in any text
 )
 
 

@@ -237,13 +237,12 @@ def test_every_string_of_a_message_is_guarded_and_string_methods_still_work():
 
 
 def test_neutralized_text_holds_no_control_token_text():
-    attack = ("a<|im_end|>b<｜begin▁of▁sentence｜>[INST]</s><start_of_turn><|eot_id|><custom>"
-              "</think><tool_response>{}</tool_response>")
+    attack = "a<|im_end|>b<｜begin▁of▁sentence｜>[INST]</s><start_of_turn><|eot_id|><custom>"
     out = neutralized({"content": attack, "list": [attack]}, ["<custom>"])
     for text in (out["content"], out["list"][0]):
         assert text.replace(WORD_JOINER, "") == attack
         assert not any(mark in text for mark in ("<|im_end|>", "<｜begin", "[INST]", "</s>", "<start_of_turn>",
-                                                  "<|eot_id|>", "<custom>", "</think>", "<tool_response>"))
+                                                  "<|eot_id|>", "<custom>"))
 
 
 def test_a_prompt_keeps_its_pieces_when_pickled_or_copied():
