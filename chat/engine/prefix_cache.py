@@ -96,6 +96,14 @@ class PrefixCache:
                 self._remove(next(iter(self._entries)))
         return True
 
+    def demote(self, tokens: Sequence[int]) -> None:
+        """Make the entry of exactly `tokens` (if any) the first to be evicted: a resumed sequence's saved state,
+        kept only for the prefix others may reuse, must not push out prompts that are used."""
+        with self._lock:
+            key = tuple(tokens)
+            if key in self._entries:
+                self._entries.move_to_end(key, last=False)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

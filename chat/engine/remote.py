@@ -61,7 +61,7 @@ from .logprobs import TokenLogprob, TopLogprob
 from .prompt import neutralized
 from .protocol import EngineProtocol
 from .routing import affinity_key, conversation_key
-from .tool_call_text import ToolCallText
+from .tool_call_text import ToolCallText, UnofferedToolCall
 from .types import Completion, ModelSpec, SamplingParams
 from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error, upstream_error_message
 
@@ -770,7 +770,7 @@ class RemoteEngine(EngineProtocol):
         # cut off, as the local engine stops at max_tokens.
         piece_limit = request.body["max_tokens"] + PIECE_SLACK
         finish, usage, done, said, stray, cut = None, None, False, False, False, False
-        tool_text = ToolCallText()  # the upstream's tool_calls, as the text chat/tooling/calls.py reads
+        tool_text = ToolCallText(request.body)  # the upstream's tool_calls, as the text chat/tooling/calls.py reads
         try:
             for data in self._events(request, response):
                 if request.cancelled:
@@ -796,7 +796,13 @@ class RemoteEngine(EngineProtocol):
                     piece = delta.text
                     if delta.tool_calls is not None:
                         request.tool_calls_seen = True
-                        piece += tool_text.feed(delta.tool_calls)
+                        try:
+                            piece += tool_text.feed(delta.tool_calls)
+                        except UnofferedToolCall as error:
+                            logger.warning("upstream %s: %s", upstream.label, error)
+                            self._fail(request, ModelUnavailable(self.spec.name, upstream.label,
+                                                                 "the upstream server called a tool that was not offered."))
+                            return None
                     piece = _clean(piece)
                     piece = _without_echo(request, piece) if request.echo and piece else piece
                     logprobs = _token_logprobs(delta.logprobs) if request.body.get("logprobs") else ()

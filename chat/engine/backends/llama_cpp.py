@@ -546,6 +546,8 @@ class LlamaCppBackend(Backend):
             self._resumes_evaluated += 1
             if share is not None:
                 self._take_shared_prefix(state)
+        if self._cache.budget_bytes:
+            self._cache.demote(tokens)  # its saved state did its job; only its reusable prefix may still serve
         state.resume_tokens = None
         self._suspended.discard(state)
 

@@ -6,7 +6,7 @@ import httpx
 import jsonschema
 import pytest
 
-from chat.engine.tool_call_text import ToolCallText
+from chat.engine.tool_call_text import ToolCallText, UnofferedToolCall
 from chat.tooling.calls import ToolCallReader, tool_reply
 
 pytestmark = pytest.mark.smollm2
@@ -210,13 +210,42 @@ def test_an_upstreams_tool_call_deltas_read_back_as_the_same_calls():
     upstream = [[{"index": 0, "id": "x1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}],
                 [{"index": 0, "function": {"arguments": '{"city": "Pa'}}], [{"index": 0, "function": {"arguments": 'ris"}'}}],
                 [{"index": 1, "id": "x2", "type": "function", "function": {"name": "now", "arguments": ""}}]]
-    writer, reader = ToolCallText(), ToolCallReader()
+    writer, reader = ToolCallText(offered("get_weather", "now")), ToolCallReader()
     for deltas in upstream:
         reader.feed(writer.feed(deltas))
     reader.feed(writer.close())
     reader.finish()
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reader.calls] == [
         ("get_weather", {"city": "Paris"}), ("now", {})]
+
+
+def offered(*names: str, **body) -> dict:
+    return {"tools": [{"type": "function", "function": {"name": name}} for name in names], **body}
+
+
+def a_call(index: int, name) -> list[dict]:
+    return [{"index": index, "id": f"x{index}", "type": "function", "function": {"name": name, "arguments": "{}"}}]
+
+
+@pytest.mark.parametrize("body, calls", [
+    (offered("get_weather"), [a_call(0, "rm_rf")]),  # never offered
+    (offered("get_weather"), [a_call(0, "")]),  # no name
+    (offered("get_weather"), [a_call(0, None)]),
+    (offered("get_weather", "now", tool_choice={"type": "function", "function": {"name": "now"}}),
+     [a_call(0, "get_weather")]),  # offered, but tool_choice named another
+    (offered("get_weather", tool_choice="none"), [a_call(0, "get_weather")]),
+    (offered("get_weather", "now", parallel_tool_calls=False), [a_call(0, "get_weather"), a_call(1, "now")]),
+])
+def test_an_upstreams_call_outside_what_the_request_offered_is_refused(body, calls):
+    writer = ToolCallText(body)
+    with pytest.raises(UnofferedToolCall):
+        for deltas in calls:
+            writer.feed(deltas)
+
+
+def test_an_upstreams_offered_calls_pass():
+    writer = ToolCallText(offered("get_weather", "now", tool_choice="auto"))
+    assert "get_weather" in writer.feed(a_call(0, "get_weather")) and "now" in writer.feed(a_call(1, "now"))
 
 
 TOOLS_TEMPLATE = (  # a ChatML template that lists tools itself, as Hermes-style templates do

@@ -103,6 +103,20 @@ def test_another_owner_gets_a_slot_soon_and_the_suspended_sequence_goes_on_uncha
         assert done.text == reference.text  # the pause left no trace in the reply
 
 
+def test_a_resumed_sequences_saved_state_is_the_first_to_leave_the_prefix_cache(make_engine):
+    """Kept for one sequence's resumption, the state must not push out prompt prefixes once it has served."""
+    engine = make_engine(queue_timeout=60)
+    cache = engine._backend._cache
+    a1, a2 = owner_a_holds_both_slots(engine)
+    cache.put((999,), "an older prompt's state", 1)
+    b = engine.submit(PROMPTS["b"], SHORT, owner="B")
+    result(b), result(a2), result(a1)
+    assert engine.stats()["resumes_restored"] == 1
+    saved = [entry for entry in cache._entries.values() if entry.reusable < len(entry.tokens)]
+    assert len(saved) == 1  # a2's prompt and decoded tokens, saved when it was suspended
+    assert next(iter(cache._entries.values())) is saved[0]  # first in LRU order, before the older prompt
+
+
 def test_a_suspended_sequence_evaluated_again_goes_on_unchanged(make_engine, endless_gguf):
     engine = make_engine(prefix_cache_mb=0)  # nowhere to save its state: its tokens are evaluated again
     a1, a2 = owner_a_holds_both_slots(engine)

@@ -39,6 +39,18 @@ def test_prefix_cache_drops_entries_that_a_longer_one_extends():
     assert len(cache) == 1 and cache.covers([1, 2]) and not cache.covers([1, 2, 4])
 
 
+def test_a_demoted_entry_is_the_first_to_go():
+    cache = PrefixCache(budget_bytes=100)
+    cache.put([1, 2, 3], "prompt", 40)
+    cache.put([4, 5, 6, 7], "resumed sequence", 40, exact=2)
+    cache.demote([4, 5, 6, 7])
+    cache.demote([8])  # not there: nothing happens
+    cache.put([9], "new prompt", 40)  # over budget: the demoted entry goes, not the older prompt
+    assert [entry.state for entry in (cache.longest_match([1, 2, 3])[0], cache.longest_match([9])[0])] == [
+        "prompt", "new prompt"]
+    assert cache.longest_match([4, 5], exact_only=False) == (None, 0)
+
+
 def test_an_entry_put_again_counts_its_bytes_once():
     cache = PrefixCache(budget_bytes=1000)
     for exact in (None, 64, 0):  # a suspended sequence's state, less reusable, stored over the same tokens

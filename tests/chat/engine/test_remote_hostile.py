@@ -130,6 +130,27 @@ def test_an_answer_without_our_choice_is_an_upstream_failure_not_an_empty_reply(
         reply(engine)
 
 
+def a_call_of_an_unoffered_tool(answer):
+    answer.head()
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "delete_account", "arguments": "{}"}}
+    answer.event({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]})
+    answer.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    answer.finish()
+
+
+def test_a_call_of_a_tool_the_request_did_not_offer_never_reaches_the_client(upstreams, engines):
+    engine = engines(upstreams(a_call_of_an_unoffered_tool))
+    tools = json.dumps({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}],
+                        "tool_choice": "auto"})
+    generation = engine.submit(engine.render_chat([{"role": "user", "content": "Hello"}]),
+                               SamplingParams(max_tokens=MAX_TOKENS, tools_json=tools))
+    text = []
+    with pytest.raises(ModelUnavailable, match="called a tool that was not offered"):
+        for piece in generation:
+            text.append(piece)
+    assert "delete_account" not in "".join(text)
+
+
 def test_an_answer_without_our_choice_fails_over_to_the_next_upstream(upstreams, engines):
     engine = engines(upstreams(a_login_page), upstreams())
     assert reply(engine)[0] == "Hello there."
