@@ -1,25 +1,58 @@
-"""Content-Security-Policy for the site's own pages (the chat page, login and password pages): scripts, styles,
-images and connections from this origin only (the page's one script file; its data is json_script, which is not
-run), no plugins, no <base>, no framing. A script injected into a page then cannot run or send anything away.
+"""Content-Security-Policy for every page a browser renders: scripts, styles, images and connections from this
+origin only, no plugins, no <base>, no framing. A script injected into a page then cannot run or send anything away.
 
-Not on the admin (its change forms and the usage chart use style attributes) nor on the API documentation
-pages (drf-spectacular's inline scripts).
+- The site's own pages (chat, login, password pages): POLICY, set by `content_security_policy` in the URLconf.
+- The admin: its change forms and the usage chart use style attributes, so ADMIN_POLICY allows inline styles
+  (never inline scripts: Django's admin has none); set by AdminContentSecurityMiddleware for every admin path.
+- The API documentation: Swagger UI with its start-up script served as a file (drf-spectacular's split view) and
+  ReDoc, which write inline styles and run ReDoc's search in a blob: worker: DOCS_POLICY.
 """
 
 from functools import wraps
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
 # 'self' covers ws:// and wss:// to this host in CSP Level 3 browsers: the chat page's WebSocket.
 POLICY = ("default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
           "img-src 'self' data:; connect-src 'self'")
+ADMIN_POLICY = POLICY + "; style-src 'self' 'unsafe-inline'"
+DOCS_POLICY = ADMIN_POLICY + "; worker-src 'self' blob:"
+ADMIN_PATH = "/admin/"  # where llmsite/urls.py mounts the admin
 
 
-def content_security_policy(view):
-    """The view's responses carry POLICY (unless the view set its own)."""
+def content_security_policy(view, policy: str = POLICY):
+    """The view's responses carry `policy` (unless the view set its own)."""
 
     @wraps(view)
     def with_policy(request, *args, **kwargs):
         response = view(request, *args, **kwargs)
-        response.headers.setdefault("Content-Security-Policy", POLICY)
+        response.headers.setdefault("Content-Security-Policy", policy)
         return response
 
     return with_policy
+
+
+class AdminContentSecurityMiddleware:
+    """ADMIN_POLICY on every response under ADMIN_PATH (the admin's views are many and made by Django)."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return self._finish(request, self.get_response(request))
+
+    async def __acall__(self, request):
+        return self._finish(request, await self.get_response(request))
+
+    @staticmethod
+    def _finish(request, response):
+        if request.path.startswith(ADMIN_PATH):
+            response.headers.setdefault("Content-Security-Policy", ADMIN_POLICY)
+        return response

@@ -5,11 +5,11 @@ from django.conf.urls.static import static
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
 from chat.api import error_views, pages, tokenize
 from chat.ops import views as ops_views
-from llmsite.content_security import content_security_policy
+from llmsite.content_security import DOCS_POLICY, content_security_policy
 from llmsite.login_throttle import old_password_throttled
 from llmsite.password_reset_throttle import ThrottledPasswordResetView
 
@@ -47,8 +47,8 @@ urlpatterns = [
     path("tokenize", tokenize.TokenizeView.as_view(), name="tokenize"),
     path("detokenize", tokenize.DetokenizeView.as_view(), name="detokenize"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
-    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("api/docs/", csp(SpectacularSwaggerSplitView.as_view(url_name="schema"), DOCS_POLICY), name="swagger-ui"),
+    path("api/redoc/", csp(SpectacularRedocView.as_view(url_name="schema"), DOCS_POLICY), name="redoc"),
     path("api-auth/", include("rest_framework.urls")),
     # Any other path under /v1/ or /api/: a JSON 404 in the API's error shape, even with DEBUG on.
     re_path(r"^(?:v1|api)/", error_views.api_not_found, name="api-not-found"),

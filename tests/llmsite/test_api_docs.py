@@ -1,4 +1,4 @@
-"""Swagger UI and ReDoc are served by the site itself (drf-spectacular-sidecar) and render with no network."""
+"""Swagger UI and ReDoc are served by the site itself (drf-spectacular-sidecar) and render with no network, under\ntheir Content-Security-Policy."""
 
 import re
 import shutil
@@ -6,6 +6,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from llmsite.content_security import DOCS_POLICY
 from tests.conftest import missing_service
 from tests.live import LiveServer, prepare_database
 from tests.subprocess_helpers import ROOT
@@ -57,12 +58,15 @@ def test_doc_pages_render_offline_in_chromium(docs_server, path, ready):
                 route.abort()
 
         page.route("**/*", only_this_site)
+        console = []
+        page.on("console", lambda message: console.append(message.text))
         page.goto(docs_server.url + "/accounts/login/")
         page.get_by_label("Username").fill("reader")
         page.get_by_label("Password").fill("a-long-test-password")
         page.get_by_role("button", name="Log in").click()
         page.wait_for_url(docs_server.url + "/")
-        page.goto(docs_server.url + path)
+        response = page.goto(docs_server.url + path)
+        assert response.headers["content-security-policy"] == DOCS_POLICY
         page.locator(ready).first.wait_for(state="visible", timeout=30_000)
         assert "chat/completions" in page.content()
         page.screenshot(path=str(ARTIFACTS / f"api-{path.strip('/').replace('/', '-')}.png"), full_page=False)
@@ -70,3 +74,5 @@ def test_doc_pages_render_offline_in_chromium(docs_server, path, ready):
     # The one thing asked of the network: ReDoc's "by Redocly" badge, an <img> that hides itself when
     # it cannot load. Everything the page needs came from this site.
     assert set(outside) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}, outside
+    # Under the policy (llmsite/content_security.py): nothing refused but that badge, which the policy now blocks.
+    assert not [text for text in console if "Content Security Policy" in text and "cdn.redoc.ly" not in text], console

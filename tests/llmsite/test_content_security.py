@@ -1,10 +1,11 @@
-"""The site's own pages (chat, login, password pages) send a Content-Security-Policy; the admin, whose templates
-use style attributes, does not (llmsite/content_security.py). tests/chat/test_browser.py runs the chat page under it."""
+"""Every page a browser renders sends a Content-Security-Policy (llmsite/content_security.py): the site's own pages
+POLICY, the admin (style attributes) and the API docs their own. tests/chat/test_browser.py runs the chat page under
+it, tests/llmsite/test_admin_under_policy.py the admin, tests/llmsite/test_api_docs.py the docs."""
 
 import pytest
 from django.test import Client
 
-from llmsite.content_security import POLICY
+from llmsite.content_security import ADMIN_POLICY, DOCS_POLICY, POLICY
 from tests.factories import make_superuser
 
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.llmsite.urls_with_password_reset")]
@@ -36,5 +37,16 @@ def test_the_policy_allows_this_origin_only_and_no_framing():
     assert directives["object-src"] == directives["base-uri"] == directives["frame-ancestors"] == "'none'"
 
 
-def test_the_admin_keeps_its_inline_styles(browser):
-    assert "Content-Security-Policy" not in browser.get("/admin/")
+@pytest.mark.parametrize("path", ["/admin/", "/admin/login/", "/admin/characters/character/", "/admin/nowhere/"])
+def test_the_admin_sends_a_policy_that_keeps_its_inline_styles_and_no_inline_script(browser, path):
+    assert browser.get(path)["Content-Security-Policy"] == ADMIN_POLICY
+    directives = dict(d.strip().split(" ", 1) for d in ADMIN_POLICY.split(";"))
+    assert directives["style-src"] == "'self' 'unsafe-inline'" and "script-src" not in directives
+
+
+@pytest.mark.parametrize("path", ["/api/docs/", "/api/docs/?script=", "/api/redoc/"])
+def test_the_api_docs_send_their_policy_and_start_swagger_from_a_file(browser, path):
+    response = browser.get(path)
+    assert response.status_code == 200 and response["Content-Security-Policy"] == DOCS_POLICY
+    if path == "/api/docs/":
+        assert b"<script>" not in response.content and b"?script=" in response.content
