@@ -2,8 +2,8 @@
 origin only, no plugins, no <base>, no framing. A script injected into a page then cannot run or send anything away.
 
 - The site's own pages (chat, login, password pages): POLICY, set by `content_security_policy` in the URLconf.
-- The admin: its change forms and the usage chart use style attributes, so ADMIN_POLICY allows inline styles
-  (never inline scripts: Django's admin has none); set by AdminContentSecurityMiddleware for every admin path.
+- Every other HTML page (the admin, DRF's browsable API and its login): their templates use style attributes, so
+  STYLED_POLICY allows inline styles (never inline scripts: neither has any); set by ContentSecurityMiddleware.
 - The API documentation: Swagger UI with its start-up script served as a file (drf-spectacular's split view) and
   ReDoc, which write inline styles and run ReDoc's search in a blob: worker: DOCS_POLICY.
 """
@@ -15,9 +15,8 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 # 'self' covers ws:// and wss:// to this host in CSP Level 3 browsers: the chat page's WebSocket.
 POLICY = ("default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
           "img-src 'self' data:; connect-src 'self'")
-ADMIN_POLICY = POLICY + "; style-src 'self' 'unsafe-inline'"
-DOCS_POLICY = ADMIN_POLICY + "; worker-src 'self' blob:"
-ADMIN_PATH = "/admin/"  # where llmsite/urls.py mounts the admin
+STYLED_POLICY = POLICY + "; style-src 'self' 'unsafe-inline'"
+DOCS_POLICY = STYLED_POLICY + "; worker-src 'self' blob:"
 
 
 def content_security_policy(view, policy: str = POLICY):
@@ -32,8 +31,9 @@ def content_security_policy(view, policy: str = POLICY):
     return with_policy
 
 
-class AdminContentSecurityMiddleware:
-    """ADMIN_POLICY on every response under ADMIN_PATH (the admin's views are many and made by Django)."""
+class ContentSecurityMiddleware:
+    """STYLED_POLICY on every HTML response that has no policy of its own (the admin's and DRF's views are many and
+    not ours to decorate)."""
 
     sync_capable = True
     async_capable = True
@@ -53,6 +53,6 @@ class AdminContentSecurityMiddleware:
 
     @staticmethod
     def _finish(request, response):
-        if request.path.startswith(ADMIN_PATH):
-            response.headers.setdefault("Content-Security-Policy", ADMIN_POLICY)
+        if response.headers.get("Content-Type", "").startswith("text/html"):
+            response.headers.setdefault("Content-Security-Policy", STYLED_POLICY)
         return response

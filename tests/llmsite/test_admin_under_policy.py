@@ -1,4 +1,4 @@
-"""The admin in headless Chromium under its Content-Security-Policy (llmsite/content_security.py): every page sends
+"""The admin (and DRF's browsable API) in headless Chromium under its Content-Security-Policy (llmsite/content_security.py): every page sends
 the policy, and its scripts (the slug filled in from the name, the prompt preview, the usage chart) run without a
 single violation."""
 
@@ -13,7 +13,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGES = ["/admin/", "/admin/characters/character/", "/admin/characters/character/{mira}/change/",
-         "/admin/characters/character/add/", "/admin/scenarios/scenario/", "/admin/chat/usagerecord/"]
+         "/admin/characters/character/add/", "/admin/scenarios/scenario/", "/admin/chat/usagerecord/",
+         "/v1/models", "/api-auth/login/"]  # and DRF's browsable API
 
 
 @pytest.fixture(scope="module")
@@ -59,5 +60,10 @@ def test_admin_pages_run_under_their_policy(admin_server):
         # Style attributes still apply (the prompt preview's box: style="padding: 8px 10px").
         page.goto(admin_server.url + f"/admin/characters/character/{admin_server.mira}/change/")
         assert page.locator("#prompt-preview > div").evaluate("e => getComputedStyle(e).paddingLeft") == "10px"
+        # The browsable API's log-out (DRF's own link runs an inline onclick; ours is a form button).
+        page.goto(admin_server.url + "/v1/models")
+        page.get_by_role("button", name="Log out").click()
+        page.goto(admin_server.url + "/admin/")
+        expect(page.get_by_label("Password")).to_be_visible()  # logged out: the admin asks again
         browser.close()
     assert not [text for text in console if "Content Security Policy" in text], console
