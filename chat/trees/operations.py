@@ -21,7 +21,8 @@ from chat.selectors import conversation_get_owned, message_get_owned, message_su
 from chat.tenancy.conversation_lock import conversation_leased
 from chat.tenancy.owners import Tenant
 
-from .running import CANCEL, KEEP, ReplyRun, reply_run_announced, reply_run_of, reply_stop_request
+from .running import (CANCEL, KEEP, ReplyRun, announced_starter, reply_run_announced, reply_run_of,
+                      reply_stop_request)
 
 STOP_WAIT_SECONDS = 30  # how long a stop waits for the stopped reply to be stored
 
@@ -125,14 +126,19 @@ class Stopped:
 
 def reply_stop(*, user, conversation_id) -> Stopped:
     """Stop the reply running for the conversation, in this process or another; what it generated is stored,
-    marked stopped. 404 reply_not_running when none runs."""
-    run = running_reply_of(user=user, conversation_id=conversation_id, owner_only=True)
+    marked stopped. The owner may stop any reply; a participant of a group chat the one it started (403
+    not_conversation_owner for another's). 404 reply_not_running when none runs."""
+    run = running_reply_of(user=user, conversation_id=conversation_id)
     if run is not None:
+        if run.starter_id != user.pk:
+            conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
         run.stop()
         run.finished.wait(STOP_WAIT_SECONDS)
         return Stopped(run.conversation_id, list(run.record.stored))
-    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id)
     announced = reply_run_announced(conversation.pk)
+    if announced is not None and announced_starter(announced) != str(user.pk):
+        conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
     if announced is None or not reply_stop_request(conversation.pk):
         raise NotFound(f"No reply is running for conversation {conversation.pk}.", param="conversation",
                        code="reply_not_running")

@@ -61,6 +61,10 @@ class ReplyRun:
 
     def __init__(self, record: ReplyRecord, generations: list, *, on_disconnect: str = KEEP, kind: str = "reply"):
         self.id = uuid.uuid4().hex
+        # Who started it: the conversation's owner or a participant of a group chat, who may stop it too. Announced
+        # with the run, so that a stop asked in another process can tell.
+        self.starter_id = getattr(record.plan.user, "pk", None)
+        self.announcement = f"{self.id}:{self.starter_id or ''}"
         self.record = record
         self.generations = generations
         self.on_disconnect = on_disconnect
@@ -87,7 +91,8 @@ class ReplyRun:
         if self.conversation_id is not None:
             with _runs_lock:
                 _runs[self.conversation_id] = self
-            _cache_call(cache.set, RUNNING_KEY.format(self.conversation_id), self.id, timeout=ANNOUNCE_SECONDS)
+            _cache_call(cache.set, RUNNING_KEY.format(self.conversation_id), self.announcement,
+                        timeout=ANNOUNCE_SECONDS)
             threading.Thread(target=self._watch_for_stop, name=f"reply-stop-{self.id[:8]}", daemon=True).start()
         with self._lock:
             crowded = self._left_alone(max(settings.REPLY_DETACHED_SECONDS, FIRST_LISTENER_SECONDS))
@@ -98,7 +103,7 @@ class ReplyRun:
     def _watch_for_stop(self) -> None:
         key = STOP_KEY.format(self.conversation_id)
         while not self.finished.wait(STOP_POLL_SECONDS):
-            if _cache_call(cache.get, key) == self.id:
+            if _cache_call(cache.get, key) == self.announcement:
                 logger.info("reply %s: stopped from another process", self.id)
                 self.stop()
                 return
@@ -166,7 +171,7 @@ class ReplyRun:
                 del _runs[self.conversation_id]
         if self.conversation_id is not None:
             key = RUNNING_KEY.format(self.conversation_id)
-            if _cache_call(cache.get, key) == self.id:
+            if _cache_call(cache.get, key) == self.announcement:
                 _cache_call(cache.delete, key)
         for listener in listeners:
             listener.push(self._final_event())
@@ -311,6 +316,11 @@ def reply_stop_request(conversation_id) -> bool:
         return False
     _cache_call(cache.set, STOP_KEY.format(conversation_id), running, timeout=60)
     return True
+
+
+def announced_starter(announcement: str) -> str:
+    """The pk (as text) of the user who started an announced run; "" if unknown."""
+    return announcement.rpartition(":")[2]
 
 
 def reply_run_announced(conversation_id) -> str | None:

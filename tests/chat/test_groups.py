@@ -2,6 +2,7 @@
 writing into one group conversation through the API."""
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -171,10 +172,22 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture
 def group_chat(crew, settings, tiny_model):
     """sam's group conversation of one exchange with ada, through the API."""
+    return start_group_chat(settings, tiny_model)
+
+
+@pytest.fixture
+def endless_group_chat(crew, settings, tmp_path):
+    """The same with a model that never ends a reply by itself (replies run to max_tokens)."""
+    from tests.factories import write_tiny_gguf
+
+    return start_group_chat(settings, write_tiny_gguf(tmp_path / "endless.gguf", never_ends=True))
+
+
+def start_group_chat(settings, model):
     import dataclasses
 
     settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=tuple(
-        dataclasses.replace(m, path=str(tiny_model), context_length=1024) for m in settings.LLMSITE.models))
+        dataclasses.replace(m, path=str(model), context_length=1024) for m in settings.LLMSITE.models))
     settings.API_RATE_LIMIT = ""
     sam = make_api_client("sam")
     first = sam.post(URL, request("Ada, light the lamp.", character="crew", speaker="ada", name="Sam"),
@@ -250,12 +263,13 @@ def test_only_the_owner_changes_the_tree_participants_send_messages(group_chat):
     for method, tail, data in [
         ("delete", f"messages/{reply.pk}/", None), ("post", f"messages/{reply.pk}/select/", None),
         ("post", f"messages/{reply.pk}/regenerate/", {}), ("post", f"messages/{reply.pk}/continue/", {}),
-        ("post", f"messages/{user_message.pk}/edit/", {"content": "mine now"}), ("post", "stop/", None),
+        ("post", f"messages/{user_message.pk}/edit/", {"content": "mine now"}),
     ]:
         response = getattr(lee, method)(tree_url(conversation, tail), data, format="json")
         assert response.status_code == 403, (tail, response.content)
         assert response.json()["error"]["code"] == "not_conversation_owner"
     assert conversation.messages.count() == 2
+    assert lee.post(tree_url(conversation, "stop/")).json()["error"]["code"] == "reply_not_running"
     # Reading and writing a new message stay open to the participant.
     assert lee.get(tree_url(conversation, "path/")).status_code == 200
     sent = lee.post(URL, request("Bob?", conversation=str(conversation.pk)), format="json",
@@ -264,6 +278,42 @@ def test_only_the_owner_changes_the_tree_participants_send_messages(group_chat):
     # The owner may.
     deleted = sam.delete(tree_url(conversation, f"messages/{reply.pk}/"))
     assert deleted.status_code == 200 and not Message.objects.filter(pk=reply.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_participant_stops_the_reply_it_started_and_no_one_elses(endless_group_chat, monkeypatch):
+    from chat.engine.faults import Faults
+    from chat.engines import get_engine
+    from chat.api.serializers import ChatCompletionRequestSerializer
+    from chat.trees.operations import chat_reply_run
+    from chat.trees.running import reply_run_of
+
+    sam, conversation = endless_group_chat
+    lee, kim = make_api_client("lee"), make_api_client("kim")
+    join(sam, lee, conversation.pk)
+    join(sam, kim, conversation.pk)
+    monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.05)))  # replies outlast requests
+
+    def running_reply_of(client):  # a message sent over the WebSocket: a reply run of its own, which stop/ stops
+        serializer = ChatCompletionRequestSerializer(data=request("Bob, your turn.", character="crew",
+                                                                  conversation=str(conversation.pk), max_tokens=500))
+        serializer.is_valid(raise_exception=True)
+        chat_reply_run(user=client.user, api_key=None, data=serializer.validated_data)
+        run = reply_run_of(conversation.pk)
+        deadline = time.monotonic() + 60
+        while not run.texts[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return run
+
+    run = running_reply_of(lee)
+    refused = kim.post(tree_url(conversation, "stop/"))  # another participant's reply
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_conversation_owner"
+    assert not run.finished.is_set()
+    stopped = lee.post(tree_url(conversation, "stop/"))  # its own
+    assert stopped.status_code == 200 and stopped.json()["messages"][0]["stopped"] is True, stopped.content
+    run = running_reply_of(lee)
+    assert sam.post(tree_url(conversation, "stop/")).status_code == 200  # the owner stops anyone's
+    assert run.finished.is_set() and run.record.stopped
 
 
 @pytest.mark.django_db(transaction=True)
