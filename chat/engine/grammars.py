@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from .json_schema import SchemaNotConvertible, schema_grammar
+from .json_schema import SchemaNotConvertible, one_regex_budget, schema_grammar
 
-__all__ = ["SchemaNotConvertible", "json_object_grammar", "json_schema_grammar"]
+__all__ = ["SchemaNotConvertible", "json_object_grammar", "json_schema_grammar", "one_regex_budget"]
 
 
 def json_object_grammar() -> str:

@@ -12,7 +12,7 @@ does not start with "<" (so the first character tells which: chat/tooling/calls.
 
 from __future__ import annotations
 
-from chat.engine.grammars import SchemaNotConvertible, json_schema_grammar
+from chat.engine.grammars import SchemaNotConvertible, json_schema_grammar, one_regex_budget
 from chat.engine.tool_call_text import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from chat.errors import ApiError
 from .requests import ToolRequest
@@ -23,7 +23,11 @@ def tool_call_grammar(request: ToolRequest | None) -> str | None:
     """The grammar for a request that may call tools, or None (tool_choice "none", or no tools)."""
     if request is None or not request.may_call:
         return None
+    with one_regex_budget():  # for all the tools together, not each
+        return _tool_call_grammar(request)
 
+
+def _tool_call_grammar(request: ToolRequest) -> str:
     alternatives = []
     tools = request.callable_tools
     for index, tool in enumerate(tools):

@@ -24,6 +24,12 @@ from ..errors import InvalidRequest
 
 
 SHORTLIST = 512  # candidates a rejected token's resampling filters first (_sample_allowed)
+# A reply's grammar work runs on the scheduler's thread, where every stream of the model waits for it. Some grammars
+# within the converter's limits are ambiguous enough that llama.cpp's sampler takes 0.1-3 s a token (measured:
+# ((a{1,20}){10,20}){10,20}, before such nestings were refused; overlapping alternatives may do the same). A reply
+# may spend this much CPU on its grammar, plus this much per token (a large enum takes ~1.5 ms), then fails.
+GRAMMAR_SECONDS_FIRST = 0.5
+GRAMMAR_SECONDS_PER_TOKEN = 0.01
 
 
 class GrammarDeadEnd(InvalidRequest):
@@ -32,6 +38,14 @@ class GrammarDeadEnd(InvalidRequest):
     def __init__(self):
         super().__init__("The grammar allows no token of this model at this point of the reply; "
                          "the reply was stopped. Check the grammar or the response format.")
+
+
+class GrammarTooCostly(InvalidRequest):
+    """Following the grammar took more of the scheduler's CPU than a reply may (GRAMMAR_SECONDS_*)."""
+
+    def __init__(self):
+        super().__init__("Following this response format or tool schema took too long at each token (a pattern "
+                         "or alternatives that match the same text in many ways?); the reply was stopped.")
 
 
 class ConstrainedSampler:

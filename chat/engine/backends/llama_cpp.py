@@ -56,7 +56,7 @@ from ..state_store import StateStore, model_fingerprint, state_fingerprint
 from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
-from .constrained import ConstrainedSampler
+from .constrained import GRAMMAR_SECONDS_FIRST, GRAMMAR_SECONDS_PER_TOKEN, ConstrainedSampler, GrammarTooCostly
 from .weights import discard_copy, weights_path
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,8 @@ class _SequenceState:
     # Set at suspension: how much of its slot any prompt may reuse (its prompt's whole chunks). Its decoded tokens,
     # evaluated again as a prompt when it resumes without its saved state, must not become reusable by others.
     exact_cap: int | None = None
+    grammar_seconds: float = 0.0  # CPU time its grammar took on the scheduler's thread (GrammarAllowance)
+    grammar_tokens: int = 0
 
 
 class LlamaCppBackend(Backend):
@@ -1150,8 +1152,13 @@ class LlamaCppBackend(Backend):
         if state.grammar is None:
             token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
         else:
+            started = time.thread_time()  # CPU of this thread: what every other stream waits for
             token = self._constrained.sample(context=self._context, index=state.logits_index,
                                              chain=state.sampler, grammar=state.grammar)
+            state.grammar_seconds += time.thread_time() - started
+            state.grammar_tokens += 1
+            if state.grammar_seconds > GRAMMAR_SECONDS_FIRST + GRAMMAR_SECONDS_PER_TOKEN * state.grammar_tokens:
+                raise GrammarTooCostly()
         if row is not None:
             seq.token_logprob = self._token_logprob(row, token, seq.params.logprobs)
         return token

@@ -1,6 +1,6 @@
 """JSON Schema to GBNF: every keyword it accepts is enforced by the grammar; the rest is refused by name."""
 
-from .converter import Converter
+from .converter import Converter, one_regex_budget
 from .errors import SchemaNotConvertible
 
 
@@ -17,4 +17,4 @@ def schema_grammar(schema, *, root: str = "root") -> str:
                                    path="/") from None
 
 
-__all__ = ["SchemaNotConvertible", "schema_grammar"]
+__all__ = ["SchemaNotConvertible", "one_regex_budget", "schema_grammar"]

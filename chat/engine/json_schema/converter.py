@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import contextlib
+import contextvars
 import time
 import warnings
 from urllib.parse import unquote
@@ -118,6 +120,20 @@ def _type_of(value) -> str:
     return {str: "string", list: "array", dict: "object"}[type(value)]
 
 
+_shared_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("regex_deadline", default=None)
+
+
+@contextlib.contextmanager
+def one_regex_budget():
+    """Every schema converted inside shares one REGEX_SECONDS budget (one request's tools: 128 of them, each with a
+    budget of its own, spent half a minute of CPU)."""
+    token = _shared_deadline.set(_shared_deadline.get() or time.monotonic() + REGEX_SECONDS)
+    try:
+        yield
+    finally:
+        _shared_deadline.reset(token)
+
+
 class Converter:
     def __init__(self, schema):
         self.root_schema = schema
@@ -128,7 +144,8 @@ class Converter:
         self.unsatisfiable: dict[str, SchemaNotConvertible] = {}
         self.visits = 0
         self.used_base: set[str] = set()
-        self.regex_deadline = time.monotonic() + REGEX_SECONDS
+        shared = _shared_deadline.get()
+        self.regex_deadline = shared if shared is not None else time.monotonic() + REGEX_SECONDS
 
     def search(self, pattern: str, text: str, keyword: str, path: str):
         """regex.search within what is left of the schema's regex budget (SchemaNotConvertible past it); re.error

@@ -21,6 +21,12 @@ except ImportError:  # pragma: no cover
 from .errors import SchemaNotConvertible
 
 MAX_REPEAT = 1000
+# Repetitions nested in repetitions, ((a{1,20}){10,20}){10,20}: after n characters llama.cpp's grammar sampler keeps
+# a stack for every way to share them out among the copies it writes of each bounded repetition, and merges them by
+# a linear search: measured 0.1-1.7 s a token on the scheduler's thread (every stream waits). The counts' product
+# along a nesting is bounded here (IPv4's (\.\d{1,3}){3} is 9); what stays expensive is stopped at run time
+# (the engine's grammar CPU allowance).
+MAX_NESTED_SPREAD = 256
 SPECIAL = {ord('"'), ord("\\")} | set(range(0x20)) | {0x7F}  # JSON writes these escaped
 
 
@@ -165,6 +171,10 @@ def pattern_grammar(pattern, path: str, low: int = 0, high: int | None = None) -
     if parsed.state.flags & ~(c.SRE_FLAG_UNICODE | getattr(c, "SRE_FLAG_TEMPLATE", 0)):
         raise SchemaNotConvertible("'pattern' with flags is not supported", keyword="pattern", path=path)
     items = list(parsed)
+    if _spread(items) > MAX_NESTED_SPREAD:
+        raise SchemaNotConvertible(f"'pattern' nests repetitions whose counts multiply past {MAX_NESTED_SPREAD} "
+                                   "(such as (a{1,20}){10,20}); write one repetition instead", keyword="pattern",
+                                   path=path)
     anchored_end = bool(items) and items[-1][0] is c.AT and items[-1][1] in (c.AT_END, c.AT_END_STRING)
     try:
         text, shortest, longest = _sequence(items, at_start=True, at_end=True)
@@ -190,6 +200,53 @@ def pattern_grammar(pattern, path: str, low: int = 0, high: int | None = None) -
 
 class _NoRoom(Exception):
     pass
+
+
+REPEATS = (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None))
+
+
+def _spread(items) -> int:
+    """The largest product of repetition counts along a nesting of repetitions with something variable inside
+    ((a{1,20}){10,20}: 400); 1 where nothing is nested so."""
+    return _counts(items)[1]
+
+
+def _counts(items) -> tuple[int, int]:
+    """(the largest product of counts along one nesting path in `items`, the largest such product of a nesting
+    around something variable). A repetition of something fixed counts its largest count if that varies, else 1
+    (a fixed block); an unbounded one counts its least (llama.cpp writes that many copies, then right recursion)."""
+    path, nested = 1, 1
+    for op, arg in items:
+        if op in REPEATS:
+            low, high, inner = arg
+            inner_path, inner_nested = _counts(inner)
+            count = max(low, 1) if high == c.MAXREPEAT else high
+            if inner_path > 1 or _varies(inner):
+                here = count * inner_path
+                nested = max(nested, inner_nested, here)
+            else:
+                here = count if high != low else 1
+            path = max(path, here)
+        elif op is c.BRANCH:
+            for branch in arg[1]:
+                branch_path, branch_nested = _counts(branch)
+                path, nested = max(path, branch_path), max(nested, branch_nested)
+        elif op is c.SUBPATTERN:
+            inner_path, inner_nested = _counts(arg[3])
+            path, nested = max(path, inner_path), max(nested, inner_nested)
+    return path, nested
+
+
+def _varies(items) -> bool:
+    """Whether `items` hold a repetition whose count varies (their length is not fixed by it)."""
+    for op, arg in items:
+        if op in REPEATS and (arg[0] != arg[1] or _varies(arg[2])):
+            return True
+        if op is c.BRANCH and any(_varies(branch) for branch in arg[1]):
+            return True
+        if op is c.SUBPATTERN and _varies(arg[3]):
+            return True
+    return False
 
 
 def _pad(low: int, high: int | None) -> str:
