@@ -28,8 +28,9 @@ token from the same logits row with its own sampler: the prompt is evaluated onc
 Suspension (preemption, chat/engine/scheduler.py): a decoding sequence's slot may be taken for another owner. Its
 whole state (prompt and decoded tokens) is saved into the prefix cache, marked as reusable by other prompts only
 up to its whole prompt chunks; its samplers stay. On resume it takes the slot that still holds it, else restores
-the saved state (the same cells: it decodes on exactly as it would have), else evaluates prompt and decoded tokens
-again as one prompt, under the rules of prompts (aligned chunks, whole-chunk reuse).
+the saved state (the same cells: it decodes on exactly as it would have), else evaluates them again in the shapes
+of their first evaluation: its prompt as a cold prompt (whole-chunk reuse, aligned chunks, the last chunk's shape),
+then its decoded tokens row by row, and decodes its last sampled token next (_next_chunk, _padding).
 
 Failure containment: an error while sampling one sequence (logprobs, grammar) fails that sequence
 only (SequencesFailed); a token the grammar rejects is never accepted (that throws a C++ exception
@@ -236,6 +237,10 @@ class _SequenceState:
     exact_cap: int | None = None
     grammar_seconds: float = 0.0  # CPU time its grammar took on the scheduler's thread (GrammarAllowance)
     grammar_tokens: int = 0
+    # A resumed sequence evaluated again (_resume): where its prompt ends (evaluated as a cold prompt is; its decoded
+    # tokens after it row by row, as they were decoded) and the token it sampled last, decoded next, not sampled.
+    prompt_end: int | None = None
+    resume_next: int | None = None
 
 
 class LlamaCppBackend(Backend):
@@ -538,11 +543,13 @@ class LlamaCppBackend(Backend):
             slot.last_used = time.monotonic()
             state.slot = slot
             self._resumes_restored += 1
-        else:  # its cells are gone: evaluated as a prompt, so that they are what a cold prompt computes
-            prompt = tokens + state.pending
-            slot, reused, share = self._claim_slot(prompt, owner=seq.owner)
+        else:  # its cells are gone: evaluated again, so that they are what its first evaluation computed
+            prompt_end = len(seq.prompt_tokens)
+            slot, reused, share = self._claim_slot(tokens, owner=seq.owner, prompt_end=prompt_end)
             slot.exact = min(slot.exact, state.exact_cap)
-            state.slot, state.prompt, state.pending, state.share = slot, prompt, prompt[reused:], share
+            state.resume_next = state.pending[0]  # sampled before the pause: decoded once the rest is back
+            state.slot, state.prompt, state.pending, state.share = slot, tokens, tokens[reused:], share
+            state.prompt_end = prompt_end
             state.prefilling = True
             slot.waiting = share is not None
             self._resumes_evaluated += 1
@@ -616,22 +623,25 @@ class LlamaCppBackend(Backend):
         state.slot.waiting = False
         state.pending = list(state.prompt)
 
-    def _claim_slot(self, prompt: list[int], saved: CachedPrefix | None = None,
-                    owner: str = "") -> tuple[_Slot, int, _Share | None]:
+    def _claim_slot(self, prompt: list[int], saved: CachedPrefix | None = None, owner: str = "",
+                    prompt_end: int | None = None) -> tuple[_Slot, int, _Share | None]:
         """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from.
         `saved`: the state read from disk for this prompt (saved_state_for), used where it beats memory.
+        `prompt_end`: where the prompt proper ends in `prompt` (a resumed sequence's decoded tokens follow): reuse
+        stops before its last chunk as it would for that prompt alone.
 
         A slot last filled by another owner gives whole chunks only. Reuse shows (in usage.cached_tokens, and in
         the time to the first token), so reuse by the token would let a tenant find out, one guessed token at a
         time, what another's prompt says; a whole 64-token chunk must be guessed at once."""
         llama, memory = self._llama, self._memory
-        limit = last_chunk_start(len(prompt))  # the last chunk is evaluated as a cold prompt evaluates it
+        end = len(prompt) if prompt_end is None else prompt_end
+        limit = last_chunk_start(end)  # the last chunk is evaluated as a cold prompt evaluates it
 
         def held(slot: _Slot) -> int:  # what a slot holds of `prompt` that may be reused
             common = common_prefix_length(slot.kv_tokens, prompt)
             if slot.owner != owner:
                 return reusable(min(common, slot.exact, limit))
-            return resident_reuse(len(prompt), common, slot.exact)
+            return resident_reuse(end, min(common, end), slot.exact)
 
         free = [slot for slot in self._slots if not slot.busy]
         resident_slot = max(free, key=held)
@@ -890,7 +900,10 @@ class LlamaCppBackend(Backend):
         for seq, size in chunks:
             start = ends.get(seq, len(seq.backend_state.slot.kv_tokens))
             ends[seq] = start + size
-            if size < PROMPT_CHUNK and ends[seq] <= LONE_ROW_KV_CELLS:
+            prompt_end = seq.backend_state.prompt_end
+            if prompt_end is not None and start >= prompt_end:
+                lone.append([(seq, size)])  # a resumed sequence's decoded tokens: row by row, in order
+            elif size < PROMPT_CHUNK and ends[seq] <= LONE_ROW_KV_CELLS:
                 small.append((seq, size))
             elif size < PROMPT_CHUNK and (size < ROW_BY_ROW_TAIL or start + PROMPT_CHUNK > self.context_length):
                 lone.append([(seq, size)])  # short, or no room to pad it: row by row, alone, as warm prompts take it
@@ -931,7 +944,7 @@ class LlamaCppBackend(Backend):
         The minimum beyond the allowance goes to each owner's oldest prompt only when the step serves more than
         one owner: an owner with seven long prompts would otherwise put seven chunks into every step of everyone
         else's (its own streams it may slow down as it likes: a burst of one persona's first turns)."""
-        chunks, taken = [], dict.fromkeys(prefilling, 0)
+        chunks, taken, held_back = [], dict.fromkeys(prefilling, 0), set()
         one_owner = len(decoding_owners | {seq.owner for seq in prefilling}) <= 1
         oldest_of_owner: dict[str, Sequence | None] = {}
         for seq in prefilling:
@@ -940,7 +953,7 @@ class LlamaCppBackend(Backend):
         while True:
             added = False
             for seq in prefilling:
-                size = chunk_size(len(seq.backend_state.pending) - taken[seq])
+                size = 0 if seq in held_back else self._next_chunk(seq.backend_state, taken[seq])
                 guaranteed = (rounds < self._min_prompt_chunks and oldest_of_owner[seq.owner] in (seq, None)
                               or not chunks)
                 if size <= 0 or (size > allowance and not guaranteed):
@@ -949,9 +962,26 @@ class LlamaCppBackend(Backend):
                 taken[seq] += size
                 allowance -= size
                 added = True
+                state = seq.backend_state
+                if state.prompt_end is not None and len(state.slot.kv_tokens) + taken[seq] == state.prompt_end:
+                    held_back.add(seq)  # its decoded tokens go in later steps: their calls must come after this one
             rounds += 1
             if not added:
                 return chunks
+
+    @staticmethod
+    def _next_chunk(state: _SequenceState, taken: int) -> int:
+        """The size of a prefilling sequence's next chunk, `taken` tokens past what its slot holds: PROMPT_CHUNK
+        from an aligned position, or to the prompt's end; a resumed sequence's decoded tokens in pieces under
+        PROMPT_CHUNK rows (row by row, as they were decoded), never leaving one row for last when it can be helped."""
+        remaining = len(state.pending) - taken
+        if state.prompt_end is None or remaining <= 0:
+            return chunk_size(remaining)
+        position = len(state.slot.kv_tokens) + taken
+        if position < state.prompt_end:
+            return min(remaining, state.prompt_end - position, PROMPT_CHUNK)
+        size = min(remaining, PROMPT_CHUNK - 1)
+        return size - 1 if remaining - size == 1 and size > 1 else size
 
     def _pack_slots(self, seqs: list[Sequence]) -> None:
         """Move sequences so that the busy slots have consecutive ids (one decode pass per step).
@@ -1072,8 +1102,13 @@ class LlamaCppBackend(Backend):
         PROMPT_CHUNK rows) instead of the slow row-by-row one. A function of the chunk's position only, so cold
         and warm prompts pad alike."""
         start = len(state.slot.kv_tokens) + offset
+        if state.prompt_end is not None and start >= state.prompt_end:
+            # A decoded token evaluated again alone: a second row keeps it off the split-KV path, as the throwaway
+            # tokens beside a decode step did (_throwaway_slots).
+            return 1 if state.prefilling and size == 1 and start >= LONE_ROW_KV_CELLS else 0
+        end = len(state.slot.kv_tokens) + len(state.pending) if state.prompt_end is None else state.prompt_end
         partial = size % PROMPT_CHUNK
-        if (not state.prefilling or partial < ROW_BY_ROW_TAIL or offset + size != len(state.pending)
+        if (not state.prefilling or partial < ROW_BY_ROW_TAIL or start + size != end
                 or start + size <= LONE_ROW_KV_CELLS or start + size - partial + PROMPT_CHUNK > self.context_length):
             return 0
         return PROMPT_CHUNK - partial
@@ -1124,6 +1159,10 @@ class LlamaCppBackend(Backend):
             slot.kv_tokens.extend(state.pending[:size])
             del state.pending[:size]
             if state.logits_index is None:
+                continue
+            if state.resume_next is not None:  # evaluated again up to where it paused: it decodes on from there
+                state.pending, state.prefilling = [state.resume_next], False
+                state.resume_next = state.prompt_end = None
                 continue
             token, error = self._sample_guarded(seq, state)
             if error is not None:
