@@ -10,7 +10,9 @@ origin only, no plugins, no <base>, no framing. A script injected into a page th
 
 from functools import wraps
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction
+
+from llmsite.hybrid_middleware import HybridMiddleware
 
 # 'self' covers ws:// and wss:// to this host in CSP Level 3 browsers: the chat page's WebSocket.
 POLICY = ("default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
@@ -31,17 +33,9 @@ def content_security_policy(view, policy: str = POLICY):
     return with_policy
 
 
-class ContentSecurityMiddleware:
+class ContentSecurityMiddleware(HybridMiddleware):
     """STYLED_POLICY on every HTML response that has no policy of its own (the admin's and DRF's views are many and
     not ours to decorate)."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
     def __call__(self, request):
         if iscoroutinefunction(self):

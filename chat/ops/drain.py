@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction
+
+from llmsite.hybrid_middleware import HybridMiddleware
 
 from chat.engines import DRAIN_RETRY_AFTER_SECONDS as RETRY_AFTER_SECONDS
 from chat.engines import drain_begin, drain_reset, is_draining, loaded_engines  # noqa: F401 (the launcher's API)
@@ -45,16 +47,8 @@ def _is_api(request) -> bool:
     return request.path.startswith("/v1/")
 
 
-class DrainMiddleware:
+class DrainMiddleware(HybridMiddleware):
     """Refuses new API requests while draining; counts the admitted ones until their reply has been sent."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
     def _refuse(self, request):
         return json_error_response(ServiceUnavailable(

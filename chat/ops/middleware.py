@@ -3,9 +3,10 @@
 import logging
 import time
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 
+from llmsite.hybrid_middleware import HybridMiddleware
 from llmsite.log_context import bind_request_id, request_id_from
 
 from chat.errors import PayloadTooLarge, json_error_response
@@ -17,18 +18,6 @@ request_logger = logging.getLogger("llmsite.requests")
 # Metric labels take the methods clients use; any other name (anyone may send "ZZZ") counts as "other", or
 # each new name would add series that live as long as the process.
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-class HybridMiddleware:
-    """Base of middleware that runs natively under both WSGI and ASGI."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
 
 class RequestIdMiddleware(HybridMiddleware):
