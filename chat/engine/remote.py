@@ -602,7 +602,8 @@ class RemoteEngine(EngineProtocol):
 
     def _body(self, prompt: str, params: SamplingParams, *, chat: bool, max_tokens: int) -> dict:
         body = {"model": self._remote_model, "stream": True, "stream_options": {"include_usage": True},
-                "max_tokens": max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                "max_tokens": max_tokens, "temperature": 0.0 if params.greedy else params.temperature,
+                "top_p": params.top_p,
                 "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
                 # llama.cpp's name and vLLM's; each server ignores the other's (llama.cpp defaults to 1.1).
                 "repeat_penalty": params.repetition_penalty, "repetition_penalty": params.repetition_penalty}

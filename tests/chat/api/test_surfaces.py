@@ -133,6 +133,13 @@ def test_tokenize_detokenize_round_trip_and_the_count_of_a_prompt(live_api):
     bad = call(live_api, "POST", "/detokenize", root=True, json={"tokens": [10**8]})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     assert bad.json()["error"]["param"] == "tokens"
+    # Special-token parsing is quadratic in llama.cpp (90,000 "<|im_end|>a" in 1 MB: 32 s of CPU): bounded.
+    for path, body in (("/tokenize", {"content": "<|im_end|>a" * 4097}),
+                       ("/completions", {"model": MODEL, "prompt": "<|im_end|>a" * 4097, "max_tokens": 1})):
+        refused = call(live_api, "POST", path, root=path == "/tokenize", json=body)
+        assert refused.status_code == 400 and "control-token texts" in refused.json()["error"]["message"], path
+    many = call(live_api, "POST", "/tokenize", root=True, json={"content": "<|im_end|>a" * 4096}).json()
+    assert len(many["tokens"]) == 8192
 
 
 def test_langchain_openai_llm_batch_sends_a_prompt_list(live_api):

@@ -183,6 +183,15 @@ def test_grammar_constrains_llama_cpp_output(registry):
         assert completion.finish_reason == "stop"  # after the grammar completes only end-of-generation is allowed
 
 
+def test_a_vanishing_temperature_samples_the_likeliest_token_as_zero_does(registry):
+    """Logits divided by 1e-40 overflow llama.cpp's 32-bit floats: it then sampled the same nonsense for every seed."""
+    engine = registry.get("tiny-llama")
+    greedy = engine.generate(PROMPT, SamplingParams(max_tokens=10, temperature=0)).text
+    assert all(engine.generate(PROMPT, SamplingParams(max_tokens=10, temperature=1e-40, seed=seed)).text == greedy
+               for seed in (1, 2))
+    assert SamplingParams(temperature=1e-7).greedy and not SamplingParams(temperature=0.01).greedy
+
+
 def test_invalid_grammar_is_rejected_at_submit(registry):
     with pytest.raises(InvalidRequest):
         registry.get("tiny-llama").submit(PROMPT, SamplingParams(grammar="root ::= (unclosed"))
