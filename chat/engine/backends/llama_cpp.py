@@ -34,7 +34,8 @@ then its decoded tokens row by row, and decodes its last sampled token next (_ne
 
 Failure containment: an error while sampling one sequence (logprobs, grammar) fails that sequence
 only (SequencesFailed); a token the grammar rejects is never accepted (that throws a C++ exception
-through ctypes, which aborts the process), and a failed start releases what it claimed.
+through ctypes, which aborts the process), a grammar that takes more of this thread's CPU than its
+allowance fails its sequence (GrammarTooCostly: the others wait for it), and a failed start releases what it claimed.
 """
 
 from __future__ import annotations
