@@ -13,7 +13,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .engine import Completion, ModelUnavailable, UnsupportedFeature
+from .engine import Completion, InvalidRequest, ModelUnavailable, UnsupportedFeature
 
 from .engines import get_engine
 from .errors import ApiError
@@ -143,6 +143,9 @@ def text_generation_start(*, user, api_key: ApiKey | None, data: dict, prompt: s
     return engine, MeteredGeneration(generation, meter, count_tokens=engine.count_tokens)
 
 
+MAX_TOKEN_PIECES = 8192  # tokens /tokenize answers with their pieces
+
+
 def text_tokenize(*, model: str | None, content: str, add_special: bool, parse_special: bool,
                   with_pieces: bool) -> dict:
     """POST /tokenize (llama-server's shape): the tokens of `content` for the model named or the default.
@@ -157,7 +160,11 @@ def text_tokenize(*, model: str | None, content: str, add_special: bool, parse_s
             tokens = prefix + tokens
     if not with_pieces:
         return {"tokens": tokens}
-    return {"tokens": [{"id": token, "piece": engine.detokenize([token])} for token in tokens]}
+    if len(tokens) > MAX_TOKEN_PIECES:  # a piece each is a detokenize call (an upstream request for a remote model)
+        raise InvalidRequest(f"with_pieces answers at most {MAX_TOKEN_PIECES} tokens; this content has {len(tokens)}. "
+                             "Ask for the ids alone, or tokenize it in parts.", param="with_pieces")
+    pieces = {token: engine.detokenize([token]) for token in dict.fromkeys(tokens)}
+    return {"tokens": [{"id": token, "piece": pieces[token]} for token in tokens]}
 
 
 def _tokens_are_the_models(engine) -> None:

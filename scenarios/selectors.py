@@ -36,7 +36,7 @@ DEFAULT_TOKEN_BUDGET = 400
 DEFAULT_BM25_THRESHOLD = 0.3
 # A /regex/ key comes from editors or imported files: a pattern that backtracks without end (/(a+)+$/) must not
 # hold a worker. Each search stops after REGEX_KEY_TIMEOUT seconds (no match) and sees at most
-# REGEX_KEY_MAX_CHARS of each text (the newest part: what the chat says last).
+# REGEX_KEY_MAX_CHARS of each text (the newest part: what the chat says last); so does text relevance (BM25).
 REGEX_KEY_TIMEOUT = 0.05
 REGEX_KEY_MAX_CHARS = 20_000
 
@@ -317,12 +317,14 @@ def scenario_relevance(*, scenarios: Sequence[Scenario], text: str) -> list[floa
     title, keywords and content.
     """
     documents = [text_terms(f"{s.title} {s.keywords} {s.secondary_keywords} {s.content}") for s in scenarios]
-    query = list(dict.fromkeys(text_terms(text)))
+    query = list(dict.fromkeys(text_terms(text[-REGEX_KEY_MAX_CHARS:])))  # the newest part, as for regex keys
     if not scenarios or not query or not any(documents):
         return [0.0] * len(scenarios)
     bm25 = _LuceneBM25(documents)
     ideal = sum(bm25.idf.get(term) or bm25.idf_of(0) for term in query)
-    return [min(1.0, float(score) / ideal) for score in bm25.get_scores(query)]
+    # Terms no scenario has score nothing: scoring them would cost a pass over the scenarios each.
+    scores = bm25.get_scores([term for term in query if term in bm25.idf])
+    return [min(1.0, float(score) / ideal) for score in scores]
 
 
 def _relevance_matches(scenarios: Sequence[Scenario], *, user_message: str, threshold: float) -> list[ScenarioMatch]:

@@ -89,6 +89,8 @@ def write_tiny_gguf(path: Path, *, seed: int = 0, with_chat_template: bool = Tru
                                   extra_control_tokens=extra_control_tokens)
 
 
-def chat_prompt(engine, system: str, question: str) -> str:
-    """A system message and one user question, rendered with the engine's chat template."""
-    return engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
+def chat_prompt(engine, system: str, question: str, *, site_system: bool = False) -> str:
+    """A system message and one user question, rendered with the engine's chat template. `site_system`: the system
+    message is the site's own content (as a character's), which other tenants' prompts may reuse."""
+    return engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}],
+                              shared_until=(0, len(system)) if site_system else None)

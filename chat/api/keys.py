@@ -44,10 +44,19 @@ def api_key_create(*, user, name: str, expires_at=None) -> tuple[ApiKey, str]:
     return api_key, raw_key
 
 
+def own_user_name() -> str:
+    """A new key's own user's name: random, never part of the key (other users see it: a group's participants,
+    a message's author, an invitation's sender)."""
+    users = get_user_model().objects
+    while True:
+        name = f"key-{secrets.token_hex(6)}"
+        if not users.filter(username=name).exists():
+            return name
+
+
 def api_key_own_user_create(*, api_key: ApiKey) -> None:
-    """Give an issued, unsaved key a new user of its own (named after the key's prefix, no usable password,
-    not staff)."""
-    user = get_user_model()(username=f"key-{api_key.prefix}", is_staff=False, is_superuser=False)
+    """Give an issued, unsaved key a new user of its own (a random name, no usable password, not staff)."""
+    user = get_user_model()(username=own_user_name(), is_staff=False, is_superuser=False)
     user.set_unusable_password()
     user.save()
     api_key.user = user

@@ -77,16 +77,23 @@ class FiniteFloatField(serializers.FloatField):
         return value
 
 
-@extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]})
+MAX_STOP_CHARS = 1000  # each stop string's length: the reply is matched against them at every token
+
+
+@extend_schema_field({"oneOf": [{"type": "string", "maxLength": MAX_STOP_CHARS},
+                                {"type": "array", "items": {"type": "string", "maxLength": MAX_STOP_CHARS},
+                                 "maxItems": 4}]})
 class StopField(serializers.Field):
-    default_error_messages = {"type": "must be a string or a list of up to 4 strings."}
+    default_error_messages = {"type": "must be a string or a list of up to 4 strings.",
+                              "length": f"each stop string may be at most {MAX_STOP_CHARS} characters long."}
 
     def to_internal_value(self, data):
-        if isinstance(data, str):
-            return [data] if data else []
-        if isinstance(data, list) and len(data) <= 4 and all(isinstance(item, str) for item in data):
-            return [item for item in data if item]
-        self.fail("type")
+        stops = [data] if isinstance(data, str) else data
+        if not (isinstance(stops, list) and len(stops) <= 4 and all(isinstance(item, str) for item in stops)):
+            self.fail("type")
+        if any(len(item) > MAX_STOP_CHARS for item in stops):
+            self.fail("length")
+        return [item for item in stops if item]
 
     def to_representation(self, value):
         return value
@@ -443,7 +450,7 @@ class ModelInfoSerializer(serializers.Serializer):
     created = serializers.IntegerField()
     owned_by = serializers.CharField()
     default = serializers.BooleanField()
-    loaded = serializers.BooleanField()
+    loaded = serializers.BooleanField(required=False, help_text="Whether it is in memory now (staff only).")
 
 
 class ModelListSerializer(serializers.Serializer):

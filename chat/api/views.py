@@ -212,9 +212,13 @@ class CompletionsView(GeneratingView):
             model=engine.spec.name, end_user=end_user)
 
 
-def model_object(registry, name: str) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "llmsite",
-            "default": name == registry.default_name, "loaded": registry.is_loaded(name)}
+def model_object(registry, name: str, *, user) -> dict:
+    """A model as OpenAI lists one. `loaded` for staff only: models stay loaded once used, so it would tell any
+    tenant that another used a model."""
+    model = {"id": name, "object": "model", "created": 0, "owned_by": "llmsite", "default": name == registry.default_name}
+    if getattr(user, "is_staff", False):
+        model["loaded"] = registry.is_loaded(name)
+    return model
 
 
 class ModelListView(APIView):
@@ -223,7 +227,8 @@ class ModelListView(APIView):
     @extend_schema(responses={200: s.ModelListSerializer})
     def get(self, request):
         registry = get_registry()
-        return Response({"object": "list", "data": [model_object(registry, name) for name in registry.names()]})
+        return Response({"object": "list", "data": [model_object(registry, name, user=request.user)
+                                                    for name in registry.names()]})
 
 
 class ModelDetailView(APIView):
@@ -234,7 +239,7 @@ class ModelDetailView(APIView):
         registry = get_registry()
         if model_id not in registry.names():
             raise NotFound(f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
-        return Response(model_object(registry, model_id))
+        return Response(model_object(registry, model_id, user=request.user))
 
 
 class CharacterListView(generics.ListAPIView):

@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import InvalidRequest
-from .prompt import FINAL_MARK, ControlTexts, Prompt
+from .prompt import FINAL_MARK, SHARED_MARK, ControlTexts, Prompt
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +82,23 @@ class ChatTemplate:
         return "tools" in self.source
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
-               tools: list[dict] | None = None, continue_final: bool = False) -> Prompt:
+               tools: list[dict] | None = None, continue_final: bool = False,
+               shared_until: tuple[int, int] | None = None) -> Prompt:
         """The prompt, split into markup and text. `tools` (OpenAI function tools) are given to templates
         that support them (see supports_tools). Every string in `messages` and `tools` is text.
+
+        `shared_until` (message index, characters of its content): the site's own content, the same for every
+        tenant (a character's system prompt and persona), ends there; the Prompt records where that is in the
+        rendered text (its `shared_pieces` and `shared_chars`).
 
         `continue_final`: the last message (an assistant turn) stays open, so that the model extends its
         text: rendered without a generation prompt, and cut where its content ends (the template's
         end-of-turn markup after it is left out), as transformers' `continue_final_message` does."""
-        messages = self.controls.guard(_validated(messages))
+        messages = _validated(messages)
+        guarded = self.controls.guard(messages)
+        if shared_until is not None and 0 <= shared_until[0] < len(messages):
+            guarded = self._marked_shared(messages, guarded, *shared_until)
+        messages = guarded
         if continue_final:
             messages = _marked_final(messages)
             add_generation_prompt = False
@@ -105,6 +114,16 @@ class ChatTemplate:
             except TemplateRejected as rejection:
                 raise InvalidRequest(f"The model's chat template rejected the messages: {rejection}") from None
         return self.controls.split(_cut_at_mark(rendered) if continue_final else rendered)
+
+    def _marked_shared(self, messages: list[dict], guarded: list[dict], index: int, chars: int) -> list[dict]:
+        """`guarded` with a SHARED_MARK where the site's own content ends: after `chars` characters of message
+        `index`'s content (guarded in two parts, so no client text can hold or move the mark)."""
+        content = messages[index]["content"]
+        chars = max(0, min(chars, len(content)))
+        marked = [dict(m) for m in guarded]
+        marked[index]["content"] = (self.controls.guard(content[:chars]) + SHARED_MARK
+                                    + self.controls.guard(content[chars:]))
+        return marked
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
         return str(self._template.render(

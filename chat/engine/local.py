@@ -20,6 +20,7 @@ from .faults import Faults
 from .generation import Generation
 from .protocol import EngineProtocol
 from .logprobs import LogprobTrack
+from .prefix_cache import common_prefix_length
 from .prompt import Prompt
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -108,12 +109,15 @@ class Engine(EngineProtocol):
             return backend.detokenize(list(tokens))
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None, continue_final: bool = False) -> Prompt:
+                    tools: list[dict] | None = None, continue_final: bool = False,
+                    shared_until: tuple[int, int] | None = None) -> Prompt:
         """Prompt text for `messages` ({"role", "content"} dicts) in the model's chat format; `tools` reach a
         template that supports them. Only the template's markup becomes control tokens (a Prompt knows which).
-        `continue_final`: the last (assistant) message is left open for the model to extend."""
+        `continue_final`: the last (assistant) message is left open for the model to extend. `shared_until`:
+        (message index, characters of its content) where the site's own content ends, which any tenant's prompt
+        may reuse."""
         return self._template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                     continue_final=continue_final)
+                                     continue_final=continue_final, shared_until=shared_until)
 
     @property
     def template_supports_tools(self) -> bool:
@@ -125,25 +129,39 @@ class Engine(EngineProtocol):
         A rendered chat (`render_chat`'s Prompt) gives control tokens for the template's markup only; its
         text pieces are tokenized as text. A plain `str` (POST /v1/completions) is the raw prompt: its
         control-token texts are parsed."""
+        return self._tokens_and_shared(prompt)[0]
+
+    def _tokens_and_shared(self, prompt: str) -> tuple[list[int], int]:
+        """prompt_tokens, and how many of them are the site's own (Prompt.shared_pieces and shared_chars; BOS
+        before them). Within a piece, the tokens its shared text alone begins with too: each of them spells site text."""
+        shared = 0
         with self._use() as backend:
             if isinstance(prompt, Prompt):
                 controls = backend.control_tokens
                 tokens = []
-                for piece in prompt.pieces:
-                    tokens += [controls[piece.text]] if piece.control else backend.tokenize(piece.text, special=False)
+                for index, piece in enumerate(prompt.pieces):
+                    piece_tokens = [controls[piece.text]] if piece.control else backend.tokenize(piece.text, special=False)
+                    if index == prompt.shared_pieces:
+                        site_part = backend.tokenize(piece.text[:prompt.shared_chars], special=False) \
+                            if prompt.shared_chars else []
+                        shared = len(tokens) + common_prefix_length(site_part, piece_tokens)
+                    tokens += piece_tokens
+                if prompt.shared_pieces >= len(prompt.pieces):
+                    shared = len(tokens)
             else:
                 tokens = backend.tokenize(prompt, special=True)
         bos = self._backend.bos_token_id
         if self._backend.add_bos and bos is not None and bos >= 0 and tokens[:1] != [bos]:
             tokens.insert(0, bos)
-        return tokens
+            shared += 1 if shared else 0
+        return tokens, shared
 
     def submit(self, prompt: str, params: SamplingParams, *, owner: str = "") -> Generation:
         """Queue a request; returns at once. Raises ContextOverflow, UnsupportedFeature, InvalidRequest,
         EngineOverloaded, EngineClosed."""
         with self._use() as backend:
             backend.check_params(params)
-        tokens = self.prompt_tokens(prompt)
+        tokens, shared = self._tokens_and_shared(prompt)
         if not tokens:  # nothing to decode: there would be no logits of its own to sample from
             raise InvalidRequest("The prompt is empty: it must contain at least one token.")
         if len(tokens) + 1 > self.context_length:
@@ -152,7 +170,7 @@ class Engine(EngineProtocol):
         # which the scheduler fails it with EngineOverloaded, or MAX_ADMISSION_WAIT without a queue_timeout.
         admission_wait = self.spec.queue_timeout + 1.0 if self.spec.queue_timeout else MAX_ADMISSION_WAIT
         with self._use() as backend:  # a file read, here rather than in the scheduler's decode loop
-            saved_state = backend.saved_state_for(tokens)
+            saved_state = backend.saved_state_for(tokens, owner=owner, shared=shared)
         generation = Generation(uuid.uuid4().hex, on_cancel=self._scheduler.wake, queued=True,
                                 admission_wait=admission_wait)
         seq = Sequence(
@@ -163,6 +181,7 @@ class Engine(EngineProtocol):
             assembler=TextAssembler(params.stop),
             logprob_track=LogprobTrack() if params.logprobs is not None else None,
             owner=owner,
+            shared_tokens=shared,
             saved_state=saved_state,
         )
         self._scheduler.submit(seq)

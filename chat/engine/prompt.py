@@ -22,8 +22,9 @@ from dataclasses import dataclass
 TEXT_OPEN, TEXT_CLOSE = "\ufdd0", "\ufdd1"
 TEXT_BREAK = "\ufdd3"  # inside each guarded control text
 FINAL_MARK = "\ufdd2"  # where a continued reply's content ends (chat_template.py): never client text either
+SHARED_MARK = "\ufdd4"  # where the site's own leading messages end (chat_template.py): never client text either
 _SENTINELS = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}]")
-_RESERVED = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}{TEXT_BREAK}{FINAL_MARK}]")
+_RESERVED = re.compile(f"[{TEXT_OPEN}{TEXT_CLOSE}{TEXT_BREAK}{FINAL_MARK}{SHARED_MARK}]")
 REPLACEMENT = "\ufffd"  # what a sentinel character inside client text becomes
 
 
@@ -36,18 +37,27 @@ class Piece:
 
 
 class Prompt(str):
-    """Prompt text split into pieces; `str` operations on it return plain `str` (pieces lost)."""
+    """Prompt text split into pieces; `str` operations on it return plain `str` (pieces lost).
+
+    The site's own content (a character's system prompt and persona, nothing of a user's) comes first: the
+    `shared_pieces` leading pieces, then the first `shared_chars` characters of the next text piece. That part's
+    evaluated cells any tenant's prompt may reuse (docs/ARCHITECTURE.md, "Tenants and the prefix cache")."""
 
     pieces: tuple[Piece, ...]
+    shared_pieces: int
+    shared_chars: int
 
-    def __new__(cls, pieces: Iterable[Piece]):
+    def __new__(cls, pieces: Iterable[Piece], shared_pieces: int = 0, shared_chars: int = 0):
         pieces = tuple(pieces)
         prompt = super().__new__(cls, "".join(piece.text for piece in pieces))
         prompt.pieces = pieces
+        prompt.shared_pieces = max(0, min(shared_pieces, len(pieces)))
+        within = pieces[prompt.shared_pieces] if prompt.shared_pieces < len(pieces) else None
+        prompt.shared_chars = max(0, min(shared_chars, len(within.text))) if within and not within.control else 0
         return prompt
 
     def __reduce__(self):  # pickle and copy keep the pieces (str's own way would rebuild from the text)
-        return Prompt, (self.pieces,)
+        return Prompt, (self.pieces, self.shared_pieces, self.shared_chars)
 
     @property
     def markup_offsets(self) -> tuple[int, ...]:
@@ -112,7 +122,9 @@ class ControlTexts:
         return "".join(out)
 
     def split(self, rendered: str) -> Prompt:
-        """The pieces of a template's output: guarded spans are text, other control-token texts are markup."""
+        """The pieces of a template's output: guarded spans are text, other control-token texts are markup.
+        A SHARED_MARK (chat_template.py) ends the site's own content: it is removed, and the Prompt records where
+        it was (`shared_pieces`, `shared_chars`)."""
         pieces: list[Piece] = []
         text: list[str] = []
 
@@ -134,7 +146,19 @@ class ControlTexts:
                 position = match.end()
             text.append(chunk[position:])
         flush()
+        return _without_shared_mark(pieces)
+
+
+def _without_shared_mark(pieces: list[Piece]) -> Prompt:
+    marked = next((index for index, piece in enumerate(pieces) if SHARED_MARK in piece.text), None)
+    if marked is None:
         return Prompt(pieces)
+    unmarked = [Piece(piece.text.replace(SHARED_MARK, ""), piece.control) for piece in pieces]
+    chars = pieces[marked].text.index(SHARED_MARK)  # the first mark counts (a template may print a message twice)
+    whole = marked + 1 if chars == len(unmarked[marked].text) else marked
+    kept = [piece for piece in unmarked if piece.text]
+    return Prompt(kept, shared_pieces=sum(1 for piece in unmarked[:whole] if piece.text),
+                  shared_chars=0 if whole > marked else chars)
 
 
 def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -31,8 +31,11 @@ class EngineProtocol(Protocol):
     def detokenize(self, tokens: list[int]) -> str: ...
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None, continue_final: bool = False) -> str:
-        """The prompt of `messages`; `continue_final`: the last (assistant) turn left open to be extended."""
+                    tools: list[dict] | None = None, continue_final: bool = False,
+                    shared_until: tuple[int, int] | None = None) -> str:
+        """The prompt of `messages`; `continue_final`: the last (assistant) turn left open to be extended;
+        `shared_until`: (message index, characters of its content) where the site's own content ends (reusable
+        across tenants)."""
 
     def prompt_tokens(self, prompt: str) -> list[int]: ...
 

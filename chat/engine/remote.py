@@ -508,11 +508,13 @@ class RemoteEngine(EngineProtocol):
         return self._tokenizer.dialect_now() in ("llama_server", "llama_cpp_python")
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None, continue_final: bool = False) -> str:
+                    tools: list[dict] | None = None, continue_final: bool = False,
+                    shared_until: tuple[int, int] | None = None) -> str:
         """Chat mode: readable text carrying `messages` (the upstream applies its own template); completions
         mode: the prompt itself, rendered with chat_template (ChatML by default). Either way the messages'
         control-token texts are neutralized first: the upstream's tokenizer reads them as text.
-        `continue_final` (completions mode only: a chat upstream closes every turn itself)."""
+        `continue_final` (completions mode only: a chat upstream closes every turn itself). `shared_until` is
+        not used: an upstream's cache is its own (its cached-token counts are not passed on, see _finish)."""
         messages = neutralized(messages, self._markup)
         if continue_final and self.spec.remote_api == "chat":
             raise UnsupportedFeature("Continuing a reply needs a local model or an upstream in completions mode.")

@@ -24,6 +24,9 @@ class Sequence:
     logprob_track: LogprobTrack | None = None  # set when the request asked for logprobs
     token_logprob: TokenLogprob | None = field(default=None, repr=False)  # the backend's record of its last sample
     owner: str = ""  # opaque label of whose request this is: admission is fair between owners
+    # Leading prompt tokens that are the site's own content (Prompt.shared_pieces): the only part of this prompt
+    # another owner's prompt may reuse, and the only part of another owner's it may reuse.
+    shared_tokens: int = 0
     # A saved prompt state the backend read from disk in the request's thread (Backend.saved_state_for), so that
     # the scheduler thread never reads files; dropped once the sequence has started.
     saved_state: Any = field(default=None, repr=False)

@@ -8,7 +8,8 @@ thread when it holds more of the prompt than memory does. Writes go through one 
 bounded queue, so `put` never blocks the decode loop (a full queue drops the write; at shutdown `put`
 waits instead). A file that is corrupt, truncated, written for another fingerprint, or rejected by
 llama.cpp is ignored and removed. The files hold conversation tokens: the directory is private to its
-user (0o700, files 0o600). It is kept under its byte budget by removing the least recently used files
+user (0o700, files 0o600). Each file records whose state it is and how much of it is the site's own content:
+another owner's prompt reuses only that (prefix_cache.reusable_across). It is kept under its byte budget by removing the least recently used files
 (modification time, touched on every hit).
 """
 
@@ -25,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .prefix_cache import common_prefix_length
+from .prefix_cache import common_prefix_length, reusable_across
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"LLMSITE-KV2\n"  # KV2: the fingerprint covers the settings that shape the cells
+MAGIC = b"LLMSITE-KV3\n"  # KV2: the fingerprint covers the settings that shape the cells; KV3: owner and shared
 SUFFIX = ".kv"
 DIGEST = 16  # bytes of the blake2b checksum at the end of each file
 WRITE_QUEUE = 8  # states waiting to be written; more are dropped (except at shutdown: put(wait=...))
@@ -61,14 +62,25 @@ def state_fingerprint(model: str, settings: dict) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def tokens_key(tokens: Sequence[int]) -> str:
-    return hashlib.blake2b(struct.pack(f"<{len(tokens)}I", *tokens), digest_size=16).hexdigest()
+def tokens_key(tokens: Sequence[int], owner: str = "") -> str:
+    digest = hashlib.blake2b(struct.pack(f"<{len(tokens)}I", *tokens), digest_size=16)
+    digest.update(owner.encode("utf-8"))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class StoredState:
     tokens: tuple[int, ...]
     state: bytes
+    owner: str = ""
+    shared: int = 0
+
+
+@dataclass(frozen=True)
+class _Header:
+    owner: str
+    shared: int
+    tokens: tuple[int, ...]
 
 
 class StateStore:
@@ -84,7 +96,7 @@ class StateStore:
         self.fingerprint = fingerprint
         self.budget_bytes = budget_bytes
         self._lock = threading.Lock()
-        self._index: dict[Path, tuple[int, ...]] = {}  # this model's files and the tokens each holds
+        self._index: dict[Path, _Header] = {}  # this model's files: whose, and the tokens each holds
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self._read_lock = threading.Lock()  # one file read at a time; a burst of one prompt reads it once
         self._last_read: StoredState | None = None
@@ -95,22 +107,25 @@ class StateStore:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def longest_match(self, tokens: Sequence[int], *, better_than: int = 0) -> tuple[StoredState | None, int]:
-        """The stored state sharing the longest prefix with `tokens`, and that length; (None, 0) when none shares
-        more than `better_than` tokens (what memory already holds: no file is read then). A file found
-        unreadable on the way is removed and the next best is tried."""
+    def longest_match(self, tokens: Sequence[int], *, better_than: int = 0, owner: str = "",
+                      shared: int = 0) -> tuple[StoredState | None, int]:
+        """The stored state sharing the longest prefix with `tokens` that a prompt of `owner` (its first `shared`
+        tokens the site's own) may reuse, and that length; (None, 0) when none shares more than `better_than`
+        tokens (what memory already holds: no file is read then). A file found unreadable on the way is removed
+        and the next best is tried."""
         with self._read_lock:
             while True:
                 with self._lock:
                     best, best_length = None, better_than
-                    for path, stored in self._index.items():
-                        length = common_prefix_length(stored, tokens)
+                    for path, header in self._index.items():
+                        length = reusable_across(common_prefix_length(header.tokens, tokens), saved_owner=header.owner,
+                                                 saved_shared=header.shared, owner=owner, shared=shared)
                         if length > best_length:
                             best, best_length = path, length
                 if best is None:
                     return None, 0
                 last = self._last_read
-                loaded = last if last is not None and self._path(last.tokens) == best else self._read(best)
+                loaded = last if last is not None and self._path(last.tokens, last.owner) == best else self._read(best)
                 if loaded is not None:
                     self._last_read = loaded
                     try:
@@ -120,10 +135,10 @@ class StateStore:
                     return loaded, best_length
                 self._discard(best)
 
-    def discard(self, tokens: Sequence[int]) -> None:
-        """Remove the file of `tokens` (llama.cpp rejected its state)."""
+    def discard(self, tokens: Sequence[int], owner: str = "") -> None:
+        """Remove `owner`'s file of `tokens` (llama.cpp rejected its state)."""
         logger.warning("state store: a state of %d tokens was rejected by the model; removed", len(tokens))
-        self._discard(self._path(tokens))
+        self._discard(self._path(tokens, owner))
 
     def __len__(self) -> int:
         with self._lock:
@@ -131,12 +146,13 @@ class StateStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def put(self, tokens: Sequence[int], state: bytes, *, wait: float = 0.0) -> bool:
-        """Queue a state for writing; False (dropped) when the writer is behind. Never blocks unless `wait`
-        (seconds; at shutdown, when every slot's state is put at once and none may be lost)."""
+    def put(self, tokens: Sequence[int], state: bytes, *, wait: float = 0.0, owner: str = "", shared: int = 0) -> bool:
+        """Queue a state of `owner`'s (its first `shared` tokens the site's own) for writing; False (dropped) when
+        the writer is behind. Never blocks unless `wait` (seconds; at shutdown, when every slot's state is put at
+        once and none may be lost)."""
+        item = (tuple(tokens), bytes(state), owner, shared)
         try:
-            self._queue.put((tuple(tokens), bytes(state)), timeout=wait) if wait else self._queue.put_nowait(
-                (tuple(tokens), bytes(state)))
+            self._queue.put(item, timeout=wait) if wait else self._queue.put_nowait(item)
             return True
         except queue.Full:
             self.dropped_writes += 1
@@ -160,8 +176,8 @@ class StateStore:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _path(self, tokens: Sequence[int]) -> Path:
-        return self.directory / f"{self.fingerprint[:16]}-{tokens_key(tokens)}{SUFFIX}"
+    def _path(self, tokens: Sequence[int], owner: str = "") -> Path:
+        return self.directory / f"{self.fingerprint[:16]}-{tokens_key(tokens, owner)}{SUFFIX}"
 
     def _scan(self) -> None:
         now = time.time()
@@ -179,18 +195,21 @@ class StateStore:
                 continue
             self._index[path] = header
 
-    def _read_header(self, path: Path) -> tuple[int, ...] | None:
-        """The tokens of a file of this model, None if it is foreign or malformed (the checksum is checked on read)."""
+    def _read_header(self, path: Path) -> _Header | None:
+        """Whose state a file of this model is and its tokens, None if it is foreign or malformed (the checksum is
+        checked on read)."""
         try:
             with open(path, "rb") as file:
                 if file.read(len(MAGIC)) != MAGIC or file.read(32).decode("ascii", "replace") != self.fingerprint:
                     return None
-                (count,) = struct.unpack("<I", file.read(4))
+                (owner_size,) = struct.unpack("<H", file.read(2))
+                owner = file.read(owner_size).decode("utf-8")
+                shared, count = struct.unpack("<II", file.read(8))
                 raw = file.read(4 * count)
-                if len(raw) != 4 * count:
+                if len(raw) != 4 * count or path != self._path(struct.unpack(f"<{count}I", raw), owner):
                     return None
-                return struct.unpack(f"<{count}I", raw)
-        except (OSError, struct.error):
+                return _Header(owner, shared, struct.unpack(f"<{count}I", raw))
+        except (OSError, struct.error, UnicodeDecodeError):
             return None
 
     def _read(self, path: Path) -> StoredState | None:
@@ -206,8 +225,11 @@ class StateStore:
         if body[offset:offset + 32].decode("ascii", "replace") != self.fingerprint:
             return None
         offset += 32
-        (count,) = struct.unpack_from("<I", body, offset)
-        offset += 4
+        (owner_size,) = struct.unpack_from("<H", body, offset)
+        owner = body[offset + 2:offset + 2 + owner_size].decode("utf-8", "replace")
+        offset += 2 + owner_size
+        shared, count = struct.unpack_from("<II", body, offset)
+        offset += 8
         tokens = struct.unpack_from(f"<{count}I", body, offset)
         offset += 4 * count
         (length,) = struct.unpack_from("<Q", body, offset)
@@ -215,12 +237,13 @@ class StateStore:
         state = body[offset:offset + length]
         if len(state) != length:
             return None
-        return StoredState(tokens=tuple(tokens), state=state)
+        return StoredState(tokens=tuple(tokens), state=state, owner=owner, shared=shared)
 
     def _discard(self, path: Path) -> None:
         with self._lock:
             self._index.pop(path, None)
-            if self._last_read is not None and self._path(self._last_read.tokens) == path:
+            last = self._last_read
+            if last is not None and self._path(last.tokens, last.owner) == path:
                 self._last_read = None
         _remove(path)
 
@@ -236,12 +259,14 @@ class StateStore:
             finally:
                 self._queue.task_done()
 
-    def _write(self, tokens: tuple[int, ...], state: bytes) -> None:
-        body = b"".join([MAGIC, self.fingerprint.encode("ascii"), struct.pack("<I", len(tokens)),
-                         struct.pack(f"<{len(tokens)}I", *tokens), struct.pack("<Q", len(state)), state])
+    def _write(self, tokens: tuple[int, ...], state: bytes, owner: str = "", shared: int = 0) -> None:
+        owner_bytes = owner.encode("utf-8")
+        body = b"".join([MAGIC, self.fingerprint.encode("ascii"), struct.pack("<H", len(owner_bytes)), owner_bytes,
+                         struct.pack("<II", shared, len(tokens)), struct.pack(f"<{len(tokens)}I", *tokens),
+                         struct.pack("<Q", len(state)), state])
         if len(body) + DIGEST > self.budget_bytes:
             return
-        path = self._path(tokens)
+        path = self._path(tokens, owner)
         temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # processes sharing the directory never collide
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -252,12 +277,13 @@ class StateStore:
             _remove(temporary)
             raise
         with self._lock:
-            # A stored prefix of these tokens is now redundant.
-            for other in [p for p, t in self._index.items() if len(t) <= len(tokens) and tokens[:len(t)] == t]:
+            # The owner's stored prefix of these tokens is now redundant (another owner's stays: see PrefixCache).
+            for other in [p for p, h in self._index.items() if h.owner == owner and h.shared <= shared
+                          and len(h.tokens) <= len(tokens) and tokens[:len(h.tokens)] == h.tokens]:
                 self._index.pop(other)
                 if other != path:
                     _remove(other)
-            self._index[path] = tokens
+            self._index[path] = _Header(owner, shared, tokens)
         self._evict()
 
     def _evict(self) -> None:

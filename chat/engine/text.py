@@ -62,13 +62,17 @@ class StopStringFilter:
         return emit
 
     def _longest_stop_prefix_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string. Only where the
+        stop string's first character is are its prefixes compared (this runs for every token of every stream)."""
         longest = 0
         for stop in self._stops:
-            for length in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:length]):
-                    longest = length
+            start = max(len(text) - len(stop) + 1, 0)
+            position = text.find(stop[0], start)
+            while position >= 0 and len(text) - position > longest:
+                if stop.startswith(text[position:]):
+                    longest = len(text) - position
                     break
+                position = text.find(stop[0], position + 1)
         return longest
 
 

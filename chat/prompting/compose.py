@@ -9,6 +9,11 @@ engine's prefix cache reuses it; whatever varies comes after it:
 3. the conversation so far, then the user's new message;
 4. system: the character's post-history instructions.
 
+Message 1 is the site's own content up to the first text of a user's in it (the user's name for {{user}}, a
+group's setting, a scenario that fired on what someone wrote; a client's system message is a user's from the
+start): another tenant's prompt may reuse the evaluated cells of that part (`shared_until`, docs/ARCHITECTURE.md
+"Tenants and the prefix cache"), as when a burst of users opens one character.
+
 Scenarios whose position is "before_char" go into message 1, between the system prompt and the
 profile, as lorebooks place them; this makes message 1 change when they come or go. "before_examples" and
 "after_examples" ones go around the example dialogue in message 2, "after_char" ones after it, and
@@ -23,6 +28,7 @@ the profile and the new message are never dropped: if they alone do not fit, Con
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +45,8 @@ from .placeholders import example_dialogue_blocks, placeholders_replace
 
 ROLES = ("user", "assistant")
 FORCED_REASON = "chosen by the request"
+# Two user names no text holds: message 1 filled with each differs where the first text of a user's goes.
+PROBE_NAMES = ("\ufdd5", "\ufdd6")
 
 
 @dataclass
@@ -164,6 +172,7 @@ def prompt_compose(
     ValueError for malformed turns.
     """
     turns = _checked_turns(turns, last_role="assistant" if continue_final else "user")
+    _check_new_message_fits(engine, turns[-1]["content"], room=engine.context_length - max_tokens)
     count = message_count if message_count is not None else len(turns)
     parts = _Parts.build(engine=engine, character=character, turns=turns, user_name=user_name,
                          forced_scenarios=forced_scenarios, extra_system=extra_system,
@@ -171,6 +180,14 @@ def prompt_compose(
                          message_count=count, seed=count if seed is None else seed, setting=setting)
     parts.continue_final = continue_final
     return _fit(engine=engine, parts=parts, max_tokens=max_tokens, tools=tools)
+
+
+def _check_new_message_fits(engine, text: str, *, room: int) -> None:
+    """ContextOverflow for a new message that alone leaves no room for the reply, before the scenarios are
+    matched against it (a megabyte of words costs seconds there). Counted only when it has more characters than
+    the room has tokens: a shorter one may not fit either, but costs nothing to match."""
+    if len(text) > room and (tokens := engine.count_tokens(text)) > room:
+        raise ContextOverflow(tokens, engine.context_length)
 
 
 def _checked_turns(turns: Sequence[dict], *, last_role: str = "user") -> list[dict]:
@@ -204,6 +221,9 @@ class _Parts:
     left_out: list[tuple[Scenario, str]] = field(default_factory=list)
     world_info_state: dict = field(default_factory=dict)
     continue_final: bool = False  # the last turn is an assistant reply left open to be extended
+    # Message 1 as a user named `name` would get it, with `name` for every text of a user's (a scenario that
+    # fired on what someone wrote, a group's setting); None: the client wrote the system prompt.
+    probed: Callable[[str, list[ScenarioMatch]], str] | None = None
 
     @classmethod
     def build(cls, *, engine, character, turns, user_name, forced_scenarios, extra_system,
@@ -229,10 +249,21 @@ class _Parts:
             dropped += [f"scenario '{scenario.title}' (over the scenario token budget)"
                         for scenario, why in left_out if why.endswith(("over the token budget", "budget is spent"))]
         override = system_override.strip() if character is None else ""
-        head, profile = override or _system_text(character, fill), _profile_text(character, fill, setting=setting)
+        source = _system_source(character)
+        head, profile = override or (fill(source) if character is not None else source), _profile_text(
+            character, fill, setting=setting)
 
         def stable(before: list[str]) -> str:
             return "\n\n".join(section for section in (head, *before, profile) if section)
+
+        def probed(name: str, before: list[ScenarioMatch]) -> str:
+            def fill_as(text: str) -> str:
+                return placeholders_replace(text, char_name=char_name, user_name=name).strip()
+
+            texts = [fill_as(match.scenario.content) if match.trigger == "constant" else name for match in before]
+            probed_profile = _profile_text(character, fill_as, setting=None if setting is None else name)
+            return "\n\n".join(section for section in (fill_as(source) if character is not None else source,
+                                                         *texts, probed_profile) if section)
 
         return cls(
             stable=stable,
@@ -249,7 +280,16 @@ class _Parts:
             dropped=dropped,
             left_out=left_out,
             world_info_state=state,
+            probed=None if override else probed,
         )
+
+    def shared_until(self, matches: list[ScenarioMatch]) -> tuple[int, int] | None:
+        """Where the site's own content ends: (0, characters of message 1), None when it has none."""
+        if self.probed is None:
+            return None
+        before = [match for match in _placed(matches) if match.scenario.position == Scenario.Position.BEFORE_CHAR]
+        chars = len(os.path.commonprefix([self.probed(name, before) for name in PROBE_NAMES]))
+        return (0, chars) if chars else None
 
     def parts_in(self, *, with_examples: bool, cut: int, matches: list[ScenarioMatch]) -> list[tuple[str, str]]:
         """(what, text) of each part of the prompt that goes in, for the preview's cost of every part."""
@@ -265,8 +305,7 @@ class _Parts:
 
     def messages(self, *, with_examples: bool, cut: int, matches: list[ScenarioMatch]) -> list[dict]:
         Position = Scenario.Position
-        # Within a position, higher priority goes later (closer to the reply), as SillyTavern's insertion order.
-        placed = sorted(matches, key=lambda m: m.scenario.priority)
+        placed = _placed(matches)
 
         def texts(position: str) -> list[str]:
             return [self.scenario_texts[id(m)] for m in placed if m.scenario.position == position]
@@ -294,6 +333,11 @@ class _Parts:
         return messages + depth_inserted(history + [final], at_depth) + post_history
 
 
+def _placed(matches: list[ScenarioMatch]) -> list[ScenarioMatch]:
+    # Within a position, higher priority goes later (closer to the reply), as SillyTavern's insertion order.
+    return sorted(matches, key=lambda m: m.scenario.priority)
+
+
 def depth_inserted(conversation: list[dict], insertions: list[tuple[int, str, str]]) -> list[dict]:
     """The conversation with each (depth, role, text) inserted as a message with `depth` messages of the
     conversation after it (0: after the newest; deeper than the conversation: before the first).
@@ -313,13 +357,15 @@ def depth_inserted(conversation: list[dict], insertions: list[tuple[int, str, st
     return result
 
 
-def _system_text(character, fill) -> str:
+def _system_source(character) -> str:
+    """The system prompt before its placeholders are filled (a character's; the default, used as written, without
+    one)."""
     if character is None:
         return system_prompt_default().strip()
     base = system_prompt_of(character)
     own = character.system_prompt.strip()
     # As in Character Card V2, {{original}} in a character's own system prompt stands for the one it replaces.
-    return fill(own.replace("{{original}}", base)) if own else fill(base)
+    return own.replace("{{original}}", base) if own else base
 
 
 def _profile_text(character, fill, *, setting: str | None = None) -> str:
@@ -343,6 +389,9 @@ def _fit(*, engine, parts: _Parts, max_tokens: int, tools: list[dict] | None = N
     def measure() -> tuple[list[dict], str, int]:
         messages = parts.messages(with_examples=with_examples, cut=cut, matches=matches)
         options = {"continue_final": True} if parts.continue_final else {}
+        shared_until = parts.shared_until(matches)
+        if shared_until is not None:
+            options["shared_until"] = shared_until
         if tools:
             options["tools"] = tools
         text = engine.render_chat(messages, add_generation_prompt=not parts.continue_final, **options)

@@ -36,7 +36,8 @@ def test_an_editor_with_key_permissions_issues_keys_only_with_users_of_their_own
     for target in (chat.owner, make_superuser("root")):
         assert key_add(editor_client, target, name=f"for {target.username}").status_code == 302
     for key in ApiKey.objects.select_related("user"):
-        assert key.user.username == f"key-{key.prefix}" and not (key.user.is_staff or key.user.is_superuser)
+        assert key.user.username.startswith("key-") and key.prefix[len("llms-"):] not in key.user.username
+        assert not (key.user.is_staff or key.user.is_superuser)
         assert not key.user.has_usable_password()
     assert ApiKey.objects.filter(user__in=[chat.owner]).count() == 0
 

@@ -1,21 +1,17 @@
 """The chat page in headless Chromium against a live daphne server: log in, chat, see tokens stream, reload; all
 under the page's Content-Security-Policy."""
 
-import shutil
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import missing_service
+from tests.browser import chromium, log_in
 from tests.live import LiveServer, prepare_database
 from tests.subprocess_helpers import ROOT
 
 pytestmark = pytest.mark.smollm2
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +30,10 @@ def page_server(tmp_path_factory, smollm2_path):
 
 
 def test_log_in_chat_with_streaming_and_reload(page_server):
-    if CHROMIUM is None:
-        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
         page.goto(page_server.url + "/")
         expect(page.get_by_role("heading", name="Log in")).to_be_visible()
@@ -95,17 +88,11 @@ def test_log_in_chat_with_streaming_and_reload(page_server):
 
 
 def test_errors_are_readable_not_raw_json(page_server):
-    if CHROMIUM is None:
-        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page()
-        page.goto(page_server.url + "/accounts/login/")
-        page.get_by_label("Username").fill("reader")
-        page.get_by_label("Password").fill("a-long-test-password")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, page_server.url + "/accounts/login/", "reader", "a-long-test-password")
         page.get_by_role("button", name="Byte").click()
         page.get_by_label("Your message").fill("word " * 3000)  # far beyond the context window
         page.get_by_role("button", name="Send").click()
@@ -118,20 +105,14 @@ def test_errors_are_readable_not_raw_json(page_server):
 def test_the_page_runs_under_its_policy_and_ignores_a_conversation_id_that_is_not_one(page_server):
     """?conversation= went into a fetch() path unchecked: `../../admin/` made the page GET another of the site's
     pages with the user's cookie."""
-    if CHROMIUM is None:
-        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page()
         console, requested = [], []
         page.on("console", lambda message: console.append(message.text))
         page.on("request", lambda request: requested.append(request.url))
-        page.goto(page_server.url + "/accounts/login/")
-        page.get_by_label("Username").fill("reader")
-        page.get_by_label("Password").fill("a-long-test-password")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, page_server.url + "/accounts/login/", "reader", "a-long-test-password")
         expect(page.get_by_role("heading", name="Pick a character")).to_be_visible()
         page.goto(page_server.url + "/?character=captain-mira&conversation=../../../admin/password_change")
         # A new conversation instead: the greeting, no error, and the socket open.

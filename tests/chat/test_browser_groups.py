@@ -4,8 +4,7 @@ message named for the other character gets the other one, and a reload shows bot
 
 import pytest
 
-from tests.chat.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.conftest import missing_service
+from tests.browser import chromium, log_in
 from tests.live import LiveServer, prepare_database
 
 pytestmark = pytest.mark.smollm2
@@ -37,20 +36,14 @@ def group_server(tmp_path_factory, smollm2_path):
 
 
 def test_group_chat_with_two_characters(group_server):
-    if CHROMIUM is None:
-        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page()
         problems = []
         page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda error: problems.append(str(error)))
-        page.goto(group_server.url + "/accounts/login/")
-        page.get_by_label("Username").fill("reader")
-        page.get_by_label("Password").fill("a-long-test-password")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, group_server.url + "/accounts/login/", "reader", "a-long-test-password")
 
         page.get_by_role("list", name="Group chats").get_by_role("button", name="Harbor crew").click()
         expect(page.locator("#character-name")).to_have_text("Harbor crew")

@@ -3,8 +3,7 @@ switch alternatives, edit and switch branches, continue, stop, and a reply that 
 
 import pytest
 
-from tests.chat.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.conftest import missing_service
+from tests.browser import chromium, log_in
 from tests.live import LiveServer, prepare_database
 
 pytestmark = pytest.mark.smollm2
@@ -29,22 +28,13 @@ def page_server(tmp_path_factory, smollm2_path):
 
 @pytest.fixture
 def browser():
-    if CHROMIUM is None:
-        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 def logged_in(browser, server, *, narrow: bool = True):
     page = browser.new_page(viewport={"width": 390, "height": 844} if narrow else None)
-    page.goto(server.url + "/accounts/login/")
-    page.get_by_label("Username").fill("brancher")
-    page.get_by_label("Password").fill("a-long-test-password")
-    page.get_by_role("button", name="Log in").click()
+    log_in(page, server.url + "/accounts/login/", "brancher", "a-long-test-password")
     page.get_by_role("heading", name="Pick a character").wait_for()
     return page
 

@@ -292,6 +292,16 @@ def test_context_overflow_when_the_essentials_do_not_fit(engine):
     assert caught.value.prompt_tokens > engine.context_length - 256
 
 
+def test_a_new_message_too_long_for_the_context_is_refused_before_scenarios_are_matched(engine):
+    """Matching a megabyte of words against the scenarios (BM25, keywords) cost seconds of CPU for a 400."""
+    ada = make_ada()
+    make_scenario("Storm", character=ada, keywords="storm", content="STORM LORE.")
+    message = " ".join(f"storm{index}" for index in range(20_000))
+    with pytest.raises(ContextOverflow) as caught:
+        compose(engine, ada, [user(message)], max_tokens=64)
+    assert caught.value.prompt_tokens == engine.count_tokens(message)  # the message alone was counted
+
+
 def test_a_very_long_history_is_cut_without_rendering_all_of_it(engine):
     ada, _ = fit_setup(engine)
     turns = history(2000) + [user("storm?")]
@@ -319,3 +329,56 @@ def test_compose_and_generate_with_the_real_model(engine):
     assert 0 < completion.completion_tokens <= 16
     assert completion.finish_reason in ("stop", "length")
     assert completion.text.strip()
+
+
+# --- what other tenants' prompts may reuse ---------------------------------------------------------------
+
+
+def shared_text(composed) -> str:
+    """The prompt text of the site's own content (the composed prompt's shared pieces and characters)."""
+    prompt = composed.text
+    within = prompt.pieces[prompt.shared_pieces].text[:prompt.shared_chars] if prompt.shared_chars else ""
+    return "".join(piece.text for piece in prompt.pieces[:prompt.shared_pieces]) + within
+
+
+def test_a_characters_first_message_is_the_sites_own_content(engine):
+    """The system prompt and the persona: other tenants' prompts may reuse their cells (a burst of users opening
+    one character); nothing after them (the user's words, the scenarios they set off)."""
+    mara = make_character("mara", description="{{char}} keeps the lighthouse.", personality="Dry.")
+    make_scenario("Lamp", character=mara, always_on=True, content="THE LAMP NEVER SLEEPS.", position="before_char")
+    make_scenario("Ship", character=mara, keywords="ship", content="SHIP LORE.")
+    composed = compose(engine, mara, [user("A ship? My code is 4711.")])
+    shared = shared_text(composed)
+    assert shared.endswith("Mara's personality: Dry.") and "THE LAMP NEVER SLEEPS." in shared
+    assert "SHIP LORE." not in shared and "4711" not in shared
+    assert engine.prompt_tokens(composed.text) == engine.prompt_tokens(
+        engine.render_chat(composed.messages))  # the mark moved nothing
+
+
+@pytest.mark.parametrize("case", ["user placeholder", "keyword scenario", "group setting"])
+def test_the_sites_content_ends_where_the_first_text_of_a_users_goes(engine, case):
+    mara = make_character("mara", description="{{char}} keeps the lighthouse.", personality="Calm.")
+    options = {}
+    if case == "user placeholder":  # a user's name
+        mara.personality = "Calls {{user}} 'love'."
+        mara.save()
+    elif case == "keyword scenario":  # that it fired tells what someone wrote
+        make_scenario("Storm", character=mara, keywords="storm", content="STORM LORE.", position="before_char")
+    else:  # a group's scenario is its owner's text
+        options["setting"] = "A raft, owned by the group's creator."
+    composed = compose(engine, mara, [user("A storm?")], **options)
+    site = shared_text(composed).removeprefix("<|im_start|>system\n")
+    content = composed.messages[0]["content"]
+    assert content.startswith(site) and "keeps the lighthouse" in content
+    users_text = {"user placeholder": "Sam 'love'", "keyword scenario": "STORM LORE.", "group setting": "A raft"}[case]
+    assert content[len(site):].startswith(users_text)
+
+
+def test_a_clients_own_system_message_is_not_shared(engine):
+    composed = compose(engine, None, [user("hello")], system_override="You are my assistant. My code is 4711.")
+    assert (composed.text.shared_pieces, composed.text.shared_chars) == (0, 0)
+
+
+def test_without_a_character_the_default_system_prompt_is_shared(engine):
+    composed = compose(engine, None, [user("hello")])
+    assert shared_text(composed).endswith(system_prompt_default())

@@ -2,16 +2,11 @@
 the policy, and its scripts (the slug filled in from the name, the prompt preview, the usage chart) run without a
 single violation."""
 
-import shutil
-
 import pytest
 
-from tests.conftest import missing_service
+from tests.browser import chromium
 from tests.live import LiveServer, prepare_database
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGES = ["/admin/", "/admin/characters/character/", "/admin/characters/character/{mira}/change/",
          "/admin/characters/character/add/", "/admin/scenarios/scenario/", "/admin/chat/usagerecord/",
          "/v1/models", "/api-auth/login/"]  # and DRF's browsable API
@@ -32,12 +27,9 @@ def admin_server(tmp_path_factory):
 
 
 def test_admin_pages_run_under_their_policy(admin_server):
-    if CHROMIUM is None:
-        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page()
         console = []
         page.on("console", lambda message: console.append(message.text))

@@ -1,20 +1,16 @@
 """Swagger UI and ReDoc are served by the site itself (drf-spectacular-sidecar) and render with no network, under\ntheir Content-Security-Policy."""
 
 import re
-import shutil
 from urllib.parse import urlparse
 
 import pytest
 
 from llmsite.content_security import DOCS_POLICY
-from tests.conftest import missing_service
+from tests.browser import chromium, log_in
 from tests.live import LiveServer, prepare_database
 from tests.subprocess_helpers import ROOT
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.mark.django_db
@@ -40,14 +36,9 @@ def docs_server(tmp_path_factory):
 @pytest.mark.parametrize(("path", "ready"), [("/api/docs/", ".swagger-ui .opblock"),
                                              ("/api/redoc/", "[role=menuitem], .menu-content li")])
 def test_doc_pages_render_offline_in_chromium(docs_server, path, ready):
-    if CHROMIUM is None:
-        missing_service("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(exist_ok=True)
     outside = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
 
         def only_this_site(route):  # no network but the server under test
@@ -60,10 +51,7 @@ def test_doc_pages_render_offline_in_chromium(docs_server, path, ready):
         page.route("**/*", only_this_site)
         console = []
         page.on("console", lambda message: console.append(message.text))
-        page.goto(docs_server.url + "/accounts/login/")
-        page.get_by_label("Username").fill("reader")
-        page.get_by_label("Password").fill("a-long-test-password")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, docs_server.url + "/accounts/login/", "reader", "a-long-test-password")
         page.wait_for_url(docs_server.url + "/")
         response = page.goto(docs_server.url + path)
         assert response.headers["content-security-policy"] == DOCS_POLICY

@@ -48,9 +48,10 @@ class Backend(ABC):
     @abstractmethod
     def is_end_of_generation(self, token: int) -> bool: ...
 
-    def saved_state_for(self, prompt_tokens: list[int]):
+    def saved_state_for(self, prompt_tokens: list[int], *, owner: str = "", shared: int = 0):
         """A saved state of a prefix of `prompt_tokens` read from storage (slow), for `start` to restore; called in
-        the request's thread before the sequence is queued. None: nothing to read."""
+        the request's thread before the sequence is queued (`owner`, `shared`: the Sequence's). None: nothing to
+        read."""
         return None
 
     def check_params(self, params: SamplingParams) -> None:

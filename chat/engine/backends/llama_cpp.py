@@ -53,7 +53,7 @@ from ..errors import EngineError, GenerationFailed, InvalidRequest, ModelUnavail
 from ..literal_text import literal_fragments, literal_pattern
 from ..logprobs import TokenLogprob, TopLogprob, log_softmax_top
 from ..prefill_budget import PrefillBudget
-from ..prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
+from ..prefix_cache import CachedPrefix, PrefixCache, common_prefix_length, reusable_across
 from ..state_store import StateStore, model_fingerprint, state_fingerprint
 from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
@@ -209,6 +209,7 @@ class _Slot:
     claims: int = 0  # how many times it was claimed: tells a waiting copier that its source changed hands
     last_used: float = 0.0
     owner: str = ""  # whose sequence filled it last: only that owner reuses its cells at token granularity
+    shared: int = 0  # its leading cells that are the site's own content (Sequence.shared_tokens): all another owner reuses
 
 
 @dataclass(eq=False)
@@ -421,28 +422,31 @@ class LlamaCppBackend(Backend):
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
 
-    def saved_state_for(self, prompt: list[int]) -> CachedPrefix | None:
+    def saved_state_for(self, prompt: list[int], *, owner: str = "", shared: int = 0) -> CachedPrefix | None:
         """A state on disk that holds more of `prompt` than memory does (a slot or the prefix cache), read here in
         the request's thread so that the scheduler never waits for a file; None when memory is as good."""
         if self._disk is None:
             return None
         limit = last_chunk_start(len(prompt))
-        in_memory = self._held_in_memory(prompt, limit)
+        in_memory = self._held_in_memory(prompt, limit, owner, shared)
         if in_memory >= limit:
             return None
         # Reuse is in whole chunks: a file is worth reading only if it holds at least one more.
-        stored, _ = self._disk.longest_match(prompt, better_than=in_memory + PROMPT_CHUNK - 1)
+        stored, _ = self._disk.longest_match(prompt, better_than=in_memory + PROMPT_CHUNK - 1, owner=owner,
+                                             shared=shared)
         if stored is None:
             return None
         size = len(stored.state)
-        return CachedPrefix(stored.tokens, (ctypes.c_uint8 * size).from_buffer_copy(stored.state), size)
+        return CachedPrefix(stored.tokens, (ctypes.c_uint8 * size).from_buffer_copy(stored.state), size,
+                            owner=stored.owner, shared=stored.shared)
 
-    def _held_in_memory(self, prompt: list[int], limit: int) -> int:
-        """How much of `prompt` a slot or the prefix cache holds. From a request thread it is an estimate (the
-        slots change under it); the scheduler decides again with what it finds."""
-        held = [reusable(min(common_prefix_length(list(slot.kv_tokens), prompt), slot.exact, limit))
+    def _held_in_memory(self, prompt: list[int], limit: int, owner: str, shared: int) -> int:
+        """How much of `prompt` a slot or the prefix cache holds for `owner`. From a request thread it is an
+        estimate (the slots change under it); the scheduler decides again with what it finds."""
+        held = [reusable(reusable_across(min(common_prefix_length(list(slot.kv_tokens), prompt), slot.exact, limit),
+                                         saved_owner=slot.owner, saved_shared=slot.shared, owner=owner, shared=shared))
                 for slot in self._slots]
-        cached = self._cache.match_length(prompt) if self._cache.budget_bytes else 0
+        cached = self._cache.match_length(prompt, owner=owner, shared=shared) if self._cache.budget_bytes else 0
         return max(held + [reusable(min(cached, limit))])
 
     def check_params(self, params: SamplingParams) -> None:
@@ -482,7 +486,8 @@ class LlamaCppBackend(Backend):
             if twin is not None:
                 self._start_twin(seq, sampler, grammar, twin)
                 return
-            slot, reused, share = self._claim_slot(seq.prompt_tokens, seq.saved_state, owner=seq.owner)
+            slot, reused, share = self._claim_slot(seq.prompt_tokens, seq.saved_state, owner=seq.owner,
+                                                   shared=seq.shared_tokens)
             seq.cached_prompt_tokens = share.length if share else reused
             seq.backend_state = state = _SequenceState(
                 slot=slot, sampler=sampler, grammar=grammar, pending=list(seq.prompt_tokens[reused:]),
@@ -524,14 +529,14 @@ class LlamaCppBackend(Backend):
         """Save everything `slot` holds (decoded tokens included) into the memory cache; only its whole chunks are
         reusable by other prompts. Never to disk: it is kept for one sequence's resumption."""
         tokens = slot.kv_tokens
-        if not self._cache.budget_bytes or self._cache.covers(tokens, exact=slot.exact):
+        if not self._cache.budget_bytes or self._cache.covers(tokens, exact=slot.exact, owner=slot.owner):
             return
         if slot.copy_pending and not self._apply_copies(slot):
             return
         size = self._llama.llama_state_seq_get_size(self._context, slot.seq_id)
         state = (ctypes.c_uint8 * size)()
         if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) == size:
-            self._cache.put(tokens, state, size, exact=slot.exact)
+            self._cache.put(tokens, state, size, exact=slot.exact, owner=slot.owner, shared=slot.shared)
 
     def _resume(self, seq: Sequence) -> None:
         """A suspended sequence gets a slot holding exactly its cells (its own old slot, or its saved state
@@ -541,7 +546,8 @@ class LlamaCppBackend(Backend):
         free = [slot for slot in self._slots if not slot.busy]
         slot = next((slot for slot in free if slot.kv_tokens == tokens), None)
         if slot is None:
-            entry, held = self._cache.longest_match(tokens, exact_only=False) if self._cache.budget_bytes else (None, 0)
+            entry, held = (self._cache.longest_match(tokens, exact_only=False, owner=seq.owner)
+                           if self._cache.budget_bytes else (None, 0))
             if entry is not None and held == len(tokens):
                 slot = min(free, key=lambda s: (bool(s.kv_tokens), s.last_used))
                 if slot.exact >= MIN_SAVE_TOKENS:
@@ -554,13 +560,14 @@ class LlamaCppBackend(Backend):
             slot.busy = True
             slot.claims += 1
             slot.prompt = list(seq.prompt_tokens)
-            slot.owner = seq.owner
+            slot.owner, slot.shared = seq.owner, seq.shared_tokens
             slot.last_used = time.monotonic()
             state.slot = slot
             self._resumes_restored += 1
         else:  # its cells are gone: evaluated again, so that they are what its first evaluation computed
             prompt_end = len(seq.prompt_tokens)
-            slot, reused, share = self._claim_slot(tokens, owner=seq.owner, prompt_end=prompt_end)
+            slot, reused, share = self._claim_slot(tokens, owner=seq.owner, shared=seq.shared_tokens,
+                                                   prompt_end=prompt_end)
             slot.exact = min(slot.exact, state.exact_cap)
             state.resume_next = state.pending[0]  # sampled before the pause: decoded once the rest is back
             state.slot, state.prompt, state.pending, state.share = slot, tokens, tokens[reused:], share
@@ -571,7 +578,7 @@ class LlamaCppBackend(Backend):
             if share is not None:
                 self._take_shared_prefix(state)
         if self._cache.budget_bytes:
-            self._cache.demote(tokens)  # its saved state did its job; only its reusable prefix may still serve
+            self._cache.demote(tokens, owner=seq.owner)  # its saved state did its job; only its reusable prefix may still serve
         state.resume_tokens = None
         self._suspended.discard(state)
 
@@ -596,7 +603,7 @@ class LlamaCppBackend(Backend):
         slot.busy = slot.waiting = True
         slot.claims += 1
         slot.prompt = list(seq.prompt_tokens)
-        slot.owner = seq.owner
+        slot.owner, slot.shared = seq.owner, seq.shared_tokens
         slot.last_used = time.monotonic()
         seq.cached_prompt_tokens = len(seq.prompt_tokens)
         seq.backend_state = _SequenceState(slot=slot, sampler=sampler, grammar=grammar, pending=[],
@@ -638,16 +645,18 @@ class LlamaCppBackend(Backend):
         state.slot.waiting = False
         state.pending = list(state.prompt)
 
-    def _claim_slot(self, prompt: list[int], saved: CachedPrefix | None = None, owner: str = "",
+    def _claim_slot(self, prompt: list[int], saved: CachedPrefix | None = None, owner: str = "", shared: int = 0,
                     prompt_end: int | None = None) -> tuple[_Slot, int, _Share | None]:
         """A free slot holding as much of `prompt` as possible, how much it holds, and a busy slot to copy more from.
         `saved`: the state read from disk for this prompt (saved_state_for), used where it beats memory.
         `prompt_end`: where the prompt proper ends in `prompt` (a resumed sequence's decoded tokens follow): reuse
         stops before its last chunk as it would for that prompt alone.
 
-        A slot last filled by another owner gives whole chunks only. Reuse shows (in usage.cached_tokens, and in
-        the time to the first token), so reuse by the token would let a tenant find out, one guessed token at a
-        time, what another's prompt says; a whole 64-token chunk must be guessed at once."""
+        Reuse shows (in usage.cached_tokens, and in the time to the first token), so it would let a tenant confirm
+        a guess of another's prompt: reuse by the token one guessed token at a time, reuse of whole chunks a whole
+        64-token chunk at once (a chunk holding one unknown field, an account number, is guessed field by field).
+        So cells evaluated for another owner give only the site's own content common to both prompts (`shared`:
+        Sequence.shared_tokens), in whole chunks; the owner's own cells give whatever they hold."""
         llama, memory = self._llama, self._memory
         end = len(prompt) if prompt_end is None else prompt_end
         limit = last_chunk_start(end)  # the last chunk is evaluated as a cold prompt evaluates it
@@ -655,17 +664,20 @@ class LlamaCppBackend(Backend):
         def held(slot: _Slot) -> int:  # what a slot holds of `prompt` that may be reused
             common = common_prefix_length(slot.kv_tokens, prompt)
             if slot.owner != owner:
-                return reusable(min(common, slot.exact, limit))
+                return reusable(min(common, slot.exact, limit, slot.shared, shared))
             return resident_reuse(end, min(common, end), slot.exact)
 
         free = [slot for slot in self._slots if not slot.busy]
         resident_slot = max(free, key=held)
         resident = held(resident_slot)
-        entry, cached = self._cache.longest_match(prompt) if self._cache.budget_bytes else (None, 0)
-        if saved is not None and common_prefix_length(saved.tokens, prompt) > cached:
-            entry, cached = saved, common_prefix_length(saved.tokens, prompt)
+        entry, cached = (self._cache.longest_match(prompt, owner=owner, shared=shared) if self._cache.budget_bytes
+                         else (None, 0))
+        from_disk = saved.reusable_by(common_prefix_length(saved.tokens, prompt), owner=owner,
+                                      shared=shared) if saved is not None else 0
+        if from_disk > cached:
+            entry, cached = saved, from_disk
         cached = reusable(min(cached, limit))
-        share = self._share_source(prompt, limit)
+        share = self._share_source(prompt, limit, owner, shared)
         if share is not None and share.length < max(resident, cached) + MIN_SHARE_GAIN:
             share = None  # what is already here (or saved) is as good: no copy, no waiting
 
@@ -693,12 +705,13 @@ class LlamaCppBackend(Backend):
         slot.busy = True
         slot.claims += 1
         slot.prompt = list(prompt)
-        slot.owner = owner
+        slot.owner, slot.shared = owner, shared
         slot.last_used = time.monotonic()
         return slot, reused, share
 
-    def _share_source(self, prompt: list[int], limit: int) -> _Share | None:
-        """The busy slot that holds, or is evaluating, the longest prefix of `prompt` (None below MIN_SHARE_TOKENS)."""
+    def _share_source(self, prompt: list[int], limit: int, owner: str, shared: int) -> _Share | None:
+        """The busy slot that holds, or is evaluating, the longest prefix of `prompt` that `owner` may reuse (see
+        _claim_slot; None below MIN_SHARE_TOKENS)."""
         best: _Share | None = None
         for slot in self._slots:
             if not slot.busy or slot.waiting:  # a slot waiting for its own copy is no source yet
@@ -706,7 +719,9 @@ class LlamaCppBackend(Backend):
             # What the slot will hold in whole chunks once its prompt is evaluated (or holds already).
             evaluated = len(slot.kv_tokens) >= len(slot.prompt)
             ceiling = slot.exact if evaluated else last_chunk_start(len(slot.prompt))
-            length = reusable(min(common_prefix_length(slot.prompt, prompt), ceiling, limit))
+            length = reusable(reusable_across(min(common_prefix_length(slot.prompt, prompt), ceiling, limit),
+                                              saved_owner=slot.owner, saved_shared=slot.shared, owner=owner,
+                                              shared=shared))
             if length >= MIN_SHARE_TOKENS and (best is None or length > best.length):
                 best = _Share(slot, slot.claims, length)
         return best
@@ -757,7 +772,7 @@ class LlamaCppBackend(Backend):
             slot.exact = min(length, entry.reusable)  # a suspended sequence's decoded tokens are not reused by others
             return length
         if from_disk:  # a file this context cannot take would be read again and again
-            self._disk.discard(entry.tokens)
+            self._disk.discard(entry.tokens, entry.owner)
         logger.warning("could not restore a cached prefix of %d tokens; evaluating it again", length)
         if taken:  # its cells may hold one that llama_memory_seq_rm cannot remove
             self._empty_sequence(slot)
@@ -781,7 +796,7 @@ class LlamaCppBackend(Backend):
     def _save_to_cache(self, slot: _Slot, *, disk_wait: float = 0.0) -> None:
         tokens = slot.kv_tokens[: slot.exact]  # only whole chunks are ever reused
         if len(tokens) < MIN_SAVE_TOKENS or (
-                (not self._cache.budget_bytes or self._cache.covers(tokens)) and self._disk is None):
+                (not self._cache.budget_bytes or self._cache.covers(tokens, owner=slot.owner)) and self._disk is None):
             return
         if slot.copy_pending and not self._apply_copies(slot):  # it would save cells it does not hold yet
             return
@@ -789,10 +804,11 @@ class LlamaCppBackend(Backend):
         state = (ctypes.c_uint8 * size)()
         if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) != size:
             return
-        if self._cache.budget_bytes and size <= self._cache.budget_bytes and not self._cache.covers(tokens):
-            self._cache.put(tokens, state, size)
-        if self._disk is not None:
-            self._disk.put(tokens, bytes(state), wait=disk_wait)  # written by the store's own thread
+        if (self._cache.budget_bytes and size <= self._cache.budget_bytes
+                and not self._cache.covers(tokens, owner=slot.owner)):
+            self._cache.put(tokens, state, size, owner=slot.owner, shared=slot.shared)
+        if self._disk is not None:  # written by the store's own thread
+            self._disk.put(tokens, bytes(state), wait=disk_wait, owner=slot.owner, shared=slot.shared)
 
     def _apply_copies(self, slot: _Slot) -> bool:
         """Carry out the recorded llama_memory_seq_cp copies now. llama.cpp applies them at the start of a
@@ -1028,6 +1044,7 @@ class LlamaCppBackend(Backend):
         else:  # nothing evaluated yet (a sequence waiting for its shared prefix)
             target.kv_tokens, target.exact = [], 0
         target.busy, target.waiting, target.prompt, target.owner = True, source.waiting, source.prompt, source.owner
+        target.shared = source.shared
         target.claims += 1
         source.busy = source.waiting = False
         source.claims += 1

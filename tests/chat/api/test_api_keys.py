@@ -56,7 +56,7 @@ def test_create_api_key_without_user_gives_each_key_a_user_of_its_own():
     users = [key.user for key in keys]
     assert users[0] != users[1]
     for key, user in zip(keys, users):
-        assert user.username == f"key-{key.prefix}"
+        assert user.username.startswith("key-") and key.prefix[len("llms-"):] not in user.username
         assert not user.has_usable_password() and not user.is_staff and not user.is_superuser
 
 
@@ -77,3 +77,28 @@ def test_admin_shows_a_new_key_once_and_revokes(admin_client):
     assert raw_key.encode() not in page.content
     admin_client.post("/admin/chat/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
     assert status_with(raw_key) == 401
+
+
+def test_users_named_after_their_keys_are_renamed_by_the_migration(transactional_db):
+    """`key-<prefix>` held seven characters of the secret, shown to other users (participants, authors)."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = ("chat", "0010_message_ids_count_nothing"), ("chat", "0011_key_users_named_apart_from_their_keys")
+    executor = MigrationExecutor(connection)
+    executor.migrate([before])
+    try:
+        old = executor.loader.project_state([before]).apps
+        own = old.get_model("auth", "User").objects.create(username="key-llms-Abc1234")
+        chosen = old.get_model("auth", "User").objects.create(username="key-llms-Zzz9999")  # not its key's prefix
+        for user, prefix in ((own, "llms-Abc1234"), (chosen, "llms-Qqq0000")):
+            old.get_model("chat", "ApiKey").objects.create(user=user, name="k", prefix=prefix, key_hash=prefix * 4)
+        executor = MigrationExecutor(connection)
+        executor.migrate([after])
+        users = executor.loader.project_state([after]).apps.get_model("auth", "User").objects
+        renamed = users.get(pk=own.pk).username
+        assert renamed.startswith("key-") and "Abc1234" not in renamed
+        assert users.get(pk=chosen.pk).username == "key-llms-Zzz9999"
+    finally:  # the tests after this one need the whole schema
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())

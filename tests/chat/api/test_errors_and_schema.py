@@ -140,6 +140,23 @@ def test_unknown_paths_under_the_api_are_json_404_whatever_debug(client, setting
     assert b"<html" in client.get("/no-such-page/").content.lower()  # pages outside the API stay HTML
 
 
+def test_whether_a_model_is_in_memory_is_shown_to_staff_only(client):
+    """Models stay loaded once used: `loaded` would tell any tenant that another used a model."""
+    assert "loaded" not in client.get("/v1/models").json()["data"][0]
+    assert "loaded" not in client.get("/v1/models/smollm2-135m-instruct").json()
+    client.user.is_staff = True
+    client.user.save()
+    assert isinstance(client.get("/v1/models").json()["data"][0]["loaded"], bool)
+
+
+def test_a_stop_string_longer_than_the_limit_is_refused(client):
+    """The reply is matched against every stop string at every token: 480,000-character ones cost 0.36 s a token."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "stop": ["x", "#" * 1001]}
+    assert_error(client.post("/v1/chat/completions", body, format="json"), 400, param="stop", says="1000 characters")
+    assert_error(client.post("/v1/completions", {"prompt": "Hi", "stop": "#" * 1001}, format="json"), 400,
+                 param="stop")
+
+
 def test_unknown_model_is_404_on_retrieve_and_on_use(client):
     assert_error(client.get("/v1/models/gpt-17"), 404, param="model", code="model_not_found", says="gpt-17")
     assert_error(client.post("/v1/completions", {"prompt": "Once", "model": "gpt-17"}, format="json"), 404,

@@ -88,6 +88,30 @@ def test_seed_makes_sampling_reproducible(live_api):
     assert len({ask(1234), ask(1), ask(2)}) > 1
 
 
+def test_another_users_identical_prompt_reuses_only_the_characters_own_text(live_api):
+    """usage.cached_tokens, and the time to the first token, show what was reused: one user sending another's
+    very message (a guess of it) must not find it evaluated. A character's system prompt and persona, the site's
+    own text, are shared between users; a user's message, or a client's own system message, only within the user."""
+    secret = " ".join(f"word{index}x{time.time_ns() % 100000}" for index in range(150))  # 150+ tokens, fresh
+    ask = dict(model=MODEL, max_tokens=2, temperature=0, extra_headers=FRESH)
+
+    def cached(key: str, **request) -> tuple[int, int]:
+        usage = live_api.client(key).chat.completions.create(**ask, **request).usage
+        return usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
+
+    in_character = dict(messages=[{"role": "user", "content": secret}], extra_body={"character": "professor-quill"})
+    cached("alice", **in_character)
+    guessed, prompt_tokens = cached("bob", **in_character)
+    own, _ = cached("alice", **in_character)
+    assert 0 < guessed <= prompt_tokens - 150  # the persona only, not a chunk of alice's message
+    assert own > guessed + 64  # into the message, for alice herself
+
+    system_of_her_own = dict(messages=[{"role": "system", "content": secret}, {"role": "user", "content": "Hi."}])
+    cached("alice", **system_of_her_own)
+    assert cached("bob", **system_of_her_own)[0] == 0
+    assert cached("alice", **system_of_her_own)[0] >= 128
+
+
 def test_character_conversation_across_three_turns(live_api):
     client = live_api.client()
     first = client.chat.completions.create(model=MODEL, 

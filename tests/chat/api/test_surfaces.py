@@ -140,6 +140,12 @@ def test_tokenize_detokenize_round_trip_and_the_count_of_a_prompt(live_api):
         assert refused.status_code == 400 and "control-token texts" in refused.json()["error"]["message"], path
     many = call(live_api, "POST", "/tokenize", root=True, json={"content": "<|im_end|>a" * 4096}).json()
     assert len(many["tokens"]) == 8192
+    # A piece each is a detokenize call (an upstream request for a remote model): bounded.
+    pieces = call(live_api, "POST", "/tokenize", root=True, json={"content": "<|im_end|>a" * 4096,
+                                                                   "with_pieces": True}).json()["tokens"]
+    assert len(pieces) == 8192 and pieces[0]["piece"] == "<|im_end|>"
+    refused = call(live_api, "POST", "/tokenize", root=True, json={"content": "a " * 9000, "with_pieces": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "with_pieces"
 
 
 def test_langchain_openai_llm_batch_sends_a_prompt_list(live_api):

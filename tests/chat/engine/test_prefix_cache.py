@@ -3,8 +3,10 @@
 import pytest
 
 from chat.engine import ModelRegistry, ModelSpec, SamplingParams
-from chat.engine.backends.llama_cpp import LONE_ROW_KV_CELLS, last_chunk_start, resident_reuse
+from chat.engine.backends.llama_cpp import LONE_ROW_KV_CELLS, last_chunk_start, resident_reuse, reusable
+from chat.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from chat.engine.prefix_cache import PrefixCache, common_prefix_length
+from chat.engine.prompt import Prompt
 from tests.factories import chat_prompt
 
 from .conftest import TINY_CONTEXT
@@ -115,30 +117,103 @@ def test_a_slot_gives_a_short_prompt_any_prefix_but_a_long_one_whole_chunks_only
 
 
 @pytest.mark.parametrize("character", ["you are a pirate.", CHARACTER])  # under and over one 64-token chunk
-def test_a_short_prompt_takes_another_owners_cells_in_whole_chunks_only(tiny_gguf, character):
-    """Reuse shows in usage.cached_tokens and in the time to the first token: by the token, a tenant could
-    find out what another's prompt says one guessed token at a time. Across owners, whole chunks only."""
+@pytest.mark.parametrize("site_system", [False, True])
+def test_another_owners_cells_give_only_the_sites_own_content_in_whole_chunks(tiny_gguf, character, site_system):
+    """Reuse shows in usage.cached_tokens and in the time to the first token: by the token, a tenant could find
+    out what another's prompt says one guessed token at a time, and by the chunk a chunk at a time (one unknown
+    field in it, guessed field by field). Across owners only whole chunks of the site's own content (a
+    character's system message) are reused; a client's own system message and question, never."""
     registry = ModelRegistry([ModelSpec("owners", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=1,
                                         prefix_cache_mb=0)])
     try:
         engine = registry.get()
-        prompt = chat_prompt(engine, character, "my locker code is 4711")
+        prompt = chat_prompt(engine, character, "my locker code is 4711", site_system=site_system)
         length = len(engine.prompt_tokens(prompt))
+        site = chat_prompt(engine, character, "my locker code is 4711", site_system=True)
+        system_end = engine._tokens_and_shared(site)[1]  # where the site's content ends
         assert length <= LONE_ROW_KV_CELLS
         engine.generate(prompt, GREEDY, owner="user:1")
         guessed = engine.generate(prompt, GREEDY, owner="user:2")  # the only slot holds user:1's prompt
         again = engine.generate(prompt, GREEDY, owner="user:2")  # now its own
     finally:
         registry.close()
-    assert guessed.cached_prompt_tokens == last_chunk_start(length)
+    site_chunks = reusable(min(system_end, last_chunk_start(length)))
+    assert guessed.cached_prompt_tokens == (site_chunks if site_system else 0)
     assert again.cached_prompt_tokens == length - 1
+    assert (site_chunks > 0) == (character == CHARACTER)  # the chunk rule applies to the site's part too
+
+
+@pytest.mark.parametrize("site_system", [False, True])
+def test_a_saved_state_gives_another_owner_only_the_sites_own_content(tiny_gguf, site_system):
+    registry = ModelRegistry([ModelSpec("saved", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=1,
+                                        prefix_cache_mb=64)])
+    try:
+        engine = registry.get()
+        prompt = chat_prompt(engine, CHARACTER, "my locker code is 4711 " * 4, site_system=site_system)
+        site_end = engine._tokens_and_shared(chat_prompt(engine, CHARACTER, "", site_system=True))[1]
+        engine.generate(prompt, GREEDY, owner="user:1")
+        engine.generate(chat_prompt(engine, "you are a city clerk. " * 20, "hello"), GREEDY, owner="user:3")
+        assert engine.stats()["prefix_cache_entries"] >= 1  # user:1's state went to the cache with its slot
+        guessed = engine.generate(prompt, GREEDY, owner="user:2")
+        engine.generate(chat_prompt(engine, "you are a city clerk. " * 20, "hello"), GREEDY, owner="user:3")
+        own = engine.generate(prompt, GREEDY, owner="user:1")
+    finally:
+        registry.close()
+    assert guessed.cached_prompt_tokens == (reusable(site_end) if site_system else 0) and reusable(site_end) > 0
+    assert own.cached_prompt_tokens == last_chunk_start(own.prompt_tokens) > reusable(site_end)
+
+
+def test_the_cache_gives_another_owner_only_what_both_hold_of_the_sites_content():
+    cache = PrefixCache(budget_bytes=1000)
+    cache.put(range(10), "user:1's conversation", 10, owner="user:1", shared=4)
+    assert cache.longest_match(range(12), owner="user:1") == (cache.longest_match(range(12), owner="user:1")[0], 10)
+    assert cache.longest_match(range(12), owner="user:2", shared=6)[1] == 4
+    assert cache.longest_match(range(12), owner="user:2", shared=3)[1] == 3
+    assert cache.longest_match(range(12), owner="user:2") == (None, 0)
+    assert cache.longest_match(range(10), owner="user:2", shared=10, exact_only=False)[1] == 4
+    # Another owner's state of the same tokens is its own entry: it neither replaces nor drops user:1's.
+    cache.put(range(10), "user:2's", 10, owner="user:2", shared=4)
+    cache.put(range(12), "user:2's longer", 10, owner="user:2", shared=4)
+    assert cache.longest_match(range(10), owner="user:1")[0].state == "user:1's conversation"
+    assert not cache.covers(range(12), owner="user:1") and cache.covers(range(12), owner="user:2")
+
+
+def test_a_prompt_knows_where_the_sites_own_content_ends():
+    template = ChatTemplate(CHATML_TEMPLATE, control_texts=["<|im_start|>", "<|im_end|>"])
+    messages = [{"role": "system", "content": "You are Mara. Sam is <|im_end|> aboard."},
+                {"role": "user", "content": "hi \ufdd4 there"}]
+    plain = template.render(messages)
+    whole, part = (template.render(messages, shared_until=(0, chars)) for chars in (39, 13))
+    assert whole.pieces == part.pieces == plain.pieces and str(whole) == str(plain)  # the mark changes nothing else
+    assert (plain.shared_pieces, plain.shared_chars) == (0, 0)
+    assert whole.shared_pieces == 2 and whole.pieces[1].text.endswith("<|im_end|> aboard.")  # client text is text
+    assert part.shared_pieces == 1 and part.pieces[1].text[:part.shared_chars] == "system\nYou are Mara."
+    assert "\ufdd4" not in whole and "\ufffd" in whole  # a client's mark is text, not the boundary
+    assert template.render([{"role": "user", "content": "x\ufdd4"}]).shared_pieces == 0
+    folded = ChatTemplate("{{ messages[0]['content'] + messages[1]['content'] }}").render(messages, shared_until=(0, 12))
+    assert (folded.shared_pieces, folded.pieces[0].text[:folded.shared_chars]) == (0, "You are Mara")
+
+
+def test_the_engine_counts_only_tokens_that_spell_the_sites_content(registry):
+    engine = registry.get("tiny-prefix")
+    site = "you are a pirate who loves the sea"
+    messages = [{"role": "system", "content": site}, {"role": "user", "content": "hi"}]
+    tokens, whole_shared = engine._tokens_and_shared(engine.render_chat(messages, shared_until=(0, len(site))))
+    part = engine.render_chat(messages, shared_until=(0, 20))
+    part_tokens, part_shared = engine._tokens_and_shared(part)
+    assert tokens == part_tokens == engine.prompt_tokens(engine.render_chat(messages))
+    assert whole_shared == len(engine.prompt_tokens(Prompt(part.pieces[:2])))  # through the system message's text
+    text_start = len(engine.prompt_tokens(Prompt(part.pieces[:1])))  # BOS and <|im_start|>
+    assert text_start < part_shared < whole_shared
+    assert ("system\n" + site[:20]).startswith(engine.detokenize(tokens[text_start:part_shared]))
+    assert engine._tokens_and_shared(engine.render_chat(messages))[1] == 0
 
 
 @pytest.mark.parametrize("character", ["you are a pirate.", CHARACTER])  # under and over one 64-token chunk
-def test_a_running_prompt_of_another_owner_is_not_forked_so_a_guess_shows_whole_chunks_only(tiny_gguf, character):
+def test_a_running_prompt_of_another_owner_is_neither_forked_nor_shared(tiny_gguf, character):
     """The same prompt admitted twice in one step is evaluated once and forked (n choices), and the fork reports
-    the whole prompt as cached: only within one owner. Another owner's identical guess gets what the chunk rule
-    allows, and is evaluated on its own."""
+    the whole prompt as cached: only within one owner. Another owner's identical guess is evaluated on its own
+    and reuses nothing of the first one's (its system message is the client's own)."""
     registry = ModelRegistry([ModelSpec("twins", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=4,
                                         prefix_cache_mb=0)])
     try:
@@ -160,7 +235,7 @@ def test_a_running_prompt_of_another_owner_is_not_forked_so_a_guess_shows_whole_
         registry.close()
     assert (forked_within, own) == (1, length)
     assert forked_across == 0
-    assert guessed <= last_chunk_start(length)
+    assert guessed == 0
 
 
 @pytest.mark.smollm2

@@ -31,6 +31,21 @@ def test_a_state_written_is_found_by_a_longer_prompt_and_after_a_restart(tmp_pat
     assert restarted.longest_match([7, 8]) == (None, 0)
 
 
+def test_a_state_on_disk_is_its_owners_beyond_the_sites_content_also_after_a_restart(tmp_path):
+    store = store_in(tmp_path)
+    store.put(range(10), b"user:1's conversation", owner="user:1", shared=4)
+    store.put(range(10), b"user:2's", owner="user:2", shared=4)  # the same tokens: a file of its own
+    store.put(range(6), b"user:2's shorter", owner="user:2", shared=4)  # not user:1's to drop
+    store.close()
+    restarted = store_in(tmp_path)
+    found, length = restarted.longest_match(range(12), owner="user:1", shared=8)
+    assert (found.state, found.owner, found.shared, length) == (b"user:1's conversation", "user:1", 4, 10)
+    assert restarted.longest_match(range(12), owner="user:3", shared=8)[1] == 4
+    assert restarted.longest_match(range(12), owner="user:3", shared=8, better_than=4) == (None, 0)
+    assert restarted.longest_match(range(12), owner="user:3") == (None, 0)
+    assert len(restarted) == 3
+
+
 def test_a_corrupt_file_is_ignored_and_removed(tmp_path):
     store = store_in(tmp_path)
     store.put([5, 6, 7], b"x" * 100)

@@ -62,3 +62,19 @@ def test_stop_string_inside_a_multibyte_sequence_boundary():
     deltas = [assembler.feed(encoded[i : i + 1]) for i in range(len(encoded))]
     assert "".join(deltas) == "abc"
     assert assembler.stopped
+
+
+def test_the_held_back_text_is_the_longest_tail_that_begins_a_stop_string():
+    """The tail is found where a stop string's first character is, checked against every length by brute force."""
+    import random
+
+    rng = random.Random(7)
+
+    def brute_force(stops, text):
+        return max([length for stop in stops for length in range(1, min(len(stop) - 1, len(text)) + 1)
+                    if text.endswith(stop[:length])], default=0)
+
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        assert StopStringFilter(stops)._longest_stop_prefix_suffix(text) == brute_force(stops, text), (stops, text)
