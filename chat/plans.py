@@ -20,6 +20,7 @@ from django.conf import settings
 from characters.models import Character, CharacterGroup
 from characters.selectors import character_find_active
 from scenarios.models import Scenario
+from scenarios.world_info import character_filter_allows
 
 from .engine import EngineProtocol, SamplingParams
 from .engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
@@ -489,7 +490,10 @@ def _forced_scenarios(scenario_id, character: Character | None) -> list[Scenario
     if scenario_id is None:
         return None
     scenario = Scenario.objects.filter(pk=scenario_id, enabled=True).first()
-    if scenario is None or (scenario.character_id and (character is None or scenario.character_id != character.pk)):
+    # Another character's entry, or a global one its character filter keeps from this character (World Info's
+    # rule, which forcing skips otherwise): the same 404 as a missing one.
+    if scenario is None or (scenario.character_id and (character is None or scenario.character_id != character.pk)) \
+            or not character_filter_allows(scenario, character):
         raise NotFound(f"No enabled scenario {scenario_id} for this character.", param="scenario",
                        code="scenario_not_found")
     return [scenario]

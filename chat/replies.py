@@ -221,6 +221,9 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
             or (record.stopped and c.finish_reason == "cancelled" and c.text)]
     if not plan.store or not kept:
         return record.conversation
+    # Counted before the transaction: with SQLite it holds the one write lock, which a megabyte of turns being
+    # tokenized (a remote model's: upstream requests) would keep from every other tenant.
+    turn_tokens = [plan.engine.count_tokens(turn["content"]) for turn in plan.new_turns]
     with transaction.atomic():
         conversation = plan.conversation
         if conversation is None:
@@ -234,10 +237,9 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
             conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
         author = plan.user if getattr(plan.user, "pk", None) else None
         parent_id = plan.parent_id
-        for turn in plan.new_turns:
+        for turn, tokens in zip(plan.new_turns, turn_tokens):
             parent_id = Message.objects.create(conversation=conversation, parent_id=parent_id, role=turn["role"],
-                                               content=turn["content"],
-                                               completion_tokens=plan.engine.count_tokens(turn["content"]),
+                                               content=turn["content"], completion_tokens=tokens,
                                                author=author if turn["role"] == "user" else None).pk
         if plan.continued is not None:
             replies = [_extended(plan.continued, kept[0], stopped=record.stopped,

@@ -26,10 +26,14 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FOREIGN_ORIGIN = 4403
 
 
-@database_sync_to_async
-def _user_for_key(raw_key: str):
+def _user_for_key_now(raw_key: str):
     api_key = api_key_find_valid(raw_key=raw_key)
     return (api_key.user, api_key) if api_key else (AnonymousUser(), None)
+
+
+# Not thread-sensitive: outside a request's context that would be one thread for every handshake of the process,
+# so one client's flood of handshakes (or a slow database) would hold up everyone's.
+_user_for_key = database_sync_to_async(_user_for_key_now, thread_sensitive=False)
 
 
 def credentials_now(scope) -> tuple | None:

@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import InvalidRequest
-from .prompt import FINAL_MARK, SHARED_MARK, ControlTexts, Prompt
+from .prompt import FINAL_MARK, SHARED_MARK, ControlTexts, Prompt, broken, markup_literals
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class ChatTemplate:
     """A compiled chat template plus the BOS/EOS texts it may refer to.
 
     `control_texts`: the vocabulary's control-token texts. Only the template's own markup becomes
-    control tokens: every string in the messages and tools is guarded as text (chat/engine/prompt.py).
+    control tokens: every string in the messages and tools is guarded as text (chat/engine/prompt.py). Markup the
+    model reads as text (`text_markup`: Llama 2's [INST] and <<SYS>>) is broken up by a word joiner wherever a
+    message or tool holds it, as it would otherwise be the very tokens of the template's turns.
     """
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", control_texts: Iterable[str] = ()):
@@ -61,6 +63,7 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.controls = ControlTexts(control_texts)
+        self.text_markup = markup_literals(source, self.controls.texts)
         self._template = _environment().from_string(source)  # raises jinja2.TemplateSyntaxError
 
     @classmethod
@@ -95,14 +98,14 @@ class ChatTemplate:
         text: rendered without a generation prompt, and cut where its content ends (the template's
         end-of-turn markup after it is left out), as transformers' `continue_final_message` does."""
         messages = _validated(messages)
-        guarded = self.controls.guard(messages)
+        guarded = self.controls.guard(broken(messages, self.text_markup))
         if shared_until is not None and 0 <= shared_until[0] < len(messages):
             guarded = self._marked_shared(messages, guarded, *shared_until)
         messages = guarded
         if continue_final:
             messages = _marked_final(messages)
             add_generation_prompt = False
-        extra = {"tools": self.controls.guard(tools)} if tools and self.supports_tools else {}
+        extra = {"tools": self.controls.guard(broken(tools, self.text_markup))} if tools and self.supports_tools else {}
         try:
             rendered = self._render(messages, add_generation_prompt, **extra)
         except TemplateRejected as rejection:
@@ -120,9 +123,11 @@ class ChatTemplate:
         `index`'s content (guarded in two parts, so no client text can hold or move the mark)."""
         content = messages[index]["content"]
         chars = max(0, min(chars, len(content)))
+        site, rest = broken(content[:chars], self.text_markup), broken(content[chars:], self.text_markup)
+        if site + rest != broken(content, self.text_markup):  # markup across the boundary: nothing is shared
+            return guarded
         marked = [dict(m) for m in guarded]
-        marked[index]["content"] = (self.controls.guard(content[:chars]) + SHARED_MARK
-                                    + self.controls.guard(content[chars:]))
+        marked[index]["content"] = self.controls.guard(site) + SHARED_MARK + self.controls.guard(rest)
         return marked
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, **extra) -> str:

@@ -199,16 +199,43 @@ _CONTROL_LIKE = re.compile(
 )
 
 
+# Tag-like literals a chat template writes: its turn markup ([INST], <<SYS>>, <|user|>, <start_of_turn>).
+TAG_LITERAL = re.compile(r"<\|[^\s<>|]{1,64}\|>|<[A-Za-z_/][^\s<>'\"]{0,40}>|\[/?[A-Z][A-Z_]{1,30}\]")
+
+
+def markup_literals(template_source: str, control_texts: Iterable[str] = ()) -> tuple[str, ...]:
+    """The tag-like literals of a chat template that are not control tokens of the vocabulary (`control_texts`):
+    markup the model reads as text (Llama 2's [INST] and <<SYS>>, Zephyr's <|user|>, ChatML's tags in a vocabulary
+    without them), which client text tokenized as text would spell exactly. Longest first."""
+    controls = set(control_texts)
+    found = set(TAG_LITERAL.findall(template_source)) | set(_CONTROL_LIKE.findall(template_source))
+    return tuple(sorted((text for text in found if len(text) > 1 and text not in controls), key=len, reverse=True))
+
+
+def broken(value, texts: Iterable[str]):
+    """`value` (a string, or dicts and lists of them, keys too) with each of `texts` broken up by a word joiner
+    after its first character."""
+    texts = tuple(text for text in texts if len(text) > 1)
+    if not texts:
+        return value
+    if isinstance(value, str):
+        for text in texts:
+            value = value.replace(text, _joined(text))
+        return value
+    if isinstance(value, dict):
+        return {broken(key, texts): broken(item, texts) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [broken(item, texts) for item in value]
+    return value
+
+
 def neutralized(value, extra: Iterable[str] = ()):
     """`value` (a string, or dicts and lists of them) with every control-token-like text broken up by a
     word joiner after its first character, so that a server's own special-token parsing leaves it text.
     `extra`: more texts to break up (e.g. the markup literals of the configured chat template)."""
     extra = tuple(text for text in extra if len(text) > 1)
     if isinstance(value, str):
-        value = _CONTROL_LIKE.sub(lambda match: _joined(match.group()), value)
-        for text in extra:
-            value = value.replace(text, _joined(text))
-        return value
+        return broken(_CONTROL_LIKE.sub(lambda match: _joined(match.group()), value), extra)
     if isinstance(value, dict):  # keys too: the server may print a tool's schema whole
         return {neutralized(key, extra): neutralized(item, extra) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

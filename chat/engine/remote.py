@@ -58,7 +58,7 @@ from .errors import (
 )
 from .generation import Generation
 from .logprobs import TokenLogprob, TopLogprob
-from .prompt import neutralized
+from .prompt import TAG_LITERAL, neutralized
 from .protocol import EngineProtocol
 from .routing import affinity_key, conversation_key
 from .tool_call_text import ToolCallText, UnofferedToolCall
@@ -67,7 +67,6 @@ from .upstream import Upstream, UpstreamPool, error_for_status, is_context_error
 
 logger = logging.getLogger(__name__)
 
-_TAG_LITERAL = re.compile(r"<\|[^\s<>|]{1,64}\|>|<[A-Za-z_/][^\s<>'\"]{0,40}>|\[/?[A-Z][A-Z_]{1,30}\]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 CHARS_PER_TOKEN = 4  # the estimate when the upstream has no tokenize endpoint (English prose averages ~4)
 TOKEN_CACHE_SIZE = 256  # texts whose token counts are remembered (history turns repeat every request)
@@ -450,7 +449,7 @@ class RemoteEngine(EngineProtocol):
         try:  # the readable rendering (chat) or the real prompt (completions); ChatML unless chat_template is set
             self._template = ChatTemplate(spec.chat_template or CHATML_TEMPLATE)
             # Tag-like literals of the template are control tokens of its model too: client text must not hold them.
-            self._markup = tuple(sorted(set(_TAG_LITERAL.findall(self._template.source)), key=len, reverse=True))
+            self._markup = tuple(sorted(set(TAG_LITERAL.findall(self._template.source)), key=len, reverse=True))
         except TemplateError as error:
             raise ModelUnavailable(spec.name, self._pool.label,
                                    f"its chat_template setting does not compile: {error}") from None
@@ -750,12 +749,14 @@ class RemoteEngine(EngineProtocol):
         body = dict(request.body, max_tokens=request.body["max_tokens"] - request.pieces)
         if body["max_tokens"] <= 0:
             return None
+        # The reply is text: markup-like text the model wrote must not become the next server's control tokens.
+        sent = neutralized(partial, self._markup)
         if request.chat:  # a trailing assistant message is continued (llama-server, vLLM with continue_final_message)
-            body["messages"] = list(request.body["messages"]) + [{"role": "assistant", "content": partial}]
+            body["messages"] = list(request.body["messages"]) + [{"role": "assistant", "content": sent}]
             body["continue_final_message"], body["add_generation_prompt"] = True, False
         else:
-            body["prompt"] = request.body["prompt"] + partial
-        request.echo = partial
+            body["prompt"] = request.body["prompt"] + sent
+        request.echo = sent
         return body
 
     def _stream(self, request: _Request, upstream: Upstream, response: httpx.Response) -> str | None:

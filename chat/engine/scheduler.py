@@ -11,7 +11,7 @@ Preemption: fair admission shares only the slots that free up, so an owner holdi
 generations would keep the others waiting until queue_timeout. When another owner's request has waited
 PREEMPT_AFTER_SECONDS for a full engine, the owner holding the most slots, if more than its fair share
 (ceil(slots / owners active or waiting)) and not the owner that would be admitted, has its most recently started
-decoding sequence suspended (at most one per step): the backend keeps its state (Backend.suspend), it goes back
+sequence suspended (at most one per step; decoding, or between whole chunks of its prompt: Backend.suspendable): the backend keeps its state (Backend.suspend), it goes back
 to the queue ahead of its owner's other requests, without a queue_timeout, and resumes where it stopped when
 admitted again; its client's stream just pauses. A resumed sequence decodes RESUME_GRACE_TOKENS before it may be
 suspended again. One owner alone is never preempted, nor is a backend that cannot suspend. With as many owners as

@@ -37,7 +37,8 @@ from chat.models import Job
 
 from .owners import Tenant
 
-# A slot whose release never ran (its process was killed mid-generation) frees itself after this long.
+# A slot whose release never ran (its process was killed mid-generation) frees itself after this long: the
+# counter expires SLOT_TTL after the caller's last take or release, never while it keeps generating.
 SLOT_TTL = 3600
 # A caller at its concurrency limit may retry as soon as one of its generations ends: soon.
 CONCURRENCY_RETRY_AFTER = 1
@@ -170,6 +171,7 @@ def _slots_take(tenant: Tenant, limit: int, slots: int) -> str | None:
     count = _counter_add(key, slots, SLOT_TTL)
     if count is None:
         return None
+    cache.touch(key, SLOT_TTL)  # its expiry was set when it was created: a busy caller's count must not lapse
     if slots > limit or count + jobs_in_progress(tenant) > limit:
         _slots_give_back(key, slots)
         raise QuotaExceeded(f"This API key already has {limit} generation(s) running or queued"
@@ -184,6 +186,8 @@ def _slots_give_back(key: str | None, slots: int) -> None:
     left = _counter_add(key, -slots, SLOT_TTL)
     if left is not None and left < 0:  # it expired and was recreated meanwhile: never below zero
         cache.incr(key, -left)
+    if left:
+        cache.touch(key, SLOT_TTL)
 
 
 class Hold:

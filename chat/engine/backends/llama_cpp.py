@@ -508,18 +508,25 @@ class LlamaCppBackend(Backend):
             raise
 
     def suspendable(self, seq: Sequence) -> bool:
+        """A decoding sequence; or one evaluating its prompt for the first time, between whole chunks (an owner's
+        long prompts would otherwise hold every slot until they are all evaluated)."""
         state: _SequenceState | None = seq.backend_state
-        return (state is not None and state.slot is not None and not state.prefilling and state.share is None
-                and state.twin is None and len(state.pending) == 1)
+        if state is None or state.slot is None or state.share is not None or state.twin is not None:
+            return False
+        if state.prefilling:
+            return (state.prompt_end is None and not state.slot.waiting and bool(state.pending)
+                    and state.slot.exact == len(state.slot.kv_tokens))
+        return len(state.pending) == 1
 
     def suspend(self, seq: Sequence) -> None:
-        """Free the slot of a decoding sequence; its state goes to the prefix cache (where the budget allows) and
-        its samplers stay with it until it resumes (start) or is released."""
+        """Free the slot of a sequence (suspendable); its state goes to the prefix cache (where the budget allows)
+        and its samplers stay with it until it resumes (start) or is released."""
         state: _SequenceState = seq.backend_state
         slot = state.slot
         self._save_suspended(slot)
         state.resume_tokens = list(slot.kv_tokens)
-        state.exact_cap = slot.exact if state.exact_cap is None else min(state.exact_cap, slot.exact)
+        if not state.prefilling:  # what it decoded is never reusable by others (a prompt's whole chunks are)
+            state.exact_cap = slot.exact if state.exact_cap is None else min(state.exact_cap, slot.exact)
         state.slot, state.logits_index = None, None
         slot.busy = slot.waiting = False
         slot.last_used = time.monotonic()  # its cells stay: the sequence takes this slot back if nobody took it
@@ -529,7 +536,8 @@ class LlamaCppBackend(Backend):
         """Save everything `slot` holds (decoded tokens included) into the memory cache; only its whole chunks are
         reusable by other prompts. Never to disk: it is kept for one sequence's resumption."""
         tokens = slot.kv_tokens
-        if not self._cache.budget_bytes or self._cache.covers(tokens, exact=slot.exact, owner=slot.owner):
+        if not tokens or not self._cache.budget_bytes or self._cache.covers(tokens, exact=slot.exact,
+                                                                             owner=slot.owner):
             return
         if slot.copy_pending and not self._apply_copies(slot):
             return
@@ -564,6 +572,14 @@ class LlamaCppBackend(Backend):
             slot.last_used = time.monotonic()
             state.slot = slot
             self._resumes_restored += 1
+        elif state.prefilling:  # paused between chunks of its prompt: it goes on from whatever may be reused
+            slot, reused, share = self._claim_slot(seq.prompt_tokens, owner=seq.owner, shared=seq.shared_tokens)
+            state.slot, state.prompt, state.share = slot, seq.prompt_tokens, share
+            state.pending = list(seq.prompt_tokens[reused:])
+            slot.waiting = share is not None
+            self._resumes_evaluated += 1
+            if share is not None:
+                self._take_shared_prefix(state)
         else:  # its cells are gone: evaluated again, so that they are what its first evaluation computed
             prompt_end = len(seq.prompt_tokens)
             slot, reused, share = self._claim_slot(tokens, owner=seq.owner, shared=seq.shared_tokens,

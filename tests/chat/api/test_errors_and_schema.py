@@ -6,7 +6,7 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from tests.factories import import_demo_resources, make_api_client, make_character
+from tests.factories import import_demo_resources, make_api_client, make_character, make_scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -123,6 +123,10 @@ def test_unknown_character_and_scenario_are_404(client):
                  code="character_not_found")
     assert_error(client.post(URL, {"messages": message, "character": "byte", "scenario": 99999}, format="json"), 404,
                  code="scenario_not_found")
+    # A global entry whose character filter keeps it from this character cannot be forced on it either.
+    only_mira = make_scenario("Mira's secret", keywords="x", character_filter="captain-mira")
+    assert_error(client.post(URL, {"messages": message, "character": "byte", "scenario": only_mira.pk},
+                             format="json"), 404, code="scenario_not_found")
 
 
 @pytest.mark.parametrize("debug", [True, False])

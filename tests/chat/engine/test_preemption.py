@@ -281,3 +281,30 @@ def test_smollm2_a_sequence_evaluated_again_on_resume_keeps_its_exact_logprobs(s
     for done, cold in zip(paused, reference):
         assert len(done) == len(cold) == params.max_tokens
         assert [(t.token, t.logprob) for t in done] == [(t.token, t.logprob) for t in cold]
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["chunks-saved", "evaluated-again"])
+def test_a_prompt_still_being_evaluated_gives_its_slot_to_another_owner(make_engine, endless_gguf, caplog, saved):
+    """An owner's long prompts held every slot until they were all evaluated (only decoding sequences could be
+    suspended): another owner waited out their whole prefill. Paused between whole chunks, a prompt goes on
+    later from its saved chunks (or, with no cache, from the start), and its reply is the same."""
+    long_prompt = "hello world what " * 78  # ~236 tokens: a 64-token chunk a step beside a decoding stream
+    long_params = SamplingParams(max_tokens=10, temperature=0)
+    engine = make_engine(queue_timeout=60, prefill_step_ms=1, prefill_min_tokens=64,
+                         **({} if saved else {"prefix_cache_mb": 0}))
+    engine.faults = Faults(step=lambda number: time.sleep(0.12))  # the prompt's chunks outlast PREEMPT_AFTER
+    a1_params = SamplingParams(max_tokens=40, temperature=0)
+    a1 = engine.submit(PROMPTS["a1"], a1_params, owner="A")
+    wait_for(lambda: engine.stats()["tokens_generated"] >= 2)
+    a2 = engine.submit(long_prompt, long_params, owner="A")
+    wait_for(lambda: engine.stats()["active"] == 2)
+    with caplog.at_level("INFO", logger="chat.engine.scheduler"):
+        b = engine.submit(PROMPTS["b"], SHORT, owner="B")
+        assert result(b).completion_tokens == SHORT.max_tokens
+    suspended = [record.getMessage() for record in caplog.records if "suspended a sequence" in record.getMessage()]
+    assert len(suspended) == 1 and "0 tokens generated" in suspended[0]  # a2, mid-prompt; a1 decodes on
+    a2_done, a1_done = result(a2), result(a1)
+    assert a2_done.text == alone(endless_gguf, long_prompt, long_params).text
+    assert a1_done.completion_tokens == a1_params.max_tokens
+    stats = engine.stats()
+    assert stats["resumptions"] == 1 and stats["resumes_restored" if saved else "resumes_evaluated"] == 1

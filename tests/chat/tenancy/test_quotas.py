@@ -33,6 +33,29 @@ def test_a_key_field_overrides_the_setting_and_empty_takes_it(settings):
     assert limits_for(None) == Limits(3, 100, 1000)  # a browser session: the defaults
 
 
+def test_a_busy_keys_running_count_does_not_lapse(monkeypatch):
+    """The counter's expiry (for holds whose release never ran) was set once, when it was created: a key kept
+    busy got its whole limit again each time it lapsed. Each take and release now starts it over."""
+    import time
+
+    from chat.tenancy import quotas
+
+    monkeypatch.setattr(quotas, "SLOT_TTL", 2)  # an hour, shortened
+    client = make_api_client("busy")
+    client.key.max_concurrent = 2
+    client.key.save()
+    tenant = Tenant(user=client.user, api_key=client.key)
+    first = quota_admit(tenant)
+    time.sleep(1.2)
+    second = quota_admit(tenant)  # the key stays busy
+    time.sleep(1.2)  # past the first take's expiry, within the second's
+    with pytest.raises(QuotaExceeded):
+        quota_admit(tenant)
+    first.settle()
+    second.settle()
+    assert cache.get(concurrency_key(tenant.quota_identity)) == 0
+
+
 def test_token_budgets_refuse_once_spent_until_the_window_ends():
     limits = Limits(tokens_per_minute=10, tokens_per_day=25)
     tokens_check("key:1", limits, now=NOON)
