@@ -26,7 +26,7 @@ from .selectors import newest_leaf_under, replies_count, response_id_of, respons
 from .tenancy.conversation_lock import conversation_leased
 from .tenancy.metering import MeteredGeneration, meter_open
 from .tenancy.owners import Tenant
-from .tenancy.quotas import quota_admit_job
+from .tenancy.quotas import quota_admit_job, quota_precheck
 from .tooling.calls import tool_reply
 from .tooling.requests import tool_request_of
 
@@ -56,9 +56,10 @@ def chat_completion_create(*, user, api_key: ApiKey | None, data: dict, payload:
         body, request_key = chat_completion_from_cache(data=data, cache_allowed=cache_allowed, user=user)
         if body is not None:
             return ChatCompletionStarted(body=body)
+    tenant = Tenant(user=user, api_key=api_key, end_user=data.get("user") or "")
+    quota_precheck(tenant, slots=data.get("n") or 1)  # a caller at its limit costs no prompt work
     # Prepared even for a job: a request that cannot run is refused now, not reported failed later.
     plan = chat_request_prepare(user=user, data=data, cache_allowed=cache_allowed, request_key=request_key)
-    tenant = Tenant(user=user, api_key=api_key, end_user=data.get("user") or "")
     if background:
         plan.release_conversation()  # the worker takes the conversation's lease when it runs the job
         # Admitted now: its slots count from here (its Job row once committed), its tokens are reserved.

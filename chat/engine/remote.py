@@ -666,13 +666,13 @@ class RemoteEngine(EngineProtocol):
         gate = candidates[0].gate
         # Beyond the upstream's slots the request waits for one here (slot_gate.py); the caller stops waiting for it
         # then, as for a queued request. Failover attempts go straight to the next upstream.
-        held = gate is not None and gate.acquire(request.key, stop=lambda: request.cancelled,
+        held = gate is not None and gate.acquire(request.key, owner=request.owner, stop=lambda: request.cancelled,
                                                  on_wait=lambda: self._release_caller(request))
         try:
             self._attempts(request, candidates)
         finally:
             if held:
-                gate.release(request.key)
+                gate.release(request.key, owner=request.owner)
             self._pool.settled(request.key, candidates[0])
 
     @staticmethod

@@ -15,6 +15,10 @@ upstream's --parallel) lets each freed slot go to, in this order:
    its prompt in an idle slot. (On a compute-bound upstream its own evaluation of the prefix would have shared
    the compute with the running one's anyway.)
 
+Between owners (tenants) first, as the local engine admits: the freed slot goes to a request of the waiting owner
+with the fewest requests running through this gate, then of the one let through least recently, and the order
+above applies among that owner's requests (one owner's twelve queued requests no longer all go before another's
+one). Only when none of that owner's may go now (each held) does another owner's go that may.
 A request that younger ones have passed PASSES_PER_SLOT x slots times goes next whatever its key: none is passed
 over without bound. (Counted in requests, not seconds: a wave of replies takes seconds on a loaded CPU upstream and
 a fraction of one on a GPU.)
@@ -37,14 +41,15 @@ PASSES_PER_SLOT = 4
 # (it gives a request with no matching slot the least recently used idle one, which may be one a match was due).
 SETTLE_SECONDS = 0.03
 HOLD_SECONDS = 1.0
+MAX_REMEMBERED_OWNERS = 1024  # owners whose last grant is remembered while they have nothing here
 WAIT_TICK = 0.1  # how often a waiting request checks whether it was cancelled or its hold is over
 
 
 class _Waiter:
-    __slots__ = ("key", "since", "passed", "granted")
+    __slots__ = ("key", "owner", "since", "passed", "granted")
 
-    def __init__(self, key: str | None, since: float):
-        self.key, self.since, self.passed, self.granted = key, since, 0, threading.Event()
+    def __init__(self, key: str | None, owner: str, since: float):
+        self.key, self.owner, self.since, self.passed, self.granted = key, owner, since, 0, threading.Event()
 
 
 class SlotGate:
@@ -61,6 +66,9 @@ class SlotGate:
         self._clock = clock
         self._busy = 0
         self._running: Counter[str | None] = Counter()  # key -> its requests running upstream
+        self._owners_running: Counter[str] = Counter()  # owner -> its requests running upstream
+        self._owner_grants: dict[str, int] = {}  # owner -> when it was last let through (a grant count)
+        self._grants = 0
         self._idle: deque[str] = deque()  # keys held by idle slots, least recently used first
         self._waiting: list[_Waiter] = []  # oldest first
         self._lock = threading.Lock()
@@ -70,10 +78,11 @@ class SlotGate:
         with self._lock:
             return len(self._waiting)
 
-    def acquire(self, key: str | None, *, stop: Callable[[], bool] = lambda: False,
+    def acquire(self, key: str | None, *, owner: str = "", stop: Callable[[], bool] = lambda: False,
                 on_wait: Callable[[], None] | None = None) -> bool:
-        """Block until a slot is this request's: True. False once `stop()` is true first (nothing to release)."""
-        waiter = _Waiter(key, self._clock())
+        """Block until a slot is this request's (of `owner`): True. False once `stop()` is true first (nothing to
+        release)."""
+        waiter = _Waiter(key, owner, self._clock())
         with self._lock:
             self._waiting.append(waiter)
             self._dispatch()
@@ -91,17 +100,20 @@ class SlotGate:
                     if not waiter.granted.is_set():
                         self._waiting.remove(waiter)
                         return False
-                self.release(key)  # granted just now: hand the slot on
+                self.release(key, owner=owner)  # granted just now: hand the slot on
                 return False
         return True
 
-    def release(self, key: str | None) -> None:
+    def release(self, key: str | None, *, owner: str = "") -> None:
         """A request that `acquire` let through is over: its slot is idle and holds its key."""
         with self._lock:
             self._busy -= 1
             self._running[key] -= 1
             if self._running[key] <= 0:
                 del self._running[key]
+            self._owners_running[owner] -= 1
+            if self._owners_running[owner] <= 0:
+                del self._owners_running[owner]
             if key is not None:
                 self._idle.append(key)  # two idle slots may hold one key: each can serve one of its requests
             self._trim_idle()
@@ -122,15 +134,24 @@ class SlotGate:
         oldest = self._waiting[0]
         if oldest.passed >= self.max_passed:
             return oldest
-        for waiter in self._waiting:
+        owner = min({waiter.owner for waiter in self._waiting},
+                    key=lambda o: (self._owners_running[o], self._owner_grants.get(o, -1)))
+        mine = [waiter for waiter in self._waiting if waiter.owner == owner]
+        chosen = self._choose_among(mine, matching_only=matching_only, hold=True)
+        if chosen is None and not matching_only:  # none of that owner's may go yet: another's that may, now
+            chosen = self._choose_among(self._waiting, matching_only=False, hold=False)
+        return chosen
+
+    def _choose_among(self, waiters: list[_Waiter], *, matching_only: bool, hold: bool) -> _Waiter | None:
+        for waiter in waiters:
             if waiter.key is not None and waiter.key in self._idle:
                 return waiter
         if matching_only:
             return None
-        for waiter in self._waiting:
+        for waiter in waiters:
             if not self._running.get(waiter.key):
                 return waiter
-        return oldest if self._clock() - oldest.since >= self.hold else None
+        return waiters[0] if hold and self._clock() - waiters[0].since >= self.hold else None
 
     def _dispatch(self, *, matching_only: bool = False) -> None:
         while self._waiting and self._busy < self.slots:
@@ -143,6 +164,12 @@ class SlotGate:
             del self._waiting[position]
             self._busy += 1
             self._running[waiter.key] += 1
+            self._owners_running[waiter.owner] += 1
+            self._grants += 1
+            self._owner_grants[waiter.owner] = self._grants
+            if len(self._owner_grants) > MAX_REMEMBERED_OWNERS:  # forget owners with nothing here now
+                present = set(self._owners_running) | {other.owner for other in self._waiting}
+                self._owner_grants = {o: when for o, when in self._owner_grants.items() if o in present}
             if waiter.key is not None and waiter.key in self._idle:
                 self._idle.remove(waiter.key)  # it takes a slot holding its prefix
             else:

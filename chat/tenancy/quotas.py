@@ -162,6 +162,28 @@ def jobs_in_progress(tenant: Tenant) -> int:
     return sum(n if isinstance(n, int) and n > 0 else 1 for n in choices)
 
 
+def quota_precheck(tenant: Tenant, *, slots: int = 1) -> None:
+    """Raise QuotaExceeded when the caller is at its concurrency limit or has spent a token budget already: before
+    its prompt is composed (scenario matching and tokenizing cost CPU that a refused request should not). Nothing
+    is taken: quota_admit decides, later."""
+    limits = limits_for(tenant.api_key)
+    if limits.max_concurrent:
+        running = cache.get(concurrency_key(tenant.quota_identity)) or 0
+        if slots > limits.max_concurrent or running + slots > limits.max_concurrent:
+            raise _at_concurrency_limit(limits.max_concurrent, slots)
+    now = time.time()
+    for window, period in WINDOWS:
+        limit = limits.tokens_per(window)
+        if limit and tokens_spent(tenant.quota_identity, window, now=now) >= limit:
+            raise _refused(limit, window, period, now)
+
+
+def _at_concurrency_limit(limit: int, slots: int) -> QuotaExceeded:
+    return QuotaExceeded(f"This API key already has {limit} generation(s) running or queued"
+                         f"{f' (this request needs {slots})' if slots > 1 else ''}; retry when one ends.",
+                         code="concurrency_limit_exceeded", retry_after=CONCURRENCY_RETRY_AFTER)
+
+
 def _slots_take(tenant: Tenant, limit: int, slots: int) -> str | None:
     """Count `slots` more generations of the caller (its running ones and its jobs), or raise QuotaExceeded;
     the counter's key (None: no limit, or the cache is down)."""
@@ -174,9 +196,7 @@ def _slots_take(tenant: Tenant, limit: int, slots: int) -> str | None:
     cache.touch(key, SLOT_TTL)  # its expiry was set when it was created: a busy caller's count must not lapse
     if slots > limit or count + jobs_in_progress(tenant) > limit:
         _slots_give_back(key, slots)
-        raise QuotaExceeded(f"This API key already has {limit} generation(s) running or queued"
-                            f"{f' (this request needs {slots})' if slots > 1 else ''}; retry when one ends.",
-                            code="concurrency_limit_exceeded", retry_after=CONCURRENCY_RETRY_AFTER)
+        raise _at_concurrency_limit(limit, slots)
     return key
 
 

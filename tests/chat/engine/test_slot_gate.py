@@ -19,10 +19,10 @@ class Clock:
         return self.now
 
 
-def enter(gate: SlotGate, key: str, granted: list, stop=lambda: False) -> threading.Thread:
+def enter(gate: SlotGate, key: str, granted: list, stop=lambda: False, owner: str = "") -> threading.Thread:
     """acquire() in a thread that records its key once let through; returns when it is waiting or through."""
     def run():
-        if gate.acquire(key, stop=stop):
+        if gate.acquire(key, owner=owner, stop=stop):
             granted.append(key)
 
     before = gate.waiting
@@ -156,3 +156,28 @@ def test_a_waiting_request_that_is_cancelled_leaves_and_holds_no_slot():
 def test_at_least_one_slot():
     with pytest.raises(ValueError):
         SlotGate(0)
+
+
+def test_a_freed_slot_goes_to_the_owner_with_fewest_running_then_the_one_let_through_least_recently():
+    """One owner's queued requests all went before another's one (first come, first served): now the other owner's
+    goes next, then they alternate."""
+    gate, granted = SlotGate(1, settle=0), []
+    enter(gate, "a0", granted, owner="A")
+    for key in ("a1", "a2", "a3"):
+        enter(gate, key, granted, owner="A")
+    enter(gate, "b1", granted, owner="B")
+    enter(gate, "b2", granted, owner="B")
+    settle(granted, 1)
+    for running, owner in (("a0", "A"), ("b1", "B"), ("a1", "A"), ("b2", "B")):
+        gate.release(running, owner=owner)
+        settle(granted, len(granted) + 1)
+    assert granted == ["a0", "b1", "a1", "b2", "a2"]
+
+
+def test_an_owner_whose_requests_are_all_held_does_not_keep_a_free_slot_from_another_owner():
+    clock = Clock()
+    gate, granted = SlotGate(2, settle=0, clock=clock), []
+    enter(gate, "x", granted, owner="A")
+    enter(gate, "x", granted, owner="B")  # B's turn (nothing running), but its prefix is being evaluated: held
+    enter(gate, "y", granted, owner="A")  # A's may go now
+    assert settle(granted, 2) == ["x", "y"]

@@ -56,6 +56,25 @@ def test_a_busy_keys_running_count_does_not_lapse(monkeypatch):
     assert cache.get(concurrency_key(tenant.quota_identity)) == 0
 
 
+@pytest.mark.smollm2
+def test_a_key_at_its_limit_is_refused_before_its_prompt_is_composed(settings):
+    """Composing costs CPU (a megabyte of words against the scenarios): a key that cannot run anything now gets
+    its 429 first, not the 400 its over-long message would get."""
+    client = make_api_client("at-limit")
+    client.key.max_concurrent, client.key.tokens_per_minute = 1, 100
+    client.key.save()
+    tenant = Tenant(user=client.user, api_key=client.key)
+    huge = {"messages": [{"role": "user", "content": "storm " * 100_000}], "max_tokens": 8}
+    assert client.post("/v1/chat/completions", huge, format="json").json()["error"]["code"] == \
+        "context_length_exceeded"
+    running = quota_admit(tenant)
+    refused = client.post("/v1/chat/completions", huge, format="json")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+    running.settle(used_tokens=100)  # the minute's budget is spent
+    refused = client.post("/v1/chat/completions", huge, format="json")
+    assert refused.status_code == 429 and "100 tokens per minute" in refused.json()["error"]["message"]
+
+
 def test_token_budgets_refuse_once_spent_until_the_window_ends():
     limits = Limits(tokens_per_minute=10, tokens_per_day=25)
     tokens_check("key:1", limits, now=NOON)
