@@ -293,7 +293,7 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
         before = lines[:-1]  # who spoke last before the message answered
         last_speaker = next((line.speaker_id for line in reversed(before) if line.role == "assistant"), None)
         speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
-    turns = group_turns_for(lines=lines, speaker_id=speaker.pk)
+    turns = group_turns_for(lines=lines, speaker_id=speaker.pk, member_names=[member.name for member in members])
 
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=speaker, engine=engine)

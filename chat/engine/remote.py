@@ -188,6 +188,9 @@ class RemoteTokenizer:
                 with self._client.stream("POST", upstream.root + path, json=payload, headers=self._headers) as response:
                     status = response.status_code
                     body = _read_at_most(response, TOKENIZE_BODY_BYTES + 1) if status < 500 else b""
+            except httpx.PoolTimeout:  # every connection of ours is busy: our load, not the upstream failing
+                logger.warning("model %r: tokenize waited too long for a connection; estimating", self._model)
+                return None
             except httpx.TransportError as error:
                 self._pool.failed(upstream)
                 logger.warning("upstream %s: tokenize failed (%s)", upstream.label, type(error).__name__)

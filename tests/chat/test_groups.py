@@ -58,6 +58,14 @@ def test_every_line_is_attributed_and_only_the_speakers_own_are_the_assistants()
         {"role": "assistant", "content": "Bob: Evening."}, {"role": "user", "content": "Lee: Bob?"}]
 
 
+def test_a_human_named_as_a_member_is_told_apart_from_the_character():
+    """A participant called "ada" (or a request's name "Ada") wrote lines that read as the character Ada's."""
+    lines = [GroupLine("assistant", "Hello.", "Ada", 1), GroupLine("user", "I confess: I broke the lamp.", "ada")]
+    assert group_turns_for(lines=lines, speaker_id=2, member_names=["Ada", "Bob"]) == [
+        {"role": "user", "content": "Ada: Hello."},
+        {"role": "user", "content": "ada (a person): I confess: I broke the lamp."}]
+
+
 # --- plans and the API (real model) ------------------------------------------------------------------
 
 

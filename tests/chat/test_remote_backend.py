@@ -493,3 +493,28 @@ def test_config_accepts_a_remote_model_without_model_path(tmp_path):
     config.write_text("system_prompt: hi\nmodel_path: m.gguf\nbase_url: http://gpu-1\n")
     with pytest.raises(ConfigError, match="base_url is only used with backend openai_compatible"):
         load_config(config, base_dir=tmp_path)
+
+
+def test_a_busy_tokenizer_pool_estimates_and_does_not_mark_the_upstream_down():
+    """One tenant's flood of /tokenize requests kept the tokenizer's connections busy: the next one's wait for a
+    connection ran out, counted as the upstream failing, and routing took it out of service for everyone."""
+    from chat.engine.remote import RemoteTokenizer
+    from tests.fake_upstream import FakeUpstream
+
+    fake, release = FakeUpstream(), threading.Event()
+    fake.tokenize_body = lambda text: (release.wait(10), None)[1] if text == "slow" else None
+    client = httpx.Client(limits=httpx.Limits(max_connections=1), timeout=httpx.Timeout(10, pool=0.2))
+    pool = UpstreamPool([fake.url], retry_after=30)
+    tokenizer = RemoteTokenizer(pool=pool, client=client, model="m", headers={})
+    tokenizer.dialect = "llama_server"
+    try:
+        holder = threading.Thread(target=tokenizer.tokenize, args=("slow",), daemon=True)
+        holder.start()
+        time.sleep(0.2)  # the one connection is held
+        assert tokenizer.tokenize("twelve chars") == [0, 0, 0]  # an estimate
+        assert all(upstream.up for upstream in pool.upstreams)
+    finally:
+        release.set()
+        holder.join(5)
+        client.close()
+        fake.stop()

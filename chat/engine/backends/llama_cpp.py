@@ -209,7 +209,7 @@ class _Slot:
     claims: int = 0  # how many times it was claimed: tells a waiting copier that its source changed hands
     last_used: float = 0.0
     owner: str = ""  # whose sequence filled it last: only that owner reuses its cells at token granularity
-    shared: int = 0  # its leading cells that are the site's own content (Sequence.shared_tokens): all another owner reuses
+    shared: int = 0  # its leading cells of the site's own content (Sequence.shared_tokens): all another owner reuses
 
 
 @dataclass(eq=False)
@@ -594,7 +594,8 @@ class LlamaCppBackend(Backend):
             if share is not None:
                 self._take_shared_prefix(state)
         if self._cache.budget_bytes:
-            self._cache.demote(tokens, owner=seq.owner)  # its saved state did its job; only its reusable prefix may still serve
+            # Its saved state did its job; only its reusable prefix may still serve.
+            self._cache.demote(tokens, owner=seq.owner)
         state.resume_tokens = None
         self._suspended.discard(state)
 
