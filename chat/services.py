@@ -153,7 +153,11 @@ def text_tokenize(*, model: str | None, content: str, add_special: bool, parse_s
     `add_special` adds what the model puts before a prompt (BOS), so the count of a plain prompt equals the
     usage.prompt_tokens of /v1/completions; `parse_special` reads control-token texts as control tokens."""
     engine = get_engine(model or None)
-    tokens = engine.tokenize(content, special=parse_special)
+    try:
+        tokens = engine.tokenize(content, special=parse_special, exact=True)
+    except ModelUnavailable:
+        _tokens_are_the_models(engine)  # the plainer reason, where there is one (no tokenize endpoint)
+        raise
     _tokens_are_the_models(engine)
     if add_special:
         prefix = engine.prompt_tokens("")  # BOS where the model wants one

@@ -94,8 +94,9 @@ class Engine(EngineProtocol):
                 if not self._uses:
                     self._lifetime.notify_all()
 
-    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        """Tokens of `text` without BOS; `special` parses control-token texts such as "<|im_end|>"."""
+    def tokenize(self, text: str, *, special: bool = True, exact: bool = False) -> list[int]:
+        """Tokens of `text` without BOS; `special` parses control-token texts such as "<|im_end|>". Always exact
+        (the model's own tokenizer)."""
         with self._use() as backend:
             return backend.tokenize(text, special=special)
 
@@ -129,11 +130,12 @@ class Engine(EngineProtocol):
         A rendered chat (`render_chat`'s Prompt) gives control tokens for the template's markup only; its
         text pieces are tokenized as text. A plain `str` (POST /v1/completions) is the raw prompt: its
         control-token texts are parsed."""
-        return self._tokens_and_shared(prompt)[0]
+        return self._tokens_and_shared(prompt, count_shared=False)[0]
 
-    def _tokens_and_shared(self, prompt: str) -> tuple[list[int], int]:
+    def _tokens_and_shared(self, prompt: str, *, count_shared: bool = True) -> tuple[list[int], int]:
         """prompt_tokens, and how many of them are the site's own (Prompt.shared_pieces and shared_chars; BOS
-        before them). Within a piece, the tokens its shared text alone begins with too: each of them spells site text."""
+        before them). Within a piece, the tokens its shared text alone begins with too: each of them spells site
+        text. `count_shared` False: the tokens alone (composition measures a prompt several times)."""
         shared = 0
         with self._use() as backend:
             if isinstance(prompt, Prompt):
@@ -141,7 +143,7 @@ class Engine(EngineProtocol):
                 tokens = []
                 for index, piece in enumerate(prompt.pieces):
                     piece_tokens = [controls[piece.text]] if piece.control else backend.tokenize(piece.text, special=False)
-                    if index == prompt.shared_pieces:
+                    if count_shared and index == prompt.shared_pieces:
                         site_part = backend.tokenize(piece.text[:prompt.shared_chars], special=False) \
                             if prompt.shared_chars else []
                         shared = len(tokens) + common_prefix_length(site_part, piece_tokens)

@@ -24,7 +24,9 @@ class EngineProtocol(Protocol):
     def template_supports_tools(self) -> bool:
         """Whether render_chat passes `tools` to the model's own template."""
 
-    def tokenize(self, text: str, *, special: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, *, special: bool = True, exact: bool = False) -> list[int]:
+        """`exact`: the ids themselves, never an estimate's placeholders (a remote model whose upstream does not
+        answer raises ModelUnavailable)."""
 
     def count_tokens(self, text: str) -> int: ...
 

@@ -119,7 +119,9 @@ class RemoteTokenizer:
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._cache_lock = threading.Lock()
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, *, exact: bool = False) -> list[int] | None:
+        """The upstream's tokens of `text`; when no upstream answers, placeholder ids of an estimate (None if
+        `exact`)."""
         text = str(text)
         with self._cache_lock:
             cached = self._cache.get(text)
@@ -128,7 +130,7 @@ class RemoteTokenizer:
                 return list(cached)
         tokens = self._remote_tokens(text)
         if tokens is None:
-            return [0] * -(-len(text) // CHARS_PER_TOKEN)
+            return None if exact else [0] * -(-len(text) // CHARS_PER_TOKEN)
         with self._cache_lock:
             self._cache[text] = tokens
             while len(self._cache) > TOKEN_CACHE_SIZE:
@@ -490,9 +492,13 @@ class RemoteEngine(EngineProtocol):
 
     # -- tokens and prompts ----------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        """The upstream's tokens of `text` (its special-token parsing applies), or placeholder ids of an estimate."""
-        return self._tokenizer.tokenize(text)
+    def tokenize(self, text: str, *, special: bool = True, exact: bool = False) -> list[int]:
+        """The upstream's tokens of `text` (its special-token parsing applies), or placeholder ids of an estimate;
+        `exact`: ModelUnavailable instead (the ids themselves are asked for, not a count)."""
+        tokens = self._tokenizer.tokenize(text, exact=exact)
+        if tokens is None:
+            raise ModelUnavailable(self.spec.name, self._pool.label, "no upstream server answered the tokenize request.")
+        return tokens
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` as it reaches the model inside a chat (control-token texts broken up)."""

@@ -512,6 +512,7 @@ def test_a_busy_tokenizer_pool_estimates_and_does_not_mark_the_upstream_down():
         holder.start()
         time.sleep(0.2)  # the one connection is held
         assert tokenizer.tokenize("twelve chars") == [0, 0, 0]  # an estimate
+        assert tokenizer.tokenize("twelve chars", exact=True) is None  # ids asked for: no placeholders
         assert all(upstream.up for upstream in pool.upstreams)
     finally:
         release.set()

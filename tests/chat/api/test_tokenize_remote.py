@@ -78,3 +78,20 @@ def test_tokenize_is_unavailable_while_no_upstream_answers(settings):
     response = make_api_client("ann").post("/tokenize", {"content": "Hello"}, format="json")
     assert response.status_code == 503, response.content
     assert response.json()["error"]["code"] == "model_unavailable"
+
+
+def test_tokenize_is_unavailable_when_the_upstream_stops_answering_after_it_did(settings):
+    """Once its dialect was known, an upstream that stopped answering made /tokenize answer an estimate's
+    placeholder ids (zeros) with a 200."""
+    from tests.fake_upstream import FakeUpstream
+
+    fake = FakeUpstream()
+    serve_remote_model(settings, fake.url)
+    client = make_api_client("ann")
+    try:
+        assert client.post("/tokenize", {"content": "Hello there"}, format="json").status_code == 200
+    finally:
+        fake.stop()
+    response = client.post("/tokenize", {"content": "Goodbye now"}, format="json")
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "model_unavailable"
