@@ -123,6 +123,8 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
         if conversation is not None:
             # The version whose history is read (replies.py), and its active leaf.
             conversation.refresh_from_db(fields=["updated_at", "active"])
+            if branch is not None:
+                _check_branch_still_there(conversation, branch)
         plan = _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,
                          user_name=user_name, cache_allowed=cache_allowed, request_key=request_key, branch=branch)
         if conversation is not None:
@@ -148,6 +150,10 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
     # Tool calls and results of the history become text turns (chat/prompting/tools.py).
     client_turns = turns_with_tool_text(client_messages)
     parent_id = continued = None
+    if conversation is not None and conversation.owner_id != user.pk:
+        # Only a group chat attributes each line to its author; here a participant would write as the owner.
+        raise ApiError("Only the owner writes in a conversation with one character; participants take part in "
+                       "group chats.", param="conversation", code="not_conversation_owner", status=403)
     if conversation is not None:
         # The stored history is authoritative: the path to the leaf (chat/selectors.py), then only the
         # request's last user message is new (none when the leaf is answered again or continued).
@@ -211,6 +217,18 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                     continued=continued, choices=data.get("n") or 1, new_conversation_id=new_conversation_id)
 
 
+def _check_branch_still_there(conversation: Conversation, branch: Branch) -> None:
+    """The message a tree operation was checked against, checked again now that the lease is held: a delete
+    that came between the check and the lease would leave it answering, extending or editing under nothing."""
+    if branch.leaf_id is None:
+        return
+    leaf = conversation.messages.filter(pk=branch.leaf_id).first()
+    if leaf is None or (branch.continue_leaf and leaf.children.exists()):
+        raise NotFound(f"No message {branch.leaf_id} to {'continue' if branch.continue_leaf else 'answer'} in "
+                       f"conversation {conversation.pk}: the branch changed.", param="message",
+                       code="message_not_found")
+
+
 def _tree_room_check(plan: ChatPlan) -> None:
     """409 before anything is generated when storing the plan's reply would pass the conversation's caps
     (CONVERSATION_MAX_MESSAGES, CONVERSATION_MAX_ALTERNATIVES): a tree cannot grow without bound."""
@@ -234,10 +252,19 @@ def _group_for(data: dict, conversation: Conversation | None) -> tuple[Character
     """The group and the members of a group chat, or (None, []) for a chat with one character."""
     if conversation is not None:
         members = list(conversation.members.order_by("id"))
-        if conversation.group_id:  # the group's order (its turns), for the members the conversation started with
-            order = {member.pk: index for index, member in enumerate(conversation.group.member_list())}
+        if not members:
+            return None, []
+        group = conversation.group
+        # An editor retires a character or a group for every chat, stored ones included.
+        if group is not None and not group.is_active:
+            raise NotFound(f"No active group {group.slug!r}.", param="character", code="character_not_found")
+        if group is not None:  # the group's order (its turns), for the members the conversation started with
+            order = {member.pk: index for index, member in enumerate(group.member_list())}
             members.sort(key=lambda member: (order.get(member.pk, len(order)), member.pk))
-        return conversation.group, members
+        active = [member for member in members if member.is_active]
+        if not active:
+            raise NotFound("This group chat has no active character.", param="character", code="character_not_found")
+        return group, active
     if data.get("characters"):
         members = []
         for slug in dict.fromkeys(data["characters"]):
@@ -268,7 +295,8 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
     continued = None
     if conversation is not None:
         owner_name = conversation.user_name
-        leaf_id = branch.leaf_id if branch is not None else conversation.active_id
+        leaf_id = branch.leaf_id if branch is not None else (conversation.active_id
+                                                            or newest_leaf_under(conversation, None))
         path = conversation_path(conversation, leaf_id=leaf_id) if leaf_id is not None else []
         stored = [message for message in path if message.role in CLIENT_TURN_ROLES]
         lines = [_group_line(message, conversation=conversation, owner_name=owner_name) for message in stored]
@@ -289,11 +317,16 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
         lines.append(GroupLine(role="user", content=new_text, name=author_name))
     if continued is not None:
         speaker = continued.speaker or conversation.character
+        if speaker not in members:
+            raise NotFound(f"No active character {speaker.slug!r}.", param="message", code="character_not_found")
     else:
         before = lines[:-1]  # who spoke last before the message answered
         last_speaker = next((line.speaker_id for line in reversed(before) if line.role == "assistant"), None)
-        speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker)
-    turns = group_turns_for(lines=lines, speaker_id=speaker.pk, member_names=[member.name for member in members])
+        speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker,
+                               retired=_retired_members(conversation))
+    # Every member's name, retired ones too: their lines are still in the history.
+    names = [member.name for member in (conversation.members.all() if conversation is not None else members)]
+    turns = group_turns_for(lines=lines, speaker_id=speaker.pk, member_names=names)
 
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=speaker, engine=engine)
@@ -310,15 +343,19 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
                             **world_info_inputs(conversation.pk if conversation is not None else new_conversation_id,
                                                path=stored[:-1] if continued is not None else stored,
                                                message_count=len(lines) - (continued is not None)))
-    if conversation is None:
-        parent_id = None
-    else:
-        parent_id = branch.leaf_id if branch is not None else conversation.active_id
+    parent_id = leaf_id if conversation is not None else None
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
                     new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
                     user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
                     group=group, members=tuple(members), new_conversation_id=new_conversation_id,
                     parent_id=parent_id, continued=continued, choices=data.get("n") or 1)
+
+
+def _retired_members(conversation: Conversation | None) -> dict:
+    if conversation is None:
+        return {}
+    retired = conversation.members.filter(is_active=False).values_list("pk", "slug")
+    return {key: slug for pk, slug in retired for key in (slug, str(pk))}
 
 
 def _group_line(message, *, conversation: Conversation, owner_name: str) -> GroupLine:
@@ -331,10 +368,15 @@ def _group_line(message, *, conversation: Conversation, owner_name: str) -> Grou
 
 
 def _speaker_for(data: dict, *, members: list[Character], group: CharacterGroup | None, new_text: str,
-                 last_speaker: int | None) -> Character:
+                 last_speaker: int | None, retired: dict | None = None) -> Character:
+    """`retired`: the conversation's members an editor deactivated, their slugs by slug and by id."""
+    retired = retired or {}
     requested = data.get("speaker")
     if requested:
         named = next((member for member in members if requested in (member.slug, str(member.pk))), None)
+        if named is None and requested in retired:
+            raise NotFound(f"No active character {retired[requested]!r}.", param="speaker",
+                           code="character_not_found")
         if named is None:
             raise ApiError(f"{requested!r} is not a member of this group chat.", param="speaker",
                            code="speaker_not_member")

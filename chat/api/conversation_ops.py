@@ -23,7 +23,7 @@ from chat.trees.operations import (message_delete, message_edit, message_select,
                                    reply_stop, running_reply_of)
 from chat.trees.running import CANCEL, KEEP, error_event, reply_run_of
 
-from .serializers import FiniteFloatField, MessageSerializer, StopField
+from .serializers import SEED_RANGE, FiniteFloatField, MessageSerializer, StopField, TopPField
 from .sse import sse, sse_response
 from .views import api_key_of
 
@@ -42,8 +42,9 @@ class ReplyRequestSerializer(serializers.Serializer):
 
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     temperature = FiniteFloatField(required=False, allow_null=True, min_value=0, max_value=2)
-    top_p = FiniteFloatField(required=False, allow_null=True, min_value=0.01, max_value=1)
-    seed = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=2**32 - 1)
+    # The ranges of a chat request's fields: the same value is accepted in both, over HTTP and the WebSocket.
+    top_p = TopPField(required=False, allow_null=True)
+    seed = serializers.IntegerField(required=False, allow_null=True, **SEED_RANGE)
     stop = StopField(required=False, allow_null=True)
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)
     stream = serializers.BooleanField(required=False, default=False)

@@ -77,6 +77,20 @@ class FiniteFloatField(serializers.FloatField):
         return value
 
 
+class TopPField(FiniteFloatField):
+    """top_p: greater than 0 (0 would leave no token to sample from; the engine refuses it) and at most 1."""
+
+    def __init__(self, **kwargs):
+        super().__init__(min_value=0, max_value=1, **kwargs)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if value <= 0:
+            raise serializers.ValidationError("must be greater than 0 and at most 1.")
+        return value
+
+
+SEED_RANGE = {"min_value": -(2**63), "max_value": 2**64 - 1}  # what clients send (a signed or unsigned 64-bit seed)
 MAX_STOP_CHARS = 1000  # each stop string's length: the reply is matched against them at every token
 
 
@@ -149,12 +163,12 @@ class SamplingFieldsMixin(serializers.Serializer):
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     temperature = FiniteFloatField(required=False, allow_null=True, min_value=0, max_value=2)
-    top_p = FiniteFloatField(required=False, allow_null=True, min_value=0, max_value=1)  # > 0: validate_top_p
+    top_p = TopPField(required=False, allow_null=True)
     top_k = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=1000)
     repetition_penalty = FiniteFloatField(required=False, allow_null=True, min_value=0.5, max_value=2)
     presence_penalty = FiniteFloatField(required=False, allow_null=True, min_value=-2, max_value=2)
     frequency_penalty = FiniteFloatField(required=False, allow_null=True, min_value=-2, max_value=2)
-    seed = serializers.IntegerField(required=False, allow_null=True, min_value=-(2**63), max_value=2**64 - 1)
+    seed = serializers.IntegerField(required=False, allow_null=True, **SEED_RANGE)
     stop = StopField(required=False, allow_null=True)
     logit_bias = LogitBiasField(required=False, allow_null=True,
                                 help_text="Token id -> bias (-100 to 100) added before sampling (llama_cpp models, "
@@ -164,12 +178,6 @@ class SamplingFieldsMixin(serializers.Serializer):
     stream_options = StreamOptionsSerializer(required=False, allow_null=True)
     user = serializers.CharField(required=False, allow_blank=True, max_length=256)
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)
-
-    def validate_top_p(self, value):
-        # 0 would leave no token to sample from; the engine refuses it, so say so here, naming the field.
-        if value is not None and value <= 0:
-            raise serializers.ValidationError("must be greater than 0 and at most 1.")
-        return value
 
     def validate_n(self, value):
         if value not in (None, 1):

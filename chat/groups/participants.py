@@ -29,6 +29,10 @@ def conversation_invite(*, conversation: Conversation, by, username: str) -> Non
     """Invite whoever holds `username`; only the owner may. Inviting a participant or someone already invited
     changes nothing."""
     _owner_only(conversation, by)
+    if conversation.group_id is None and not conversation.members.exists():
+        # A one-character chat's prompt has no names on its lines: a participant would write as the owner.
+        raise ApiError("Only a group conversation takes participants.", param="conversation",
+                       code="not_a_group_chat")
     _check_username(username)
     if username == by.get_username() or conversation.participants.filter(username=username).exists():
         return

@@ -95,6 +95,7 @@ def message_select(*, user, conversation_id, message_id) -> Conversation:
     newest leaf under it (the branch as it was last continued)."""
     conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     with conversation_leased(conversation):
+        _check_still_there(conversation, message)
         conversation.active_id = newest_leaf_under(conversation, message.pk)
         Conversation.objects.filter(pk=conversation.pk).update(active_id=conversation.active_id)
     return conversation
@@ -105,6 +106,7 @@ def message_delete(*, user, conversation_id, message_id) -> Conversation:
     the newest remaining branch beside them (under the deleted message's parent)."""
     conversation, message = _owners_message(user=user, conversation_id=conversation_id, message_id=message_id)
     with conversation_leased(conversation):
+        _check_still_there(conversation, message)
         parent_id = message.parent_id
         # One delete of the whole subtree: message.delete() would let Django's collector follow Message.parent
         # level by level, a recursion as deep as the conversation is long. Conversation.active is set null if
@@ -166,3 +168,10 @@ def running_reply_of(*, user, conversation_id, owner_only: bool = False) -> Repl
 def _owners_message(*, user, conversation_id, message_id):
     """(conversation, message) for an operation on the tree: the owner's alone (a participant gets 403)."""
     return message_get_owned(user=user, conversation_id=conversation_id, message_id=message_id, owner_only=True)
+
+
+def _check_still_there(conversation: Conversation, message: Message) -> None:
+    """Checked again once the lease is held: a delete may have come between the first check and the lease."""
+    if not conversation.messages.filter(pk=message.pk).exists():
+        raise NotFound(f"No message {message.pk} in conversation {conversation.pk}.", param="message",
+                       code="message_not_found")
