@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 CONTROL, USER_DEFINED = 3, 4  # GGUF token types
 PROMPT_BATCH_SIZE = 512  # ctransformers' default of 8 makes prompt evaluation needlessly slow
+TOKENIZE_SPARE = 8  # token slots past one per byte of text: the leading space, a BOS
 _SEED_STRIDE = 0x9E3779B1  # spreads per-step seeds apart (golden-ratio constant)
 
 
@@ -125,8 +127,15 @@ class CTransformersBackend(Backend):
         return tokens
 
     def _tokenize_plain(self, text: str) -> list[int]:
-        text = text.encode("utf-8", errors="replace").decode("utf-8")  # a lone surrogate (valid JSON) becomes "?"
-        return list(self._llm.tokenize(text, add_bos_token=False)) if text else []
+        data = text.encode("utf-8", errors="replace")  # a lone surrogate (valid JSON) becomes "?"
+        if not data:
+            return []
+        # Not LLM.tokenize: it sizes the buffer by characters, and the C side writes every token without a bound,
+        # so text the vocabulary spells byte by byte (emoji: 4 tokens a character) overran it and crashed the
+        # process. A token covers at least one byte; the spare room is for the leading space (and a BOS).
+        buffer = (ctypes.c_int * (len(data) + TOKENIZE_SPARE))()
+        count = self._llm.ctransformers_llm_tokenize(data, False, buffer)
+        return buffer[:count]
 
     def detokenize(self, tokens: list[int]) -> str:
         if any(not 0 <= token < self._llm.vocab_size for token in tokens):

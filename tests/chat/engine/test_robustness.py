@@ -241,6 +241,24 @@ def test_text_with_a_lone_surrogate_is_tokenized_not_an_error(tiny_engine):
     assert tiny_engine.count_tokens("\udfff") == tiny_engine.count_tokens("?")
 
 
+def test_ctransformers_tokenizes_text_spelled_byte_by_byte_without_overrunning_its_buffer(tiny_gguf):
+    """ctransformers' own LLM.tokenize sized its buffer by characters: emoji (four byte tokens each) overran it and
+    crashed the process. In a child process, so that a regression is a failed test, not a crashed run."""
+    result = run_python(["-c", textwrap.dedent("""
+        import sys
+        from chat.engine import ModelRegistry, ModelSpec
+        registry = ModelRegistry([ModelSpec("ct", sys.argv[1], backend="ctransformers", context_length=256,
+                                            threads=1)])
+        engine = registry.get()
+        for text in ("\U0001F999" * 300, "\u00e9\u4e2d" * 500):
+            tokens = engine.tokenize(text, special=False)
+            assert len(tokens) > len(text), (len(tokens), len(text))  # spelled byte by byte: the case that overran
+            assert engine.detokenize(tokens).strip() == text
+        print("ok")
+    """), str(tiny_gguf)], timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])
+
+
 # -- 4. KV copies that llama.cpp has recorded but not carried out yet -----------------------------
 
 
