@@ -23,6 +23,7 @@ from scenarios.models import Scenario
 from scenarios.world_info import character_filter_allows
 
 from .engine import EngineProtocol, SamplingParams
+from .engine.grammar_stacks import MAX_STACKS, too_many_stacks
 from .engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
 from .engines import get_engine
 from .errors import ApiError, NotFound
@@ -446,7 +447,7 @@ def grammar_for_response_format(response_format: dict | None) -> str | None:
     if response_format["type"] == "json_object":
         return json_object_grammar()
     try:
-        return json_schema_grammar(response_format["json_schema"]["schema"])
+        return _rehearsed(json_schema_grammar(response_format["json_schema"]["schema"]), param="response_format")
     except SchemaNotConvertible as exc:
         raise ApiError(f"response_format.json_schema.schema: {exc}", param="response_format",
                        code=exc.code) from None
@@ -507,7 +508,18 @@ def _with_tools(params: SamplingParams, tools: ToolRequest | None, *, engine) ->
         tools_json = json.dumps({"tools": [tool.as_openai() for tool in tools.tools], "tool_choice": tools.openai_choice,
                                  "parallel_tool_calls": tools.parallel})
         return dataclasses.replace(params, tools_json=tools_json)
-    return dataclasses.replace(params, grammar=tool_call_grammar(tools))
+    return dataclasses.replace(params, grammar=_rehearsed(tool_call_grammar(tools), param="tools"))
+
+
+def _rehearsed(grammar: str, *, param: str) -> str:
+    """`grammar`, unless text exists that makes llama.cpp follow too many parses at once (chat/engine/grammar_stacks.py):
+    one token could then run for minutes on the scheduler thread, stalling everyone's requests."""
+    if too_many_stacks(grammar):
+        raise ApiError(f"The {param} asked for is too ambiguous to enforce: its alternatives ('anyOf', 'oneOf', "
+                       f"type lists) start alike and nest, so the server would have to follow more than {MAX_STACKS} "
+                       "readings of the text at once. Make the alternatives start differently (e.g. by a required "
+                       "first property or a 'const') or nest them less.", param=param, code="grammar_too_ambiguous")
+    return grammar
 
 
 def _character_for(data: dict, conversation: Conversation | None) -> Character | None:

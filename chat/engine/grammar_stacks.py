@@ -1,0 +1,280 @@
+"""How many parse stacks a GBNF grammar can make llama.cpp's grammar engine hold at once, found by rehearsal.
+
+llama.cpp follows every way a grammar could still match the text so far as a separate stack, and compares each
+new stack with all the others (a linear search) before keeping it. Alternatives that start alike and nest stay
+alive side by side: a schema's `anyOf` of 64 array branches made `[[` cost 64 × 64 stacks, and one accepted token
+then ran for minutes on the scheduler thread, stalling every request of the model. No time check can interrupt a
+native call, so a grammar is rehearsed before it is used: this module parses the GBNF as llama.cpp does (literals
+as characters; groups and repetitions as rules of their own), follows the same stacks in Python, and looks for
+text that makes them many (a beam search over the characters the stacks accept next). A grammar that reaches
+`limit` stacks is refused. The search is a heuristic bounded by a work budget: a grammar it does not find
+out stays guarded by the per-token allowance (GrammarTooCostly), which is checked after each native call.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+MAX_STACKS = 128  # llama.cpp's work per token grows with the square of this; 128 stays within milliseconds
+REHEARSAL_STEPS = 48  # characters of rehearsed text
+BEAM = 4  # stack sets followed at each step
+WORK_BUDGET = 200_000  # stack expansions per rehearsal: bounds its own cost (about a second at most)
+CANDIDATES = 24  # characters tried from each stack set
+
+_RULE_START = re.compile(r"^([a-zA-Z0-9_-]+)\s*::=", re.MULTILINE)
+_ANY = ((0, 0x10FFFF),)
+
+
+class _Budget(Exception):
+    pass
+
+
+class _Grammar:
+    """Rules as llama.cpp builds them: alternatives of elements, an element a character set or a rule index."""
+
+    def __init__(self, text: str):
+        self.rules: list[list[tuple]] = []
+        self.names: dict[str, int] = {}
+        bodies = []
+        starts = list(_RULE_START.finditer(text))
+        for index, match in enumerate(starts):
+            end = starts[index + 1].start() if index + 1 < len(starts) else len(text)
+            bodies.append((match.group(1), text[match.end():end]))
+            self._index(match.group(1))
+        for name, body in bodies:
+            self.text, self.at = body, 0
+            self.rules[self.names[name]] = self._alternatives(nested=False)
+
+    def _index(self, name: str) -> int:
+        if name not in self.names:
+            self.names[name] = len(self.rules)
+            self.rules.append([])
+        return self.names[name]
+
+    def _new_rule(self, alternatives: list[tuple]) -> tuple:
+        self.rules.append(alternatives)
+        return ("r", len(self.rules) - 1)
+
+    # -- parsing (one rule body at a time) --
+
+    def _skip(self):
+        while self.at < len(self.text):
+            char = self.text[self.at]
+            if char == "#":
+                while self.at < len(self.text) and self.text[self.at] != "\n":
+                    self.at += 1
+            elif char.isspace():
+                self.at += 1
+            else:
+                return
+
+    def _alternatives(self, *, nested: bool) -> list[tuple]:
+        alternatives = [self._sequence()]
+        while True:
+            self._skip()
+            if self.at < len(self.text) and self.text[self.at] == "|":
+                self.at += 1
+                alternatives.append(self._sequence())
+                continue
+            if nested:
+                if self.at >= len(self.text) or self.text[self.at] != ")":
+                    raise ValueError("unclosed group")
+                self.at += 1
+            return alternatives
+
+    def _sequence(self) -> tuple:
+        elements: list[tuple] = []
+        while True:
+            self._skip()
+            if self.at >= len(self.text) or self.text[self.at] in "|)":
+                return tuple(elements)
+            char = self.text[self.at]
+            if char == '"':
+                self.at += 1
+                last = len(elements)
+                while self.text[self.at] != '"':
+                    code = self._char()
+                    elements.append(("c", ((code, code),), False))
+                self.at += 1
+                item = elements[last:] if len(elements) > last else []
+            elif char == "[":
+                self.at += 1
+                negated = self.text[self.at] == "^"
+                self.at += negated
+                ranges = []
+                while self.text[self.at] != "]":
+                    low = self._char()
+                    high = low
+                    if self.text[self.at] == "-" and self.text[self.at + 1] != "]":
+                        self.at += 1
+                        high = self._char()
+                    ranges.append((low, high))
+                self.at += 1
+                elements.append(("c", tuple(ranges), negated))
+                item = elements[-1:]
+            elif char == ".":
+                self.at += 1
+                elements.append(("c", _ANY, False))
+                item = elements[-1:]
+            elif char == "(":
+                self.at += 1
+                elements.append(self._new_rule(self._alternatives(nested=True)))
+                item = elements[-1:]
+            else:
+                match = re.compile(r"[a-zA-Z0-9_-]+").match(self.text, self.at)
+                if not match:
+                    raise ValueError(f"unexpected {char!r}")
+                self.at = match.end()
+                elements.append(("r", self._index(match.group())))
+                item = elements[-1:]
+            self._repetition(elements, tuple(item))
+
+    def _repetition(self, elements: list[tuple], item: tuple) -> None:
+        """Rewrite `item` (the last elements) when a repetition operator follows, as llama.cpp does."""
+        self._skip()
+        if self.at >= len(self.text) or self.text[self.at] not in "*+?{":
+            return
+        operator = self.text[self.at]
+        if operator == "{":
+            close = self.text.index("}", self.at)
+            low_text, _, high_text = self.text[self.at + 1:close].partition(",")
+            low = int(low_text.strip() or 0)
+            high = low if "," not in self.text[self.at + 1:close] else (
+                int(high_text) if high_text.strip() else None)
+            self.at = close + 1
+        else:
+            self.at += 1
+            low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}[operator]
+        del elements[len(elements) - len(item):]
+        elements.extend(item * low)
+        if high is None:
+            star = len(self.rules)
+            self.rules.append([])
+            self.rules[star] = [item + (("r", star),), ()]
+            elements.append(("r", star))
+        elif high > low:
+            tail: tuple = ()
+            for _ in range(high - low):  # (item (item ...)?)?
+                tail = (self._new_rule([item + tail, ()]),)
+            elements.extend(tail)
+
+    def _char(self) -> int:
+        char = self.text[self.at]
+        if char != "\\":
+            self.at += 1
+            return ord(char)
+        kind = self.text[self.at + 1]
+        widths = {"x": 2, "u": 4, "U": 8}
+        if kind in widths:
+            digits = self.text[self.at + 2:self.at + 2 + widths[kind]]
+            self.at += 2 + widths[kind]
+            return int(digits, 16)
+        self.at += 2
+        return {"n": 10, "r": 13, "t": 9}.get(kind, ord(kind))
+
+
+class _Stacks:
+    """llama.cpp's stacks: tuples of positions (rule, alternative, element), the top last."""
+
+    def __init__(self, grammar: _Grammar, work: list[int]):
+        self.rules, self.work = grammar.rules, work
+
+    def _end(self, position) -> bool:
+        rule, alternative, element = position
+        return element >= len(self.rules[rule][alternative])
+
+    def advance(self, stack: tuple, into: set) -> None:
+        self.work[0] += 1
+        if self.work[0] > WORK_BUDGET:
+            raise _Budget
+        if not stack:
+            into.add(stack)
+            return
+        rule, alternative, element = stack[-1]
+        kind, *detail = self.rules[rule][alternative][element]
+        if kind != "r":
+            into.add(stack)
+            return
+        following = (rule, alternative, element + 1)
+        base = stack[:-1] + (() if self._end(following) else (following,))
+        for index, body in enumerate(self.rules[detail[0]]):
+            self.advance(base + (((detail[0], index, 0),) if body else ()), into)
+
+    def accept(self, stacks: frozenset, code: int) -> frozenset:
+        new: set = set()
+        for stack in stacks:
+            if not stack:
+                continue
+            rule, alternative, element = stack[-1]
+            _, ranges, negated = self.rules[rule][alternative][element]
+            if any(low <= code <= high for low, high in ranges) == negated:
+                continue
+            following = (rule, alternative, element + 1)
+            self.advance(stack[:-1] + (() if self._end(following) else (following,)), new)
+        return frozenset(new)
+
+    def candidates(self, stacks: frozenset) -> list[int]:
+        """Characters the stacks accept next: one or two of each set (structural characters come first)."""
+        found: dict[int, None] = {}
+        for stack in stacks:
+            if not stack:
+                continue
+            rule, alternative, element = stack[-1]
+            _, ranges, negated = self.rules[rule][alternative][element]
+            if negated:
+                outside = next((c for c in b"a0 _~" if not any(lo <= c <= hi for lo, hi in ranges)), None)
+                if outside is not None:
+                    found.setdefault(outside, None)
+            else:
+                for low, high in ranges:
+                    found.setdefault(low, None)
+                    found.setdefault(high, None)
+        return sorted(found, key=lambda code: (chr(code) not in '[{"', code))[:CANDIDATES]
+
+
+def most_stacks(gbnf: str, *, limit: int = MAX_STACKS, root: str = "root") -> int:
+    """The most stacks the rehearsal found (stopping at `limit`). 0 when the text cannot be parsed here (llama.cpp's
+    own parser then decides); a rehearsal that runs out of its work budget reports what it found until then."""
+    try:
+        grammar = _Grammar(gbnf)
+    except (ValueError, IndexError, StopIteration, RecursionError):
+        return 0
+    if root not in grammar.names:
+        return 0
+    work = [0]
+    stacks_of = _Stacks(grammar, work)
+    start: set = set()
+    most = 0
+    try:
+        for index, body in enumerate(grammar.rules[grammar.names[root]]):
+            stacks_of.advance(((grammar.names[root], index, 0),) if body else (), start)
+        most = len(start)
+        beam, seen = [frozenset(start)], {frozenset(start)}
+        for _ in range(REHEARSAL_STEPS):
+            if most >= limit:
+                break
+            following = []
+            for stacks in beam:
+                for code in stacks_of.candidates(stacks):
+                    after = stacks_of.accept(stacks, code)
+                    if after and after not in seen:
+                        seen.add(after)
+                        following.append(after)
+                        most = max(most, len(after))
+                        if most >= limit:
+                            break
+            beam = sorted(following, key=len, reverse=True)[:BEAM]
+            if not beam:
+                break
+    except _Budget:
+        pass
+    except RecursionError:  # a rule that reaches itself before any character: llama.cpp refuses it too
+        pass
+    return most
+
+
+@lru_cache(maxsize=256)
+def too_many_stacks(gbnf: str) -> bool:
+    """True when text exists (found by rehearsal) that makes llama.cpp follow MAX_STACKS parses at once."""
+    return most_stacks(gbnf) >= MAX_STACKS
