@@ -132,7 +132,8 @@ def test_unknown_character_and_scenario_are_404(client):
 @pytest.mark.parametrize("debug", [True, False])
 def test_unknown_paths_under_the_api_are_json_404_whatever_debug(client, settings, debug):
     settings.DEBUG = debug
-    for path in ("/v1/nothing-here", "/v1/chat/completions/extra", "/api/nothing", "/v1/jobs/not-a-uuid"):
+    for path in ("/v1/nothing-here", "/v1/chat/completions/extra", "/api/nothing", "/v1/jobs/not-a-uuid",
+                 "/tokenize/extra"):
         response = client.get(path)
         assert response["Content-Type"] == "application/json", (path, response.content[:200])
         assert path in assert_error(response, 404, code="not_found")["message"]
@@ -142,6 +143,14 @@ def test_unknown_paths_under_the_api_are_json_404_whatever_debug(client, setting
     assert client.get("/v1/characters").status_code == 200  # every /v1/ path answers with and without the slash
     assert_error(client.get(URL), 405)
     assert b"<html" in client.get("/no-such-page/").content.lower()  # pages outside the API stay HTML
+
+
+def test_tokenize_and_detokenize_answer_with_a_trailing_slash_as_without(client):
+    """/v1/ paths answer with and without the slash; llama-server's root paths gave Django's HTML 404 with it."""
+    for path in ("/tokenize", "/tokenize/", "/detokenize", "/detokenize/"):
+        body = {"content": ["x"]} if path.startswith("/tokenize") else {"tokens": "many"}
+        assert_error(client.post(path, body, format="json"), 400, param="content" if "/tokenize" in path else "tokens")
+        assert_error(APIClient().post(path, body, format="json"), 401, code="invalid_api_key")
 
 
 def test_whether_a_model_is_in_memory_is_shown_to_staff_only(client):
