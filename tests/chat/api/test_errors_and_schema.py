@@ -6,6 +6,8 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
+from characters.models import Character
+from chat.models import Conversation
 from tests.factories import import_demo_resources, make_api_client, make_character, make_scenario
 
 pytestmark = pytest.mark.django_db
@@ -151,6 +153,23 @@ def test_tokenize_and_detokenize_answer_with_a_trailing_slash_as_without(client)
         body = {"content": ["x"]} if path.startswith("/tokenize") else {"tokens": "many"}
         assert_error(client.post(path, body, format="json"), 400, param="content" if "/tokenize" in path else "tokens")
         assert_error(APIClient().post(path, body, format="json"), 401, code="invalid_api_key")
+
+
+def test_a_nul_character_in_the_url_is_a_400_never_a_database_error(client):
+    """PostgreSQL text cannot hold NUL: these reached a query as a 500 there (SQLite stores it, so here they were
+    a 200 and a 404)."""
+    make_character("mira")
+    conversation = Conversation.objects.create(character=Character.objects.get(slug="mira"), owner=client.user)
+    for query, param in (("character=%00", "character"), ("group=a%00b", "group"), ("a%00b=1", None)):
+        error = assert_error(client.get(f"/v1/conversations/?{query}"), 400, code="invalid_value", says="NUL")
+        assert error["param"] == param
+    assert_error(client.delete(f"/v1/conversations/{conversation.pk}/participants/a%00b/"), 400,
+                 code="invalid_value", says="NUL")
+    assert_error(client.get("/v1/characters/mi%00ra/"), 400, code="invalid_value")
+    assert_error(client.post("/tokenize?model=%00", {"content": "x"}, format="json"), 400, param="model")
+    page = client.get("/admin/chat/conversation/?q=%00")  # outside the API: a plain 400, not the API's shape
+    assert page.status_code == 400 and page["Content-Type"].startswith("text/plain")
+    assert client.get("/v1/conversations/?character=mira").status_code == 200
 
 
 def test_whether_a_model_is_in_memory_is_shown_to_staff_only(client):
