@@ -57,6 +57,16 @@ class ServiceUnavailable(ApiError):
     code = "model_unavailable"
 
 
+# Paths answered in this shape, whatever DEBUG: the API, its schema and docs, and llama-server's paths kept at the
+# root (/tokenize, /detokenize), with or without a trailing slash.
+API_PREFIXES = ("/v1/", "/api/")
+ROOT_API_SEGMENTS = frozenset({"tokenize", "detokenize"})
+
+
+def is_api_path(path: str) -> bool:
+    return path.startswith(API_PREFIXES) or path.split("/")[1] in ROOT_API_SEGMENTS
+
+
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

@@ -32,6 +32,7 @@ from django.utils import timezone
 
 from .errors import ApiError, NotFound
 from .models import ApiKey, Job
+from .selectors import missing_id_text, uuid_from
 from .tenancy.quotas import quota_job_release
 
 logger = logging.getLogger("llmsite.jobs")
@@ -72,10 +73,11 @@ def _check_room_for_a_job(user) -> None:
 
 
 def job_get_visible(*, user, job_id) -> Job:
-    """The owner's job; another owner's looks exactly like a missing one."""
-    job = Job.objects.filter(pk=job_id, owner=user, expires_at__gt=timezone.now()).first()
+    """The owner's job; another owner's looks exactly like a missing one, and so does a malformed id."""
+    parsed = uuid_from(job_id)
+    job = None if parsed is None else Job.objects.filter(pk=parsed, owner=user, expires_at__gt=timezone.now()).first()
     if job is None:
-        raise NotFound(f"No job {job_id}.", param="job", code="job_not_found")
+        raise NotFound(f"No job {missing_id_text(job_id, parsed=parsed)}.", param="job", code="job_not_found")
     _recover_if_worker_lost(job)
     return job
 

@@ -20,14 +20,32 @@ def conversations_of(*, user):
             .prefetch_related("members").annotate(message_count=Count("messages")))
 
 
+def uuid_from(value) -> uuid.UUID | None:
+    """`value` (a UUID, or an id as a client sent it) as a UUID; None when it cannot be one, so that a lookup
+    answers a malformed id with its resource's 404 instead of a database error."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def missing_id_text(value, *, parsed) -> str:
+    """An id in a 404's message: as it is, or, not parsed (malformed), quoted and marked so."""
+    return str(value) if parsed is not None else f"{str(value)[:80]!r} (not a valid id)"
+
+
 def conversation_get_owned(*, user, conversation_id, owner_only: bool = False) -> Conversation:
-    """The user's conversation (or one they take part in); another user's looks exactly like a missing one.
-    `owner_only`: what only the owner may do (the tree's operations, docs/API.md): a participant gets 403
-    not_conversation_owner."""
-    conversation = Conversation.objects.select_related("character").filter(_visible_to(user),
-                                                                             pk=conversation_id).first()
+    """The user's conversation (or one they take part in); another user's looks exactly like a missing one, and
+    so does a malformed id. `owner_only`: what only the owner may do (the tree's operations, docs/API.md): a
+    participant gets 403 not_conversation_owner."""
+    parsed = uuid_from(conversation_id)
+    conversation = None if parsed is None else (
+        Conversation.objects.select_related("character").filter(_visible_to(user), pk=parsed).first())
     if conversation is None:
-        raise NotFound(f"No conversation {conversation_id}.", param="conversation", code="conversation_not_found")
+        raise NotFound(f"No conversation {missing_id_text(conversation_id, parsed=parsed)}.", param="conversation",
+                       code="conversation_not_found")
     if owner_only and conversation.owner_id != user.pk:
         raise ApiError("Only the conversation's owner may change its tree; participants send messages.",
                        param="conversation", code="not_conversation_owner", status=403)
@@ -43,8 +61,8 @@ def user_display_name(user) -> str:
 
 def conversation_get_listed(*, user, conversation_id) -> Conversation:
     """The user's conversation as the list shows it (with its message count)."""
-    conversation_get_owned(user=user, conversation_id=conversation_id)  # another user's: the same 404
-    return conversations_of(user=user).get(pk=conversation_id)
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id)  # another user's: the same 404
+    return conversations_of(user=user).get(pk=conversation.pk)
 
 
 # --- Stored responses (the Responses API): "resp_<conversation hex>_<n>" is the conversation's n-th reply ---
@@ -87,10 +105,11 @@ def replies_count(*, conversation) -> int:
 def message_get_owned(*, user, conversation_id, message_id, owner_only: bool = False) -> tuple[Conversation, Message]:
     """(conversation, message) of the user's conversation; another user's looks like a missing one."""
     conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=owner_only)
-    message = conversation.messages.filter(pk=message_id).first()
+    parsed = message_id if isinstance(message_id, int) else None  # the URL's text when it is not a number
+    message = None if parsed is None else conversation.messages.filter(pk=parsed).first()
     if message is None:
-        raise NotFound(f"No message {message_id} in conversation {conversation_id}.", param="message",
-                       code="message_not_found")
+        raise NotFound(f"No message {missing_id_text(message_id, parsed=parsed)} in conversation {conversation.pk}.",
+                       param="message", code="message_not_found")
     return conversation, message
 
 

@@ -308,6 +308,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # chat/api/urls.py: path segments any text may reach (a malformed id is its resource's 404), documented as
+    # the ids they look up.
+    "PATH_CONVERTER_OVERRIDES": {"lookup_uuid": {"type": "string", "format": "uuid"},
+                                 "lookup_int": {"type": "integer"}},
 }
 
 # --- Production hardening (active when DEBUG is off) ------------------------------------------------

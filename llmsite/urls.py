@@ -8,6 +8,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
 from chat.api import error_views, pages, tokenize
+from chat.api.urls import both
 from chat.ops import views as ops_views
 from llmsite.content_security import DOCS_POLICY, content_security_policy
 from llmsite.login_throttle import old_password_throttled
@@ -43,15 +44,15 @@ urlpatterns = [
                                                          cacheable=True)),
     path("admin/", admin.site.urls),
     path("v1/", include("chat.api.urls")),
-    # llama-server's paths, at the root as it serves them.
-    path("tokenize", tokenize.TokenizeView.as_view(), name="tokenize"),
-    path("detokenize", tokenize.DetokenizeView.as_view(), name="detokenize"),
+    # llama-server's paths, at the root as it serves them (and with a trailing slash, as /v1/'s are).
+    *both("tokenize", tokenize.TokenizeView, "tokenize"),
+    *both("detokenize", tokenize.DetokenizeView, "detokenize"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", csp(SpectacularSwaggerSplitView.as_view(url_name="schema"), DOCS_POLICY), name="swagger-ui"),
     path("api/redoc/", csp(SpectacularRedocView.as_view(url_name="schema"), DOCS_POLICY), name="redoc"),
     path("api-auth/", include("rest_framework.urls")),
-    # Any other path under /v1/ or /api/: a JSON 404 in the API's error shape, even with DEBUG on.
-    re_path(r"^(?:v1|api)/", error_views.api_not_found, name="api-not-found"),
+    # Any other path under the API's (chat.errors.is_api_path): a JSON 404 in the API's error shape, even with DEBUG on.
+    re_path(r"^(?:v1|api|tokenize|detokenize)/", error_views.api_not_found, name="api-not-found"),
 ]
 # Avatars: Nginx serves /media/ in production (deploy/nginx.conf.template); daphne does in DEBUG.
 if settings.DEBUG:

@@ -252,11 +252,16 @@ class CharacterListView(generics.ListAPIView):
 
 
 class CharacterDetailView(generics.RetrieveAPIView):
-    serializer_class = s.CharacterSerializer
-    lookup_field = "slug"
+    """One active character, by slug (404 `character_not_found`, as a chat request naming it gets)."""
 
-    def get_queryset(self):
-        return characters_active()
+    serializer_class = s.CharacterSerializer
+
+    def get_object(self):
+        slug = self.kwargs["slug"]
+        character = characters_active().filter(slug=slug).first()
+        if character is None:
+            raise NotFound(f"No active character {slug[:80]!r}.", param="character", code="character_not_found")
+        return character
 
 
 class ConversationListView(generics.ListAPIView):

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+# Put before a line inside a message that starts as a real line does ("Bob: ..."): it reads as quoted text
+# within the message of whoever wrote it, never as a line of its own.
+QUOTED_LINE_MARK = "> "
+HUMAN_SUFFIX = " (a person)"  # after a human's name that is also a member's
 
 
 @dataclass(frozen=True)
@@ -16,15 +22,35 @@ class GroupLine:
     speaker_id: int | None = None  # the member who wrote an assistant line
 
 
-def group_turns_for(*, lines: Sequence[GroupLine], speaker_id: int, member_names: Sequence[str] = ()) -> list[dict]:
+def group_turns_for(*, lines: Sequence[GroupLine], speaker_id: int, member_names: Sequence[str] = (),
+                    participant_names: Sequence[str] = ()) -> list[dict]:
     """Chat turns for `speaker_id`'s reply: its own lines are the assistant's, everyone else's (the humans and
     the other characters) are user turns; every line starts with its writer's name, "Name: text". A human whose
     name is a member's (`member_names`) is told apart, "Ada (a person): text", so that no participant's line reads
-    as the character's."""
+    as the character's. Within a line's text, a line that starts with a name someone in the chat goes by (a
+    member, a participant, anyone who wrote a line, "User") and a colon is quoted, "> Bob: ...", so that nobody,
+    human or model, writes what reads as another's line."""
     members = {name.casefold() for name in member_names}
+    line_start = _line_start_of(names=[*member_names, *participant_names, *(line.name for line in lines), "User"])
     turns = []
     for line in lines:
         own = line.role == "assistant" and line.speaker_id == speaker_id
-        name = f"{line.name} (a person)" if line.role != "assistant" and line.name.casefold() in members else line.name
-        turns.append({"role": "assistant" if own else "user", "content": f"{name}: {line.content}"})
+        human_named_as_member = line.role != "assistant" and line.name.casefold() in members
+        name = f"{line.name}{HUMAN_SUFFIX}" if human_named_as_member else line.name
+        turns.append({"role": "assistant" if own else "user",
+                      "content": f"{name}: {_quote_line_starts(line.content, line_start)}"})
     return turns
+
+
+def _line_start_of(*, names: Iterable[str]) -> re.Pattern:
+    """What starts a line of one of `names` (any case, optionally marked a person, spaces around): "Bob:"."""
+    spelled = sorted({name.strip() for name in names if name.strip()}, key=len, reverse=True)  # longest first
+    alternatives = "|".join(re.escape(name) for name in spelled)
+    return re.compile(rf"[ \t]*(?:{alternatives})(?:[ \t]*{re.escape(HUMAN_SUFFIX.strip())})?[ \t]*:", re.IGNORECASE)
+
+
+def _quote_line_starts(text: str, line_start: re.Pattern) -> str:
+    """`text` with each of its lines after the first that starts as a line of the chat quoted. The first follows
+    the writer's own "Name: ", so it cannot start a line; every other line is kept as it is."""
+    first, *rest = text.splitlines(keepends=True) or [""]
+    return first + "".join(QUOTED_LINE_MARK + line if line_start.match(line) else line for line in rest)

@@ -12,6 +12,7 @@ from django.db import IntegrityError, transaction
 
 from chat.errors import ApiError, NotFound
 from chat.models import Conversation, Invitation
+from chat.selectors import missing_id_text, uuid_from
 
 # Pending invitations a conversation may hold: enough for a table of players, too few to spam every account.
 INVITATIONS_PER_CONVERSATION = 20
@@ -79,9 +80,11 @@ def invitations_of(*, user):
 
 
 def _invitation_of(*, user, invitation_id) -> Invitation:
-    invitation = invitations_of(user=user).filter(pk=invitation_id).first()
-    if invitation is None:  # another user's looks exactly like a missing one
-        raise NotFound(f"No invitation {invitation_id}.", param="invitation", code="invitation_not_found")
+    parsed = uuid_from(invitation_id)
+    invitation = None if parsed is None else invitations_of(user=user).filter(pk=parsed).first()
+    if invitation is None:  # another user's looks exactly like a missing one, and so does a malformed id
+        raise NotFound(f"No invitation {missing_id_text(invitation_id, parsed=parsed)}.", param="invitation",
+                       code="invitation_not_found")
     return invitation
 
 

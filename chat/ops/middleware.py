@@ -1,15 +1,17 @@
-"""Request id and size cap on the way in; a structured log line and metrics on the way out."""
+"""Request id, size cap and URL check on the way in; a structured log line and metrics on the way out."""
 
 import logging
 import time
+from urllib.parse import parse_qsl, unquote
 
 from asgiref.sync import iscoroutinefunction
 from django.conf import settings
+from django.http import HttpResponseBadRequest
 
 from llmsite.hybrid_middleware import HybridMiddleware
 from llmsite.log_context import bind_request_id, request_id_from
 
-from chat.errors import PayloadTooLarge, json_error_response
+from chat.errors import ApiError, PayloadTooLarge, is_api_path, json_error_response
 from chat.metrics import http_requests
 from chat.models import ApiKey
 
@@ -20,8 +22,29 @@ request_logger = logging.getLogger("llmsite.requests")
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def url_nul_refusal(request) -> ApiError | None:
+    """A 400 for a NUL character (%00) in the URL's path or query, else None.
+
+    PostgreSQL text cannot hold NUL: a path segment or query value with one reached a query as a 500. It is the
+    only such character a URL can bring: Django decodes a path's or query's invalid UTF-8 into text without it.
+    """
+    if "\x00" in request.path:
+        return ApiError("The URL's path contains a NUL character (%00), which no id or name can hold.",
+                        code="invalid_value")
+    query = request.META.get("QUERY_STRING", "")
+    if "\x00" not in unquote(query):
+        return None
+    name = next((name for name, value in parse_qsl(query, keep_blank_values=True) if "\x00" in name + value), "")
+    if not name or "\x00" in name:
+        return ApiError("The URL's query contains a NUL character (%00), which no name or value can hold.",
+                        code="invalid_value")
+    return ApiError(f"The query parameter {name[:80]!r} contains a NUL character (%00), which no value can hold.",
+                    param=name, code="invalid_value")
+
+
 class RequestIdMiddleware(HybridMiddleware):
-    """Gives each request an id (or keeps a sane X-Request-ID from a proxy) and returns it in a header."""
+    """Gives each request an id (or keeps a sane X-Request-ID from a proxy) and returns it in a header; refuses a
+    body declared too large for the API, and a URL with a NUL character (`url_nul_refusal`)."""
 
     def _prepare(self, request):
         request.request_id = request_id_from(request.headers.get("X-Request-ID"))
@@ -33,6 +56,10 @@ class RequestIdMiddleware(HybridMiddleware):
         if request.path.startswith("/v1/") and too_large:
             return json_error_response(PayloadTooLarge(
                 f"The request body is larger than {settings.API_MAX_REQUEST_BYTES} bytes."), request)
+        refusal = url_nul_refusal(request)
+        if refusal is not None:  # outside the API too: the admin's search and filters query the database as well
+            return json_error_response(refusal, request) if is_api_path(request.path) else (
+                HttpResponseBadRequest(refusal.message, content_type="text/plain; charset=utf-8"))
         return None
 
     def _finish(self, request, response):

@@ -6,6 +6,8 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
+from characters.models import Character
+from chat.models import Conversation
 from tests.factories import import_demo_resources, make_api_client, make_character, make_scenario
 
 pytestmark = pytest.mark.django_db
@@ -132,7 +134,7 @@ def test_unknown_character_and_scenario_are_404(client):
 @pytest.mark.parametrize("debug", [True, False])
 def test_unknown_paths_under_the_api_are_json_404_whatever_debug(client, settings, debug):
     settings.DEBUG = debug
-    for path in ("/v1/nothing-here", "/v1/chat/completions/extra", "/api/nothing", "/v1/jobs/not-a-uuid"):
+    for path in ("/v1/nothing-here", "/v1/chat/completions/extra", "/api/nothing", "/tokenize/extra"):
         response = client.get(path)
         assert response["Content-Type"] == "application/json", (path, response.content[:200])
         assert path in assert_error(response, 404, code="not_found")["message"]
@@ -142,6 +144,64 @@ def test_unknown_paths_under_the_api_are_json_404_whatever_debug(client, setting
     assert client.get("/v1/characters").status_code == 200  # every /v1/ path answers with and without the slash
     assert_error(client.get(URL), 405)
     assert b"<html" in client.get("/no-such-page/").content.lower()  # pages outside the API stay HTML
+
+
+def test_tokenize_and_detokenize_answer_with_a_trailing_slash_as_without(client):
+    """/v1/ paths answer with and without the slash; llama-server's root paths gave Django's HTML 404 with it."""
+    for path in ("/tokenize", "/tokenize/", "/detokenize", "/detokenize/"):
+        body = {"content": ["x"]} if path.startswith("/tokenize") else {"tokens": "many"}
+        assert_error(client.post(path, body, format="json"), 400, param="content" if "/tokenize" in path else "tokens")
+        assert_error(APIClient().post(path, body, format="json"), 401, code="invalid_api_key")
+
+
+def test_a_nul_character_in_the_url_is_a_400_never_a_database_error(client):
+    """PostgreSQL text cannot hold NUL: these reached a query as a 500 there (SQLite stores it, so here they were
+    a 200 and a 404)."""
+    make_character("mira")
+    conversation = Conversation.objects.create(character=Character.objects.get(slug="mira"), owner=client.user)
+    for query, param in (("character=%00", "character"), ("group=a%00b", "group"), ("a%00b=1", None)):
+        error = assert_error(client.get(f"/v1/conversations/?{query}"), 400, code="invalid_value", says="NUL")
+        assert error["param"] == param
+    assert_error(client.delete(f"/v1/conversations/{conversation.pk}/participants/a%00b/"), 400,
+                 code="invalid_value", says="NUL")
+    assert_error(client.get("/v1/characters/mi%00ra/"), 400, code="invalid_value")
+    assert_error(client.post("/tokenize?model=%00", {"content": "x"}, format="json"), 400, param="model")
+    page = client.get("/admin/chat/conversation/?q=%00")  # outside the API: a plain 400, not the API's shape
+    assert page.status_code == 400 and page["Content-Type"].startswith("text/plain")
+    assert client.get("/v1/conversations/?character=mira").status_code == 200
+
+
+def test_a_malformed_id_is_its_resources_404_not_a_missing_endpoint(client):
+    """The route exists: an id that cannot be one is a missing resource, with the resource's code."""
+    make_character("mira")
+    conversation = Conversation.objects.create(character=Character.objects.get(slug="mira"), owner=client.user)
+    for method, path, code in (
+            ("get", "/v1/jobs/xyz", "job_not_found"), ("delete", "/v1/jobs/xyz/", "job_not_found"),
+            ("get", "/v1/conversations/not-a-uuid/", "conversation_not_found"),
+            ("get", "/v1/conversations/not-a-uuid/messages/", "conversation_not_found"),
+            ("delete", "/v1/conversations/not-a-uuid/messages/5/", "conversation_not_found"),
+            ("post", "/v1/conversations/not-a-uuid/stop/", "conversation_not_found"),
+            ("delete", f"/v1/conversations/{conversation.pk}/messages/abc/", "message_not_found"),
+            ("delete", f"/v1/conversations/{conversation.pk}/messages/9999999999999999999/", "message_not_found"),
+            ("post", "/v1/invitations/xyz/accept/", "invitation_not_found"),
+            ("delete", "/v1/invitations/xyz/", "invitation_not_found")):
+        response = getattr(client, method)(path, {}, format="json")
+        error = assert_error(response, 404, code=code)
+        assert "No API endpoint" not in error["message"], path
+    assert "'xyz' (not a valid id)" in assert_error(client.get("/v1/jobs/xyz"), 404)["message"]
+    # A conversation's id in another spelling of the same UUID finds it.
+    assert client.get(f"/v1/conversations/{str(conversation.pk).upper()}/").status_code == 200
+
+
+def test_an_unknown_character_is_404_naming_it(client):
+    make_character("mira")
+    assert client.get("/v1/characters/mira/").json()["slug"] == "mira"
+    for slug in ("nope", "not.a.slug"):
+        error = assert_error(client.get(f"/v1/characters/{slug}/"), 404, param="character",
+                             code="character_not_found")
+        assert repr(slug) in error["message"]
+    make_character("gone", is_active=False)
+    assert_error(client.get("/v1/characters/gone"), 404, code="character_not_found")
 
 
 def test_whether_a_model_is_in_memory_is_shown_to_staff_only(client):

@@ -64,39 +64,39 @@ ENDPOINTS = {
     ("POST", "completions"): ("/completions", {"model": MODEL, **ONE_TOKEN, "prompt": "Hi"}, 200),
     ("POST", "responses"): ("/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 1}, 200),
     ("GET", "responses/<str:response_id>"): ("/responses/{response_id}", None, 200),
-    ("GET", "jobs/<uuid:pk>"): (f"/jobs/{NO_JOB}", None, 404),
-    ("DELETE", "jobs/<uuid:pk>"): (f"/jobs/{NO_JOB}", None, 404),
+    ("GET", "jobs/<lookup_uuid:pk>"): (f"/jobs/{NO_JOB}", None, 404),
+    ("DELETE", "jobs/<lookup_uuid:pk>"): (f"/jobs/{NO_JOB}", None, 404),
     ("GET", "usage"): ("/usage", None, 200),
     ("GET", "models"): ("/models", None, 200),
     ("GET", "models/<path:model_id>"): ("/models/{model_id}", None, 200),
     ("GET", "characters"): ("/characters", None, 200),
-    ("GET", "characters/<slug:slug>"): ("/characters/{slug}", None, 200),
+    ("GET", "characters/<str:slug>"): ("/characters/{slug}", None, 200),
     ("GET", "groups"): ("/groups", None, 200),
     ("GET", "conversations"): ("/conversations", None, 200),
-    ("GET", "conversations/<uuid:pk>"): ("/conversations/{pk}", None, 200),
-    ("GET", "conversations/<uuid:pk>/messages"): ("/conversations/{pk}/messages", None, 200),
-    ("POST", "conversations/<uuid:pk>/participants"): ("/conversations/{pk}/participants", {"username": "alice"},
+    ("GET", "conversations/<lookup_uuid:pk>"): ("/conversations/{pk}", None, 200),
+    ("GET", "conversations/<lookup_uuid:pk>/messages"): ("/conversations/{pk}/messages", None, 200),
+    ("POST", "conversations/<lookup_uuid:pk>/participants"): ("/conversations/{pk}/participants", {"username": "alice"},
                                                         200),
-    ("GET", "conversations/<uuid:pk>/participants"): ("/conversations/{pk}/participants", None, 200),
+    ("GET", "conversations/<lookup_uuid:pk>/participants"): ("/conversations/{pk}/participants", None, 200),
     ("GET", "invitations"): ("/invitations", None, 200),
-    ("DELETE", "invitations/<uuid:pk>"): (f"/invitations/{NO_JOB}", None, 404),
-    ("POST", "invitations/<uuid:pk>/accept"): (f"/invitations/{NO_JOB}/accept", {}, 404),
-    ("DELETE", "conversations/<uuid:pk>/participants/<str:username>"): (  # no such participant
+    ("DELETE", "invitations/<lookup_uuid:pk>"): (f"/invitations/{NO_JOB}", None, 404),
+    ("POST", "invitations/<lookup_uuid:pk>/accept"): (f"/invitations/{NO_JOB}/accept", {}, 404),
+    ("DELETE", "conversations/<lookup_uuid:pk>/participants/<str:username>"): (  # no such participant
         "/conversations/{pk}/participants/nobody", None, 404),
-    ("GET", "conversations/<uuid:pk>/path"): ("/conversations/{pk}/path", None, 200),
-    ("GET", "conversations/<uuid:pk>/reply"): ("/conversations/{pk}/reply", None, 404),  # none is running
-    ("POST", "conversations/<uuid:pk>/stop"): ("/conversations/{pk}/stop", {}, 404),
-    ("GET", "conversations/<uuid:pk>/messages/<int:message_id>/alternatives"): (
+    ("GET", "conversations/<lookup_uuid:pk>/path"): ("/conversations/{pk}/path", None, 200),
+    ("GET", "conversations/<lookup_uuid:pk>/reply"): ("/conversations/{pk}/reply", None, 404),  # none is running
+    ("POST", "conversations/<lookup_uuid:pk>/stop"): ("/conversations/{pk}/stop", {}, 404),
+    ("GET", "conversations/<lookup_uuid:pk>/messages/<lookup_int:message_id>/alternatives"): (
         "/conversations/{pk}/messages/{reply}/alternatives", None, 200),
-    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/select"): (
+    ("POST", "conversations/<lookup_uuid:pk>/messages/<lookup_int:message_id>/select"): (
         "/conversations/{pk}/messages/{reply}/select", {}, 200),
-    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/regenerate"): (
+    ("POST", "conversations/<lookup_uuid:pk>/messages/<lookup_int:message_id>/regenerate"): (
         "/conversations/{pk}/messages/{reply}/regenerate", ONE_TOKEN, 200),
-    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/continue"): (
+    ("POST", "conversations/<lookup_uuid:pk>/messages/<lookup_int:message_id>/continue"): (
         "/conversations/{pk}/messages/{reply}/continue", ONE_TOKEN, 200),
-    ("POST", "conversations/<uuid:pk>/messages/<int:message_id>/edit"): (
+    ("POST", "conversations/<lookup_uuid:pk>/messages/<lookup_int:message_id>/edit"): (
         "/conversations/{pk}/messages/{user_message}/edit", {**ONE_TOKEN, "content": "Hello"}, 200),
-    ("DELETE", "conversations/<uuid:pk>/messages/<int:message_id>"): (
+    ("DELETE", "conversations/<lookup_uuid:pk>/messages/<lookup_int:message_id>"): (
         "/conversations/{pk}/messages/{reply}", None, 200),
     ("DELETE", "responses/<str:response_id>"): ("/responses/{response_id}", None, 200),
 }
