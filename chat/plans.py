@@ -326,15 +326,19 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
         speaker = _speaker_for(data, members=members, group=group, new_text=new_text, last_speaker=last_speaker,
                                retired=_retired_members(conversation))
     # Every member's name, retired ones too: their lines are still in the history.
-    names = [member.name for member in (conversation.members.all() if conversation is not None else members)]
-    turns = group_turns_for(lines=lines, speaker_id=speaker.pk, member_names=names)
+    everyone = [member.name for member in (conversation.members.all() if conversation is not None else members)]
+    humans = [owner_name, author_name]
+    if conversation is not None:
+        humans += [user_display_name(person) for person in conversation.participants.all()]
+    turns = group_turns_for(lines=lines, speaker_id=speaker.pk, member_names=everyone, participant_names=humans)
 
     engine = get_engine(data.get("model") or None)
     params = sampling_params_for(data=data, character=speaker, engine=engine)
     new_conversation_id = uuid.uuid4()
     names = ", ".join(member.name for member in members)
     note = (f"This is a group chat between {names} and the humans writing as users. Every line starts with the "
-            f"name of whoever wrote it. Write only {speaker.name}'s next reply, without the name in front.")
+            f"name of whoever wrote it; a line inside one that starts with \"> \" is quoted text, not a line of its "
+            f"own. Write only {speaker.name}'s next reply, without the name in front.")
     prompt = prompt_compose(engine=engine, character=speaker, turns=turns, user_name=owner_name,
                             max_tokens=params.max_tokens, extra_system=note,
                             setting=group.scenario if group is not None and group.scenario.strip() else None,
