@@ -51,6 +51,12 @@ class PayloadTooLarge(ApiError):
     code = "request_too_large"
 
 
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     type = "service_unavailable"

@@ -42,6 +42,7 @@ ACTIVE = (Job.Status.QUEUED, Job.Status.RUNNING)
 # Sent once a new job is committed, with job_id; chat/tasks.py hands it to a Celery worker.
 job_queued = Signal()
 TOO_MANY_JOBS_RETRY_AFTER = 10  # seconds: about what a job takes
+MAX_STORED_NESTING = 200  # levels of lists and objects a stored request may have (JSON Schemas need far fewer)
 
 
 class TooManyJobs(ApiError):
@@ -53,12 +54,26 @@ class TooManyJobs(ApiError):
 def job_submit(*, user, api_key: ApiKey | None, payload: dict, job_id=None) -> Job:
     """Store the job (`job_id`: chosen by the caller, who admitted it under that id) and queue it on commit."""
     payload = {key: value for key, value in payload.items() if key not in ("background", "stream", "stream_options")}
+    if _nesting(payload) > MAX_STORED_NESTING:  # the body parser takes ~940 levels; the JSON column's encoder fewer
+        raise ApiError(f"A field of the request nests more than {MAX_STORED_NESTING} levels deep: too deep to be "
+                       "stored with a background job.", param="background")
     with transaction.atomic():
         _check_room_for_a_job(user)
         job = Job.objects.create(id=job_id or uuid.uuid4(), owner=user, api_key=api_key, request=payload,
                                  expires_at=timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS))
         transaction.on_commit(lambda: job_queued.send(sender=Job, job_id=str(job.pk)))
     return job
+
+
+def _nesting(value) -> int:
+    """How deep lists and objects nest in `value` (iterative: depth costs no stack)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _check_room_for_a_job(user) -> None:

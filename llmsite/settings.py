@@ -262,6 +262,8 @@ API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200, minimum=1)  # cap on message
 API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000, minimum=1024)
 # WebSockets one user may hold open in one server process (0: no limit); each holds memory and a descriptor.
 WS_MAX_CONNECTIONS_PER_USER = env_int("WS_MAX_CONNECTIONS_PER_USER", 16, minimum=0)
+# Bytes of WebSocket frames one user's sockets may have parsed per second (chat/api/read_budget.py).
+WS_READ_BYTES_PER_SECOND = env_int("WS_READ_BYTES_PER_SECOND", 65_536, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
 SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
 # The event loop of `manage.py serve` (llmsite/event_loop.py): uvloop, or asyncio's own.

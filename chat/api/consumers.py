@@ -50,7 +50,7 @@ from django.conf import settings
 from rest_framework.exceptions import AuthenticationFailed, Throttled, ValidationError
 
 from chat.engines import DRAIN_RETRY_AFTER_SECONDS, is_draining
-from chat.errors import PayloadTooLarge, ServiceUnavailable, error_from_exception
+from chat.errors import PayloadTooLarge, RateLimited, ServiceUnavailable, error_from_exception
 from chat.selectors import user_display_name
 from llmsite.strict_json import StrictJSONError, strict_json_loads
 from chat.trees.operations import (chat_reply_run, message_delete, message_edit, message_select, reply_continue,
@@ -59,6 +59,7 @@ from chat.trees.running import CANCEL, KEEP
 
 from .conversation_ops import EditRequestSerializer, RegenerateRequestSerializer, ReplyRequestSerializer, path_body, \
     run_events
+from .read_budget import ReadBudget
 from .serializers import ChatCompletionRequestSerializer
 from .throttling import identity_of, rate_limit_wait
 from .ws_auth import CLOSE_UNAUTHENTICATED, credentials_now
@@ -72,6 +73,7 @@ OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATIO
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; a client reconnects (to another instance)
 CLOSE_TOO_MANY_CONNECTIONS = 4429
 _open_sockets: Counter = Counter()  # user pk -> sockets open in this process (the event loop's thread only)
+_read_budgets: dict = {}  # user pk -> ReadBudget, while the user has a socket open here (the loop's thread only)
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -101,6 +103,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 _open_sockets[counted] -= 1
                 if _open_sockets[counted] <= 0:
                     del _open_sockets[counted]
+                    _read_budgets.pop(counted, None)
 
     async def disconnect(self, code):
         self.unwatch()  # the reply itself goes on (or is cancelled, if it asked for that): chat/trees/running.py
@@ -167,6 +170,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             limit = settings.API_MAX_REQUEST_BYTES
             await self.send_error(PayloadTooLarge(f"A message may be at most {limit:,} bytes (API_MAX_REQUEST_BYTES).",
                                                   param="message"))
+            return
+        size = len(text_data.encode("utf-8", "surrogatepass")) if text_data is not None else len(bytes_data or b"")
+        budget = _read_budgets.setdefault(self.counted_user, ReadBudget(
+            rate=settings.WS_READ_BYTES_PER_SECOND, burst=settings.API_MAX_REQUEST_BYTES))
+        if not budget.take(size):  # dropped unread: parsing runs on the loop every socket and stream shares
+            wait = budget.seconds_until(size)
+            await self.send_error(RateLimited(
+                f"Too many bytes sent: at most {settings.WS_READ_BYTES_PER_SECOND:,} a second "
+                "(WS_READ_BYTES_PER_SECOND); this message was dropped unread.", param="message",
+                retry_after=int(wait) + 1))
             return
         try:
             await super().receive(text_data=text_data, bytes_data=bytes_data, **kwargs)

@@ -475,3 +475,15 @@ class ErrorDetailSerializer(serializers.Serializer):
 
 class ErrorSerializer(serializers.Serializer):
     error = ErrorDetailSerializer()
+
+
+def request_as_sent(serializer: ChatCompletionRequestSerializer) -> dict:
+    """What a background job keeps of a valid request, to validate and run it later: the fields this API reads, in
+    the request and in each message, as sent (a client's unknown fields are not stored for a day)."""
+    sent = serializer.initial_data
+    kept = {name: value for name, value in sent.items() if name in serializer.fields}
+    if isinstance(kept.get("messages"), list):
+        message_fields = serializer.fields["messages"].child.fields
+        kept["messages"] = [{name: value for name, value in message.items() if name in message_fields}
+                            for message in kept["messages"]]
+    return kept

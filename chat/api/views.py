@@ -157,7 +157,7 @@ class ChatCompletionsView(GeneratingView):
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             return logged(choices_response(run, stream=data.get("stream"), include_usage=include_usage), run.record)
         started = chat_completion_create(user=request.user, api_key=api_key_of(request), data=data,
-                                         payload=serializer.initial_data,
+                                         payload=s.request_as_sent(serializer),
                                          cache_allowed="no-cache" not in request.headers.get("Cache-Control", ""))
         if started.job is not None:
             response = Response(job_body(started.job), status=202, headers={"Location": job_url(started.job)})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from llmsite.strict_json import StrictJSONError, strict_json_loads
+
 from chat.tooling.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from chat.tooling.requests import ToolRequest
 
@@ -64,7 +66,7 @@ def _json_text(arguments: str | None) -> str:
     if not arguments:
         return "{}"
     try:
-        json.loads(arguments)
-    except ValueError:
+        strict_json_loads(arguments)
+    except StrictJSONError:  # not JSON, or JSON nested too deep to read back (json.loads raised RecursionError)
         return json.dumps(arguments, ensure_ascii=False)
     return arguments

@@ -157,3 +157,32 @@ def test_rate_limit_holds_under_concurrency(client, settings):
     for thread in threads:
         thread.join()
     assert statuses.count(200) == 10 and statuses.count(429) == 15
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "pattern": "(" * 1000 + "a" + ")" * 1000, "enum": ["a"]},
+    {"type": "object", "propertyNames": {"pattern": "(" * 1000 + "a" + ")" * 1000}, "required": ["a"]},
+])
+def test_a_pattern_nested_too_deeply_to_compile_is_a_400(client, schema):
+    response = client.post(URL, {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}, format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == "response_format"
+
+
+def test_tool_call_arguments_too_deep_to_read_are_quoted_as_text():
+    from chat.prompting.tools import _json_text
+
+    deep = "[" * 100_000
+    assert _json_text(deep) == json.dumps(deep) and _json_text('{"a": [1]}') == '{"a": [1]}'
+
+
+def test_a_repetition_count_inside_a_literal_is_not_read_as_one():
+    from chat.engine.backends.llama_cpp import grammar_nesting, grammar_repetition
+    from chat.engine.grammars import json_schema_grammar
+
+    for schema in ({"const": "{" + "9" * 5000 + "}"}, {"enum": ["{20000}", "(((("]},
+                   {"type": "object", "properties": {"{20000}": {"type": "null"}}, "required": ["{20000}"]}):
+        grammar = json_schema_grammar(schema)
+        assert grammar_repetition(grammar) <= 16 and grammar_nesting(grammar) <= 3, grammar
+    assert grammar_repetition('root ::= "a"{20001}') == 20001 and grammar_repetition("root ::= x{" + "9" * 5000 + "}") > 10 ** 8

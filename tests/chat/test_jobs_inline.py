@@ -163,3 +163,26 @@ def test_an_owner_has_a_bounded_number_of_jobs_queued_or_running(django_user_mod
     Job.objects.filter(owner=client.user, status=Job.Status.RUNNING).update(status=Job.Status.DONE)
     with django_capture_on_commit_callbacks(execute=True):
         assert client.post("/v1/chat/completions", body, format="json").status_code == 202
+
+
+def test_a_job_keeps_only_the_fields_the_api_reads_and_refuses_what_it_cannot_store(django_user_model):
+    from chat.models import Job
+
+    client = make_api_client("junk")
+    response = client.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Say hello.", "x": {"a": [[1]]}}], "max_tokens": 4,
+        "background": True, "junk": "j" * 10_000}, format="json")
+    assert response.status_code == 202, response.content
+    stored = Job.objects.get().request
+    assert "junk" not in stored and set(stored["messages"][0]) == {"role", "content"}
+    # Nested about as deep as the body parser takes, inside a field the API reads: never a database error. The
+    # parser's limit depends on the stack in use, so the depth is found: the deepest body that parses.
+    for depth in range(990, 0, -10):
+        deep = "[" * depth + "]" * depth
+        schema = '{"type": "string", "examples": [%s]}' % deep
+        body = ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "background": true, '
+                '"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": %s}}}' % schema)
+        answer = client.generic("POST", "/v1/chat/completions", body, content_type="application/json")
+        if answer.status_code != 400 or answer.json()["error"]["code"] != "parse_error":
+            break
+    assert answer.status_code in (202, 400), answer.content

@@ -122,3 +122,16 @@ def test_the_served_protocol_closes_a_socket_that_floods_messages_faster_than_th
         assert closed.value.rcvd.code == CLOSE_FLOODED
     finally:
         server.stop()
+
+
+async def test_frames_past_the_users_read_budget_are_dropped_unparsed_with_a_429(socket, settings):
+    settings.WS_READ_BYTES_PER_SECOND = 1024  # the bucket holds API_MAX_REQUEST_BYTES (2,048): two small frames
+    assert (await socket.connect())[0]
+    for _ in range(2):
+        await socket.send_to(text_data="not json")  # parsed: a 400
+        assert (await socket.receive_json_from(timeout=10))["status"] == 400
+    await socket.send_to(text_data="not json")  # past the budget: dropped before parsing
+    event = await socket.receive_json_from(timeout=10)
+    assert event["status"] == 429 and "WS_READ_BYTES_PER_SECOND" in event["error"]["message"]
+    assert event["retry_after"] >= 1
+    await socket.disconnect()

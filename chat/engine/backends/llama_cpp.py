@@ -166,14 +166,16 @@ def _llama():
         return _library
 
 
-def grammar_nesting(grammar: str) -> int:
-    """The deepest nesting of ( ) groups in GBNF text, outside string literals, character classes and comments."""
-    depth = deepest = 0
+def grammar_structure(grammar: str) -> str:
+    """GBNF text with its string literals, character classes and comments blanked out: what is left is syntax
+    (so a JSON Schema's "{20000}" or "((((" inside a literal is not read as a repetition or a group)."""
+    kept = []
     closing, escaped = None, False  # inside a literal or class: the character that ends it
     comment = False
     for char in grammar:
         if comment:
             comment = char != "\n"
+            char = " " if comment else char
         elif closing is not None:
             if escaped:
                 escaped = False
@@ -181,18 +183,37 @@ def grammar_nesting(grammar: str) -> int:
                 escaped = True
             elif char == closing:
                 closing = None
+            char = " " if closing is not None else char
         elif char == '"':
             closing = '"'
         elif char == "[":
             closing = "]"
         elif char == "#":
-            comment = True
-        elif char == "(":
+            comment, char = True, " "
+        kept.append(char)
+    return "".join(kept)
+
+
+def grammar_nesting(grammar: str) -> int:
+    """The deepest nesting of ( ) groups in GBNF text, outside string literals, character classes and comments."""
+    depth = deepest = 0
+    for char in grammar_structure(grammar):
+        if char == "(":
             depth += 1
             deepest = max(deepest, depth)
         elif char == ")":
             depth -= 1
     return deepest
+
+
+def grammar_repetition(grammar: str) -> int:
+    """The largest {m,n} count in GBNF text, outside literals (a count too long to read is as large as it gets)."""
+    largest = 0
+    for match in _REPETITION.finditer(grammar_structure(grammar)):
+        for count in match.groups():
+            if count:
+                largest = max(largest, int(count) if len(count) <= 9 else 10 ** 9)
+    return largest
 
 
 @dataclass(eq=False)
@@ -458,9 +479,8 @@ class LlamaCppBackend(Backend):
 
     def _grammar_sampler(self, grammar: str):
         """A grammar sampler for GBNF text; what would crash llama.cpp's parser is refused first (InvalidRequest)."""
-        for match in _REPETITION.finditer(grammar):
-            if max(int(match.group(1)), int(match.group(2) or 0)) > MAX_GRAMMAR_REPETITION:
-                raise InvalidRequest(f"The grammar repeats an item more than {MAX_GRAMMAR_REPETITION} times.")
+        if grammar_repetition(grammar) > MAX_GRAMMAR_REPETITION:
+            raise InvalidRequest(f"The grammar repeats an item more than {MAX_GRAMMAR_REPETITION} times.")
         if grammar_nesting(grammar) > MAX_GRAMMAR_NESTING:
             raise InvalidRequest(f"The grammar nests groups more than {MAX_GRAMMAR_NESTING} deep "
                                  "(e.g. a maxLength or maxItems that large); use a smaller bound.")

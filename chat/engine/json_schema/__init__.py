@@ -15,6 +15,9 @@ def schema_grammar(schema, *, root: str = "root") -> str:
             raise
         raise SchemaNotConvertible("A keyword has a value of the wrong type or size", keyword=None,
                                    path="/") from None
+    except RecursionError:  # e.g. a pattern of a thousand nested groups, compiled to be checked against a value
+        raise SchemaNotConvertible("The schema or one of its patterns nests too deeply", keyword=None,
+                                   path="/") from None
 
 
 __all__ = ["SchemaNotConvertible", "one_regex_budget", "schema_grammar"]
