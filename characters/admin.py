@@ -161,10 +161,23 @@ class CharacterAdmin(admin.ModelAdmin):
                    "world_info": True}
         return TemplateResponse(request, "admin/characters/character/import_card.html", context)
 
+    @staticmethod
+    def may_read_scenarios(request) -> bool:
+        return request.user.has_perm("scenarios.view_scenario") or request.user.has_perm("scenarios.change_scenario")
+
+    def has_export_permission(self, request, obj=None) -> bool:
+        """A card carries the character's scenarios (its lorebook, with their World Info settings): exporting one
+        reads both."""
+        return self.has_view_or_change_permission(request, obj) and self.may_read_scenarios(request)
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        context.update(may_export_cards=self.has_export_permission(request, obj),
+                       may_export_world_info=self.may_read_scenarios(request))
+        return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
+
     def export_world_info_view(self, request, object_id=None):
         """The character's scenarios (or, without one, the global ones) as a SillyTavern World Info file."""
-        if not request.user.has_perm("scenarios.view_scenario") and not request.user.has_perm(
-                "scenarios.change_scenario"):
+        if not self.may_read_scenarios(request):
             raise PermissionDenied
         if object_id is None:
             scenarios, name, title = Scenario.objects.filter(character__isnull=True), "global", "Global scenarios"
@@ -208,7 +221,7 @@ class CharacterAdmin(admin.ModelAdmin):
         character = self.get_object(request, unquote(object_id))
         if character is None or fmt not in EXPORT_FORMATS:
             raise Http404("No such character or card format.")
-        if not self.has_view_or_change_permission(request, character):
+        if not self.has_export_permission(request, character):
             raise PermissionDenied
         return _download(character_card_export(character=character, fmt=fmt))
 
@@ -225,11 +238,11 @@ class CharacterAdmin(admin.ModelAdmin):
         response["Content-Disposition"] = f'attachment; filename="character-cards-{fmt}.zip"'
         return response
 
-    @admin.action(description="Export selected as Character Card V2 (JSON)", permissions=["view"])
+    @admin.action(description="Export selected as Character Card V2 (JSON)", permissions=["export"])
     def export_cards_json(self, request, queryset):
         return self._export_cards(queryset, "json")
 
-    @admin.action(description="Export selected as Character Card V2 (PNG)", permissions=["view"])
+    @admin.action(description="Export selected as Character Card V2 (PNG)", permissions=["export"])
     def export_cards_png(self, request, queryset):
         return self._export_cards(queryset, "png")
 

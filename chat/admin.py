@@ -2,9 +2,11 @@
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.utils import unquote
+from django.contrib.admin.utils import quote, unquote
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
+from django.urls import reverse
+from django.utils.html import format_html
 
 from characters.admin import CharacterAdmin
 from characters.models import Character
@@ -89,10 +91,40 @@ class ConversationAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return can_view_chats(request) and super().has_delete_permission(request, obj)
 
+    def get_deleted_objects(self, objs, request):
+        """What deleting conversations takes: their invitations, and their messages as a count. Django's own list
+        would ask MessageAdmin's delete permission of each message (never given) and nest a chain of replies one
+        level per reply, past Python's recursion limit. Nothing protects a conversation from deletion."""
+        conversations = list(objs)
+        perms_needed = set()
+        if not all(self.has_delete_permission(request, conversation) for conversation in conversations):
+            perms_needed.add(Conversation._meta.verbose_name)
+        listed, message_total, invitation_total = [], 0, 0
+        for conversation in conversations:
+            messages_count = conversation.messages.count()
+            invitations = [f"Invitation: {invitation}" for invitation in conversation.invitations.all()]
+            message_total, invitation_total = message_total + messages_count, invitation_total + len(invitations)
+            link = reverse("admin:chat_conversation_change", args=[quote(conversation.pk)])
+            listed += [format_html('Conversation: <a href="{}">{}</a>', link, conversation),
+                       [f"{messages_count} message(s)", *invitations]]
+        model_count = {Conversation._meta.verbose_name_plural: len(conversations),
+                       Message._meta.verbose_name_plural: message_total,
+                       Invitation._meta.verbose_name_plural: invitation_total}
+        return listed, {name: count for name, count in model_count.items() if count}, perms_needed, []
+
+    def save_model(self, request, obj, form, change):
+        # Only the fields the form changed (its many-to-many ones are saved apart): the whole row would write back
+        # the active leaf read when the page was posted, over a reply stored since. updated_at is left alone too:
+        # it is the version a running reply is stored against (conversation_advance), and this is no new exchange.
+        changed = [name for name in form.changed_data if not obj._meta.get_field(name).many_to_many]
+        if changed:
+            obj.save(update_fields=changed)
+
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    """Messages, read-only for everyone; deleted with their conversation."""
+    """Messages, read-only for everyone and never deleted here: a message goes with its subtree and the active leaf
+    moves on (message_delete, under the conversation's lease), or with its whole conversation."""
 
     list_display = ["__str__", "conversation", "role", "completion_tokens", "created_at"]
     list_filter = ["role", "created_at"]
@@ -108,8 +140,7 @@ class MessageAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None):
-        # Asked for each message when a conversation is deleted (the cascade), and on the message list.
-        return can_view_chats(request) and super().has_delete_permission(request, obj)
+        return False
 
 
 def may_issue_keys_for(acting, user) -> bool:
@@ -176,7 +207,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             return
         super().save_model(request, obj, form, change)
 
-    @admin.action(description="Revoke selected keys")
+    @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke(self, request, queryset):
         count = api_keys_revoke(queryset=queryset)
         messages.success(request, f"Revoked {count} key(s).")
@@ -223,6 +254,21 @@ class CharacterAdminWithPreview(CharacterAdmin):
 # chat is installed after characters, so the content app's admin is registered by now.
 admin.site.unregister(Character)
 admin.site.register(Character, CharacterAdminWithPreview)
+
+
+class UserAdminWithChats(type(admin.site.get_model_admin(get_user_model()))):
+    """The user admin (django.contrib.auth's, installed before chat), deleting a user's messages with their
+    conversations: MessageAdmin deletes none on its own, which must not keep a user from being deleted. Each
+    conversation is still checked with ConversationAdmin's permission."""
+
+    def get_deleted_objects(self, objs, request):
+        deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
+        perms_needed.discard(Message._meta.verbose_name)
+        return deleted, model_count, perms_needed, protected
+
+
+admin.site.unregister(get_user_model())
+admin.site.register(get_user_model(), UserAdminWithChats)
 
 
 # --- Usage ledger (chat/tenancy/) ---------------------------------------------------------------------

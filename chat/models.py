@@ -106,8 +106,9 @@ class Message(models.Model):
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField()
     speaker = models.ForeignKey(
-        "characters.Character", null=True, blank=True, on_delete=models.SET_NULL, related_name="spoken_messages",
-        help_text="In a group conversation, the character that wrote this reply; empty: the conversation's character.",
+        "characters.Character", null=True, blank=True, on_delete=models.PROTECT, related_name="spoken_messages",
+        help_text="In a group conversation, the character that wrote this reply; empty: the conversation's character. "
+                  "Characters that spoke cannot be deleted (their lines would change hands); deactivate them instead.",
     )
     author = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="authored_messages",

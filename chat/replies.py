@@ -21,8 +21,11 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
 
-from .engine import Completion
+from characters.models import Character, CharacterGroup
+from scenarios.models import Scenario
 
+from .engine import Completion
+from .errors import ApiError
 from .metrics import record_generation
 from .models import Conversation, Message
 from .plans import ChatPlan
@@ -35,6 +38,13 @@ from .tooling.calls import RepeatStoppingGeneration, tool_finish_reason, tool_re
 from .tooling.requests import ToolRequest
 
 logger = logging.getLogger("llmsite.chat")
+
+
+class ContentDeleted(ApiError):
+    """A character or group the reply belongs to was deleted while it was generated: nothing is stored."""
+
+    status = 409
+    code = "character_deleted"
 
 
 @dataclass
@@ -225,14 +235,18 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
     # tokenized (a remote model's: upstream requests) would keep from every other tenant.
     turn_tokens = [plan.engine.count_tokens(turn["content"]) for turn in plan.new_turns]
     with transaction.atomic():
+        # Content may have been deleted while the reply was generated: the rows below would break their foreign
+        # keys at commit (an IntegrityError, a 500 with nothing stored).
+        _characters_and_group_still_there(plan)
+        scenarios = list(Scenario.objects.filter(pk__in=[scenario.pk for scenario in plan.prompt.scenarios]))
         conversation = plan.conversation
         if conversation is None:
             first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
             conversation = Conversation.objects.create(
                 id=plan.new_conversation_id, character=plan.members[0] if plan.members else plan.character,
                 owner=plan.user, title=_title_from(first_user), user_name=plan.user_name, group=plan.group)
-            if plan.members:
-                conversation.members.set(plan.members)
+            if plan.members:  # a member deleted meanwhile is left out, as its deletion would have done
+                conversation.members.set(Character.objects.filter(pk__in=[member.pk for member in plan.members]))
         else:
             conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
         author = plan.user if getattr(plan.user, "pk", None) else None
@@ -245,8 +259,8 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
             replies = [_extended(plan.continued, kept[0], stopped=record.stopped,
                                  world_info_state=plan.prompt.world_info_state)]
         else:
-            replies = [_reply_message(conversation, parent_id, completion, plan=plan, stopped=record.stopped)
-                       for completion in kept]
+            replies = [_reply_message(conversation, parent_id, completion, plan=plan, stopped=record.stopped,
+                                      scenarios=scenarios) for completion in kept]
         Conversation.objects.filter(pk=conversation.pk).update(active=replies[0])
         conversation.active = replies[0]
         if plan.conversation is None:
@@ -257,15 +271,30 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
     return conversation
 
 
+def _characters_and_group_still_there(plan: ChatPlan) -> None:
+    """409 character_deleted (or group_deleted) when the conversation's character, the speaker of a group reply or
+    a new conversation's group was deleted since the plan was made. A stored conversation's character and group
+    are protected from deletion, a speaker only once it has spoken: checked all the same, one query each."""
+    characters = {character.pk: character for character in (plan.character, *plan.members[:1]) if character}
+    gone = set(characters) - set(Character.objects.filter(pk__in=characters).values_list("pk", flat=True))
+    if gone:
+        slug = characters[gone.pop()].slug
+        raise ContentDeleted(f"The character {slug!r} was deleted while this reply was generated; nothing was "
+                             "stored.", param="character")
+    if plan.group is not None and not CharacterGroup.objects.filter(pk=plan.group.pk).exists():
+        raise ContentDeleted(f"The group {plan.group.slug!r} was deleted while this reply was generated; nothing "
+                             "was stored.", param="group", code="group_deleted")
+
+
 def _reply_message(conversation: Conversation, parent_id: int | None, completion: Completion, *, plan: ChatPlan,
-                   stopped: bool) -> Message:
+                   stopped: bool, scenarios: list[Scenario]) -> Message:
     reply = Message.objects.create(
         conversation=conversation, parent_id=parent_id, role=Message.Role.ASSISTANT, content=completion.text,
         prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
         finish_reason=completion.finish_reason, model_name=plan.model_name,
         stopped=stopped and completion.finish_reason == "cancelled", speaker=plan.character if plan.members else None,
         world_info_state=plan.prompt.world_info_state)
-    reply.scenarios.set(plan.prompt.scenarios)
+    reply.scenarios.set(scenarios)  # those of the prompt's that still exist
     return reply
 
 

@@ -16,7 +16,9 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.dispatch import receiver
 from django.utils import timezone
+from rest_framework.exceptions import AuthenticationFailed
 
+from .api.keys import api_keys_valid
 from .api.serializers import ChatCompletionRequestSerializer
 from .errors import error_from_exception
 from .jobs import ACTIVE, job_attempt_rows, job_queued
@@ -52,6 +54,7 @@ def job_run(*, job_id: str) -> None:
     heartbeat.start()
     record = None
     try:
+        _creator_still_valid(job)
         serializer = ChatCompletionRequestSerializer(data=job.request)
         serializer.is_valid(raise_exception=True)
         # Metered in the usage ledger; admitted under its quotas when it was submitted (its Job row holds its
@@ -61,8 +64,14 @@ def job_run(*, job_id: str) -> None:
         admitted = quota_job_hold(tenant, job_id=job.pk,
                                   tokens=plan.prompt.prompt_tokens + plan.params.max_tokens * plan.choices)
         record = reply_lookup(plan, tenant=tenant, admitted=admitted)
-        if _generate_with_progress(job, attempt, record, heartbeat) is None:
+        completion = _generate_with_progress(job, attempt, record, heartbeat)
+        if completion is None:
             return  # cancelled, or superseded by a newer attempt, while generating
+        if completion.finish_reason == "cancelled":
+            # Its generation was cancelled from outside: inline (no broker), by the request it ran in, whose client
+            # left. Nothing is stored, as for any cancelled reply, and the job says so rather than "done".
+            job_attempt_rows(job.pk, attempt).update(status=Job.Status.CANCELLED, finished_at=timezone.now())
+            return
         if _finish(job_id=job.pk, attempt=attempt, record=record):
             reply_remember(record)
     except Exception as exc:  # every failure ends as a stored error object, never as "running"
@@ -74,6 +83,15 @@ def job_run(*, job_id: str) -> None:
         quota_job_release(job.pk)  # failed before generating: its reserved tokens go back
         if record is not None:
             record.plan.release_conversation()  # stored, failed, cancelled or superseded: the next may continue
+
+
+def _creator_still_valid(job: Job) -> None:
+    """A job acts as its creator when it runs, perhaps long after it was queued: a key revoked or expired since, or
+    an owner deactivated, fails it as that request would fail now (401 invalid_api_key), before generating."""
+    if not job.owner.is_active or (job.api_key_id is not None
+                                   and not api_keys_valid().filter(pk=job.api_key_id).exists()):
+        raise AuthenticationFailed("The API key that created this job was revoked or has expired, or its user was "
+                                   "deactivated, before the job ran; nothing was generated.")
 
 
 def _claim(job_id: str) -> int | None:

@@ -72,11 +72,15 @@ def api_key_create_with_own_user(*, name: str, expires_at=None) -> tuple[ApiKey,
     return api_key, raw_key
 
 
+def api_keys_valid():
+    """Keys that may act now: not revoked, not expired, and acting as an active user."""
+    return ApiKey.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()),
+                                 revoked_at__isnull=True, user__is_active=True)
+
+
 def api_key_find_valid(*, raw_key: str) -> ApiKey | None:
     now = timezone.now()
-    api_key = (ApiKey.objects.select_related("user")
-               .filter(key_hash=hash_key(raw_key), revoked_at__isnull=True, user__is_active=True)
-               .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now)).first())
+    api_key = api_keys_valid().select_related("user").filter(key_hash=hash_key(raw_key)).first()
     if api_key is not None and (api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60):
         # Touch at most once a minute: a write per request would serialise SQLite under load. The touch
         # is bookkeeping: a busy database must not fail the request it belongs to.

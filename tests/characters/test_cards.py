@@ -435,3 +435,27 @@ def test_hostile_world_info_json_is_refused_as_a_bad_file_not_a_crash(text):
 
     with pytest.raises(WorldInfoError):
         world_info_read(text.encode(), max_entries=100)
+
+
+def test_exporting_a_card_needs_the_scenario_permission_too(client):
+    """A card carries the character's lorebook (its scenarios, with their World Info settings)."""
+    from django.contrib.auth.models import Permission
+
+    from tests.factories import make_user
+
+    ada = character_card_import(raw=V2_JSON.read_bytes()).character
+    editor = make_user("charonly", is_staff=True)
+    editor.user_permissions.set(Permission.objects.filter(codename__in=["view_character", "change_character"]))
+    client.force_login(editor)
+    json_url = reverse("admin:characters_character_export_card", args=[ada.pk, "json"])
+    changelist = reverse("admin:characters_character_changelist")
+    assert json_url not in client.get(reverse("admin:characters_character_change", args=[ada.pk])).content.decode()
+    assert "export_cards_json" not in client.get(changelist).content.decode()
+    assert client.get(json_url).status_code == 403
+    action = client.post(changelist, {"action": "export_cards_json", "_selected_action": [ada.pk]})
+    assert action["Content-Type"].startswith("text/html")  # the list again ("No action selected"), no card
+    editor.user_permissions.add(Permission.objects.get(codename="view_scenario"))
+    assert json_url in client.get(reverse("admin:characters_character_change", args=[ada.pk])).content.decode()
+    assert client.get(json_url)["Content-Type"] == "application/json"
+    assert client.post(changelist, {"action": "export_cards_json",
+                                    "_selected_action": [ada.pk]})["Content-Type"] == "application/json"

@@ -112,3 +112,102 @@ def test_messages_are_read_only_in_the_admin(client, editor_client, chat, superu
                 {"title": "t", "user_name": "User", "messages-TOTAL_FORMS": "2", "messages-INITIAL_FORMS": "2",
                  "messages-0-id": message.pk, "messages-0-content": "rewritten too", "messages-0-role": "user"})
     assert list(chat.messages.values_list("content", flat=True)) == ["my password is hunter2", "noted"]
+
+
+# --- deleting chats, and content that chats refer to -------------------------------------------------------------
+
+
+def test_a_message_is_not_deleted_in_the_admin_which_would_skip_the_trees_delete(client, chat):
+    """The tree's delete (chat/trees/operations.py) takes the message's subtree under the conversation's lease and
+    moves the active leaf on; the admin's would leave the conversation without one."""
+    client.force_login(make_superuser("root"))
+    Conversation.objects.filter(pk=chat.pk).update(active=chat.messages.last())
+    leaf = chat.messages.last()
+    assert client.get(reverse("admin:chat_message_delete", args=[leaf.pk])).status_code == 403
+    listing = client.get(reverse("admin:chat_message_changelist"))
+    assert listing.status_code == 200 and "delete_selected" not in listing.content.decode()
+    client.post(reverse("admin:chat_message_changelist"), {"action": "delete_selected", "post": "yes",
+                                                           "_selected_action": [leaf.pk]})
+    chat.refresh_from_db()
+    assert chat.messages.count() == 2 and chat.active == leaf
+
+
+def test_a_conversation_of_a_long_chain_of_replies_is_deleted_in_the_admin(client, chat):
+    """Django's confirmation would list the chain one nested level per reply, past Python's recursion limit."""
+    from chat.models import new_message_id
+
+    ids = [new_message_id() for _ in range(1500)]
+    Message.objects.bulk_create(Message(id=pk, conversation=chat, parent_id=parent, role="user", content=f"m{n}")
+                                for n, (pk, parent) in enumerate(zip(ids, [None, *ids[:-1]])))
+    Conversation.objects.filter(pk=chat.pk).update(active_id=ids[-1])
+    client.force_login(make_superuser("root"))
+    delete = reverse("admin:chat_conversation_delete", args=[chat.pk])
+    page = client.get(delete)
+    assert page.status_code == 200 and "1502 message(s)" in page.content.decode()
+    assert page.context["perms_lacking"] == set() and not page.context["protected"]
+    assert client.post(delete, {"post": "yes"}).status_code == 302
+    assert not Conversation.objects.filter(pk=chat.pk).exists() and not Message.objects.exists()
+
+
+def test_saving_a_conversation_in_the_admin_keeps_the_active_leaf_a_reply_stored_meanwhile(client, chat,
+                                                                                          monkeypatch):
+    from chat.admin import ConversationAdmin
+
+    client.force_login(make_superuser("root"))
+    reply = chat.messages.last()
+    save_form = ConversationAdmin.save_form
+
+    def reply_stored_meanwhile(self, request, form, change):  # after the page's row was read, before it is saved
+        Conversation.objects.filter(pk=chat.pk).update(active=reply)
+        return save_form(self, request, form, change)
+
+    monkeypatch.setattr(ConversationAdmin, "save_form", reply_stored_meanwhile)
+    response = client.post(reverse("admin:chat_conversation_change", args=[chat.pk]),
+                           {"title": "Renamed", "user_name": "User", "invitations-TOTAL_FORMS": "0",
+                            "invitations-INITIAL_FORMS": "0", "messages-TOTAL_FORMS": "0",
+                            "messages-INITIAL_FORMS": "0"})
+    assert response.status_code == 302, response.context and response.context["adminform"].form.errors
+    chat.refresh_from_db()
+    assert (chat.title, chat.active) == ("Renamed", reply)
+
+
+def test_a_character_that_spoke_in_a_group_is_not_deleted_in_the_admin(client, chat):
+    """Deleting it would have re-attributed its lines to the conversation's character."""
+    bob = make_character("bob")
+    chat.members.set([chat.character, bob])
+    Message.objects.create(conversation=chat, role="assistant", content="Aye.", speaker=bob)
+    client.force_login(make_superuser("root"))
+    delete = reverse("admin:characters_character_delete", args=[bob.pk])
+    page = client.get(delete)
+    assert page.status_code == 200 and page.context["protected"], "Django's 'cannot delete' page"
+    assert client.post(delete, {"post": "yes"}).status_code == 200
+    assert Message.objects.get(content="Aye.").speaker == bob
+
+
+# --- API keys ------------------------------------------------------------------------------------------------------
+
+
+def test_staff_who_may_only_view_keys_cannot_revoke_them(editor_client):
+    from tests.factories import make_api_client
+
+    victim = make_api_client("victim")
+    editor_client.grant("view_apikey")
+    listing = editor_client.get(reverse("admin:chat_apikey_changelist"))
+    assert listing.status_code == 200 and "Revoke selected keys" not in listing.content.decode()
+    editor_client.post(reverse("admin:chat_apikey_changelist"), {"action": "revoke", "index": 0,
+                                                                 "_selected_action": [victim.key.pk]})
+    victim.key.refresh_from_db()
+    assert victim.key.revoked_at is None and victim.get("/v1/models").status_code == 200
+    editor_client.grant("change_apikey")
+    editor_client.post(reverse("admin:chat_apikey_changelist"), {"action": "revoke", "index": 0,
+                                                                 "_selected_action": [victim.key.pk]})
+    assert victim.get("/v1/models").status_code == 401
+
+
+def test_a_user_with_conversations_is_still_deleted_in_the_admin(client, chat):
+    """Their messages go with their conversations, although MessageAdmin deletes none on its own."""
+    client.force_login(make_superuser("root"))
+    delete = reverse("admin:auth_user_delete", args=[chat.owner.pk])
+    assert client.get(delete).context["perms_lacking"] == set()
+    assert client.post(delete, {"post": "yes"}).status_code == 302
+    assert not Conversation.objects.exists() and not Message.objects.exists()

@@ -186,3 +186,68 @@ def test_a_job_keeps_only_the_fields_the_api_reads_and_refuses_what_it_cannot_st
         if answer.status_code != 400 or answer.json()["error"]["code"] != "parse_error":
             break
     assert answer.status_code in (202, 400), answer.content
+
+
+@pytest.mark.parametrize("lapse", ["revoked", "expired", "owner deactivated"])
+def test_a_job_whose_key_lapsed_before_it_ran_fails_as_unauthenticated_without_generating(lapse):
+    """A queued job may wait long after the request that made it: it runs only as a key that is still valid."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from chat.models import ApiKey, Conversation, UsageRecord
+    from chat.tasks import job_run
+
+    import_demo_resources()
+    client = make_api_client("lapsed")
+    job = _job(client.user, CHAT_JOB, api_key=client.key, status="queued")
+    if lapse == "owner deactivated":
+        type(client.user).objects.filter(pk=client.user.pk).update(is_active=False)
+    else:
+        field = {"revoked": "revoked_at", "expired": "expires_at"}[lapse]
+        ApiKey.objects.filter(pk=client.key.pk).update(**{field: timezone.now() - timedelta(seconds=1)})
+    job_run(job_id=str(job.pk))
+    job.refresh_from_db()
+    assert job.status == "failed" and (job.error["status"], job.error["code"]) == (401, "invalid_api_key")
+    assert job.result is None and not Conversation.objects.exists() and not UsageRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_inline_job_whose_client_left_is_cancelled_not_done(endless_site, monkeypatch):
+    """Without a broker a job runs inside the request that made it; a client that leaves cancels the request's
+    generations, the job's too: nothing is stored, and the job reads cancelled."""
+    import asyncio
+    import time
+
+    from asgiref.sync import sync_to_async
+    from django.test import AsyncClient
+
+    from chat.engine.faults import Faults
+    from chat.engines import get_engine
+    from chat.models import Conversation, Job
+    from tests.factories import make_character
+
+    endless_site(4096)
+
+    def slow_site() -> str:
+        make_character("mira")
+        monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.02)))  # still running
+        return make_api_client("leaver").raw_key
+
+    raw_key = await sync_to_async(slow_site)()
+    request = asyncio.ensure_future(AsyncClient().post(
+        "/v1/chat/completions", {"character": "mira", "max_tokens": 600, "background": True,
+                                 "messages": [{"role": "user", "content": "Hi"}]},
+        content_type="application/json", headers={"Authorization": f"Bearer {raw_key}", "Cache-Control": "no-cache"}))
+    # Read apart from the request's thread, which runs the job (thread_sensitive would queue behind it).
+    job_now = sync_to_async(lambda: Job.objects.first(), thread_sensitive=False)
+    deadline = time.monotonic() + 60
+    while not ((job := await job_now()) and job.completion_tokens) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert job.status == "running"
+    request.cancel()  # the client leaves
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    job = await job_now()
+    assert (job.status, job.result) == ("cancelled", None)
+    assert not await sync_to_async(Conversation.objects.exists, thread_sensitive=False)()
