@@ -13,8 +13,9 @@ out stays guarded by the per-token allowance (GrammarTooCostly), which is checke
 
 from __future__ import annotations
 
+import hashlib
 import re
-from functools import lru_cache
+import threading
 
 MAX_STACKS = 1024  # llama.cpp's work per token explodes past it (4,096: minutes); real schemas reached 540 (JSONSchemaBench)
 REHEARSAL_STEPS = 48  # characters of rehearsed text
@@ -22,6 +23,9 @@ BEAM = 4  # stack sets followed at each step
 WORK_BUDGET = 100_000  # stack expansions per rehearsal: bounds its own cost (a fraction of a second)
 CANDIDATES = 24  # characters tried from each stack set
 
+VERDICTS_KEPT = 1024
+_verdicts: dict[bytes, bool] = {}  # grammar digest -> too many stacks, oldest first
+_verdicts_lock = threading.Lock()
 _RULE_START = re.compile(r"^([a-zA-Z0-9_-]+)\s*::=", re.MULTILINE)
 _ANY = ((0, 0x10FFFF),)
 
@@ -274,7 +278,15 @@ def most_stacks(gbnf: str, *, limit: int = MAX_STACKS, root: str = "root") -> in
     return most
 
 
-@lru_cache(maxsize=256)
 def too_many_stacks(gbnf: str) -> bool:
     """True when text exists (found by rehearsal) that makes llama.cpp follow MAX_STACKS parses at once."""
-    return most_stacks(gbnf) >= MAX_STACKS
+    # Remembered by digest: a grammar may be a megabyte, and clients repeat their schemas.
+    digest = hashlib.blake2b(gbnf.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    known = _verdicts.get(digest)
+    if known is None:
+        known = most_stacks(gbnf) >= MAX_STACKS
+        with _verdicts_lock:
+            _verdicts[digest] = known
+            while len(_verdicts) > VERDICTS_KEPT:
+                del _verdicts[next(iter(_verdicts))]
+    return known

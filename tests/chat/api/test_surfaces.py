@@ -75,8 +75,9 @@ ENDPOINTS = {
     ("GET", "conversations"): ("/conversations", None, 200),
     ("GET", "conversations/<lookup_uuid:pk>"): ("/conversations/{pk}", None, 200),
     ("GET", "conversations/<lookup_uuid:pk>/messages"): ("/conversations/{pk}/messages", None, 200),
+    # A conversation with one character takes no participants (400 not_a_group_chat): the route answered.
     ("POST", "conversations/<lookup_uuid:pk>/participants"): ("/conversations/{pk}/participants", {"username": "alice"},
-                                                        200),
+                                                        400),
     ("GET", "conversations/<lookup_uuid:pk>/participants"): ("/conversations/{pk}/participants", None, 200),
     ("GET", "invitations"): ("/invitations", None, 200),
     ("DELETE", "invitations/<lookup_uuid:pk>"): (f"/invitations/{NO_JOB}", None, 404),
