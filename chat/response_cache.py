@@ -16,7 +16,7 @@ import json
 import logging
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import caches
 from django.db import IntegrityError, transaction
 from django.db.models import F
 
@@ -78,10 +78,15 @@ def cache_key(plan) -> str | None:
     return "reply:" + hashlib.sha256(material.encode()).hexdigest()
 
 
+def _replies():
+    """Cached replies' own cache: any client can add entries, so they must not crowd out counters and leases."""
+    return caches[settings.REPLY_CACHE]
+
+
 def cached_completion(plan) -> tuple[Completion | None, str]:
     """(the cached reply for this plan or None, HIT / MISS / BYPASS)."""
     key = cache_key(plan)
-    stored = cache.get(key) if key is not None else None
+    stored = _replies().get(key) if key is not None else None
     status = BYPASS if key is None else MISS if stored is None else HIT
     response_cache_lookups.labels(status.lower()).inc()
     return (Completion(**stored) if stored is not None else None), status
@@ -91,9 +96,9 @@ def remember_completion(plan, completion: Completion) -> None:
     key = cache_key(plan)
     if key is None or completion.finish_reason not in ("stop", "length"):
         return
-    cache.set(key, dataclasses.asdict(completion), timeout=settings.RESPONSE_CACHE_TTL)
+    _replies().set(key, dataclasses.asdict(completion), timeout=settings.RESPONSE_CACHE_TTL)
     if plan.request_key:
-        cache.set(plan.request_key, {"completion": dataclasses.asdict(completion), "model": plan.model_name,
+        _replies().set(plan.request_key, {"completion": dataclasses.asdict(completion), "model": plan.model_name,
                                      "scenarios": plan.prompt.scenarios_used}, timeout=settings.RESPONSE_CACHE_TTL)
 
 
@@ -124,7 +129,7 @@ def request_cache_key(data: dict, *, allowed: bool, user=None) -> str | None:
 
 
 def cached_request(key: str | None) -> dict | None:
-    stored = cache.get(key) if key else None
+    stored = _replies().get(key) if key else None
     if stored is not None:
         response_cache_lookups.labels("hit").inc()
     return stored

@@ -145,6 +145,7 @@ if REDIS_URL and not DEBUG:
         if url.startswith(REDIS_SCHEMES) and redis_database(url) == redis_database(REDIS_URL):
             raise SettingError(f"{role} must name another Redis database than REDIS_URL (the cache, which may be "
                                "flushed or evicted), e.g. redis://host:6379/1")
+REPLY_CACHE = "replies"  # the cache alias of cached replies (chat/response_cache.py), apart from counters and leases
 if REDIS_URL:
     CACHES = {
         "default": {
@@ -160,6 +161,7 @@ if REDIS_URL:
             "KEY_PREFIX": "llmsite",
         }
     }
+    CACHES[REPLY_CACHE] = {**CACHES["default"], "KEY_PREFIX": "llmsite-replies"}
     DJANGO_REDIS_IGNORE_EXCEPTIONS = True
     DJANGO_REDIS_LOG_IGNORED_EXCEPTIONS = True
     CHANNEL_LAYERS = {
@@ -167,7 +169,12 @@ if REDIS_URL:
                     "CONFIG": {"hosts": [CHANNEL_LAYER_URL]}}
     }
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmsite"}}
+    # Counters, leases and stop flags must never be culled to make room (LocMem's default holds 300 entries and
+    # drops a third when full): cached replies, which any client can add, live in a bounded store of their own.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmsite",
+                          "OPTIONS": {"MAX_ENTRIES": 1_000_000}},
+              REPLY_CACHE: {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmsite-replies",
+                            "OPTIONS": {"MAX_ENTRIES": env_int("RESPONSE_CACHE_MAX_ENTRIES", 2000, minimum=1)}}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # Without a broker, tasks run inline in the web process (the embedded default).

@@ -129,3 +129,18 @@ def test_the_plan_key_follows_the_end_user(django_user_model):
                                      character=None, user=owner, end_user=end_user)
 
     assert cache_key(plan("end-user-a")) == cache_key(plan("end-user-a")) != cache_key(plan("end-user-b"))
+
+
+def test_cached_replies_cannot_crowd_counters_and_leases_out_of_the_default_cache():
+    """LocMem culls a third of its entries when full (300 by default): cached replies, which any client adds, used
+    to share it with rate-limit counters, quotas and conversation leases."""
+    from django.core.cache import cache, caches
+    from django.conf import settings
+
+    from chat import response_cache
+
+    cache.set("lease:probe", "held", timeout=60)
+    for number in range(3000):
+        response_cache._replies().set(f"reply:{number}", {"text": "x"}, timeout=60)
+    assert cache.get("lease:probe") == "held"
+    assert response_cache._replies() is caches[settings.REPLY_CACHE] and settings.REPLY_CACHE != "default"
