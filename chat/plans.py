@@ -519,10 +519,12 @@ def _rehearsed(grammar: str, *, param: str) -> str:
     """`grammar`, unless text exists that makes llama.cpp follow too many parses at once (chat/engine/grammar_stacks.py):
     one token could then run for minutes on the scheduler thread, stalling everyone's requests."""
     if too_many_stacks(grammar):
-        raise ApiError(f"The {param} asked for is too ambiguous to enforce: its alternatives ('anyOf', 'oneOf', "
-                       f"type lists) start alike and nest, so the server would have to follow more than {MAX_STACKS} "
-                       "readings of the text at once. Make the alternatives start differently (e.g. by a required "
-                       "first property or a 'const') or nest them less.", param=param, code="grammar_too_ambiguous")
+        raise ApiError(f"The {param} asked for is too ambiguous to enforce: the server would have to follow more "
+                       f"than {MAX_STACKS} readings of the text at once (alternatives such as 'anyOf', 'oneOf' or type "
+                       "lists that start alike and nest, or very many optional properties or values), or its grammar "
+                       "is too large to check. Make the alternatives start differently (e.g. by a required first "
+                       "property or a 'const'), nest them less, or make the schema smaller.", param=param,
+                       code="grammar_too_ambiguous")
     return grammar
 
 

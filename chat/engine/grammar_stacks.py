@@ -6,8 +6,8 @@ alive side by side: a schema's `anyOf` of 64 array branches made `[[` cost 64 ×
 then ran for minutes on the scheduler thread, stalling every request of the model. No time check can interrupt a
 native call, so a grammar is rehearsed before it is used: this module parses the GBNF as llama.cpp does (literals
 as characters; groups and repetitions as rules of their own), follows the same stacks in Python, and looks for
-text that makes them many (a beam search over the characters the stacks accept next). A grammar that reaches
-`limit` stacks is refused. The search is a heuristic bounded by a work budget: a grammar it does not find
+text that makes them many (a beam search over the characters the stacks accept next, from the start rule and
+from every rule with alternatives). A grammar that reaches `limit` stacks, or is too large to rehearse, is refused. The search is a heuristic bounded by a work budget: a grammar it does not find
 out stays guarded by the per-token allowance (GrammarTooCostly), which is checked after each native call.
 """
 
@@ -21,6 +21,8 @@ MAX_STACKS = 1024  # llama.cpp's work per token explodes past it (4,096: minutes
 REHEARSAL_STEPS = 48  # characters of rehearsed text
 BEAM = 4  # stack sets followed at each step
 WORK_BUDGET = 100_000  # stack expansions per rehearsal: bounds its own cost (a fraction of a second)
+MAX_ELEMENTS = 500_000  # grammar elements after repetitions are written out: a bigger grammar is not rehearsed but refused
+MAX_STACK_DEPTH = 5_000  # positions on one stack
 CANDIDATES = 24  # characters tried from each stack set
 
 VERDICTS_KEPT = 1024
@@ -40,6 +42,7 @@ class _Grammar:
     def __init__(self, text: str):
         self.rules: list[list[tuple]] = []
         self.names: dict[str, int] = {}
+        self.size = 0  # elements written out so far (MAX_ELEMENTS)
         bodies = []
         starts = list(_RULE_START.finditer(text))
         for index, match in enumerate(starts):
@@ -151,6 +154,9 @@ class _Grammar:
             self.at += 1
             low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}[operator]
         del elements[len(elements) - len(item):]
+        self.size += len(item) * (low + 2 * ((high or low + 1) - low))
+        if self.size > MAX_ELEMENTS:
+            raise _Budget
         elements.extend(item * low)
         if high is None:
             star = len(self.rules)
@@ -181,29 +187,37 @@ class _Grammar:
 class _Stacks:
     """llama.cpp's stacks: tuples of positions (rule, alternative, element), the top last."""
 
-    def __init__(self, grammar: _Grammar, work: list[int]):
+    def __init__(self, grammar: _Grammar, work: list[int], budget: int = 0):
         self.rules, self.work = grammar.rules, work
+        self.budget = budget or WORK_BUDGET
 
     def _end(self, position) -> bool:
         rule, alternative, element = position
         return element >= len(self.rules[rule][alternative])
 
     def advance(self, stack: tuple, into: set) -> None:
-        self.work[0] += 1
-        if self.work[0] > WORK_BUDGET:
-            raise _Budget
-        if not stack:
-            into.add(stack)
-            return
-        rule, alternative, element = stack[-1]
-        kind, *detail = self.rules[rule][alternative][element]
-        if kind != "r":
-            into.add(stack)
-            return
-        following = (rule, alternative, element + 1)
-        base = stack[:-1] + (() if self._end(following) else (following,))
-        for index, body in enumerate(self.rules[detail[0]]):
-            self.advance(base + (((detail[0], index, 0),) if body else ()), into)
+        """Expand rule references on top until a character is on top, as llama.cpp's advance_stack does (without
+        recursion: a chain of a thousand optional properties is a thousand expansions, not a thousand frames)."""
+        todo = [stack]
+        while todo:
+            stack = todo.pop()
+            self.work[0] += 1
+            if self.work[0] > self.budget:
+                raise _Budget
+            if not stack:
+                into.add(stack)
+                continue
+            rule, alternative, element = stack[-1]
+            kind, *detail = self.rules[rule][alternative][element]
+            if kind != "r":
+                into.add(stack)
+                continue
+            if len(stack) > MAX_STACK_DEPTH:  # left recursion (llama.cpp refuses it) or absurd nesting
+                raise _Budget
+            following = (rule, alternative, element + 1)
+            base = stack[:-1] + (() if self._end(following) else (following,))
+            for index, body in enumerate(self.rules[detail[0]]):
+                todo.append(base + (((detail[0], index, 0),) if body else ()))
 
     def accept(self, stacks: frozenset, code: int) -> frozenset:
         new: set = set()
@@ -238,21 +252,42 @@ class _Stacks:
 
 
 def most_stacks(gbnf: str, *, limit: int = MAX_STACKS, root: str = "root") -> int:
-    """The most stacks the rehearsal found (stopping at `limit`). 0 when the text cannot be parsed here (llama.cpp's
-    own parser then decides); a rehearsal that runs out of its work budget reports what it found until then."""
+    """The most stacks the rehearsal found (stopping at `limit`); `limit` itself for a grammar too large to
+    rehearse (parsing it here would cost too much), 0 for text this parser cannot read (llama.cpp's then decides).
+
+    The search starts from `root` and again from every named rule with alternatives: ambiguity belongs to a rule,
+    and text before it (say 400 optional properties, each a path of its own) must not hide it from a beam that
+    follows only the widest stack sets. The starts share one work budget; one that runs out reports what the
+    search found until then."""
     try:
         grammar = _Grammar(gbnf)
+    except _Budget:
+        return limit
     except (ValueError, IndexError, StopIteration, RecursionError):
         return 0
     if root not in grammar.names:
         return 0
-    work = [0]
-    stacks_of = _Stacks(grammar, work)
+    starts = [root] + [name for name, index in grammar.names.items()
+                       if name != root and len(grammar.rules[index]) > 1]
+    work, most = [0], 0
+    for number, name in enumerate(starts):
+        # Each start may use an equal share of what is left (the root first, with the most).
+        share = (WORK_BUDGET - work[0]) // (len(starts) - number)
+        if share <= 0:
+            break
+        most = max(most, _rehearse(grammar, grammar.names[name], _Stacks(grammar, work, budget=work[0] + share),
+                                   limit))
+        if most >= limit:
+            break
+    return most
+
+
+def _rehearse(grammar: _Grammar, start_rule: int, stacks_of: _Stacks, limit: int) -> int:
     start: set = set()
     most = 0
     try:
-        for index, body in enumerate(grammar.rules[grammar.names[root]]):
-            stacks_of.advance(((grammar.names[root], index, 0),) if body else (), start)
+        for index, body in enumerate(grammar.rules[start_rule]):
+            stacks_of.advance(((start_rule, index, 0),) if body else (), start)
         most = len(start)
         beam, seen = [frozenset(start)], {frozenset(start)}
         for _ in range(REHEARSAL_STEPS):
@@ -272,8 +307,6 @@ def most_stacks(gbnf: str, *, limit: int = MAX_STACKS, root: str = "root") -> in
             if not beam:
                 break
     except _Budget:
-        pass
-    except RecursionError:  # a rule that reaches itself before any character: llama.cpp refuses it too
         pass
     return most
 

@@ -28,6 +28,22 @@ def test_alternatives_that_start_alike_and_nest_are_found_out(branches):
     assert most_stacks(json_schema_grammar(nested_arrays(branches))) >= MAX_STACKS
 
 
+@pytest.mark.parametrize("padding", [400, 900])
+def test_ambiguity_behind_many_paths_is_found_all_the_same(padding):
+    """Text before the ambiguous rule (hundreds of optional properties, each a path) filled a beam that follows only
+    the widest stack sets, and a deep chain of them overflowed a recursive expansion: the rule is rehearsed alone."""
+    properties = {f"p{number}": {"type": "null"} for number in range(padding)}
+    schema = {"type": "object", "properties": {**properties, "zz": nested_arrays(64)["$defs"]["x"]},
+              "$defs": nested_arrays(64)["$defs"]}
+    assert most_stacks(json_schema_grammar(schema)) >= MAX_STACKS
+
+
+def test_a_grammar_too_large_to_rehearse_is_refused():
+    schema = {"type": "object", "properties": {f"s{n}": {"type": "string", "maxLength": 1900 + n} for n in range(400)},
+              "required": [f"s{n}" for n in range(400)]}
+    assert most_stacks(json_schema_grammar(schema)) >= MAX_STACKS
+
+
 @pytest.mark.parametrize("schema", [
     # Alike at first, parted by a property name before anything nests.
     {"$defs": {"e": {"anyOf": [
