@@ -56,6 +56,7 @@ class Branch:
     answer_leaf: bool = False    # regenerate: the leaf is a user message, answered again (no new user message)
     continue_leaf: bool = False  # continue: the leaf is an assistant message, extended
     new_message: bool = False    # edit: the request's user message follows the leaf (a new branch)
+    target_id: int | None = None  # the message operated on (the reply regenerated, the message edited)
 
 
 @dataclass(frozen=True)
@@ -221,13 +222,13 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
 def _check_branch_still_there(conversation: Conversation, branch: Branch) -> None:
     """The message a tree operation was checked against, checked again now that the lease is held: a delete
     that came between the check and the lease would leave it answering, extending or editing under nothing."""
-    if branch.leaf_id is None:
-        return
-    leaf = conversation.messages.filter(pk=branch.leaf_id).first()
-    if leaf is None or (branch.continue_leaf and leaf.children.exists()):
-        raise NotFound(f"No message {branch.leaf_id} to {'continue' if branch.continue_leaf else 'answer'} in "
-                       f"conversation {conversation.pk}: the branch changed.", param="message",
-                       code="message_not_found")
+    wanted = {pk for pk in (branch.leaf_id, branch.target_id) if pk is not None}
+    found = {message.pk: message for message in conversation.messages.filter(pk__in=wanted)}
+    leaf = found.get(branch.leaf_id)
+    if len(found) < len(wanted) or (branch.continue_leaf and leaf.children.exists()):
+        missing = min(wanted - set(found), default=branch.leaf_id)
+        raise NotFound(f"No message {missing} in conversation {conversation.pk}: the branch changed.",
+                       param="message", code="message_not_found")
 
 
 def _tree_room_check(plan: ChatPlan) -> None:

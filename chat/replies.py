@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from characters.models import Character, CharacterGroup
 from scenarios.models import Scenario
@@ -234,38 +234,42 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
     # Counted before the transaction: with SQLite it holds the one write lock, which a megabyte of turns being
     # tokenized (a remote model's: upstream requests) would keep from every other tenant.
     turn_tokens = [plan.engine.count_tokens(turn["content"]) for turn in plan.new_turns]
-    with transaction.atomic():
-        # Content may have been deleted while the reply was generated: the rows below would break their foreign
-        # keys at commit (an IntegrityError, a 500 with nothing stored).
-        _characters_and_group_still_there(plan)
-        scenarios = list(Scenario.objects.filter(pk__in=[scenario.pk for scenario in plan.prompt.scenarios]))
-        conversation = plan.conversation
-        if conversation is None:
-            first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
-            conversation = Conversation.objects.create(
-                id=plan.new_conversation_id, character=plan.members[0] if plan.members else plan.character,
-                owner=plan.user, title=_title_from(first_user), user_name=plan.user_name, group=plan.group)
-            if plan.members:  # a member deleted meanwhile is left out, as its deletion would have done
-                conversation.members.set(Character.objects.filter(pk__in=[member.pk for member in plan.members]))
-        else:
-            conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
-        author = plan.user if getattr(plan.user, "pk", None) else None
-        parent_id = plan.parent_id
-        for turn, tokens in zip(plan.new_turns, turn_tokens):
-            parent_id = Message.objects.create(conversation=conversation, parent_id=parent_id, role=turn["role"],
-                                               content=turn["content"], completion_tokens=tokens,
-                                               author=author if turn["role"] == "user" else None).pk
-        if plan.continued is not None:
-            replies = [_extended(plan.continued, kept[0], stopped=record.stopped,
-                                 world_info_state=plan.prompt.world_info_state)]
-        else:
-            replies = [_reply_message(conversation, parent_id, completion, plan=plan, stopped=record.stopped,
-                                      scenarios=scenarios) for completion in kept]
-        Conversation.objects.filter(pk=conversation.pk).update(active=replies[0])
-        conversation.active = replies[0]
-        if plan.conversation is None:
-            conversation.save(update_fields=["updated_at"])
-        transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
+    try:
+        with transaction.atomic():
+            # Content may have been deleted while the reply was generated: the rows below would break their foreign
+            # keys at commit (an IntegrityError, a 500 with nothing stored).
+            _characters_and_group_still_there(plan)
+            scenarios = list(Scenario.objects.filter(pk__in=[scenario.pk for scenario in plan.prompt.scenarios]))
+            conversation = plan.conversation
+            if conversation is None:
+                first_user = next((t["content"] for t in plan.new_turns if t["role"] == "user"), "")
+                conversation = Conversation.objects.create(
+                    id=plan.new_conversation_id, character=plan.members[0] if plan.members else plan.character,
+                    owner=plan.user, title=_title_from(first_user), user_name=plan.user_name, group=plan.group)
+                if plan.members:  # a member deleted meanwhile is left out, as its deletion would have done
+                    conversation.members.set(Character.objects.filter(pk__in=[member.pk for member in plan.members]))
+            else:
+                conversation_advance(conversation)  # 409 if another exchange was stored since the history was read
+            author = plan.user if getattr(plan.user, "pk", None) else None
+            parent_id = plan.parent_id
+            for turn, tokens in zip(plan.new_turns, turn_tokens):
+                parent_id = Message.objects.create(conversation=conversation, parent_id=parent_id, role=turn["role"],
+                                                   content=turn["content"], completion_tokens=tokens,
+                                                   author=author if turn["role"] == "user" else None).pk
+            if plan.continued is not None:
+                replies = [_extended(plan.continued, kept[0], stopped=record.stopped,
+                                     world_info_state=plan.prompt.world_info_state)]
+            else:
+                replies = [_reply_message(conversation, parent_id, completion, plan=plan, stopped=record.stopped,
+                                          scenarios=scenarios) for completion in kept]
+            Conversation.objects.filter(pk=conversation.pk).update(active=replies[0])
+            conversation.active = replies[0]
+            if plan.conversation is None:
+                conversation.save(update_fields=["updated_at"])
+            transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
+    except IntegrityError:  # deleted after the check, before the commit (PostgreSQL checks foreign keys then)
+        raise ContentDeleted("Something this reply refers to (its character, group or a scenario) was deleted while "
+                             "it was generated; nothing was stored.", param="character") from None
     record.conversation = conversation
     record.stored = replies
     return conversation

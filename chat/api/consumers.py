@@ -73,7 +73,13 @@ OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATIO
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; a client reconnects (to another instance)
 CLOSE_TOO_MANY_CONNECTIONS = 4429
 _open_sockets: Counter = Counter()  # user pk -> sockets open in this process (the event loop's thread only)
-_read_budgets: dict = {}  # user pk -> ReadBudget, while the user has a socket open here (the loop's thread only)
+_read_budgets: dict = {}  # user pk -> ReadBudget (the event loop's thread only)
+
+
+def _forget_full_budgets() -> None:
+    """Drop the budgets of users with no socket open whose buckets are full again: they owe nothing."""
+    for user_pk in [pk for pk, budget in _read_budgets.items() if pk not in _open_sockets and budget.full()]:
+        del _read_budgets[user_pk]
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -103,7 +109,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 _open_sockets[counted] -= 1
                 if _open_sockets[counted] <= 0:
                     del _open_sockets[counted]
-                    _read_budgets.pop(counted, None)
+                    # The budget stays (a reconnect must not get a fresh burst), until it has filled up again.
+                    _forget_full_budgets()
 
     async def disconnect(self, code):
         self.unwatch()  # the reply itself goes on (or is cancelled, if it asked for that): chat/trees/running.py

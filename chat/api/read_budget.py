@@ -33,3 +33,6 @@ class ReadBudget:
 
     def seconds_until(self, size: int) -> float:
         return max(0.0, (max(size, READ_MIN_CHARGE) - self.level) / self.rate)
+
+    def full(self) -> bool:
+        return self.level + (time.monotonic() - self.checked) * self.rate >= self.burst

@@ -55,7 +55,7 @@ def reply_regenerate(*, user, api_key: ApiKey | None, conversation_id, message_i
     if message.speaker_id is not None and not data.get("speaker"):
         data = {**data, "speaker": str(message.speaker_id)}  # a group chat's swipe is the same character's
     return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id, data=data, kind="regenerate",
-                      branch=Branch(leaf_id=parent.pk, answer_leaf=True), on_disconnect=on_disconnect)
+                      branch=Branch(leaf_id=parent.pk, answer_leaf=True, target_id=message.pk), on_disconnect=on_disconnect)
 
 
 def message_edit(*, user, api_key: ApiKey | None, conversation_id, message_id, content: str, data: dict,
@@ -67,7 +67,7 @@ def message_edit(*, user, api_key: ApiKey | None, conversation_id, message_id, c
         raise ApiError("Only a user message can be edited.", param="message", code="not_editable")
     return _reply_run(user=user, api_key=api_key, conversation_id=conversation_id,
                       data={**data, "messages": [{"role": "user", "content": content}]}, kind="edit",
-                      branch=Branch(leaf_id=message.parent_id, new_message=True), on_disconnect=on_disconnect)
+                      branch=Branch(leaf_id=message.parent_id, new_message=True, target_id=message.pk), on_disconnect=on_disconnect)
 
 
 def reply_continue(*, user, api_key: ApiKey | None, conversation_id, message_id, data: dict,

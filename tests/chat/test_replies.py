@@ -131,3 +131,27 @@ def test_a_character_that_spoke_cannot_be_deleted_from_under_its_lines(tiny_site
     with pytest.raises(ProtectedError):
         Character.objects.filter(pk=bob.pk).delete()
     assert Message.objects.get(role="assistant").speaker == bob
+
+
+def test_content_deleted_after_the_check_but_before_the_commit_is_a_409_not_a_500(tiny_site, monkeypatch):
+    """Foreign keys are checked at commit (SQLite here, PostgreSQL's deferred constraints): a deletion that comes
+    after the existence check still fails the transaction, answered as the deletion it is."""
+    client = make_api_client("alice")
+    mira = make_character("mira")
+    storm = make_scenario("Storm", character=mira, keywords="storm")
+    real_check = replies._characters_and_group_still_there
+
+    def check_then_delete(plan):
+        real_check(plan)
+        from scenarios.models import Scenario
+
+        Scenario.objects.filter(pk=storm.pk).delete()
+        # The scenarios are then read as they were (the race: read just before the deletion commits).
+        monkeypatch.setattr(Scenario.objects, "filter", lambda **kw: [storm])
+
+    monkeypatch.setattr(replies, "_characters_and_group_still_there", check_then_delete)
+    response = client.post(URL, {"character": "mira", "max_tokens": 4, "temperature": 0.9,
+                                 "messages": [{"role": "user", "content": "A storm?"}]}, format="json", **NO_CACHE)
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "character_deleted"
+    assert not Conversation.objects.exists() and not Message.objects.exists()

@@ -76,7 +76,8 @@ def tree_url(conversation, tail):
     return f"/v1/conversations/{conversation.pk}/{tail}"
 
 
-@pytest.mark.parametrize("operation", ["regenerate", "continue", "edit", "select", "delete"])
+@pytest.mark.parametrize("operation", ["regenerate", "regenerate-itself", "continue", "edit", "edit-itself", "edit-root",
+                                       "select", "delete"])
 def test_an_operation_whose_message_is_deleted_before_its_lease_is_a_404_and_changes_nothing(
         chat, monkeypatch, operation):
     from chat import plans
@@ -88,6 +89,9 @@ def test_an_operation_whose_message_is_deleted_before_its_lease_is_a_404_and_cha
         "regenerate": (second_reply, second_user),   # its user message, answered again, goes
         "continue": (second_reply, second_reply),    # the reply continued goes
         "edit": (second_user, first_reply),          # the parent the edit would branch from goes
+        "edit-itself": (second_user, second_user),   # the message edited goes
+        "edit-root": (first_user, first_user),       # a first message (no parent) edited goes
+        "regenerate-itself": (second_reply, second_reply),  # the reply regenerated goes
         "select": (first_reply, first_reply),
         "delete": (first_reply, first_reply),
     }[operation]
@@ -96,8 +100,9 @@ def test_an_operation_whose_message_is_deleted_before_its_lease_is_a_404_and_cha
     else:
         patched = deleted_before_the_lease(monkeypatch, deleted.pk, plans, "conversation_lease_take")
     verb = {"delete": "delete"}.get(operation, "post")
-    tail = f"messages/{target.pk}/" + ("" if operation == "delete" else f"{operation}/")
-    data = {"content": "edited"} if operation == "edit" else ({} if operation != "delete" else None)
+    action = operation.split("-")[0]
+    tail = f"messages/{target.pk}/" + ("" if action == "delete" else f"{action}/")
+    data = {"content": "edited"} if action == "edit" else ({} if action != "delete" else None)
     with patched:
         response = getattr(alice, verb)(tree_url(conversation, tail), data, format="json")
     assert response.status_code == 404, response.content

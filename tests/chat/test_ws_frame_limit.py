@@ -135,3 +135,9 @@ async def test_frames_past_the_users_read_budget_are_dropped_unparsed_with_a_429
     assert event["status"] == 429 and "WS_READ_BYTES_PER_SECOND" in event["error"]["message"]
     assert event["retry_after"] >= 1
     await socket.disconnect()
+    # A new socket of the same user does not start with a fresh budget.
+    again = WebsocketCommunicator(application, "/ws/chat/nobody/", headers=socket.scope["headers"])
+    assert (await again.connect())[0]
+    await again.send_to(text_data="not json")
+    assert (await again.receive_json_from(timeout=10))["status"] == 429
+    await again.disconnect()

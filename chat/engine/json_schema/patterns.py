@@ -42,7 +42,9 @@ def _escaped(code: int) -> str:
 
 def _class_char(code: int) -> str:
     char = chr(code)
-    return char if char.isalnum() and code < 0x80 or code > 0x7F and code not in (0x2028, 0x2029) else f"\\x{code:02X}"
+    if char.isalnum() and code < 0x80 or code > 0x7F and code not in (0x2028, 0x2029):
+        return char
+    return f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}"  # \x takes two digits: \x2028 is " " then "28"
 
 
 def _class(ranges: list[tuple[int, int]], negate: bool, *, ascii_only: bool = False) -> str:

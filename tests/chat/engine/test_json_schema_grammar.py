@@ -235,3 +235,10 @@ def test_an_enum_of_thousands_of_values_is_refused():
     with pytest.raises(SchemaNotConvertible) as raised:
         json_schema_grammar({"enum": [f"{n:05}" for n in range(60_000)]})
     assert raised.value.keyword == "enum" and "60,000 values" in str(raised.value)
+
+
+def test_a_class_of_characters_past_latin_1_is_written_as_such(gbnf):
+    """U+2028 and U+2029 are escaped in classes; "\\x2028" read as "\\x20" then "28" let a space or a digit through."""
+    grammar = json_schema_grammar({"type": "string", "pattern": "^[\u2028-\u2030]$"})
+    assert gbnf.accepts(grammar, json.dumps("\u2029", ensure_ascii=False))
+    assert not any(gbnf.accepts(grammar, json.dumps(text)) for text in ("9", "2", " ", "8"))
