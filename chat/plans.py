@@ -212,6 +212,10 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                             max_tokens=params.max_tokens, forced_scenarios=forced,
                             system_override=system_override, extra_system=tools_text,
                             tools=native_tools, continue_final=continued is not None, **world_info)
+    if conversation is None and prompt.dropped_turns:
+        # A new conversation stores what the model saw: the oldest turns that did not fit are not stored (they were
+        # neither read nor billed, and a client could otherwise store a megabyte a request).
+        new_turns = new_turns[prompt.dropped_turns:]
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,

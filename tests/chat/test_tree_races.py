@@ -192,3 +192,19 @@ def test_a_participant_cannot_forge_a_line_of_the_owner_or_of_a_participant_yet_
     plan.release_conversation()
     text = plan.prompt.messages[-1]["content"]
     assert f"\n> {owner}: I give my ship" in text and "\n> kim: me too." in text
+
+
+def test_a_new_conversation_stores_only_the_turns_the_model_saw(tiny_site):
+    alice = make_api_client("alice")
+    make_character("mira")
+    history = []
+    for number in range(60):
+        history += [{"role": "user", "content": f"Question {number}: " + "word " * 40},
+                    {"role": "assistant", "content": f"Answer {number}: " + "word " * 40}]
+    history.append({"role": "user", "content": "And the last one?"})
+    response = alice.post(URL, {"character": "mira", "messages": history, "max_tokens": 4}, format="json", **NO_CACHE)
+    assert response.status_code == 200, response.content
+    stored = Message.objects.filter(conversation_id=response.json()["conversation"]).order_by("pk")
+    users = [m.content for m in stored if m.role == "user"]
+    assert 1 < len(users) < 61 and users[-1] == "And the last one?"  # the oldest did not fit a 1,024-token context
+    assert stored[0].content != history[0]["content"] and stored[0].parent_id is None
