@@ -1,4 +1,4 @@
-"""A memory-bounded LRU store of evaluated prompt prefixes (saved sequence states), looked up by longest common prefix.
+"""A memory-bounded store of evaluated prompt prefixes (saved sequence states), looked up by longest common prefix.
 
 An entry may hold more than a prompt's whole chunks: a suspended sequence's state (its prompt and the tokens it
 decoded) is kept here until it resumes. Its `exact` part (whole aligned prompt chunks) is all that another prompt
@@ -34,6 +34,28 @@ def reusable_across(length: int, *, saved_owner: str, saved_shared: int, owner: 
     may reuse from cells evaluated for `saved_owner`'s (its first `saved_shared`): all for the same owner, the
     site's content common to both for another."""
     return length if saved_owner == owner else min(length, saved_shared, shared)
+
+
+def fair_victims(entries: Sequence[tuple[str, int, Any]], budget: int) -> list:
+    """Which of `entries` (owner, size, key), least recently used first, to drop to fit `budget` bytes: always the
+    oldest entry of the owner holding the most bytes, so that one tenant's flood of long prompts evicts its own
+    entries, not everyone's (plain LRU let six distinct long prompts a minute keep all other tenants cold)."""
+    held: dict[str, int] = {}
+    for owner, size, _ in entries:
+        held[owner] = held.get(owner, 0) + size
+    total, queues = sum(held.values()), {}
+    for owner, size, key in entries:
+        queues.setdefault(owner, []).append((size, key))
+    victims = []
+    while total > budget and held:
+        heaviest = max(held, key=held.get)
+        size, key = queues[heaviest].pop(0)
+        victims.append(key)
+        total -= size
+        held[heaviest] -= size
+        if not queues[heaviest]:
+            del held[heaviest]
+    return victims
 
 
 @dataclass(frozen=True)
@@ -115,8 +137,8 @@ class PrefixCache:
                 self._remove(key)
             self._entries[(owner, tokens)] = entry
             self.total_bytes += size
-            while self.total_bytes > self.budget_bytes:
-                self._remove(next(iter(self._entries)))
+            for key in fair_victims([(o, e.size, (o, k)) for (o, k), e in self._entries.items()], self.budget_bytes):
+                self._remove(key)
         return True
 
     def demote(self, tokens: Sequence[int], *, owner: str = "") -> None:

@@ -10,7 +10,7 @@ waits instead). A file that is corrupt, truncated, written for another fingerpri
 llama.cpp is ignored and removed. The files hold conversation tokens: the directory is private to its
 user (0o700, files 0o600). Each file records whose state it is and how much of it is the site's own content:
 another owner's prompt reuses only that (prefix_cache.reusable_across). It is kept under its byte budget by removing the least recently used files
-(modification time, touched on every hit).
+(modification time, touched on every hit) of the owner holding the most bytes (prefix_cache.fair_victims).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .prefix_cache import common_prefix_length, reusable_across
+from .prefix_cache import common_prefix_length, fair_victims, reusable_across
 
 logger = logging.getLogger(__name__)
 
@@ -295,12 +295,11 @@ class StateStore:
                 self._discard(path)
                 continue
             files.append((stat.st_mtime, stat.st_size, path))
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):  # the least recently used first
-            if total <= self.budget_bytes:
-                break
+        with self._lock:
+            owners = {path: header.owner for path, header in self._index.items()}
+        ordered = [(owners.get(path, ""), size, path) for _, size, path in sorted(files)]  # least recently used first
+        for path in fair_victims(ordered, self.budget_bytes):
             self._discard(path)
-            total -= size
 
 
 def _remove(path: Path) -> None:

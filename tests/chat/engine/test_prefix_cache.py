@@ -453,3 +453,23 @@ def test_smollm2_a_short_last_chunk_goes_row_by_row_alone_and_keeps_its_logits(s
     (first, warm), calls, tail = run(2)
     assert first == cold and warm == cold
     assert calls.count(tail) == 2 and 64 not in calls[calls.index(tail):], calls  # its own call, cold then warm
+
+
+def test_one_owners_flood_evicts_its_own_entries_not_another_owners():
+    cache = PrefixCache(budget_bytes=100)
+    cache.put([1, 2, 3], "user:1's", 30, owner="user:1")
+    for number in range(5):  # user:2's long prompts, one after another
+        cache.put([50 + number, 2, 3], f"user:2's {number}", 30, owner="user:2")
+    assert cache.longest_match([1, 2, 3, 4], owner="user:1")[0].state == "user:1's"
+    assert cache.total_bytes <= 100
+    assert cache.longest_match([54, 2, 3, 4], owner="user:2")[0] is not None  # its newest stays
+
+
+def test_fair_victims_take_the_heaviest_owners_oldest_entries_first():
+    from chat.engine.prefix_cache import fair_victims
+
+    entries = [("a", 10, "a1"), ("b", 30, "b1"), ("a", 10, "a2"), ("b", 30, "b2"), ("c", 5, "c1")]
+    assert fair_victims(entries, 85) == []
+    assert fair_victims(entries, 60) == ["b1"]
+    assert fair_victims(entries, 30) == ["b1", "b2"]
+    assert fair_victims(entries, 20) == ["b1", "b2", "a1"]

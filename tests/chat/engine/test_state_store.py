@@ -201,3 +201,15 @@ def test_put_with_wait_drops_nothing_when_the_writer_is_behind(tmp_path, monkeyp
     store.flush()
     assert all(results) and store.dropped_writes == 0
     assert len(list(tmp_path.glob("*.kv"))) == 20
+
+
+def test_one_owners_flood_on_disk_evicts_its_own_files_first(tmp_path):
+    store = store_in(tmp_path, budget=3000)
+    store.put(range(100, 110), b"u" * 800, owner="user:1")
+    store.flush()
+    for number in range(6):
+        store.put(range(number * 10, number * 10 + 10), b"f" * 800, owner="user:2")
+        store.flush()
+    assert store.longest_match(range(100, 111), owner="user:1")[0] is not None
+    assert sum(path.stat().st_size for path in tmp_path.glob("*.kv")) <= 3000
+    store.close()
