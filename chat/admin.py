@@ -2,11 +2,14 @@
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.utils import quote, unquote
+from django.contrib.admin.utils import NestedObjects, quote, unquote
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.urls import reverse
+from django.db import router
+from django.db.models import Count
+from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
+from django.utils.text import capfirst
 
 from characters.admin import CharacterAdmin
 from characters.models import Character
@@ -256,15 +259,65 @@ admin.site.unregister(Character)
 admin.site.register(Character, CharacterAdminWithPreview)
 
 
+class _ConversationsWithoutContents(NestedObjects):
+    """Django's collector for a delete page, which collects conversations but not their messages and invitations
+    (listed as counts instead): it would nest a chain of replies one level per reply, past Python's recursion
+    limit. Nothing that a conversation's contents hold keeps it from being deleted."""
+
+    def related_objects(self, related_model, related_fields, objs):
+        if related_model in (Message, Invitation) and any(field.related_model is Conversation
+                                                          for field in related_fields):
+            return related_model._default_manager.none()
+        return super().related_objects(related_model, related_fields, objs)
+
+
+def _count_by_conversation(model, conversation_ids) -> dict:
+    """{conversation id: how many of `model` (messages, invitations) it holds}, for those holding any."""
+    return dict(model.objects.filter(conversation__in=conversation_ids).values("conversation")
+                .annotate(count=Count("pk")).values_list("conversation", "count"))
+
+
 class UserAdminWithChats(type(admin.site.get_model_admin(get_user_model()))):
     """The user admin (django.contrib.auth's, installed before chat), deleting a user's messages with their
     conversations: MessageAdmin deletes none on its own, which must not keep a user from being deleted. Each
     conversation is still checked with ConversationAdmin's permission."""
 
     def get_deleted_objects(self, objs, request):
-        deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
-        perms_needed.discard(Message._meta.verbose_name)
-        return deleted, model_count, perms_needed, protected
+        """Django's list of what deleting the users takes (its permission checks and protected objects), with
+        each of their conversations' messages and invitations counted, as ConversationAdmin's page does: listed,
+        a chain of a few thousand replies raised RecursionError, a 500."""
+        objs = list(objs)
+        if not objs:
+            return [], {}, set(), []
+        collector = _ConversationsWithoutContents(using=router.db_for_write(objs[0]._meta.model), origin=objs)
+        collector.collect(objs)
+        conversations = [conversation.pk for conversation in collector.model_objs.get(Conversation, ())]
+        messages, invitations = _count_by_conversation(Message, conversations), _count_by_conversation(Invitation,
+                                                                                                       conversations)
+        perms_needed = set()
+
+        def listed(obj):  # as django.contrib.admin.utils.get_deleted_objects lists an object
+            opts = obj._meta
+            if not self.admin_site.is_registered(type(obj)):
+                return f"{capfirst(opts.verbose_name)}: {obj}"
+            if not self.admin_site.get_model_admin(type(obj)).has_delete_permission(request, obj):
+                perms_needed.add(opts.verbose_name)
+            try:
+                link = reverse(f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
+                               args=[quote(obj.pk)])
+            except NoReverseMatch:
+                return f"{capfirst(opts.verbose_name)}: {obj}"
+            if isinstance(obj, Conversation):
+                return format_html('Conversation: <a href="{}">{}</a> with {} message(s) and {} invitation(s)', link,
+                                   obj, messages.get(obj.pk, 0), invitations.get(obj.pk, 0))
+            return format_html('{}: <a href="{}">{}</a>', capfirst(opts.verbose_name), link, obj)
+
+        deleted = collector.nested(listed)
+        protected = [listed(obj) for obj in collector.protected]
+        model_count = {model._meta.verbose_name_plural: len(found) for model, found in collector.model_objs.items()}
+        model_count |= {Message._meta.verbose_name_plural: sum(messages.values()),
+                        Invitation._meta.verbose_name_plural: sum(invitations.values())}
+        return deleted, {name: count for name, count in model_count.items() if count}, perms_needed, protected
 
 
 admin.site.unregister(get_user_model())

@@ -100,7 +100,7 @@ def job_get_visible(*, user, job_id) -> Job:
 def job_cancel(*, user, job_id) -> Job:
     """Cancel a job the caller may see (a no-op for one that has ended)."""
     job = job_get_visible(user=user, job_id=job_id)
-    Job.objects.filter(pk=job.pk, status__in=ACTIVE).update(status=Job.Status.CANCELLED, finished_at=timezone.now())
+    Job.objects.filter(pk=job.pk, status__in=ACTIVE).update(**job_ended_fields(Job.Status.CANCELLED))
     quota_job_release(job.pk)  # cancelled while queued: its reserved tokens go back (a running one's are its worker's)
     job.refresh_from_db()
     return job
@@ -123,6 +123,18 @@ def job_url(job: Job) -> str:
     return f"/v1/jobs/{job.pk}"
 
 
+def job_ended_fields(status: str, **fields) -> dict:
+    """The update that ends a job (done, failed or cancelled): its status, the time, and its stored request and
+    text so far dropped.
+
+    Nothing reads either once the job has ended (a re-delivery sees the status and stops: tasks._claim; a poll shows
+    text so far only while running). An ended row stays until purge_jobs deletes it, JOB_TTL_SECONDS later, yet takes
+    no place under API_MAX_ACTIVE_JOBS: kept, a loop of submit and cancel would store a request of up to a megabyte
+    each time, tens of megabytes a minute.
+    """
+    return {"status": status, "finished_at": timezone.now(), "request": {}, "partial_text": "", **fields}
+
+
 def job_attempt_rows(job_id, attempt: int):
     """The job's row while this attempt still owns it: not ended, and no newer attempt has claimed it.
 
@@ -141,9 +153,9 @@ def _recover_if_worker_lost(job: Job) -> None:
                                heartbeat_at=job.heartbeat_at)
     if settings.CELERY_TASK_ALWAYS_EAGER:
         # No broker: the job ran inside a web request whose process died; nothing will deliver it again.
-        stale.update(status=Job.Status.FAILED, finished_at=timezone.now(),
-                     error={"message": "The worker running this job stopped responding.", "type": "server_error",
-                            "param": None, "code": "worker_lost", "status": 503})
+        stale.update(**job_ended_fields(
+            Job.Status.FAILED, error={"message": "The worker running this job stopped responding.",
+                                      "type": "server_error", "param": None, "code": "worker_lost", "status": 503}))
     elif stale.update(status=Job.Status.QUEUED, partial_text="", completion_tokens=0):
         logger.warning("job %s: no heartbeat from attempt %s; waiting for its re-delivery", job.pk, job.attempts)
     job.refresh_from_db()

@@ -21,7 +21,7 @@ from rest_framework.exceptions import AuthenticationFailed
 from .api.keys import api_keys_valid
 from .api.serializers import ChatCompletionRequestSerializer
 from .errors import error_from_exception
-from .jobs import ACTIVE, job_attempt_rows, job_queued
+from .jobs import ACTIVE, job_attempt_rows, job_ended_fields, job_queued
 from .models import Job
 from .plans import chat_request_prepare
 from .replies import ReplyRecord, chat_completion_body, exchange_store, reply_generate, reply_lookup, reply_remember
@@ -70,14 +70,14 @@ def job_run(*, job_id: str) -> None:
         if completion.finish_reason == "cancelled":
             # Its generation was cancelled from outside: inline (no broker), by the request it ran in, whose client
             # left. Nothing is stored, as for any cancelled reply, and the job says so rather than "done".
-            job_attempt_rows(job.pk, attempt).update(status=Job.Status.CANCELLED, finished_at=timezone.now())
+            job_attempt_rows(job.pk, attempt).update(**job_ended_fields(Job.Status.CANCELLED))
             return
         if _finish(job_id=job.pk, attempt=attempt, record=record):
             reply_remember(record)
     except Exception as exc:  # every failure ends as a stored error object, never as "running"
         status, body, _ = error_from_exception(exc)
-        job_attempt_rows(job.pk, attempt).update(status=Job.Status.FAILED, error=body["error"] | {"status": status},
-                                      finished_at=timezone.now())
+        job_attempt_rows(job.pk, attempt).update(**job_ended_fields(Job.Status.FAILED,
+                                                                    error=body["error"] | {"status": status}))
     finally:
         heartbeat.stop()
         quota_job_release(job.pk)  # failed before generating: its reserved tokens go back
@@ -103,10 +103,9 @@ def _claim(job_id: str) -> int | None:
                     job.status if job else "gone")
         return None
     if job.attempts >= MAX_ATTEMPTS:
-        Job.objects.filter(pk=job_id, status__in=ACTIVE).update(
-            status=Job.Status.FAILED, finished_at=timezone.now(),
-            error={"message": f"The job was interrupted {MAX_ATTEMPTS} times; giving up.", "type": "server_error",
-                   "param": None, "code": "worker_lost", "status": 503})
+        Job.objects.filter(pk=job_id, status__in=ACTIVE).update(**job_ended_fields(
+            Job.Status.FAILED, error={"message": f"The job was interrupted {MAX_ATTEMPTS} times; giving up.",
+                                      "type": "server_error", "param": None, "code": "worker_lost", "status": 503}))
         return None
     # A running job delivered again lost its worker (the broker re-delivers only unacknowledged
     # tasks): the new attempt takes over, and the old one, if it still lives, is fenced off.
@@ -125,8 +124,8 @@ def _finish(*, job_id, attempt: int, record: ReplyRecord) -> bool:
     with transaction.atomic():
         # The conditional update comes first: it locks the row, so a cancel or a newer attempt
         # waits for this transaction or wins before it, and the exchange is stored at most once.
-        if not job_attempt_rows(job_id, attempt).update(status=Job.Status.DONE, finished_at=timezone.now(), partial_text="",
-                                             completion_tokens=record.completion.completion_tokens):
+        if not job_attempt_rows(job_id, attempt).update(**job_ended_fields(
+                Job.Status.DONE, completion_tokens=record.completion.completion_tokens)):
             return False
         exchange_store(record)
         Job.objects.filter(pk=job_id).update(result=chat_completion_body(record))

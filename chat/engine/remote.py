@@ -70,6 +70,14 @@ logger = logging.getLogger(__name__)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 CHARS_PER_TOKEN = 4  # the estimate when the upstream has no tokenize endpoint (English prose averages ~4)
 TOKEN_CACHE_SIZE = 256  # texts whose token counts are remembered (history turns repeat every request)
+# What the remembered entries hold together, counted as characters of their texts plus their token ids: a bound in
+# entries alone let 256 texts of a megabyte hold ~3.5 GB. An id held costs ~36 bytes, a character 1 to 4: at about
+# 4 characters a token this is ~16 MB; ~70 MB at worst, were every unit an id.
+TOKEN_CACHE_CHARS = 2 * 1024 * 1024
+# A longer text (or token list) is tokenized each time, not remembered: what repeats between requests is a turn, a
+# character's description, a system prompt, well under this; a text past it is a pasted document or a whole prompt,
+# seldom sent twice, and one would push hundreds of turns, everyone's, out of the cache.
+TOKEN_CACHE_TEXT_CHARS = 16 * 1024
 HEALTH_INTERVAL = 10.0  # seconds between health probes of each upstream
 HEALTH_TIMEOUT = 2.0  # seconds one probe may take: a hung upstream is down, and delays no other's probe
 # Local bounds on what an upstream sends back: past them the answer is a broken upstream's, however it was framed.
@@ -117,6 +125,7 @@ class RemoteTokenizer:
         self.dialect: str | None = None  # None until an upstream has answered; "estimate" when it has no endpoint
         self._detect_lock = threading.Lock()
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache_chars = 0  # characters and token ids the cache holds (TOKEN_CACHE_CHARS)
         self._cache_lock = threading.Lock()
 
     def tokenize(self, text: str, *, exact: bool = False) -> list[int] | None:
@@ -131,11 +140,22 @@ class RemoteTokenizer:
         tokens = self._remote_tokens(text)
         if tokens is None:
             return None if exact else [0] * -(-len(text) // CHARS_PER_TOKEN)
-        with self._cache_lock:
-            self._cache[text] = tokens
-            while len(self._cache) > TOKEN_CACHE_SIZE:
-                self._cache.popitem(last=False)
+        if len(text) <= TOKEN_CACHE_TEXT_CHARS and len(tokens) <= TOKEN_CACHE_TEXT_CHARS:
+            self._remember(text, tokens)
         return list(tokens)
+
+    def _remember(self, text: str, tokens: list[int]) -> None:
+        """Keep `text`'s tokens, forgetting the least recently used entries past TOKEN_CACHE_SIZE or
+        TOKEN_CACHE_CHARS."""
+        with self._cache_lock:
+            previous = self._cache.pop(text, None)  # tokenized twice at once: counted once
+            if previous is not None:
+                self._cache_chars -= len(text) + len(previous)
+            self._cache[text] = tokens
+            self._cache_chars += len(text) + len(tokens)
+            while len(self._cache) > TOKEN_CACHE_SIZE or self._cache_chars > TOKEN_CACHE_CHARS:
+                forgotten, forgotten_tokens = self._cache.popitem(last=False)
+                self._cache_chars -= len(forgotten) + len(forgotten_tokens)
 
     def detokenize(self, tokens: list[int]) -> str:
         if self._ensure_dialect() in (None, "estimate"):

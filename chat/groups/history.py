@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -43,14 +44,29 @@ def group_turns_for(*, lines: Sequence[GroupLine], speaker_id: int, member_names
 
 
 def _line_start_of(*, names: Iterable[str]) -> re.Pattern:
-    """What starts a line of one of `names` (any case, optionally marked a person, spaces around): "Bob:"."""
-    spelled = sorted({name.strip() for name in names if name.strip()}, key=len, reverse=True)  # longest first
-    alternatives = "|".join(re.escape(name) for name in spelled)
-    return re.compile(rf"[ \t]*(?:{alternatives})(?:[ \t]*{re.escape(HUMAN_SUFFIX.strip())})?[ \t]*:", re.IGNORECASE)
+    """What starts a line of one of `names`, in a line's `_as_read` form: the name (any spaces between its words),
+    optionally marked a person, in markdown emphasis or not ("**Bob:**", "_Bob_:"), then a colon."""
+    spelled = sorted({_as_read(name) for name in names} - {""}, key=len, reverse=True)  # longest first
+    alternatives = "|".join(_words_pattern(name) for name in spelled)
+    emphasis = r"[*_]*"
+    return re.compile(rf"{emphasis}\s*(?:{alternatives})\s*{emphasis}(?:\s*{_words_pattern(_as_read(HUMAN_SUFFIX))})?"
+                      rf"\s*{emphasis}\s*:")
+
+
+def _as_read(text: str) -> str:
+    """`text` as a reader sees it, for matching: NFKC (a full-width colon is ":", a no-break or ideographic space is
+    a space, full-width letters are plain), format characters (Unicode Cf: zero-width spaces and joiners, direction
+    marks) dropped, since they show as nothing, leading whitespace stripped, case folded."""
+    normal = unicodedata.normalize("NFKC", text)
+    return "".join(char for char in normal if unicodedata.category(char) != "Cf").lstrip().casefold()
+
+
+def _words_pattern(text: str) -> str:
+    return r"\s+".join(re.escape(word) for word in text.split())
 
 
 def _quote_line_starts(text: str, line_start: re.Pattern) -> str:
-    """`text` with each of its lines after the first that starts as a line of the chat quoted. The first follows
-    the writer's own "Name: ", so it cannot start a line; every other line is kept as it is."""
+    """`text` with each of its lines after the first that reads as a line of the chat (`_as_read`) quoted. The first
+    follows the writer's own "Name: ", so it cannot start a line; every line is kept as it was written, only marked."""
     first, *rest = text.splitlines(keepends=True) or [""]
-    return first + "".join(QUOTED_LINE_MARK + line if line_start.match(line) else line for line in rest)
+    return first + "".join(QUOTED_LINE_MARK + line if line_start.match(_as_read(line)) else line for line in rest)

@@ -211,3 +211,33 @@ def test_a_user_with_conversations_is_still_deleted_in_the_admin(client, chat):
     assert client.get(delete).context["perms_lacking"] == set()
     assert client.post(delete, {"post": "yes"}).status_code == 302
     assert not Conversation.objects.exists() and not Message.objects.exists()
+
+
+def test_a_user_with_a_long_chain_of_replies_is_deleted_in_the_admin(client, editor_client, chat):
+    """Django's confirmation lists a user's messages one nested level per reply, past Python's recursion limit (a
+    500): the user's conversations are listed with their messages counted, and each is still permission-checked."""
+    from chat.models import new_message_id
+
+    ids = [new_message_id() for _ in range(1500)]
+    Message.objects.bulk_create(Message(id=pk, conversation=chat, parent_id=parent, role="user", content=f"m{n}")
+                                for n, (pk, parent) in enumerate(zip(ids, [None, *ids[:-1]])))
+    Conversation.objects.filter(pk=chat.pk).update(active_id=ids[-1])
+    other = Conversation.objects.create(character=chat.character, owner=chat.owner, title="Other")
+    delete = reverse("admin:auth_user_delete", args=[chat.owner.pk])
+
+    editor_client.grant("view_user", "delete_user", "view_conversation")  # no delete_conversation
+    refused = editor_client.get(delete)
+    assert refused.status_code == 200 and refused.context["perms_lacking"] == {"conversation"}
+    assert editor_client.post(delete, {"post": "yes"}).status_code == 403
+
+    client.force_login(make_superuser("root"))
+    page = client.get(delete)
+    assert page.status_code == 200 and page.context["perms_lacking"] == set() and not page.context["protected"]
+    text = page.content.decode()
+    assert "1502 message(s) and 1 invitation(s)" in text and "0 message(s) and 0 invitation(s)" in text
+    assert reverse("admin:chat_conversation_change", args=[other.pk]) in text
+    summary = dict(page.context["model_count"])
+    assert (summary["conversations"], summary["messages"], summary["invitations"]) == (2, 1502, 1)
+    assert client.post(delete, {"post": "yes"}).status_code == 302
+    assert not Conversation.objects.exists() and not Message.objects.exists()
+    assert not type(chat.owner).objects.filter(pk=chat.owner.pk).exists()

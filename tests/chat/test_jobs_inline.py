@@ -14,6 +14,8 @@ def test_large_max_tokens_is_answered_at_once_not_as_a_job(django_user_model):
 
 
 def test_background_job_runs_inline_without_redis(django_user_model, settings, django_capture_on_commit_callbacks):
+    from chat.models import Job
+
     assert settings.CELERY_TASK_ALWAYS_EAGER
     client = make_api_client("solo")
     with django_capture_on_commit_callbacks(execute=True):
@@ -24,6 +26,7 @@ def test_background_job_runs_inline_without_redis(django_user_model, settings, d
     job = client.get(response.json()["url"]).json()
     assert job["status"] == "done" and job["result"]["choices"][0]["message"]["content"]
     assert client.delete(response.json()["url"]).json()["status"] == "done"  # finished jobs stay finished
+    assert Job.objects.get().request == {}  # nothing reads it once the job has ended
     other = make_api_client("other")
     assert other.get(response.json()["url"]).status_code == 404
 
@@ -78,9 +81,10 @@ def test_a_re_delivered_job_runs_again_and_its_exchange_is_stored_once(django_us
     stored = list(Message.objects.filter(conversation_id=conversation).values_list("role", "content"))
     assert stored == [("user", "Ciao! What do you cook today?"),
                       ("assistant", job.result["choices"][0]["message"]["content"])]
+    assert job.request == {}  # dropped when the job ended: the duplicate delivery below must not need it
     job_run(job_id=str(job.pk))  # a duplicate delivery after the job ended changes nothing
     job.refresh_from_db()
-    assert (job.status, job.attempts) == ("done", 2)
+    assert (job.status, job.attempts, job.request) == ("done", 2, {})
     assert Message.objects.filter(conversation_id=conversation).count() == 2
 
 
@@ -91,6 +95,7 @@ def test_a_job_out_of_attempts_is_reported_failed_not_dropped(django_user_model)
     job_run(job_id=str(job.pk))
     job.refresh_from_db()
     assert job.status == "failed" and job.error["code"] == "worker_lost" and job.result is None
+    assert job.request == {}
 
 
 @pytest.mark.parametrize(("eager", "expected"), [(False, "queued"), (True, "failed")])
@@ -109,6 +114,8 @@ def test_a_job_without_heartbeat_waits_for_its_re_delivery(django_user_model, se
     fresh = _job(user, CHAT_JOB, api_key=key, status="running", attempts=1, heartbeat_at=timezone.now())
     assert client.get(f"/v1/jobs/{job.pk}").json()["status"] == expected
     assert client.get(f"/v1/jobs/{fresh.pk}").json()["status"] == "running"
+    job.refresh_from_db()
+    assert job.request == ({} if expected == "failed" else CHAT_JOB)  # a job waiting for re-delivery still needs it
 
 
 def test_a_cancelled_job_stores_nothing_when_its_attempt_ends(django_user_model):
@@ -136,6 +143,25 @@ def test_a_cancelled_job_stores_nothing_when_its_attempt_ends(django_user_model)
     assert not Conversation.objects.exists()
     assert tasks._finish(job_id=job.pk, attempt=2, record=record)
     assert Conversation.objects.get().messages.count() == 2
+
+
+def test_a_cancelled_job_drops_its_stored_request(django_user_model):
+    """An ended job takes no place under API_MAX_ACTIVE_JOBS but stays until purged: a loop of submit and cancel
+    must not store every request (up to a megabyte each) for a day."""
+    from chat.models import Job
+    from chat.tasks import job_run
+
+    client = make_api_client("looper")
+    body = {"messages": [{"role": "user", "content": "x" * 1_000}], "max_tokens": 4, "background": True}
+    url = client.post("/v1/chat/completions", body, format="json").json()["url"]  # queued: not run (no commit)
+    job = Job.objects.get()
+    assert job.request["messages"][0]["content"] == "x" * 1_000
+    assert client.delete(url).json()["status"] == "cancelled"
+    job.refresh_from_db()
+    assert (job.status, job.request) == ("cancelled", {})
+    job_run(job_id=str(job.pk))  # its delivery, arriving after the cancel, runs nothing
+    job.refresh_from_db()
+    assert (job.status, job.attempts, job.result) == ("cancelled", 0, None)
 
 
 def test_an_owner_has_a_bounded_number_of_jobs_queued_or_running(django_user_model, settings,
@@ -210,6 +236,7 @@ def test_a_job_whose_key_lapsed_before_it_ran_fails_as_unauthenticated_without_g
     job.refresh_from_db()
     assert job.status == "failed" and (job.error["status"], job.error["code"]) == (401, "invalid_api_key")
     assert job.result is None and not Conversation.objects.exists() and not UsageRecord.objects.exists()
+    assert job.request == {}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -249,5 +276,5 @@ async def test_an_inline_job_whose_client_left_is_cancelled_not_done(endless_sit
     with pytest.raises(asyncio.CancelledError):
         await request
     job = await job_now()
-    assert (job.status, job.result) == ("cancelled", None)
+    assert (job.status, job.result, job.request) == ("cancelled", None, {})
     assert not await sync_to_async(Conversation.objects.exists, thread_sensitive=False)()

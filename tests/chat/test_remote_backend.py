@@ -519,3 +519,38 @@ def test_a_busy_tokenizer_pool_estimates_and_does_not_mark_the_upstream_down():
         holder.join(5)
         client.close()
         fake.stop()
+
+
+def test_the_token_cache_is_bounded_by_what_it_holds_not_only_by_entries(monkeypatch):
+    """256 texts of a megabyte each held ~3.5 GB (their token ids most of it), and one tenant's long texts pushed
+    everyone's turns out: a long text is not remembered, and the entries' characters and ids are bounded together."""
+    from chat.engine import remote
+    from chat.engine.remote import RemoteTokenizer
+    from tests.fake_upstream import FakeUpstream
+
+    fake, asked = FakeUpstream(), []
+    fake.tokenize_body = lambda text: asked.append(text)  # None: the fair answer, len(text) // 4 + 1 ids
+    client = httpx.Client(timeout=10)
+    tokenizer = RemoteTokenizer(pool=UpstreamPool([fake.url], retry_after=30), client=client, model="m", headers={})
+    tokenizer.dialect = "llama_server"
+    try:
+        turn, document = "a turn of a conversation", "d" * (remote.TOKEN_CACHE_TEXT_CHARS + 1)
+        for _ in range(2):
+            assert len(tokenizer.tokenize(turn)) == len(turn) // 4 + 1
+            assert len(tokenizer.tokenize(document)) == len(document) // 4 + 1
+        assert asked == [turn, document, document]  # the turn remembered; the document asked for each time
+        assert list(tokenizer._cache) == [turn]
+
+        monkeypatch.setattr(remote, "TOKEN_CACHE_CHARS", 1200)
+        texts = [f"{index:03d}" + "x" * 297 for index in range(4)]  # 300 characters and 76 ids each
+        for text in texts:
+            tokenizer.tokenize(text)
+        assert list(tokenizer._cache) == texts[1:]  # the turn and the oldest text forgotten: 3 * 376 <= 1200
+        assert tokenizer._cache_chars == 3 * 376
+        asked.clear()
+        tokenizer.tokenize(texts[3])
+        tokenizer.tokenize(texts[0])
+        assert asked == [texts[0]]
+    finally:
+        client.close()
+        fake.stop()
