@@ -79,7 +79,8 @@ class CachedPrefix:
 
 
 class PrefixCache:
-    """Keeps saved states of token prefixes within `budget_bytes`, evicting the least recently used.
+    """Keeps saved states of token prefixes within `budget_bytes`, evicting the least recently used of the owner
+    that holds the most bytes (fair_victims).
 
     Keyed by owner and tokens: one owner's entry never replaces or removes another's (which would tell the first
     owner that the other sent those tokens). Thread-safe: the scheduler thread uses it; request threads only ask

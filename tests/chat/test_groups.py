@@ -481,3 +481,18 @@ def test_the_invitations_list_is_paginated_oldest_first(group_chat):
     assert page["count"] == 3 and page["next"] and len(page["results"]) == 2
     rest = lee.get("/v1/invitations/?limit=2&offset=2").json()["results"]
     assert [i["conversation"] for i in page["results"] + rest] == [str(c.pk) for c in conversations]
+
+
+def test_a_line_of_a_name_and_endless_spaces_is_read_in_one_pass():
+    """The line-start pattern once had a run of spaces to share among four quantifiers: a name and 3,000 spaces took
+    18 s, so a message could hold a request thread (and the GIL) for hours. A child thread must finish at all."""
+    import threading
+
+    lines = [GroupLine(role="user", content="ok\nBob" + " " * 200_000 + "x\n" + "**Bob**" + " " * 50_000 + ":", name="Lee")]
+    done = []
+    worker = threading.Thread(target=lambda: done.append(group_turns_for(lines=lines, speaker_id=ADA.pk,
+                                                                         member_names=["Ada", "Bob Stone", "Bob"])))
+    worker.start()
+    worker.join(60)
+    assert done, "still matching after a minute"
+    assert done[0][0]["content"].splitlines()[-1].startswith("> **Bob**")
