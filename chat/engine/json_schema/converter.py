@@ -139,6 +139,7 @@ class Converter:
         self.root_schema = schema
         self.rules: dict[str, str] = {}
         self.by_body: dict[str, str] = {}
+        self.last_number: dict[str, int] = {}  # rule name base -> the number its latest name took (_fresh)
         self.ref_rules: dict[str, str] = {}
         self.memo: dict[str, str] = {}
         self.unsatisfiable: dict[str, SchemaNotConvertible] = {}
@@ -177,10 +178,14 @@ class Converter:
 
     def _fresh(self, hint: str) -> str:
         base = "s-" + (re.sub(r"[^a-zA-Z0-9]+", "-", hint).strip("-")[-40:] or "x")
-        name, n = base, 1
+        # Counting on from the base's last number: counting from 1 each time made 4,000 properties ending alike
+        # cost 8 million lookups (2 s of a request thread).
+        n = self.last_number.get(base, 1)
+        name = base if n == 1 else f"{base}-{n}"
         while name in self.rules or name in BASE_RULES:
             n += 1
             name = f"{base}-{n}"
+        self.last_number[base] = n
         return name
 
     def base(self, name: str) -> str:

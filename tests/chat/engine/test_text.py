@@ -64,17 +64,39 @@ def test_stop_string_inside_a_multibyte_sequence_boundary():
     assert assembler.stopped
 
 
-def test_the_held_back_text_is_the_longest_tail_that_begins_a_stop_string():
-    """The tail is found where a stop string's first character is, checked against every length by brute force."""
+def test_stop_strings_cut_and_hold_back_as_a_brute_force_reading_does():
+    """Fed in random pieces, the filter emits the text up to where a stop string is first complete (the earliest
+    start among those completed by that character) and, until then, holds back exactly the longest tail that
+    begins a stop string."""
     import random
 
     rng = random.Random(7)
 
-    def brute_force(stops, text):
+    def held_back(stops, text):
         return max([length for stop in stops for length in range(1, min(len(stop) - 1, len(text)) + 1)
                     if text.endswith(stop[:length])], default=0)
 
+    def cut_of(stops, text):
+        for end in range(1, len(text) + 1):
+            starts = [end - len(stop) for stop in stops if text[:end].endswith(stop)]
+            if starts:
+                return min(starts)
+        return None
+
     for _ in range(3000):
         stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
-        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
-        assert StopStringFilter(stops)._longest_stop_prefix_suffix(text) == brute_force(stops, text), (stops, text)
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 16)))
+        expected_cut = cut_of(stops, text)
+        stop_filter, emitted, fed = StopStringFilter(stops), "", 0
+        while fed < len(text):
+            piece = text[fed:fed + rng.randint(1, 4)]
+            fed += len(piece)
+            emitted += stop_filter.feed(piece)
+            if stop_filter.stopped:
+                break
+            assert emitted == text[:fed - held_back(stops, text[:fed])], (stops, text, fed)
+        if expected_cut is None:
+            assert not stop_filter.stopped and emitted + stop_filter.flush() == text, (stops, text)
+        else:
+            assert stop_filter.stopped and emitted == text[:expected_cut], (stops, text)
+
