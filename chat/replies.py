@@ -268,11 +268,17 @@ def exchange_store(record: ReplyRecord) -> Conversation | None:
                 conversation.save(update_fields=["updated_at"])
             transaction.on_commit(plan.release_conversation)  # the next continuation reads this exchange
     except IntegrityError:  # deleted after the check, before the commit (PostgreSQL checks foreign keys then)
-        raise ContentDeleted("Something this reply refers to (its character, group or a scenario) was deleted while "
-                             "it was generated; nothing was stored.", param="character") from None
+        raise content_deleted_late() from None
     record.conversation = conversation
     record.stored = replies
     return conversation
+
+
+def content_deleted_late() -> ContentDeleted:
+    """The error of a store whose transaction failed its foreign keys at commit: something it refers to was deleted
+    after it was checked (also raised where an outer transaction commits, e.g. a background job's)."""
+    return ContentDeleted("Something this reply refers to (its character, group or a scenario) was deleted while it "
+                          "was stored; nothing was stored.", code="content_deleted")
 
 
 def _characters_and_group_still_there(plan: ChatPlan) -> None:

@@ -13,7 +13,7 @@ import time
 
 from celery import shared_task
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
 from django.dispatch import receiver
 from django.utils import timezone
 from rest_framework.exceptions import AuthenticationFailed
@@ -24,7 +24,8 @@ from .errors import error_from_exception
 from .jobs import ACTIVE, job_attempt_rows, job_ended_fields, job_queued
 from .models import Job
 from .plans import chat_request_prepare
-from .replies import ReplyRecord, chat_completion_body, exchange_store, reply_generate, reply_lookup, reply_remember
+from .replies import (ReplyRecord, chat_completion_body, content_deleted_late, exchange_store, reply_generate,
+                      reply_lookup, reply_remember)
 from .tenancy.owners import Tenant
 from .tenancy.quotas import quota_job_hold, quota_job_release
 
@@ -121,14 +122,17 @@ def _claim(job_id: str) -> int | None:
 
 def _finish(*, job_id, attempt: int, record: ReplyRecord) -> bool:
     """Mark the job done and store the exchange in one transaction; False when the attempt lost the job."""
-    with transaction.atomic():
-        # The conditional update comes first: it locks the row, so a cancel or a newer attempt
-        # waits for this transaction or wins before it, and the exchange is stored at most once.
-        if not job_attempt_rows(job_id, attempt).update(**job_ended_fields(
-                Job.Status.DONE, completion_tokens=record.completion.completion_tokens)):
-            return False
-        exchange_store(record)
-        Job.objects.filter(pk=job_id).update(result=chat_completion_body(record))
+    try:
+        with transaction.atomic():
+            # The conditional update comes first: it locks the row, so a cancel or a newer attempt
+            # waits for this transaction or wins before it, and the exchange is stored at most once.
+            if not job_attempt_rows(job_id, attempt).update(**job_ended_fields(
+                    Job.Status.DONE, completion_tokens=record.completion.completion_tokens)):
+                return False
+            exchange_store(record)
+            Job.objects.filter(pk=job_id).update(result=chat_completion_body(record))
+    except IntegrityError:  # exchange_store's own check is a savepoint here: foreign keys fail at this commit
+        raise content_deleted_late() from None
     return True
 
 

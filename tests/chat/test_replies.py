@@ -133,7 +133,8 @@ def test_a_character_that_spoke_cannot_be_deleted_from_under_its_lines(tiny_site
     assert Message.objects.get(role="assistant").speaker == bob
 
 
-def test_content_deleted_after_the_check_but_before_the_commit_is_a_409_not_a_500(tiny_site, monkeypatch):
+@pytest.mark.parametrize("background", [False, True])
+def test_content_deleted_after_the_check_but_before_the_commit_is_a_409_not_a_500(tiny_site, monkeypatch, background):
     """Foreign keys are checked at commit (SQLite here, PostgreSQL's deferred constraints): a deletion that comes
     after the existence check still fails the transaction, answered as the deletion it is."""
     client = make_api_client("alice")
@@ -150,8 +151,15 @@ def test_content_deleted_after_the_check_but_before_the_commit_is_a_409_not_a_50
         monkeypatch.setattr(Scenario.objects, "filter", lambda **kw: [storm])
 
     monkeypatch.setattr(replies, "_characters_and_group_still_there", check_then_delete)
-    response = client.post(URL, {"character": "mira", "max_tokens": 4, "temperature": 0.9,
+    response = client.post(URL, {"character": "mira", "max_tokens": 4, "temperature": 0.9, "background": background,
                                  "messages": [{"role": "user", "content": "A storm?"}]}, format="json", **NO_CACHE)
-    assert response.status_code == 409, response.content
-    assert response.json()["error"]["code"] == "character_deleted"
+    if background:  # inline (no broker): the job ran in the request; its exchange is stored in the job's transaction
+        assert response.status_code == 202, response.content
+        job = client.get(response.json()["url"]).json()
+        assert job["status"] == "failed" and job["error"]["status"] == 409, job
+        error = job["error"]
+    else:
+        assert response.status_code == 409, response.content
+        error = response.json()["error"]
+    assert error["code"] == "content_deleted"
     assert not Conversation.objects.exists() and not Message.objects.exists()
