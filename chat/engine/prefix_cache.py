@@ -91,6 +91,7 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], CachedPrefix] = OrderedDict()  # oldest first
         self.total_bytes = 0
+        self._demoted: set = set()  # keys to evict before any other (demote), until used again
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -105,6 +106,7 @@ class PrefixCache:
             best, best_length = self._best(tokens, exact_only, owner, shared)
             if best is not None:
                 self._entries.move_to_end((best.owner, best.tokens))  # recently used
+                self._demoted.discard((best.owner, best.tokens))
             return best, best_length
 
     def match_length(self, tokens: Sequence[int], *, owner: str = "", shared: int = 0) -> int:
@@ -138,8 +140,7 @@ class PrefixCache:
                 self._remove(key)
             self._entries[(owner, tokens)] = entry
             self.total_bytes += size
-            for key in fair_victims([(o, e.size, (o, k)) for (o, k), e in self._entries.items()], self.budget_bytes):
-                self._remove(key)
+            self._evict(keep=(owner, tokens))
         return True
 
     def demote(self, tokens: Sequence[int], *, owner: str = "") -> None:
@@ -149,10 +150,23 @@ class PrefixCache:
             key = (owner, tuple(tokens))
             if key in self._entries:
                 self._entries.move_to_end(key, last=False)
+                self._demoted.add(key)
+
+    def _evict(self, *, keep) -> None:
+        """Fit the budget: demoted entries first, then fairly (fair_victims); `keep`, the entry just stored, last
+        (evicting it would cache nothing for an owner whose one prompt is its heaviest)."""
+        for key in [key for key in self._entries if key in self._demoted and key != keep]:
+            if self.total_bytes <= self.budget_bytes:
+                return
+            self._remove(key)
+        others = [(o, e.size, (o, k)) for (o, k), e in self._entries.items() if (o, k) != keep]
+        for key in fair_victims(others, self.budget_bytes - self._entries[keep].size):
+            self._remove(key)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._demoted.clear()
             self.total_bytes = 0
 
     def _best(self, tokens: Sequence[int], exact_only: bool, owner: str,
@@ -168,3 +182,4 @@ class PrefixCache:
 
     def _remove(self, key: tuple[str, tuple[int, ...]]) -> None:
         self.total_bytes -= self._entries.pop(key).size
+        self._demoted.discard(key)

@@ -284,9 +284,10 @@ class StateStore:
                 if other != path:
                     _remove(other)
             self._index[path] = _Header(owner, shared, tokens)
-        self._evict()
+        self._evict(keep=path)
 
-    def _evict(self) -> None:
+    def _evict(self, *, keep: Path | None = None) -> None:
+        """Fit the budget, fairly (prefix_cache.fair_victims); `keep`, the file just written, goes last."""
         files = []
         for path in list(self._index):
             try:
@@ -298,7 +299,8 @@ class StateStore:
         with self._lock:
             owners = {path: header.owner for path, header in self._index.items()}
         ordered = [(owners.get(path, ""), size, path) for _, size, path in sorted(files)]  # least recently used first
-        for path in fair_victims(ordered, self.budget_bytes):
+        kept = sum(size for _, size, path in ordered if path == keep)
+        for path in fair_victims([entry for entry in ordered if entry[2] != keep], self.budget_bytes - kept):
             self._discard(path)
 
 

@@ -473,3 +473,16 @@ def test_fair_victims_take_the_heaviest_owners_oldest_entries_first():
     assert fair_victims(entries, 60) == ["b1"]
     assert fair_victims(entries, 30) == ["b1", "b2"]
     assert fair_victims(entries, 20) == ["b1", "b2", "a1"]
+
+
+def test_the_entry_just_stored_is_kept_and_a_demoted_one_goes_first_whoever_holds_it():
+    cache = PrefixCache(budget_bytes=100)
+    cache.put([1], "a's", 60, owner="a")
+    assert cache.put([2], "b's one long prompt", 70, owner="b")  # b is now the heaviest owner: its entry stays
+    assert cache.longest_match([2, 3], owner="b")[0] is not None and cache.total_bytes <= 100
+    cache.put([3], "c's", 10, owner="c")
+    cache.put([4], "c's resumed state", 10, owner="c")
+    cache.demote([4], owner="c")
+    cache.put([5], "b's second", 15, owner="b")  # over budget: c's demoted entry goes before anything of b's
+    assert cache.longest_match([4, 9], owner="c")[0] is None
+    assert cache.longest_match([5, 9], owner="b")[0] is not None
