@@ -7,6 +7,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import regex
+
 # Put before a line inside a message that starts as a real line does ("Bob: ..."): it reads as quoted text
 # within the message of whoever wrote it, never as a line of its own.
 QUOTED_LINE_MARK = "> "
@@ -44,6 +46,10 @@ def group_turns_for(*, lines: Sequence[GroupLine], speaker_id: int, member_names
 
 
 _SPACES_AND_EMPHASIS = re.compile(r"[\s*_]+")
+_LEADING = regex.compile(r"[\s*_\p{Cf}]+")
+_FORMAT_CHARACTERS = regex.compile(r"\p{Cf}+")
+# Of a line, what is read for a writer's name: a name (USER_NAME_MAX, 100) with "(a person)", marks and spaces.
+LINE_START_CHARS = 200
 
 
 def _line_start_of(*, names: Iterable[str]) -> re.Pattern:
@@ -53,7 +59,7 @@ def _line_start_of(*, names: Iterable[str]) -> re.Pattern:
     side of optional parts, a name and 3,000 spaces took 18 s to match)."""
     spelled = sorted({_as_read(name) for name in names} - {""}, key=len, reverse=True)  # longest first
     alternatives = "|".join(re.escape(name) for name in spelled)
-    return re.compile(rf"(?:{alternatives})(?: {re.escape(_as_read(HUMAN_SUFFIX))})? ?:")
+    return re.compile(rf"(?:{alternatives})(?: ?{re.escape(_as_read(HUMAN_SUFFIX))})? ?:")
 
 
 def _as_read(text: str) -> str:
@@ -61,8 +67,7 @@ def _as_read(text: str) -> str:
     a space, full-width letters are plain), format characters (Unicode Cf: zero-width spaces and joiners, direction
     marks) dropped, since they show as nothing, markdown emphasis marks and runs of spaces made one space, stripped,
     case folded."""
-    normal = unicodedata.normalize("NFKC", text)
-    visible = "".join(char for char in normal if unicodedata.category(char) != "Cf")
+    visible = _FORMAT_CHARACTERS.sub("", unicodedata.normalize("NFKC", text))
     return _SPACES_AND_EMPHASIS.sub(" ", visible).strip().casefold()
 
 
@@ -70,4 +75,12 @@ def _quote_line_starts(text: str, line_start: re.Pattern) -> str:
     """`text` with each of its lines after the first that reads as a line of the chat (`_as_read`) quoted. The first
     follows the writer's own "Name: ", so it cannot start a line; every line is kept as it was written, only marked."""
     first, *rest = text.splitlines(keepends=True) or [""]
-    return first + "".join(QUOTED_LINE_MARK + line if line_start.match(_as_read(line)) else line for line in rest)
+    return first + "".join(QUOTED_LINE_MARK + line if line_start.match(_start_as_read(line)) else line
+                           for line in rest)
+
+
+def _start_as_read(line: str) -> str:
+    """The start of `line` as read (`_as_read`): what leads it (spaces, emphasis, format characters) skipped by one
+    compiled pattern, then a bounded stretch normalized, so a long history is not normalized character by character."""
+    lead = _LEADING.match(line)
+    return _as_read(line[lead.end() if lead else 0:][:LINE_START_CHARS])
