@@ -43,6 +43,7 @@ class _Grammar:
         self.rules: list[list[tuple]] = []
         self.names: dict[str, int] = {}
         self.size = 0  # elements written out so far (MAX_ELEMENTS)
+        self.repetitions: set[int] = set()  # rules written for *, +, ?, {m,n}: "more or stop", no ambiguity of their own
         bodies = []
         starts = list(_RULE_START.finditer(text))
         for index, match in enumerate(starts):
@@ -162,11 +163,13 @@ class _Grammar:
             star = len(self.rules)
             self.rules.append([])
             self.rules[star] = [item + (("r", star),), ()]
+            self.repetitions.add(star)
             elements.append(("r", star))
         elif high > low:
             tail: tuple = ()
             for _ in range(high - low):  # (item (item ...)?)?
                 tail = (self._new_rule([item + tail, ()]),)
+                self.repetitions.add(tail[0][1])
             elements.extend(tail)
 
     def _char(self) -> int:
@@ -255,7 +258,7 @@ def most_stacks(gbnf: str, *, limit: int = MAX_STACKS, root: str = "root") -> in
     """The most stacks the rehearsal found (stopping at `limit`); `limit` itself for a grammar too large to
     rehearse (parsing it here would cost too much), 0 for text this parser cannot read (llama.cpp's then decides).
 
-    The search starts from `root` and again from every named rule with alternatives: ambiguity belongs to a rule,
+    The search starts from `root` and again from every rule with alternatives (named, or a group in parentheses): ambiguity belongs to a rule,
     and text before it (say 400 optional properties, each a path of its own) must not hide it from a beam that
     follows only the widest stack sets. The starts share one work budget; one that runs out reports what the
     search found until then."""
@@ -267,16 +270,17 @@ def most_stacks(gbnf: str, *, limit: int = MAX_STACKS, root: str = "root") -> in
         return 0
     if root not in grammar.names:
         return 0
-    starts = [root] + [name for name, index in grammar.names.items()
-                       if name != root and len(grammar.rules[index]) > 1]
+    root_index = grammar.names[root]
+    starts = [root_index] + [index for index, alternatives in enumerate(grammar.rules)
+                             if index != root_index and len(alternatives) > 1 and index not in grammar.repetitions]
     work, most = [0], 0
-    for number, name in enumerate(starts):
-        # Each start may use an equal share of what is left (the root first, with the most).
-        share = (WORK_BUDGET - work[0]) // (len(starts) - number)
+    for number, start in enumerate(starts):
+        # The root may use half of the budget; each other start an equal share of what is left.
+        left = WORK_BUDGET - work[0]
+        share = left // 2 if number == 0 else left // (len(starts) - number)
         if share <= 0:
             break
-        most = max(most, _rehearse(grammar, grammar.names[name], _Stacks(grammar, work, budget=work[0] + share),
-                                   limit))
+        most = max(most, _rehearse(grammar, start, _Stacks(grammar, work, budget=work[0] + share), limit))
         if most >= limit:
             break
     return most
