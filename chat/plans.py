@@ -214,8 +214,11 @@ def _plan_for(*, user, data: dict, conversation: Conversation | None, lease: Con
                             tools=native_tools, continue_final=continued is not None, **world_info)
     if conversation is None and prompt.dropped_turns:
         # A new conversation stores what the model saw: the oldest turns that did not fit are not stored (they were
-        # neither read nor billed, and a client could otherwise store a megabyte a request).
+        # neither read nor billed, and a client could otherwise store a megabyte a request). World Info's timed
+        # effects count messages: counted in the stored conversation, as the next request will count them.
         new_turns = new_turns[prompt.dropped_turns:]
+        prompt.world_info_state = {key: {field: count - prompt.dropped_turns for field, count in record.items()}
+                                   for key, record in prompt.world_info_state.items()}
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=character, conversation=conversation,
                     new_turns=tuple(new_turns), store=store, user=user, shorthand=data.get("shorthand", False),
                     user_name=user_name, tools=tools, cache_allowed=cache_allowed, request_key=request_key,

@@ -208,3 +208,26 @@ def test_a_new_conversation_stores_only_the_turns_the_model_saw(tiny_site):
     users = [m.content for m in stored if m.role == "user"]
     assert 1 < len(users) < 61 and users[-1] == "And the last one?"  # the oldest did not fit a 1,024-token context
     assert stored[0].content != history[0]["content"] and stored[0].parent_id is None
+
+
+def test_world_info_timing_of_a_trimmed_new_conversation_counts_its_stored_messages(tiny_site, settings):
+    from tests.factories import make_scenario
+
+    settings.SCENARIO_SCAN_DEPTH = 1
+    settings.SCENARIO_BM25_THRESHOLD = 1000.0  # only keys and timed effects
+    alice = make_api_client("alice")
+    mira = make_character("mira")
+    make_scenario("Storm", character=mira, keywords="storm", content="A storm rages.", sticky=2, cooldown=2)
+    history = []
+    for number in range(60):
+        history += [{"role": "user", "content": f"Question {number}: " + "word " * 40},
+                    {"role": "assistant", "content": f"Answer {number}: " + "word " * 40}]
+    history.append({"role": "user", "content": "A storm is coming."})
+    first = alice.post(URL, {"character": "mira", "messages": history, "max_tokens": 2}, format="json", **NO_CACHE)
+    assert first.status_code == 200 and [s["title"] for s in first.json()["scenarios"]] == ["Storm"], first.content
+    conversation = first.json()["conversation"]
+    stored = Message.objects.filter(conversation_id=conversation).count()
+    reply = Message.objects.get(pk=Conversation.objects.get(pk=conversation).active_id)
+    assert list(reply.world_info_state.values())[0]["at"] == stored - 1  # the user message, counted as stored
+    after = say(alice, "Tea?", conversation=conversation)  # still sticky, without the keyword
+    assert [s["title"] for s in after.json()["scenarios"]] == ["Storm"], after.content
