@@ -171,9 +171,10 @@ if REDIS_URL:
 else:
     # Counters, leases and stop flags must never be culled to make room (LocMem's default holds 300 entries and
     # drops a third when full): cached replies, which any client can add, live in a bounded store of their own.
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmsite",
-                          "OPTIONS": {"MAX_ENTRIES": 50_000}},  # LocMem never sweeps expired windows' counters
-              REPLY_CACHE: {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmsite-replies",
+    # Expired entries (past windows' counters) go before any live one is culled (llmsite/cache_backends.py).
+    CACHES = {"default": {"BACKEND": "llmsite.cache_backends.SweepingLocMemCache", "LOCATION": "llmsite",
+                          "OPTIONS": {"MAX_ENTRIES": 100_000}},
+              REPLY_CACHE: {"BACKEND": "llmsite.cache_backends.SweepingLocMemCache", "LOCATION": "llmsite-replies",
                             "OPTIONS": {"MAX_ENTRIES": env_int("RESPONSE_CACHE_MAX_ENTRIES", 2000, minimum=1)}}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 

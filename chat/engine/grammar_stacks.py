@@ -277,7 +277,7 @@ def most_stacks(gbnf: str, *, limit: int = MAX_STACKS, root: str = "root") -> in
     for number, start in enumerate(starts):
         # The root may use half of the budget; each other start an equal share of what is left.
         left = WORK_BUDGET - work[0]
-        share = left // 2 if number == 0 else left // (len(starts) - number)
+        share = left // 2 if number == 0 and len(starts) > 1 else left // (len(starts) - number)
         if share <= 0:
             break
         most = max(most, _rehearse(grammar, start, _Stacks(grammar, work, budget=work[0] + share), limit))

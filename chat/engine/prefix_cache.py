@@ -36,25 +36,27 @@ def reusable_across(length: int, *, saved_owner: str, saved_shared: int, owner: 
     return length if saved_owner == owner else min(length, saved_shared, shared)
 
 
-def fair_victims(entries: Sequence[tuple[str, int, Any]], budget: int) -> list:
+def fair_victims(entries: Sequence[tuple[str, int, Any]], budget: int, *, keep: Any = None) -> list:
     """Which of `entries` (owner, size, key), least recently used first, to drop to fit `budget` bytes: always the
     oldest entry of the owner holding the most bytes, so that one tenant's flood of long prompts evicts its own
-    entries, not everyone's (plain LRU let six distinct long prompts a minute keep all other tenants cold)."""
+    entries, not everyone's (plain LRU let six distinct long prompts a minute keep all other tenants cold). `keep`
+    (the entry just stored) counts toward its owner's bytes but is never picked."""
     held: dict[str, int] = {}
-    for owner, size, _ in entries:
-        held[owner] = held.get(owner, 0) + size
-    total, queues = sum(held.values()), {}
+    queues: dict[str, list] = {}
     for owner, size, key in entries:
-        queues.setdefault(owner, []).append((size, key))
+        held[owner] = held.get(owner, 0) + size
+        if key != keep:
+            queues.setdefault(owner, []).append((size, key))
+    total = sum(held.values())
     victims = []
-    while total > budget and held:
-        heaviest = max(held, key=held.get)
+    while total > budget and queues:
+        heaviest = max(queues, key=held.get)
         size, key = queues[heaviest].pop(0)
         victims.append(key)
         total -= size
         held[heaviest] -= size
         if not queues[heaviest]:
-            del held[heaviest]
+            del queues[heaviest]
     return victims
 
 
@@ -159,8 +161,8 @@ class PrefixCache:
             if self.total_bytes <= self.budget_bytes:
                 return
             self._remove(key)
-        others = [(o, e.size, (o, k)) for (o, k), e in self._entries.items() if (o, k) != keep]
-        for key in fair_victims(others, self.budget_bytes - self._entries[keep].size):
+        entries = [(o, e.size, (o, k)) for (o, k), e in self._entries.items()]
+        for key in fair_victims(entries, self.budget_bytes, keep=keep):
             self._remove(key)
 
     def clear(self) -> None:

@@ -299,8 +299,7 @@ class StateStore:
         with self._lock:
             owners = {path: header.owner for path, header in self._index.items()}
         ordered = [(owners.get(path, ""), size, path) for _, size, path in sorted(files)]  # least recently used first
-        kept = sum(size for _, size, path in ordered if path == keep)
-        for path in fair_victims([entry for entry in ordered if entry[2] != keep], self.budget_bytes - kept):
+        for path in fair_victims(ordered, self.budget_bytes, keep=keep):
             self._discard(path)
 
 

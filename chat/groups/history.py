@@ -46,10 +46,7 @@ def group_turns_for(*, lines: Sequence[GroupLine], speaker_id: int, member_names
 
 
 _SPACES_AND_EMPHASIS = re.compile(r"[\s*_]+")
-_LEADING = regex.compile(r"[\s*_\p{Cf}]+")
 _FORMAT_CHARACTERS = regex.compile(r"\p{Cf}+")
-# Of a line, what is read for a writer's name: a name (USER_NAME_MAX, 100) with "(a person)", marks and spaces.
-LINE_START_CHARS = 200
 
 
 def _line_start_of(*, names: Iterable[str]) -> re.Pattern:
@@ -80,7 +77,7 @@ def _quote_line_starts(text: str, line_start: re.Pattern) -> str:
 
 
 def _start_as_read(line: str) -> str:
-    """The start of `line` as read (`_as_read`): what leads it (spaces, emphasis, format characters) skipped by one
-    compiled pattern, then a bounded stretch normalized, so a long history is not normalized character by character."""
-    lead = _LEADING.match(line)
-    return _as_read(line[lead.end() if lead else 0:][:LINE_START_CHARS])
+    """`line` as read (`_as_read`), whole: padding anywhere before the colon (spaces, zero-width characters, emphasis
+    marks, full-width ones) must not push it out of view. Every step is a C-speed pass (normalize, compiled
+    patterns), so a long history costs milliseconds, not a loop over its characters."""
+    return _as_read(line)

@@ -244,6 +244,7 @@ async def test_an_inline_job_whose_client_left_is_cancelled_not_done(endless_sit
     """Without a broker a job runs inside the request that made it; a client that leaves cancels the request's
     generations, the job's too: nothing is stored, and the job reads cancelled."""
     import asyncio
+    import threading
     import time
 
     from asgiref.sync import sync_to_async
@@ -256,9 +257,18 @@ async def test_an_inline_job_whose_client_left_is_cancelled_not_done(endless_sit
 
     endless_site(4096)
 
+    steps = []
+    generating = threading.Event()
+
+    def slow_step(step) -> None:  # still running when the client leaves; says when it has generated for a while
+        steps.append(step)
+        if len(steps) >= 10:
+            generating.set()
+        time.sleep(0.02)
+
     def slow_site() -> str:
         make_character("mira")
-        monkeypatch.setattr(get_engine(), "faults", Faults(step=lambda step: time.sleep(0.02)))  # still running
+        monkeypatch.setattr(get_engine(), "faults", Faults(step=slow_step))
         return make_api_client("leaver").raw_key
 
     raw_key = await sync_to_async(slow_site)()
@@ -266,15 +276,12 @@ async def test_an_inline_job_whose_client_left_is_cancelled_not_done(endless_sit
         "/v1/chat/completions", {"character": "mira", "max_tokens": 600, "background": True,
                                  "messages": [{"role": "user", "content": "Hi"}]},
         content_type="application/json", headers={"Authorization": f"Bearer {raw_key}", "Cache-Control": "no-cache"}))
-    # Read apart from the request's thread, which runs the job (thread_sensitive would queue behind it).
-    job_now = sync_to_async(lambda: Job.objects.first(), thread_sensitive=False)
-    deadline = time.monotonic() + 60
-    while not ((job := await job_now()) and job.completion_tokens) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert job.status == "running"
+    # Waited for without reading the database meanwhile: the test database is SQLite in memory, where a read from
+    # another thread can lock the job's table under the job's own progress write.
+    assert await sync_to_async(generating.wait, thread_sensitive=False)(60)
     request.cancel()  # the client leaves
     with pytest.raises(asyncio.CancelledError):
         await request
-    job = await job_now()
+    job = await sync_to_async(lambda: Job.objects.first(), thread_sensitive=False)()
     assert (job.status, job.result, job.request) == ("cancelled", None, {})
     assert not await sync_to_async(Conversation.objects.exists, thread_sensitive=False)()

@@ -144,3 +144,18 @@ def test_cached_replies_cannot_crowd_counters_and_leases_out_of_the_default_cach
         response_cache._replies().set(f"reply:{number}", {"text": "x"}, timeout=60)
     assert cache.get("lease:probe") == "held"
     assert response_cache._replies() is caches[settings.REPLY_CACHE] and settings.REPLY_CACHE != "default"
+
+
+def test_a_full_embedded_cache_drops_expired_counters_before_live_leases(settings):
+    from llmsite.cache_backends import SweepingLocMemCache
+
+    cache = SweepingLocMemCache("sweep-probe", {"OPTIONS": {"MAX_ENTRIES": 100, "CULL_FREQUENCY": 3}})
+    cache.set("lease", "held", timeout=600)
+    for minute in range(99):  # past windows' counters, expired
+        cache.set(f"throttle:{minute}", 1, timeout=0.001)
+    import time
+
+    time.sleep(0.01)
+    for number in range(50):  # the cache is full: the next sets cull
+        cache.set(f"throttle:new:{number}", 1, timeout=60)
+    assert cache.get("lease") == "held"

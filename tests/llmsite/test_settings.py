@@ -32,7 +32,7 @@ def show(env=None):
 def test_embedded_defaults_need_nothing_installed():
     shown = show()
     assert shown["db"] == "django.db.backends.sqlite3"
-    assert shown["cache"] == "django.core.cache.backends.locmem.LocMemCache"
+    assert shown["cache"] == "llmsite.cache_backends.SweepingLocMemCache"  # local memory, expired entries swept first
     assert shown["layer"] == "channels.layers.InMemoryChannelLayer"
     assert shown["eager"] is True and shown["broker"] == "memory://"
 

@@ -486,3 +486,12 @@ def test_the_entry_just_stored_is_kept_and_a_demoted_one_goes_first_whoever_hold
     cache.put([5], "b's second", 15, owner="b")  # over budget: c's demoted entry goes before anything of b's
     assert cache.longest_match([4, 9], owner="c")[0] is None
     assert cache.longest_match([5, 9], owner="b")[0] is not None
+
+
+def test_the_entry_just_stored_still_counts_toward_its_owners_bytes():
+    cache = PrefixCache(budget_bytes=100)
+    cache.put([9], "b's", 40, owner="b")
+    cache.put([1], "a's first", 10, owner="a")
+    cache.put([2], "a's second", 60, owner="a")  # a holds 70: its own older entry goes, not b's
+    assert cache.longest_match([9, 9], owner="b")[0] is not None
+    assert cache.longest_match([1, 9], owner="a")[0] is None and cache.longest_match([2, 9], owner="a")[0] is not None
