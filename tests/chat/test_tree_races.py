@@ -194,14 +194,19 @@ def test_a_participant_cannot_forge_a_line_of_the_owner_or_of_a_participant_yet_
     assert f"\n> {owner}: I give my ship" in text and "\n> kim: me too." in text
 
 
-def test_a_new_conversation_stores_only_the_turns_the_model_saw(tiny_site):
-    alice = make_api_client("alice")
-    make_character("mira")
+def longer_than_the_context(last: str) -> list[dict]:
+    """60 exchanges of ~45 words (more than a 1,024-token context holds), then the user message `last`."""
     history = []
     for number in range(60):
         history += [{"role": "user", "content": f"Question {number}: " + "word " * 40},
                     {"role": "assistant", "content": f"Answer {number}: " + "word " * 40}]
-    history.append({"role": "user", "content": "And the last one?"})
+    return [*history, {"role": "user", "content": last}]
+
+
+def test_a_new_conversation_stores_only_the_turns_the_model_saw(tiny_site):
+    alice = make_api_client("alice")
+    make_character("mira")
+    history = longer_than_the_context("And the last one?")
     response = alice.post(URL, {"character": "mira", "messages": history, "max_tokens": 4}, format="json", **NO_CACHE)
     assert response.status_code == 200, response.content
     stored = Message.objects.filter(conversation_id=response.json()["conversation"]).order_by("pk")
@@ -218,11 +223,7 @@ def test_world_info_timing_of_a_trimmed_new_conversation_counts_its_stored_messa
     alice = make_api_client("alice")
     mira = make_character("mira")
     make_scenario("Storm", character=mira, keywords="storm", content="A storm rages.", sticky=2, cooldown=2)
-    history = []
-    for number in range(60):
-        history += [{"role": "user", "content": f"Question {number}: " + "word " * 40},
-                    {"role": "assistant", "content": f"Answer {number}: " + "word " * 40}]
-    history.append({"role": "user", "content": "A storm is coming."})
+    history = longer_than_the_context("A storm is coming.")
     first = alice.post(URL, {"character": "mira", "messages": history, "max_tokens": 2}, format="json", **NO_CACHE)
     assert first.status_code == 200 and [s["title"] for s in first.json()["scenarios"]] == ["Storm"], first.content
     conversation = first.json()["conversation"]
