@@ -131,6 +131,8 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
                          user_name=user_name, cache_allowed=cache_allowed, request_key=request_key, branch=branch)
         if conversation is not None:
             _tree_room_check(plan)
+        elif plan.store:
+            _conversation_room_check(plan)
         return plan
     except BaseException:
         if lease is not None:
@@ -255,6 +257,17 @@ def _tree_room_check(plan: ChatPlan) -> None:
         raise ApiError(f"The message would have more than {settings.CONVERSATION_MAX_ALTERNATIVES} alternatives "
                        "(CONVERSATION_MAX_ALTERNATIVES): delete some first.", param="message",
                        code="too_many_alternatives", status=409)
+
+
+def _conversation_room_check(plan: ChatPlan) -> None:
+    """409 before anything is generated when a new stored conversation would pass its owner's cap
+    (USER_MAX_CONVERSATIONS, 0 = none): a key's stored conversations cannot grow without bound. Counted when the
+    request arrives, so requests sent at once may pass it together (bounded by the key's concurrency)."""
+    limit = settings.USER_MAX_CONVERSATIONS
+    if limit and Conversation.objects.filter(owner_id=getattr(plan.user, "pk", None)).count() >= limit:
+        raise ApiError(f"You have the maximum of {limit} stored conversations (USER_MAX_CONVERSATIONS): delete some "
+                       "(DELETE /v1/conversations/<id>/) or send store: false.", param="conversation",
+                       code="too_many_conversations", status=409)
 
 
 def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:

@@ -47,7 +47,7 @@ def conversation_get_owned(*, user, conversation_id, owner_only: bool = False) -
         raise NotFound(f"No conversation {missing_id_text(conversation_id, parsed=parsed)}.", param="conversation",
                        code="conversation_not_found")
     if owner_only and conversation.owner_id != user.pk:
-        raise ApiError("Only the conversation's owner may change its tree; participants send messages.",
+        raise ApiError("Only the conversation's owner may change or delete it; participants send messages.",
                        param="conversation", code="not_conversation_owner", status=403)
     return conversation
 

@@ -287,6 +287,9 @@ REPLY_DETACHED_MAX_PER_OWNER = env_int("REPLY_DETACHED_MAX_PER_OWNER", 4, minimu
 # swipes, edits); a reply that would pass either is refused with 409 before anything is generated (chat/plans.py).
 CONVERSATION_MAX_MESSAGES = env_int("CONVERSATION_MAX_MESSAGES", 5000, minimum=2)
 CONVERSATION_MAX_ALTERNATIVES = env_int("CONVERSATION_MAX_ALTERNATIVES", 64, minimum=1)
+# Stored conversations a user (every key acting as it) may own; 0 = no limit. Off by default like the quotas: one
+# key may serve a whole application's end users.
+USER_MAX_CONVERSATIONS = env_int("USER_MAX_CONVERSATIONS", 0, minimum=0)
 # Quotas per API key (chat/tenancy/quotas.py): what a key whose own field is empty gets; 0 = no limit.
 API_KEY_MAX_CONCURRENT = env_int("API_KEY_MAX_CONCURRENT", 0, minimum=0)        # generations at once
 API_KEY_TOKENS_PER_MINUTE = env_int("API_KEY_TOKENS_PER_MINUTE", 0, minimum=0)  # prompt + completion tokens

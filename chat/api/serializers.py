@@ -379,6 +379,11 @@ class ConversationSerializer(serializers.ModelSerializer):
                   "updated_at"]
 
 
+class ConversationRenameSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=Conversation._meta.get_field("title").max_length, allow_blank=True,
+                                  trim_whitespace=True, help_text="Shown in the list of conversations.")
+
+
 # --- Response shapes (documentation of what the views return) -------------------------------------
 
 

@@ -22,7 +22,7 @@ from chat.models import ApiKey
 from chat.selectors import conversation_get_listed, conversation_get_owned, conversations_of
 from chat.services import chat_completion_create, text_completion_run, text_generation_start
 from chat.tenancy.usage import usage_of_owner, usage_window
-from chat.trees.operations import chat_completion_choices
+from chat.trees.operations import chat_completion_choices, conversation_delete, conversation_rename
 
 from . import serializers as s
 from .choices import choices_response
@@ -30,7 +30,10 @@ from .sse import chat_completion_events, sse_response, text_completion_events
 
 ERRORS = {code: OpenApiResponse(s.ErrorSerializer, description=text) for code, text in {
     400: "Invalid request (the error names the field), or context_length_exceeded.",
-    401: "Missing or invalid API key.", 404: "Unknown model, character, conversation or scenario.",
+    401: "Missing or invalid API key.",
+    403: "not_conversation_owner: a participant of a group conversation changing or deleting it.",
+    404: "Unknown model, character, conversation or scenario.",
+    409: "conversation_busy: a reply to the conversation is on its way.",
     413: "Request body too large.", 429: "Rate limit reached.", 503: "Model unavailable."}.items()}
 
 
@@ -279,10 +282,25 @@ class ConversationListView(generics.ListAPIView):
 
 
 class ConversationDetailView(generics.RetrieveAPIView):
+    """GET: a conversation. PATCH: its title. DELETE: the whole conversation (the owner's alone)."""
+
     serializer_class = s.ConversationSerializer
 
     def get_object(self):
         return conversation_get_listed(user=self.request.user, conversation_id=self.kwargs["pk"])
+
+    @extend_schema(request=s.ConversationRenameSerializer, responses={
+        200: s.ConversationSerializer, 400: ERRORS[400], 403: ERRORS[403], 404: ERRORS[404]})
+    def patch(self, request, pk):
+        rename = s.ConversationRenameSerializer(data=request.data)
+        rename.is_valid(raise_exception=True)
+        conversation_rename(user=request.user, conversation_id=pk, title=rename.validated_data["title"])
+        return Response(self.get_serializer(self.get_object()).data)
+
+    @extend_schema(request=None, responses={204: None, 403: ERRORS[403], 404: ERRORS[404], 409: ERRORS[409]})
+    def delete(self, request, pk):
+        conversation_delete(user=request.user, conversation_id=pk)
+        return Response(status=204)
 
 
 class ConversationMessagesView(generics.ListAPIView):

@@ -27,13 +27,25 @@ class ToolCallReader:
     """Feed generated text; get OpenAI message deltas. `calls` and `content` hold the whole reply so far."""
 
     def __init__(self):
-        self.calls: list[dict] = []  # {"id", "type", "function": {"name", "arguments"}}
-        self.content = ""
+        # Text arrives a token at a time: pieces are kept in lists and joined when read, since
+        # appending to one growing string copies it on every token (quadratic in a long reply).
+        self._calls: list[tuple[dict, list[str]]] = []  # ({"id", "type", "function": {"name"}}, argument pieces)
+        self._content: list[str] = []
         self._buffer = ""
         self._mode = "undecided"  # -> "content", or "between" / "head" / "arguments" / "tail" while reading calls
         self._depth = 0
         self._in_string = False
         self._escaped = False
+
+    @property
+    def calls(self) -> list[dict]:
+        """{"id", "type", "function": {"name", "arguments"}} of each call read so far."""
+        return [{**call, "function": {**call["function"], "arguments": "".join(pieces)}}
+                for call, pieces in self._calls]
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
 
     def feed(self, text: str) -> list[dict]:
         self._buffer += text
@@ -82,21 +94,22 @@ class ToolCallReader:
                 name = json.loads(f'"{match.group(1)}"')
             except ValueError:
                 name = match.group(1)
-            call = {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": ""}}
-            self.calls.append(call)
-            deltas.append({"tool_calls": [{"index": len(self.calls) - 1, **call,
+            call = {"id": new_call_id(), "type": "function", "function": {"name": name}}
+            self._calls.append((call, []))
+            deltas.append({"tool_calls": [{"index": len(self._calls) - 1, **call,
                                            "function": {"name": name, "arguments": ""}}]})
             self._buffer = buffer[match.end():]
             self._mode, self._depth, self._in_string, self._escaped = "arguments", 0, False, False
             return True
         if self._mode == "arguments":
-            if not self.calls[-1]["function"]["arguments"]:
+            argument_pieces = self._calls[-1][1]
+            if not argument_pieces:
                 buffer = self._buffer = buffer.lstrip()  # the space after "arguments": may come in a later piece
             end = self._arguments_end(buffer)
             fragment = buffer if end is None else buffer[:end]
             if fragment:
-                self.calls[-1]["function"]["arguments"] += fragment
-                deltas.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": fragment}}]})
+                argument_pieces.append(fragment)
+                deltas.append({"tool_calls": [{"index": len(self._calls) - 1, "function": {"arguments": fragment}}]})
             self._buffer = "" if end is None else buffer[end:]
             if end is None:
                 return False
@@ -133,16 +146,21 @@ class ToolCallReader:
         return None
 
     def _text(self, text: str) -> dict:
-        self.content += text
+        self._content.append(text)
         return {"content": text}
+
+
+READ_PIECE_CHARS = 4096  # the reader slices its buffer once a call: fed whole, a reply of many calls is quadratic
 
 
 def tool_reply(text: str) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a finished reply; content is None when the reply is only calls."""
     reader = ToolCallReader()
-    reader.feed(text)
+    for start in range(0, len(text), READ_PIECE_CHARS):
+        reader.feed(text[start:start + READ_PIECE_CHARS])
     reader.finish()
-    return (reader.content or None) if reader.calls else reader.content, reader.calls
+    calls, content = reader.calls, reader.content
+    return (content or None) if calls else content, calls
 
 
 def tool_finish_reason(finish_reason: str, has_calls: bool) -> str:
@@ -156,6 +174,7 @@ def tool_finish_reason(finish_reason: str, has_calls: bool) -> str:
 # call, finish_reason "stop" (OpenAI's "tool_calls" once read), the tokens generated still counted.
 
 TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r".*?" + re.escape(TOOL_CALL_CLOSE), re.S)
+LEADING_SPACE = re.compile(r"\s*")
 
 
 class RepeatWatch:
@@ -168,6 +187,7 @@ class RepeatWatch:
         self._held = ""               # text after the last complete block, not released yet
         self._scanned = ""            # released text since the last complete block (may open a block)
         self._plain = False           # the reply is plain text ("auto" chose to answer): nothing to watch
+        self._longest_block = 0
 
     def feed(self, text: str) -> str:
         if self.repeated:
@@ -182,6 +202,10 @@ class RepeatWatch:
         pending = self._held + text
         self._held = ""
         while pending:
+            # The scanned text holds no whole block, so a new one ends in the new text: searched only then (a
+            # search per token reads the whole call so far, quadratic in a long call's arguments).
+            if TOOL_CALL_CLOSE not in self._scanned[-len(TOOL_CALL_CLOSE) + 1:] + pending:
+                break
             match = TOOL_CALL_BLOCK.search(self._scanned + pending)
             if match is None:
                 break
@@ -193,9 +217,10 @@ class RepeatWatch:
                 released.append(kept[len(self._scanned):] if len(kept) >= len(self._scanned) else "")
                 return "".join(released)
             self._blocks.append(block)
+            self._longest_block = max(self._longest_block, len(block))
             released.append(whole[len(self._scanned):end])
             self._scanned, pending = "", whole[end:]
-        if self._blocks and self._could_repeat(self._scanned + pending):
+        if self._blocks and self._could_repeat(self._scanned, pending):
             self._held = pending
         else:
             released.append(pending)
@@ -207,10 +232,17 @@ class RepeatWatch:
         held, self._held = self._held, ""
         return "" if self.repeated else held
 
-    def _could_repeat(self, tail: str) -> bool:
-        start = tail.lstrip()
-        if not start:
-            return bool(tail)  # whitespace that may lead into another call
+    def _could_repeat(self, scanned: str, pending: str) -> bool:
+        """Whether the text since the last block (scanned + pending) may still become a block already written."""
+        text_start = LEADING_SPACE.match(scanned).end()
+        if text_start == len(scanned):
+            start = pending.lstrip()
+            if not start:
+                return bool(scanned or pending)  # whitespace that may lead into another call
+        elif len(scanned) - text_start + len(pending) > self._longest_block:
+            return False  # longer than any block (and not copied to find that out: this runs once a token)
+        else:
+            start = scanned[text_start:] + pending
         return any(block.startswith(start) for block in self._blocks)
 
 

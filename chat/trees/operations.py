@@ -118,6 +118,22 @@ def message_delete(*, user, conversation_id, message_id) -> Conversation:
     return conversation
 
 
+def conversation_delete(*, user, conversation_id) -> None:
+    """Delete a whole conversation: its messages, invitations and participants. Its owner's alone; under its
+    lease, so a reply running meanwhile (409 conversation_busy) is never stored under nothing."""
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
+    with conversation_leased(conversation):
+        Conversation.objects.filter(pk=conversation.pk).delete()
+
+
+def conversation_rename(*, user, conversation_id, title: str) -> Conversation:
+    """Set a conversation's title (the owner's alone). Not an exchange: the conversation's version, which a
+    running reply is stored against, stays as it is."""
+    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
+    Conversation.objects.filter(pk=conversation.pk).update(title=title)
+    return conversation
+
+
 @dataclass(frozen=True)
 class Stopped:
     """What a stop did: the stopped reply's conversation and the messages it stored."""

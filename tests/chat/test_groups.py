@@ -301,6 +301,7 @@ def test_only_the_owner_changes_the_tree_participants_send_messages(group_chat):
         ("delete", f"messages/{reply.pk}/", None), ("post", f"messages/{reply.pk}/select/", None),
         ("post", f"messages/{reply.pk}/regenerate/", {}), ("post", f"messages/{reply.pk}/continue/", {}),
         ("post", f"messages/{user_message.pk}/edit/", {"content": "mine now"}),
+        ("delete", "", None), ("patch", "", {"title": "mine now"}),  # the whole conversation
     ]:
         response = getattr(lee, method)(tree_url(conversation, tail), data, format="json")
         assert response.status_code == 403, (tail, response.content)

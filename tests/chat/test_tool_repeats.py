@@ -6,7 +6,8 @@ import pytest
 
 from chat.engine import Completion
 from chat.engine.generation import Generation
-from chat.tooling.calls import RepeatStoppingGeneration, RepeatWatch, tool_finish_reason, tool_reply
+from chat.tooling import calls
+from chat.tooling.calls import RepeatStoppingGeneration, RepeatWatch, ToolCallReader, tool_finish_reason, tool_reply
 
 PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 OSLO = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
@@ -29,6 +30,40 @@ def test_distinct_calls_and_plain_text_pass_untouched():
     plain = RepeatWatch()
     assert plain.feed("It is sunny <tool_call> in ") + plain.feed("Paris.") + plain.finish() == \
         "It is sunny <tool_call> in Paris."
+
+
+def test_a_long_call_is_searched_for_a_block_only_when_a_closing_tag_arrives(monkeypatch):
+    """The watch runs once a token on the event loop: a search of the whole call on every token is quadratic in a
+    long call (128 KB of arguments took 16 s)."""
+    searched = []
+
+    class CountingBlock:
+        def search(self, text):
+            searched.append(len(text))
+            return BLOCK.search(text)
+
+    BLOCK = calls.TOOL_CALL_BLOCK
+    monkeypatch.setattr(calls, "TOOL_CALL_BLOCK", CountingBlock())
+    long_call = PARIS.replace('"Paris"', '"' + "Paris " * 2000 + '"')
+    text = PARIS + "\n" + long_call + "\n" + PARIS
+    watch = RepeatWatch()
+    released = "".join(watch.feed(text[start:start + 4]) for start in range(0, len(text), 4)) + watch.finish()
+    assert watch.repeated and released == PARIS + "\n" + long_call
+    assert len(searched) == 3  # one search per closing tag, not one per piece
+
+
+@pytest.mark.parametrize("step", [1, 5, 4096])
+def test_a_reply_of_many_calls_reads_the_same_whole_and_streamed(step):
+    text = "\n".join(PARIS.replace("Paris", f"Paris {index}") for index in range(300)) + "\nDone."
+    reader = ToolCallReader()
+    for start in range(0, len(text), step):
+        reader.feed(text[start:start + step])
+    reader.finish()
+    content, read = tool_reply(text)
+    assert [call["function"] for call in read] == [call["function"] for call in reader.calls]
+    assert len(read) == 300 and read[299]["function"] == {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris 299"}'}
+    assert content == reader.content == "\nDone."
 
 
 def generation_of(pieces: list[str]) -> Generation:

@@ -692,7 +692,7 @@ class Converter:
             body = integer_range(lo, hi)
             if body is None:
                 keyword = (low or high)[2]
-                raise SchemaNotConvertible(f"No whole number lies between the bounds", keyword=keyword,
+                raise SchemaNotConvertible("No whole number lies between the bounds", keyword=keyword,
                                            path=_pointer(path, keyword), unsatisfiable=True)
             return f"({body})"
         if low is None and high is None:

@@ -266,7 +266,7 @@ def _fitted(items, low: int, high: int | None) -> str:
     index = variable[0]
     rep_low, rep_high, inner = body[index][1]
     inner_text, a, b = _sequence(inner, at_start=False, at_end=False)
-    fixed_low = fixed_high = 0
+    fixed_low = 0  # the fixed items are exact (x == y), so one sum serves both bounds
     for i, (op, arg) in enumerate(body):
         if i != index:
             _text, x, y = _item(op, arg, first=False, last=False)
