@@ -32,6 +32,7 @@ The registry imports this module (and httpx) only when a remote model is first u
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import logging
 import os
@@ -78,6 +79,9 @@ TOKEN_CACHE_CHARS = 2 * 1024 * 1024
 # character's description, a system prompt, well under this; a text past it is a pasted document or a whole prompt,
 # seldom sent twice, and one would push hundreds of turns, everyone's, out of the cache.
 TOKEN_CACHE_TEXT_CHARS = 16 * 1024
+# Such a text's token count is remembered by its digest (a few dozen bytes an entry): a long history turn is counted
+# on every request of its conversation to fit the context, which asked the upstream to tokenize it again each time.
+LONG_TEXT_COUNTS = 1024
 HEALTH_INTERVAL = 10.0  # seconds between health probes of each upstream
 HEALTH_TIMEOUT = 2.0  # seconds one probe may take: a hung upstream is down, and delays no other's probe
 # Local bounds on what an upstream sends back: past them the answer is a broken upstream's, however it was framed.
@@ -126,6 +130,7 @@ class RemoteTokenizer:
         self._detect_lock = threading.Lock()
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._cache_chars = 0  # characters and token ids the cache holds (TOKEN_CACHE_CHARS)
+        self._long_counts: OrderedDict[bytes, int] = OrderedDict()  # digest of a long text -> its tokens (counted)
         self._cache_lock = threading.Lock()
 
     def tokenize(self, text: str, *, exact: bool = False) -> list[int] | None:
@@ -143,6 +148,26 @@ class RemoteTokenizer:
         if len(text) <= TOKEN_CACHE_TEXT_CHARS and len(tokens) <= TOKEN_CACHE_TEXT_CHARS:
             self._remember(text, tokens)
         return list(tokens)
+
+    def count(self, text: str) -> int:
+        """len(tokenize(text)); a text too long to keep whole has its count remembered by digest."""
+        text = str(text)
+        if len(text) <= TOKEN_CACHE_TEXT_CHARS:
+            return len(self.tokenize(text))
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        with self._cache_lock:
+            counted = self._long_counts.get(digest)
+            if counted is not None:
+                self._long_counts.move_to_end(digest)
+                return counted
+        tokens = self._remote_tokens(text)
+        if tokens is None:
+            return -(-len(text) // CHARS_PER_TOKEN)  # an estimate, not remembered: the upstream may answer next time
+        with self._cache_lock:
+            self._long_counts[digest] = len(tokens)
+            while len(self._long_counts) > LONG_TEXT_COUNTS:
+                self._long_counts.popitem(last=False)
+        return len(tokens)
 
     def _remember(self, text: str, tokens: list[int]) -> None:
         """Keep `text`'s tokens, forgetting the least recently used entries past TOKEN_CACHE_SIZE or
@@ -522,7 +547,7 @@ class RemoteEngine(EngineProtocol):
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` as it reaches the model inside a chat (control-token texts broken up)."""
-        return len(self._tokenizer.tokenize(neutralized(text, self._markup)))
+        return self._tokenizer.count(neutralized(text, self._markup))
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._tokenizer.detokenize(tokens)

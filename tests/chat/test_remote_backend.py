@@ -554,3 +554,33 @@ def test_the_token_cache_is_bounded_by_what_it_holds_not_only_by_entries(monkeyp
     finally:
         client.close()
         fake.stop()
+
+
+def test_a_long_texts_count_is_remembered_by_its_digest(monkeypatch):
+    """A history turn too long to keep whole is counted on every request of its conversation: its count is
+    remembered (the upstream was asked to tokenize it each time), by digest, for at most LONG_TEXT_COUNTS texts."""
+    from chat.engine import remote
+    from chat.engine.remote import RemoteTokenizer
+    from tests.fake_upstream import FakeUpstream
+
+    fake, asked = FakeUpstream(), []
+    fake.tokenize_body = lambda text: asked.append(text)
+    client = httpx.Client(timeout=10)
+    tokenizer = RemoteTokenizer(pool=UpstreamPool([fake.url], retry_after=30), client=client, model="m", headers={})
+    tokenizer.dialect = "llama_server"
+    monkeypatch.setattr(remote, "LONG_TEXT_COUNTS", 2)
+    try:
+        long_turns = [letter * (remote.TOKEN_CACHE_TEXT_CHARS + 1) for letter in "abc"]
+        for _ in range(2):
+            assert tokenizer.count(long_turns[0]) == len(long_turns[0]) // 4 + 1
+        assert asked == [long_turns[0]] and list(tokenizer._cache) == []  # counted once, its tokens not kept
+        for turn in long_turns[1:]:
+            tokenizer.count(turn)
+        asked.clear()
+        assert [tokenizer.count(turn) for turn in (long_turns[2], long_turns[1], long_turns[0])] == \
+            [len(long_turns[0]) // 4 + 1] * 3
+        assert asked == [long_turns[0]]  # the two newest remembered, the oldest forgotten
+        assert len(tokenizer._long_counts) == 2
+    finally:
+        client.close()
+        fake.stop()
