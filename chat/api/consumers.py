@@ -13,7 +13,9 @@ Client messages (each a JSON object with a "type"):
 - {"type": "stop"}: stop the running reply (kept, marked stopped); answered by its end event;
 - {"type": "attach", "conversation"}: follow the conversation (after a reconnect): its running reply is
   streamed from its text so far ("start" with "resumed": true), or {"type": "idle"} when none runs;
-- {"type": "new_conversation"}: the next message starts a new conversation (answered in kind).
+- {"type": "new_conversation"}: the next message starts a new conversation (answered in kind);
+- {"type": "delete_conversation"}: the whole conversation deleted (the owner's; 409 while a reply runs), answered
+  {"type": "conversation_deleted", "conversation"}; the socket's next message then starts a new one.
 The operations act on the socket's conversation unless the message names one ("conversation").
 
 A user holds at most WS_MAX_CONNECTIONS_PER_USER sockets in one process; the next handshake is closed with 4429.
@@ -53,8 +55,8 @@ from chat.engines import DRAIN_RETRY_AFTER_SECONDS, is_draining
 from chat.errors import PayloadTooLarge, RateLimited, ServiceUnavailable, error_from_exception
 from chat.selectors import user_display_name
 from llmsite.strict_json import StrictJSONError, strict_json_loads
-from chat.trees.operations import (chat_reply_run, message_delete, message_edit, message_select, reply_continue,
-                                   reply_regenerate, reply_stop, running_reply_of)
+from chat.trees.operations import (chat_reply_run, conversation_delete, message_delete, message_edit,
+                                   message_select, reply_continue, reply_regenerate, reply_stop, running_reply_of)
 from chat.trees.running import CANCEL, KEEP
 
 from .conversation_ops import EditRequestSerializer, RegenerateRequestSerializer, ReplyRequestSerializer, path_body, \
@@ -69,7 +71,7 @@ logger = logging.getLogger("llmsite.ws")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "speaker")  # speaker: a group chat's member
 NEW_CONVERSATION = "new_conversation"
 GENERATING = ("message", "regenerate", "edit", "continue")
-OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATION)
+OPERATIONS = (*GENERATING, "select", "delete", "stop", "attach", NEW_CONVERSATION, "delete_conversation")
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; a client reconnects (to another instance)
 CLOSE_TOO_MANY_CONNECTIONS = 4429
 _open_sockets: Counter = Counter()  # user pk -> sockets open in this process (the event loop's thread only)
@@ -258,6 +260,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return path_body(conversation)
 
         await self.send_json({"type": "path", **await database_sync_to_async(run)()})
+
+    async def do_delete_conversation(self, content: dict):
+        conversation_id = self.conversation_of(content)
+        await database_sync_to_async(conversation_delete)(user=self.scope["user"], conversation_id=conversation_id)
+        if conversation_id == self.conversation_id:
+            self.unwatch()
+            self.conversation_id = None
+        await self.send_json({"type": "conversation_deleted", "conversation": conversation_id})
 
     async def do_stop(self, content: dict):
         if not content.get("conversation") and self.watching and self.run.conversation_id is None:

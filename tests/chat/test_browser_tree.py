@@ -104,6 +104,29 @@ def test_edit_a_message_and_switch_back_to_the_old_branch(browser, page_server):
     expect(page.locator(".message").last.locator(".text")).to_have_text(old_reply)
 
 
+def test_delete_a_past_conversation_from_the_sidebar(browser, page_server):
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server, narrow=False)
+    page.get_by_role("button", name="Captain Mira Vale").click()
+    page.get_by_role("button", name="New conversation").click()
+    say(page, "Which sail do we mend first?")
+    history = page.locator("#conversations")
+    expect(history.get_by_role("button", name="Which sail do we mend first?", exact=True)).to_have_count(1)
+    page.once("dialog", lambda dialog: dialog.dismiss())  # asked first; dismissed, nothing happens
+    history.get_by_role("button", name="Delete conversation: Which sail do we mend first?").click()
+    expect(history.get_by_role("button", name="Which sail do we mend first?", exact=True)).to_have_count(1)
+    page.once("dialog", lambda dialog: dialog.accept())
+    history.get_by_role("button", name="Delete conversation: Which sail do we mend first?").click()
+    expect(page.get_by_text("Conversation deleted.")).to_be_visible()
+    expect(history.get_by_role("button", name="Which sail do we mend first?", exact=True)).to_have_count(0)
+    expect(page.locator(".message.user")).to_have_count(0)  # the open conversation was the one deleted
+    listed = page.evaluate("fetch('/v1/conversations/?character=captain-mira').then((r) => r.json())")
+    assert "Which sail do we mend first?" not in [conversation["title"] for conversation in listed["results"]]
+    page.reload()  # the page no longer remembers it either
+    expect(page.locator(".message.user")).to_have_count(0)
+
+
 def test_continue_a_reply(browser, page_server):
     from playwright.sync_api import expect
 

@@ -165,7 +165,7 @@ async def test_another_user_cannot_touch_the_conversation(site):
     for message in ({"type": "regenerate", "message": reply}, {"type": "select", "message": reply},
                     {"type": "delete", "message": reply}, {"type": "continue", "message": reply},
                     {"type": "edit", "message": end["messages"][0]["parent"], "content": "mine now"},
-                    {"type": "stop"}, {"type": "attach"}):
+                    {"type": "stop"}, {"type": "attach"}, {"type": "delete_conversation"}):
         await other.send_json_to({**message, "conversation": end["conversation"]})
         event = await other.receive_json_from(timeout=30)
         assert event["type"] == "error" and event["status"] == 404, (message, event)
@@ -232,7 +232,7 @@ async def test_select_and_delete_while_a_reply_runs_get_409(site, monkeypatch):
     await slow_engine_steps(monkeypatch)
     await comm.send_json_to({"type": "regenerate", "message": reply["id"], "max_tokens": 2000})
     await until(comm, "token")
-    for operation in ("select", "delete"):
+    for operation in ("select", "delete", "delete_conversation"):
         await other.send_json_to({"type": operation, "message": reply["id"], "conversation": conversation})
         busy = await other.receive_json_from(timeout=30)
         assert busy["type"] == "error" and busy["status"] == 409, (operation, busy)
@@ -244,3 +244,17 @@ async def test_select_and_delete_while_a_reply_runs_get_409(site, monkeypatch):
     assert {reply["id"], done["messages"][0]["id"]} <= stored
     await comm.disconnect()
     await other.disconnect()
+
+
+async def test_the_owner_deletes_the_sockets_conversation_and_the_next_message_starts_a_new_one(site):
+    comm = await socket_of(await user_key("ws-tidy"))
+    await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
+    first = (await until(comm, "end"))[-1]["conversation"]
+    await comm.send_json_to({"type": "delete_conversation"})  # the socket's own
+    assert await comm.receive_json_from(timeout=30) == {"type": "conversation_deleted", "conversation": first}
+    assert not await sync_to_async(Conversation.objects.filter(pk=first).exists)()
+    assert await messages_of(first) == []
+    await comm.send_json_to({"type": "message", "content": "Again", "max_tokens": 3})
+    second = (await until(comm, "end"))[-1]["conversation"]
+    assert second and second != first and len(await messages_of(second)) == 3  # greeting, message, reply
+    await comm.disconnect()

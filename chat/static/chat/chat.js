@@ -295,6 +295,9 @@
       setStatus(friendlyError(event), true);
       setBusy(false);
       if (state.conversation) loadPath();
+    } else if (event.type === "conversation_deleted") {
+      if (event.conversation === state.conversation) newConversation(); else loadConversations();
+      setStatus("Conversation deleted.");
     } else if (event.type === "idle") {
       setStatus("");
     }
@@ -328,9 +331,17 @@
       entry.textContent = conversation.title || "Untitled chat";
       entry.setAttribute("aria-current", String(conversation.id === state.conversation));
       entry.addEventListener("click", () => openConversation(conversation.id).then(attach));
-      item.append(entry);
+      const title = conversation.title || "Untitled chat";
+      const remove = button("Delete", () => deleteConversation(conversation.id, title),
+                            { className: "delete-conversation", ariaLabel: `Delete conversation: ${title}` });
+      item.append(entry, remove);
       list.append(item);
     }
+  }
+
+  function deleteConversation(id, title) {
+    if (!window.confirm(`Delete the conversation "${title}" and all its messages?`)) return;
+    send({ type: "delete_conversation", conversation: id });
   }
 
   async function openConversation(id) {
