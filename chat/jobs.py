@@ -15,7 +15,8 @@ stored in the same transaction that marks the job done, so it is stored exactly 
 A job belongs to its owner, the user the creating key acts as (chat/tenancy/owners.py): like
 conversations and cached replies, any key of that user sees it, another user's is a 404. An owner has at most
 API_MAX_ACTIVE_JOBS jobs queued or running: the broker's queue is first come, first served, so without a bound
-one key could queue thousands and put everyone else's jobs behind them.
+one key could queue thousands and put everyone else's jobs behind them. Within the bound, jobs take turns between
+owners: a delivery whose owner's turn it is not goes back to the end of the queue (job_turn_is_owners, tasks.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Count, Max, Min
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -117,6 +119,29 @@ def job_body(job: Job) -> dict:
     if job.error is not None:
         body["error"] = job.error
     return body
+
+
+def job_turn_is_owners(job_id) -> bool:
+    """Whether the queued job's owner is the one whose turn it is: the broker delivers jobs first come, first
+    served, so one owner's API_MAX_ACTIVE_JOBS submitted at once would otherwise all run before another owner's
+    one job sent a moment later. The turn is the owner with a job queued that has the fewest jobs running, then
+    whose latest job started longest ago (never is longest), then whose oldest queued job is oldest. A job that
+    is not queued (running again after its worker was lost, ended, gone) is not held back."""
+    job = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).values("owner_id").first()
+    if job is None:
+        return True
+    waiting = dict(Job.objects.filter(status=Job.Status.QUEUED, expires_at__gt=timezone.now())
+                   .values("owner_id").annotate(oldest=Min("created_at")).values_list("owner_id", "oldest"))
+    if set(waiting) <= {job["owner_id"]} or job["owner_id"] not in waiting:
+        return True
+    owners = list(waiting)
+    running = dict(Job.objects.filter(status=Job.Status.RUNNING, owner_id__in=owners)
+                   .values("owner_id").annotate(count=Count("pk")).values_list("owner_id", "count"))
+    started = dict(Job.objects.filter(owner_id__in=owners, started_at__isnull=False)
+                   .values("owner_id").annotate(last=Max("started_at")).values_list("owner_id", "last"))
+    never = timezone.now() - timedelta(days=36500)
+    turn = min(owners, key=lambda owner: (running.get(owner, 0), started.get(owner) or never, waiting[owner], owner))
+    return turn == job["owner_id"]
 
 
 def job_url(job: Job) -> str:

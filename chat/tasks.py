@@ -21,7 +21,7 @@ from rest_framework.exceptions import AuthenticationFailed
 from .api.keys import api_keys_valid
 from .api.serializers import ChatCompletionRequestSerializer
 from .errors import error_from_exception
-from .jobs import ACTIVE, job_attempt_rows, job_ended_fields, job_queued
+from .jobs import ACTIVE, job_attempt_rows, job_ended_fields, job_queued, job_turn_is_owners
 from .models import Job
 from .plans import chat_request_prepare
 from .replies import (ReplyRecord, chat_completion_body, content_deleted_late, exchange_store, reply_generate,
@@ -33,10 +33,17 @@ logger = logging.getLogger("llmsite.jobs")
 
 MAX_ATTEMPTS = 3
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes while generating
+MAX_DEFERRALS = 64  # times one delivery may go back to the end of the queue to let other owners' jobs go first
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_chat_job(job_id: str) -> None:
+def run_chat_job(job_id: str, deferrals: int = 0) -> None:
+    # Not its owner's turn: sent to the back of the queue, where the owner whose turn it is has a delivery too.
+    # Bounded, so a job whose turn never comes (that owner's delivery lost with a flushed broker) still runs.
+    if (not settings.CELERY_TASK_ALWAYS_EAGER and deferrals < MAX_DEFERRALS
+            and not job_turn_is_owners(job_id)):
+        run_chat_job.apply_async((job_id,), {"deferrals": deferrals + 1})
+        return
     job_run(job_id=job_id)
 
 

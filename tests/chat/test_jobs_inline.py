@@ -191,6 +191,55 @@ def test_an_owner_has_a_bounded_number_of_jobs_queued_or_running(django_user_mod
         assert client.post("/v1/chat/completions", body, format="json").status_code == 202
 
 
+def test_queued_jobs_take_turns_between_owners():
+    """The broker delivers first come, first served; a delivery runs only on its owner's turn (tasks.py sends
+    it to the back of the queue otherwise): the owner with a job queued and the fewest running, then whose
+    latest job started longest ago, then whose oldest queued job is oldest."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from chat.jobs import job_turn_is_owners
+    from chat.models import Job
+
+    ann, ben, cy = (make_api_client(name).user for name in ("ann", "ben", "cy"))
+    now = timezone.now()
+    ann_jobs = [_job(ann, {}, status=Job.Status.QUEUED) for _ in range(3)]
+    assert all(job_turn_is_owners(job.pk) for job in ann_jobs)  # one owner waiting: its jobs run in order
+    ben_job = _job(ben, {}, status=Job.Status.QUEUED)
+    # Neither has run a job: the owner whose oldest queued job is oldest goes first.
+    assert job_turn_is_owners(ann_jobs[0].pk) and not job_turn_is_owners(ben_job.pk)
+    Job.objects.filter(pk=ann_jobs[0].pk).update(status=Job.Status.DONE, started_at=now - timedelta(seconds=5))
+    # ann had a turn: ben's job, sent after all of ann's, goes next.
+    assert job_turn_is_owners(ben_job.pk) and not job_turn_is_owners(ann_jobs[1].pk)
+    Job.objects.filter(pk=ben_job.pk).update(status=Job.Status.RUNNING, started_at=now)
+    assert job_turn_is_owners(ann_jobs[1].pk)  # ben's only job runs: ann's turn again
+    cy_job = _job(cy, {}, status=Job.Status.QUEUED)
+    # Fewest running first: cy and ann run none, ben one; cy never started one.
+    assert job_turn_is_owners(cy_job.pk) and not job_turn_is_owners(ann_jobs[1].pk)
+    # What is not queued is never held back: a running job delivered again (its worker lost), an ended one.
+    assert job_turn_is_owners(ben_job.pk) and job_turn_is_owners(ann_jobs[0].pk)
+
+
+def test_a_delivery_out_of_its_owners_turn_goes_to_the_back_of_the_queue(monkeypatch, settings):
+    from chat import tasks
+    from chat.models import Job
+
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    ann, ben = make_api_client("ann").user, make_api_client("ben").user
+    first, later = _job(ann, {}, status=Job.Status.QUEUED), _job(ben, {}, status=Job.Status.QUEUED)
+    sent, ran = [], []
+    monkeypatch.setattr(tasks.run_chat_job, "apply_async", lambda args, kwargs: sent.append((args, kwargs)))
+    monkeypatch.setattr(tasks, "job_run", lambda job_id: ran.append(job_id))
+    tasks.run_chat_job(str(later.pk))
+    assert sent == [((str(later.pk),), {"deferrals": 1})] and ran == []
+    tasks.run_chat_job(str(first.pk))
+    assert ran == [str(first.pk)]
+    # However often it comes back, a delivery runs after MAX_DEFERRALS (the other owner's may be lost).
+    tasks.run_chat_job(str(later.pk), deferrals=tasks.MAX_DEFERRALS)
+    assert ran == [str(first.pk), str(later.pk)] and len(sent) == 1
+
+
 def test_a_job_keeps_only_the_fields_the_api_reads_and_refuses_what_it_cannot_store(django_user_model):
     from chat.models import Job
 

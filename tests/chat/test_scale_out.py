@@ -100,6 +100,25 @@ def test_a_background_job_can_be_cancelled(stack):
     assert wait_for(client, job["url"], lambda b: b["status"] in ("done", "failed"))["status"] == "done"
 
 
+def test_jobs_take_turns_between_owners_on_one_worker(stack):
+    """One worker runs one job at a time (--concurrency 1). ann submits four jobs, then ben one: ben's runs
+    second, not after all of ann's (the broker alone delivers first come, first served)."""
+    server, keys, _ = stack
+    ann, ben = bearer_client(server, keys["ann"]), bearer_client(server, keys["ben"])
+    job = {"messages": [{"role": "user", "content": "Count slowly from one to twenty."}], "max_tokens": 40,
+           "temperature": 0.8, "background": True}
+    ann_urls = [ann.post("/v1/chat/completions", json={**job, "seed": seed}).json()["url"] for seed in range(4)]
+    ben_url = ben.post("/v1/chat/completions", json={**job, "seed": 9}).json()["url"]
+    for client, url in [*((ann, url) for url in ann_urls), (ben, ben_url)]:
+        assert wait_for(client, url, lambda b: b["status"] in ("done", "failed"), timeout=240)["status"] == "done"
+    ids = [url.rsplit("/", 1)[-1] for url in (*ann_urls, ben_url)]
+    started = server.manage("from chat.models import Job\n"
+                            f"ids = {ids!r}\n"
+                            "print(' '.join(str(j.pk) for j in Job.objects.filter(pk__in=ids).order_by('started_at')))")
+    order = started.split()
+    assert order.index(ids[-1]) <= 1, order  # ben's job first or second (ann's first may have started already)
+
+
 def test_a_job_whose_prompt_evaluation_outlasts_the_heartbeat_timeout_completes(stack):
     server, keys, _ = stack
     client = bearer_client(server, keys["ann"])
