@@ -64,7 +64,7 @@ def test_log_in_chat_with_streaming_and_reload(page_server):
         page.reload()
         expect(page.locator(".message.user")).to_contain_text("Is a storm coming tonight?")
         expect(page.locator(".message.assistant").nth(1).locator(".text")).to_have_text(reply_text)
-        expect(page.get_by_role("list", name="Past conversations").get_by_role("button")).to_have_count(1)
+        expect(page.get_by_role("list", name="Past conversations").get_by_role("listitem")).to_have_count(1)
 
         # "New conversation" really starts one: the next message is stored in a second conversation,
         # opened by the alternate greeting the user cycled to.
@@ -76,7 +76,7 @@ def test_log_in_chat_with_streaming_and_reload(page_server):
         page.get_by_role("button", name="Send").click()
         expect(page.locator(".message.assistant[data-complete='true']")).to_have_count(1, timeout=90_000)
         expect(page.get_by_role("button", name="Another greeting")).to_be_hidden()
-        expect(page.get_by_role("list", name="Past conversations").get_by_role("button")).to_have_count(2)
+        expect(page.get_by_role("list", name="Past conversations").get_by_role("listitem")).to_have_count(2)
         stored = page_server.manage(
             "from chat.models import Conversation\n"
             "for c in Conversation.objects.filter(owner__username='reader').order_by('created_at'):\n"

@@ -71,5 +71,5 @@ def test_group_chat_with_two_characters(group_server):
         expect(stored).to_have_count(2)
         expect(stored.nth(0).locator(".who")).to_have_text("Bob")
         expect(stored.nth(1).locator(".who")).to_have_text("Ada")
-        expect(page.get_by_role("list", name="Past conversations").get_by_role("button")).to_have_count(1)
+        expect(page.get_by_role("list", name="Past conversations").get_by_role("listitem")).to_have_count(1)
         browser.close()
