@@ -69,7 +69,9 @@ class ReplyRun:
         self.generations = generations
         self.on_disconnect = on_disconnect
         self.kind = kind  # reply, regenerate, edit, continue: what the clients are told
-        self.texts = [""] * len(generations)
+        # Per choice, its deltas so far, joined when read: extending one string per token copies all of it each
+        # time (quadratic: 0.06-0.19 s a choice of 32K tokens, under the lock and the GIL; n is up to 8).
+        self._parts: list[list[str]] = [[] for _ in generations]
         self.finished = threading.Event()
         self.error: Exception | None = None
         self._lock = threading.Lock()
@@ -141,7 +143,7 @@ class ReplyRun:
                 if index == 0 and self.record.timing is not None:
                     self.record.timing.saw_text()
                 with self._lock:
-                    self.texts[index] += delta
+                    self._parts[index].append(delta)
                     listeners = list(self._listeners)
                 for listener in listeners:
                     listener.push(("delta", index, delta))
@@ -178,6 +180,19 @@ class ReplyRun:
 
     def _final_event(self) -> tuple:
         return ("error", self.error) if self.error is not None else ("end", None)
+
+    @property
+    def texts(self) -> list[str]:
+        """The text so far of each choice."""
+        with self._lock:
+            return self._texts_locked()
+
+    def _texts_locked(self) -> list[str]:
+        """The text so far of each choice, whose parts are left joined as one (a reader polling it joins only the
+        pieces that came since). Called under self._lock."""
+        for parts in self._parts:
+            parts[:] = ["".join(parts)]
+        return [parts[0] for parts in self._parts]
 
     # -- control -------------------------------------------------------------------------------
 
@@ -222,7 +237,7 @@ class ReplyRun:
         ("keepalive",) when nothing happened for SSE_KEEPALIVE_SECONDS. Leaving early detaches this listener."""
         listener = _Listener(asyncio.get_running_loop())
         with self._lock:
-            snapshot = list(self.texts)
+            snapshot = self._texts_locked()
             if self.finished.is_set():
                 listener.queue.put_nowait(self._final_event())
             else:

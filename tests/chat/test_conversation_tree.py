@@ -5,6 +5,7 @@ model sees; the migration of existing conversations. A tiny random-weight model:
 import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -16,7 +17,7 @@ from chat.engine.backends.llama_cpp import PROMPT_CHUNK
 from chat.engines import get_engine, reset_registry
 from chat.models import Conversation, Message
 from chat.trees.operations import reply_regenerate
-from chat.trees.running import reply_run_of
+from chat.trees.running import ReplyRun, reply_run_of
 from tests.factories import make_api_client, make_character, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -392,6 +393,31 @@ def test_a_stream_left_mid_reply_is_still_stored_and_get_reply_resumes_it(endles
     reply = Message.objects.get(pk=events[-1]["messages"][0]["id"])
     assert reply.parent_id == leaf.parent_id and not reply.stopped and reply.completion_tokens == 120
     assert reply.content == events[0]["text"][0] + "".join(e["text"] for e in events if e["type"] == "token")
+
+
+class _CountedPiece(str):
+    """A delta that counts the characters copied whenever a string is extended by it (`text + piece`)."""
+
+    copied = 0
+
+    def __radd__(self, other):
+        _CountedPiece.copied += len(other) + len(self)
+        return str.__add__(other, self)
+
+
+def test_a_running_reply_keeps_its_text_so_far_without_copying_it_at_every_token(monkeypatch):
+    class Generation(list):
+        def cancel(self):
+            pass
+
+    plan = SimpleNamespace(user=None, conversation=None, store=False, new_conversation_id=None)
+    record = SimpleNamespace(plan=plan, owner="", timing=None)
+    run = ReplyRun(record, [Generation([_CountedPiece("abcd")] * 4000)])
+    monkeypatch.setattr(_CountedPiece, "copied", 0)
+    run._read(0)
+    assert run.texts == ["abcd" * 4000]
+    # Extending one string per token copied 32 million characters here (all the text so far, 4,000 times).
+    assert _CountedPiece.copied <= 2 * len(run.texts[0])
 
 
 def test_a_stream_that_asked_to_be_cancelled_on_disconnect_stores_nothing(endless_site, monkeypatch):
