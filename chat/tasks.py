@@ -32,7 +32,10 @@ from .tenancy.quotas import quota_job_hold, quota_job_release
 logger = logging.getLogger("llmsite.jobs")
 
 MAX_ATTEMPTS = 3
-PROGRESS_INTERVAL = 1.0  # seconds between progress writes while generating
+PROGRESS_INTERVAL = 1.0  # seconds between progress writes while generating, at least
+# Each write stores the whole text so far, so a long reply's writes would grow with it (a 32K-token job wrote ~100 MB
+# a second apart): past this rate the interval grows with the text, the bytes written stay linear in time.
+PROGRESS_BYTES_PER_SECOND = 64 * 1024
 MAX_DEFERRALS = 64  # times one delivery may go back to the end of the queue to let other owners' jobs go first
 
 
@@ -147,13 +150,15 @@ def _generate_with_progress(job: Job, attempt: int, record: ReplyRecord, heartbe
     """Generate, writing the text so far about once a second; None when cancelled or superseded."""
     parts: list[str] = []
     last_report = 0.0  # the first text is reported at once: clients see the job has started
+    text_length = 0  # characters of the text so far: what each write stores
 
     def report(delta: str) -> bool:
-        nonlocal last_report
+        nonlocal last_report, text_length
         parts.append(delta)
+        text_length += len(delta)
         if heartbeat.lost:
             return False
-        if time.monotonic() - last_report < PROGRESS_INTERVAL:
+        if time.monotonic() - last_report < max(PROGRESS_INTERVAL, text_length / PROGRESS_BYTES_PER_SECOND):
             return True
         last_report = time.monotonic()
         # Zero rows updated: cancelled (DELETE), or a newer attempt took over.

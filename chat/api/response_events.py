@@ -102,6 +102,7 @@ class _EventWriter:
         self.sequence = 0
         self.output: list[dict] = []  # finished items
         self.open: dict | None = None  # the item being written
+        self._pieces: list[str] = []  # its text or arguments so far, joined when it closes (not copied per token)
         self.calls = 0
 
     def event(self, type: str, **fields) -> bytes:
@@ -118,8 +119,8 @@ class _EventWriter:
             events.append(self.event("response.content_part.added", item_id=self.open["id"],
                                      output_index=len(self.output), content_index=0,
                                      part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
-            self.open["text"] = ""
-        self.open["text"] += delta
+            self._pieces = []
+        self._pieces.append(delta)
         events.append(self.event("response.output_text.delta", item_id=self.open["id"], output_index=len(self.output),
                                  content_index=0, delta=delta, logprobs=[]))
         return events
@@ -127,12 +128,13 @@ class _EventWriter:
     def call_start(self, name: str) -> list[bytes]:
         events = self.close()
         self.open = _call_item(self.response_id, self.calls, name, "", "in_progress")
+        self._pieces = []
         self.calls += 1
         events.append(self.event("response.output_item.added", output_index=len(self.output), item=self.open))
         return events
 
     def call_arguments(self, fragment: str) -> list[bytes]:
-        self.open["arguments"] += fragment
+        self._pieces.append(fragment)
         return [self.event("response.function_call_arguments.delta", item_id=self.open["id"],
                            output_index=len(self.output), delta=fragment)]
 
@@ -142,8 +144,10 @@ class _EventWriter:
         if item is None:
             return []
         index, events = len(self.output), []
+        written = "".join(self._pieces)
         if item["type"] == "message":
-            text = item.pop("text")
+            item.pop("text", None)
+            text = written
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             events.append(self.event("response.output_text.done", item_id=item["id"], output_index=index,
                                      content_index=0, text=text, logprobs=[]))
@@ -152,8 +156,8 @@ class _EventWriter:
             item = {**item, "status": status, "content": [part]}
         else:
             events.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                     name=item["name"], arguments=item["arguments"]))
-            item = {**item, "status": "completed"}
+                                     name=item["name"], arguments=written))
+            item = {**item, "arguments": written, "status": "completed"}
         events.append(self.event("response.output_item.done", output_index=index, item=item))
         self.output.append(item)
         return events

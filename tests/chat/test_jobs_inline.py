@@ -240,6 +240,34 @@ def test_a_delivery_out_of_its_owners_turn_goes_to_the_back_of_the_queue(monkeyp
     assert ran == [str(first.pk), str(later.pk)] and len(sent) == 1
 
 
+def test_a_long_jobs_progress_writes_stay_linear_in_time(monkeypatch):
+    """Each progress write stores the whole text so far: one a second made a long reply's writes grow with it
+    (a 32K-token job wrote ~100 MB). Past PROGRESS_BYTES_PER_SECOND the interval grows with the text."""
+    from chat import tasks
+
+    clock, stored = [1000.0], []
+
+    class Rows:
+        def update(self, **fields):
+            stored.append(len(fields["partial_text"]))
+            return 1
+
+    def generate(record, on_text):
+        for _ in range(3000):  # 300,000 characters over 150 seconds
+            clock[0] += 0.05
+            assert on_text("x" * 100)
+        return "done"
+
+    monkeypatch.setattr(tasks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tasks, "job_attempt_rows", lambda job_id, attempt: Rows())
+    monkeypatch.setattr(tasks, "reply_generate", generate)
+    heartbeat = type("Beat", (), {"lost": False})()
+    assert tasks._generate_with_progress(type("J", (), {"pk": 1})(), 1, None, heartbeat) == "done"
+    assert stored[0] == 100 and stored == sorted(stored)  # the first text at once, then the text as it grows
+    assert sum(stored) <= tasks.PROGRESS_BYTES_PER_SECOND * 150 + 300_000  # a write a second: 22.6 MB
+    assert len(stored) >= 20  # still reported as it goes
+
+
 def test_a_job_keeps_only_the_fields_the_api_reads_and_refuses_what_it_cannot_store(django_user_model):
     from chat.models import Job
 
