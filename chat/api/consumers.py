@@ -265,8 +265,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         conversation_id = self.conversation_of(content)
         await database_sync_to_async(conversation_delete)(user=self.scope["user"], conversation_id=conversation_id)
         if conversation_id == self.conversation_id:
-            self.unwatch()
             self.conversation_id = None
+        # Only a run of the deleted conversation is no longer followed (one that ended as it was deleted): the
+        # socket may be following another's reply, e.g. a new conversation's first one, which goes on.
+        if self.watching and self.run.conversation_id == conversation_id:
+            self.unwatch()
         await self.send_json({"type": "conversation_deleted", "conversation": conversation_id})
 
     async def do_stop(self, content: dict):

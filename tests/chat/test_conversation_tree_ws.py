@@ -258,3 +258,21 @@ async def test_the_owner_deletes_the_sockets_conversation_and_the_next_message_s
     second = (await until(comm, "end"))[-1]["conversation"]
     assert second and second != first and len(await messages_of(second)) == 3  # greeting, message, reply
     await comm.disconnect()
+
+
+async def test_deleting_the_sockets_conversation_does_not_abandon_the_reply_it_follows(site, monkeypatch):
+    """The socket's conversation is deleted while the socket streams a new conversation's first reply (a message
+    with "conversation": null): that reply is still streamed to its end, and the socket then follows it."""
+    comm = await socket_of(await user_key("ws-tidier"))
+    await comm.send_json_to({"type": "message", "content": "Hi", "max_tokens": 3})
+    old = (await until(comm, "end"))[-1]["conversation"]
+    await slow_engine_steps(monkeypatch)
+    await comm.send_json_to({"type": "message", "content": "Anew", "conversation": None, "max_tokens": 40})
+    start = (await until(comm, "start"))[-1]
+    await comm.send_json_to({"type": "delete_conversation"})  # the socket's own: the old one
+    events = await until(comm, "end")
+    assert {"type": "conversation_deleted", "conversation": old} in events
+    assert events[-1]["type"] == "end" and events[-1]["conversation"] == start["conversation"]
+    await comm.send_json_to({"type": "message", "content": "More", "max_tokens": 3})
+    assert (await until(comm, "end"))[-1]["conversation"] == start["conversation"]  # the new one, continued
+    await comm.disconnect()
