@@ -127,6 +127,25 @@ def test_delete_a_past_conversation_from_the_sidebar(browser, page_server):
     expect(page.locator(".message.user")).to_have_count(0)
 
 
+def test_a_conversation_is_not_deleted_from_the_sidebar_while_its_reply_is_written(browser, page_server):
+    """The server would refuse it (409), and that error event ended the reply on the page while it went on."""
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server, narrow=False)
+    page.get_by_role("button", name="Chef Luca Romano").click()
+    page.get_by_role("button", name="New conversation").click()
+    say(page, "Buongiorno!")
+    delete = page.locator("#conversations").get_by_role("button", name="Delete conversation: Buongiorno!")
+    expect(delete).to_be_enabled()
+    page.get_by_label("Your message").fill("Tell me, in great detail, every recipe you know.")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator(".message[aria-busy='true'] .text")).not_to_have_text("", timeout=120_000)
+    expect(delete).to_be_disabled()
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator(".message[data-stopped='true']")).to_have_count(1, timeout=60_000)
+    expect(delete).to_be_enabled()
+
+
 def test_continue_a_reply(browser, page_server):
     from playwright.sync_api import expect
 

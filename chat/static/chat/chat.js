@@ -217,6 +217,9 @@
     el("stop").hidden = !busy;
     el("message-input").disabled = !state.character;
     document.querySelectorAll(".tools button").forEach((b) => { b.disabled = busy || b.dataset.off === "true"; });
+    // Not while a reply is written: the server refuses its conversation's (409), and that error, like any, would
+    // end the reply on this page (its text removed, Send enabled again) while it goes on.
+    document.querySelectorAll(".delete-conversation").forEach((b) => { b.disabled = busy; });
   }
 
   function connect() {
@@ -334,13 +337,14 @@
       const title = conversation.title || "Untitled chat";
       const remove = button("Delete", () => deleteConversation(conversation.id, title),
                             { className: "delete-conversation", ariaLabel: `Delete conversation: ${title}` });
+      remove.disabled = state.busy;
       item.append(entry, remove);
       list.append(item);
     }
   }
 
   function deleteConversation(id, title) {
-    if (!window.confirm(`Delete the conversation "${title}" and all its messages?`)) return;
+    if (!window.confirm(`Delete the conversation "${title}" and all its messages?`) || state.busy) return;
     send({ type: "delete_conversation", conversation: id });
   }
 
