@@ -149,21 +149,27 @@ def _finish(*, job_id, attempt: int, record: ReplyRecord) -> bool:
 def _generate_with_progress(job: Job, attempt: int, record: ReplyRecord, heartbeat: "Heartbeat"):
     """Generate, writing the text so far about once a second; None when cancelled or superseded."""
     parts: list[str] = []
-    last_report = 0.0  # the first text is reported at once: clients see the job has started
-    text_length = 0  # characters of the text so far: what each write stores
+    last_report = last_text = 0.0  # the first text is reported at once: clients see the job has started
+    text_length = 0  # characters of the text so far: what each write of it stores
 
     def report(delta: str) -> bool:
-        nonlocal last_report, text_length
+        nonlocal last_report, last_text, text_length
         parts.append(delta)
         text_length += len(delta)
         if heartbeat.lost:
             return False
-        if time.monotonic() - last_report < max(PROGRESS_INTERVAL, text_length / PROGRESS_BYTES_PER_SECOND):
+        now = time.monotonic()
+        if now - last_report < PROGRESS_INTERVAL:
             return True
-        last_report = time.monotonic()
+        last_report = now
+        fields = {"status": Job.Status.RUNNING, "completion_tokens": len(parts)}
+        # The text only as often as its length allows; the small write still finds a cancel within the interval
+        # (the heartbeat alone would take JOB_HEARTBEAT_TIMEOUT / 4).
+        if now - last_text >= text_length / PROGRESS_BYTES_PER_SECOND:
+            last_text = now
+            fields["partial_text"] = "".join(parts)
         # Zero rows updated: cancelled (DELETE), or a newer attempt took over.
-        return bool(job_attempt_rows(job.pk, attempt).update(status=Job.Status.RUNNING, completion_tokens=len(parts),
-                                                  partial_text="".join(parts)))
+        return bool(job_attempt_rows(job.pk, attempt).update(**fields))
 
     return reply_generate(record, on_text=report)
 

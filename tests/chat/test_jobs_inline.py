@@ -249,7 +249,8 @@ def test_a_long_jobs_progress_writes_stay_linear_in_time(monkeypatch):
 
     class Rows:
         def update(self, **fields):
-            stored.append(len(fields["partial_text"]))
+            if "partial_text" in fields:
+                stored.append(len(fields["partial_text"]))
             return 1
 
     def generate(record, on_text):
@@ -266,6 +267,35 @@ def test_a_long_jobs_progress_writes_stay_linear_in_time(monkeypatch):
     assert stored[0] == 100 and stored == sorted(stored)  # the first text at once, then the text as it grows
     assert sum(stored) <= tasks.PROGRESS_BYTES_PER_SECOND * 150 + 300_000  # a write a second: 22.6 MB
     assert len(stored) >= 20  # still reported as it goes
+
+
+def test_a_long_job_still_finds_its_cancel_within_the_progress_interval(monkeypatch):
+    """Its text is written less often as it grows, but every PROGRESS_INTERVAL a small write still finds a
+    cancel (zero rows): the heartbeat alone would take JOB_HEARTBEAT_TIMEOUT / 4."""
+    from chat import tasks
+
+    clock, cancelled_at, stopped_at = [1000.0], [], []
+
+    class Rows:
+        def update(self, **fields):
+            return 0 if cancelled_at else 1
+
+    def generate(record, on_text):
+        for step in range(10_000):  # 1,000,000 characters over 500 seconds
+            clock[0] += 0.05
+            if step == 8_000:
+                cancelled_at.append(clock[0])  # a DELETE: the attempt's row is no longer running
+            if not on_text("x" * 100):
+                stopped_at.append(clock[0])
+                return None
+        return "done"
+
+    monkeypatch.setattr(tasks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tasks, "job_attempt_rows", lambda job_id, attempt: Rows())
+    monkeypatch.setattr(tasks, "reply_generate", generate)
+    heartbeat = type("Beat", (), {"lost": False})()
+    assert tasks._generate_with_progress(type("J", (), {"pk": 1})(), 1, None, heartbeat) is None
+    assert stopped_at[0] - cancelled_at[0] <= tasks.PROGRESS_INTERVAL + 0.05
 
 
 def test_a_job_keeps_only_the_fields_the_api_reads_and_refuses_what_it_cannot_store(django_user_model):
