@@ -325,6 +325,9 @@ SPECTACULAR_SETTINGS = {
     # the ids they look up.
     "PATH_CONVERTER_OVERRIDES": {"lookup_uuid": {"type": "string", "format": "uuid"},
                                  "lookup_int": {"type": "integer"}},
+    # The API's PATCH (a conversation's title) is not partial: its fields are required as for any request, not
+    # all optional as a "Patched..." component would document them.
+    "COMPONENT_SPLIT_PATCH": False,
 }
 
 # --- Production hardening (active when DEBUG is off) ------------------------------------------------

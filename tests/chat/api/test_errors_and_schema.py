@@ -244,6 +244,10 @@ def test_schema_validates_and_describes_the_api(tmp_path):
     assert components["TokenizeResponse"]["oneOf"] and "content" in components["DetokenizeResponse"]["properties"]
     request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"messages", "max_tokens", "temperature", "stream", "character", "conversation"} <= set(request)
+    # A rename names its title (400 without one), as documented.
+    rename = paths["/v1/conversations/{id}/"]["patch"]["requestBody"]
+    component = rename["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert rename["required"] and components[component]["required"] == ["title"]
 
 
 def test_browsable_api_and_swagger_render_for_a_logged_in_developer(django_user_model):
