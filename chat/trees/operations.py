@@ -17,8 +17,9 @@ from chat.errors import ApiError, NotFound
 from chat.models import ApiKey, Conversation, Message
 from chat.plans import Branch, chat_request_prepare
 from chat.replies import reply_lookup, reply_start_choices
-from chat.selectors import conversation_get_owned, message_get_owned, message_subtree_ids, newest_leaf_under
-from chat.tenancy.conversation_lock import conversation_leased
+from chat.selectors import (conversation_get_owned, message_get_owned, message_subtree_ids, newest_leaf_under,
+                            uuid_from)
+from chat.tenancy.conversation_lock import ConversationBusy, conversation_leased
 from chat.tenancy.owners import Tenant
 
 from .running import (CANCEL, KEEP, ReplyRun, announced_starter, reply_run_announced, reply_run_of,
@@ -121,9 +122,29 @@ def message_delete(*, user, conversation_id, message_id) -> Conversation:
 def conversation_delete(*, user, conversation_id) -> None:
     """Delete a whole conversation: its messages, invitations and participants. Its owner's alone; under its
     lease, so a reply running meanwhile (409 conversation_busy) is never stored under nothing."""
-    conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
+    try:
+        conversation = conversation_get_owned(user=user, conversation_id=conversation_id, owner_only=True)
+    except NotFound:
+        _busy_if_first_reply_runs(user=user, conversation_id=conversation_id)
+        raise
     with conversation_leased(conversation):
         Conversation.objects.filter(pk=conversation.pk).delete()
+
+
+def _busy_if_first_reply_runs(*, user, conversation_id) -> None:
+    """409 conversation_busy, as for any reply on its way, when the user's new conversation is not stored yet but
+    its first reply runs under its id (a start event names it): a 404 would say it is gone, then it is stored."""
+    parsed = uuid_from(conversation_id)
+    if parsed is None:
+        return
+    run = reply_run_of(parsed)
+    if run is not None:
+        starter = str(run.starter_id)
+    else:  # a run in another process
+        announced = reply_run_announced(parsed)
+        starter = announced_starter(announced) if announced else None
+    if starter == str(user.pk):
+        raise ConversationBusy(parsed)
 
 
 def conversation_rename(*, user, conversation_id, title: str) -> Conversation:

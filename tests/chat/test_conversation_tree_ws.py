@@ -276,3 +276,24 @@ async def test_deleting_the_sockets_conversation_does_not_abandon_the_reply_it_f
     await comm.send_json_to({"type": "message", "content": "More", "max_tokens": 3})
     assert (await until(comm, "end"))[-1]["conversation"] == start["conversation"]  # the new one, continued
     await comm.disconnect()
+
+
+async def test_a_new_conversation_is_not_deleted_while_its_first_reply_runs(site, monkeypatch):
+    """Its id is known before it is stored (the start event names it): a delete meanwhile is 409 like any
+    conversation's with a reply on its way, not a 404 that the stored conversation then belies."""
+    await slow_engine_steps(monkeypatch)
+    key = await user_key("ws-hasty")
+    comm, other = await socket_of(key), await socket_of(key)
+    await comm.send_json_to({"type": "message", "content": "Tell me a long one", "max_tokens": 40})
+    conversation = (await until(comm, "start"))[-1]["conversation"]
+    mallory = await socket_of(await user_key("ws-mallory3"))
+    await mallory.send_json_to({"type": "delete_conversation", "conversation": conversation})
+    assert (await mallory.receive_json_from(timeout=30))["status"] == 404  # another user's: nothing to see
+    await other.send_json_to({"type": "delete_conversation", "conversation": conversation})
+    busy = await other.receive_json_from(timeout=30)
+    assert busy["type"] == "error" and busy["status"] == 409 and busy["error"]["code"] == "conversation_busy"
+    assert (await until(comm, "end"))[-1]["conversation"] == conversation
+    await other.send_json_to({"type": "delete_conversation", "conversation": conversation})
+    assert (await other.receive_json_from(timeout=30))["type"] == "conversation_deleted"  # once stored
+    for socket in (comm, other, mallory):
+        await socket.disconnect()
