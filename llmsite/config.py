@@ -24,8 +24,8 @@ REMOTE_OPTIONS = ("base_url", "remote_model", "api_key_env", "remote_api", "time
 # The local scheduler's latency budget and back-pressure (see chat/engine/scheduler.py, docs/ARCHITECTURE.md).
 ENGINE_OPTIONS = ("prefill_step_ms", "prefill_min_tokens", "max_queue", "queue_timeout")
 MODEL_OPTIONS = ("backend", "model_type", "gpu_layers", "context_length", "threads", "parallel",
-                 "prefix_cache_mb", "chat_template", "flash_attention", "weights", "state_dir", "state_cache_mb",
-                 *REMOTE_OPTIONS, *ENGINE_OPTIONS)
+                 "prefix_cache_mb", "chat_template", "flash_attention", "side_prefill", "weights", "state_dir",
+                 "state_cache_mb", *REMOTE_OPTIONS, *ENGINE_OPTIONS)
 INTEGER_OPTIONS = ("gpu_layers", "context_length", "threads", "parallel", "prefix_cache_mb", "state_cache_mb",
                    "max_connections", "upstream_slots",
                    *ENGINE_OPTIONS)
@@ -148,6 +148,8 @@ def _model(name, model_path, options: dict, base_dir: Path, fail) -> ModelSpec:
         fail(f"model {name!r}: flash_attention must be true or false")
     if options.get("flash_attention") and backend != "llama_cpp":
         fail(f"model {name!r}: flash_attention is a llama_cpp option")
+    if "side_prefill" in options and not isinstance(options["side_prefill"], bool):
+        fail(f"model {name!r}: side_prefill must be true or false")
     if "weights" in options:
         if options["weights"] is None:
             options = {**options, "weights": ""}

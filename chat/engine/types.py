@@ -44,6 +44,10 @@ class ModelSpec:
     # llama_cpp: flash attention (where the device supports it) evaluates prompts faster. Prompts go in aligned
     # chunks and only whole chunks are reused, so a reused or shared prefix still gives a cold prompt's output.
     flash_attention: bool = True
+    # llama_cpp on the CPU with flash attention and 2+ threads: a long prompt arriving while streams decode is
+    # evaluated in a second context on a thread of its own, so the streams do not pause for its chunks
+    # (chat/engine/backends/side_prefill.py).
+    side_prefill: bool = True
     # llama_cpp on the CPU (gpu_layers 0): load a copy of the file's weights re-quantized to this type, made once
     # and kept (chat/engine/backends/weights.py); "" = the file as it is. Q4_1 has no batched CPU kernels in llama.cpp;
     # its Q8_0 copy has, and its logits match the file's to within rounding (docs/BENCHMARKS.md).

@@ -59,6 +59,7 @@ from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
 from .constrained import GRAMMAR_SECONDS_FIRST, GRAMMAR_SECONDS_PER_TOKEN, ConstrainedSampler, GrammarTooCostly
+from .side_prefill import SidePrefill, SideJob
 from .weights import discard_copy, weights_path
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ MIN_REUSE_FROM_CACHE = 16  # restoring a saved state costs more than evaluating 
 MIN_SAVE_TOKENS = 64  # shorter prefixes are cheap to evaluate again: not worth a cache entry
 MIN_SHARE_TOKENS = PROMPT_CHUNK  # copying a busy slot's prefix (and waiting for it) pays off only for longer prefixes
 MIN_SHARE_GAIN = 16  # share only when it gives this many more tokens than an idle slot or the saved states
+# A prompt this long goes to the side context while other sequences decode (side_prefill.py): shorter ones end
+# before their chunks' cost grows with the cells (a 64-row chunk: 0.13 s at the start, 0.4 s near 1,800 cells).
+SIDE_PREFILL_MIN_TOKENS = 512
+SIDE_IDLE_WAIT = 0.02  # seconds a step with nothing but a side prompt to wait for waits for it
 SHUTDOWN_WRITE_WAIT = 30.0  # seconds close() waits to queue each slot's state for disk (none is dropped at shutdown)
 MAX_GRAMMAR_REPETITION = 10_000  # llama.cpp expands x{n} into n copies: a bigger count would exhaust memory
 # llama.cpp parses nested groups recursively: ~30,000 levels overflowed an 8 MB thread stack here (a segfault),
@@ -132,6 +137,17 @@ def resident_reuse(prompt_length: int, common: int, exact: int) -> int:
 def chunk_size(pending: int) -> int:
     """The next chunk of a prompt with `pending` tokens left (from an aligned position)."""
     return min(pending, PROMPT_CHUNK)
+
+
+def prompt_padding(start: int, size: int, end: int, context_length: int) -> int:
+    """Throwaway rows after a prompt chunk of `size` tokens from `start` (the prompt ends at `end`): a last chunk
+    of ROW_BY_ROW_TAIL rows or more past LONE_ROW_KV_CELLS is padded to whole chunks, so that it takes flash
+    attention's tiled path, when there is room. A function of positions only: cold and warm prompts pad alike."""
+    partial = size % PROMPT_CHUNK
+    if (partial < ROW_BY_ROW_TAIL or start + size != end or start + size <= LONE_ROW_KV_CELLS
+            or start + size - partial + PROMPT_CHUNK > context_length):
+        return 0
+    return PROMPT_CHUNK - partial
 
 
 def model_params_for(llama, spec: ModelSpec):
@@ -243,6 +259,19 @@ class _Share:
 
 
 @dataclass(eq=False)
+class _SideState:
+    """A prompt evaluated in the side context, as _restore takes a saved state."""
+
+    tokens: list[int]
+    state: object
+    size: int
+
+    @property
+    def reusable(self) -> int:
+        return reusable(len(self.tokens))  # whole aligned chunks, as the main context would have left them
+
+
+@dataclass(eq=False)
 class _SequenceState:
     slot: _Slot
     sampler: object  # llama_sampler chain (freed on release)
@@ -265,6 +294,8 @@ class _SequenceState:
     # tokens after it row by row, as they were decoded) and the token it sampled last, decoded next, not sampled.
     prompt_end: int | None = None
     resume_next: int | None = None
+    side: bool = False  # its prompt is being evaluated in the side context (side_prefill.py)
+    logits_context: object = None  # where its logits row is when not in the main context (the side context)
 
 
 class LlamaCppBackend(Backend):
@@ -347,6 +378,15 @@ class LlamaCppBackend(Backend):
         self._resumes_restored = 0  # suspended sequences that went on from their own cells (slot or saved state)
         self._resumes_evaluated = 0  # ...that had their prompt and decoded tokens evaluated again
         self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
+        self._threads = spec.threads or os.cpu_count() or 1
+        # Long prompts next to decoding streams go to a second context on a thread of its own (side_prefill.py):
+        # on the CPU, with a thread to spare, and with flash attention (measured: the same logits to the bit).
+        self._side = (SidePrefill(llama, model, context_length=self.context_length,
+                                  flash_attn_type=llama.LLAMA_FLASH_ATTN_TYPE_AUTO, streams=spec.parallel,
+                                  batch_tokens=BATCH_TOKENS)
+                      if spec.side_prefill and spec.flash_attention and not spec.gpu_layers and self._threads >= 2
+                      else None)
+        self._side_prefills = 0  # prompts evaluated in the side context and moved into their slot
         # every waiting prompt advances at least this many whole chunks per step, even past the budget
         self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
 
@@ -531,7 +571,7 @@ class LlamaCppBackend(Backend):
         """A decoding sequence; or one evaluating its prompt for the first time, between whole chunks (an owner's
         long prompts would otherwise hold every slot until they are all evaluated)."""
         state: _SequenceState | None = seq.backend_state
-        if state is None or state.slot is None or state.share is not None or state.twin is not None:
+        if state is None or state.slot is None or state.share is not None or state.twin is not None or state.side:
             return False
         if state.prefilling:
             return (state.prompt_end is None and not state.slot.waiting and bool(state.pending)
@@ -646,9 +686,10 @@ class LlamaCppBackend(Backend):
         seq.backend_state = _SequenceState(slot=slot, sampler=sampler, grammar=grammar, pending=[],
                                            prompt=seq.prompt_tokens, twin=twin)
 
-    def _fork_twins(self, source_seq: Sequence, seqs: list[Sequence]) -> tuple[list, list]:
+    def _fork_twins(self, source_seq: Sequence, seqs: list[Sequence], *, context=None) -> tuple[list, list]:
         """Right after `source_seq` sampled its first token: copy its whole sequence to each twin and sample the
-        twin's first token from the same logits row with the twin's own sampler. (sampled, failed)"""
+        twin's first token from the same logits row with the twin's own sampler (in `context`: the side context's
+        when the source's prompt was evaluated there). (sampled, failed)"""
         source_state = source_seq.backend_state
         source = source_state.slot
         sampled, failed = [], []
@@ -663,7 +704,7 @@ class LlamaCppBackend(Backend):
             source.copy_pending = slot.copy_pending = True
             slot.kv_tokens, slot.exact, slot.waiting = list(source.kv_tokens), source.exact, False
             state.twin, state.prefilling = None, False
-            state.logits_index = source_state.logits_index
+            state.logits_index, state.logits_context = source_state.logits_index, context
             self._forks += 1
             token, error = self._sample_guarded(seq, state)
             if error is not None:
@@ -918,15 +959,22 @@ class LlamaCppBackend(Backend):
                 self._take_shared_prefix(seq.backend_state)
             elif seq.backend_state.twin is not None:
                 self._orphaned_twin(seq.backend_state)
-        ready = [seq for seq in seqs if seq.backend_state.share is None and seq.backend_state.pending]
+        sampled, failed = self._side_finished(seqs)
+        ready = [seq for seq in seqs if seq.backend_state.share is None and seq.backend_state.pending
+                 and not seq.backend_state.side]
         decoding = sorted((seq for seq in ready if not seq.backend_state.prefilling),
                           key=lambda seq: seq.backend_state.slot.seq_id)
         prefilling = [seq for seq in ready if seq.backend_state.prefilling]  # admission order: oldest first
+        if decoding:
+            self._side_start(prefilling)
         prompt_chunks = self._plan_prompt_chunks(prefilling, self._budget.prompt_tokens(len(decoding)),
                                                  decoding_owners={seq.owner for seq in decoding})
         if not decoding and not prompt_chunks:
-            return []
-        sampled, failed = [], []
+            if not sampled and not failed and self._side is not None:
+                self._side.wait(SIDE_IDLE_WAIT)  # nothing but a side prompt to wait for: no busy loop
+            if failed:
+                raise SequencesFailed([seq for seq, _ in failed], sampled, errors=dict(failed))
+            return sampled
         started = time.perf_counter()
         if decoding:
             ok, bad = self._decode_planned([(seq, 1) for seq in decoding])
@@ -952,6 +1000,65 @@ class LlamaCppBackend(Backend):
         if failed:
             raise SequencesFailed([seq for seq, _ in failed], sampled, errors=dict(failed))
         return sampled
+
+    def _side_start(self, prefilling: list[Sequence]) -> None:
+        """Hand the oldest long prompt evaluated from its start to the side context (one at a time), and give the
+        main context one thread fewer meanwhile: the side's thread is the other. Taken out of `prefilling`."""
+        if self._side is None or self._side.busy:
+            return
+        for seq in prefilling:
+            state: _SequenceState = seq.backend_state
+            if (state.share is not None or state.twin is not None or state.prompt_end is not None
+                    or state.slot.kv_tokens or state.slot.waiting or len(state.pending) < SIDE_PREFILL_MIN_TOKENS):
+                continue
+            if self._side.start(seq, state.pending, self._side_chunks(len(state.pending))) is None:
+                self._side = None  # no second context here (memory): long prompts stay in the main one
+                return
+            state.side = True
+            self._set_threads(self._threads - 1)
+            prefilling.remove(seq)
+            return
+
+    def _side_chunks(self, length: int) -> list[tuple[int, int, int]]:
+        """(start, size, padding) of each call of a prompt of `length` tokens evaluated from its start, chunk by
+        chunk as the main context evaluates it: whole aligned chunks, then the last padded or row by row."""
+        chunks, start = [], 0
+        while start < length:
+            size = chunk_size(length - start)
+            chunks.append((start, size, prompt_padding(start, size, length, self.context_length)))
+            start += size
+        return chunks
+
+    def _side_finished(self, seqs: list[Sequence]) -> tuple[list, list]:
+        """A finished side job: the prompt's cells into its slot and its first token sampled from the side
+        context's logits (twins forked from it). Failed, or not taken, the sequence evaluates its prompt in the
+        main context from the start as if it never left. (sampled, failed)"""
+        job: SideJob | None = self._side.finished() if self._side is not None else None
+        if job is None:
+            return [], []
+        self._set_threads(self._threads)
+        seq = job.seq
+        state: _SequenceState | None = seq.backend_state
+        if job.cancelled or state is None or not state.side:  # released meanwhile
+            return [], []
+        state.side = False
+        if job.failed or len(job.tokens) != len(state.pending):
+            return [], []
+        taken = self._restore(state.slot, _SideState(job.tokens, job.state, job.size), len(job.tokens))
+        if taken != len(job.tokens):
+            return [], []
+        self._prompt_tokens_evaluated += len(job.tokens)
+        self._side_prefills += 1
+        state.pending, state.logits_index, state.logits_context = [], job.logits_index, self._side.context
+        token, error = self._sample_guarded(seq, state)
+        if error is not None:
+            return [], [(seq, error)]
+        state.pending, state.prefilling = [token], False
+        forked, fork_failed = self._fork_twins(seq, seqs, context=self._side.context)
+        return [(seq, token), *forked], fork_failed
+
+    def _set_threads(self, threads: int) -> None:
+        self._llama.llama_set_n_threads(self._context, threads, threads)
 
     def _prompt_calls(self, chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """The llama_decode calls of a step's prompt chunks, in order (measured: bench/flash_attention_shapes.py).
@@ -1176,11 +1283,7 @@ class LlamaCppBackend(Backend):
             # tokens beside a decode step did (_throwaway_slots).
             return 1 if state.prefilling and size == 1 and start >= LONE_ROW_KV_CELLS else 0
         end = len(state.slot.kv_tokens) + len(state.pending) if state.prompt_end is None else state.prompt_end
-        partial = size % PROMPT_CHUNK
-        if (not state.prefilling or partial < ROW_BY_ROW_TAIL or start + size != end
-                or start + size <= LONE_ROW_KV_CELLS or start + size - partial + PROMPT_CHUNK > self.context_length):
-            return 0
-        return PROMPT_CHUNK - partial
+        return prompt_padding(start, size, end, self.context_length) if state.prefilling else 0
 
     def _throwaway_slots(self, planned: list[tuple[Sequence, int]]) -> list[_Slot]:
         """Slots to decode a throwaway token in beside a decode step's sequences once one of them holds 256 cells
@@ -1251,17 +1354,20 @@ class LlamaCppBackend(Backend):
         except Exception:
             logger.exception("sampling a sequence of model %r failed", self._model_name)
             return None, GenerationFailed(self._model_name)
+        finally:
+            state.logits_context = None  # its next logits are the main context's
 
     def _sample(self, seq: Sequence, state: _SequenceState) -> int:
         if self.faults is not None and self.faults.sample is not None:
             self.faults.sample(seq)
+        context = state.logits_context or self._context
         # Only sequences that asked pay for logprobs; the row is copied before the sampler sees it.
-        row = self._logits_row(state.logits_index) if seq.params.logprobs is not None else None
+        row = self._logits_row(state.logits_index, context) if seq.params.logprobs is not None else None
         if state.grammar is None:
-            token = self._llama.llama_sampler_sample(state.sampler, self._context, state.logits_index)
+            token = self._llama.llama_sampler_sample(state.sampler, context, state.logits_index)
         else:
             started = time.thread_time()  # CPU of this thread: what every other stream waits for
-            token = self._constrained.sample(context=self._context, index=state.logits_index,
+            token = self._constrained.sample(context=context, index=state.logits_index,
                                              chain=state.sampler, grammar=state.grammar)
             state.grammar_seconds += time.thread_time() - started
             state.grammar_tokens += 1
@@ -1271,9 +1377,9 @@ class LlamaCppBackend(Backend):
             seq.token_logprob = self._token_logprob(row, token, seq.params.logprobs)
         return token
 
-    def _logits_row(self, index: int):
+    def _logits_row(self, index: int, context=None):
         """A copy of the raw logits of batch row `index` (before penalties, grammar and temperature); None if absent."""
-        pointer = self._llama.llama_get_logits_ith(self._context, index)
+        pointer = self._llama.llama_get_logits_ith(context or self._context, index)
         if not pointer:  # NULL for a row without logits; wrapping it would crash
             return None
         row = (ctypes.c_float * self._n_vocab)()
@@ -1296,6 +1402,8 @@ class LlamaCppBackend(Backend):
         state: _SequenceState = seq.backend_state
         if state is None:
             return
+        if state.side:  # its prompt is not wanted any more: the side context stops after its current chunk
+            self._side.cancel()
         if state.slot is not None:  # a suspended sequence has none
             # The slot keeps its KV cells: the next prompt sharing a prefix with them continues from there.
             state.slot.busy = state.slot.waiting = False
@@ -1314,6 +1422,7 @@ class LlamaCppBackend(Backend):
             "prompt_tokens_evaluated": self._prompt_tokens_evaluated,
             "shared_prefixes": self._shared_prefixes,
             "forked_sequences": self._forks,
+            "side_prefills": self._side_prefills,
             "slot_moves": self._moves,
             "suspended_sequences": len(self._suspended),
             "resumes_restored": self._resumes_restored,
@@ -1336,6 +1445,8 @@ class LlamaCppBackend(Backend):
             if state.grammar is not None:
                 self._llama.llama_sampler_free(state.grammar)
         self._suspended.clear()
+        if self._side is not None:
+            self._side.close()
         self._llama.llama_batch_free(self._batch)
         self._llama.llama_free(self._context)
         self._llama.llama_model_free(self._model)

@@ -1,0 +1,156 @@
+"""Long prompts beside decoding streams go to a second context on a thread of their own
+(chat/engine/backends/side_prefill.py): the reply and every logprob are a cold prompt's, the streams' too, and a
+cancel, a failure or a shutdown midway leaves the engine serving. SmolLM2: real logits, compared exactly."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from chat.engine import ModelRegistry, ModelSpec, SamplingParams
+from chat.engine.backends import side_prefill
+from chat.engine.errors import EngineClosed
+
+pytestmark = pytest.mark.smollm2
+
+# ~1,100 tokens: past SIDE_PREFILL_MIN_TOKENS, its last chunk padded (tiled) far past 256 cells.
+LONG_PROMPT = ("Here is a long list of facts about the sea, ships and sailors. " * 70
+               + "Now tell me, in one sentence, what is the sea?")
+LONG_PARAMS = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+# A stream that decodes while the long prompt arrives: a raw prompt the model continues by counting.
+STREAM_PROMPT = "Numbers: " + ", ".join(str(n) for n in range(1, 40)) + ","
+STREAM_PARAMS = SamplingParams(max_tokens=80, temperature=0, logprobs=1)
+
+
+def engine_registry(smollm2_gguf, **options) -> ModelRegistry:
+    return ModelRegistry([ModelSpec("smol-side", str(smollm2_gguf), context_length=2048, parallel=2, threads=2,
+                                    prefix_cache_mb=0, **options)])
+
+
+def run(generation):
+    for _ in generation:
+        pass
+    return generation.result
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def records(completion) -> list:
+    return [(t.token, t.logprob, [(o.token, o.logprob) for o in t.top]) for t in completion.logprobs]
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2_gguf):
+    """Each request's completion on an engine that never uses the side context, one request at a time."""
+    registry = engine_registry(smollm2_gguf, side_prefill=False)
+    try:
+        engine = registry.get()
+        return {"long": engine.generate(LONG_PROMPT, LONG_PARAMS), "stream": engine.generate(STREAM_PROMPT,
+                                                                                            STREAM_PARAMS)}
+    finally:
+        registry.close()
+
+
+def long_prompt_beside_a_stream(engine):
+    """(stream, long request): the long prompt submitted once the stream decodes."""
+    generated = engine.stats()["tokens_generated"]
+    stream = engine.submit(STREAM_PROMPT, STREAM_PARAMS, owner="A")
+    wait_for(lambda: engine.stats()["tokens_generated"] >= generated + 3)
+    return stream, engine.submit(LONG_PROMPT, LONG_PARAMS, owner="B")
+
+
+def test_a_long_prompt_beside_a_stream_is_evaluated_aside_with_the_cold_logprobs(smollm2_gguf, alone):
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        stream, long = long_prompt_beside_a_stream(engine)
+        long_done, stream_done = run(long), run(stream)
+        stats = engine.stats()
+    finally:
+        registry.close()
+    assert stats["side_prefills"] == 1
+    assert long_done.text == alone["long"].text and records(long_done) == records(alone["long"])
+    # The stream decoded on one thread meanwhile: the same tokens and logprobs as alone.
+    assert stream_done.text == alone["stream"].text and records(stream_done) == records(alone["stream"])
+    assert long_done.prompt_tokens == alone["long"].prompt_tokens
+
+
+def test_a_long_prompt_with_nothing_decoding_stays_in_the_main_context(smollm2_gguf, alone):
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        assert records(engine.generate(LONG_PROMPT, LONG_PARAMS)) == records(alone["long"])
+        assert engine.stats()["side_prefills"] == 0  # two threads on it: no stream to keep flowing
+    finally:
+        registry.close()
+
+
+def test_a_failed_side_evaluation_goes_on_in_the_main_context(smollm2_gguf, alone, monkeypatch):
+    def failing(self, job):
+        job.failed = True
+        return False
+
+    monkeypatch.setattr(side_prefill.SidePrefill, "_evaluate", failing)
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        stream, long = long_prompt_beside_a_stream(engine)
+        assert records(run(long)) == records(alone["long"])
+        assert run(stream).text == alone["stream"].text
+        assert engine.stats()["side_prefills"] == 0
+    finally:
+        registry.close()
+
+
+def held_side_jobs(monkeypatch) -> list:
+    """Side jobs from now on wait, before their first chunk, until cancelled: the test acts on them midway."""
+    held = []
+    evaluate = side_prefill.SidePrefill._evaluate
+
+    def held_evaluate(self, job):
+        held.append(job)
+        while not job.cancelled:
+            time.sleep(0.005)
+        return evaluate(self, job)
+
+    monkeypatch.setattr(side_prefill.SidePrefill, "_evaluate", held_evaluate)
+    return held
+
+
+def test_a_side_prompt_cancelled_midway_leaves_the_engine_serving(smollm2_gguf, alone, monkeypatch):
+    held = held_side_jobs(monkeypatch)
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        stream, long = long_prompt_beside_a_stream(engine)
+        wait_for(lambda: held)
+        long.cancel()
+        assert run(long).finish_reason == "cancelled"
+        assert run(stream).text == alone["stream"].text  # it decoded on while the side job waited
+        monkeypatch.undo()
+        # The side context is free again: the next long prompt beside a stream goes there.
+        stream, long = long_prompt_beside_a_stream(engine)
+        assert records(run(long)) == records(alone["long"])
+        run(stream)
+        assert engine.stats()["side_prefills"] == 1
+    finally:
+        registry.close()
+
+
+def test_an_engine_closed_while_a_prompt_is_evaluated_aside_shuts_down(smollm2_gguf, monkeypatch):
+    held = held_side_jobs(monkeypatch)
+    registry = engine_registry(smollm2_gguf)
+    engine = registry.get()
+    stream, long = long_prompt_beside_a_stream(engine)
+    wait_for(lambda: held)
+    registry.close()  # cancels the side job, joins its thread, frees both contexts
+    for generation in (long, stream):
+        with pytest.raises(EngineClosed):
+            run(generation)
+    assert held[0].done.is_set()
