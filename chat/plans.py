@@ -266,8 +266,8 @@ def _conversation_room_check(plan: ChatPlan) -> None:
     limit = settings.USER_MAX_CONVERSATIONS
     if limit and Conversation.objects.filter(owner_id=getattr(plan.user, "pk", None)).count() >= limit:
         raise ApiError(f"You have the maximum of {limit} stored conversations (USER_MAX_CONVERSATIONS): delete some "
-                       "(DELETE /v1/conversations/<id>/) or send store: false.", param="conversation",
-                       code="too_many_conversations", status=409)
+                       "(DELETE /v1/conversations/<id>/), or send store: false (not in a group chat).",
+                       param="conversation", code="too_many_conversations", status=409)
 
 
 def _group_for(data: dict, conversation: Conversation | None) -> tuple[CharacterGroup | None, list[Character]]:

@@ -62,7 +62,10 @@ def user_display_name(user) -> str:
 def conversation_get_listed(*, user, conversation_id) -> Conversation:
     """The user's conversation as the list shows it (with its message count)."""
     conversation = conversation_get_owned(user=user, conversation_id=conversation_id)  # another user's: the same 404
-    return conversations_of(user=user).get(pk=conversation.pk)
+    listed = conversations_of(user=user).filter(pk=conversation.pk).first()
+    if listed is None:  # deleted between the two reads
+        raise NotFound(f"No conversation {conversation.pk}.", param="conversation", code="conversation_not_found")
+    return listed
 
 
 # --- Stored responses (the Responses API): "resp_<conversation hex>_<n>" is the conversation's n-th reply ---

@@ -113,3 +113,18 @@ def test_a_user_stores_at_most_the_cap_of_conversations(tiny_site, settings):
     assert new_chat(other, "Mine").status_code == 200  # the cap is the user's own
     assert client.delete(detail(second)).status_code == 204
     assert new_chat(client, "Three").status_code == 200  # room again
+
+
+def test_a_conversation_deleted_between_its_reads_is_a_404_not_a_500(chat, monkeypatch):
+    from chat import selectors
+
+    client, conversation = chat
+    listed = selectors.conversations_of
+
+    def deleted_first(*, user):  # a DELETE that lands between the ownership check and the listed read
+        Conversation.objects.filter(pk=conversation.pk).delete()
+        return listed(user=user)
+
+    monkeypatch.setattr(selectors, "conversations_of", deleted_first)
+    response = client.patch(detail(conversation), {"title": "late"}, format="json")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "conversation_not_found"
