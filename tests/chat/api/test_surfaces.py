@@ -74,6 +74,7 @@ ENDPOINTS = {
     ("GET", "groups"): ("/groups", None, 200),
     ("GET", "conversations"): ("/conversations", None, 200),
     ("GET", "conversations/<lookup_uuid:pk>"): ("/conversations/{pk}", None, 200),
+    ("PATCH", "conversations/<lookup_uuid:pk>"): ("/conversations/{pk}", {"title": "Renamed"}, 200),
     ("GET", "conversations/<lookup_uuid:pk>/messages"): ("/conversations/{pk}/messages", None, 200),
     # A conversation with one character takes no participants (400 not_a_group_chat): the route answered.
     ("POST", "conversations/<lookup_uuid:pk>/participants"): ("/conversations/{pk}/participants", {"username": "alice"},
@@ -100,6 +101,7 @@ ENDPOINTS = {
     ("DELETE", "conversations/<lookup_uuid:pk>/messages/<lookup_int:message_id>"): (
         "/conversations/{pk}/messages/{reply}", None, 200),
     ("DELETE", "responses/<str:response_id>"): ("/responses/{response_id}", None, 200),
+    ("DELETE", "conversations/<lookup_uuid:pk>"): ("/conversations/{pk}", None, 204),  # the whole conversation: last
 }
 
 
