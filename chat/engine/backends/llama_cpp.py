@@ -1050,6 +1050,12 @@ class LlamaCppBackend(Backend):
             return [], []
         taken = self._restore(state.slot, _SideState(job.tokens, job.state, job.size), len(job.tokens))
         if taken != len(job.tokens):
+            # This context does not take the side's states: its memory writes more than one stream count (the two
+            # KV caches of SWA models, a recurrent state). Every long prompt would be evaluated twice: no more.
+            logger.warning("model %r does not take the side context's states; long prompts stay in the main one",
+                           self._model_name)
+            self._side.close()
+            self._side = None
             return [], []
         self._prompt_tokens_evaluated += len(job.tokens)
         self._side_prefills += 1

@@ -57,12 +57,13 @@ def alone(smollm2_gguf):
         registry.close()
 
 
-def long_prompt_beside_a_stream(engine, params: SamplingParams = LONG_PARAMS):
-    """(stream, long request): the long prompt submitted once the stream decodes."""
+def long_prompt_beside_a_stream(engine, params: SamplingParams = LONG_PARAMS, owner: str = "B"):
+    """(stream, long request): the long prompt submitted once the stream decodes (by `owner`: another owner's
+    request reuses none of the cells an earlier one left)."""
     generated = engine.stats()["tokens_generated"]
     stream = engine.submit(STREAM_PROMPT, STREAM_PARAMS, owner="A")
     wait_for(lambda: engine.stats()["tokens_generated"] >= generated + 3)
-    return stream, engine.submit(LONG_PROMPT, params, owner="B")
+    return stream, engine.submit(LONG_PROMPT, params, owner=owner)
 
 
 def test_a_long_prompt_beside_a_stream_is_evaluated_aside_with_the_cold_logprobs(smollm2_gguf, alone):
@@ -172,3 +173,34 @@ def test_a_first_token_sampled_aside_is_the_only_token_of_its_step(smollm2_gguf,
     assert long_done.completion_tokens == 1 and records(long_done) == records(alone["long"])[:1]
     assert stats["tokens_generated"] == stream_done.completion_tokens + 1
 
+
+def test_a_side_state_the_main_context_refuses_is_not_evaluated_aside_again(smollm2_gguf, alone, monkeypatch):
+    """A model whose memory writes more than the one stream count patched (the two KV caches of SWA models) has
+    every side state refused: after the first, long prompts stay in the main context instead of being evaluated
+    twice. Simulated with the side's state unpatched (one stream where the main context has two)."""
+    jobs = []
+    evaluate, saved_state = side_prefill.SidePrefill._evaluate, side_prefill.SidePrefill._saved_state
+
+    def counted(self, job):
+        jobs.append(job)
+        return evaluate(self, job)
+
+    def unpatched(self):
+        streams, self._streams = self._streams, 1
+        try:
+            return saved_state(self)
+        finally:
+            self._streams = streams
+
+    monkeypatch.setattr(side_prefill.SidePrefill, "_evaluate", counted)
+    monkeypatch.setattr(side_prefill.SidePrefill, "_saved_state", unpatched)
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        for owner in ("B", "C"):
+            stream, long = long_prompt_beside_a_stream(engine, owner=owner)
+            assert records(run(long)) == records(alone["long"])
+            run(stream)
+        assert len(jobs) == 1 and engine.stats()["side_prefills"] == 0
+    finally:
+        registry.close()
