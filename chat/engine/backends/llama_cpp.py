@@ -960,8 +960,12 @@ class LlamaCppBackend(Backend):
             elif seq.backend_state.twin is not None:
                 self._orphaned_twin(seq.backend_state)
         sampled, failed = self._side_finished(seqs)
+        # A sequence that just sampled its first token from the side context's logits (and its twins) decodes it
+        # next step, as after a prompt evaluated here: one token per sequence and step (the scheduler reads its
+        # logprob record, seq.token_logprob, after the step, and a first token that ends it must be its last).
+        just_sampled = {seq for seq, _ in sampled}
         ready = [seq for seq in seqs if seq.backend_state.share is None and seq.backend_state.pending
-                 and not seq.backend_state.side]
+                 and not seq.backend_state.side and seq not in just_sampled]
         decoding = sorted((seq for seq in ready if not seq.backend_state.prefilling),
                           key=lambda seq: seq.backend_state.slot.seq_id)
         prefilling = [seq for seq in ready if seq.backend_state.prefilling]  # admission order: oldest first
@@ -1046,6 +1050,12 @@ class LlamaCppBackend(Backend):
             return [], []
         taken = self._restore(state.slot, _SideState(job.tokens, job.state, job.size), len(job.tokens))
         if taken != len(job.tokens):
+            # This context does not take the side's states: its memory writes more than one stream count (the two
+            # KV caches of SWA models, a recurrent state). Every long prompt would be evaluated twice: no more.
+            logger.warning("model %r does not take the side context's states; long prompts stay in the main one",
+                           self._model_name)
+            self._side.close()
+            self._side = None
             return [], []
         self._prompt_tokens_evaluated += len(job.tokens)
         self._side_prefills += 1

@@ -14,9 +14,9 @@ from chat.engine.errors import EngineClosed
 
 pytestmark = pytest.mark.smollm2
 
-# ~1,100 tokens: past SIDE_PREFILL_MIN_TOKENS, its last chunk padded (tiled) far past 256 cells.
-LONG_PROMPT = ("Here is a long list of facts about the sea, ships and sailors. " * 70
-               + "Now tell me, in one sentence, what is the sea?")
+# ~1,050 tokens: past SIDE_PREFILL_MIN_TOKENS, its last chunk padded (tiled) far past 256 cells. A raw prompt the
+# model continues for all of max_tokens (a question here gets the end-of-generation token first: no logprobs).
+LONG_PROMPT = "Here is a long list of facts about the sea, ships and sailors. " * 70 + "The sea is"
 LONG_PARAMS = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
 # A stream that decodes while the long prompt arrives: a raw prompt the model continues by counting.
 STREAM_PROMPT = "Numbers: " + ", ".join(str(n) for n in range(1, 40)) + ","
@@ -57,12 +57,13 @@ def alone(smollm2_gguf):
         registry.close()
 
 
-def long_prompt_beside_a_stream(engine):
-    """(stream, long request): the long prompt submitted once the stream decodes."""
+def long_prompt_beside_a_stream(engine, params: SamplingParams = LONG_PARAMS, owner: str = "B"):
+    """(stream, long request): the long prompt submitted once the stream decodes (by `owner`: another owner's
+    request reuses none of the cells an earlier one left)."""
     generated = engine.stats()["tokens_generated"]
     stream = engine.submit(STREAM_PROMPT, STREAM_PARAMS, owner="A")
     wait_for(lambda: engine.stats()["tokens_generated"] >= generated + 3)
-    return stream, engine.submit(LONG_PROMPT, LONG_PARAMS, owner="B")
+    return stream, engine.submit(LONG_PROMPT, params, owner=owner)
 
 
 def test_a_long_prompt_beside_a_stream_is_evaluated_aside_with_the_cold_logprobs(smollm2_gguf, alone):
@@ -79,6 +80,7 @@ def test_a_long_prompt_beside_a_stream_is_evaluated_aside_with_the_cold_logprobs
     # The stream decoded on one thread meanwhile: the same tokens and logprobs as alone.
     assert stream_done.text == alone["stream"].text and records(stream_done) == records(alone["stream"])
     assert long_done.prompt_tokens == alone["long"].prompt_tokens
+    assert len(long_done.logprobs) == LONG_PARAMS.max_tokens  # every token's record compared
 
 
 def test_a_long_prompt_with_nothing_decoding_stays_in_the_main_context(smollm2_gguf, alone):
@@ -154,3 +156,51 @@ def test_an_engine_closed_while_a_prompt_is_evaluated_aside_shuts_down(smollm2_g
         with pytest.raises(EngineClosed):
             run(generation)
     assert held[0].done.is_set()
+
+
+def test_a_first_token_sampled_aside_is_the_only_token_of_its_step(smollm2_gguf, alone):
+    """The first token, sampled from the side context's logits, is decoded in the next step: decoded in the same
+    one, a second token came with it, its logprob record in place of the first's and one token past max_tokens."""
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        stream, long = long_prompt_beside_a_stream(engine, SamplingParams(max_tokens=1, temperature=0, logprobs=3))
+        long_done, stream_done = run(long), run(stream)
+        stats = engine.stats()
+    finally:
+        registry.close()
+    assert stats["side_prefills"] == 1
+    assert long_done.completion_tokens == 1 and records(long_done) == records(alone["long"])[:1]
+    assert stats["tokens_generated"] == stream_done.completion_tokens + 1
+
+
+def test_a_side_state_the_main_context_refuses_is_not_evaluated_aside_again(smollm2_gguf, alone, monkeypatch):
+    """A model whose memory writes more than the one stream count patched (the two KV caches of SWA models) has
+    every side state refused: after the first, long prompts stay in the main context instead of being evaluated
+    twice. Simulated with the side's state unpatched (one stream where the main context has two)."""
+    jobs = []
+    evaluate, saved_state = side_prefill.SidePrefill._evaluate, side_prefill.SidePrefill._saved_state
+
+    def counted(self, job):
+        jobs.append(job)
+        return evaluate(self, job)
+
+    def unpatched(self):
+        streams, self._streams = self._streams, 1
+        try:
+            return saved_state(self)
+        finally:
+            self._streams = streams
+
+    monkeypatch.setattr(side_prefill.SidePrefill, "_evaluate", counted)
+    monkeypatch.setattr(side_prefill.SidePrefill, "_saved_state", unpatched)
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        for owner in ("B", "C"):
+            stream, long = long_prompt_beside_a_stream(engine, owner=owner)
+            assert records(run(long)) == records(alone["long"])
+            run(stream)
+        assert len(jobs) == 1 and engine.stats()["side_prefills"] == 0
+    finally:
+        registry.close()
