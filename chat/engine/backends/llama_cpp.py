@@ -380,12 +380,16 @@ class LlamaCppBackend(Backend):
         self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
         self._threads = spec.threads or os.cpu_count() or 1
         # Long prompts next to decoding streams go to a second context on a thread of its own (side_prefill.py):
-        # on the CPU, with a thread to spare, and with flash attention (measured: the same logits to the bit).
+        # on the CPU, with a thread to spare, and with flash attention (measured: the same logits to the bit); for
+        # a model with one plain KV cache, whose saved states the main context takes (not SWA's two caches, nor a
+        # recurrent state).
+        plain_cache = not (llama.llama_model_n_swa(model) or llama.llama_model_is_recurrent(model)
+                           or llama.llama_model_is_hybrid(model))
         self._side = (SidePrefill(llama, model, context_length=self.context_length,
                                   flash_attn_type=llama.LLAMA_FLASH_ATTN_TYPE_AUTO, streams=spec.parallel,
                                   batch_tokens=BATCH_TOKENS)
                       if spec.side_prefill and spec.flash_attention and not spec.gpu_layers and self._threads >= 2
-                      else None)
+                      and plain_cache else None)
         self._side_prefills = 0  # prompts evaluated in the side context and moved into their slot
         # every waiting prompt advances at least this many whole chunks per step, even past the budget
         self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
@@ -973,6 +977,9 @@ class LlamaCppBackend(Backend):
             self._side_start(prefilling)
         prompt_chunks = self._plan_prompt_chunks(prefilling, self._budget.prompt_tokens(len(decoding)),
                                                  decoding_owners={seq.owner for seq in decoding})
+        if self._side is not None and self._side.job is not None:
+            # Nothing else to compute here: the side prompt takes every thread for its next chunks.
+            self._side.job.threads = 1 if decoding or prompt_chunks else self._threads
         if not decoding and not prompt_chunks:
             if not sampled and not failed and self._side is not None:
                 self._side.wait(SIDE_IDLE_WAIT)  # nothing but a side prompt to wait for: no busy loop

@@ -36,6 +36,9 @@ class SideJob:
     size: int = 0
     logits_index: int | None = None  # the side batch row of the prompt's last token
     failed: bool = False
+    # Threads for its next chunks, set by the scheduler's thread: 1 while the main context decodes on the others,
+    # all of them while it has nothing else to do (the streams ended); taken up between chunks.
+    threads: int = 1
 
 
 class SidePrefill:
@@ -65,9 +68,14 @@ class SidePrefill:
         """Evaluate `tokens` in `chunks` on a new thread; None when the side context cannot be created."""
         if self._context is None and not self._create():
             return None
-        self.job = job = SideJob(seq=seq, tokens=list(tokens), chunks=list(chunks))
-        self._thread = threading.Thread(target=self._run, args=(job,), name="side-prefill", daemon=True)
-        self._thread.start()
+        job = SideJob(seq=seq, tokens=list(tokens), chunks=list(chunks))
+        thread = threading.Thread(target=self._run, args=(job,), name="side-prefill", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (a process limit): not busy forever
+            logger.warning("could not start the side context's thread; long prompts stay in the main context")
+            return None
+        self.job, self._thread = job, thread
         return job
 
     def finished(self) -> SideJob | None:
@@ -132,10 +140,13 @@ class SidePrefill:
         llama, batch, context = self._llama, self._batch, self._context
         memory = llama.llama_get_memory(context)
         llama.llama_memory_clear(memory, True)
-        tokens = job.tokens
+        tokens, threads = job.tokens, None
         for number, (start, size, padding) in enumerate(job.chunks):
             if job.cancelled:
                 return False
+            if job.threads != threads:
+                threads = job.threads
+                llama.llama_set_n_threads(context, threads, threads)
             last = number == len(job.chunks) - 1
             n = 0
             for offset in range(size + padding):  # padding rows repeat the last token after it (removed below)

@@ -83,6 +83,31 @@ def test_a_long_prompt_beside_a_stream_is_evaluated_aside_with_the_cold_logprobs
     assert len(long_done.logprobs) == LONG_PARAMS.max_tokens  # every token's record compared
 
 
+def test_a_side_prompt_whose_streams_ended_takes_every_thread_with_the_same_logprobs(smollm2_gguf, alone,
+                                                                                     monkeypatch):
+    """The streams end while the long prompt is evaluated aside: its next chunks take both threads (the main
+    context has nothing else to do), and its logprobs are still a cold prompt's."""
+    jobs = []
+    start = side_prefill.SidePrefill.start
+    monkeypatch.setattr(side_prefill.SidePrefill, "start",
+                        lambda self, *args: (lambda job: (jobs.append(job), job)[1])(start(self, *args)))
+    short_stream = SamplingParams(max_tokens=6, temperature=0)
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        generated = engine.stats()["tokens_generated"]
+        stream = engine.submit(STREAM_PROMPT, short_stream, owner="A")
+        wait_for(lambda: engine.stats()["tokens_generated"] >= generated + 3)
+        long = engine.submit(LONG_PROMPT, LONG_PARAMS, owner="B")
+        assert run(stream).finish_reason == "length"  # ended while the long prompt is evaluated aside
+        long_done = run(long)
+        assert engine.stats()["side_prefills"] == 1
+    finally:
+        registry.close()
+    assert jobs and jobs[0].threads == 2
+    assert records(long_done) == records(alone["long"])
+
+
 def test_a_long_prompt_with_nothing_decoding_stays_in_the_main_context(smollm2_gguf, alone):
     registry = engine_registry(smollm2_gguf)
     try:
