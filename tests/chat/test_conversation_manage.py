@@ -6,7 +6,7 @@ import pytest
 
 from chat.models import Conversation, Invitation, Message
 from tests.chat.test_conversation_tree import NO_CACHE, chat, endless_site, slow_conversation, tiny_models, tiny_site  # noqa: F401
-from tests.chat.test_conversation_tree import sse_events, url
+from tests.chat.test_conversation_tree import long_chain_conversation, sse_events, url
 from tests.factories import make_api_client, make_character
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -66,13 +66,7 @@ def test_another_user_can_neither_delete_nor_rename_a_conversation(chat):
 
 
 def test_deleting_a_long_conversation_deletes_its_whole_chain(tiny_site):
-    client = make_api_client("longtalker")
-    conversation = Conversation.objects.create(character=make_character("mira"), owner=client.user)
-    parent = None
-    for index in range(1200):  # one chain, as a long conversation is
-        parent = Message.objects.create(conversation=conversation, parent=parent, content=str(index),
-                                        role="user" if index % 2 == 0 else "assistant")
-    Conversation.objects.filter(pk=conversation.pk).update(active=parent)
+    client, conversation = long_chain_conversation()
     response = client.delete(detail(conversation))
     assert response.status_code == 204, response.content[:300]
     assert not Message.objects.exists() and not Conversation.objects.exists()

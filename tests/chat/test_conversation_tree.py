@@ -232,14 +232,21 @@ def test_delete_removes_the_subtree_and_the_conversation_shows_the_branch_beside
     assert body["active"] == second_user.parent_id and len(body["messages"]) == 2
 
 
-def test_deleting_an_early_message_of_a_long_conversation_deletes_its_whole_chain(transactional_db):
+def long_chain_conversation(messages: int = 1200):
+    """(client, conversation): a conversation of one chain of `messages` messages ("0", "1"...), as a long
+    conversation is: deleting it, or an early message, must not follow the chain message by message."""
     client = make_api_client("longtalker")
     conversation = Conversation.objects.create(character=make_character("mira"), owner=client.user)
     parent = None
-    for index in range(1200):  # one chain, as a long conversation is
+    for index in range(messages):
         parent = Message.objects.create(conversation=conversation, parent=parent, content=str(index),
                                         role="user" if index % 2 == 0 else "assistant")
     Conversation.objects.filter(pk=conversation.pk).update(active=parent)
+    return client, conversation
+
+
+def test_deleting_an_early_message_of_a_long_conversation_deletes_its_whole_chain(transactional_db):
+    client, conversation = long_chain_conversation()
     second = conversation.messages.order_by("id")[1]
     response = client.delete(url(conversation, f"messages/{second.pk}/"))
     assert response.status_code == 200, response.content[:300]
