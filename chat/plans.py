@@ -266,7 +266,7 @@ def _conversation_room_check(plan: ChatPlan) -> None:
     limit = settings.USER_MAX_CONVERSATIONS
     if limit and Conversation.objects.filter(owner_id=getattr(plan.user, "pk", None)).count() >= limit:
         raise ApiError(f"You have the maximum of {limit} stored conversations (USER_MAX_CONVERSATIONS): delete some "
-                       "(DELETE /v1/conversations/<id>/), or send store: false (not in a group chat).",
+                       "(DELETE /v1/conversations/<id>/), or send store: false.",
                        param="conversation", code="too_many_conversations", status=409)
 
 
@@ -371,7 +371,9 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
                                                message_count=len(lines) - (continued is not None)))
     parent_id = leaf_id if conversation is not None else None
     return ChatPlan(engine=engine, prompt=prompt, params=params, character=speaker, conversation=conversation,
-                    new_turns=new_turns, store=True, user=user, shorthand=data.get("shorthand", False),
+                    # As with one character: a continued conversation is always stored, a new one unless store=false.
+                    new_turns=new_turns, store=conversation is not None or data.get("store", True),
+                    user=user, shorthand=data.get("shorthand", False),
                     user_name=owner_name, cache_allowed=False, request_key=None, conversation_lease=lease,
                     group=group, members=tuple(members), new_conversation_id=new_conversation_id,
                     parent_id=parent_id, continued=continued, choices=data.get("n") or 1)

@@ -268,17 +268,22 @@
     return node;
   }
 
+  // A text node per piece: `textContent +=` would copy the whole reply on every token (quadratic in long replies).
+  function appendText(node, text) {
+    if (text) node.querySelector(".text").append(text);
+  }
+
   function handleEvent(event) {
     if (event.type === "start") {
       setBusy(true);
       document.querySelectorAll(".message[data-complete]").forEach((node) => { delete node.dataset.complete; });
       state.replyNode = streamTarget(event);
-      state.replyNode.querySelector(".text").textContent += (event.text && event.text[0]) || "";
+      appendText(state.replyNode, (event.text && event.text[0]) || "");
       setSpeaker(state.replyNode, event.speaker);
       setStatus(`${event.speaker ? event.speaker.name : state.character.name} is typing…`);
     } else if (event.type === "token") {
       if (!state.replyNode || event.index) return;  // the tail of an abandoned reply; other choices not shown
-      state.replyNode.querySelector(".text").textContent += event.text;
+      appendText(state.replyNode, event.text);
     } else if (event.type === "end") {
       state.replyNode = null;
       state.pending = null;
