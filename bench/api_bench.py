@@ -132,6 +132,8 @@ def main() -> None:
             for target in weak:  # the weak peer is not needed any more; free its cores' share
                 servers.pop().stop()
             results.update(extras(ours, key, quick=args.quick))
+            print("extras: bare llama.cpp step of 4 sequences vs 1 (the floor under n=4)...", flush=True)
+            results["n_choices"]["bare_floor"] = api_extras.batch_step_floor(shape.loaded_file())
     finally:
         for server in reversed(servers):
             server.stop()

@@ -252,3 +252,23 @@ def n_choices(ours, key, reps: int, max_tokens: int = 128) -> dict:
         "completion_tokens_n1": statistics.median(tokens[1]), "completion_tokens_n4": statistics.median(tokens[4]),
         "n4_prompt_tokens": prompts, "n4_prompt_tokens_evaluated": evaluated, "n4_forked": forked,
     }
+
+
+def batch_step_floor(model_file, reps: int = 3, steps: int = 64) -> dict:
+    """The floor under the `n`=4 ratio: bare llama.cpp (no server, no engine) on the file this project loads, the
+    median time of one decode step of 4 sequences against 1 (flash attention, all threads, as the engine runs).
+    `n`=4 x 128 tokens is 128 such steps against 128 of one sequence, so no server can go below this ratio."""
+    from bench.engine_bench import BareLlama, counting_prompt
+
+    bare = BareLlama(model_file, n_seq=8, n_ctx_per_seq=512, flash_attention=True)
+    try:
+        prompt = bare.tokenize(counting_prompt(0) * 4)[:54]  # about the `n` request's prompt length
+        one, four = [], []
+        for _ in range(reps):
+            one.append(bare.step_seconds(prompt, [0], steps))
+            four.append(bare.step_seconds(prompt, [0, 1, 2, 3], steps))
+    finally:
+        bare.close()
+    return {"step_1_ms": statistics.median(one) * 1000, "step_4_ms": statistics.median(four) * 1000,
+            "ratio": statistics.median(four) / statistics.median(one)}
+

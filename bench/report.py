@@ -126,6 +126,11 @@ def extras_table(r: dict) -> str:
         lines.append(f"| `n`=4 vs `n`=1, 128 tokens each: wall time (completion tokens {n['completion_tokens_n4']:.0f} vs "
                      f"{n['completion_tokens_n1']:.0f}) | {n['wall_n4_s']:.2f} s vs {n['wall_n1_s']:.2f} s "
                      f"({n['ratio']:.2f}×) | ≤ 1.5× | {mark(n['ratio'] <= 1.5)} |")
+        floor = n.get("bare_floor")
+        if floor:
+            lines.append(f"| Floor under it: bare llama.cpp (no server), one decode step of 4 sequences vs 1, this "
+                         f"project's weights | {floor['step_4_ms']:.1f} vs {floor['step_1_ms']:.1f} ms "
+                         f"({floor['ratio']:.2f}×) | diagnostic | |")
         once = all(e <= p for e, p in zip(n["n4_prompt_tokens_evaluated"], n["n4_prompt_tokens"]))  # reuse: fewer
         lines.append(f"| `n`=4: prompt tokens evaluated per request / prompt tokens; choices forked | "
                      f"{n['n4_prompt_tokens_evaluated']} / {n['n4_prompt_tokens']}; {n['n4_forked']} | once, 3 forked | "
