@@ -29,16 +29,17 @@ def group_turns_for(*, lines: Sequence[GroupLine], speaker_id: int, member_names
                     participant_names: Sequence[str] = ()) -> list[dict]:
     """Chat turns for `speaker_id`'s reply: its own lines are the assistant's, everyone else's (the humans and
     the other characters) are user turns; every line starts with its writer's name, "Name: text". A human whose
-    name is a member's (`member_names`) is told apart, "Ada (a person): text", so that no participant's line reads
-    as the character's. Within a line's text, a line that starts with a name someone in the chat goes by (a
+    name reads as a member's (`member_names`; compared as read, `_as_read`: "Cy_Stone", "_Ada_" or full-width "Ａｄａ"
+    read as "Cy Stone" and "Ada") is told apart, "Ada (a person): text", so that no participant's line reads as the
+    character's. Within a line's text, a line that starts with a name someone in the chat goes by (a
     member, a participant, anyone who wrote a line, "User") and a colon is quoted, "> Bob: ...", so that nobody,
     human or model, writes what reads as another's line."""
-    members = {name.casefold() for name in member_names}
+    members = {_as_read(name) for name in member_names} - {""}
     line_start = _line_start_of(names=[*member_names, *participant_names, *(line.name for line in lines), "User"])
     turns = []
     for line in lines:
         own = line.role == "assistant" and line.speaker_id == speaker_id
-        human_named_as_member = line.role != "assistant" and line.name.casefold() in members
+        human_named_as_member = line.role != "assistant" and _as_read(line.name) in members
         name = f"{line.name}{HUMAN_SUFFIX}" if human_named_as_member else line.name
         turns.append({"role": "assistant" if own else "user",
                       "content": f"{name}: {_quote_line_starts(line.content, line_start)}"})
