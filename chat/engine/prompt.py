@@ -187,11 +187,13 @@ def _segments(rendered: str):
 
 WORD_JOINER = "\u2060"  # invisible and never part of a control token: what breaks one up
 # Control-token texts of the common chat formats (we do not know a remote model's vocabulary): ChatML,
-# Llama 3, Phi and most recent ones (<|...|>), DeepSeek (fullwidth bars), Llama 2 / Mistral, Gemma,
-# and the usual BOS/EOS/padding texts.
+# Llama 3, Phi and most recent ones (<|...|>), DeepSeek (fullwidth bars), EXAONE ([|...|]), Llama 2 / Mistral,
+# Gemma, Seed-OSS (<seed:...>), Nemotron (<extra_id_N>), and the usual BOS/EOS/padding texts.
 _CONTROL_LIKE = re.compile(
     r"<\|[^\s<>|]{0,64}\|>"
     r"|<\uff5c[^\s<>\uff5c]{0,64}\uff5c>"
+    r"|\[\|[^\s\[\]|]{1,64}\|\]"
+    r"|</?seed:[^\s<>]{1,64}>|<extra_id_\d{1,4}>"
     r"|</?s>|<(?:unk|pad|bos|eos|mask|eot|sep|cls)>"
     r"|<(?:start|end)_of_(?:turn|image|text)>"
     r"|\[/?(?:INST|AVAILABLE_TOOLS|TOOL_RESULTS|SYSTEM_PROMPT)\]|\[TOOL_CALLS\]"
