@@ -372,6 +372,40 @@ def test_a_failed_decode_fails_only_the_sequence_concerned(budget_backend):
     backend.release(bad)
 
 
+def test_a_twin_forks_from_its_prompts_logits_when_a_failed_prompt_call_is_retried(tiny_gguf, monkeypatch):
+    """A prompt call that fails is retried sequence by sequence, each decode replacing the logits of the one before:
+    a twin (`n` choices) forks right after its source's own retry. Forked after the last retry, it sampled another
+    prompt's row (the same index here), or a row that is gone (NULL: llama.cpp's sampler crashes the process)."""
+    spec = ModelSpec("retry-fork", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=3, prefix_cache_mb=0)
+    backend = LlamaCppBackend.load(spec)
+    try:
+        prompt = backend.tokenize("hello world what is it")
+        other_prompt = backend.tokenize("yes no stop the sea ships sailors")[: len(prompt)]
+        assert len(other_prompt) == len(prompt)  # the same logits index in their calls
+        source, twin, other = new_sequence(prompt), new_sequence(prompt), new_sequence(other_prompt)
+        for seq in (source, twin, other):
+            backend.start(seq)
+        assert twin.backend_state.twin is not None  # it waits to fork from the source
+        assert source.backend_state.slot.seq_id < other.backend_state.slot.seq_id  # retried first
+        decode, failures = backend._decode_batch, []
+
+        def failing_once(planned):
+            if len(planned) > 1 and not failures:  # the prompt call of both prompts fails; each alone succeeds
+                failures.append(planned)
+                return -1
+            return decode(planned)
+
+        monkeypatch.setattr(backend, "_decode_batch", failing_once)
+        first = dict(backend.step([source, twin, other]))
+        assert failures and set(first) == {source, twin, other}
+        assert first[source] != first[other]  # else the test could not tell the rows apart
+        assert first[twin] == first[source]  # greedy: the source's row gives the source's token
+        for seq in (source, twin, other):
+            backend.release(seq)
+    finally:
+        backend.close()
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 
