@@ -1339,12 +1339,17 @@ class LlamaCppBackend(Backend):
         """_accept_decoded, then sequences with the very same prompt as one just evaluated fork from it: at once, while
         the context's logits are this call's. After a failed call, each retry's decode replaces the logits of the one
         before: a twin forked after the last retry sampled another prompt's row, or a row that is gone (NULL: a
-        crash in llama.cpp's sampler)."""
+        crash in llama.cpp's sampler). A resumed sequence evaluated again to where it paused samples nothing, but its
+        row is its tokens' next one: a twin of them forks there too (it waited for the source's whole reply)."""
         sampled, failed = self._accept_decoded(planned)
-        for seq, _ in list(sampled) if twins_of is not None else ():
-            forked, fork_failed = self._fork_twins(seq, twins_of)
-            sampled += forked
-            failed += fork_failed
+        if twins_of is None:
+            return sampled, failed
+        failed_seqs = {seq for seq, _ in failed}
+        for seq, _ in planned:  # each one with logits in this call evaluated all it had to evaluate
+            if seq not in failed_seqs and seq.backend_state.logits_index is not None:
+                forked, fork_failed = self._fork_twins(seq, twins_of)
+                sampled += forked
+                failed += fork_failed
         return sampled, failed
 
     def _accept_decoded(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list]:

@@ -406,6 +406,42 @@ def test_a_twin_forks_from_its_prompts_logits_when_a_failed_prompt_call_is_retri
         backend.close()
 
 
+def test_a_twin_of_a_sequence_evaluated_again_after_a_pause_forks_where_it_paused(tiny_gguf):
+    """A suspended sequence whose cells are gone is evaluated again (its prompt, then its decoded tokens) and samples
+    nothing at the end: it decodes on with the token it sampled before the pause. A twin of exactly those tokens
+    forks from that row (the source's next token is its first); it waited for the source's whole reply."""
+    spec = ModelSpec("resume-twin", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2, prefix_cache_mb=0)
+    backend = LlamaCppBackend.load(spec)
+    try:
+        source = new_sequence(backend.tokenize("hello world what is it"))
+        backend.start(source)
+        for _ in range(4):  # the prompt, then three decoded tokens
+            backend.step([source])
+        paused_on = source.backend_state.pending[0]  # sampled, not decoded yet
+        backend.suspend(source)
+        tokens = list(source.backend_state.resume_tokens)
+        others = [new_sequence(backend.tokenize(text)) for text in ("yes no stop", "the sea is blue")]
+        for seq in others:  # both slots taken: its cells are gone, and nothing was saved (no prefix cache)
+            backend.start(seq)
+        backend.step(others)
+        for seq in others:
+            backend.release(seq)
+        backend.start(source)
+        assert source.backend_state.prompt_end is not None  # evaluated again
+        twin = new_sequence(tokens)
+        backend.start(twin)
+        assert twin.backend_state.twin is not None
+        first = {}
+        for _ in range(6):
+            for seq, token in backend.step([source, twin]):
+                first.setdefault(seq, token)
+        assert first.get(twin) == paused_on
+        for seq in (source, twin):
+            backend.release(seq)
+    finally:
+        backend.close()
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 
