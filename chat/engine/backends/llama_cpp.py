@@ -996,10 +996,7 @@ class LlamaCppBackend(Backend):
             call = [(seq, size) for seq, size in call if seq not in failed_seqs]
             if not call:
                 continue
-            ok, bad = self._decode_planned(call)
-            for seq, _ in list(ok):  # a prompt evaluated: sequences with the very same prompt fork from it now
-                forked, fork_failed = self._fork_twins(seq, seqs)
-                ok, bad = ok + forked, bad + fork_failed
+            ok, bad = self._decode_planned(call, twins_of=seqs)
             sampled += ok
             failed += bad
             failed_seqs.update(seq for seq, _ in bad)
@@ -1220,12 +1217,14 @@ class LlamaCppBackend(Backend):
                 other.backend_state.twin = _Share(target, target.claims, twin.length)
         self._moves += 1
 
-    def _decode_planned(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list]:
+    def _decode_planned(self, planned: list[tuple[Sequence, int]],
+                        twins_of: list[Sequence] | None = None) -> tuple[list[tuple[Sequence, int]], list]:
         """Decode the planned chunks in one batch; if that fails, retry each sequence alone so only culprits fail.
-        Returns (sampled, failed) with failed a list of (Sequence, EngineError)."""
+        Returns (sampled, failed) with failed a list of (Sequence, EngineError). `twins_of`: the step's sequences,
+        for prompt calls: twins fork from each prompt evaluated (_accept_and_fork)."""
         result = self._decode_batch(planned)
         if result == 0:
-            return self._accept_decoded(planned)
+            return self._accept_and_fork(planned, twins_of)
         logger.warning("llama_decode returned %d for %d sequences; retrying them one by one", result, len(planned))
         for seq, _ in planned:  # back to what the slot is known to hold (llama.cpp may have kept part of the batch)
             slot = seq.backend_state.slot
@@ -1234,7 +1233,7 @@ class LlamaCppBackend(Backend):
         for item in planned:
             result = self._decode_batch([item])
             if result == 0:
-                ok, bad = self._accept_decoded([item])
+                ok, bad = self._accept_and_fork([item], twins_of)
                 sampled.extend(ok)
                 failed.extend(bad)
             else:
@@ -1334,6 +1333,24 @@ class LlamaCppBackend(Backend):
         batch.seq_id[n][0] = slot.seq_id
         batch.logits[n] = 0
         return n + 1
+
+    def _accept_and_fork(self, planned: list[tuple[Sequence, int]],
+                         twins_of: list[Sequence] | None) -> tuple[list, list]:
+        """_accept_decoded, then sequences with the very same prompt as one just evaluated fork from it: at once, while
+        the context's logits are this call's. After a failed call, each retry's decode replaces the logits of the one
+        before: a twin forked after the last retry sampled another prompt's row, or a row that is gone (NULL: a
+        crash in llama.cpp's sampler). A resumed sequence evaluated again to where it paused samples nothing, but its
+        row is its tokens' next one: a twin of them forks there too (it waited for the source's whole reply)."""
+        sampled, failed = self._accept_decoded(planned)
+        if twins_of is None:
+            return sampled, failed
+        failed_seqs = {seq for seq, _ in failed}
+        for seq, _ in planned:  # each one with logits in this call evaluated all it had to evaluate
+            if seq not in failed_seqs and seq.backend_state.logits_index is not None:
+                forked, fork_failed = self._fork_twins(seq, twins_of)
+                sampled += forked
+                failed += fork_failed
+        return sampled, failed
 
     def _accept_decoded(self, planned: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], list]:
         """Sample each sequence that has logits; an error sampling one fails that one only: (sampled, failed)."""

@@ -372,6 +372,76 @@ def test_a_failed_decode_fails_only_the_sequence_concerned(budget_backend):
     backend.release(bad)
 
 
+def test_a_twin_forks_from_its_prompts_logits_when_a_failed_prompt_call_is_retried(tiny_gguf, monkeypatch):
+    """A prompt call that fails is retried sequence by sequence, each decode replacing the logits of the one before:
+    a twin (`n` choices) forks right after its source's own retry. Forked after the last retry, it sampled another
+    prompt's row (the same index here), or a row that is gone (NULL: llama.cpp's sampler crashes the process)."""
+    spec = ModelSpec("retry-fork", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=3, prefix_cache_mb=0)
+    backend = LlamaCppBackend.load(spec)
+    try:
+        prompt = backend.tokenize("hello world what is it")
+        other_prompt = backend.tokenize("yes no stop the sea ships sailors")[: len(prompt)]
+        assert len(other_prompt) == len(prompt)  # the same logits index in their calls
+        source, twin, other = new_sequence(prompt), new_sequence(prompt), new_sequence(other_prompt)
+        for seq in (source, twin, other):
+            backend.start(seq)
+        assert twin.backend_state.twin is not None  # it waits to fork from the source
+        assert source.backend_state.slot.seq_id < other.backend_state.slot.seq_id  # retried first
+        decode, failures = backend._decode_batch, []
+
+        def failing_once(planned):
+            if len(planned) > 1 and not failures:  # the prompt call of both prompts fails; each alone succeeds
+                failures.append(planned)
+                return -1
+            return decode(planned)
+
+        monkeypatch.setattr(backend, "_decode_batch", failing_once)
+        first = dict(backend.step([source, twin, other]))
+        assert failures and set(first) == {source, twin, other}
+        assert first[source] != first[other]  # else the test could not tell the rows apart
+        assert first[twin] == first[source]  # greedy: the source's row gives the source's token
+        for seq in (source, twin, other):
+            backend.release(seq)
+    finally:
+        backend.close()
+
+
+def test_a_twin_of_a_sequence_evaluated_again_after_a_pause_forks_where_it_paused(tiny_gguf):
+    """A suspended sequence whose cells are gone is evaluated again (its prompt, then its decoded tokens) and samples
+    nothing at the end: it decodes on with the token it sampled before the pause. A twin of exactly those tokens
+    forks from that row (the source's next token is its first); it waited for the source's whole reply."""
+    spec = ModelSpec("resume-twin", str(tiny_gguf), context_length=TINY_CONTEXT, parallel=2, prefix_cache_mb=0)
+    backend = LlamaCppBackend.load(spec)
+    try:
+        source = new_sequence(backend.tokenize("hello world what is it"))
+        backend.start(source)
+        for _ in range(4):  # the prompt, then three decoded tokens
+            backend.step([source])
+        paused_on = source.backend_state.pending[0]  # sampled, not decoded yet
+        backend.suspend(source)
+        tokens = list(source.backend_state.resume_tokens)
+        others = [new_sequence(backend.tokenize(text)) for text in ("yes no stop", "the sea is blue")]
+        for seq in others:  # both slots taken: its cells are gone, and nothing was saved (no prefix cache)
+            backend.start(seq)
+        backend.step(others)
+        for seq in others:
+            backend.release(seq)
+        backend.start(source)
+        assert source.backend_state.prompt_end is not None  # evaluated again
+        twin = new_sequence(tokens)
+        backend.start(twin)
+        assert twin.backend_state.twin is not None
+        first = {}
+        for _ in range(6):
+            for seq, token in backend.step([source, twin]):
+                first.setdefault(seq, token)
+        assert first.get(twin) == paused_on
+        for seq in (source, twin):
+            backend.release(seq)
+    finally:
+        backend.close()
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 
