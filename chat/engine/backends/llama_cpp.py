@@ -1020,7 +1020,8 @@ class LlamaCppBackend(Backend):
                     or state.slot.kv_tokens or state.slot.waiting or len(state.pending) < SIDE_PREFILL_MIN_TOKENS):
                 continue
             if self._side.start(seq, state.pending, self._side_chunks(len(state.pending))) is None:
-                self._side = None  # no second context here (memory): long prompts stay in the main one
+                self._side.close()  # a context made before its thread failed to start is freed
+                self._side = None  # no second context here (memory, threads): long prompts stay in the main one
                 return
             state.side = True
             self._set_threads(self._threads - 1)

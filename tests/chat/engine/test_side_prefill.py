@@ -229,3 +229,33 @@ def test_a_side_state_the_main_context_refuses_is_not_evaluated_aside_again(smol
         assert len(jobs) == 1 and engine.stats()["side_prefills"] == 0
     finally:
         registry.close()
+
+
+def test_a_side_thread_that_cannot_start_frees_the_context_made_for_it(smollm2_gguf, alone, monkeypatch):
+    """No thread to be had (a process limit): the long prompt is evaluated in the main context, and the second
+    context created for it is freed, not dropped with its KV cells allocated."""
+    freed = []
+    close = side_prefill.SidePrefill.close
+
+    start = side_prefill.threading.Thread.start
+
+    def no_side_thread(self):
+        if self.name == "side-prefill":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    def counted_close(self):
+        freed.append(self.context is not None)
+        close(self)
+
+    monkeypatch.setattr(side_prefill.threading.Thread, "start", no_side_thread)
+    monkeypatch.setattr(side_prefill.SidePrefill, "close", counted_close)
+    registry = engine_registry(smollm2_gguf)
+    try:
+        engine = registry.get()
+        stream, long = long_prompt_beside_a_stream(engine)
+        assert records(run(long)) == records(alone["long"])
+        run(stream)
+        assert freed == [True] and engine.stats()["side_prefills"] == 0
+    finally:
+        registry.close()
