@@ -218,3 +218,30 @@ def test_a_list_over_its_cap_is_refused_before_its_items_are_validated(client, m
     assert response.status_code == 400, response.content
     assert response.json()["error"]["param"] == param
     assert not validated, f"{len(validated)} items validated before the list was refused"
+
+
+def test_response_metadata_is_bounded_as_openais_before_its_values_are_validated(client, monkeypatch, settings):
+    from rest_framework import serializers as drf
+    from rest_framework.fields import empty
+
+    from chat.api.responses import ResponseRequestSerializer
+
+    sixteen = {f"k{i}": "v" * 512 for i in range(16)}
+    assert ResponseRequestSerializer(data={"input": "hi", "metadata": sixteen}).is_valid()
+    assert not ResponseRequestSerializer(data={"input": "hi", "metadata": {"k" * 65: "v"}}).is_valid()
+    validated = []
+    original = drf.CharField.run_validation
+
+    def counted(self, data=empty):
+        if data is not empty:
+            validated.append(data)
+        return original(self, data)
+
+    monkeypatch.setattr(drf.CharField, "run_validation", counted)
+    settings.API_RATE_LIMIT = ""
+    # 1 MB holds 100,000 pairs: each value was a field run (1.7 s of CPU), and all of them were echoed back.
+    response = client.post("/v1/responses", {"input": "hi", "metadata": {f"k{i}": "" for i in range(80_000)}},
+                           format="json")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "metadata", response.content
+    assert "16" in response.json()["error"]["message"]
+    assert not validated, f"{len(validated)} values validated before the pairs were counted"
