@@ -46,6 +46,28 @@ class MessageContentField(serializers.Field):
         return value
 
 
+class ChatMessageListSerializer(serializers.ListSerializer):
+    """A request's messages, counted before any of them is validated: DRF validates each item before the list's
+    length is looked at, and a 1 MB body holds some 30,000 tiny messages (seconds of CPU for a request refused
+    anyway)."""
+
+    def to_internal_value(self, data):
+        limit = settings.API_MAX_MESSAGES
+        if isinstance(data, list) and len(data) > limit:
+            raise serializers.ValidationError(f"at most {limit} messages are accepted per request.")
+        return super().to_internal_value(data)
+
+
+class BoundedListField(serializers.ListField):
+    """A ListField whose `max_length` is checked before its items are (DRF checks it after validating every item:
+    1 MB of a JSON array holds hundreds of thousands of them)."""
+
+    def to_internal_value(self, data):
+        if self.max_length is not None and isinstance(data, list) and len(data) > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
+        return super().to_internal_value(data)
+
+
 class ChatMessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=CHAT_ROLES, error_messages={
         "invalid_choice": "'{input}' is not a supported role (system, developer, user, assistant, tool)."})
@@ -64,6 +86,9 @@ class ChatMessageSerializer(serializers.Serializer):
                 raise serializers.ValidationError({"content": "This field is required."})
             attrs["content"] = ""
         return attrs
+
+    class Meta:
+        list_serializer_class = ChatMessageListSerializer
 
 
 class FiniteFloatField(serializers.FloatField):
@@ -211,7 +236,7 @@ class ChatCompletionRequestSerializer(SamplingFieldsMixin):
     response_format = ResponseFormatSerializer(required=False, allow_null=True)
     character = serializers.SlugField(required=False, allow_null=True,
                                       help_text="A character's slug, or a character group's (a group chat).")
-    characters = serializers.ListField(
+    characters = BoundedListField(
         child=serializers.SlugField(), required=False, allow_empty=False, max_length=20,
         help_text="An ad hoc group chat: the slugs of its characters (a new conversation only).")
     speaker = serializers.SlugField(required=False, allow_null=True,

@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 
 from chat.services import text_tokenize, tokens_detokenize
 
+from .serializers import BoundedListField
 from .views import ERRORS
 
 MAX_TOKENS_DETOKENIZED = 100_000
@@ -26,7 +27,7 @@ class TokenizeRequestSerializer(serializers.Serializer):
 
 
 class DetokenizeRequestSerializer(serializers.Serializer):
-    tokens = serializers.ListField(child=serializers.IntegerField(min_value=0, max_value=2**31 - 1),
+    tokens = BoundedListField(child=serializers.IntegerField(min_value=0, max_value=2**31 - 1),
                                    max_length=MAX_TOKENS_DETOKENIZED, allow_empty=True)
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)
 

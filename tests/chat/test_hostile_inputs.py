@@ -186,3 +186,62 @@ def test_a_repetition_count_inside_a_literal_is_not_read_as_one():
         grammar = json_schema_grammar(schema)
         assert grammar_repetition(grammar) <= 16 and grammar_nesting(grammar) <= 3, grammar
     assert grammar_repetition('root ::= "a"{20001}') == 20001 and grammar_repetition("root ::= x{" + "9" * 5000 + "}") > 10 ** 8
+
+
+@pytest.mark.parametrize("path, body, item_class, param", [
+    # 1 MB holds some 30,000 messages, 250,000 slugs or 500,000 token ids: DRF validated each before the count.
+    (URL, {"messages": [{"role": "user", "content": "hi"}] * 5000}, "chat.api.serializers.ChatMessageSerializer",
+     "messages"),
+    (URL, {"messages": [{"role": "user", "content": "hi"}], "characters": ["a"] * 50_000},
+     "rest_framework.serializers.SlugField", "characters"),
+    ("/detokenize", {"tokens": [1] * 200_000}, "rest_framework.serializers.IntegerField", "tokens"),
+])
+def test_a_list_over_its_cap_is_refused_before_its_items_are_validated(client, monkeypatch, settings, path, body,
+                                                                        item_class, param):
+    import importlib
+
+    from rest_framework.fields import empty
+
+    module, name = item_class.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    validated = []
+    original = cls.run_validation
+
+    def counted(self, data=empty):
+        if data is not empty:  # a field the body left out runs too, with `empty`
+            validated.append(data)
+        return original(self, data)
+
+    monkeypatch.setattr(cls, "run_validation", counted)
+    settings.API_RATE_LIMIT = ""  # uncounted: the API key's id (and its counter) comes again in the next test
+    response = client.post(path, body, format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == param
+    assert not validated, f"{len(validated)} items validated before the list was refused"
+
+
+def test_response_metadata_is_bounded_as_openais_before_its_values_are_validated(client, monkeypatch, settings):
+    from rest_framework import serializers as drf
+    from rest_framework.fields import empty
+
+    from chat.api.responses import ResponseRequestSerializer
+
+    sixteen = {f"k{i}": "v" * 512 for i in range(16)}
+    assert ResponseRequestSerializer(data={"input": "hi", "metadata": sixteen}).is_valid()
+    assert not ResponseRequestSerializer(data={"input": "hi", "metadata": {"k" * 65: "v"}}).is_valid()
+    validated = []
+    original = drf.CharField.run_validation
+
+    def counted(self, data=empty):
+        if data is not empty:
+            validated.append(data)
+        return original(self, data)
+
+    monkeypatch.setattr(drf.CharField, "run_validation", counted)
+    settings.API_RATE_LIMIT = ""
+    # 1 MB holds 100,000 pairs: each value was a field run (1.7 s of CPU), and all of them were echoed back.
+    response = client.post("/v1/responses", {"input": "hi", "metadata": {f"k{i}": "" for i in range(80_000)}},
+                           format="json")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "metadata", response.content
+    assert "16" in response.json()["error"]["message"]
+    assert not validated, f"{len(validated)} values validated before the pairs were counted"
