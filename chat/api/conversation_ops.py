@@ -25,7 +25,7 @@ from chat.trees.running import CANCEL, KEEP, error_event, reply_run_of
 
 from .serializers import SEED_RANGE, FiniteFloatField, MessageSerializer, StopField, TopPField
 from .sse import sse, sse_response
-from .views import api_key_of
+from .views import api_key_of, leaving_abandoned_runs_alone
 
 ERRORS = {code: OpenApiResponse(description=text) for code, text in {
     400: "Invalid request (the error names the field), or an operation the message does not allow.",
@@ -212,6 +212,10 @@ class MessageDetailView(APIView):
 
 def _reply_operation(serializer_class, operation, summary: str):
     class ReplyOperationView(APIView):
+        @classmethod
+        def as_view(cls, **initkwargs):
+            return leaving_abandoned_runs_alone(super().as_view(**initkwargs))
+
         @extend_schema(summary=summary, request=serializer_class, responses={
             200: OpenApiResponse(REPLY_RESPONSE, description="The stored reply; with stream=true, text/event-stream "
                                  "of JSON events start, token {index, text}..., end (as this object) or error, "

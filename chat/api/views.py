@@ -3,6 +3,7 @@
 import asyncio
 import datetime
 import functools
+import threading
 
 from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
@@ -23,6 +24,7 @@ from chat.selectors import conversation_get_listed, conversation_get_owned, conv
 from chat.services import chat_completion_create, text_completion_run, text_generation_start
 from chat.tenancy.usage import usage_of_owner, usage_window
 from chat.trees.operations import chat_completion_choices, conversation_delete, conversation_rename
+from chat.trees.running import client_gone_signal
 
 from . import serializers as s
 from .choices import choices_response
@@ -66,6 +68,27 @@ async def release_unstarted(response) -> None:
     release = getattr(response, "release_unstarted", None)
     if release is not None:
         await sync_to_async(release)()  # a cache call: not on the event loop
+
+
+def leaving_abandoned_runs_alone(view):
+    """Wrap a view that waits for a reply run (a non-streamed regenerate, edit or continue): when its client goes
+    away the view's thread stops waiting, so the run is left alone as a stream's reader leaving leaves it (its
+    on_disconnect, REPLY_DETACHED_SECONDS and the owner's REPLY_DETACHED_MAX_PER_OWNER apply); watched by a thread
+    that never returned, it ran to max_tokens whatever the client asked and counted against no cap."""
+    @functools.wraps(view)
+    async def wrapper(request, *args, **kwargs):
+        gone = threading.Event()
+        with client_gone_signal(gone):  # the task copies the context: the view's thread sees the signal
+            call = asyncio.ensure_future(sync_to_async(view)(request, *args, **kwargs))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            gone.set()
+            await asyncio.wait({call})
+            if not call.cancelled():
+                call.exception()  # ClientGone (or a failure meanwhile): no one to answer
+            raise
+    return wrapper
 
 
 def cancelling_abandoned_generations(view):

@@ -21,6 +21,8 @@ import asyncio
 import logging
 import threading
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from django.conf import settings
 from django.core.cache import cache
@@ -38,6 +40,12 @@ RUNNING_KEY, STOP_KEY = "reply-running:{}", "reply-stop:{}"
 # never watched is at least this, so that a short REPLY_DETACHED_SECONDS cannot stop a reply before it is watched.
 FIRST_LISTENER_SECONDS = 5
 ANNOUNCE_SECONDS = 3600  # longer than any reply; a process that died leaves a stale entry this long at most
+
+CLIENT_GONE_POLL_SECONDS = 0.2  # how soon a blocked wait() notices that its client went away
+
+# Set by a view that waits for a run (chat/api/conversation_ops.py): once its client goes away, the wait ends and the
+# run is left alone as a stream's reader leaving would leave it (on_disconnect, the timeout, the owner's cap).
+_client_gone: ContextVar[threading.Event | None] = ContextVar("reply_client_gone", default=None)
 
 _runs: dict[str, ReplyRun] = {}
 _alone: dict[str, list[ReplyRun]] = {}  # per owner label: its runs no one watches, oldest first
@@ -218,12 +226,19 @@ class ReplyRun:
         return usage
 
     def wait(self):
-        """Block until the reply is stored (or failed: its error is raised); the caller watches it meanwhile."""
+        """Block until the reply is stored (or failed: its error is raised); the caller watches it meanwhile.
+        Raises ClientGone when the waiting request's client went away first (see client_gone_signal)."""
+        gone = _client_gone.get()
         with self._lock:
             self._waiting += 1
             self._watched()
         try:
-            self.finished.wait()
+            if gone is None:
+                self.finished.wait()
+            else:
+                while not self.finished.wait(CLIENT_GONE_POLL_SECONDS):
+                    if gone.is_set():
+                        raise ClientGone()
         finally:
             self._detach(None)
         if self.error is not None:
@@ -355,3 +370,18 @@ def error_event(exc: Exception) -> dict:
     """A failed run's error in the one error shape, with its HTTP status."""
     status, body, _ = error_from_exception(exc)
     return {"status": status, **body}
+
+
+class ClientGone(Exception):
+    """The client waiting for a run went away; the run goes on alone (nothing is answered)."""
+
+
+@contextmanager
+def client_gone_signal(gone: threading.Event):
+    """Within this block (and the tasks and threads started in it), a run's wait() ends once `gone` is set."""
+    token = _client_gone.set(gone)
+    try:
+        yield
+    finally:
+        _client_gone.reset(token)
+

@@ -582,3 +582,41 @@ def test_a_stop_reaches_a_reply_running_in_another_process(endless_site, monkeyp
     conversation.refresh_from_db()
     assert conversation.active_id == body["messages"][0]["id"]
     streamed.close()
+
+
+def test_a_non_streamed_operation_whose_client_left_is_left_alone_as_a_stream_is(endless_site, monkeypatch):
+    """A non-streamed regenerate whose client goes away (through Django's ASGI handler, as a real disconnect): the
+    view stops waiting, so the run's on_disconnect applies (here "cancel": nothing stored), as for a stream. The
+    view's thread watched it before, and it ran to max_tokens counted against no cap of runs left alone."""
+    import asyncio
+    import json
+
+    from asgiref.testing import ApplicationCommunicator
+    from django.core.asgi import get_asgi_application
+
+    client = make_api_client("http-leaver")
+    conversation, leaf = slow_conversation(client, monkeypatch)
+    body = json.dumps({"max_tokens": 2000, "on_disconnect": "cancel"}).encode()
+    path = url(conversation, f"messages/{leaf.pk}/regenerate/")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode()),
+                         (b"authorization", f"Bearer {client.raw_key}".encode())],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+
+    async def request_then_leave():
+        application = ApplicationCommunicator(get_asgi_application(), scope)
+        await application.send_input({"type": "http.request", "body": body})
+        deadline = time.monotonic() + 30
+        while reply_run_of(conversation.pk) is None:
+            assert time.monotonic() < deadline, "the regenerate never started"
+            await asyncio.sleep(0.01)
+        run = reply_run_of(conversation.pk)
+        await application.send_input({"type": "http.disconnect"})
+        await application.wait(timeout=30)
+        return run
+
+    run = async_to_sync(request_then_leave)()
+    assert run.finished.wait(30) and not run.record.stored
+    assert not Message.objects.filter(parent_id=leaf.parent_id).exclude(pk=leaf.pk).exists()
