@@ -60,6 +60,7 @@ from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
 from .constrained import GRAMMAR_SECONDS_FIRST, GRAMMAR_SECONDS_PER_TOKEN, ConstrainedSampler, GrammarTooCostly
 from .side_prefill import SidePrefill, SideJob
+from .state_buffer import state_buffer
 from .weights import discard_copy, weights_path
 
 logger = logging.getLogger(__name__)
@@ -606,7 +607,7 @@ class LlamaCppBackend(Backend):
         if slot.copy_pending and not self._apply_copies(slot):
             return
         size = self._llama.llama_state_seq_get_size(self._context, slot.seq_id)
-        state = (ctypes.c_uint8 * size)()
+        state = state_buffer(size)
         if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) == size:
             self._cache.put(tokens, state, size, exact=slot.exact, owner=slot.owner, shared=slot.shared)
 
@@ -883,7 +884,7 @@ class LlamaCppBackend(Backend):
         if slot.copy_pending and not self._apply_copies(slot):  # it would save cells it does not hold yet
             return
         size = self._llama.llama_state_seq_get_size(self._context, slot.seq_id)
-        state = (ctypes.c_uint8 * size)()
+        state = state_buffer(size)
         if self._llama.llama_state_seq_get_data(self._context, state, size, slot.seq_id) != size:
             return
         if (self._cache.budget_bytes and size <= self._cache.budget_bytes
