@@ -214,11 +214,12 @@ def memory_under_streams(ours, key, streams: int = 8) -> dict:
 
 
 def engine_counters(url: str) -> dict:
-    """Prompt tokens evaluated and sequences forked so far, from /metrics."""
-    found = {"evaluated": 0.0, "forked": 0.0}
+    """Prompt tokens evaluated, sequences forked and prompts evaluated in the side context so far, from /metrics."""
+    found = {"evaluated": 0.0, "forked": 0.0, "side_prefills": 0.0}
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         for name, key in (("llmsite_prompt_tokens_evaluated_total", "evaluated"),
-                          ("llmsite_forked_sequences_total", "forked")):
+                          ("llmsite_forked_sequences_total", "forked"),
+                          ("llmsite_side_prefills_total", "side_prefills")):
             if line.startswith(name + "{"):
                 found[key] += float(line.rsplit(" ", 1)[1])
     return found

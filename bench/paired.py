@@ -43,8 +43,10 @@ def describe(result: dict) -> str:
     parts = [f"{result.get('tokens_per_s', 0):6.1f} tok/s", f"TTFT p95 {result.get('ttft_p95_s', 0):5.2f} s",
              f"gap p99 {result.get('gap_p99_ms', 0):6.0f} ms", f"max {result.get('gap_max_ms', 0):6.0f} ms"]
     if "longest_pause_s" in result:
-        parts.append(f"pause {result['longest_pause_s']:.2f} s, long TTFT {result['long_ttft_loaded_s']:.2f} s "
+        parts.append(f"pause {result['longest_pause_s']:.2f} s (at +{result.get('longest_pause_at_s', 0):.2f} s), long TTFT {result['long_ttft_loaded_s']:.2f} s "
                      f"(idle {result['long_ttft_idle_s']:.2f} s)")
+        if result.get("side_prefills") is not None:
+            parts.append(f"side prefills {result['side_prefills']:.0f}")
     if result.get("errors"):
         parts.append(f"{result['errors']} errors: {result.get('first_error', '')[:120]}")
     return ", ".join(parts)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.api_extras import engine_counters
 from bench.streams import StreamRecord, request_body, stream_chat, summarize
 
 SYSTEM = "You are a helpful assistant."
@@ -145,24 +146,32 @@ def w4(target: Target, sizes: Sizes) -> dict:
             long_record.append(stream_chat(client, target.url, target.headers,
                                            request_body(long_prompt_messages(sizes), sizes.w4_long_max_tokens)))
 
+    ours = target.name == "llmsite"  # whether the long prompt went to the second context (side_prefill)
+    side_before = engine_counters(target.url)["side_prefills"] if ours else 0.0
     late = threading.Thread(target=late_long_prompt)
     late.start()
     streams, wall = _burst(target, [request_body(story_messages(i), sizes.w4_stream_tokens)
                                     for i in range(sizes.w4_streams)])
     late.join()
     (loaded,) = long_record
+    side_prefills = engine_counters(target.url)["side_prefills"] - side_before if ours else None
     window_end = loaded.arrivals[0] if loaded.arrivals else loaded.finished
     # Pauses that overlap the long prompt's prefill (sent to first token), in streams that were running then.
     running = [s for s in streams if s.arrivals and s.arrivals[0] < loaded.sent < s.arrivals[-1]]
     pauses = [gap for s in running for gap in s.gaps_between(loaded.sent, window_end)]
+    # When the longest pause began, from the long prompt's send: at its arrival, or at the hand-over before its first
+    # token (a diagnostic).
+    pause_at = max(((b - a, a - loaded.sent) for s in running for a, b in zip(s.arrivals, s.arrivals[1:])
+                    if b >= loaded.sent and a <= window_end), default=(0.0, 0.0))[1]
     with httpx.Client(timeout=600) as client:
         idle = stream_chat(client, target.url, target.headers,
                            request_body(long_prompt_messages(sizes), sizes.w4_long_max_tokens))
     return {**summarize(streams, wall), "streams_running_at_arrival": len(running),
-            "longest_pause_s": max(pauses, default=0.0), "long_prompt_tokens": loaded.prompt_tokens,
+            "longest_pause_s": max(pauses, default=0.0), "longest_pause_at_s": pause_at,
+            "long_prompt_tokens": loaded.prompt_tokens,
             "long_ttft_loaded_s": loaded.ttft, "long_ttft_idle_s": idle.ttft,
             "long_ttft_ratio": loaded.ttft / idle.ttft if idle.ttft > 0 else 0.0,
-            "long_error": loaded.error or idle.error}
+            "long_error": loaded.error or idle.error, "side_prefills": side_prefills}
 
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}

@@ -44,6 +44,8 @@ class EngineCollector:
                                         "model (reused, shared and forked ones excluded).", labels=["model"])
         forked = CounterMetricFamily("llmsite_forked_sequences", "Sequences forked from another evaluating the same "
                                      "prompt (n choices) instead of evaluating it.", labels=["model"])
+        side = CounterMetricFamily("llmsite_side_prefills", "Long prompts evaluated in the second context while "
+                                   "replies streamed (side_prefill), then moved into their slot.", labels=["model"])
         failovers = CounterMetricFamily("llmsite_upstream_failovers", "Replies an upstream broke off, continued on "
                                         "the next upstream.", labels=["model"])
         preempted = CounterMetricFamily("llmsite_scheduler_preemptions", "Running sequences suspended to give their "
@@ -56,6 +58,7 @@ class EngineCollector:
             dropped.add_metric([name], stats.get("state_writes_dropped", 0))
             evaluated.add_metric([name], stats.get("prompt_tokens_evaluated", 0))
             forked.add_metric([name], stats.get("forked_sequences", 0))
+            side.add_metric([name], stats.get("side_prefills", 0))
             preempted.add_metric([name], stats.get("preemptions", 0))
             active.add_metric([name], stats.get("active", 0))
             queued.add_metric([name], stats.get("queued", 0))
@@ -63,7 +66,7 @@ class EngineCollector:
             misses.add_metric([name], stats.get("prefix_misses", 0))
             for reason in ("queue_full", "queue_timeout"):
                 rejected.add_metric([name, reason], stats.get(f"rejected_{reason}", 0))
-        yield from (active, queued, hits, misses, rejected, evaluated, forked, preempted, failovers, dropped)
+        yield from (active, queued, hits, misses, rejected, evaluated, forked, side, preempted, failovers, dropped)
         yield from upstream_families()
 
 
