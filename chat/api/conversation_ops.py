@@ -21,7 +21,7 @@ from chat.replies import speaker_of
 from chat.selectors import conversation_get_owned, conversation_path, message_alternatives, message_get_owned
 from chat.trees.operations import (message_delete, message_edit, message_select, reply_continue, reply_regenerate,
                                    reply_stop, running_reply_of)
-from chat.trees.running import CANCEL, KEEP, error_event, reply_run_of
+from chat.trees.running import CANCEL, KEEP, ClientGone, error_event, reply_run_of
 
 from .serializers import SEED_RANGE, FiniteFloatField, MessageSerializer, StopField, TopPField
 from .sse import sse, sse_response
@@ -165,7 +165,10 @@ async def _sse_events(run, resumed: bool = False):
 def _reply_response(run, stream: bool):
     if stream:
         return sse_response(_sse_events(run))
-    run.wait()
+    try:
+        run.wait()
+    except ClientGone:  # the run goes on alone; this answer is never sent (logged as an error it would alarm)
+        return Response(status=499)
     return Response(run_result(run))
 
 
