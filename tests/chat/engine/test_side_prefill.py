@@ -124,6 +124,11 @@ def test_a_failed_side_evaluation_goes_on_in_the_main_context(smollm2_gguf, alon
         return False
 
     monkeypatch.setattr(side_prefill.SidePrefill, "_evaluate", failing)
+    assert_evaluated_in_the_main_context(smollm2_gguf, alone)
+
+
+def assert_evaluated_in_the_main_context(smollm2_gguf, alone) -> None:
+    """The long prompt beside a stream on a fresh engine: both replies are the runs alone's, none went aside."""
     registry = engine_registry(smollm2_gguf)
     try:
         engine = registry.get()
@@ -250,15 +255,8 @@ def test_a_side_thread_that_cannot_start_frees_the_context_made_for_it(smollm2_g
 
     monkeypatch.setattr(side_prefill.threading.Thread, "start", no_side_thread)
     monkeypatch.setattr(side_prefill.SidePrefill, "close", counted_close)
-    registry = engine_registry(smollm2_gguf)
-    try:
-        engine = registry.get()
-        stream, long = long_prompt_beside_a_stream(engine)
-        assert records(run(long)) == records(alone["long"])
-        run(stream)
-        assert freed == [True] and engine.stats()["side_prefills"] == 0
-    finally:
-        registry.close()
+    assert_evaluated_in_the_main_context(smollm2_gguf, alone)
+    assert freed == [True]
 
 
 def test_the_side_state_is_written_into_its_final_buffer_with_no_copy_in_python(smollm2_gguf):
