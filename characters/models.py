@@ -7,6 +7,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import FileExtensionValidator, MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+from PIL import Image
 
 
 # Avatars are pictures the chat page shows: image types browsers show as images (Pillow also opens PDF and EPS
@@ -23,6 +24,31 @@ def avatar_size_check(file) -> None:
     if width * height > AVATAR_MAX_PIXELS:
         raise ValidationError(f"The picture is {width}×{height} pixels; an avatar may have at most "
                               f"{AVATAR_MAX_PIXELS:,}.")
+    # An animation (GIF, APNG, WebP) is decoded frame after frame, in a loop: its frames count together.
+    frames = _frame_count(file)
+    if frames > 1 and width * height * frames > AVATAR_MAX_PIXELS:
+        raise ValidationError(f"The picture has {frames} frames of {width}×{height} pixels; an avatar may have at "
+                              f"most {AVATAR_MAX_PIXELS:,} pixels in all its frames.")
+
+
+def _frame_count(file) -> int:
+    """Frames of the picture (1 for a still one, or one Pillow cannot read: the form field refuses that), read as
+    ImageFieldFile reads its dimensions: the file is left open or closed, and at its position, as it was."""
+    close = getattr(file, "closed", False)
+    try:
+        file.open()
+        position = file.tell()
+        file.seek(0)
+        try:
+            with Image.open(file) as image:
+                return int(getattr(image, "n_frames", 1) or 1)
+        finally:
+            file.seek(position)
+    except Exception:  # not a picture: ImageField's own check says so
+        return 1
+    finally:
+        if close:
+            file.close()
 
 
 class SystemPrompt(models.Model):

@@ -122,11 +122,28 @@ def _picture(width: int, height: int, kind: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
+def _animation(width: int, height: int, frames: int, kind: str) -> bytes:
+    """Frames of different colours (identical ones would be merged into one on saving)."""
+    import io
+
+    from PIL import Image
+
+    pictures = [Image.new("RGB", (width, height), (40 * number % 256, 0, 0)) for number in range(frames)]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format=kind, save_all=True, append_images=pictures[1:], loop=0, duration=20)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(("name", "content", "accepted"), [
     ("face.png", _picture(64, 64), True),
     ("face.gif", _picture(64, 64, "GIF") + b"<html><script>alert(1)</script>", True),
     ("face.pdf", _picture(64, 64, "GIF") + b"<html><script>alert(1)</script>", False),  # a picture served as PDF
     ("huge.png", _picture(9000, 9000), False),  # 10 KB of file, 81 million pixels for every visitor to decode
+    ("small.gif", _animation(64, 64, 3, "GIF"), True),
+    # Each frame within the limit, all of them together over it: a browser decodes every frame, again and again
+    ("frames.gif", _animation(2500, 2000, 6, "GIF"), False),
+    ("frames.png", _animation(2500, 2000, 6, "PNG"), False),  # APNG
+    ("frames.webp", _animation(2500, 2000, 6, "WEBP"), False),
 ])
 def test_an_avatar_is_a_picture_of_a_kind_and_size_browsers_show(editor_client, tmp_path, settings, name, content,
                                                                    accepted):
