@@ -120,6 +120,11 @@ def error_from_exception(exc: Exception, request=None) -> tuple[int, dict, dict]
             headers["Retry-After"] = str(int(exc.wait) + 1)
         return 429, error_body("Rate limit reached for this API key; retry later.", type="rate_limit_error",
                                code="rate_limit_exceeded"), headers
+    if isinstance(exc, drf_exceptions.PermissionDenied) and str(exc.detail).startswith("CSRF Failed"):
+        # SessionAuthentication's refusal: the caller (a page on the login session) is told what is missing.
+        return 403, error_body("CSRF check failed: a request on the login session must send the CSRF token (the "
+                               "csrftoken cookie's value) in the X-CSRFToken header; API clients send an API key.",
+                               type="permission_error", code="csrf_failed"), headers
     if isinstance(exc, (drf_exceptions.PermissionDenied, PermissionDenied)):
         return 403, error_body("You do not have permission to do this.", type="permission_error",
                                code="permission_denied"), headers
