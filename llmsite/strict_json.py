@@ -4,12 +4,16 @@ bounded nesting.
 Python's json reads NaN, Infinity and 1e400 (as inf) and 5,000-digit integers, nests as deep as the stack
 goes, and decodes "\\ud800" and "\\u0000": each later failed as a server error (int(inf), a sort, a
 tokenizer, the database's text encoding) instead of telling the sender what is wrong with the text.
+Nesting is bounded by MAX_NESTING, well within the stack: a value that json.loads just managed to read (about 900
+levels under a view) could not be written back (a JSONField's json.dumps, an export) and was a server error.
 """
 
 from __future__ import annotations
 
 import json
 import math
+
+MAX_NESTING = 256  # arrays and objects inside one another; far beyond any card, request or JSON Schema we take
 
 
 class StrictJSONError(ValueError):
@@ -43,15 +47,16 @@ def strict_json_loads(text: str | bytes):
 
 
 def _check_text(value) -> None:
-    """Every string (keys too) encodable and free of NUL; iterative, so depth costs no stack."""
-    pending = [value]
+    """Every string (keys too) encodable and free of NUL, and nesting within MAX_NESTING; iterative, so depth costs
+    no stack."""
+    pending = [(value, 0)]
     while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= MAX_NESTING:
+                raise StrictJSONError(f"it is nested too deeply (more than {MAX_NESTING} levels)")
+            inner = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            pending.extend((each, depth + 1) for each in inner)
         elif isinstance(item, str):
             if "\x00" in item:
                 raise StrictJSONError("a NUL character, which text fields cannot hold")

@@ -459,3 +459,28 @@ def test_exporting_a_card_needs_the_scenario_permission_too(client):
     assert client.get(json_url)["Content-Type"] == "application/json"
     assert client.post(changelist, {"action": "export_cards_json",
                                     "_selected_action": [ada.pk]})["Content-Type"] == "application/json"
+
+
+def _card_nested(depth: int) -> bytes:
+    nested = "[" * depth + "]" * depth
+    return ('{"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Deep", "description": "x", '
+            '"extensions": {"deep": %s}}}' % nested).encode()
+
+
+@pytest.mark.parametrize("depth", [900, 300])
+def test_a_card_nested_deeper_than_can_be_stored_is_refused_as_a_bad_file(staff_client, depth):
+    """Nested 900 deep, the card was read (json.loads had stack enough) but saving its extensions was a server
+    error (json.dumps ran out of stack beneath the view)."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    response = staff_client.post(reverse("admin:characters_character_import_card"),
+                                 {"card": SimpleUploadedFile("deep.json", _card_nested(depth))})
+    assert response.status_code == 200
+    assert "nested too deeply" in response.content.decode()
+    assert not Character.objects.filter(slug="deep").exists()
+
+
+def test_a_card_nested_within_the_bound_imports_and_exports():
+    character = character_card_import(raw=_card_nested(200)).character
+    exported = json.loads(character_card_export(character=character, fmt="json").content)
+    assert exported["data"]["extensions"]["deep"] == json.loads("[" * 200 + "]" * 200)
