@@ -151,3 +151,23 @@ def test_a_conversation_deleted_before_an_operation_takes_its_lease_is_a_404_not
                                                   {"max_tokens": 2}, format="json")}[operation]()
     assert response.status_code == 404, response.content
     assert response.json()["error"]["code"] == "conversation_not_found"
+
+
+def test_a_stop_through_another_process_whose_conversation_is_deleted_meanwhile_is_no_500(chat, monkeypatch):
+    """POST stop/ reaching a reply in another process: once that reply is stored (no longer announced) the owner's
+    other page deletes the conversation before the stop reads its active leaf. The stop answers, nothing stored."""
+    from chat.trees import operations
+
+    client, conversation = chat
+    announced = iter([f"run:{client.user.pk}"])
+    monkeypatch.setattr(operations, "reply_run_of", lambda conversation_id: None)
+    monkeypatch.setattr(operations, "reply_run_announced", lambda conversation_id: next(announced, None))
+
+    def stop_request(conversation_id):  # the other process stops and stores it; then the delete lands
+        Conversation.objects.filter(pk=conversation_id).delete()
+        return True
+
+    monkeypatch.setattr(operations, "reply_stop_request", stop_request)
+    response = client.post(url(conversation, "stop/"))
+    assert response.status_code == 200, response.content
+    assert response.json()["messages"] == []
