@@ -32,7 +32,7 @@ from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings, world_info_inputs
 from .prompting.tools import tools_system_text, turns_with_tool_text
 from .selectors import conversation_get_owned, conversation_path, newest_leaf_under, user_display_name
-from .tenancy.conversation_lock import ConversationLease, conversation_lease_take
+from .tenancy.conversation_lock import ConversationLease, conversation_lease_take, conversation_reread
 from .tooling.grammar import tool_call_grammar
 from .tooling.requests import ToolRequest, tool_request_of
 
@@ -123,8 +123,8 @@ def chat_request_prepare(*, user, data: dict, greet: bool = False, user_name: st
         lease = conversation_lease_take(conversation=conversation, holder=lease_holder)
     try:
         if conversation is not None:
-            # The version whose history is read (replies.py), and its active leaf.
-            conversation.refresh_from_db(fields=["updated_at", "active"])
+            # The version whose history is read (replies.py), and its active leaf (404 if deleted meanwhile).
+            conversation_reread(conversation)
             if branch is not None:
                 _check_branch_still_there(conversation, branch)
         plan = _plan_for(user=user, data=data, conversation=conversation, lease=lease, greet=greet,

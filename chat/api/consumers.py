@@ -304,7 +304,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def stream(self, run, *, resumed: bool):
         try:
             # Closed however the task ends (a cancel may come while sending): the run loses this listener at once.
-            async with aclosing(run_events(run, resumed=resumed)) as events:
+            async with aclosing(run_events(run, resumed=resumed, viewer=self.scope["user"].pk)) as events:
                 async for event in events:
                     if event["type"] == "keepalive":
                         continue

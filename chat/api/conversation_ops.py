@@ -127,9 +127,10 @@ def _speaker(plan) -> dict:
     return {"speaker": speaker_of(plan.character)} if plan.members else {}
 
 
-async def run_events(run, *, resumed: bool = False):
-    """The run as JSON events: start (with the text so far), token (index, text)..., then end or error."""
-    async with aclosing(run.events()) as events:  # closed (this listener detached) however this one ends
+async def run_events(run, *, resumed: bool = False, viewer=None):
+    """The run as JSON events: start (with the text so far), token (index, text)..., then end or error. `viewer`:
+    the watching user's pk (a participant taken out of the conversation is cut off: chat/trees/running.py)."""
+    async with aclosing(run.events(viewer=viewer)) as events:  # closed (this listener detached) however it ends
         async for event in _shaped(run, events, resumed=resumed):
             yield event
 
@@ -155,8 +156,8 @@ async def _shaped(run, events, *, resumed: bool):
             yield {"type": "keepalive"}
 
 
-async def _sse_events(run, resumed: bool = False):
-    async with aclosing(run_events(run, resumed=resumed)) as events:
+async def _sse_events(run, resumed: bool = False, viewer=None):
+    async with aclosing(run_events(run, resumed=resumed, viewer=viewer)) as events:
         async for event in events:
             yield b": keep-alive\n\n" if event["type"] == "keepalive" else sse(event)
     yield sse("[DONE]")
@@ -275,4 +276,4 @@ class RunningReplyView(APIView):
         if run is None:
             raise NotFound(f"No reply is running for conversation {pk}.", param="conversation",
                            code="reply_not_running")
-        return sse_response(_sse_events(run, resumed=True))
+        return sse_response(_sse_events(run, resumed=True, viewer=request.user.pk))

@@ -13,6 +13,7 @@ from chat.groups.participants import (conversation_invite, conversation_particip
                                      conversation_pending_invitations, invitation_accept, invitation_decline,
                                      invitations_of)
 from chat.selectors import conversation_get_owned
+from chat.trees.running import reply_viewer_removed
 
 
 class GroupSerializer(serializers.ModelSerializer):
@@ -75,7 +76,9 @@ class ConversationParticipantView(APIView):
     @extend_schema(responses={200: dict})
     def delete(self, request, pk, username):
         conversation = conversation_get_owned(user=request.user, conversation_id=pk)
-        conversation_participant_remove(conversation=conversation, by=request.user, username=username)
+        removed = conversation_participant_remove(conversation=conversation, by=request.user, username=username)
+        if removed is not None:  # a reply running meanwhile streams no more of its text to them
+            reply_viewer_removed(conversation.pk, removed.pk)
         return Response({**_participants_body(conversation, request.user), "removed": username})
 
 

@@ -106,19 +106,21 @@ def invitation_decline(*, user, invitation_id) -> None:
     _invitation_of(user=user, invitation_id=invitation_id).delete()
 
 
-def conversation_participant_remove(*, conversation: Conversation, by, username: str) -> None:
+def conversation_participant_remove(*, conversation: Conversation, by, username: str):
     """Take the user named `username` out of the conversation's participants, or withdraw their invitation: its
-    owner may take anyone out, a participant only itself (leaving). Their messages stay, with their author."""
+    owner may take anyone out, a participant only itself (leaving). Their messages stay, with their author.
+    Returns the user taken out (None: an invitation withdrawn)."""
     if conversation.owner_id != by.pk and by.get_username() != username:
         raise ApiError("Only the conversation's owner may remove participants; a participant may remove itself.",
                        param="username", code="not_conversation_owner", status=403)
     user = conversation.participants.filter(username=username).first()
     if user is not None:
         conversation.participants.remove(user)
-        return
+        return user
     withdrawn = 0
     if conversation.owner_id == by.pk:
         withdrawn, _ = conversation.invitations.filter(username=username).delete()
     if not withdrawn:
         raise NotFound(f"{username!r} is not a participant of this conversation.", param="username",
                        code="participant_not_found")
+    return None

@@ -22,7 +22,7 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from chat.errors import ApiError
+from chat.errors import ApiError, NotFound
 from chat.models import Conversation
 
 logger = logging.getLogger("llmsite.chat")
@@ -84,6 +84,16 @@ def conversation_advance(conversation: Conversation) -> None:
     conversation.updated_at = now
 
 
+def conversation_reread(conversation: Conversation) -> None:
+    """Read the conversation's version and active leaf again once its lease is held; 404 conversation_not_found
+    when it was deleted between the caller's ownership check and the lease (a delete that held the lease then)."""
+    try:
+        conversation.refresh_from_db(fields=["updated_at", "active"])
+    except Conversation.DoesNotExist:
+        raise NotFound(f"No conversation {conversation.pk}.", param="conversation",
+                       code="conversation_not_found") from None
+
+
 @contextmanager
 def conversation_leased(conversation: Conversation):
     """An operation that changes a stored conversation outside a reply (a tree operation, a deleted response):
@@ -91,7 +101,7 @@ def conversation_leased(conversation: Conversation):
     its version on (409 if it moved since). The operation's writes go in that transaction."""
     lease = conversation_lease_take(conversation=conversation)
     try:
-        conversation.refresh_from_db(fields=["updated_at", "active"])
+        conversation_reread(conversation)
         with transaction.atomic():
             conversation_advance(conversation)
             yield conversation

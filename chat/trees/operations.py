@@ -184,7 +184,10 @@ def reply_stop(*, user, conversation_id) -> Stopped:
     deadline = time.monotonic() + STOP_WAIT_SECONDS
     while reply_run_announced(conversation.pk) == announced and time.monotonic() < deadline:
         time.sleep(0.1)
-    conversation.refresh_from_db(fields=["active"])
+    try:
+        conversation.refresh_from_db(fields=["active"])
+    except Conversation.DoesNotExist:  # stored, then deleted (by another page) before this read: stopped all the same
+        return Stopped(str(conversation.pk), [])
     active = conversation.active
     return Stopped(str(conversation.pk), [active] if active is not None and active.stopped else [])
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,7 +29,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 
-from chat.errors import error_from_exception
+from chat.errors import NotFound, error_from_exception
 from chat.replies import ReplyRecord, exchange_store, reply_remember, usage_of
 
 logger = logging.getLogger("llmsite.chat")
@@ -36,6 +37,8 @@ logger = logging.getLogger("llmsite.chat")
 KEEP, CANCEL = "keep", "cancel"  # what a client's disconnect does to its reply (on_disconnect)
 STOP_POLL_SECONDS = 0.5  # how often a run looks for a stop asked in another process
 RUNNING_KEY, STOP_KEY = "reply-running:{}", "reply-stop:{}"
+REMOVED_KEY = "reply-removed:{}"  # {user pk: when}: participants taken out, whose listeners a run cuts off
+REMOVED_SECONDS = 60
 # A run's first listener (the socket or response that started it) attaches within moments; the timeout of a run
 # never watched is at least this, so that a short REPLY_DETACHED_SECONDS cannot stop a reply before it is watched.
 FIRST_LISTENER_SECONDS = 5
@@ -53,8 +56,10 @@ _runs_lock = threading.Lock()
 
 
 class _Listener:
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, viewer=None):
         self.loop = loop
+        self.viewer = viewer  # the user's pk, when a user watches: a participant taken out is cut off
+        self.since = time.time()
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def push(self, event: tuple) -> None:
@@ -111,12 +116,15 @@ class ReplyRun:
         return self
 
     def _watch_for_stop(self) -> None:
-        key = STOP_KEY.format(self.conversation_id)
+        key, removed_key = STOP_KEY.format(self.conversation_id), REMOVED_KEY.format(self.conversation_id)
         while not self.finished.wait(STOP_POLL_SECONDS):
-            if _cache_call(cache.get, key) == self.announcement:
+            found = _cache_call(cache.get_many, [key, removed_key]) or {}
+            if found.get(key) == self.announcement:
                 logger.info("reply %s: stopped from another process", self.id)
                 self.stop()
                 return
+            for viewer, when in (found.get(removed_key) or {}).items():  # taken out through another process
+                self.viewer_removed(viewer, when=when)
 
     def _run(self) -> None:
         readers = [threading.Thread(target=self._read_apart, args=(index,), daemon=True)
@@ -247,10 +255,11 @@ class ReplyRun:
 
     # -- listeners -----------------------------------------------------------------------------
 
-    async def events(self):
+    async def events(self, *, viewer=None):
         """("text", [text so far per choice]), then ("delta", index, text)... and ("end", None) or ("error", exc);
-        ("keepalive",) when nothing happened for SSE_KEEPALIVE_SECONDS. Leaving early detaches this listener."""
-        listener = _Listener(asyncio.get_running_loop())
+        ("keepalive",) when nothing happened for SSE_KEEPALIVE_SECONDS. Leaving early detaches this listener.
+        `viewer`: the pk of the user watching, whose listener viewer_removed() cuts off."""
+        listener = _Listener(asyncio.get_running_loop(), viewer)
         with self._lock:
             snapshot = self._texts_locked()
             if self.finished.is_set():
@@ -271,6 +280,20 @@ class ReplyRun:
                     return
         finally:
             self._detach(listener)
+
+    def viewer_removed(self, viewer, *, when: float | None = None) -> None:
+        """The user `viewer` may no longer read the conversation (a participant taken out `when`): its listeners
+        attached before then get a 404 as their last event, and not one more delta. The run goes on for the others
+        (or alone)."""
+        when = time.time() if when is None else when
+        with self._lock:
+            removed = [listener for listener in self._listeners
+                       if listener.viewer == viewer and listener.since <= when]
+            self._listeners = [listener for listener in self._listeners if listener not in removed]
+        error = NotFound(f"No conversation {self.conversation_id}.", param="conversation",
+                         code="conversation_not_found")
+        for listener in removed:  # its reader then detaches it (events()), as when a client leaves
+            listener.push(("error", error))
 
     def _detach(self, listener: _Listener | None) -> None:
         """A listener (None: a caller of wait()) went away; the last one leaves the run alone, or cancels it."""
@@ -337,6 +360,19 @@ def reply_run_of(conversation_id) -> ReplyRun | None:
     """The reply running for this conversation in this process, if any."""
     with _runs_lock:
         return _runs.get(str(conversation_id))
+
+
+def reply_viewer_removed(conversation_id, viewer) -> None:
+    """Cut the user `viewer` (taken out of the conversation) off its running reply: at once in this process, and
+    through the shared cache in the process that runs it (within STOP_POLL_SECONDS)."""
+    when = time.time()
+    run = reply_run_of(conversation_id)
+    if run is not None:
+        run.viewer_removed(viewer, when=when)
+    elif reply_run_announced(conversation_id) is not None:
+        key = REMOVED_KEY.format(conversation_id)
+        removed = _cache_call(cache.get, key) or {}
+        _cache_call(cache.set, key, {**removed, viewer: when}, timeout=REMOVED_SECONDS)
 
 
 def reply_stop_request(conversation_id) -> bool:

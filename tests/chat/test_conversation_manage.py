@@ -122,3 +122,52 @@ def test_a_conversation_deleted_between_its_reads_is_a_404_not_a_500(chat, monke
     monkeypatch.setattr(selectors, "conversations_of", deleted_first)
     response = client.patch(detail(conversation), {"title": "late"}, format="json")
     assert response.status_code == 404 and response.json()["error"]["code"] == "conversation_not_found"
+
+
+@pytest.mark.parametrize("operation", ["delete", "select", "delete_message", "message", "regenerate"])
+def test_a_conversation_deleted_before_an_operation_takes_its_lease_is_a_404_not_a_500(chat, monkeypatch, operation):
+    """Two deletes at once (two pages, a socket and a request), or a tree operation beside a delete: the second
+    passed the ownership check, then waited for the lease while the first deleted the conversation."""
+    from chat import plans
+    from chat.tenancy import conversation_lock
+
+    client, conversation = chat
+    reply = conversation.messages.filter(role="assistant").order_by("id").last()
+    take = conversation_lock.conversation_lease_take
+
+    def deleted_first(*, conversation, holder=None):  # the other delete landed between the check and the lease
+        Conversation.objects.filter(pk=conversation.pk).delete()
+        return take(conversation=conversation, holder=holder)
+
+    monkeypatch.setattr(conversation_lock, "conversation_lease_take", deleted_first)  # tree operations, delete
+    monkeypatch.setattr(plans, "conversation_lease_take", deleted_first)  # a reply continuing it
+    response = {"delete": lambda: client.delete(detail(conversation)),
+                "select": lambda: client.post(url(conversation, f"messages/{reply.pk}/select/")),
+                "delete_message": lambda: client.delete(url(conversation, f"messages/{reply.pk}/")),
+                "message": lambda: client.post("/v1/chat/completions", {
+                    "conversation": str(conversation.pk), "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "Still there?"}]}, format="json", **NO_CACHE),
+                "regenerate": lambda: client.post(url(conversation, f"messages/{reply.pk}/regenerate/"),
+                                                  {"max_tokens": 2}, format="json")}[operation]()
+    assert response.status_code == 404, response.content
+    assert response.json()["error"]["code"] == "conversation_not_found"
+
+
+def test_a_stop_through_another_process_whose_conversation_is_deleted_meanwhile_is_no_500(chat, monkeypatch):
+    """POST stop/ reaching a reply in another process: once that reply is stored (no longer announced) the owner's
+    other page deletes the conversation before the stop reads its active leaf. The stop answers, nothing stored."""
+    from chat.trees import operations
+
+    client, conversation = chat
+    announced = iter([f"run:{client.user.pk}"])
+    monkeypatch.setattr(operations, "reply_run_of", lambda conversation_id: None)
+    monkeypatch.setattr(operations, "reply_run_announced", lambda conversation_id: next(announced, None))
+
+    def stop_request(conversation_id):  # the other process stops and stores it; then the delete lands
+        Conversation.objects.filter(pk=conversation_id).delete()
+        return True
+
+    monkeypatch.setattr(operations, "reply_stop_request", stop_request)
+    response = client.post(url(conversation, "stop/"))
+    assert response.status_code == 200, response.content
+    assert response.json()["messages"] == []

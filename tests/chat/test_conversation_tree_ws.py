@@ -297,3 +297,50 @@ async def test_a_new_conversation_is_not_deleted_while_its_first_reply_runs(site
     assert (await other.receive_json_from(timeout=30))["type"] == "conversation_deleted"  # once stored
     for socket in (comm, other, mallory):
         await socket.disconnect()
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["same-process", "removed-through-another-process"])
+async def test_a_participant_taken_out_gets_no_more_of_the_reply_it_follows(site, monkeypatch, elsewhere):
+    """A participant following the owner's running reply (attach) is taken out of the conversation: its socket gets
+    a 404 error event at once and not one more token of that reply (the owner's socket streams it to its end).
+    `elsewhere`: the DELETE lands on another instance, which does not run the reply (told through the cache)."""
+    from chat.trees import running
+    from characters.models import CharacterGroup, GroupMember
+    from tests.chat.test_groups import join
+
+    def crew():
+        group = CharacterGroup.objects.create(name="Crew", slug="crew")
+        GroupMember.objects.create(group=group, character=make_character("ada", name="Ada"), position=0)
+        GroupMember.objects.create(group=group, character=make_character("bob", name="Bob"), position=1)
+        return make_api_client("ws-sam"), make_api_client("ws-lee")
+
+    sam, lee = await sync_to_async(crew)()
+    owner = WebsocketCommunicator(application, "/ws/chat/crew/",
+                                  headers=[ORIGIN, (b"authorization", f"Bearer {sam.raw_key}".encode())])
+    assert (await owner.connect())[0]
+    await owner.send_json_to({"type": "message", "content": "Ada?", "speaker": "ada", "max_tokens": 3})
+    conversation = (await until(owner, "end"))[-1]["conversation"]
+    await sync_to_async(join)(sam, lee, conversation)
+    await slow_engine_steps(monkeypatch)
+    await owner.send_json_to({"type": "message", "content": "Bob, a secret now.", "max_tokens": 200})
+    await until(owner, "token")
+    guest = WebsocketCommunicator(application, "/ws/chat/crew/",
+                                  headers=[ORIGIN, (b"authorization", f"Bearer {lee.raw_key}".encode())])
+    assert (await guest.connect())[0]
+    await guest.send_json_to({"type": "attach", "conversation": conversation})
+    await until(guest, "token")
+    with monkeypatch.context() as patched:
+        if elsewhere:
+            patched.setattr(running, "reply_run_of", lambda conversation_id: None)
+        removed = await sync_to_async(sam.delete)(f"/v1/conversations/{conversation}/participants/ws-lee/")
+    assert removed.status_code == 200, removed.content
+    events = await until(guest, "end")
+    assert events[-1]["type"] == "error" and events[-1]["status"] == 404, events[-1]
+    assert events[-1]["error"]["code"] == "conversation_not_found"
+    run = reply_run_of(conversation)
+    assert run is not None and not run.finished.is_set()  # cut off while the reply still runs
+    assert await guest.receive_nothing(timeout=0.5)  # not one more token
+    assert (await until(owner, "end"))[-1]["type"] == "end"  # the owner's socket streams it to its end
+    assert await guest.receive_nothing(timeout=0.2)
+    for socket in (owner, guest):
+        await socket.disconnect()
