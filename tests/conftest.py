@@ -142,3 +142,18 @@ def pytest_collection_finish(session):
     if report:
         loaded = sorted(name for name in ("llama_cpp", "ctransformers") if name in sys.modules)
         Path(report).write_text(json.dumps({"loaded": loaded}))
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_limit_windows():
+    """Rate-limit counters are kept per API key or user id, and ids repeat after each test's rollback: a test would
+    spend the budget that earlier tests' keys of the same id spent in the same minute (429s in later tests,
+    depending on how many requests the tests before them sent). Each test starts with fresh windows."""
+    from django.core.cache import cache
+
+    if hasattr(cache, "delete_pattern"):  # django-redis
+        cache.delete_pattern("throttle:*")
+    else:  # the local-memory cache: its stored keys carry the version prefix (":1:throttle:...")
+        for stored in [key for key in list(getattr(cache, "_cache", {})) if ":throttle:" in key]:
+            cache.delete(stored.split(":", 2)[2])
+    yield
