@@ -9,8 +9,9 @@ MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # llama-cpp-python never loads its multimodal library here (only vision chat handlers import it):
-# skipping it cuts the llama.cpp compile from 193 to 140 steps.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# skipping it cuts the llama.cpp compile from 193 to 140 steps. The rest are the arguments every llama.cpp
+# build here gets (scripts/llama_cpp_cmake_args.sh: the AMX kernels' fix).
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(shell bash scripts/llama_cpp_cmake_args.sh)
 
 .PHONY: run test test-fast setup local-env deps dev-deps model migrate demo bench soak clean
 
@@ -48,9 +49,10 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # The stamp files make a second run skip installs whose requirements did not change.
-$(VENV)/.deps: requirements.txt | $(PY)
+$(VENV)/.deps: requirements.txt scripts/llama_cpp_cmake_args.sh | $(PY)
 	@echo "Installing requirements. llama-cpp-python compiles llama.cpp from source the first time:"
-	@echo "about 7 minutes on a 2-core machine (pip caches the build afterwards)."
+	@echo "about 7 minutes on a 2-core machine (its wheel is kept for later setups)."
+	wheel=$$(bash scripts/build_llama_wheel.sh $(PY)) && $(PY) -m pip install --quiet --no-deps --force-reinstall "$$wheel"
 	bash scripts/pip_install.sh $(PY) -r requirements.txt
 	touch $@
 

@@ -60,7 +60,7 @@ class BareLlama:
     """The minimum a caller of the low-level API must do: one context, a batch, a sampler chain per sequence."""
 
     def __init__(self, model_path: Path, n_seq: int, n_ctx_per_seq: int = 512, kv_unified: bool = False,
-                 flash_attention: bool = False):
+                 flash_attention: bool = False, repack: bool | None = None):
         import llama_cpp as llama
 
         from chat.engine.backends.llama_cpp import _llama, model_params_for
@@ -68,7 +68,9 @@ class BareLlama:
 
         _llama()  # same process-wide init and quiet logging as the engine
         self.llama = llama
-        model_params = model_params_for(llama, ModelSpec(name="bench", path=str(model_path)))  # the engine's layout
+        model_params = model_params_for(llama, ModelSpec(name="bench", path=str(model_path)), str(model_path))  # the engine's layout
+        if repack is not None:  # e.g. the plain layout against the AMX one (bench.weights_quality --amx)
+            model_params.use_extra_bufts = repack
         self.model = llama.llama_model_load_from_file(os.fsencode(model_path), model_params)
         params = llama.llama_context_default_params()
         params.n_ctx = n_seq * n_ctx_per_seq

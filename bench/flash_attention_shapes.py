@@ -26,7 +26,7 @@ class Probe:
     def __init__(self):
         self.llama = llama = _llama()
         spec = ModelSpec("probe", str(MODEL), context_length=CELLS, parallel=SEQUENCES)
-        self.model = llama.llama_model_load_from_file(str(MODEL).encode(), model_params_for(llama, spec))
+        self.model = llama.llama_model_load_from_file(str(MODEL).encode(), model_params_for(llama, spec, spec.path))
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.batch = llama.llama_batch_init(512, 0, 1)

@@ -45,11 +45,10 @@ class EngineShape:
 
     def loaded_file(self) -> Path:
         """The file this project's engine loads: config.yaml's, or its re-quantized copy (chat/engine/backends/weights.py)."""
-        from chat.engine.backends.llama_cpp import _llama
-        from chat.engine.backends.weights import weights_path
+        from chat.engine.backends.llama_cpp import _llama, model_file_for
         from chat.engine.types import ModelSpec
 
-        return Path(weights_path(_llama(), ModelSpec(name="bench", path=self.model_path, weights=self.weights)))
+        return Path(model_file_for(_llama(), ModelSpec(name="bench", path=self.model_path, weights=self.weights))[0])
 
 
 def rss_mb(pid: int) -> float:

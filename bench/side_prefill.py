@@ -21,9 +21,8 @@ import time
 import numpy as np
 
 from bench.servers import MODEL
-from chat.engine.backends.llama_cpp import _llama, model_params_for
+from chat.engine.backends.llama_cpp import _llama, model_file_for
 from chat.engine.backends.side_prefill import SidePrefill
-from chat.engine.backends.weights import weights_path
 from chat.engine.types import ModelSpec
 
 STREAMS, CELLS, CHUNK, LONG = 4, 2048, 64, 1792
@@ -33,8 +32,8 @@ class Contexts:
     def __init__(self):
         self.llama = llama = _llama()
         spec = ModelSpec("probe", str(MODEL), context_length=CELLS, parallel=STREAMS + 1, weights="q8_0")
-        path = weights_path(llama, spec)
-        self.model = llama.llama_model_load_from_file(str(path).encode(), model_params_for(llama, spec))
+        path, params = model_file_for(llama, spec)
+        self.model = llama.llama_model_load_from_file(str(path).encode(), params)
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self.model))
         self.tokens = [(i * 37) % 40000 + 100 for i in range(CELLS)]
         self.main = self.context(STREAMS + 1, threads=2)

@@ -3,6 +3,7 @@ types, on the same text and the same bare llama.cpp loops.
 
     .venv/bin/python -m bench.weights_quality                 # Q8_0, Q4_0, Q5_0, IQ4_NL; about 3 minutes
     .venv/bin/python -m bench.weights_quality --types q8_0 --reps 5
+    .venv/bin/python -m bench.weights_quality --types q8_0 --amx  # each file also in the AMX layout
 
 Quality: every next-token distribution over a fixed text (this project's README and docs/ARCHITECTURE.md, the
 first 2,000 tokens) from the file and from each copy: mean and p99 KL divergence from the file's, how often the
@@ -64,9 +65,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", default="q8_0,q4_0,q5_0,iq4_nl", help="comma-separated weight types")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--amx", action="store_true",
+                        help="also each file repacked for AMX (a CPU with AMX and a build that passes its probe)")
     args = parser.parse_args()
     files = {"as shipped": MODEL, **{kind: copy_of(MODEL, kind) for kind in args.types.split(",") if kind}}
-    bares = {name: BareLlama(path, n_seq=8, n_ctx_per_seq=2048, flash_attention=True) for name, path in files.items()}
+    if args.amx:
+        files.update({f"{name}, AMX": path for name, path in list(files.items())})
+    # The reference and the copies in the plain layout; "..., AMX" repacked (chat/engine/backends/amx.py).
+    bares = {name: BareLlama(path, n_seq=8, n_ctx_per_seq=2048, flash_attention=True, repack=name.endswith(", AMX"))
+             for name, path in files.items()}
     shipped = bares["as shipped"]
     text = "\n".join((ROOT / name).read_text() for name in TEXT_FILES)
     tokens = shipped.tokenize(text)[:TEXT_TOKENS]

@@ -2,8 +2,10 @@
 # Build llama.cpp's own llama-server from the sources vendored in the pinned llama-cpp-python sdist.
 #
 # It is the real peer of `make bench` and the real upstream of the remote-backend tests. The binary
-# is kept outside the repository, keyed by the pinned version, so a second call returns at once:
-#   ${XDG_CACHE_HOME:-~/.cache}/llmsite/llama-server-<version>/llama-server
+# is kept outside the repository, keyed by the pinned version and the build's CMake arguments
+# (scripts/llama_cpp_cmake_args.sh), so a second call returns at once:
+#   ${XDG_CACHE_HOME:-~/.cache}/llmsite/llama-server-<version>-<args hash>/llama-server
+# Beside it, cmake-args records those arguments (tests/llama_server.py reads whether the AMX fix is in).
 # Progress goes to stderr; the last line on stdout is the binary's path, so callers can do
 #   LLAMA_SERVER_BIN=$(scripts/build_llama_server.sh)
 set -euo pipefail
@@ -17,7 +19,8 @@ fi
 # Any Python with pip can fetch the sdist; the project's venv has one even where the system's does not.
 python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/llmsite
-dest=$cache_root/llama-server-$version
+fix_args=$(bash scripts/llama_cpp_cmake_args.sh)
+dest=$cache_root/llama-server-$version-$(printf '%s' "$fix_args" | sha1sum | cut -c1-12)
 binary=$dest/llama-server
 jobs=${BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}
 
@@ -68,6 +71,7 @@ cmake -S "$src" -B "$work/build" "${generator[@]}" \
   -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF \
+  $fix_args \
   >"$work/configure.log" 2>&1 || {
     echo "cmake configure failed; log: $work/configure.log" >&2
     tail -n 30 "$work/configure.log" >&2
@@ -89,6 +93,7 @@ if [ -z "$built" ]; then
   exit 1
 fi
 
+echo "$fix_args" >"$dest/cmake-args"
 install -m 0755 "$built" "$binary.tmp"
 mv "$binary.tmp" "$binary"
 elapsed=$(( $(date +%s) - started ))

@@ -1,21 +1,24 @@
 """llama-cpp-python's server (`python -m llama_cpp.server`) with the engine's weight layout.
 
-Run as `python -m tests.llama_cpp_server ARGS...` from the repository root. On CPUs with AMX the
-pinned llama.cpp's AMX repacking segfaults at the first decode of a quantized model, so the weights
-stay in the plain CPU layout there, as chat/engine/backends/llama_cpp.py's model_params_for does.
+Run as `python -m tests.llama_cpp_server ARGS...` from the repository root. Weights are repacked for the CPU's
+kernels only where the engine would repack them (chat/engine/backends/amx.py: some builds crash in their AMX
+kernels), judged on the model named by `--model`.
 """
 
 import runpy
+import sys
 
 import llama_cpp.llama_cpp as llama_low_level
+
+from chat.engine.backends.amx import repacking_safe
 
 _default_model_params = llama_low_level.llama_model_default_params
 
 
 def _model_params():
     params = _default_model_params()
-    if b"AMX_INT8 = 1" in llama_low_level.llama_print_system_info():
-        params.use_extra_bufts = False
+    model = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv[:-1] else None
+    params.use_extra_bufts = model is not None and repacking_safe(llama_low_level, model)
     return params
 
 

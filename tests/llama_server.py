@@ -1,12 +1,13 @@
 """llama.cpp's own llama-server on loopback: where its binary is, and one running instance.
 
 Used by the remote-backend tests (as a real upstream) and by the benchmarks (as the peer). The
-binary comes from scripts/build_llama_server.sh (cached per llama-cpp-python version);
+binary comes from scripts/build_llama_server.sh (cached per llama-cpp-python version and build arguments);
 LLAMA_SERVER_BIN overrides it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -25,10 +26,17 @@ def pinned_llama_cpp_version() -> str:
     return found.group(1) if found else "unknown"
 
 
+def build_cmake_args() -> str:
+    """The CMake arguments every llama.cpp build of this project gets (scripts/llama_cpp_cmake_args.sh)."""
+    script = ROOT / "scripts" / "llama_cpp_cmake_args.sh"
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def cached_binary() -> Path:
-    """Where scripts/build_llama_server.sh keeps the binary for the pinned version."""
+    """Where scripts/build_llama_server.sh keeps the binary for the pinned version and build arguments."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "llmsite" / f"llama-server-{pinned_llama_cpp_version()}" / "llama-server"
+    key = hashlib.sha1(build_cmake_args().encode()).hexdigest()[:12]
+    return cache / "llmsite" / f"llama-server-{pinned_llama_cpp_version()}-{key}" / "llama-server"
 
 
 def find_llama_server() -> tuple[Path | None, str]:
@@ -46,10 +54,19 @@ def find_llama_server() -> tuple[Path | None, str]:
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX, which a native build of the pinned llama.cpp uses to repack weights,
-    and then crashes at the first decode of a quantized model (SmolLM2 Q4_1, measured)."""
+    """Whether this CPU has AMX, which a native build of the pinned llama.cpp uses to repack weights."""
     try:
         return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def amx_fixed(binary: Path) -> bool:
+    """Whether `binary` was built by scripts/build_llama_server.sh with the AMX kernels' fix (-fno-dse): GCC 12
+    builds without it crash at the first multi-row multiply of a quantized model on AMX (SmolLM2 Q4_1, measured).
+    A binary from elsewhere (LLAMA_SERVER_BIN) is not assumed to have it."""
+    try:
+        return "-fno-dse" in (binary.parent / "cmake-args").read_text()
     except OSError:
         return False
 
@@ -85,7 +102,7 @@ class LlamaServer:
                    "--threads", str(self.threads), "--threads-batch", str(self.threads)]
         if self.alias:
             command += ["--alias", self.alias]
-        if cpu_has_amx():  # as the engine does (chat/engine/backends/llama_cpp.py model_params_for)
+        if cpu_has_amx() and not amx_fixed(self.binary):  # as the engine does (chat/engine/backends/amx.py)
             command.append("--no-repack")
         return command + list(self.extra)
 

@@ -80,24 +80,30 @@ def leaving_abandoned_runs_alone(view):
         gone = threading.Event()
         with client_gone_signal(gone):  # the task copies the context: the view's thread sees the signal
             call = asyncio.ensure_future(sync_to_async(view)(request, *args, **kwargs))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            gone.set()
-            await asyncio.wait({call})
-            if not call.cancelled():
-                call.exception()  # ClientGone (or a failure meanwhile): no one to answer
-            raise
+        return await view_thread_outcome(call, on_cancel=gone.set)
     return wrapper
+
+
+async def view_thread_outcome(call, *, on_cancel):
+    """Await a view running in its thread; when the request's task is cancelled (its client left), run
+    `on_cancel` to make the thread return, wait for it, and re-raise the cancel. The thread is shielded and
+    awaited here: asgiref 3.13's sync_to_async waits for its thread on cancel and then returns as if nothing
+    happened, so the cancel must be seen by the caller, not inside it."""
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        on_cancel()
+        await asyncio.wait({call})
+        if not call.cancelled():
+            call.exception()  # retrieved (ClientGone, or a failure meanwhile): no one to answer
+        raise
 
 
 def cancelling_abandoned_generations(view):
     """Wrap a generating view so that no Generation outlives a client that left.
 
     Under ASGI a disconnect cancels the request's task; a blocking (non-streamed) view keeps running in its
-    thread, so the generations it started are cancelled here. The thread is shielded and awaited by this
-    wrapper itself: asgiref 3.13's sync_to_async waits for its thread on cancel and then returns as if
-    nothing happened, so the cancel must be seen here, not inside it.
+    thread, so the generations it started are cancelled here (`view_thread_outcome`).
 
     A stream starts only once its generation holds a slot: a request that cannot be admitted (queue
     full, queue_timeout) is answered 503 + Retry-After before any byte of the stream. The wait is
@@ -110,14 +116,8 @@ def cancelling_abandoned_generations(view):
     async def wrapper(request, *args, **kwargs):
         with generations_started() as started:
             call = asyncio.ensure_future(sync_to_async(view)(request, *args, **kwargs))
-            try:
-                response = await asyncio.shield(call)
-            except asyncio.CancelledError:
-                cancel_all(started)  # the view's thread stops waiting for tokens and returns
-                await asyncio.wait({call})
-                if not call.cancelled():
-                    call.exception()  # retrieved: a view that failed meanwhile is not reported as never awaited
-                raise
+            # on cancel the view's thread stops waiting for tokens and returns
+            response = await view_thread_outcome(call, on_cancel=lambda: cancel_all(started))
         if isinstance(response, StreamingHttpResponse):
             try:
                 for generation in started:

@@ -61,6 +61,7 @@ from .base import PENALTY_LAST_N, Backend
 from .constrained import GRAMMAR_SECONDS_FIRST, GRAMMAR_SECONDS_PER_TOKEN, ConstrainedSampler, GrammarTooCostly
 from .side_prefill import SidePrefill, SideJob
 from .state_buffer import state_buffer
+from .amx import cpu_has_amx, repacking_safe
 from .weights import discard_copy, weights_path
 
 logger = logging.getLogger(__name__)
@@ -151,14 +152,18 @@ def prompt_padding(start: int, size: int, end: int, context_length: int) -> int:
     return PROMPT_CHUNK - partial
 
 
-def model_params_for(llama, spec: ModelSpec):
-    """llama_model_params for `spec`. On CPUs with AMX, weights stay in the plain CPU layout: the AMX
-    repacking of this llama.cpp version crashes the process at the first decode of a quantized model
-    (SmolLM2 Q4_1, llama-cpp-python 0.3.36, measured on a Xeon with AMX_INT8)."""
+def model_file_for(llama, spec: ModelSpec) -> tuple[str, object]:
+    """The file the engine loads for `spec` (its own, or a copy in `weights`' type) and its llama_model_params."""
+    path = weights_path(llama, spec, amx=cpu_has_amx(llama) and repacking_safe(llama, spec.path))
+    return path, model_params_for(llama, spec, path)
+
+
+def model_params_for(llama, spec: ModelSpec, path: str):
+    """llama_model_params for loading `path` for `spec`. Weights are repacked for the CPU's fastest kernels only
+    where that leaves the process running (amx.py: some builds crash in their AMX kernels)."""
     params = llama.llama_model_default_params()
     params.n_gpu_layers = spec.gpu_layers
-    if b"AMX_INT8 = 1" in llama.llama_print_system_info():
-        params.use_extra_bufts = False
+    params.use_extra_bufts = repacking_safe(llama, path)
     return params
 
 
@@ -308,11 +313,11 @@ class LlamaCppBackend(Backend):
         if not Path(spec.path).is_file():
             raise ModelUnavailable(spec.name, spec.path, "the model file does not exist.")
         llama = _llama()
-        path = weights_path(llama, spec)
-        model = llama.llama_model_load_from_file(os.fsencode(path), model_params_for(llama, spec))
+        path, params = model_file_for(llama, spec)
+        model = llama.llama_model_load_from_file(os.fsencode(path), params)
         if not model and discard_copy(path, spec):
             path = spec.path
-            model = llama.llama_model_load_from_file(os.fsencode(path), model_params_for(llama, spec))
+            model = llama.llama_model_load_from_file(os.fsencode(path), model_params_for(llama, spec, path))
         if not model:
             raise ModelUnavailable(
                 spec.name, spec.path, "llama.cpp could not load it (not a GGUF model it supports, or a damaged file)."

@@ -4,7 +4,8 @@ llama.cpp's CPU kernels batch some weight types and not others: Q4_1 (the shippe
 one row at a time, so eight sequences or a 64-token prompt chunk cost nearly eight or sixty-four times one row;
 Q8_0 goes through blocked matrix kernels. A Q4_1 file re-quantized to Q8_0 keeps its numbers to within a few
 percent of a 4-bit step and evaluates prompts about twice as fast, at the price of a larger file that one
-sequence alone decodes more slowly (docs/BENCHMARKS.md, "Weights").
+sequence alone decodes more slowly (docs/BENCHMARKS.md, "Weights"). Where the weights are repacked for AMX
+(amx.py), its kernels batch the file's own type and the file loads as it is.
 
 The copy is made once, on first load, and kept beside the file (in `.weights/`), or in the user's cache folder
 where the model's folder is not writable. Its name carries a hash of the source's path, size and modification
@@ -33,21 +34,29 @@ logger = logging.getLogger(__name__)
 
 COPY_FOLDER = ".weights"
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
+# Types whose tensors llama.cpp's AMX backend repacks and multiplies in blocks (ggml-cpu/amx/common.h,
+# qtype_has_amx_kernels), as llama.cpp names file types.
+AMX_FILE_TYPES = frozenset({"q4_0", "q4_1", "q8_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_xs"})
 ROOM_FACTOR = 2.5  # free space a copy needs, in sizes of its source (Q4 -> Q8_0 is ~1.5x, F16 sources ~1x)
 STALE_PARTIAL_SECONDS = 3600  # a .partial this old was left by a process that died while writing
 
 
-def weights_path(llama, spec: ModelSpec) -> str:
-    """The GGUF file to load for `spec` (a llama_cpp model whose file exists); `llama` is the llama_cpp module."""
+def weights_path(llama, spec: ModelSpec, *, amx: bool = False) -> str:
+    """The GGUF file to load for `spec` (a llama_cpp model whose file exists); `llama` is the llama_cpp module.
+    `amx`: the weights will be repacked for AMX, whose kernels multiply a file of those types in blocks."""
     if not spec.weights or spec.gpu_layers:
         return spec.path
     source = Path(spec.path)
+    if amx and file_type(llama, source) in AMX_FILE_TYPES:
+        logger.info("model %r: loading %s as it is (AMX kernels batch its weights; no %s copy needed)", spec.name,
+                    source.name, spec.weights)
+        return spec.path
     code = getattr(llama, FTYPE_PREFIX + spec.weights.upper(), None)
     if code is None:  # a type this llama.cpp build does not know
         logger.warning("model %r: loading %s as it is (this llama.cpp has no weight type %s)", spec.name,
                        source.name, spec.weights)
         return spec.path
-    if _file_type(llama, source) == spec.weights:
+    if file_type(llama, source) == spec.weights:
         return spec.path
     stat = source.stat()
     key = hashlib.blake2b(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode(), digest_size=6).hexdigest()
@@ -114,14 +123,18 @@ def quantize_file(llama, src: Path, dst: Path, code: int, ftype: str, *, threads
     return dst
 
 
-def _file_type(llama, path: Path) -> str | None:
-    """The file's weight type as `weights` names it ("q4_1"), from its header; None when unknown."""
+def file_type(llama, path: Path) -> str | None:
+    """The file's weight type as `weights` names it ("q4_1"; "f32" for ALL_F32), from its header; None when
+    unknown."""
     try:
         code = read_gguf_metadata(path).get("general.file_type")
     except (OSError, NotGGUF):
         return None
-    names = [name for name in dir(llama) if name.startswith(FTYPE_PREFIX) and getattr(llama, name) == code]
-    return names[0][len(FTYPE_PREFIX):].lower() if names else None
+    for prefix in (FTYPE_PREFIX, "LLAMA_FTYPE_ALL_"):
+        names = [name for name in dir(llama) if name.startswith(prefix) and getattr(llama, name) == code]
+        if names:
+            return names[0][len(prefix):].lower()
+    return None
 
 
 def _remove_leftovers(folder: Path, stem: str, weights: str, *, keep: str) -> None:

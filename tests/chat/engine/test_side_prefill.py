@@ -270,7 +270,7 @@ def test_the_side_state_is_written_into_its_final_buffer_with_no_copy_in_python(
 
     llama = _llama()
     spec = ModelSpec("smol-state", str(smollm2_gguf))
-    model = llama.llama_model_load_from_file(str(smollm2_gguf).encode(), model_params_for(llama, spec))
+    model = llama.llama_model_load_from_file(str(smollm2_gguf).encode(), model_params_for(llama, spec, spec.path))
     side = side_prefill.SidePrefill(llama, model, context_length=2048, streams=3, batch_tokens=512,
                                     flash_attn_type=llama.LLAMA_FLASH_ATTN_TYPE_ENABLED)
     try:
