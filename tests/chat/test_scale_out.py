@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.smollm2
 
 ASK = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 12, "temperature": 0}
 HEARTBEAT_TIMEOUT = 2  # seconds; far shorter than evaluating a long prompt on this machine
+LONG_CONTEXT = 8192  # SmolLM2's trained context
 
 
 class Worker:
@@ -34,6 +36,17 @@ class Worker:
         stop_process_group(self.process, timeout=20)
 
 
+def long_context_config(folder) -> Path:
+    """config.yaml with room for a prompt whose evaluation outlasts HEARTBEAT_TIMEOUT on any CPU here (SmolLM2
+    evaluates ~1,500 tokens a second with AMX kernels: a 2,048-token context fills in about one second)."""
+    text = (ROOT / "config.yaml").read_text()
+    assert "context_length: 2048" in text and "parallel: 8" in text
+    path = folder / "config.yaml"
+    path.write_text(text.replace("context_length: 2048", f"context_length: {LONG_CONTEXT}")
+                    .replace("parallel: 8", "parallel: 2"))
+    return path
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url, smollm2_path):
     """daphne + a Celery worker sharing one SQLite file, with Redis as broker, cache and channel layer."""
@@ -41,9 +54,10 @@ def stack(tmp_path_factory, redis_url, smollm2_path):
 
     # TEST_REDIS_URL's database, so concurrent runs can each have their own.
     redis.Redis.from_url(redis_url).flushdb()  # no cached replies or queued tasks from earlier runs
-    server = LiveServer(workdir=tmp_path_factory.mktemp("scale-out"), env={
+    workdir = tmp_path_factory.mktemp("scale-out")
+    server = LiveServer(workdir=workdir, env={
         "REDIS_URL": redis_url, "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "API_RATE_LIMIT": "",
-        "JOB_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT)})
+        "JOB_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT), "LLMSITE_CONFIG": str(long_context_config(workdir))})
     keys = prepare_database(server, {"ann": ["ann"], "ben": ["ben"]})
     server.start()
     worker = Worker(server)
@@ -123,7 +137,7 @@ def test_a_job_whose_prompt_evaluation_outlasts_the_heartbeat_timeout_completes(
     server, keys, _ = stack
     client = bearer_client(server, keys["ann"])
     # A fresh prefix each run: nothing of this prompt is in the engine's prefix cache.
-    text = f"Log {uuid.uuid4().hex}. " + "The sea was calm and the sky was grey that morning. " * 110
+    text = f"Log {uuid.uuid4().hex}. " + "The sea was calm and the sky was grey that morning. " * 600  # ~7,200 tokens
     job = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": text + "Summarise the log in one sentence."}],
         "max_tokens": 8, "temperature": 0.8, "background": True}).json()
