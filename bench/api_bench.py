@@ -34,6 +34,7 @@ from bench.paired import run_paired
 from bench.servers import EngineShape, PeerServer, rss_mb, start_llama_server, start_ours
 from bench.streams import request_body, request_headers, stream_chat
 from bench.workloads import Sizes, Target, story_messages, w1, w2, w3, w4
+from tests.llama_server import cpu_has_amx
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("W1", "W2", "W3", "W4", "extras")
@@ -96,7 +97,10 @@ def main() -> None:
         servers.append(llama)
         results["llama_server"] = {"binary": str(llama.binary), "version": llama_server_version(str(llama.binary)),
                                    "command": " ".join(llama.command()[1:]), "model": peer_model.name}
-        results["ours_model"] = {"file": Path(shape.model_path).name, "weights": shape.weights or "as the file"}
+        loaded = shape.loaded_file()  # the file itself where AMX kernels take its type (chat/engine/backends/amx.py)
+        results["ours_model"] = {"file": Path(shape.model_path).name,
+                                 "weights": loaded.name if loaded != Path(shape.model_path) else "as the file",
+                                 "amx": cpu_has_amx() and "--no-repack" not in llama.command()}
         headers = request_headers(key)  # the same headers for all: the peers ignore the key
         targets = [Target("llmsite", ours.url, headers), Target(LLAMA_SERVER, llama.url, headers)]
         weak = []

@@ -49,7 +49,7 @@ def workload_tables(r: dict) -> str:
     lines = [f"Run of {r['started']} (`make bench`{', --quick: sizes too small to mean anything' if r.get('quick') else ''}; "
              f"{r['reps']} paired repetitions, medians; {ours_model['file']}, this project's weights: "
              f"{ours_model['weights']}, llama-server's: {r.get('llama_server', {}).get('model', 'the file')}; "
-             f"{r['cpus']} cores; load average "
+             f"{r['cpus']} cores{'; weights repacked for AMX on both sides' if ours_model.get('amx') else ''}; load average "
              f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after).",
              f"llama-server: `{r.get('llama_server', {}).get('command', '')}`; this project: parallel "
              f"{shape['parallel']}, context_length {shape['context_length']}, threads {shape['threads']}.", "",
