@@ -158,6 +158,20 @@ def model_file_for(llama, spec: ModelSpec) -> tuple[str, object]:
     return path, model_params_for(llama, spec, path)
 
 
+def load_in_passing_thread(llama, path: str, params):
+    """llama_model_load_from_file in a thread that ends with it. Repacking weights (for AMX) runs an OpenMP team
+    in the loading thread; a team left in a thread that lives on (the main thread of a Celery worker or a
+    script) stays managed by libgomp, which then throttles the spin-wait of the scheduler thread's own team:
+    one SmolLM2 stream decoded 32 against 245 tok/s on a 2-core Xeon with AMX (docs/BENCHMARKS.md). A thread
+    that ends takes its team with it."""
+    loaded = []
+    thread = threading.Thread(target=lambda: loaded.append(llama.llama_model_load_from_file(os.fsencode(path), params)),
+                              name="llama-model-load")
+    thread.start()
+    thread.join()
+    return loaded[0] if loaded else None
+
+
 def model_params_for(llama, spec: ModelSpec, path: str):
     """llama_model_params for loading `path` for `spec`. Weights are repacked for the CPU's fastest kernels only
     where that leaves the process running (amx.py: some builds crash in their AMX kernels)."""
@@ -314,10 +328,10 @@ class LlamaCppBackend(Backend):
             raise ModelUnavailable(spec.name, spec.path, "the model file does not exist.")
         llama = _llama()
         path, params = model_file_for(llama, spec)
-        model = llama.llama_model_load_from_file(os.fsencode(path), params)
+        model = load_in_passing_thread(llama, path, params)
         if not model and discard_copy(path, spec):
             path = spec.path
-            model = llama.llama_model_load_from_file(os.fsencode(path), model_params_for(llama, spec, path))
+            model = load_in_passing_thread(llama, path, model_params_for(llama, spec, path))
         if not model:
             raise ModelUnavailable(
                 spec.name, spec.path, "llama.cpp could not load it (not a GGUF model it supports, or a damaged file)."

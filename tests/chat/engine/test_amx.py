@@ -3,13 +3,15 @@ probes each (build, model file) once; a crash there keeps the engine on the plai
 
 import dataclasses
 import json
+import os
 import signal
 import sys
+import time
 
 import pytest
 
 from chat.engine.backends import amx
-from chat.engine.backends.llama_cpp import _llama, model_file_for
+from chat.engine.backends.llama_cpp import LlamaCppBackend, _llama, model_file_for
 from chat.engine.types import ModelSpec
 
 CRASHING_CHILD = [sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signal.SIGSEGV)})"]
@@ -84,3 +86,23 @@ def test_the_copy_is_skipped_only_where_amx_kernels_take_the_file(smollm2_gguf, 
     assert weights_path(_llama(), dataclasses.replace(spec, weights="q4_0"), amx=True) == spec.path
     copy = weights_path(_llama(), dataclasses.replace(spec, weights="q4_0"), amx=False)
     assert copy != spec.path and copy.endswith(".gguf")
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_loading_leaves_no_openmp_team_behind(llama, smollm2_gguf):
+    """Repacking runs an OpenMP team in the loading thread; a team left alive beside the scheduler thread's makes
+    libgomp throttle its spin-wait (one stream 32 against 245 tok/s measured), so the load runs in a thread that
+    ends with it, taking its team along."""
+    before = native_threads()
+    backend = LlamaCppBackend.load(ModelSpec("smol", str(smollm2_gguf), parallel=1, context_length=256,
+                                             side_prefill=False))
+    try:
+        deadline = time.monotonic() + 5
+        while native_threads() > before and time.monotonic() < deadline:
+            time.sleep(0.05)  # the team's workers leave once their thread has ended
+        assert native_threads() == before
+    finally:
+        backend.close()
