@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .weights import AMX_FILE_TYPES, file_type
+from .weights import AMX_FILE_TYPES, file_type, user_cache_folder
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ def _probe(model_path: str) -> bool | None:
         logger.warning("AMX probe of %s did not finish in %d s: weights stay in the plain layout", model_path,
                        PROBE_TIMEOUT_SECONDS)
         return None
+    except OSError as error:  # no child could start (no memory, no interpreter): no verdict on the build
+        logger.warning("AMX probe of %s could not start (%s): weights stay in the plain layout", model_path, error)
+        return None
     if result.returncode == 0:
         logger.info("AMX probe of %s passed: llama.cpp repacks its weights for AMX", model_path)
         return True
@@ -94,10 +97,8 @@ def _probe_key(llama, model_path: str) -> str:
 
 
 def _verdict_file() -> Path | None:
-    try:
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmsite" / "amx-probe.json"
-    except (RuntimeError, KeyError):  # no HOME and a user unknown to the system (containers)
-        return None
+    folder = user_cache_folder()
+    return folder / "amx-probe.json" if folder else None
 
 
 def _stored_verdicts() -> dict:

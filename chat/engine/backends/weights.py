@@ -159,8 +159,14 @@ def _same_source_gone(folder: Path, copy: Path) -> bool:
     return time.time() - copy.stat().st_atime > 7 * 86400
 
 
-def _user_cache() -> list[Path]:
+def user_cache_folder() -> Path | None:
+    """This project's folder in the user's cache (XDG_CACHE_HOME or ~/.cache); None where the user has none."""
     try:
-        return [Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmsite" / "weights"]
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmsite"
     except (RuntimeError, KeyError):  # no HOME and a user unknown to the system (containers)
-        return []
+        return None
+
+
+def _user_cache() -> list[Path]:
+    folder = user_cache_folder()
+    return [folder / "weights"] if folder else []

@@ -106,3 +106,10 @@ def test_loading_leaves_no_openmp_team_behind(llama, smollm2_gguf):
         assert native_threads() == before
     finally:
         backend.close()
+
+
+def test_a_probe_that_cannot_start_keeps_the_plain_layout_and_is_tried_again(llama, smollm2_gguf, fresh_verdicts,
+                                                                              monkeypatch, tmp_path):
+    monkeypatch.setattr(amx, "probe_command", lambda path: [str(tmp_path / "no-such-interpreter")])
+    assert amx.repacking_safe(llama, str(smollm2_gguf)) is False  # the load goes on, in the plain layout
+    assert not fresh_verdicts.exists()  # no verdict on the build: the next start probes again
