@@ -6,7 +6,10 @@ aligned-chunk rule, docs/BENCHMARKS.md "Issue 22: what was built").
 SmolLM2 through llama.cpp's low-level API, split KV cache (as the engine runs it), 2 threads:
 1. the logits after a ~300-token prompt evaluated in chunks of different sizes, alone or beside a second
    sequence's chunks, then 6 greedy decode steps, each against the reference (48-token chunks, alone);
-2. prompt evaluation speed of a 1,000-token prompt by chunk size, flash attention on and off.
+2. prompt evaluation speed of a 1,000-token prompt by chunk size, flash attention on and off;
+3. a prompt's last, partial chunk far past 256 cells: row by row, or padded to 64 rows (tiled), by its rows (the
+   measurement behind ROW_BY_ROW_TAIL).
+Loads the file this project's engine loads (config.yaml's, or its copy in `weights`' type).
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ import numpy as np
 
 from chat.engine.backends.llama_cpp import _llama, model_params_for
 from chat.engine.types import ModelSpec
-from bench.servers import MODEL
+from bench.servers import EngineShape
 
-SEQUENCES, CELLS = 4, 1024
+SEQUENCES, CELLS = 4, 2048
 
 
 class Probe:
     def __init__(self):
         self.llama = llama = _llama()
-        spec = ModelSpec("probe", str(MODEL), context_length=CELLS, parallel=SEQUENCES)
-        self.model = llama.llama_model_load_from_file(str(MODEL).encode(), model_params_for(llama, spec, spec.path))
+        self.path = str(EngineShape.from_config().loaded_file())
+        spec = ModelSpec("probe", self.path, context_length=CELLS, parallel=SEQUENCES)
+        self.model = llama.llama_model_load_from_file(self.path.encode(), model_params_for(llama, spec, spec.path))
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.batch = llama.llama_batch_init(512, 0, 1)
@@ -108,13 +112,45 @@ def prefill_speed(probe: Probe) -> dict:
     return found
 
 
+def last_chunk_cost(probe: Probe, reps: int = 3) -> dict:
+    """Median ms of a last chunk of `rows` rows evaluated row by row vs padded to PROMPT_CHUNK rows, at two depths."""
+    text = " ".join(f"Fact {n}: the archivist remembers year {1700 + n} on shelf {n % 40} in the east wing."
+                    for n in range(100))
+    tokens = probe.tokens(text)
+    memory = probe.llama.llama_get_memory
+    found = {}
+    for cells in (960, 1792):
+        context = probe.context(flash=True)
+        for start in range(0, cells, 512):
+            probe.decode(context, [(0, tokens[start:min(cells, start + 512)], start)])
+
+        def timed(size: int) -> float:
+            spent = []
+            for _ in range(reps):
+                probe.llama.llama_memory_seq_rm(memory(context), 0, cells, -1)
+                started = time.perf_counter()
+                probe.decode(context, [(0, tokens[cells:cells + size], cells)])
+                spent.append(time.perf_counter() - started)
+            return round(sorted(spent)[len(spent) // 2] * 1000, 1)
+
+        padded = timed(64)
+        for rows in (8, 16, 24, 32, 40, 48):
+            found[f"{rows} rows at {cells} cells: row by row / padded, ms"] = (timed(rows), padded)
+        probe.llama.llama_free(context)
+    return found
+
+
 def main() -> None:
     probe = Probe()
+    print(f"model file: {probe.path}")
     print("max |logit difference| against 48-row chunks alone (prompt's last token, then 6 decode steps):")
     for name, value in logits_by_shape(probe).items():
         print(f"  {name}: {value}")
     print("prompt evaluation, 1,000 tokens, tokens/s:")
     for name, value in prefill_speed(probe).items():
+        print(f"  {name}: {value}")
+    print("a prompt's last chunk (ROW_BY_ROW_TAIL):")
+    for name, value in last_chunk_cost(probe).items():
         print(f"  {name}: {value}")
 
 

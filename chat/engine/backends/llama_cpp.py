@@ -79,9 +79,10 @@ BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while 
 # short prompts whose last chunk goes row by row, is resident_reuse's.
 PROMPT_CHUNK = 64
 # ...unless it has fewer rows than this: then it goes row by row in a call of its own (the same shape cold or warm).
-# Measured on SmolLM2, 2 threads: at 1,024 cells 8 rows took 116 ms row by row and a padded chunk 267 ms; 16 rows
-# break even there and at 1,792 cells (345 vs 334 ms).
-ROW_BY_ROW_TAIL = 16
+# Measured (bench/flash_attention_shapes.py, SmolLM2's Q8_0 copy, 2 threads, an AMD EPYC): 32 rows take 92 ms row by
+# row at 960 cells and 142 ms at 1,792, a padded chunk 133 and 195 ms; they break even near 44 rows. (16 was chosen
+# on an older build that multiplied Q4_1 row by row: a burst of one persona's followers then padded most tails.)
+ROW_BY_ROW_TAIL = 32
 MAX_SPECIAL_TEXTS = 4096  # control-token texts in one text tokenized with special parsing (_check_special_texts)
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled

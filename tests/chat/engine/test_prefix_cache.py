@@ -424,11 +424,12 @@ def test_smollm2_prompt_chunks_share_calls_and_keep_their_logits(smollm2_gguf, m
 @pytest.mark.smollm2
 def test_smollm2_a_short_last_chunk_goes_row_by_row_alone_and_keeps_its_logits(smollm2_gguf, monkeypatch):
     """A last chunk of fewer than ROW_BY_ROW_TAIL rows past 256 cells is evaluated row by row in a call of its own
-    (cheaper than padding it to 64 rows), cold or warm alike: the warm prompt has the cold one's exact logprobs."""
+    (cheaper than padding it to 64 rows), cold or warm alike: the warm prompt has the cold one's exact logprobs.
+    Its 30 rows: a tail that 16 rows, the limit before, padded."""
     from chat.engine.backends.llama_cpp import ROW_BY_ROW_TAIL
 
     sampling = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
-    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 25
+    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 26
 
     def run(times: int) -> tuple[list, list[int], int]:
         registry = ModelRegistry([ModelSpec("tail", str(smollm2_gguf), context_length=1024, parallel=1,
@@ -438,7 +439,7 @@ def test_smollm2_a_short_last_chunk_goes_row_by_row_alone_and_keeps_its_logits(s
             engine = registry.get()
             prompt = chat_prompt(engine, system, "What do you like most about the sea?")
             length = len(engine.prompt_tokens(prompt))
-            assert length > LONE_ROW_KV_CELLS and 0 < length % 64 < ROW_BY_ROW_TAIL
+            assert length > LONE_ROW_KV_CELLS and 16 <= length % 64 < ROW_BY_ROW_TAIL
             decode = engine._backend._llama.llama_decode
             monkeypatch.setattr(engine._backend._llama, "llama_decode",
                                 lambda context, batch: (calls.append(batch.n_tokens), decode(context, batch))[1])

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.smollm2
 
 # ~1,050 tokens: past SIDE_PREFILL_MIN_TOKENS, its last chunk padded (tiled) far past 256 cells. A raw prompt the
 # model continues for all of max_tokens (a question here gets the end-of-generation token first: no logprobs).
-LONG_PROMPT = "Here is a long list of facts about the sea, ships and sailors. " * 70 + "The sea is"
+LONG_PROMPT = "Here is a long list of facts about the sea, ships and sailors. " * 72 + "The sea is"
 LONG_PARAMS = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
 # A stream that decodes while the long prompt arrives: a raw prompt the model continues by counting.
 STREAM_PROMPT = "Numbers: " + ", ".join(str(n) for n in range(1, 40)) + ","
