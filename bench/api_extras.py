@@ -27,34 +27,37 @@ def story(index: int) -> list[dict]:
 
 
 def streamed(url: str, headers: dict, body: dict) -> dict:
-    """One streamed chat completion: time to first content, total time, content chunks."""
+    """One streamed chat completion: time to first content, total time, content chunks, and decode tokens/s counted
+    in tokens (usage), not chunks: a chunk may carry several tokens."""
     started = time.perf_counter()
-    first = None
+    first = usage = None
     chunks = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers,
-                      timeout=300) as response:
+    with httpx.stream("POST", url + "/v1/chat/completions", headers=headers, timeout=300,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
+            usage = event.get("usage") or usage
             if event.get("choices") and event["choices"][0]["delta"].get("content"):
                 chunks.append(event["choices"][0]["delta"]["content"])
                 if first is None:
                     first = time.perf_counter()
     finished = time.perf_counter()
+    tokens = (usage or {}).get("completion_tokens", len(chunks))
     return {"ttft": (first or finished) - started, "total": finished - started, "chunks": len(chunks),
-            "text": "".join(chunks),
-            "decode_tps": (len(chunks) - 1) / (finished - first) if first and len(chunks) > 1 else 0.0}
+            "tokens": tokens, "text": "".join(chunks),
+            "decode_tps": (tokens - 1) / (finished - first) if first and tokens > 1 else 0.0}
 
 
 def streamed_minimal(url: str, headers: dict, body: dict) -> dict:
     """The same request read by a minimal client: raw socket reads, content chunks counted by their bytes (no
     HTTP or JSON parsing), so that the client's own CPU, which shares this machine's cores with the server's,
     stays small. It relies on this project's chunk layout (json.dumps' default separators). The events are decoded
-    only after the reply has ended, for its text."""
+    only after the reply has ended, for its text and its usage (decode tokens/s counts tokens, not chunks)."""
     host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps({**body, "stream": True}).encode()
+    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
     head = "".join([f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n",
                     f"Content-Length: {len(payload)}\r\nConnection: close\r\n",
                     *(f"{name}: {value}\r\n" for name, value in headers.items()), "\r\n"])
@@ -75,11 +78,11 @@ def streamed_minimal(url: str, headers: dict, body: dict) -> dict:
                 first = first or time.perf_counter()
             data = connection.recv(65536)
     finished = time.perf_counter()
-    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-                   for line in b"".join(received).decode().splitlines()
-                   if line.startswith("data: {") and content.decode() in line)
-    return {"chunks": chunks, "text": text,
-            "decode_tps": (chunks - 1) / (finished - first) if first and chunks > 1 else 0.0}
+    events = [json.loads(line[6:]) for line in b"".join(received).decode().splitlines() if line.startswith("data: {")]
+    text = "".join(event["choices"][0]["delta"].get("content") or "" for event in events if event.get("choices"))
+    tokens = next((event["usage"]["completion_tokens"] for event in events if event.get("usage")), chunks)
+    return {"chunks": chunks, "tokens": tokens, "text": text,
+            "decode_tps": (tokens - 1) / (finished - first) if first and tokens > 1 else 0.0}
 
 
 # -- serving overhead ------------------------------------------------------------------------------
@@ -107,20 +110,17 @@ def serving_overhead(ours, key, reps: int) -> dict:
         result = streamed(ours.url, headers, body)
         api_rates.append(result["decode_tps"])
         minimal = streamed_minimal(ours.url, headers, body)
-        # Greedy: the same reply. Its chunks may differ (tokens that wait for a busy loop leave as one chunk), its text not.
-        if minimal["text"] != result["text"] or abs(minimal["chunks"] - result["chunks"]) > 4:
-            raise RuntimeError(f"the minimal client read {minimal['chunks']} chunks, httpx {result['chunks']}, "
+        # Greedy: the same reply, its tokens and text (its chunks may differ: tokens leave together).
+        if minimal["text"] != result["text"] or minimal["tokens"] != result["tokens"]:
+            raise RuntimeError(f"the minimal client read {minimal['tokens']} tokens, httpx {result['tokens']}, "
                                "or another text")
         minimal_rates.append(minimal["decode_tps"])
         generation = engine.submit(prompt, params)
         first = None
-        count = 0
         for delta in generation:
-            if delta:
-                count += 1
-                if first is None:
-                    first = time.perf_counter()
-        engine_rates.append((count - 1) / (time.perf_counter() - first))
+            if delta and first is None:
+                first = time.perf_counter()
+        engine_rates.append((generation.result.completion_tokens - 1) / (time.perf_counter() - first))
     engine.close()
     api, alone = statistics.median(api_rates), statistics.median(engine_rates)
     minimal = statistics.median(minimal_rates)

@@ -334,10 +334,12 @@ def reply_complete(record: ReplyRecord) -> dict:
     return chat_completion_body(record)
 
 
-def deltas_with_keepalive(generation, interval: float):
-    """The generation's text deltas, and None when nothing arrived for `interval` seconds (time for a
-    keep-alive). The generation keeps one timer for that: no task or timer per token."""
-    generation.keep_alive_every(interval)
+def deltas_for_client(generation, keepalive: float):
+    """The generation's text deltas as a client is sent them: at most every STREAM_INTERVAL_MS (tokens decoded
+    meanwhile together; the first at once), and None when nothing arrived for `keepalive` seconds (time for a
+    keep-alive). The generation keeps one timer for each: no task per token."""
+    generation.keep_alive_every(keepalive)
+    generation.deliver_every(settings.STREAM_INTERVAL_MS / 1000)
     return generation
 
 
@@ -349,7 +351,7 @@ async def reply_stream(record: ReplyRecord, generation, *, keepalive: float | No
     """
     finished = False
     try:
-        async for delta in deltas_with_keepalive(generation, keepalive or settings.SSE_KEEPALIVE_SECONDS):
+        async for delta in deltas_for_client(generation, keepalive or settings.SSE_KEEPALIVE_SECONDS):
             if delta is None:
                 yield "keepalive", None
             elif delta:

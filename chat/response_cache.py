@@ -170,6 +170,9 @@ class ReplayedGeneration:
     def keep_alive_every(self, seconds) -> None:
         pass  # the whole text comes at once
 
+    def deliver_every(self, seconds) -> None:
+        pass
+
     def __iter__(self):
         yield self.result.text
 

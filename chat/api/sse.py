@@ -16,7 +16,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from chat.errors import error_from_exception
-from chat.replies import LegacyLogprobs, ReplyRecord, chat_logprobs, deltas_with_keepalive, end_fields, reply_stream, usage_of
+from chat.replies import LegacyLogprobs, ReplyRecord, chat_logprobs, deltas_for_client, end_fields, reply_stream, usage_of
 from chat.tooling.calls import ToolCallReader, tool_finish_reason
 
 logger = logging.getLogger("llmsite.api")
@@ -114,7 +114,7 @@ async def text_completion_events(*, engine, generation, include_usage: bool, wit
     if echo:
         yield sse(chunk(echo))
     try:
-        async for delta in deltas_with_keepalive(generation, settings.SSE_KEEPALIVE_SECONDS):
+        async for delta in deltas_for_client(generation, settings.SSE_KEEPALIVE_SECONDS):
             if delta is None:
                 yield b": keep-alive\n\n"
             elif delta:

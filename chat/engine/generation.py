@@ -49,7 +49,9 @@ class Generation:
         self._ready = threading.Condition(self._lock)
         self._events: deque[tuple[str, object]] = deque()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._end_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # woken by the final event only
         self._keepalive: float | None = None  # see keep_alive_every
+        self._delivery_interval: float = 0.0  # see deliver_every
         self._cancel_requested = False
         self._closed = False  # a final event (done or error) was pushed
         self._unread_logprobs: list = []  # TokenLogprob records of text already handed to the reader
@@ -105,8 +107,15 @@ class Generation:
         """Make async readers also get None whenever `seconds` passed without a delta (time for a keep-alive)."""
         self._keepalive = seconds or None
 
+    def deliver_every(self, seconds: float) -> None:
+        """Make async readers get text at most every `seconds`: what is decoded meanwhile comes as one delta. The first
+        delta and the end come at once. Each delta handed over costs the server (and its client) a write and a
+        read per stream whatever its length, on the cores that decode."""
+        self._delivery_interval = max(0.0, seconds or 0.0)
+
     async def __aiter__(self) -> AsyncIterator[str | None]:
-        # Per delta: at most one future; per stream: one keep-alive timer, re-armed only when it fires.
+        # Per delta: at most one future (and one timer with deliver_every); per stream: one keep-alive timer,
+        # re-armed only when it fires.
         loop = asyncio.get_running_loop()
         interval = self._keepalive
         finished = False
@@ -140,6 +149,8 @@ class Generation:
                 if kind == _TEXT:
                     last = loop.time()
                     yield value
+                    if self._delivery_interval:
+                        await self._hold_until(loop, last + self._delivery_interval)
                     continue
                 finished = True
                 if kind == _ERROR:
@@ -150,6 +161,22 @@ class Generation:
                 timer.cancel()
             if not finished:
                 self.cancel()
+
+    async def _hold_until(self, loop: asyncio.AbstractEventLoop, until: float) -> None:
+        """Wait until `until` (loop time) or the final event, whichever comes first; text pushed meanwhile waits."""
+        with self._lock:
+            if self._closed:
+                return
+            waiter = loop.create_future()
+            self._end_waiters.append((loop, waiter))
+        timer = loop.call_at(until, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            with self._lock:
+                if (loop, waiter) in self._end_waiters:
+                    self._end_waiters.remove((loop, waiter))
 
     async def wait_admitted(self) -> None:
         """Return once the request holds a sequence slot or has ended; raise its error if it failed before it was
@@ -222,6 +249,8 @@ class Generation:
             self._closed = kind != _TEXT
             self._ready.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
+            if self._closed:  # a reader holding back text (deliver_every) takes it and the end at once
+                waiters, self._end_waiters = waiters + self._end_waiters, []
         _wake(waiters)
 
 

@@ -331,3 +331,57 @@ async def test_a_step_wakes_each_event_loop_once_for_all_its_streams():
     finally:
         del loop.call_soon_threadsafe
     assert len(calls) == 1
+
+
+async def test_deliver_every_hands_over_text_at_most_once_an_interval_the_first_at_once():
+    """deliver_every: tokens pushed every 5 ms from the scheduler's thread reach the reader in a few deltas, at most
+    one per interval, all their text in order; the first comes at once. Without it every token is its own delta."""
+    import threading
+    import time
+
+    from chat.engine.generation import Generation
+
+    async def read(interval: float) -> tuple[list[str], float]:
+        generation = Generation("paced")
+        generation.deliver_every(interval)
+        pushed = []
+
+        def scheduler():
+            started = time.perf_counter()
+            for number in range(60):
+                generation._push_text(f"{number},")
+                time.sleep(0.005)
+            pushed.append(time.perf_counter() - started)
+            generation._push_done(None)
+
+        thread = threading.Thread(target=scheduler)
+        thread.start()
+        seen = [delta async for delta in generation if delta]
+        thread.join()
+        return seen, pushed[0]
+
+    seen, duration = await read(0.1)
+    assert "".join(seen) == "".join(f"{n}," for n in range(60))
+    assert seen[0].count(",") <= 3  # the first token at once, not after an interval
+    assert 2 <= len(seen) <= 2 + duration / 0.1  # one delta per interval at most (plus the first and the end)
+
+    unpaced, _ = await read(0)
+    assert len(unpaced) >= 30  # every token its own delta (a few may pile up while the loop is busy)
+
+
+async def test_deliver_every_does_not_hold_back_the_end():
+    """A reader holding back text for an interval gets it, and the end, as soon as the generation ends."""
+    from chat.engine.generation import Generation
+
+    generation = Generation("ending")
+    generation.deliver_every(30)
+    reader = generation.__aiter__()
+    generation._push_text("first")
+    assert await reader.__anext__() == "first"
+    later = asyncio.ensure_future(reader.__anext__())  # now holding for 30 s
+    await asyncio.sleep(0.05)
+    generation._push_text(" and last")
+    generation._push_done(None)
+    assert await asyncio.wait_for(later, 2) == " and last"
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(reader.__anext__(), 2)
