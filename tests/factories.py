@@ -89,6 +89,17 @@ def write_tiny_gguf(path: Path, *, seed: int = 0, with_chat_template: bool = Tru
                                   extra_control_tokens=extra_control_tokens)
 
 
+
+def serve_tiny_model(settings, model: Path, *, context_length: int) -> None:
+    """Point the site's models at a tiny random-weight file (replies are quick, their text does not matter) and turn
+    the request rate limit off; `settings` is pytest-django's fixture, which restores both after the test."""
+    import dataclasses
+
+    models = tuple(dataclasses.replace(m, path=str(model), context_length=context_length)
+                   for m in settings.LLMSITE.models)
+    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
+    settings.API_RATE_LIMIT = ""
+
 def chat_prompt(engine, system: str, question: str, *, site_system: bool = False) -> str:
     """A system message and one user question, rendered with the engine's chat template. `site_system`: the system
     message is the site's own content (as a character's), which other tenants' prompts may reuse."""

@@ -1,7 +1,6 @@
 """One continuation of a stored conversation at a time (chat/tenancy/conversation_lock.py): a second one gets
 409 conversation_busy over HTTP, the WebSocket and background jobs, and a conversation is never forked."""
 
-import dataclasses
 import gc
 import json
 import socket
@@ -15,7 +14,7 @@ from django.core.cache import cache
 from chat.models import Conversation, Job
 from chat.tenancy.conversation_lock import (LEASE_SECONDS, ConversationBusy, conversation_advance,
                                             conversation_lease_take)
-from tests.factories import make_api_client, make_character, write_tiny_gguf
+from tests.factories import make_api_client, make_character, serve_tiny_model, write_tiny_gguf
 
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
 NO_CACHE = {"HTTP_CACHE_CONTROL": "no-cache"}
@@ -52,10 +51,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def tiny_site(settings, tiny_model):
-    """The site's models replaced by a tiny random-weight one: replies are quick, their text does not matter."""
-    models = tuple(dataclasses.replace(m, path=str(tiny_model), context_length=512) for m in settings.LLMSITE.models)
-    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
-    settings.API_RATE_LIMIT = ""
+    serve_tiny_model(settings, tiny_model, context_length=512)
 
 
 @pytest.fixture

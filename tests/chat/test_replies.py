@@ -2,7 +2,6 @@
 left out of the stored reply; a deleted character or group is a 409 (character_deleted, group_deleted) over HTTP,
 a stream and the WebSocket, and nothing is stored. A tiny random-weight model: the texts do not matter."""
 
-import dataclasses
 import json
 
 import pytest
@@ -14,7 +13,7 @@ import chat.trees.running as running
 from characters.models import Character, CharacterGroup, GroupMember
 from chat.models import Conversation, Message
 from llmsite.asgi import application
-from tests.factories import make_api_client, make_character, make_scenario, write_tiny_gguf
+from tests.factories import make_api_client, make_character, make_scenario, serve_tiny_model, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,9 +29,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def tiny_site(settings, tiny_model):
-    models = tuple(dataclasses.replace(m, path=str(tiny_model), context_length=2048) for m in settings.LLMSITE.models)
-    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
-    settings.API_RATE_LIMIT = ""
+    serve_tiny_model(settings, tiny_model, context_length=2048)
 
 
 def deleted_while_generating(monkeypatch, instance):

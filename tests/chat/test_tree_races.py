@@ -2,7 +2,6 @@
 deleted between an operation's check and its lease, members and groups an editor retired, a lost active leaf,
 and who may write into a conversation with one character. A tiny random-weight model: the texts do not matter."""
 
-import dataclasses
 from contextlib import contextmanager
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from characters.models import CharacterGroup, GroupMember
 from chat.models import Conversation, Message
 from chat.trees import operations
-from tests.factories import make_api_client, make_character, write_tiny_gguf
+from tests.factories import make_api_client, make_character, serve_tiny_model, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db(transaction=True)
 URL = "/v1/chat/completions"
@@ -24,9 +23,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def tiny_site(settings, tiny_model):
-    models = tuple(dataclasses.replace(m, path=str(tiny_model), context_length=1024) for m in settings.LLMSITE.models)
-    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
-    settings.API_RATE_LIMIT = ""
+    serve_tiny_model(settings, tiny_model, context_length=1024)
 
 
 def say(client, text, **fields):

@@ -1,7 +1,6 @@
 """STREAM_INTERVAL_MS: a stream's text goes out at most every interval, tokens decoded meanwhile in one chunk; the
 first at once, the end not held back, the text and usage as without it. A tiny random-weight model."""
 
-import dataclasses
 import json
 import time
 
@@ -10,7 +9,7 @@ from asgiref.sync import async_to_sync
 
 from chat.engine.faults import Faults
 from chat.engines import get_engine
-from tests.factories import make_api_client, write_tiny_gguf
+from tests.factories import make_api_client, serve_tiny_model, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,9 +25,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def tiny_site(settings, tiny_model):
-    models = tuple(dataclasses.replace(m, path=str(tiny_model), context_length=2048) for m in settings.LLMSITE.models)
-    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
-    settings.API_RATE_LIMIT = ""
+    serve_tiny_model(settings, tiny_model, context_length=2048)
 
 
 def streamed(client) -> tuple[list[str], dict, float]:

@@ -3,14 +3,13 @@ job holds its slots from submission until it ends, `n` choices take n slots (cha
 regenerate), and a request's most tokens (prompt + max_tokens × n) must fit what is left of a budget, reserved
 until it ends (day budgets here: a minute could end between two lines of a test)."""
 
-import dataclasses
 
 import pytest
 from django.core.cache import cache
 
 from chat.models import Conversation
 from chat.tenancy.quotas import concurrency_key, tokens_charge, tokens_spent
-from tests.factories import make_api_client, make_character, write_tiny_gguf
+from tests.factories import make_api_client, make_character, serve_tiny_model, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db
 NO_CACHE = {"HTTP_CACHE_CONTROL": "no-cache"}
@@ -23,9 +22,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def tiny_site(settings, tiny_model):
-    models = tuple(dataclasses.replace(m, path=str(tiny_model), context_length=1024) for m in settings.LLMSITE.models)
-    settings.LLMSITE = dataclasses.replace(settings.LLMSITE, models=models)
-    settings.API_RATE_LIMIT = ""
+    serve_tiny_model(settings, tiny_model, context_length=1024)
     cache.clear()
     make_character("mira")
     yield
