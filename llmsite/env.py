@@ -44,7 +44,7 @@ def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
     return value
 
 
-def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
+def env_float(name: str, default: float, *, minimum: float | None = None, maximum: float | None = None) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -54,6 +54,8 @@ def env_float(name: str, default: float, *, minimum: float | None = None) -> flo
         raise SettingError(f"{name}={raw!r} is not a number") from None
     if minimum is not None and value < minimum:
         raise SettingError(f"{name}={raw!r} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingError(f"{name}={raw!r} must be at most {maximum}")
     return value
 
 

@@ -275,8 +275,9 @@ WS_READ_BYTES_PER_SECOND = env_int("WS_READ_BYTES_PER_SECOND", 65_536, minimum=1
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_REQUEST_BYTES, 2_621_440)
 SSE_KEEPALIVE_SECONDS = env_float("SSE_KEEPALIVE_SECONDS", 10, minimum=0.1)
 # A stream's text goes to its client at most every this many ms, tokens decoded meanwhile together (the first at
-# once); 0: every token as it comes. Each write costs CPU on the cores that decode (docs/BENCHMARKS.md).
-STREAM_INTERVAL_MS = env_float("STREAM_INTERVAL_MS", 20, minimum=0)
+# once); 0: every token as it comes. Each write costs CPU on the cores that decode (docs/BENCHMARKS.md). Above a
+# second a stream would fall silent long enough for proxies to give up on it (no keep-alive while text waits).
+STREAM_INTERVAL_MS = env_float("STREAM_INTERVAL_MS", 20, minimum=0, maximum=1000)
 # The event loop of `manage.py serve` (llmsite/event_loop.py): uvloop, or asyncio's own.
 EVENT_LOOP = os.environ.get("EVENT_LOOP", "uvloop").strip()
 if EVENT_LOOP not in EVENT_LOOPS:

@@ -165,6 +165,8 @@ def test_the_test_clients_host_is_allowed_only_with_debug():
         ("API_MAX_TOKENS", "lots", "API_MAX_TOKENS='lots' is not an integer"),
         ("API_MAX_TOKENS", "0", "API_MAX_TOKENS='0' must be at least 1"),
         ("SSE_KEEPALIVE_SECONDS", "soon", "SSE_KEEPALIVE_SECONDS='soon' is not a number"),
+        ("STREAM_INTERVAL_MS", "-1", "STREAM_INTERVAL_MS='-1' must be at least 0"),
+        ("STREAM_INTERVAL_MS", "5000", "STREAM_INTERVAL_MS='5000' must be at most 1000"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' is not json or plain"),
         ("RESPONSE_CACHE_ENABLED", "perhaps", "RESPONSE_CACHE_ENABLED='perhaps' is not a yes/no value"),

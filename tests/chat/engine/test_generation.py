@@ -385,3 +385,24 @@ async def test_deliver_every_does_not_hold_back_the_end():
     assert await asyncio.wait_for(later, 2) == " and last"
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(reader.__anext__(), 2)
+
+
+async def test_a_reader_that_leaves_while_holding_back_text_cancels_the_generation():
+    """A client gone while its stream waits out an interval (deliver_every) cancels the generation at once."""
+    from chat.engine.generation import Generation
+
+    generation = Generation("left")
+    generation.deliver_every(30)
+
+    async def read():
+        async for _ in generation:
+            pass
+
+    generation._push_text("first")
+    reader = asyncio.ensure_future(read())
+    await asyncio.sleep(0.05)  # the first delta taken: holding for 30 s
+    assert not generation.cancel_requested
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert generation.cancel_requested and not generation._end_waiters
