@@ -27,6 +27,7 @@ from twisted.internet import reactor
 
 from chat.engines import reset_registry
 from chat.ops.drain import drain_begin, is_draining, work_in_progress
+from chat.ops.raw_body import install as install_raw_body
 from chat.ops.websocket_inbound import install as install_websocket_bound
 from chat.ops.write_through import install as install_write_through
 
@@ -115,6 +116,7 @@ class Command(BaseCommand):
 
     def run_from_argv(self, argv):
         install_write_through()  # a streamed token leaves without an extra reactor turn (chat/ops/write_through.py)
+        install_raw_body()  # Twisted does not parse request bodies on the event loop (chat/ops/raw_body.py)
         install_websocket_bound()  # a socket cannot queue messages without bound (chat/ops/websocket_inbound.py)
         # daphne parses its own options: everything after `serve` goes to it, with our WebSocket limits.
         DrainingCommandLine().run(with_websocket_limits(argv[2:]))
