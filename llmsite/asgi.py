@@ -2,11 +2,15 @@
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
-# Django must be set up before anything imports models (routing, consumers).
-django_asgi_app = get_asgi_application()
+# Django must be set up before anything imports models (routing, consumers), as get_asgi_application() does.
+django.setup(set_prefix=False)
+
+from llmsite.sync_middleware import GroupingASGIHandler  # noqa: E402
+
+django_asgi_app = GroupingASGIHandler()  # Django's handler, its synchronous middleware in one hop
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
