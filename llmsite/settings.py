@@ -268,6 +268,9 @@ API_RATE_LIMIT = env_rate("API_RATE_LIMIT", "120/min")       # per key; empty = 
 API_MAX_TOKENS = env_int("API_MAX_TOKENS", 2048, minimum=1)   # cap on max_tokens per request
 API_MAX_MESSAGES = env_int("API_MAX_MESSAGES", 200, minimum=1)  # cap on messages per request
 API_MAX_REQUEST_BYTES = env_int("API_MAX_REQUEST_BYTES", 1_000_000, minimum=1024)
+# Any request body, before the application sees it (`manage.py serve`: chat/ops/raw_body.py): above an avatar's
+# 8 MB in its upload form and a 5 MB card; a larger one gets a 413 and its connection closed without reading it.
+REQUEST_MAX_BODY_BYTES = env_int("REQUEST_MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=API_MAX_REQUEST_BYTES)
 # WebSockets one user may hold open in one server process (0: no limit); each holds memory and a descriptor.
 WS_MAX_CONNECTIONS_PER_USER = env_int("WS_MAX_CONNECTIONS_PER_USER", 16, minimum=0)
 # Bytes of WebSocket frames one user's sockets may have parsed per second (chat/api/read_budget.py).

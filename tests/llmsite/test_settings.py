@@ -167,6 +167,7 @@ def test_the_test_clients_host_is_allowed_only_with_debug():
         ("SSE_KEEPALIVE_SECONDS", "soon", "SSE_KEEPALIVE_SECONDS='soon' is not a number"),
         ("STREAM_INTERVAL_MS", "-1", "STREAM_INTERVAL_MS='-1' must be at least 0"),
         ("STREAM_INTERVAL_MS", "5000", "STREAM_INTERVAL_MS='5000' must be at most 1000"),
+        ("REQUEST_MAX_BODY_BYTES", "1000", "REQUEST_MAX_BODY_BYTES='1000' must be at least 1000000"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' is not json or plain"),
         ("RESPONSE_CACHE_ENABLED", "perhaps", "RESPONSE_CACHE_ENABLED='perhaps' is not a yes/no value"),
