@@ -93,13 +93,18 @@ def test_a_chunked_body_over_the_limit_is_refused(settings, processed):
     assert processed == []
 
 
-def test_a_body_of_tiny_chunks_is_refused_after_max_body_chunks(processed):
+def test_a_body_of_tiny_chunks_is_refused_after_max_body_chunks_and_the_rest_is_not_decoded(processed, monkeypatch):
+    decoded = []
+    handle = raw_body.RawBodyRequest.handleContentChunk
+    monkeypatch.setattr(raw_body.RawBodyRequest, "handleContentChunk",
+                        lambda request, data: (decoded.append(data), handle(request, data)))
     channel, transport = channel_of(raw_body.RawBodyRequest)
-    pieces = [b"z"] * (raw_body.MAX_BODY_CHUNKS + 1)
+    pieces = [b"z"] * (3 * raw_body.MAX_BODY_CHUNKS)  # all in one read
     post(channel, chunked(pieces), b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n")
     error = refusal(transport)
     assert error["code"] == "request_too_large" and f"{raw_body.MAX_BODY_CHUNKS} chunks" in error["message"]
     assert processed == []
+    assert len(decoded) == raw_body.MAX_BODY_CHUNKS + 1  # Twisted's decoder stopped at the refusal
 
 
 def test_a_chunked_body_within_the_limits_reaches_the_application_whole(processed):
