@@ -49,7 +49,8 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # The stamp files make a second run skip installs whose requirements did not change.
-$(VENV)/.deps: requirements.txt scripts/llama_cpp_cmake_args.sh | $(PY)
+$(VENV)/.deps: requirements.txt scripts/llama_cpp_cmake_args.sh scripts/build_llama_wheel.sh \
+		$(wildcard scripts/llama_cpp_patches/*.patch) | $(PY)
 	@echo "Installing requirements. llama-cpp-python compiles llama.cpp from source the first time:"
 	@echo "about 7 minutes on a 2-core machine (its wheel is kept for later setups)."
 	wheel=$$(bash scripts/build_llama_wheel.sh $(PY)) && $(PY) -m pip install --quiet --no-deps --force-reinstall "$$wheel"

@@ -9,9 +9,9 @@ its 413. Requests here skip that parsing.
 daphne also reads a whole body, of any size, before the application sees the request, and Twisted decodes a
 chunked body chunk by chunk in Python on the event loop (~11 µs a chunk): 200,000 one-byte chunks (1.2 MB, no key)
 took 0.7-1.1 s of the loop before their 401, in slices that held a running stream up to 271 ms (2.6 s on a machine
-running the test suite beside it), and a body of gigabytes went to a temporary file. Here a body past REQUEST_MAX_BODY_BYTES, or of
-more than MAX_BODY_CHUNKS chunks, gets a 413 in the API's error shape as soon as that is known, and the connection
-is closed: nothing more of it is read.
+running the test suite beside it), and a body of gigabytes went to a temporary file. Here a body past
+REQUEST_MAX_BODY_BYTES, or of more than MAX_BODY_CHUNKS chunks, gets a 413 in the API's error shape as soon as that
+is known, and the connection is closed: nothing more of it is read.
 """
 
 from __future__ import annotations

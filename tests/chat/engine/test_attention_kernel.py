@@ -1,0 +1,71 @@
+"""The installed llama.cpp carries the project's decode attention kernel (scripts/llama_cpp_patches/).
+
+Flash attention on the CPU has two kernels: a tiled one for 64 or more query rows of a sequence in one call
+(F32 queries, F32 products), and one for fewer rows (every decode step, short prompts, a long prompt's short
+last chunk). Upstream's second kernel rounds the query to F16 and sums the values in F16; the patched one
+works in F32 like the tiled kernel. So on a model of F32 weights a prompt's logits computed row by row agree
+with the tiled kernel's to F32 precision only with the patch (measured: 5e-5 against upstream's 0.07, logits
+of magnitude ~25)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from chat.engine.backends.llama_cpp import _llama
+from tests.factories import write_tiny_gguf
+
+PROMPT_LENGTH = 192
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("attention") / "tiny.gguf")
+
+
+def last_logits(model_path, *, flash_attention: bool, chunk: int) -> np.ndarray:
+    """The logits after a fixed random prompt evaluated in chunks of `chunk` rows, one call per chunk."""
+    llama = _llama()
+    model = llama.llama_model_load_from_file(os.fsencode(str(model_path)), llama.llama_model_default_params())
+    params = llama.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 512, 256, 256, 1
+    params.n_threads = params.n_threads_batch = 2
+    params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention
+                              else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    context = llama.llama_init_from_model(model, params)
+    batch = llama.llama_batch_init(256, 0, 1)
+    try:
+        n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+        prompt = np.random.default_rng(1).integers(300, n_vocab, PROMPT_LENGTH)
+        for start in range(0, PROMPT_LENGTH, chunk):
+            rows = prompt[start:start + chunk]
+            for i, token in enumerate(rows):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), start + i, 1, True
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = len(rows)
+            assert llama.llama_decode(context, batch) == 0
+        logits = llama.llama_get_logits_ith(context, len(rows) - 1)
+        return np.ctypeslib.as_array(logits, shape=(n_vocab,)).copy()
+    finally:
+        llama.llama_batch_free(batch)
+        llama.llama_free(context)
+        llama.llama_model_free(model)
+
+
+def test_row_by_row_attention_agrees_with_the_tiled_kernel_to_f32_precision(tiny_model):
+    tiled = last_logits(tiny_model, flash_attention=True, chunk=64)
+    row_by_row = last_logits(tiny_model, flash_attention=True, chunk=32)
+    assert np.abs(tiled).max() > 5  # the logits are not degenerate
+    assert np.abs(row_by_row - tiled).max() < 1e-3  # upstream's F16 kernel: ~0.07
+
+
+def test_row_by_row_attention_is_the_same_however_the_rows_are_split(tiny_model):
+    """A row's result depends on its own cells only (the engine's reproducibility rule relies on it)."""
+    assert np.array_equal(last_logits(tiny_model, flash_attention=True, chunk=32),
+                          last_logits(tiny_model, flash_attention=True, chunk=8))
+
+
+def test_row_by_row_attention_agrees_with_attention_without_flash_attention(tiny_model):
+    plain = last_logits(tiny_model, flash_attention=False, chunk=32)
+    row_by_row = last_logits(tiny_model, flash_attention=True, chunk=32)
+    assert np.abs(row_by_row - plain).max() < 0.05  # the plain path's KQ rounds the query to F16 as well
