@@ -26,10 +26,15 @@ if [ -z "$wheel" ]; then
   "$python" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "llama-cpp-python==$version" >&2
   tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
   src=$work/llama_cpp_python-$version
+  applied=()
   for patch_file in "${patches[@]}"; do
     echo "Applying $patch_file" >&2
     patch --batch --forward --quiet -p1 -d "$src" < "$patch_file"
+    applied+=("\"$(basename "$patch_file" .patch)\",")
   done
+  # The engine reads what the build carries (chat/engine/backends/llama_patches.py).
+  printf '"""Written by scripts/build_llama_wheel.sh: the llama.cpp patches this build carries."""\nAPPLIED = (%s)\n' \
+    "${applied[*]}" > "$src/llama_cpp/_llmsite_patches.py"
   echo "Building llama-cpp-python $version (CMAKE_ARGS: $args); about 7 minutes on 2 cores, once." >&2
   PIP_COMMAND=wheel bash scripts/pip_install.sh "$python" --no-deps --no-cache-dir --wheel-dir "$dest" "$src" >&2
   wheel=$(ls "$dest"/llama_cpp_python-"$version"-*.whl | head -n 1)

@@ -62,6 +62,7 @@ from .constrained import GRAMMAR_SECONDS_FIRST, GRAMMAR_SECONDS_PER_TOKEN, Const
 from .side_prefill import SidePrefill, SideJob
 from .state_buffer import state_buffer
 from .amx import cpu_has_amx, repacking_safe
+from .llama_patches import applied as applied_patches, lone_rows_exact
 from .weights import discard_copy, weights_path
 
 logger = logging.getLogger(__name__)
@@ -79,10 +80,10 @@ BATCH_TOKENS = 512  # tokens per llama_decode, and prompt tokens per step while 
 # short prompts whose last chunk goes row by row, is resident_reuse's.
 PROMPT_CHUNK = 64
 # ...unless it has fewer rows than this: then it goes row by row in a call of its own (the same shape cold or warm).
-# Measured (bench/flash_attention_shapes.py, SmolLM2's Q8_0 copy, 2 threads, an AMD EPYC): 32 rows take 92 ms row by
-# row at 960 cells and 142 ms at 1,792, a padded chunk 133 and 195 ms; they break even near 44 rows. (16 was chosen
-# on an older build that multiplied Q4_1 row by row: a burst of one persona's followers then padded most tails.)
-ROW_BY_ROW_TAIL = 32
+# Measured with the project's decode attention kernel (bench/flash_attention_shapes.py, SmolLM2, 2 threads, the Xeon
+# with AMX): 48 rows take 116 ms row by row at 960 cells and 170 ms at 1,792, a padded chunk 145 and 209 ms; they
+# break even near 58-60 rows. (Upstream's kernel broke even near 44 rows on an EPYC; 32 was the limit then.)
+ROW_BY_ROW_TAIL = 56
 MAX_SPECIAL_TEXTS = 4096  # control-token texts in one text tokenized with special parsing (_check_special_texts)
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
@@ -360,7 +361,8 @@ class LlamaCppBackend(Backend):
         # A saved state is restored only into a context whose cells it matches (chat/engine/state_store.py).
         state_key = state_fingerprint(model_fingerprint(path), {
             "flash_attention": spec.flash_attention, "prompt_chunk": PROMPT_CHUNK, "type_k": params.type_k,
-            "type_v": params.type_v, "llama_cpp": getattr(llama, "__version__", "")}) if spec.state_dir else ""
+            "type_v": params.type_v, "llama_cpp": getattr(llama, "__version__", ""),
+            "patches": sorted(applied_patches())}) if spec.state_dir else ""
         return cls(spec, llama, model, context, context_length, state_key=state_key)
 
     def __init__(self, spec: ModelSpec, llama, model, context, context_length: int, *, state_key: str = ""):
@@ -400,6 +402,9 @@ class LlamaCppBackend(Backend):
         self._resumes_evaluated = 0  # ...that had their prompt and decoded tokens evaluated again
         self._budget = PrefillBudget(spec.prefill_step_ms / 1000, BATCH_TOKENS)
         self._threads = spec.threads or os.cpu_count() or 1
+        # Where a lone decode row computes as it does in company, no throwaway rows are needed beside it
+        # (_throwaway_slots, _padding): on CPUs where two rows cost about twice one (AMX), they halved such a stream.
+        self._lone_rows_exact = lone_rows_exact(llama.llama_model_n_head(model), self._threads)
         # Long prompts next to decoding streams go to a second context on a thread of its own (side_prefill.py):
         # on the CPU, with a thread to spare, and with flash attention (measured: the same logits to the bit); for
         # a model with one plain KV cache, whose saved states the main context takes (not SWA's two caches, nor a
@@ -1319,7 +1324,8 @@ class LlamaCppBackend(Backend):
         if state.prompt_end is not None and start >= state.prompt_end:
             # A decoded token evaluated again alone: a second row keeps it off the split-KV path, as the throwaway
             # tokens beside a decode step did (_throwaway_slots).
-            return 1 if state.prefilling and size == 1 and start >= LONE_ROW_KV_CELLS else 0
+            lone = state.prefilling and size == 1 and start >= LONE_ROW_KV_CELLS and not self._lone_rows_exact
+            return 1 if lone else 0
         end = len(state.slot.kv_tokens) + len(state.pending) if state.prompt_end is None else state.prompt_end
         return prompt_padding(start, size, end, self.context_length) if state.prefilling else 0
 
@@ -1328,8 +1334,9 @@ class LlamaCppBackend(Backend):
         or more: the slots between theirs (llama.cpp passes only consecutive slot ids together), or a
         neighbour of a lone sequence. One query row of one stream over 512+ KV cells takes flash attention's
         split-KV path (other sums), so without them a sequence would decode differently alone than beside
-        others. The tokens are removed after the decode."""
-        if any(size != 1 or seq.backend_state.prefilling for seq, size in planned) or all(
+        others. The tokens are removed after the decode. None where lone rows compute as in company (the patched
+        kernel, llama_patches.py)."""
+        if self._lone_rows_exact or any(size != 1 or seq.backend_state.prefilling for seq, size in planned) or all(
                 len(seq.backend_state.slot.kv_tokens) < LONE_ROW_KV_CELLS for seq, _ in planned):
             return []
         ids = {seq.backend_state.slot.seq_id for seq, _ in planned}

@@ -12,7 +12,9 @@ import os
 import numpy as np
 import pytest
 
-from chat.engine.backends.llama_cpp import _llama
+from chat.engine.backends.llama_cpp import LlamaCppBackend, _llama
+from chat.engine.backends.llama_patches import FLASH_ATTN_DECODE, applied
+from chat.engine.types import ModelSpec
 from tests.factories import write_tiny_gguf
 
 PROMPT_LENGTH = 192
@@ -69,3 +71,16 @@ def test_row_by_row_attention_agrees_with_attention_without_flash_attention(tiny
     plain = last_logits(tiny_model, flash_attention=False, chunk=32)
     row_by_row = last_logits(tiny_model, flash_attention=True, chunk=32)
     assert np.abs(row_by_row - plain).max() < 0.05  # the plain path's KQ rounds the query to F16 as well
+
+
+def test_the_engine_sees_the_patch_and_needs_no_throwaway_rows_where_heads_outnumber_threads(tiny_model):
+    """The wheel built by scripts/build_llama_wheel.sh says which patches it carries. With the patch a lone decode
+    row is split over the threads only where the heads (4 in the tiny model) are fewer than the threads."""
+    assert FLASH_ATTN_DECODE in applied()
+    for threads, exact in ((2, True), (4, True), (8, False)):
+        backend = LlamaCppBackend.load(ModelSpec("tiny", str(tiny_model), context_length=512, parallel=2,
+                                                 threads=threads))
+        try:
+            assert backend._lone_rows_exact is exact
+        finally:
+            backend.close()

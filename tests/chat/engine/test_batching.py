@@ -77,9 +77,15 @@ def test_smollm2_batched_greedy_decoding_matches_decoding_alone(smollm2):
 
 
 @pytest.mark.smollm2
-def test_smollm2_a_long_context_decoded_alone_has_the_logprobs_it_has_beside_others(smollm2):
-    """Past 256 cells a lone decode row would take flash attention's split-KV path (another sum order) while
-    rows beside others do not: the engine decodes a throwaway token beside it, so both give the same logprobs."""
+@pytest.mark.parametrize("lone_rows_exact", [True, False], ids=["patched-kernel", "throwaway-rows"])
+def test_smollm2_a_long_context_decoded_alone_has_the_logprobs_it_has_beside_others(smollm2, monkeypatch,
+                                                                                    lone_rows_exact):
+    """Past 512 cells upstream's kernel splits a lone decode row's cells over the threads (another sum order)
+    while rows beside others are not split: there the engine decodes a throwaway token beside it. The project's
+    build (scripts/llama_cpp_patches/) does not split it, and the engine adds none. Either way a sequence has the
+    same logprobs alone as beside others."""
+    assert smollm2._backend._lone_rows_exact  # the Makefile's build, 2 threads, 9 heads
+    monkeypatch.setattr(smollm2._backend, "_lone_rows_exact", lone_rows_exact)
     system = "You are Captain Mara, a retired sailor who answers kindly and at length about ships. " * 18
     prompts = [smollm2.render_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
                for q in SMOLLM2_QUESTIONS]

@@ -330,11 +330,15 @@ def test_smollm2_a_padded_last_chunk_leaves_no_trace(smollm2_gguf):
     cache, the reply follows the same prompt evaluated without flash attention (other kernels: close, not
     bit-equal), and a warm follow-up still has the cold prompt's exact logprobs."""
     sampling = SamplingParams(max_tokens=24, temperature=0, logprobs=1)
-    system = "You are Captain Mara, a retired sailor who answers kindly and briefly. " * 23
+    system = ("You are Captain Mara, a retired sailor who answers kindly and briefly. " * 23
+              + "She has sailed every ocean twice. ")
 
     def first(engine):
         prompt = chat_prompt(engine, system, "What do you like most about the sea?")
-        assert len(engine.prompt_tokens(prompt)) > 256 and len(engine.prompt_tokens(prompt)) % 64
+        from chat.engine.backends.llama_cpp import ROW_BY_ROW_TAIL
+
+        length = len(engine.prompt_tokens(prompt))
+        assert length > 256 and length % 64 >= ROW_BY_ROW_TAIL, length  # so that the last chunk is padded
         return prompt
 
     def follow_up(engine):
@@ -361,9 +365,9 @@ def test_smollm2_a_padded_last_chunk_leaves_no_trace(smollm2_gguf):
     agreed = 0  # the kernels differ, so near-tied tokens may flip: compare while both replies agree
     while agreed < len(plain.logprobs) and padded.logprobs[agreed].token == plain.logprobs[agreed].token:
         agreed += 1
-    # A cell left behind garbles a reply from its first tokens; here the 8th is a near tie after the repetition
-    # penalty (both kernels' top token the same at -0.53 and -0.52), so 6 agreeing tokens are asked for.
-    assert agreed >= 6, (padded.text, plain.text)
+    # A cell left behind would garble the reply from its second token (the cells checked above are the direct
+    # test). Past the first few tokens the kernels' rounding flips near ties ("it's my home" / "it's a place").
+    assert agreed >= 4, (padded.text, plain.text)
     assert all(abs(a.logprob - b.logprob) < 0.3 for a, b in zip(padded.logprobs[:agreed], plain.logprobs))
 
     _, warm = run([first, follow_up])

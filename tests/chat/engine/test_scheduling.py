@@ -507,9 +507,9 @@ def test_a_twin_whose_source_is_cancelled_evaluates_the_prompt_itself(budget_bac
 
 @pytest.mark.smollm2
 def test_smollm2_sequences_decoding_around_a_prefilling_slot_match_decoding_alone(smollm2_gguf):
-    """Slots 0 and 2 decode while slot 1 evaluates a long prompt: the decode call has a throwaway token for
-    slot 1, so the two pass together as when nothing is between them (past 256 cells a lone row would take
-    another path), and their logprobs are those of each decoding alone, and of the two side by side."""
+    """Slots 0 and 2 decode while slot 1 evaluates a long prompt (llama.cpp passes only consecutive slots in one
+    ubatch, so each is a lone row): their logprobs are those of each decoding alone, and of the two side by side.
+    With upstream's kernel the decode call has a throwaway token for slot 1 (test_batching.py covers both)."""
     spec = ModelSpec("around", str(smollm2_gguf), context_length=1024, parallel=3, prefix_cache_mb=0)
 
     def prompt_of(backend, topic: str, times: int) -> list[int]:

@@ -1,0 +1,27 @@
+"""What the installed llama.cpp carries of this project's patches (scripts/llama_cpp_patches/).
+
+scripts/build_llama_wheel.sh writes `llama_cpp/_llmsite_patches.py` into the wheel it builds. A llama-cpp-python
+installed any other way has no such module: the engine then keeps to what upstream's kernels guarantee.
+"""
+
+from __future__ import annotations
+
+import functools
+
+FLASH_ATTN_DECODE = "flash-attn-decode"
+
+
+@functools.cache
+def applied() -> frozenset[str]:
+    try:
+        from llama_cpp import _llmsite_patches
+    except ImportError:
+        return frozenset()
+    return frozenset(getattr(_llmsite_patches, "APPLIED", ()))
+
+
+def lone_rows_exact(n_head: int, threads: int) -> bool:
+    """Whether one decode row of one sequence computes as it does beside other sequences' rows. Upstream splits
+    such a row's KV cells over the threads from 512 cells on (other sums); the patched kernel does so only where
+    the heads are fewer than the threads, so elsewhere each head is one thread's, alone or not."""
+    return FLASH_ATTN_DECODE in applied() and n_head >= threads
