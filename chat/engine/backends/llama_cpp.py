@@ -404,7 +404,8 @@ class LlamaCppBackend(Backend):
         self._threads = spec.threads or os.cpu_count() or 1
         # Where a lone decode row computes as it does in company, no throwaway rows are needed beside it
         # (_throwaway_slots, _padding): on CPUs where two rows cost about twice one (AMX), they halved such a stream.
-        self._lone_rows_exact = lone_rows_exact(llama.llama_model_n_head(model), self._threads)
+        # The patch is to the CPU kernel: with layers offloaded the GPU's kernels decide, so the rows stay.
+        self._lone_rows_exact = not spec.gpu_layers and lone_rows_exact(llama.llama_model_n_head(model), self._threads)
         # Long prompts next to decoding streams go to a second context on a thread of its own (side_prefill.py):
         # on the CPU, with a thread to spare, and with flash attention (measured: the same logits to the bit); for
         # a model with one plain KV cache, whose saved states the main context takes (not SWA's two caches, nor a

@@ -75,11 +75,12 @@ def test_row_by_row_attention_agrees_with_attention_without_flash_attention(tiny
 
 def test_the_engine_sees_the_patch_and_needs_no_throwaway_rows_where_heads_outnumber_threads(tiny_model):
     """The wheel built by scripts/build_llama_wheel.sh says which patches it carries. With the patch a lone decode
-    row is split over the threads only where the heads (4 in the tiny model) are fewer than the threads."""
+    row is split over the threads only where the heads (4 in the tiny model) are fewer than the threads; with
+    layers on a GPU its own kernels decide, so the engine keeps the throwaway rows."""
     assert FLASH_ATTN_DECODE in applied()
-    for threads, exact in ((2, True), (4, True), (8, False)):
+    for threads, gpu_layers, exact in ((2, 0, True), (4, 0, True), (8, 0, False), (2, 1, False)):
         backend = LlamaCppBackend.load(ModelSpec("tiny", str(tiny_model), context_length=512, parallel=2,
-                                                 threads=threads))
+                                                 threads=threads, gpu_layers=gpu_layers))
         try:
             assert backend._lone_rows_exact is exact
         finally:
