@@ -208,3 +208,38 @@ def test_a_reply_completes_after_its_page_was_closed(browser, page_server):
     assert stored.split()[2] in ("stop", "length")
     last = again.locator(".message").last.locator(".text").inner_text()
     assert last.strip()
+
+
+def test_a_reply_that_ended_between_the_pages_path_and_its_attach_shows(browser, page_server):
+    """The page loads a conversation's path, then attaches to its running reply. A reply that ended in between is
+    answered "idle" by the attach: the page then loads the path again. The race is made certain here: the first
+    path request is answered with the path as it was before the last exchange."""
+    import json
+
+    from playwright.sync_api import expect
+
+    page = logged_in(browser, page_server)
+    page.get_by_role("button", name="Captain Mira").click()
+    say(page, "Ahoy!")
+    before = page.evaluate("(url) => fetch(url).then((r) => r.text())",
+                           page.url.split("?")[0] + "v1/conversations/"
+                           + page.url.split("conversation=")[1] + "/path/")
+    say(page, "Where are we headed?")
+    expect(page.locator(".message")).to_have_count(5, timeout=120_000)
+    expect(page.locator(".message[aria-busy='true']")).to_have_count(0, timeout=120_000)  # the reply has ended
+    address = page.url
+    page.close()
+
+    again = logged_in(browser, page_server)
+    stale = {"sent": False}
+
+    def first_path_stale(route):
+        if stale["sent"]:
+            return route.continue_()
+        stale["sent"] = True
+        route.fulfill(status=200, content_type="application/json", body=before)
+
+    again.route("**/v1/conversations/*/path/", first_path_stale)
+    again.goto(address)
+    expect(again.locator(".message")).to_have_count(5, timeout=60_000)
+    assert stale["sent"] and len(json.loads(before)["messages"]) == 3

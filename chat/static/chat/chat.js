@@ -308,6 +308,8 @@
       setStatus("Conversation deleted.");
     } else if (event.type === "idle") {
       setStatus("");
+      // A reply may have ended between the page's path request and this attach: show what is stored now.
+      if (state.conversation && !state.replyNode) loadPath().catch(() => {});
     }
   }
 
