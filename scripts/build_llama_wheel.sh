@@ -20,6 +20,7 @@ exec 9>"$dest/.lock"
 flock 9  # two setups at once build it once
 wheel=$(ls "$dest"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
+  command -v patch >/dev/null || { echo "build_llama_wheel: the 'patch' program is needed (apt-get install patch)" >&2; exit 1; }
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   echo "Downloading the llama-cpp-python $version source distribution." >&2
