@@ -16,6 +16,8 @@ import weakref
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db.models import Q
 
 from characters.models import Character, CharacterGroup
 from characters.selectors import character_find_active
@@ -27,7 +29,7 @@ from .engine.grammar_stacks import MAX_STACKS, too_many_stacks
 from .engine.grammars import SchemaNotConvertible, json_object_grammar, json_schema_grammar
 from .engines import get_engine
 from .errors import ApiError, NotFound
-from .groups import GroupLine, group_turns_for, speaker_choose
+from .groups import GroupLine, Human, group_turns_for, human_labels, speaker_choose
 from .models import Conversation
 from .prompting import ComposedPrompt, prompt_compose, prompt_greetings, world_info_inputs
 from .prompting.tools import tools_system_text, turns_with_tool_text
@@ -321,13 +323,15 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
                                                             or newest_leaf_under(conversation, None))
         path = conversation_path(conversation, leaf_id=leaf_id) if leaf_id is not None else []
         stored = [message for message in path if message.role in CLIENT_TURN_ROLES]
-        lines = [_group_line(message, conversation=conversation, owner_name=owner_name) for message in stored]
-        author_name = owner_name if user.pk == conversation.owner_id else (user_display_name(user) or "User")
+        labels = _human_labels(conversation, stored=stored, owner_name=owner_name)
+        lines = [_group_line(message, conversation=conversation, labels=labels) for message in stored]
+        author_name = labels.get(user.pk) or user_display_name(user) or "User"
         if branch is not None and branch.continue_leaf:
             continued = path[-1]
     else:
-        owner_name = author_name = user_name_for(data, fallback=user_name)
-        stored, lines = [], []
+        owner_name = user_name_for(data, fallback=user_name)
+        author_name = human_labels([Human(user.pk, owner_name, user.get_username())])[user.pk]
+        labels, stored, lines = {user.pk: author_name}, [], []
     if answer_leaf or continued is not None:
         new_text, new_turns = lines[-1].content if answer_leaf else "", ()
     else:
@@ -348,9 +352,7 @@ def _group_plan_for(*, user, data: dict, conversation: Conversation | None, leas
                                retired=_retired_members(conversation))
     # Every member's name, retired ones too: their lines are still in the history.
     everyone = [member.name for member in (conversation.members.all() if conversation is not None else members)]
-    humans = [owner_name, author_name]
-    if conversation is not None:
-        humans += [user_display_name(person) for person in conversation.participants.all()]
+    humans = [owner_name, *labels.values()]
     turns = group_turns_for(lines=lines, speaker_id=speaker.pk, member_names=everyone, participant_names=humans)
 
     engine = get_engine(data.get("model") or None)
@@ -386,13 +388,23 @@ def _retired_members(conversation: Conversation | None) -> dict:
     return {key: slug for pk, slug in retired for key in (slug, str(pk))}
 
 
-def _group_line(message, *, conversation: Conversation, owner_name: str) -> GroupLine:
+def _human_labels(conversation: Conversation, *, stored: list, owner_name: str) -> dict[int, str]:
+    """Account id -> the name its lines go by (chat/groups/humans.py), for the owner, the participants and whoever
+    wrote a stored line and left since: one query."""
+    authors = {message.author_id for message in stored if message.role == "user"} - {None}
+    people = get_user_model().objects.filter(Q(pk__in=authors) | Q(pk=conversation.owner_id)
+                                             | Q(pk__in=conversation.participants.values("pk")))
+    return human_labels([Human(person.pk, owner_name if person.pk == conversation.owner_id
+                               else user_display_name(person) or "User", person.get_username())
+                         for person in people.order_by("pk")])
+
+
+def _group_line(message, *, conversation: Conversation, labels: dict[int, str]) -> GroupLine:
     if message.role == "assistant":
         speaker = message.speaker or conversation.character
         return GroupLine(role="assistant", content=message.content, name=speaker.name, speaker_id=speaker.pk)
-    author = message.author
-    name = owner_name if author is None or author.pk == conversation.owner_id else (user_display_name(author) or "User")
-    return GroupLine(role="user", content=message.content, name=name)
+    author_id = message.author_id or conversation.owner_id
+    return GroupLine(role="user", content=message.content, name=labels.get(author_id) or "User")
 
 
 def _speaker_for(data: dict, *, members: list[Character], group: CharacterGroup | None, new_text: str,
