@@ -41,6 +41,7 @@ allowance fails its sequence (GrammarTooCostly: the others wait for it), and a f
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import re
@@ -49,6 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..admission import MAX_REMEMBERED_OWNERS
 from ..errors import EngineError, GenerationFailed, InvalidRequest, ModelUnavailable, SequencesFailed
 from ..literal_text import literal_fragments, literal_pattern
 from ..logprobs import TokenLogprob, TopLogprob, log_softmax_top
@@ -418,6 +420,8 @@ class LlamaCppBackend(Backend):
                       if spec.side_prefill and spec.flash_attention and not spec.gpu_layers and self._threads >= 2
                       and plain_cache else None)
         self._side_prefills = 0  # prompts evaluated in the side context and moved into their slot
+        self._side_turns: dict[str, int] = {}  # owner -> when its last prompt went aside, oldest first
+        self._side_turn_numbers = itertools.count(1)
         # every waiting prompt advances at least this many whole chunks per step, even past the budget
         self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
 
@@ -1037,23 +1041,34 @@ class LlamaCppBackend(Backend):
         return sampled
 
     def _side_start(self, prefilling: list[Sequence]) -> None:
-        """Hand the oldest long prompt evaluated from its start to the side context (one at a time), and give the
-        main context one thread fewer meanwhile: the side's thread is the other. Taken out of `prefilling`."""
+        """Hand a long prompt evaluated from its start to the side context (one at a time), and give the main
+        context one thread fewer meanwhile: the side's thread is the other. Taken out of `prefilling`. Of several,
+        the oldest of the owner whose prompt went aside least recently (never first): one owner's burst of long
+        prompts does not keep another's out of it."""
         if self._side is None or self._side.busy:
             return
-        for seq in prefilling:
-            state: _SequenceState = seq.backend_state
-            if (state.share is not None or state.twin is not None or state.prompt_end is not None
-                    or state.slot.kv_tokens or state.slot.waiting or len(state.pending) < SIDE_PREFILL_MIN_TOKENS):
-                continue
-            if self._side.start(seq, state.pending, self._side_chunks(len(state.pending))) is None:
-                self._side.close()  # a context made before its thread failed to start is freed
-                self._side = None  # no second context here (memory, threads): long prompts stay in the main one
-                return
-            state.side = True
-            self._set_threads(self._threads - 1)
-            prefilling.remove(seq)
+        candidates = [seq for seq in prefilling if self._side_eligible(seq.backend_state)]
+        if not candidates:
             return
+        seq = min(candidates, key=lambda candidate: self._side_turns.get(candidate.owner, 0))  # oldest among equals
+        state: _SequenceState = seq.backend_state
+        if self._side.start(seq, state.pending, self._side_chunks(len(state.pending))) is None:
+            self._side.close()  # a context made before its thread failed to start is freed
+            self._side = None  # no second context here (memory, threads): long prompts stay in the main one
+            return
+        state.side = True
+        self._set_threads(self._threads - 1)
+        prefilling.remove(seq)
+        self._side_turns.pop(seq.owner, None)  # re-inserted last: the dict stays ordered oldest turn first
+        self._side_turns[seq.owner] = next(self._side_turn_numbers)
+        if len(self._side_turns) > MAX_REMEMBERED_OWNERS:
+            del self._side_turns[next(iter(self._side_turns))]
+
+    @staticmethod
+    def _side_eligible(state: _SequenceState) -> bool:
+        """A long prompt not yet begun, with nothing shared, restored or resumed."""
+        return not (state.share is not None or state.twin is not None or state.prompt_end is not None
+                    or state.slot.kv_tokens or state.slot.waiting or len(state.pending) < SIDE_PREFILL_MIN_TOKENS)
 
     def _side_chunks(self, length: int) -> list[tuple[int, int, int]]:
         """(start, size, padding) of each call of a prompt of `length` tokens evaluated from its start, chunk by

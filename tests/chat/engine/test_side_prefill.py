@@ -4,6 +4,7 @@ cancel, a failure or a shutdown midway leaves the engine serving. SmolLM2: real 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -24,7 +25,8 @@ STREAM_PARAMS = SamplingParams(max_tokens=80, temperature=0, logprobs=1)
 
 
 def engine_registry(smollm2_gguf, **options) -> ModelRegistry:
-    return ModelRegistry([ModelSpec("smol-side", str(smollm2_gguf), context_length=2048, parallel=2, threads=2,
+    options = {"parallel": 2, **options}
+    return ModelRegistry([ModelSpec("smol-side", str(smollm2_gguf), context_length=2048, threads=2,
                                     prefix_cache_mb=0, **options)])
 
 
@@ -289,3 +291,51 @@ def test_the_side_state_is_written_into_its_final_buffer_with_no_copy_in_python(
     finally:
         side.close()
         llama.llama_model_free(model)
+
+
+def test_of_two_long_prompts_the_side_context_takes_the_owner_it_served_least_recently(smollm2_gguf, monkeypatch):
+    """X's long prompt went aside; then X's second and Y's first arrive in one step, X's admitted first (Y was
+    admitted more recently): the side context takes Y's, so that one owner's burst of long prompts does not
+    keep another's out of it."""
+    from chat.engine.backends.llama_cpp import LlamaCppBackend
+
+    held = held_side_jobs(monkeypatch)
+    owners = []
+    start = side_prefill.SidePrefill.start
+    monkeypatch.setattr(side_prefill.SidePrefill, "start",
+                        lambda self, seq, *args: (owners.append(seq.owner), start(self, seq, *args))[1])
+    open_gate, paused = threading.Event(), threading.Event()
+    open_gate.set()
+    step = LlamaCppBackend.step
+
+    def gated_step(self, seqs):
+        if not open_gate.is_set():
+            paused.set()
+            open_gate.wait(30)
+        return step(self, seqs)
+
+    monkeypatch.setattr(LlamaCppBackend, "step", gated_step)
+    registry = engine_registry(smollm2_gguf, parallel=4)
+    try:
+        engine = registry.get()
+        generated = engine.stats()["tokens_generated"]
+        stream = engine.submit(STREAM_PROMPT, SamplingParams(max_tokens=1500, temperature=0), owner="A")
+        wait_for(lambda: engine.stats()["tokens_generated"] >= generated + 3)
+        first = engine.submit(LONG_PROMPT, LONG_PARAMS, owner="X")
+        wait_for(lambda: held)
+        first.cancel()
+        run(first)
+        run(engine.submit("Hello", SamplingParams(max_tokens=1, temperature=0), owner="Y"))
+        open_gate.clear()
+        wait_for(paused.is_set)
+        second_of_x = engine.submit(LONG_PROMPT, LONG_PARAMS, owner="X")
+        first_of_y = engine.submit(LONG_PROMPT.replace("sea", "lake"), LONG_PARAMS, owner="Y")
+        open_gate.set()
+        wait_for(lambda: len(owners) == 2)
+        for generation in (second_of_x, first_of_y, stream):
+            generation.cancel()
+            run(generation)
+    finally:
+        open_gate.set()
+        registry.close()
+    assert owners == ["X", "Y"]
