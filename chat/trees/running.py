@@ -37,7 +37,9 @@ logger = logging.getLogger("llmsite.chat")
 KEEP, CANCEL = "keep", "cancel"  # what a client's disconnect does to its reply (on_disconnect)
 STOP_POLL_SECONDS = 0.5  # how often a run looks for a stop asked in another process
 RUNNING_KEY, STOP_KEY = "reply-running:{}", "reply-stop:{}"
-REMOVED_KEY = "reply-removed:{}"  # {user pk: when}: participants taken out, whose listeners a run cuts off
+# when a participant (user pk) was taken out, whose listeners a run cuts off: one key per participant, so that two
+# removals at once in two processes cannot overwrite each other
+REMOVED_KEY = "reply-removed:{}:{}"
 REMOVED_SECONDS = 60
 # A run's first listener (the socket or response that started it) attaches within moments; the timeout of a run
 # never watched is at least this, so that a short REPLY_DETACHED_SECONDS cannot stop a reply before it is watched.
@@ -116,15 +118,19 @@ class ReplyRun:
         return self
 
     def _watch_for_stop(self) -> None:
-        key, removed_key = STOP_KEY.format(self.conversation_id), REMOVED_KEY.format(self.conversation_id)
+        key = STOP_KEY.format(self.conversation_id)
         while not self.finished.wait(STOP_POLL_SECONDS):
-            found = _cache_call(cache.get_many, [key, removed_key]) or {}
+            with self._lock:
+                viewers = {listener.viewer for listener in self._listeners if listener.viewer is not None}
+            removed = {REMOVED_KEY.format(self.conversation_id, viewer): viewer for viewer in viewers}
+            found = _cache_call(cache.get_many, [key, *removed]) or {}
             if found.get(key) == self.announcement:
                 logger.info("reply %s: stopped from another process", self.id)
                 self.stop()
                 return
-            for viewer, when in (found.get(removed_key) or {}).items():  # taken out through another process
-                self.viewer_removed(viewer, when=when)
+            for removed_key, viewer in removed.items():  # taken out through another process
+                if removed_key in found:
+                    self.viewer_removed(viewer, when=found[removed_key])
 
     def _run(self) -> None:
         readers = [threading.Thread(target=self._read_apart, args=(index,), daemon=True)
@@ -370,9 +376,7 @@ def reply_viewer_removed(conversation_id, viewer) -> None:
     if run is not None:
         run.viewer_removed(viewer, when=when)
     elif reply_run_announced(conversation_id) is not None:
-        key = REMOVED_KEY.format(conversation_id)
-        removed = _cache_call(cache.get, key) or {}
-        _cache_call(cache.set, key, {**removed, viewer: when}, timeout=REMOVED_SECONDS)
+        _cache_call(cache.set, REMOVED_KEY.format(conversation_id, viewer), when, timeout=REMOVED_SECONDS)
 
 
 def reply_stop_request(conversation_id) -> bool:

@@ -344,3 +344,64 @@ async def test_a_participant_taken_out_gets_no_more_of_the_reply_it_follows(site
     assert await guest.receive_nothing(timeout=0.2)
     for socket in (owner, guest):
         await socket.disconnect()
+
+
+async def test_two_participants_taken_out_at_once_through_other_processes_both_get_no_more(site, monkeypatch):
+    """lee and kim follow the owner's reply; each is taken out through another instance at the same moment (the
+    second removal lands between the first one's cache read and write). Both sockets get their 404: a removal
+    kept in one shared record per conversation, read and written back, lost one of the two."""
+    from chat.trees import running
+    from characters.models import CharacterGroup, GroupMember
+    from tests.chat.test_groups import join
+
+    def crew():
+        group = CharacterGroup.objects.create(name="Crew", slug="crew")
+        GroupMember.objects.create(group=group, character=make_character("ada", name="Ada"), position=0)
+        GroupMember.objects.create(group=group, character=make_character("bob", name="Bob"), position=1)
+        return make_api_client("ws-sam"), make_api_client("ws-lee"), make_api_client("ws-kim")
+
+    sam, lee, kim = await sync_to_async(crew)()
+    owner = WebsocketCommunicator(application, "/ws/chat/crew/",
+                                  headers=[ORIGIN, (b"authorization", f"Bearer {sam.raw_key}".encode())])
+    assert (await owner.connect())[0]
+    await owner.send_json_to({"type": "message", "content": "Ada?", "speaker": "ada", "max_tokens": 3})
+    conversation = (await until(owner, "end"))[-1]["conversation"]
+    for guest in (lee, kim):
+        await sync_to_async(join)(sam, guest, conversation)
+    await slow_engine_steps(monkeypatch)
+    await owner.send_json_to({"type": "message", "content": "Bob, a secret now.", "max_tokens": 200})
+    await until(owner, "token")
+    sockets = []
+    for guest in (lee, kim):
+        socket = WebsocketCommunicator(application, "/ws/chat/crew/",
+                                       headers=[ORIGIN, (b"authorization", f"Bearer {guest.raw_key}".encode())])
+        assert (await socket.connect())[0]
+        await socket.send_json_to({"type": "attach", "conversation": conversation})
+        await until(socket, "token")
+        sockets.append(socket)
+    cache_call, nested = running._cache_call, []
+
+    def interleaved(method, *args, **kwargs):
+        value = cache_call(method, *args, **kwargs)
+        if method == running.cache.get and str(args[0]).startswith("reply-removed") and not nested:
+            nested.append(True)
+            running.reply_viewer_removed(conversation, kim.user.pk)  # between this read and its write
+        return value
+
+    def take_both_out():
+        running.reply_viewer_removed(conversation, lee.user.pk)
+        if not nested:
+            running.reply_viewer_removed(conversation, kim.user.pk)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(running, "reply_run_of", lambda conversation_id: None)  # both land on another instance
+        patched.setattr(running, "_cache_call", interleaved)
+        await sync_to_async(take_both_out)()
+    for socket in sockets:
+        events = await until(socket, "end")
+        assert events[-1]["type"] == "error" and events[-1]["status"] == 404, events[-1]
+    run = reply_run_of(conversation)
+    assert run is not None and not run.finished.is_set()  # cut off while the reply still runs
+    assert (await until(owner, "end"))[-1]["type"] == "end"
+    for socket in (owner, *sockets):
+        await socket.disconnect()
