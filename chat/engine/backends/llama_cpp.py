@@ -61,10 +61,11 @@ from ..sequence import Sequence
 from ..types import ModelSpec, SamplingParams
 from .base import PENALTY_LAST_N, Backend
 from .constrained import GRAMMAR_SECONDS_FIRST, GRAMMAR_SECONDS_PER_TOKEN, ConstrainedSampler, GrammarTooCostly
+from .row_probe import rows_split_invariant
 from .side_prefill import SidePrefill, SideJob
 from .state_buffer import state_buffer
 from .amx import cpu_has_amx, repacking_safe
-from .llama_patches import applied as applied_patches, lone_rows_exact
+from .llama_patches import applied as applied_patches, every_row_exact, lone_rows_exact
 from .weights import discard_copy, weights_path
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ PROMPT_CHUNK = 64
 # with AMX): 48 rows take 116 ms row by row at 960 cells and 170 ms at 1,792, a padded chunk 145 and 209 ms; they
 # break even near 58-60 rows. (Upstream's kernel broke even near 44 rows on an EPYC; 32 was the limit then.)
 ROW_BY_ROW_TAIL = 56
+GGML_TYPE_F16 = 1  # ggml.h's ggml_type
 MAX_SPECIAL_TEXTS = 4096  # control-token texts in one text tokenized with special parsing (_check_special_texts)
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
 LOGIT_BAN = float("-inf")  # OpenAI's logit_bias -100: the token is never sampled
@@ -112,17 +114,17 @@ _library = None  # llama_cpp module, once initialised
 _log_callback = None  # kept referenced: llama.cpp calls it from C
 
 
-def reusable(length: int) -> int:
-    """`length` rounded down to whole prompt chunks."""
-    return max(0, length - length % PROMPT_CHUNK)
+def reusable(length: int, granularity: int = PROMPT_CHUNK) -> int:
+    """`length` rounded down to whole prompt chunks (`granularity` 1: where every row is exact, any length)."""
+    return max(0, length - length % granularity)
 
 
-def last_chunk_start(prompt_length: int) -> int:
+def last_chunk_start(prompt_length: int, granularity: int = PROMPT_CHUNK) -> int:
     """Where a prompt's last chunk starts: what precedes it is the most of it that may be reused."""
-    return reusable(prompt_length - 1)
+    return reusable(prompt_length - 1, granularity)
 
 
-def resident_reuse(prompt_length: int, common: int, exact: int) -> int:
+def resident_reuse(prompt_length: int, common: int, exact: int, granularity: int = PROMPT_CHUNK) -> int:
     """How many of a prompt's tokens a slot may give it: the slot shares `common` leading tokens with the
     prompt, `exact` of its positions are whole aligned chunks.
 
@@ -133,11 +135,11 @@ def resident_reuse(prompt_length: int, common: int, exact: int) -> int:
     gives any prefix that ends inside that chunk, e.g. a shared system message of 20 tokens, as llama-server
     reuses it. At least one token is evaluated: its logits are the first token's.
     """
-    limit = last_chunk_start(prompt_length)
+    limit = last_chunk_start(prompt_length, granularity)
     if (prompt_length <= LONE_ROW_KV_CELLS and prompt_length - limit < PROMPT_CHUNK and exact == limit
             and common > limit):
         return min(common, prompt_length - 1)
-    return reusable(min(common, exact, limit))
+    return reusable(min(common, exact, limit), granularity)
 
 
 def chunk_size(pending: int) -> int:
@@ -162,18 +164,22 @@ def model_file_for(llama, spec: ModelSpec) -> tuple[str, object]:
     return path, model_params_for(llama, spec, path)
 
 
-def load_in_passing_thread(llama, path: str, params):
-    """llama_model_load_from_file in a thread that ends with it. Repacking weights (for AMX) runs an OpenMP team
-    in the loading thread; a team left in a thread that lives on (the main thread of a Celery worker or a
-    script) stays managed by libgomp, which then throttles the spin-wait of the scheduler thread's own team:
-    one SmolLM2 stream decoded 32 against 245 tok/s on a 2-core Xeon with AMX (docs/BENCHMARKS.md). A thread
-    that ends takes its team with it."""
-    loaded = []
-    thread = threading.Thread(target=lambda: loaded.append(llama.llama_model_load_from_file(os.fsencode(path), params)),
-                              name="llama-model-load")
+def in_passing_thread(work, name: str):
+    """`work()` in a thread that ends with it. Repacking weights (for AMX) or a llama_decode runs an OpenMP team in
+    the calling thread; a team left in a thread that lives on (the main thread of a Celery worker or a script)
+    stays managed by libgomp, which then throttles the spin-wait of the scheduler thread's own team: one SmolLM2
+    stream decoded 32 against 245 tok/s on a 2-core Xeon with AMX (docs/BENCHMARKS.md). A thread that ends takes
+    its team with it."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(work()), name=name)
     thread.start()
     thread.join()
-    return loaded[0] if loaded else None
+    return result[0] if result else None
+
+
+def load_in_passing_thread(llama, path: str, params):
+    """llama_model_load_from_file in a passing thread (in_passing_thread)."""
+    return in_passing_thread(lambda: llama.llama_model_load_from_file(os.fsencode(path), params), "llama-model-load")
 
 
 def model_params_for(llama, spec: ModelSpec, path: str):
@@ -289,10 +295,11 @@ class _SideState:
     tokens: list[int]
     state: object
     size: int
+    granularity: int = PROMPT_CHUNK
 
     @property
     def reusable(self) -> int:
-        return reusable(len(self.tokens))  # whole aligned chunks, as the main context would have left them
+        return reusable(len(self.tokens), self.granularity)  # as the main context would have left them
 
 
 @dataclass(eq=False)
@@ -360,14 +367,22 @@ class LlamaCppBackend(Backend):
             raise ModelUnavailable(
                 spec.name, spec.path, "llama.cpp could not create its context (not enough memory for the KV cache?)."
             )
+        # Where every row computes the same in any call (the rows patch, flash attention over the F16 KV cache, and
+        # matrix kernels that the probe finds split-invariant for this model's weights), a prompt is reused to the
+        # token and its last chunk needs no padding (docs/ARCHITECTURE.md).
+        kv_f16 = params.type_k == params.type_v == GGML_TYPE_F16
+        rows_exact = bool(not spec.gpu_layers and spec.flash_attention and kv_f16
+                          and every_row_exact(llama.llama_model_n_head(model), threads)
+                          and in_passing_thread(lambda: rows_split_invariant(llama, context, model), "llama-row-probe"))
         # A saved state is restored only into a context whose cells it matches (chat/engine/state_store.py).
         state_key = state_fingerprint(model_fingerprint(path), {
             "flash_attention": spec.flash_attention, "prompt_chunk": PROMPT_CHUNK, "type_k": params.type_k,
             "type_v": params.type_v, "llama_cpp": getattr(llama, "__version__", ""),
-            "patches": sorted(applied_patches())}) if spec.state_dir else ""
-        return cls(spec, llama, model, context, context_length, state_key=state_key)
+            "patches": sorted(applied_patches()), "rows_exact": rows_exact}) if spec.state_dir else ""
+        return cls(spec, llama, model, context, context_length, state_key=state_key, rows_exact=rows_exact)
 
-    def __init__(self, spec: ModelSpec, llama, model, context, context_length: int, *, state_key: str = ""):
+    def __init__(self, spec: ModelSpec, llama, model, context, context_length: int, *, state_key: str = "",
+                 rows_exact: bool = False):
         self._llama = llama
         self._model_name = spec.name
         self._model = model
@@ -408,6 +423,10 @@ class LlamaCppBackend(Backend):
         # (_throwaway_slots, _padding): on CPUs where two rows cost about twice one (AMX), they halved such a stream.
         # The patch is to the CPU kernel: with layers offloaded the GPU's kernels decide, so the rows stay.
         self._lone_rows_exact = not spec.gpu_layers and lone_rows_exact(llama.llama_model_n_head(model), self._threads)
+        # Reuse to the token where every row is exact (load): `_granularity` 1 instead of whole chunks. Across
+        # owners reuse stays in whole chunks (_reuse_length).
+        self._rows_exact = rows_exact
+        self._granularity = 1 if self._rows_exact else PROMPT_CHUNK
         # Long prompts next to decoding streams go to a second context on a thread of its own (side_prefill.py):
         # on the CPU, with a thread to spare, and with flash attention (measured: the same logits to the bit); for
         # a model with one plain KV cache, whose saved states the main context takes (not SWA's two caches, nor a
@@ -523,7 +542,7 @@ class LlamaCppBackend(Backend):
         the request's thread so that the scheduler never waits for a file; None when memory is as good."""
         if self._disk is None:
             return None
-        limit = last_chunk_start(len(prompt))
+        limit = last_chunk_start(len(prompt), self._granularity)
         in_memory = self._held_in_memory(prompt, limit, owner, shared)
         if in_memory >= limit:
             return None
@@ -539,11 +558,17 @@ class LlamaCppBackend(Backend):
     def _held_in_memory(self, prompt: list[int], limit: int, owner: str, shared: int) -> int:
         """How much of `prompt` a slot or the prefix cache holds for `owner`. From a request thread it is an
         estimate (the slots change under it); the scheduler decides again with what it finds."""
-        held = [reusable(reusable_across(min(common_prefix_length(list(slot.kv_tokens), prompt), slot.exact, limit),
-                                         saved_owner=slot.owner, saved_shared=slot.shared, owner=owner, shared=shared))
+        held = [self._reuse_length(reusable_across(min(common_prefix_length(list(slot.kv_tokens), prompt), slot.exact,
+                                                       limit), saved_owner=slot.owner, saved_shared=slot.shared,
+                                                   owner=owner, shared=shared), across_owners=slot.owner != owner)
                 for slot in self._slots]
         cached = self._cache.match_length(prompt, owner=owner, shared=shared) if self._cache.budget_bytes else 0
-        return max(held + [reusable(min(cached, limit))])
+        return max(held + [reusable(min(cached, limit), self._granularity)])
+
+    def _reuse_length(self, length: int, *, across_owners: bool) -> int:
+        """`length` rounded down to what may be reused: to the token where every row is exact, else whole chunks.
+        Across owners always whole chunks, so that reuse never confirms a guess one token at a time."""
+        return reusable(length, PROMPT_CHUNK if across_owners else self._granularity)
 
     def check_params(self, params: SamplingParams) -> None:
         if any(token >= self._n_vocab for token, _ in params.logit_bias):
@@ -772,13 +797,13 @@ class LlamaCppBackend(Backend):
         Sequence.shared_tokens), in whole chunks; the owner's own cells give whatever they hold."""
         llama, memory = self._llama, self._memory
         end = len(prompt) if prompt_end is None else prompt_end
-        limit = last_chunk_start(end)  # the last chunk is evaluated as a cold prompt evaluates it
+        limit = last_chunk_start(end, self._granularity)  # the last chunk is evaluated as a cold prompt evaluates it
 
         def held(slot: _Slot) -> int:  # what a slot holds of `prompt` that may be reused
             common = common_prefix_length(slot.kv_tokens, prompt)
             if slot.owner != owner:
                 return reusable(min(common, slot.exact, limit, slot.shared, shared))
-            return resident_reuse(end, min(common, end), slot.exact)
+            return resident_reuse(end, min(common, end), slot.exact, self._granularity)
 
         free = [slot for slot in self._slots if not slot.busy]
         resident_slot = max(free, key=held)
@@ -789,7 +814,7 @@ class LlamaCppBackend(Backend):
                                       shared=shared) if saved is not None else 0
         if from_disk > cached:
             entry, cached = saved, from_disk
-        cached = reusable(min(cached, limit))
+        cached = self._reuse_length(min(cached, limit), across_owners=entry is not None and entry.owner != owner)
         share = self._share_source(prompt, limit, owner, shared)
         if share is not None and share.length < max(resident, cached) + MIN_SHARE_GAIN:
             share = None  # what is already here (or saved) is as good: no copy, no waiting
@@ -809,7 +834,7 @@ class LlamaCppBackend(Backend):
 
         if reused and llama.llama_memory_seq_rm(memory, slot.seq_id, reused, -1):
             del slot.kv_tokens[reused:]
-            slot.exact = min(slot.exact, reusable(reused))
+            slot.exact = min(slot.exact, reusable(reused, self._granularity))
         else:  # a fresh start; also for models whose memory cannot drop a partial sequence
             llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
             slot.kv_tokens, slot.exact, reused = [], 0, 0
@@ -831,10 +856,10 @@ class LlamaCppBackend(Backend):
                 continue
             # What the slot will hold in whole chunks once its prompt is evaluated (or holds already).
             evaluated = len(slot.kv_tokens) >= len(slot.prompt)
-            ceiling = slot.exact if evaluated else last_chunk_start(len(slot.prompt))
-            length = reusable(reusable_across(min(common_prefix_length(slot.prompt, prompt), ceiling, limit),
-                                              saved_owner=slot.owner, saved_shared=slot.shared, owner=owner,
-                                              shared=shared))
+            ceiling = slot.exact if evaluated else last_chunk_start(len(slot.prompt), self._granularity)
+            length = self._reuse_length(reusable_across(min(common_prefix_length(slot.prompt, prompt), ceiling, limit),
+                                                        saved_owner=slot.owner, saved_shared=slot.shared, owner=owner,
+                                                        shared=shared), across_owners=slot.owner != owner)
             if length >= MIN_SHARE_TOKENS and (best is None or length > best.length):
                 best = _Share(slot, slot.claims, length)
         return best
@@ -847,7 +872,10 @@ class LlamaCppBackend(Backend):
         """
         share, slot = state.share, state.slot
         source = share.slot
-        available = reusable(min(common_prefix_length(source.kv_tokens, state.prompt), share.length, source.exact))
+        available = min(common_prefix_length(source.kv_tokens, state.prompt), share.length, source.exact)
+        if source.owner != slot.owner:  # also where the source was taken by another owner since
+            available = min(available, source.shared, slot.shared)
+        available = self._reuse_length(available, across_owners=source.owner != slot.owner)
         still_coming = source.busy and source.claims == share.claims and available < share.length
         if still_coming and source.kv_tokens == state.prompt[: len(source.kv_tokens)]:
             return False
@@ -1076,7 +1104,7 @@ class LlamaCppBackend(Backend):
         chunks, start = [], 0
         while start < length:
             size = chunk_size(length - start)
-            chunks.append((start, size, prompt_padding(start, size, length, self.context_length)))
+            chunks.append((start, size, self._prompt_padding(start, size, length)))
             start += size
         return chunks
 
@@ -1095,7 +1123,7 @@ class LlamaCppBackend(Backend):
         state.side = False
         if job.failed or len(job.tokens) != len(state.pending):
             return [], []
-        taken = self._restore(state.slot, _SideState(job.tokens, job.state, job.size), len(job.tokens))
+        taken = self._restore(state.slot, _SideState(job.tokens, job.state, job.size, self._granularity), len(job.tokens))
         if taken != len(job.tokens):
             # This context does not take the side's states: its memory writes more than one stream count (the two
             # KV caches of SWA models, a recurrent state). Every long prompt would be evaluated twice: no more.
@@ -1133,7 +1161,9 @@ class LlamaCppBackend(Backend):
             start = ends.get(seq, len(seq.backend_state.slot.kv_tokens))
             ends[seq] = start + size
             prompt_end = seq.backend_state.prompt_end
-            if prompt_end is not None and start >= prompt_end:
+            if self._rows_exact:
+                tiled[seq] = tiled.get(seq, 0) + size  # any rows in any call: all in as few calls as fit
+            elif prompt_end is not None and start >= prompt_end:
                 lone.append([(seq, size)])  # a resumed sequence's decoded tokens: row by row, in order
             elif size < PROMPT_CHUNK and ends[seq] <= LONE_ROW_KV_CELLS:
                 small.append((seq, size))
@@ -1147,7 +1177,8 @@ class LlamaCppBackend(Backend):
             while done < size:
                 room, rest = BATCH_TOKENS - rows, size - done
                 rest_rows = rest + self._padding(seq.backend_state, rest, offset=done)
-                piece, piece_rows = (rest, rest_rows) if rest_rows <= room else (reusable(min(rest, room)),) * 2
+                piece, piece_rows = ((rest, rest_rows) if rest_rows <= room
+                                     else (reusable(min(rest, room), self._granularity),) * 2)
                 if not piece:
                     calls.append(call)
                     call, rows = [], 0
@@ -1343,7 +1374,11 @@ class LlamaCppBackend(Backend):
             lone = state.prefilling and size == 1 and start >= LONE_ROW_KV_CELLS and not self._lone_rows_exact
             return 1 if lone else 0
         end = len(state.slot.kv_tokens) + len(state.pending) if state.prompt_end is None else state.prompt_end
-        return prompt_padding(start, size, end, self.context_length) if state.prefilling else 0
+        return self._prompt_padding(start, size, end) if state.prefilling else 0
+
+    def _prompt_padding(self, start: int, size: int, end: int) -> int:
+        """prompt_padding; none where every row is exact (no row takes a tiled kernel)."""
+        return 0 if self._rows_exact else prompt_padding(start, size, end, self.context_length)
 
     def _throwaway_slots(self, planned: list[tuple[Sequence, int]]) -> list[_Slot]:
         """Slots to decode a throwaway token in beside a decode step's sequences once one of them holds 256 cells
@@ -1403,8 +1438,9 @@ class LlamaCppBackend(Backend):
         for seq, size in planned:
             state = seq.backend_state
             slot = state.slot
-            if state.prefilling and slot.exact == len(slot.kv_tokens):
-                slot.exact += reusable(size)  # whole aligned chunks, tiled
+            if (state.prefilling or self._rows_exact) and slot.exact == len(slot.kv_tokens):
+                # whole aligned chunks, tiled; where every row is exact, every token, decoded ones too
+                slot.exact += reusable(size, self._granularity)
                 if state.exact_cap is not None:  # a resumed sequence's decoded tokens are never reusable
                     slot.exact = min(slot.exact, state.exact_cap)
             slot.kv_tokens.extend(state.pending[:size])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 FLASH_ATTN_DECODE = "flash-attn-decode"
+FLASH_ATTN_ROWS = "flash-attn-rows"
 
 
 @functools.cache
@@ -25,3 +26,10 @@ def lone_rows_exact(n_head: int, threads: int) -> bool:
     such a row's KV cells over the threads from 512 cells on (other sums); the patched kernel does so only where
     the heads are fewer than the threads, so elsewhere each head is one thread's, alone or not."""
     return FLASH_ATTN_DECODE in applied() and n_head >= threads
+
+
+def every_row_exact(n_head: int, threads: int) -> bool:
+    """Whether every query row over an F16 KV cache computes the same in any call: how many rows of its sequence
+    the call holds, which other sequences, which thread (the rows patch: no tiled kernel; and lone rows as
+    lone_rows_exact). A prompt may then be evaluated in any pieces and reused to any token."""
+    return FLASH_ATTN_ROWS in applied() and lone_rows_exact(n_head, threads)

@@ -124,3 +124,13 @@ def engines():
     yield make
     for engine in made:
         engine.close()
+
+
+@pytest.fixture
+def chunk_rules():
+    """Engines loaded from now on keep to whole aligned chunks, as where the row probe fails (a model of F32
+    weights, a build without the rows patch): for the tests of those rules. A patch of its own, which a test's
+    monkeypatch.undo() leaves in place."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("chat.engine.backends.llama_cpp.rows_split_invariant", lambda *args, **kwargs: False)
+        yield

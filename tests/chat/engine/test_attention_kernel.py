@@ -1,11 +1,11 @@
-"""The installed llama.cpp carries the project's decode attention kernel (scripts/llama_cpp_patches/).
+"""The installed llama.cpp carries the project's attention kernel patches (scripts/llama_cpp_patches/).
 
-Flash attention on the CPU has two kernels: a tiled one for 64 or more query rows of a sequence in one call
-(F32 queries, F32 products), and one for fewer rows (every decode step, short prompts, a long prompt's short
-last chunk). Upstream's second kernel rounds the query to F16 and sums the values in F16; the patched one
-works in F32 like the tiled kernel. So on a model of F32 weights a prompt's logits computed row by row agree
-with the tiled kernel's to F32 precision only with the patch (measured: 5e-5 against upstream's 0.07, logits
-of magnitude ~25)."""
+Upstream's flash attention on the CPU has two kernels: a tiled one for 64 or more query rows of a sequence in one
+call (F32 queries, F32 products), and one for fewer rows (every decode step, short prompts, a long prompt's short
+last chunk), which rounds the query to F16 and sums the values in F16. The decode patch makes the second work in
+F32 (on a model of F32 weights a prompt's logits row by row then agree with the tiled kernel's to 5e-5 instead of
+upstream's 0.07, logits of magnitude ~25); the rows patch sends every row over an F16 KV cache to it, so that a
+prompt's logits are the same to the bit however it is split into calls."""
 
 import os
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from chat.engine.backends.llama_cpp import LlamaCppBackend, _llama
-from chat.engine.backends.llama_patches import FLASH_ATTN_DECODE, applied
+from chat.engine.backends.llama_patches import FLASH_ATTN_DECODE, FLASH_ATTN_ROWS, applied
 from chat.engine.types import ModelSpec
 from tests.factories import write_tiny_gguf
 
@@ -54,11 +54,13 @@ def last_logits(model_path, *, flash_attention: bool, chunk: int) -> np.ndarray:
         llama.llama_model_free(model)
 
 
-def test_row_by_row_attention_agrees_with_the_tiled_kernel_to_f32_precision(tiny_model):
-    tiled = last_logits(tiny_model, flash_attention=True, chunk=64)
-    row_by_row = last_logits(tiny_model, flash_attention=True, chunk=32)
-    assert np.abs(tiled).max() > 5  # the logits are not degenerate
-    assert np.abs(row_by_row - tiled).max() < 1e-3  # upstream's F16 kernel: ~0.07
+def test_a_prompts_logits_are_the_same_to_the_bit_however_it_is_split_into_calls(tiny_model):
+    """64 rows of a sequence or more took upstream's tiled kernel (other sums: 5e-5 apart with the decode patch
+    alone, 0.07 upstream); with the rows patch no row does, so the engine may reuse a prompt to any token."""
+    one_call = last_logits(tiny_model, flash_attention=True, chunk=PROMPT_LENGTH)
+    assert np.abs(one_call).max() > 5  # the logits are not degenerate
+    for chunk in (2, 7, 32, 64, 100):  # (one row per call takes another matrix kernel for F32 weights)
+        assert np.array_equal(last_logits(tiny_model, flash_attention=True, chunk=chunk), one_call), chunk
 
 
 def test_row_by_row_attention_is_the_same_however_the_rows_are_split(tiny_model):
@@ -77,11 +79,33 @@ def test_the_engine_sees_the_patch_and_needs_no_throwaway_rows_where_heads_outnu
     """The wheel built by scripts/build_llama_wheel.sh says which patches it carries. With the patch a lone decode
     row is split over the threads only where the heads (4 in the tiny model) are fewer than the threads; with
     layers on a GPU its own kernels decide, so the engine keeps the throwaway rows."""
-    assert FLASH_ATTN_DECODE in applied()
-    for threads, gpu_layers, exact in ((2, 0, True), (4, 0, True), (8, 0, False), (2, 1, False)):
+    assert FLASH_ATTN_DECODE in applied() and FLASH_ATTN_ROWS in applied()
+    for threads, gpu_layers, flash_attention, exact in ((2, 0, True, True), (4, 0, True, True), (8, 0, True, False),
+                                                        (2, 1, True, False), (2, 0, False, True)):
         backend = LlamaCppBackend.load(ModelSpec("tiny", str(tiny_model), context_length=512, parallel=2,
-                                                 threads=threads, gpu_layers=gpu_layers))
+                                                 threads=threads, gpu_layers=gpu_layers,
+                                                 flash_attention=flash_attention))
         try:
             assert backend._lone_rows_exact is exact
+            # F32 weights: one row per call takes another matrix kernel than several (the probe sees it), so
+            # prompts are reused in whole chunks only
+            assert not backend._rows_exact and backend._granularity == 64
+        finally:
+            backend.close()
+
+
+@pytest.mark.smollm2
+def test_on_smollm2_every_row_computes_the_same_in_any_call_so_prompts_are_reused_to_the_token(smollm2_gguf):
+    """The shipped model's matrix kernels give a row the same bits alone or in company (row_probe.py), and with the
+    rows patch attention does too: the engine reuses prompts to the token. Not with layers on a GPU (its kernels
+    decide), nor without flash attention (its other kernels were not made so), nor with more threads than heads."""
+    for threads, gpu_layers, flash_attention, exact in ((2, 0, True, True), (8, 0, True, True), (16, 0, True, False),
+                                                        (2, 1, True, False), (2, 0, False, False)):
+        backend = LlamaCppBackend.load(ModelSpec("smol", str(smollm2_gguf), context_length=512, parallel=2,
+                                                 threads=threads, gpu_layers=gpu_layers,
+                                                 flash_attention=flash_attention))
+        try:
+            assert backend._rows_exact is exact, (threads, gpu_layers, flash_attention)
+            assert backend._granularity == (1 if exact else 64)
         finally:
             backend.close()

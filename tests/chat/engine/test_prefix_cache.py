@@ -325,7 +325,7 @@ def test_smollm2_with_flash_attention_a_follow_up_from_a_warm_slot_has_the_cold_
 
 
 @pytest.mark.smollm2
-def test_smollm2_a_padded_last_chunk_leaves_no_trace(smollm2_gguf):
+def test_smollm2_a_padded_last_chunk_leaves_no_trace(smollm2_gguf, chunk_rules):
     """A last, partial chunk past 256 cells is padded to 64 rows with throwaway tokens: none stays in the KV
     cache, the reply follows the same prompt evaluated without flash attention (other kernels: close, not
     bit-equal), and a warm follow-up still has the cold prompt's exact logprobs."""
@@ -428,7 +428,7 @@ def test_smollm2_prompt_chunks_share_calls_and_keep_their_logits(smollm2_gguf, m
 
 
 @pytest.mark.smollm2
-def test_smollm2_a_short_last_chunk_goes_row_by_row_alone_and_keeps_its_logits(smollm2_gguf, monkeypatch):
+def test_smollm2_a_short_last_chunk_goes_row_by_row_alone_and_keeps_its_logits(smollm2_gguf, chunk_rules, monkeypatch):
     """A last chunk of fewer than ROW_BY_ROW_TAIL rows past 256 cells is evaluated row by row in a call of its own
     (cheaper than padding it to 64 rows), cold or warm alike: the warm prompt has the cold one's exact logprobs.
     Its 30 rows: a tail that 16 rows, the limit before, padded."""
@@ -502,3 +502,36 @@ def test_the_entry_just_stored_still_counts_toward_its_owners_bytes():
     cache.put([2], "a's second", 60, owner="a")  # a holds 70: its own older entry goes, not b's
     assert cache.longest_match([9, 9], owner="b")[0] is not None
     assert cache.longest_match([1, 9], owner="a")[0] is None and cache.longest_match([2, 9], owner="a")[0] is not None
+
+
+@pytest.mark.smollm2
+def test_smollm2_with_every_row_exact_a_follow_up_reuses_the_first_turn_to_the_token(smollm2_gguf):
+    """The rows patch: a row computes the same in any call. So a follow-up past 256 cells reuses what the first
+    turn left in its slot to the last token it shares (the prompt and the reply's decoded tokens, not whole
+    64-token chunks), and its every logprob equals the same prompt's evaluated cold."""
+    sampling = SamplingParams(max_tokens=24, temperature=0, logprobs=3)
+    system = ("You are Captain Mara, a retired sailor who answers kindly and briefly. " * 23
+              + "She has sailed every ocean twice. ")
+    registry = ModelRegistry([ModelSpec("turns", str(smollm2_gguf), context_length=1024, parallel=2)])
+    try:
+        engine = registry.get()
+        assert engine._backend._rows_exact and engine._backend._granularity == 1
+        first = chat_prompt(engine, system, "What do you like most about the sea?")
+        reply = engine.generate(first, sampling)
+        follow_up = first + reply.text + "<|im_end|>\n<|im_start|>user\nAnd ships?<|im_end|>\n<|im_start|>assistant\n"
+        tokens, first_length = engine.prompt_tokens(follow_up), len(engine.prompt_tokens(first))
+        held = max(common_prefix_length(slot.kv_tokens, tokens) for slot in engine._backend._slots)
+        warm = engine.generate(follow_up, sampling)
+    finally:
+        registry.close()
+    cold_registry = ModelRegistry([ModelSpec("cold", str(smollm2_gguf), context_length=1024, parallel=2,
+                                             prefix_cache_mb=0)])
+    try:
+        cold = cold_registry.get().generate(follow_up, sampling)
+    finally:
+        cold_registry.close()
+    assert first_length > LONE_ROW_KV_CELLS and cold.cached_prompt_tokens == 0
+    assert held > first_length + len(reply.logprobs) // 2  # the slot holds the reply's tokens too
+    assert warm.cached_prompt_tokens == min(held, len(tokens) - 1)  # all of it, not whole chunks
+    assert [(r.logprob, [t.logprob for t in r.top]) for r in warm.logprobs] == [
+        (r.logprob, [t.logprob for t in r.top]) for r in cold.logprobs]
