@@ -3,9 +3,9 @@
 #
 # pip caches a wheel it built from the sdist under the sdist's name only, whatever CMAKE_ARGS were, so a machine
 # that built it before with other arguments would keep installing that build. This script keeps its own wheel,
-# keyed by version, arguments and the patches in scripts/llama_cpp_patches/ (applied to the sdist's vendored
-# llama.cpp; see that folder's README.md):
-#   ${XDG_CACHE_HOME:-~/.cache}/llmsite/wheels/llama-cpp-python-<version>-<args and patches hash>/
+# keyed by version, arguments, this script and the patches in scripts/llama_cpp_patches/ (applied to the sdist's
+# vendored llama.cpp; see that folder's README.md):
+#   ${XDG_CACHE_HOME:-~/.cache}/llmsite/wheels/llama-cpp-python-<version>-<args, script and patches hash>/
 # The last line on stdout is the wheel's path. Usage: scripts/build_llama_wheel.sh PYTHON
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ python=$1
 version=$(sed -nE 's/^llama-cpp-python==([0-9][^ ;#]*).*/\1/p' requirements.txt)
 args=${CMAKE_ARGS:-}
 patches=(scripts/llama_cpp_patches/*.patch)
-key=$( { printf '%s\n' "$args"; cat "${patches[@]}"; } | sha1sum | cut -c1-12)
+key=$( { printf '%s\n' "$args"; cat scripts/build_llama_wheel.sh "${patches[@]}"; } | sha1sum | cut -c1-12)
 dest=${XDG_CACHE_HOME:-$HOME/.cache}/llmsite/wheels/llama-cpp-python-$version-$key
 mkdir -p "$dest"
 exec 9>"$dest/.lock"

@@ -102,9 +102,14 @@ class Scheduler:
                 raise EngineClosed(f"Model {self._model_name!r} is shutting down.")
             # One owner holds at most half of the queue, and the last quarter waits for owners with nothing
             # queued: floods are refused while others still find a place.
-            # Suspended sequences (running requests waiting for their slot back) take no place of the queue.
-            waiting = self._queued.waiting_of(seq.owner) - sum(1 for s in self._suspended if s.owner == seq.owner)
-            queued = len(self._queued) - len(self._suspended)
+            # Suspended sequences (running requests waiting for their slot back) take no place of the queue, and
+            # neither do the requests that free slots take at the thread's next step (a burst that arrives before
+            # it, or one admission_held keeps together): they are not waiting for a slot.
+            free = max(0, self._backend.max_sequences - len(self._active) - len(self._admitting)
+                       - len(self._suspended))
+            waiting = max(0, self._queued.waiting_of(seq.owner) - free
+                          - sum(1 for s in self._suspended if s.owner == seq.owner))
+            queued = max(0, len(self._queued) - len(self._suspended) - free)
             if self._max_queue and (queued >= queue_bound(self._max_queue, waiting) or
                                     waiting >= owner_share(self._max_queue)):
                 self._counters["rejected_queue_full"] += 1

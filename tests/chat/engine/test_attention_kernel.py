@@ -8,6 +8,7 @@ upstream's 0.07, logits of magnitude ~25); the rows patch sends every row over a
 prompt's logits are the same to the bit however it is split into calls."""
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -75,6 +76,16 @@ def test_row_by_row_attention_agrees_with_attention_without_flash_attention(tiny
     assert np.abs(row_by_row - plain).max() < 0.05  # the plain path's KQ rounds the query to F16 as well
 
 
+@contextmanager
+def loaded_backend(model_path, threads: int, gpu_layers: int, flash_attention: bool):
+    backend = LlamaCppBackend.load(ModelSpec("kernel", str(model_path), context_length=512, parallel=2,
+                                             threads=threads, gpu_layers=gpu_layers, flash_attention=flash_attention))
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
 def test_the_engine_sees_the_patch_and_needs_no_throwaway_rows_where_heads_outnumber_threads(tiny_model):
     """The wheel built by scripts/build_llama_wheel.sh says which patches it carries. With the patch a lone decode
     row is split over the threads only where the heads (4 in the tiny model) are fewer than the threads; with
@@ -82,16 +93,11 @@ def test_the_engine_sees_the_patch_and_needs_no_throwaway_rows_where_heads_outnu
     assert FLASH_ATTN_DECODE in applied() and FLASH_ATTN_ROWS in applied()
     for threads, gpu_layers, flash_attention, exact in ((2, 0, True, True), (4, 0, True, True), (8, 0, True, False),
                                                         (2, 1, True, False), (2, 0, False, True)):
-        backend = LlamaCppBackend.load(ModelSpec("tiny", str(tiny_model), context_length=512, parallel=2,
-                                                 threads=threads, gpu_layers=gpu_layers,
-                                                 flash_attention=flash_attention))
-        try:
+        with loaded_backend(tiny_model, threads, gpu_layers, flash_attention) as backend:
             assert backend._lone_rows_exact is exact
             # F32 weights: one row per call takes another matrix kernel than several (the probe sees it), so
             # prompts are reused in whole chunks only
             assert not backend._rows_exact and backend._granularity == 64
-        finally:
-            backend.close()
 
 
 @pytest.mark.smollm2
@@ -101,11 +107,6 @@ def test_on_smollm2_every_row_computes_the_same_in_any_call_so_prompts_are_reuse
     decide), nor without flash attention (its other kernels were not made so), nor with more threads than heads."""
     for threads, gpu_layers, flash_attention, exact in ((2, 0, True, True), (8, 0, True, True), (16, 0, True, False),
                                                         (2, 1, True, False), (2, 0, False, False)):
-        backend = LlamaCppBackend.load(ModelSpec("smol", str(smollm2_gguf), context_length=512, parallel=2,
-                                                 threads=threads, gpu_layers=gpu_layers,
-                                                 flash_attention=flash_attention))
-        try:
+        with loaded_backend(smollm2_gguf, threads, gpu_layers, flash_attention) as backend:
             assert backend._rows_exact is exact, (threads, gpu_layers, flash_attention)
             assert backend._granularity == (1 if exact else 64)
-        finally:
-            backend.close()

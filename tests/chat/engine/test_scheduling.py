@@ -29,6 +29,7 @@ def engines(tiny_gguf):
         ModelSpec("slots", tiny, context_length=TINY_CONTEXT, parallel=4, prefix_cache_mb=0),
         ModelSpec("queue", tiny, context_length=TINY_CONTEXT, parallel=1, max_queue=1),
         ModelSpec("shared-queue", tiny, context_length=TINY_CONTEXT, parallel=1, max_queue=4),
+        ModelSpec("burst", tiny, context_length=TINY_CONTEXT, parallel=4, max_queue=2),
         ModelSpec("crash", tiny, context_length=TINY_CONTEXT, parallel=2),
     ])
     yield registry
@@ -314,6 +315,19 @@ def test_one_owner_holds_at_most_half_of_the_queue_and_two_floods_leave_room_for
     running.cancel()
     list(stream)
     assert all(finish(flood + others))  # everything that found a place runs
+
+
+def test_a_burst_that_free_slots_will_take_is_not_counted_as_waiting(engines):
+    """Four free slots, two queue places (one per owner): a burst from one owner that arrives before the
+    scheduler's thread admits any of it (admission held) fills the slots, then its one place of the queue; only
+    the request after that is refused, as it would be had each request been admitted on arrival."""
+    engine = engines.get("burst")
+    with engine.admission_held():
+        burst = [engine.submit("yes no stop", GREEDY, owner="a") for _ in range(5)]
+        with pytest.raises(EngineOverloaded):
+            engine.submit("yes no stop", GREEDY, owner="a")
+    assert engine.stats()["rejected_queue_full"] == 1
+    assert all(finish(burst))
 
 
 @pytest.mark.smollm2
