@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType, quants
 
 # Small but not degenerate: 2 layers, grouped-query attention (4 query heads, 2 KV heads).
 EMBEDDING_LENGTH = 64
@@ -89,8 +89,12 @@ def _random_weights(rng: np.random.Generator, shape: tuple[int, ...], scale: flo
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
+WEIGHT_TYPES = ("f32", "q8_0", "f32_of_q8_0")
+
+
 def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, never_ends: bool = False,
-                    user_defined_chat_tokens: bool = False, extra_control_tokens: tuple[str, ...] = ()) -> Path:
+                    user_defined_chat_tokens: bool = False, extra_control_tokens: tuple[str, ...] = (),
+                    weights: str = "f32", embedding_length: int = EMBEDDING_LENGTH) -> Path:
     """Write a tiny random llama-architecture GGUF file to `path` and return its Path.
 
     `user_defined_chat_tokens`: "<|im_start|>" and "<|im_end|>" are user-defined tokens, not control ones.
@@ -98,26 +102,32 @@ def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, nev
 
     `never_ends`: the control tokens (end of text, <|im_end|>) get zero logits, so greedy decoding
     practically never picks them and a reply runs to max_tokens whatever the CPU's rounding.
+
+    `weights`: the matrices' type: "f32", "q8_0", or "f32_of_q8_0" (F32 holding the values of the "q8_0" file of
+    the same seed, to check Q8_0 kernels against). `embedding_length`: a multiple of 32 (Q8_0 blocks) and of the
+    4 heads.
     """
+    if weights not in WEIGHT_TYPES:
+        raise ValueError(f"weights must be one of {WEIGHT_TYPES}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     tokens, scores, token_types = build_vocab(TokenType.USER_DEFINED if user_defined_chat_tokens
                                               else TokenType.CONTROL, tuple(extra_control_tokens))
     n_vocab = len(tokens)
-    head_dim = EMBEDDING_LENGTH // HEAD_COUNT
+    head_dim = embedding_length // HEAD_COUNT
 
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(f"tiny-random-llama-seed{seed}")
     writer.add_context_length(CONTEXT_LENGTH)
-    writer.add_embedding_length(EMBEDDING_LENGTH)
+    writer.add_embedding_length(embedding_length)
     writer.add_block_count(BLOCK_COUNT)
     writer.add_feed_forward_length(FEED_FORWARD_LENGTH)
     writer.add_head_count(HEAD_COUNT)
     writer.add_head_count_kv(HEAD_COUNT_KV)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(LlamaFileType.ALL_F32)
+    writer.add_file_type(LlamaFileType.MOSTLY_Q8_0 if weights == "q8_0" else LlamaFileType.ALL_F32)
 
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -134,11 +144,11 @@ def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, nev
     # numpy shapes are (rows, columns); GGUF stores them reversed, as ggml expects.
     kv_dim = head_dim * HEAD_COUNT_KV
     tensors = {
-        "token_embd.weight": _random_weights(rng, (n_vocab, EMBEDDING_LENGTH), 1.0),
-        "output_norm.weight": np.ones(EMBEDDING_LENGTH, dtype=np.float32),
+        "token_embd.weight": _random_weights(rng, (n_vocab, embedding_length), 1.0),
+        "output_norm.weight": np.ones(embedding_length, dtype=np.float32),
         # A large output scale keeps the logits far apart, so greedy decoding does not hinge on
         # rounding differences between batch shapes.
-        "output.weight": _random_weights(rng, (n_vocab, EMBEDDING_LENGTH), 1.0),
+        "output.weight": _random_weights(rng, (n_vocab, embedding_length), 1.0),
     }
     if never_ends:
         control = [index for index, kind in enumerate(token_types) if kind == int(TokenType.CONTROL)]
@@ -146,18 +156,26 @@ def write_tiny_gguf(path, *, seed: int = 0, with_chat_template: bool = True, nev
     for block in range(BLOCK_COUNT):
         prefix = f"blk.{block}."
         tensors |= {
-            prefix + "attn_norm.weight": np.ones(EMBEDDING_LENGTH, dtype=np.float32),
-            prefix + "attn_q.weight": _random_weights(rng, (EMBEDDING_LENGTH, EMBEDDING_LENGTH), 0.2),
-            prefix + "attn_k.weight": _random_weights(rng, (kv_dim, EMBEDDING_LENGTH), 0.2),
-            prefix + "attn_v.weight": _random_weights(rng, (kv_dim, EMBEDDING_LENGTH), 0.2),
-            prefix + "attn_output.weight": _random_weights(rng, (EMBEDDING_LENGTH, EMBEDDING_LENGTH), 0.2),
-            prefix + "ffn_norm.weight": np.ones(EMBEDDING_LENGTH, dtype=np.float32),
-            prefix + "ffn_gate.weight": _random_weights(rng, (FEED_FORWARD_LENGTH, EMBEDDING_LENGTH), 0.2),
-            prefix + "ffn_up.weight": _random_weights(rng, (FEED_FORWARD_LENGTH, EMBEDDING_LENGTH), 0.2),
-            prefix + "ffn_down.weight": _random_weights(rng, (EMBEDDING_LENGTH, FEED_FORWARD_LENGTH), 0.2),
+            prefix + "attn_norm.weight": np.ones(embedding_length, dtype=np.float32),
+            prefix + "attn_q.weight": _random_weights(rng, (embedding_length, embedding_length), 0.2),
+            prefix + "attn_k.weight": _random_weights(rng, (kv_dim, embedding_length), 0.2),
+            prefix + "attn_v.weight": _random_weights(rng, (kv_dim, embedding_length), 0.2),
+            prefix + "attn_output.weight": _random_weights(rng, (embedding_length, embedding_length), 0.2),
+            prefix + "ffn_norm.weight": np.ones(embedding_length, dtype=np.float32),
+            prefix + "ffn_gate.weight": _random_weights(rng, (FEED_FORWARD_LENGTH, embedding_length), 0.2),
+            prefix + "ffn_up.weight": _random_weights(rng, (FEED_FORWARD_LENGTH, embedding_length), 0.2),
+            prefix + "ffn_down.weight": _random_weights(rng, (embedding_length, FEED_FORWARD_LENGTH), 0.2),
         }
     for name, data in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType.F32)
+        if weights == "f32" or data.ndim == 1:  # norms stay F32 in every file
+            writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType.F32)
+            continue
+        blocks = quants.quantize(data, GGMLQuantizationType.Q8_0)
+        if weights == "q8_0":
+            writer.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, quants.dequantize(blocks, GGMLQuantizationType.Q8_0),
+                              raw_dtype=GGMLQuantizationType.F32)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

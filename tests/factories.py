@@ -78,15 +78,12 @@ def make_scenario(title: str, *, character=None, **fields):
 # --- models and prompts -----------------------------------------------------------------------------
 
 
-def write_tiny_gguf(path: Path, *, seed: int = 0, with_chat_template: bool = True, never_ends: bool = False,
-                    user_defined_chat_tokens: bool = False, extra_control_tokens: tuple[str, ...] = ()) -> Path:
-    """A tiny random-weight llama model, written by scripts/make_tiny_gguf.py."""
+def write_tiny_gguf(path: Path, **options) -> Path:
+    """A tiny random-weight llama model, written by scripts/make_tiny_gguf.py (`options`: its write_tiny_gguf's)."""
     spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "scripts" / "make_tiny_gguf.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_tiny_gguf(path, seed=seed, with_chat_template=with_chat_template, never_ends=never_ends,
-                                  user_defined_chat_tokens=user_defined_chat_tokens,
-                                  extra_control_tokens=extra_control_tokens)
+    return module.write_tiny_gguf(path, **options)
 
 
 
