@@ -45,10 +45,10 @@ class Sizes:
     w3_requests: int = 4
     w3_max_tokens: int = 128
     w4_streams: int = 4
-    w4_stream_tokens: int = 256
+    w4_stream_tokens: int = 512     # still running when the long prompt comes, on both servers (256 ended first)
     w4_long_facts: int = 41         # ~1,850 tokens
     w4_long_max_tokens: int = 16
-    w4_delay_s: float = 3.0
+    w4_delay_s: float = 1.5
 
     @classmethod
     def quick(cls) -> Sizes:
