@@ -104,7 +104,8 @@ class Scheduler:
             # queued: floods are refused while others still find a place.
             # Suspended sequences (running requests waiting for their slot back) take no place of the queue, and
             # neither do the requests that free slots take at the thread's next step (a burst that arrives before
-            # it, or one admission_held keeps together): they are not waiting for a slot.
+            # it, or one admission_held keeps together): they are not waiting for a slot. (Which owner's requests
+            # those are is the next step's choice, so an owner may hold up to `free` more places until then.)
             free = max(0, self._backend.max_sequences - len(self._active) - len(self._admitting)
                        - len(self._suspended))
             waiting = max(0, self._queued.waiting_of(seq.owner) - free
