@@ -218,7 +218,6 @@ class Scheduler:
         if newcomers is None:
             return False
         started = time.perf_counter()
-        self._admitting = newcomers  # neither queued nor active yet: _fail_all must still find them
         try:
             self._steps += 1
             if self.faults is not None and self.faults.step is not None:
@@ -289,6 +288,9 @@ class Scheduler:
                         active[seq.owner] += 1
                         self._queued_at.pop(seq, None)
                         newcomers.append(seq)
+                    # Set under the lock: neither queued nor active yet, they must neither count as free slots in
+                    # submit() nor be missed by _fail_all.
+                    self._admitting = newcomers
                     if newcomers or not admitting:
                         return newcomers
                     victim = self._preemption_victim_locked(active)
