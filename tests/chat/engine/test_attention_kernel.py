@@ -76,6 +76,53 @@ def test_row_by_row_attention_agrees_with_attention_without_flash_attention(tiny
     assert np.abs(row_by_row - plain).max() < 0.05  # the plain path's KQ rounds the query to F16 as well
 
 
+def decode_step_logits(model_path, *, threads: int, n_sequences: int = 3) -> list[np.ndarray]:
+    """Each sequence's logits after its own random prompt (one call each) and then one decode step of all of them
+    together (one token per sequence, each in its own KV stream as the engine runs them)."""
+    llama = _llama()
+    model = llama.llama_model_load_from_file(os.fsencode(str(model_path)), llama.llama_model_default_params())
+    params = llama.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 256 * n_sequences, 256, 256, n_sequences
+    params.kv_unified = False
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    context = llama.llama_init_from_model(model, params)
+    batch = llama.llama_batch_init(256, 0, 1)
+    try:
+        n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+        prompts = [np.random.default_rng(seq).integers(300, n_vocab, 40 + 7 * seq) for seq in range(n_sequences)]
+
+        def decode(items):
+            for i, (token, pos, seq) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), pos, 1, True
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(items)
+            assert llama.llama_decode(context, batch) == 0
+
+        for seq, prompt in enumerate(prompts):
+            decode([(token, pos, seq) for pos, token in enumerate(prompt)])
+        decode([(prompt[0], len(prompt), seq) for seq, prompt in enumerate(prompts)])
+        return [np.ctypeslib.as_array(llama.llama_get_logits_ith(context, seq), shape=(n_vocab,)).copy()
+                for seq in range(n_sequences)]
+    finally:
+        llama.llama_batch_free(batch)
+        llama.llama_free(context)
+        llama.llama_model_free(model)
+
+
+def test_a_decode_step_gives_each_query_head_the_same_bits_beside_the_heads_of_its_kv_head_or_alone(tiny_model):
+    """At a decode step (one row per head and sequence) the rows patch attends the query heads that share a K/V
+    head together, reading its cells once for them. On one thread they are (one chunk of rows); on four each row
+    is its own chunk, so alone. Each row must come out the same either way."""
+    assert FLASH_ATTN_ROWS in applied()
+    grouped = decode_step_logits(tiny_model, threads=1)
+    alone = decode_step_logits(tiny_model, threads=4)
+    assert not np.array_equal(grouped[0], grouped[1])  # the sequences differ
+    for seq, (together, apart) in enumerate(zip(grouped, alone)):
+        assert np.abs(together).max() > 5, seq  # not degenerate
+        assert np.array_equal(together, apart), seq
+
+
 @contextmanager
 def loaded_backend(model_path, threads: int, gpu_layers: int, flash_attention: bool):
     backend = LlamaCppBackend.load(ModelSpec("kernel", str(model_path), context_length=512, parallel=2,
