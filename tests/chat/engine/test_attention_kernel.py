@@ -26,33 +26,48 @@ def tiny_model(tmp_path_factory):
     return write_tiny_gguf(tmp_path_factory.mktemp("attention") / "tiny.gguf")
 
 
-def last_logits(model_path, *, flash_attention: bool, chunk: int) -> np.ndarray:
-    """The logits after a fixed random prompt evaluated in chunks of `chunk` rows, one call per chunk."""
+@contextmanager
+def bare_context(model_path, *, n_sequences: int = 1, threads: int = 2, flash_attention: bool = True):
+    """A llama.cpp context on the low-level API (512 cells per sequence, each sequence in its own KV stream, as the
+    engine runs them) and a `decode(items)` of (token, position, sequence) rows, logits for every row."""
     llama = _llama()
     model = llama.llama_model_load_from_file(os.fsencode(str(model_path)), llama.llama_model_default_params())
     params = llama.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 512, 256, 256, 1
-    params.n_threads = params.n_threads_batch = 2
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 512 * n_sequences, 256, 256, n_sequences
+    params.kv_unified = False
+    params.n_threads = params.n_threads_batch = threads
     params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention
                               else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     context = llama.llama_init_from_model(model, params)
     batch = llama.llama_batch_init(256, 0, 1)
+    n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+
+    def decode(items):
+        for i, (token, pos, seq) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), pos, 1, True
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(items)
+        assert llama.llama_decode(context, batch) == 0
+
+    def logits(row: int) -> np.ndarray:
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(context, row), shape=(n_vocab,)).copy()
+
     try:
-        n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
-        prompt = np.random.default_rng(1).integers(300, n_vocab, PROMPT_LENGTH)
-        for start in range(0, PROMPT_LENGTH, chunk):
-            rows = prompt[start:start + chunk]
-            for i, token in enumerate(rows):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), start + i, 1, True
-                batch.seq_id[i][0] = 0
-            batch.n_tokens = len(rows)
-            assert llama.llama_decode(context, batch) == 0
-        logits = llama.llama_get_logits_ith(context, len(rows) - 1)
-        return np.ctypeslib.as_array(logits, shape=(n_vocab,)).copy()
+        yield decode, logits, n_vocab
     finally:
         llama.llama_batch_free(batch)
         llama.llama_free(context)
         llama.llama_model_free(model)
+
+
+def last_logits(model_path, *, flash_attention: bool, chunk: int) -> np.ndarray:
+    """The logits after a fixed random prompt evaluated in chunks of `chunk` rows, one call per chunk."""
+    with bare_context(model_path, flash_attention=flash_attention) as (decode, logits, n_vocab):
+        prompt = np.random.default_rng(1).integers(300, n_vocab, PROMPT_LENGTH)
+        for start in range(0, PROMPT_LENGTH, chunk):
+            rows = prompt[start:start + chunk]
+            decode([(token, start + i, 0) for i, token in enumerate(rows)])
+        return logits(len(rows) - 1)
 
 
 def test_a_prompts_logits_are_the_same_to_the_bit_however_it_is_split_into_calls(tiny_model):
@@ -78,36 +93,13 @@ def test_row_by_row_attention_agrees_with_attention_without_flash_attention(tiny
 
 def decode_step_logits(model_path, *, threads: int, n_sequences: int = 3) -> list[np.ndarray]:
     """Each sequence's logits after its own random prompt (one call each) and then one decode step of all of them
-    together (one token per sequence, each in its own KV stream as the engine runs them)."""
-    llama = _llama()
-    model = llama.llama_model_load_from_file(os.fsencode(str(model_path)), llama.llama_model_default_params())
-    params = llama.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 256 * n_sequences, 256, 256, n_sequences
-    params.kv_unified = False
-    params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    context = llama.llama_init_from_model(model, params)
-    batch = llama.llama_batch_init(256, 0, 1)
-    try:
-        n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+    together (one token per sequence, each in its own KV stream)."""
+    with bare_context(model_path, n_sequences=n_sequences, threads=threads) as (decode, logits, n_vocab):
         prompts = [np.random.default_rng(seq).integers(300, n_vocab, 40 + 7 * seq) for seq in range(n_sequences)]
-
-        def decode(items):
-            for i, (token, pos, seq) in enumerate(items):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), pos, 1, True
-                batch.seq_id[i][0] = seq
-            batch.n_tokens = len(items)
-            assert llama.llama_decode(context, batch) == 0
-
         for seq, prompt in enumerate(prompts):
             decode([(token, pos, seq) for pos, token in enumerate(prompt)])
         decode([(prompt[0], len(prompt), seq) for seq, prompt in enumerate(prompts)])
-        return [np.ctypeslib.as_array(llama.llama_get_logits_ith(context, seq), shape=(n_vocab,)).copy()
-                for seq in range(n_sequences)]
-    finally:
-        llama.llama_batch_free(batch)
-        llama.llama_free(context)
-        llama.llama_model_free(model)
+        return [logits(seq) for seq in range(n_sequences)]
 
 
 def test_a_decode_step_gives_each_query_head_the_same_bits_beside_the_heads_of_its_kv_head_or_alone(tiny_model):
