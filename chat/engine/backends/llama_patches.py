@@ -10,8 +10,9 @@ import functools
 
 FLASH_ATTN_DECODE = "flash-attn-decode"
 FLASH_ATTN_ROWS = "flash-attn-rows"
-# Q8_0 matrices on CPUs with AVX-512 VNNI: one kernel for any number of rows (faster; row_probe.py checks exactness)
-Q8_0_VNNI_GEMM = "q8_0-vnni-gemm"
+# Q8_0 matrices on CPUs with AVX-512 VNNI or AVX2: one kernel for any number of rows (faster; row_probe.py checks
+# exactness)
+Q8_0_GEMM = "q8_0-gemm"
 
 
 @functools.cache

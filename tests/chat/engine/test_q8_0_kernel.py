@@ -1,15 +1,15 @@
 """Q8_0 weights: the matrix kernel the installed llama.cpp takes for them computes the products of their values,
 and a row of activations the same alone or in a batch of any size.
 
-With the q8_0-vnni patch (scripts/llama_cpp_patches/) a CPU with AVX-512 VNNI multiplies Q8_0 matrices with one
-kernel for any number of rows, one included; elsewhere upstream's kernels do. The tiny model here is 96 wide, so a
-row of weights has three 32-value blocks (the patched kernel takes two at a time: the last one alone), and its
-vocabulary is not a multiple of the kernel's row tiles."""
+With the q8_0-gemm patch (scripts/llama_cpp_patches/) a CPU with AVX-512 VNNI or AVX2 multiplies Q8_0 matrices
+with one kernel for any number of rows, one included; elsewhere upstream's kernels do. The tiny model here is 96
+wide, so a row of weights has three 32-value blocks (the VNNI kernel takes two at a time: the last one alone), and
+its vocabulary is not a multiple of the kernels' row tiles (the AVX2 kernel's last tile repeats its last row)."""
 
 import numpy as np
 import pytest
 
-from chat.engine.backends.llama_patches import Q8_0_VNNI_GEMM, applied
+from chat.engine.backends.llama_patches import Q8_0_GEMM, applied
 from tests.factories import write_tiny_gguf
 
 from .test_attention_kernel import PROMPT_LENGTH, last_logits
@@ -25,7 +25,7 @@ def q8_0_models(tmp_path_factory):
 
 
 def test_the_wheel_carries_the_q8_0_kernel_patch():
-    assert Q8_0_VNNI_GEMM in applied()  # compiled in where the CPU has AVX-512 VNNI (its #if), else upstream's
+    assert Q8_0_GEMM in applied()  # compiled in where the CPU has AVX-512 VNNI or AVX2 (its #if), else upstream's
 
 
 def test_q8_0_weights_give_the_logits_of_their_values(q8_0_models):
