@@ -53,10 +53,10 @@ class ModelSpec:
     # its Q8_0 copy has, and its logits match the file's to within rounding (docs/BENCHMARKS.md).
     weights: str = ""
     # Latency budget (llama_cpp): while streams decode, a step carries about this long of prompt
-    # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens (in whole 64-token chunks;
-    # with several owners in the step, each one's oldest prompt only).
+    # evaluation (0 = no limit), and every prompt at least prefill_min_tokens tokens (in whole 64-token chunks
+    # unless every row is exact; with several owners in the step, each one's oldest prompt only).
     prefill_step_ms: int = 200
-    prefill_min_tokens: int = 64
+    prefill_min_tokens: int = 32
     # Back-pressure: requests waiting for a slot; beyond max_queue, or after queue_timeout seconds
     # of waiting, a request fails with EngineOverloaded (HTTP 503 + Retry-After). 0 = unbounded.
     max_queue: int = 64

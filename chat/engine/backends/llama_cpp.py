@@ -87,6 +87,10 @@ PROMPT_CHUNK = 64
 # with AMX): 48 rows take 116 ms row by row at 960 cells and 170 ms at 1,792, a padded chunk 145 and 209 ms; they
 # break even near 58-60 rows. (Upstream's kernel broke even near 44 rows on an EPYC; 32 was the limit then.)
 ROW_BY_ROW_TAIL = 56
+# Where every row is exact, a prompt's piece beside decoding streams is cut to the step's budget, in multiples of
+# this (the rows kernel attends up to 16 rows of a head together), down to prefill_min_tokens: a whole 64-row chunk
+# near 1,800 cells took ~0.3 s on a Zen 3 EPYC, past the 0.2 s budget (docs/BENCHMARKS.md, "A Zen 3 EPYC").
+PIECE_ROWS = 16
 GGML_TYPE_F16 = 1  # ggml.h's ggml_type
 MAX_SPECIAL_TEXTS = 4096  # control-token texts in one text tokenized with special parsing (_check_special_texts)
 LONE_ROW_KV_CELLS = 256  # llama.cpp pads the KV view to 256 cells; from 512 a lone decode row is split by thread
@@ -443,6 +447,7 @@ class LlamaCppBackend(Backend):
         self._side_turn_numbers = itertools.count(1)
         # every waiting prompt advances at least this many whole chunks per step, even past the budget
         self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
+        self._min_prompt_tokens = max(1, spec.prefill_min_tokens)  # where every row is exact: tokens, not chunks
 
     def _control_tokens(self) -> dict[str, int]:
         """Text -> id of the tokens only the chat template's markup may produce: control and unknown tokens (only
@@ -1202,7 +1207,8 @@ class LlamaCppBackend(Backend):
 
     def _plan_prompt_chunks(self, prefilling: list[Sequence], allowance: int,
                             decoding_owners: set[str] = frozenset()) -> list[tuple[Sequence, int]]:
-        """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt.
+        """(sequence, chunk size) to evaluate this step: whole chunks, round-robin from the oldest prompt (where
+        every row is exact, a guaranteed chunk beyond the allowance is cut to it, down to prefill_min_tokens).
 
         The minimum beyond the allowance goes to each owner's oldest prompt only when the step serves more than
         one owner: an owner with seven long prompts would otherwise put seven chunks into every step of everyone
@@ -1221,6 +1227,8 @@ class LlamaCppBackend(Backend):
                               or not chunks)
                 if size <= 0 or (size > allowance and not guaranteed):
                     continue
+                if size > allowance and self._rows_exact:  # pieces of any size compute alike: keep to the budget
+                    size = min(size, max(self._min_prompt_tokens, allowance // PIECE_ROWS * PIECE_ROWS))
                 chunks.append((seq, size))
                 taken[seq] += size
                 allowance -= size

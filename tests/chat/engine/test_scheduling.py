@@ -11,7 +11,7 @@ from chat.engine.generation import Generation
 from chat.engine.prefix_cache import common_prefix_length
 from chat.engine.sequence import Sequence
 from chat.engine.text import TextAssembler
-from tests.factories import chat_prompt
+from tests.factories import chat_prompt, write_tiny_gguf
 
 from .conftest import TINY_CONTEXT
 
@@ -222,6 +222,55 @@ def test_a_long_prompt_is_split_over_steps_while_a_stream_gets_a_token_every_ste
     assert steps >= len(long_prompt) // 64  # the prompt went in whole chunks of 64, one per step
     for seq in (stream, newcomer):
         backend.release(seq)
+
+
+def first_tokens(backend, seq: Sequence, beside: list[Sequence], count: int) -> tuple[list[int], list[int]]:
+    """The first `count` tokens `seq` samples, stepping it beside `beside`, and how many prompt tokens each step
+    before its first token evaluated of it."""
+    tokens, advanced = [], []
+    while len(tokens) < count:
+        pending = len(seq.backend_state.pending)
+        sampled = dict(backend.step([*beside, seq]))
+        if not tokens:
+            advanced.append(pending - len(seq.backend_state.pending) if seq not in sampled else pending)
+        if seq in sampled:
+            tokens.append(sampled[seq])
+    return tokens, advanced
+
+
+def test_where_every_row_is_exact_a_prompt_beside_a_stream_advances_by_the_minimum_not_a_whole_chunk(tmp_path):
+    """Q8_0 weights compute a row the same in any call (row_probe.py), so a prompt need not go in whole 64-token
+    chunks: beside a decoding stream, past a 1 ms budget, it advances prefill_min_tokens (16) a step instead of 64,
+    and samples what it samples evaluated whole on an idle engine (each on an engine of its own: nothing reused)."""
+    model = write_tiny_gguf(tmp_path / "q8_0.gguf", weights="q8_0")
+    spec = ModelSpec("exact-pieces", str(model), context_length=TINY_CONTEXT, parallel=2, prefix_cache_mb=0,
+                     threads=2, flash_attention=True, prefill_step_ms=1, prefill_min_tokens=16)
+    text = "water sound people day number first who may down side been now find " * 16
+    replies = []
+    for with_stream in (False, True):
+        backend = LlamaCppBackend.load(spec)
+        try:
+            assert backend._rows_exact
+            long_prompt = backend.tokenize(text)
+            assert 3 * 64 < len(long_prompt) < TINY_CONTEXT - 20
+            beside = []
+            if with_stream:
+                beside = [new_sequence(backend.tokenize("hello world what"))]
+                backend.start(beside[0])
+                backend.step(beside)  # decoding from now on
+            seq = new_sequence(long_prompt)
+            backend.start(seq)
+            reply, advanced = first_tokens(backend, seq, beside, 6)
+            replies.append(reply)
+            if with_stream:
+                # 16 a step (the tiny model's budget may take the last few whole), not 64
+                assert advanced[:-1] == [16] * (len(advanced) - 1) and sum(advanced) == len(long_prompt)
+                assert len(advanced) >= len(long_prompt) // 16
+            else:
+                assert advanced == [len(long_prompt)]  # nothing decoding: the whole prompt in one step
+        finally:
+            backend.close()
+    assert replies[0] == replies[1]
 
 
 @pytest.mark.parametrize("others", [True, False])
