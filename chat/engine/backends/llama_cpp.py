@@ -88,7 +88,8 @@ PROMPT_CHUNK = 64
 # break even near 58-60 rows. (Upstream's kernel broke even near 44 rows on an EPYC; 32 was the limit then.)
 ROW_BY_ROW_TAIL = 56
 # Where every row is exact, a prompt's piece beside decoding streams is cut to the step's budget, in multiples of
-# this (the rows kernel attends up to 16 rows of a head together), down to prefill_min_tokens: a whole 64-row chunk
+# this (the rows kernel attends up to 16 rows of a head together), down to prefill_min_tokens (at least one
+# multiple): a whole 64-row chunk
 # near 1,800 cells took ~0.3 s on a Zen 3 EPYC, past the 0.2 s budget (docs/BENCHMARKS.md, "A Zen 3 EPYC").
 PIECE_ROWS = 16
 GGML_TYPE_F16 = 1  # ggml.h's ggml_type
@@ -447,7 +448,8 @@ class LlamaCppBackend(Backend):
         self._side_turn_numbers = itertools.count(1)
         # every waiting prompt advances at least this many whole chunks per step, even past the budget
         self._min_prompt_chunks = -(-spec.prefill_min_tokens // PROMPT_CHUNK)
-        self._min_prompt_tokens = max(1, spec.prefill_min_tokens)  # where every row is exact: tokens, not chunks
+        # where every row is exact: tokens, not chunks, but never under a piece (0 would crawl a token a step)
+        self._min_prompt_tokens = max(PIECE_ROWS, spec.prefill_min_tokens)
 
     def _control_tokens(self) -> dict[str, int]:
         """Text -> id of the tokens only the chat template's markup may produce: control and unknown tokens (only

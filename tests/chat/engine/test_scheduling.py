@@ -251,6 +251,8 @@ def test_where_every_row_is_exact_a_prompt_beside_a_stream_advances_by_the_minim
         backend = LlamaCppBackend.load(spec)
         try:
             assert backend._rows_exact
+            # Below any step (1 ms, the least a spec can say, let a fast CPU afford 32 of the tiny model's tokens)
+            backend._budget.target_seconds = 1e-6
             long_prompt = backend.tokenize(text)
             assert 3 * 64 < len(long_prompt) < TINY_CONTEXT - 20
             beside = []
@@ -272,6 +274,27 @@ def test_where_every_row_is_exact_a_prompt_beside_a_stream_advances_by_the_minim
             backend.close()
     assert replies[0] == replies[1]
 
+
+
+def test_where_every_row_is_exact_a_zero_minimum_still_advances_a_prompt_a_whole_piece_a_step(tmp_path):
+    """prefill_min_tokens: 0 (no minimum asked) past the budget: the oldest prompt still advances 16 tokens a step
+    beside a stream, as whole chunks guaranteed it one chunk, not one token a step."""
+    model = write_tiny_gguf(tmp_path / "q8_0.gguf", weights="q8_0")
+    spec = ModelSpec("zero-minimum", str(model), context_length=TINY_CONTEXT, parallel=2, prefix_cache_mb=0,
+                     threads=2, flash_attention=True, prefill_step_ms=1, prefill_min_tokens=0)
+    backend = LlamaCppBackend.load(spec)
+    try:
+        assert backend._rows_exact
+        backend._budget.target_seconds = 1e-6  # below any step: nothing fits the budget
+        stream = new_sequence(backend.tokenize("hello world what"))
+        backend.start(stream)
+        backend.step([stream])  # decoding from now on
+        seq = new_sequence(backend.tokenize("water sound people day number first who may down side been now " * 8))
+        backend.start(seq)
+        _, advanced = first_tokens(backend, seq, [stream], 1)
+        assert advanced[0] == 16
+    finally:
+        backend.close()
 
 @pytest.mark.parametrize("others", [True, False])
 def test_the_minimum_prompt_chunk_beside_streams_is_per_owner_not_per_prompt(tiny_gguf, others):
